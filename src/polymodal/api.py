@@ -1,0 +1,49 @@
+"""The public entry points: build, from_pretrained, save_pretrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polymodal.config import Config, load_config
+from polymodal.convert.hf import load_hf
+from polymodal.models import MODEL_CLASSES
+from polymodal.presets import get_preset
+from polymodal.serialization import WEIGHTS, atomic_directory, load_into, load_weights, save_state_dict
+
+
+def build(config: Config | str) -> nn.Module:
+    """A model with fresh weights from a config object or a preset name."""
+    if isinstance(config, str):
+        config = get_preset(config)
+    if type(config) not in MODEL_CLASSES:
+        raise TypeError(f"no model family for {type(config).__name__}; known: {[c.__name__ for c in MODEL_CLASSES]}")
+    return MODEL_CLASSES[type(config)](config)
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> None:
+    """config.json + model.safetensors, written atomically."""
+    with atomic_directory(directory) as tmp:
+        model.config.to_json(tmp / "config.json")
+        save_state_dict(model.state_dict(), tmp / WEIGHTS, metadata={"format": "pt", "producer": "polymodal"})
+
+
+def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> nn.Module:
+    """Load a polymodal directory (save_pretrained) or a Hugging Face checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    if "config_class" in json.loads(config_path.read_text()):
+        model = build(load_config(config_path))
+        load_into(model, load_weights(directory), directory)
+    else:
+        model = load_hf(directory)
+    model.eval()
+    return model.to(device=device, dtype=dtype) if (device or dtype) else model

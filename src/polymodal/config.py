@@ -1,0 +1,151 @@
+"""Configs: nested dataclasses validated in `__post_init__` that round-trip to JSON.
+
+An unknown key, a misspelled choice or an inconsistent shape is an error that names what was
+expected and what was given; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="Config")
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model: unknown option, bad choice, inconsistent shape."""
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {value}")
+
+
+class Config:
+    """Mixin giving dataclass configs strict dict/JSON round-trips."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} expects a dict, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown} for {cls.__name__}; valid options: {sorted(fields)}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for name, value in data.items():
+            sub = _config_class(hints[name])
+            kwargs[name] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
+        return cls(**kwargs)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps({"config_class": type(self).__name__, **self.to_dict()}, indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _config_class(hint: Any) -> type[Config] | None:
+    """The Config subclass inside a type hint such as `VisionConfig | None`, if any."""
+    candidates = typing.get_args(hint) or (hint,)
+    for c in candidates:
+        if isinstance(c, type) and issubclass(c, Config):
+            return c
+    return None
+
+
+@dataclass
+class DecoderConfig(Config):
+    """A decoder-only transformer language model (Llama, Gemma, Magneto, ...)."""
+
+    vocab_size: int = 512
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA; otherwise GQA
+    head_dim: int | None = None  # None: dim // n_heads
+    hidden_dim: int = 512  # MLP width
+    mlp: str = "swiglu"  # "swiglu" | "geglu" (tanh-GELU gate) | "gelu"
+    norm: str = "rmsnorm"  # "rmsnorm" | "rmsnorm_gemma" ((1 + w) scale) | "layernorm"
+    norm_eps: float = 1e-6
+    norm_placement: str = "pre"  # "pre" | "post" | "sub" (Magneto sub-LN)
+    positions: str = "rope"  # "rope" | "alibi" | "xpos" | "learned" | "none"
+    rope_theta: float = 10000.0
+    xpos_scale_base: float = 512.0
+    max_seq_len: int = 2048
+    qk_norm: str | None = None  # None | "rmsnorm" | "layernorm"
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    embed_scale: bool = False  # multiply token embeddings by sqrt(dim) (Gemma)
+    dropout: float = 0.0
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                        "hidden_dim", "max_seq_len", "norm_eps")
+        _check_choice("mlp", self.mlp, ("swiglu", "geglu", "gelu"))
+        _check_choice("norm", self.norm, ("rmsnorm", "rmsnorm_gemma", "layernorm"))
+        _check_choice("norm_placement", self.norm_placement, ("pre", "post", "sub"))
+        _check_choice("positions", self.positions, ("rope", "alibi", "xpos", "learned", "none"))
+        _check_choice("qk_norm", self.qk_norm, (None, "rmsnorm", "layernorm"))
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), "
+                              "or give head_dim explicitly")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                              f"({self.kv_heads})")
+        if self.positions in ("rope", "xpos") and self.head_size % 2:
+            raise ConfigError(f"{self.positions} needs an even head_dim, got {self.head_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a polymodal config.json written by `Config.to_json`."""
+    from polymodal.models import CONFIG_CLASSES  # the families register their config classes
+
+    data = json.loads(Path(path).read_text())
+    name = data.pop("config_class", None)
+    if name not in CONFIG_CLASSES:
+        raise ConfigError(f"{path}: config_class must be one of {sorted(CONFIG_CLASSES)}, got {name!r}")
+    return CONFIG_CLASSES[name].from_dict(data)
+
+
+__all__ = ["Config", "ConfigError", "DecoderConfig", "load_config"]

@@ -1,0 +1,187 @@
+"""Hugging Face checkpoint directories <-> polymodal models, one key map per family.
+
+A key map is a list of `Rule`s: one polymodal tensor made of one or more HF tensors concatenated
+along dim 0 (fused QKV, fused gate/up). Import concatenates, export splits, so a round trip
+HF -> polymodal -> HF gives back the same tensors. Families register a `Family` in `FAMILIES`
+under the HF `model_type` they read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from polymodal.config import ConfigError, DecoderConfig
+from polymodal.serialization import atomic_directory, load_into, load_weights, save_state_dict
+
+
+@dataclass(frozen=True)
+class Rule:
+    ours: str
+    theirs: tuple[str, ...]
+    sizes: tuple[int, ...] | None = None  # dim-0 sizes of `theirs`, to split on export
+
+    def gather(self, hf: dict[str, torch.Tensor]) -> torch.Tensor:
+        missing = [k for k in self.theirs if k not in hf]
+        if missing:
+            raise ValueError(f"checkpoint is missing {missing} (needed for {self.ours})")
+        parts = [hf[k] for k in self.theirs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if len(self.theirs) == 1:
+            return {self.theirs[0]: tensor}
+        return dict(zip(self.theirs, tensor.split(list(self.sizes), dim=0)))
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to read one HF model_type: its config, its model, its key map, and the way back."""
+
+    config_from_hf: Callable[[dict], object]
+    build: Callable[[object], nn.Module]
+    rules: Callable[[object], list[Rule]]
+    config_to_hf: Callable[[object], dict]
+    ignore: tuple[str, ...] = ()  # HF tensors with no polymodal counterpart (e.g. rotary caches)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def linear_rules(ours: str, theirs: list[str], sizes: list[int] | None, bias: bool) -> list[Rule]:
+    rules = [Rule(f"{ours}.weight", tuple(f"{t}.weight" for t in theirs), tuple(sizes) if sizes else None)]
+    if bias:
+        rules.append(Rule(f"{ours}.bias", tuple(f"{t}.bias" for t in theirs), tuple(sizes) if sizes else None))
+    return rules
+
+
+def decoder_rules(cfg: DecoderConfig, ours: str = "", theirs: str = "model.", lm_head: str = "lm_head") -> list[Rule]:
+    """Llama/Gemma layout: `model.layers.i.self_attn.q_proj`, `mlp.gate_proj`, ..."""
+    q, kv, hid = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size, cfg.hidden_dim
+    rules = [Rule(f"{ours}tok_embeddings.weight", (f"{theirs}embed_tokens.weight",)),
+             Rule(f"{ours}norm.weight", (f"{theirs}norm.weight",))]
+    for i in range(cfg.n_layers):
+        o, t = f"{ours}layers.{i}.", f"{theirs}layers.{i}."
+        rules += linear_rules(f"{o}attn.wqkv", [f"{t}self_attn.{p}_proj" for p in "qkv"], [q, kv, kv], cfg.attn_bias)
+        rules += linear_rules(f"{o}attn.wo", [f"{t}self_attn.o_proj"], None, cfg.attn_bias)
+        rules += linear_rules(f"{o}mlp.w_in", [f"{t}mlp.gate_proj", f"{t}mlp.up_proj"], [hid, hid], cfg.mlp_bias)
+        rules += linear_rules(f"{o}mlp.w_out", [f"{t}mlp.down_proj"], None, cfg.mlp_bias)
+        rules += [Rule(f"{o}attn_norm.weight", (f"{t}input_layernorm.weight",)),
+                  Rule(f"{o}mlp_norm.weight", (f"{t}post_attention_layernorm.weight",))]
+    if not cfg.tie_embeddings:
+        rules.append(Rule(f"{ours}output.weight", (f"{lm_head}.weight",)))
+    return rules
+
+
+def rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' RoPE)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+MLP_FROM_HF_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
+
+
+def decoder_config_from_hf(hf: dict, *, gemma: bool) -> DecoderConfig:
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if act not in MLP_FROM_HF_ACT:
+        raise ConfigError(f"hidden activation {act!r} is not supported; supported: {sorted(MLP_FROM_HF_ACT)}")
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"), hidden_dim=hf["intermediate_size"], mlp=MLP_FROM_HF_ACT[act],
+        norm="rmsnorm_gemma" if gemma else "rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        positions="rope", rope_theta=rope_theta(hf), max_seq_len=hf.get("max_position_embeddings", 2048),
+        attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+        tie_embeddings=hf.get("tie_word_embeddings", gemma), embed_scale=gemma,
+        pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+    )
+
+
+def decoder_config_to_hf(cfg: DecoderConfig, *, gemma: bool) -> dict:
+    act = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}.get(cfg.mlp)
+    if act is None or cfg.norm != ("rmsnorm_gemma" if gemma else "rmsnorm") or cfg.positions != "rope":
+        raise ConfigError(f"this decoder config has no {'Gemma' if gemma else 'Llama'} equivalent")
+    hf = {
+        "architectures": ["GemmaForCausalLM" if gemma else "LlamaForCausalLM"],
+        "model_type": "gemma" if gemma else "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
+        "intermediate_size": cfg.hidden_dim, "hidden_act": act, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.attn_bias,
+        "tie_word_embeddings": cfg.tie_embeddings, "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+    }
+    if not gemma:
+        hf["mlp_bias"] = cfg.mlp_bias
+    return hf
+
+
+def _build_decoder(cfg):
+    from polymodal.nn.transformer import Decoder
+
+    return Decoder(cfg)
+
+
+for _name, _gemma in (("llama", False), ("gemma", True)):
+    FAMILIES[_name] = Family(
+        config_from_hf=lambda hf, g=_gemma: decoder_config_from_hf(hf, gemma=g),
+        build=_build_decoder,
+        rules=decoder_rules,
+        config_to_hf=lambda cfg, g=_gemma: decoder_config_to_hf(cfg, gemma=g),
+        ignore=("rotary_emb.inv_freq",),
+    )
+
+
+def read_hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    return json.loads(path.read_text())
+
+
+def family_of(hf: dict, directory: Path) -> Family:
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{directory}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def load_hf(directory: str | Path) -> nn.Module:
+    """Build a polymodal model from an HF checkpoint directory (config.json + safetensors)."""
+    directory = Path(directory)
+    hf = read_hf_config(directory)
+    family = family_of(hf, directory)
+    cfg = family.config_from_hf(hf)
+    model = family.build(cfg)
+    state = load_weights(directory)
+    rules = family.rules(cfg)
+    used = {k for r in rules for k in r.theirs}
+    extra = sorted(k for k in state if k not in used and not any(k.endswith(s) for s in family.ignore))
+    if extra:
+        raise ValueError(f"checkpoint {directory} has tensors the config does not explain: {extra[:10]}")
+    load_into(model, {r.ours: r.gather(state) for r in rules}, directory)
+    return model
+
+
+def save_hf(model: nn.Module, directory: str | Path, model_type: str) -> None:
+    """Write a polymodal model as an HF checkpoint directory of the given model_type (atomic)."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"cannot export to model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    cfg = model.config
+    ours = model.state_dict()
+    hf_state: dict[str, torch.Tensor] = {}
+    for rule in family.rules(cfg):
+        hf_state.update(rule.split(ours[rule.ours]))
+    with atomic_directory(directory) as tmp:
+        (tmp / "config.json").write_text(json.dumps(family.config_to_hf(cfg), indent=2) + "\n")
+        save_state_dict(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})

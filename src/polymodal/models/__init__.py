@@ -1,0 +1,14 @@
+"""The model families: each maps its config class to its model class here.
+
+`build(config)` builds any registered family from its config; `CONFIG_CLASSES` lets
+`config.load_config` read back any polymodal config.json.
+"""
+
+from polymodal.config import DecoderConfig
+from polymodal.nn.transformer import Decoder
+
+MODEL_CLASSES: dict[type, type] = {
+    DecoderConfig: Decoder,
+}
+
+CONFIG_CLASSES: dict[str, type] = {cls.__name__: cls for cls in MODEL_CLASSES}

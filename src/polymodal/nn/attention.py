@@ -1,0 +1,111 @@
+"""The one attention: self or cross; MHA, GQA, MQA; rotary/xPos/ALiBi; qk-norm; sub-LN; KV cache.
+
+Projections live here; the kernel is `attend(q, k, v, mask)` with backends "sdpa"
+(`scaled_dot_product_attention`) and "eager" (the reference the tests compare against).
+Attention never infers causality: the model builds the mask from `masks.py` and passes it down;
+`is_causal=True` is only a fast path the model takes when it has proven the mask is plain causal.
+
+Shapes: B batch, S query length, L key length, nh / nkv query / key-value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.nn.cache import CrossKV, KVCache
+from polymodal.nn.positions import RotaryTables
+
+BACKENDS = ("sdpa", "eager")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+           is_causal: bool = False, scale: float | None = None, dropout: float = 0.0,
+           backend: str = "sdpa") -> torch.Tensor:
+    """q (B, nh, S, hs), k/v (B, nkv, L, hs), mask bool or additive float broadcastable to
+    (B, nh, S, L) -> (B, nh, S, hs)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                              scale=scale, enable_gqa=n_rep > 1)
+    if backend != "eager":
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() * (scale or 1.0 / math.sqrt(q.shape[-1]))
+    if is_causal:
+        S, L = scores.shape[-2:]
+        mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = F.dropout(scores.softmax(-1), p=dropout).to(v.dtype)
+    return probs @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None, *,
+                 kv_dim: int | None = None, bias: bool = False, out_bias: bool | None = None,
+                 qk_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+                 inner_norm: nn.Module | None = None, scale: float | None = None, dropout: float = 0.0,
+                 backend: str = "sdpa"):
+        """kv_dim: set for cross-attention (keys/values from another stream of that width).
+        qk_norm / k_norm: norms over hs applied to q / k per head (Gemma 3, Chameleon, OLMo).
+        inner_norm: Magneto's sub-LN before the output projection."""
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        self.head_dim = head_dim or dim // n_heads
+        if n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        self.is_cross = kv_dim is not None
+        q_out, kv_out = n_heads * self.head_dim, 2 * self.n_kv_heads * self.head_dim
+        if self.is_cross:
+            self.wq = nn.Linear(dim, q_out, bias=bias)
+            self.wkv = nn.Linear(kv_dim, kv_out, bias=bias)
+        else:
+            self.wqkv = nn.Linear(dim, q_out + kv_out, bias=bias)  # fused: one matmul for q, k, v
+        self.wo = nn.Linear(q_out, dim, bias=bias if out_bias is None else out_bias)
+        self.q_norm, self.k_norm = qk_norm, k_norm
+        self.inner_norm = inner_norm
+        self.scale, self.dropout, self.backend = scale, dropout, backend
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:  # (B, S, n*hs) -> (B, n, S, hs)
+        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                is_causal: bool = False, rope: RotaryTables | None = None,
+                cache: KVCache | CrossKV | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, dim); kv (B, L, kv_dim) media for cross-attention (None: reuse the cached K/V)."""
+        q_size = self.n_heads * self.head_dim
+        if self.is_cross:
+            q = self._heads(self.wq(x), self.n_heads)
+            if kv is None:
+                if cache is None or cache.k is None:
+                    raise ValueError("cross-attention needs media (kv) or K/V cached from an earlier call")
+                k, v = cache.k, cache.v
+            else:
+                k, v = (self._heads(t, self.n_kv_heads) for t in self.wkv(kv).chunk(2, dim=-1))
+                k = self.k_norm(k) if self.k_norm is not None else k
+                if cache is not None:
+                    cache.set(k, v)
+            q = self.q_norm(q) if self.q_norm is not None else q
+        else:
+            qkv = self.wqkv(x)
+            kv_size = self.n_kv_heads * self.head_dim
+            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = rope.rotate(q, k)
+            if cache is not None:
+                k, v = cache.update(input_pos, k, v)
+        y = attend(q, k, v, mask, is_causal=is_causal, scale=self.scale,
+                   dropout=self.dropout if self.training else 0.0, backend=self.backend)
+        y = y.transpose(1, 2).reshape(*x.shape[:-1], q_size)  # (B, S, nh*hs)
+        if self.inner_norm is not None:
+            y = self.inner_norm(y)
+        return self.wo(y)

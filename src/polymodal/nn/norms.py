@@ -1,0 +1,43 @@
+"""Normalisation layers: LayerNorm, RMSNorm (Zhang & Sennrich 2019) and Gemma's (1 + w) RMSNorm.
+
+RMSNorm computes in float32 and casts back, as HF Llama/Gemma do, so bf16 runs match them.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, *, unit_offset: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset  # Gemma stores w and scales by (1 + w)
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma multiplies before the cast back
+            return (x32 * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * x32.type_as(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with an optional bias, computed in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, bias: bool = True):
+        super().__init__(dim, eps=eps, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "rmsnorm_gemma":
+        return RMSNorm(dim, eps, unit_offset=True)
+    if kind == "layernorm":
+        return LayerNorm(dim, eps)
+    raise ValueError(f"norm must be 'rmsnorm', 'rmsnorm_gemma' or 'layernorm', got {kind!r}")

@@ -1,0 +1,106 @@
+"""Position schemes: rotary (RoPE, Su et al. 2021), xPos (Sun et al. 2022), ALiBi (Press et al. 2021).
+
+Each takes per-token position ids, so left padding and packed documents (positions reset per
+document) need no special case. Rotary tables are built once per forward at the model level and
+shared by every layer.
+
+RoPE comes in two layouts: "half" rotates (x[:d/2], x[d/2:]) pairs as HF Llama/Gemma do;
+"interleaved" rotates (x[2i], x[2i+1]) pairs as GPT-J and torchscale do. xPos is interleaved RoPE
+whose queries are scaled by zeta**(n/base) and keys by zeta**(-m/base), so the product decays with
+the distance n - m; torchscale centres n and m on the sequence, which cancels in the product.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+class RotaryTables(NamedTuple):
+    """cos/sin for queries and keys, each (B, 1, S, D); equal for RoPE, scaled apart for xPos."""
+
+    cos_q: torch.Tensor
+    sin_q: torch.Tensor
+    cos_k: torch.Tensor
+    sin_k: torch.Tensor
+    interleaved: bool
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rot = rotate_interleaved if self.interleaved else rotate_half
+        q = (q * self.cos_q + rot(q) * self.sin_q).to(q.dtype)
+        k = (k * self.cos_k + rot(k) * self.sin_k).to(k.dtype)
+        return q, k
+
+
+class Rotary(nn.Module):
+    """RoPE (`xpos_scale_base=None`) or xPos tables for given positions."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, *, interleaved: bool = False,
+                 xpos_scale_base: float | None = None):
+        super().__init__()
+        self.interleaved = interleaved or xpos_scale_base is not None
+        self.xpos_scale_base = xpos_scale_base
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        zeta = (torch.arange(0, head_dim, 2, dtype=torch.float32) + 0.4 * head_dim) / (1.4 * head_dim)
+        self.register_buffer("zeta", zeta, persistent=False)
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:  # (B, S, D/2) -> (B, 1, S, D)
+        t = t.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((t, t), dim=-1)
+        return t.unsqueeze(1)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> RotaryTables:
+        pos = positions.float()[..., None]  # (B, S, 1)
+        angles = pos * self.inv_freq  # (B, S, D/2), float32 as HF computes it
+        cos, sin = angles.cos(), angles.sin()
+        if self.xpos_scale_base is None:
+            cos, sin = self._expand(cos).to(dtype), self._expand(sin).to(dtype)
+            return RotaryTables(cos, sin, cos, sin, self.interleaved)
+        scale = self.zeta ** (pos / self.xpos_scale_base)  # (B, S, D/2)
+        return RotaryTables(
+            self._expand(cos * scale).to(dtype), self._expand(sin * scale).to(dtype),
+            self._expand(cos / scale).to(dtype), self._expand(sin / scale).to(dtype),
+            True,
+        )
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Geometric head slopes 2**(-8i/n); for n not a power of two, the interleaved extension."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_two(closest)
+    if closest < n_heads:
+        slopes += power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class ALiBi(nn.Module):
+    """Turns a boolean mask into a float bias -slope_h * |pos_q - pos_k| (-inf where masked)."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+
+    def forward(self, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        # mask (B, 1, Sq, Sk) bool; positions (B, Sq), (B, Sk) -> bias (B, H, Sq, Sk)
+        distance = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float().unsqueeze(1)
+        bias = -self.slopes[None, :, None, None] * distance
+        return bias.masked_fill(~mask, float("-inf")).to(dtype)

@@ -1,0 +1,174 @@
+"""Transformer `Block` (pre-LN, post-LN, Magneto sub-LN) and the decoder-only language model.
+
+The `Decoder` is Llama/Gemma/Magneto from one config: it embeds tokens (or takes embeddings a
+multimodal model spliced media into), builds the mask once from `masks.py`, and runs the blocks
+with an optional static KV cache. The model protocol the generation engine relies on is
+`make_cache(batch, max_len)` plus `forward(input_ids, ..., cache=cache)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.config import DecoderConfig
+from polymodal.nn.attention import Attention
+from polymodal.nn.cache import Cache, KVCache
+from polymodal.nn.masks import Segments, attention_mask, make_segments
+from polymodal.nn.mlp import make_mlp
+from polymodal.nn.norms import LayerNorm, make_norm
+from polymodal.nn.positions import ALiBi, Rotary, RotaryTables
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (B, S, V)
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None  # (B, S, dim) after the final norm
+
+
+class Block(nn.Module):
+    def __init__(self, attn: Attention, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module, *,
+                 post_norm: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.attn, self.mlp = attn, mlp
+        self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
+        self.post_norm = post_norm
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, is_causal: bool = False,
+                rope: RotaryTables | None = None, cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_norm:  # original Transformer / BERT: normalise after each residual add
+            x = self.attn_norm(x + self.dropout(self.attn(x, mask=mask, is_causal=is_causal, rope=rope,
+                                                          cache=cache, input_pos=input_pos)))
+            return self.mlp_norm(x + self.dropout(self.mlp(x)))
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope,
+                                       cache=cache, input_pos=input_pos))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+def decoder_block(cfg: DecoderConfig, backend: str = "sdpa") -> Block:
+    sub_ln = cfg.norm_placement == "sub"
+    qk_norm = (lambda: make_norm(cfg.qk_norm, cfg.head_size, cfg.norm_eps)) if cfg.qk_norm else (lambda: None)
+    attn = Attention(
+        cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size, bias=cfg.attn_bias, qk_norm=qk_norm(), k_norm=qk_norm(),
+        inner_norm=LayerNorm(cfg.n_heads * cfg.head_size, cfg.norm_eps) if sub_ln else None,
+        dropout=cfg.dropout, backend=backend,
+    )
+    mlp = make_mlp(cfg.mlp, cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias, dropout=cfg.dropout,
+                   inner_norm=LayerNorm(cfg.hidden_dim, cfg.norm_eps) if sub_ln else None)
+    return Block(attn, mlp, make_norm(cfg.norm, cfg.dim, cfg.norm_eps), make_norm(cfg.norm, cfg.dim, cfg.norm_eps),
+                 post_norm=cfg.norm_placement == "post", dropout=cfg.dropout)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig, *, backend: str = "sdpa"):
+        super().__init__()
+        cfg = self.config = config
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
+        self.rotary = (Rotary(cfg.head_size, cfg.rope_theta,
+                              xpos_scale_base=cfg.xpos_scale_base if cfg.positions == "xpos" else None)
+                       if cfg.positions in ("rope", "xpos") else None)
+        self.alibi = ALiBi(cfg.n_heads) if cfg.positions == "alibi" else None
+        self.layers = nn.ModuleList(decoder_block(cfg, backend) for _ in range(cfg.n_layers))
+        self.norm = None if cfg.norm_placement == "post" else make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def make_cache(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> Cache:
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        w = self.tok_embeddings.weight
+        return Cache(batch, max_len, self.config.n_layers, self.config.kv_heads, self.config.head_size,
+                     dtype or w.dtype, device or w.device)
+
+    def check_token_ids(self, input_ids: torch.Tensor) -> None:
+        bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+        if bad.any():
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got {input_ids[bad].tolist()[:8]} "
+                             f"at positions {bad.nonzero().tolist()[:8]}")
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, block_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: Cache | None = None,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """input_ids (B, S) or inputs_embeds (B, S, dim) (unscaled; media already spliced in).
+        attention_mask / document_ids / block_ids / position_ids: see `masks.make_segments`.
+        labels (B, S): next-token targets aligned with input_ids (shifted here), -100 = ignore.
+        cache: a `make_cache` cache; when it already holds tokens, the input continues every row.
+        logits_to_keep: >0 computes logits for the last n positions only."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        decoding = cache is not None and cache.length > 0
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+            if not decoding:
+                self.check_token_ids(input_ids)
+            inputs_embeds = self.tok_embeddings(input_ids)
+        B, S, _ = inputs_embeds.shape
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if decoding:
+            if any(t is not None for t in (attention_mask, document_ids, block_ids, position_ids)):
+                raise ValueError("a cache that holds tokens continues each row causally; attention_mask, "
+                                 "document_ids, block_ids and position_ids apply to the first call only")
+            seg = cache.next_segments(S)
+        else:
+            seg = make_segments(B, S, inputs_embeds.device, attention_mask=attention_mask,
+                                document_ids=document_ids, block_ids=block_ids, position_ids=position_ids)
+        h = self.hidden_states(inputs_embeds, seg, cache=cache,
+                               plain_causal=not decoding and all(t is None for t in (attention_mask, document_ids, block_ids)))
+        return self.head(h, labels, logits_to_keep)
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, seg: Segments, *, cache: Cache | None = None,
+                      plain_causal: bool = False) -> torch.Tensor:
+        """Runs the blocks over embeddings whose segments are known; returns normalised states."""
+        x = inputs_embeds
+        if self.config.embed_scale:  # Gemma: the normaliser is rounded to the activation dtype
+            x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
+        if self.pos_embeddings is not None:
+            if int(seg.positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(seg.positions.max())} is past max_seq_len={self.config.max_seq_len}")
+            x = x + self.pos_embeddings(seg.positions)
+        input_pos, k_seg = None, seg
+        if cache is not None:
+            input_pos, k_seg = cache.write(seg), cache.slots
+        is_causal = plain_causal and cache is None and self.alibi is None
+        mask = None if is_causal else attention_mask(seg, k_seg)
+        if self.alibi is not None:
+            mask = self.alibi(mask, seg.positions, k_seg.positions, x.dtype)
+        rope = self.rotary(seg.positions, x.dtype) if self.rotary is not None else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask=mask, is_causal=is_causal, rope=rope,
+                      cache=cache.layers[i] if cache is not None else None, input_pos=input_pos)
+        return self.norm(x) if self.norm is not None else x
+
+    def head(self, h: torch.Tensor, labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        loss = None
+        if labels is not None:
+            if labels.shape != h.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
+            logits = F.linear(h, self.output_weight)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        else:
+            logits = F.linear(h[:, -logits_to_keep:] if logits_to_keep else h, self.output_weight)
+        return ModelOutput(logits=logits, loss=loss, hidden_states=h)

@@ -1,0 +1,43 @@
+"""Named configs: one explicit dict from preset name to a function returning the config."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from polymodal.config import Config, DecoderConfig
+
+
+def llama_tiny() -> DecoderConfig:
+    return DecoderConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176,
+                         max_seq_len=512)
+
+
+def gemma_tiny() -> DecoderConfig:
+    return DecoderConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=32, hidden_dim=128,
+                         mlp="geglu", norm="rmsnorm_gemma", tie_embeddings=True, embed_scale=True, max_seq_len=512)
+
+
+def gemma_2b() -> DecoderConfig:
+    return DecoderConfig(vocab_size=256000, dim=2048, n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256,
+                         hidden_dim=16384, mlp="geglu", norm="rmsnorm_gemma", tie_embeddings=True, embed_scale=True,
+                         max_seq_len=8192, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+
+
+def llama_3_2_1b_shape() -> DecoderConfig:
+    """Llama 3.2 1B's shape with plain RoPE (its llama3 frequency scaling is not applied)."""
+    return DecoderConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                         rope_theta=500000.0, max_seq_len=8192, norm_eps=1e-5, tie_embeddings=True)
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "llama-tiny": llama_tiny,
+    "gemma-tiny": gemma_tiny,
+    "gemma-2b": gemma_2b,
+    "llama-1b": llama_3_2_1b_shape,
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name]()

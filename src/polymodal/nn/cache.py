@@ -77,6 +77,6 @@ class Cache:
         return Segments(
             positions=self.slots.positions[:, last:last + 1] + step,
             groups=self.slots.groups[:, last:last + 1] + step,
-            docs=self.slots.docs[:, last:last + 1].expand(-1, n),
+            docs=self.slots.docs[:, last:last + 1].repeat(1, n),  # a copy: it is written back into slots
             valid=torch.ones(self.batch, n, dtype=torch.bool, device=step.device),
         )

@@ -1,0 +1,238 @@
+"""A multimodal tokenizer over HF `tokenizers` or SentencePiece that never touches the network.
+
+Every tokenizer carries the control tokens in `Tokenizer.SPECIAL_TOKENS`. A checkpoint's own
+token for the same role is reused (Gemma/PaliGemma `<bos>`, `<image>`; Llama's `<s>`, `</s>`),
+missing ones are appended after the vocabulary, and all of them are matched whole in text.
+`Tokenizer.train` builds a byte-level BPE (GPT-2 style): every string maps to bytes and back,
+so decode(encode(text)) == text for any text, with no unknown token.
+"""
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+# Other spellings of a role found in checkpoints, tried after the canonical name.
+_ALIASES = {
+    "<bos>": ("<s>", "<|begin_of_text|>", "<|startoftext|>"),
+    "<eos>": ("</s>", "<|end_of_text|>", "<|endoftext|>"),
+    "<pad>": ("<|pad|>", "[PAD]"),
+}
+_SP_FILES = ("tokenizer.model", "spiece.model")
+_SP_ADDED_FILE = "polymodal_tokenizer.json"
+
+
+class _HFModel:
+    """A `tokenizers.Tokenizer`; it matches added tokens in text itself."""
+
+    def __init__(self, tok: tokenizers.Tokenizer):
+        self.tok = tok
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def lookup(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+    def add_special(self, piece: str) -> int:
+        self.tok.add_special_tokens([AddedToken(piece, special=True, normalized=False)])
+        return self.tok.token_to_id(piece)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # add_special_tokens=False: BOS/EOS come from Tokenizer.encode, not the file's post-processor.
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory: Path) -> None:
+        self.tok.save(str(directory / "tokenizer.json"))
+
+
+class _SPModel:
+    """A SentencePiece model; its proto cannot grow, so added tokens live here, after its pieces."""
+
+    def __init__(self, sp: Any, added: Sequence[str] = ()):
+        self.sp = sp
+        self.added: dict[str, int] = {}
+        self.specials: dict[str, int] = {}
+        self._pattern: re.Pattern[str] | None = None
+        for piece in added:
+            self.add_special(piece)
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size() + len(self.added)
+
+    def lookup(self, piece: str) -> int | None:
+        if piece in self.added:
+            return self.added[piece]
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None  # unknown pieces map to <unk>
+
+    def add_special(self, piece: str) -> int:
+        i = self.lookup(piece)
+        if i is None:
+            i = self.added[piece] = len(self)
+        self.specials[piece] = i
+        # Longest first, so a special token that contains another one wins.
+        alternatives = sorted(self.specials, key=len, reverse=True)
+        self._pattern = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+        return i
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._encode(text) for text in texts]
+
+    def _encode(self, text: str) -> list[int]:
+        parts = self._pattern.split(text) if self._pattern else [text]
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2:  # re.split puts the matched separators at odd positions
+                ids.append(self.specials[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        names = {i: piece for piece, i in self.specials.items()}
+        out, run = [], []
+        for i in ids:
+            if i in names:
+                out.append(self.sp.decode(run))
+                run = []
+                if not skip_special_tokens:
+                    out.append(names[i])
+            else:
+                run.append(i)
+        out.append(self.sp.decode(run))
+        return "".join(out)
+
+    def save(self, directory: Path) -> None:
+        (directory / "tokenizer.model").write_bytes(self.sp.serialized_model_proto())
+        (directory / _SP_ADDED_FILE).write_text(json.dumps({"added_tokens": list(self.added)}, indent=2))
+
+
+class Tokenizer:
+    """Text <-> ids with never-split multimodal control tokens. Build with `train` or `from_file`."""
+
+    SPECIAL_TOKENS = (
+        "<pad>", "<bos>", "<eos>", "<sep>",
+        "<image>", "</image>", "<img>", "</img>", "<audio>", "</audio>", "<video>", "</video>",
+    )
+
+    def __init__(self, model: "tokenizers.Tokenizer | Any", added_tokens: Sequence[str] = ()):
+        """Wrap a `tokenizers.Tokenizer` (copied, not changed) or a `SentencePieceProcessor`.
+
+        `added_tokens` are registered first, in order, so that saved ids load back unchanged.
+        """
+        if isinstance(model, tokenizers.Tokenizer):
+            self._model: _HFModel | _SPModel = _HFModel(tokenizers.Tokenizer.from_str(model.to_str()))
+            for piece in added_tokens:
+                self._model.add_special(piece)
+        elif hasattr(model, "serialized_model_proto"):
+            self._model = _SPModel(model, added_tokens)
+        else:
+            raise TypeError(f"expected a tokenizers.Tokenizer or a SentencePieceProcessor, got {type(model).__name__}")
+        self._special: dict[str, int] = {}
+        for name in self.SPECIAL_TOKENS:
+            spellings = (name, *_ALIASES.get(name, ()))
+            piece = next((p for p in spellings if self._model.lookup(p) is not None), name)
+            self._special[name] = self._model.add_special(piece)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 1) -> "Tokenizer":
+        """A byte-level BPE with the control tokens at ids 0..11, the 256 bytes, then merges."""
+        base = len(cls.SPECIAL_TOKENS) + 256
+        if vocab_size < base:
+            raise ValueError(f"vocab_size must be at least {base} (control tokens + 256 bytes), got {vocab_size}")
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(cls.SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """Load `tokenizer.json`, a SentencePiece `.model`, or a directory holding one (tokenizer.json first)."""
+        path = Path(path)
+        if path.is_dir():
+            candidates = [path / name for name in ("tokenizer.json", *_SP_FILES)]
+            file = next((c for c in candidates if c.is_file()), None)
+            if file is None:
+                raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(c.name for c in candidates)}")
+        elif path.is_file():
+            file = path
+        else:
+            raise FileNotFoundError(f"tokenizer file {path} does not exist (expected tokenizer.json or a .model file)")
+        if file.suffix == ".json":
+            return cls(tokenizers.Tokenizer.from_file(str(file)))
+        if file.suffix != ".model":
+            raise ValueError(f"{file}: expected a tokenizer.json or a SentencePiece .model file")
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise ImportError(f"{file} is a SentencePiece model: pip install sentencepiece") from e
+        added_file = file.parent / _SP_ADDED_FILE
+        added = json.loads(added_file.read_text())["added_tokens"] if added_file.is_file() else []
+        return cls(sentencepiece.SentencePieceProcessor(model_file=str(file)), added)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._model.save(directory)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._model)
+
+    @property
+    def pad_id(self) -> int:
+        return self._special["<pad>"]
+
+    @property
+    def bos_id(self) -> int:
+        return self._special["<bos>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special["<eos>"]
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Each name in SPECIAL_TOKENS -> its id."""
+        return dict(self._special)
+
+    def token_id(self, token: str) -> int:
+        """The id of a control token (by its name in SPECIAL_TOKENS) or of any vocabulary piece."""
+        i = self._special.get(token)
+        if i is None:
+            i = self._model.lookup(token)
+        if i is None:
+            raise KeyError(f"token {token!r} is not in the vocabulary ({self.vocab_size} tokens)")
+        return i
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self.encode_batch([text], add_bos, add_eos)[0]
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a list of strings; use encode for one string")
+        head, tail = [self.bos_id] * add_bos, [self.eos_id] * add_eos
+        return [head + ids + tail for ids in self._model.encode_batch(list(texts))]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return self._model.decode(ids, skip_special_tokens)

@@ -1,0 +1,68 @@
+"""Each position scheme against a direct formula."""
+
+import math
+
+import torch
+
+from polymodal.nn.positions import ALiBi, Rotary, alibi_slopes
+
+
+def test_rope_matches_complex_rotation():
+    hs, theta = 8, 10000.0
+    pos = torch.tensor([[0, 3, 7]])
+    x = torch.randn(1, 1, 3, hs)
+    q, _ = Rotary(hs, theta)(pos).rotate(x, x)
+    # HF layout: pairs (x[i], x[i + hs/2]) rotate by pos * theta**(-2i/hs)
+    z = torch.complex(x[..., : hs // 2], x[..., hs // 2:])
+    freqs = theta ** (-torch.arange(0, hs, 2).float() / hs)
+    rotated = z * torch.polar(torch.ones(3, hs // 2), pos[0, :, None].float() * freqs)
+    torch.testing.assert_close(q, torch.cat((rotated.real, rotated.imag), -1), atol=1e-6, rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rot = Rotary(16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    scores = []
+    for shift in (0, 5, 100):
+        (qr, _), (_, kr) = rot(torch.tensor([[shift + 4]])).rotate(q, k), rot(torch.tensor([[shift + 1]])).rotate(q, k)
+        scores.append((qr * kr).sum())
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[0], scores[2], atol=1e-4, rtol=1e-4)
+
+
+def test_xpos_matches_direct_formula():
+    hs, base = 8, 512.0
+    pos = torch.tensor([[2, 9]])
+    q, k = torch.randn(1, 1, 2, hs), torch.randn(1, 1, 2, hs)
+    qx, kx = Rotary(hs, xpos_scale_base=base)(pos).rotate(q, k)
+    zeta = (torch.arange(0, hs, 2).float() + 0.4 * hs) / (1.4 * hs)
+    freqs = 10000.0 ** (-torch.arange(0, hs, 2).float() / hs)
+    for x, out, sign in ((q, qx, 1.0), (k, kx, -1.0)):
+        z = torch.complex(x[..., 0::2], x[..., 1::2])  # interleaved pairs (x[2i], x[2i+1])
+        p = pos[0, :, None].float()
+        expected = z * torch.polar(zeta ** (sign * p / base), p * freqs)
+        torch.testing.assert_close(out, torch.stack((expected.real, expected.imag), -1).flatten(-2),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_xpos_score_decays_with_distance_and_is_relative():
+    rot = Rotary(16, xpos_scale_base=512.0)
+    q = k = torch.ones(1, 1, 1, 16)
+
+    def score(i, j):
+        (qr, _), (_, kr) = rot(torch.tensor([[i]])).rotate(q, k), rot(torch.tensor([[j]])).rotate(q, k)
+        return float((qr * kr).sum())
+
+    assert math.isclose(score(10, 3), score(110, 103), rel_tol=1e-4)
+
+
+def test_alibi_slopes_and_bias():
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    # 6 heads: the 4 power-of-two slopes, then every other slope of the 8-head series
+    expected6 = [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+    assert torch.allclose(alibi_slopes(6), torch.tensor(expected6))
+    pos = torch.tensor([[0, 1, 2]])
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
+    bias = ALiBi(8)(mask, pos, pos, torch.float32)
+    assert bias[0, 0, 2, 0] == -0.5 * 2 and bias[0, 7, 2, 1] == -(2.0 ** -8)
+    assert bias[0, 3, 0, 2] == float("-inf")

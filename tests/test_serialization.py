@@ -1,0 +1,78 @@
+import json
+import os
+
+import pytest
+import torch
+
+import polymodal as pm
+from polymodal.config import DecoderConfig
+from polymodal.serialization import atomic_directory
+
+
+def tiny(**kw):
+    return pm.build(DecoderConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_seq_len=16, **kw))
+
+
+def test_save_load_round_trip_identical_logits(tmp_path):
+    model = tiny(tie_embeddings=True).eval()
+    pm.save_pretrained(model, tmp_path / "m")
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+    loaded = pm.from_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 50, (2, 7))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
+    model = tiny()
+    pm.save_pretrained(model, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_directory(tmp_path / "m") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("disk full")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no temp dirs left behind
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+                                               "num_hidden_layers": 1, "num_attention_heads": 2,
+                                               "intermediate_size": 8}))
+    torch.save({"x": torch.zeros(1)}, d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="only pickle weights .*pytorch_model.bin.*only from safetensors"):
+        pm.from_pretrained(d)
+
+
+def test_checkpoint_that_does_not_fit_the_config(tmp_path):
+    pm.save_pretrained(tiny(), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["hidden_dim"] = 48
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"does not fit the model config; wrong shapes: \['layers.0.mlp.w_in.weight: "
+                                         r"expected \(96, 32\), got \(128, 32\)"):
+        pm.from_pretrained(tmp_path / "m")
+
+
+def test_unsupported_hf_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported; supported: .*'gemma'.*'llama'"):
+        pm.from_pretrained(tmp_path)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\); got \[50, 77\]"):
+        model(torch.tensor([[1, 50, 77]]))
+    with pytest.raises(ValueError, match="sequence of 17 tokens exceeds max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(KeyError, match="unknown preset 'gpt-5'"):
+        pm.build("gpt-5")
+
+
+def test_presets_build():
+    model = pm.build("llama-tiny")
+    assert model(torch.zeros(1, 3, dtype=torch.long)).logits.shape == (1, 3, 512)

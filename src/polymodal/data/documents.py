@@ -1,0 +1,308 @@
+"""Interleaved multimodal documents stored as JSON Lines.
+
+One document per line:
+
+    {"id": "optional", "segments": [
+        {"image": "images/0001.png"},
+        {"text": "what colour is the shape?"},
+        {"text": "red", "target": true}]}
+
+A segment has exactly one kind key: `text` (a string), `image` (a path), `audio` (a path to a
+16-bit PCM mono .wav) or `video` (a non-empty list of frame image paths). Paths are relative to
+the JSONL file's directory. `target` may mark text segments, and image segments a model should
+learn to draw: if any segment of a document is a target, loss goes only on targets; if none is,
+all text is (plain interleaved pretraining). Every problem in a file raises `DocumentError` naming the file, the 1-based line,
+the segment and the field, with what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import wave
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+
+KINDS = ("text", "image", "audio", "video")
+TARGET_KINDS = ("text", "image")  # an image target is one the model learns to draw
+
+
+class DocumentError(ValueError):
+    """A document file that does not follow the format."""
+
+
+@dataclass(eq=False)
+class Audio:
+    waveform: np.ndarray  # (N,) float32 in [-1, 1], mono
+    sample_rate: int
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Audio):
+            return NotImplemented
+        return self.sample_rate == other.sample_rate and np.array_equal(self.waveform, other.waveform)
+
+
+Media = Image.Image | Audio | list[Image.Image]
+
+
+@dataclass
+class Segment:
+    kind: str
+    text: str | None = None
+    media: Media | None = None
+    target: bool = False
+    # where the media came from; the only media reference when read with load_media=False
+    path: str | list[str] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"segment kind must be one of {KINDS}, got {self.kind!r}")
+        if (self.kind == "text") != isinstance(self.text, str):
+            raise ValueError(f"{self.kind!r} segment: {'needs' if self.kind == 'text' else 'takes no'} text, "
+                             f"got text={self.text!r}")
+        if self.target and self.kind not in TARGET_KINDS:
+            raise ValueError(f"only {' and '.join(TARGET_KINDS)} segments can be targets, got a target {self.kind} segment")
+
+
+@dataclass
+class Document:
+    segments: list[Segment]
+    id: str | None = None
+
+    def of_kind(self, kind: str) -> list[Any]:
+        return [s.text if kind == "text" else s.media for s in self.segments if s.kind == kind]
+
+    @property
+    def texts(self) -> list[str]:
+        return self.of_kind("text")
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return self.of_kind("image")
+
+    @property
+    def audios(self) -> list[Audio]:
+        return self.of_kind("audio")
+
+    @property
+    def videos(self) -> list[list[Image.Image]]:
+        return self.of_kind("video")
+
+    @property
+    def target_mask(self) -> list[bool]:
+        """Per segment: does the loss go on it."""
+        marked = any(s.target for s in self.segments)
+        return [s.target or (s.kind == "text" and not marked) for s in self.segments]
+
+
+# ---------------------------------------------------------------------------------------------
+# wav
+
+def read_wav(f: str | Path | BinaryIO) -> Audio:
+    """A 16-bit PCM mono wav as float32 in [-1, 1]; ValueError for any other format."""
+    with wave.open(str(f) if isinstance(f, Path) else f, "rb") as w:
+        if w.getsampwidth() != 2 or w.getnchannels() != 1:
+            raise ValueError(f"{8 * w.getsampwidth()}-bit samples in {w.getnchannels()} channel(s), "
+                             "not 16-bit mono")
+        n = w.getnframes()
+        frames = w.readframes(n)
+        if len(frames) != 2 * n:
+            raise ValueError(f"truncated: header says {n} samples, file holds {len(frames) // 2}")
+        pcm = np.frombuffer(frames, dtype="<i2").astype(np.float32)
+        return Audio(np.clip(pcm / 32767, -1.0, 1.0), w.getframerate())
+
+
+def wav_bytes(audio: Audio) -> bytes:
+    x = np.asarray(audio.waveform, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"expected a mono waveform of shape (N,), got shape {x.shape}")
+    pcm = np.round(np.clip(x, -1.0, 1.0) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(audio.sample_rate))
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+class _Invalid(Exception):
+    def __init__(self, where: str, msg: str):
+        super().__init__(where, msg)
+        self.where, self.msg = where, msg
+
+
+def iter_jsonl(path: str | Path, load_media: bool = True) -> Iterator[Document]:
+    """Documents of a JSONL file, one at a time. With load_media=False media files are neither
+    opened nor checked and each media segment holds only its resolved `path`."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                doc = _parse_line(raw, path.parent, load_media)
+            except _Invalid as e:
+                raise DocumentError(f"{path}, line {lineno}, {e.where}: {e.msg}") from e.__cause__
+            if doc is not None:
+                yield doc
+
+
+def read_jsonl(path: str | Path, load_media: bool = True) -> list[Document]:
+    return list(iter_jsonl(path, load_media))
+
+
+def _type(x: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(x), "a number")
+
+
+def _parse_line(raw: bytes, root: Path, load_media: bool) -> Document | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Invalid("document", f"expected UTF-8 text, got undecodable bytes ({e.reason})") from e
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _Invalid("document", f"expected one JSON object, got malformed JSON "
+                                   f"({e.msg} at character {e.pos + 1})") from e
+    if not isinstance(obj, dict):
+        raise _Invalid("document", f"expected a JSON object, got {_type(obj)}")
+    if unknown := sorted(set(obj) - {"id", "segments"}):
+        raise _Invalid(unknown[0], f"expected only the fields 'id' and 'segments', "
+                                   f"got unknown field {unknown[0]!r}")
+    doc_id = obj.get("id")
+    if doc_id is not None and not isinstance(doc_id, str):
+        raise _Invalid("id", f"expected a string, got {_type(doc_id)}")
+    if "segments" not in obj:
+        raise _Invalid("segments", "expected a list of segments, got no 'segments' field")
+    segments = obj["segments"]
+    if not isinstance(segments, list) or not segments:
+        given = "an empty list" if segments == [] else _type(segments)
+        raise _Invalid("segments", f"expected a non-empty list of segments, got {given}")
+    return Document([_parse_segment(s, f"segments[{i}]", root, load_media) for i, s in enumerate(segments)],
+                    doc_id)
+
+
+def _parse_segment(seg: Any, where: str, root: Path, load_media: bool) -> Segment:
+    if not isinstance(seg, dict):
+        raise _Invalid(where, f"expected a JSON object, got {_type(seg)}")
+    if unknown := sorted(set(seg) - {*KINDS, "target"}):
+        raise _Invalid(f"{where}.{unknown[0]}", f"expected one of {', '.join(KINDS)} (and optional target), "
+                                               f"got unknown key {unknown[0]!r}")
+    kinds = [k for k in KINDS if k in seg]
+    if len(kinds) != 1:
+        given = "none" if not kinds else " and ".join(repr(k) for k in kinds)
+        raise _Invalid(f"{where}.{kinds[-1]}" if kinds else where,
+                       f"expected exactly one of {', '.join(KINDS)}, got {given}")
+    kind, value = kinds[0], seg[kinds[0]]
+    target = seg.get("target", False)
+    if not isinstance(target, bool):
+        raise _Invalid(f"{where}.target", f"expected true or false, got {_type(target)}")
+    if target and kind not in TARGET_KINDS:
+        raise _Invalid(f"{where}.target",
+                       f"expected target only on text or image segments, got it on a segment of kind {kind!r}")
+    where = f"{where}.{kind}"
+
+    if kind == "text":
+        if not isinstance(value, str):
+            raise _Invalid(where, f"expected a string, got {_type(value)}")
+        return Segment("text", text=value, target=target)
+    if kind == "video":
+        if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
+            given = ("an empty list" if value == [] else _type(value) if not isinstance(value, list)
+                     else "a list with a non-string item")
+            raise _Invalid(where, f"expected a non-empty list of frame image paths, got {given}")
+        paths = [str(root / p) for p in value]
+        frames = [_load(p, "image", f"{where}[{j}]") for j, p in enumerate(paths)] if load_media else None
+        return Segment("video", media=frames, path=paths)
+    if not isinstance(value, str):
+        raise _Invalid(where, f"expected a file path string, got {_type(value)}")
+    p = str(root / value)
+    return Segment(kind, media=_load(p, kind, where) if load_media else None, target=target, path=p)
+
+
+def _load(path: str, kind: str, where: str) -> Image.Image | Audio:
+    if not os.path.isfile(path):
+        raise _Invalid(where, f"expected an existing {kind} file, got missing file {path!r}")
+    try:
+        if kind == "audio":
+            return read_wav(path)
+        with Image.open(path) as im:
+            return im.convert("RGB")  # decodes the whole file, so corruption shows up here
+    except (OSError, EOFError, ValueError, wave.Error, Image.DecompressionBombError) as e:
+        expected = "a 16-bit PCM mono wav file" if kind == "audio" else "a readable image file"
+        raise _Invalid(where, f"expected {expected}, got {path!r} ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+@contextlib.contextmanager
+def _atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """Write to a temp file beside `path`, fsync, then rename over it: readers see the old file
+    or the whole new one, never a partial one, and a failed write leaves nothing behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; data files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
+    """Write documents to `path`, media into `<stem>_media/` beside it (images and video
+    frames as PNG, audio as 16-bit wav), referenced by relative paths. Media files go first and
+    the JSONL is renamed into place last, so a reader never sees a line whose media is missing."""
+    path = Path(path)
+    media_dir = path.parent / f"{path.stem}_media"
+
+    def put(name: str, data: bytes) -> str:
+        media_dir.mkdir(parents=True, exist_ok=True)
+        with _atomic_open(media_dir / name) as f:
+            f.write(data)
+        return f"{media_dir.name}/{name}"
+
+    with _atomic_open(path) as out:
+        for i, doc in enumerate(documents):
+            segments = []
+            for j, s in enumerate(doc.segments):
+                if s.kind != "text" and s.media is None:
+                    raise ValueError(f"document {i} segment {j}: {s.kind} segment has no media loaded "
+                                     "(read it with load_media=True to write it out)")
+                if s.kind == "text":
+                    seg = {"text": s.text, **({"target": True} if s.target else {})}
+                elif s.kind == "image":
+                    seg = {"image": put(f"{i:06d}-{j}.png", _png_bytes(s.media)), **({"target": True} if s.target else {})}
+                elif s.kind == "audio":
+                    seg = {"audio": put(f"{i:06d}-{j}.wav", wav_bytes(s.media))}
+                else:
+                    frames = enumerate(s.media)
+                    seg = {"video": [put(f"{i:06d}-{j}-{k}.png", _png_bytes(im)) for k, im in frames]}
+                segments.append(seg)
+            line = {**({"id": doc.id} if doc.id is not None else {}), "segments": segments}
+            out.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -1,0 +1,309 @@
+"""The built-in world: a small, seeded multimodal data set that needs no download.
+
+Images of coloured shapes on a dark background (caption, colour, shape, count, position), short
+videos of a moving shape (direction), clips of sine beeps (count, rising or falling pitch) and
+text→image pairs ("draw a red circle"). Answers come from small fixed sets, so chance is known
+and a tiny model has to look and listen to beat it. Every example is a pure function of
+(seed, split, task, index); "train" and "eval" draw from independent random streams.
+
+    world = World(seed=0)
+    ex = world.sample("colour", 7)              # Example(document, answer="red", choices, task)
+    for ex in world.examples("eval", n=1000):   # a shuffled mix of all tasks
+        ...
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from polymodal.data.documents import Audio, Document, Segment, write_jsonl
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 70, 235), "yellow": (225, 215, 30)}
+SHAPES = ("circle", "square", "triangle")
+OBJECTS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # "red circle", ...
+CELLS = ("top left", "top right", "bottom left", "bottom right")  # row-major 2x2 grid
+DIRECTIONS = ("left", "right", "up", "down")
+NUMBERS = ("one", "two", "three")
+PITCHES = ("rising", "falling")
+SPLITS = ("train", "eval")
+
+PROMPTS = {
+    "caption": "caption",
+    "colour": "what colour is the shape?",
+    "shape": "what shape is it?",
+    "count": "how many shapes?",
+    "position": "where is the {}?",
+    "video_direction": "which way does it move?",
+    "audio_count": "how many beeps?",
+    "audio_pitch": "does the pitch rise or fall?",
+    "text_to_image": "draw a {}",
+}
+TASKS = tuple(PROMPTS)
+CHOICES = {
+    "caption": tuple(f"a {o}" for o in OBJECTS),
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": NUMBERS,
+    "position": CELLS,
+    "video_direction": DIRECTIONS,
+    "audio_count": NUMBERS,
+    "audio_pitch": PITCHES,
+    # the answer names what the image must show; recognise() checks a generated one
+    "text_to_image": tuple(f"a {o}" for o in OBJECTS),
+}
+
+_MAX_BACKGROUND = 40  # per channel: backgrounds are dark, every shape colour has a channel >= 180
+_COLOUR_JITTER = 20
+_FOREGROUND = 128  # max channel at or above this is shape, below is background
+
+
+@dataclass
+class Example:
+    document: Document
+    answer: str
+    choices: tuple[str, ...]
+    task: str
+
+
+def _check_task(task: str) -> None:
+    if task not in PROMPTS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+
+
+def _draw(size: int, background: tuple[int, ...], shapes: Iterable[tuple[str, tuple[int, ...], int, int, int]]
+          ) -> Image.Image:
+    """shapes: (shape, rgb, x, y, side), the shape filling the side x side box at (x, y)."""
+    im = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(im)
+    for shape, rgb, x, y, s in shapes:
+        box = (x, y, x + s - 1, y + s - 1)
+        if shape == "circle":
+            draw.ellipse(box, fill=rgb)
+        elif shape == "square":
+            draw.rectangle(box, fill=rgb)
+        else:
+            draw.polygon([(x, y + s - 1), (x + s - 1, y + s - 1), (x + (s - 1) / 2, y)], fill=rgb)
+    return im
+
+
+def _tone(n: int, sample_rate: int, f0: float, f1: float, amplitude: float) -> np.ndarray:
+    """A linear sweep from f0 to f1 Hz over n samples, with 5 ms fades so it does not click."""
+    t = np.arange(n) / sample_rate
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * n / sample_rate))
+    fade = np.minimum(1.0, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.005 * sample_rate))
+    return amplitude * fade * np.sin(phase)
+
+
+@dataclass(frozen=True)
+class World:
+    seed: int = 0
+    image_size: int = 32
+    video_frames: int = 4
+    sample_rate: int = 16_000
+    audio_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16 so shapes stay recognisable, got {self.image_size}")
+        if self.video_frames < 2:
+            raise ValueError(f"video_frames must be >= 2 to show movement, got {self.video_frames}")
+        if self.sample_rate < 4000:
+            raise ValueError(f"sample_rate must be >= 4000 Hz (tones reach 1.3 kHz), got {self.sample_rate}")
+        if self.audio_seconds < 0.5:
+            raise ValueError(f"audio_seconds must be >= 0.5 to fit three beeps, got {self.audio_seconds}")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TASKS
+
+    def choices(self, task: str) -> tuple[str, ...]:
+        _check_task(task)
+        return CHOICES[task]
+
+    def chance(self, task: str) -> float:
+        return 1 / len(self.choices(task))
+
+    def texts(self) -> list[str]:
+        """Every prompt and answer string the world uses, e.g. to train a tokenizer."""
+        prompts = [p.format(o) for p in PROMPTS.values() for o in (OBJECTS if "{}" in p else [""])]
+        return sorted({*prompts, *itertools.chain(*CHOICES.values())})
+
+    def sample(self, task: str, index: int, split: str = "train") -> Example:
+        _check_task(task)
+        if index < 0:
+            raise ValueError(f"index must be >= 0, got {index}")
+        rng = self._rng(split, TASKS.index(task), index)
+        if task == "text_to_image":
+            colour, shape = OBJECTS[rng.integers(len(OBJECTS))].split()
+            segments = [Segment("text", PROMPTS[task].format(f"{colour} {shape}")),
+                        Segment("image", media=self.draw(colour, shape), target=True)]
+            answer = f"a {colour} {shape}"
+        else:
+            media, prompt, answer = getattr(self, f"_{task}")(rng)
+            segments = [media, Segment("text", prompt), Segment("text", answer, target=True)]
+        return Example(Document(segments, id=f"{split}/{task}/{index}"), answer, CHOICES[task], task)
+
+    def examples(self, split: str = "train", tasks: str | Iterable[str] | None = None,
+                 n: int | None = None) -> Iterator[Example]:
+        """A shuffled mix of tasks; the k-th example of a task is sample(task, k, split).
+        Endless when n is None."""
+        tasks = TASKS if tasks is None else (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        for task in tasks:
+            _check_task(task)
+        if not tasks:
+            raise ValueError("tasks must name at least one task")
+        # stream id len(TASKS) keeps the mixing stream apart from every task's own streams
+        rng = self._rng(split, len(TASKS), 0)
+
+        def stream() -> Iterator[Example]:
+            seen = dict.fromkeys(tasks, 0)
+            for _ in itertools.count() if n is None else range(n):
+                task = tasks[rng.integers(len(tasks))]
+                yield self.sample(task, seen[task], split)
+                seen[task] += 1
+
+        return stream()
+
+    def draw(self, colour: str, shape: str) -> Image.Image:
+        """The canonical picture of one shape: pure palette colour, centred, on black."""
+        if colour not in COLOURS or shape not in SHAPES:
+            raise ValueError(f"expected a colour in {tuple(COLOURS)} and a shape in {SHAPES}, "
+                             f"got {colour!r} and {shape!r}")
+        s = self.image_size // 2
+        x = (self.image_size - s) // 2
+        return _draw(self.image_size, (0, 0, 0), [(shape, COLOURS[colour], x, x, s)])
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _rng(self, split: str, stream: int, index: int) -> np.random.Generator:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        return np.random.default_rng([self.seed, SPLITS.index(split), stream, index])
+
+    def _jitter(self, rng: np.random.Generator, name: str) -> tuple[int, ...]:
+        rgb = np.array(COLOURS[name]) + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3)
+        return tuple(int(c) for c in np.clip(rgb, 0, 255))
+
+    def _scene(self, rng: np.random.Generator, n: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
+        """n shapes of distinct (colour, shape) in distinct grid cells, each kept 1 px inside
+        its cell so shapes never touch. Returns the image and (colour, shape, cell) per shape."""
+        size, half = self.image_size, self.image_size // 2
+        lo, hi = round(0.3 * size), half - 2
+        background = tuple(int(c) for c in rng.integers(0, _MAX_BACKGROUND + 1, 3))
+        drawn, names = [], []
+        for cell, obj in zip(rng.permutation(len(CELLS))[:n], rng.permutation(len(OBJECTS))[:n]):
+            colour, shape = OBJECTS[obj].split()
+            side = int(rng.integers(lo, hi + 1))
+            x = (cell % 2) * half + 1 + int(rng.integers(0, half - 1 - side))
+            y = (cell // 2) * half + 1 + int(rng.integers(0, half - 1 - side))
+            drawn.append((shape, self._jitter(rng, colour), x, y, side))
+            names.append((colour, shape, CELLS[cell]))
+        return _draw(size, background, drawn), names
+
+    def _single(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+        image, [(colour, shape, _)] = self._scene(rng, 1)
+        return Segment("image", media=image), colour, shape
+
+    def _caption(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+        image, colour, shape = self._single(rng)
+        return image, PROMPTS["caption"], f"a {colour} {shape}"
+
+    def _colour(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+        image, colour, _ = self._single(rng)
+        return image, PROMPTS["colour"], colour
+
+    def _shape(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+        image, _, shape = self._single(rng)
+        return image, PROMPTS["shape"], shape
+
+    def _count(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+        n = int(rng.integers(1, 4))
+        image, _ = self._scene(rng, n)
+        return Segment("image", media=image), PROMPTS["count"], NUMBERS[n - 1]
+
+    def _position(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+        image, names = self._scene(rng, int(rng.integers(1, 4)))
+        colour, shape, cell = names[rng.integers(len(names))]
+        return Segment("image", media=image), PROMPTS["position"].format(f"{colour} {shape}"), cell
+
+    def _video_direction(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+        size, frames = self.image_size, self.video_frames
+        colour, shape = OBJECTS[rng.integers(len(OBJECTS))].split()
+        side = int(rng.integers(round(0.25 * size), round(0.35 * size) + 1))
+        background = tuple(int(c) for c in rng.integers(0, _MAX_BACKGROUND + 1, 3))
+        rgb = self._jitter(rng, colour)
+        direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
+        room = size - side - 2  # how far the shape can travel and stay 1 px inside the frame
+        distance = int(rng.integers(room // 2, room + 1))
+        start = 1 + int(rng.integers(0, room - distance + 1))
+        across = 1 + int(rng.integers(0, room + 1))
+        a, b = (start + distance, start) if direction in ("left", "up") else (start, start + distance)
+        video = []
+        for t in range(frames):
+            along = round(a + (b - a) * t / (frames - 1))
+            x, y = (along, across) if direction in ("left", "right") else (across, along)
+            video.append(_draw(size, background, [(shape, rgb, x, y, side)]))
+        return Segment("video", media=video), PROMPTS["video_direction"], direction
+
+    def _audio_count(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+        sr, seconds = self.sample_rate, self.audio_seconds
+        n = int(rng.integers(1, 4))
+        lengths = rng.uniform(0.06, 0.15, n) * seconds
+        gap, edge = 0.08 * seconds, 0.02 * seconds  # silence between beeps and at the ends
+        slack = seconds - lengths.sum() - gap * (n - 1) - 2 * edge
+        spare = rng.dirichlet(np.ones(n + 1)) * slack  # random extra silence before each beep
+        freq, amplitude = rng.uniform(400, 1000), rng.uniform(0.3, 0.8)
+        x = rng.normal(0, 0.005, round(seconds * sr))
+        t = edge
+        for length, extra in zip(lengths, spare):
+            t += extra
+            i, m = round(t * sr), round(length * sr)
+            x[i:i + m] += _tone(m, sr, freq, freq, amplitude)
+            t += length + gap
+        audio = Audio(np.clip(x, -1, 1).astype(np.float32), sr)
+        return Segment("audio", media=audio), PROMPTS["audio_count"], NUMBERS[n - 1]
+
+    def _audio_pitch(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+        sr, seconds = self.sample_rate, self.audio_seconds
+        low = rng.uniform(300, 600)
+        high = low * rng.uniform(1.6, 2.2)
+        rising = bool(rng.integers(2))
+        length = rng.uniform(0.4, 0.8) * seconds
+        start = rng.uniform(0.05 * seconds, 0.95 * seconds - length)
+        x = rng.normal(0, 0.005, round(seconds * sr))
+        i, m = round(start * sr), round(length * sr)
+        f0, f1 = (low, high) if rising else (high, low)
+        x[i:i + m] += _tone(m, sr, f0, f1, rng.uniform(0.3, 0.8))
+        audio = Audio(np.clip(x, -1, 1).astype(np.float32), sr)
+        return Segment("audio", media=audio), PROMPTS["audio_pitch"], PITCHES[0 if rising else 1]
+
+
+def recognise(image: Image.Image | np.ndarray) -> tuple[str, str] | None:
+    """(colour, shape) of a single-shape image by pixel analysis, or None if nothing is drawn:
+    colour is the palette entry nearest the mean bright pixel, shape comes from how much of its
+    bounding box the shape fills (square 1, circle pi/4, triangle 1/2)."""
+    px = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    fg = px.max(axis=-1) >= _FOREGROUND
+    if not fg.any():
+        return None
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    colour = list(COLOURS)[int(np.argmin(((palette - px[fg].mean(axis=0)) ** 2).sum(axis=1)))]
+    ys, xs = np.nonzero(fg)
+    fill = fg.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return colour, "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+
+
+def export_jsonl(world: World, path: str | Path, split: str = "train", n: int = 100,
+                 tasks: str | Iterable[str] | None = None) -> list[Example]:
+    """Write n examples of the world as a JSONL document file (see documents.py) and return them."""
+    examples = list(world.examples(split, tasks, n))
+    write_jsonl([e.document for e in examples], path)
+    return examples

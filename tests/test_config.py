@@ -19,6 +19,8 @@ def test_json_round_trip(tmp_path):
     (dict(n_layers=0), r"DecoderConfig.n_layers must be > 0, got 0"),
     (dict(dim=24, n_heads=8, positions="rope"), r"rope needs an even head_dim, got 3"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), r"rope_scaling.rope_type must be one of \['linear', 'llama3'\]"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), r"needs \['high_freq_factor', 'low_freq_factor', "),
 ])
 def test_inconsistent_config_is_a_clear_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -91,6 +91,7 @@ class DecoderConfig(Config):
     norm_placement: str = "pre"  # "pre" | "post" | "sub" (Magneto sub-LN)
     positions: str = "rope"  # "rope" | "alibi" | "xpos" | "learned" | "none"
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...} as in HF configs
     xpos_scale_base: float = 512.0
     max_seq_len: int = 2048
     qk_norm: str | None = None  # None | "rmsnorm" | "layernorm"
@@ -119,6 +120,12 @@ class DecoderConfig(Config):
                               f"({self.kv_heads})")
         if self.positions in ("rope", "xpos") and self.head_size % 2:
             raise ConfigError(f"{self.positions} needs an even head_dim, got {self.head_size}")
+        if self.rope_scaling is not None:
+            _check_choice("rope_scaling.rope_type", self.rope_scaling.get("rope_type"), ("linear", "llama3"))
+            needed = {"linear": {"factor"}, "llama3": {"factor", "low_freq_factor", "high_freq_factor",
+                                                      "original_max_position_embeddings"}}[self.rope_scaling["rope_type"]]
+            if missing := sorted(needed - set(self.rope_scaling)):
+                raise ConfigError(f"rope_scaling of type {self.rope_scaling['rope_type']!r} needs {missing}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -23,17 +23,19 @@ def gemma_2b() -> DecoderConfig:
                          max_seq_len=8192, pad_token_id=0, bos_token_id=2, eos_token_id=1)
 
 
-def llama_3_2_1b_shape() -> DecoderConfig:
-    """Llama 3.2 1B's shape with plain RoPE (its llama3 frequency scaling is not applied)."""
+def llama_3_2_1b() -> DecoderConfig:
     return DecoderConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
-                         rope_theta=500000.0, max_seq_len=8192, norm_eps=1e-5, tie_embeddings=True)
+                         rope_theta=500000.0, max_seq_len=131072, norm_eps=1e-5, tie_embeddings=True,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                         bos_token_id=128000, eos_token_id=128001)
 
 
 PRESETS: dict[str, Callable[[], Config]] = {
     "llama-tiny": llama_tiny,
     "gemma-tiny": gemma_tiny,
     "gemma-2b": gemma_2b,
-    "llama-1b": llama_3_2_1b_shape,
+    "llama-3.2-1b": llama_3_2_1b,
 }
 
 

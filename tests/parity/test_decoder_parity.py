@@ -12,6 +12,11 @@ CONFIGS = {
     "llama-mha": ("llama", dict(num_key_value_heads=4)),
     "llama-gqa": ("llama", dict(num_key_value_heads=2, attention_bias=True, rope_theta=500000.0)),
     "llama-mqa-tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama3-rope-scaling": ("llama", dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "llama-linear-rope-scaling": ("llama", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                                 "factor": 4.0})),
     "gemma-mqa": ("gemma", dict(num_key_value_heads=1, head_dim=16)),
     "gemma-gqa": ("gemma", dict(num_key_value_heads=2, head_dim=8)),
 }

@@ -78,12 +78,24 @@ def decoder_rules(cfg: DecoderConfig, ours: str = "", theirs: str = "model.", lm
     return rules
 
 
-def rope_theta(hf: dict) -> float:
+ROPE_KEYS = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4.x)."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_KEYS:
+        raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: {['default', *ROPE_KEYS]}")
+    return theta, {"rope_type": rope_type, **{k: params[k] for k in ROPE_KEYS[rope_type]}}
+
+
+def rope_to_hf(cfg: DecoderConfig) -> dict:
+    return {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
 
 
 MLP_FROM_HF_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
@@ -93,12 +105,13 @@ def decoder_config_from_hf(hf: dict, *, gemma: bool) -> DecoderConfig:
     act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
     if act not in MLP_FROM_HF_ACT:
         raise ConfigError(f"hidden activation {act!r} is not supported; supported: {sorted(MLP_FROM_HF_ACT)}")
+    theta, scaling = rope_from_hf(hf)
     return DecoderConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
         head_dim=hf.get("head_dim"), hidden_dim=hf["intermediate_size"], mlp=MLP_FROM_HF_ACT[act],
         norm="rmsnorm_gemma" if gemma else "rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        positions="rope", rope_theta=rope_theta(hf), max_seq_len=hf.get("max_position_embeddings", 2048),
+        positions="rope", rope_theta=theta, rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
         attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
         tie_embeddings=hf.get("tie_word_embeddings", gemma), embed_scale=gemma,
         pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
@@ -115,7 +128,7 @@ def decoder_config_to_hf(cfg: DecoderConfig, *, gemma: bool) -> dict:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
         "intermediate_size": cfg.hidden_dim, "hidden_act": act, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": rope_to_hf(cfg),
         "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.attn_bias,
         "tie_word_embeddings": cfg.tie_embeddings, "pad_token_id": cfg.pad_token_id,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,

@@ -45,15 +45,39 @@ class RotaryTables(NamedTuple):
         return q, k
 
 
+ROPE_SCALING_TYPES = ("linear", "llama3")
+
+
+def scale_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Context extension: "linear" (position interpolation, Chen et al. 2023) divides every frequency
+    by `factor`; "llama3" divides only the low frequencies and blends the band between
+    (Llama 3.1's `rope_scaling`)."""
+    kind, factor = scaling["rope_type"], float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"rope scaling type must be one of {ROPE_SCALING_TYPES}, got {kind!r}")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(in_band, blended, scaled)
+
+
 class Rotary(nn.Module):
     """RoPE (`xpos_scale_base=None`) or xPos tables for given positions."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0, *, interleaved: bool = False,
-                 xpos_scale_base: float | None = None):
+                 xpos_scale_base: float | None = None, scaling: dict | None = None):
         super().__init__()
         self.interleaved = interleaved or xpos_scale_base is not None
         self.xpos_scale_base = xpos_scale_base
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        if scaling is not None:
+            inv_freq = scale_frequencies(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         zeta = (torch.arange(0, head_dim, 2, dtype=torch.float32) + 0.4 * head_dim) / (1.4 * head_dim)
         self.register_buffer("zeta", zeta, persistent=False)

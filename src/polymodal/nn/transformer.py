@@ -72,7 +72,7 @@ class Decoder(nn.Module):
         cfg = self.config = config
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
-        self.rotary = (Rotary(cfg.head_size, cfg.rope_theta,
+        self.rotary = (Rotary(cfg.head_size, cfg.rope_theta, scaling=cfg.rope_scaling,
                               xpos_scale_base=cfg.xpos_scale_base if cfg.positions == "xpos" else None)
                        if cfg.positions in ("rope", "xpos") else None)
         self.alibi = ALiBi(cfg.n_heads) if cfg.positions == "alibi" else None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from polymodal.config import Config, DecoderConfig
+from polymodal.encoders.vit import VisionConfig
+from polymodal.models.paligemma import PaliGemmaConfig
 
 
 def llama_tiny() -> DecoderConfig:
@@ -31,11 +33,28 @@ def llama_3_2_1b() -> DecoderConfig:
                          bos_token_id=128000, eos_token_id=128001)
 
 
+def paligemma_tiny() -> PaliGemmaConfig:
+    """32x32 images in 16 patches; small enough to learn the built-in world on a laptop CPU in minutes.
+    The vocabulary's last id is the image placeholder (the trainer sizes it to its tokenizer)."""
+    text = gemma_tiny().replace(dim=128, n_heads=4, n_kv_heads=1, head_dim=32, hidden_dim=384, n_layers=3)
+    vision = VisionConfig(image_size=32, patch_size=8, dim=96, n_layers=3, n_heads=4, hidden_dim=256)
+    return PaliGemmaConfig(vision=vision, text=text, image_token_id=text.vocab_size - 1)
+
+
+def paligemma_3b() -> PaliGemmaConfig:
+    """PaliGemma 3B (224px): SigLIP So400m/14 + Gemma 2B."""
+    vision = VisionConfig(image_size=224, patch_size=14, dim=1152, n_layers=27, n_heads=16, hidden_dim=4304,
+                          pooling_head=False)
+    return PaliGemmaConfig(vision=vision, text=gemma_2b().replace(vocab_size=257216), image_token_id=257152)
+
+
 PRESETS: dict[str, Callable[[], Config]] = {
     "llama-tiny": llama_tiny,
     "gemma-tiny": gemma_tiny,
     "gemma-2b": gemma_2b,
     "llama-3.2-1b": llama_3_2_1b,
+    "paligemma-tiny": paligemma_tiny,
+    "paligemma-3b": paligemma_3b,
 }
 
 

@@ -22,21 +22,41 @@ from polymodal.serialization import atomic_directory, load_into, load_weights, s
 
 @dataclass(frozen=True)
 class Rule:
+    """ours = cat(theirs) along dim 0; or, with `rows`, ours = theirs[0][start:end] (one HF tensor
+    feeding several of ours, e.g. nn.MultiheadAttention's in_proj_weight)."""
+
     ours: str
     theirs: tuple[str, ...]
     sizes: tuple[int, ...] | None = None  # dim-0 sizes of `theirs`, to split on export
+    rows: tuple[int, int] | None = None
 
     def gather(self, hf: dict[str, torch.Tensor]) -> torch.Tensor:
         missing = [k for k in self.theirs if k not in hf]
         if missing:
             raise ValueError(f"checkpoint is missing {missing} (needed for {self.ours})")
         parts = [hf[k] for k in self.theirs]
+        if self.rows is not None:
+            return parts[0][self.rows[0]:self.rows[1]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         if len(self.theirs) == 1:
             return {self.theirs[0]: tensor}
         return dict(zip(self.theirs, tensor.split(list(self.sizes), dim=0)))
+
+
+def export_state(rules: list[Rule], ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of the rules: split fused tensors, re-join row slices in row order."""
+    out: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for rule in rules:
+        if rule.rows is None:
+            out.update(rule.split(ours[rule.ours]))
+        else:
+            pieces.setdefault(rule.theirs[0], []).append((rule.rows[0], ours[rule.ours]))
+    for key, parts in pieces.items():
+        out[key] = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], dim=0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,17 @@ class Family:
     rules: Callable[[object], list[Rule]]
     config_to_hf: Callable[[object], dict]
     ignore: tuple[str, ...] = ()  # HF tensors with no polymodal counterpart (e.g. rotary caches)
+    aliases: tuple[tuple[str, str], ...] = ()  # (old prefix, canonical prefix) for other HF key layouts
+
+    def canonical(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in state.items():
+            for old, new in self.aliases:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+                    break
+            out[key] = value
+        return out
 
 
 FAMILIES: dict[str, Family] = {}
@@ -175,7 +206,7 @@ def load_hf(directory: str | Path) -> nn.Module:
     family = family_of(hf, directory)
     cfg = family.config_from_hf(hf)
     model = family.build(cfg)
-    state = load_weights(directory)
+    state = family.canonical(load_weights(directory))
     rules = family.rules(cfg)
     used = {k for r in rules for k in r.theirs}
     extra = sorted(k for k in state if k not in used and not any(k.endswith(s) for s in family.ignore))
@@ -191,10 +222,10 @@ def save_hf(model: nn.Module, directory: str | Path, model_type: str) -> None:
         raise ValueError(f"cannot export to model_type {model_type!r}; supported: {sorted(FAMILIES)}")
     family = FAMILIES[model_type]
     cfg = model.config
-    ours = model.state_dict()
-    hf_state: dict[str, torch.Tensor] = {}
-    for rule in family.rules(cfg):
-        hf_state.update(rule.split(ours[rule.ours]))
+    hf_state = export_state(family.rules(cfg), model.state_dict())
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(family.config_to_hf(cfg), indent=2) + "\n")
         save_state_dict(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})
+
+
+from polymodal.convert import hf_vision  # noqa: E402,F401  (registers the vision families)

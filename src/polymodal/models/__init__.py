@@ -5,10 +5,14 @@
 """
 
 from polymodal.config import DecoderConfig
+from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.models.paligemma import PaliGemma, PaliGemmaConfig
 from polymodal.nn.transformer import Decoder
 
 MODEL_CLASSES: dict[type, type] = {
     DecoderConfig: Decoder,
+    VisionConfig: ViT,
+    PaliGemmaConfig: PaliGemma,
 }
 
 CONFIG_CLASSES: dict[str, type] = {cls.__name__: cls for cls in MODEL_CLASSES}

@@ -1,0 +1,119 @@
+"""Key maps for HF SigLIP / CLIP vision towers and PaliGemma (transformers 5 layout; older layouts
+with `vision_model.` or `model.` prefixes are accepted through aliases)."""
+
+from __future__ import annotations
+
+from polymodal.config import ConfigError
+from polymodal.convert.hf import FAMILIES, Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules, linear_rules
+from polymodal.encoders.vit import ViT, VisionConfig
+
+VISION_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
+
+
+def vision_config_from_hf(hf: dict, variant: str) -> VisionConfig:
+    act = hf.get("hidden_act", "gelu_pytorch_tanh" if variant == "siglip" else "quick_gelu")
+    if act not in VISION_ACT:
+        raise ConfigError(f"vision hidden_act {act!r} is not supported; supported: {sorted(VISION_ACT)}")
+    return VisionConfig(
+        variant=variant, image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
+        channels=hf.get("num_channels", 3), dim=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
+        n_heads=hf.get("num_attention_heads", 12), hidden_dim=hf.get("intermediate_size", 3072), mlp=VISION_ACT[act],
+        norm_eps=hf.get("layer_norm_eps", 1e-6 if variant == "siglip" else 1e-5),
+        pooling_head=hf.get("vision_use_head", True) if variant == "siglip" else False,
+    )
+
+
+def vision_config_to_hf(cfg: VisionConfig) -> dict:
+    act = {v: k for k, v in VISION_ACT.items()}[cfg.mlp]
+    hf = {"model_type": f"{cfg.variant}_vision_model", "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+          "num_channels": cfg.channels, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+          "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.hidden_dim, "hidden_act": act,
+          "layer_norm_eps": cfg.norm_eps}
+    if cfg.variant == "siglip":
+        hf["vision_use_head"] = cfg.pooling_head
+    return hf
+
+
+def vision_rules(cfg: VisionConfig, ours: str = "", theirs: str = "") -> list[Rule]:
+    d = cfg.dim
+    rules = [Rule(f"{ours}patch_embed.weight", (f"{theirs}embeddings.patch_embedding.weight",)),
+             Rule(f"{ours}pos_embed.weight", (f"{theirs}embeddings.position_embedding.weight",))]
+    rules += linear_rules(f"{ours}post_norm", [f"{theirs}post_layernorm"], None, True)
+    if cfg.variant == "clip":
+        rules.append(Rule(f"{ours}class_token", (f"{theirs}embeddings.class_embedding",)))
+        rules += linear_rules(f"{ours}pre_norm", [f"{theirs}pre_layrnorm"], None, True)
+    else:
+        rules.append(Rule(f"{ours}patch_embed.bias", (f"{theirs}embeddings.patch_embedding.bias",)))
+    for i in range(cfg.n_layers):
+        o, t = f"{ours}layers.{i}.", f"{theirs}encoder.layers.{i}."
+        rules += linear_rules(f"{o}attn.wqkv", [f"{t}self_attn.{p}_proj" for p in "qkv"], [d, d, d], True)
+        rules += linear_rules(f"{o}attn.wo", [f"{t}self_attn.out_proj"], None, True)
+        rules += linear_rules(f"{o}attn_norm", [f"{t}layer_norm1"], None, True)
+        rules += linear_rules(f"{o}mlp_norm", [f"{t}layer_norm2"], None, True)
+        rules += linear_rules(f"{o}mlp.w_in", [f"{t}mlp.fc1"], None, True)
+        rules += linear_rules(f"{o}mlp.w_out", [f"{t}mlp.fc2"], None, True)
+    if cfg.variant == "siglip" and cfg.pooling_head:
+        h, th = f"{ours}head.", f"{theirs}head."
+        rules.append(Rule(f"{h}probe", (f"{th}probe",)))
+        for suffix in ("weight", "bias"):  # nn.MultiheadAttention keeps q, k, v in one in_proj tensor
+            rules.append(Rule(f"{h}attn.wq.{suffix}", (f"{th}attention.in_proj_{suffix}",), rows=(0, d)))
+            rules.append(Rule(f"{h}attn.wkv.{suffix}", (f"{th}attention.in_proj_{suffix}",), rows=(d, 3 * d)))
+        rules += linear_rules(f"{h}attn.wo", [f"{th}attention.out_proj"], None, True)
+        rules += linear_rules(f"{h}norm", [f"{th}layernorm"], None, True)
+        rules += linear_rules(f"{h}mlp.w_in", [f"{th}mlp.fc1"], None, True)
+        rules += linear_rules(f"{h}mlp.w_out", [f"{th}mlp.fc2"], None, True)
+    return rules
+
+
+def paligemma_config_from_hf(hf: dict):
+    from polymodal.models.paligemma import PaliGemmaConfig
+
+    text = decoder_config_from_hf(hf["text_config"], gemma=True)
+    vision = vision_config_from_hf(hf["vision_config"], "siglip")
+    image_token_id = hf.get("image_token_index", hf.get("image_token_id"))
+    return PaliGemmaConfig(vision=vision, text=text, image_token_id=image_token_id)
+
+
+def paligemma_config_to_hf(cfg) -> dict:
+    text = decoder_config_to_hf(cfg.text, gemma=True)
+    vision = {**vision_config_to_hf(cfg.vision), "projection_dim": cfg.text.dim}
+    return {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
+            "image_token_index": cfg.image_token_id, "projection_dim": cfg.text.dim, "hidden_size": cfg.text.dim,
+            "text_config": text, "vision_config": vision, "tie_word_embeddings": cfg.text.tie_embeddings}
+
+
+def paligemma_rules(cfg) -> list[Rule]:
+    return (vision_rules(cfg.vision, "vision.", "vision_tower.")
+            + linear_rules("projector", ["multi_modal_projector.linear"], None, True)
+            + decoder_rules(cfg.text, "decoder.", "language_model.model.", "language_model.lm_head"))
+
+
+VISION_ALIASES = (("vision_model.", ""),)
+
+for _variant in ("siglip", "clip"):
+    FAMILIES[f"{_variant}_vision_model"] = Family(
+        config_from_hf=lambda hf, v=_variant: vision_config_from_hf(hf, v),
+        build=ViT,
+        rules=vision_rules,
+        config_to_hf=lambda cfg, v=_variant: {"architectures": [f"{v.upper() if v == 'clip' else 'Siglip'}VisionModel"],
+                                              **vision_config_to_hf(cfg)},
+        aliases=VISION_ALIASES,
+    )
+
+
+def _build_paligemma(cfg):
+    from polymodal.models.paligemma import PaliGemma
+
+    return PaliGemma(cfg)
+
+
+FAMILIES["paligemma"] = Family(
+    config_from_hf=paligemma_config_from_hf,
+    build=_build_paligemma,
+    rules=paligemma_rules,
+    config_to_hf=paligemma_config_to_hf,
+    ignore=("rotary_emb.inv_freq",),
+    aliases=(("vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
+             ("model.multi_modal_projector.", "multi_modal_projector."),
+             ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
+)

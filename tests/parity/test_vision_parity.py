@@ -1,0 +1,58 @@
+"""SigLIP and CLIP vision towers: HF dir -> pm.from_pretrained -> same hidden states and pooled output."""
+
+import pytest
+import torch
+
+import polymodal as pm
+from polymodal.convert.hf import save_hf
+
+transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16,
+            patch_size=4)
+
+
+def randomise_norms(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.3)
+
+
+@pytest.fixture(params=["siglip", "clip"])
+def pair(request, tmp_path):
+    torch.manual_seed(0)
+    if request.param == "siglip":
+        hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY))
+    else:
+        hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY))
+    randomise_norms(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf.eval(), pm.from_pretrained(tmp_path / "hf"), request.param
+
+
+def test_hidden_states_and_pooled_match(pair):
+    hf, ours, _ = pair
+    px = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = hf(pixel_values=px, output_hidden_states=True)
+        out = ours(px, pooled=True)
+        assert (out.features - ref.last_hidden_state).abs().max() <= 1e-4
+        assert (out.pooled - ref.pooler_output).abs().max() <= 1e-4
+        for layer in (0, 1, -2, -1):  # VLMs pick a layer, e.g. CLIP's penultimate
+            assert (ours(px, layer=layer).features - ref.hidden_states[layer]).abs().max() <= 1e-4
+
+
+def test_round_trip_to_hf_is_identical(pair, tmp_path):
+    hf, ours, variant = pair
+    save_hf(ours, tmp_path / "back", f"{variant}_vision_model")
+    back = type(hf).from_pretrained(tmp_path / "back").eval()
+    px = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back(pixel_values=px).pooler_output, hf(pixel_values=px).pooler_output)
+
+
+def test_wrong_image_size_is_a_clear_error(pair):
+    _, ours, _ = pair
+    with pytest.raises(ValueError, match=r"pixel_values must be \(num_images, 3, 16, 16\), got \(1, 3, 32, 32\)"):
+        ours(torch.randn(1, 3, 32, 32))

@@ -85,20 +85,26 @@ class DecoderConfig(Config):
     n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA; otherwise GQA
     head_dim: int | None = None  # None: dim // n_heads
     hidden_dim: int = 512  # MLP width
-    mlp: str = "swiglu"  # "swiglu" | "geglu" (tanh-GELU gate) | "gelu"
+    mlp: str = "swiglu"  # "swiglu" | "geglu" (tanh-GELU gate) | "gelu" | "relu2" (squared ReLU, Persimmon)
     norm: str = "rmsnorm"  # "rmsnorm" | "rmsnorm_gemma" ((1 + w) scale) | "layernorm"
     norm_eps: float = 1e-6
-    norm_placement: str = "pre"  # "pre" | "post" | "sub" (Magneto sub-LN)
+    norm_placement: str = "pre"  # "pre" | "post" | "sub" (Magneto sub-LN) | "swin" (x + norm(f(x)), Chameleon)
     positions: str = "rope"  # "rope" | "alibi" | "xpos" | "learned" | "none"
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...} as in HF configs
+    partial_rotary_factor: float = 1.0  # rotate only the first fraction of each head (Persimmon/Fuyu: 0.5)
     xpos_scale_base: float = 512.0
     max_seq_len: int = 2048
     qk_norm: str | None = None  # None | "rmsnorm" | "layernorm"
+    qk_norm_per_head: bool = False  # one qk-norm weight (and bias) per head (Chameleon)
+    qk_norm_eps: float | None = None  # None: norm_eps
     attn_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
     embed_scale: bool = False  # multiply token embeddings by sqrt(dim) (Gemma)
+    embed_norm: bool = False  # a norm over the (scaled) embeddings (torchscale/fairseq layernorm_embedding)
+    init: str = "normal"  # "normal" (N(0, init_std)) | "magneto" (torchscale's sub-LN init, Wang et al. 2022)
+    init_std: float = 0.02  # std of the "normal" init (HF initializer_range); tiny models learn faster near dim**-0.5
     dropout: float = 0.0
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -106,20 +112,28 @@ class DecoderConfig(Config):
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                        "hidden_dim", "max_seq_len", "norm_eps")
-        _check_choice("mlp", self.mlp, ("swiglu", "geglu", "gelu"))
+                        "hidden_dim", "max_seq_len", "norm_eps", "qk_norm_eps", "init_std")
+        _check_choice("mlp", self.mlp, ("swiglu", "geglu", "gelu", "relu2"))
         _check_choice("norm", self.norm, ("rmsnorm", "rmsnorm_gemma", "layernorm"))
-        _check_choice("norm_placement", self.norm_placement, ("pre", "post", "sub"))
+        _check_choice("norm_placement", self.norm_placement, ("pre", "post", "sub", "swin"))
         _check_choice("positions", self.positions, ("rope", "alibi", "xpos", "learned", "none"))
+        _check_choice("init", self.init, ("normal", "magneto"))
         _check_choice("qk_norm", self.qk_norm, (None, "rmsnorm", "layernorm"))
+        if self.qk_norm_per_head and self.qk_norm != "layernorm":
+            raise ConfigError(f"qk_norm_per_head needs qk_norm='layernorm', got qk_norm={self.qk_norm!r}")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), "
                               "or give head_dim explicitly")
         if self.n_heads % self.kv_heads:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                               f"({self.kv_heads})")
-        if self.positions in ("rope", "xpos") and self.head_size % 2:
-            raise ConfigError(f"{self.positions} needs an even head_dim, got {self.head_size}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.positions in ("rope", "xpos") and self.rotary_dim % 2:
+            rotated = (f"head_dim, got {self.head_size}" if self.partial_rotary_factor == 1.0 else
+                       f"rotated part, got head_dim {self.head_size} x partial_rotary_factor "
+                       f"{self.partial_rotary_factor} = {self.rotary_dim}")
+            raise ConfigError(f"{self.positions} needs an even {rotated}")
         if self.rope_scaling is not None:
             _check_choice("rope_scaling.rope_type", self.rope_scaling.get("rope_type"), ("linear", "llama3"))
             needed = {"linear": {"factor"}, "llama3": {"factor", "low_freq_factor", "high_freq_factor",
@@ -136,6 +150,10 @@ class DecoderConfig(Config):
     @property
     def head_size(self) -> int:
         return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:  # HF: int(head_dim * partial_rotary_factor)
+        return int(self.head_size * self.partial_rotary_factor)
 
     @property
     def eos_token_ids(self) -> list[int]:

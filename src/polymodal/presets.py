@@ -6,6 +6,11 @@ from typing import Callable
 
 from polymodal.config import Config, DecoderConfig
 from polymodal.encoders.vit import VisionConfig
+from polymodal.models.chameleon import chameleon_tiny
+from polymodal.models.contrastive import clip_tiny, clip_vit_l_14, siglip_so400m_14_224, siglip_tiny
+from polymodal.models.flamingo import FlamingoConfig, PerceiverConfig
+from polymodal.models.gemini import gemini_nano_1, gemini_nano_2, gemini_tiny
+from polymodal.models.kosmos import kosmos_1, kosmos_tiny
 from polymodal.models.paligemma import PaliGemmaConfig
 
 
@@ -35,10 +40,19 @@ def llama_3_2_1b() -> DecoderConfig:
 
 def paligemma_tiny() -> PaliGemmaConfig:
     """32x32 images in 16 patches; small enough to learn the built-in world on a laptop CPU in minutes.
-    The vocabulary's last id is the image placeholder (the trainer sizes it to its tokenizer)."""
+    The image placeholder is the vocabulary's last id, whatever the tokenizer; a trainer puts its
+    tokenizer's vocabulary size and `<image>` id in instead (`data.collate.PaliGemmaFormat.fit`)."""
     text = gemma_tiny().replace(dim=128, n_heads=4, n_kv_heads=1, head_dim=32, hidden_dim=384, n_layers=3)
-    vision = VisionConfig(image_size=32, patch_size=8, dim=96, n_layers=3, n_heads=4, hidden_dim=256)
+    vision = VisionConfig(image_size=32, patch_size=8, dim=96, n_layers=3, n_heads=4, hidden_dim=256,
+                          pooling_head=False)  # PaliGemma reads the patch features; a MAP head would go unused
     return PaliGemmaConfig(vision=vision, text=text, image_token_id=text.vocab_size - 1)
+
+
+def paligemma_world() -> PaliGemmaConfig:
+    """paligemma-tiny with its decoder initialised at N(0, dim**-0.5), which breaks through to reading the
+    image several times sooner than N(0, 0.02): the model of `polymodal train` (the main job)."""
+    cfg = paligemma_tiny()
+    return cfg.replace(text=cfg.text.replace(init_std=cfg.text.dim ** -0.5))
 
 
 def paligemma_3b() -> PaliGemmaConfig:
@@ -48,13 +62,48 @@ def paligemma_3b() -> PaliGemmaConfig:
     return PaliGemmaConfig(vision=vision, text=gemma_2b().replace(vocab_size=257216), image_token_id=257152)
 
 
+def flamingo_tiny() -> FlamingoConfig:
+    """32x32 images (CLIP-style: class token + 16 patches) resampled to 8 latents, videos of up to 4 frames,
+    a gated cross-attention block before every 2nd of 4 LM blocks. `<image>` is the built-in tokenizer's id 4."""
+    text = llama_tiny().replace(dim=128, n_layers=4, hidden_dim=352, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = VisionConfig(variant="clip", image_size=32, patch_size=8, dim=96, n_layers=3, n_heads=4, hidden_dim=256,
+                          mlp="gelu", norm_eps=1e-5, pooling_head=False)
+    perceiver = PerceiverConfig(depth=2, n_heads=4, head_dim=24, n_latents=8, max_frames=4)
+    return FlamingoConfig(text=text, vision=vision, perceiver=perceiver, cross_attn_every=2, media_token_id=4)
+
+
+def idefics_9b() -> FlamingoConfig:
+    """HF Idefics 9B's shapes: LLaMA 7B + CLIP ViT-H/14 (exact GELU) + a 6-layer perceiver to 64 latents,
+    cross-attention before every 4th layer. Its `<image>` id comes with its tokenizer: pass media_locations or
+    set media_token_id."""
+    text = DecoderConfig(vocab_size=32002, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=2048,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = VisionConfig(variant="clip", image_size=224, patch_size=14, dim=1280, n_layers=32, n_heads=16,
+                          hidden_dim=5120, mlp="gelu", norm_eps=1e-5, pooling_head=False)
+    perceiver = PerceiverConfig(depth=6, n_heads=16, head_dim=96, n_latents=64, hidden_dim=5120, mlp="relu")
+    return FlamingoConfig(text=text, vision=vision, perceiver=perceiver, cross_attn_every=4, extra_vocab=2)
+
+
 PRESETS: dict[str, Callable[[], Config]] = {
     "llama-tiny": llama_tiny,
     "gemma-tiny": gemma_tiny,
     "gemma-2b": gemma_2b,
     "llama-3.2-1b": llama_3_2_1b,
     "paligemma-tiny": paligemma_tiny,
+    "paligemma-world": paligemma_world,
     "paligemma-3b": paligemma_3b,
+    "kosmos-tiny": kosmos_tiny,
+    "kosmos-1": kosmos_1,
+    "flamingo-tiny": flamingo_tiny,
+    "idefics-9b": idefics_9b,
+    "gemini-tiny": gemini_tiny,
+    "gemini-nano-1": gemini_nano_1,
+    "gemini-nano-2": gemini_nano_2,
+    "clip-tiny": clip_tiny,
+    "siglip-tiny": siglip_tiny,
+    "clip-vit-l-14": clip_vit_l_14,
+    "siglip-so400m-14-224": siglip_so400m_14_224,
+    "chameleon-tiny": chameleon_tiny,
 }
 
 

@@ -5,6 +5,7 @@ import torch
 
 import polymodal as pm
 from polymodal.convert.hf import save_hf
+from polymodal.serialization import save_state_dict
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 
@@ -69,12 +70,17 @@ def test_loss_matches(pair):
 
 
 @pytest.mark.parametrize("with_types", [True, False])
-def test_greedy_generation_matches(pair, with_types):
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_greedy_generation_matches(pair, with_types, padding_side):
+    """HF's processor gives an all-zero token_type_ids for a prompt; without them ours treats the prompt alike."""
     hf, ours = pair
     ids, am, tt, px = batch(suffix_lens=(0, 0, 0))
+    ref = hf.generate(input_ids=ids, attention_mask=am, pixel_values=px, token_type_ids=tt, max_new_tokens=10,
+                      do_sample=False, pad_token_id=0, eos_token_id=1)[:, ids.shape[1]:]
+    if padding_side == "right":  # the engine moves the padding to the left
+        order = am.argsort(dim=1, descending=True, stable=True)
+        ids, am, tt = (t.gather(1, order) for t in (ids, am, tt))
     extra = dict(token_type_ids=tt) if with_types else {}
-    ref = hf.generate(input_ids=ids, attention_mask=am, pixel_values=px, max_new_tokens=10, do_sample=False,
-                      pad_token_id=0, eos_token_id=1, **extra)[:, ids.shape[1]:]
     got = pm.generate(ours, ids, am, pixel_values=px, max_new_tokens=10, pad_token_id=0, eos_token_id=1, **extra)
     assert got[:, : ref.shape[1]].tolist() == ref.tolist()
 
@@ -101,3 +107,14 @@ def test_sharded_checkpoint_loads(tmp_path):
         diff = ours(ids, px, attention_mask=am, token_type_ids=tt).logits - hf(
             input_ids=ids, pixel_values=px, attention_mask=am, token_type_ids=tt).logits
     assert diff[am.bool()].abs().max() <= 1e-4
+
+
+def test_in_memory_key_layout_loads(pair, tmp_path):
+    """`model.vision_tower.`, `model.language_model.`, `lm_head.`: the keys of HF's state_dict()."""
+    hf, ours = pair
+    state = {k: v.clone() for k, v in hf.state_dict().items()}  # the tied lm_head.weight included
+    assert any(k.startswith("model.language_model.") for k in state) and "lm_head.weight" in state
+    save_state_dict(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hf.config.to_json_file(tmp_path / "config.json")
+    loaded = pm.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ours.state_dict().values()))

@@ -5,6 +5,7 @@ import torch
 
 import polymodal as pm
 from polymodal.convert.hf import save_hf
+from polymodal.serialization import save_state_dict
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 
@@ -19,16 +20,17 @@ def randomise_norms(model):
                 p.normal_(1.0, 0.3)
 
 
-@pytest.fixture(params=["siglip", "clip"])
+@pytest.fixture(params=["siglip", "siglip-headless", "clip"])
 def pair(request, tmp_path):
     torch.manual_seed(0)
-    if request.param == "siglip":
-        hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY))
+    if request.param.startswith("siglip"):
+        cfg = transformers.SiglipVisionConfig(**TINY, vision_use_head=request.param == "siglip")
+        hf = transformers.SiglipVisionModel(cfg)
     else:
         hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY))
     randomise_norms(hf)
     hf.save_pretrained(tmp_path / "hf")
-    return hf.eval(), pm.from_pretrained(tmp_path / "hf"), request.param
+    return hf.eval(), pm.from_pretrained(tmp_path / "hf"), request.param.split("-")[0]
 
 
 def test_hidden_states_and_pooled_match(pair):
@@ -36,9 +38,10 @@ def test_hidden_states_and_pooled_match(pair):
     px = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         ref = hf(pixel_values=px, output_hidden_states=True)
-        out = ours(px, pooled=True)
+        out = ours(px, pooled=ref.pooler_output is not None)
         assert (out.features - ref.last_hidden_state).abs().max() <= 1e-4
-        assert (out.pooled - ref.pooler_output).abs().max() <= 1e-4
+        if ref.pooler_output is not None:
+            assert (out.pooled - ref.pooler_output).abs().max() <= 1e-4
         for layer in (0, 1, -2, -1):  # VLMs pick a layer, e.g. CLIP's penultimate
             assert (ours(px, layer=layer).features - ref.hidden_states[layer]).abs().max() <= 1e-4
 
@@ -49,10 +52,21 @@ def test_round_trip_to_hf_is_identical(pair, tmp_path):
     back = type(hf).from_pretrained(tmp_path / "back").eval()
     px = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(back(pixel_values=px).pooler_output, hf(pixel_values=px).pooler_output)
+        assert torch.equal(back(pixel_values=px).last_hidden_state, hf(pixel_values=px).last_hidden_state)
+    assert back.state_dict().keys() == hf.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in hf.state_dict().items())
 
 
 def test_wrong_image_size_is_a_clear_error(pair):
     _, ours, _ = pair
     with pytest.raises(ValueError, match=r"pixel_values must be \(num_images, 3, 16, 16\), got \(1, 3, 32, 32\)"):
         ours(torch.randn(1, 3, 32, 32))
+
+
+def test_transformers_4_key_layout_loads(pair, tmp_path):
+    """transformers 4.x wrote `vision_model.` before every key."""
+    hf, ours, _ = pair
+    save_state_dict({f"vision_model.{k}": v for k, v in hf.state_dict().items()}, tmp_path / "model.safetensors")
+    hf.config.to_json_file(tmp_path / "config.json")
+    loaded = pm.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ours.state_dict().values()))

@@ -69,6 +69,7 @@ class Family:
     config_to_hf: Callable[[object], dict]
     ignore: tuple[str, ...] = ()  # HF tensors with no polymodal counterpart (e.g. rotary caches)
     aliases: tuple[tuple[str, str], ...] = ()  # (old prefix, canonical prefix) for other HF key layouts
+    skip: tuple[str, ...] = ()  # key prefixes of parts not built (Whisper's text decoder, reading its encoder)
 
     def canonical(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -206,7 +207,7 @@ def load_hf(directory: str | Path) -> nn.Module:
     family = family_of(hf, directory)
     cfg = family.config_from_hf(hf)
     model = family.build(cfg)
-    state = family.canonical(load_weights(directory))
+    state = {k: v for k, v in family.canonical(load_weights(directory)).items() if not k.startswith(family.skip)}
     rules = family.rules(cfg)
     used = {k for r in rules for k in r.theirs}
     extra = sorted(k for k in state if k not in used and not any(k.endswith(s) for s in family.ignore))
@@ -229,3 +230,7 @@ def save_hf(model: nn.Module, directory: str | Path, model_type: str) -> None:
 
 
 from polymodal.convert import hf_vision  # noqa: E402,F401  (registers the vision families)
+from polymodal.convert import hf_idefics  # noqa: E402,F401  (registers Idefics)
+from polymodal.convert import hf_gemini  # noqa: E402,F401  (registers Fuyu and the Whisper encoder)
+from polymodal.convert import hf_contrastive  # noqa: E402,F401  (registers CLIP and SigLIP)
+from polymodal.convert import hf_chameleon  # noqa: E402,F401  (registers Chameleon)

@@ -1,25 +1,44 @@
-"""Key maps for HF SigLIP / CLIP vision towers and PaliGemma (transformers 5 layout; older layouts
-with `vision_model.` or `model.` prefixes are accepted through aliases)."""
+"""Key maps for HF `SiglipVisionModel`, `CLIPVisionModel` and `PaliGemmaForConditionalGeneration`.
+
+Export writes the layout transformers 5 saves; the other layouts (4.x's `vision_model.` prefix, the
+in-memory `model.` prefixes) load through aliases. `vision_rules(cfg, ours, theirs)` and the config
+converters are shared with every family that holds a CLIP or SigLIP tower (dual encoders, Idefics).
+"""
 
 from __future__ import annotations
 
 from polymodal.config import ConfigError
-from polymodal.convert.hf import FAMILIES, Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules, linear_rules
+from polymodal.convert.hf import (FAMILIES, Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
+                                  linear_rules)
 from polymodal.encoders.vit import ViT, VisionConfig
 
 VISION_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
+# HF's SiglipVisionConfig / CLIPVisionConfig defaults: a key a config.json leaves out means these
+HF_VISION_DEFAULTS = {
+    "siglip": {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": 768, "num_hidden_layers": 12,
+               "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu_pytorch_tanh",
+               "layer_norm_eps": 1e-6, "vision_use_head": True},
+    "clip": {"image_size": 224, "patch_size": 32, "num_channels": 3, "hidden_size": 768, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+}
+# HF's GemmaConfig defaults (PaliGemma's text_config in the released checkpoints leaves most of them out)
+HF_GEMMA_DEFAULTS = {"vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+                     "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256,
+                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
+                     "bos_token_id": 2, "tie_word_embeddings": True}
 
 
 def vision_config_from_hf(hf: dict, variant: str) -> VisionConfig:
-    act = hf.get("hidden_act", "gelu_pytorch_tanh" if variant == "siglip" else "quick_gelu")
+    """A `VisionConfig` from an HF vision config dict (a `vision_config` inside CLIP/SigLIP/PaliGemma too)."""
+    hf = {**HF_VISION_DEFAULTS[variant], **hf}
+    act = hf["hidden_act"]
     if act not in VISION_ACT:
         raise ConfigError(f"vision hidden_act {act!r} is not supported; supported: {sorted(VISION_ACT)}")
     return VisionConfig(
-        variant=variant, image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
-        channels=hf.get("num_channels", 3), dim=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
-        n_heads=hf.get("num_attention_heads", 12), hidden_dim=hf.get("intermediate_size", 3072), mlp=VISION_ACT[act],
-        norm_eps=hf.get("layer_norm_eps", 1e-6 if variant == "siglip" else 1e-5),
-        pooling_head=hf.get("vision_use_head", True) if variant == "siglip" else False,
+        variant=variant, image_size=hf["image_size"], patch_size=hf["patch_size"], channels=hf["num_channels"],
+        dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+        hidden_dim=hf["intermediate_size"], mlp=VISION_ACT[act], norm_eps=hf["layer_norm_eps"],
+        pooling_head=variant == "siglip" and hf["vision_use_head"],
     )
 
 
@@ -68,9 +87,13 @@ def vision_rules(cfg: VisionConfig, ours: str = "", theirs: str = "") -> list[Ru
 def paligemma_config_from_hf(hf: dict):
     from polymodal.models.paligemma import PaliGemmaConfig
 
-    text = decoder_config_from_hf(hf["text_config"], gemma=True)
-    vision = vision_config_from_hf(hf["vision_config"], "siglip")
-    image_token_id = hf.get("image_token_index", hf.get("image_token_id"))
+    text = decoder_config_from_hf({**HF_GEMMA_DEFAULTS, **hf.get("text_config", {})}, gemma=True)
+    vision = vision_config_from_hf(hf.get("vision_config", {}), "siglip")
+    projection_dim = hf.get("projection_dim", 2048)
+    if projection_dim != text.dim:
+        raise ConfigError(f"PaliGemma's projector must map to the text width: projection_dim ({projection_dim}) != "
+                          f"text_config.hidden_size ({text.dim})")
+    image_token_id = hf.get("image_token_index", hf.get("image_token_id", 256000))
     return PaliGemmaConfig(vision=vision, text=text, image_token_id=image_token_id)
 
 
@@ -112,8 +135,9 @@ FAMILIES["paligemma"] = Family(
     build=_build_paligemma,
     rules=paligemma_rules,
     config_to_hf=paligemma_config_to_hf,
-    ignore=("rotary_emb.inv_freq",),
-    aliases=(("vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
-             ("model.multi_modal_projector.", "multi_modal_projector."),
+    ignore=("rotary_emb.inv_freq", "lm_head.weight"),  # a tied head saved anyway: HF re-ties it on load too
+    # on disk (5.x and 4.x) vs in memory (5.x, and 4.x's `vision_model.` inside the tower)
+    aliases=(("vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.vision_model.", "vision_tower."),
+             ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
              ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
 )

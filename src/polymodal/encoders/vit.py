@@ -3,7 +3,9 @@
 CLIP: class token, bias-free patch embedding, LayerNorm before the encoder, quick-GELU, pooled =
 post-LN of the class token. SigLIP: no class token, GELU-tanh, post-LN over all patches, pooled by
 a multihead attention-pooling (MAP) head. Matches HF `CLIPVisionModel` and `SiglipVisionModel`.
-The encoder stack (`encoder_blocks`) is shared with the text towers.
+The encoder stack (`encoder_blocks`, run with `mask=None` for images) is shared with the text towers.
+
+Shapes: B images, N tokens (patches, plus the class token for CLIP), D width.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm
 from polymodal.nn.transformer import Block
 
+# What HF's CLIPVisionConfig / SiglipVisionConfig default to, so a config that leaves these out means the same here.
+VARIANT_DEFAULTS = {"siglip": {"mlp": "gelu_tanh", "norm_eps": 1e-6, "pooling_head": True},
+                    "clip": {"mlp": "quick_gelu", "norm_eps": 1e-5, "pooling_head": False}}
+
 
 @dataclass
 class VisionConfig(Config):
@@ -30,18 +36,24 @@ class VisionConfig(Config):
     n_layers: int = 12
     n_heads: int = 12
     hidden_dim: int = 3072
-    mlp: str = "gelu_tanh"  # "gelu_tanh" (SigLIP) | "quick_gelu" (CLIP) | "gelu"
-    norm_eps: float = 1e-6
-    pooling_head: bool = True  # SigLIP's MAP head (ignored by CLIP, which pools its class token)
+    mlp: str | None = None  # None: the variant's ("gelu_tanh" SigLIP, "quick_gelu" CLIP); or "gelu"
+    norm_eps: float | None = None  # None: the variant's (1e-6 SigLIP, 1e-5 CLIP)
+    pooling_head: bool | None = None  # SigLIP's MAP head (None: SigLIP has one; CLIP pools its class token)
 
     def __post_init__(self) -> None:
-        _check_choice("variant", self.variant, ("siglip", "clip"))
+        _check_choice("variant", self.variant, tuple(VARIANT_DEFAULTS))
+        for name, value in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         _check_choice("mlp", self.mlp, ("gelu_tanh", "quick_gelu", "gelu"))
-        _check_positive(self, "image_size", "patch_size", "channels", "dim", "n_layers", "n_heads", "hidden_dim")
+        _check_positive(self, "image_size", "patch_size", "channels", "dim", "n_layers", "n_heads", "hidden_dim",
+                        "norm_eps")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.variant == "clip" and self.pooling_head:
+            raise ConfigError("CLIP has no attention-pooling head (it pools its class token); set pooling_head=False")
 
     @property
     def n_patches(self) -> int:
@@ -49,12 +61,24 @@ class VisionConfig(Config):
 
 
 def encoder_blocks(dim: int, n_layers: int, n_heads: int, hidden_dim: int, mlp: str, eps: float) -> nn.ModuleList:
-    """Pre-LN transformer encoder layers with biased projections (CLIP/SigLIP image and text towers)."""
+    """Pre-LN transformer encoder layers with biased projections (CLIP/SigLIP image and text towers).
+    Each is a `Block`: call it as `block(x, mask=...)`; images pass no mask (full attention)."""
     return nn.ModuleList(
         Block(Attention(dim, n_heads, bias=True), make_mlp(mlp, dim, hidden_dim, bias=True),
               LayerNorm(dim, eps), LayerNorm(dim, eps))
         for _ in range(n_layers)
     )
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm/BERT-style N(0, 0.02) for training from scratch. PyTorch's default N(0, 1) position
+    embeddings drown the patches: a tiny PaliGemma then ignores its images at lr 2e-3."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, AttentionPoolingHead):
+        nn.init.normal_(module.probe, std=0.02)
 
 
 class AttentionPoolingHead(nn.Module):
@@ -67,15 +91,15 @@ class AttentionPoolingHead(nn.Module):
         self.norm = LayerNorm(dim, eps)
         self.mlp = make_mlp(mlp, dim, hidden_dim, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, dim) -> (B, dim)
-        h = self.attn(self.probe.expand(x.shape[0], -1, -1), x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, D)
+        h = self.attn(self.probe.expand(x.shape[0], -1, -1), x)  # (B, 1, D)
         return (h + self.mlp(self.norm(h)))[:, 0]
 
 
 @dataclass
 class VisionOutput:
-    features: torch.Tensor  # (B, N, dim): the selected layer's patch (and class) tokens
-    pooled: torch.Tensor | None = None  # (B, dim)
+    features: torch.Tensor  # (B, N, D): the selected layer's tokens
+    pooled: torch.Tensor | None = None  # (B, D)
 
 
 class ViT(nn.Module):
@@ -90,7 +114,8 @@ class ViT(nn.Module):
         self.layers = encoder_blocks(cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden_dim, cfg.mlp, cfg.norm_eps)
         self.post_norm = LayerNorm(cfg.dim, cfg.norm_eps)
         self.head = (AttentionPoolingHead(cfg.dim, cfg.n_heads, cfg.hidden_dim, cfg.mlp, cfg.norm_eps)
-                     if cfg.pooling_head and not clip else None)
+                     if cfg.pooling_head else None)
+        self.apply(init_weights)
 
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
         cfg = self.config
@@ -99,27 +124,34 @@ class ViT(nn.Module):
             raise ValueError(f"pixel_values must be (num_images, {', '.join(map(str, expected))}), "
                              f"got {tuple(pixel_values.shape)}")
 
-    def forward(self, pixel_values: torch.Tensor, *, layer: int | None = None, pooled: bool = False) -> VisionOutput:
-        """layer=None: the final features as HF's `last_hidden_state` (SigLIP post-normed, CLIP not);
-        layer=k: the raw output of HF's `hidden_states[k]` (0 = embeddings, -2 = penultimate layer).
-        pooled: also compute the pooled embedding (MAP head or CLIP class token)."""
-        self.check_pixels(pixel_values)
-        n = len(self.layers)
-        stop = n if layer is None or pooled else range(n + 1)[layer]
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, dim)
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D): patches (+ class token) + positions (+ CLIP's pre-LN)."""
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
         if self.class_token is not None:
-            x = torch.cat((self.class_token.expand(x.shape[0], 1, -1).to(x.dtype), x), dim=1)
+            x = torch.cat((self.class_token.to(x.dtype).expand(x.shape[0], 1, -1), x), dim=1)
         x = x + self.pos_embed.weight
-        if self.pre_norm is not None:
-            x = self.pre_norm(x)
-        selected = x if layer is not None and range(n + 1)[layer] == 0 else None
-        for i, block in enumerate(self.layers[:stop]):
-            x = block(x)
-            if layer is not None and range(n + 1)[layer] == i + 1:
-                selected = x
-        if self.class_token is None:
+        return self.pre_norm(x) if self.pre_norm is not None else x
+
+    def forward(self, pixel_values: torch.Tensor, *, layer: int | None = None, pooled: bool = False) -> VisionOutput:
+        """features: layer=None gives HF's `last_hidden_state` (SigLIP post-normed; CLIP not, its post-LN
+        is for the class token only); layer=k gives HF's `hidden_states[k]` (0 = embeddings, -1 = last
+        block, -2 = the penultimate layer LLaVA-style VLMs read), computing no block past it.
+        pooled: also the pooled embedding (SigLIP's MAP head, CLIP's post-normed class token)."""
+        n = len(self.layers)
+        if layer is not None and not -n - 1 <= layer <= n:
+            raise ValueError(f"layer must be in [{-n - 1}, {n}] for a ViT of {n} blocks (0 = embeddings), got {layer}")
+        if pooled and self.config.variant == "siglip" and self.head is None:
+            raise ValueError("this SigLIP has no pooling head (pooling_head=False), so it has no pooled output")
+        self.check_pixels(pixel_values)
+        select = n if layer is None else layer % (n + 1)
+        x = self.embed(pixel_values)
+        features = x
+        for i, block in enumerate(self.layers[: n if pooled else select]):
+            x = block(x)  # no mask: every patch sees every patch
+            if i + 1 == select:
+                features = x
+        if self.class_token is not None:  # CLIP
+            return VisionOutput(features, self.post_norm(x[:, 0]) if pooled else None)
+        if layer is None or pooled:
             x = self.post_norm(x)
-            pool = self.head(x) if pooled and self.head is not None else None
-        else:
-            pool = self.post_norm(x[:, 0]) if pooled else None
-        return VisionOutput(features=x if layer is None else selected, pooled=pool)
+        return VisionOutput(x if layer is None else features, self.head(x) if pooled else None)

@@ -4,16 +4,27 @@ A model takes part through a small protocol (gpt-fast's split): `model.make_cach
 returns a static cache, and `model(input_ids=..., cache=cache, logits_to_keep=1, **media)` is the
 prefill (media are encoded here, once) while `model(input_ids=(B, 1), cache=cache, logits_to_keep=1)`
 is one decode step. Prompts of different lengths are left-padded (right padding is moved left).
+
+A model that writes images as discrete tokens (Chameleon) also has `model.image_spans`, an
+`ImageSpans` state machine that masks each row's logits to its current mode (text, image codes,
+image end), and `model.images_from_codes(codes per row)` -> PIL images per row for `return_images`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from polymodal.generation.sampling import apply_repetition_penalty, sample_next
 
-PER_TOKEN_INPUTS = ("token_type_ids",)  # model inputs laid out like input_ids, moved with it
+PER_TOKEN_INPUTS = ("token_type_ids", "media_locations")  # model inputs laid out like input_ids, moved with it
+
+
+class Generated(NamedTuple):
+    tokens: torch.Tensor  # (B, T) new tokens
+    images: list[list]  # per row, the PIL images it completed, in order
 
 
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: torch.Tensor):
@@ -27,9 +38,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             seed: int | None = None, **model_inputs) -> torch.Tensor:
+             seed: int | None = None, return_images: bool = False, **model_inputs) -> torch.Tensor | Generated:
     """Returns the new tokens (B, T), T <= max_new_tokens; a row that stopped is padded with
-    pad_token_id (default: the first stop token) after its stop token."""
+    pad_token_id (default: the first stop token) after its stop token. return_images: returns
+    `Generated(tokens, images)` with the images each row wrote, decoded to PIL."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, seq) with seq > 0, got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
@@ -53,6 +65,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         input_ids, attention_mask, *moved = left_align(input_ids, attention_mask,
                                                        *(model_inputs[k] for k in per_token))
         model_inputs.update(zip(per_token, moved))
+    spans = getattr(model, "image_spans", None)
+    if return_images and spans is None:
+        raise ValueError(f"return_images needs a model that writes images; {type(model).__name__} has no image_spans")
+    state = spans.start(input_ids, attention_mask) if spans is not None else None  # (B,) each row's mode
     stop = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     if pad_token_id is None:
         pad_token_id = stop[0] if stop else 0
@@ -74,10 +90,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     for step in range(max_new_tokens):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        if state is not None:
+            logits = spans.mask(logits, state)
         token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                             generator=generator)
         token = token.masked_fill(finished, pad_token_id)
         out.append(token)
+        if state is not None:
+            state = spans.advance(state, token)
         if stop:
             finished |= torch.isin(token, stop_ids)
             if bool(finished.all()):
@@ -86,4 +106,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
             seen.scatter_(1, token[:, None], True)
         if step + 1 < max_new_tokens:
             logits = model(input_ids=token[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
-    return torch.stack(out, dim=1)
+    tokens = torch.stack(out, dim=1)
+    if return_images:
+        return Generated(tokens, model.images_from_codes(spans.images(input_ids, attention_mask, tokens)))
+    return tokens

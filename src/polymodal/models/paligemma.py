@@ -1,11 +1,17 @@
 """PaliGemma (Beyer et al. 2024): SigLIP ViT -> linear projector -> Gemma decoder, with a prefix-LM mask.
 
-Matches HF `PaliGemmaForConditionalGeneration`: `input_ids` hold one `image_token_id` placeholder
-per image token (images first, then `<bos>` prefix `\\n` suffix); image features are projected,
-divided by sqrt(text dim) (the Gemma decoder multiplies every embedding by it) and scattered into
-the placeholders. `token_type_ids` 0 marks the prefix (image + prompt: one bidirectional block),
-1 the suffix (causal; labels go there). Without `token_type_ids` the whole input is causal, as in
-HF. Positions are 1-based, as in HF.
+Matches HF `PaliGemmaForConditionalGeneration`. Input layout, one row:
+
+    input_ids       <image> x tokens_per_image x n_images, <bos>, prompt..., "\\n", suffix..., <eos>, <pad>...
+    token_type_ids  0 ...                                  0      0          0     1 ...      1      0 (any)
+    labels          -100 ...                                                        suffix..., <eos>, -100
+
+Image features are projected, divided by sqrt(text dim) (the Gemma decoder multiplies every
+embedding by it) and scattered into the `image_token_id` placeholders in order. token_type_ids 0
+is the prefix (images + prompt: one bidirectional block), 1 the causal suffix. Without
+token_type_ids the whole input is the prefix: what HF's processor gives at inference (all zeros);
+so labels, which would leak through a bidirectional prefix, need token_type_ids. Positions
+count from 1, as in HF.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from torch import nn
 
 from polymodal.config import Config, ConfigError, DecoderConfig
-from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.encoders.vit import ViT, VisionConfig, init_weights
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments
 from polymodal.nn.transformer import Decoder, ModelOutput
@@ -27,11 +33,18 @@ PARTS = ("vision", "projector", "decoder")
 
 @dataclass
 class PaliGemmaConfig(Config):
+    """The projector maps vision.dim to text.dim (HF's projection_dim, which must equal the text width).
+
+    image_token_id: the placeholder id, inside text.vocab_size. A trainer with its own tokenizer
+    sets both: `cfg.replace(text=cfg.text.replace(vocab_size=...), image_token_id=tok.token_id("<image>"))`."""
+
     vision: VisionConfig
     text: DecoderConfig
     image_token_id: int = 257152
 
     def __post_init__(self) -> None:
+        if self.vision.variant != "siglip":
+            raise ConfigError(f"PaliGemma's vision tower is a SigLIP ViT, got variant {self.vision.variant!r}")
         if not 0 <= self.image_token_id < self.text.vocab_size:
             raise ConfigError(f"image_token_id ({self.image_token_id}) must be a token id below text.vocab_size "
                               f"({self.text.vocab_size})")
@@ -47,6 +60,7 @@ class PaliGemma(nn.Module):
         self.config = config
         self.vision = ViT(config.vision)
         self.projector = nn.Linear(config.vision.dim, config.text.dim)
+        init_weights(self.projector)
         self.decoder = Decoder(config.text)
 
     def make_cache(self, batch: int, max_len: int, **kwargs) -> Cache:
@@ -65,49 +79,62 @@ class PaliGemma(nn.Module):
         features = self.projector(self.vision(pixel_values).features)
         return features / math.sqrt(self.config.text.dim)
 
-    def check_placeholders(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        per_row = (input_ids == self.config.image_token_id).sum(1)
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        per_image = self.config.tokens_per_image
-        if pixel_values is None and per_row.any():
-            raise ValueError(f"input_ids hold {int(per_row.sum())} image placeholder tokens but no pixel_values "
-                             "were given")
-        if pixel_values is not None:
-            self.vision.check_pixels(pixel_values)
-            bad = [i for i, n in enumerate(per_row.tolist()) if n % per_image]
-            if bad:
-                raise ValueError(f"each image needs exactly {per_image} placeholder tokens; rows {bad} hold "
-                                 f"{[int(per_row[i]) for i in bad]}")
-            if int(per_row.sum()) != n_images * per_image:
-                raise ValueError(f"input_ids hold {int(per_row.sum())} image placeholder tokens "
-                                 f"({int(per_row.sum()) // per_image} images of {per_image} tokens) but "
-                                 f"pixel_values holds {n_images} images")
-        return per_row
+    def check_placeholders(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+        per_row = (input_ids == self.config.image_token_id).sum(1).tolist()
+        total, per_image = sum(per_row), self.config.tokens_per_image
+        if pixel_values is None:
+            if total:
+                raise ValueError(f"input_ids hold {total} image placeholder tokens but no pixel_values were given")
+            return
+        self.vision.check_pixels(pixel_values)
+        bad = [i for i, n in enumerate(per_row) if n % per_image]
+        if bad:
+            raise ValueError(f"each image needs exactly {per_image} placeholder tokens; rows {bad} hold "
+                             f"{[per_row[i] for i in bad]}")
+        if total != pixel_values.shape[0] * per_image:
+            raise ValueError(f"input_ids hold {total} image placeholder tokens ({total // per_image} images of "
+                             f"{per_image} tokens; per row {[n // per_image for n in per_row]}) but pixel_values "
+                             f"holds {pixel_values.shape[0]} images")
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cache: Cache | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
-        """input_ids (B, S) with placeholders; pixel_values (N, 3, H, W), images in row order;
-        token_type_ids (B, S) 0 = prefix, 1 = suffix; labels (B, S) with -100 outside the suffix."""
-        if cache is not None and cache.length > 0:  # decode: images were encoded at prefill
-            if pixel_values is not None:
-                raise ValueError("pixel_values belong to the first (prefill) call, not to decode steps")
-            return self.decoder(input_ids, cache=cache, labels=labels, logits_to_keep=logits_to_keep)
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: Cache | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        """input_ids (B, S) with placeholders; pixel_values (N, 3, H, W), the images in token order
+        (row by row); attention_mask (B, S) 0 on pads; token_type_ids (B, S) 0 prefix, 1 suffix;
+        document_ids (B, S) packed documents (see `masks.make_segments`); labels (B, S) aligned with
+        input_ids (shifted here), -100 outside the suffix. With a cache that holds tokens this is
+        a decode step: input_ids only, the images were encoded at prefill."""
+        if cache is not None and cache.length > 0:
+            given = [k for k, v in (("pixel_values", pixel_values), ("token_type_ids", token_type_ids),
+                                    ("document_ids", document_ids)) if v is not None]
+            if given:
+                raise ValueError(f"{given} belong to the first (prefill) call, not to decode steps")
+            return self.decoder(input_ids, attention_mask=attention_mask, cache=cache, labels=labels,
+                                logits_to_keep=logits_to_keep)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        self.decoder.check_token_ids(input_ids)
-        self.check_placeholders(input_ids, pixel_values)
-        embeds = self.decoder.tok_embeddings(input_ids)
-        if pixel_values is not None:
-            images = self.embed_images(pixel_values).to(embeds.dtype)
-            embeds = embeds.masked_scatter((input_ids == self.config.image_token_id)[..., None], images)
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                        ("document_ids", document_ids), ("labels", labels)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(t.shape)}")
+        if labels is not None and token_type_ids is None:
+            raise ValueError("labels need token_type_ids (0 = image + prompt prefix, 1 = suffix with the labels): "
+                             "without them the whole input is a bidirectional prefix that would see its labels; "
+                             "pass token_type_ids=torch.ones_like(input_ids) for a plain causal LM")
         B, S = input_ids.shape
         if S > self.config.text.max_seq_len:
             raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.text.max_seq_len}")
-        block_ids = None if token_type_ids is None else (token_type_ids == 0).long()
-        seg = make_segments(B, S, embeds.device, attention_mask=attention_mask, block_ids=block_ids)
-        seg.positions = seg.positions + 1  # PaliGemma counts positions from 1
-        h = self.decoder.hidden_states(embeds, seg, cache=cache,
-                                       plain_causal=attention_mask is None and block_ids is None)
+        self.decoder.check_token_ids(input_ids)
+        self.check_placeholders(input_ids, pixel_values)
+        embeds = self.decoder.tok_embeddings(input_ids)  # (B, S, D)
+        if pixel_values is not None:
+            images = self.embed_images(pixel_values).to(embeds.dtype)  # (N, tokens_per_image, D)
+            embeds = embeds.masked_scatter((input_ids == self.config.image_token_id)[..., None], images)
+        prefix = torch.ones_like(input_ids) if token_type_ids is None else (token_type_ids == 0).long()
+        seg = make_segments(B, S, embeds.device, attention_mask=attention_mask, document_ids=document_ids,
+                            block_ids=prefix)
+        seg.positions = seg.positions + 1
+        h = self.decoder.hidden_states(embeds, seg, cache=cache)
         return self.decoder.head(h, labels, logits_to_keep)

@@ -73,16 +73,52 @@ def _positions_per_document(valid: torch.Tensor, docs: torch.Tensor) -> torch.Te
     return (counts - before_doc - 1).clamp_min(0)
 
 
+def visible(q: Segments, k: Segments) -> torch.Tensor:
+    """(B, Sq, Sk) bool, True where query i may see key j: the rule itself, rows that see nothing
+    left empty (blockwise attention over key blocks needs them so)."""
+    return (
+        (k.groups[:, None, :] <= q.groups[:, :, None])
+        & (k.docs[:, None, :] == q.docs[:, :, None])
+        & k.valid[:, None, :]
+    )
+
+
 def attention_mask(q: Segments, k: Segments) -> torch.Tensor:
     """(B, 1, Sq, Sk) bool, True where query i may attend to key j.
 
     A query row that may see nothing (a pad in a batch) sees everything instead, so that no row
     of the softmax is empty (NaN); its output is never read.
     """
-    allowed = (
-        (k.groups[:, None, :] <= q.groups[:, :, None])
-        & (k.docs[:, None, :] == q.docs[:, :, None])
-        & k.valid[:, None, :]
-    )
+    allowed = visible(q, k)
     allowed = allowed | ~allowed.any(-1, keepdim=True)
     return allowed.unsqueeze(1)
+
+
+def media_ids(media_locations: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, S) long: for each token, the 1-based number of the latest media starting at or before it
+    (Flamingo's `media_locations.cumsum`), 0 if none has started yet.
+
+    media_locations (B, S) bool marks the token where each media starts (its `<image>` token).
+    docs (B, S) packed document ids: a token never sees media of an earlier document (0 instead).
+    """
+    ids = media_locations.long().cumsum(-1)
+    if docs is not None:
+        index = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        start = torch.where(media_locations.bool(), index, torch.zeros_like(index)).cummax(-1).values
+        ids = ids.masked_fill(docs.gather(1, start) != docs, 0)
+    return ids
+
+
+def media_attention_mask(ids: torch.Tensor, n_media: int, tokens_per_media: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flamingo's media-local mask for cross-attention from text to n_media media of tokens_per_media
+    tokens each, laid out one media after the other.
+
+    ids (B, S) from `media_ids`: text token t attends only to the tokens of media ids[t].
+    Returns the mask (B, 1, S, n_media * tokens_per_media) bool and sees_media (B, S) bool. A token
+    before any media may see nothing: its row is all True so the softmax stays finite, and
+    sees_media is False so the model zeroes its cross-attention output.
+    """
+    key_ids = torch.arange(n_media * tokens_per_media, device=ids.device) // tokens_per_media + 1
+    allowed = key_ids == ids[:, :, None]  # (B, S, L)
+    sees_media = allowed.any(-1)
+    return (allowed | ~sees_media[:, :, None]).unsqueeze(1), sees_media

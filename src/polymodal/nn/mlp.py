@@ -13,6 +13,8 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # squared ReLU (So et al. 2021; Persimmon, Fuyu)
 }
 
 
@@ -43,13 +45,16 @@ class MLP(nn.Module):
 
 def make_mlp(kind: str, dim: int, hidden_dim: int, *, bias: bool = False,
              inner_norm: nn.Module | None = None, dropout: float = 0.0) -> MLP:
-    """`kind`: "swiglu" (Llama), "geglu" (Gemma, tanh-GELU gate), "gelu" (GPT/ViT), "quick_gelu" (CLIP)."""
+    """`kind`: "swiglu" (Llama), "geglu" (Gemma, tanh-GELU gate), "gelu" (GPT/ViT), "quick_gelu" (CLIP),
+    "relu" (Idefics' perceiver), "relu2" (Persimmon/Fuyu)."""
     gated, activation = {
         "swiglu": (True, "silu"),
         "geglu": (True, "gelu_tanh"),
         "gelu": (False, "gelu"),
         "gelu_tanh": (False, "gelu_tanh"),
         "quick_gelu": (False, "quick_gelu"),
+        "relu": (False, "relu"),
+        "relu2": (False, "relu2"),
     }[kind]
     return MLP(dim, hidden_dim, gated=gated, activation=activation, bias=bias, inner_norm=inner_norm,
                dropout=dropout)

@@ -24,13 +24,21 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm with an optional bias, computed in the input dtype."""
+    """nn.LayerNorm with an optional bias, computed in the input dtype.
 
-    def __init__(self, dim: int, eps: float = 1e-5, *, bias: bool = True):
-        super().__init__(dim, eps=eps, bias=bias)
+    heads: statistics over the last dim but one affine (weight, bias) of shape (heads, dim) per
+    head, for x laid out (..., heads, S, dim): Chameleon's qk-norm, whose model-parallel shards
+    each kept their own."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, bias: bool = True, heads: int | None = None):
+        super().__init__(dim if heads is None else (heads, dim), eps=eps, bias=bias)
+        self.heads = heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if self.heads is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = F.layer_norm(x, self.normalized_shape[-1:], None, None, self.eps) * self.weight[:, None, :]
+        return x + self.bias[:, None, :] if self.bias is not None else x
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Position schemes: rotary (RoPE, Su et al. 2021), xPos (Sun et al. 2022), ALiBi (Press et al. 2021).
+"""Position schemes: rotary (RoPE, Su et al. 2021), xPos (Sun et al. 2022), ALiBi (Press et al. 2021),
+fixed sinusoids (Vaswani et al. 2017; Whisper's encoder).
 
 Each takes per-token position ids, so left padding and packed documents (positions reset per
 document) need no special case. Rotary tables are built once per forward at the model level and
@@ -40,6 +41,11 @@ class RotaryTables(NamedTuple):
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rot = rotate_interleaved if self.interleaved else rotate_half
+        d = self.cos_q.shape[-1]
+        if d < q.shape[-1]:  # partial rotary (Persimmon, GPT-NeoX): the first d dims turn, the rest pass
+            (q, q_pass), (k, k_pass) = q.split((d, q.shape[-1] - d), -1), k.split((d, k.shape[-1] - d), -1)
+            q, k = self.rotate(q, k)
+            return torch.cat((q, q_pass), -1), torch.cat((k, k_pass), -1)
         q = (q * self.cos_q + rot(q) * self.sin_q).to(q.dtype)
         k = (k * self.cos_k + rot(k) * self.sin_k).to(k.dtype)
         return q, k
@@ -99,6 +105,17 @@ class Rotary(nn.Module):
             self._expand(cos / scale).to(dtype), self._expand(sin / scale).to(dtype),
             True,
         )
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """(length, channels) fixed sin | cos position table (Vaswani et al. 2017 in Whisper's layout:
+    all sines, then all cosines, timescales from 1 to max_timescale)."""
+    if channels % 2:
+        raise ValueError(f"sinusoidal positions need an even number of channels, got {channels}")
+    increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-increment * torch.arange(channels // 2))
+    angles = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat((angles.sin(), angles.cos()), dim=1)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

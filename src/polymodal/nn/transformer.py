@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,11 @@ class ModelOutput:
 
 class Block(nn.Module):
     def __init__(self, attn: Attention, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module, *,
-                 post_norm: bool = False, dropout: float = 0.0):
+                 post_norm: bool = False, res_post_norm: bool = False, dropout: float = 0.0):
         super().__init__()
         self.attn, self.mlp = attn, mlp
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
-        self.post_norm = post_norm
+        self.post_norm, self.res_post_norm = post_norm, res_post_norm
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, is_causal: bool = False,
@@ -47,6 +48,10 @@ class Block(nn.Module):
             x = self.attn_norm(x + self.dropout(self.attn(x, mask=mask, is_causal=is_causal, rope=rope,
                                                           cache=cache, input_pos=input_pos)))
             return self.mlp_norm(x + self.dropout(self.mlp(x)))
+        if self.res_post_norm:  # Swin v2 / Chameleon swin_norm: normalise each branch before its add
+            x = x + self.dropout(self.attn_norm(self.attn(x, mask=mask, is_causal=is_causal, rope=rope,
+                                                          cache=cache, input_pos=input_pos)))
+            return x + self.dropout(self.mlp_norm(self.mlp(x)))
         x = x + self.dropout(self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope,
                                        cache=cache, input_pos=input_pos))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
@@ -54,16 +59,24 @@ class Block(nn.Module):
 
 def decoder_block(cfg: DecoderConfig, backend: str = "sdpa") -> Block:
     sub_ln = cfg.norm_placement == "sub"
-    qk_norm = (lambda: make_norm(cfg.qk_norm, cfg.head_size, cfg.norm_eps)) if cfg.qk_norm else (lambda: None)
+    qk_eps = cfg.qk_norm_eps or cfg.norm_eps
+
+    def qk_norm(heads: int) -> nn.Module | None:
+        if cfg.qk_norm_per_head:
+            return LayerNorm(cfg.head_size, qk_eps, heads=heads)
+        return make_norm(cfg.qk_norm, cfg.head_size, qk_eps) if cfg.qk_norm else None
+
     attn = Attention(
-        cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size, bias=cfg.attn_bias, qk_norm=qk_norm(), k_norm=qk_norm(),
+        cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size, bias=cfg.attn_bias, qk_norm=qk_norm(cfg.n_heads),
+        k_norm=qk_norm(cfg.kv_heads),
         inner_norm=LayerNorm(cfg.n_heads * cfg.head_size, cfg.norm_eps) if sub_ln else None,
         dropout=cfg.dropout, backend=backend,
     )
-    mlp = make_mlp(cfg.mlp, cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias, dropout=cfg.dropout,
+    mlp = make_mlp(cfg.mlp, cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias,  # the Block drops its output, once
                    inner_norm=LayerNorm(cfg.hidden_dim, cfg.norm_eps) if sub_ln else None)
     return Block(attn, mlp, make_norm(cfg.norm, cfg.dim, cfg.norm_eps), make_norm(cfg.norm, cfg.dim, cfg.norm_eps),
-                 post_norm=cfg.norm_placement == "post", dropout=cfg.dropout)
+                 post_norm=cfg.norm_placement == "post", res_post_norm=cfg.norm_placement == "swin",
+                 dropout=cfg.dropout)
 
 
 class Decoder(nn.Module):
@@ -72,7 +85,8 @@ class Decoder(nn.Module):
         cfg = self.config = config
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
-        self.rotary = (Rotary(cfg.head_size, cfg.rope_theta, scaling=cfg.rope_scaling,
+        self.embed_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.embed_norm else None
+        self.rotary = (Rotary(cfg.rotary_dim, cfg.rope_theta, scaling=cfg.rope_scaling,
                               xpos_scale_base=cfg.xpos_scale_base if cfg.positions == "xpos" else None)
                        if cfg.positions in ("rope", "xpos") else None)
         self.alibi = ALiBi(cfg.n_heads) if cfg.positions == "alibi" else None
@@ -80,12 +94,33 @@ class Decoder(nn.Module):
         self.norm = None if cfg.norm_placement == "post" else make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
+        if cfg.init == "magneto":
+            self._magneto_gains()
 
     def _init_weights(self, module: nn.Module) -> None:
+        if self.config.init == "magneto":  # torchscale: Linear layers keep PyTorch's default init
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=self.config.dim ** -0.5)
+            return
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=self.config.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def _magneto_gains(self) -> None:
+        """Magneto (Wang et al. 2022), as torchscale's `Decoder(subln=True)`: the value, attention-output
+        and FFN projections (weights and biases) of every block are scaled by sqrt(log(2N)), so sub-LN
+        training stays stable with depth; the output head is N(0, 1/dim) like the embeddings."""
+        gain = math.sqrt(math.log(2 * self.config.n_layers))
+        qk_rows = (self.config.n_heads + self.config.kv_heads) * self.config.head_size  # wqkv rows before v
+        for layer in self.layers:
+            for p in (*layer.attn.wo.parameters(), *layer.mlp.w_in.parameters(), *layer.mlp.w_out.parameters()):
+                p.mul_(gain)
+            for p in layer.attn.wqkv.parameters():
+                p[qk_rows:].mul_(gain)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=self.config.dim ** -0.5)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -140,8 +175,11 @@ class Decoder(nn.Module):
         return self.head(h, labels, logits_to_keep)
 
     def hidden_states(self, inputs_embeds: torch.Tensor, seg: Segments, *, cache: Cache | None = None,
-                      plain_causal: bool = False) -> torch.Tensor:
-        """Runs the blocks over embeddings whose segments are known; returns normalised states."""
+                      plain_causal: bool = False,
+                      before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Runs the blocks over embeddings whose segments are known; returns normalised states.
+        before_layer(i, x) -> x runs before block i: how a model interleaves its own blocks with the
+        decoder's (Flamingo's gated cross-attention) while the decoder's weights and keys stay as they are."""
         x = inputs_embeds
         if self.config.embed_scale:  # Gemma: the normaliser is rounded to the activation dtype
             x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
@@ -149,6 +187,8 @@ class Decoder(nn.Module):
             if int(seg.positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(seg.positions.max())} is past max_seq_len={self.config.max_seq_len}")
             x = x + self.pos_embeddings(seg.positions)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         input_pos, k_seg = None, seg
         if cache is not None:
             input_pos, k_seg = cache.write(seg), cache.slots
@@ -158,6 +198,8 @@ class Decoder(nn.Module):
             mask = self.alibi(mask, seg.positions, k_seg.positions, x.dtype)
         rope = self.rotary(seg.positions, x.dtype) if self.rotary is not None else None
         for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                x = before_layer(i, x)
             x = layer(x, mask=mask, is_causal=is_causal, rope=rope,
                       cache=cache.layers[i] if cache is not None else None, input_pos=input_pos)
         return self.norm(x) if self.norm is not None else x

@@ -1,0 +1,225 @@
+"""The `polymodal` command: train | generate | eval | convert | export-data.
+
+`polymodal train` with no arguments is the main job: a tiny PaliGemma trained on the built-in
+world, written to runs/paligemma-world; `polymodal eval` then scores it on held-out questions.
+The train flags are generated from `TrainConfig`'s fields (help from their comments), so the CLI
+and the config cannot drift apart; tests/test_cli_surface.py freezes the whole surface.
+A user mistake (a missing file, a bad document line, an unknown option) ends with one line on
+stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import shutil
+import sys
+import types
+import typing
+from pathlib import Path
+
+from polymodal.config import ConfigError
+from polymodal.data.documents import DocumentError
+from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Each dataclass field's trailing `# comment` in the source, as its help text."""
+    source = inspect.getsource(cls)
+    return {name: text.strip() for name, text in re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]+#(.*)$", source, re.M)}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per dataclass field: --max-steps N, --pack/--no-pack, --tasks a b c."""
+    hints, helps = typing.get_type_hints(cls), _field_help(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+        kwargs: dict = {"default": argparse.SUPPRESS,  # only flags given override the defaults
+                        "help": f"{helps.get(f.name, '')} (default: {f.default!r})".lstrip()}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is tuple:
+            kwargs.update(nargs="+", type=typing.get_args(base)[0])
+        else:
+            kwargs["type"] = base
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polymodal", description="Multimodal language models from one set of blocks.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (no arguments: the main job on the built-in world)")
+    add_config_flags(t, TrainConfig)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint")
+    g.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
+    g.add_argument("--prompt", required=True, help="the text prompt")
+    g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    g.add_argument("--audio", action="append", default=[], help="a 16-bit mono wav file (repeat for several)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--image-dir", default="images", help="where images the model draws go, as PNG files "
+                                                          "(default: %(default)s)")
+
+    e = sub.add_parser("eval", help="accuracy per task on the built-in world's held-out split")
+    e.add_argument("checkpoint", nargs="?", default=str(TrainConfig().run_dir),
+                   help="a run directory (its last checkpoint) or a checkpoint directory (default: %(default)s)")
+    e.add_argument("--n", type=int, default=200, help="held-out examples per task (default: %(default)s)")
+    e.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: those the run trained on)")
+    e.add_argument("--batch-size", type=int, default=100)
+
+    c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories")
+    c.add_argument("source")
+    c.add_argument("target")
+    c.add_argument("--to", required=True, choices=("hf", "polymodal"))
+    c.add_argument("--model-type", help="the HF model_type to write (with --to hf), e.g. llama, gemma")
+
+    x = sub.add_parser("export-data", help="write built-in world examples as a JSONL document file")
+    x.add_argument("output", help="the .jsonl file to write (media go to <name>_media/ beside it)")
+    x.add_argument("--n", type=int, default=100, help="number of documents (default: %(default)s)")
+    x.add_argument("--split", choices=("train", "eval"), default="train")
+    x.add_argument("--tasks", nargs="+", default=None, help=f"world tasks (default: all: {' '.join(WORLD.tasks)})")
+    return p
+
+
+def _checkpoint_dir(path: str) -> Path:
+    """A model directory itself, or the last checkpoint of a run directory."""
+    from polymodal.train.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    last = latest_checkpoint(p / "checkpoints")
+    if last is None:
+        raise FileNotFoundError(f"{p} is neither a model directory (no config.json) nor a run directory with "
+                                "checkpoints; train one with `polymodal train`")
+    return last
+
+
+def _load(path: str):
+    import polymodal as pm
+    from polymodal.data.tokenizer import Tokenizer
+
+    directory = _checkpoint_dir(path)
+    return directory, pm.from_pretrained(directory), Tokenizer.from_file(directory)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from polymodal.train.trainer import train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train(TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in fields}))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from polymodal.data.collate import Collator
+    from polymodal.data.documents import Document, Segment, read_wav
+    from polymodal.generation.engine import generate
+
+    _, model, tokenizer = _load(args.checkpoint)
+    segments = []
+    for path in args.image:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                segments.append(Segment("image", media=im.convert("RGB")))
+        except OSError as e:
+            raise ValueError(f"cannot read image {path}: {e}") from e
+    for path in args.audio:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"audio file {path} does not exist")
+        segments.append(Segment("audio", media=read_wav(Path(path))))
+    batch = Collator(model.config, tokenizer).prompts([Document([*segments, Segment("text", args.prompt)])])
+    draws = getattr(model, "image_spans", None) is not None  # a model that writes images (Chameleon)
+    new = generate(model, **batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws)
+    if draws:
+        new, [images] = new
+        for i, image in enumerate(images):
+            Path(args.image_dir).mkdir(parents=True, exist_ok=True)
+            image.save(Path(args.image_dir) / f"image_{i}.png")
+            print(f"wrote {Path(args.image_dir) / f'image_{i}.png'}")
+        new = new[:, new[0] < tokenizer.vocab_size]  # image codes lie past the text vocabulary
+    print(tokenizer.decode(new[0].tolist()).strip())
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from polymodal.evaluate import evaluate, table
+
+    directory, model, tokenizer = _load(args.checkpoint)
+    tasks = args.tasks
+    if tasks is None:
+        trainer_state = directory / "trainer.json"
+        tasks = (json.loads(trainer_state.read_text())["train_config"]["tasks"] if trainer_state.is_file()
+                 else IMAGE_TASKS)
+    for task in tasks:
+        WORLD.choices(task)  # an unknown task fails here, before any work
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    print(f"{directory}: greedy answers on the built-in world's held-out split")
+    print(table(evaluate(model, tokenizer, tuple(tasks), args.n, WORLD, args.batch_size)))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import polymodal as pm
+    from polymodal.convert.hf import FAMILIES, load_hf, save_hf
+
+    source, target = Path(args.source), Path(args.target)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} has no config.json: not a checkpoint directory")
+    if args.to == "hf":
+        if args.model_type not in FAMILIES:
+            raise ValueError(f"--to hf needs --model-type, one of {sorted(FAMILIES)}; got {args.model_type!r}")
+        save_hf(pm.from_pretrained(source), target, args.model_type)
+    else:
+        pm.save_pretrained(load_hf(source), target)
+    for name in TOKENIZER_FILES:  # so that generate/eval find the tokenizer beside the weights
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    print(f"wrote {target}")
+
+
+def cmd_export_data(args: argparse.Namespace) -> None:
+    from polymodal.data.synthetic import export_jsonl
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    export_jsonl(WORLD, args.output, args.split, args.n, args.tasks)
+    print(f"wrote {args.n} documents to {args.output}")
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,
+            "export-data": cmd_export_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (DocumentError, ConfigError, TrainingError, FileNotFoundError, NotADirectoryError, ValueError,
+            KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"polymodal {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Flamingo (Alayrac et al. 2022): a frozen decoder LM, a Perceiver Resampler over vision features, and a
+tanh-gated cross-attention block before every k-th LM block; each text token attends only to the
+latest media that started at or before it. Matches HF `IdeficsForVisionText2Text` (a Flamingo
+reproduction) weight for weight through `convert/hf_idefics.py`.
+
+The LM is a plain polymodal `Decoder` kept whole under `decoder.` (its state-dict keys unchanged, so a
+decoder checkpoint loads into it as is); the cross-attention blocks run through the decoder's
+`before_layer` hook. Media are encoded once per call; with a cache, the cross-attention K/V and each
+row's latest media are kept for the decode steps, which get no media.
+
+Shapes: B batch, S text tokens, N media per sample, F frames, V features per frame, n latents, D width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from polymodal.config import Config, ConfigError, DecoderConfig, _check_choice, _check_positive
+from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.fusion.cross_attention import GATES, gated_cross_attention_block
+from polymodal.fusion.perceiver import PerceiverResampler
+from polymodal.nn.cache import Cache
+from polymodal.nn.masks import make_segments, media_attention_mask, media_ids
+from polymodal.nn.transformer import Decoder, ModelOutput
+
+
+@dataclass
+class PerceiverConfig(Config):
+    depth: int = 6
+    n_heads: int = 8
+    head_dim: int = 64
+    n_latents: int = 64
+    hidden_dim: int | None = None  # None: 4 * media width
+    mlp: str = "gelu"  # "gelu" (Flamingo) | "relu" (Idefics)
+    qk_norm: bool = False  # LayerNorm over each head of q and k
+    max_media: int = 0  # learned media-time embeddings (0: none, any number of media)
+    max_frames: int = 0  # learned frame embeddings for video (0: none, images only)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "depth", "n_heads", "head_dim", "n_latents", "hidden_dim", "norm_eps")
+        _check_choice("perceiver.mlp", self.mlp, ("gelu", "relu"))
+        if self.max_media < 0 or self.max_frames < 0:
+            raise ConfigError(f"max_media and max_frames must be >= 0, got {self.max_media}, {self.max_frames}")
+
+
+@dataclass
+class FlamingoConfig(Config):
+    text: DecoderConfig = field(default_factory=DecoderConfig)
+    vision: VisionConfig | None = None  # None: the model takes precomputed image embeddings
+    perceiver: PerceiverConfig | None = field(default_factory=PerceiverConfig)  # None: attend to raw features
+    media_dim: int | None = None  # width of the media features; None: the vision encoder's width
+    cross_attn_every: int = 4  # a gated cross-attention block before LM blocks 0, k, 2k, ...
+    cross_attn_heads: int | None = None  # None: text.n_heads (head size text.dim // heads)
+    cross_attn_qk_norm: bool = False  # text.norm over each head of q and k (Idefics qk_layer_norms)
+    gate: str = "scalar"  # "scalar" | "vector" (one tanh gate per channel)
+    media_token_id: int | None = None  # token marking where a media starts (`<image>`): gives media_locations
+    extra_vocab: int = 0  # the last rows of the vocabulary that HF Idefics keeps apart (additional_vocab_size)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "media_dim", "cross_attn_every", "cross_attn_heads")
+        _check_choice("gate", self.gate, GATES)
+        if self.vision is None and self.media_dim is None:
+            raise ConfigError("without a vision encoder, give media_dim (the width of the image embeddings)")
+        if self.vision is not None and self.media_dim not in (None, self.vision.dim):
+            raise ConfigError(f"media_dim ({self.media_dim}) must equal the vision encoder's width ({self.vision.dim})")
+        if self.text.dim % self.xattn_heads:
+            raise ConfigError(f"text.dim ({self.text.dim}) must be divisible by cross_attn_heads ({self.xattn_heads})")
+        if self.media_token_id is not None and not 0 <= self.media_token_id < self.text.vocab_size:
+            raise ConfigError(f"media_token_id must be in [0, {self.text.vocab_size}), got {self.media_token_id}")
+        if not 0 <= self.extra_vocab < self.text.vocab_size:
+            raise ConfigError(f"extra_vocab must be in [0, {self.text.vocab_size}), got {self.extra_vocab}")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.media_dim or self.vision.dim
+
+    @property
+    def xattn_heads(self) -> int:
+        return self.cross_attn_heads or self.text.n_heads
+
+    @property
+    def n_cross_layers(self) -> int:
+        return len(range(0, self.text.n_layers, self.cross_attn_every))
+
+
+class FlamingoCache(Cache):
+    """A decoder cache plus the cross-attention state of a generate call: the media K/V (`cross_kv(j)`),
+    the media each row's next tokens attend to, and the media layout (N media of L tokens)."""
+
+    media_ids: torch.Tensor | None = None  # (B, 1); None: the prompt had no media
+    media_layout: tuple[int, int] = (0, 0)  # N media of L tokens each
+
+
+PARTS = ("vision", "perceiver", "cross_layers", "decoder")
+
+
+class Flamingo(nn.Module):
+    def __init__(self, config: FlamingoConfig, *, backend: str = "sdpa"):
+        super().__init__()
+        cfg = self.config = config
+        self.vision = ViT(cfg.vision) if cfg.vision is not None else None
+        self.perceiver = None
+        if cfg.perceiver is not None:
+            p = cfg.perceiver
+            self.perceiver = PerceiverResampler(
+                cfg.feature_dim, depth=p.depth, n_heads=p.n_heads, head_dim=p.head_dim, n_latents=p.n_latents,
+                hidden_dim=p.hidden_dim or 4 * cfg.feature_dim, max_media=p.max_media, max_frames=p.max_frames,
+                mlp=p.mlp, qk_norm=p.qk_norm, eps=p.norm_eps)
+        t = cfg.text
+        self.cross_layers = nn.ModuleList(
+            gated_cross_attention_block(t.dim, cfg.feature_dim, cfg.xattn_heads, None, t.hidden_dim, mlp=t.mlp,
+                                        norm=t.norm, eps=t.norm_eps, qk_norm=cfg.cross_attn_qk_norm, gate=cfg.gate,
+                                        dropout=t.dropout, backend=backend)
+            for _ in range(cfg.n_cross_layers))
+        for module in (self.perceiver, self.cross_layers):
+            if module is not None:
+                module.apply(self._init_weights)
+        self.decoder = Decoder(t, backend=backend)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def trainable(self, parts: tuple[str, ...] | list[str]) -> None:
+        """Train exactly these parts (any of "vision", "perceiver", "cross_layers", "decoder"); freeze the rest."""
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown:
+            raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}")
+        for name in PARTS:
+            if getattr(self, name) is not None:
+                getattr(self, name).requires_grad_(name in parts)
+
+    def freeze(self) -> None:
+        """The paper's split: the LM and the vision encoder frozen, the perceiver and the gated
+        cross-attention blocks trained."""
+        self.trainable(("perceiver", "cross_layers"))
+
+    def make_cache(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> FlamingoCache:
+        t = self.config.text
+        if max_len > t.max_seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds max_seq_len={t.max_seq_len}")
+        w = self.decoder.tok_embeddings.weight
+        return FlamingoCache(batch, max_len, t.n_layers, t.kv_heads, t.head_size, dtype or w.dtype, device or w.device)
+
+    def encode_media(self, *, pixel_values: torch.Tensor | None = None,
+                     image_encoder_embeddings: torch.Tensor | None = None,
+                     perceiver_embeddings: torch.Tensor | None = None,
+                     media_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Exactly one of: pixel_values (B, N, 3, H, W) or video frames (B, N, F, 3, H, W);
+        image_encoder_embeddings (B, N, V, D) or (B, N, F, V, D); perceiver_embeddings (B, N, n, D).
+        Returns the media tokens the text cross-attends to, (B, N, L, D)."""
+        given = [k for k, v in (("pixel_values", pixel_values), ("image_encoder_embeddings", image_encoder_embeddings),
+                                ("perceiver_embeddings", perceiver_embeddings)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of pixel_values, image_encoder_embeddings, perceiver_embeddings; "
+                             f"got {given or 'none'}")
+        D, dtype = self.config.feature_dim, self.decoder.tok_embeddings.weight.dtype
+        if perceiver_embeddings is not None:
+            if self.perceiver is None:
+                raise ValueError("this model has no perceiver; give image_encoder_embeddings or pixel_values")
+            feats = perceiver_embeddings
+            if feats.dim() != 4 or feats.shape[2:] != (self.config.perceiver.n_latents, D):
+                raise ValueError(f"perceiver_embeddings must be (B, N, {self.config.perceiver.n_latents}, {D}), "
+                                 f"got shape {tuple(feats.shape)}")
+            return feats.to(dtype)
+        if pixel_values is not None:
+            feats = self.encode_images(pixel_values)
+        else:
+            feats = image_encoder_embeddings
+            if feats.dim() not in (4, 5) or feats.shape[-1] != D:
+                raise ValueError(f"image_encoder_embeddings must be (B, N, V, {D}) or (B, N, F, V, {D}), "
+                                 f"got shape {tuple(feats.shape)}")
+            feats = feats.to(dtype)
+        if self.perceiver is not None:
+            return self.perceiver(feats, media_mask)
+        if feats.dim() == 5:
+            if feats.shape[2] != 1:
+                raise ValueError(f"without a perceiver, media must be single images; got {feats.shape[2]} frames")
+            feats = feats.squeeze(2)
+        return feats
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, N, 3, H, W) or (B, N, F, 3, H, W) -> vision features (B, N, [F,] V, D)."""
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder; give image_encoder_embeddings or perceiver_embeddings")
+        v = self.config.vision
+        image = (v.channels, v.image_size, v.image_size)
+        if pixel_values.dim() not in (5, 6) or tuple(pixel_values.shape[-3:]) != image:
+            raise ValueError(f"pixel_values must be (B, N, {', '.join(map(str, image))}) or (B, N, F, "
+                             f"{', '.join(map(str, image))}), got shape {tuple(pixel_values.shape)}")
+        lead = pixel_values.shape[:-3]
+        feats = self.vision(pixel_values.flatten(0, len(lead) - 1)).features  # (B*N*F, V, D)
+        return feats.unflatten(0, lead)
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                media_locations: torch.Tensor | None = None, media_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_encoder_embeddings: torch.Tensor | None = None,
+                perceiver_embeddings: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: FlamingoCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        """input_ids (B, S); media as in `encode_media`, in the order they appear in the text.
+        media_locations (B, S) bool: the token where each media starts (default: input_ids == media_token_id);
+        row b must mark as many media as it has (media_mask (B, N) bool, valid media first).
+        attention_mask / position_ids / document_ids / labels / logits_to_keep: as in `Decoder.forward`.
+        cache: a `make_cache` cache; the first call encodes the media, later calls (decode) take none."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        if S > self.config.text.max_seq_len:
+            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.text.max_seq_len}")
+        media_inputs = (("pixel_values", pixel_values), ("image_encoder_embeddings", image_encoder_embeddings),
+                        ("perceiver_embeddings", perceiver_embeddings))
+        given = {k: v for k, v in media_inputs if v is not None}
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of pixel_values, image_encoder_embeddings, perceiver_embeddings; "
+                             f"got {list(given)}")
+        decoding = cache is not None and cache.length > 0
+        if decoding:
+            if given or media_locations is not None or media_mask is not None:
+                raise ValueError("media are encoded once, in the first call with a cache; later calls take none")
+            if any(t is not None for t in (attention_mask, document_ids, position_ids)):
+                raise ValueError("a cache that holds tokens continues each row causally; attention_mask, "
+                                 "document_ids and position_ids apply to the first call only")
+            seg = cache.next_segments(S)
+            media, layout = None, cache.media_layout
+            ids = None if cache.media_ids is None else cache.media_ids.expand(B, S)
+        else:
+            self.decoder.check_token_ids(input_ids)
+            seg = make_segments(B, S, input_ids.device, attention_mask=attention_mask, document_ids=document_ids,
+                                position_ids=position_ids)
+            media, ids, layout = self._prefill_media(input_ids, given, media_locations, media_mask,
+                                                     seg.docs if document_ids is not None else None)
+            if cache is not None:  # the engine left-aligns, so each row's last token is real
+                cache.media_ids, cache.media_layout = (None if ids is None else ids[:, -1:]), layout
+        mask, sees = media_attention_mask(ids, *layout) if ids is not None else (None, None)
+        every = self.config.cross_attn_every
+
+        def cross_attend(i: int, x: torch.Tensor) -> torch.Tensor:
+            if i % every:
+                return x
+            kv_cache = cache.cross_kv(i // every) if cache is not None else None
+            return self.cross_layers[i // every](x, media, mask=mask, sees_media=sees, cache=kv_cache)
+
+        plain_causal = not decoding and all(t is None for t in (attention_mask, document_ids))
+        h = self.decoder.hidden_states(self.decoder.tok_embeddings(input_ids), seg, cache=cache,
+                                       plain_causal=plain_causal, before_layer=cross_attend)
+        return self.decoder.head(h, labels, logits_to_keep)
+
+    def _prefill_media(self, input_ids: torch.Tensor, given: dict[str, torch.Tensor],
+                       media_locations: torch.Tensor | None, media_mask: torch.Tensor | None,
+                       docs: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, int]]:
+        """Checks the media against the text, then encodes them once. Returns the media tokens (B, N*L, D),
+        each text token's media id (B, S) and the layout (N, L); Nones and (0, 0) without media."""
+        if not given:
+            if media_locations is not None and media_locations.any():
+                raise ValueError(f"media_locations marks {int(media_locations.sum())} media, but no media were given")
+            return None, None, (0, 0)
+        (name, raw), = given.items()
+        if raw.dim() < 4 or raw.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{name} must start with (batch={input_ids.shape[0]}, n_media), "
+                             f"got shape {tuple(raw.shape)}")
+        locations = self._media_locations(input_ids, media_locations, media_mask, raw.shape[1])
+        if self.perceiver is not None and name != "perceiver_embeddings":
+            video = raw.dim() == (6 if name == "pixel_values" else 5)
+            self.perceiver.check_media(raw.shape[1], raw.shape[2] if video else 1)
+        feats = self.encode_media(**given, media_mask=media_mask)  # (B, N, L, D)
+        return feats.flatten(1, 2), media_ids(locations, docs), tuple(feats.shape[1:3])
+
+    def _media_locations(self, input_ids: torch.Tensor, media_locations: torch.Tensor | None,
+                         media_mask: torch.Tensor | None, n_media: int) -> torch.Tensor:
+        """Checks that every row marks exactly as many media as it was given, before any compute on text."""
+        B = input_ids.shape[0]
+        if media_locations is None:
+            if self.config.media_token_id is None:
+                raise ValueError("give media_locations (B, S) bool, or set media_token_id in the config")
+            media_locations = input_ids == self.config.media_token_id
+        elif media_locations.shape != input_ids.shape:
+            raise ValueError(f"media_locations must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(media_locations.shape)}")
+        media_locations = media_locations.bool()
+        if media_mask is None:
+            counts = torch.full((B,), n_media, device=input_ids.device)
+        else:
+            media_mask = media_mask.bool()
+            if media_mask.shape != (B, n_media):
+                raise ValueError(f"media_mask must have shape {(B, n_media)}, got {tuple(media_mask.shape)}")
+            if (media_mask[:, 1:] & ~media_mask[:, :-1]).any():
+                raise ValueError("media_mask must list each row's media first and its padding after")
+            counts = media_mask.sum(1)
+        marked = media_locations.sum(1)
+        if not torch.equal(marked, counts.to(marked)):
+            raise ValueError(f"each row must mark as many media as it is given: marked {marked.tolist()}, "
+                             f"given {counts.tolist()}")
+        return media_locations

@@ -1,0 +1,133 @@
+"""Multi-process training helpers over `torch.distributed` (gloo on CPU, NCCL on CUDA).
+
+The same script runs single-process (no process group: every helper is then a no-op) or under
+`torchrun --nproc_per_node N`, which sets RANK / WORLD_SIZE / LOCAL_RANK. Models are wrapped
+with FSDP2 (`fully_shard` per transformer block, then the root) or DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_process(device: str = "auto") -> Process:
+    """Joins the torchrun process group when launched by torchrun; picks this process's device."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but torch sees no CUDA device")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Process(rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (JSON-like values), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def parallelize(model: nn.Module, mode: str, blocks: list[nn.Module]) -> nn.Module:
+    """FSDP2 (each block sharded on its own, so only one block's full weights live at a time)
+    or DDP; the model itself when there is one process."""
+    if not dist.is_initialized():
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    raise ValueError(f"parallel must be fsdp or ddp, got {mode!r}")
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient reduction on all but the last micro-batch of an accumulated step."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def ring_shift(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, list]:
+    """Start sending `tensor` to the next rank of the ring and receiving the previous rank's (same
+    shape and dtype). Returns the receive buffer and the requests to `wait()` on, so the caller can
+    compute while the tensors travel (the chunked SigLIP loss's ring)."""
+    group = group or dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    received = torch.empty_like(tensor)
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), dist.get_global_rank(group, (rank + 1) % world), group),
+           dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - 1) % world), group)]
+    return received, dist.batch_isend_irecv(ops)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group, ctx.rows = group, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # every rank used every rank's rows: the owner's gradient is the sum over ranks of its slice
+        # (an all-reduce rather than a reduce-scatter, which gloo lacks)
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(0, dist.get_rank(ctx.group) * ctx.rows, ctx.rows), None
+
+
+def all_gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's `x` (same shape on all ranks) concatenated along dim 0 in rank order; gradients
+    flow back to each rank's own `x`, summed over all ranks' uses."""
+    return _AllGatherWithGrad.apply(x, group)

@@ -1,0 +1,358 @@
+"""One training loop for every family, in the shape of nanoGPT's train.py.
+
+`model(**batch).loss` on batches from `data.collate`; AdamW (fused where available) with linear
+warmup and cosine decay; gradient accumulation and clipping; bf16 autocast on CUDA; optional
+activation checkpointing; FSDP2 or DDP under torchrun and the same code single-process; a
+periodic eval loss; atomic checkpoints that resume exactly (weights, optimizer, schedule, RNG,
+data position); a clear stop when the loss is no longer finite. Writes metrics.jsonl, a
+progress line and loss.png into the run directory.
+
+A step's loss is the mean over every target token of the global batch however it is split into
+micro-batches and processes, so 1 process x 2 micro-batches computes what 2 processes x 1 do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from polymodal.api import build
+from polymodal.config import Config, ConfigError, _check_choice, _check_positive, load_config
+from polymodal.data.collate import Collator, count_targets, fit_config
+from polymodal.data.documents import Document, read_jsonl
+from polymodal.data.synthetic import World
+from polymodal.data.tokenizer import Tokenizer
+from polymodal.nn.transformer import Block
+from polymodal.presets import PRESETS, get_preset
+from polymodal.serialization import atomic_write_bytes
+from polymodal.train import checkpoint as ckpt
+from polymodal.train.distributed import (
+    all_reduce_sum, barrier, gather_objects, gradient_sync, init_process, parallelize, shutdown)
+
+IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
+WORLD = World(seed=0)  # the built-in data set; eval reads the same world's held-out split
+
+
+@dataclass
+class TrainConfig(Config):
+    model: str = "paligemma-world"  # a preset name or a model config.json
+    data: str = "world"  # "world" (the built-in world) or a JSONL file of documents
+    tasks: tuple[str, ...] = IMAGE_TASKS  # world tasks to train on
+    eval_data: str | None = None  # JSONL for the eval loss (the world uses its held-out split)
+    tokenizer: str | None = None  # tokenizer file/dir; None trains a BPE on the data's text
+    vocab_size: int = 512  # the most tokens that BPE may have
+    out_dir: str = "runs"  # where run directories go
+    name: str | None = None  # run directory out_dir/name; default: the model's name
+    seed: int = 0  # initial weights, data order, dropout
+    max_steps: int = 1500  # optimizer steps
+    batch_size: int = 16  # documents per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate, after warmup
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 30  # linear warmup from 0
+    weight_decay: float = 0.0  # AdamW decay on matrices (not on gains/biases)
+    beta1: float = 0.9  # AdamW betas
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: no clipping
+    max_len: int | None = None  # longest document in tokens (and packed row length); default: model context
+    pack: bool = False  # pack each micro-batch's documents into rows of max_len tokens
+    eval_every: int = 300  # steps between eval losses (and at the end)
+    eval_docs: int = 256  # documents in the eval loss
+    log_every: int = 100  # steps between progress lines (metrics.jsonl gets every step)
+    checkpoint_every: int = 500  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # the newest N are kept
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory
+    parallel: str = "fsdp"  # "fsdp" | "ddp", used under torchrun
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    resume: bool = False  # continue from the run's last checkpoint
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(self.tasks)
+        _check_positive(self, "vocab_size", "max_steps", "batch_size", "grad_accum", "lr", "eval_every",
+                        "eval_docs", "log_every", "checkpoint_every", "keep_checkpoints", "max_len")
+        _check_choice("parallel", self.parallel, ("fsdp", "ddp"))
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        for task in self.tasks:
+            _check_choice("task", task, WORLD.tasks)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup_steps, weight_decay and grad_clip must be >= 0")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / (self.name or Path(self.model).stem)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: a loss that is not finite, a run directory in the way."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps (step counts from 0)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def model_config(spec: str) -> Config:
+    if spec in PRESETS:
+        return get_preset(spec)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                                "nor a config.json file or a directory holding one")
+    return load_config(path)
+
+
+@dataclass
+class Data:
+    train: Callable[[int], Document]  # the i-th training document, for i = 0, 1, 2, ... forever
+    eval: list[Document]
+    texts: list[str]  # what a tokenizer is trained on
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    """Data positions are plain counters, so resuming at a position needs no iterator state."""
+    if cfg.data == "world":
+        tasks = cfg.tasks
+
+        def sample(i: int, split: str = "train") -> Document:  # round robin over the tasks
+            return WORLD.sample(tasks[i % len(tasks)], i // len(tasks), split).document
+
+        return Data(sample, [sample(i, "eval") for i in range(cfg.eval_docs)], WORLD.texts())
+    docs = read_jsonl(cfg.data)
+    if not docs:
+        raise ValueError(f"{cfg.data} holds no documents")
+    eval_docs = read_jsonl(cfg.eval_data)[:cfg.eval_docs] if cfg.eval_data else []
+    orders: dict[int, np.ndarray] = {}
+
+    def shuffled(i: int) -> Document:  # a fresh permutation of the file every epoch
+        epoch = i // len(docs)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(len(docs))
+        return docs[orders[epoch][i % len(docs)]]
+
+    return Data(shuffled, eval_docs, [t for d in docs + eval_docs for t in d.texts])
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on gains and biases (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+class Log:
+    """metrics.jsonl (one record per step and per eval), the progress line, loss.png; main rank only."""
+
+    def __init__(self, run: Path, start_step: int, max_steps: int, enabled: bool):
+        self.path, self.enabled, self.max_steps = run / "metrics.jsonl", enabled, max_steps
+        self.start_step, self.t0, self.tokens = start_step, time.time(), 0.0
+        if enabled and self.path.exists():  # a resumed run forgets steps after its checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= start_step]
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+
+    def write(self, record: dict, show: bool) -> None:
+        if not self.enabled:
+            return
+        self.tokens += record.get("tokens", 0)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if not show:
+            return
+        if "eval_loss" in record:
+            print(f"eval step {record['step']} | loss {record['eval_loss']:.4f}", flush=True)
+            return
+        elapsed = time.time() - self.t0
+        eta = elapsed / (record["step"] - self.start_step) * (self.max_steps - record["step"])
+        print(f"step {record['step']}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+              f"{self.tokens / elapsed:,.0f} tok/s | {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
+
+    def plot(self, png: Path) -> None:
+        """The loss curve on a log scale, drawn with PIL (no plotting dependency)."""
+        if not self.enabled:
+            return
+        from PIL import Image, ImageDraw
+
+        records = [json.loads(line) for line in self.path.read_text().splitlines()]
+        curves = [[(r["step"], math.log10(max(r[k], 1e-6))) for r in records if k in r] for k in ("loss", "eval_loss")]
+        points = [p for c in curves for p in c]
+        if not points:
+            return
+        W, H, m = 640, 400, 50
+        x1, y0, y1 = max(s for s, _ in points), min(v for _, v in points), max(v for _, v in points)
+        xy = lambda s, v: (m + (W - 2 * m) * s / max(x1, 1), H - m - (H - 2 * m) * (v - y0) / max(y1 - y0, 1e-9))
+        im = Image.new("RGB", (W, H), "white")
+        draw = ImageDraw.Draw(im)
+        draw.rectangle((m, m, W - m, H - m), outline="black")
+        for curve, colour in zip(curves, ("steelblue", "darkorange")):
+            if len(curve) > 1:
+                draw.line([xy(s, v) for s, v in curve], fill=colour, width=2)
+        draw.text((m, 15), "loss, log scale (blue: train, orange: eval)", fill="black")
+        draw.text((m, H - m + 8), f"step 0 .. {x1}", fill="black")
+        draw.text((5, m - 12), f"{10 ** y1:.3g}", fill="black")
+        draw.text((5, H - m), f"{10 ** y0:.3g}", fill="black")
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        atomic_write_bytes(png, buf.getvalue())
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except json.JSONDecodeError:
+        return math.inf
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train as `cfg` says; returns the run directory. Launch under torchrun for several processes."""
+    proc = init_process(cfg.device)
+    try:
+        return _train(cfg, proc)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, proc) -> Path:
+    # imported here, not at the top: they take seconds, which `polymodal eval`/`generate` need not wait
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        set_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
+    run, W = cfg.run_dir, proc.world_size
+    ckpt_root = run / "checkpoints"
+    last = ckpt.latest_checkpoint(ckpt_root)
+    if last is not None and not cfg.resume:
+        raise TrainingError(f"{run} already holds checkpoint {last.name}; pass --resume to continue it, "
+                            "or give another --name")
+    if cfg.resume and last is None:
+        raise TrainingError(f"nothing to resume: no checkpoint in {ckpt_root}")
+    data = load_data(cfg)
+    if last is not None:
+        tokenizer, config = Tokenizer.from_file(last), load_config(last / "config.json")
+    else:
+        tokenizer = Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else Tokenizer.train(data.texts, cfg.vocab_size)
+        config = fit_config(model_config(cfg.model), tokenizer)
+    collator = Collator(config, tokenizer, cfg.max_len)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block),
+                                       checkpoint_wrapper_fn=partial(checkpoint_wrapper,
+                                                                     checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+    model = parallelize(model.to(proc.device), cfg.parallel, blocks)
+    optimizer = make_optimizer(model, cfg)
+    step = docs_seen = 0
+    if last is not None:
+        model_state, optimizer_state, state = ckpt.load_checkpoint(last)
+        set_model_state_dict(model, model_state, options=full)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
+        step, docs_seen = state["step"], state["docs_seen"]
+        ckpt.set_rng_state(state["rng"][proc.rank % len(state["rng"])])  # each rank its own, if as many ranks
+        if proc.main:
+            print(f"resumed from {last} at step {step}", flush=True)
+    else:
+        random.seed(cfg.seed + proc.rank)
+        np.random.seed(cfg.seed + proc.rank)
+        torch.manual_seed(cfg.seed + proc.rank)  # each rank its own dropout stream
+    if proc.main:
+        run.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(run)
+        cfg.to_json(run / "train_config.json")
+        print(f"{type(config).__name__} ~{n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
+              f"{W} process(es) on {proc.device}; run dir {run}", flush=True)
+    log = Log(run, step, cfg.max_steps, proc.main)
+    autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if proc.device.type == "cuda"
+                else contextlib.nullcontext)
+    B = cfg.batch_size
+
+    def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(proc.device, non_blocking=True) for k, v in batch.items()}
+
+    def evaluate() -> float:
+        """Mean eval loss over all eval documents; every rank computes it (FSDP needs them all)."""
+        model.eval()
+        total = n = 0.0
+        with torch.no_grad(), autocast():
+            for i in range(0, len(data.eval), B):
+                batch = on_device(collator(data.eval[i:i + B], pack=cfg.pack))
+                k = count_targets(batch)
+                total, n = total + model(**batch).loss.item() * k, n + k
+        model.train()
+        return total / n
+
+    def save() -> None:
+        model_state = get_model_state_dict(model, options=full)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
+        rngs = gather_objects(ckpt.rng_state())
+        if proc.main:
+            state = {"step": step, "docs_seen": docs_seen, "rng": rngs, "train_config": cfg.to_dict()}
+            ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), config, model_state, optimizer_state, state, tokenizer)
+            ckpt.prune(ckpt_root, cfg.keep_checkpoints)
+        barrier()
+
+    model.train()
+    while step < cfg.max_steps:
+        t = time.time()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # micro-batch m of rank r takes documents [(m * W + r) * B, ... + B) of this step's slice
+        micro = [collator([data.train(docs_seen + (m * W + proc.rank) * B + j) for j in range(B)], pack=cfg.pack)
+                 for m in range(cfg.grad_accum)]
+        counts = all_reduce_sum(torch.tensor([float(sum(count_targets(b) for b in micro)),
+                                              float(sum(int(b["attention_mask"].sum()) for b in micro))],
+                                             device=proc.device))  # NCCL reduces device tensors only
+        n_targets, n_tokens = counts.tolist()
+        total = torch.zeros((), device=proc.device)
+        for m, batch in enumerate(micro):
+            batch = on_device(batch)
+            with gradient_sync(model, m == len(micro) - 1):
+                with autocast():
+                    loss_sum = model(**batch).loss.float() * count_targets(batch)
+                (loss_sum * (W / n_targets)).backward()  # DDP/FSDP average over ranks: undo it
+            total += loss_sum.detach()
+        loss = all_reduce_sum(total).item() / n_targets
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = ckpt.latest_checkpoint(ckpt_root)
+            raise TrainingError(f"loss {loss} / gradient norm {grad_norm} is not finite at step {step + 1} "
+                                f"(lr {lr:.2e}); stopped before updating the weights. Last checkpoint: "
+                                f"{last or 'none'}. Try a lower --lr or a --grad-clip.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, docs_seen = step + 1, docs_seen + B * cfg.grad_accum * W
+        log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+                   "step_s": time.time() - t}, show=step % cfg.log_every == 0 or step in (1, cfg.max_steps))
+        if data.eval and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            log.write({"step": step, "eval_loss": evaluate()}, show=True)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save()
+    log.plot(run / "loss.png")
+    if proc.main:
+        print(f"done: {step} steps; checkpoint {ckpt.latest_checkpoint(ckpt_root)}", flush=True)
+    return run

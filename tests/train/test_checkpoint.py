@@ -1,0 +1,96 @@
+"""Training checkpoints: a lossless round trip with no pickle, atomic writes, pruning, RNG restore."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+import polymodal as pm
+from polymodal.train import checkpoint as ckpt
+
+
+def trained_llama():
+    model = pm.build("llama-tiny")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 512, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def named_state(model, optimizer):
+    """The optimizer state keyed by parameter names, as the trainer saves it."""
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def test_round_trip_is_exact_and_pickle_free(tmp_path):
+    model, optimizer = trained_llama()
+    directory = ckpt.step_dir(tmp_path, 7)
+    ckpt.save_checkpoint(directory, model.config, model.state_dict(), named_state(model, optimizer), {"step": 7})
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors",
+                                                          "optimizer.safetensors", "trainer.json"]
+    for f in directory.iterdir():  # safetensors start with a little-endian header length, JSON with "{"
+        assert not f.read_bytes().startswith(b"\x80"), f"{f.name} looks like a pickle"
+    model_state, optimizer_state, trainer_state = ckpt.load_checkpoint(directory)
+    assert trainer_state == {"step": 7}
+    for k, v in model.state_dict().items():
+        assert torch.equal(model_state[k], v)
+    fresh_model = pm.build("llama-tiny")
+    fresh = torch.optim.AdamW(fresh_model.parameters(), lr=1e-3)
+    set_optimizer_state_dict(fresh_model, fresh, optimizer_state)
+    assert fresh.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    for i, expected in optimizer.state_dict()["state"].items():
+        got = fresh.state_dict()["state"][i]
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    # the model half is a normal model directory
+    loaded = pm.from_pretrained(directory)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+class Exploding:
+    def save(self, directory):
+        (directory / "tokenizer.json").write_text("{")
+        raise OSError("disk full")
+
+
+def test_an_interrupted_save_leaves_the_last_checkpoint_whole(tmp_path):
+    model, optimizer = trained_llama()
+    good = ckpt.step_dir(tmp_path, 1)
+    ckpt.save_checkpoint(good, model.config, model.state_dict(), named_state(model, optimizer), {"step": 1})
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(ckpt.step_dir(tmp_path, 2), model.config, model.state_dict(),
+                             named_state(model, optimizer), {"step": 2}, tokenizer=Exploding())
+    with pytest.raises(OSError, match="disk full"):  # over an existing one: the old one stays
+        ckpt.save_checkpoint(good, model.config, model.state_dict(), named_state(model, optimizer), {"step": 1},
+                             tokenizer=Exploding())
+    assert ckpt.list_checkpoints(tmp_path) == [good]
+    assert ckpt.load_checkpoint(good)[2] == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [good.name]
+
+
+def test_prune_keeps_the_newest_and_removes_leftovers(tmp_path):
+    for step in (5, 10, 15, 20):
+        ckpt.step_dir(tmp_path, step).mkdir()
+    (tmp_path / ".step-000025.tmp-abc").mkdir()  # what a kill -9 during a save leaves
+    (tmp_path / "notes").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path) == ckpt.step_dir(tmp_path, 20)
+    ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step-000015", "step-000020"]
+
+
+def test_rng_state_round_trips_through_json():
+    state = json.loads(json.dumps(ckpt.rng_state()))
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.random(), np.random.rand(), torch.rand(7)  # move every generator on
+    ckpt.set_rng_state(state)
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_missing_files_are_named(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors: not a training checkpoint"):
+        ckpt.load_checkpoint(tmp_path)

@@ -1,0 +1,73 @@
+"""The training loop, in process: schedule, strict config, the same loss however a step is split
+(gradient accumulation, packing, activation checkpointing), a clear stop on a non-finite loss, outputs."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from polymodal.config import ConfigError
+from polymodal.data.documents import Document, write_jsonl
+from polymodal.data.synthetic import World
+from polymodal.train.checkpoint import list_checkpoints
+from polymodal.train.trainer import TrainConfig, TrainingError, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """The world's questions and answers without their media: data a text-only decoder can learn."""
+    path = tmp_path_factory.mktemp("data") / "text.jsonl"
+    examples = World(seed=0).examples("train", ("caption", "colour", "position"), 64)
+    write_jsonl([Document([s for s in e.document.segments if s.kind == "text"]) for e in examples], path)
+    return str(path)
+
+
+def run(tmp_path, data, name, **options):
+    settings = dict(model="llama-tiny", data=data, eval_data=data, eval_docs=16, out_dir=str(tmp_path), name=name,
+                    max_steps=6, batch_size=8, warmup_steps=2, log_every=100, eval_every=3, checkpoint_every=3)
+    directory = train(TrainConfig(**{**settings, **options}))
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()], directory
+
+
+def losses(records):
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    rates = [lr_at(s, cfg) for s in range(10, 111)]
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_config_is_strict():
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['learning_rate'\].*'lr'"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match="parallel must be one of"):
+        TrainConfig(parallel="zero")
+    with pytest.raises(ConfigError, match="task must be one of"):
+        TrainConfig(tasks=("colour", "smell"))
+
+
+def test_splitting_a_step_does_not_change_its_loss(tmp_path, text_data):
+    reference, directory = run(tmp_path, text_data, "reference")
+    assert losses(reference)[-1] < losses(reference)[0]
+    for name, options in {"accumulated": {"batch_size": 4, "grad_accum": 2}, "packed": {"pack": True, "max_len": 48},
+                          "checkpointed": {"activation_checkpointing": True}}.items():
+        got = losses(run(tmp_path, text_data, name, **options)[0])
+        assert max(abs(a - b) for a, b in zip(got, losses(reference))) <= 1e-5, name
+    # outputs: per-step metrics with eval losses, the loss curve, only the newest checkpoints
+    assert [r["step"] for r in reference if "eval_loss" in r] == [3, 6]
+    assert Image.open(directory / "loss.png").size == (640, 400)
+    assert [p.name for p in list_checkpoints(directory / "checkpoints")] == ["step-000003", "step-000006"]
+    with pytest.raises(TrainingError, match="already holds checkpoint step-000006; pass --resume"):
+        run(tmp_path, text_data, "reference")
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        run(tmp_path, text_data, "fresh", resume=True)
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_message(tmp_path, text_data):
+    with pytest.raises(TrainingError, match=r"is not finite at step \d+ .*stopped before updating the weights"):
+        run(tmp_path, text_data, "diverge", lr=1e30, min_lr=1e30, grad_clip=0.0, warmup_steps=0)

@@ -3,26 +3,13 @@ gathered softmax loss over both processes equal the one-process loss on the glob
 DDP-averaged gradients equal the global batch's gradients."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 WORKER = Path(__file__).with_name("contrastive_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, torchrun):
+    torchrun(WORKER, tmp_path, timeout=120)
     for rank in (0, 1):
         for r in json.loads((tmp_path / f"rank{rank}.json").read_text()):
             case = f"rank {rank} {r['preset']} chunks={r['chunks']}"

@@ -1,7 +1,8 @@
 """The one attention: self or cross; MHA, GQA, MQA; rotary/xPos/ALiBi; qk-norm; sub-LN; KV cache.
 
 Projections live here; the kernel is `attend(q, k, v, mask)` with backends "sdpa"
-(`scaled_dot_product_attention`) and "eager" (the reference the tests compare against).
+(`scaled_dot_product_attention`) and "eager" (the reference the tests compare against), or, with the
+"flex" backend, `FlexAttention` over a `masks.block_mask` (the seam PyTorch's context parallel hooks).
 Attention never infers causality: the model builds the mask from `masks.py` and passes it down;
 `is_causal=True` is only a fast path the model takes when it has proven the mask is plain causal.
 
@@ -16,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
 from polymodal.nn.cache import CrossKV, KVCache
 from polymodal.nn.positions import RotaryTables
 
-BACKENDS = ("sdpa", "eager")
+BACKENDS = ("sdpa", "eager", "flex")
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -32,7 +35,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                               scale=scale, enable_gqa=n_rep > 1)
     if backend != "eager":
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"attend's backend must be 'sdpa' or 'eager' (flex runs through FlexAttention), got {backend!r}")
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     scores = (q @ k.transpose(-2, -1)).float() * (scale or 1.0 / math.sqrt(q.shape[-1]))
     if is_causal:
@@ -42,6 +45,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = F.dropout(scores.softmax(-1), p=dropout).to(v.dtype)
     return probs @ v
+
+
+class FlexAttention(nn.Module):
+    """`flex_attention` as a module, so that `nn.context_parallel` can hook its inputs. A query that may
+    see no key (a pad) gets zeros. PyTorch 2.13 runs it forward-only on CPU (no backward)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
+                scale: float | None = None) -> torch.Tensor:
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -71,6 +83,9 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = qk_norm, k_norm
         self.inner_norm = inner_norm
         self.scale, self.dropout, self.backend = scale, dropout, backend
+        if backend == "flex" and (dropout or self.is_cross):
+            raise ValueError("the flex backend is for self-attention without attention dropout")
+        self.flex = FlexAttention() if backend == "flex" else None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:  # (B, S, n*hs) -> (B, n, S, hs)
         return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
@@ -103,8 +118,13 @@ class Attention(nn.Module):
                 q, k = rope.rotate(q, k)
             if cache is not None:
                 k, v = cache.update(input_pos, k, v)
-        y = attend(q, k, v, mask, is_causal=is_causal, scale=self.scale,
-                   dropout=self.dropout if self.training else 0.0, backend=self.backend)
+        if self.flex is not None:
+            if not isinstance(mask, BlockMask):
+                raise ValueError(f"the flex backend needs a masks.block_mask, got {type(mask).__name__}")
+            y = self.flex(q, k, v, mask, scale=self.scale)
+        else:
+            y = attend(q, k, v, mask, is_causal=is_causal, scale=self.scale,
+                       dropout=self.dropout if self.training else 0.0, backend=self.backend)
         y = y.transpose(1, 2).reshape(*x.shape[:-1], q_size)  # (B, S, nh*hs)
         if self.inner_norm is not None:
             y = self.inner_norm(y)

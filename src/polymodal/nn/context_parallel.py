@@ -1,95 +1,74 @@
-"""Context parallelism for long sequences: attention over a sequence split across processes.
+"""Context parallelism for long sequences ("LongGemini"): every process keeps one contiguous slice of the
+sequence through all the decoder's blocks, and attention still reaches the whole sequence.
 
-Each process holds one contiguous slice of the sequence (`shard`, `shard_segments`): its queries,
-keys, values and their `Segments`, whose positions, groups and documents were counted over the whole
-sequence. `context_parallel_attention` all-gathers the keys, values (differentiably: each rank's
-key/value gradients flow back to their owner) and key segments, then attends to them one rank's block
-at a time, merging each block's partial softmax into the running output through the running row max
-and denominator (log-sum-exp merging, as ring attention does; Liu et al. 2023). A block the queries may not see at all (the future, under a causal
-mask) is skipped. Which keys a query may see comes from `masks.visible`, the rule one process uses, so
-prefix-LM and image blocks, padding and packed documents carry over unchanged.
+This is PyTorch's context parallel (`torch.distributed.tensor.experimental`) in its FlexAttention form,
+on a `DeviceMesh`: `_ContextParallel` hooks each `FlexAttention` to all-gather keys and values across
+the mesh (differentiably), and each process attends with its rows of a block mask built from
+`masks.mask_mod`, so causal text, prefix-LM and image blocks, padding and packed documents carry over
+unchanged. Positions are counted over the whole sequence before it is split.
 
-Only `torch.distributed` collectives are used, so this runs on gloo (CPU) as on NCCL; PyTorch's
-`context_parallel` has no CPU kernel. Additive biases (ALiBi) and attention dropout are not supported.
+`context_parallel(model, mesh)` switches every decoder in a model (built with backend="flex") over;
+the model is then called as before, with the whole sequence on every process, and returns whole-sequence
+outputs: the decoder pads the sequence to a multiple of world * 128 tokens (FlexAttention's block rows;
+the pads are invisible), keeps its slice, and all-gathers the final hidden states. Slices are not
+load-balanced (under a causal mask the last process does the most work).
 
-Shapes: B batch, nh / nkv query / key-value heads, S local tokens, W processes, hs head size.
+PyTorch 2.13 limits: SDPA's ring attention has no CPU kernel (`_scaled_dot_product_flash_attention_for_cpu`
+has no sharding rule) and FlexAttention has no CPU backward, so on CPU this runs forward only (long-context
+prefill and scoring); training through it needs CUDA.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.experimental._context_parallel import _context_parallel_shard, _ContextParallel
+from torch.distributed.tensor.experimental._context_parallel._attention import _create_cp_block_mask
+from torch.distributed.tensor.parallel import parallelize_module
+from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 
-from polymodal.nn.masks import Segments, visible
+from polymodal.nn.masks import Segments, mask_mod
 from polymodal.train.distributed import all_gather_with_grad
 
 
-def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    return dist.get_rank(group), dist.get_world_size(group)
+def context_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Splits the sequence of every decoder in `model` over the 1-D `mesh`; returns the model."""
+    from polymodal.nn.attention import FlexAttention
+    from polymodal.nn.transformer import Decoder
+
+    if mesh.ndim != 1:
+        raise ValueError(f"context parallel needs a 1-D device mesh, got {mesh.ndim} dimensions")
+    decoders = [m for m in model.modules() if isinstance(m, Decoder)]
+    if not decoders or any(d.backend != "flex" for d in decoders):
+        raise ValueError("context parallel needs the decoder built with backend='flex', got "
+                         f"{[d.backend for d in decoders] or 'no decoder'}")
+    for decoder in decoders:
+        decoder.context_mesh = mesh
+        for module in decoder.modules():
+            if isinstance(module, FlexAttention):
+                parallelize_module(module, mesh, _ContextParallel(seq_dim=2, attention_type=_ContextParallel.AttentionType.FLEX))
+    return model
 
 
-def shard(x: torch.Tensor, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """This process's contiguous slice of x along `dim` (the sequence), which must split evenly."""
-    rank, world = _world(group)
-    if x.shape[dim] % world:
-        raise ValueError(f"a sequence of {x.shape[dim]} tokens does not split evenly over {world} processes; "
-                         f"pad it to a multiple of {world}")
-    return x.chunk(world, dim)[rank]
+def shard(mesh: DeviceMesh, x: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, Segments, BlockMask]:
+    """The whole sequence's embeddings x (B, S, D) and segments -> this process's slice of both (padded
+    to a multiple of world * 128 tokens) and its rows of the block mask."""
+    B, S = seg.groups.shape
+    unit = mesh.size() * _DEFAULT_SPARSE_BLOCK_SIZE
+    pad = -S % unit
+    if pad:  # invalid tokens in a document of their own: no one sees them, they see nothing
+        x = F.pad(x, (0, 0, 0, pad))
+        seg = Segments(F.pad(seg.positions, (0, pad)), F.pad(seg.groups, (0, pad)),
+                       F.pad(seg.docs, (0, pad), value=int(seg.docs.min()) - 1), F.pad(seg.valid, (0, pad)))
+    # given no load balancer, `_context_parallel_shard` turns load balancing off, which the mask relies on
+    x, *parts = _context_parallel_shard(mesh, [x, seg.positions, seg.groups, seg.docs, seg.valid], [1] * 5)
+    mask = _create_cp_block_mask(mask_mod(seg, seg), B, 1, S + pad, S + pad, mesh)
+    return x, Segments(*parts), mask
 
 
-def shard_segments(seg: Segments, group: dist.ProcessGroup | None = None) -> Segments:
-    """The slice of whole-sequence segments (`masks.make_segments` on all tokens) this process holds."""
-    return Segments(*(shard(t, 1, group) for t in (seg.positions, seg.groups, seg.docs, seg.valid)))
-
-
-def gather_segments(seg: Segments, group: dist.ProcessGroup | None = None) -> Segments:
-    _, world = _world(group)
-    parts = []
-    for t in (seg.positions, seg.groups, seg.docs, seg.valid):
-        out = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(out, t.contiguous(), group=group)
-        parts.append(torch.cat(out, 1))
-    return Segments(*parts)
-
-
-def _gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    # (B, n, S, hs) -> (B, n, W*S, hs), rank order; the gather runs along dim 0, so the sequence goes first
-    return all_gather_with_grad(x.permute(2, 0, 1, 3).contiguous(), group).permute(1, 2, 0, 3)
-
-
-def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_seg: Segments,
-                               k_seg: Segments | None = None, *, scale: float | None = None,
-                               group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """q (B, nh, S, hs), k/v (B, nkv, S, hs): this process's slices; q_seg / k_seg (default q_seg)
-    their segments. Returns (B, nh, S, hs), equal to one process's attention on the whole sequence
-    for every query that may see some key (a query that may see none, a pad, gets zeros)."""
-    _, world = _world(group)
-    k_seg = q_seg if k_seg is None else k_seg
-    n_rep = q.shape[1] // k.shape[1]
-    keys, values = _gather_sequence(k, group), _gather_sequence(v, group)  # (B, nkv, W*S, hs)
-    key_seg = gather_segments(k_seg, group)
-    scale = scale or 1.0 / math.sqrt(q.shape[-1])
-    S = k.shape[2]
-    # flash-attention's running statistics: row max m (held out of autograd: the result does not
-    # depend on it), softmax denominator l, unnormalised output acc; never -inf - -inf, so no NaN
-    m = torch.full((*q.shape[:3], 1), float("-inf"), device=q.device)  # (B, nh, S, 1)
-    l = torch.zeros_like(m)
-    acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    for j in range(world):
-        block = slice(j * S, (j + 1) * S)
-        allowed = visible(q_seg, key_seg[:, block])[:, None]  # (B, 1, S, S)
-        if not bool(allowed.any()):
-            continue
-        kj = keys[:, :, block].repeat_interleave(n_rep, dim=1)
-        vj = values[:, :, block].repeat_interleave(n_rep, dim=1)
-        scores = ((q @ kj.transpose(-2, -1)).float() * scale).masked_fill(~allowed, float("-inf"))
-        m_new = torch.maximum(m, scores.detach().amax(-1, keepdim=True))
-        m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)  # a row that sees nothing yet
-        p = torch.exp(scores - m_safe)  # (B, nh, S, S), 0 where masked
-        correction = torch.exp(m - m_safe)
-        l = correction * l + p.sum(-1, keepdim=True)
-        acc = correction * acc + p @ vj.float()
-        m = m_new
-    return (acc / l.masked_fill(l == 0, 1.0)).to(q.dtype)
+def gather(mesh: DeviceMesh, x: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Every process's slice x (B, S/W, D) -> the whole sequence (B, seq_len, D); gradients flow back to each slice."""
+    whole = all_gather_with_grad(x.transpose(0, 1).contiguous(), mesh.get_group())  # gathers along dim 0
+    return whole.transpose(0, 1)[:, :seq_len]

@@ -8,7 +8,8 @@ Each token carries four ids (a `Segments`):
   valid      False for padding: nobody sees a pad
 
 `attention_mask(q, k)` is the only place these become a mask, for training, prefill and cached
-decode alike (the cache keeps the `Segments` of its slots). This is big_vision's
+decode alike (the cache keeps the `Segments` of its slots); `block_mask(q, k)` is the same rule as a
+FlexAttention `BlockMask`. This is big_vision's
 `cumsum(mask_ar)` construction (PaliGemma) extended with documents and padding.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
 @dataclass
@@ -73,14 +75,27 @@ def _positions_per_document(valid: torch.Tensor, docs: torch.Tensor) -> torch.Te
     return (counts - before_doc - 1).clamp_min(0)
 
 
+def _sees(q_group, q_doc, k_group, k_doc, k_valid):
+    """The rule: a key is visible from a query of its document, in an earlier or the same group, unless it is a pad."""
+    return (k_group <= q_group) & (k_doc == q_doc) & k_valid
+
+
 def visible(q: Segments, k: Segments) -> torch.Tensor:
-    """(B, Sq, Sk) bool, True where query i may see key j: the rule itself, rows that see nothing
-    left empty (blockwise attention over key blocks needs them so)."""
-    return (
-        (k.groups[:, None, :] <= q.groups[:, :, None])
-        & (k.docs[:, None, :] == q.docs[:, :, None])
-        & k.valid[:, None, :]
-    )
+    """(B, Sq, Sk) bool, True where query i may see key j; rows that see nothing are left empty."""
+    return _sees(q.groups[:, :, None], q.docs[:, :, None], k.groups[:, None, :], k.docs[:, None, :], k.valid[:, None, :])
+
+
+def mask_mod(q: Segments, k: Segments):
+    """The rule as a FlexAttention mask_mod(b, h, q_idx, kv_idx) over these segments' indices."""
+    def sees(b, h, q_idx, kv_idx):
+        return _sees(q.groups[b, q_idx], q.docs[b, q_idx], k.groups[b, kv_idx], k.docs[b, kv_idx], k.valid[b, kv_idx])
+    return sees
+
+
+def block_mask(q: Segments, k: Segments) -> BlockMask:
+    """The rule as a FlexAttention `BlockMask` (one for all heads); a query that sees nothing gets zeros."""
+    (B, Sq), Sk = q.groups.shape, k.groups.shape[1]
+    return create_block_mask(mask_mod(q, k), B, None, Sq, Sk, device=q.groups.device)
 
 
 def attention_mask(q: Segments, k: Segments) -> torch.Tensor:

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import DecoderConfig
+from polymodal.nn import context_parallel
 from polymodal.nn.attention import Attention
 from polymodal.nn.cache import Cache, KVCache
-from polymodal.nn.masks import Segments, attention_mask, make_segments
+from polymodal.nn.masks import Segments, attention_mask, block_mask, make_segments
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm, make_norm
 from polymodal.nn.positions import ALiBi, Rotary, RotaryTables
@@ -83,6 +84,10 @@ class Decoder(nn.Module):
     def __init__(self, config: DecoderConfig, *, backend: str = "sdpa"):
         super().__init__()
         cfg = self.config = config
+        if backend == "flex" and cfg.positions == "alibi":
+            raise ValueError("the flex backend does not take ALiBi's additive bias; use sdpa or eager")
+        self.backend = backend
+        self.context_mesh = None  # set by `context_parallel.context_parallel`
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
         self.embed_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.embed_norm else None
@@ -189,11 +194,19 @@ class Decoder(nn.Module):
             x = x + self.pos_embeddings(seg.positions)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        input_pos, k_seg = None, seg
+        if self.context_mesh is not None and (cache is not None or before_layer is not None):
+            raise ValueError("context parallel runs whole sequences through the decoder's own blocks: "
+                             "no KV cache and no interleaved blocks (before_layer)")
+        input_pos, k_seg, seq_len = None, seg, x.shape[1]
         if cache is not None:
             input_pos, k_seg = cache.write(seg), cache.slots
-        is_causal = plain_causal and cache is None and self.alibi is None
-        mask = None if is_causal else attention_mask(seg, k_seg)
+        is_causal = plain_causal and cache is None and self.alibi is None and self.backend != "flex"
+        if self.context_mesh is not None:
+            x, seg, mask = context_parallel.shard(self.context_mesh, x, seg)
+        elif self.backend == "flex":
+            mask = block_mask(seg, k_seg)
+        else:
+            mask = None if is_causal else attention_mask(seg, k_seg)
         if self.alibi is not None:
             mask = self.alibi(mask, seg.positions, k_seg.positions, x.dtype)
         rope = self.rotary(seg.positions, x.dtype) if self.rotary is not None else None
@@ -202,7 +215,8 @@ class Decoder(nn.Module):
                 x = before_layer(i, x)
             x = layer(x, mask=mask, is_causal=is_causal, rope=rope,
                       cache=cache.layers[i] if cache is not None else None, input_pos=input_pos)
-        return self.norm(x) if self.norm is not None else x
+        x = self.norm(x) if self.norm is not None else x
+        return x if self.context_mesh is None else context_parallel.gather(self.context_mesh, x, seq_len)
 
     def head(self, h: torch.Tensor, labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
         loss = None

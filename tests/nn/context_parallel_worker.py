@@ -6,8 +6,12 @@ on the whole sequence; the differences of their logits on real tokens go to OUT/
 """
 
 import json
+import os
 import sys
 from pathlib import Path
+
+# each process compiles its block mask in its own inductor cache: two sharing one race on its precompiled headers
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(sys.argv[1], f"inductor-{os.environ.get('LOCAL_RANK', '0')}")
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh

@@ -12,29 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import polymodal as pm
 from polymodal.convert.hf import decoder_config_to_hf
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of fn() over repeats, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from timing import timed  # benchmarks/timing.py, beside this script
 
 
 def build_pair(cfg: pm.DecoderConfig, device: str, dtype: torch.dtype, tmp: Path):

@@ -141,11 +141,26 @@ def test_images_past_the_context_limit_raise_before_compute():
         model(straddling, torch.randn(1, 3, 32, 32))
 
 
+def test_trainable_parts_and_a_frozen_clip():
+    model = Kosmos(kosmos_tiny())
+    model.trainable(["perceiver", "projector", "decoder"])  # the paper's frozen CLIP
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"perceiver", "projector", "decoder"}
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    model.trainable(["vision"])
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"vision"}
+    with pytest.raises(ValueError, match=r"unknown parts \['clip'\]; choose from "
+                                         r"\['vision', 'perceiver', 'projector', 'decoder'\]"):
+        model.trainable(["clip", "decoder"])
+
+
 def test_presets_and_config_round_trip(tmp_path):
     cfg = kosmos_tiny()
     assert KosmosConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(pm.ConfigError, match="must differ"):
         cfg.replace(placeholder_token_id=cfg.image_token_id)
+    with pytest.raises(pm.ConfigError, match="max_media and max_frames must be 0, got 2 and 0"):
+        cfg.replace(perceiver=cfg.perceiver.replace(max_media=2))
     torch.manual_seed(0)
     model = pm.build("kosmos-tiny").eval()
     ids, px = document_ids(cfg, "image", [40, 41]), torch.randn(1, 3, 32, 32)

@@ -38,6 +38,13 @@ def hf_model(swin: bool = False, seed: int = 0):
     return model
 
 
+def loaded(directory, swin: bool = False):
+    """The HF model, and ours read from the checkpoint dir it writes."""
+    hf = hf_model(swin)
+    hf.save_pretrained(directory)
+    return hf, pm.from_pretrained(directory)
+
+
 def mixed_batch(n_text: int = 5):
     """Two rows: text, `<racm3:break>`, 64 image placeholders, `<eoss>`, text."""
     g = torch.Generator().manual_seed(1)
@@ -54,9 +61,7 @@ def text_columns(hf) -> torch.Tensor:
 
 
 def test_vq_codes_match(tmp_path):
-    hf = hf_model()
-    hf.save_pretrained(tmp_path)
-    ours = pm.from_pretrained(tmp_path)
+    hf, ours = loaded(tmp_path)
     _, pixels = mixed_batch()
     with torch.no_grad():
         theirs_latent = hf.model.vqmodel.quant_conv(hf.model.vqmodel.encoder(pixels))
@@ -67,9 +72,7 @@ def test_vq_codes_match(tmp_path):
 
 @pytest.mark.parametrize("swin", [False, True])
 def test_logits_on_mixed_sequence(tmp_path, swin):
-    hf = hf_model(swin)
-    hf.save_pretrained(tmp_path)
-    ours = pm.from_pretrained(tmp_path)
+    hf, ours = loaded(tmp_path, swin)
     assert ours.config.text.norm_placement == ("swin" if swin else "pre")
     ids, pixels = mixed_batch()
     with torch.no_grad():
@@ -82,9 +85,7 @@ def test_logits_on_mixed_sequence(tmp_path, swin):
 
 
 def test_greedy_generation_equal(tmp_path):
-    hf = hf_model()
-    hf.save_pretrained(tmp_path)
-    ours = pm.from_pretrained(tmp_path)
+    hf, ours = loaded(tmp_path)
     ids, pixels = mixed_batch()
     with torch.no_grad():
         theirs = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=16, do_sample=False,
@@ -94,9 +95,7 @@ def test_greedy_generation_equal(tmp_path):
 
 
 def test_hf_round_trip(tmp_path):
-    hf = hf_model()
-    hf.save_pretrained(tmp_path / "hf")
-    ours = pm.from_pretrained(tmp_path / "hf")
+    hf, ours = loaded(tmp_path / "hf")
     assert not ours.config.vq.decoder  # HF checkpoints carry no VQ decoder
     save_hf(ours, tmp_path / "back", "chameleon")
     again = transformers.ChameleonForConditionalGeneration.from_pretrained(tmp_path / "back").eval()

@@ -10,6 +10,8 @@ from polymodal.config import ConfigError
 from polymodal.convert.hf import FAMILIES, export_state, save_hf
 from polymodal.convert.hf_contrastive import contrastive_rules
 
+from randomise import randomise  # tests/parity/randomise.py
+
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
@@ -28,10 +30,8 @@ def hf_model(kind: str):
         cfg = transformers.CLIPConfig(text_config={**TEXT, "eos_token_id": eos}, vision_config=VISION,
                                       projection_dim=24)
         model = transformers.CLIPModel(cfg)
+    randomise(model, "norm", mean=1.0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.3)
         model.logit_scale.fill_(2.3)
         if kind == "siglip":
             model.logit_bias.fill_(-1.5)

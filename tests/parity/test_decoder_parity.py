@@ -6,6 +6,8 @@ import torch
 import polymodal as pm
 from polymodal.convert.hf import save_hf
 
+from randomise import randomise  # tests/parity/randomise.py
+
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 
 CONFIGS = {
@@ -35,10 +37,7 @@ def hf_model(kind: str, overrides: dict):
     if theta is not None:
         model.config.rope_parameters["rope_theta"] = theta
         model = type(model)(model.config)
-    with torch.no_grad():  # random norms, so a wrong norm formula cannot hide behind ones/zeros
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.3)
+    randomise(model, "norm")
     return model.eval()
 
 

@@ -11,6 +11,8 @@ import torch
 import polymodal as pm
 from polymodal.convert.hf import save_hf
 
+from randomise import randomise  # tests/parity/randomise.py
+
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 
 IMAGE_TOKEN, VOCAB, PATCH, SIZE = 5, 128, 4, 16  # 16x16 images: 16 patches of 4x4x3
@@ -23,10 +25,7 @@ def hf_fuyu(**text_overrides):
     cfg = transformers.FuyuConfig(text_config={**TEXT, **text_overrides}, image_size=SIZE, patch_size=PATCH,
                                   image_token_id=IMAGE_TOKEN)
     model = transformers.FuyuForCausalLM(cfg)
-    with torch.no_grad():  # random norms and biases, so a wrong formula cannot hide behind ones/zeros
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.normal_(0.0, 0.3)
+    randomise(model, "norm", "bias")
     return model.eval()
 
 

@@ -7,6 +7,8 @@ import polymodal as pm
 from polymodal.convert.hf import save_hf
 from polymodal.serialization import save_state_dict
 
+from randomise import randomise  # tests/parity/randomise.py
+
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 
 IMAGE_TOKEN, N_IMG = 99, 16  # 16x16 images, patch 4 -> 16 tokens per image
@@ -20,10 +22,7 @@ def hf_paligemma():
     cfg = transformers.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                                        projection_dim=32)
     model = transformers.PaliGemmaForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.3)
+    randomise(model, "norm")
     return model.eval()
 
 

@@ -5,19 +5,15 @@ import torch
 
 import polymodal as pm
 from polymodal.convert.hf import save_hf
+from polymodal.encoders.vit import VisionConfig
 from polymodal.serialization import save_state_dict
+
+from randomise import randomise  # tests/parity/randomise.py
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16,
             patch_size=4)
-
-
-def randomise_norms(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.3)
 
 
 @pytest.fixture(params=["siglip", "siglip-headless", "clip"])
@@ -28,7 +24,7 @@ def pair(request, tmp_path):
         hf = transformers.SiglipVisionModel(cfg)
     else:
         hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY))
-    randomise_norms(hf)
+    randomise(hf, "norm", mean=1.0)
     hf.save_pretrained(tmp_path / "hf")
     return hf.eval(), pm.from_pretrained(tmp_path / "hf"), request.param.split("-")[0]
 
@@ -44,6 +40,27 @@ def test_hidden_states_and_pooled_match(pair):
             assert (out.pooled - ref.pooler_output).abs().max() <= 1e-4
         for layer in (0, 1, -2, -1):  # VLMs pick a layer, e.g. CLIP's penultimate
             assert (ours(px, layer=layer).features - ref.hidden_states[layer]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["siglip", "clip"])
+def test_from_scratch_embeddings_start_as_the_reference(variant):
+    """Not loaded weights: the spread our init gives the patch, position and class embeddings."""
+    shape = dict(hidden_size=256, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=64,
+                 patch_size=8)
+    if variant == "siglip":
+        hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**shape))
+    else:
+        hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**shape))
+    ours = pm.build(VisionConfig(variant=variant, image_size=64, patch_size=8, dim=256, n_layers=1, n_heads=4,
+                                 hidden_dim=64))
+    ref = hf.embeddings
+    pairs = {"pos_embed": (ours.pos_embed.weight, ref.position_embedding.weight),
+             "patch_embed": (ours.patch_embed.weight, ref.patch_embedding.weight)}
+    if variant == "clip":
+        pairs["class_token"] = (ours.class_token, ref.class_embedding)
+    for name, (mine, theirs) in pairs.items():
+        assert mine.std().item() == pytest.approx(theirs.std().item(), rel=0.15), name
+        assert mine.mean().abs().item() < 0.2 * theirs.std().item(), name
 
 
 def test_round_trip_to_hf_is_identical(pair, tmp_path):

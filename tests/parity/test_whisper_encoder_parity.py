@@ -8,6 +8,8 @@ import torch
 import polymodal as pm
 from polymodal.encoders.audio import AudioEncoder
 
+from randomise import randomise  # tests/parity/randomise.py
+
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 
 MELS, POSITIONS = 16, 50  # 100 mel frames: 1 s at 16 kHz
@@ -20,10 +22,7 @@ def hf_whisper(cls):
         decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, max_source_positions=POSITIONS,
         max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
     model = cls(cfg)
-    with torch.no_grad():  # random norms and biases, so a wrong formula cannot hide behind ones/zeros
-        for name, p in model.named_parameters():
-            if "layer_norm" in name or name.endswith("bias"):
-                p.normal_(0.0, 0.3)
+    randomise(model, "layer_norm", "bias")
     return model.eval()
 
 

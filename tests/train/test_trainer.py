@@ -55,7 +55,8 @@ def test_splitting_a_step_does_not_change_its_loss(tmp_path, text_data):
     reference, directory = run(tmp_path, text_data, "reference")
     assert losses(reference)[-1] < losses(reference)[0]
     for name, options in {"accumulated": {"batch_size": 4, "grad_accum": 2}, "packed": {"pack": True, "max_len": 48},
-                          "checkpointed": {"activation_checkpointing": True}}.items():
+                          "checkpointed": {"activation_checkpointing": True},
+                          "compiled": {"compile": True, "activation_checkpointing": True}}.items():
         got = losses(run(tmp_path, text_data, name, **options)[0])
         assert max(abs(a - b) for a, b in zip(got, losses(reference))) <= 1e-5, name
     # outputs: per-step metrics with eval losses, the loss curve, only the newest checkpoints

@@ -92,6 +92,11 @@ def linear_rules(ours: str, theirs: list[str], sizes: list[int] | None, bias: bo
     return rules
 
 
+def norm_rules(ours: str, theirs: str) -> list[Rule]:
+    """A LayerNorm's weight and bias."""
+    return linear_rules(ours, [theirs], None, True)
+
+
 def decoder_rules(cfg: DecoderConfig, ours: str = "", theirs: str = "model.", lm_head: str = "lm_head") -> list[Rule]:
     """Llama/Gemma layout: `model.layers.i.self_attn.q_proj`, `mlp.gate_proj`, ..."""
     q, kv, hid = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size, cfg.hidden_dim

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 from polymodal.config import ConfigError
-from polymodal.convert.hf import FAMILIES, Family, Rule, linear_rules
-from polymodal.convert.hf_vision import VISION_ACT, vision_config_from_hf, vision_config_to_hf, vision_rules
+from polymodal.convert.hf import FAMILIES, Family, Rule, linear_rules, norm_rules
+from polymodal.convert.hf_vision import (VISION_ACT, encoder_layer_rules, vision_config_from_hf, vision_config_to_hf,
+                                         vision_rules)
 from polymodal.encoders.text import TextConfig
 from polymodal.models.contrastive import ContrastiveConfig, DualEncoder
 
@@ -56,21 +57,12 @@ def text_config_to_hf(cfg: TextConfig) -> dict:
 
 
 def text_rules(cfg: TextConfig, ours: str, theirs: str) -> list[Rule]:
-    d = cfg.dim
     rules = [Rule(f"{ours}tok_embeddings.weight", (f"{theirs}embeddings.token_embedding.weight",)),
              Rule(f"{ours}pos_embed.weight", (f"{theirs}embeddings.position_embedding.weight",))]
-    rules += linear_rules(f"{ours}norm", [f"{theirs}final_layer_norm"], None, True)
+    rules += norm_rules(f"{ours}norm", f"{theirs}final_layer_norm")
     if cfg.variant == "siglip":
         rules += linear_rules(f"{ours}head", [f"{theirs}head"], None, True)
-    for i in range(cfg.n_layers):
-        o, t = f"{ours}layers.{i}.", f"{theirs}encoder.layers.{i}."
-        rules += linear_rules(f"{o}attn.wqkv", [f"{t}self_attn.{p}_proj" for p in "qkv"], [d, d, d], True)
-        rules += linear_rules(f"{o}attn.wo", [f"{t}self_attn.out_proj"], None, True)
-        rules += linear_rules(f"{o}attn_norm", [f"{t}layer_norm1"], None, True)
-        rules += linear_rules(f"{o}mlp_norm", [f"{t}layer_norm2"], None, True)
-        rules += linear_rules(f"{o}mlp.w_in", [f"{t}mlp.fc1"], None, True)
-        rules += linear_rules(f"{o}mlp.w_out", [f"{t}mlp.fc2"], None, True)
-    return rules
+    return rules + encoder_layer_rules(cfg.dim, cfg.n_layers, ours, theirs)
 
 
 def contrastive_rules(cfg: ContrastiveConfig) -> list[Rule]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from polymodal.config import ConfigError, DecoderConfig
-from polymodal.convert.hf import FAMILIES, Family, Rule, linear_rules, rope_from_hf
+from polymodal.convert.hf import FAMILIES, Family, Rule, linear_rules, norm_rules, rope_from_hf
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.models.gemini import Gemini, GeminiConfig, MediaTokens
 
@@ -101,14 +101,10 @@ def fuyu_config_to_hf(cfg: GeminiConfig) -> dict:
     }
 
 
-def _layer_norm(ours: str, theirs: str) -> list[Rule]:
-    return [Rule(f"{ours}.weight", (f"{theirs}.weight",)), Rule(f"{ours}.bias", (f"{theirs}.bias",))]
-
-
 def fuyu_rules(cfg: GeminiConfig) -> list[Rule]:
     t, lm = cfg.text, "language_model.model."
     rules = [Rule("decoder.tok_embeddings.weight", (f"{lm}embed_tokens.weight",)),
-             *_layer_norm("decoder.norm", f"{lm}final_layernorm"),
+             *norm_rules("decoder.norm", f"{lm}final_layernorm"),
              *linear_rules("image_proj", ["vision_embed_tokens"], None, True)]
     for i in range(t.n_layers):
         o, h = f"decoder.layers.{i}.", f"{lm}layers.{i}."
@@ -117,11 +113,11 @@ def fuyu_rules(cfg: GeminiConfig) -> list[Rule]:
         rules += linear_rules(f"{o}attn.wo", [f"{h}self_attn.dense"], None, True)
         rules += linear_rules(f"{o}mlp.w_in", [f"{h}mlp.dense_h_to_4h"], None, True)
         rules += linear_rules(f"{o}mlp.w_out", [f"{h}mlp.dense_4h_to_h"], None, True)
-        rules += _layer_norm(f"{o}attn_norm", f"{h}input_layernorm")
-        rules += _layer_norm(f"{o}mlp_norm", f"{h}post_attention_layernorm")
+        rules += norm_rules(f"{o}attn_norm", f"{h}input_layernorm")
+        rules += norm_rules(f"{o}mlp_norm", f"{h}post_attention_layernorm")
         if t.qk_norm:
-            rules += _layer_norm(f"{o}attn.q_norm", f"{h}self_attn.q_layernorm")
-            rules += _layer_norm(f"{o}attn.k_norm", f"{h}self_attn.k_layernorm")
+            rules += norm_rules(f"{o}attn.q_norm", f"{h}self_attn.q_layernorm")
+            rules += norm_rules(f"{o}attn.k_norm", f"{h}self_attn.k_layernorm")
     if not t.tie_embeddings:
         rules.append(Rule("decoder.output.weight", ("language_model.lm_head.weight",)))
     return rules
@@ -154,7 +150,7 @@ def whisper_config_to_hf(cfg: AudioConfig) -> dict:
 def whisper_rules(cfg: AudioConfig) -> list[Rule]:
     e, d = "encoder.", cfg.dim
     rules = [*linear_rules("conv1", [f"{e}conv1"], None, True), *linear_rules("conv2", [f"{e}conv2"], None, True),
-             Rule("pos_embed", (f"{e}embed_positions.weight",)), *_layer_norm("norm", f"{e}layer_norm")]
+             Rule("pos_embed", (f"{e}embed_positions.weight",)), *norm_rules("norm", f"{e}layer_norm")]
     for i in range(cfg.n_layers):
         o, h = f"layers.{i}.", f"{e}layers.{i}."
         rules += [Rule(f"{o}attn.wqkv.weight", tuple(f"{h}self_attn.{p}_proj.weight" for p in "qkv"), (d, d, d)),
@@ -163,8 +159,8 @@ def whisper_rules(cfg: AudioConfig) -> list[Rule]:
         rules += linear_rules(f"{o}attn.wo", [f"{h}self_attn.out_proj"], None, True)
         rules += linear_rules(f"{o}mlp.w_in", [f"{h}fc1"], None, True)
         rules += linear_rules(f"{o}mlp.w_out", [f"{h}fc2"], None, True)
-        rules += _layer_norm(f"{o}attn_norm", f"{h}self_attn_layer_norm")
-        rules += _layer_norm(f"{o}mlp_norm", f"{h}final_layer_norm")
+        rules += norm_rules(f"{o}attn_norm", f"{h}self_attn_layer_norm")
+        rules += norm_rules(f"{o}mlp_norm", f"{h}final_layer_norm")
     return rules
 
 

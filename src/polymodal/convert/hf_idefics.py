@@ -10,10 +10,12 @@ concatenated here into one vocabulary (split back on export).
 from __future__ import annotations
 
 from polymodal.config import ConfigError, DecoderConfig
-from polymodal.convert.hf import FAMILIES, Family, Rule, decoder_rules, linear_rules, rope_from_hf, rope_to_hf
+from polymodal.convert.hf import (FAMILIES, Family, Rule, decoder_rules, linear_rules, norm_rules, rope_from_hf,
+                                  rope_to_hf)
 from polymodal.convert.hf_vision import vision_config_from_hf, vision_config_to_hf, vision_rules
 from polymodal.encoders.vit import VisionConfig
-from polymodal.models.flamingo import Flamingo, FlamingoConfig, PerceiverConfig
+from polymodal.fusion.perceiver import PerceiverConfig
+from polymodal.models.flamingo import Flamingo, FlamingoConfig
 
 ALPHA_TYPES = {"float": "scalar", "vector": "vector"}
 # IdeficsVisionConfig's defaults (a CLIP layout with exact GELU); its width is `embed_dim`, not `hidden_size`
@@ -130,20 +132,18 @@ def rules(cfg: FlamingoConfig) -> list[Rule]:
 
 
 def perceiver_rules(p: PerceiverConfig, ours: str, theirs: str) -> list[Rule]:
-    def norm(o: str, h: str) -> list[Rule]:
-        return [Rule(f"{o}.weight", (f"{h}.weight",)), Rule(f"{o}.bias", (f"{h}.bias",))]
-
     inner = p.n_heads * p.head_dim
-    out = [Rule(f"{ours}latents", (f"{theirs}latents",)), *norm(f"{ours}norm", f"{theirs}layer_norm")]
+    out = [Rule(f"{ours}latents", (f"{theirs}latents",)), *norm_rules(f"{ours}norm", f"{theirs}layer_norm")]
     for d in range(p.depth):
         o, a, m = f"{ours}layers.{d}.", f"{theirs}blocks.{d}.0.", f"{theirs}blocks.{d}.1."
-        out += norm(f"{o}media_norm", f"{a}context_layer_norm") + norm(f"{o}latent_norm", f"{a}latents_layer_norm")
+        out += norm_rules(f"{o}media_norm", f"{a}context_layer_norm")
+        out += norm_rules(f"{o}latent_norm", f"{a}latents_layer_norm")
         out += linear_rules(f"{o}attn.wq", [f"{a}q_proj"], None, False)
         out += linear_rules(f"{o}attn.wkv", [f"{a}k_proj", f"{a}v_proj"], [inner, inner], False)
         out += linear_rules(f"{o}attn.wo", [f"{a}output_proj"], None, False)
         if p.qk_norm:
-            out += norm(f"{o}attn.q_norm", f"{a}q_layer_norm") + norm(f"{o}attn.k_norm", f"{a}k_layer_norm")
-        out += norm(f"{o}mlp_norm", f"{m}ln")
+            out += norm_rules(f"{o}attn.q_norm", f"{a}q_layer_norm") + norm_rules(f"{o}attn.k_norm", f"{a}k_layer_norm")
+        out += norm_rules(f"{o}mlp_norm", f"{m}ln")
         out += linear_rules(f"{o}mlp.w_in", [f"{m}fc"], None, False)
         out += linear_rules(f"{o}mlp.w_out", [f"{m}c_proj"], None, False)
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from polymodal.config import ConfigError
 from polymodal.convert.hf import (FAMILIES, Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
-                                  linear_rules)
+                                  linear_rules, norm_rules)
 from polymodal.encoders.vit import ViT, VisionConfig
 
 VISION_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
@@ -53,24 +53,30 @@ def vision_config_to_hf(cfg: VisionConfig) -> dict:
     return hf
 
 
+def encoder_layer_rules(dim: int, n_layers: int, ours: str, theirs: str) -> list[Rule]:
+    """The encoder layers of a CLIP/SigLIP tower, image or text (`encoders.vit.encoder_blocks`)."""
+    rules = []
+    for i in range(n_layers):
+        o, t = f"{ours}layers.{i}.", f"{theirs}encoder.layers.{i}."
+        rules += linear_rules(f"{o}attn.wqkv", [f"{t}self_attn.{p}_proj" for p in "qkv"], [dim] * 3, True)
+        rules += linear_rules(f"{o}attn.wo", [f"{t}self_attn.out_proj"], None, True)
+        rules += norm_rules(f"{o}attn_norm", f"{t}layer_norm1") + norm_rules(f"{o}mlp_norm", f"{t}layer_norm2")
+        rules += linear_rules(f"{o}mlp.w_in", [f"{t}mlp.fc1"], None, True)
+        rules += linear_rules(f"{o}mlp.w_out", [f"{t}mlp.fc2"], None, True)
+    return rules
+
+
 def vision_rules(cfg: VisionConfig, ours: str = "", theirs: str = "") -> list[Rule]:
     d = cfg.dim
     rules = [Rule(f"{ours}patch_embed.weight", (f"{theirs}embeddings.patch_embedding.weight",)),
              Rule(f"{ours}pos_embed.weight", (f"{theirs}embeddings.position_embedding.weight",))]
-    rules += linear_rules(f"{ours}post_norm", [f"{theirs}post_layernorm"], None, True)
+    rules += norm_rules(f"{ours}post_norm", f"{theirs}post_layernorm")
     if cfg.variant == "clip":
         rules.append(Rule(f"{ours}class_token", (f"{theirs}embeddings.class_embedding",)))
-        rules += linear_rules(f"{ours}pre_norm", [f"{theirs}pre_layrnorm"], None, True)
+        rules += norm_rules(f"{ours}pre_norm", f"{theirs}pre_layrnorm")
     else:
         rules.append(Rule(f"{ours}patch_embed.bias", (f"{theirs}embeddings.patch_embedding.bias",)))
-    for i in range(cfg.n_layers):
-        o, t = f"{ours}layers.{i}.", f"{theirs}encoder.layers.{i}."
-        rules += linear_rules(f"{o}attn.wqkv", [f"{t}self_attn.{p}_proj" for p in "qkv"], [d, d, d], True)
-        rules += linear_rules(f"{o}attn.wo", [f"{t}self_attn.out_proj"], None, True)
-        rules += linear_rules(f"{o}attn_norm", [f"{t}layer_norm1"], None, True)
-        rules += linear_rules(f"{o}mlp_norm", [f"{t}layer_norm2"], None, True)
-        rules += linear_rules(f"{o}mlp.w_in", [f"{t}mlp.fc1"], None, True)
-        rules += linear_rules(f"{o}mlp.w_out", [f"{t}mlp.fc2"], None, True)
+    rules += encoder_layer_rules(d, cfg.n_layers, ours, theirs)
     if cfg.variant == "siglip" and cfg.pooling_head:
         h, th = f"{ours}head.", f"{theirs}head."
         rules.append(Rule(f"{h}probe", (f"{th}probe",)))
@@ -78,7 +84,7 @@ def vision_rules(cfg: VisionConfig, ours: str = "", theirs: str = "") -> list[Ru
             rules.append(Rule(f"{h}attn.wq.{suffix}", (f"{th}attention.in_proj_{suffix}",), rows=(0, d)))
             rules.append(Rule(f"{h}attn.wkv.{suffix}", (f"{th}attention.in_proj_{suffix}",), rows=(d, 3 * d)))
         rules += linear_rules(f"{h}attn.wo", [f"{th}attention.out_proj"], None, True)
-        rules += linear_rules(f"{h}norm", [f"{th}layernorm"], None, True)
+        rules += norm_rules(f"{h}norm", f"{th}layernorm")
         rules += linear_rules(f"{h}mlp.w_in", [f"{th}mlp.fc1"], None, True)
         rules += linear_rules(f"{h}mlp.w_out", [f"{th}mlp.fc2"], None, True)
     return rules

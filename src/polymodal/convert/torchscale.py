@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from polymodal.config import ConfigError, DecoderConfig
-from polymodal.convert.hf import Rule, linear_rules
+from polymodal.convert.hf import Rule, linear_rules, norm_rules
 from polymodal.nn.transformer import Decoder
 from polymodal.serialization import load_into
 
@@ -47,34 +47,31 @@ def config_from_torchscale(args: Any) -> DecoderConfig:
     )
 
 
-def _norm_rules(ours: str, theirs: str) -> list[Rule]:
-    return [Rule(f"{ours}.weight", (f"{theirs}.weight",)), Rule(f"{ours}.bias", (f"{theirs}.bias",))]
-
-
 def decoder_rules(cfg: DecoderConfig, ours: str = "", theirs: str = "") -> list[Rule]:
     """Key map from a torchscale decoder state dict (under `theirs`) to a polymodal `Decoder` (under `ours`)."""
     d = cfg.dim
     rules = [Rule(f"{ours}tok_embeddings.weight", (f"{theirs}embed_tokens.weight",)),
-             *_norm_rules(f"{ours}norm", f"{theirs}layer_norm")]
+             *norm_rules(f"{ours}norm", f"{theirs}layer_norm")]
     if cfg.embed_norm:
-        rules += _norm_rules(f"{ours}embed_norm", f"{theirs}layernorm_embedding")
+        rules += norm_rules(f"{ours}embed_norm", f"{theirs}layernorm_embedding")
     for i in range(cfg.n_layers):
         o, t = f"{ours}layers.{i}.", f"{theirs}layers.{i}."
         rules += linear_rules(f"{o}attn.wqkv", [f"{t}self_attn.{p}_proj" for p in "qkv"], [d, d, d], True)
         rules += linear_rules(f"{o}attn.wo", [f"{t}self_attn.out_proj"], None, True)
         rules += linear_rules(f"{o}mlp.w_in", [f"{t}ffn.fc1"], None, True)
         rules += linear_rules(f"{o}mlp.w_out", [f"{t}ffn.fc2"], None, True)
-        rules += _norm_rules(f"{o}attn_norm", f"{t}self_attn_layer_norm")
-        rules += _norm_rules(f"{o}mlp_norm", f"{t}final_layer_norm")
+        rules += norm_rules(f"{o}attn_norm", f"{t}self_attn_layer_norm")
+        rules += norm_rules(f"{o}mlp_norm", f"{t}final_layer_norm")
         if cfg.norm_placement == "sub":
-            rules += _norm_rules(f"{o}attn.inner_norm", f"{t}self_attn.inner_attn_ln")
-            rules += _norm_rules(f"{o}mlp.inner_norm", f"{t}ffn.ffn_layernorm")
+            rules += norm_rules(f"{o}attn.inner_norm", f"{t}self_attn.inner_attn_ln")
+            rules += norm_rules(f"{o}mlp.inner_norm", f"{t}ffn.ffn_layernorm")
     if not cfg.tie_embeddings:
         rules.append(Rule(f"{ours}output.weight", (f"{theirs}output_projection.weight",)))
     return rules
 
 
-def load_torchscale_decoder(state: dict[str, torch.Tensor], args: Any, source: str = "torchscale state dict") -> Decoder:
+def load_torchscale_decoder(state: dict[str, torch.Tensor], args: Any,
+                            source: str = "torchscale state dict") -> Decoder:
     """A polymodal `Decoder` holding the weights of a torchscale decoder (its `state_dict()` and config)."""
     cfg = config_from_torchscale(args)
     rules = decoder_rules(cfg)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from polymodal.config import Config, ConfigError, _check_choice, _check_positive
-from polymodal.encoders.vit import encoder_blocks
+from polymodal.config import Config, ConfigError
+from polymodal.encoders.vit import check_encoder_config, encoder_blocks
 from polymodal.nn.masks import attention_mask as segment_mask
 from polymodal.nn.masks import make_segments
 from polymodal.nn.norms import LayerNorm
@@ -40,12 +40,7 @@ class TextConfig(Config):
     eos_token_id: int | None = None  # CLIP pools the first one; None: the highest token id
 
     def __post_init__(self) -> None:
-        _check_choice("variant", self.variant, ("siglip", "clip"))
-        _check_choice("mlp", self.mlp, ("gelu_tanh", "quick_gelu", "gelu"))
-        _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len",
-                        "projection_size")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        check_encoder_config(self, "vocab_size", "max_seq_len", "projection_size")
         if self.variant == "clip" and self.projection_size is not None:
             raise ConfigError("CLIP's text tower has no head (the dual encoder projects it); "
                               f"projection_size must be None, got {self.projection_size}")

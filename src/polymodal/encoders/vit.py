@@ -26,6 +26,15 @@ VARIANT_DEFAULTS = {"siglip": {"mlp": "gelu_tanh", "norm_eps": 1e-6, "pooling_he
                     "clip": {"mlp": "quick_gelu", "norm_eps": 1e-5, "pooling_head": False}}
 
 
+def check_encoder_config(cfg: Config, *positive: str) -> None:
+    """What the image and text towers' configs check alike; `positive`: more fields that must be > 0."""
+    _check_choice("variant", cfg.variant, tuple(VARIANT_DEFAULTS))
+    _check_choice("mlp", cfg.mlp, ("gelu_tanh", "quick_gelu", "gelu"))
+    _check_positive(cfg, *positive, "dim", "n_layers", "n_heads", "hidden_dim", "norm_eps")
+    if cfg.dim % cfg.n_heads:
+        raise ConfigError(f"dim ({cfg.dim}) must be divisible by n_heads ({cfg.n_heads})")
+
+
 @dataclass
 class VisionConfig(Config):
     variant: str = "siglip"  # "siglip" | "clip"
@@ -41,17 +50,12 @@ class VisionConfig(Config):
     pooling_head: bool | None = None  # SigLIP's MAP head (None: SigLIP has one; CLIP pools its class token)
 
     def __post_init__(self) -> None:
-        _check_choice("variant", self.variant, tuple(VARIANT_DEFAULTS))
-        for name, value in VARIANT_DEFAULTS[self.variant].items():
+        for name, value in VARIANT_DEFAULTS.get(self.variant, {}).items():  # an unknown variant fails the check
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        _check_choice("mlp", self.mlp, ("gelu_tanh", "quick_gelu", "gelu"))
-        _check_positive(self, "image_size", "patch_size", "channels", "dim", "n_layers", "n_heads", "hidden_dim",
-                        "norm_eps")
+        check_encoder_config(self, "image_size", "patch_size", "channels")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.variant == "clip" and self.pooling_head:
             raise ConfigError("CLIP has no attention-pooling head (it pools its class token); set pooling_head=False")
 
@@ -71,8 +75,9 @@ def encoder_blocks(dim: int, n_layers: int, n_heads: int, hidden_dim: int, mlp: 
 
 
 def init_weights(module: nn.Module) -> None:
-    """timm/BERT-style N(0, 0.02) for training from scratch. PyTorch's default N(0, 1) position
-    embeddings drown the patches: a tiny PaliGemma then ignores its images at lr 2e-3."""
+    """timm/BERT-style N(0, 0.02) for training from scratch; `ViT.init_embeddings` then follows the
+    references. PyTorch's default N(0, 1) position embeddings drown the patches: a tiny PaliGemma then
+    ignores its images at lr 2e-3."""
     if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
         if getattr(module, "bias", None) is not None:
@@ -108,7 +113,7 @@ class ViT(nn.Module):
         cfg = self.config = config
         clip = cfg.variant == "clip"
         self.patch_embed = nn.Conv2d(cfg.channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=not clip)
-        self.class_token = nn.Parameter(torch.randn(cfg.dim) * 0.02) if clip else None
+        self.class_token = nn.Parameter(torch.empty(cfg.dim)) if clip else None
         self.pos_embed = nn.Embedding(cfg.n_patches + int(clip), cfg.dim)
         self.pre_norm = LayerNorm(cfg.dim, cfg.norm_eps) if clip else None
         self.layers = encoder_blocks(cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden_dim, cfg.mlp, cfg.norm_eps)
@@ -116,6 +121,21 @@ class ViT(nn.Module):
         self.head = (AttentionPoolingHead(cfg.dim, cfg.n_heads, cfg.hidden_dim, cfg.mlp, cfg.norm_eps)
                      if cfg.pooling_head else None)
         self.apply(init_weights)
+        self.init_embeddings()
+
+    def init_embeddings(self) -> None:
+        """As the references start them (HF `CLIPPreTrainedModel` / `SiglipPreTrainedModel._init_weights`):
+        CLIP patches and positions std 0.02 (`init_weights`), class token std 1/sqrt(dim); SigLIP
+        (big_vision) patches LeCun-normal, positions std 1/sqrt(dim)."""
+        std = self.config.dim ** -0.5
+        if self.class_token is not None:  # CLIP
+            nn.init.normal_(self.class_token, std=std)
+        else:  # SigLIP
+            nn.init.normal_(self.pos_embed.weight, std=std)
+            w = self.patch_embed.weight
+            # a unit normal cut at +-2 has std 0.88: dividing by it keeps the variance at 1/fan_in
+            lecun = (w[0].numel() ** -0.5) / 0.87962566103423978
+            nn.init.trunc_normal_(w, std=lecun, a=-2 * lecun, b=2 * lecun)
 
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
         cfg = self.config

@@ -11,12 +11,37 @@ Shapes: B batch, N media per sample, F frames per media, V features per frame, D
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from polymodal.config import Config, ConfigError, _check_choice, _check_positive
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm
+
+
+@dataclass
+class PerceiverConfig(Config):
+    """A `PerceiverResampler` (Flamingo's, Idefics', KOSMOS-1's); `build_resampler` makes one."""
+
+    depth: int = 6
+    n_heads: int = 8
+    head_dim: int = 64
+    n_latents: int = 64
+    hidden_dim: int | None = None  # None: 4 * media width
+    mlp: str = "gelu"  # "gelu" (Flamingo) | "relu" (Idefics)
+    qk_norm: bool = False  # LayerNorm over each head of q and k
+    max_media: int = 0  # learned media-time embeddings (0: none, any number of media)
+    max_frames: int = 0  # learned frame embeddings for video (0: none, images only)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "depth", "n_heads", "head_dim", "n_latents", "hidden_dim", "norm_eps")
+        _check_choice("perceiver.mlp", self.mlp, ("gelu", "relu"))
+        if self.max_media < 0 or self.max_frames < 0:
+            raise ConfigError(f"max_media and max_frames must be >= 0, got {self.max_media}, {self.max_frames}")
 
 
 class PerceiverBlock(nn.Module):
@@ -86,3 +111,10 @@ class PerceiverResampler(nn.Module):
         if media_mask is not None:
             out = out.masked_fill(~media_mask.bool()[:, :, None, None], 0.0)
         return out
+
+
+def build_resampler(dim: int, p: PerceiverConfig) -> PerceiverResampler:
+    """The resampler a config describes, over media features of width `dim`."""
+    return PerceiverResampler(dim, depth=p.depth, n_heads=p.n_heads, head_dim=p.head_dim, n_latents=p.n_latents,
+                              hidden_dim=p.hidden_dim or 4 * dim, max_media=p.max_media, max_frames=p.max_frames,
+                              mlp=p.mlp, qk_norm=p.qk_norm, eps=p.norm_eps)

@@ -32,8 +32,9 @@ class ImageSpans:
         if self.begin is not None and bool(torch.isin(torch.tensor([self.begin, self.end]), self.codes).any()):
             raise ValueError(f"begin ({self.begin}) and end ({self.end}) tokens must not be image codes")
 
-    def _vocab_masks(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text, end) allowed-token masks (V,) bool."""
+    def allowed(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """(3, V) bool: the tokens allowed in text, when only `end` may follow, and inside an image. Built
+        once per generate call, so decode steps need not read the codes on the host."""
         if int(self.codes.max()) >= vocab_size:
             raise ValueError(f"image codes reach token {int(self.codes.max())}, past the vocabulary ({vocab_size})")
         is_code = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -41,7 +42,7 @@ class ImageSpans:
         is_end = torch.zeros_like(is_code)
         if self.end is not None:
             is_end[self.end] = True
-        return ~is_code & ~is_end, is_end
+        return torch.stack((~is_code & ~is_end, is_end, is_code))
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """State (B,) after each row's prompt: a prompt may end inside an image (after `begin`, or
@@ -65,13 +66,12 @@ class ImageSpans:
             state[b] = self.length + 1 - written
         return state
 
-    def mask(self, logits: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """logits (B, V) -> logits with every token the row's mode forbids set to -inf."""
-        text, is_end = self._vocab_masks(logits.shape[-1], logits.device)
-        is_code = ~text & ~is_end
-        s = state[:, None]
-        allowed = torch.where(s == 0, text, torch.where(s == 1, is_end, is_code))  # (B, V)
-        return logits.masked_fill(~allowed, float("-inf"))
+    def mask(self, logits: torch.Tensor, state: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """logits (B, V) -> logits with every token the row's mode forbids set to -inf; allowed: `allowed(V)`."""
+        if allowed is None:
+            allowed = self.allowed(logits.shape[-1], logits.device)
+        mode = torch.where(state > 1, 2, state)  # the row of `allowed`: 0 text, 1 only `end`, 2 inside an image
+        return logits.masked_fill(~allowed[mode], float("-inf"))
 
     def advance(self, state: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """The state after each row wrote `token` (B,)."""

@@ -31,10 +31,18 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def exponential_noise(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exp(1) draws shaped like logits (B, V), for `sample_next`."""
+    q = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
+    return q.clamp_min_(torch.finfo(q.dtype).tiny)  # a 0 would make a filtered token's 0 / 0 win the argmax
+
+
 def sample_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
+                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). Sampling is the exponential race argmax(probs / q), q ~ Exp(1)
+    (gpt-fast; the same law as multinomial, with no host sync). noise: the q (B, V), drawn from
+    generator when not given; a compiled step takes them as an input, as dynamo does not trace generators."""
     if not do_sample:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -42,5 +50,6 @@ def sample_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: f
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if noise is None:
+        noise = exponential_noise(logits, generator)
+    return (logits.softmax(-1) / noise).argmax(-1)

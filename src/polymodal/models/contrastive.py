@@ -28,10 +28,10 @@ from torch import nn
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive
 from polymodal.encoders.text import TextConfig, TextTransformer
 from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.models.parts import set_trainable
 from polymodal.train.distributed import all_gather_with_grad, ring_shift
 
 MAX_SCALE = 100.0  # CLIP: "clipped to prevent scaling the logits by more than 100"
-PARTS = ("vision", "text", "head")  # head: projections, temperature and bias
 
 
 @dataclass
@@ -79,14 +79,8 @@ class DualEncoder(nn.Module):
 
     def trainable(self, parts: tuple[str, ...] | list[str]) -> None:
         """Train exactly these parts (any of "vision", "text", "head"); freeze the rest (LiT: ["text", "head"])."""
-        unknown = sorted(set(parts) - set(PARTS))
-        if unknown:
-            raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}")
-        self.vision.requires_grad_("vision" in parts)
-        self.text.requires_grad_("text" in parts)
-        for p in (self.visual_projection, self.text_projection, self.logit_scale, self.logit_bias):
-            if p is not None:
-                p.requires_grad_("head" in parts)
+        set_trainable({"vision": [self.vision], "text": [self.text],
+                       "head": [self.visual_projection, self.text_projection, self.logit_scale, self.logit_bias]}, parts)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, D) unit vectors."""

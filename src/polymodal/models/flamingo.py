@@ -21,30 +21,11 @@ from torch import nn
 from polymodal.config import Config, ConfigError, DecoderConfig, _check_choice, _check_positive
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.fusion.cross_attention import GATES, gated_cross_attention_block
-from polymodal.fusion.perceiver import PerceiverResampler
+from polymodal.fusion.perceiver import PerceiverConfig, build_resampler
+from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments, media_attention_mask, media_ids
 from polymodal.nn.transformer import Decoder, ModelOutput
-
-
-@dataclass
-class PerceiverConfig(Config):
-    depth: int = 6
-    n_heads: int = 8
-    head_dim: int = 64
-    n_latents: int = 64
-    hidden_dim: int | None = None  # None: 4 * media width
-    mlp: str = "gelu"  # "gelu" (Flamingo) | "relu" (Idefics)
-    qk_norm: bool = False  # LayerNorm over each head of q and k
-    max_media: int = 0  # learned media-time embeddings (0: none, any number of media)
-    max_frames: int = 0  # learned frame embeddings for video (0: none, images only)
-    norm_eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        _check_positive(self, "depth", "n_heads", "head_dim", "n_latents", "hidden_dim", "norm_eps")
-        _check_choice("perceiver.mlp", self.mlp, ("gelu", "relu"))
-        if self.max_media < 0 or self.max_frames < 0:
-            raise ConfigError(f"max_media and max_frames must be >= 0, got {self.max_media}, {self.max_frames}")
 
 
 @dataclass
@@ -95,21 +76,12 @@ class FlamingoCache(Cache):
     media_layout: tuple[int, int] = (0, 0)  # N media of L tokens each
 
 
-PARTS = ("vision", "perceiver", "cross_layers", "decoder")
-
-
 class Flamingo(nn.Module):
     def __init__(self, config: FlamingoConfig, *, backend: str = "sdpa"):
         super().__init__()
         cfg = self.config = config
         self.vision = ViT(cfg.vision) if cfg.vision is not None else None
-        self.perceiver = None
-        if cfg.perceiver is not None:
-            p = cfg.perceiver
-            self.perceiver = PerceiverResampler(
-                cfg.feature_dim, depth=p.depth, n_heads=p.n_heads, head_dim=p.head_dim, n_latents=p.n_latents,
-                hidden_dim=p.hidden_dim or 4 * cfg.feature_dim, max_media=p.max_media, max_frames=p.max_frames,
-                mlp=p.mlp, qk_norm=p.qk_norm, eps=p.norm_eps)
+        self.perceiver = build_resampler(cfg.feature_dim, cfg.perceiver) if cfg.perceiver is not None else None
         t = cfg.text
         self.cross_layers = nn.ModuleList(
             gated_cross_attention_block(t.dim, cfg.feature_dim, cfg.xattn_heads, None, t.hidden_dim, mlp=t.mlp,
@@ -130,12 +102,8 @@ class Flamingo(nn.Module):
 
     def trainable(self, parts: tuple[str, ...] | list[str]) -> None:
         """Train exactly these parts (any of "vision", "perceiver", "cross_layers", "decoder"); freeze the rest."""
-        unknown = sorted(set(parts) - set(PARTS))
-        if unknown:
-            raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}")
-        for name in PARTS:
-            if getattr(self, name) is not None:
-                getattr(self, name).requires_grad_(name in parts)
+        set_trainable({"vision": [self.vision], "perceiver": [self.perceiver], "cross_layers": [self.cross_layers],
+                       "decoder": [self.decoder]}, parts)
 
     def freeze(self) -> None:
         """The paper's split: the LM and the vision encoder frozen, the perceiver and the gated

@@ -27,13 +27,13 @@ from torch import nn
 from polymodal.config import Config, ConfigError, DecoderConfig, _check_positive
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments
 from polymodal.nn.norms import make_norm
 from polymodal.nn.transformer import Decoder, ModelOutput
 
 MODALITIES = ("image", "audio", "video")
-PARTS = ("vision", "audio", "projectors", "decoder")
 
 
 @dataclass
@@ -148,16 +148,10 @@ class Gemini(nn.Module):
 
     def trainable(self, parts: tuple[str, ...] | list[str]) -> None:
         """Train exactly these parts (any of "vision", "audio", "projectors", "decoder"); freeze the rest."""
-        unknown = sorted(set(parts) - set(PARTS))
-        if unknown:
-            raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}")
-        groups = {"vision": [self.vision], "audio": [self.audio], "decoder": [self.decoder],
-                  "projectors": [self.image_proj, self.patch_pos, self.audio_proj, self.frame_embed, self.image_norm,
-                                 self.audio_norm]}
-        for name, modules in groups.items():
-            for module in modules:
-                if module is not None:
-                    module.requires_grad_(name in parts)
+        set_trainable({"vision": [self.vision], "audio": [self.audio],
+                       "projectors": [self.image_proj, self.patch_pos, self.audio_proj, self.frame_embed,
+                                      self.image_norm, self.audio_norm],
+                       "decoder": [self.decoder]}, parts)
 
     # -- media encoders: each returns (N, P, D) embeddings for the decoder -------------------------
 

@@ -28,8 +28,8 @@ from torch import nn
 
 from polymodal.config import Config, ConfigError, DecoderConfig
 from polymodal.encoders.vit import ViT, VisionConfig
-from polymodal.fusion.perceiver import PerceiverResampler
-from polymodal.models.flamingo import PerceiverConfig
+from polymodal.fusion.perceiver import PerceiverConfig, build_resampler
+from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.transformer import Decoder, ModelOutput
 
@@ -54,7 +54,11 @@ class KosmosConfig(Config):
         if len(set(ids.values())) != 3:
             raise ConfigError(f"image_token_id, image_end_token_id and placeholder_token_id must differ, got {ids}")
         if self.vision.variant != "clip":
-            raise ConfigError(f"KOSMOS-1 reads CLIP features; vision.variant must be 'clip', got {self.vision.variant!r}")
+            raise ConfigError(f"KOSMOS-1 reads CLIP features; vision.variant must be 'clip', "
+                              f"got {self.vision.variant!r}")
+        if self.perceiver.max_media or self.perceiver.max_frames:
+            raise ConfigError("KOSMOS-1 resamples each image on its own: perceiver.max_media and max_frames must "
+                              f"be 0, got {self.perceiver.max_media} and {self.perceiver.max_frames}")
 
     @property
     def n_image_latents(self) -> int:
@@ -69,11 +73,8 @@ class Kosmos(nn.Module):
     def __init__(self, config: KosmosConfig, *, backend: str = "sdpa"):
         super().__init__()
         cfg = self.config = config
-        p = cfg.perceiver
         self.vision = ViT(cfg.vision)
-        self.perceiver = PerceiverResampler(
-            cfg.vision.dim, depth=p.depth, n_heads=p.n_heads, head_dim=p.head_dim, n_latents=p.n_latents,
-            hidden_dim=p.hidden_dim or 4 * cfg.vision.dim, mlp=p.mlp, qk_norm=p.qk_norm, eps=p.norm_eps)
+        self.perceiver = build_resampler(cfg.vision.dim, cfg.perceiver)
         # Starts as the decoder's own linear layers do (PyTorch's default under Magneto's init); it
         # feeds the embeddings, not a residual branch, so it takes no sqrt(log 2N) gain.
         self.projector = nn.Linear(cfg.vision.dim, cfg.text.dim)
@@ -84,6 +85,12 @@ class Kosmos(nn.Module):
 
     def make_cache(self, batch: int, max_len: int, **kwargs) -> Cache:
         return self.decoder.make_cache(batch, max_len, **kwargs)
+
+    def trainable(self, parts: tuple[str, ...] | list[str]) -> None:
+        """Train exactly these parts (any of "vision", "perceiver", "projector", "decoder"); freeze the rest.
+        KOSMOS-1 kept its CLIP frozen (but for the last layer): ["perceiver", "projector", "decoder"]."""
+        set_trainable({"vision": [self.vision], "perceiver": [self.perceiver], "projector": [self.projector],
+                       "decoder": [self.decoder]}, parts)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, n_image_latents, D): what replaces each image's placeholders."""
@@ -171,8 +178,7 @@ def magneto_text(**changes) -> DecoderConfig:
 def kosmos_tiny() -> KosmosConfig:
     """Fast on a CPU: 32x32 images, 16 patches -> 8 latents; ids of `Tokenizer.train`'s control tokens."""
     return KosmosConfig(
-        vision=VisionConfig(variant="clip", image_size=32, patch_size=8, dim=64, n_layers=2, n_heads=4,
-                            hidden_dim=128, mlp="quick_gelu", norm_eps=1e-5),
+        vision=VisionConfig(variant="clip", image_size=32, patch_size=8, dim=64, n_layers=2, n_heads=4, hidden_dim=128),
         perceiver=PerceiverConfig(depth=1, n_heads=4, head_dim=16, n_latents=8),
         text=magneto_text(vocab_size=512, dim=64, n_layers=2, n_heads=4, hidden_dim=256, max_seq_len=512,
                           pad_token_id=0, bos_token_id=1, eos_token_id=2),
@@ -186,7 +192,7 @@ def kosmos_1() -> KosmosConfig:
     data format); the vocabulary is its 64k SentencePiece one, fairseq ids <s>=0, <pad>=1, </s>=2."""
     return KosmosConfig(
         vision=VisionConfig(variant="clip", image_size=224, patch_size=14, dim=1024, n_layers=24, n_heads=16,
-                            hidden_dim=4096, mlp="quick_gelu", norm_eps=1e-5),
+                            hidden_dim=4096),
         perceiver=PerceiverConfig(depth=6, n_heads=16, head_dim=64, n_latents=64),
         text=magneto_text(vocab_size=64007, dim=2048, n_layers=24, n_heads=32, hidden_dim=8192, max_seq_len=2048,
                           bos_token_id=0, pad_token_id=1, eos_token_id=2),

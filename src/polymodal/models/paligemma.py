@@ -24,12 +24,10 @@ from torch import nn
 
 from polymodal.config import Config, ConfigError, DecoderConfig
 from polymodal.encoders.vit import ViT, VisionConfig, init_weights
+from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments
 from polymodal.nn.transformer import Decoder, ModelOutput
-
-PARTS = ("vision", "projector", "decoder")
-
 
 @dataclass
 class PaliGemmaConfig(Config):
@@ -68,11 +66,7 @@ class PaliGemma(nn.Module):
 
     def trainable(self, parts: tuple[str, ...] | list[str]) -> None:
         """Train exactly these parts (any of "vision", "projector", "decoder"); freeze the rest."""
-        unknown = sorted(set(parts) - set(PARTS))
-        if unknown:
-            raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}")
-        for name in PARTS:
-            getattr(self, name).requires_grad_(name in parts)
+        set_trainable({"vision": [self.vision], "projector": [self.projector], "decoder": [self.decoder]}, parts)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, tokens_per_image, text dim), scaled to cancel the decoder's sqrt(dim)."""

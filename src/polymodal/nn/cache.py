@@ -2,7 +2,11 @@
 
 `Cache` holds one `KVCache` per attention layer plus the `Segments` of every slot, so a decode
 step builds its mask with the same `attention_mask(q, k)` as training and prefill. Cross-attention
-K/V (computed once from the media) are kept in `KVCache.set`.
+K/V (computed once from the media) are kept in `CrossKV.set`.
+
+A decode step reads and writes device tensors only (the fill count `fill`, the slots), so it compiles
+once and replays as a CUDA graph; the host-side `length` (bounds checks, "prefilled?") is kept by
+each write and, for a compiled decode loop, by the engine, once, through `reserve`.
 """
 
 from __future__ import annotations
@@ -12,12 +16,19 @@ import torch
 from polymodal.nn.masks import Segments
 
 
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Compiled decode steps write these in place; CUDA graphs allow that only at fixed addresses."""
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
+
+
 class KVCache:
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        mark_static(self.k, self.v)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # input_pos (S,); k, v (B, nkv, S, hs) -> the whole cache (B, nkv, L, hs)
@@ -53,30 +64,51 @@ class Cache:
             docs=torch.zeros(batch, max_len, **long),
             valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
         )
-        self.length = 0  # slots filled so far (host-side: the engine knows every step's length)
+        self.fill = torch.zeros((), **long)  # slots written so far, on the device
+        self.length = 0  # slots taken so far (written or reserved), on the host
+        self.reserved = False
+        mark_static(self.fill, *vars(self.slots).values())
 
     def cross_kv(self, layer: int) -> CrossKV:
         return self.cross.setdefault(layer, CrossKV())
 
-    def write(self, seg: Segments) -> torch.Tensor:
-        """Record the segments of the next S tokens; returns their slot indices `input_pos` (S,)."""
-        n = seg.positions.shape[1]
+    def reset(self) -> None:
+        """Empties the cache in place: CUDA graphs recorded on its tensors replay on the next batch."""
+        for t in (self.fill, *vars(self.slots).values(), *(t for c in self.layers for t in (c.k, c.v))):
+            t.zero_()
+        self.length, self.reserved = 0, False
+        self.cross.clear()
+
+    def _take(self, n: int) -> None:
         if self.length + n > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; it has {self.length} and was given "
                              f"{n} more")
-        input_pos = torch.arange(self.length, self.length + n, device=seg.positions.device)
+        self.length += n
+
+    def reserve(self, n: int) -> None:
+        """Takes n slots ahead for a compiled decode loop, checked here once: its steps' writes then leave
+        the host state alone (a Python int that changed every step would recompile them)."""
+        self._take(n)
+        self.reserved = True
+
+    def write(self, seg: Segments) -> torch.Tensor:
+        """Record the segments of the next S tokens; returns their slot indices `input_pos` (S,)."""
+        n = seg.positions.shape[1]
+        if not self.reserved:
+            self._take(n)
+        input_pos = self.fill + torch.arange(n, device=self.fill.device)
         for name in ("positions", "groups", "docs", "valid"):
             getattr(self.slots, name).index_copy_(1, input_pos, getattr(seg, name))
-        self.length += n
+        self.fill += n
         return input_pos
 
     def next_segments(self, n: int = 1) -> Segments:
         """Segments of n new causal tokens after the last slot (the engine left-pads, so it is valid)."""
-        last = self.length - 1
-        step = torch.arange(1, n + 1, device=self.slots.positions.device)
+        last = (self.fill - 1).view(1)
+        step = torch.arange(1, n + 1, device=last.device)
         return Segments(
-            positions=self.slots.positions[:, last:last + 1] + step,
-            groups=self.slots.groups[:, last:last + 1] + step,
-            docs=self.slots.docs[:, last:last + 1].repeat(1, n),  # a copy: it is written back into slots
-            valid=torch.ones(self.batch, n, dtype=torch.bool, device=step.device),
+            positions=self.slots.positions.index_select(1, last) + step,
+            groups=self.slots.groups.index_select(1, last) + step,
+            docs=self.slots.docs.index_select(1, last).expand(-1, n),
+            valid=torch.ones(self.batch, n, dtype=torch.bool, device=last.device),
         )

@@ -20,6 +20,7 @@ from polymodal.config import DecoderConfig
 from polymodal.nn import context_parallel
 from polymodal.nn.attention import Attention
 from polymodal.nn.cache import Cache, KVCache
+from polymodal.nn.loss import chunked_cross_entropy
 from polymodal.nn.masks import Segments, attention_mask, block_mask, make_segments
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm, make_norm
@@ -189,7 +190,8 @@ class Decoder(nn.Module):
         if self.config.embed_scale:  # Gemma: the normaliser is rounded to the activation dtype
             x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
         if self.pos_embeddings is not None:
-            if int(seg.positions.max()) >= self.config.max_seq_len:
+            # a host read, which would break a compiled decode step's graph
+            if not torch.compiler.is_compiling() and int(seg.positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(seg.positions.max())} is past max_seq_len={self.config.max_seq_len}")
             x = x + self.pos_embeddings(seg.positions)
         if self.embed_norm is not None:
@@ -219,12 +221,15 @@ class Decoder(nn.Module):
         return x if self.context_mesh is None else context_parallel.gather(self.context_mesh, x, seq_len)
 
     def head(self, h: torch.Tensor, labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
-        loss = None
+        """Logits (of the last logits_to_keep positions when > 0) and, given labels, the next-token loss,
+        computed in chunks (`nn.loss`) without the (B, S, V) logits. A training-mode call with labels
+        returns no logits (Liger-Kernel's skip_logits), so training never materialises them."""
+        loss = logits = None
         if labels is not None:
             if labels.shape != h.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
-            logits = F.linear(h, self.output_weight)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        else:
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
+            loss = chunked_cross_entropy(h, self.output_weight, targets)
+        if labels is None or not self.training:
             logits = F.linear(h[:, -logits_to_keep:] if logits_to_keep else h, self.output_weight)
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)

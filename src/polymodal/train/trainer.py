@@ -55,7 +55,7 @@ class TrainConfig(Config):
     out_dir: str = "runs"  # where run directories go
     name: str | None = None  # run directory out_dir/name; default: the model's name
     seed: int = 0  # initial weights, data order, dropout
-    max_steps: int = 1500  # optimizer steps
+    max_steps: int = 2500  # optimizer steps
     batch_size: int = 16  # documents per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate, after warmup
@@ -73,6 +73,7 @@ class TrainConfig(Config):
     checkpoint_every: int = 500  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 2  # the newest N are kept
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
+    compile: bool = False  # torch.compile every transformer block (the first steps pay for compiling)
     parallel: str = "fsdp"  # "fsdp" | "ddp", used under torchrun
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     resume: bool = False  # continue from the run's last checkpoint
@@ -263,6 +264,9 @@ def _train(cfg: TrainConfig, proc) -> Path:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block),
                                        checkpoint_wrapper_fn=partial(checkpoint_wrapper,
                                                                      checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+    if cfg.compile:
+        for block in blocks:
+            block.compile()
     model = parallelize(model.to(proc.device), cfg.parallel, blocks)
     optimizer = make_optimizer(model, cfg)
     step = docs_seen = 0

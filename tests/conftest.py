@@ -27,15 +27,16 @@ def one_thread():
 
 @pytest.fixture
 def torchrun():
-    """run(script, *args): the script under a real 2-process `torchrun` (gloo, CPU) on a free local port;
-    the test fails with the processes' output if they fail."""
-    def run(script, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """run(*args): `torchrun` with 2 processes (gloo, CPU) on a free local port, then args (a script and its
+    arguments, or -m module ...); the test fails with the processes' output if they fail."""
+    def run(*args, timeout: int = 300, cwd=None) -> subprocess.CompletedProcess:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), *map(str, args)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+               "--master_addr", "127.0.0.1", "--master_port", str(port), *map(str, args)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         return proc
     return run

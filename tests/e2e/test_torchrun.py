@@ -3,7 +3,6 @@ accumulating the same global batch, with FSDP2 and with DDP."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,12 +13,6 @@ from polymodal.train.checkpoint import latest_checkpoint
 
 FLAGS = ["--model", "paligemma-tiny", "--max-steps", "4", "--warmup-steps", "1", "--eval-every", "2",
          "--eval-docs", "8", "--checkpoint-every", "4", "--device", "cpu"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses(run):
@@ -43,10 +36,9 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_two_processes_match_one_process(parallel, single, tmp_path):
-    out = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                  "--master_port", str(free_port()), "-m", "polymodal.cli", "train", *FLAGS, "--batch-size", "4",
-                  "--parallel", parallel, "--out-dir", str(tmp_path), "--name", parallel], tmp_path)
+def test_two_processes_match_one_process(parallel, single, tmp_path, torchrun):
+    out = torchrun("-m", "polymodal.cli", "train", *FLAGS, "--batch-size", "4", "--parallel", parallel,
+                   "--out-dir", tmp_path, "--name", parallel, timeout=240, cwd=tmp_path)
     assert "2 process(es)" in out.stdout
     train, evals = losses(tmp_path / parallel)
     assert len(train) == 4 and len(evals) == 2

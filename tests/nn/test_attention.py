@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+import polymodal as pm
 from polymodal.nn.attention import Attention, attend
 from polymodal.nn.masks import attention_mask, make_segments
 from polymodal.nn.norms import RMSNorm
+from polymodal.nn.transformer import Decoder
 
 
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 2), (4, 1)])
@@ -72,9 +74,6 @@ def test_unknown_backend_is_an_error():
 def test_flex_backend_equals_sdpa_under_every_mask_kind_and_in_cached_decoding():
     """The flex backend (masks.block_mask) gives the sdpa decoder's logits with padding, a prefix block and
     packed documents at once, and its cached greedy decoding equals sdpa's."""
-    import polymodal as pm
-    from polymodal.nn.transformer import Decoder
-
     torch.manual_seed(0)
     cfg = pm.DecoderConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
     sdpa, flex = Decoder(cfg).eval(), Decoder(cfg, backend="flex").eval()

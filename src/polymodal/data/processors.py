@@ -150,6 +150,14 @@ _HF_KINDS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_pixel_values(pixel_values: torch.Tensor, channels: int, size: int, batch: str = "num_images") -> None:
+    """A clear error unless pixel_values is (batch, channels, size, size), the batch dimension named `batch`."""
+    expected = (channels, size, size)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(f"pixel_values must be ({batch}, {', '.join(map(str, expected))}), "
+                         f"got {tuple(pixel_values.shape)}")
+
+
 def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     # Transparent pixels become white, not black, as in HF's convert_to_rgb.
     if "A" in image.getbands() or "transparency" in image.info:

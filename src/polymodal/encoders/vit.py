@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive
+from polymodal.data.processors import check_pixel_values
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm
@@ -138,11 +139,7 @@ class ViT(nn.Module):
             nn.init.trunc_normal_(w, std=lecun, a=-2 * lecun, b=2 * lecun)
 
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
-        cfg = self.config
-        expected = (cfg.channels, cfg.image_size, cfg.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values must be (num_images, {', '.join(map(str, expected))}), "
-                             f"got {tuple(pixel_values.shape)}")
+        check_pixel_values(pixel_values, self.config.channels, self.config.image_size)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D): patches (+ class token) + positions (+ CLIP's pre-LN)."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import Config, ConfigError, _check_positive
-from polymodal.data.processors import ImageProcessor
+from polymodal.data.processors import ImageProcessor, check_pixel_values
 from polymodal.nn.attention import attend
 
 
@@ -247,16 +247,9 @@ class VQModel(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.latent_channels, 1)
         self.decoder = VQDecoder(cfg) if cfg.decoder else None
 
-    def _check_pixels(self, pixels: torch.Tensor) -> None:
-        cfg = self.config
-        expected = (cfg.in_channels, cfg.resolution, cfg.resolution)
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
-            raise ValueError(f"pixel_values must be (batch, {', '.join(map(str, expected))}), "
-                             f"got {tuple(pixels.shape)}")
-
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W) in [-1, 1] -> codes (B, N), row-major over the latent grid."""
-        self._check_pixels(pixels)
+        check_pixel_values(pixels, self.config.in_channels, self.config.resolution, "batch")
         return self.quantize.codes(self.quant_conv(self.encoder(pixels)))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -273,7 +266,7 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(self.quantize.lookup(codes, cfg.grid)))
 
     def forward(self, pixels: torch.Tensor) -> VQOutput:
-        self._check_pixels(pixels)
+        check_pixel_values(pixels, self.config.in_channels, self.config.resolution, "batch")
         if self.decoder is None:
             raise ValueError("training a VQ model needs its decoder (VQConfig.decoder=True)")
         zq, codebook_loss, codes = self.quantize(self.quant_conv(self.encoder(pixels)))

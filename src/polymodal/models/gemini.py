@@ -417,9 +417,10 @@ def gemini_tiny() -> GeminiConfig:
     (80 mels, 50 encoder frames pooled to 25 tokens), videos of up to 4 frames (64 tokens); a GQA,
     qk-norm decoder initialised at N(0, dim**-0.5) (as paligemma-world: it learns to read media sooner).
     Media token ids are the built-in tokenizer's (`GeminiFormat.fit` sets them)."""
-    text = DecoderConfig(vocab_size=512, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=384,
+    dim = 128
+    text = DecoderConfig(vocab_size=512, dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=384,
                          qk_norm="rmsnorm", max_seq_len=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         init_std=128 ** -0.5)
+                         init_std=dim ** -0.5)
     audio = AudioConfig(n_mels=80, n_positions=50, dim=64, n_layers=2, n_heads=4, hidden_dim=128)
     return GeminiConfig(text=text, image_size=32, patch_size=8, patch_positions=True, audio=audio, audio_pool=2,
                         max_frames=4)

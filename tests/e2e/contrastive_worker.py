@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import polymodal as pm
-from polymodal.train.distributed import all_reduce_sum, init_process, shutdown
+from polymodal.train.distributed import all_reduce_sum, barrier, init_process, shutdown
 
 PER_RANK = 3
 
@@ -55,6 +55,7 @@ def main(out: Path) -> None:
     results = [compare(preset, chunks, proc.rank, proc.world_size)
                for preset, chunks in (("siglip-tiny", 1), ("siglip-tiny", 2), ("clip-tiny", 1))]
     (out / f"rank{proc.rank}.json").write_text(json.dumps(results, indent=1))
+    barrier()  # no process leaves the group while the other is still in a collective
     shutdown()
 
 

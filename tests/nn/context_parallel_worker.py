@@ -12,6 +12,7 @@ from pathlib import Path
 
 # each process compiles its block mask in its own inductor cache: two sharing one race on its precompiled headers
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(sys.argv[1], f"inductor-{os.environ.get('LOCAL_RANK', '0')}")
+os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # compile in this process: no worker pool to tear down at exit
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -20,7 +21,7 @@ import polymodal as pm
 from polymodal.models.gemini import Gemini, gemini_tiny
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.transformer import Decoder
-from polymodal.train.distributed import init_process, shutdown
+from polymodal.train.distributed import barrier, init_process, shutdown
 
 B, S = 2, 300  # pads to 512 = 2 processes x 128-token blocks x 2
 
@@ -42,10 +43,8 @@ def compare(name: str, ref: torch.nn.Module, cp: torch.nn.Module, inputs: dict, 
             "shape_ok": got.shape == want.shape}
 
 
-def main(out: Path) -> None:
-    torch.set_num_threads(1)
-    proc = init_process("cpu")
-    mesh = init_device_mesh("cpu", (proc.world_size,))
+def run_cases(world_size: int) -> list[dict]:
+    mesh = init_device_mesh("cpu", (world_size,))
     torch.manual_seed(0)
     cfg = gemini_tiny()
     ref = Gemini(cfg).eval()
@@ -77,7 +76,15 @@ def main(out: Path) -> None:
     except ValueError as e:
         wrong_backend = str(e)
     results.append({"case": "sdpa backend", "error": wrong_backend})
+    return results
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    proc = init_process("cpu")
+    results = run_cases(proc.world_size)  # the mesh and the models are gone once it returns
     (out / f"rank{proc.rank}.json").write_text(json.dumps(results, indent=1))
+    barrier()  # no process leaves the group while the other is still in a collective
     shutdown()
 
 

@@ -8,6 +8,7 @@ with FSDP2 (`fully_shard` per transformer block, then the root) or DDP.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -45,7 +46,11 @@ def init_process(device: str = "auto") -> Process:
 
 
 def shutdown() -> None:
+    """Leaves the process group. What still holds it (a DDP model, a device mesh caught in a reference
+    cycle) is collected first, so gloo's threads stop here and not during interpreter exit, where
+    their teardown can abort the process."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

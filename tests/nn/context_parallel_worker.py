@@ -1,8 +1,8 @@
 """Run by test_context_parallel.py under `torchrun --nproc_per_node 2` (gloo, CPU).
 
 Every process builds the same models and inputs: a reference (sdpa, one process, whole sequence) and a
-copy built with backend="flex" and switched to context parallel over a 2-process mesh. Both are called
-on the whole sequence; the differences of their logits on real tokens go to OUT/rank{rank}.json.
+copy built with backend="flex" and switched to context parallel over a 2-process mesh (the Gemini model
+load-balanced, the decoder in contiguous slices). Both are called on the whole sequence; the differences of their logits on real tokens go to OUT/rank{rank}.json.
 """
 
 import json
@@ -63,12 +63,12 @@ def run_cases(world_size: int) -> list[dict]:
     ]
     text = pm.DecoderConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=512)
     ref_lm = Decoder(text).eval()
-    cp_lm = context_parallel(Decoder(text, backend="flex").eval(), mesh)
+    cp_lm = context_parallel(Decoder(text, backend="flex").eval(), mesh, load_balance=False)
     cp_lm.load_state_dict(ref_lm.state_dict())
     blocks = torch.zeros(B, 256, dtype=torch.long)
     blocks[0, :100], blocks[1, 120:200] = 1, 1  # prefix-LM blocks, one across the processes' boundary
     ids = torch.randint(0, 96, (B, 256))
-    results.append(compare("decoder prefix blocks, no padding", ref_lm, cp_lm, dict(input_ids=ids, block_ids=blocks),
+    results.append(compare("decoder prefix blocks, contiguous slices", ref_lm, cp_lm, dict(input_ids=ids, block_ids=blocks),
                            torch.ones(B, 256, dtype=torch.bool)))
     try:
         context_parallel(Decoder(text), mesh)

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import DecoderConfig
-from polymodal.nn import context_parallel
 from polymodal.nn.attention import Attention
 from polymodal.nn.cache import Cache, KVCache
 from polymodal.nn.loss import chunked_cross_entropy
@@ -88,7 +87,7 @@ class Decoder(nn.Module):
         if backend == "flex" and cfg.positions == "alibi":
             raise ValueError("the flex backend does not take ALiBi's additive bias; use sdpa or eager")
         self.backend = backend
-        self.context_mesh = None  # set by `context_parallel.context_parallel`
+        self.sequence_split = None  # a `context_parallel.SequenceSplit`, set by `context_parallel.context_parallel`
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
         self.embed_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.embed_norm else None
@@ -196,15 +195,15 @@ class Decoder(nn.Module):
             x = x + self.pos_embeddings(seg.positions)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        if self.context_mesh is not None and (cache is not None or before_layer is not None):
+        if self.sequence_split is not None and (cache is not None or before_layer is not None):
             raise ValueError("context parallel runs whole sequences through the decoder's own blocks: "
                              "no KV cache and no interleaved blocks (before_layer)")
         input_pos, k_seg, seq_len = None, seg, x.shape[1]
         if cache is not None:
             input_pos, k_seg = cache.write(seg), cache.slots
         is_causal = plain_causal and cache is None and self.alibi is None and self.backend != "flex"
-        if self.context_mesh is not None:
-            x, seg, mask = context_parallel.shard(self.context_mesh, x, seg)
+        if self.sequence_split is not None:
+            x, seg, mask = self.sequence_split.shard(x, seg)
         elif self.backend == "flex":
             mask = block_mask(seg, k_seg)
         else:
@@ -218,7 +217,7 @@ class Decoder(nn.Module):
             x = layer(x, mask=mask, is_causal=is_causal, rope=rope,
                       cache=cache.layers[i] if cache is not None else None, input_pos=input_pos)
         x = self.norm(x) if self.norm is not None else x
-        return x if self.context_mesh is None else context_parallel.gather(self.context_mesh, x, seq_len)
+        return x if self.sequence_split is None else self.sequence_split.gather(x, seq_len)
 
     def head(self, h: torch.Tensor, labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """Logits (of the last logits_to_keep positions when > 0) and, given labels, the next-token loss,

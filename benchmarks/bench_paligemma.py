@@ -5,7 +5,8 @@ same random weights in both (copied through polymodal's HF converter) and the sa
 interleaved in one process: training tokens/s and MFU (forward + backward + AdamW on batch 8 x 512;
 bf16 autocast and fused AdamW on CUDA), prefill latency (vision + 196 image + 16 prompt tokens, the
 first token) and greedy decode tokens/s at batch 1 and 32 (128 new tokens, prefill subtracted) against
-HF's dynamic cache and its static cache (which HF's generate compiles by itself on CUDA). Writes JSON
+HF's dynamic cache and its static cache (which HF's generate compiles by itself on CUDA); with --compile
+(the default) also our compiled decoding and training compiled on both sides. Writes JSON
 and a markdown table: speed ours/HF (> 1: polymodal is faster) and the fraction of the H100 ceiling
 (HBM bandwidth for decode, peak bf16 for training). On CPU the table holds ratios only.
 
@@ -16,7 +17,6 @@ and a markdown table: speed ours/HF (> 1: polymodal is faster) and the fraction 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import tempfile
 from functools import partial
@@ -28,6 +28,7 @@ import polymodal as pm
 from polymodal.convert.hf import save_hf
 from polymodal.encoders.vit import VisionConfig
 from polymodal.models.paligemma import PaliGemmaConfig
+from polymodal.nn.transformer import Block
 from polymodal.presets import gemma_2b, gemma_tiny
 from timing import measure  # benchmarks/timing.py, beside this script
 
@@ -109,9 +110,13 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for prefill/decode")
     p.add_argument("--tiny", action="store_true", help="small model and budgets (CI-size)")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure compiled decoding (pm.generate(compile=True)) and compiled training "
+                        "(every block of ours, the whole HF model)")
     p.add_argument("--out", help="JSON path (default: benchmarks/results/paligemma_<device>[_tiny].json)")
     args = p.parse_args()
     device, dtype, cuda = args.device, getattr(torch, args.dtype), args.device == "cuda"
+    compile_decode = args.compile
     out = Path(args.out or f"benchmarks/results/paligemma_{device}{'_tiny' if args.tiny else ''}.json")
     new_tokens, batches, train_shape = (64, (1, 8), (8, 128)) if args.tiny else (128, (1, 32), (8, 512))
     torch.manual_seed(0)
@@ -141,11 +146,8 @@ def main() -> None:
     results["prefill_logits_max_abs_diff"] = diff.abs().max().item()
     print(f"same weights: max |logits ours - HF| = {results['prefill_logits_max_abs_diff']:.2e}", flush=True)
 
-    compiled = "compile" in inspect.signature(pm.generate).parameters
-    if not compiled:
-        note("pm.generate has no `compile` option: no 'polymodal compiled' rows")
-    elif not cuda:
-        note("compiled decoding (ours and HF's) is measured on CUDA only, as HF's generate compiles there only")
+    if not cuda:
+        note("HF's generate compiles its static-cache decoding on CUDA only: on CPU its static cache runs eager")
     static = "HF static cache + compile" if cuda else "HF static cache"
     hf_kw = dict(do_sample=False, pad_token_id=0)
     for b in batches:
@@ -157,7 +159,7 @@ def main() -> None:
             static: lambda n: hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=n, min_new_tokens=n,
                                           cache_implementation="static", disable_compile=not cuda, **hf_kw),
         }
-        if compiled and cuda:
+        if compile_decode:
             gens["polymodal compiled"] = lambda n: pm.generate(ours, ids, pixel_values=px, max_new_tokens=n,
                                                                compile=True)
         calls = {(name, n): partial(f, n) for name, f in gens.items() for n in (1, new_tokens)}
@@ -181,14 +183,23 @@ def main() -> None:
         optimizers[model].step()
         optimizers[model].zero_grad(set_to_none=True)
 
-    t = measure({
+    train_steps = {
         "ours": lambda: step(ours, lambda: ours(ids, px, token_type_ids=types, labels=labels).loss),
         "hf": lambda: step(hf, lambda: hf(input_ids=ids, pixel_values=px, token_type_ids=types, labels=labels).loss),
-    }, device, args.repeats)
+    }
+    t = measure(train_steps, device, args.repeats)
     tokens = train_shape[0] * train_shape[1]
     ceiling = H100_BF16_FLOPS / train_flops_per_token(ours, *train_shape) if cuda else None
-    row(f"train step {train_shape[0]}x{train_shape[1]}" + (" (of ceiling: MFU)" if cuda else ""), "tokens/s",
-        tokens / t["ours"], tokens / t["hf"], ceiling)
+    name = f"train step {train_shape[0]}x{train_shape[1]}" + (" (of ceiling: MFU)" if cuda else "")
+    row(f"{name}: eager vs HF eager", "tokens/s", tokens / t["ours"], tokens / t["hf"], ceiling)
+    if args.compile:  # as `polymodal train --compile`: every transformer block; HF's model compiled whole
+        for block in [m for m in ours.modules() if isinstance(m, Block)]:
+            block.compile()
+        hf.compile()
+        t_compiled = measure(train_steps, device, args.repeats)
+        row(f"{name}: compiled vs HF eager", "tokens/s", tokens / t_compiled["ours"], tokens / t["hf"], ceiling)
+        row(f"{name}: compiled vs HF compiled", "tokens/s", tokens / t_compiled["ours"], tokens / t_compiled["hf"],
+            ceiling)
 
     md = table(results["rows"], ratios_only=not cuda)
     print(md)

@@ -39,6 +39,16 @@ def test_matches_full_logits(chunk_size, ignored):
         torch.testing.assert_close(g, r.to(g.dtype), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [4, N])  # recomputed logits; logits kept from forward (one chunk)
+def test_second_backward_gives_the_same_gradients(chunk_size):
+    h, w, targets = inputs()
+    loss = chunked_cross_entropy(h, w, targets, chunk_size=chunk_size)
+    first = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    second = torch.autograd.grad(loss, (h, w))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_float32_inputs_match():
     h, w, targets = inputs((3,))
     h32, w32 = (t.detach().float().requires_grad_() for t in (h, w))

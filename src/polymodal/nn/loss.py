@@ -1,8 +1,8 @@
 """Chunked cross-entropy of a linear head: the loss of `h @ weight.T` without the (N, V) logits.
 
 Rows go through in chunks, in forward and again in backward (which recomputes each chunk's logits
-from h and the weight), so memory holds one (chunk, V) block instead of (N, V): the idea of
-Liger-Kernel's fused linear cross-entropy and of Cut Cross-Entropy (Wijmans et al. 2024), in plain
+from h and the weight, unless one chunk held every row), so memory holds one (chunk, V) block instead
+of (N, V): the idea of Liger-Kernel's fused linear cross-entropy and of Cut Cross-Entropy (Wijmans et al. 2024), in plain
 PyTorch. Equals `F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100)`: the mean
 over targets that are not -100 (NaN when all are), log-sum-exp in float32.
 """
@@ -27,13 +27,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             logits = (h[s:s + chunk_size] @ weight.T).float()  # (c, V)
             lse[s:s + chunk_size] = logits.logsumexp(-1)
             target_logit[s:s + chunk_size] = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1)
-        ctx.save_for_backward(h, weight, safe, valid, lse)
+        # one chunk holds every row: keep its logits (within the chunk budget) instead of recomputing them
+        kept = logits if 0 < h.shape[0] <= chunk_size else None
+        ctx.save_for_backward(h, weight, safe, valid, lse, kept)
         ctx.chunk_size = chunk_size
         return torch.where(valid, lse - target_logit, 0.0).sum() / valid.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        h, weight, safe, valid, lse = ctx.saved_tensors
+        h, weight, safe, valid, lse, kept = ctx.saved_tensors
         c = ctx.chunk_size
         # d loss / d logits = (softmax - onehot) * grad / count on valid rows, 0 on ignored ones (as F.cross_entropy,
         # also when every row is ignored)
@@ -42,7 +44,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], c):
             hc = h[s:s + c]
-            d = (hc @ weight.T).float().sub_(lse[s:s + c, None]).exp_()  # (c, V) softmax
+            if kept is None:
+                d = (hc @ weight.T).float().sub_(lse[s:s + c, None]).exp_()  # (c, V) softmax
+            else:  # not in place: a second backward (retain_graph) reads it again
+                d = kept.sub(lse[:, None]).exp_()
             d[torch.arange(d.shape[0], device=d.device), safe[s:s + c]] -= 1
             d = d.mul_(row_scale[s:s + c, None]).to(h.dtype)
             if grad_h is not None:

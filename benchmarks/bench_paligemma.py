@@ -12,6 +12,7 @@ and a markdown table: speed ours/HF (> 1: polymodal is faster) and the fraction 
 
     python benchmarks/bench_paligemma.py --device cpu --tiny           # CI-size, ratios only
     python benchmarks/bench_paligemma.py --device cuda --dtype bfloat16 # the real thing on an H100
+    python benchmarks/bench_paligemma.py --device cuda --dtype bfloat16 --attention flex
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def paligemma_config(tiny: bool) -> PaliGemmaConfig:
     return PaliGemmaConfig(vision=vision, text=text, image_token_id=text.vocab_size - 1)
 
 
-def build_pair(cfg: PaliGemmaConfig, device: str, tmp: Path):
+def build_pair(cfg: PaliGemmaConfig, device: str, tmp: Path, attention: str = "sdpa"):
     from transformers import PaliGemmaForConditionalGeneration
 
-    ours = pm.build(cfg)
+    ours = pm.build(cfg, backend=attention)
     save_hf(ours, tmp, "paligemma")
     hf = PaliGemmaForConditionalGeneration.from_pretrained(tmp)
     return ours.to(device), hf.to(device)
@@ -110,22 +111,26 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for prefill/decode")
     p.add_argument("--tiny", action="store_true", help="small model and budgets (CI-size)")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"],
+                   help="our decoder's attention kernel (flex: FlexAttention block masks; trains on CUDA only)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure compiled decoding (pm.generate(compile=True)) and compiled training "
                         "(every block of ours, the whole HF model)")
     p.add_argument("--out", help="JSON path (default: benchmarks/results/paligemma_<device>[_tiny].json)")
     args = p.parse_args()
     device, dtype, cuda = args.device, getattr(torch, args.dtype), args.device == "cuda"
-    compile_decode = args.compile
+    if args.attention == "flex" and not cuda:
+        p.error("--attention flex trains on CUDA only (PyTorch has no FlexAttention backward on CPU)")
     out = Path(args.out or f"benchmarks/results/paligemma_{device}{'_tiny' if args.tiny else ''}.json")
     new_tokens, batches, train_shape = (64, (1, 8), (8, 128)) if args.tiny else (128, (1, 32), (8, 512))
     torch.manual_seed(0)
     cfg = paligemma_config(args.tiny)
     with tempfile.TemporaryDirectory() as tmp:
-        ours, hf = build_pair(cfg, device, Path(tmp))
+        ours, hf = build_pair(cfg, device, Path(tmp), args.attention)
     ours, hf = ours.to(dtype).eval(), hf.to(dtype).eval()
     prompt = cfg.tokens_per_image + PROMPT_TOKENS
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype, "tiny": args.tiny,
+               "attention": args.attention,
                "config": cfg.to_dict(), "notes": [], "rows": []}
 
     def note(text: str) -> None:
@@ -159,7 +164,7 @@ def main() -> None:
             static: lambda n: hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=n, min_new_tokens=n,
                                           cache_implementation="static", disable_compile=not cuda, **hf_kw),
         }
-        if compile_decode:
+        if args.compile:
             gens["polymodal compiled"] = lambda n: pm.generate(ours, ids, pixel_values=px, max_new_tokens=n,
                                                                compile=True)
         calls = {(name, n): partial(f, n) for name, f in gens.items() for n in (1, new_tokens)}

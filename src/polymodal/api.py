@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -15,13 +16,20 @@ from polymodal.presets import get_preset
 from polymodal.serialization import WEIGHTS, atomic_directory, load_into, load_weights, save_state_dict
 
 
-def build(config: Config | str) -> nn.Module:
-    """A model with fresh weights from a config object or a preset name."""
+def build(config: Config | str, *, backend: str = "sdpa") -> nn.Module:
+    """A model with fresh weights from a config object or a preset name. backend: its decoder's attention
+    kernel, "sdpa", "eager" (the reference) or "flex" (FlexAttention block masks; trains on CUDA only)."""
     if isinstance(config, str):
         config = get_preset(config)
     if type(config) not in MODEL_CLASSES:
         raise TypeError(f"no model family for {type(config).__name__}; known: {[c.__name__ for c in MODEL_CLASSES]}")
-    return MODEL_CLASSES[type(config)](config)
+    cls = MODEL_CLASSES[type(config)]
+    if backend == "sdpa":
+        return cls(config)
+    if "backend" not in inspect.signature(cls).parameters:
+        raise ValueError(f"{cls.__name__} has no decoder whose attention backend can be chosen: backend must be "
+                         f"'sdpa', got {backend!r}")
+    return cls(config, backend=backend)
 
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> None:

@@ -83,6 +83,28 @@ def test_cached_decode_equals_full_forward(model, padded):
     torch.testing.assert_close(torch.cat(steps, 1)[valid], full[valid], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["flex", "eager"])
+def test_every_attention_backend_gives_the_same_model(model, backend):
+    """pm.build(..., backend=): FlexAttention block masks (or the eager reference) under the image + prefix
+    block, left padding and cached greedy decoding give the sdpa model's logits and tokens."""
+    other = pm.build(config(), backend=backend).eval()
+    other.load_state_dict(model.state_dict())
+    ids, tt, px = inputs(suffix=4)
+    am = torch.ones_like(ids)
+    am[1, :2] = 0
+    with torch.no_grad():
+        want, got = (m(ids, px, attention_mask=am, token_type_ids=tt).logits for m in (model, other))
+    torch.testing.assert_close(got[am.bool()], want[am.bool()], atol=1e-5, rtol=1e-5)
+    prompt, ptt = ids[:, :9], tt[:, :9]
+    assert torch.equal(pm.generate(other, prompt, am[:, :9], pixel_values=px, token_type_ids=ptt, max_new_tokens=6),
+                       pm.generate(model, prompt, am[:, :9], pixel_values=px, token_type_ids=ptt, max_new_tokens=6))
+
+
+def test_build_refuses_a_backend_for_a_model_without_a_decoder():
+    with pytest.raises(ValueError, match="DualEncoder has no decoder .* backend must be 'sdpa', got 'flex'"):
+        pm.build("siglip-tiny", backend="flex")
+
+
 def test_packed_documents_match_each_alone(model):
     ids, tt, px = inputs(prefix=2, suffix=2)
     row = ids.reshape(1, -1)  # both documents in one row

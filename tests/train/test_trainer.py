@@ -49,6 +49,14 @@ def test_config_is_strict():
         TrainConfig(parallel="zero")
     with pytest.raises(ConfigError, match="task must be one of"):
         TrainConfig(tasks=("colour", "smell"))
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        TrainConfig(attention="flash")
+
+
+def test_flex_attention_is_refused_before_training_on_cpu(tmp_path, text_data):
+    with pytest.raises(ConfigError, match="attention 'flex' trains on CUDA only .* device is cpu"):
+        run(tmp_path, text_data, "flex", attention="flex", device="cpu")
+    assert not (tmp_path / "flex").exists()
 
 
 def test_splitting_a_step_does_not_change_its_loss(tmp_path, text_data):
@@ -56,7 +64,8 @@ def test_splitting_a_step_does_not_change_its_loss(tmp_path, text_data):
     assert losses(reference)[-1] < losses(reference)[0]
     for name, options in {"accumulated": {"batch_size": 4, "grad_accum": 2}, "packed": {"pack": True, "max_len": 48},
                           "checkpointed": {"activation_checkpointing": True},
-                          "compiled": {"compile": True, "activation_checkpointing": True}}.items():
+                          "compiled": {"compile": True, "activation_checkpointing": True},
+                          "eager attention": {"attention": "eager"}}.items():
         got = losses(run(tmp_path, text_data, name, **options)[0])
         assert max(abs(a - b) for a, b in zip(got, losses(reference))) <= 1e-5, name
     # outputs: per-step metrics with eval losses, the loss curve, only the newest checkpoints

@@ -53,13 +53,13 @@ class PaliGemmaConfig(Config):
 
 
 class PaliGemma(nn.Module):
-    def __init__(self, config: PaliGemmaConfig):
+    def __init__(self, config: PaliGemmaConfig, *, backend: str = "sdpa"):
         super().__init__()
         self.config = config
         self.vision = ViT(config.vision)
         self.projector = nn.Linear(config.vision.dim, config.text.dim)
         init_weights(self.projector)
-        self.decoder = Decoder(config.text)
+        self.decoder = Decoder(config.text, backend=backend)
 
     def make_cache(self, batch: int, max_len: int, **kwargs) -> Cache:
         return self.decoder.make_cache(batch, max_len, **kwargs)

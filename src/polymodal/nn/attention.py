@@ -11,6 +11,7 @@ Shapes: B batch, S query length, L key length, nh / nkv query / key-value heads,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,13 +48,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return probs @ v
 
 
+@functools.cache
+def compiled_flex_attention():
+    """`flex_attention` compiled: the fused kernel (run eagerly, it materialises every score)."""
+    return torch.compile(flex_attention)
+
+
 class FlexAttention(nn.Module):
     """`flex_attention` as a module, so that `nn.context_parallel` can hook its inputs. A query that may
-    see no key (a pad) gets zeros. PyTorch 2.13 runs it forward-only on CPU (no backward)."""
+    see no key (a pad) gets zeros. On CUDA it runs compiled (fused) unless a compiled block holds it;
+    PyTorch 2.13 runs it eagerly and forward-only on CPU (no backward)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
                 scale: float | None = None) -> torch.Tensor:
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        kernel = compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+        return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):

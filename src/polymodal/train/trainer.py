@@ -74,6 +74,7 @@ class TrainConfig(Config):
     keep_checkpoints: int = 2  # the newest N are kept
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
     compile: bool = False  # torch.compile every transformer block (the first steps pay for compiling)
+    attention: str = "sdpa"  # "sdpa" | "flex" (FlexAttention block masks, CUDA only) | "eager" (reference)
     parallel: str = "fsdp"  # "fsdp" | "ddp", used under torchrun
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     resume: bool = False  # continue from the run's last checkpoint
@@ -84,6 +85,7 @@ class TrainConfig(Config):
                         "eval_docs", "log_every", "checkpoint_every", "keep_checkpoints", "max_len")
         _check_choice("parallel", self.parallel, ("fsdp", "ddp"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("attention", self.attention, ("sdpa", "flex", "eager"))
         for task in self.tasks:
             _check_choice("task", task, WORLD.tasks)
         if not 0 <= self.min_lr <= self.lr:
@@ -240,6 +242,9 @@ def _train(cfg: TrainConfig, proc) -> Path:
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
         set_optimizer_state_dict)
 
+    if cfg.attention == "flex" and proc.device.type != "cuda":
+        raise ConfigError(f"attention 'flex' trains on CUDA only (PyTorch has no FlexAttention backward on CPU); "
+                          f"this run's device is {proc.device.type}: use attention 'sdpa'")
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
     run, W = cfg.run_dir, proc.world_size
     ckpt_root = run / "checkpoints"
@@ -257,7 +262,7 @@ def _train(cfg: TrainConfig, proc) -> Path:
         config = fit_config(model_config(cfg.model), tokenizer)
     collator = Collator(config, tokenizer, cfg.max_len)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build(config)
+    model = build(config, backend=cfg.attention)
     n_params = sum(p.numel() for p in model.parameters())
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if cfg.activation_checkpointing:

@@ -91,6 +91,25 @@ def test_greedy_generation_matches_hf(pair):
     assert got[:, :expected.shape[1]].tolist() == expected.tolist()
 
 
+def test_image_token_comes_from_the_directory_tokenizer(pair, tmp_path):
+    """HF keeps Idefics' <image> id in the tokenizer: with a tokenizer.json beside the weights, generate finds
+    the images from input_ids alone; without one, media_token_id stays unset."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+
+    hf, ours = pair
+    assert ours.config.media_token_id is None
+    hf.save_pretrained(tmp_path)
+    vocab = {f"w{i}": i for i in range(IMG)} | {"<image>": IMG}
+    HFTokenizer(WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
+    with_tokenizer = pm.from_pretrained(tmp_path)
+    assert with_tokenizer.config.media_token_id == IMG
+    ids, am, locations, _, pixels, media_mask = batch()
+    kwargs = dict(max_new_tokens=6, eos_token_id=2, pad_token_id=0, pixel_values=pixels, media_mask=media_mask)
+    assert torch.equal(pm.generate(with_tokenizer, ids, am, **kwargs),
+                       pm.generate(ours, ids, am, media_locations=locations, **kwargs))
+
+
 def test_round_trip_to_hf_gives_identical_logits(pair, tmp_path):
     hf, ours = pair
     save_hf(ours, tmp_path / "back", "idefics")

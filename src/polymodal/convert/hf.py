@@ -70,6 +70,7 @@ class Family:
     ignore: tuple[str, ...] = ()  # HF tensors with no polymodal counterpart (e.g. rotary caches)
     aliases: tuple[tuple[str, str], ...] = ()  # (old prefix, canonical prefix) for other HF key layouts
     skip: tuple[str, ...] = ()  # key prefixes of parts not built (Whisper's text decoder, reading its encoder)
+    from_directory: Callable[[object, Path], object] | None = None  # config fields HF keeps outside config.json
 
     def canonical(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -211,6 +212,8 @@ def load_hf(directory: str | Path) -> nn.Module:
     hf = read_hf_config(directory)
     family = family_of(hf, directory)
     cfg = family.config_from_hf(hf)
+    if family.from_directory is not None:
+        cfg = family.from_directory(cfg, directory)
     model = family.build(cfg)
     state = {k: v for k, v in family.canonical(load_weights(directory)).items() if not k.startswith(family.skip)}
     rules = family.rules(cfg)

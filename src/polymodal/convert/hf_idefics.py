@@ -9,10 +9,13 @@ concatenated here into one vocabulary (split back on export).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.convert.hf import (FAMILIES, Family, Rule, decoder_rules, linear_rules, norm_rules, rope_from_hf,
                                   rope_to_hf)
 from polymodal.convert.hf_vision import vision_config_from_hf, vision_config_to_hf, vision_rules
+from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.vit import VisionConfig
 from polymodal.fusion.perceiver import PerceiverConfig
 from polymodal.models.flamingo import Flamingo, FlamingoConfig
@@ -149,5 +152,14 @@ def perceiver_rules(p: PerceiverConfig, ours: str, theirs: str) -> list[Rule]:
     return out
 
 
+def media_token_from_tokenizer(cfg: FlamingoConfig, directory: Path) -> FlamingoConfig:
+    """Idefics marks images with `<image>`, whose id HF keeps in the tokenizer (its processor reads it
+    there), not in config.json: taken from the directory's tokenizer when it has one."""
+    try:
+        return cfg.replace(media_token_id=Tokenizer.from_file(directory).token_id("<image>"))
+    except (FileNotFoundError, KeyError):
+        return cfg
+
+
 FAMILIES["idefics"] = Family(config_from_hf=config_from_hf, build=Flamingo, rules=rules, config_to_hf=config_to_hf,
-                             ignore=("rotary_emb.inv_freq",))
+                             ignore=("rotary_emb.inv_freq",), from_directory=media_token_from_tokenizer)

@@ -32,6 +32,23 @@ def test_unknown_option_is_an_error_naming_valid_ones():
         DecoderConfig.from_dict({"n_head": 4})
 
 
+@pytest.mark.parametrize("data,message", [
+    ({"n_layers": "2"}, r"DecoderConfig.n_layers must be int, got '2' \(str\)"),
+    ({"n_layers": 2.0}, r"DecoderConfig.n_layers must be int, got 2.0 \(float\)"),
+    ({"tie_embeddings": 1}, r"DecoderConfig.tie_embeddings must be bool, got 1 \(int\)"),
+    ({"dim": True}, r"DecoderConfig.dim must be int, got True \(bool\)"),
+    ({"rope_scaling": "linear"}, r"DecoderConfig.rope_scaling must be dict or None, got 'linear' \(str\)"),
+])
+def test_a_value_of_the_wrong_type_is_an_error_naming_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        DecoderConfig.from_dict(data)
+
+
+def test_json_numbers_fill_float_fields_and_none_fills_optional_ones():
+    cfg = DecoderConfig.from_dict({"norm_eps": 1, "rope_scaling": None, "eos_token_id": [1, 2]})
+    assert cfg.norm_eps == 1 and cfg.rope_scaling is None and cfg.eos_token_ids == [1, 2]
+
+
 def test_unknown_config_class_in_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"config_class": "Nope"}))
     with pytest.raises(ConfigError, match="config_class must be one of"):

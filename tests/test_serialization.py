@@ -6,6 +6,7 @@ import torch
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
+from polymodal.convert.hf import save_hf
 from polymodal.serialization import atomic_directory
 
 
@@ -53,6 +54,32 @@ def test_checkpoint_that_does_not_fit_the_config(tmp_path):
     with pytest.raises(ValueError, match=r"does not fit the model config; wrong shapes: \['layers.0.mlp.w_in.weight: "
                                          r"expected \(96, 32\), got \(128, 32\)"):
         pm.from_pretrained(tmp_path / "m")
+
+
+def test_saving_never_replaces_what_is_not_a_checkpoint(tmp_path):
+    """A file, or a folder of the user's, in the way of a save is refused and left as it was; an empty folder
+    or an earlier checkpoint is replaced."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "data.csv").write_text("mine too")
+    model = tiny()
+    for target in ("notes.txt", "folder"):
+        with pytest.raises(FileExistsError, match="is not a checkpoint directory .* refusing to replace it"):
+            pm.save_pretrained(model, tmp_path / target)
+        with pytest.raises(FileExistsError, match="is not a checkpoint directory"):
+            save_hf(model, tmp_path / target, "llama")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "folder" / "data.csv").read_text() == "mine too"
+    assert sorted(os.listdir(tmp_path)) == ["folder", "notes.txt"]  # nothing hidden or half-written left behind
+    (tmp_path / "empty").mkdir()
+    pm.save_pretrained(model, tmp_path / "empty")
+    pm.save_pretrained(model, tmp_path / "empty")  # now a checkpoint: replaced
+    assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "model.safetensors"]
+
+
+def test_export_to_another_family_is_a_clear_error_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="a DecoderConfig model cannot be written as model_type 'paligemma'"):
+        save_hf(tiny(), tmp_path / "out", "paligemma")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_hf_model_type(tmp_path):

@@ -41,7 +41,11 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
 
 def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> nn.Module:
-    """Load a polymodal directory (save_pretrained) or a Hugging Face checkpoint directory."""
+    """Load a polymodal directory (save_pretrained) or a Hugging Face checkpoint directory.
+
+    The model is float32 unless `dtype` is given, whatever dtype the checkpoint stores (HF's from_pretrained
+    keeps a bfloat16 checkpoint bfloat16): bfloat16 / float16 weights are widened exactly. Pass
+    dtype=torch.bfloat16 for HF's memory footprint; RoPE frequencies stay float32 either way."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")

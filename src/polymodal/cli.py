@@ -118,35 +118,44 @@ def _load(path: str):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from polymodal.train.checkpoint import TRAINER, latest_checkpoint
     from polymodal.train.trainer import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train(TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in fields}))
+    given = {k: v for k, v in vars(args).items() if k in fields}  # only the flags on the command line
+    if given.get("resume"):  # continue the run as it was set up; flags given now override its settings
+        last = latest_checkpoint(TrainConfig.from_dict(given).run_dir / "checkpoints")
+        if last is not None and (last / TRAINER).is_file():
+            given = {**json.loads((last / TRAINER).read_text())["train_config"], **given}
+    train(TrainConfig.from_dict(given))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from PIL import Image
-
     from polymodal.data.collate import Collator
-    from polymodal.data.documents import Document, Segment, read_wav
+    from polymodal.data.documents import Document, Segment, load_media
     from polymodal.generation.engine import generate
 
-    _, model, tokenizer = _load(args.checkpoint)
     segments = []
-    for path in args.image:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image file {path} does not exist")
-        try:
-            with Image.open(path) as im:
-                segments.append(Segment("image", media=im.convert("RGB")))
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
-    for path in args.audio:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"audio file {path} does not exist")
-        segments.append(Segment("audio", media=read_wav(Path(path))))
-    batch = Collator(model.config, tokenizer).prompts([Document([*segments, Segment("text", args.prompt)])])
+    for flag, kind, paths in (("--image", "image", args.image), ("--audio", "audio", args.audio)):
+        for path in paths:
+            try:
+                segments.append(Segment(kind, media=load_media(path, kind)))
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from e
+    directory, model, tokenizer = _load(args.checkpoint)
+    collator = Collator(model.config, tokenizer)
+    prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
+    context = collator.format.max_len
+    if len(prompt) + args.max_new_tokens > context:
+        media = " (media placeholders included)" if segments else ""
+        raise ValueError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {args.max_new_tokens}: "
+                         f"{len(prompt) + args.max_new_tokens} in all, past the model's context of {context} tokens "
+                         f"({directory})")
+    batch = collator.pad([prompt])
+    del batch["labels"]
     draws = getattr(model, "image_spans", None) is not None  # a model that writes images (Chameleon)
+    if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():
+        raise NotADirectoryError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
     new = generate(model, **batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws)
@@ -163,6 +172,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from polymodal.evaluate import evaluate, table
 
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     directory, model, tokenizer = _load(args.checkpoint)
     tasks = args.tasks
     if tasks is None:
@@ -171,8 +184,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
                  else IMAGE_TASKS)
     for task in tasks:
         WORLD.choices(task)  # an unknown task fails here, before any work
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
     print(f"{directory}: greedy answers on the built-in world's held-out split")
     print(table(evaluate(model, tokenizer, tuple(tasks), args.n, WORLD, args.batch_size)))
 
@@ -189,6 +200,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
             raise ValueError(f"--to hf needs --model-type, one of {sorted(FAMILIES)}; got {args.model_type!r}")
         save_hf(pm.from_pretrained(source), target, args.model_type)
     else:
+        if "config_class" in json.loads((source / "config.json").read_text()):
+            raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
         pm.save_pretrained(load_hf(source), target)
     for name in TOKENIZER_FILES:  # so that generate/eval find the tokenizer beside the weights
         if (source / name).is_file():
@@ -213,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (DocumentError, ConfigError, TrainingError, FileNotFoundError, NotADirectoryError, ValueError,
-            KeyError) as e:
+    except (DocumentError, ConfigError, TrainingError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, ValueError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"polymodal {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ class Config:
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for name, value in data.items():
+            if not _fits(hints[name], value):
+                raise ConfigError(f"{cls.__name__}.{name} must be {_describe(hints[name])}, got {value!r} "
+                                  f"({type(value).__name__})")
             sub = _config_class(hints[name])
             kwargs[name] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
         return cls(**kwargs)
@@ -63,6 +67,35 @@ class Config:
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    """Whether a (JSON) value can fill a field of this type hint: scalars strictly (a bool is not an int,
+    "2" is not a number), containers by kind; a nested config may come as a dict."""
+    if hint is Any:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in _SCALARS:
+        return isinstance(value, _SCALARS[hint]) and (hint is bool or not isinstance(value, bool))
+    kind = typing.get_origin(hint) or hint
+    if kind in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if kind is dict:
+        return isinstance(value, dict)
+    if isinstance(kind, type) and issubclass(kind, Config):
+        return isinstance(value, (dict, kind))
+    return True
+
+
+def _describe(hint: Any) -> str:
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return " or ".join("None" if h is type(None) else getattr(h, "__name__", str(h)) for h in options)
 
 
 def _config_class(hint: Any) -> type[Config] | None:

@@ -31,8 +31,12 @@ def fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(target: str | Path):
-    """Yields a temporary directory; on success it replaces `target` whole."""
+    """Yields a temporary directory; on success it replaces `target` whole. A target that is a file, or a
+    directory holding anything but a checkpoint (no config.json), is refused first: it is a user's."""
     target = Path(target)
+    if target.exists() and not (target.is_dir() and ((target / "config.json").is_file() or not any(target.iterdir()))):
+        raise FileExistsError(f"{target} exists and is not a checkpoint directory (a file, or a folder without "
+                              "config.json): refusing to replace it; give a new or empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -97,7 +97,7 @@ def test_blank_lines_are_skipped_and_still_counted(tmp_path):
     with pytest.raises(DocumentError, match="line 5"):
         read_jsonl(p)
     p.write_text('{"segments": [{"text": "a"}]}\n\n   \n{"segments": [{"text": "b"}]}\n')
-    assert [d.texts for d in read_jsonl(p)] == [["a"], ["b"]]
+    assert [(d.texts, d.line) for d in read_jsonl(p)] == [(["a"], 1), (["b"], 4)]  # errors found later can name it
 
 
 def test_helpers_and_target_mask():
@@ -156,6 +156,8 @@ BAD = {  # case: (line, field named, what the message must say)
                         "only on text or image segments, got it on a segment of kind 'audio'"),
     "image path not a string": (seg('{"image": ["good.png"]}'), "segments[1].image", "path string, got a list"),
     "missing image": (seg('{"image": "gone.png"}'), "segments[1].image", "missing file"),
+    "image path is a directory": (seg('{"image": "media"}'), "segments[1].image", "got directory"),
+    "audio path is a directory": (seg('{"audio": "media"}'), "segments[1].audio", "got directory"),
     "corrupt image": (seg('{"image": "corrupt.png"}'), "segments[1].image", "expected a readable image file"),
     "truncated image": (seg('{"image": "truncated.png"}'), "segments[1].image", "expected a readable image file"),
     "missing audio": (seg('{"audio": "gone.wav"}'), "segments[1].audio", "missing file"),
@@ -177,6 +179,7 @@ def test_validation_errors_name_file_line_and_field(tmp_path, case):
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF????WAVEjunk")
     write_wav(tmp_path / "8bit.wav", sampwidth=1)
     write_wav(tmp_path / "stereo.wav", channels=2)
+    (tmp_path / "media").mkdir()
     line, field, expected = BAD[case]
     p = tmp_path / "docs.jsonl"
     p.write_text('{"segments": [{"image": "good.png"}, {"text": "fine"}]}\n' + line + "\n")
@@ -227,6 +230,16 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert p.read_bytes() == before  # the old file is untouched, not half overwritten
     assert temp_files(tmp_path) == []
     assert oct(p.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_write_makes_missing_folders_and_refuses_a_directory(tmp_path):
+    write_jsonl([all_kinds()], tmp_path / "new" / "folder" / "docs.jsonl")
+    [doc] = read_jsonl(tmp_path / "new" / "folder" / "docs.jsonl")
+    assert_same(doc, all_kinds())
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError, match="expected a .jsonl file to write, got the directory"):
+        write_jsonl([all_kinds()], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]  # no media written beside it
 
 
 @settings(max_examples=40, deadline=None)

@@ -69,3 +69,19 @@ def test_positions_reset_per_document_and_skip_padding():
                         document_ids=t([0, 0, 0, 0, 0, 0], [3, 3, 3, 7, 7, 9]))
     assert seg.positions[0, 2:].tolist() == [0, 1, 2, 3]
     assert seg.positions[1].tolist() == [0, 1, 2, 0, 1, 0]
+
+
+def test_a_mask_of_another_shape_than_the_input_is_a_clear_error():
+    import pytest
+
+    import polymodal as pm
+
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of the input \(batch, seq\) = \(2, 5\), "
+                                         r"got \(2, 4\)"):
+        make_segments(2, 5, torch.device("cpu"), attention_mask=torch.ones(2, 4))
+    for preset in ("llama-tiny", "flamingo-tiny"):  # forward, not only generate, says which input is wrong
+        with pytest.raises(ValueError, match="attention_mask must have the shape"):
+            pm.build(preset)(torch.randint(100, 200, (2, 5)), attention_mask=torch.ones(2, 4, dtype=torch.long))
+    # HF's single row of position ids for the whole batch still applies to every row
+    seg = make_segments(2, 3, torch.device("cpu"), position_ids=torch.tensor([[4, 5, 6]]))
+    assert seg.positions.tolist() == [[4, 5, 6], [4, 5, 6]]

@@ -66,3 +66,21 @@ def test_alibi_slopes_and_bias():
     bias = ALiBi(8)(mask, pos, pos, torch.float32)
     assert bias[0, 0, 2, 0] == -0.5 * 2 and bias[0, 7, 2, 1] == -(2.0 ** -8)
     assert bias[0, 3, 0, 2] == float("-inf")
+
+
+def test_position_constants_stay_float32_when_the_model_is_cast():
+    """model.to(bfloat16) casts float buffers: a bf16 RoPE frequency or ALiBi slope is wrong by up to 2**-9 of
+    itself, i.e. a rotation 0.7 rad off or an attention bias ~3 off at position 4000."""
+    import polymodal as pm
+    from polymodal.config import DecoderConfig
+
+    for positions in ("rope", "xpos", "alibi"):
+        model = pm.build(DecoderConfig(vocab_size=16, dim=32, n_layers=1, n_heads=16, hidden_dim=32,
+                                       positions=positions, max_seq_len=8192))
+        exact = {name: b.clone() for name, b in model.named_buffers()}
+        model.bfloat16()
+        for name, b in model.named_buffers():
+            assert b.dtype == torch.float32 and torch.equal(b, exact[name]), name
+    pos = torch.arange(4096)[None]
+    cast = Rotary(64, 10000.0).to(torch.bfloat16)
+    assert torch.equal(cast(pos, torch.bfloat16).cos_q, Rotary(64, 10000.0)(pos, torch.bfloat16).cos_q)

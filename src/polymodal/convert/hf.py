@@ -71,6 +71,7 @@ class Family:
     aliases: tuple[tuple[str, str], ...] = ()  # (old prefix, canonical prefix) for other HF key layouts
     skip: tuple[str, ...] = ()  # key prefixes of parts not built (Whisper's text decoder, reading its encoder)
     from_directory: Callable[[object, Path], object] | None = None  # config fields HF keeps outside config.json
+    tied_head: Callable[[object], tuple[str, str] | None] | None = None  # (head, embeddings) keys when tied
 
     def canonical(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -141,6 +142,8 @@ MLP_FROM_HF_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "
 
 def decoder_config_from_hf(hf: dict, *, gemma: bool) -> DecoderConfig:
     act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if gemma and act == "gelu":  # the first Gemma releases' config value, meant (and read by HF) as tanh-GELU
+        act = "gelu_pytorch_tanh"
     if act not in MLP_FROM_HF_ACT:
         raise ConfigError(f"hidden activation {act!r} is not supported; supported: {sorted(MLP_FROM_HF_ACT)}")
     theta, scaling = rope_from_hf(hf)
@@ -182,13 +185,27 @@ def _build_decoder(cfg):
     return Decoder(cfg)
 
 
+def tied_head(head: str, embeddings: str, text: Callable[[object], DecoderConfig] = lambda cfg: cfg):
+    """A `Family.tied_head`: the keys of an output head tied to the input embeddings, when the config ties them."""
+    return lambda cfg: (head, embeddings) if text(cfg).tie_embeddings else None
+
+
+def causal_lm_config_from_hf(hf: dict, *, gemma: bool) -> DecoderConfig:
+    """A Llama / Gemma causal LM's config (PaliGemma's text_config says bidirectional for its own prefix mask)."""
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention=True (an encoder-style Gemma) is not supported: "
+                          "this decoder is causal")
+    return decoder_config_from_hf(hf, gemma=gemma)
+
+
 for _name, _gemma in (("llama", False), ("gemma", True)):
     FAMILIES[_name] = Family(
-        config_from_hf=lambda hf, g=_gemma: decoder_config_from_hf(hf, gemma=g),
+        config_from_hf=lambda hf, g=_gemma: causal_lm_config_from_hf(hf, gemma=g),
         build=_build_decoder,
         rules=decoder_rules,
         config_to_hf=lambda cfg, g=_gemma: decoder_config_to_hf(cfg, gemma=g),
         ignore=("rotary_emb.inv_freq",),
+        tied_head=tied_head("lm_head.weight", "model.embed_tokens.weight"),
     )
 
 
@@ -216,6 +233,14 @@ def load_hf(directory: str | Path) -> nn.Module:
         cfg = family.from_directory(cfg, directory)
     model = family.build(cfg)
     state = {k: v for k, v in family.canonical(load_weights(directory)).items() if not k.startswith(family.skip)}
+    tied = family.tied_head(cfg) if family.tied_head is not None else None
+    if tied is not None and tied[0] in state:  # a tied head saved anyway: the same tensor, or an error
+        head, embeddings = tied
+        if embeddings in state and not torch.equal(state[head], state[embeddings]):
+            raise ValueError(f"{directory}: config.json ties the output head to the input embeddings "
+                             f"(tie_word_embeddings), but the checkpoint's {head} differs from {embeddings}; "
+                             "set tie_word_embeddings to false in config.json to load both")
+        del state[head]
     rules = family.rules(cfg)
     used = {k for r in rules for k in r.theirs}
     extra = sorted(k for k in state if k not in used and not any(k.endswith(s) for s in family.ignore))
@@ -231,9 +256,13 @@ def save_hf(model: nn.Module, directory: str | Path, model_type: str) -> None:
         raise ValueError(f"cannot export to model_type {model_type!r}; supported: {sorted(FAMILIES)}")
     family = FAMILIES[model_type]
     cfg = model.config
-    hf_state = export_state(family.rules(cfg), model.state_dict())
+    try:  # a model of another family has other config fields and weights than this key map reads
+        hf_config, hf_state = family.config_to_hf(cfg), export_state(family.rules(cfg), model.state_dict())
+    except (AttributeError, KeyError) as e:
+        raise ValueError(f"a {type(cfg).__name__} model cannot be written as model_type {model_type!r} "
+                         f"({type(e).__name__}: {e})") from e
     with atomic_directory(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps(family.config_to_hf(cfg), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_state_dict(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})
 
 

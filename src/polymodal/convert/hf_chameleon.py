@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from polymodal.config import ConfigError
-from polymodal.convert.hf import FAMILIES, Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules
+from polymodal.convert.hf import (FAMILIES, Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
+                                  tied_head)
 from polymodal.encoders.vq import VQConfig, VQModel
 from polymodal.models.chameleon import Chameleon, ChameleonConfig
 
@@ -100,4 +101,5 @@ def rules(cfg: ChameleonConfig) -> list[Rule]:
 
 
 FAMILIES["chameleon"] = Family(config_from_hf=config_from_hf, build=Chameleon, rules=rules, config_to_hf=config_to_hf,
-                               ignore=("rotary_emb.inv_freq",))
+                               ignore=("rotary_emb.inv_freq",),
+                               tied_head=tied_head("lm_head.weight", "model.embed_tokens.weight", lambda cfg: cfg.text))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from polymodal.config import ConfigError
 from polymodal.convert.hf import (FAMILIES, Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
-                                  linear_rules, norm_rules)
+                                  linear_rules, norm_rules, tied_head)
 from polymodal.encoders.vit import ViT, VisionConfig
 
 VISION_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
@@ -93,6 +93,9 @@ def vision_rules(cfg: VisionConfig, ours: str = "", theirs: str = "") -> list[Ru
 def paligemma_config_from_hf(hf: dict):
     from polymodal.models.paligemma import PaliGemmaConfig
 
+    text_type = hf.get("text_config", {}).get("model_type", "gemma")
+    if text_type != "gemma":  # PaliGemma 2 (Gemma 2: logit soft-capping, sliding windows, sandwich norms)
+        raise ConfigError(f"PaliGemma's text_config.model_type {text_type!r} is not supported; supported: ['gemma']")
     text = decoder_config_from_hf({**HF_GEMMA_DEFAULTS, **hf.get("text_config", {})}, gemma=True)
     vision = vision_config_from_hf(hf.get("vision_config", {}), "siglip")
     projection_dim = hf.get("projection_dim", 2048)
@@ -141,7 +144,9 @@ FAMILIES["paligemma"] = Family(
     build=_build_paligemma,
     rules=paligemma_rules,
     config_to_hf=paligemma_config_to_hf,
-    ignore=("rotary_emb.inv_freq", "lm_head.weight"),  # a tied head saved anyway: HF re-ties it on load too
+    ignore=("rotary_emb.inv_freq",),
+    tied_head=tied_head("language_model.lm_head.weight", "language_model.model.embed_tokens.weight",
+                        lambda cfg: cfg.text),
     # on disk (5.x and 4.x) vs in memory (5.x, and 4.x's `vision_model.` inside the tower)
     aliases=(("vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.vision_model.", "vision_tower."),
              ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),

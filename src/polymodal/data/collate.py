@@ -45,7 +45,8 @@ class Encoded:
 
 
 def _name(doc: Document, index: int | None = None) -> str:
-    return f"document {doc.id!r}" if doc.id is not None else f"document {index if index is not None else '?'}"
+    return (f"document {doc.id!r}" if doc.id is not None else f"document {index}" if index is not None
+            else "the document")
 
 
 class DecoderFormat:

@@ -76,6 +76,7 @@ class Segment:
 class Document:
     segments: list[Segment]
     id: str | None = None
+    line: int | None = field(default=None, compare=False)  # 1-based line of the JSONL file it was read from
 
     def of_kind(self, kind: str) -> list[Any]:
         return [s.text if kind == "text" else s.media for s in self.segments if s.kind == kind]
@@ -154,6 +155,7 @@ def iter_jsonl(path: str | Path, load_media: bool = True) -> Iterator[Document]:
             except _Invalid as e:
                 raise DocumentError(f"{path}, line {lineno}, {e.where}: {e.msg}") from e.__cause__
             if doc is not None:
+                doc.line = lineno
                 yield doc
 
 
@@ -234,7 +236,17 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool) -> Segmen
     return Segment(kind, media=_load(p, kind, where) if load_media else None, target=target, path=p)
 
 
+def load_media(path: str | Path, kind: str) -> Image.Image | Audio:
+    """An image (RGB) or a 16-bit mono wav file; ValueError saying what was expected and what was given."""
+    try:
+        return _load(str(path), kind, "")
+    except _Invalid as e:
+        raise ValueError(e.msg) from e.__cause__
+
+
 def _load(path: str, kind: str, where: str) -> Image.Image | Audio:
+    if os.path.isdir(path):
+        raise _Invalid(where, f"expected an existing {kind} file, got directory {path!r}")
     if not os.path.isfile(path):
         raise _Invalid(where, f"expected an existing {kind} file, got missing file {path!r}")
     try:
@@ -279,6 +291,9 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
     frames as PNG, audio as 16-bit wav), referenced by relative paths. Media files go first and
     the JSONL is renamed into place last, so a reader never sees a line whose media is missing."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"expected a .jsonl file to write, got the directory {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     media_dir = path.parent / f"{path.stem}_media"
 
     def put(name: str, data: bytes) -> str:

@@ -50,7 +50,9 @@ def next_token(logits: torch.Tensor, finished: torch.Tensor, state: torch.Tensor
                noise: torch.Tensor | None, *, spans, allowed: torch.Tensor | None, penalty: float, pad_token_id: int,
                stop_ids: torch.Tensor | None, **sampling):
     """Each row's next token from its logits (B, V), and the per-row state after it: finished (B,) bool,
-    the image-span mode state (B,) and the seen tokens (B, V) bool (None when unused)."""
+    the image-span mode state (B,) and the seen tokens (B, V) bool (None when unused). The logit processors
+    run in float32, as HF's generate runs them: a penalty applied to bf16 logits rounds them into ties."""
+    logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, penalty)
     if state is not None:

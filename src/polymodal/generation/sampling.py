@@ -23,10 +23,14 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches p (at least one token)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    drop_sorted = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already >= p
+    """Keep the smallest set of tokens whose probability mass reaches p (at least one token), as HF's
+    TopPLogitsWarper computes it: drop the least likely tokens while their summed mass stays <= 1 - p,
+    summed from the smallest up (a float32 sum from the largest down saturates near 1 and dropped
+    thousands of tokens HF keeps on a 256k vocabulary), ties broken the same way."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    tail_mass = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = tail_mass <= 1 - p
+    drop_sorted[..., -1:] = False  # the most likely token always stays
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

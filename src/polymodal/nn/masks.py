@@ -44,6 +44,13 @@ def make_segments(batch: int, seq: int, device: torch.device, *,
     block_ids:      (B, S) 0 for causal tokens; runs of one nonzero id form a bidirectional block.
     position_ids:   (B, S) explicit positions; by default counted per document over valid tokens.
     """
+    if position_ids is not None and tuple(position_ids.shape) == (1, seq):  # HF's one row for the whole batch
+        position_ids = position_ids.expand(batch, seq)
+    for name, t in (("attention_mask", attention_mask), ("document_ids", document_ids), ("block_ids", block_ids),
+                    ("position_ids", position_ids)):
+        if t is not None and tuple(t.shape) != (batch, seq):
+            raise ValueError(f"{name} must have the shape of the input (batch, seq) = {(batch, seq)}, "
+                             f"got {tuple(t.shape)}")
     valid = (torch.ones(batch, seq, dtype=torch.bool, device=device) if attention_mask is None
              else attention_mask.to(device=device, dtype=torch.bool))
     docs = (torch.zeros(batch, seq, dtype=torch.long, device=device) if document_ids is None

@@ -73,7 +73,22 @@ def scale_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(in_band, blended, scaled)
 
 
-class Rotary(nn.Module):
+class Float32Constants(nn.Module):
+    """A module whose float buffers are float32 constants that `model.to(dtype)` / `.bfloat16()` must not
+    round: those cast every float buffer, and a bf16 RoPE frequency turns position 4000 up to 0.7 rad
+    off (HF's from_pretrained(dtype=...) keeps its frequencies float32). Moving to a device still moves them."""
+
+    def _apply(self, fn, recurse=True):
+        exact = {name: b for name, b in self.named_buffers(recurse=False) if b is not None}
+        super()._apply(fn, recurse)
+        for name, before in exact.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
+
+class Rotary(Float32Constants):
     """RoPE (`xpos_scale_base=None`) or xPos tables for given positions."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0, *, interleaved: bool = False,
@@ -132,7 +147,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-class ALiBi(nn.Module):
+class ALiBi(Float32Constants):
     """Turns a boolean mask into a float bias -slope_h * |pos_q - pos_k| (-inf where masked)."""
 
     def __init__(self, n_heads: int):

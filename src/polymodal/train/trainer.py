@@ -30,7 +30,7 @@ import torch
 from polymodal.api import build
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive, load_config
 from polymodal.data.collate import Collator, count_targets, fit_config
-from polymodal.data.documents import Document, read_jsonl
+from polymodal.data.documents import Document, DocumentError, read_jsonl
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.nn.transformer import Block
@@ -49,7 +49,7 @@ class TrainConfig(Config):
     model: str = "paligemma-world"  # a preset name or a model config.json
     data: str = "world"  # "world" (the built-in world) or a JSONL file of documents
     tasks: tuple[str, ...] = IMAGE_TASKS  # world tasks to train on
-    eval_data: str | None = None  # JSONL for the eval loss (the world uses its held-out split)
+    eval_data: str | None = None  # JSONL for the eval loss (default: none, or the world's held-out split)
     tokenizer: str | None = None  # tokenizer file/dir; None trains a BPE on the data's text
     vocab_size: int = 512  # the most tokens that BPE may have
     out_dir: str = "runs"  # where run directories go
@@ -77,7 +77,7 @@ class TrainConfig(Config):
     attention: str = "sdpa"  # "sdpa" | "flex" (FlexAttention block masks, CUDA only) | "eager" (reference)
     parallel: str = "fsdp"  # "fsdp" | "ddp", used under torchrun
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    resume: bool = False  # continue from the run's last checkpoint
+    resume: bool = False  # continue from the run's last checkpoint, with its settings (flags given override them)
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
@@ -119,7 +119,14 @@ def model_config(spec: str) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                                 "nor a config.json file or a directory holding one")
-    return load_config(path)
+    try:
+        return load_config(path)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: expected a JSON model config, got malformed JSON ({e})") from e
+    except ConfigError as e:  # an unknown option, a bad choice: say in which file
+        if str(path) in str(e):
+            raise
+        raise ConfigError(f"{path}: {e}") from e
 
 
 @dataclass
@@ -127,21 +134,36 @@ class Data:
     train: Callable[[int], Document]  # the i-th training document, for i = 0, 1, 2, ... forever
     eval: list[Document]
     texts: list[str]  # what a tokenizer is trained on
+    checks: list[tuple[str, list[Document]]]  # (where from, documents): what to validate before training
+
+
+def _read(flag: str, path: str) -> list[Document]:
+    if not Path(path).is_file():
+        given = "a directory" if Path(path).is_dir() else "no such file"
+        raise FileNotFoundError(f"{flag} expects a JSONL file of documents, got {path!r} ({given})")
+    docs = read_jsonl(path)
+    if not docs:
+        raise ValueError(f"{flag} {path} holds no documents")
+    return docs
 
 
 def load_data(cfg: TrainConfig) -> Data:
     """Data positions are plain counters, so resuming at a position needs no iterator state."""
+    eval_docs = _read("--eval-data", cfg.eval_data)[:cfg.eval_docs] if cfg.eval_data else []
+    checks = [(cfg.eval_data, eval_docs)] if cfg.eval_data else []
     if cfg.data == "world":
         tasks = cfg.tasks
 
         def sample(i: int, split: str = "train") -> Document:  # round robin over the tasks
             return WORLD.sample(tasks[i % len(tasks)], i // len(tasks), split).document
 
-        return Data(sample, [sample(i, "eval") for i in range(cfg.eval_docs)], WORLD.texts())
-    docs = read_jsonl(cfg.data)
-    if not docs:
-        raise ValueError(f"{cfg.data} holds no documents")
-    eval_docs = read_jsonl(cfg.eval_data)[:cfg.eval_docs] if cfg.eval_data else []
+        texts = WORLD.texts() + [t for d in eval_docs for t in d.texts]
+        if not cfg.eval_data:
+            eval_docs = [sample(i, "eval") for i in range(cfg.eval_docs)]
+            checks = [("the built-in world's held-out split", eval_docs)]
+        checks = [(f"--tasks {task} (the built-in world)", [sample(i)]) for i, task in enumerate(tasks)] + checks
+        return Data(sample, eval_docs, texts, checks)
+    docs = _read("--data", cfg.data)
     orders: dict[int, np.ndarray] = {}
 
     def shuffled(i: int) -> Document:  # a fresh permutation of the file every epoch
@@ -151,7 +173,20 @@ def load_data(cfg: TrainConfig) -> Data:
             orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(len(docs))
         return docs[orders[epoch][i % len(docs)]]
 
-    return Data(shuffled, eval_docs, [t for d in docs + eval_docs for t in d.texts])
+    return Data(shuffled, eval_docs, [t for d in docs + eval_docs for t in d.texts], [(cfg.data, docs), *checks])
+
+
+def check_documents(collator: Collator, data: Data) -> None:
+    """Every document the run will read must fit the model: its kinds of media and layout, its length
+    (max_len) and something to learn from. Checked before any training, so that a bad document deep in
+    a file stops the run now, not hours in (and not one process of several, leaving the others waiting)."""
+    for source, docs in data.checks:
+        for i, doc in enumerate(docs):
+            try:
+                collator.encode(doc, index=None if doc.line is not None else i)
+            except ValueError as e:
+                where = f"{source}, line {doc.line}" if doc.line is not None else source
+                raise DocumentError(f"{where}: {e}") from e
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -254,13 +289,18 @@ def _train(cfg: TrainConfig, proc) -> Path:
                             "or give another --name")
     if cfg.resume and last is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {ckpt_root}")
+    config = load_config(last / "config.json") if last is not None else model_config(cfg.model)
     data = load_data(cfg)
     if last is not None:
-        tokenizer, config = Tokenizer.from_file(last), load_config(last / "config.json")
+        tokenizer = Tokenizer.from_file(last)
     else:
         tokenizer = Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else Tokenizer.train(data.texts, cfg.vocab_size)
-        config = fit_config(model_config(cfg.model), tokenizer)
+        config = fit_config(config, tokenizer)
     collator = Collator(config, tokenizer, cfg.max_len)
+    if collator.max_len > collator.format.max_len:
+        raise ConfigError(f"max_len must be at most the model's context of {collator.format.max_len} tokens, "
+                          f"got {collator.max_len}")
+    check_documents(collator, data)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(config, backend=cfg.attention)
     n_params = sum(p.numel() for p in model.parameters())

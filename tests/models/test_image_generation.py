@@ -133,3 +133,5 @@ def test_image_placeholders_take_codes_in_inputs_and_labels():
         model(ids, pixel_values=torch.cat([pixels, pixels]))
     with pytest.raises(ValueError, match=r"0 image\(s\) need 0"):
         model(ids)
+    with pytest.raises(ValueError, match=r"pixel_values must be \(num_images, 3, 32, 32\), got \(3, 32, 32\)"):
+        model(ids, pixel_values=pixels[0])  # one image without its batch dimension

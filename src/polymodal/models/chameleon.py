@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from polymodal.config import Config, ConfigError, DecoderConfig
+from polymodal.data.processors import check_pixel_values
 from polymodal.encoders.vq import VQConfig, VQModel, images_to_pixels, pixels_to_images
 from polymodal.generation.constraints import ImageSpans
 from polymodal.nn.cache import Cache
@@ -113,6 +114,8 @@ class Chameleon(nn.Module):
             if pixel_values is not None:
                 raise ValueError("this model has no image_token_id, so input_ids cannot place pixel_values")
             return input_ids, labels
+        if pixel_values is not None:  # the shape first: a (3, H, W) image would read as 3 images
+            check_pixel_values(pixel_values, self.config.vq.in_channels, self.config.vq.resolution)
         is_image = input_ids == placeholder
         n_slots, n_images = int(is_image.sum()), 0 if pixel_values is None else pixel_values.shape[0]
         per_image = self.config.vq.tokens_per_image

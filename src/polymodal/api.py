@@ -11,7 +11,9 @@ from torch import nn
 
 from polymodal.config import Config, load_config
 from polymodal.convert.hf import load_hf
+from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from polymodal.models import MODEL_CLASSES
+from polymodal.nn.quantize import quantize as quantize_model
 from polymodal.presets import get_preset
 from polymodal.serialization import WEIGHTS, atomic_directory, load_into, load_weights, save_state_dict
 
@@ -40,15 +42,23 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
 
 
 def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> nn.Module:
+                    device: torch.device | str | None = None, quantize: str | None = None) -> nn.Module:
     """Load a polymodal directory (save_pretrained) or a Hugging Face checkpoint directory.
 
     The model is float32 unless `dtype` is given, whatever dtype the checkpoint stores (HF's from_pretrained
     keeps a bfloat16 checkpoint bfloat16): bfloat16 / float16 weights are widened exactly. Pass
-    dtype=torch.bfloat16 for HF's memory footprint; RoPE frequencies stay float32 either way."""
+    dtype=torch.bfloat16 for HF's memory footprint; RoPE frequencies stay float32 either way.
+
+    A LoRA adapter directory (adapter_config.json, as `save_adapter` or peft write it) loads its base model
+    (`base_model_name_or_path`) with the adapter on top. quantize="int8" | "int4": weight-only quantized
+    decoder linear layers (`nn.quantize`; an adapter is merged first)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
+    if quantize is not None and quantize not in ("int8", "int4"):
+        raise ValueError(f"quantize must be 'int8' or 'int4' (or None), got {quantize!r}")
+    if (directory / ADAPTER_CONFIG).is_file() and not (directory / WEIGHTS).is_file():
+        return _from_adapter(directory, dtype=dtype, device=device, quantize=quantize)
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"no config.json in {directory}")
@@ -58,4 +68,18 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
     else:
         model = load_hf(directory)
     model.eval()
-    return model.to(device=device, dtype=dtype) if (device or dtype) else model
+    model = model.to(device=device, dtype=dtype) if (device or dtype) else model
+    return quantize_model(model, quantize) if quantize else model
+
+
+def _from_adapter(directory: Path, **kwargs) -> nn.Module:
+    base = read_adapter_config(directory).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise FileNotFoundError(f"{directory} is a LoRA adapter whose base model (base_model_name_or_path) is "
+                                f"{base!r}, not a directory here: load the base with from_pretrained, then "
+                                "load_adapter(model, directory)")
+    quantize = kwargs.pop("quantize")
+    model = load_adapter(from_pretrained(base, **kwargs), directory).eval()
+    if quantize:
+        merge_lora(model)
+    return quantize_model(model, quantize) if quantize else model

@@ -1,0 +1,206 @@
+"""LoRA adapters in HF peft's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+A model family with an HF key map (Llama, Gemma, PaliGemma) names its adapters as peft does on the
+transformers model, `base_model.model.<HF module>.lora_A.weight`, so an adapter trained here on an HF
+checkpoint loads into transformers + peft with the same logits, and one trained there loads here.
+The names come from the same key maps as the checkpoint converter (`convert/hf.py`): a fused QKV or
+gate/up layer gets one adapter per HF projection it holds. Other families use their own module paths
+(`<path>.<slice>`), which only polymodal reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from torch import nn
+
+from polymodal.config import DecoderConfig
+from polymodal.convert.hf import FAMILIES
+from polymodal.models.paligemma import PaliGemmaConfig
+from polymodal.nn import lora
+from polymodal.serialization import atomic_directory, save_state_dict
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# config class -> (the HF model_type whose key map names its modules, (prefix in the key map's checkpoint
+# names, prefix of the same module inside transformers 5's model, which is what peft names))
+HF_NAMES: dict[type, tuple[str, tuple[tuple[str, str], ...]]] = {
+    DecoderConfig: ("llama", ()),
+    PaliGemmaConfig: ("paligemma", (("language_model.model.", "model.language_model."),
+                                    ("language_model.lm_head", "lm_head"),
+                                    ("vision_tower.", "model.vision_tower."),
+                                    ("multi_modal_projector.", "model.multi_modal_projector."))),
+}
+UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
+               "modules_to_save": None, "layers_to_transform": None, "target_parameters": None}
+
+
+def _rename(name: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    for old, new in prefixes:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def slot_names(model: nn.Module) -> dict[tuple[str, str], str]:
+    """(module path, slice) of every linear layer LoRA can adapt -> the module name its adapter is saved under.
+    With an HF key map, layers that are no linear module in HF (the SigLIP head's fused in_proj) are left out."""
+    slots = lora.linear_slots(model)
+    config = getattr(model, "config", None)
+    if type(config) not in HF_NAMES:
+        return {(slot.path, s.name): f"{slot.path}.{s.name}" for slot in slots for s in slot.slices}
+    model_type, prefixes = HF_NAMES[type(config)]
+    rules = {r.ours: r for r in FAMILIES[model_type].rules(config) if r.rows is None}
+    names = {}
+    for slot in slots:
+        rule = rules.get(f"{slot.path}.weight")
+        if rule is not None and len(rule.theirs) == len(slot.slices):
+            for s, theirs in zip(slot.slices, rule.theirs):
+                names[(slot.path, s.name)] = _rename(theirs.removesuffix(".weight"), prefixes)
+    return names
+
+
+def _parts(model: nn.Module, parts: tuple[str, ...] | list[str] | None) -> list[str]:
+    """Module-path prefixes of the parts to adapt: by default the language decoder (the whole model
+    when it is a decoder itself)."""
+    children = [name for name, m in model.named_children() if any(isinstance(x, nn.Linear) for x in m.modules())]
+    if parts is None:
+        return ["decoder."] if "decoder" in children else [""]
+    unknown = sorted(set(parts) - set(children))
+    if unknown:
+        raise ValueError(f"unknown LoRA parts {unknown}; this {type(model).__name__} has {children}")
+    return [f"{p}." for p in parts]
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[str] | None = None,
+             dropout: float = 0.0, parts: tuple[str, ...] | list[str] | None = None) -> nn.Module:
+    """Freeze the model and give LoRA adapters to its linear layers named in `targets` (as HF/peft name
+    them: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, fc1, ...; "q" means "q_proj"),
+    inside `parts` (top-level modules, e.g. ["vision", "projector", "decoder"]; default: the decoder).
+    targets=None: every attention and MLP projection of those parts."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+    prefixes = _parts(model, parts)
+    names = slot_names(model)
+    slots = [slot for slot in lora.linear_slots(model) if f"{slot.path}.".startswith(tuple(prefixes))]
+    leaf = {(slot.path, s.name): names[(slot.path, s.name)].rsplit(".", 1)[-1]
+            for slot in slots for s in slot.slices if (slot.path, s.name) in names}
+    if targets is None:
+        chosen = {(slot.path, s.name) for slot in slots if slot.kind != "other" for s in slot.slices} & set(leaf)
+    else:
+        if isinstance(targets, str):
+            raise TypeError(f"targets must be a list of names, got the string {targets!r}")
+        known = sorted(set(leaf.values()))
+        wanted = set()
+        for t in targets:
+            name = t if t in known else f"{t}_proj"
+            if name not in known:
+                raise ValueError(f"unknown LoRA target {t!r}; the linear layers of "
+                                 f"{[p.rstrip('.') or type(model).__name__ for p in prefixes]} are named {known}")
+            wanted.add(name)
+        chosen = {key for key, name in leaf.items() if name in wanted}
+    plan = {slot.path: tuple(s for s in slot.slices if (slot.path, s.name) in chosen) for slot in slots}
+    lora.add(model, {path: slices for path, slices in plan.items() if slices}, rank, alpha, dropout)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights: plain linear layers again, the same outputs, the base's keys."""
+    if not lora.adapters(model):
+        raise ValueError("the model has no LoRA adapters to merge (add_lora or load_adapter first)")
+    lora.merge(model)
+    return model
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base_model: str | Path | None = None) -> None:
+    """Write the model's adapters as a peft adapter directory (atomically). base_model: recorded as
+    `base_model_name_or_path`, where `pm.from_pretrained(directory)` finds the base weights."""
+    found = lora.adapters(model)
+    if not found:
+        raise ValueError("the model has no LoRA adapters to save (add_lora first)")
+    (first, *_), names = found.values(), slot_names(model)
+    state, modules = {}, []
+    for path, layer in found.items():
+        if (layer.rank, layer.alpha, layer.lora_dropout.p) != (first.rank, first.alpha, first.lora_dropout.p):
+            raise ValueError(f"peft's adapter_config holds one rank, alpha and dropout; {path} differs")
+        for s in layer.slices:
+            name = names[(path, s.name)]
+            modules.append(name)
+            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[s.name].detach()
+            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[s.name].detach()
+    config = {"peft_type": "LORA", "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.lora_dropout.p,
+              "target_modules": sorted(modules), "use_rslora": first.scale != first.alpha / first.rank,
+              "init_lora_weights": True, "inference_mode": True, "task_type": None,
+              "base_model_name_or_path": str(base_model) if base_model is not None else None, **UNSUPPORTED}
+    with atomic_directory(directory) as tmp:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_state_dict(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt", "producer": "polymodal"})
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    directory = Path(directory)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} has no {name}: not a LoRA adapter directory")
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory}: expected a LoRA adapter (peft_type 'LORA'), got {config.get('peft_type')!r}")
+    for key, plain in UNSUPPORTED.items():
+        if config.get(key, plain) not in (plain, None, {}):
+            raise ValueError(f"{directory}: {key}={config[key]!r} is not supported (expected {plain!r})")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Read a peft LoRA adapter directory (written here or by peft) into the model: adds the adapters
+    (freezing the rest) unless the model has them already, then loads their weights."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    by_name = {name: key for key, name in slot_names(model).items()}
+    model_type = HF_NAMES.get(type(getattr(model, "config", None)), (None,))[0]
+    family = FAMILIES.get(model_type)
+    plan: dict[str, dict[str, tuple]] = {}
+    with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key, tensor in tensors.items():
+        name, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if which not in ("A.weight", "B.weight"):
+            raise ValueError(f"{directory}: {key} is not a LoRA A/B weight")
+        if name not in by_name and family is not None:  # another HF layout of the same module (transformers 4.x)
+            name = next(iter(family.canonical({f"{name}.weight": None}))).removesuffix(".weight")
+            name = _rename(name, HF_NAMES[type(model.config)][1])
+        if name not in by_name:
+            raise ValueError(f"{directory} is an adapter for another model: it adapts {name!r}, which this "
+                             f"{type(model).__name__} does not have (its linear layers are named like "
+                             f"{sorted(by_name)[:3]})")
+        path, slice_name = by_name[name]
+        plan.setdefault(path, {})[slice_name] = plan.get(path, {}).get(slice_name, ()) + ((which[0], tensor),)
+    slots = {slot.path: slot for slot in lora.linear_slots(model)}
+    existing = lora.adapters(model)
+    if not existing:
+        lora.add(model, {path: tuple(s for s in slots[path].slices if s.name in got) for path, got in plan.items()},
+                 config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), config.get("use_rslora", False))
+        existing = lora.adapters(model)
+    expected = {(p, s.name) for p, layer in existing.items() for s in layer.slices}
+    given = {(p, s) for p, got in plan.items() for s in got}
+    if expected != given:
+        raise ValueError(f"{directory} adapts other layers than the model's adapters: missing "
+                         f"{sorted(expected - given)[:4]}, extra {sorted(given - expected)[:4]}")
+    for path, got in plan.items():
+        layer = existing[path]
+        if layer.alpha != config["lora_alpha"]:
+            raise ValueError(f"{directory} has lora_alpha {config['lora_alpha']}, the model's adapters {layer.alpha}")
+        for slice_name, pair in got.items():
+            for which, tensor in pair:
+                param = (layer.lora_A if which == "A" else layer.lora_B)[slice_name]
+                if tensor.shape != param.shape:
+                    raise ValueError(f"{directory}: {path} ({slice_name}) lora_{which} has shape {tuple(tensor.shape)}, "
+                                     f"this model expects {tuple(param.shape)} (rank {layer.rank}): an adapter for "
+                                     "another model or rank")
+                param.data.copy_(tensor)
+    return model

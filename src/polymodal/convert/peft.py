@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -120,26 +121,40 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str | Path | None = None) -> None:
     """Write the model's adapters as a peft adapter directory (atomically). base_model: recorded as
     `base_model_name_or_path`, where `pm.from_pretrained(directory)` finds the base weights."""
+    layout = adapter_layout(model)
+    with atomic_directory(directory) as tmp:
+        write_adapter(layout, tmp, model.state_dict(), base_model)
+
+
+def adapter_layout(model: nn.Module) -> dict:
+    """What a peft adapter file needs to know of the model: adapter_config.json, and each saved tensor's
+    name -> the model's parameter name. Taken before a trainer wraps the model's modules."""
     found = lora.adapters(model)
     if not found:
         raise ValueError("the model has no LoRA adapters to save (add_lora first)")
     (first, *_), names = found.values(), slot_names(model)
-    state, modules = {}, []
+    tensors = {}
     for path, layer in found.items():
         if (layer.rank, layer.alpha, layer.lora_dropout.p) != (first.rank, first.alpha, first.lora_dropout.p):
             raise ValueError(f"peft's adapter_config holds one rank, alpha and dropout; {path} differs")
         for s in layer.slices:
-            name = names[(path, s.name)]
-            modules.append(name)
-            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[s.name].detach()
-            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[s.name].detach()
+            for which in "AB":
+                tensors[f"{PEFT_PREFIX}{names[(path, s.name)]}.lora_{which}.weight"] = f"{path}.lora_{which}.{s.name}"
+    modules = sorted({key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for key in tensors})
     config = {"peft_type": "LORA", "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.lora_dropout.p,
-              "target_modules": sorted(modules), "use_rslora": first.scale != first.alpha / first.rank,
-              "init_lora_weights": True, "inference_mode": True, "task_type": None,
-              "base_model_name_or_path": str(base_model) if base_model is not None else None, **UNSUPPORTED}
-    with atomic_directory(directory) as tmp:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_state_dict(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt", "producer": "polymodal"})
+              "target_modules": modules, "use_rslora": first.scale != first.alpha / first.rank,
+              "init_lora_weights": True, "inference_mode": True, "task_type": None, **UNSUPPORTED}
+    return {"config": config, "tensors": tensors}
+
+
+def write_adapter(layout: dict, directory: Path, state: dict[str, torch.Tensor],
+                  base_model: str | Path | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors into an existing directory, the values taken from
+    `state` (the model's state dict, or a trainer's gathered one) by parameter name."""
+    config = {**layout["config"], "base_model_name_or_path": str(base_model) if base_model is not None else None}
+    tensors = {key: state[name].detach() for key, name in layout["tensors"].items()}
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_state_dict(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt", "producer": "polymodal"})
 
 
 def read_adapter_config(directory: str | Path) -> dict:

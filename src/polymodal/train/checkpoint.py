@@ -2,6 +2,7 @@
 
 A checkpoint is a directory `step-000123/` holding
   config.json + model.safetensors   the model, loadable on its own with `polymodal.from_pretrained`
+  (a LoRA run: adapter_config.json + adapter_model.safetensors instead, in peft's layout, naming the base)
   tokenizer files                   when the run has a tokenizer, so generate/eval need nothing else
   optimizer.safetensors             optimizer state tensors, keyed `<param name>/<state name>`
   trainer.json                      optimizer hyper-parameters, step, data position, RNG states
@@ -17,12 +18,13 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from polymodal.convert.peft import ADAPTER_WEIGHTS
 from polymodal.serialization import WEIGHTS, atomic_directory, save_state_dict
 
 OPTIMIZER = "optimizer.safetensors"
@@ -100,25 +102,32 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(directory: str | Path, model_config, model_state: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None) -> None:
-    """Write one complete checkpoint directory atomically (replacing an older one of that name)."""
+def save_checkpoint(directory: str | Path, model_config, model_state: dict[str, torch.Tensor] | None,
+                    optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None,
+                    write_adapter: Callable[[Path], None] | None = None) -> None:
+    """Write one complete checkpoint directory atomically (replacing an older one of that name).
+    A LoRA run writes its adapter (write_adapter(directory)) instead of the frozen model_state."""
     tensors, meta = _flatten_optimizer(optimizer_state)
     with atomic_directory(directory) as tmp:
         model_config.to_json(tmp / "config.json")
-        save_state_dict(model_state, tmp / WEIGHTS, metadata={"format": "pt", "producer": "polymodal"})
+        if model_state is not None:
+            save_state_dict(model_state, tmp / WEIGHTS, metadata={"format": "pt", "producer": "polymodal"})
+        if write_adapter is not None:
+            write_adapter(tmp)
         save_state_dict(tensors, tmp / OPTIMIZER)
         (tmp / TRAINER).write_text(json.dumps({**trainer_state, "optimizer": meta}) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
 
 
-def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(model state, optimizer state, trainer state) of a checkpoint, read without unpickling."""
+def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], dict[str, Any]]:
+    """(model state, optimizer state, trainer state) of a checkpoint, read without unpickling; the model
+    state is None in a LoRA run's checkpoint (its adapter files hold what it trained)."""
     directory = Path(directory)
-    for name in (WEIGHTS, OPTIMIZER, TRAINER):
+    adapter = (directory / ADAPTER_WEIGHTS).is_file()
+    for name in (ADAPTER_WEIGHTS if adapter else WEIGHTS, OPTIMIZER, TRAINER):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"checkpoint {directory} has no {name}: not a training checkpoint")
     trainer_state = json.loads((directory / TRAINER).read_text())
     optimizer_state = _unflatten_optimizer(load_file(str(directory / OPTIMIZER)), trainer_state.pop("optimizer"))
-    return load_file(str(directory / WEIGHTS)), optimizer_state, trainer_state
+    return None if adapter else load_file(str(directory / WEIGHTS)), optimizer_state, trainer_state

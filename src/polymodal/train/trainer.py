@@ -27,12 +27,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from polymodal.api import build
+from polymodal.api import build, from_pretrained
+from polymodal.convert.peft import adapter_layout, add_lora, load_adapter, merge_lora, write_adapter
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive, load_config
 from polymodal.data.collate import Collator, count_targets, fit_config
 from polymodal.data.documents import Document, DocumentError, read_jsonl
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Block
 from polymodal.presets import PRESETS, get_preset
 from polymodal.serialization import atomic_write_bytes
@@ -78,6 +80,11 @@ class TrainConfig(Config):
     parallel: str = "fsdp"  # "fsdp" | "ddp", used under torchrun
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     resume: bool = False  # continue from the run's last checkpoint, with its settings (flags given override them)
+    init_from: str | None = None  # a model directory whose weights the run starts from (fine-tuning; replaces model)
+    lora_rank: int | None = None  # train LoRA adapters of this rank on the init_from model, not its weights
+    lora_alpha: float | None = None  # LoRA's scale is alpha / rank (default alpha: 2 x rank)
+    lora_targets: str | None = None  # comma-separated layers, e.g. q,k,v,o (default: all attention + MLP)
+    lora_dropout: float = 0.0  # dropout on LoRA's input
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
@@ -92,6 +99,12 @@ class TrainConfig(Config):
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("warmup_steps, weight_decay and grad_clip must be >= 0")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ConfigError(f"lora_rank must be >= 1 (or unset: train every weight), got {self.lora_rank}")
+        if self.lora_rank is not None and self.init_from is None:
+            raise ConfigError("lora_rank adapts a trained model: give init_from, the model directory to adapt")
+        if self.lora_rank is None and (self.lora_alpha, self.lora_targets) != (None, None):
+            raise ConfigError("lora_alpha and lora_targets need lora_rank")
 
     @property
     def run_dir(self) -> Path:
@@ -260,6 +273,12 @@ def _step(line: str) -> float:
         return math.inf
 
 
+def load_base(directory: str) -> torch.nn.Module:
+    """The model a fine-tuning run starts from (its LoRA adapter merged, if it has one)."""
+    model = from_pretrained(directory)
+    return merge_lora(model) if adapters(model) else model
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; returns the run directory. Launch under torchrun for several processes."""
     proc = init_process(cfg.device)
@@ -289,10 +308,14 @@ def _train(cfg: TrainConfig, proc) -> Path:
                             "or give another --name")
     if cfg.resume and last is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {ckpt_root}")
-    config = load_config(last / "config.json") if last is not None else model_config(cfg.model)
+    base = load_base(cfg.init_from) if cfg.init_from else None
+    config = (load_config(last / "config.json") if last is not None else base.config if base is not None
+              else model_config(cfg.model))
     data = load_data(cfg)
     if last is not None:
         tokenizer = Tokenizer.from_file(last)
+    elif cfg.init_from and not cfg.tokenizer:
+        tokenizer = Tokenizer.from_file(cfg.init_from)  # the vocabulary the weights were trained with
     else:
         tokenizer = Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else Tokenizer.train(data.texts, cfg.vocab_size)
         config = fit_config(config, tokenizer)
@@ -303,7 +326,16 @@ def _train(cfg: TrainConfig, proc) -> Path:
     check_documents(collator, data)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(config, backend=cfg.attention)
+    if base is not None:
+        model.load_state_dict(base.state_dict())
+    if cfg.lora_rank is not None:
+        targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, targets, cfg.lora_dropout)
+        if last is not None:
+            load_adapter(model, last)
+    layout = adapter_layout(model) if cfg.lora_rank is not None else None  # before wrappers rename modules
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block),
@@ -317,7 +349,8 @@ def _train(cfg: TrainConfig, proc) -> Path:
     step = docs_seen = 0
     if last is not None:
         model_state, optimizer_state, state = ckpt.load_checkpoint(last)
-        set_model_state_dict(model, model_state, options=full)
+        if model_state is not None:  # a LoRA run's adapter was loaded before sharding, its base from init_from
+            set_model_state_dict(model, model_state, options=full)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
         step, docs_seen = state["step"], state["docs_seen"]
         ckpt.set_rng_state(state["rng"][proc.rank % len(state["rng"])])  # each rank its own, if as many ranks
@@ -331,7 +364,8 @@ def _train(cfg: TrainConfig, proc) -> Path:
         run.mkdir(parents=True, exist_ok=True)
         tokenizer.save(run)
         cfg.to_json(run / "train_config.json")
-        print(f"{type(config).__name__} ~{n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
+        lora = f" ({n_trainable:,} trainable: LoRA rank {cfg.lora_rank})" if cfg.lora_rank else ""
+        print(f"{type(config).__name__} ~{n_params / 1e6:.2f}M parameters{lora}, vocab {tokenizer.vocab_size}, "
               f"{W} process(es) on {proc.device}; run dir {run}", flush=True)
     log = Log(run, step, cfg.max_steps, proc.main)
     autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if proc.device.type == "cuda"
@@ -359,7 +393,13 @@ def _train(cfg: TrainConfig, proc) -> Path:
         rngs = gather_objects(ckpt.rng_state())
         if proc.main:
             state = {"step": step, "docs_seen": docs_seen, "rng": rngs, "train_config": cfg.to_dict()}
-            ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), config, model_state, optimizer_state, state, tokenizer)
+            if cfg.lora_rank is None:
+                ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), config, model_state, optimizer_state, state,
+                                     tokenizer)
+            else:  # only the adapter trained: it is what the checkpoint keeps
+                base_dir = Path(cfg.init_from).resolve()
+                ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), config, None, optimizer_state, state, tokenizer,
+                                     write_adapter=lambda d: write_adapter(layout, d, model_state, base_dir))
             ckpt.prune(ckpt_root, cfg.keep_checkpoints)
         barrier()
 

@@ -197,25 +197,31 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         plan.setdefault(path, {})[slice_name] = plan.get(path, {}).get(slice_name, ()) + ((which[0], tensor),)
     slots = {slot.path: slot for slot in lora.linear_slots(model)}
     existing = lora.adapters(model)
+    if existing:
+        expected = {(p, s.name) for p, layer in existing.items() for s in layer.slices}
+        given = {(p, s) for p, got in plan.items() for s in got}
+        if expected != given:
+            raise ValueError(f"{directory} adapts other layers than the model's adapters: missing "
+                             f"{sorted(expected - given)[:4]}, extra {sorted(given - expected)[:4]}")
+        rank, alpha = next(iter(existing.values())).rank, next(iter(existing.values())).alpha
+        if (rank, alpha) != (config["r"], config["lora_alpha"]):
+            raise ValueError(f"{directory} has r={config['r']}, lora_alpha={config['lora_alpha']}; the model's "
+                             f"adapters r={rank}, alpha={alpha}")
+    for path, got in plan.items():  # every shape checked before the model changes
+        linear = model.get_submodule(path)
+        for slice_name, pair in got.items():
+            s = next(s for s in slots[path].slices if s.name == slice_name)
+            for which, tensor in pair:
+                want = (config["r"], linear.in_features) if which == "A" else (s.stop - s.start, config["r"])
+                if tuple(tensor.shape) != want:
+                    raise ValueError(f"{directory}: {path} ({slice_name}) lora_{which} has shape {tuple(tensor.shape)}, "
+                                     f"this model expects {want} (r={config['r']}): an adapter for another model")
     if not existing:
         lora.add(model, {path: tuple(s for s in slots[path].slices if s.name in got) for path, got in plan.items()},
                  config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), config.get("use_rslora", False))
         existing = lora.adapters(model)
-    expected = {(p, s.name) for p, layer in existing.items() for s in layer.slices}
-    given = {(p, s) for p, got in plan.items() for s in got}
-    if expected != given:
-        raise ValueError(f"{directory} adapts other layers than the model's adapters: missing "
-                         f"{sorted(expected - given)[:4]}, extra {sorted(given - expected)[:4]}")
     for path, got in plan.items():
-        layer = existing[path]
-        if layer.alpha != config["lora_alpha"]:
-            raise ValueError(f"{directory} has lora_alpha {config['lora_alpha']}, the model's adapters {layer.alpha}")
         for slice_name, pair in got.items():
             for which, tensor in pair:
-                param = (layer.lora_A if which == "A" else layer.lora_B)[slice_name]
-                if tensor.shape != param.shape:
-                    raise ValueError(f"{directory}: {path} ({slice_name}) lora_{which} has shape {tuple(tensor.shape)}, "
-                                     f"this model expects {tuple(param.shape)} (rank {layer.rank}): an adapter for "
-                                     "another model or rank")
-                param.data.copy_(tensor)
+                (existing[path].lora_A if which == "A" else existing[path].lora_B)[slice_name].data.copy_(tensor)
     return model

@@ -4,7 +4,8 @@
 
 int8: w ~ q * scale, q in [-127, 127], one scale per output row (symmetric).
 int4: w ~ (q - 8) * scale + zero, q in [0, 15], one (scale, zero) per row and group of `group_size`
-inputs (asymmetric; the layout of PyTorch's int4 "tinygemm" kernels). On CPU both run PyTorch's
+inputs (asymmetric; the layout of PyTorch's int4 "tinygemm" kernels); a width that is no multiple of
+the group size is padded with zero columns (and rows to a multiple of 16, for the kernel's packing). On CPU both run PyTorch's
 fused kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); elsewhere the int8 weight is
 widened inside the matmul (what `torch.compile` fuses on CUDA) and int4 is refused.
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.nn.lora import adapters
+from polymodal.nn.transformer import Decoder
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -43,18 +45,16 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, group_size: int = 32):
         super().__init__()
-        if not linear.weight.is_cpu:
-            raise ValueError("int4 decoding runs PyTorch's CPU int4 kernel: quantize on the CPU")
-        n, k = linear.weight.shape
-        if k % group_size:
-            raise ValueError(f"int4 groups of {group_size} need the input width to be a multiple of it; "
-                             f"a {n}x{k} linear layer is not")
-        groups = linear.weight.detach().float().reshape(n, k // group_size, group_size)
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        self.pad = -self.in_features % group_size  # inputs widened with zeros to whole groups
+        rows = -self.out_features % 16  # the kernel packs rows in 16s
+        w = F.pad(linear.weight.detach().float(), (0, self.pad, 0, rows))
+        n, k = w.shape
+        groups = w.reshape(n, k // group_size, group_size)
         lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         q = ((groups - lo) / scale).round().clamp(0, 15).reshape(n, k).to(torch.int32)
         scale_zero = torch.stack([scale, lo + 8 * scale], dim=-1).reshape(n, k // group_size, 2)
-        self.in_features, self.out_features, self.group_size = k, n, group_size
         self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q, 1))  # (n, k / 2) uint8
         self.register_buffer("scale_zero", scale_zero.transpose(0, 1).contiguous())  # (k / group, n, 2)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
@@ -62,9 +62,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cpu:
             raise ValueError("int4 decoding runs on the CPU only")
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.weight, self.group_size,
-                                              self.scale_zero.to(x.dtype))
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        x2 = F.pad(x.reshape(-1, self.in_features), (0, self.pad))
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scale_zero.to(x.dtype))
+        y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
@@ -74,13 +74,12 @@ def quantize_linears(model: nn.Module, paths: list[str], mode: str, group_size: 
         raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
     if mode == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if mode == "int4" and any(not p.is_cpu for p in model.parameters()):
+        raise ValueError("int4 decoding runs PyTorch's CPU int4 kernel: load the model on the CPU")
     for path in paths:
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         linear = getattr(parent, name)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"only nn.Linear layers are quantized; {path} is a {type(linear).__name__} "
-                            "(merge LoRA adapters first)")
         setattr(parent, name, Int8Linear(linear) if mode == "int8" else Int4Linear(linear, group_size))
 
 
@@ -88,10 +87,10 @@ def quantize(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
     """Weight-only quantization of the language decoder's block linear layers (attention and MLP) in place;
     embeddings, norms, the output head and any media encoder stay as they are. For serving:
     `quantize(pm.from_pretrained(dir), "int8")` is `pm.from_pretrained(dir, quantize="int8")`."""
-    decoder = getattr(model, "decoder", model)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
+    decoder = model if isinstance(model, Decoder) else getattr(model, "decoder", None)
+    if not isinstance(decoder, Decoder):
         raise ValueError(f"quantize reads a language decoder's blocks; a {type(model).__name__} has none")
+    layers = decoder.layers
     if adapters(layers):
         raise ValueError("the decoder has LoRA adapters: merge them into the weights (merge_lora) before quantizing")
     paths = [path for path, m in layers.named_modules() if isinstance(m, nn.Linear)]

@@ -73,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--image-dir", default="images", help="where images the model draws go, as PNG files "
                                                           "(default: %(default)s)")
+    g.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized decoder linear layers")
 
     e = sub.add_parser("eval", help="accuracy per task on the built-in world's held-out split")
     e.add_argument("checkpoint", nargs="?", default=str(TrainConfig().run_dir),
@@ -80,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=200, help="held-out examples per task (default: %(default)s)")
     e.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: those the run trained on)")
     e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized decoder linear layers")
 
     c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories")
     c.add_argument("source")
@@ -109,12 +111,12 @@ def _checkpoint_dir(path: str) -> Path:
     return last
 
 
-def _load(path: str):
+def _load(path: str, quantize: str | None = None):
     import polymodal as pm
     from polymodal.data.tokenizer import Tokenizer
 
     directory = _checkpoint_dir(path)
-    return directory, pm.from_pretrained(directory), Tokenizer.from_file(directory)
+    return directory, pm.from_pretrained(directory, quantize=quantize), Tokenizer.from_file(directory)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -142,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 segments.append(Segment(kind, media=load_media(path, kind)))
             except ValueError as e:
                 raise ValueError(f"{flag}: {e}") from e
-    directory, model, tokenizer = _load(args.checkpoint)
+    directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     collator = Collator(model.config, tokenizer)
     prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
     context = collator.format.max_len
@@ -176,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    directory, model, tokenizer = _load(args.checkpoint)
+    directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     tasks = args.tasks
     if tasks is None:
         trainer_state = directory / "trainer.json"

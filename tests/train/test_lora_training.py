@@ -89,6 +89,11 @@ def test_kill_9_then_resume_trains_only_the_adapter_exactly(base, tmp_path):
         merged = tuned(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert (merged - unmerged).abs().max() <= 1e-5
 
+    World(seed=0).draw("red", "circle").save(tmp_path / "red.png")  # the adapter checkpoint, quantized, from the CLI
+    out = subprocess.run(cli("generate", last, "--prompt", "where is the red circle?", "--image", tmp_path / "red.png",
+                             "--max-new-tokens", 3, "--quantize", "int8"), env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
+
 
 def test_lora_options_are_checked_before_training(base, tmp_path):
     with pytest.raises(ConfigError, match="init_from"):

@@ -11,14 +11,13 @@ AdamW step). Prints a markdown table with ratios ours/HF and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 import polymodal as pm
 from polymodal.convert.hf import decoder_config_to_hf
-from timing import timed  # benchmarks/timing.py, beside this script
+from timing import save_results, timed  # benchmarks/timing.py, beside this script
 
 
 def build_pair(cfg: pm.DecoderConfig, device: str, dtype: torch.dtype, tmp: Path):
@@ -94,10 +93,7 @@ def main() -> None:
             timed(lambda: step(ours, opt_ours, lambda m: m(ids, labels=ids).loss), args.device, args.repeats),
             timed(lambda: step(hf, opt_hf, lambda m: m(input_ids=ids, labels=ids).loss), args.device, args.repeats),
             train_shape[0] * train_shape[1])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ torchao 0.18 has no CPU int4 layout, so int4 is compared with our float32 only.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-from pathlib import Path
 
 import torch
 
 import polymodal as pm
 from polymodal.convert.hf import save_hf
-from timing import timed  # benchmarks/timing.py, beside this script
+from timing import save_results, timed  # benchmarks/timing.py, beside this script
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -101,10 +99,7 @@ def main() -> None:
               f"{drift.get(name, 0.0):.4f} |")
     results = {"config": cfg.to_dict(), "prompt": prompt, "new_tokens": new, "rows": rows,
                "tokens_per_s": {k: new / s for k, s in seconds.items()}, "bytes": memory, "max_logit_drift": drift}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_results(results, args.out)
 
 
 if __name__ == "__main__":

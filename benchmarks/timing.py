@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,3 +30,10 @@ def measure(fns: dict, device: str, repeats: int) -> dict:
 def timed(fn, device: str, repeats: int) -> float:
     """Median seconds of fn() over repeats, after one warm-up call."""
     return measure({"fn": fn}, device, repeats)["fn"]
+
+
+def save_results(results: dict, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")

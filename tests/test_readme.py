@@ -205,6 +205,15 @@ def check_build(ns, printed):
     assert sorted(p.name for p in Path("runs/mine").iterdir()) == ["config.json", "model.safetensors"]
 
 
+def check_lora(ns, printed):
+    from polymodal.nn.lora import adapters
+    from polymodal.nn.quantize import Int8Linear
+
+    assert sorted(p.name for p in Path("my-adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sum("lora_A" in name for name, _ in ns["hf"].named_parameters()) == 2 * ns["model"].config.n_layers
+    assert not adapters(ns["model"]) and isinstance(ns["small"].layers[0].attn.wqkv, Int8Linear)
+
+
 CHECKS = {
     "Load a checkpoint directory and generate": check_load_and_generate,
     "PaliGemma (and SigLIP / CLIP vision towers)": check_paligemma,
@@ -214,6 +223,7 @@ CHECKS = {
     "Gemini-style any-to-any: one decoder over text, images, audio and video (Fuyu, Whisper encoder)": check_gemini,
     "Image output (Chameleon-style VQ tokens)": check_image_output,
     "Build and train your own": check_build,
+    "Fine-tune with LoRA, share the adapter with peft, decode quantized": check_lora,
 }
 
 

@@ -11,12 +11,12 @@ from polymodal.convert.peft import ADAPTER_CONFIG
 from polymodal.nn.lora import adapters
 
 from randomise import randomise  # tests/parity/randomise.py
+from test_paligemma_parity import IMAGE_TOKEN, hf_paligemma
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 peft = pytest.importorskip("peft", reason="peft is the LoRA adapter reference")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IMAGE_TOKEN = 99
 
 
 def hf_decoder(kind: str):
@@ -26,18 +26,6 @@ def hf_decoder(kind: str):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, attention_bias=True))
     else:
         model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=8))
-    randomise(model, "norm")
-    return model.eval()
-
-
-def hf_paligemma():
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
-                  patch_size=4)
-    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=2, eos_token_id=1)
-    cfg = transformers.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                                       projection_dim=32)
-    model = transformers.PaliGemmaForConditionalGeneration(cfg)
     randomise(model, "norm")
     return model.eval()
 

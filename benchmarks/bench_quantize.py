@@ -8,7 +8,7 @@ tensor counted by its inner int8 data and scales). Quality: max logit drift vs t
 torchao 0.18 has no CPU int4 layout, so int4 is compared with our float32 only.
 
     python benchmarks/bench_quantize.py --device cpu --tiny     # CI-size
-    python benchmarks/bench_quantize.py --device cpu            # a 0.2B decoder (what the README reports)
+    python benchmarks/bench_quantize.py --device cpu            # a 65M decoder (what the README reports)
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def main() -> None:
                                max_seq_len=256)
         prompt, new = 16, 16
     else:
-        cfg = pm.DecoderConfig(vocab_size=32000, dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, hidden_dim=4096,
+        cfg = pm.DecoderConfig(vocab_size=8192, dim=768, n_layers=6, n_heads=12, n_kv_heads=4, hidden_dim=3072,
                                max_seq_len=512)
-        prompt, new = 32, 64
+        prompt, new = 32, 32
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(pm.build(cfg), tmp, "llama")

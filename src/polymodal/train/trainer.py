@@ -328,13 +328,13 @@ def _train(cfg: TrainConfig, proc) -> Path:
     model = build(config, backend=cfg.attention)
     if base is not None:
         model.load_state_dict(base.state_dict())
+    n_params = sum(p.numel() for p in model.parameters())
     if cfg.lora_rank is not None:
-        targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
+        targets = [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
         add_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, targets, cfg.lora_dropout)
         if last is not None:
             load_adapter(model, last)
     layout = adapter_layout(model) if cfg.lora_rank is not None else None  # before wrappers rename modules
-    n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if cfg.activation_checkpointing:

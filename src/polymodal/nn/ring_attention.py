@@ -28,7 +28,7 @@ from polymodal.nn.collectives import ring_shift
 from polymodal.nn.masks import Segments, visible
 from polymodal.nn.positions import ALiBi
 
-TILE = 1024  # tokens per query / key tile: bounds the scores held at once to (B, heads, TILE, TILE)
+TILE = 512  # tokens per query / key tile: bounds the scores held at once to (B, heads, TILE, TILE)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,9 @@ class TrainConfig(Config):
             _check_choice("task", task, WORLD.tasks)
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.context_parallel > 1 and self.compile:
+            raise ConfigError("--compile does not compile ring attention's point-to-point ring: "
+                              "use --context-parallel without --compile")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("warmup_steps, weight_decay and grad_clip must be >= 0")
 

@@ -68,6 +68,15 @@ def test_train_context_parallel_matches_one_process(tmp_path, torchrun):
     assert pm.generate(trained, ids, token_type_ids=torch.zeros_like(ids), max_new_tokens=5).shape == (1, 5)
 
 
+def test_train_refuses_context_parallel_it_cannot_run(tmp_path, capsys):
+    flags = ["train", "--context-parallel", "2", "--device", "cpu", "--out-dir", str(tmp_path)]
+    assert main(flags) == 1
+    assert "over 2 processes needs a multiple of 2 processes (torchrun --nproc_per_node), got 1" in capsys.readouterr().err
+    assert main([*flags, "--compile"]) == 1
+    assert "use --context-parallel without --compile" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 @pytest.fixture
 def one_process_mesh(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

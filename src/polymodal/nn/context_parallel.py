@@ -17,7 +17,8 @@ it is split. Two attentions do the exchange, chosen by the backend the decoder w
   CPU, so this path trains on CUDA only (on CPU: forward, for long-context prefill and scoring).
 
 Either way every mask of `masks.py` (causal text, prefix-LM and image blocks, padding, packed documents)
-carries over unchanged; the pads added are invisible tokens in a document of their own.
+carries over unchanged; the pads added are invisible tokens in a document of their own. With a KV cache
+(generation), a decoder split for ring attention runs the whole sequence on every process, as one would.
 
 Load balance: under a causal mask a late token sees many more keys than an early one, so contiguous slices
 leave the last process with most of the work (2W-1 times the first's, for W processes). By default the

@@ -19,7 +19,7 @@ from torch import nn
 from polymodal.config import DecoderConfig
 from polymodal.nn.attention import Attention
 from polymodal.nn.cache import Cache, KVCache
-from polymodal.nn.loss import chunked_cross_entropy
+from polymodal.nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy
 from polymodal.nn.masks import Segments, attention_mask, block_mask, make_segments
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm, make_norm
@@ -231,7 +231,12 @@ class Decoder(nn.Module):
             if labels.shape != h.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
-            loss = chunked_cross_entropy(h, self.output_weight, targets)
+            chunk = None
+            if self.sequence_split is not None:  # every process computes the whole sequence's loss: keep no
+                # logits for backward (one chunk would), hold at most 1/W of them at a time
+                rows = -(-h.shape[0] * h.shape[1] // self.sequence_split.mesh.size())
+                chunk = min(max(1, CHUNK_ELEMENTS // self.output_weight.shape[0]), rows)
+            loss = chunked_cross_entropy(h, self.output_weight, targets, chunk)
         if labels is None or not self.training:
             logits = F.linear(h[:, -logits_to_keep:] if logits_to_keep else h, self.output_weight)
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)

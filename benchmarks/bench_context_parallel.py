@@ -147,27 +147,30 @@ def launch(world: int, args, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def longest(memory: dict, budget_mb: float) -> int:
-    """Tokens at which the peak rise reaches the budget, on the line through the two measured sizes."""
-    (s1, m1), (s2, m2) = sorted((int(s), m["peak_rise_mb"]) for s, m in memory.items())
-    per_token = (m2 - m1) / (s2 - s1)
-    return int(s2 + (budget_mb - m2) / per_token)
+def longest(memory: dict, budget_mb: float, processes: int = 1) -> int:
+    """Tokens at which `processes` processes, each at the peak rise, fill the budget: the line from the peak at the
+    larger measured size, its slope per token the steeper of the peak rise's and the saved activations'."""
+    (s1, m1), (s2, m2) = sorted((int(s), m) for s, m in memory.items())
+    slope = max((m2[k] - m1[k]) / (s2 - s1) for k in ("peak_rise_mb", "saved_mb"))
+    return int(s2 + (budget_mb / processes - m2["peak_rise_mb"]) / slope)
 
 
 def report(results: list[dict], args) -> None:
     one = results[0]
     base_mem, base_s = one["one process memory"][str(args.seq)], one["one process seconds"]
-    print(f"\nmemory per process, one training step at {args.seq} tokens (busiest process):")
+    print(f"\nmemory per process, one training step at {args.seq} tokens (busiest process), and the longest sequence "
+          "it extrapolates to:")
     print("| processes | saved activations | peak RSS rise | vs one process (SDPA) | longest trainable, "
-          f"{args.budget_gb:g} GB per process |")
-    print("|---|---|---|---|---|")
+          f"{args.budget_gb:g} GB per process | longest trainable, the processes sharing {args.budget_gb:g} GB |")
+    print("|---|---|---|---|---|---|")
     budget = args.budget_gb * 1024
     print(f"| 1, SDPA (no context parallel) | {base_mem['saved_mb']:.0f} MB | {base_mem['peak_rise_mb']:.0f} MB | 1.00 | "
-          f"~{longest(one['one process memory'], budget) / 1e3:.0f}k tokens |")
+          f"~{longest(one['one process memory'], budget) / 1e6:.1f}M tokens | same |")
     for r in results:
         m = r["memory"][str(args.seq)]
         print(f"| {r['world']}, ring | {m['saved_mb']:.0f} MB | {m['peak_rise_mb']:.0f} MB | "
-              f"{m['peak_rise_mb'] / base_mem['peak_rise_mb']:.2f} | ~{longest(r['memory'], budget) / 1e3:.0f}k tokens |")
+              f"{m['peak_rise_mb'] / base_mem['peak_rise_mb']:.2f} | ~{longest(r['memory'], budget) / 1e6:.1f}M tokens | "
+              f"~{longest(r['memory'], budget, r['world']) / 1e6:.1f}M tokens |")
     print(f"\nseconds per step at {args.time_seq} tokens (median of {args.repeats}; W processes share this machine's "
           f"{os.cpu_count()} cores):")
     print("| processes | ring train step | ring forward | PyTorch context parallel forward | ring fwd / PyTorch fwd |")

@@ -8,7 +8,8 @@ copy's gradients are averaged over the processes, as DDP or FSDP would. Tiles of
 skipping and several tiles per block are exercised on short sequences.
 With W = 4 also: FSDP2 over all 4 processes on a 2-D (data 2 x context 2) mesh, each data-parallel pair on
 its half of the batch, against one process on the whole batch. With W = 2 also: PyTorch's context parallel
-(FlexAttention, forward only on CPU) against one process.
+(FlexAttention, forward only on CPU) against one process. And greedy generation on a split model against
+one process.
 
 Writes the largest differences per case to OUT/w{W}-rank{r}.json.
 """

@@ -27,13 +27,13 @@ def one_thread():
 
 @pytest.fixture
 def torchrun():
-    """run(*args): `torchrun` with 2 processes (gloo, CPU) on a free local port, then args (a script and its
-    arguments, or -m module ...); the test fails with the processes' output if they fail."""
-    def run(*args, timeout: int = 300, cwd=None) -> subprocess.CompletedProcess:
+    """run(*args): `torchrun` with 2 processes (gloo, CPU; `nproc` for another number) on a free local port,
+    then args (a script and its arguments, or -m module ...); the test fails with the processes' output if they fail."""
+    def run(*args, timeout: int = 300, cwd=None, nproc: int = 2) -> subprocess.CompletedProcess:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(port), *map(str, args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})

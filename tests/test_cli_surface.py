@@ -15,7 +15,7 @@ SURFACE = [
     "generate --max-new-tokens", "generate --prompt", "generate --quantize", "generate --seed", "generate --temperature",
     "generate --top-k", "generate --top-p", "generate <checkpoint>",
     "train --activation-checkpointing", "train --attention", "train --batch-size", "train --beta1", "train --beta2",
-    "train --checkpoint-every", "train --compile", "train --data", "train --device", "train --eval-data", "train --eval-docs",
+    "train --checkpoint-every", "train --compile", "train --context-parallel", "train --data", "train --device", "train --eval-data", "train --eval-docs",
     "train --eval-every", "train --grad-accum", "train --grad-clip", "train --init-from", "train --keep-checkpoints",
     "train --log-every", "train --lora-alpha", "train --lora-dropout", "train --lora-rank", "train --lora-targets",
     "train --lr", "train --max-len", "train --max-steps", "train --min-lr", "train --model",

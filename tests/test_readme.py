@@ -7,7 +7,7 @@ directory holding what they name: checkpoint directories written by HF transform
 tests' tiny random configs (PaliGemma's with a tokenizer.json and a preprocessor_config.json, Idefics'
 with a tokenizer.json), and cat.png. The tensors a block uses without defining them (the reader's own
 `input_ids`, `pixel_values`, ...) come from INPUTS, shaped for the model the block loads. Left out: the
-context-parallel block, which needs torchrun and CUDA (tests/nn/test_context_parallel.py covers it).
+context-parallel block, which needs torchrun (tests/nn/test_context_parallel.py covers it).
 """
 
 import math
@@ -52,7 +52,7 @@ def python_blocks(markdown: str) -> list[tuple[str, str]]:
     return blocks
 
 
-# Context parallel needs torchrun and CUDA (init_device_mesh("cuda", ...)): tests/nn/test_context_parallel.py
+# Context parallel needs torchrun (init_device_mesh): tests/nn/test_context_parallel.py
 BLOCKS = [(h, code) for h, code in python_blocks(README.read_text()) if "init_device_mesh" not in code]
 
 

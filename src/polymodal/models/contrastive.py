@@ -29,7 +29,7 @@ from polymodal.config import Config, ConfigError, _check_choice, _check_positive
 from polymodal.encoders.text import TextConfig, TextTransformer
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.models.parts import set_trainable
-from polymodal.train.distributed import all_gather_with_grad, ring_shift
+from polymodal.nn.collectives import all_gather_with_grad, ring_shift
 
 MAX_SCALE = 100.0  # CLIP: "clipped to prevent scaling the logits by more than 100"
 

@@ -3,6 +3,7 @@
 Projections live here; the kernel is `attend(q, k, v, mask)` with backends "sdpa"
 (`scaled_dot_product_attention`) and "eager" (the reference the tests compare against), or, with the
 "flex" backend, `FlexAttention` over a `masks.block_mask` (the seam PyTorch's context parallel hooks).
+Given a `ring_attention.RingMask` (a context-parallel decoder), it attends around the ring of processes.
 Attention never infers causality: the model builds the mask from `masks.py` and passes it down;
 `is_causal=True` is only a fast path the model takes when it has proven the mask is plain causal.
 
@@ -22,6 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from polymodal.nn.cache import CrossKV, KVCache
 from polymodal.nn.positions import RotaryTables
+from polymodal.nn.ring_attention import RingMask, ring_attention
 
 BACKENDS = ("sdpa", "eager", "flex")
 
@@ -127,7 +129,11 @@ class Attention(nn.Module):
                 q, k = rope.rotate(q, k)
             if cache is not None:
                 k, v = cache.update(input_pos, k, v)
-        if self.flex is not None:
+        if isinstance(mask, RingMask):
+            if self.dropout and self.training:
+                raise ValueError("ring attention has no attention dropout: build the model with dropout 0")
+            y = ring_attention(q, k, v, mask, scale=self.scale)
+        elif self.flex is not None:
             if not isinstance(mask, BlockMask):
                 raise ValueError(f"the flex backend needs a masks.block_mask, got {type(mask).__name__}")
             y = self.flex(q, k, v, mask, scale=self.scale)

@@ -154,9 +154,12 @@ class ALiBi(Float32Constants):
         super().__init__()
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
 
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """positions (B, Sq), (B, Sk) -> float32 bias (B, H, Sq, Sk)."""
+        distance = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float().unsqueeze(1)
+        return -self.slopes[None, :, None, None] * distance
+
     def forward(self, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
-        # mask (B, 1, Sq, Sk) bool; positions (B, Sq), (B, Sk) -> bias (B, H, Sq, Sk)
-        distance = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float().unsqueeze(1)
-        bias = -self.slopes[None, :, None, None] * distance
-        return bias.masked_fill(~mask, float("-inf")).to(dtype)
+        # mask (B, 1, Sq, Sk) bool -> bias (B, H, Sq, Sk)
+        return self.bias(q_pos, k_pos).masked_fill(~mask, float("-inf")).to(dtype)

@@ -19,7 +19,7 @@ from torch import nn
 from polymodal.config import DecoderConfig
 from polymodal.nn.attention import Attention
 from polymodal.nn.cache import Cache, KVCache
-from polymodal.nn.loss import chunked_cross_entropy
+from polymodal.nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy
 from polymodal.nn.masks import Segments, attention_mask, block_mask, make_segments
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm, make_norm
@@ -195,20 +195,23 @@ class Decoder(nn.Module):
             x = x + self.pos_embeddings(seg.positions)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        if self.sequence_split is not None and (cache is not None or before_layer is not None):
+        split = self.sequence_split
+        if split is not None and split.ring and cache is not None:
+            split = None  # generation: every process runs the whole sequence with its cache, as one process
+        if split is not None and (cache is not None or before_layer is not None):
             raise ValueError("context parallel runs whole sequences through the decoder's own blocks: "
                              "no KV cache and no interleaved blocks (before_layer)")
         input_pos, k_seg, seq_len = None, seg, x.shape[1]
         if cache is not None:
             input_pos, k_seg = cache.write(seg), cache.slots
-        is_causal = plain_causal and cache is None and self.alibi is None and self.backend != "flex"
-        if self.sequence_split is not None:
-            x, seg, mask = self.sequence_split.shard(x, seg)
+        is_causal = plain_causal and cache is None and self.alibi is None and self.backend != "flex" and split is None
+        if split is not None:
+            x, seg, mask = split.shard(x, seg, self.alibi)
         elif self.backend == "flex":
             mask = block_mask(seg, k_seg)
         else:
             mask = None if is_causal else attention_mask(seg, k_seg)
-        if self.alibi is not None:
+        if self.alibi is not None and split is None:
             mask = self.alibi(mask, seg.positions, k_seg.positions, x.dtype)
         rope = self.rotary(seg.positions, x.dtype) if self.rotary is not None else None
         for i, layer in enumerate(self.layers):
@@ -217,7 +220,7 @@ class Decoder(nn.Module):
             x = layer(x, mask=mask, is_causal=is_causal, rope=rope,
                       cache=cache.layers[i] if cache is not None else None, input_pos=input_pos)
         x = self.norm(x) if self.norm is not None else x
-        return x if self.sequence_split is None else self.sequence_split.gather(x, seq_len)
+        return x if split is None else split.gather(x, seq_len)
 
     def head(self, h: torch.Tensor, labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """Logits (of the last logits_to_keep positions when > 0) and, given labels, the next-token loss,
@@ -228,7 +231,12 @@ class Decoder(nn.Module):
             if labels.shape != h.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
-            loss = chunked_cross_entropy(h, self.output_weight, targets)
+            chunk = None
+            if self.sequence_split is not None:  # every process computes the whole sequence's loss: keep no
+                # logits for backward (one chunk would), hold at most 1/W of them at a time
+                rows = -(-h.shape[0] * h.shape[1] // self.sequence_split.mesh.size())
+                chunk = min(max(1, CHUNK_ELEMENTS // self.output_weight.shape[0]), rows)
+            loss = chunked_cross_entropy(h, self.output_weight, targets, chunk)
         if labels is None or not self.training:
             logits = F.linear(h[:, -logits_to_keep:] if logits_to_keep else h, self.output_weight)
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,19 @@ def shutdown() -> None:
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+def data_and_context_split(proc: Process, context: int) -> tuple[int, int, DeviceMesh | None]:
+    """(data-parallel rank, data-parallel size, context-parallel mesh) when each sequence is split over
+    `context` processes: a 2-D mesh (data x context), in which the processes of a context group read the same
+    documents. With context 1: every process is its own data-parallel rank, and there is no mesh."""
+    if context < 1 or proc.world_size % context:
+        raise ValueError(f"context parallel over {context} processes needs a multiple of {context} processes "
+                         f"(torchrun --nproc_per_node), got {proc.world_size}")
+    if context == 1:
+        return proc.rank, proc.world_size, None
+    mesh = init_device_mesh(proc.device.type, (proc.world_size // context, context), mesh_dim_names=("data", "context"))
+    return mesh.get_local_rank("data"), mesh.size(0), mesh["context"]
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -101,38 +115,3 @@ def gradient_sync(model: nn.Module, enabled: bool):
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(enabled)
     yield
-
-
-def ring_shift(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, list]:
-    """Start sending `tensor` to the next rank of the ring and receiving the previous rank's (same
-    shape and dtype). Returns the receive buffer and the requests to `wait()` on, so the caller can
-    compute while the tensors travel (the chunked SigLIP loss's ring)."""
-    group = group or dist.group.WORLD
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    received = torch.empty_like(tensor)
-    ops = [dist.P2POp(dist.isend, tensor.contiguous(), dist.get_global_rank(group, (rank + 1) % world), group),
-           dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - 1) % world), group)]
-    return received, dist.batch_isend_irecv(ops)
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.group, ctx.rows = group, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # every rank used every rank's rows: the owner's gradient is the sum over ranks of its slice
-        # (an all-reduce rather than a reduce-scatter, which gloo lacks)
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad.narrow(0, dist.get_rank(ctx.group) * ctx.rows, ctx.rows), None
-
-
-def all_gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Every rank's `x` (same shape on all ranks) concatenated along dim 0 in rank order; gradients
-    flow back to each rank's own `x`, summed over all ranks' uses."""
-    return _AllGatherWithGrad.apply(x, group)

@@ -34,13 +34,14 @@ from polymodal.data.collate import Collator, count_targets, fit_config
 from polymodal.data.documents import Document, DocumentError, read_jsonl
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Block
 from polymodal.presets import PRESETS, get_preset
 from polymodal.serialization import atomic_write_bytes
 from polymodal.train import checkpoint as ckpt
 from polymodal.train.distributed import (
-    all_reduce_sum, barrier, gather_objects, gradient_sync, init_process, parallelize, shutdown)
+    all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
 WORLD = World(seed=0)  # the built-in data set; eval reads the same world's held-out split
@@ -78,6 +79,7 @@ class TrainConfig(Config):
     compile: bool = False  # torch.compile every transformer block (the first steps pay for compiling)
     attention: str = "sdpa"  # "sdpa" | "flex" (FlexAttention block masks, CUDA only) | "eager" (reference)
     parallel: str = "fsdp"  # "fsdp" | "ddp", used under torchrun
+    context_parallel: int = 1  # processes that split each sequence (ring attention); divides torchrun's process count
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     resume: bool = False  # continue from the run's last checkpoint, with its settings (flags given override them)
     init_from: str | None = None  # a model directory whose weights the run starts from (fine-tuning; replaces model)
@@ -89,7 +91,8 @@ class TrainConfig(Config):
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
         _check_positive(self, "vocab_size", "max_steps", "batch_size", "grad_accum", "lr", "eval_every",
-                        "eval_docs", "log_every", "checkpoint_every", "keep_checkpoints", "max_len")
+                        "eval_docs", "log_every", "checkpoint_every", "keep_checkpoints", "max_len",
+                        "context_parallel")
         _check_choice("parallel", self.parallel, ("fsdp", "ddp"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("attention", self.attention, ("sdpa", "flex", "eager"))
@@ -97,6 +100,9 @@ class TrainConfig(Config):
             _check_choice("task", task, WORLD.tasks)
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.context_parallel > 1 and self.compile:
+            raise ConfigError("--compile does not compile ring attention's point-to-point ring: "
+                              "use --context-parallel without --compile")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("warmup_steps, weight_decay and grad_clip must be >= 0")
         if self.lora_rank is not None and self.lora_rank < 1:
@@ -301,6 +307,7 @@ def _train(cfg: TrainConfig, proc) -> Path:
                           f"this run's device is {proc.device.type}: use attention 'sdpa'")
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
     run, W = cfg.run_dir, proc.world_size
+    data_rank, data_world, context_mesh = data_and_context_split(proc, cfg.context_parallel)
     ckpt_root = run / "checkpoints"
     last = ckpt.latest_checkpoint(ckpt_root)
     if last is not None and not cfg.resume:
@@ -328,6 +335,8 @@ def _train(cfg: TrainConfig, proc) -> Path:
     model = build(config, backend=cfg.attention)
     if base is not None:
         model.load_state_dict(base.state_dict())
+    if context_mesh is not None:  # its processes read the same documents: data parallel over data_world only
+        model = context_parallel(model, context_mesh)
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.lora_rank is not None:
         targets = [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
@@ -409,13 +418,14 @@ def _train(cfg: TrainConfig, proc) -> Path:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # micro-batch m of rank r takes documents [(m * W + r) * B, ... + B) of this step's slice
-        micro = [collator([data.train(docs_seen + (m * W + proc.rank) * B + j) for j in range(B)], pack=cfg.pack)
+        # micro-batch m of data rank r takes documents [(m * data_world + r) * B, ... + B) of this step's slice
+        micro = [collator([data.train(docs_seen + (m * data_world + data_rank) * B + j) for j in range(B)], pack=cfg.pack)
                  for m in range(cfg.grad_accum)]
         counts = all_reduce_sum(torch.tensor([float(sum(count_targets(b) for b in micro)),
                                               float(sum(int(b["attention_mask"].sum()) for b in micro))],
                                              device=proc.device))  # NCCL reduces device tensors only
-        n_targets, n_tokens = counts.tolist()
+        n_targets, n_tokens = counts.tolist()  # counted once per process of a context group, which compute
+        # the same loss: the sum of their gradients is context_parallel times theirs, and W / n_targets undoes both
         total = torch.zeros((), device=proc.device)
         for m, batch in enumerate(micro):
             batch = on_device(batch)
@@ -434,8 +444,8 @@ def _train(cfg: TrainConfig, proc) -> Path:
                                 f"{last or 'none'}. Try a lower --lr or a --grad-clip.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step, docs_seen = step + 1, docs_seen + B * cfg.grad_accum * W
-        log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+        step, docs_seen = step + 1, docs_seen + B * cfg.grad_accum * data_world
+        log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens / cfg.context_parallel,
                    "step_s": time.time() - t}, show=step % cfg.log_every == 0 or step in (1, cfg.max_steps))
         if data.eval and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             log.write({"step": step, "eval_loss": evaluate()}, show=True)

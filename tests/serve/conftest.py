@@ -34,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(url: str, body: bytes | None = None) -> tuple[int, dict]:
+def call(url: str, body: bytes | None = None) -> tuple[int, dict]:
     """(status, JSON body) of a GET, or of a POST of raw bytes."""
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -89,7 +89,7 @@ class Live:
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
     def health(self) -> dict:
-        return http(self.url + "/health")[1]
+        return call(self.url + "/health")[1]
 
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()

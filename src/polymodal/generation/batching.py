@@ -18,7 +18,7 @@ generator as `generate(seed=...)` does: the same tokens whatever else runs besid
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -85,6 +85,7 @@ class Batcher:
         self.state = torch.zeros(slots, dtype=torch.long, device=device)  # each row's image-span mode (see constraints.py)
         self.allowed: torch.Tensor | None = None  # the spans' (3, V) allowed tokens, made at the first step
         self.waiting: deque[Request] = deque()
+        self.finished: Counter[str] = Counter()  # requests that left, by finish reason
         self.work = threading.Condition()
         self.closed = False
 
@@ -216,6 +217,7 @@ class Batcher:
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
+        self.finished[reason] += 1
         if request.on_finish is not None:
             request.on_finish(request)
 

@@ -53,17 +53,18 @@ class Server:
         out = []
         for i, doc in enumerate(job.documents):
             try:
-                inputs = self.collator.prompts([doc])
+                prompt = self.collator.format.encode(doc, prompt_only=True)  # as `polymodal generate`
             except ValueError as e:
                 raise ApiError(400, str(e), "messages" if len(job.documents) == 1 else "prompt") from e
-            del inputs["attention_mask"]  # one unpadded row
-            n = inputs["input_ids"].shape[1]
+            n = len(prompt)
             wanted = job.sampling.max_tokens or max(self.context - n, 1)
             if n + wanted > self.context:
                 media = " (media placeholders included)" if any(s.kind != "text" for s in doc.segments) else ""
                 raise ApiError(400, f"the prompt is {n} tokens{media} and max_tokens is {wanted}: {n + wanted} in "
                                     f"all, past the model's context of {self.context} tokens", "max_tokens",
                                "context_length_exceeded")
+            inputs = self.collator.pad([prompt])
+            del inputs["labels"], inputs["attention_mask"]  # one unpadded row
             out.append((inputs, wanted))
         return out
 
@@ -151,7 +152,7 @@ def create_app(server: Server) -> FastAPI:
     async def health():
         b = server.batcher
         return {"status": "ok", "model": server.name, "slots": b.slots, "running": b.running,
-                "waiting": len(b.waiting)}
+                "waiting": len(b.waiting), "finished": dict(b.finished)}
 
     @app.get("/v1/models")
     async def models():

@@ -108,11 +108,17 @@ class Response:
     def completion_tokens(self) -> int:
         return sum(len(r.tokens) for r in self.requests)
 
-    async def events(self):
-        """(choice index, event) until every choice is done."""
+    async def events(self, gone=None):
+        """(choice index, event) until every choice is done, or until `gone()` (polled while no event comes)
+        says the client went away."""
         pending = len(self.requests)
         while pending:
-            index, events = await self.queue.get()
+            try:
+                index, events = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if gone is not None and await gone():
+                    return
+                continue
             for event in events:
                 pending -= event[0] in ("done", "error")
                 yield index, event
@@ -199,17 +205,8 @@ def create_app(server: Server) -> FastAPI:
     async def _whole(response: Response, http: HttpRequest, kind: str, rid: str, created: int, chat: bool):
         parts: list[list[dict]] = [[] for _ in response.requests]
         reasons: list[str | None] = [None] * len(response.requests)
-        events = response.events()
         try:
-            while True:
-                try:
-                    i, (what, value) = await asyncio.wait_for(anext(events), timeout=0.5)
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return None
-                    continue
+            async for i, (what, value) in response.events(gone=http.is_disconnected):
                 if what == "error":
                     raise ApiError(500, value)
                 if what == "done":
@@ -220,6 +217,8 @@ def create_app(server: Server) -> FastAPI:
                     parts[i].append({"type": "text", "text": value} if what == "text" else _image_part(value))
         finally:
             response.cancel()
+        if None in reasons:  # the client went away; its requests were cancelled
+            return None
         choices = []
         for i, (content, reason) in enumerate(zip(parts, reasons)):
             text = "".join(p["text"] for p in content if p["type"] == "text")

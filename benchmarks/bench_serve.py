@@ -8,8 +8,9 @@ the servers take turns (one runs at a time):
 half sampled (temperature 0.8, seeded). Rows: requests/s, generated tokens/s (the servers' own usage counts),
 p50/p99 latency (request sent -> whole answer), for ours batched (--slots = concurrency), ours one at a time
 (--slots 1) and HF; then the ratios. Both sides stop at EOS, so tokens/s is the fair throughput figure.
-Prompts: ours lays a completion out as `polymodal generate` does (<bos> text "\\n"); HF gets text + "\\n"
-(its tokenizer adds no <bos>): one token fewer per prompt on HF's side.
+Prompts: ours lays a completion out as `polymodal generate` does (<bos> text "\\n"); HF gets the same ids
+as the text "<bos>" text "\\n" (its tokenizer adds no <bos>). The greedy answers of both are compared: the
+same weights and prompts must give the same text.
 
     python benchmarks/bench_serve.py                    # CPU, the README's table
 """
@@ -74,22 +75,23 @@ def start(command: list[str], env: dict) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"{' '.join(command)} did not come up")
 
 
-def timed_mix(url: str, model: str, mix: list[dict], concurrency: int) -> tuple[float, list[float], int]:
-    """Wall seconds, each request's latency and the generated tokens of `mix`, `concurrency` at a time."""
+def timed_mix(url: str, model: str, mix: list[dict], concurrency: int) -> tuple[float, list[float], int, list[str]]:
+    """Wall seconds, each request's latency, the generated tokens and each answer of `mix`, `concurrency` at a
+    time."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
-    def one(request: dict) -> tuple[float, int]:
+    def one(request: dict) -> tuple[float, int, str]:
         t = time.perf_counter()
         out = client.completions.create(model=model, **request)
-        return time.perf_counter() - t, out.usage.completion_tokens
+        return time.perf_counter() - t, out.usage.completion_tokens, out.choices[0].text
 
     start_s = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, mix))
-    return time.perf_counter() - start_s, [r[0] for r in results], sum(r[1] for r in results)
+    return time.perf_counter() - start_s, [r[0] for r in results], sum(r[1] for r in results), [r[2] for r in results]
 
 
-def summary(wall: float, latencies: list[float], tokens: int) -> dict:
+def summary(wall: float, latencies: list[float], tokens: int, answers: list[str]) -> dict:
     latencies = sorted(latencies)
     return {"requests_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall, "tokens": tokens,
             "p50_s": statistics.median(latencies),
@@ -110,9 +112,9 @@ def main() -> None:
     mix = []
     for i in range(args.requests):
         sampled = i % 2 == 1
-        mix.append({"prompt": rng.choice(texts) + "\n", "max_tokens": rng.randint(16, 64),
+        mix.append({"prompt": "<bos>" + rng.choice(texts) + "\n", "max_tokens": rng.randint(16, 64),
                     "temperature": 0.8 if sampled else 0, "seed": i if sampled else None})
-    ours_mix = [{**r, "prompt": r["prompt"][:-1]} for r in mix]  # ours adds the "\n" (and <bos>) itself
+    ours_mix = [{**r, "prompt": r["prompt"][len("<bos>"):-1]} for r in mix]  # ours adds <bos> and "\n" itself
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,22 +135,27 @@ def main() -> None:
                 timed_mix(urls[name], model, [{**r, "max_tokens": 4} for r in requests[:args.concurrency]],
                           args.concurrency)
             # rounds, each server in turn (rotated), so a change in the machine's load falls on all of them
-            totals = {name: [0.0, [], 0] for name in servers}
+            totals = {name: [0.0, [], 0, []] for name in servers}
             size = len(mix) // args.rounds
             for k in range(args.rounds):
                 names = list(servers)[k % len(servers):] + list(servers)[:k % len(servers)]
                 for name in names:
                     _, model, requests = servers[name]
-                    wall, latencies, tokens = timed_mix(urls[name], model, requests[k * size:(k + 1) * size],
-                                                        args.concurrency)
+                    wall, latencies, tokens, answers = timed_mix(urls[name], model,
+                                                                 requests[k * size:(k + 1) * size], args.concurrency)
                     totals[name][0] += wall
                     totals[name][1] += latencies
                     totals[name][2] += tokens
+                    totals[name][3] += answers
         finally:
             for proc in procs.values():
                 proc.terminate()
                 proc.wait(timeout=60)
     results = {name: summary(*t) for name, t in totals.items()}
+    greedy = [i for i, r in enumerate(mix[:size * args.rounds]) if r["temperature"] == 0]
+    answers = [t[3] for t in totals.values()]
+    same = {"ours batched == one at a time": sum(answers[0][i] == answers[1][i] for i in greedy),
+            "ours batched == HF": sum(answers[0][i] == answers[2][i] for i in greedy)}
 
     ours, alone, hf = results.values()
     print(f"\n{args.requests} completions, {args.concurrency} concurrent, max_tokens 16..64, half greedy, "
@@ -163,7 +170,9 @@ def main() -> None:
     print(f"| ours batched / one at a time | {ours['requests_per_s'] / alone['requests_per_s']:.2f}x | "
           f"{ours['tokens_per_s'] / alone['tokens_per_s']:.2f}x | {alone['p50_s'] / ours['p50_s']:.2f}x faster | "
           f"{alone['p99_s'] / ours['p99_s']:.2f}x faster |")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    print(f"\ngreedy answers equal, of {len(greedy)}: " + ", ".join(f"{k}: {v}" for k, v in same.items()))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "greedy_equal": same,
+                                          "greedy": len(greedy)}, indent=2))
     print(f"wrote {args.out}")
 
 

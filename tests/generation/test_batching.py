@@ -63,6 +63,23 @@ def test_requests_joining_a_running_batch_get_their_tokens_alone(model):
         assert request.finish_reason == ("stop" if request.tokens[-1] == EOS else "length")
 
 
+def test_requests_in_turn_through_one_slot_whose_spans_move_past_their_old_columns():
+    """One slot of 32 columns: each request starts where the last ended, so a move takes a short span from
+    the right end to the left, leaving its old columns behind; they must not be seen twice."""
+    batcher = Batcher(DECODER, slots=1, max_len=32)
+    inputs = prompts(DECODER, 6, seed=4)
+    requests = [Request(x, max_new_tokens=12 + 5 * (i % 2)) for i, x in enumerate(inputs)]
+    for request in requests:
+        batcher.submit(request)
+    fills = []
+    while not batcher.idle():
+        batcher.step()
+        fills.append(batcher.cache.fill.item())
+    assert any(b < a for a, b in zip(fills, fills[1:]))
+    for x, request in zip(inputs, requests):
+        assert request.tokens == alone(DECODER, x, request)
+
+
 def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses():
     batcher = Batcher(DECODER, slots=1, max_len=64, max_waiting=1)
     [first, second] = prompts(DECODER, 2, seed=2)

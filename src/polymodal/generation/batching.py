@@ -236,12 +236,12 @@ class Batcher:
         for layer in self.cache.layers:
             for t in (layer.k, layer.v):
                 t[:, :, to - span:to] = t[:, :, F - span:F].clone()
-        for t in vars(self.cache.slots).values():
-            t[:, to - span:to] = t[:, F - span:F].clone()
-            t[:, :to - span] = 0
-            for row, request in enumerate(self.rows):
-                if request is None:
-                    t[row] = 0
+        free = [row for row, request in enumerate(self.rows) if request is None]
+        for t in vars(self.cache.slots).values():  # every column but the moved ones becomes a pad
+            moved = t[:, F - span:F].clone()
+            t.zero_()
+            t[:, to - span:to] = moved
+            t[free] = 0
         self.start = [s - F + to for s in self.start]
         self.cache.fill.fill_(to)
         self.cache.length = to

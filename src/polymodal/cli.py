@@ -234,7 +234,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.slots < 1 or args.max_queue < 0:
         raise ValueError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
-    serve(_checkpoint_dir(args.checkpoint), host=args.host, port=args.port, slots=args.slots, max_queue=args.max_queue)
+    serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
+          slots=args.slots, max_queue=args.max_queue)
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,

@@ -37,9 +37,10 @@ CHAT_PAGE = Path(__file__).with_name("chat.html")
 class Server:
     """The model, its tokenizer and collator, the batcher and its thread."""
 
-    def __init__(self, directory: str | Path, *, slots: int = 8, max_queue: int = 64, limits: Limits = Limits()):
+    def __init__(self, directory: str | Path, *, name: str | None = None, slots: int = 8, max_queue: int = 64,
+                 limits: Limits = Limits()):
         directory = Path(directory)
-        self.name = directory.resolve().name
+        self.name = name or directory.resolve().name  # the model id clients send
         self.model = pm.from_pretrained(directory)
         self.tokenizer = Tokenizer.from_file(directory)
         self.collator = Collator(self.model.config, self.tokenizer)
@@ -245,9 +246,9 @@ def _image_part(png: str) -> dict:
     return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}
 
 
-def serve(directory: str | Path, *, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
+def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
           max_queue: int = 64) -> None:
-    server = Server(directory, slots=slots, max_queue=max_queue)
+    server = Server(directory, name=name, slots=slots, max_queue=max_queue)
     print(f"serving {server.name} on http://{host}:{port} ({slots} slots, context {server.context} tokens)",
           flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -58,8 +58,9 @@ BAD = {
                        "messages[0].content[0].image_url", "over the limit of 8388608 bytes"),
     "too many pixels": (chat(messages=image_part(big_png())), 413, "messages[0].content[0].image_url",
                         "is 5000x4000 pixels, over the limit of 16777216 pixels"),
-    "too many images": (chat(messages=[{"role": "user", "content": image_part(png_url(WORLD.draw("red", "circle")))[0]
-                                        ["content"][:1] * 9}]), 400, "messages", "has 9 images and audio clips; the limit is 8"),
+    "too many images": (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": png_url(WORLD.draw("red", "circle"))}}] * 9}]), 400, "messages",
+        "has 9 images and audio clips; the limit is 8"),
     "bad audio": (chat(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": base64.b64encode(b"RIFF....WAVE").decode(), "format": "wav"}}]}]), 400,
         "messages[0].content[0].input_audio", "is not a 16-bit PCM mono wav"),

@@ -50,6 +50,7 @@ def test_an_image_and_a_question_stream_the_models_answer_on_screen(live, browse
     assert answer.text.strip() == expected.strip() != ""
     assert int(answer.get_attribute("data-chunks")) > 1  # it arrived in pieces
     user = browser.find_element(By.CSS_SELECTOR, ".msg.user")
-    assert question in user.text and user.find_element(By.TAG_NAME, "img").get_attribute("src").startswith("data:image/")
+    assert question in user.text
+    assert user.find_element(By.TAG_NAME, "img").get_attribute("src").startswith("data:image/")
     if SCREENSHOT:
         browser.save_screenshot(SCREENSHOT)

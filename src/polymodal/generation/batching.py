@@ -82,7 +82,7 @@ class Batcher:
         device = self.cache.fill.device
         self.last = torch.zeros(slots, dtype=torch.long, device=device)  # each row's latest token, fed to the next step
         self.spans = getattr(model, "image_spans", None)
-        self.state = torch.zeros(slots, dtype=torch.long, device=device)  # each row's image-span mode (see constraints.py)
+        self.state = torch.zeros(slots, dtype=torch.long, device=device)  # each row's image-span mode
         self.allowed: torch.Tensor | None = None  # the spans' (3, V) allowed tokens, made at the first step
         self.waiting: deque[Request] = deque()
         self.finished: Counter[str] = Counter()  # requests that left, by finish reason

@@ -51,7 +51,7 @@ class Answer:
                 self.codes = None
             elif token in self.code_of:
                 self.codes.append(self.code_of[token])
-        else:
+        elif token < self.tokenizer.vocab_size:  # a model's vocabulary may be padded past its tokenizer's
             self.run.append(token)
             events += self._text()
         if events:

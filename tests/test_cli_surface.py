@@ -14,6 +14,7 @@ SURFACE = [
     "generate --audio", "generate --do-sample", "generate --image", "generate --image-dir",
     "generate --max-new-tokens", "generate --prompt", "generate --quantize", "generate --seed", "generate --temperature",
     "generate --top-k", "generate --top-p", "generate <checkpoint>",
+    "serve --host", "serve --max-queue", "serve --port", "serve --slots", "serve <checkpoint>",
     "train --activation-checkpointing", "train --attention", "train --batch-size", "train --beta1", "train --beta2",
     "train --checkpoint-every", "train --compile", "train --context-parallel", "train --data", "train --device", "train --eval-data", "train --eval-docs",
     "train --eval-every", "train --grad-accum", "train --grad-clip", "train --init-from", "train --keep-checkpoints",

@@ -89,6 +89,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=("hf", "polymodal"))
     c.add_argument("--model-type", help="the HF model_type to write (with --to hf), e.g. llama, gemma")
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page (pip install polymodal[serve])")
+    s.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
+    s.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    s.add_argument("--slots", type=int, default=8, help="requests decoded together (default: %(default)s)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before the server answers "
+                                                             "429 (default: %(default)s)")
+
     x = sub.add_parser("export-data", help="write built-in world examples as a JSONL document file")
     x.add_argument("output", help="the .jsonl file to write (media go to <name>_media/ beside it)")
     x.add_argument("--n", type=int, default=100, help="number of documents (default: %(default)s)")
@@ -220,8 +228,20 @@ def cmd_export_data(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} documents to {args.output}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from polymodal.serve.app import serve
+    except ImportError as e:
+        raise ValueError(f"serving needs FastAPI and uvicorn: pip install 'polymodal[serve]' ({e})") from e
+
+    if args.slots < 1 or args.max_queue < 0:
+        raise ValueError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
+    serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
+          slots=args.slots, max_queue=args.max_queue)
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,
-            "export-data": cmd_export_data}
+            "export-data": cmd_export_data, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

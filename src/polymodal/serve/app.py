@@ -1,0 +1,254 @@
+"""`polymodal serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over continuous batching.
+
+GET /v1/models, GET /health, POST /v1/chat/completions, POST /v1/completions (OpenAI's request and
+response shapes, `stream: true` as server-sent events ending in a usage chunk and `data: [DONE]`), and
+the chat page at `/`. One thread runs the `Batcher`; each request's choices are its requests there, and
+their events come back to the event loop through an asyncio queue. A client that goes away cancels its
+requests, which leave the batch at the next step. Drawn images are content parts
+{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} (see README, Serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+import polymodal as pm
+from polymodal.data.collate import Collator
+from polymodal.data.tokenizer import Tokenizer
+from polymodal.generation.batching import Batcher, QueueFull, Request
+from polymodal.serve.answer import Answer
+from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, parse_body
+
+CHAT_PAGE = Path(__file__).with_name("chat.html")
+
+
+class Server:
+    """The model, its tokenizer and collator, the batcher and its thread."""
+
+    def __init__(self, directory: str | Path, *, name: str | None = None, slots: int = 8, max_queue: int = 64,
+                 limits: Limits = Limits()):
+        directory = Path(directory)
+        self.name = name or directory.resolve().name  # the model id clients send
+        self.model = pm.from_pretrained(directory)
+        self.tokenizer = Tokenizer.from_file(directory)
+        self.collator = Collator(self.model.config, self.tokenizer)
+        self.context = self.collator.format.max_len
+        self.limits = limits
+        self.batcher = Batcher(self.model, slots=slots, max_len=self.context, max_waiting=max_queue)
+        self.thread = threading.Thread(target=self.batcher.run, name="batcher", daemon=True)
+
+    def prompts(self, job: Job) -> list[dict]:
+        """Each document laid out as `polymodal generate` lays it out, its length checked against the context."""
+        out = []
+        for i, doc in enumerate(job.documents):
+            try:
+                prompt = self.collator.format.encode(doc, prompt_only=True)  # as `polymodal generate`
+            except ValueError as e:
+                raise ApiError(400, str(e), "messages" if len(job.documents) == 1 else "prompt") from e
+            n = len(prompt)
+            wanted = job.sampling.max_tokens or max(self.context - n, 1)
+            if n + wanted > self.context:
+                media = " (media placeholders included)" if any(s.kind != "text" for s in doc.segments) else ""
+                raise ApiError(400, f"the prompt is {n} tokens{media} and max_tokens is {wanted}: {n + wanted} in "
+                                    f"all, past the model's context of {self.context} tokens", "max_tokens",
+                               "context_length_exceeded")
+            inputs = self.collator.pad([prompt])
+            del inputs["labels"], inputs["attention_mask"]  # one unpadded row
+            out.append((inputs, wanted))
+        return out
+
+
+def _chunk(kind: str, rid: str, created: int, model: str, **fields) -> dict:
+    return {"id": rid, "object": kind, "created": created, "model": model, **fields}
+
+
+class Response:
+    """One HTTP request's choices running in the batcher, and their events."""
+
+    def __init__(self, server: Server, job: Job, prompts: list, loop: asyncio.AbstractEventLoop):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.prompt_tokens = sum(inputs["input_ids"].shape[1] for inputs, _ in prompts)
+        self.requests: list[Request] = []
+        s = job.sampling
+        for inputs, wanted in prompts:
+            for j in range(s.n):
+                index = len(self.requests)
+
+                def push(events, index=index):
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (index, events))
+
+                answer = Answer(server.tokenizer, s.stop, server.model, push)
+                self.requests.append(Request(
+                    inputs, max_new_tokens=wanted, temperature=s.temperature, top_p=s.top_p,
+                    seed=None if s.seed is None else s.seed + j, stop_token_ids=(server.tokenizer.eos_id,),
+                    on_token=answer.on_token, on_finish=answer.on_finish))
+        try:
+            for request in self.requests:
+                server.batcher.submit(request)
+        except QueueFull as e:
+            self.cancel()
+            raise ApiError(429, f"the server is busy: {e}; retry later", None, "queue_full") from e
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancelled = True
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.requests)
+
+    async def events(self, gone=None):
+        """(choice index, event) until every choice is done, or until `gone()` (polled while no event comes)
+        says the client went away."""
+        pending = len(self.requests)
+        while pending:
+            try:
+                index, events = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if gone is not None and await gone():
+                    return
+                continue
+            for event in events:
+                pending -= event[0] in ("done", "error")
+                yield index, event
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(server: Server) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.thread.start()
+        yield
+        server.batcher.close()  # uvicorn has drained the open responses by now
+        await run_in_threadpool(server.thread.join)
+
+    app = FastAPI(title="polymodal", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def server_error(_, e: Exception):
+        return JSONResponse(ApiError(500, f"{type(e).__name__}: {e}").body(), status_code=500)
+
+    @app.get("/")
+    async def page():
+        return HTMLResponse(CHAT_PAGE.read_text())
+
+    @app.get("/health")
+    async def health():
+        b = server.batcher
+        return {"status": "ok", "model": server.name, "slots": b.slots, "running": b.running,
+                "waiting": len(b.waiting), "finished": dict(b.finished)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
+                                            "owned_by": "polymodal"}]}
+
+    async def run(http: HttpRequest, chat: bool):
+        body = parse_body(await http.body())
+        job = (chat_job if chat else completion_job)(body, server.name, server.limits)
+        prompts = await run_in_threadpool(server.prompts, job)
+        response = Response(server, job, prompts, asyncio.get_running_loop())
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        if job.sampling.stream:
+            return StreamingResponse(_stream(response, job, kind, rid, created, chat), media_type="text/event-stream")
+        return await _whole(response, http, kind, rid, created, chat)
+
+    async def _stream(response: Response, job: Job, kind: str, rid: str, created: int, chat: bool):
+        chunk = lambda **f: _chunk(kind + (".chunk" if chat else ""), rid, created, server.name, **f)  # noqa: E731
+        try:
+            if chat:
+                for i in range(len(response.requests)):
+                    yield _sse(chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "finish_reason": None}]))
+            async for i, (what, value) in response.events():
+                if what == "error":
+                    yield _sse(ApiError(500, value).body())
+                    continue
+                done = what == "done"
+                if chat:
+                    delta = {} if done else {"content": value if what == "text" else [_image_part(value)]}
+                    choice = {"index": i, "delta": delta, "finish_reason": value if done else None}
+                else:
+                    choice = {"index": i, "text": "" if done or what == "image" else value, "logprobs": None,
+                              "finish_reason": value if done else None}
+                yield _sse(chunk(choices=[choice]))
+            if job.sampling.include_usage:
+                yield _sse(chunk(choices=[], usage=response.usage()))
+            yield _sse("[DONE]")
+        finally:
+            response.cancel()  # a client that left: its requests leave the batch at the next step
+
+    async def _whole(response: Response, http: HttpRequest, kind: str, rid: str, created: int, chat: bool):
+        parts: list[list[dict]] = [[] for _ in response.requests]
+        reasons: list[str | None] = [None] * len(response.requests)
+        try:
+            async for i, (what, value) in response.events(gone=http.is_disconnected):
+                if what == "error":
+                    raise ApiError(500, value)
+                if what == "done":
+                    reasons[i] = value
+                elif what == "text" and parts[i] and parts[i][-1]["type"] == "text":
+                    parts[i][-1]["text"] += value
+                else:
+                    parts[i].append({"type": "text", "text": value} if what == "text" else _image_part(value))
+        finally:
+            response.cancel()
+        if None in reasons:  # the client went away; its requests were cancelled
+            return None
+        choices = []
+        for i, (content, reason) in enumerate(zip(parts, reasons)):
+            text = "".join(p["text"] for p in content if p["type"] == "text")
+            if chat:
+                drawn = any(p["type"] == "image_url" for p in content)
+                message = {"role": "assistant", "content": content if drawn else text}
+                choices.append({"index": i, "message": message, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+        return _chunk(kind, rid, created, server.name, choices=choices, usage=response.usage())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        return await run(http, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        return await run(http, chat=False)
+
+    return app
+
+
+def _image_part(png: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}
+
+
+def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
+          max_queue: int = 64) -> None:
+    server = Server(directory, name=name, slots=slots, max_queue=max_queue)
+    print(f"serving {server.name} on http://{host}:{port} ({slots} slots, context {server.context} tokens)",
+          flush=True)
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

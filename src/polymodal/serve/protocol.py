@@ -1,0 +1,245 @@
+"""OpenAI API request bodies -> polymodal documents and sampling settings, checked before any compute.
+
+Chat messages become one `Document` (each message's parts, in order, as segments; the whole
+conversation is the prompt), completions one text segment: `Collator.prompts` then lays it out as
+training does, so the server answers exactly as `polymodal generate`. Media come only inline: an
+`image_url` must be a `data:` URI (the server never fetches from the network), `input_audio` base64
+16-bit mono wav. Every mistake is an `ApiError` with the HTTP status, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import wave
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from polymodal.data.documents import Document, Segment, read_wav
+
+ROLES = ("system", "developer", "user", "assistant")
+MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_N = 16
+
+
+class ApiError(Exception):
+    """An OpenAI-style error: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_bytes: int = 8 << 20  # decoded size of one image or audio clip
+    max_image_pixels: int = 4096 * 4096
+    max_media: int = 8  # images and audio clips in one request
+
+
+@dataclass
+class Sampling:
+    max_tokens: int | None  # None: up to the context
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+@dataclass
+class Job:
+    model: str
+    documents: list[Document]  # one per prompt (chat: one)
+    sampling: Sampling
+
+
+COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",
+          "user", "frequency_penalty", "presence_penalty", "logprobs"}
+CHAT = COMMON | {"messages", "max_completion_tokens"}
+COMPLETIONS = COMMON | {"prompt"}
+
+
+def _type_name(x: Any) -> str:
+    return "null" if x is None else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(x),
+                                                                                                      type(x).__name__)
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {_type_name(body)}")
+    return body
+
+
+def _number(body: dict, name: str, default, low: float, high: float, *, integer: bool = False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"{name} must be {kind} in [{low}, {high}], got {json.dumps(value)}", name)
+    return value
+
+
+def sampling(body: dict, allowed: set[str]) -> Sampling:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; this server reads {', '.join(sorted(allowed))}",
+                       unknown[0])
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise ApiError(400, f"{name} is not supported: it must be 0 or absent, got {json.dumps(body[name])}", name)
+    if body.get("logprobs") not in (None, False):
+        raise ApiError(400, "logprobs is not supported: it must be false or absent", "logprobs")
+    if "max_completion_tokens" in body and "max_tokens" in body:
+        raise ApiError(400, "give max_completion_tokens or max_tokens, not both", "max_completion_tokens")
+    limit = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP
+            or not all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them, got "
+                            f"{json.dumps(body.get('stop'))}", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise ApiError(400, f"stream must be a boolean, got {json.dumps(stream)}", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise ApiError(400, f"stream_options must be an object with include_usage only, got {json.dumps(options)}",
+                       "stream_options")
+    return Sampling(max_tokens=_number(body, limit, None, 1, 1 << 20, integer=True),
+                    temperature=float(_number(body, "temperature", 1.0, 0, 2)),
+                    top_p=float(_number(body, "top_p", 1.0, 0, 1)) or 1e-9,  # 0: the most likely token alone
+                    seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
+                    stop=tuple(stop), n=_number(body, "n", 1, 1, MAX_N, integer=True), stream=bool(stream),
+                    include_usage=bool(options.get("include_usage", True)))
+
+
+def _model(body: dict, served: str) -> str:
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, f"model must be a string naming the served model ({served!r}), got "
+                            f"{json.dumps(model)}", "model")
+    if model != served:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {served!r}", "model",
+                       "model_not_found")
+    return model
+
+
+def _base64(data: str, where: str, limits: Limits) -> bytes:
+    if len(data) > (limits.max_image_bytes + 2) // 3 * 4 + 4:
+        raise ApiError(413, f"{where} is over the limit of {limits.max_image_bytes} bytes "
+                            f"(about {len(data) * 3 // 4} bytes given)", where)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, f"{where} is not valid base64 ({e})", where) from e
+
+
+def _image(part: dict, where: str, limits: Limits) -> Image.Image:
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str):
+        raise ApiError(400, f"{where}.image_url must be an object with a url string, got {json.dumps(spec)}",
+                       f"{where}.image_url")
+    head, comma, data = url.partition(",")
+    if not url.startswith("data:"):
+        raise ApiError(400, f"{where}.image_url.url must be a data: URI (data:image/png;base64,...); the server never "
+                            f"fetches from the network, got {url[:60]!r}", f"{where}.image_url")
+    if not comma or not head.endswith(";base64") or not head[5:].startswith("image/"):
+        raise ApiError(400, f"{where}.image_url.url must be data:image/<type>;base64,<data>, got {head[:60]!r}",
+                       f"{where}.image_url")
+    raw = _base64(data, f"{where}.image_url", limits)
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.width * im.height > limits.max_image_pixels:
+                raise ApiError(413, f"{where}.image_url is {im.width}x{im.height} pixels, over the limit of "
+                                    f"{limits.max_image_pixels} pixels", f"{where}.image_url")
+            return im.convert("RGB")
+    except (OSError, EOFError, ValueError, Image.DecompressionBombError) as e:
+        raise ApiError(400, f"{where}.image_url is not a decodable image ({e})", f"{where}.image_url") from e
+
+
+def _audio(part: dict, where: str, limits: Limits):
+    spec = part.get("input_audio")
+    if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
+        raise ApiError(400, f"{where}.input_audio must be an object with base64 data, got {json.dumps(spec)[:80]}",
+                       f"{where}.input_audio")
+    if spec.get("format", "wav") != "wav":
+        raise ApiError(400, f"{where}.input_audio.format must be 'wav', got {json.dumps(spec.get('format'))}",
+                       f"{where}.input_audio")
+    try:
+        return read_wav(io.BytesIO(_base64(spec["data"], f"{where}.input_audio", limits)))
+    except (wave.Error, EOFError, ValueError) as e:
+        raise ApiError(400, f"{where}.input_audio is not a 16-bit PCM mono wav ({e})", f"{where}.input_audio") from e
+
+
+def _segments(content: Any, where: str, limits: Limits) -> list[Segment]:
+    if isinstance(content, str):
+        return [Segment("text", content)]
+    if not isinstance(content, list) or not content:
+        raise ApiError(400, f"{where}.content must be a string or a non-empty array of parts, got "
+                            f"{_type_name(content)}", f"{where}.content")
+    out = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append(Segment("text", part["text"]))
+        elif kind == "image_url":
+            out.append(Segment("image", media=_image(part, at, limits)))
+        elif kind == "input_audio":
+            out.append(Segment("audio", media=_audio(part, at, limits)))
+        else:
+            raise ApiError(400, f"{at} must be a text, image_url or input_audio part, got {json.dumps(part)[:80]}", at)
+    return out
+
+
+def chat_job(body: dict, served: str, limits: Limits) -> Job:
+    settings = sampling(body, CHAT)
+    model = _model(body, served)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, f"messages must be a non-empty array, got {_type_name(messages)}", "messages")
+    segments = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            role = message.get("role") if isinstance(message, dict) else message
+            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}",
+                           f"{where}.role")
+        segments += _segments(message.get("content"), where, limits)
+    media = sum(s.kind != "text" for s in segments)
+    if media > limits.max_media:
+        raise ApiError(400, f"the request has {media} images and audio clips; the limit is {limits.max_media}",
+                       "messages")
+    return Job(model, [Document(segments)], settings)
+
+
+def completion_job(body: dict, served: str, limits: Limits) -> Job:
+    settings = sampling(body, COMPLETIONS)
+    model = _model(body, served)
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, f"prompt must be a string or a non-empty array of strings, got {_type_name(prompt)}",
+                       "prompt")
+    return Job(model, [Document([Segment("text", p)]) for p in prompts], settings)

@@ -211,6 +211,8 @@ def test_bad_drafting_options_fail_before_compute(target):
                 pm.generate(target, ids, prompt_lookup_num_tokens=k)
         with pytest.raises(ValueError, match="not both"):
             pm.generate(target, ids, assistant_model=decoder(1), prompt_lookup_num_tokens=3)
+        with pytest.raises(ValueError, match="assistant_model is the target itself"):
+            pm.generate(target, ids, assistant_model=target)
         with pytest.raises(ValueError, match="num_assistant_tokens needs an assistant_model"):
             pm.generate(target, ids, num_assistant_tokens=3)
     finally:

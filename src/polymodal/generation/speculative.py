@@ -81,6 +81,8 @@ def plan(model: nn.Module, assistant_model: nn.Module | None, num_assistant_toke
     k = 5 if num_assistant_tokens is None else num_assistant_tokens
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"num_assistant_tokens must be an int >= 1, got {k!r}")
+    if assistant_model is model:
+        raise ValueError("assistant_model is the target itself; the draft is a second (smaller) model")
     if not hasattr(assistant_model, "make_cache"):
         raise ValueError(f"assistant_model must be a polymodal language model, got {type(assistant_model).__name__}")
     if vocab_size(assistant_model) != vocab_size(model):

@@ -125,21 +125,17 @@ class Cache:
         """Undoes the last `written` slots but each row's first kept[b] of them (kept (B,), 0 <= kept <= written),
         so a row sees what it would have seen given only those tokens. The fill moves back to the longest kept
         run; a row that kept fewer gets holes (not valid) that carry its last position and group on, so its
-        next token gets the right ones. Slots past the fill are emptied as if never written."""
+        next token gets the right ones. Only the slots' segments change: nobody reads the K/V of a slot that
+        is not valid, and the next writes replace them."""
         start = self.fill - written
         window = start + torch.arange(written, device=self.fill.device)  # (W,) slot indices
         longest = kept.max()
         hole = torch.arange(written, device=kept.device)[None, :] >= kept[:, None]  # (B, W)
-        unwritten = window >= start + longest  # (W,)
-        last = (start + kept - 1)[:, None]  # (B, 1) each row's last kept slot (the one before when it kept none)
-        for t, dim in self._slot_tensors():
-            now = t.index_select(dim, window)
-            if dim == 1:
-                dropped = t.gather(1, last.expand(-1, written)) if t.dtype != torch.bool else torch.zeros_like(now)
-                now = torch.where(hole, dropped, now).masked_fill(unwritten, 0)
-            else:
-                now = now.masked_fill((hole[:, None, :, None] | unwritten[:, None]), 0)
-            t.index_copy_(dim, window, now)
+        last = (start + kept - 1)[:, None].expand(-1, written)  # each row's last kept slot (the one before if none)
+        for name in ("positions", "groups", "docs"):
+            t = getattr(self.slots, name)
+            t.index_copy_(1, window, torch.where(hole, t.gather(1, last), t.index_select(1, window)))
+        self.slots.valid.index_copy_(1, window, self.slots.valid.index_select(1, window) & ~hole)
         self.fill.copy_(start + longest)
         if not self.reserved:
             self.length -= written - int(longest)

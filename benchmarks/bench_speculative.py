@@ -47,7 +47,7 @@ def new_tokens(rows: torch.Tensor) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a barely trained pair, few prompts (CI-size)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps of each model (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=400, help="training steps of each model (default: %(default)s)")
     p.add_argument("--k", type=int, default=4, help="tokens drafted per round (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)

@@ -45,7 +45,7 @@ def accuracy(answers, truth) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1000, help="the target's training steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=400, help="the target's training steps (default: %(default)s)")
     p.add_argument("--k", type=int, default=8, help="chains per prompt (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--validation", type=int, default=300)

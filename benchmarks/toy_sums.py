@@ -24,6 +24,7 @@ import polymodal as pm
 Q, D, EQ, SEP, A, EOS = 10, 11, 12, 13, 14, 15
 VOCAB = 16
 HELD_OUT = 1000  # questions per held-out split
+CHANCE = 0.5  # a parity
 
 
 def question(rng: random.Random) -> list[int]:

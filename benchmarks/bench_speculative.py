@@ -1,6 +1,6 @@
 """Speculative decoding beside HF transformers' assisted generation, on a trained tiny target/draft pair.
 
-The pair (`toy_sums.py`: a 3-layer target and a 1-layer draft, trained once on running-sum chains and kept in
+The pair (`toy_parity.py`: a 2-layer target and a 1-layer draft, trained once on running-parity chains and kept in
 --models) is written as HF Llama checkpoints with the production converter; HF loads them, so both libraries
 run the same weights (their logits are compared first). Greedy decoding of the test split's chain-of-thought
 prompts, every call with the same stop token and the same budget, eager on both sides:
@@ -28,7 +28,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import polymodal as pm
-import toy_sums  # benchmarks/toy_sums.py, beside this script
+import toy_parity  # benchmarks/toy_parity.py, beside this script
 from polymodal.convert.hf import save_hf
 from timing import measure
 
@@ -41,7 +41,7 @@ def counted(model: torch.nn.Module):
 
 def new_tokens(rows: torch.Tensor) -> int:
     """Tokens written up to and including each row's stop token."""
-    return sum(r.index(toy_sums.EOS) + 1 if toy_sums.EOS in r else len(r) for r in rows.tolist())
+    return sum(r.index(toy_parity.EOS) + 1 if toy_parity.EOS in r else len(r) for r in rows.tolist())
 
 
 def main() -> None:
@@ -52,23 +52,23 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--models", default="benchmarks/results/toy_sums", help="where the trained pair is kept")
+    p.add_argument("--models", default="benchmarks/results/toy_parity", help="where the trained pair is kept")
     p.add_argument("--out", default="benchmarks/results/speculative.json")
     args = p.parse_args()
     if args.tiny:
         args.steps, args.prompts, args.batch = 30, 4, 2
     torch.manual_seed(0)
-    target, draft = toy_sums.trained_pair(Path(args.models), args.steps)
+    target, draft = toy_parity.trained_pair(Path(args.models), args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in (("target", target), ("draft", draft)):
             save_hf(model, Path(tmp) / name, "llama")
         hf_target = LlamaForCausalLM.from_pretrained(Path(tmp) / "target").eval()
         hf_draft = LlamaForCausalLM.from_pretrained(Path(tmp) / "draft").eval()
-    rows, answers = toy_sums.prompts(2, args.prompts, cot=True)
+    rows, answers = toy_parity.prompts(2, args.prompts, cot=True)
     singles = [torch.tensor([r]) for r in rows]
     with torch.no_grad():
         diff = max((target(ids).logits - hf_target(input_ids=ids).logits).abs().max().item() for ids in singles)
-    budget, k, eos = 32, args.k, toy_sums.EOS
+    budget, k, eos = 32, args.k, toy_parity.EOS
     stop = dict(max_new_tokens=budget, eos_token_id=eos, pad_token_id=eos)
     drafting = {"plain": {}, "draft model": dict(assistant_model=draft, num_assistant_tokens=k),
                 "prompt lookup": dict(prompt_lookup_num_tokens=k)}
@@ -84,7 +84,7 @@ def main() -> None:
         return [hf_target.generate(input_ids=ids, do_sample=False, **stop, **hf_drafting[kind])[0, ids.shape[1]:]
                 for ids in singles]
 
-    batches = [toy_sums.left_padded(rows[i:i + args.batch]) for i in range(0, len(rows), args.batch)]
+    batches = [toy_parity.left_padded(rows[i:i + args.batch]) for i in range(0, len(rows), args.batch)]
 
     def ours_batched(kind):
         return [row for ids, am in batches for row in pm.generate(target, ids, am, **stop, **drafting[kind])]
@@ -104,7 +104,7 @@ def main() -> None:
                "logits_max_abs_diff": diff, "rows": []}
     plain = padded(ours_b1("plain"))
     tokens = new_tokens(plain)
-    correct = sum(toy_sums.answer_after_a(r) == a for r, a in zip(plain.tolist(), answers))
+    correct = sum(toy_parity.answer_after_a(r) == a for r, a in zip(plain.tolist(), answers))
     print(f"pair trained {args.steps} steps; target's chain-of-thought accuracy on the test prompts "
           f"{correct}/{len(answers)}; logits max |ours - HF| {diff:.2e}; {tokens} tokens per pass\n")
     print("| compares | ours tokens/s | HF tokens/s | ours/HF | acceptance ours | acceptance HF |\n|---|---|---|---|---|---|")

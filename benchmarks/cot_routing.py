@@ -1,4 +1,4 @@
-"""Uncertainty-routed chain-of-thought on the toy running-sums task (`toy_sums.py`): accuracy of greedy
+"""Uncertainty-routed chain-of-thought on the toy running-parity task (`toy_parity.py`): accuracy of greedy
 answers without a chain, greedy with a chain, the majority of k sampled chains, and the routed answer
 (majority where its share reaches a threshold chosen on the validation split, else greedy without a
 chain), on the test split, beside chance (50%).
@@ -15,25 +15,25 @@ from pathlib import Path
 import torch
 
 import polymodal as pm
-import toy_sums  # benchmarks/toy_sums.py, beside this script
+import toy_parity  # benchmarks/toy_parity.py, beside this script
 from polymodal.generation.consensus import Votes, route, select_threshold, vote
 
 
 def greedy_answers(model, prompts: list[list[int]], batch: int = 256) -> list[int | None]:
     out = []
     for i in range(0, len(prompts), batch):
-        ids, am = toy_sums.left_padded(prompts[i:i + batch])
-        new = pm.generate(model, ids, am, max_new_tokens=24, eos_token_id=toy_sums.EOS)
-        out += [toy_sums.answer_after_a(r) for r in new.tolist()]
+        ids, am = toy_parity.left_padded(prompts[i:i + batch])
+        new = pm.generate(model, ids, am, max_new_tokens=24, eos_token_id=toy_parity.EOS)
+        out += [toy_parity.answer_after_a(r) for r in new.tolist()]
     return out
 
 
 def votes(model, prompts: list[list[int]], k: int, temperature: float, seed: int, batch: int = 64) -> Votes:
     majority, share = [], []
     for i in range(0, len(prompts), batch):
-        ids, am = toy_sums.left_padded(prompts[i:i + batch])
-        v = vote(model, ids, am, extract=toy_sums.answer_after_a, k=k, max_new_tokens=24, temperature=temperature,
-                 seed=seed + i, eos_token_id=toy_sums.EOS)
+        ids, am = toy_parity.left_padded(prompts[i:i + batch])
+        v = vote(model, ids, am, extract=toy_parity.answer_after_a, k=k, max_new_tokens=24, temperature=temperature,
+                 seed=seed + i, eos_token_id=toy_parity.EOS)
         majority += v.majority
         share += v.share
     return Votes(majority, share)
@@ -50,15 +50,15 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--validation", type=int, default=300)
     p.add_argument("--test", type=int, default=500)
-    p.add_argument("--models", default="benchmarks/results/toy_sums")
+    p.add_argument("--models", default="benchmarks/results/toy_parity")
     p.add_argument("--out", default="benchmarks/results/cot_routing.json")
     args = p.parse_args()
     torch.manual_seed(0)
-    model, _ = toy_sums.trained_pair(Path(args.models), args.steps)
+    model, _ = toy_parity.trained_pair(Path(args.models), args.steps)
     splits = {}
     for name, split, n in (("validation", 1, args.validation), ("test", 2, args.test)):
-        cot, truth = toy_sums.prompts(split, n, cot=True)
-        direct, _ = toy_sums.prompts(split, n, cot=False)
+        cot, truth = toy_parity.prompts(split, n, cot=True)
+        direct, _ = toy_parity.prompts(split, n, cot=False)
         splits[name] = dict(truth=truth, direct=greedy_answers(model, direct), cot=greedy_answers(model, cot),
                             votes=votes(model, cot, args.k, args.temperature, seed=split * 100_000))
     val = splits["validation"]
@@ -70,7 +70,7 @@ def main() -> None:
             (f"majority of {args.k} sampled chains (T={args.temperature})",
              accuracy(test["votes"].majority, test["truth"])),
             (f"uncertainty-routed (threshold {threshold:.3f} from validation)", accuracy(routed, test["truth"])),
-            ("chance", toy_sums.CHANCE)]
+            ("chance", toy_parity.CHANCE)]
     greedy_share = routes.count("greedy") / len(routes)
     print(f"| method (test split, {args.test} questions) | accuracy |\n|---|---|")
     for name, acc in rows:

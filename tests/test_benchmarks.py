@@ -30,4 +30,3 @@ def test_flex_training_is_refused_on_cpu():
     proc = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--tiny", "--attention", "flex"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--attention flex trains on CUDA only" in proc.stderr
-

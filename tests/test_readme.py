@@ -149,6 +149,15 @@ def check_load_and_generate(ns, printed):
     assert ns["new_tokens"].shape == (1, 32)  # no eos_token_id: all 32 new tokens, prompt not included
 
 
+def check_speculative(ns, printed):
+    model, ids = ns["model"], ns["ids"]
+    plain = ns["pm"].generate(model, ids, max_new_tokens=32)
+    assert torch.equal(ns["fast"], plain) and torch.equal(ns["lookup"], plain)  # the target's own greedy tokens
+    routed, votes = ns["routed"], ns["routed"].votes
+    assert routed.routes == ["consensus" if s >= ns["threshold"] else "greedy" for s in votes.share]
+    assert printed == f"{routed.answers} {routed.routes}\n"
+
+
 def check_paligemma(ns, printed):
     size = ns["model"].config.vision.image_size
     assert ns["pixel_values"].shape == (1, 3, size, size)
@@ -216,6 +225,7 @@ def check_lora(ns, printed):
 
 CHECKS = {
     "Load a checkpoint directory and generate": check_load_and_generate,
+    "Speculative decoding and uncertainty-routed chain-of-thought": check_speculative,
     "PaliGemma (and SigLIP / CLIP vision towers)": check_paligemma,
     "CLIP / SigLIP dual encoders": check_contrastive,
     "Flamingo (Idefics checkpoints)": check_flamingo,

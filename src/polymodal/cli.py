@@ -71,6 +71,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--assistant", default=None, metavar="DRAFT_DIR",
+                   help="speculative decoding with this draft model (same vocabulary) checking k tokens at a time")
+    g.add_argument("--num-assistant-tokens", type=int, default=None, metavar="K",
+                   help="tokens the draft proposes per step (default: 5)")
+    g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding with N-token drafts looked up in the prompt (no draft model)")
     g.add_argument("--image-dir", default="images", help="where images the model draws go, as PNG files "
                                                           "(default: %(default)s)")
     g.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized decoder linear layers")
@@ -153,6 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             except ValueError as e:
                 raise ValueError(f"{flag}: {e}") from e
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
+    draft = _load(args.assistant)[1] if args.assistant is not None else None
     collator = Collator(model.config, tokenizer)
     prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
     context = collator.format.max_len
@@ -168,7 +175,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise NotADirectoryError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
     new = generate(model, **batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws)
+                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws,
+                   assistant_model=draft, num_assistant_tokens=args.num_assistant_tokens,
+                   prompt_lookup_num_tokens=args.prompt_lookup)
     if draws:
         new, [images] = new
         for i, image in enumerate(images):

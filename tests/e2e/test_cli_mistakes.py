@@ -169,6 +169,25 @@ def test_generate_mistakes(checkpoint, tmp_path, capsys):
             assert "past the model's context of 512 tokens" in err, err
 
 
+def test_generate_speculative_flags(checkpoint, tmp_path, capsys):
+    """--assistant and --prompt-lookup print what plain greedy decoding prints; a bad k is one line."""
+    WORLD.draw("red", "circle").save(tmp_path / "red.png")
+    ask = ["generate", str(checkpoint), "--prompt", "what colour is the shape?", "--image", str(tmp_path / "red.png"),
+           "--max-new-tokens", "12"]
+    outputs = []
+    for flags in ([], ["--assistant", str(checkpoint), "--num-assistant-tokens", "3"], ["--prompt-lookup", "4"]):
+        assert main([*ask, *flags]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[1:] == outputs[:1] * 2
+    code = main([*ask, "--prompt-lookup", "0"])
+    assert "prompt_lookup_num_tokens must be an int >= 1, got 0" in one_line_error(code, capsys.readouterr().err)
+    other = tmp_path / "other-vocabulary"  # the preset's own vocabulary, not the tokenizer's
+    pm.save_pretrained(pm.build(get_preset("paligemma-tiny")), other)
+    Tokenizer.from_file(checkpoint).save(other)
+    code = main([*ask, "--assistant", str(other)])
+    assert "the draft's vocabulary (" in one_line_error(code, capsys.readouterr().err)
+
+
 def test_eval_batch_size_and_a_table_with_long_task_names(checkpoint, capsys):
     code = main(["eval", str(checkpoint), "--n", "2", "--batch-size", "0"])
     assert "--batch-size must be >= 1, got 0" in one_line_error(code, capsys.readouterr().err)

@@ -27,7 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from polymodal.generation.sampling import apply_repetition_penalty, exponential_noise, sample_next
+from polymodal.generation import speculative
+from polymodal.generation.sampling import exponential_noise, processed, sample_next
 from polymodal.nn.cache import Cache
 
 PER_TOKEN_INPUTS = ("token_type_ids", "media_locations")  # model inputs laid out like input_ids, moved with it
@@ -50,13 +51,8 @@ def next_token(logits: torch.Tensor, finished: torch.Tensor, state: torch.Tensor
                noise: torch.Tensor | None, *, spans, allowed: torch.Tensor | None, penalty: float, pad_token_id: int,
                stop_ids: torch.Tensor | None, **sampling):
     """Each row's next token from its logits (B, V), and the per-row state after it: finished (B,) bool,
-    the image-span mode state (B,) and the seen tokens (B, V) bool (None when unused). The logit processors
-    run in float32, as HF's generate runs them: a penalty applied to bf16 logits rounds them into ties."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, penalty)
-    if state is not None:
-        logits = spans.mask(logits, state, allowed)
+    the image-span mode state (B,) and the seen tokens (B, V) bool (None when unused)."""
+    logits = processed(logits, state, seen, spans=spans, allowed=allowed, penalty=penalty)
     token = sample_next(logits, noise=noise, **sampling).masked_fill(finished, pad_token_id)
     if state is not None:
         state = spans.advance(state, token)
@@ -104,12 +100,15 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              seed: int | None = None, return_images: bool = False, compile: bool = False,
-             **model_inputs) -> torch.Tensor | Generated:
+             assistant_model: nn.Module | None = None, num_assistant_tokens: int | None = None,
+             prompt_lookup_num_tokens: int | None = None, **model_inputs) -> torch.Tensor | Generated:
     """Returns the new tokens (B, T), T <= max_new_tokens; a row that stopped is padded with
     pad_token_id (default: the first stop token) after its stop token. return_images: returns
     `Generated(tokens, images)` with the images each row wrote, decoded to PIL. compile: compiles
     the decode step (see the module docstring); the first call pays the compile time, and the model's
-    KV cache is kept for the next call."""
+    KV cache is kept for the next call. assistant_model (a draft model with the target's vocabulary; default
+    num_assistant_tokens=5) or prompt_lookup_num_tokens: speculative decoding (`speculative`), the same
+    tokens as without it when greedy, the same distribution when sampling."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, seq) with seq > 0, got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
@@ -122,6 +121,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    drafting = speculative.plan(model, assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, model_inputs)
     B, S = input_ids.shape
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
@@ -145,7 +145,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
 
-    cache = reused_cache(model, B, S + max_new_tokens) if compile else model.make_cache(B, S + max_new_tokens)
+    new_cache = reused_cache if compile else lambda m, batch, max_len: m.make_cache(batch, max_len)
+    max_len = S + max_new_tokens + (drafting.headroom if drafting is not None else 0)
+    cache = new_cache(model, B, max_len)
+    draft_cache = new_cache(drafting.assistant, B, max_len) if drafting and drafting.assistant else None
     logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1,
                    **model_inputs).logits[:, -1]
     seen = None
@@ -163,6 +166,22 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     token, finished, state, seen = next_token(logits, finished, state, seen, noise(), **choice)
+
+    def finish(tokens: torch.Tensor) -> torch.Tensor | Generated:
+        if stop:  # drop the steps run after every row had stopped
+            done = torch.isin(tokens, stop_ids).cummax(1).values.all(0)  # (T,)
+            if bool(done.any()):
+                tokens = tokens[:, :int(done.int().argmax()) + 1]
+        if return_images:
+            return Generated(tokens, model.images_from_codes(spans.images(input_ids, attention_mask, tokens)))
+        return tokens
+
+    if drafting is not None:
+        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+            tokens = speculative.decode(drafting, model, cache, draft_cache, input_ids, attention_mask, model_inputs,
+                                        token, finished, state, seen, max_new_tokens=max_new_tokens,
+                                        generator=generator, compile=compile, **choice)
+        return finish(tokens)
     out = [token]
     step, cuda, every, graphs = decode_one, False, 1, contextlib.nullcontext()
     if compile:
@@ -181,11 +200,4 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
                 carry = [t if t is None else t.clone() for t in carry]
             token, finished, state, seen = carry
             out.append(token)
-    tokens = torch.stack(out, dim=1)
-    if stop:  # drop the steps run after every row had stopped
-        done = torch.isin(tokens, stop_ids).cummax(1).values.all(0)  # (T,)
-        if bool(done.any()):
-            tokens = tokens[:, :int(done.int().argmax()) + 1]
-    if return_images:
-        return Generated(tokens, model.images_from_codes(spans.images(input_ids, attention_mask, tokens)))
-    return tokens
+    return finish(torch.stack(out, dim=1))

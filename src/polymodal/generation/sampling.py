@@ -16,6 +16,19 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def processed(logits: torch.Tensor, state: torch.Tensor | None, seen: torch.Tensor | None, *, spans,
+              allowed: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """The logit processors that depend on the tokens so far, in float32 as HF's generate runs them (a
+    penalty applied to bf16 logits rounds them into ties): the repetition penalty over seen (..., V) and
+    the image-span mode (...) of a model that writes images (`constraints.ImageSpans`)."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    if state is not None:
+        logits = spans.mask(logits, state, allowed)
+    return logits
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, logits.shape[-1])
     kth = logits.topk(k, dim=-1).values[..., -1:]
@@ -41,6 +54,22 @@ def exponential_noise(logits: torch.Tensor, generator: torch.Generator | None = 
     return q.clamp_min_(torch.finfo(q.dtype).tiny)  # a 0 would make a filtered token's 0 / 0 win the argmax
 
 
+def probabilities(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """The distribution (..., V) sampling draws from: temperature, then top-k, then top-p, as HF orders them."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return logits.softmax(-1)
+
+
+def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A draw from each row of probs (..., V) (unnormalised is fine) given Exp(1) noise: argmax(probs / noise)."""
+    return (probs / noise).argmax(-1)
+
+
 def sample_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,11 +78,5 @@ def sample_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: f
     generator when not given; a compiled step takes them as an input, as dynamo does not trace generators."""
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    if noise is None:
-        noise = exponential_noise(logits, generator)
-    return (logits.softmax(-1) / noise).argmax(-1)
+    probs = probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return race(probs, exponential_noise(probs, generator) if noise is None else noise)

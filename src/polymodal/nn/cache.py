@@ -7,6 +7,10 @@ K/V (computed once from the media) are kept in `CrossKV.set`.
 A decode step reads and writes device tensors only (the fill count `fill`, the slots), so it compiles
 once and replays as a CUDA graph; the host-side `length` (bounds checks, "prefilled?") is kept by
 each write and, for a compiled decode loop, by the engine, once, through `reserve`.
+
+Speculative decoding writes a row's draft tokens and then keeps only the ones accepted, a different
+number per row, with one fill for the batch: `rollback` leaves holes (slots nobody sees) where a row
+kept fewer tokens than the longest, and `compact` squeezes them out when the cache runs short.
 """
 
 from __future__ import annotations
@@ -112,3 +116,42 @@ class Cache:
             docs=self.slots.docs.index_select(1, last).expand(-1, n),
             valid=torch.ones(self.batch, n, dtype=torch.bool, device=last.device),
         )
+
+    def _slot_tensors(self) -> list[tuple[torch.Tensor, int]]:
+        """Every per-slot tensor with its slot dimension."""
+        return [(t, 1) for t in vars(self.slots).values()] + [(t, 2) for c in self.layers for t in (c.k, c.v)]
+
+    def rollback(self, written: int, kept: torch.Tensor) -> None:
+        """Undoes the last `written` slots but each row's first kept[b] of them (kept (B,), 0 <= kept <= written),
+        so a row sees what it would have seen given only those tokens. The fill moves back to the longest kept
+        run; a row that kept fewer gets holes (not valid) that carry its last position and group on, so its
+        next token gets the right ones. Only the slots' segments change: nobody reads the K/V of a slot that
+        is not valid, and the next writes replace them."""
+        start = self.fill - written
+        window = start + torch.arange(written, device=self.fill.device)  # (W,) slot indices
+        longest = kept.max()
+        hole = torch.arange(written, device=kept.device)[None, :] >= kept[:, None]  # (B, W)
+        last = (start + kept - 1)[:, None].expand(-1, written)  # each row's last kept slot (the one before if none)
+        for name in ("positions", "groups", "docs"):
+            t = getattr(self.slots, name)
+            t.index_copy_(1, window, torch.where(hole, t.gather(1, last), t.index_select(1, window)))
+        self.slots.valid.index_copy_(1, window, self.slots.valid.index_select(1, window) & ~hole)
+        self.fill.copy_(start + longest)
+        if not self.reserved:
+            self.length -= written - int(longest)
+
+    def compact(self) -> None:
+        """Moves each row's valid slots, in order, to the end of the shortest fill that holds them all, with
+        the holes in front (as left padding): the rows see the same tokens at the same positions."""
+        fill = int(self.fill)
+        valid = self.slots.valid[:, :fill]
+        keep = int(valid.sum(1).max())
+        order = valid.long().argsort(dim=1, stable=True)[:, fill - keep:]  # (B, keep): holes first, then valid in order
+        for t, dim in self._slot_tensors():
+            index = order if dim == 1 else order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+            moved = t.narrow(dim, 0, fill).gather(dim, index)
+            t.narrow(dim, keep, t.shape[dim] - keep).zero_()
+            t.narrow(dim, 0, keep).copy_(moved)
+        self.fill.fill_(keep)
+        if not self.reserved:
+            self.length = keep

@@ -76,7 +76,8 @@ class DecoderFormat:
         pieces = [([tok.bos_id], False)]
         for i, (seg, target) in enumerate(segments):
             last = i == len(segments) - 1 and not prompt_only
-            pieces += [(tok.encode(seg.text), target), ([tok.eos_id] if last else self.sep, target)]
+            text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
+            pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
         return Encoded({"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)})
 
 
@@ -137,7 +138,7 @@ class PaliGemmaFormat:
     def _join(self, texts: list[str]) -> list[int]:
         ids: list[int] = []
         for i, text in enumerate(texts):
-            ids += (self.sep if i else []) + self.tokenizer.encode(text)
+            ids += (self.sep if i else []) + self.tokenizer.encode(text, split_special_tokens=True)
         return ids
 
 
@@ -172,7 +173,8 @@ class KosmosFormat:
                 pieces.append((self.config.image_tokens(), False))
             else:
                 last = i == len(segments) - 1 and not prompt_only
-                pieces += [(tok.encode(seg.text), target), ([tok.eos_id] if last else self.sep, target)]
+                text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
+                pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
         if not prompt_only and segments and segments[-1][0].kind == "image":
             pieces.append(([tok.eos_id], False))
         images = [s.media for s, _ in segments if s.kind == "image"]

@@ -31,11 +31,13 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+from polymodal.errors import PolymodalError
+
 KINDS = ("text", "image", "audio", "video")
 TARGET_KINDS = ("text", "image")  # an image target is one the model learns to draw
 
 
-class DocumentError(ValueError):
+class DocumentError(PolymodalError, ValueError):
     """A document file that does not follow the format."""
 
 

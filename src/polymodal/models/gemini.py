@@ -379,7 +379,8 @@ class GeminiFormat:
         for i, (seg, target) in enumerate(segments):
             if seg.kind == "text":
                 last = i == len(segments) - 1 and not prompt_only
-                pieces += [(tok.encode(seg.text), target), ([tok.eos_id] if last else self.sep, target)]
+                text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
+                pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
                 continue
             if target:
                 raise ValueError(f"{_name(doc)} has a {seg.kind} target; this model reads media and writes text")

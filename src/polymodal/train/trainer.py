@@ -4,7 +4,8 @@
 warmup and cosine decay; gradient accumulation and clipping; bf16 autocast on CUDA; optional
 activation checkpointing; FSDP2 or DDP under torchrun and the same code single-process; a
 periodic eval loss; atomic checkpoints that resume exactly (weights, optimizer, schedule, RNG,
-data position); a clear stop when the loss is no longer finite. Writes metrics.jsonl, a
+data position); a clear stop when the loss is no longer finite; Ctrl-C (SIGINT) finishes the step,
+saves a checkpoint and raises `TrainingInterrupted`. Writes metrics.jsonl, a
 progress line and loss.png into the run directory.
 
 A step's loss is the mean over every target token of the global batch however it is split into
@@ -18,6 +19,8 @@ import io
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +36,7 @@ from polymodal.data.collate import Collator, count_targets, fit_config
 from polymodal.data.documents import Document, DocumentError, read_jsonl
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.errors import PolymodalError, check_number
 from polymodal.nn.transformer import Block
 from polymodal.presets import PRESETS, get_preset
 from polymodal.serialization import atomic_write_bytes
@@ -90,16 +94,41 @@ class TrainConfig(Config):
             _check_choice("task", task, WORLD.tasks)
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_steps, weight_decay and grad_clip must be >= 0")
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            check_number(name, getattr(self, name), at_least=0, error=ConfigError)
+        for name in ("beta1", "beta2"):
+            check_number(name, getattr(self, name), at_least=0, below=1, error=ConfigError)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / (self.name or Path(self.model).stem)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PolymodalError, RuntimeError):
     """Training cannot go on: a loss that is not finite, a run directory in the way."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training at a step boundary, after saving a checkpoint; the message says where."""
+
+
+@contextlib.contextmanager
+def interrupt_flag():
+    """Yields a one-item list set to True by the first SIGINT; a second SIGINT interrupts at once."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield flag
+        return
+
+    def on_sigint(signum, frame):
+        flag[0] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -119,14 +148,7 @@ def model_config(spec: str) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                                 "nor a config.json file or a directory holding one")
-    try:
-        return load_config(path)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: expected a JSON model config, got malformed JSON ({e})") from e
-    except ConfigError as e:  # an unknown option, a bad choice: say in which file
-        if str(path) in str(e):
-            raise
-        raise ConfigError(f"{path}: {e}") from e
+    return load_config(path)
 
 
 @dataclass
@@ -264,12 +286,13 @@ def train(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; returns the run directory. Launch under torchrun for several processes."""
     proc = init_process(cfg.device)
     try:
-        return _train(cfg, proc)
+        with interrupt_flag() as interrupted:
+            return _train(cfg, proc, interrupted)
     finally:
         shutdown()
 
 
-def _train(cfg: TrainConfig, proc) -> Path:
+def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
     # imported here, not at the top: they take seconds, which `polymodal eval`/`generate` need not wait
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
@@ -289,6 +312,8 @@ def _train(cfg: TrainConfig, proc) -> Path:
                             "or give another --name")
     if cfg.resume and last is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {ckpt_root}")
+    resumed = ckpt.load_latest(ckpt_root, say=print if proc.main else lambda message: None) if cfg.resume else None
+    last = resumed[0] if resumed is not None else None
     config = load_config(last / "config.json") if last is not None else model_config(cfg.model)
     data = load_data(cfg)
     if last is not None:
@@ -316,7 +341,7 @@ def _train(cfg: TrainConfig, proc) -> Path:
     optimizer = make_optimizer(model, cfg)
     step = docs_seen = 0
     if last is not None:
-        model_state, optimizer_state, state = ckpt.load_checkpoint(last)
+        model_state, optimizer_state, state = resumed[1]
         set_model_state_dict(model, model_state, options=full)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
         step, docs_seen = state["step"], state["docs_seen"]
@@ -373,9 +398,14 @@ def _train(cfg: TrainConfig, proc) -> Path:
         micro = [collator([data.train(docs_seen + (m * W + proc.rank) * B + j) for j in range(B)], pack=cfg.pack)
                  for m in range(cfg.grad_accum)]
         counts = all_reduce_sum(torch.tensor([float(sum(count_targets(b) for b in micro)),
-                                              float(sum(int(b["attention_mask"].sum()) for b in micro))],
+                                              float(sum(int(b["attention_mask"].sum()) for b in micro)),
+                                              float(interrupted[0])],
                                              device=proc.device))  # NCCL reduces device tensors only
-        n_targets, n_tokens = counts.tolist()
+        n_targets, n_tokens, n_interrupted = counts.tolist()
+        if n_interrupted:  # every rank learns of a Ctrl-C here, so all of them save and stop together
+            save()
+            raise TrainingInterrupted(f"interrupted at step {step}/{cfg.max_steps}: saved checkpoint "
+                                      f"{ckpt.step_dir(ckpt_root, step)}; continue with --resume")
         total = torch.zeros((), device=proc.device)
         for m, batch in enumerate(micro):
             batch = on_device(batch)

@@ -345,7 +345,8 @@ class GeminiFormat:
     """Documents -> the Gemini stream: <bos>, then the segments in document order, each text segment
     ended by "\\n" (the last by <eos>) and each media a span `<img> P*n </img>` (`<audio>`, `<video>`);
     labels on target text. Images (and video frames) are resized to image_size and scaled to [-1, 1];
-    audio becomes Whisper log-mel, and must come at the encoder's sampling rate."""
+    audio becomes Whisper log-mel, and must come at the encoder's sampling rate and fit its window (a longer
+    clip is an error, never cut silently)."""
 
     def __init__(self, config: GeminiConfig, tokenizer):
         from polymodal.data.collate import SEPARATOR
@@ -399,6 +400,9 @@ class GeminiFormat:
             if self.audio is None:
                 raise ValueError(f"{name} has an audio segment but this model has no audio encoder")
             clip = seg.media
+            if len(clip.waveform) > self.audio.n_samples:  # refused: the extractor would cut it silently
+                raise ValueError(f"{name} has an audio clip of {len(clip.waveform) / clip.sample_rate:g} s; the "
+                                 f"audio encoder hears at most {self.audio.chunk_length} s: cut it into clips")
             features = self.audio(clip.waveform, sampling_rate=clip.sample_rate)
             return "input_features", features[None], cfg.tokens_per_clip
         frames = list(seg.media or [])

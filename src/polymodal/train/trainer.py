@@ -33,7 +33,7 @@ import torch
 from polymodal.api import build
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive, load_config
 from polymodal.data.collate import Collator, count_targets, fit_config
-from polymodal.data.documents import Document, DocumentError, read_jsonl
+from polymodal.data.documents import Document, DocumentError, read_jsonl, with_media
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import PolymodalError, check_number
@@ -82,6 +82,7 @@ class TrainConfig(Config):
     parallel: str = "fsdp"  # "fsdp" | "ddp", used under torchrun
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     resume: bool = False  # continue from the run's last checkpoint, with its settings (flags given override them)
+    strict_paths: bool = False  # refuse JSONL media paths that lead outside the JSONL's folder (absolute, .., links)
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
@@ -159,11 +160,12 @@ class Data:
     checks: list[tuple[str, list[Document]]]  # (where from, documents): what to validate before training
 
 
-def _read(flag: str, path: str) -> list[Document]:
+def _read(flag: str, path: str, strict_paths: bool) -> list[Document]:
+    """The documents of a JSONL file with their media unread: each is loaded when a batch needs it."""
     if not Path(path).is_file():
         given = "a directory" if Path(path).is_dir() else "no such file"
         raise FileNotFoundError(f"{flag} expects a JSONL file of documents, got {path!r} ({given})")
-    docs = read_jsonl(path)
+    docs = read_jsonl(path, load_media=False, strict_paths=strict_paths)
     if not docs:
         raise ValueError(f"{flag} {path} holds no documents")
     return docs
@@ -171,7 +173,8 @@ def _read(flag: str, path: str) -> list[Document]:
 
 def load_data(cfg: TrainConfig) -> Data:
     """Data positions are plain counters, so resuming at a position needs no iterator state."""
-    eval_docs = _read("--eval-data", cfg.eval_data)[:cfg.eval_docs] if cfg.eval_data else []
+    eval_docs = ([with_media(d, cfg.eval_data) for d in _read("--eval-data", cfg.eval_data, cfg.strict_paths)]
+                 [:cfg.eval_docs] if cfg.eval_data else [])
     checks = [(cfg.eval_data, eval_docs)] if cfg.eval_data else []
     if cfg.data == "world":
         tasks = cfg.tasks
@@ -185,7 +188,7 @@ def load_data(cfg: TrainConfig) -> Data:
             checks = [("the built-in world's held-out split", eval_docs)]
         checks = [(f"--tasks {task} (the built-in world)", [sample(i)]) for i, task in enumerate(tasks)] + checks
         return Data(sample, eval_docs, texts, checks)
-    docs = _read("--data", cfg.data)
+    docs = _read("--data", cfg.data, cfg.strict_paths)
     orders: dict[int, np.ndarray] = {}
 
     def shuffled(i: int) -> Document:  # a fresh permutation of the file every epoch
@@ -193,7 +196,7 @@ def load_data(cfg: TrainConfig) -> Data:
         if epoch not in orders:
             orders.clear()
             orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(len(docs))
-        return docs[orders[epoch][i % len(docs)]]
+        return with_media(docs[orders[epoch][i % len(docs)]], cfg.data)
 
     return Data(shuffled, eval_docs, [t for d in docs + eval_docs for t in d.texts], [(cfg.data, docs), *checks])
 
@@ -203,7 +206,8 @@ def check_documents(collator: Collator, data: Data) -> None:
     (max_len) and something to learn from. Checked before any training, so that a bad document deep in
     a file stops the run now, not hours in (and not one process of several, leaving the others waiting)."""
     for source, docs in data.checks:
-        for i, doc in enumerate(docs):
+        for i, doc in enumerate(docs):  # media one document at a time: a large data set never sits in memory
+            doc = with_media(doc, source)
             try:
                 collator.encode(doc, index=None if doc.line is not None else i)
             except ValueError as e:

@@ -3,8 +3,10 @@ PyTorch blocks, matching their reference implementations."""
 
 from polymodal.api import build, from_pretrained, save_pretrained
 from polymodal.config import ConfigError, DecoderConfig
+from polymodal.errors import CheckpointError, InputError, PolymodalError
 from polymodal.generation.engine import generate
 from polymodal.presets import PRESETS
 
-__all__ = ["build", "from_pretrained", "save_pretrained", "generate", "DecoderConfig", "ConfigError", "PRESETS"]
+__all__ = ["build", "from_pretrained", "save_pretrained", "generate", "DecoderConfig", "ConfigError", "PRESETS",
+           "PolymodalError", "InputError", "CheckpointError"]
 __version__ = "0.1.0"

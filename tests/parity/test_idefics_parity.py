@@ -91,6 +91,27 @@ def test_greedy_generation_matches_hf(pair):
     assert got[:, :expected.shape[1]].tolist() == expected.tolist()
 
 
+def test_hf_image_attention_mask_is_accepted(pair):
+    """HF's argument name and form (B, S, N): the same logits and greedy tokens as HF, left padding included."""
+    hf, ours = pair
+    ids, am, _, iam, pixels, media_mask = batch()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=am, pixel_values=pixels, image_attention_mask=iam).logits
+        got = ours(ids, attention_mask=am, pixel_values=pixels, image_attention_mask=iam, media_mask=media_mask).logits
+    assert (got - expected)[am.bool()].abs().max() <= 1e-4
+    expected = hf.generate(input_ids=ids, attention_mask=am, pixel_values=pixels, image_attention_mask=iam,
+                           max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
+    got = pm.generate(ours, ids, am, max_new_tokens=6, eos_token_id=2, pad_token_id=0, pixel_values=pixels,
+                      image_attention_mask=iam, media_mask=media_mask)
+    assert got[:, :expected.shape[1]].tolist() == expected.tolist()
+    two = iam.clone()
+    two[0, -1] = 1  # the last token of row 0 sees all three images
+    with pytest.raises(pm.InputError, match="lets token 13 of row 0 see 3 media; Flamingo lets each token see at most one"):
+        ours(ids, attention_mask=am, pixel_values=pixels, image_attention_mask=two)
+    with pytest.raises(pm.InputError, match=r"image_attention_mask must be \(batch, seq, n_media\) = \(2, 14, 3\)"):
+        ours(ids, attention_mask=am, pixel_values=pixels, image_attention_mask=iam[..., :2])
+
+
 def test_image_token_comes_from_the_directory_tokenizer(pair, tmp_path):
     """HF keeps Idefics' <image> id in the tokenizer: with a tokenizer.json beside the weights, generate finds
     the images from input_ids alone; without one, media_token_id stays unset."""

@@ -31,7 +31,7 @@ from polymodal.errors import InputError, check_number
 from polymodal.generation.sampling import apply_repetition_penalty, exponential_noise, sample_next
 from polymodal.nn.cache import Cache
 
-PER_TOKEN_INPUTS = ("token_type_ids", "media_locations")  # model inputs laid out like input_ids, moved with it
+PER_TOKEN_INPUTS = ("token_type_ids", "media_locations", "image_attention_mask")  # laid out like input_ids (B, S, ...)
 TOKEN_DTYPES = (torch.long, torch.int32)  # not uint8 (wraps at 256) nor bool; floats are not ids
 STOP_EVERY = 8  # compiled decoding reads the stop flags (a host sync) once per this many steps
 MAX_GRAPHS = 64  # compiled decode steps kept: one per model kind, shape and sampling setup (dynamo's default: 8)
@@ -45,7 +45,8 @@ class Generated(NamedTuple):
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: torch.Tensor):
     """Move every row's tokens to the right end so padding is on the left (stable within a row)."""
     order = attention_mask.long().argsort(dim=1, stable=True)  # pads (0) first, tokens keep their order
-    return tuple(t.gather(1, order) for t in (input_ids, attention_mask, *others))
+    return tuple(t.gather(1, order.view(*order.shape, *[1] * (t.dim() - 2)).expand_as(t))
+                 for t in (input_ids, attention_mask, *others))
 
 
 def next_token(logits: torch.Tensor, finished: torch.Tensor, state: torch.Tensor | None, seen: torch.Tensor | None,

@@ -24,6 +24,10 @@ class InputError(PolymodalError, ValueError):
     """A bad argument to a model or to generate: a wrong dtype, shape, token id or setting."""
 
 
+class DocumentError(PolymodalError, ValueError):
+    """A document that does not follow the format or does not fit the model; names the file and line if any."""
+
+
 class CheckpointError(PolymodalError, ValueError):
     """A checkpoint directory that cannot be read (corrupt or truncated files, a bad index) or written."""
 

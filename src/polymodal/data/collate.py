@@ -21,6 +21,7 @@ import torch
 
 from polymodal.config import DecoderConfig
 from polymodal.data.documents import Document
+from polymodal.errors import DocumentError, PolymodalError
 from polymodal.data.processors import ImageProcessor
 from polymodal.data.processors import CLIP_MEAN, CLIP_STD
 from polymodal.data.tokenizer import Tokenizer
@@ -217,11 +218,16 @@ class Collator:
         self.max_len = max_len or self.format.max_len
 
     def encode(self, doc: Document, prompt_only: bool = False, index: int | None = None) -> Encoded:
-        enc = self.format.encode(doc, prompt_only)
+        try:
+            enc = self.format.encode(doc, prompt_only)
+        except ValueError as e:  # the formats' and processors' complaints about a document are document errors
+            if isinstance(e, PolymodalError):
+                raise
+            raise DocumentError(str(e)) from e
         if len(enc) > self.max_len:
-            raise ValueError(f"{_name(doc, index)} is {len(enc)} tokens long; the limit is max_len={self.max_len}")
+            raise DocumentError(f"{_name(doc, index)} is {len(enc)} tokens long; the limit is max_len={self.max_len}")
         if not prompt_only and all(label == IGNORE for label in enc.tokens["labels"]):
-            raise ValueError(f"{_name(doc, index)} has no target tokens, so nothing to learn from")
+            raise DocumentError(f"{_name(doc, index)} has no target tokens, so nothing to learn from")
         return enc
 
     def __call__(self, docs: list[Document], pack: bool = False) -> dict[str, torch.Tensor]:
@@ -245,7 +251,7 @@ class Collator:
         free: list[int] = []
         for i, e in enumerate(encoded):
             if len(e) > row_len:
-                raise ValueError(f"document {i} is {len(e)} tokens long, longer than a packed row ({row_len})")
+                raise DocumentError(f"document {i} is {len(e)} tokens long, longer than a packed row ({row_len})")
             slot = next((r for r, f in enumerate(free) if f >= len(e)), None)
             if slot is None:
                 rows.append([])

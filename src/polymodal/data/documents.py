@@ -37,15 +37,11 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from polymodal.errors import PolymodalError
+from polymodal.errors import DocumentError
 
 KINDS = ("text", "image", "audio", "video")
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused from their header, before decoding (~200 MB as RGB)
 TARGET_KINDS = ("text", "image")  # an image target is one the model learns to draw
-
-
-class DocumentError(PolymodalError, ValueError):
-    """A document file that does not follow the format."""
 
 
 @dataclass(eq=False)

@@ -129,6 +129,11 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
         check_number("top_p", top_p, above=0, at_most=1)
     if seed is not None:
         check_number("seed", seed, integer=True, at_least=0)
+    text = getattr(model.config, "text", model.config)
+    context = getattr(text, "max_seq_len", None)
+    if context is not None and input_ids.shape[-1] + max_new_tokens > context:
+        raise InputError(f"the prompt of {input_ids.shape[-1]} tokens and max_new_tokens={max_new_tokens} need "
+                         f"{input_ids.shape[-1] + max_new_tokens} positions, past the model's context of {context}")
     V = vocab_size(model)
     if V is not None:
         stop = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]

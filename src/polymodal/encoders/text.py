@@ -41,7 +41,8 @@ class TextConfig(Config):
 
     def __post_init__(self) -> None:
         check_encoder_config(self, "vocab_size", "max_seq_len", "projection_size")
-        _check_token_ids(self, self.vocab_size, "eos_token_id")  # the one it reads: CLIP pools there
+        if self.variant == "clip":  # CLIP pools at eos_token_id; SigLIP reads no token id (HF's keep CLIP's)
+            _check_token_ids(self, self.vocab_size, "eos_token_id")
         if self.variant == "clip" and self.projection_size is not None:
             raise ConfigError("CLIP's text tower has no head (the dual encoder projects it); "
                               f"projection_size must be None, got {self.projection_size}")

@@ -138,6 +138,15 @@ def test_corrupt_weights_name_the_file_everywhere(tmp_path, model, capsys, damag
         assert f"{weights} is not a readable safetensors file" in err and err.count("\n") == 1
 
 
+def test_corrupt_tokenizer_files_name_the_file(tmp_path):
+    for name, expected in (("tokenizer.json", "is not a readable tokenizer.json"),
+                           ("tokenizer.model", "is not a readable SentencePiece model")):
+        (tmp_path / name).write_bytes(b"\x00garbage{")
+        with pytest.raises(pm.CheckpointError, match=f"{tmp_path / name} {expected}") as e:
+            Tokenizer.from_file(tmp_path / name)
+        one_line(e)
+
+
 def sharded(tmp_path, model, weight_map):
     d = tmp_path / "sharded"
     pm.save_pretrained(model, d)

@@ -201,7 +201,11 @@ class Tokenizer:
             raise ImportError(f"{file} is a SentencePiece model: pip install sentencepiece") from e
         added_file = file.parent / _SP_ADDED_FILE
         added = json.loads(added_file.read_text())["added_tokens"] if added_file.is_file() else []
-        return cls(sentencepiece.SentencePieceProcessor(model_file=str(file)), added)
+        try:
+            model = sentencepiece.SentencePieceProcessor(model_file=str(file))
+        except (RuntimeError, OSError) as e:
+            raise CheckpointError(f"{file} is not a readable SentencePiece model ({e})") from e
+        return cls(model, added)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

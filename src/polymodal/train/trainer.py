@@ -173,8 +173,8 @@ def _read(flag: str, path: str, strict_paths: bool) -> list[Document]:
 
 def load_data(cfg: TrainConfig) -> Data:
     """Data positions are plain counters, so resuming at a position needs no iterator state."""
-    eval_docs = ([with_media(d, cfg.eval_data) for d in _read("--eval-data", cfg.eval_data, cfg.strict_paths)]
-                 [:cfg.eval_docs] if cfg.eval_data else [])
+    eval_docs = ([with_media(d, cfg.eval_data) for d in _read("--eval-data", cfg.eval_data, cfg.strict_paths)
+                  [:cfg.eval_docs]] if cfg.eval_data else [])
     checks = [(cfg.eval_data, eval_docs)] if cfg.eval_data else []
     if cfg.data == "world":
         tasks = cfg.tasks

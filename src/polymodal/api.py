@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from polymodal.config import Config, load_config
+from polymodal.config import Config, check_fits_memory, load_config, read_json_config
 from polymodal.convert.hf import load_hf
 from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from polymodal.models import MODEL_CLASSES
@@ -26,6 +25,7 @@ def build(config: Config | str, *, backend: str = "sdpa") -> nn.Module:
     if type(config) not in MODEL_CLASSES:
         raise TypeError(f"no model family for {type(config).__name__}; known: {[c.__name__ for c in MODEL_CLASSES]}")
     cls = MODEL_CLASSES[type(config)]
+    check_fits_memory(config)
     if backend == "sdpa":
         return cls(config)
     if "backend" not in inspect.signature(cls).parameters:
@@ -62,7 +62,7 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"no config.json in {directory}")
-    if "config_class" in json.loads(config_path.read_text()):
+    if "config_class" in read_json_config(config_path):
         model = build(load_config(config_path))
         load_into(model, load_weights(directory), directory)
     else:

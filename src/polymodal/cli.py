@@ -23,6 +23,7 @@ from pathlib import Path
 
 from polymodal.config import ConfigError
 from polymodal.data.documents import DocumentError
+from polymodal.errors import PolymodalError
 from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
@@ -134,15 +135,18 @@ def _load(path: str, quantize: str | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from polymodal.train.checkpoint import TRAINER, latest_checkpoint
+    from polymodal.train.checkpoint import list_checkpoints, read_trainer_state
     from polymodal.train.trainer import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}  # only the flags on the command line
     if given.get("resume"):  # continue the run as it was set up; flags given now override its settings
-        last = latest_checkpoint(TrainConfig.from_dict(given).run_dir / "checkpoints")
-        if last is not None and (last / TRAINER).is_file():
-            given = {**json.loads((last / TRAINER).read_text())["train_config"], **given}
+        for last in reversed(list_checkpoints(TrainConfig.from_dict(given).run_dir / "checkpoints")):
+            try:  # the newest readable one; the trainer says which checkpoints it skips
+                given = {**read_trainer_state(last)["train_config"], **given}
+                break
+            except (PolymodalError, KeyError, OSError):
+                continue
     train(TrainConfig.from_dict(given))
 
 
@@ -214,6 +218,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
     source, target = Path(args.source), Path(args.target)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} has no config.json: not a checkpoint directory")
+    if target.resolve() == source.resolve():
+        raise ValueError(f"convert writes a new directory: the target {target} is the source itself, whose "
+                         "config.json and weights it would replace; give another target")
     if args.to == "hf":
         if args.model_type not in FAMILIES:
             raise ValueError(f"--to hf needs --model-type, one of {sorted(FAMILIES)}; got {args.model_type!r}")
@@ -257,11 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (DocumentError, ConfigError, TrainingError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, ValueError, KeyError) as e:
+    except (PolymodalError, DocumentError, ConfigError, TrainingError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"polymodal {args.command}: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: training saved a checkpoint and says where
+        print(f"polymodal {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
+from polymodal.errors import ConfigError, check_number
+
 T = TypeVar("T", bound="Config")
-
-
-class ConfigError(ValueError):
-    """A config that cannot describe a model: unknown option, bad choice, inconsistent shape."""
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -27,10 +29,26 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _check_positive(obj: Any, *names: str) -> None:
+    """Every number of the config finite (JSON and Python both allow NaN and inf), and `names` > 0."""
+    cls = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{cls}.{f.name} must be a finite number, got {value}")
     for name in names:
         value = getattr(obj, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {value}")
+        if value is not None:
+            check_number(f"{cls}.{name}", value, above=0, error=ConfigError)
+
+
+def _check_token_ids(obj: Any, vocab_size: int, *names: str) -> None:
+    """Token ids a config names (an int, a list of them, or None) must lie in the vocabulary."""
+    for name in names:
+        value = getattr(obj, name)
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size):
+                raise ConfigError(f"{type(obj).__name__}.{name} must be a token id in [0, {vocab_size}) "
+                                  f"(the vocabulary), got {value!r}")
 
 
 class Config:
@@ -57,6 +75,10 @@ class Config:
                                   f"({type(value).__name__})")
             sub = _config_class(hints[name])
             kwargs[name] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
+        required = [n for n, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing := [n for n in required if n not in data]:
+            raise ConfigError(f"{cls.__name__} needs the section(s) {missing}, missing from the config")
         return cls(**kwargs)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -145,7 +167,9 @@ class DecoderConfig(Config):
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                        "hidden_dim", "max_seq_len", "norm_eps", "qk_norm_eps", "init_std")
+                        "hidden_dim", "max_seq_len", "norm_eps", "qk_norm_eps", "init_std", "rope_theta",
+                        "xpos_scale_base")
+        _check_token_ids(self, self.vocab_size, "pad_token_id", "bos_token_id", "eos_token_id")
         _check_choice("mlp", self.mlp, ("swiglu", "geglu", "gelu", "relu2"))
         _check_choice("norm", self.norm, ("rmsnorm", "rmsnorm_gemma", "layernorm"))
         _check_choice("norm_placement", self.norm_placement, ("pre", "post", "sub", "swin"))
@@ -173,6 +197,8 @@ class DecoderConfig(Config):
                                                       "original_max_position_embeddings"}}[self.rope_scaling["rope_type"]]
             if missing := sorted(needed - set(self.rope_scaling)):
                 raise ConfigError(f"rope_scaling of type {self.rope_scaling['rope_type']!r} needs {missing}")
+            for key in needed:
+                check_number(f"rope_scaling.{key}", self.rope_scaling[key], above=0, error=ConfigError)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -195,15 +221,54 @@ class DecoderConfig(Config):
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
 
+def estimate_parameters(config: Config) -> int:
+    """A lower bound on a model's parameter count from its config's widths alone, allocating nothing: each
+    (sub)config with `dim` and `n_layers` counts its attention and MLP matrices and its embeddings."""
+    total = sum(estimate_parameters(getattr(config, f.name)) for f in dataclasses.fields(config)
+                if isinstance(getattr(config, f.name), Config))
+    dim, layers = getattr(config, "dim", None), getattr(config, "n_layers", None)
+    if isinstance(dim, int) and isinstance(layers, int):
+        hidden = getattr(config, "hidden_dim", None) or 4 * dim
+        total += layers * (4 * dim * dim + 2 * dim * hidden) + (getattr(config, "vocab_size", None) or 0) * dim
+    return total
+
+
+def check_fits_memory(config: Config, bytes_per_parameter: int = 4) -> None:
+    """Refuses, before anything is allocated, a config whose weights alone would not fit in this machine's
+    memory (float32 unless told otherwise)."""
+    if torch.get_default_device().type == "meta":  # shapes only: nothing will be allocated
+        return
+    n = estimate_parameters(config)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n * bytes_per_parameter > memory:
+        raise ConfigError(f"{type(config).__name__} would have at least {n:.3g} parameters "
+                          f"({n * bytes_per_parameter / 2**30:,.1f} GiB at {bytes_per_parameter} bytes each), more "
+                          f"than this machine's {memory / 2**30:,.1f} GiB of memory; refusing before allocating")
+
+
+def read_json_config(path: str | Path) -> dict[str, Any]:
+    """A config.json (polymodal's or HF's) as a dict; ConfigError naming the file if it is not a JSON object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: expected a JSON model config, got malformed JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of settings, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path) -> Config:
-    """Read a polymodal config.json written by `Config.to_json`."""
+    """Read a polymodal config.json written by `Config.to_json`; ConfigError naming the file if it is not one."""
     from polymodal.models import CONFIG_CLASSES  # the families register their config classes
 
-    data = json.loads(Path(path).read_text())
+    data = read_json_config(path)
     name = data.pop("config_class", None)
     if name not in CONFIG_CLASSES:
         raise ConfigError(f"{path}: config_class must be one of {sorted(CONFIG_CLASSES)}, got {name!r}")
-    return CONFIG_CLASSES[name].from_dict(data)
+    try:
+        return CONFIG_CLASSES[name].from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 __all__ = ["Config", "ConfigError", "DecoderConfig", "load_config"]

@@ -2,23 +2,35 @@
 
 A save writes everything into a temporary sibling directory, fsyncs it, then swaps it into place,
 so an interrupted save leaves the previous files intact (or the new ones complete), never a mix.
+Saving into an existing checkpoint folder keeps every file the save does not write (optimizer and
+trainer state, a tokenizer, a README, subfolders): they are hard-linked into the new folder before the
+swap. The swap is one `renameat2(RENAME_EXCHANGE)` system call on Linux, so there is no moment without
+the folder; elsewhere it is two renames. A symlinked target is resolved first: the link stays, the
+folder it points to is replaced. Unreadable weights (truncated, corrupt, a bad shard index) are a
+`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from polymodal.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,33 +41,78 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2); False where the OS or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_cwd = -100
+    if libc.renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: no exchange on this file system
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _keep_others(old: Path, new: Path) -> None:
+    """Everything in `old` that `new` lacks, hard-linked (or copied) into `new`."""
+    for entry in old.iterdir():
+        dest = new / entry.name
+        if dest.exists() or dest.is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dest, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), dest)
+        else:
+            _link_or_copy(str(entry), str(dest))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path):
-    """Yields a temporary directory; on success it replaces `target` whole. A target that is a file, or a
-    directory holding anything but a checkpoint (no config.json), is refused first: it is a user's."""
-    target = Path(target)
+    """Yields a temporary directory; on success its files replace those of `target` of the same name, and
+    every other file of `target` is kept. A target that is a file, or a directory holding anything but a
+    checkpoint (no config.json), is refused first: it is a user's."""
+    target = Path(os.path.realpath(target))
     if target.exists() and not (target.is_dir() and ((target / "config.json").is_file() or not any(target.iterdir()))):
         raise FileExistsError(f"{target} exists and is not a checkpoint directory (a file, or a folder without "
                               "config.json): refusing to replace it; give a new or empty directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {target}: {e.strerror} ({e.filename})") from e
     try:
         yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        old = None
         if target.exists():
+            _keep_others(target, tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+        elif _exchange(tmp, target):  # tmp now holds the old folder
+            _keep_others(tmp, target)  # anything written into the old folder meanwhile
+        else:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-        os.replace(tmp, target)
+            os.replace(tmp, target)
+            tmp = old
         fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -80,27 +137,57 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: 
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated, empty or corrupt one is a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        size = path.stat().st_size if path.is_file() else 0
+        raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes; {e}): it may be "
+                              "truncated or corrupt") from e
+
+
+def _shards(directory: Path) -> list[Path]:
+    """The shard files a model.safetensors.index.json lists, each checked to lie inside `directory`."""
+    path = directory / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path} must hold a non-empty 'weight_map' of tensor name -> shard file name")
+    root = directory.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = (directory / name).resolve()
+        if shard.parent != root:
+            raise CheckpointError(f"{path} lists shard {name!r}, which lies outside {directory}; shards must be "
+                                  "files in the checkpoint folder itself")
+        if not shard.is_file():
+            raise CheckpointError(f"{path} lists shard {name}, which is missing")
+        shards.append(shard)
+    return shards
+
+
 def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: one model.safetensors, or shards listed in an index."""
+    """All tensors of a checkpoint directory: model.safetensors, else the shards listed in an index."""
     directory = Path(directory)
+    if (directory / WEIGHTS).exists():  # first, as HF does: a save over a sharded folder leaves its index
+        return read_safetensors(directory / WEIGHTS)
     if (directory / INDEX).exists():
-        index = json.loads((directory / INDEX).read_text())
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            if not (directory / shard).exists():
-                raise FileNotFoundError(f"{directory / INDEX} lists shard {shard}, which is missing")
-            state.update(load_file(str(directory / shard)))
+        for shard in _shards(directory):
+            state.update(read_safetensors(shard))
         return state
-    if (directory / WEIGHTS).exists():
-        return load_file(str(directory / WEIGHTS))
     singles = sorted(directory.glob("*.safetensors"))
     if len(singles) == 1:
-        return load_file(str(singles[0]))
+        return read_safetensors(singles[0])
     pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
     if pickles:
-        raise ValueError(f"{directory} holds only pickle weights ({', '.join(pickles)}); polymodal loads weights "
-                         "only from safetensors, since unpickling a file can run arbitrary code. Convert them "
-                         "with a tool you trust (e.g. transformers' save_pretrained(safe_serialization=True)).")
+        raise CheckpointError(f"{directory} holds only pickle weights ({', '.join(pickles)}); polymodal loads "
+                              "weights only from safetensors, since unpickling a file can run arbitrary code. Convert "
+                              "them with a tool you trust (e.g. transformers' save_pretrained(safe_serialization=True)).")
     raise FileNotFoundError(f"no {WEIGHTS} or {INDEX} in {directory}")
 
 

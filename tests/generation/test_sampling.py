@@ -69,9 +69,9 @@ def test_repetition_penalty_discourages_repeats(model):
 
 def test_bad_generation_arguments(model):
     ids = torch.zeros(1, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
         pm.generate(model, ids, max_new_tokens=0)
-    with pytest.raises(ValueError, match="top_p must be in"):
+    with pytest.raises(ValueError, match="top_p must be a finite number > 0 and <= 1, got 1.5"):
         pm.generate(model, ids, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="attention_mask shape"):
         pm.generate(model, ids, torch.ones(1, 4, dtype=torch.long))

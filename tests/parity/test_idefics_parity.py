@@ -71,9 +71,10 @@ def test_logits_match_hf(pair):
     ids, am, locations, iam, pixels, media_mask = batch()
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=am, pixel_values=pixels, image_attention_mask=iam).logits
-        got = ours(ids, attention_mask=am, pixel_values=pixels, media_locations=locations, media_mask=media_mask).logits
-    diff = (got - expected)[am.bool()].abs().max()
-    assert diff <= 1e-4, diff
+        for marks in (dict(media_locations=locations), dict(image_attention_mask=iam)):  # ours, or HF's argument
+            got = ours(ids, attention_mask=am, pixel_values=pixels, media_mask=media_mask, **marks).logits
+            diff = (got - expected)[am.bool()].abs().max()
+            assert diff <= 1e-4, (diff, list(marks))
     # the images matter (the test would be vacuous with closed gates)
     with torch.no_grad():
         other = ours(ids, attention_mask=am, pixel_values=pixels.flip(1), media_locations=locations,
@@ -86,9 +87,22 @@ def test_greedy_generation_matches_hf(pair):
     ids, am, locations, iam, pixels, media_mask = batch()
     expected = hf.generate(input_ids=ids, attention_mask=am, pixel_values=pixels, image_attention_mask=iam,
                            max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
-    got = pm.generate(ours, ids, am, max_new_tokens=10, eos_token_id=2, pad_token_id=0, pixel_values=pixels,
-                      media_locations=locations, media_mask=media_mask)
-    assert got[:, :expected.shape[1]].tolist() == expected.tolist()
+    for marks in (dict(media_locations=locations), dict(image_attention_mask=iam)):
+        got = pm.generate(ours, ids, am, max_new_tokens=10, eos_token_id=2, pad_token_id=0, pixel_values=pixels,
+                          media_mask=media_mask, **marks)
+        assert got[:, :expected.shape[1]].tolist() == expected.tolist(), list(marks)
+
+
+def test_an_image_attention_mask_flamingo_cannot_follow_is_an_error(pair):
+    """HF's image_attention_mask (accepted above) may let a token see several images; Flamingo's rule cannot."""
+    hf, ours = pair
+    ids, am, _, iam, pixels, media_mask = batch()
+    two = iam.clone()
+    two[0, -1] = 1  # the last token of row 0 sees all three images
+    with pytest.raises(pm.InputError, match="lets token 13 of row 0 see 3 media; Flamingo lets each token see at most one"):
+        ours(ids, attention_mask=am, pixel_values=pixels, image_attention_mask=two)
+    with pytest.raises(pm.InputError, match=r"image_attention_mask must be \(batch, seq, n_media\) = \(2, 14, 3\)"):
+        ours(ids, attention_mask=am, pixel_values=pixels, image_attention_mask=iam[..., :2])
 
 
 def test_image_token_comes_from_the_directory_tokenizer(pair, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 import polymodal as pm
+from polymodal.errors import CheckpointError
 from polymodal.train import checkpoint as ckpt
 
 
@@ -92,5 +93,5 @@ def test_rng_state_round_trips_through_json():
 
 def test_missing_files_are_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="has no model.safetensors: not a training checkpoint"):
+    with pytest.raises(CheckpointError, match="has no model.safetensors: not a complete training checkpoint"):
         ckpt.load_checkpoint(tmp_path)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from polymodal.config import ConfigError, DecoderConfig
+from polymodal.config import ConfigError, DecoderConfig, check_fits_memory, read_json_config
 from polymodal.serialization import atomic_directory, load_into, load_weights, save_state_dict
 
 
@@ -213,7 +213,7 @@ def read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"no config.json in {directory}")
-    return json.loads(path.read_text())
+    return read_json_config(path)
 
 
 def family_of(hf: dict, directory: Path) -> Family:
@@ -228,9 +228,19 @@ def load_hf(directory: str | Path) -> nn.Module:
     directory = Path(directory)
     hf = read_hf_config(directory)
     family = family_of(hf, directory)
-    cfg = family.config_from_hf(hf)
+    try:  # a size given as a string, a missing field, a section that is null: one line naming the file
+        cfg = family.config_from_hf(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{directory / 'config.json'}: {e}") from e
+    except KeyError as e:
+        raise ConfigError(f"{directory / 'config.json'} has no {e.args[0]!r}, which a {hf['model_type']} config "
+                          "needs") from e
+    except (TypeError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{directory / 'config.json'}: a field has the wrong type for a {hf['model_type']} config "
+                          f"({type(e).__name__}: {e})") from e
     if family.from_directory is not None:
         cfg = family.from_directory(cfg, directory)
+    check_fits_memory(cfg)
     model = family.build(cfg)
     state = {k: v for k, v in family.canonical(load_weights(directory)).items() if not k.startswith(family.skip)}
     tied = family.tied_head(cfg) if family.tied_head is not None else None

@@ -21,6 +21,7 @@ import torch
 
 from polymodal.config import DecoderConfig
 from polymodal.data.documents import Document
+from polymodal.errors import DocumentError, PolymodalError
 from polymodal.data.processors import ImageProcessor
 from polymodal.data.processors import CLIP_MEAN, CLIP_STD
 from polymodal.data.tokenizer import Tokenizer
@@ -76,7 +77,8 @@ class DecoderFormat:
         pieces = [([tok.bos_id], False)]
         for i, (seg, target) in enumerate(segments):
             last = i == len(segments) - 1 and not prompt_only
-            pieces += [(tok.encode(seg.text), target), ([tok.eos_id] if last else self.sep, target)]
+            text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
+            pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
         return Encoded({"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)})
 
 
@@ -137,7 +139,7 @@ class PaliGemmaFormat:
     def _join(self, texts: list[str]) -> list[int]:
         ids: list[int] = []
         for i, text in enumerate(texts):
-            ids += (self.sep if i else []) + self.tokenizer.encode(text)
+            ids += (self.sep if i else []) + self.tokenizer.encode(text, split_special_tokens=True)
         return ids
 
 
@@ -172,7 +174,8 @@ class KosmosFormat:
                 pieces.append((self.config.image_tokens(), False))
             else:
                 last = i == len(segments) - 1 and not prompt_only
-                pieces += [(tok.encode(seg.text), target), ([tok.eos_id] if last else self.sep, target)]
+                text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
+                pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
         if not prompt_only and segments and segments[-1][0].kind == "image":
             pieces.append(([tok.eos_id], False))
         images = [s.media for s, _ in segments if s.kind == "image"]
@@ -215,11 +218,16 @@ class Collator:
         self.max_len = max_len or self.format.max_len
 
     def encode(self, doc: Document, prompt_only: bool = False, index: int | None = None) -> Encoded:
-        enc = self.format.encode(doc, prompt_only)
+        try:
+            enc = self.format.encode(doc, prompt_only)
+        except ValueError as e:  # the formats' and processors' complaints about a document are document errors
+            if isinstance(e, PolymodalError):
+                raise
+            raise DocumentError(str(e)) from e
         if len(enc) > self.max_len:
-            raise ValueError(f"{_name(doc, index)} is {len(enc)} tokens long; the limit is max_len={self.max_len}")
+            raise DocumentError(f"{_name(doc, index)} is {len(enc)} tokens long; the limit is max_len={self.max_len}")
         if not prompt_only and all(label == IGNORE for label in enc.tokens["labels"]):
-            raise ValueError(f"{_name(doc, index)} has no target tokens, so nothing to learn from")
+            raise DocumentError(f"{_name(doc, index)} has no target tokens, so nothing to learn from")
         return enc
 
     def __call__(self, docs: list[Document], pack: bool = False) -> dict[str, torch.Tensor]:
@@ -243,7 +251,7 @@ class Collator:
         free: list[int] = []
         for i, e in enumerate(encoded):
             if len(e) > row_len:
-                raise ValueError(f"document {i} is {len(e)} tokens long, longer than a packed row ({row_len})")
+                raise DocumentError(f"document {i} is {len(e)} tokens long, longer than a packed row ({row_len})")
             slot = next((r for r, f in enumerate(free) if f >= len(e)), None)
             if slot is None:
                 rows.append([])

@@ -9,7 +9,12 @@ One document per line:
 
 A segment has exactly one kind key: `text` (a string), `image` (a path), `audio` (a path to a
 16-bit PCM mono .wav) or `video` (a non-empty list of frame image paths). Paths are relative to
-the JSONL file's directory. `target` may mark text segments, and image segments a model should
+the JSONL file's directory. By default a path may point anywhere the reading process may read (an
+absolute path, `..`): a JSONL file is trusted like a script. `strict_paths=True` (`polymodal train
+--strict-paths`; `polymodal serve` reads so always) refuses any media path that resolves outside the
+JSONL's folder: absolute paths, `..` and symlinks leading out. Images are checked for size from their
+headers before they are decoded (at most `MAX_IMAGE_PIXELS`); `with_media` loads one document's media
+when it is read with load_media=False, so a large data set never has to fit in memory. `target` may mark text segments, and image segments a model should
 learn to draw: if any segment of a document is a target, loss goes only on targets; if none is,
 all text is (plain interleaved pretraining). Every problem in a file raises `DocumentError` naming the file, the 1-based line,
 the segment and the field, with what was expected and what was given.
@@ -18,6 +23,7 @@ the segment and the field, with what was expected and what was given.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -31,12 +37,11 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+from polymodal.errors import DocumentError
+
 KINDS = ("text", "image", "audio", "video")
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused from their header, before decoding (~200 MB as RGB)
 TARGET_KINDS = ("text", "image")  # an image target is one the model learns to draw
-
-
-class DocumentError(ValueError):
-    """A document file that does not follow the format."""
 
 
 @dataclass(eq=False)
@@ -144,14 +149,15 @@ class _Invalid(Exception):
         self.where, self.msg = where, msg
 
 
-def iter_jsonl(path: str | Path, load_media: bool = True) -> Iterator[Document]:
+def iter_jsonl(path: str | Path, load_media: bool = True, strict_paths: bool = False) -> Iterator[Document]:
     """Documents of a JSONL file, one at a time. With load_media=False media files are neither
-    opened nor checked and each media segment holds only its resolved `path`."""
+    opened nor checked and each media segment holds only its resolved `path` (`with_media` loads them).
+    strict_paths: refuse media paths that resolve outside the file's folder."""
     path = Path(path)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                doc = _parse_line(raw, path.parent, load_media)
+                doc = _parse_line(raw, path.parent, load_media, strict_paths)
             except _Invalid as e:
                 raise DocumentError(f"{path}, line {lineno}, {e.where}: {e.msg}") from e.__cause__
             if doc is not None:
@@ -159,8 +165,27 @@ def iter_jsonl(path: str | Path, load_media: bool = True) -> Iterator[Document]:
                 yield doc
 
 
-def read_jsonl(path: str | Path, load_media: bool = True) -> list[Document]:
-    return list(iter_jsonl(path, load_media))
+def read_jsonl(path: str | Path, load_media: bool = True, strict_paths: bool = False) -> list[Document]:
+    return list(iter_jsonl(path, load_media, strict_paths))
+
+
+def with_media(doc: Document, source: str | Path) -> Document:
+    """The document with the media of its segments loaded from their paths (read with load_media=False);
+    DocumentError naming `source`, the line and the segment if a file is missing or unreadable."""
+    if all(s.media is not None or s.path is None for s in doc.segments):
+        return doc
+    segments = []
+    for i, s in enumerate(doc.segments):
+        where = f"segments[{i}].{s.kind}"
+        try:
+            if s.media is None and s.path is not None:
+                media = ([_load(p, "image", f"{where}[{j}]") for j, p in enumerate(s.path)] if s.kind == "video"
+                         else _load(s.path, s.kind, where))
+                s = dataclasses.replace(s, media=media)
+        except _Invalid as e:
+            raise DocumentError(f"{source}, line {doc.line}, {e.where}: {e.msg}") from e.__cause__
+        segments.append(s)
+    return dataclasses.replace(doc, segments=segments)
 
 
 def _type(x: Any) -> str:
@@ -168,7 +193,7 @@ def _type(x: Any) -> str:
     return names.get(type(x), "a number")
 
 
-def _parse_line(raw: bytes, root: Path, load_media: bool) -> Document | None:
+def _parse_line(raw: bytes, root: Path, load_media: bool, strict_paths: bool) -> Document | None:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -194,11 +219,19 @@ def _parse_line(raw: bytes, root: Path, load_media: bool) -> Document | None:
     if not isinstance(segments, list) or not segments:
         given = "an empty list" if segments == [] else _type(segments)
         raise _Invalid("segments", f"expected a non-empty list of segments, got {given}")
-    return Document([_parse_segment(s, f"segments[{i}]", root, load_media) for i, s in enumerate(segments)],
-                    doc_id)
+    return Document([_parse_segment(s, f"segments[{i}]", root, load_media, strict_paths)
+                     for i, s in enumerate(segments)], doc_id)
 
 
-def _parse_segment(seg: Any, where: str, root: Path, load_media: bool) -> Segment:
+def _media_path(root: Path, value: str, where: str, strict: bool) -> str:
+    path = root / value
+    if strict and os.path.commonpath([os.path.realpath(path), os.path.realpath(root)]) != os.path.realpath(root):
+        raise _Invalid(where, f"expected a path inside the JSONL's folder {str(root)!r} (strict paths), got {value!r}, "
+                              f"which leads to {os.path.realpath(path)!r}")
+    return str(path)
+
+
+def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_paths: bool) -> Segment:
     if not isinstance(seg, dict):
         raise _Invalid(where, f"expected a JSON object, got {_type(seg)}")
     if unknown := sorted(set(seg) - {*KINDS, "target"}):
@@ -227,12 +260,12 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool) -> Segmen
             given = ("an empty list" if value == [] else _type(value) if not isinstance(value, list)
                      else "a list with a non-string item")
             raise _Invalid(where, f"expected a non-empty list of frame image paths, got {given}")
-        paths = [str(root / p) for p in value]
+        paths = [_media_path(root, p, f"{where}[{j}]", strict_paths) for j, p in enumerate(value)]
         frames = [_load(p, "image", f"{where}[{j}]") for j, p in enumerate(paths)] if load_media else None
         return Segment("video", media=frames, path=paths)
     if not isinstance(value, str):
         raise _Invalid(where, f"expected a file path string, got {_type(value)}")
-    p = str(root / value)
+    p = _media_path(root, value, where, strict_paths)
     return Segment(kind, media=_load(p, kind, where) if load_media else None, target=target, path=p)
 
 
@@ -252,7 +285,10 @@ def _load(path: str, kind: str, where: str) -> Image.Image | Audio:
     try:
         if kind == "audio":
             return read_wav(path)
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise _Invalid(where, f"expected an image of at most {MAX_IMAGE_PIXELS:,} pixels, got {path!r} of "
+                                      f"{im.width}x{im.height}; resize it first")
             return im.convert("RGB")  # decodes the whole file, so corruption shows up here
     except (OSError, EOFError, ValueError, wave.Error, Image.DecompressionBombError) as e:
         expected = "a 16-bit PCM mono wav file" if kind == "audio" else "a readable image file"

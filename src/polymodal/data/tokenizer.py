@@ -5,6 +5,8 @@ token for the same role is reused (Gemma/PaliGemma `<bos>`, `<image>`; Llama's `
 missing ones are appended after the vocabulary, and all of them are matched whole in text.
 `Tokenizer.train` builds a byte-level BPE (GPT-2 style): every string maps to bytes and back,
 so decode(encode(text)) == text for any text, with no unknown token.
+`encode(text, split_special_tokens=True)` (HF's name) reads control-token text such as "<eos>" as
+plain text: documents' text is encoded so, and can never inject a control token.
 """
 
 import json
@@ -15,6 +17,8 @@ from typing import Any
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+from polymodal.errors import CheckpointError
 
 # Other spellings of a role found in checkpoints, tried after the canonical name.
 _ALIASES = {
@@ -31,6 +35,7 @@ class _HFModel:
 
     def __init__(self, tok: tokenizers.Tokenizer):
         self.tok = tok
+        self._literal: tokenizers.Tokenizer | None = None  # a copy that reads special tokens as text
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -40,11 +45,18 @@ class _HFModel:
 
     def add_special(self, piece: str) -> int:
         self.tok.add_special_tokens([AddedToken(piece, special=True, normalized=False)])
+        self._literal = None
         return self.tok.token_to_id(piece)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
+        tok = self.tok
+        if split_special_tokens:
+            if self._literal is None:  # a copy, not a flag flipped on the shared one: safe across threads
+                self._literal = tokenizers.Tokenizer.from_str(self.tok.to_str())
+                self._literal.encode_special_tokens = True
+            tok = self._literal
         # add_special_tokens=False: BOS/EOS come from Tokenizer.encode, not the file's post-processor.
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -83,7 +95,9 @@ class _SPModel:
         self._pattern = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
         return i
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
+        if split_special_tokens:  # SentencePiece itself never reads control pieces from text
+            return [self.sp.encode(text) for text in texts]
         return [self._encode(text) for text in texts]
 
     def _encode(self, text: str) -> list[int]:
@@ -175,7 +189,10 @@ class Tokenizer:
         else:
             raise FileNotFoundError(f"tokenizer file {path} does not exist (expected tokenizer.json or a .model file)")
         if file.suffix == ".json":
-            return cls(tokenizers.Tokenizer.from_file(str(file)))
+            try:
+                return cls(tokenizers.Tokenizer.from_file(str(file)))
+            except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+                raise CheckpointError(f"{file} is not a readable tokenizer.json ({e})") from e
         if file.suffix != ".model":
             raise ValueError(f"{file}: expected a tokenizer.json or a SentencePiece .model file")
         try:
@@ -184,7 +201,11 @@ class Tokenizer:
             raise ImportError(f"{file} is a SentencePiece model: pip install sentencepiece") from e
         added_file = file.parent / _SP_ADDED_FILE
         added = json.loads(added_file.read_text())["added_tokens"] if added_file.is_file() else []
-        return cls(sentencepiece.SentencePieceProcessor(model_file=str(file)), added)
+        try:
+            model = sentencepiece.SentencePieceProcessor(model_file=str(file))
+        except (RuntimeError, OSError) as e:
+            raise CheckpointError(f"{file} is not a readable SentencePiece model ({e})") from e
+        return cls(model, added)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -221,14 +242,17 @@ class Tokenizer:
             raise KeyError(f"token {token!r} is not in the vocabulary ({self.vocab_size} tokens)")
         return i
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self.encode_batch([text], add_bos, add_eos)[0]
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
+               split_special_tokens: bool = False) -> list[int]:
+        """split_special_tokens: read control-token text ("<eos>") as plain text, never as the token."""
+        return self.encode_batch([text], add_bos, add_eos, split_special_tokens)[0]
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
+                     split_special_tokens: bool = False) -> list[list[int]]:
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings; use encode for one string")
         head, tail = [self.bos_id] * add_bos, [self.eos_id] * add_eos
-        return [head + ids + tail for ids in self._model.encode_batch(list(texts))]
+        return [head + ids + tail for ids in self._model.encode_batch(list(texts), split_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from polymodal.config import Config, ConfigError
+from polymodal.config import Config, ConfigError, _check_token_ids
 from polymodal.encoders.vit import check_encoder_config, encoder_blocks
 from polymodal.nn.masks import attention_mask as segment_mask
 from polymodal.nn.masks import make_segments
@@ -41,6 +41,8 @@ class TextConfig(Config):
 
     def __post_init__(self) -> None:
         check_encoder_config(self, "vocab_size", "max_seq_len", "projection_size")
+        if self.variant == "clip":  # CLIP pools at eos_token_id; SigLIP reads no token id (HF's keep CLIP's)
+            _check_token_ids(self, self.vocab_size, "eos_token_id")
         if self.variant == "clip" and self.projection_size is not None:
             raise ConfigError("CLIP's text tower has no head (the dual encoder projects it); "
                               f"projection_size must be None, got {self.projection_size}")

@@ -27,11 +27,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from polymodal.errors import InputError, check_number
 from polymodal.generation import speculative
 from polymodal.generation.sampling import exponential_noise, processed, sample_next
 from polymodal.nn.cache import Cache
 
-PER_TOKEN_INPUTS = ("token_type_ids", "media_locations")  # model inputs laid out like input_ids, moved with it
+PER_TOKEN_INPUTS = ("token_type_ids", "media_locations", "image_attention_mask")  # laid out like input_ids (B, S, ...)
+TOKEN_DTYPES = (torch.long, torch.int32)  # not uint8 (wraps at 256) nor bool; floats are not ids
 STOP_EVERY = 8  # compiled decoding reads the stop flags (a host sync) once per this many steps
 MAX_GRAPHS = 64  # compiled decode steps kept: one per model kind, shape and sampling setup (dynamo's default: 8)
 
@@ -44,7 +46,8 @@ class Generated(NamedTuple):
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: torch.Tensor):
     """Move every row's tokens to the right end so padding is on the left (stable within a row)."""
     order = attention_mask.long().argsort(dim=1, stable=True)  # pads (0) first, tokens keep their order
-    return tuple(t.gather(1, order) for t in (input_ids, attention_mask, *others))
+    return tuple(t.gather(1, order.view(*order.shape, *[1] * (t.dim() - 2)).expand_as(t))
+                 for t in (input_ids, attention_mask, *others))
 
 
 def next_token(logits: torch.Tensor, finished: torch.Tensor, state: torch.Tensor | None, seen: torch.Tensor | None,
@@ -94,6 +97,51 @@ def reused_cache(model: nn.Module, batch: int, max_len: int) -> Cache:
     return cache
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """The model's vocabulary (the decoder's, for a family that nests it), None for a model without one."""
+    config = model.config
+    return getattr(config, "vocab_size", None) or getattr(getattr(config, "text", None), "vocab_size", None)
+
+
+def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k,
+                   top_p, repetition_penalty, eos_token_id, pad_token_id, seed) -> None:
+    """Every generate argument checked before any compute: one line naming what was expected and given."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in TOKEN_DTYPES:
+        given = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise InputError(f"input_ids must be a tensor of integer token ids (torch.long or int32), got {given}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids must be (batch, seq) with seq > 0, got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise InputError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    check_number("max_new_tokens", max_new_tokens, integer=True, at_least=1)
+    if do_sample:
+        check_number("temperature", temperature, above=0)
+    else:  # unused by greedy decoding, but still a number (0 is how some APIs spell greedy)
+        check_number("temperature", temperature, at_least=0)
+    check_number("repetition_penalty", repetition_penalty, above=0)
+    if top_k is not None:
+        check_number("top_k", top_k, integer=True, at_least=1)
+    if top_p is not None:
+        check_number("top_p", top_p, above=0, at_most=1)
+    if seed is not None:
+        check_number("seed", seed, integer=True, at_least=0)
+    text = getattr(model.config, "text", model.config)
+    context = getattr(text, "max_seq_len", None)
+    if context is not None and input_ids.shape[-1] + max_new_tokens > context:
+        raise InputError(f"the prompt of {input_ids.shape[-1]} tokens and max_new_tokens={max_new_tokens} need "
+                         f"{input_ids.shape[-1] + max_new_tokens} positions, past the model's context of {context}")
+    V = vocab_size(model)
+    if V is not None:
+        stop = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+        for name, ids in (("eos_token_id", stop), ("pad_token_id", [pad_token_id])):
+            for i in ids:
+                if i is not None:
+                    check_number(name, i, integer=True, at_least=0, below=V)
+        if input_ids.numel() and not bool(((input_ids >= 0) & (input_ids < V)).all()):
+            bad = input_ids[(input_ids < 0) | (input_ids >= V)].unique()[:5].tolist()
+            raise InputError(f"input_ids must be token ids in [0, {V}) (the vocabulary); got {bad}")
+
+
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
@@ -109,18 +157,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     KV cache is kept for the next call. assistant_model (a draft model with the target's vocabulary; default
     num_assistant_tokens=5) or prompt_lookup_num_tokens: speculative decoding (`speculative`), the same
     tokens as without it when greedy, the same distribution when sampling."""
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, seq) with seq > 0, got shape {tuple(input_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    check_settings(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                   temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
+    input_ids = input_ids.long()
     drafting = speculative.plan(model, assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, model_inputs)
     B, S = input_ids.shape
     if attention_mask is not None:

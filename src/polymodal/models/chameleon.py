@@ -178,7 +178,8 @@ class ChameleonFormat:
         for i, (seg, target) in enumerate(segments):
             last = i == len(segments) - 1 and not prompt_only
             if seg.kind == "text":
-                pieces += [(tok.encode(seg.text), target), ([tok.eos_id] if last else self.sep, target)]
+                text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
+                pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
                 continue
             span = [cfg.begin_image_id] + [cfg.image_token_id] * cfg.vq.tokens_per_image + [cfg.end_image_id]
             pieces += [(span, target)] + ([([tok.eos_id], target)] if last else [])

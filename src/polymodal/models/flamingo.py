@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from polymodal.config import Config, ConfigError, DecoderConfig, _check_choice, _check_positive
+from polymodal.errors import InputError
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.fusion.cross_attention import GATES, gated_cross_attention_block
 from polymodal.fusion.perceiver import PerceiverConfig, build_resampler
@@ -171,12 +172,14 @@ class Flamingo(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
                 media_locations: torch.Tensor | None = None, media_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, image_encoder_embeddings: torch.Tensor | None = None,
+                image_attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, image_encoder_embeddings: torch.Tensor | None = None,
                 perceiver_embeddings: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: FlamingoCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (B, S); media as in `encode_media`, in the order they appear in the text.
         media_locations (B, S) bool: the token where each media starts (default: input_ids == media_token_id);
         row b must mark as many media as it has (media_mask (B, N) bool, valid media first).
+        image_attention_mask (B, S, N): HF Idefics' form instead of media_locations, 1 where a token sees a
+        media; each token may see at most one (Flamingo's rule: the latest before it).
         attention_mask / position_ids / document_ids / labels / logits_to_keep: as in `Decoder.forward`.
         cache: a `make_cache` cache; the first call encodes the media, later calls (decode) take none."""
         if input_ids.dim() != 2:
@@ -192,7 +195,7 @@ class Flamingo(nn.Module):
                              f"got {list(given)}")
         decoding = cache is not None and cache.length > 0
         if decoding:
-            if given or media_locations is not None or media_mask is not None:
+            if given or any(t is not None for t in (media_locations, media_mask, image_attention_mask)):
                 raise ValueError("media are encoded once, in the first call with a cache; later calls take none")
             if any(t is not None for t in (attention_mask, document_ids, position_ids)):
                 raise ValueError("a cache that holds tokens continues each row causally; attention_mask, "
@@ -204,8 +207,11 @@ class Flamingo(nn.Module):
             self.decoder.check_token_ids(input_ids)
             seg = make_segments(B, S, input_ids.device, attention_mask=attention_mask, document_ids=document_ids,
                                 position_ids=position_ids)
+            if image_attention_mask is not None and media_locations is not None:
+                raise InputError("give media_locations or image_attention_mask (HF's form), not both")
             media, ids, layout = self._prefill_media(input_ids, given, media_locations, media_mask,
-                                                     seg.docs if document_ids is not None else None)
+                                                     seg.docs if document_ids is not None else None,
+                                                     image_attention_mask)
             if cache is not None:  # the engine left-aligns, so each row's last token is real
                 cache.media_ids, cache.media_layout = (None if ids is None else ids[:, -1:]), layout
         mask, sees = media_attention_mask(ids, *layout) if ids is not None else (None, None)
@@ -224,23 +230,44 @@ class Flamingo(nn.Module):
 
     def _prefill_media(self, input_ids: torch.Tensor, given: dict[str, torch.Tensor],
                        media_locations: torch.Tensor | None, media_mask: torch.Tensor | None,
-                       docs: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, int]]:
+                       docs: torch.Tensor | None, image_attention_mask: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, int]]:
         """Checks the media against the text, then encodes them once. Returns the media tokens (B, N*L, D),
         each text token's media id (B, S) and the layout (N, L); Nones and (0, 0) without media."""
         if not given:
             if media_locations is not None and media_locations.any():
                 raise ValueError(f"media_locations marks {int(media_locations.sum())} media, but no media were given")
+            if image_attention_mask is not None and image_attention_mask.any():
+                raise InputError("image_attention_mask lets tokens see media, but no media were given")
             return None, None, (0, 0)
         (name, raw), = given.items()
         if raw.dim() < 4 or raw.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{name} must start with (batch={input_ids.shape[0]}, n_media), "
                              f"got shape {tuple(raw.shape)}")
-        locations = self._media_locations(input_ids, media_locations, media_mask, raw.shape[1])
+        if image_attention_mask is not None:
+            ids = self._ids_from_hf_mask(input_ids, image_attention_mask, raw.shape[1])
+        else:
+            ids = media_ids(self._media_locations(input_ids, media_locations, media_mask, raw.shape[1]), docs)
         if self.perceiver is not None and name != "perceiver_embeddings":
             video = raw.dim() == (6 if name == "pixel_values" else 5)
             self.perceiver.check_media(raw.shape[1], raw.shape[2] if video else 1)
         feats = self.encode_media(**given, media_mask=media_mask)  # (B, N, L, D)
-        return feats.flatten(1, 2), media_ids(locations, docs), tuple(feats.shape[1:3])
+        return feats.flatten(1, 2), ids, tuple(feats.shape[1:3])
+
+    @staticmethod
+    def _ids_from_hf_mask(input_ids: torch.Tensor, image_attention_mask: torch.Tensor, n_media: int) -> torch.Tensor:
+        """HF's image_attention_mask (B, S, N) -> each token's 1-based media id (0: none), as `media_ids` gives."""
+        expected = (*input_ids.shape, n_media)
+        if tuple(image_attention_mask.shape) != expected:
+            raise InputError(f"image_attention_mask must be (batch, seq, n_media) = {expected}, "
+                             f"got {tuple(image_attention_mask.shape)}")
+        sees = image_attention_mask.bool()
+        counts = sees.sum(-1)
+        if (counts > 1).any():
+            b, t = (counts > 1).nonzero()[0].tolist()
+            raise InputError(f"image_attention_mask lets token {t} of row {b} see {int(counts[b, t])} media; Flamingo "
+                             "lets each token see at most one (the latest before it)")
+        return (sees.long().argmax(-1) + 1) * sees.any(-1)
 
     def _media_locations(self, input_ids: torch.Tensor, media_locations: torch.Tensor | None,
                          media_mask: torch.Tensor | None, n_media: int) -> torch.Tensor:

@@ -345,7 +345,8 @@ class GeminiFormat:
     """Documents -> the Gemini stream: <bos>, then the segments in document order, each text segment
     ended by "\\n" (the last by <eos>) and each media a span `<img> P*n </img>` (`<audio>`, `<video>`);
     labels on target text. Images (and video frames) are resized to image_size and scaled to [-1, 1];
-    audio becomes Whisper log-mel, and must come at the encoder's sampling rate."""
+    audio becomes Whisper log-mel, and must come at the encoder's sampling rate and fit its window (a longer
+    clip is an error, never cut silently)."""
 
     def __init__(self, config: GeminiConfig, tokenizer):
         from polymodal.data.collate import SEPARATOR
@@ -379,7 +380,8 @@ class GeminiFormat:
         for i, (seg, target) in enumerate(segments):
             if seg.kind == "text":
                 last = i == len(segments) - 1 and not prompt_only
-                pieces += [(tok.encode(seg.text), target), ([tok.eos_id] if last else self.sep, target)]
+                text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
+                pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
                 continue
             if target:
                 raise ValueError(f"{_name(doc)} has a {seg.kind} target; this model reads media and writes text")
@@ -398,6 +400,9 @@ class GeminiFormat:
             if self.audio is None:
                 raise ValueError(f"{name} has an audio segment but this model has no audio encoder")
             clip = seg.media
+            if len(clip.waveform) > self.audio.n_samples:  # refused: the extractor would cut it silently
+                raise ValueError(f"{name} has an audio clip of {len(clip.waveform) / clip.sample_rate:g} s; the "
+                                 f"audio encoder hears at most {self.audio.chunk_length} s: cut it into clips")
             features = self.audio(clip.waveform, sampling_rate=clip.sample_rate)
             return "input_features", features[None], cfg.tokens_per_clip
         frames = list(seg.media or [])

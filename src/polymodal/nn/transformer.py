@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import DecoderConfig
+from polymodal.errors import InputError
 from polymodal.nn.attention import Attention
 from polymodal.nn.cache import Cache, KVCache
 from polymodal.nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy
@@ -230,6 +231,11 @@ class Decoder(nn.Module):
         if labels is not None:
             if labels.shape != h.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
+            V = self.output_weight.shape[0]
+            bad = (labels != -100) & ((labels < 0) | (labels >= V))
+            if labels.is_floating_point() or bool(bad.any()):  # cross-entropy would index past the logits
+                given = labels.dtype if labels.is_floating_point() else labels[bad].unique()[:5].tolist()
+                raise InputError(f"labels must be integer token ids in [0, {V}) or -100 (ignored), got {given}")
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
             chunk = None
             if self.sequence_split is not None:  # every process computes the whole sequence's loss: keep no

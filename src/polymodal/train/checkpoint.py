@@ -8,7 +8,9 @@ A checkpoint is a directory `step-000123/` holding
   trainer.json                      optimizer hyper-parameters, step, data position, RNG states
 It is written into a hidden temporary sibling and renamed into place (`atomic_directory`), so a
 visible `step-*` directory is always complete; a crash leaves at most a hidden `.step-*.tmp-*`,
-which `prune` removes. State dicts here are full (unsharded) tensors on the CPU; the trainer
+which `prune` removes. Checkpoints are ordered by their step number, not by name. A checkpoint
+damaged later (a full disk, a truncated copy) is a `CheckpointError` naming the file, and
+`load_latest` falls back to the newest intact one. State dicts here are full (unsharded) tensors on the CPU; the trainer
 gathers and scatters them for FSDP/DDP.
 """
 
@@ -22,10 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
+from polymodal.config import ConfigError, load_config
 from polymodal.convert.peft import ADAPTER_WEIGHTS
-from polymodal.serialization import WEIGHTS, atomic_directory, save_state_dict
+from polymodal.errors import CheckpointError
+from polymodal.serialization import WEIGHTS, atomic_directory, read_safetensors, save_state_dict
 
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
@@ -41,7 +44,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[5:].isdigit())
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -120,14 +124,47 @@ def save_checkpoint(directory: str | Path, model_config, model_state: dict[str, 
             tokenizer.save(tmp)
 
 
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    path = directory / TRAINER
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): it may be truncated or corrupt") from e
+    if not isinstance(state, dict) or not {"step", "optimizer"} <= set(state):
+        raise CheckpointError(f"{path} is not a trainer state (expected an object with 'step' and 'optimizer')")
+    return state
+
+
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], dict[str, Any]]:
-    """(model state, optimizer state, trainer state) of a checkpoint, read without unpickling; the model
-    state is None in a LoRA run's checkpoint (its adapter files hold what it trained)."""
+    """(model state, optimizer state, trainer state) of a checkpoint, read without unpickling; its config.json
+    is read too. The model state is None in a LoRA run's checkpoint (its adapter files hold what it trained).
+    CheckpointError naming the file when one is missing, truncated or corrupt."""
     directory = Path(directory)
     adapter = (directory / ADAPTER_WEIGHTS).is_file()
-    for name in (ADAPTER_WEIGHTS if adapter else WEIGHTS, OPTIMIZER, TRAINER):
+    for name in ("config.json", ADAPTER_WEIGHTS if adapter else WEIGHTS, OPTIMIZER, TRAINER):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"checkpoint {directory} has no {name}: not a training checkpoint")
-    trainer_state = json.loads((directory / TRAINER).read_text())
-    optimizer_state = _unflatten_optimizer(load_file(str(directory / OPTIMIZER)), trainer_state.pop("optimizer"))
-    return None if adapter else load_file(str(directory / WEIGHTS)), optimizer_state, trainer_state
+            raise CheckpointError(f"checkpoint {directory} has no {name}: not a complete training checkpoint")
+    try:
+        load_config(directory / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    trainer_state = read_trainer_state(directory)
+    optimizer_state = _unflatten_optimizer(read_safetensors(directory / OPTIMIZER), trainer_state.pop("optimizer"))
+    if adapter:
+        read_safetensors(directory / ADAPTER_WEIGHTS)  # read whole now, so a damaged one falls back like weights
+        return None, optimizer_state, trainer_state
+    return read_safetensors(directory / WEIGHTS), optimizer_state, trainer_state
+
+
+def load_latest(root: str | Path, say: Callable[[str], None]) -> tuple[Path, tuple] | None:
+    """The newest checkpoint under root that reads whole, with `load_checkpoint`'s result; each damaged newer
+    one is named through `say`, and left in place. None if there is no checkpoint at all."""
+    found = list_checkpoints(root)
+    for directory in reversed(found):
+        try:
+            return directory, load_checkpoint(directory)
+        except CheckpointError as e:
+            say(f"cannot resume from {directory.name}: {e}; falling back to the checkpoint before it")
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {root}: all {len(found)} are damaged (see above)")
+    return None

@@ -4,7 +4,8 @@
 warmup and cosine decay; gradient accumulation and clipping; bf16 autocast on CUDA; optional
 activation checkpointing; FSDP2 or DDP under torchrun and the same code single-process; a
 periodic eval loss; atomic checkpoints that resume exactly (weights, optimizer, schedule, RNG,
-data position); a clear stop when the loss is no longer finite. Writes metrics.jsonl, a
+data position); a clear stop when the loss is no longer finite; Ctrl-C (SIGINT) finishes the step,
+saves a checkpoint and raises `TrainingInterrupted`. Writes metrics.jsonl, a
 progress line and loss.png into the run directory.
 
 A step's loss is the mean over every target token of the global batch however it is split into
@@ -18,6 +19,8 @@ import io
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -31,9 +34,10 @@ from polymodal.api import build, from_pretrained
 from polymodal.convert.peft import adapter_layout, add_lora, load_adapter, merge_lora, write_adapter
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive, load_config
 from polymodal.data.collate import Collator, count_targets, fit_config
-from polymodal.data.documents import Document, DocumentError, read_jsonl
+from polymodal.data.documents import Document, DocumentError, read_jsonl, with_media
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.errors import PolymodalError, check_number
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Block
@@ -87,6 +91,7 @@ class TrainConfig(Config):
     lora_alpha: float | None = None  # LoRA's scale is alpha / rank (default alpha: 2 x rank)
     lora_targets: str | None = None  # comma-separated layers, e.g. q,k,v,o (default: all attention + MLP)
     lora_dropout: float = 0.0  # dropout on LoRA's input
+    strict_paths: bool = False  # refuse JSONL media paths that lead outside the JSONL's folder (absolute, .., links)
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
@@ -103,8 +108,10 @@ class TrainConfig(Config):
         if self.context_parallel > 1 and self.compile:
             raise ConfigError("--compile does not compile ring attention's point-to-point ring: "
                               "use --context-parallel without --compile")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_steps, weight_decay and grad_clip must be >= 0")
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            check_number(name, getattr(self, name), at_least=0, error=ConfigError)
+        for name in ("beta1", "beta2"):
+            check_number(name, getattr(self, name), at_least=0, below=1, error=ConfigError)
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be >= 1 (or unset: train every weight), got {self.lora_rank}")
         if self.lora_rank is not None and self.init_from is None:
@@ -117,8 +124,31 @@ class TrainConfig(Config):
         return Path(self.out_dir) / (self.name or Path(self.model).stem)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PolymodalError, RuntimeError):
     """Training cannot go on: a loss that is not finite, a run directory in the way."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training at a step boundary, after saving a checkpoint; the message says where."""
+
+
+@contextlib.contextmanager
+def interrupt_flag():
+    """Yields a one-item list set to True by the first SIGINT; a second SIGINT interrupts at once."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield flag
+        return
+
+    def on_sigint(signum, frame):
+        flag[0] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -138,14 +168,7 @@ def model_config(spec: str) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                                 "nor a config.json file or a directory holding one")
-    try:
-        return load_config(path)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: expected a JSON model config, got malformed JSON ({e})") from e
-    except ConfigError as e:  # an unknown option, a bad choice: say in which file
-        if str(path) in str(e):
-            raise
-        raise ConfigError(f"{path}: {e}") from e
+    return load_config(path)
 
 
 @dataclass
@@ -156,11 +179,12 @@ class Data:
     checks: list[tuple[str, list[Document]]]  # (where from, documents): what to validate before training
 
 
-def _read(flag: str, path: str) -> list[Document]:
+def _read(flag: str, path: str, strict_paths: bool) -> list[Document]:
+    """The documents of a JSONL file with their media unread: each is loaded when a batch needs it."""
     if not Path(path).is_file():
         given = "a directory" if Path(path).is_dir() else "no such file"
         raise FileNotFoundError(f"{flag} expects a JSONL file of documents, got {path!r} ({given})")
-    docs = read_jsonl(path)
+    docs = read_jsonl(path, load_media=False, strict_paths=strict_paths)
     if not docs:
         raise ValueError(f"{flag} {path} holds no documents")
     return docs
@@ -168,7 +192,8 @@ def _read(flag: str, path: str) -> list[Document]:
 
 def load_data(cfg: TrainConfig) -> Data:
     """Data positions are plain counters, so resuming at a position needs no iterator state."""
-    eval_docs = _read("--eval-data", cfg.eval_data)[:cfg.eval_docs] if cfg.eval_data else []
+    eval_docs = ([with_media(d, cfg.eval_data) for d in _read("--eval-data", cfg.eval_data, cfg.strict_paths)
+                  [:cfg.eval_docs]] if cfg.eval_data else [])
     checks = [(cfg.eval_data, eval_docs)] if cfg.eval_data else []
     if cfg.data == "world":
         tasks = cfg.tasks
@@ -182,7 +207,7 @@ def load_data(cfg: TrainConfig) -> Data:
             checks = [("the built-in world's held-out split", eval_docs)]
         checks = [(f"--tasks {task} (the built-in world)", [sample(i)]) for i, task in enumerate(tasks)] + checks
         return Data(sample, eval_docs, texts, checks)
-    docs = _read("--data", cfg.data)
+    docs = _read("--data", cfg.data, cfg.strict_paths)
     orders: dict[int, np.ndarray] = {}
 
     def shuffled(i: int) -> Document:  # a fresh permutation of the file every epoch
@@ -190,7 +215,7 @@ def load_data(cfg: TrainConfig) -> Data:
         if epoch not in orders:
             orders.clear()
             orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(len(docs))
-        return docs[orders[epoch][i % len(docs)]]
+        return with_media(docs[orders[epoch][i % len(docs)]], cfg.data)
 
     return Data(shuffled, eval_docs, [t for d in docs + eval_docs for t in d.texts], [(cfg.data, docs), *checks])
 
@@ -200,7 +225,8 @@ def check_documents(collator: Collator, data: Data) -> None:
     (max_len) and something to learn from. Checked before any training, so that a bad document deep in
     a file stops the run now, not hours in (and not one process of several, leaving the others waiting)."""
     for source, docs in data.checks:
-        for i, doc in enumerate(docs):
+        for i, doc in enumerate(docs):  # media one document at a time: a large data set never sits in memory
+            doc = with_media(doc, source)
             try:
                 collator.encode(doc, index=None if doc.line is not None else i)
             except ValueError as e:
@@ -289,12 +315,13 @@ def train(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; returns the run directory. Launch under torchrun for several processes."""
     proc = init_process(cfg.device)
     try:
-        return _train(cfg, proc)
+        with interrupt_flag() as interrupted:
+            return _train(cfg, proc, interrupted)
     finally:
         shutdown()
 
 
-def _train(cfg: TrainConfig, proc) -> Path:
+def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
     # imported here, not at the top: they take seconds, which `polymodal eval`/`generate` need not wait
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
@@ -316,6 +343,8 @@ def _train(cfg: TrainConfig, proc) -> Path:
     if cfg.resume and last is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {ckpt_root}")
     base = load_base(cfg.init_from) if cfg.init_from else None
+    resumed = ckpt.load_latest(ckpt_root, say=print if proc.main else lambda message: None) if cfg.resume else None
+    last = resumed[0] if resumed is not None else None
     config = (load_config(last / "config.json") if last is not None else base.config if base is not None
               else model_config(cfg.model))
     data = load_data(cfg)
@@ -357,7 +386,7 @@ def _train(cfg: TrainConfig, proc) -> Path:
     optimizer = make_optimizer(model, cfg)
     step = docs_seen = 0
     if last is not None:
-        model_state, optimizer_state, state = ckpt.load_checkpoint(last)
+        model_state, optimizer_state, state = resumed[1]
         if model_state is not None:  # a LoRA run's adapter was loaded before sharding, its base from init_from
             set_model_state_dict(model, model_state, options=full)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
@@ -422,10 +451,16 @@ def _train(cfg: TrainConfig, proc) -> Path:
         micro = [collator([data.train(docs_seen + (m * data_world + data_rank) * B + j) for j in range(B)], pack=cfg.pack)
                  for m in range(cfg.grad_accum)]
         counts = all_reduce_sum(torch.tensor([float(sum(count_targets(b) for b in micro)),
-                                              float(sum(int(b["attention_mask"].sum()) for b in micro))],
+                                              float(sum(int(b["attention_mask"].sum()) for b in micro)),
+                                              float(interrupted[0])],
                                              device=proc.device))  # NCCL reduces device tensors only
-        n_targets, n_tokens = counts.tolist()  # counted once per process of a context group, which compute
-        # the same loss: the sum of their gradients is context_parallel times theirs, and W / n_targets undoes both
+        # counted once per process of a context group, which compute the same loss: the sum of their
+        # gradients is context_parallel times theirs, and W / n_targets undoes both
+        n_targets, n_tokens, n_interrupted = counts.tolist()
+        if n_interrupted:  # every rank learns of a Ctrl-C here, so all of them save and stop together
+            save()
+            raise TrainingInterrupted(f"interrupted at step {step}/{cfg.max_steps}: saved checkpoint "
+                                      f"{ckpt.step_dir(ckpt_root, step)}; continue with --resume")
         total = torch.zeros((), device=proc.device)
         for m, batch in enumerate(micro):
             batch = on_device(batch)

@@ -16,7 +16,7 @@ def test_json_round_trip(tmp_path):
     (dict(n_heads=8, n_kv_heads=3), r"n_heads \(8\) must be a multiple of n_kv_heads \(3\)"),
     (dict(positions="rotary"), r"positions must be one of \['rope', 'alibi', 'xpos', 'learned', 'none'\], got 'rotary'"),
     (dict(norm="batchnorm"), "norm must be one of"),
-    (dict(n_layers=0), r"DecoderConfig.n_layers must be > 0, got 0"),
+    (dict(n_layers=0), r"DecoderConfig.n_layers must be a finite number > 0, got 0"),
     (dict(dim=24, n_heads=8, positions="rope"), r"rope needs an even head_dim, got 3"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), r"rope_scaling.rope_type must be one of \['linear', 'llama3'\]"),

@@ -25,7 +25,7 @@ def save_hf_model(directory, kind: str = "llama", **overrides):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, **overrides}))
     else:
         model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**{**COMMON, "head_dim": 8, **overrides}))
-    randomise(model, "norm")
+    randomise(model, "norm", "bias")
     model.save_pretrained(directory)
     return model.eval()
 

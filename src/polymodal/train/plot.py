@@ -15,6 +15,7 @@ def plot_metrics(records: list[dict], png: Path) -> bool:
     """Writes png (atomically); False when matplotlib is not installed or there is nothing to draw."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+        from matplotlib.ticker import FormatStrFormatter
     except ImportError:
         return False
     train = [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
@@ -35,11 +36,13 @@ def plot_metrics(records: list[dict], png: Path) -> bool:
         loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", color="tab:orange",
                      label="eval loss (held-out)")
     loss_ax.set_yscale("log")
+    for axis in (loss_ax.yaxis.set_major_formatter, loss_ax.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%.3g"))
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss (log scale)")
     loss_ax.grid(alpha=0.3)
     handles = [h for ax in fig.axes for h in ax.get_legend_handles_labels()[0]]
-    loss_ax.legend(handles=handles, loc="upper right", fontsize=9)
+    loss_ax.legend(handles=handles, loc="lower left", fontsize=9)
     if accuracy:
         ax = acc_ax[0]
         steps = [r["step"] for r in accuracy]

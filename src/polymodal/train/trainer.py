@@ -6,7 +6,7 @@ activation checkpointing; FSDP2 or DDP under torchrun and the same code single-p
 periodic eval loss; atomic checkpoints that resume exactly (weights, optimizer, schedule, RNG,
 data position); a clear stop when the loss is no longer finite. Writes metrics.jsonl, a
 progress line and loss.png (train/plot.py) into the run directory; on the built-in world each eval
-also scores greedy answers per task.
+also scores greedy answers per task (metrics.jsonl and loss.png).
 
 A step's loss is the mean over every target token of the global batch however it is split into
 micro-batches and processes, so 1 process x 2 micro-batches computes what 2 processes x 1 do.
@@ -219,9 +219,7 @@ class Log:
         if not show:
             return
         if "eval_loss" in record:
-            scores = "".join(f" {t} {a:.0%}" for t, a in record.get("eval_accuracy", {}).items())
-            print(f"eval step {record['step']} | loss {record['eval_loss']:.4f}"
-                  + (f" | accuracy{scores}" if scores else ""), flush=True)
+            print(f"eval step {record['step']} | loss {record['eval_loss']:.4f}", flush=True)
             return
         elapsed = time.time() - self.t0
         eta = elapsed / (record["step"] - self.start_step) * (self.max_steps - record["step"])

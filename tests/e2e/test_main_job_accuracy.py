@@ -13,7 +13,7 @@ from polymodal.train.trainer import WORLD, TrainConfig, train
 
 TASKS = ("colour", "shape")
 STEPS = 600
-MARGIN = 0.2  # accuracy points above the better blind baseline, for every task
+MARGIN = 0.3  # accuracy above the better blind baseline, for every task (measured: colour 98% vs 25%, shape 87% vs 33%)
 
 
 def test_main_job_model_beats_its_blind_baselines(tmp_path, one_thread):

@@ -74,7 +74,8 @@ def test_text_to_image_on_the_built_in_world(tmp_path, world_vq):
     tokenizer.save(tmp_path / "model")
     from polymodal.cli import main
 
-    assert main(["generate", str(tmp_path / "model"), "--prompt", "draw a blue square", "--max-new-tokens", "70",
+    assert main(["generate", str(tmp_path / "model"), "--prompt", "draw a blue square in the top left",
+                 "--max-new-tokens", "70",
                  "--image-dir", str(tmp_path / "images")]) == 0
     from PIL import Image
 

@@ -1,34 +1,49 @@
 """Side-by-side speed of a polymodal decoder LM and HF transformers' Llama with the same weights.
 
-Measures, interleaved in one process on the same inputs: prefill latency, greedy decode tokens/s
-(HF with its dynamic cache and with its static cache), and training tokens/s (forward + backward +
-AdamW step). Prints a markdown table with ratios ours/HF and writes JSON.
+Measured interleaved in one process (the two libraries take turns, call by call) on the same inputs,
+like with like, each row naming both sides, both eager: prefill latency (one forward over the prompt
+that fills a KV cache and returns the last logits, on both sides), greedy generation (both sides given
+the same stop token, one neither generates, so both run every step and do their stop checks; HF with
+its dynamic cache and with its static cache), and training tokens/s (forward + backward + AdamW step),
+once with each library's own loss (ours chunked, never holding the full logits; HF's from full logits)
+and once with the same loss on both (full logits + F.cross_entropy). Prints a markdown table with
+ratios ours/HF and writes JSON.
 
-    python benchmarks/bench_decoder.py --device cpu --tiny          # CI-size, ratios only
+    python benchmarks/bench_decoder.py --device cpu --tiny          # CI-size
     python benchmarks/bench_decoder.py --device cuda --dtype bfloat16 # the real thing on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
 
 import polymodal as pm
-from polymodal.convert.hf import decoder_config_to_hf
-from timing import save_results, timed  # benchmarks/timing.py, beside this script
+from polymodal.convert.hf import save_hf
+from timing import measure, save_results  # benchmarks/timing.py, beside this script
 
 
 def build_pair(cfg: pm.DecoderConfig, device: str, dtype: torch.dtype, tmp: Path):
     from transformers import LlamaForCausalLM
 
     ours = pm.build(cfg)
-    from polymodal.convert.hf import save_hf
-
     save_hf(ours, tmp, "llama")
     hf = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     return ours.to(device=device, dtype=dtype).eval(), hf
+
+
+def unused_token(model, ids: torch.Tensor, new_tokens: int) -> int:
+    """A token greedy decoding of these prompts never picks: a stop token both sides check without
+    stopping early."""
+    used = set(pm.generate(model, ids, max_new_tokens=new_tokens).unique().tolist())
+    return next(t for t in range(model.config.vocab_size) if t not in used)
+
+
+def same_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
 
 
 def main() -> None:
@@ -36,10 +51,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--tiny", action="store_true", help="small model and budgets (CI-size)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/decoder.json")
     args = p.parse_args()
-    dtype = getattr(torch, args.dtype)
+    device, dtype = args.device, getattr(torch, args.dtype)
     if args.tiny:
         cfg = pm.DecoderConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=1, hidden_dim=768,
                                max_seq_len=1024)
@@ -49,50 +64,59 @@ def main() -> None:
                                hidden_dim=16384, max_seq_len=1024)
         prompt, new_tokens, batches, train_shape = 212, 128, (1, 32), (8, 512)
     torch.manual_seed(0)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
-        ours, hf = build_pair(cfg, args.device, dtype, Path(tmp))
-    results = {"device": args.device, "dtype": args.dtype, "config": cfg.to_dict(), "rows": []}
+        ours, hf = build_pair(cfg, device, dtype, Path(tmp))
+    results = {"device": device, "dtype": args.dtype, "config": cfg.to_dict(), "rows": []}
 
-    def row(name, ours_s, hf_s, unit_per_s=None):
+    def row(name, ours_s, hf_s, units=None):
         entry = {"metric": name, "ours_s": ours_s, "hf_s": hf_s, "speedup": hf_s / ours_s}
-        if unit_per_s is not None:
-            entry["ours_per_s"], entry["hf_per_s"] = unit_per_s / ours_s, unit_per_s / hf_s
+        if units is not None:
+            entry["ours_per_s"], entry["hf_per_s"] = units / ours_s, units / hf_s
         results["rows"].append(entry)
         print(f"| {name} | {ours_s * 1e3:.1f} ms | {hf_s * 1e3:.1f} ms | {hf_s / ours_s:.2f}x |", flush=True)
 
-    print("| metric | polymodal | HF | speedup |\n|---|---|---|---|")
+    print("| metric (ours vs HF) | polymodal | HF | speedup |\n|---|---|---|---|")
     for b in batches:
-        ids = torch.randint(0, cfg.vocab_size, (b, prompt), device=args.device)
+        ids = torch.randint(0, cfg.vocab_size, (b, prompt), device=device)
+        eos = unused_token(ours, ids, new_tokens)
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=0, eos_token_id=eos)
+        calls = {
+            "prefill ours": lambda: ours(ids, cache=ours.make_cache(b, prompt + new_tokens), logits_to_keep=1),
+            "prefill hf": lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1),
+            "ours": lambda: pm.generate(ours, ids, max_new_tokens=new_tokens, eos_token_id=eos),
+            "hf dynamic": lambda: hf.generate(**kw),
+            "hf static": lambda: hf.generate(cache_implementation="static", disable_compile=True, **kw),
+        }
+        tokens = {name: calls[name]()[:, -new_tokens:] for name in ("ours", "hf dynamic", "hf static")}
+        assert torch.equal(tokens["ours"], tokens["hf dynamic"]) and torch.equal(tokens["ours"], tokens["hf static"])
         with torch.no_grad():
-            row(f"prefill b={b} s={prompt}", timed(lambda: ours(ids, logits_to_keep=1), args.device, args.repeats),
-                timed(lambda: hf(input_ids=ids, logits_to_keep=1), args.device, args.repeats))
-        kw = dict(max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens, pad_token_id=0)
-        ours_s = timed(lambda: pm.generate(ours, ids, max_new_tokens=new_tokens), args.device, args.repeats)
-        hf_dyn = timed(lambda: hf.generate(input_ids=ids, **kw), args.device, args.repeats)
-        hf_static = timed(lambda: hf.generate(input_ids=ids, cache_implementation="static", **kw), args.device,
-                          args.repeats)
-        row(f"generate b={b} +{new_tokens} (HF dynamic cache)", ours_s, hf_dyn, b * new_tokens)
-        row(f"generate b={b} +{new_tokens} (HF static cache)", ours_s, hf_static, b * new_tokens)
-    ids = torch.randint(0, cfg.vocab_size, train_shape, device=args.device)
-    for model, name in ((ours, "ours"), (hf, "hf")):
-        model.train()
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+            t = measure(calls, device, args.repeats)
+        row(f"prefill b={b} s={prompt}: ours eager vs HF eager (forward filling a KV cache)", t["prefill ours"],
+            t["prefill hf"])
+        for ref, cache in (("hf dynamic", "dynamic"), ("hf static", "static")):
+            row(f"generate b={b} +{new_tokens}: ours eager vs HF eager, {cache} cache (same stop token)",
+                t["ours"], t[ref], b * new_tokens)
+    ids = torch.randint(0, cfg.vocab_size, train_shape, device=device)
+    ours.train(), hf.train()
+    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, hf)}
 
-    def step(model, opt, call):
-        loss = call(model)
+    def step(model, loss_fn) -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_fn()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizers[model].step()
+        optimizers[model].zero_grad(set_to_none=True)
 
-    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda")
-    with autocast:
-        row(f"train step {train_shape[0]}x{train_shape[1]}",
-            timed(lambda: step(ours, opt_ours, lambda m: m(ids, labels=ids).loss), args.device, args.repeats),
-            timed(lambda: step(hf, opt_hf, lambda m: m(input_ids=ids, labels=ids).loss), args.device, args.repeats),
-            train_shape[0] * train_shape[1])
+    t = measure({
+        "ours": lambda: step(ours, lambda: ours(ids, labels=ids).loss),
+        "hf": lambda: step(hf, lambda: hf(input_ids=ids, labels=ids).loss),
+        "ours same": lambda: step(ours, lambda: same_loss(ours(ids).logits, ids)),
+        "hf same": lambda: step(hf, lambda: same_loss(hf(input_ids=ids).logits, ids)),
+    }, device, args.repeats)
+    name, n = f"train step {train_shape[0]}x{train_shape[1]}", train_shape[0] * train_shape[1]
+    row(f"{name}: ours eager (chunked loss, no full logits) vs HF eager (full logits)", t["ours"], t["hf"], n)
+    row(f"{name}: ours eager vs HF eager, same loss (full logits + F.cross_entropy)", t["ours same"], t["hf same"], n)
     save_results(results, args.out)
 
 

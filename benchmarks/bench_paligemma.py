@@ -1,14 +1,18 @@
 """Side-by-side speed of polymodal's PaliGemma and HF transformers' PaliGemmaForConditionalGeneration.
 
 Issue 9's 1.1B config (SigLIP-B/16 224px + a 16-layer d=2048 Gemma decoder, MQA, 32k vocabulary), the
-same random weights in both (copied through polymodal's HF converter) and the same inputs. Measured
-interleaved in one process: training tokens/s and MFU (forward + backward + AdamW on batch 8 x 512;
-bf16 autocast and fused AdamW on CUDA), prefill latency (vision + 196 image + 16 prompt tokens, the
-first token) and greedy decode tokens/s at batch 1 and 32 (128 new tokens, prefill subtracted) against
-HF's dynamic cache and its static cache (which HF's generate compiles by itself on CUDA); with --compile
-(the default) also our compiled decoding and training compiled on both sides. Writes JSON
-and a markdown table: speed ours/HF (> 1: polymodal is faster) and the fraction of the H100 ceiling
-(HBM bandwidth for decode, peak bf16 for training). On CPU the table holds ratios only.
+same random weights in both (copied through polymodal's HF converter) and the same inputs, compared like
+with like, each row naming both sides. Measured interleaved in one process: prefill latency (one forward
+over vision + 196 image + 16 prompt tokens that fills a KV cache, last logits only, on both sides); greedy
+decode tokens/s at batch 1 and 32 (128 new tokens, prefill subtracted), both sides given the same stop token
+(one neither generates, so both run every step and do their stop checks), ours eager against HF eager
+(dynamic and static cache) and, with --compile (the default), ours compiled against HF's static cache
+compiled through its `CompileConfig` (on CPU too); training tokens/s and MFU (forward + backward + AdamW on
+batch 8 x 512; bf16 autocast and fused AdamW on CUDA), eager against eager and compiled against compiled,
+once with each library's own loss (ours chunked, never holding the full logits; HF's from full logits) and
+once with the same loss on both (full logits + F.cross_entropy). Writes JSON and a markdown table: speed
+ours/HF (> 1: polymodal is faster) and the fraction of the H100 ceiling (HBM bandwidth for decode, peak
+bf16 for training). On CPU the table holds ratios only.
 
     python benchmarks/bench_paligemma.py --device cpu --tiny           # CI-size, ratios only
     python benchmarks/bench_paligemma.py --device cuda --dtype bfloat16 # the real thing on an H100
@@ -24,6 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from transformers import CompileConfig
 
 import polymodal as pm
 from polymodal.convert.hf import save_hf
@@ -68,6 +73,13 @@ def prompts(cfg: PaliGemmaConfig, batch: int, length: int, device: str):
     types = (torch.arange(length) >= n_img + PROMPT_TOKENS).long().expand(batch, -1)
     px = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size)
     return ids.to(device), types.to(device), px.to(device)
+
+
+def unused_token(model, ids: torch.Tensor, px: torch.Tensor, new_tokens: int) -> int:
+    """A text token that greedy decoding of these prompts never picks: a stop token both libraries check
+    every step without stopping early (random weights would otherwise end rows at different lengths)."""
+    used = set(pm.generate(model, ids, pixel_values=px, max_new_tokens=new_tokens).unique().tolist())
+    return next(t for t in range(3, model.config.image_token_id) if t not in used)
 
 
 def matmul_weights(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
@@ -151,30 +163,51 @@ def main() -> None:
     results["prefill_logits_max_abs_diff"] = diff.abs().max().item()
     print(f"same weights: max |logits ours - HF| = {results['prefill_logits_max_abs_diff']:.2e}", flush=True)
 
-    if not cuda:
-        note("HF's generate compiles its static-cache decoding on CUDA only: on CPU its static cache runs eager")
-    static = "HF static cache + compile" if cuda else "HF static cache"
-    hf_kw = dict(do_sample=False, pad_token_id=0)
+    hf_compile = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
+    hf_compile._compile_all_devices = True  # HF's switch for compiling on CPU too (its default: CUDA only)
+    note("prefill: one forward over the prompt that fills a KV cache and returns the last logits, on both sides")
+    note("decode: greedy; both sides are given the same stop token, one that neither generates, so both run "
+         "every step and do their stop checks (HF every step, ours every 8 steps when compiled)")
+    note("train: ours computes its loss in chunks and never holds the full logits, HF builds them; the rows "
+         "'same loss' give both full logits and one F.cross_entropy")
     for b in batches:
         ids, _, px = prompts(cfg, b, prompt, device)
+        eos = unused_token(ours, ids, px, new_tokens)
+        hf_kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px, do_sample=False,
+                     pad_token_id=0, eos_token_id=eos)
         gens = {
-            "polymodal": lambda n: pm.generate(ours, ids, pixel_values=px, max_new_tokens=n),
-            "HF dynamic cache": lambda n: hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=n,
-                                                      min_new_tokens=n, **hf_kw),
-            static: lambda n: hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=n, min_new_tokens=n,
-                                          cache_implementation="static", disable_compile=not cuda, **hf_kw),
+            "ours eager": lambda n: pm.generate(ours, ids, pixel_values=px, max_new_tokens=n, eos_token_id=eos),
+            "HF eager, dynamic cache": lambda n: hf.generate(max_new_tokens=n, **hf_kw),
+            "HF eager, static cache": lambda n: hf.generate(max_new_tokens=n, cache_implementation="static",
+                                                            disable_compile=True, **hf_kw),
         }
         if args.compile:
-            gens["polymodal compiled"] = lambda n: pm.generate(ours, ids, pixel_values=px, max_new_tokens=n,
-                                                               compile=True)
+            gens["ours compiled"] = lambda n: pm.generate(ours, ids, pixel_values=px, max_new_tokens=n,
+                                                          eos_token_id=eos, compile=True)
+            gens["HF compiled, static cache"] = lambda n: hf.generate(
+                max_new_tokens=n, cache_implementation="static", compile_config=hf_compile, **hf_kw)
+        same = {name: f(new_tokens).cpu() for name, f in gens.items()}
+        mismatched = [name for name, tokens in same.items() if not torch.equal(tokens[:, -new_tokens:],
+                                                                               same["ours eager"])]
+        if mismatched:
+            note(f"b={b}: greedy tokens differ from ours eager for {mismatched}")
+        prefill = {
+            "ours": lambda: ours(ids, px, cache=ours.make_cache(b, prompt + new_tokens), logits_to_keep=1),
+            "hf": lambda: hf(input_ids=ids, pixel_values=px, use_cache=True, logits_to_keep=1),
+        }
+        with torch.no_grad():
+            t = measure(prefill, device, args.repeats)
+        row(f"prefill b={b}, {prompt} tokens: ours eager vs HF eager (forward filling a KV cache)", "s",
+            t["ours"], t["hf"])
         calls = {(name, n): partial(f, n) for name, f in gens.items() for n in (1, new_tokens)}
         t = measure(calls, device, args.repeats)
-        row(f"prefill b={b}, {prompt} tokens (generate 1 token)", "s", t["polymodal", 1], t["HF dynamic cache", 1])
         decode = {name: b * (new_tokens - 1) / (t[name, new_tokens] - t[name, 1]) for name in gens}
         ceiling = decode_ceiling(ours, b, prompt + new_tokens / 2, dtype) if cuda else None
-        for name in [n for n in gens if n.startswith("polymodal")]:
-            for ref in ("HF dynamic cache", static):
-                row(f"decode b={b} +{new_tokens}: {name} vs {ref}", "tokens/s", decode[name], decode[ref], ceiling)
+        pairs = [("ours eager", "HF eager, dynamic cache"), ("ours eager", "HF eager, static cache")]
+        if args.compile:
+            pairs.append(("ours compiled", "HF compiled, static cache"))
+        for a, ref in pairs:
+            row(f"decode b={b} +{new_tokens}: {a} vs {ref}", "tokens/s", decode[a], decode[ref], ceiling)
 
     ours, hf = ours.float().train(), hf.float().train()
     ids, types, px = prompts(cfg, *train_shape, device)
@@ -188,23 +221,34 @@ def main() -> None:
         optimizers[model].step()
         optimizers[model].zero_grad(set_to_none=True)
 
+    def same_loss(model, **inputs) -> torch.Tensor:  # full logits, then one cross-entropy for both
+        logits = model(**inputs).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
     train_steps = {
         "ours": lambda: step(ours, lambda: ours(ids, px, token_type_ids=types, labels=labels).loss),
         "hf": lambda: step(hf, lambda: hf(input_ids=ids, pixel_values=px, token_type_ids=types, labels=labels).loss),
+        "ours, same loss": lambda: step(ours, lambda: same_loss(ours, input_ids=ids, pixel_values=px,
+                                                                 token_type_ids=types)),
+        "hf, same loss": lambda: step(hf, lambda: same_loss(hf, input_ids=ids, pixel_values=px, token_type_ids=types)),
     }
-    t = measure(train_steps, device, args.repeats)
     tokens = train_shape[0] * train_shape[1]
     ceiling = H100_BF16_FLOPS / train_flops_per_token(ours, *train_shape) if cuda else None
     name = f"train step {train_shape[0]}x{train_shape[1]}" + (" (of ceiling: MFU)" if cuda else "")
-    row(f"{name}: eager vs HF eager", "tokens/s", tokens / t["ours"], tokens / t["hf"], ceiling)
+
+    def train_rows(mode: str) -> None:
+        t = measure(train_steps, device, args.repeats)
+        row(f"{name}: ours {mode} (chunked loss, no full logits) vs HF {mode} (full logits)", "tokens/s",
+            tokens / t["ours"], tokens / t["hf"], ceiling)
+        row(f"{name}: ours {mode} vs HF {mode}, same loss (full logits + F.cross_entropy)", "tokens/s",
+            tokens / t["ours, same loss"], tokens / t["hf, same loss"], ceiling)
+
+    train_rows("eager")
     if args.compile:  # as `polymodal train --compile`: every transformer block; HF's model compiled whole
         for block in [m for m in ours.modules() if isinstance(m, Block)]:
             block.compile()
         hf.compile()
-        t_compiled = measure(train_steps, device, args.repeats)
-        row(f"{name}: compiled vs HF eager", "tokens/s", tokens / t_compiled["ours"], tokens / t["hf"], ceiling)
-        row(f"{name}: compiled vs HF compiled", "tokens/s", tokens / t_compiled["ours"], tokens / t_compiled["hf"],
-            ceiling)
+        train_rows("compiled")
 
     md = table(results["rows"], ratios_only=not cuda)
     print(md)

@@ -1,19 +1,33 @@
-"""Accuracy on the built-in world's held-out split: the model's greedy answer, compared whole
-with the true one. Chance is one over the number of possible answers of the task. The answer to
-text_to_image ("draw a red circle") is a drawing: the first image the model draws is scored by
-pixel analysis (`synthetic.recognise`), as tests/models/test_image_generation.py scores it."""
+"""Accuracy on the built-in world's held-out split, beside what needs no looking.
+
+The model's greedy answer is compared whole with the true one. Beside it, per task:
+- chance: one over the number of possible answers;
+- majority: the most frequent training answer to the same question (the task's most frequent
+  answer when the question never occurs in training), a baseline that never looks or listens;
+- blanked: the same model with every image, video frame and audio clip replaced by a blank
+  (black, silent) one of the same size, so that the gap to accuracy is what the media add.
+The answer to text_to_image ("draw a red circle in the top left") is a drawing: the first image
+the model draws is scored by pixel analysis (`synthetic.describe`: object and cell), as
+tests/models/test_image_generation.py scores it; a prompt has no media to blank.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from polymodal.data.collate import Collator
-from polymodal.data.synthetic import World, recognise
+from polymodal.data.documents import Audio, Document, Segment
+from polymodal.data.synthetic import World, describe
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.engine import generate
+
+MAJORITY_SAMPLES = 4000  # training examples per task the majority baseline counts
 
 
 @dataclass
@@ -22,6 +36,8 @@ class TaskScore:
     n: int
     correct: int
     chance: float
+    majority: float | None = None  # accuracy of the most frequent training answer per question
+    blanked: float | None = None  # the model's accuracy with blank media (None: no media, or not measured)
 
     @property
     def accuracy(self) -> float:
@@ -37,17 +53,43 @@ def answer(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: lis
 
 
 def drawn(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list) -> list[str | None]:
-    """What the first image drawn for each prompt of `docs` shows, as "a <colour> <shape>" (None: no image)."""
+    """What the first image drawn for each prompt of `docs` shows, as "a <colour> <shape> in the <cell>"
+    (None: no image, or nothing drawn in it)."""
     out = generate(model, **collator.prompts(docs), max_new_tokens=model.image_spans.length + 3,
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=True)
-    seen = [recognise(images[0]) if images else None for images in out.images]
-    return [None if s is None else f"a {s[0]} {s[1]}" for s in seen]
+    return [describe(images[0]) if images else None for images in out.images]
+
+
+def blank(doc: Document) -> Document:
+    """The document with every medium replaced by a black image / silent clip of the same size."""
+    def empty(s: Segment) -> Segment:
+        if s.kind == "image":
+            return Segment("image", media=Image.new("RGB", s.media.size), target=s.target)
+        if s.kind == "video":
+            return Segment("video", media=[Image.new("RGB", f.size) for f in s.media])
+        if s.kind == "audio":
+            return Segment("audio", media=Audio(np.zeros_like(s.media.waveform), s.media.sample_rate))
+        return s
+
+    return Document([empty(s) for s in doc.segments], id=doc.id)
+
+
+def majority(world: World, task: str, questions: list[str], n_train: int = MAJORITY_SAMPLES) -> list[str]:
+    """The most frequent answer of the first n_train training examples to each question."""
+    by_question: dict[str, Counter] = {}
+    overall: Counter = Counter()
+    for i in range(n_train):
+        ex = world.sample(task, i, "train")
+        by_question.setdefault(ex.document.texts[0], Counter())[ex.answer] += 1
+        overall[ex.answer] += 1
+    top = lambda c: c.most_common(1)[0][0]  # noqa: E731
+    return [top(by_question[q]) if q in by_question else top(overall) for q in questions]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
-             batch_size: int = 64) -> list[TaskScore]:
-    """Scores on the first n held-out examples of each task."""
+             batch_size: int = 64, baselines: bool = True) -> list[TaskScore]:
+    """Scores on the first n held-out examples of each task, with its baselines unless baselines=False."""
     if "text_to_image" in tasks and getattr(getattr(model, "image_spans", None), "begin", None) is None:
         raise ValueError(f"task text_to_image is scored on the images a model draws; {type(model).__name__} "
                          "draws none")
@@ -57,19 +99,31 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
         draws = task == "text_to_image"
         examples = [world.sample(task, i, "eval") for i in range(n)]
         longest = max(len(tokenizer.encode(c)) for c in world.choices(task))
-        correct = 0
-        for i in range(0, n, batch_size):
-            chunk = examples[i:i + batch_size]
-            docs = [e.document for e in chunk]
-            replies = (drawn(model, collator, tokenizer, docs) if draws
-                       else answer(model, collator, tokenizer, docs, longest + 1))
-            correct += sum(r == e.answer for r, e in zip(replies, chunk))
-        scores.append(TaskScore(task, n, correct, world.chance(task)))
+
+        def replies(docs: list[Document]) -> list[str | None]:
+            out = []
+            for i in range(0, n, batch_size):
+                chunk = docs[i:i + batch_size]
+                out += (drawn(model, collator, tokenizer, chunk) if draws
+                        else answer(model, collator, tokenizer, chunk, longest + 1))
+            return out
+
+        truth = [e.answer for e in examples]
+        hits = lambda guesses: sum(g == t for g, t in zip(guesses, truth))  # noqa: E731
+        docs = [e.document for e in examples]
+        score = TaskScore(task, n, hits(replies(docs)), world.chance(task))
+        if baselines:
+            score.majority = hits(majority(world, task, [d.texts[0] for d in docs])) / n
+            score.blanked = None if draws else hits(replies([blank(d) for d in docs])) / n
+        scores.append(score)
     return scores
 
 
 def table(scores: list[TaskScore]) -> str:
+    """accuracy beside the model with blank media, the majority answer and chance."""
     w = max([10, *(len(s.task) for s in scores)])  # video_direction is longer than the usual column
-    rows = [f"{'task':<{w}} {'n':>5} {'accuracy':>9} {'chance':>7}"]
-    rows += [f"{s.task:<{w}} {s.n:>5} {s.accuracy:>9.1%} {s.chance:>7.1%}" for s in scores]
+    rows = [f"{'task':<{w}} {'n':>5} {'accuracy':>9} {'blanked':>8} {'majority':>9} {'chance':>7}"]
+    cell = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+    rows += [f"{s.task:<{w}} {s.n:>5} {s.accuracy:>9.1%} {cell(s.blanked):>8} {cell(s.majority):>9} {s.chance:>7.1%}"
+             for s in scores]
     return "\n".join(rows)

@@ -15,11 +15,11 @@ from PIL import Image
 
 import polymodal as pm
 from polymodal.cli import main
-from polymodal.data.collate import fit_config
+from polymodal.data.collate import Collator, fit_config
 from polymodal.data.documents import Audio, wav_bytes, write_jsonl
 from polymodal.data.synthetic import World, recognise
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.evaluate import TaskScore, table
+from polymodal.evaluate import TaskScore, drawn, table
 from polymodal.presets import get_preset
 
 WORLD = World(seed=0)
@@ -191,8 +191,11 @@ def test_generate_speculative_flags(checkpoint, tmp_path, capsys):
 def test_eval_batch_size_and_a_table_with_long_task_names(checkpoint, capsys):
     code = main(["eval", str(checkpoint), "--n", "2", "--batch-size", "0"])
     assert "--batch-size must be >= 1, got 0" in one_line_error(code, capsys.readouterr().err)
-    rows = table([TaskScore("colour", 2, 1, 0.25), TaskScore("video_direction", 2, 2, 0.25)]).splitlines()
+    rows = table([TaskScore("colour", 2, 1, 0.25, 0.5, 0.5), TaskScore("video_direction", 2, 2, 0.25, 0.0, None),
+                  TaskScore("text_to_image", 2, 0, 1 / 48, 0.0)]).splitlines()
     assert len({row.index("%") for row in rows[1:]}) == 1 and len({len(row) for row in rows}) == 1, rows
+    assert rows[0].split() == ["task", "n", "accuracy", "blanked", "majority", "chance"]
+    assert rows[2].split()[1:] == ["2", "100.0%", "-", "0.0%", "25.0%"]
 
 
 def test_convert_never_replaces_what_is_not_a_checkpoint(checkpoint, tmp_path, capsys):
@@ -236,12 +239,16 @@ def draws_blue(tmp_path_factory):
 
 
 def test_eval_scores_text_to_image_on_what_the_model_draws(draws_blue, checkpoint, capsys):
-    n = 24  # its text_to_image accuracy is the share of blue-square prompts
-    blue_squares = sum(WORLD.sample("text_to_image", i, "eval").answer == "a blue square" for i in range(n))
-    assert blue_squares > 0
+    n = 24
+    model, tokenizer = pm.from_pretrained(draws_blue), Tokenizer.from_file(draws_blue)
+    docs = [WORLD.sample("text_to_image", i, "eval").document for i in range(n)]
+    # all blue: a square whose centre lies on the grid's corner, read as the top-left cell
+    assert drawn(model, Collator(model.config, tokenizer), tokenizer, docs) == ["a blue square in the top left"] * n
+    hits = sum(WORLD.sample("text_to_image", i, "eval").answer == "a blue square in the top left" for i in range(n))
+    assert hits == 0  # the blue square's held-out cell is another: its eval prompts ask for it there
     assert main(["eval", str(draws_blue), "--tasks", "text_to_image", "--n", str(n)]) == 0
     [row] = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("text_to_image")]
-    assert row == ["text_to_image", str(n), f"{blue_squares / n:.1%}", "8.3%"], row
+    assert row == ["text_to_image", str(n), "0.0%", "-", "0.0%", "2.1%"], row
     # a model that cannot draw is told so, before any work
     code = main(["eval", str(checkpoint), "--tasks", "colour", "text_to_image", "--n", "2"])
     assert "text_to_image is scored on the images a model draws; PaliGemma draws none" in one_line_error(

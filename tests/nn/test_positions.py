@@ -46,13 +46,28 @@ def test_xpos_matches_direct_formula():
 
 
 def test_xpos_score_decays_with_distance_and_is_relative():
-    rot = Rotary(16, xpos_scale_base=512.0)
-    q = k = torch.ones(1, 1, 1, 16)
+    """xPos is RoPE's rotation with the query scaled by zeta**(i / base) and the key by zeta**(-j / base)
+    (zeta < 1 per pair of dimensions), so a query-key score shrinks by zeta**((i - j) / base): the farther
+    the key, the smaller the score; the same for every shift of both positions."""
+    hs, base = 16, 512.0
+    rot = Rotary(hs, xpos_scale_base=base)
+    zeta = (torch.arange(0, hs, 2).float() + 0.4 * hs) / (1.4 * hs)
+    q, k = torch.randn(1, 1, 1, hs), torch.randn(1, 1, 1, hs)
+
+    def pair_scale(i, j):  # per pair of dimensions: |q_i| |k_j| over |q| |k| (the rotation keeps lengths)
+        (qr, _), (_, kr) = rot(torch.tensor([[i]])).rotate(q, k), rot(torch.tensor([[j]])).rotate(q, k)
+        size = lambda x: x.view(hs // 2, 2).norm(dim=-1)  # noqa: E731
+        return size(qr) * size(kr) / (size(q) * size(k))
 
     def score(i, j):
         (qr, _), (_, kr) = rot(torch.tensor([[i]])).rotate(q, k), rot(torch.tensor([[j]])).rotate(q, k)
         return float((qr * kr).sum())
 
+    scales = [pair_scale(3 + d, 3) for d in (0, 1, 10, 100, 1000)]
+    torch.testing.assert_close(scales[0], torch.ones(hs // 2))
+    for near, far in zip(scales, scales[1:]):
+        assert (far < near).all(), (near, far)  # every pair decays with distance
+    torch.testing.assert_close(scales[3], zeta ** (100 / base))
     assert math.isclose(score(10, 3), score(110, 103), rel_tol=1e-4)
 
 

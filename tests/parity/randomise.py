@@ -1,5 +1,5 @@
-"""Moves a reference model's norms (and biases) off their ones/zeros init before a parity test, so
-that a wrong formula or a mis-mapped weight cannot hide behind them."""
+"""Moves a reference model's norms and biases off their ones/zeros init before a parity test, so
+that a wrong formula or a mis-mapped (or swapped) weight cannot hide behind them."""
 
 import torch
 

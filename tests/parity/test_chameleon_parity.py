@@ -31,9 +31,9 @@ def hf_model(swin: bool = False, seed: int = 0):
         vq_config=dict(embed_dim=16, num_embeddings=N_CODES, latent_channels=16, resolution=32, base_channels=32,
                        channel_multiplier=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16, 8]))
     model = transformers.ChameleonForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # move norms off their identity init so a mis-mapped weight shows
+    with torch.no_grad():  # move norms and biases off their identity init so a mis-mapped weight shows
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or "bias" in name:
                 p.add_(0.3 * torch.randn_like(p))
     return model
 

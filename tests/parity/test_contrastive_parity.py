@@ -31,6 +31,7 @@ def hf_model(kind: str):
                                       projection_dim=24)
         model = transformers.CLIPModel(cfg)
     randomise(model, "norm", mean=1.0)
+    randomise(model, "bias")  # off HF's zero init, layer norms' too (logit_bias is set below)
     with torch.no_grad():
         model.logit_scale.fill_(2.3)
         if kind == "siglip":

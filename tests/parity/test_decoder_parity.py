@@ -14,6 +14,7 @@ CONFIGS = {
     "llama-mha": ("llama", dict(num_key_value_heads=4)),
     "llama-gqa": ("llama", dict(num_key_value_heads=2, attention_bias=True, rope_theta=500000.0)),
     "llama-mqa-tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama-mlp-bias": ("llama", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
     "llama3-rope-scaling": ("llama", dict(num_key_value_heads=2, rope_parameters={
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16})),
@@ -37,7 +38,8 @@ def hf_model(kind: str, overrides: dict):
     if theta is not None:
         model.config.rope_parameters["rope_theta"] = theta
         model = type(model)(model.config)
-    randomise(model, "norm")
+    randomise(model, "norm", "bias")  # off HF's ones/zeros init: a swapped bias must change the logits
+    assert all(p.abs().sum() > 0 for name, p in model.named_parameters() if "bias" in name)
     return model.eval()
 
 

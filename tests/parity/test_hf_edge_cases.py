@@ -25,7 +25,7 @@ def save_hf_model(directory, kind: str = "llama", **overrides):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, **overrides}))
     else:
         model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**{**COMMON, "head_dim": 8, **overrides}))
-    randomise(model, "norm")
+    randomise(model, "norm", "bias")
     model.save_pretrained(directory)
     return model.eval()
 
@@ -156,3 +156,26 @@ def test_greedy_stop_cases_match_hf(llama_pair, case):
     expected = hf.generate(input_ids=ids, attention_mask=am, do_sample=False, pad_token_id=0, **kwargs)[:, 10:]
     got = pm.generate(ours, ids, am, pad_token_id=0, **kwargs)
     assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("pad", ["never-generated", "first-choice-of-the-most-padded-row"])
+def test_repetition_penalty_with_pad_equal_to_eos_on_a_left_padded_batch(llama_pair, pad):
+    """HF's generate leaves a prompt's left padding out of the tokens its repetition penalty counts as seen
+    (`prompt_ignore_length` = the padding lengths), and so does polymodal. With pad == eos the choice shows: were
+    pads counted, the most padded row's first choice, used as the pad id, would be penalised and not picked.
+    16 new tokens, every row compared token for token, the rows that do not stop running all 16."""
+    hf, ours = llama_pair
+    ids, am = batch()
+    free = pm.generate(ours, ids, am, max_new_tokens=16, repetition_penalty=1.5)
+    if pad == "never-generated":
+        token = next(t for t in range(3, 128) if t not in free and t not in ids)
+    else:
+        token = int(free[2, 0])
+        assert token not in ids[2, am[2].bool()]  # seen only if the padding counts
+    padded = ids.masked_fill(am == 0, token)
+    kwargs = dict(max_new_tokens=16, eos_token_id=token, pad_token_id=token, repetition_penalty=1.5)
+    expected = hf.generate(input_ids=padded, attention_mask=am, do_sample=False, **kwargs)[:, padded.shape[1]:]
+    got = pm.generate(ours, padded, am, **kwargs)
+    assert expected.shape == (3, 16) and got.tolist() == expected.tolist()
+    stopped_at_once = (expected[:, 0] == token).tolist()
+    assert stopped_at_once == ([False] * 3 if pad == "never-generated" else [False, False, True])

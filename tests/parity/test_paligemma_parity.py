@@ -22,7 +22,7 @@ def hf_paligemma():
     cfg = transformers.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                                        projection_dim=32)
     model = transformers.PaliGemmaForConditionalGeneration(cfg)
-    randomise(model, "norm")
+    randomise(model, "norm", "bias")
     return model.eval()
 
 

@@ -25,6 +25,7 @@ def pair(request, tmp_path):
     else:
         hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY))
     randomise(hf, "norm", mean=1.0)
+    randomise(hf, "bias")  # off HF's zero init, layer norms' too
     hf.save_pretrained(tmp_path / "hf")
     return hf.eval(), pm.from_pretrained(tmp_path / "hf"), request.param.split("-")[0]
 

@@ -2,9 +2,20 @@
 
 Images of coloured shapes on a dark background (caption, colour, shape, count, position), short
 videos of a moving shape (direction), clips of sine beeps (count, rising or falling pitch) and
-text→image pairs ("draw a red circle"). Answers come from small fixed sets, so chance is known
-and a tiny model has to look and listen to beat it. Every example is a pure function of
-(seed, split, task, index); "train" and "eval" draw from independent random streams.
+text→image pairs ("draw a red circle in the top left"). Answers come from small fixed sets, so
+chance is known and a tiny model has to look and listen to beat it. Every example is a pure
+function of (seed, split, task, index); "train" and "eval" draw from independent random streams.
+
+The eval split is held out compositionally, so that it can only be answered by generalising
+(tests/data/test_held_out.py checks that no eval document or media file occurs in training):
+- every shape of an eval image stands in the one cell its object never occupies in training
+  (`HELD_OUT_CELL`); training also never shows an object in its held-out size (`HELD_OUT_SIZE`)
+  nor a colour on its held-out background tint (`HELD_OUT_BACKGROUND`), which eval images may;
+- text→image prompts of eval name those held-out (object, cell) pairs, so no eval prompt nor
+  target is ever drawn in training;
+- eval videos move an object in the direction it never moves in training, by a distance
+  (speed) training never uses; eval beeps and sweeps have pitches and durations from bands
+  that training never plays.
 
     world = World(seed=0)
     ex = world.sample("colour", 7)              # Example(document, answer="red", choices, task)
@@ -28,6 +39,8 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 70, 235), 
 SHAPES = ("circle", "square", "triangle")
 OBJECTS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # "red circle", ...
 CELLS = ("top left", "top right", "bottom left", "bottom right")  # row-major 2x2 grid
+SIZES = ("small", "large")
+TINTS = ("red", "green", "blue")  # the brightest channel of a dark background
 DIRECTIONS = ("left", "right", "up", "down")
 NUMBERS = ("one", "two", "three")
 PITCHES = ("rising", "falling")
@@ -42,7 +55,7 @@ PROMPTS = {
     "video_direction": "which way does it move?",
     "audio_count": "how many beeps?",
     "audio_pitch": "does the pitch rise or fall?",
-    "text_to_image": "draw a {}",
+    "text_to_image": "draw a {} in the {}",
 }
 TASKS = tuple(PROMPTS)
 CHOICES = {
@@ -54,9 +67,18 @@ CHOICES = {
     "video_direction": DIRECTIONS,
     "audio_count": NUMBERS,
     "audio_pitch": PITCHES,
-    # the answer names what the image must show; recognise() checks a generated one
-    "text_to_image": tuple(f"a {o}" for o in OBJECTS),
+    # the answer names what the image must show; describe() checks a generated one
+    "text_to_image": tuple(f"a {o} in the {c}" for o in OBJECTS for c in CELLS),
 }
+
+# The compositional split: what each object (index colour * 3 + shape) never shows in training.
+# Every cell, size and tint still appears in training with other objects and colours.
+HELD_OUT_CELL = {o: CELLS[(i // 3 + i % 3) % 4] for i, o in enumerate(OBJECTS)}
+HELD_OUT_SIZE = {o: SIZES[(i % 3 + i // 6) % 2] for i, o in enumerate(OBJECTS)}
+HELD_OUT_BACKGROUND = {c: TINTS[i % 3] for i, c in enumerate(COLOURS)}
+HELD_OUT_DIRECTION = {o: DIRECTIONS[(i // 3 + i % 3) % 4] for i, o in enumerate(OBJECTS)}
+# (low, high) bands that only eval draws from, as fractions of the full ranges below
+HELD_OUT_BAND = (0.4, 0.6)
 
 _MAX_BACKGROUND = 40  # per channel: backgrounds are dark, every shape colour has a channel >= 180
 _COLOUR_JITTER = 20
@@ -133,7 +155,8 @@ class World:
 
     def texts(self) -> list[str]:
         """Every prompt and answer string the world uses, e.g. to train a tokenizer."""
-        prompts = [p.format(o) for p in PROMPTS.values() for o in (OBJECTS if "{}" in p else [""])]
+        fills = {"position": [(o,) for o in OBJECTS], "text_to_image": list(itertools.product(OBJECTS, CELLS))}
+        prompts = [p.format(*f) for task, p in PROMPTS.items() for f in fills.get(task, [()])]
         return sorted({*prompts, *itertools.chain(*CHOICES.values())})
 
     def sample(self, task: str, index: int, split: str = "train") -> Example:
@@ -142,12 +165,11 @@ class World:
             raise ValueError(f"index must be >= 0, got {index}")
         rng = self._rng(split, TASKS.index(task), index)
         if task == "text_to_image":
-            colour, shape = OBJECTS[rng.integers(len(OBJECTS))].split()
-            segments = [Segment("text", PROMPTS[task].format(f"{colour} {shape}")),
-                        Segment("image", media=self.draw(colour, shape), target=True)]
-            answer = f"a {colour} {shape}"
+            image, obj, cell = self._target(rng, split)
+            segments = [Segment("text", PROMPTS[task].format(obj, cell)), Segment("image", media=image, target=True)]
+            answer = f"a {obj} in the {cell}"
         else:
-            media, prompt, answer = getattr(self, f"_{task}")(rng)
+            media, prompt, answer = getattr(self, f"_{task}")(rng, split)
             segments = [media, Segment("text", prompt), Segment("text", answer, target=True)]
         return Example(Document(segments, id=f"{split}/{task}/{index}"), answer, CHOICES[task], task)
 
@@ -192,57 +214,98 @@ class World:
         rgb = np.array(COLOURS[name]) + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3)
         return tuple(int(c) for c in np.clip(rgb, 0, 255))
 
-    def _scene(self, rng: np.random.Generator, n: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
-        """n shapes of distinct (colour, shape) in distinct grid cells, each kept 1 px inside
-        its cell so shapes never touch. Returns the image and (colour, shape, cell) per shape."""
-        size, half = self.image_size, self.image_size // 2
-        lo, hi = round(0.3 * size), half - 2
-        background = tuple(int(c) for c in rng.integers(0, _MAX_BACKGROUND + 1, 3))
-        drawn, names = [], []
-        for cell, obj in zip(rng.permutation(len(CELLS))[:n], rng.permutation(len(OBJECTS))[:n]):
-            colour, shape = OBJECTS[obj].split()
-            side = int(rng.integers(lo, hi + 1))
-            x = (cell % 2) * half + 1 + int(rng.integers(0, half - 1 - side))
-            y = (cell // 2) * half + 1 + int(rng.integers(0, half - 1 - side))
-            drawn.append((shape, self._jitter(rng, colour), x, y, side))
-            names.append((colour, shape, CELLS[cell]))
-        return _draw(size, background, drawn), names
+    def _background(self, rng: np.random.Generator, tint: str) -> tuple[int, ...]:
+        """A dark background whose brightest channel (by at least 5) is the tint's."""
+        rgb = rng.integers(0, 21, 3)
+        rgb[TINTS.index(tint)] = rng.integers(rgb.max() + 5, _MAX_BACKGROUND + 1)
+        return tuple(int(c) for c in rgb)
 
-    def _single(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
-        image, [(colour, shape, _)] = self._scene(rng, 1)
+    def _side(self, rng: np.random.Generator, split: str, obj: str) -> int:
+        """A shape's side: training never draws an object in its held-out size, eval draws any size."""
+        lo, hi = round(0.3 * self.image_size), self.image_size // 2 - 2
+        mid = (lo + hi + 1) // 2  # small: [lo, mid), large: [mid, hi]
+        sizes = [s for s in SIZES if split == "eval" or s != HELD_OUT_SIZE[obj]]
+        small = sizes[rng.integers(len(sizes))] == "small"
+        return int(rng.integers(lo, mid) if small else rng.integers(mid, hi + 1))
+
+    def _place(self, rng: np.random.Generator, split: str, obj: str, cell: str) -> tuple:
+        """One shape drawn inside its grid cell, 1 px from the cell's edges so shapes never touch."""
+        half, side = self.image_size // 2, self._side(rng, split, obj)
+        i = CELLS.index(cell)
+        x = (i % 2) * half + 1 + int(rng.integers(0, half - 1 - side))
+        y = (i // 2) * half + 1 + int(rng.integers(0, half - 1 - side))
+        colour, shape = obj.split()
+        return shape, self._jitter(rng, colour), x, y, side
+
+    def _scene(self, rng: np.random.Generator, split: str, n: int
+               ) -> tuple[Image.Image, list[tuple[str, str, str]]]:
+        """n shapes of distinct objects in distinct grid cells. In eval every object stands in its
+        held-out cell; in training never, nor in its held-out size, nor on its colour's held-out tint.
+        Returns the image and (colour, shape, cell) per shape."""
+        tint = TINTS[rng.integers(len(TINTS))]
+        drawn, names = [], []
+        for cell in (CELLS[i] for i in rng.permutation(len(CELLS))[:n]):
+            taken = {f"{c} {s}" for c, s, _ in names}
+            allowed = [o for o in OBJECTS if o not in taken and (
+                HELD_OUT_CELL[o] == cell if split == "eval"
+                else HELD_OUT_CELL[o] != cell and HELD_OUT_BACKGROUND[o.split()[0]] != tint)]
+            obj = allowed[rng.integers(len(allowed))]
+            drawn.append(self._place(rng, split, obj, cell))
+            names.append((*obj.split(), cell))
+        return _draw(self.image_size, self._background(rng, tint), drawn), names
+
+    def _target(self, rng: np.random.Generator, split: str) -> tuple[Image.Image, str, str]:
+        """A text->image target: one object in a named cell; eval asks only for held-out (object, cell) pairs."""
+        obj = OBJECTS[rng.integers(len(OBJECTS))]
+        if split == "eval":
+            cell, tint = HELD_OUT_CELL[obj], TINTS[rng.integers(len(TINTS))]
+        else:
+            cells = [c for c in CELLS if c != HELD_OUT_CELL[obj]]
+            tints = [t for t in TINTS if t != HELD_OUT_BACKGROUND[obj.split()[0]]]
+            cell, tint = cells[rng.integers(len(cells))], tints[rng.integers(len(tints))]
+        image = _draw(self.image_size, self._background(rng, tint), [self._place(rng, split, obj, cell)])
+        return image, obj, cell
+
+    def _single(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        image, [(colour, shape, _)] = self._scene(rng, split, 1)
         return Segment("image", media=image), colour, shape
 
-    def _caption(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
-        image, colour, shape = self._single(rng)
+    def _caption(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        image, colour, shape = self._single(rng, split)
         return image, PROMPTS["caption"], f"a {colour} {shape}"
 
-    def _colour(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
-        image, colour, _ = self._single(rng)
+    def _colour(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        image, colour, _ = self._single(rng, split)
         return image, PROMPTS["colour"], colour
 
-    def _shape(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
-        image, _, shape = self._single(rng)
+    def _shape(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        image, _, shape = self._single(rng, split)
         return image, PROMPTS["shape"], shape
 
-    def _count(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+    def _count(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
         n = int(rng.integers(1, 4))
-        image, _ = self._scene(rng, n)
+        image, _ = self._scene(rng, split, n)
         return Segment("image", media=image), PROMPTS["count"], NUMBERS[n - 1]
 
-    def _position(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
-        image, names = self._scene(rng, int(rng.integers(1, 4)))
+    def _position(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        image, names = self._scene(rng, split, int(rng.integers(1, 4)))
         colour, shape, cell = names[rng.integers(len(names))]
         return Segment("image", media=image), PROMPTS["position"].format(f"{colour} {shape}"), cell
 
-    def _video_direction(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+    def _video_direction(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        """Eval moves an object in its held-out direction, by a held-out distance (speed)."""
         size, frames = self.image_size, self.video_frames
-        colour, shape = OBJECTS[rng.integers(len(OBJECTS))].split()
-        side = int(rng.integers(round(0.25 * size), round(0.35 * size) + 1))
+        obj = OBJECTS[rng.integers(len(OBJECTS))]
+        colour, shape = obj.split()
+        largest = round(0.35 * size)
+        side = int(rng.integers(round(0.25 * size), largest + 1))
         background = tuple(int(c) for c in rng.integers(0, _MAX_BACKGROUND + 1, 3))
         rgb = self._jitter(rng, colour)
-        direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
+        directions = [d for d in DIRECTIONS if (d == HELD_OUT_DIRECTION[obj]) == (split == "eval")]
+        direction = directions[rng.integers(len(directions))]
         room = size - side - 2  # how far the shape can travel and stay 1 px inside the frame
-        distance = int(rng.integers(room // 2, room + 1))
+        least_room = size - largest - 2  # the same distances (speeds) for every side
+        distance = _integer(rng, split, least_room // 2, least_room)
         start = 1 + int(rng.integers(0, room - distance + 1))
         across = 1 + int(rng.integers(0, room + 1))
         a, b = (start + distance, start) if direction in ("left", "up") else (start, start + distance)
@@ -253,14 +316,15 @@ class World:
             video.append(_draw(size, background, [(shape, rgb, x, y, side)]))
         return Segment("video", media=video), PROMPTS["video_direction"], direction
 
-    def _audio_count(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+    def _audio_count(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        """Eval beeps have a held-out pitch and held-out lengths."""
         sr, seconds = self.sample_rate, self.audio_seconds
         n = int(rng.integers(1, 4))
-        lengths = rng.uniform(0.06, 0.15, n) * seconds
+        lengths = np.array([_uniform(rng, split, 0.06, 0.15) for _ in range(n)]) * seconds
         gap, edge = 0.08 * seconds, 0.02 * seconds  # silence between beeps and at the ends
         slack = seconds - lengths.sum() - gap * (n - 1) - 2 * edge
         spare = rng.dirichlet(np.ones(n + 1)) * slack  # random extra silence before each beep
-        freq, amplitude = rng.uniform(400, 1000), rng.uniform(0.3, 0.8)
+        freq, amplitude = _uniform(rng, split, 400, 1000), rng.uniform(0.3, 0.8)
         x = rng.normal(0, 0.005, round(seconds * sr))
         t = edge
         for length, extra in zip(lengths, spare):
@@ -271,12 +335,13 @@ class World:
         audio = Audio(np.clip(x, -1, 1).astype(np.float32), sr)
         return Segment("audio", media=audio), PROMPTS["audio_count"], NUMBERS[n - 1]
 
-    def _audio_pitch(self, rng: np.random.Generator) -> tuple[Segment, str, str]:
+    def _audio_pitch(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        """Eval sweeps have a held-out lower pitch and a held-out duration."""
         sr, seconds = self.sample_rate, self.audio_seconds
-        low = rng.uniform(300, 600)
+        low = _uniform(rng, split, 300, 600)
         high = low * rng.uniform(1.6, 2.2)
         rising = bool(rng.integers(2))
-        length = rng.uniform(0.4, 0.8) * seconds
+        length = _uniform(rng, split, 0.4, 0.8) * seconds
         start = rng.uniform(0.05 * seconds, 0.95 * seconds - length)
         x = rng.normal(0, 0.005, round(seconds * sr))
         i, m = round(start * sr), round(length * sr)
@@ -284,6 +349,24 @@ class World:
         x[i:i + m] += _tone(m, sr, f0, f1, rng.uniform(0.3, 0.8))
         audio = Audio(np.clip(x, -1, 1).astype(np.float32), sr)
         return Segment("audio", media=audio), PROMPTS["audio_pitch"], PITCHES[0 if rising else 1]
+
+
+def _uniform(rng: np.random.Generator, split: str, lo: float, hi: float) -> float:
+    """Uniform over [lo, hi): eval inside the held-out band of the range, training outside it."""
+    a, b = (lo + (hi - lo) * f for f in HELD_OUT_BAND)
+    if split == "eval":
+        return float(rng.uniform(a, b))
+    u = float(rng.uniform(lo, hi - (b - a)))
+    return u + (b - a) if u >= a else u
+
+
+def _integer(rng: np.random.Generator, split: str, lo: int, hi: int) -> int:
+    """One of lo..hi: eval one in the held-out band of the range, training one outside it."""
+    values = np.arange(lo, hi + 1)
+    a, b = (lo + (hi + 1 - lo) * f for f in HELD_OUT_BAND)
+    held = (values >= a) & (values < b)
+    pool = values[held] if split == "eval" else values[~held]
+    return int(pool[rng.integers(len(pool))])
 
 
 def recognise(image: Image.Image | np.ndarray) -> tuple[str, str] | None:
@@ -299,6 +382,19 @@ def recognise(image: Image.Image | np.ndarray) -> tuple[str, str] | None:
     ys, xs = np.nonzero(fg)
     fill = fg.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     return colour, "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+
+
+def describe(image: Image.Image | np.ndarray) -> str | None:
+    """What a single-shape image shows, as a text->image answer ("a red circle in the top left"):
+    recognise() for the object, and the cell holding the centre of its bounding box."""
+    px = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    seen = recognise(px)
+    if seen is None:
+        return None
+    ys, xs = np.nonzero(px.max(axis=-1) >= _FOREGROUND)
+    h, w = px.shape[:2]
+    cell = CELLS[2 * int(ys.min() + ys.max() + 1 > h) + int(xs.min() + xs.max() + 1 > w)]
+    return f"a {seen[0]} {seen[1]} in the {cell}"
 
 
 def export_jsonl(world: World, path: str | Path, split: str = "train", n: int = 100,

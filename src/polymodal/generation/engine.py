@@ -192,7 +192,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1,
                    **model_inputs).logits[:, -1]
     seen = None
-    if repetition_penalty != 1.0:  # (B, V) tokens already in the sequence; pads are not counted
+    if repetition_penalty != 1.0:  # (B, V) tokens already in the sequence; pads are not counted, as in HF
         V = logits.shape[-1]
         ids = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, V)
         seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)[:, :V]

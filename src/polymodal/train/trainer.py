@@ -5,8 +5,9 @@ warmup and cosine decay; gradient accumulation and clipping; bf16 autocast on CU
 activation checkpointing; FSDP2 or DDP under torchrun and the same code single-process; a
 periodic eval loss; atomic checkpoints that resume exactly (weights, optimizer, schedule, RNG,
 data position); a clear stop when the loss is no longer finite; Ctrl-C (SIGINT) finishes the step,
-saves a checkpoint and raises `TrainingInterrupted`. Writes metrics.jsonl, a
-progress line and loss.png into the run directory.
+saves a checkpoint and raises `TrainingInterrupted`. Writes metrics.jsonl, a progress line and
+loss.png (train/plot.py) into the run directory; on the built-in world each eval also scores greedy
+answers per task (metrics.jsonl and loss.png).
 
 A step's loss is the mean over every target token of the global batch however it is split into
 micro-batches and processes, so 1 process x 2 micro-batches computes what 2 processes x 1 do.
@@ -15,7 +16,6 @@ micro-batches and processes, so 1 process x 2 micro-batches computes what 2 proc
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import random
@@ -38,6 +38,7 @@ from polymodal.data.documents import Document, DocumentError, read_jsonl, with_m
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import PolymodalError, check_number
+from polymodal.evaluate import evaluate as score_tasks
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Block
@@ -46,9 +47,11 @@ from polymodal.serialization import atomic_write_bytes
 from polymodal.train import checkpoint as ckpt
 from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
+from polymodal.train.plot import plot_metrics
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
 WORLD = World(seed=0)  # the built-in data set; eval reads the same world's held-out split
+ACCURACY_DOCS = 32  # held-out examples per task scored at each eval of a single-process run on the world
 
 
 @dataclass
@@ -269,32 +272,16 @@ class Log:
               f"{self.tokens / elapsed:,.0f} tok/s | {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
 
     def plot(self, png: Path) -> None:
-        """The loss curve on a log scale, drawn with PIL (no plotting dependency)."""
-        if not self.enabled:
-            return
-        from PIL import Image, ImageDraw
+        if self.enabled:
+            plot_metrics([json.loads(line) for line in self.path.read_text().splitlines()], png)
 
-        records = [json.loads(line) for line in self.path.read_text().splitlines()]
-        curves = [[(r["step"], math.log10(max(r[k], 1e-6))) for r in records if k in r] for k in ("loss", "eval_loss")]
-        points = [p for c in curves for p in c]
-        if not points:
-            return
-        W, H, m = 640, 400, 50
-        x1, y0, y1 = max(s for s, _ in points), min(v for _, v in points), max(v for _, v in points)
-        xy = lambda s, v: (m + (W - 2 * m) * s / max(x1, 1), H - m - (H - 2 * m) * (v - y0) / max(y1 - y0, 1e-9))
-        im = Image.new("RGB", (W, H), "white")
-        draw = ImageDraw.Draw(im)
-        draw.rectangle((m, m, W - m, H - m), outline="black")
-        for curve, colour in zip(curves, ("steelblue", "darkorange")):
-            if len(curve) > 1:
-                draw.line([xy(s, v) for s, v in curve], fill=colour, width=2)
-        draw.text((m, 15), "loss, log scale (blue: train, orange: eval)", fill="black")
-        draw.text((m, H - m + 8), f"step 0 .. {x1}", fill="black")
-        draw.text((5, m - 12), f"{10 ** y1:.3g}", fill="black")
-        draw.text((5, H - m), f"{10 ** y0:.3g}", fill="black")
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        atomic_write_bytes(png, buf.getvalue())
+
+def task_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...]) -> dict[str, float]:
+    """Greedy accuracy per task on the first ACCURACY_DOCS held-out examples of the built-in world."""
+    model.eval()
+    scores = score_tasks(model, tokenizer, tasks, ACCURACY_DOCS, WORLD, baselines=False)
+    model.train()
+    return {s.task: s.accuracy for s in scores}
 
 
 def _step(line: str) -> float:
@@ -483,7 +470,10 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
         log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens / cfg.context_parallel,
                    "step_s": time.time() - t}, show=step % cfg.log_every == 0 or step in (1, cfg.max_steps))
         if data.eval and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            log.write({"step": step, "eval_loss": evaluate()}, show=True)
+            record = {"step": step, "eval_loss": evaluate()}
+            if cfg.data == "world" and W == 1:  # generation on a model sharded over processes is not collective-safe
+                record["eval_accuracy"] = task_accuracy(model, tokenizer, cfg.tasks)
+            log.write(record, show=True)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             save()
     log.plot(run / "loss.png")

@@ -1,0 +1,97 @@
+"""The built-in world's eval split is held out: no eval document and no eval medium (by content hash)
+occurs in training, for every task, and the held-out combinations are visible in the pixels and samples
+themselves, not only in the generator's bookkeeping."""
+
+import hashlib
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from polymodal.data.synthetic import CELLS, DIRECTIONS, OBJECTS, TASKS, World, describe
+
+WORLD = World(seed=0)
+N_TRAIN, N_EVAL = 2000, 300
+
+
+def media_bytes(segment) -> bytes:
+    if segment.kind == "image":
+        return segment.media.tobytes()
+    if segment.kind == "video":
+        return b"".join(frame.tobytes() for frame in segment.media)
+    return segment.media.waveform.tobytes()
+
+
+def hashes(task: str, split: str, n: int) -> tuple[set[str], set[str]]:
+    """Content hashes of the n first documents of a split (every text and medium) and of their media."""
+    docs, media = set(), set()
+    for i in range(n):
+        parts = []
+        for s in WORLD.sample(task, i, split).document.segments:
+            data = s.text.encode() if s.kind == "text" else media_bytes(s)
+            parts.append(hashlib.sha256(data).hexdigest())
+            if s.kind != "text":
+                media.add(parts[-1])
+        docs.add(hashlib.sha256("|".join(parts).encode()).hexdigest())
+    return docs, media
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_no_eval_document_or_medium_occurs_in_training(task):
+    train_docs, train_media = hashes(task, "train", N_TRAIN)
+    eval_docs, eval_media = hashes(task, "eval", N_EVAL)
+    assert len(eval_media) == N_EVAL  # every eval example brings its own medium
+    assert not eval_docs & train_docs
+    assert not eval_media & train_media
+
+
+def test_text_to_image_eval_prompts_and_drawn_pairs_never_occur_in_training():
+    def seen(split, n):
+        examples = [WORLD.sample("text_to_image", i, split) for i in range(n)]
+        for ex in examples:  # the target shows what the prompt asks, in the cell it names
+            assert describe(ex.document.images[0]) == ex.answer
+        return Counter(ex.document.texts[0] for ex in examples)
+
+    train, held_out = seen("train", N_TRAIN), seen("eval", N_EVAL)
+    assert len(train) == len(OBJECTS) * (len(CELLS) - 1)  # every other (object, cell) pair is trained
+    assert len(held_out) == len(OBJECTS) and not set(held_out) & set(train)
+
+
+def test_eval_shapes_stand_where_training_never_puts_them():
+    """(object, cell) pairs read from the pixels of single-shape images: disjoint between the splits,
+    while every object and every cell alone appears in training."""
+    def pairs(split, n):
+        return {describe(WORLD.sample(task, i, split).document.images[0])
+                for task in ("caption", "colour", "shape") for i in range(n)}
+
+    train, held_out = pairs("train", 400), pairs("eval", 200)
+    assert not train & held_out and None not in train | held_out
+    assert {p.split(" in the ")[0] for p in train} == {f"a {o}" for o in OBJECTS}
+    assert {p.split(" in the ")[1] for p in train} == set(CELLS)
+
+
+def test_eval_videos_and_clips_are_drawn_from_held_out_ranges():
+    def video(split, i):
+        ex = WORLD.sample("video_direction", i, split)
+        frames = [np.asarray(f).max(-1) >= 128 for f in ex.document.videos[0]]
+        ys, xs = np.nonzero(frames[0])
+        ye, xe = np.nonzero(frames[-1])
+        distance = max(abs(ye.min() - ys.min()), abs(xe.min() - xs.min()))
+        colour_shape = describe(ex.document.videos[0][0]).split(" in the ")[0]
+        return colour_shape, ex.answer, int(distance)
+
+    train = [video("train", i) for i in range(400)]
+    held_out = [video("eval", i) for i in range(100)]
+    assert not {v[:2] for v in train} & {v[:2] for v in held_out}  # (object, direction) pairs
+    assert {v[1] for v in held_out} == set(DIRECTIONS)
+    assert not {v[2] for v in train} & {v[2] for v in held_out}  # distances moved: speeds
+
+    def loudest_frequency(split, task, i):
+        x = WORLD.sample(task, i, split).document.audios[0].waveform
+        return np.argmax(np.abs(np.fft.rfft(x))) * WORLD.sample_rate / len(x)
+
+    beeps = lambda split, n: [loudest_frequency(split, "audio_count", i) for i in range(n)]  # noqa: E731
+    train, held_out = beeps("train", 300), beeps("eval", 100)
+    lo, hi = min(held_out), max(held_out)
+    # the measured peak of a short beep is within a few Hz of its frequency
+    assert hi - lo > 50 and not [f for f in train if lo + 5 < f < hi - 5]

@@ -229,7 +229,11 @@ def estimate_parameters(config: Config) -> int:
     dim, layers = getattr(config, "dim", None), getattr(config, "n_layers", None)
     if isinstance(dim, int) and isinstance(layers, int):
         hidden = getattr(config, "hidden_dim", None) or 4 * dim
-        total += layers * (4 * dim * dim + 2 * dim * hidden) + (getattr(config, "vocab_size", None) or 0) * dim
+        heads = getattr(config, "n_heads", None) or 1
+        head_dim = getattr(config, "head_dim", None) or dim // heads
+        kv_heads = getattr(config, "n_kv_heads", None) or heads
+        attention = dim * head_dim * (2 * heads + 2 * kv_heads)  # q, k, v and the output projection
+        total += layers * (attention + 2 * dim * hidden) + (getattr(config, "vocab_size", None) or 0) * dim
     return total
 
 

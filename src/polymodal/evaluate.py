@@ -49,7 +49,8 @@ def answer(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: lis
     batch = collator.prompts(docs)
     new = generate(model, **batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
                    pad_token_id=tokenizer.pad_id)
-    return [tokenizer.decode(row).strip() for row in new.tolist()]
+    # ids past the tokenizer's vocabulary (a padded one) have no text
+    return [tokenizer.decode([t for t in row if t < tokenizer.vocab_size]).strip() for row in new.tolist()]
 
 
 def drawn(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list) -> list[str | None]:

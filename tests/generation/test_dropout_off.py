@@ -7,7 +7,7 @@ import polymodal as pm
 
 
 def test_generate_turns_dropout_off_and_restores_the_mode():
-    cfg = pm.get_preset("kosmos-tiny")
+    cfg = pm.PRESETS["kosmos-tiny"]()
     cfg = cfg.replace(text=cfg.text.replace(dropout=0.5))  # KOSMOS-1 trains with dropout (0.1)
     torch.manual_seed(0)
     model = pm.build(cfg)

@@ -285,5 +285,8 @@ class Collator:
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry loss (the models shift labels left by one inside)."""
+    """Tokens that carry loss (the models shift labels left by one inside); in a dual encoder's batch, which
+    has no labels (`data/pairs.py`), its image-caption pairs."""
+    if "labels" not in batch:
+        return len(batch["pixel_values"])
     return int((batch["labels"][:, 1:] != IGNORE).sum())

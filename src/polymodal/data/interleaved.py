@@ -14,45 +14,21 @@ from __future__ import annotations
 
 import torch
 
-from polymodal.data.collate import (
-    SEPARATOR, Collator, DecoderFormat, Encoded, _labels, _name, _prompt)
-from polymodal.data.documents import Document
-from polymodal.data.processors import CLIP_MEAN, CLIP_STD, ImageProcessor
+from polymodal.data.collate import Collator, DecoderFormat, Encoded, KosmosFormat
 from polymodal.data.tokenizer import Tokenizer
 
 
-class InterleavedFormat:
-    def __init__(self, config, tokenizer: Tokenizer):
-        self.tokenizer, self.config = tokenizer, config
-        self.sep = tokenizer.encode(SEPARATOR)
-        self.max_len = config.text.max_seq_len
-        size = config.vision.image_size
-        self.images = ImageProcessor(size=(size, size), image_mean=CLIP_MEAN, image_std=CLIP_STD)
+class InterleavedFormat(KosmosFormat):
+    """KOSMOS-1's interleaved layout with one `<image>` token per image, the images kept apart."""
+
+    family = "this Flamingo"
 
     @staticmethod
     def fit(config, tokenizer: Tokenizer):
         return config.replace(text=DecoderFormat.fit(config.text, tokenizer), media_token_id=tokenizer.token_id("<image>"))
 
-    def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
-        segments = [(s, False) for s in _prompt(doc)] if prompt_only else list(zip(doc.segments, doc.target_mask))
-        if unreadable := sorted({s.kind for s, _ in segments} - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; this Flamingo reads images and text")
-        if any(s.kind == "image" and t for s, t in segments):
-            raise ValueError(f"{_name(doc)} has an image target; Flamingo writes text only")
-        tok = self.tokenizer
-        pieces = [([tok.bos_id], False)]
-        for i, (seg, target) in enumerate(segments):
-            last = i == len(segments) - 1 and not prompt_only
-            if seg.kind == "image":
-                pieces.append(([self.config.media_token_id], False))
-            else:
-                text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
-                pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
-        if not prompt_only and segments and segments[-1][0].kind == "image":
-            pieces.append(([tok.eos_id], False))
-        images = [s.media for s, _ in segments if s.kind == "image"]
-        tokens = {"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)}
-        return Encoded(tokens, {"pixel_values": self.images(images)} if images else {})
+    def image_tokens(self) -> list[int]:
+        return [self.config.media_token_id]
 
 
 class InterleavedCollator(Collator):

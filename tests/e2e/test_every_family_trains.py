@@ -6,8 +6,11 @@ import json
 import shutil
 
 import pytest
+import torch
 
+import polymodal as pm
 from polymodal.cli import main
+from polymodal.config import load_config
 from polymodal.data.documents import Document, Segment, write_jsonl
 from polymodal.data.synthetic import World
 from polymodal.train.checkpoint import list_checkpoints
@@ -103,3 +106,20 @@ def test_decoder_lm_trains_on_text(tmp_path):
     train(tmp_path, "--model", "llama-tiny", "--data", str(tmp_path / "text.jsonl"), "--max-steps", "30",
           "--batch-size", "8", "--name", "lm")
     assert falls(losses(tmp_path / "lm"))
+
+
+def test_flamingo_with_its_language_model_frozen(tmp_path, capsys):
+    """Flamingo's recipe: only the perceiver and the gated cross-attention blocks train; the LM (and the
+    vision encoder) keep the weights the run started from."""
+    flags = ["--model", "flamingo-tiny", "--tasks", "colour", "--max-steps", "4", "--batch-size", "4",
+             "--checkpoint-every", "2", "--trainable", "perceiver", "cross_layers", "--name", "frozen"]
+    train(tmp_path, *flags)
+    first, last = list_checkpoints(tmp_path / "frozen" / "checkpoints")
+    torch.manual_seed(0)  # the run's seed: its initial weights
+    start = pm.build(load_config(first / "config.json")).state_dict()
+    end = pm.from_pretrained(last).state_dict()
+    for key in start:
+        frozen = key.startswith(("decoder.", "vision."))
+        assert torch.equal(start[key], end[key]) == frozen, key
+    assert main(["train", "--model", "kosmos-tiny", "--trainable", "cross_layers", "--out-dir", str(tmp_path)]) == 1
+    assert "unknown parts ['cross_layers']" in capsys.readouterr().err

@@ -97,6 +97,7 @@ class TrainConfig(Config):
     lora_targets: str | None = None  # comma-separated layers, e.g. q,k,v,o (default: all attention + MLP)
     lora_dropout: float = 0.0  # dropout on LoRA's input
     strict_paths: bool = False  # refuse JSONL media paths that lead outside the JSONL's folder (absolute, .., links)
+    trainable: tuple[str, ...] | None = None  # model parts to train, the rest frozen (Flamingo: perceiver cross_layers)
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
@@ -121,6 +122,10 @@ class TrainConfig(Config):
             raise ConfigError(f"lora_rank must be >= 1 (or unset: train every weight), got {self.lora_rank}")
         if self.lora_rank is not None and self.init_from is None:
             raise ConfigError("lora_rank adapts a trained model: give init_from, the model directory to adapt")
+        if self.lora_rank is not None and self.trainable is not None:
+            raise ConfigError("lora_rank trains adapters only: give it or trainable, not both")
+        if self.trainable is not None:
+            self.trainable = tuple(self.trainable)
         if self.lora_rank is None and (self.lora_alpha, self.lora_targets) != (None, None):
             raise ConfigError("lora_alpha and lora_targets need lora_rank")
 
@@ -360,6 +365,11 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
     model = build(config, backend=cfg.attention)
     if base is not None:
         model.load_state_dict(base.state_dict())
+    if cfg.trainable is not None:
+        if not hasattr(model, "trainable"):
+            raise ConfigError(f"trainable names parts of a multimodal model; a {type(model).__name__} has none: "
+                              "leave it out to train every weight")
+        model.trainable(cfg.trainable)  # an unknown part is an error naming the model's parts
     if context_mesh is not None:  # its processes read the same documents: data parallel over data_world only
         model = context_parallel(model, context_mesh)
     n_params = sum(p.numel() for p in model.parameters())

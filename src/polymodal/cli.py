@@ -197,7 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from polymodal.evaluate import table
-    from polymodal.retrieval import scorer
+    from polymodal.retrieval import score_retrieval, scorer
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -211,9 +211,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
                  else IMAGE_TASKS)
     for task in tasks:
         WORLD.choices(task)  # an unknown task fails here, before any work
-    how = "image -> answer retrieval" if scorer(model).__name__ == "score_retrieval" else "greedy answers"
+    score = scorer(model)
+    how = "image -> answer retrieval" if score is score_retrieval else "greedy answers"
     print(f"{directory}: {how} on the built-in world's held-out split")
-    print(table(scorer(model)(model, tokenizer, tuple(tasks), args.n, WORLD, args.batch_size)))
+    print(table(score(model, tokenizer, tuple(tasks), args.n, WORLD, args.batch_size)))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

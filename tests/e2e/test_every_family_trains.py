@@ -91,6 +91,8 @@ def test_dual_encoder_trains_on_a_jsonl_file_of_pairs(tmp_path, capsys):
     train(tmp_path, "--model", "clip-tiny", "--data", str(tmp_path / "pairs.jsonl"), "--max-steps", "20",
           "--batch-size", "6", "--name", "pairs")
     assert falls(losses(tmp_path / "pairs"))
+    assert main(["generate", str(tmp_path / "pairs"), "--prompt", "a red circle"]) == 1
+    assert "writes nothing; score it with `polymodal eval`" in capsys.readouterr().err
     bad = [Document([Segment("image", media=world.draw("red", "circle")), Segment("image", media=world.draw("red", "circle")),
                      Segment("text", "two")])]
     write_jsonl(bad, tmp_path / "bad.jsonl")

@@ -39,10 +39,10 @@ from polymodal.data.documents import Document, DocumentError, read_jsonl, with_m
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import PolymodalError, check_number
+from polymodal.models.contrastive import ContrastiveConfig
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Block
-from polymodal.models.contrastive import ContrastiveConfig
 from polymodal.presets import PRESETS, get_preset
 from polymodal.retrieval import scorer
 from polymodal.serialization import atomic_write_bytes

@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from polymodal.data.collate import Collator
+from polymodal.data.collators import make_collator
 from polymodal.data.documents import Audio, Document, Segment
 from polymodal.data.synthetic import World, describe
 from polymodal.data.tokenizer import Tokenizer
@@ -94,7 +95,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
     if "text_to_image" in tasks and getattr(getattr(model, "image_spans", None), "begin", None) is None:
         raise ValueError(f"task text_to_image is scored on the images a model draws; {type(model).__name__} "
                          "draws none")
-    collator = Collator(model.config, tokenizer)
+    collator = make_collator(model.config, tokenizer)
     scores = []
     for task in tasks:
         draws = task == "text_to_image"

@@ -16,7 +16,8 @@ from polymodal.data.collate import Collator
 from polymodal.data.documents import Document, Segment
 from polymodal.data.synthetic import CHOICES, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.encoders.vq import VQModel, images_to_pixels
+from polymodal.data.processors import images_to_pixels
+from polymodal.encoders.vq import VQModel
 from polymodal.models.chameleon import ChameleonFormat, chameleon_tiny
 
 WORLD = World(seed=0)

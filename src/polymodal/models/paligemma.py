@@ -17,39 +17,16 @@ count from 1, as in HF.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from polymodal.config import Config, ConfigError, DecoderConfig
-from polymodal.encoders.vit import ViT, VisionConfig, init_weights
+from polymodal.encoders.vit import ViT, init_weights
+from polymodal.fusion.configs import PaliGemmaConfig
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments
 from polymodal.nn.transformer import Decoder, ModelOutput
-
-@dataclass
-class PaliGemmaConfig(Config):
-    """The projector maps vision.dim to text.dim (HF's projection_dim, which must equal the text width).
-
-    image_token_id: the placeholder id, inside text.vocab_size. A trainer with its own tokenizer
-    sets both: `cfg.replace(text=cfg.text.replace(vocab_size=...), image_token_id=tok.token_id("<image>"))`."""
-
-    vision: VisionConfig
-    text: DecoderConfig
-    image_token_id: int = 257152
-
-    def __post_init__(self) -> None:
-        if self.vision.variant != "siglip":
-            raise ConfigError(f"PaliGemma's vision tower is a SigLIP ViT, got variant {self.vision.variant!r}")
-        if not 0 <= self.image_token_id < self.text.vocab_size:
-            raise ConfigError(f"image_token_id ({self.image_token_id}) must be a token id below text.vocab_size "
-                              f"({self.text.vocab_size})")
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.vision.n_patches
 
 
 class PaliGemma(nn.Module):

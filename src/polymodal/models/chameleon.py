@@ -20,7 +20,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from polymodal.config import ConfigError, DecoderConfig
+from polymodal.config import DecoderConfig
 from polymodal.encoders.vq import VQConfig, VQModel, pixels_to_images
 from polymodal.errors import check_pixel_values
 from polymodal.fusion.configs import ChameleonConfig
@@ -99,52 +99,6 @@ class Chameleon(nn.Module):
             input_ids, labels = self.splice_images(input_ids, pixel_values, labels)
         return self.decoder(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             document_ids=document_ids, labels=labels, cache=cache, logits_to_keep=logits_to_keep)
-
-
-class ChameleonFormat:
-    """Documents -> Chameleon's stream: <bos>, then the segments in order, each text ended by "\\n" (the
-    last by <eos>), each image `<img> <image>*n </img>` with its pixels (a last image is followed by
-    <eos>). Target text and target images carry labels: the model learns to write both; a target
-    image's placeholder labels become its code tokens inside the model (`Chameleon.splice_images`)."""
-
-    def __init__(self, config: ChameleonConfig, tokenizer):
-        from polymodal.data.collate import SEPARATOR
-
-        if None in (config.image_token_id, config.begin_image_id, config.end_image_id):
-            raise ConfigError("documents with images need image_token_id, begin_image_id and end_image_id")
-        self.config, self.tokenizer = config, tokenizer
-        self.sep = tokenizer.encode(SEPARATOR)
-        self.max_len = config.text.max_seq_len
-
-    @staticmethod
-    def fit(config: ChameleonConfig, tokenizer) -> ChameleonConfig:
-        """Text tokens from the tokenizer, then the VQ codes right after them."""
-        from polymodal.data.collate import DecoderFormat
-
-        V, ids = tokenizer.vocab_size, tokenizer.special_ids
-        text = DecoderFormat.fit(config.text, tokenizer).replace(vocab_size=V + config.vq.num_embeddings)
-        return config.replace(text=text, image_tokens=V, image_token_id=ids["<image>"],
-                              begin_image_id=ids["<img>"], end_image_id=ids["</img>"])
-
-    def encode(self, doc, prompt_only: bool = False):
-        from polymodal.data.collate import Encoded, _labels, _name, _prompt
-
-        cfg, tok = self.config, self.tokenizer
-        segments = [(s, False) for s in _prompt(doc)] if prompt_only else list(zip(doc.segments, doc.target_mask))
-        if unreadable := sorted({s.kind for s, _ in segments} - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; Chameleon reads images and text")
-        pieces, images = [([tok.bos_id], False)], []
-        for i, (seg, target) in enumerate(segments):
-            last = i == len(segments) - 1 and not prompt_only
-            if seg.kind == "text":
-                text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
-                pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
-                continue
-            span = [cfg.begin_image_id] + [cfg.image_token_id] * cfg.vq.tokens_per_image + [cfg.end_image_id]
-            pieces += [(span, target)] + ([([tok.eos_id], target)] if last else [])
-            images.append(seg.media)
-        tokens = {"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)}
-        return Encoded(tokens, {"pixel_values": images_to_pixels(images, cfg.vq.resolution)} if images else {})
 
 
 def chameleon_tiny() -> ChameleonConfig:

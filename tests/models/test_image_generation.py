@@ -149,7 +149,7 @@ def test_image_placeholders_take_codes_in_inputs_and_labels():
     model(ids, pixel_values=pixels, labels=ids).loss.backward()
     assert all(p.grad is None for p in model.vq.parameters())  # the tokenizer stays frozen
     assert model.decoder.tok_embeddings.weight.grad is not None
-    with pytest.raises(ValueError, match=rf"hold {n} image placeholder tokens \(4\); 2 image\(s\) need {2 * n}"):
+    with pytest.raises(ValueError, match=rf"hold {n} image placeholder tokens \(4\) but 2 image\(s\) need {2 * n}"):
         model(ids, pixel_values=torch.cat([pixels, pixels]))
     with pytest.raises(ValueError, match=r"0 image\(s\) need 0"):
         model(ids)

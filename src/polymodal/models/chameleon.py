@@ -22,8 +22,9 @@ from torch import nn
 
 from polymodal.config import DecoderConfig
 from polymodal.encoders.vq import VQConfig, VQModel, pixels_to_images
-from polymodal.errors import check_pixel_values
+from polymodal.errors import InputError, check_pixel_values
 from polymodal.fusion.configs import ChameleonConfig
+from polymodal.models import fusion
 from polymodal.models.constraints import ImageSpans
 from polymodal.nn.cache import Cache
 from polymodal.nn.transformer import Decoder, ModelOutput
@@ -71,20 +72,17 @@ class Chameleon(nn.Module):
         placeholder = self.config.image_token_id
         if placeholder is None:
             if pixel_values is not None:
-                raise ValueError("this model has no image_token_id, so input_ids cannot place pixel_values")
+                raise InputError("this model has no image_token_id, so input_ids cannot place pixel_values")
             return input_ids, labels
         if pixel_values is not None:  # the shape first: a (3, H, W) image would read as 3 images
             check_pixel_values(pixel_values, self.config.vq.in_channels, self.config.vq.resolution)
-        is_image = input_ids == placeholder
-        n_slots, n_images = int(is_image.sum()), 0 if pixel_values is None else pixel_values.shape[0]
-        per_image = self.config.vq.tokens_per_image
-        if n_slots != n_images * per_image:
-            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens ({placeholder}); {n_images} "
-                             f"image(s) need {n_images * per_image} ({per_image} each)")
+        spans = fusion.runs(input_ids == placeholder)
+        n_images, per_image = 0 if pixel_values is None else pixel_values.shape[0], self.config.vq.tokens_per_image
+        fusion.check_total(spans, n_images * per_image, f"image placeholder tokens ({placeholder})",
+                           f"{n_images} image(s) need {n_images * per_image} ({per_image} each)")
         if pixel_values is None:
             return input_ids, labels
-        tokens = self.image_token_ids(pixel_values)  # (N, L)
-        input_ids = input_ids.masked_scatter(is_image, tokens.flatten())
+        input_ids = fusion.scatter(input_ids, spans, self.image_token_ids(pixel_values).flatten())
         if labels is not None:
             labels = torch.where(labels == placeholder, input_ids, labels)
         return input_ids, labels
@@ -94,8 +92,10 @@ class Chameleon(nn.Module):
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: Cache | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (B, S) with `image_token_id` placeholders for pixel_values (N, 3, H, W) in [-1, 1]
-        (images in row-major order of their placeholders); labels as in `Decoder`, placeholders allowed."""
-        if cache is None or cache.length == 0:
+        (images in row-major order of their placeholders); labels as in `Decoder`, placeholders allowed.
+        The images enter as their code tokens, so the decoder runs on token ids as a text model does."""
+        if not fusion.decoding(cache, pixel_values=pixel_values):
+            fusion.check_inputs(self.decoder, input_ids, labels=labels)
             input_ids, labels = self.splice_images(input_ids, pixel_values, labels)
         return self.decoder(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             document_ids=document_ids, labels=labels, cache=cache, logits_to_keep=logits_to_keep)

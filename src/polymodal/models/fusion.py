@@ -129,7 +129,7 @@ def decoding(cache: Cache | None, **prefill_only: torch.Tensor | None) -> bool:
         return False
     given = [k for k, v in prefill_only.items() if v is not None]
     if given:
-        raise InputError(f"{given} belong to the first (prefill) call, not to decode steps")
+        raise InputError(f"{given} belong to the first (prefill) call, not to decode steps: media are encoded once")
     return True
 
 
@@ -142,9 +142,14 @@ def check_inputs(decoder: Decoder, input_ids: torch.Tensor, *, within_context: b
     for name, t in same_shape.items():
         if t is not None and t.shape != input_ids.shape:
             raise InputError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-    if within_context and input_ids.shape[1] > decoder.config.max_seq_len:
-        raise InputError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={decoder.config.max_seq_len}")
+    if within_context:
+        check_length(decoder, input_ids)
     decoder.check_token_ids(input_ids)
+
+
+def check_length(decoder: Decoder, input_ids: torch.Tensor) -> None:
+    if input_ids.shape[1] > decoder.config.max_seq_len:
+        raise InputError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={decoder.config.max_seq_len}")
 
 
 def prefill(decoder: Decoder, embeds: torch.Tensor, *, attention_mask: torch.Tensor | None = None,

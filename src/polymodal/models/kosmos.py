@@ -28,6 +28,7 @@ from polymodal.config import DecoderConfig
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.fusion.configs import KosmosConfig
 from polymodal.fusion.perceiver import PerceiverConfig, build_resampler
+from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.transformer import Decoder, ModelOutput
@@ -64,10 +65,9 @@ class Kosmos(nn.Module):
         latents = self.perceiver(self.vision.post_norm(feats)[:, None])[:, 0]  # (N, n, Dv)
         return self.projector(latents)
 
-    def image_positions(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checks the image layout of input_ids against pixel_values before any compute; returns the
-        (N, n) row and token indices of every image's placeholders, in order of appearance."""
+    def media_spans(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> fusion.Spans:
+        """Checks the image layout of input_ids against pixel_values before any compute; returns each
+        image's placeholders, in order of appearance."""
         cfg, n = self.config, self.config.n_image_latents
         S = input_ids.shape[1]
         rows, starts = (input_ids == cfg.image_token_id).nonzero(as_tuple=True)  # row-major: order of appearance
@@ -102,8 +102,7 @@ class Kosmos(nn.Module):
         if n_ends != N:
             raise ValueError(f"input_ids hold {n_ends} </image> tokens for {N} images; every image is "
                              f"<image>, {n} placeholders, </image>")
-        cols = starts[:, None] + 1 + torch.arange(n, device=input_ids.device)  # (N, n)
-        return rows[:, None].expand(-1, n), cols
+        return fusion.Spans(rows, starts + 1, torch.full_like(rows, n), torch.zeros_like(rows))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -112,23 +111,19 @@ class Kosmos(nn.Module):
         """input_ids (B, S) and pixel_values (N, 3, H, W) as in the module docstring; attention_mask /
         position_ids / document_ids / labels / cache / logits_to_keep as in `Decoder.forward`.
         With a cache, the first call (prefill) encodes the images once; decode steps take none."""
-        if cache is not None and cache.length > 0:
-            if pixel_values is not None:
-                raise ValueError("pixel_values belong to the first (prefill) call, not to decode steps")
+        if fusion.decoding(cache, pixel_values=pixel_values):
             return self.decoder(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
                                 document_ids=document_ids, labels=labels, logits_to_keep=logits_to_keep)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        self.decoder.check_token_ids(input_ids)
-        rows, cols = self.image_positions(input_ids, pixel_values)
+        fusion.check_inputs(self.decoder, input_ids, within_context=False)
+        spans = self.media_spans(input_ids, pixel_values)  # names images past the context before the length check
+        fusion.check_length(self.decoder, input_ids)
         embeds = self.decoder.tok_embeddings(input_ids)
         if pixel_values is not None:
-            images = self.embed_images(pixel_values).to(embeds.dtype)
-            embeds = embeds.index_put((rows, cols), images)  # (B, S, D); out of place, so autograd sees it
+            embeds = fusion.scatter(embeds, spans, self.embed_images(pixel_values).flatten(0, 1))  # (B, S, D)
             if labels is not None:
-                labels = labels.index_put((rows, cols), torch.tensor(IGNORE, device=labels.device))
-        return self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            document_ids=document_ids, labels=labels, cache=cache, logits_to_keep=logits_to_keep)
+                labels = fusion.scatter(labels, spans, torch.tensor(IGNORE))
+        return fusion.prefill(self.decoder, embeds, attention_mask=attention_mask, document_ids=document_ids,
+                              position_ids=position_ids, labels=labels, cache=cache, logits_to_keep=logits_to_keep)
 
 
 # -- presets -------------------------------------------------------------------------------------

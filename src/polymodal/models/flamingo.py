@@ -23,6 +23,7 @@ from polymodal.errors import InputError
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.fusion.cross_attention import GATES, gated_cross_attention_block
 from polymodal.fusion.perceiver import PerceiverConfig, build_resampler
+from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments, media_attention_mask, media_ids
@@ -193,10 +194,9 @@ class Flamingo(nn.Module):
         if len(given) > 1:
             raise ValueError(f"give exactly one of pixel_values, image_encoder_embeddings, perceiver_embeddings; "
                              f"got {list(given)}")
-        decoding = cache is not None and cache.length > 0
+        decoding = fusion.decoding(cache, **given, media_locations=media_locations, media_mask=media_mask,
+                                   image_attention_mask=image_attention_mask)
         if decoding:
-            if given or any(t is not None for t in (media_locations, media_mask, image_attention_mask)):
-                raise ValueError("media are encoded once, in the first call with a cache; later calls take none")
             if any(t is not None for t in (attention_mask, document_ids, position_ids)):
                 raise ValueError("a cache that holds tokens continues each row causally; attention_mask, "
                                  "document_ids and position_ids apply to the first call only")

@@ -18,8 +18,6 @@ Shapes: B batch, S tokens, N media, F frames, P tokens per media, D decoder widt
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,19 +26,11 @@ from polymodal.config import DecoderConfig
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT
 from polymodal.fusion.configs import MODALITIES, GeminiConfig, MediaTokens
+from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
-from polymodal.nn.masks import make_segments
 from polymodal.nn.norms import make_norm
 from polymodal.nn.transformer import Decoder, ModelOutput
-
-
-@dataclass
-class Span:
-    kind: str
-    row: int
-    start: int  # first placeholder
-    length: int
 
 
 class Gemini(nn.Module):
@@ -133,38 +123,15 @@ class Gemini(nn.Module):
 
     # -- the stream --------------------------------------------------------------------------------
 
-    def spans(self, input_ids: torch.Tensor) -> list[Span]:
-        """Media spans in row-major order. Each placeholder must sit in a span `start P* end` of its
-        modality (with unwrapped images, each run of placeholders is one image span)."""
+    def spans(self, input_ids: torch.Tensor) -> fusion.Spans:
+        """Media spans in row-major order, kinds indexing MODALITIES. Each placeholder must sit in a span
+        `start P* end` of its modality (with unwrapped images, each run of placeholders is one image span)."""
         tok = self.config.tokens
-        starts = {getattr(tok, k)[0]: (k, getattr(tok, k)[1]) for k in MODALITIES if getattr(tok, k) is not None}
-        ends = {getattr(tok, k)[1]: k for k in MODALITIES if getattr(tok, k) is not None}
-        out = []
-        for b, row in enumerate(input_ids.tolist()):
-            i, S = 0, len(row)
-            while i < S:
-                t = row[i]
-                if t in starts or (t == tok.placeholder and not tok.wrapped):
-                    kind, end = starts[t] if t in starts else ("image", None)
-                    first = i + (t in starts)
-                    j = first
-                    while j < S and row[j] == tok.placeholder:
-                        j += 1
-                    if end is not None and (j == S or row[j] != end):
-                        found = "the end of the input" if j == S else f"token {row[j]}"
-                        raise ValueError(f"row {b}: the {kind} span opened at position {i} must be placeholders "
-                                         f"closed by {end}, but {found} follows at position {j}")
-                    out.append(Span(kind, b, first, j - first))
-                    i = j + (end is not None)
-                elif t == tok.placeholder:
-                    raise ValueError(f"row {b}: media placeholder at position {i} is outside any media span")
-                elif t in ends:
-                    raise ValueError(f"row {b}: {ends[t]} span end token at position {i} has no start")
-                else:
-                    i += 1
-        return out
+        if not tok.wrapped:
+            return fusion.runs(input_ids == tok.placeholder)
+        return fusion.wrapped_spans(input_ids, tok.placeholder, [getattr(tok, k) for k in MODALITIES], list(MODALITIES))
 
-    def media_sizes(self, spans: list[Span], pixel_values: torch.Tensor | None, input_features: torch.Tensor | None,
+    def media_sizes(self, spans: fusion.Spans, pixel_values: torch.Tensor | None, input_features: torch.Tensor | None,
                     videos: list[torch.Tensor] | None) -> dict[str, list[int]]:
         """Checks the media against the spans before any compute; returns each modality's tokens per media."""
         cfg = self.config
@@ -194,26 +161,17 @@ class Gemini(nn.Module):
         }
         names = {"image": "pixel_values", "audio": "input_features", "video": "pixel_values_videos"}
         plural = {"image": "images", "audio": "audio clips", "video": "videos"}
-        for kind in MODALITIES:
-            of_kind = [s for s in spans if s.kind == kind]
+        for k, kind in enumerate(MODALITIES):
             if kind == "image" and not cfg.tokens.wrapped:  # Fuyu: one stream of image tokens, matched in total
-                n_tokens, n_embeds = sum(s.length for s in of_kind), sum(sizes[kind])
-                if n_tokens != n_embeds:
-                    raise ValueError(f"input_ids hold {n_tokens} image placeholder tokens but pixel_values gives "
-                                     f"{n_embeds} image embeddings")
+                fusion.check_total(spans, sum(sizes[kind]), "image placeholder tokens",
+                                   f"pixel_values gives {sum(sizes[kind])} image embeddings")
                 continue
             if given[kind] is not None and getattr(cfg.tokens, kind) is None:
                 raise ValueError(f"{names[kind]} given, but the config has no {kind} span tokens (tokens.{kind})")
-            if len(of_kind) != len(sizes[kind]):
-                raise ValueError(f"input_ids hold {len(of_kind)} {kind} spans but {names[kind]} holds "
-                                 f"{len(sizes[kind])} {plural[kind]}")
-            for n, (span, expected) in enumerate(zip(of_kind, sizes[kind])):
-                if span.length != expected:
-                    raise ValueError(f"{kind} span {n} (row {span.row}, position {span.start}) holds {span.length} "
-                                     f"placeholder tokens but its {kind} gives {expected} embeddings")
+            fusion.check_spans(spans.of(k), sizes[kind], kind, names[kind], plural[kind])
         return sizes
 
-    def embed_media(self, spans: list[Span], sizes: dict[str, list[int]], pixel_values: torch.Tensor | None,
+    def embed_media(self, spans: fusion.Spans, sizes: dict[str, list[int]], pixel_values: torch.Tensor | None,
                     input_features: torch.Tensor | None, videos: list[torch.Tensor] | None) -> torch.Tensor:
         """(sum of span lengths, D): every media encoded once, laid out in span order."""
         per_media: dict[str, list[torch.Tensor]] = {k: [] for k in MODALITIES}
@@ -225,8 +183,8 @@ class Gemini(nn.Module):
             per_media["video"] = self.embed_videos(videos)
         if not self.config.tokens.wrapped:  # runs of image tokens, however the images were cut
             return torch.cat(per_media["image"])
-        queues = {k: iter(v) for k, v in per_media.items()}
-        return torch.cat([next(queues[s.kind]) for s in spans])
+        queues = [iter(per_media[k]) for k in MODALITIES]
+        return torch.cat([next(queues[k]) for k in spans.kinds.tolist()])
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 input_features: torch.Tensor | None = None,
@@ -237,32 +195,22 @@ class Gemini(nn.Module):
         """input_ids (B, S) with media spans; pixel_values (N, C, H, W) images (or (N, P, p*p*C) patches
         without a ViT), input_features (N, n_mels, T) log-mel clips, pixel_values_videos (N, F, C, H, W)
         or a list of (F, C, H, W): each modality's media in the order of its spans, row by row."""
-        media = (pixel_values, input_features, pixel_values_videos)
-        if cache is not None and cache.length > 0:  # decode: media were encoded at prefill
-            if any(m is not None for m in media):
-                raise ValueError("media belong to the first (prefill) call, not to decode steps")
-            return self.decoder(input_ids, cache=cache, labels=labels, logits_to_keep=logits_to_keep)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        B, S = input_ids.shape
-        if S > self.config.text.max_seq_len:
-            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.text.max_seq_len}")
-        self.decoder.check_token_ids(input_ids)
+        if fusion.decoding(cache, pixel_values=pixel_values, input_features=input_features,
+                           pixel_values_videos=pixel_values_videos):
+            return self.decoder(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
+                                document_ids=document_ids, labels=labels, logits_to_keep=logits_to_keep)
+        fusion.check_inputs(self.decoder, input_ids)
         videos = list(pixel_values_videos) if pixel_values_videos is not None else None
         spans = self.spans(input_ids)
         sizes = self.media_sizes(spans, pixel_values, input_features, videos)
         embeds = self.decoder.tok_embeddings(input_ids)
-        if spans:
+        if len(spans):
             feats = self.embed_media(spans, sizes, pixel_values, input_features, videos)
             if self.config.text.embed_scale:  # cancel the decoder's sqrt(dim): media enter as encoded
                 feats = feats / math.sqrt(self.config.text.dim)
-            is_media = input_ids == self.config.tokens.placeholder
-            embeds = embeds.masked_scatter(is_media[..., None], feats.to(embeds.dtype))
-        seg = make_segments(B, S, embeds.device, attention_mask=attention_mask, document_ids=document_ids,
-                            position_ids=position_ids)
-        plain = all(t is None for t in (attention_mask, document_ids))
-        h = self.decoder.hidden_states(embeds, seg, cache=cache, plain_causal=plain)
-        return self.decoder.head(h, labels, logits_to_keep)
+            embeds = fusion.scatter(embeds, spans, feats)
+        return fusion.prefill(self.decoder, embeds, attention_mask=attention_mask, document_ids=document_ids,
+                              position_ids=position_ids, labels=labels, cache=cache, logits_to_keep=logits_to_keep)
 
 
 # -- presets ---------------------------------------------------------------------------------------

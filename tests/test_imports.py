@@ -115,3 +115,9 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
         else:
             raise AssertionError(f"{check.__name__} passed on a bad graph")
 
+
+
+def test_model_files_read_in_one_sitting():
+    long = {p.name: n for p in (SRC / "polymodal" / "models").glob("*.py")
+            if (n := len(p.read_text().splitlines())) > 300}
+    assert not long, f"model files over 300 lines: {long}"

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from polymodal.config import Config, ConfigError, DecoderConfig, _check_choice, _check_positive
-from polymodal.errors import InputError
 from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.errors import InputError
 from polymodal.fusion.cross_attention import GATES, gated_cross_attention_block
 from polymodal.fusion.perceiver import PerceiverConfig, build_resampler
 from polymodal.models import fusion

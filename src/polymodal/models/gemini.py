@@ -25,6 +25,7 @@ from torch import nn
 from polymodal.config import DecoderConfig
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT
+from polymodal.errors import InputError
 from polymodal.fusion.configs import MODALITIES, GeminiConfig, MediaTokens
 from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
@@ -83,12 +84,12 @@ class Gemini(nn.Module):
             n = cfg.tokens_per_image if self.patch_pos is not None else "P"
             if pixel_values.shape[-1] != cfg.patch_size ** 2 * cfg.channels or (
                     self.patch_pos is not None and pixel_values.shape[1] != n):
-                raise ValueError(f"{name} given as patches must be (N, {n}, {cfg.patch_size ** 2 * cfg.channels}), "
+                raise InputError(f"{name} given as patches must be (N, {n}, {cfg.patch_size ** 2 * cfg.channels}), "
                                  f"got {tuple(pixel_values.shape)}")
             return
         expected = (cfg.channels, cfg.image_size, cfg.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"{name} must be (num_images, {', '.join(map(str, expected))}), "
+            raise InputError(f"{name} must be (num_images, {', '.join(map(str, expected))}), "
                              f"got {tuple(pixel_values.shape)}")
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -140,17 +141,17 @@ class Gemini(nn.Module):
             self.check_images(pixel_values)
         if input_features is not None:
             if self.audio is None:
-                raise ValueError("input_features given, but this model has no audio encoder (config.audio is None)")
+                raise InputError("input_features given, but this model has no audio encoder (config.audio is None)")
             self.audio.check_features(input_features)
         for i, v in enumerate(videos or []):
             if self.frame_embed is None:
-                raise ValueError("pixel_values_videos given, but this model takes no video (config.max_frames is 0)")
+                raise InputError("pixel_values_videos given, but this model takes no video (config.max_frames is 0)")
             if v.dim() != 4:
-                raise ValueError(f"video {i} must be (frames, C, H, W), got shape {tuple(v.shape)}")
+                raise InputError(f"video {i} must be (frames, C, H, W), got shape {tuple(v.shape)}")
             if v.shape[0] == 0:
-                raise ValueError(f"video {i} has no frames (shape {tuple(v.shape)}); a video needs at least one frame")
+                raise InputError(f"video {i} has no frames (shape {tuple(v.shape)}); a video needs at least one frame")
             if v.shape[0] > cfg.max_frames:
-                raise ValueError(f"video {i} has {v.shape[0]} frames; this model embeds at most "
+                raise InputError(f"video {i} has {v.shape[0]} frames; this model embeds at most "
                                  f"max_frames={cfg.max_frames}")
             self.check_images(v, f"video {i}")
         sizes = {
@@ -167,7 +168,7 @@ class Gemini(nn.Module):
                                    f"pixel_values gives {sum(sizes[kind])} image embeddings")
                 continue
             if given[kind] is not None and getattr(cfg.tokens, kind) is None:
-                raise ValueError(f"{names[kind]} given, but the config has no {kind} span tokens (tokens.{kind})")
+                raise InputError(f"{names[kind]} given, but the config has no {kind} span tokens (tokens.{kind})")
             fusion.check_spans(spans.of(k), sizes[kind], kind, names[kind], plural[kind])
         return sizes
 

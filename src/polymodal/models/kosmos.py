@@ -26,6 +26,7 @@ from torch import nn
 
 from polymodal.config import DecoderConfig
 from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.errors import InputError
 from polymodal.fusion.configs import KosmosConfig
 from polymodal.fusion.perceiver import PerceiverConfig, build_resampler
 from polymodal.models import fusion
@@ -74,7 +75,7 @@ class Kosmos(nn.Module):
         N = len(rows)
         given = 0 if pixel_values is None else pixel_values.shape[0]
         if N != given:
-            raise ValueError(f"input_ids hold {N} images (<image> tokens, id {cfg.image_token_id}) but pixel_values "
+            raise InputError(f"input_ids hold {N} images (<image> tokens, id {cfg.image_token_id}) but pixel_values "
                              f"holds {given} images" + (" (none given)" if pixel_values is None else ""))
         if pixel_values is not None:
             self.vision.check_pixels(pixel_values)
@@ -83,24 +84,24 @@ class Kosmos(nn.Module):
         if S > limit and (ends >= limit).any():
             past = [f"image {k} (row {int(rows[k])}, tokens {int(starts[k])}..{int(ends[k])})"
                     for k in (ends >= limit).nonzero()[:, 0].tolist()]
-            raise ValueError(f"{', '.join(past[:5])}{' and more' if len(past) > 5 else ''} "
+            raise InputError(f"{', '.join(past[:5])}{' and more' if len(past) > 5 else ''} "
                              f"{'lies' if len(past) == 1 else 'lie'} past the context limit of max_seq_len={limit} "
                              f"tokens (the input has {S}); shorten the document or drop those images")
         if (ends >= S).any():
             k = int((ends >= S).nonzero()[0, 0])
-            raise ValueError(f"image {k} (row {int(rows[k])}) starts at token {int(starts[k])} and needs tokens up to "
+            raise InputError(f"image {k} (row {int(rows[k])}) starts at token {int(starts[k])} and needs tokens up to "
                              f"{int(ends[k])} (<image>, {n} placeholders, </image>), but the input ends at token "
                              f"{S - 1}: was it cut at the context limit?")
         if N:
             found = input_ids[rows, ends]
             if (found != cfg.image_end_token_id).any():
                 k = int((found != cfg.image_end_token_id).nonzero()[0, 0])
-                raise ValueError(f"image {k} (row {int(rows[k])}, <image> at token {int(starts[k])}) needs </image> "
+                raise InputError(f"image {k} (row {int(rows[k])}, <image> at token {int(starts[k])}) needs </image> "
                                  f"(id {cfg.image_end_token_id}) at token {int(ends[k])} after its {n} placeholders, "
                                  f"got id {int(found[k])}")
         n_ends = int((input_ids == cfg.image_end_token_id).sum())
         if n_ends != N:
-            raise ValueError(f"input_ids hold {n_ends} </image> tokens for {N} images; every image is "
+            raise InputError(f"input_ids hold {n_ends} </image> tokens for {N} images; every image is "
                              f"<image>, {n} placeholders, </image>")
         return fusion.Spans(rows, starts + 1, torch.full_like(rows, n), torch.zeros_like(rows))
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from polymodal.encoders.vit import ViT, init_weights
-from polymodal.fusion.configs import PaliGemmaConfig
 from polymodal.errors import InputError
+from polymodal.fusion.configs import PaliGemmaConfig
 from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache

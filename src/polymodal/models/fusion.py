@@ -65,39 +65,38 @@ def wrapped_spans(input_ids: torch.Tensor, placeholder: int, wrappers: list[tupl
     A placeholder outside a span, a span not closed by its own end token and an end token with no
     start are errors naming the row and position of the first one."""
     B, S = input_ids.shape
-    device = input_ids.device
-    pos = torch.arange(S, device=device).expand(B, S)
+    pos = torch.arange(S, device=input_ids.device).expand(B, S)
     held = input_ids == placeholder
     # for every position, the next token that is not a placeholder (S: none) and the last one before it (-1)
     nxt = torch.where(held, S, pos).flip(1).cummin(1).values.flip(1)
     nxt = torch.cat([nxt[:, 1:], torch.full_like(nxt[:, :1], S)], 1)
     prev = torch.where(held, -1, pos).cummax(1).values
     prev = torch.cat([torch.full_like(prev[:, :1], -1), prev[:, :-1]], 1)
-    kind_of_start = torch.full_like(input_ids, -1)
-    ends = torch.full_like(input_ids, -1)
+    kind = torch.full_like(input_ids, -1)  # the kind a token opens, -1 if none
+    end = torch.full_like(input_ids, -1)  # the token that must close it
     for k, pair in enumerate(wrappers):
         if pair is not None:
-            kind_of_start = torch.where(input_ids == pair[0], k, kind_of_start)
-            ends = torch.where(input_ids == pair[0], pair[1], ends)
-    token_at = lambda rows, cols: torch.where(cols < S, input_ids[rows, cols.clamp(max=S - 1)], -1)  # noqa: E731
-    rows, starts = (kind_of_start >= 0).nonzero(as_tuple=True)
+            kind = torch.where(input_ids == pair[0], k, kind)
+            end = torch.where(input_ids == pair[0], pair[1], end)
+    opened = (prev >= 0) & (kind.gather(1, prev.clamp(min=0)) >= 0)  # the last non-placeholder before opens a span
+    rows, starts = (kind >= 0).nonzero(as_tuple=True)
     closes = nxt[rows, starts]
+    padded = torch.cat([input_ids, torch.full_like(input_ids[:, :1], -1)], 1)  # -1: the end of the input
     errors: list[tuple[int, int, str]] = []
-    bad = token_at(rows, closes) != ends[rows, starts]
+    bad = padded[rows, closes] != end[rows, starts]
     for r, i, j in zip(rows[bad].tolist(), starts[bad].tolist(), closes[bad].tolist()):
         found = "the end of the input" if j == S else f"token {int(input_ids[r, j])}"
-        errors.append((r, i, f"row {r}: the {names[int(kind_of_start[r, i])]} span opened at position {i} must be "
-                             f"placeholders closed by {int(ends[r, i])}, but {found} follows at position {j}"))
-    opener = lambda t: (t >= 0) & (kind_of_start.gather(1, t.clamp(min=0)) >= 0)  # noqa: E731
-    for r, i in (held & ~opener(prev)).nonzero().tolist():
+        errors.append((r, i, f"row {r}: the {names[int(kind[r, i])]} span opened at position {i} must be "
+                             f"placeholders closed by {int(end[r, i])}, but {found} follows at position {j}"))
+    for r, i in (held & ~opened).nonzero().tolist():
         errors.append((r, i, f"row {r}: media placeholder at position {i} is outside any media span"))
     for k, pair in enumerate(wrappers):
         if pair is not None:
-            for r, i in ((input_ids == pair[1]) & ~opener(prev)).nonzero().tolist():
+            for r, i in ((input_ids == pair[1]) & ~opened).nonzero().tolist():
                 errors.append((r, i, f"row {r}: {names[k]} span end token at position {i} has no start"))
     if errors:
         raise InputError(min(errors)[2])
-    return Spans(rows, starts + 1, closes - starts - 1, kind_of_start[rows, starts])
+    return Spans(rows, starts + 1, closes - starts - 1, kind[rows, starts])
 
 
 def check_total(spans: Spans, n_media_tokens: int, found: str, given: str) -> None:

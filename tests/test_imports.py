@@ -6,6 +6,7 @@ any lower layer; packages on one layer (models and data, ...) never import each 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -104,7 +105,7 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     (pkg / "config.py").write_text("from polymodal.nn import a\n")
     (pkg / "nn" / "a.py").write_text("def f():\n    from . import b\n")
     (pkg / "nn" / "b.py").write_text("import polymodal.config\n")
-    monkeypatch.setattr(__import__(__name__), "SRC", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
     g = graph()
     assert g["polymodal.config"] == {"polymodal.nn.a"} and g["polymodal.nn.a"] == {"polymodal.nn.b"}
     for check in (test_every_import_points_down, test_no_import_cycle):

@@ -14,11 +14,11 @@ import torch
 import polymodal as pm
 from polymodal.data.collate import Collator
 from polymodal.data.documents import Document, Segment
+from polymodal.data.formats import ChameleonFormat
 from polymodal.data.synthetic import CHOICES, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.data.processors import images_to_pixels
 from polymodal.encoders.vq import VQModel
-from polymodal.data.formats import ChameleonFormat
 from polymodal.models.chameleon import chameleon_tiny
 
 WORLD = World(seed=0)

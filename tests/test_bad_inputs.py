@@ -13,7 +13,8 @@ from PIL import Image
 
 import polymodal as pm
 from polymodal.cli import main
-from polymodal.config import ConfigError, DecoderConfig, load_config
+from polymodal.config import ConfigError, DecoderConfig
+from polymodal.models import load_config
 from polymodal.data.collate import Collator, fit_config
 from polymodal.data.documents import MAX_IMAGE_PIXELS, Audio, Document, DocumentError, Segment, read_jsonl
 from polymodal.data.tokenizer import Tokenizer

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from polymodal.config import ConfigError, DecoderConfig, load_config
+from polymodal.config import ConfigError, DecoderConfig
+from polymodal.models import load_config
 
 
 def test_json_round_trip(tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polymodal.config import Config, check_fits_memory, load_config, read_json_config
+from polymodal.config import Config, check_fits_memory, read_json_config
 from polymodal.convert.hf import load_hf
 from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
-from polymodal.models import MODEL_CLASSES
+from polymodal.models import MODEL_CLASSES, load_config
 from polymodal.nn.quantize import quantize as quantize_model
 from polymodal.presets import get_preset
 from polymodal.serialization import WEIGHTS, atomic_directory, load_into, load_weights, save_state_dict

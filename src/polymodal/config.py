@@ -261,18 +261,4 @@ def read_json_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path) -> Config:
-    """Read a polymodal config.json written by `Config.to_json`; ConfigError naming the file if it is not one."""
-    from polymodal.models import CONFIG_CLASSES  # the families register their config classes
-
-    data = read_json_config(path)
-    name = data.pop("config_class", None)
-    if name not in CONFIG_CLASSES:
-        raise ConfigError(f"{path}: config_class must be one of {sorted(CONFIG_CLASSES)}, got {name!r}")
-    try:
-        return CONFIG_CLASSES[name].from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
-
-
-__all__ = ["Config", "ConfigError", "DecoderConfig", "load_config"]
+__all__ = ["Config", "ConfigError", "DecoderConfig"]

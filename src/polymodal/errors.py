@@ -50,3 +50,11 @@ def check_number(name: str, value: Any, *, integer: bool = False, above: float |
         given = f"{value!r} ({type(value).__name__})" if not isinstance(value, numbers.Real) else repr(value)
         raise error(f"{name} must be {kind}{' ' + wanted if wanted else ''}, got {given}")
     return value
+
+
+def check_pixel_values(pixel_values: Any, channels: int, size: int, batch: str = "num_images") -> None:
+    """A clear error unless pixel_values is (batch, channels, size, size), the batch dimension named `batch`."""
+    expected = (channels, size, size)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise InputError(f"pixel_values must be ({batch}, {', '.join(map(str, expected))}), "
+                         f"got {tuple(pixel_values.shape)}")

@@ -8,7 +8,8 @@ from polymodal.config import Config, DecoderConfig
 from polymodal.encoders.vit import VisionConfig
 from polymodal.models.chameleon import chameleon_tiny
 from polymodal.models.contrastive import clip_tiny, clip_vit_l_14, siglip_so400m_14_224, siglip_tiny
-from polymodal.models.flamingo import FlamingoConfig, PerceiverConfig
+from polymodal.fusion.perceiver import PerceiverConfig
+from polymodal.models.flamingo import FlamingoConfig
 from polymodal.models.gemini import gemini_nano_1, gemini_nano_2, gemini_tiny
 from polymodal.models.kosmos import kosmos_1, kosmos_tiny
 from polymodal.models.paligemma import PaliGemmaConfig
@@ -47,7 +48,7 @@ def llama_3_2_1b() -> DecoderConfig:
 def paligemma_tiny() -> PaliGemmaConfig:
     """32x32 images in 16 patches; small enough to learn the built-in world on a laptop CPU in minutes.
     The image placeholder is the vocabulary's last id, whatever the tokenizer; a trainer puts its
-    tokenizer's vocabulary size and `<image>` id in instead (`data.collate.PaliGemmaFormat.fit`)."""
+    tokenizer's vocabulary size and `<image>` id in instead (`data.formats.PaliGemmaFormat.fit`)."""
     text = gemma_tiny().replace(dim=128, n_heads=4, n_kv_heads=1, head_dim=32, hidden_dim=384, n_layers=3)
     vision = VisionConfig(image_size=32, patch_size=8, dim=96, n_layers=3, n_heads=4, hidden_dim=256,
                           pooling_head=False)  # PaliGemma reads the patch features; a MAP head would go unused

@@ -7,7 +7,8 @@ import PIL.Image
 import pytest
 import torch
 
-from polymodal.data.processors import CLIP_MEAN, CLIP_STD, AudioFeatureExtractor, ImageProcessor
+from polymodal.data.processors import CLIP_MEAN, CLIP_STD, ImageProcessor
+from polymodal.encoders.mel import AudioFeatureExtractor
 
 
 def _transformers():

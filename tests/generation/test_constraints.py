@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import polymodal as pm
-from polymodal.generation.constraints import ImageSpans
+from polymodal.models.constraints import ImageSpans
 from polymodal.models.chameleon import chameleon_tiny
 
 BEGIN, END = 6, 7

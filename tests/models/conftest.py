@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from polymodal.data.synthetic import World
-from polymodal.encoders.vq import VQModel, images_to_pixels, train_vq
+from polymodal.data.processors import images_to_pixels
+from polymodal.encoders.vq import VQModel, train_vq
 from polymodal.models.chameleon import chameleon_tiny
 
 WORLD = World(seed=0)

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 import polymodal as pm
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.fusion.perceiver import PerceiverResampler
-from polymodal.models.flamingo import Flamingo, FlamingoConfig, PerceiverConfig
+from polymodal.fusion.perceiver import PerceiverConfig
+from polymodal.models.flamingo import Flamingo, FlamingoConfig
 from polymodal.nn.masks import media_attention_mask, media_ids
 from polymodal.nn.transformer import Decoder
 

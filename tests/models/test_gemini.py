@@ -170,7 +170,7 @@ def test_malformed_streams_are_errors(model, cfg):
     batch_ids = torch.tensor([[1, img] + [ph] * 16 + [end, 20]])
     cache = model.make_cache(1, 32)
     model(batch_ids, pixel_values=torch.zeros(1, 3, 32, 32), cache=cache)
-    with pytest.raises(ValueError, match="media belong to the first"):
+    with pytest.raises(ValueError, match=r"\['pixel_values'\] belong to the first \(prefill\) call"):
         model(torch.tensor([[20]]), pixel_values=torch.zeros(1, 3, 32, 32), cache=cache)
 
 

@@ -14,10 +14,12 @@ import torch
 import polymodal as pm
 from polymodal.data.collate import Collator
 from polymodal.data.documents import Document, Segment
+from polymodal.data.formats import ChameleonFormat
 from polymodal.data.synthetic import CHOICES, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.encoders.vq import VQModel, images_to_pixels
-from polymodal.models.chameleon import ChameleonFormat, chameleon_tiny
+from polymodal.data.processors import images_to_pixels
+from polymodal.encoders.vq import VQModel
+from polymodal.models.chameleon import chameleon_tiny
 
 WORLD = World(seed=0)
 CHANCE = 1 / len(CHOICES["text_to_image"])  # 12 objects x 4 cells
@@ -147,7 +149,7 @@ def test_image_placeholders_take_codes_in_inputs_and_labels():
     model(ids, pixel_values=pixels, labels=ids).loss.backward()
     assert all(p.grad is None for p in model.vq.parameters())  # the tokenizer stays frozen
     assert model.decoder.tok_embeddings.weight.grad is not None
-    with pytest.raises(ValueError, match=rf"hold {n} image placeholder tokens \(4\); 2 image\(s\) need {2 * n}"):
+    with pytest.raises(ValueError, match=rf"hold {n} image placeholder tokens \(4\) but 2 image\(s\) need {2 * n}"):
         model(ids, pixel_values=torch.cat([pixels, pixels]))
     with pytest.raises(ValueError, match=r"0 image\(s\) need 0"):
         model(ids)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import polymodal as pm
 from polymodal.data.synthetic import World
-from polymodal.encoders.vq import VQConfig, VQModel, images_to_pixels, pixels_to_images
+from polymodal.data.processors import images_to_pixels
+from polymodal.encoders.vq import VQConfig, VQModel, pixels_to_images
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE  # noqa: E402

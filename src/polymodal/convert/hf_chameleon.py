@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from polymodal.config import ConfigError
-from polymodal.convert.hf import (FAMILIES, Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
-                                  tied_head)
+from polymodal.convert.rules import (Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
+                                    tied_head)
 from polymodal.encoders.vq import VQConfig, VQModel
 from polymodal.models.chameleon import Chameleon, ChameleonConfig
 
@@ -100,6 +100,6 @@ def rules(cfg: ChameleonConfig) -> list[Rule]:
     return out + [Rule(f"vq.{k}", (f"model.vqmodel.{k}",)) for k in names]
 
 
-FAMILIES["chameleon"] = Family(config_from_hf=config_from_hf, build=Chameleon, rules=rules, config_to_hf=config_to_hf,
-                               ignore=("rotary_emb.inv_freq",),
-                               tied_head=tied_head("lm_head.weight", "model.embed_tokens.weight", lambda cfg: cfg.text))
+CHAMELEON = Family(config_from_hf=config_from_hf, build=Chameleon, rules=rules, config_to_hf=config_to_hf,
+                   ignore=("rotary_emb.inv_freq",),
+                   tied_head=tied_head("lm_head.weight", "model.embed_tokens.weight", lambda cfg: cfg.text))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from polymodal.config import ConfigError
-from polymodal.convert.hf import FAMILIES, Family, Rule, linear_rules, norm_rules
+from polymodal.convert.rules import Family, Rule, linear_rules, norm_rules
 from polymodal.convert.hf_vision import (VISION_ACT, encoder_layer_rules, vision_config_from_hf, vision_config_to_hf,
                                          vision_rules)
 from polymodal.encoders.text import TextConfig
@@ -113,7 +113,7 @@ def siglip_config_to_hf(cfg: ContrastiveConfig) -> dict:
             "vision_config": vision_config_to_hf(cfg.vision)}
 
 
-FAMILIES["clip"] = Family(config_from_hf=clip_config_from_hf, build=DualEncoder, rules=contrastive_rules,
-                          config_to_hf=clip_config_to_hf, ignore=("position_ids",))
-FAMILIES["siglip"] = Family(config_from_hf=siglip_config_from_hf, build=DualEncoder, rules=contrastive_rules,
-                            config_to_hf=siglip_config_to_hf, ignore=("position_ids",))
+CLIP = Family(config_from_hf=clip_config_from_hf, build=DualEncoder, rules=contrastive_rules,
+              config_to_hf=clip_config_to_hf, ignore=("position_ids",))
+SIGLIP = Family(config_from_hf=siglip_config_from_hf, build=DualEncoder, rules=contrastive_rules,
+                config_to_hf=siglip_config_to_hf, ignore=("position_ids",))

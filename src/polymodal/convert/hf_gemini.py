@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from polymodal.config import ConfigError, DecoderConfig
-from polymodal.convert.hf import FAMILIES, Family, Rule, linear_rules, norm_rules, rope_from_hf
+from polymodal.convert.rules import Family, Rule, linear_rules, norm_rules, rope_from_hf
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.models.gemini import Gemini, GeminiConfig, MediaTokens
 
@@ -123,7 +123,7 @@ def fuyu_rules(cfg: GeminiConfig) -> list[Rule]:
     return rules
 
 
-FAMILIES["fuyu"] = Family(
+FUYU = Family(
     config_from_hf=fuyu_config_from_hf, build=Gemini, rules=fuyu_rules, config_to_hf=fuyu_config_to_hf,
     # checkpoints keep the original layout; transformers 5 modules name it differently in memory
     aliases=(("model.language_model.", "language_model.model."), ("model.vision_embed_tokens.", "vision_embed_tokens."),
@@ -164,7 +164,7 @@ def whisper_rules(cfg: AudioConfig) -> list[Rule]:
     return rules
 
 
-FAMILIES["whisper"] = Family(
+WHISPER = Family(
     config_from_hf=whisper_config_from_hf, build=AudioEncoder, rules=whisper_rules, config_to_hf=whisper_config_to_hf,
     aliases=(("model.encoder.", "encoder."), ("model.decoder.", "decoder.")),
     skip=("decoder.", "proj_out."),  # the text decoder: only the encoder is read

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from polymodal.config import ConfigError, DecoderConfig
-from polymodal.convert.hf import (FAMILIES, Family, Rule, decoder_rules, linear_rules, norm_rules, rope_from_hf,
-                                  rope_to_hf)
+from polymodal.convert.rules import (Family, Rule, decoder_rules, linear_rules, norm_rules, rope_from_hf,
+                                    rope_to_hf)
 from polymodal.convert.hf_vision import vision_config_from_hf, vision_config_to_hf, vision_rules
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.vit import VisionConfig
@@ -161,5 +161,5 @@ def media_token_from_tokenizer(cfg: FlamingoConfig, directory: Path) -> Flamingo
         return cfg
 
 
-FAMILIES["idefics"] = Family(config_from_hf=config_from_hf, build=Flamingo, rules=rules, config_to_hf=config_to_hf,
-                             ignore=("rotary_emb.inv_freq",), from_directory=media_token_from_tokenizer)
+IDEFICS = Family(config_from_hf=config_from_hf, build=Flamingo, rules=rules, config_to_hf=config_to_hf,
+                 ignore=("rotary_emb.inv_freq",), from_directory=media_token_from_tokenizer)

@@ -8,9 +8,10 @@ converters are shared with every family that holds a CLIP or SigLIP tower (dual 
 from __future__ import annotations
 
 from polymodal.config import ConfigError
-from polymodal.convert.hf import (FAMILIES, Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
-                                  linear_rules, norm_rules, tied_head)
+from polymodal.convert.rules import (Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
+                                    linear_rules, norm_rules, tied_head)
 from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.models.paligemma import PaliGemma, PaliGemmaConfig
 
 VISION_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
 # HF's SiglipVisionConfig / CLIPVisionConfig defaults: a key a config.json leaves out means these
@@ -90,9 +91,7 @@ def vision_rules(cfg: VisionConfig, ours: str = "", theirs: str = "") -> list[Ru
     return rules
 
 
-def paligemma_config_from_hf(hf: dict):
-    from polymodal.models.paligemma import PaliGemmaConfig
-
+def paligemma_config_from_hf(hf: dict) -> PaliGemmaConfig:
     text_type = hf.get("text_config", {}).get("model_type", "gemma")
     if text_type != "gemma":  # PaliGemma 2 (Gemma 2: logit soft-capping, sliding windows, sandwich norms)
         raise ConfigError(f"PaliGemma's text_config.model_type {text_type!r} is not supported; supported: ['gemma']")
@@ -106,7 +105,7 @@ def paligemma_config_from_hf(hf: dict):
     return PaliGemmaConfig(vision=vision, text=text, image_token_id=image_token_id)
 
 
-def paligemma_config_to_hf(cfg) -> dict:
+def paligemma_config_to_hf(cfg: PaliGemmaConfig) -> dict:
     text = decoder_config_to_hf(cfg.text, gemma=True)
     vision = {**vision_config_to_hf(cfg.vision), "projection_dim": cfg.text.dim}
     return {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
@@ -114,7 +113,7 @@ def paligemma_config_to_hf(cfg) -> dict:
             "text_config": text, "vision_config": vision, "tie_word_embeddings": cfg.text.tie_embeddings}
 
 
-def paligemma_rules(cfg) -> list[Rule]:
+def paligemma_rules(cfg: PaliGemmaConfig) -> list[Rule]:
     return (vision_rules(cfg.vision, "vision.", "vision_tower.")
             + linear_rules("projector", ["multi_modal_projector.linear"], None, True)
             + decoder_rules(cfg.text, "decoder.", "language_model.model.", "language_model.lm_head"))
@@ -122,26 +121,19 @@ def paligemma_rules(cfg) -> list[Rule]:
 
 VISION_ALIASES = (("vision_model.", ""),)
 
-for _variant in ("siglip", "clip"):
-    FAMILIES[f"{_variant}_vision_model"] = Family(
-        config_from_hf=lambda hf, v=_variant: vision_config_from_hf(hf, v),
-        build=ViT,
-        rules=vision_rules,
-        config_to_hf=lambda cfg, v=_variant: {"architectures": [f"{v.upper() if v == 'clip' else 'Siglip'}VisionModel"],
-                                              **vision_config_to_hf(cfg)},
-        aliases=VISION_ALIASES,
-    )
+SIGLIP_VISION, CLIP_VISION = (Family(
+    config_from_hf=lambda hf, v=variant: vision_config_from_hf(hf, v),
+    build=ViT,
+    rules=vision_rules,
+    config_to_hf=lambda cfg, v=variant: {"architectures": [f"{v.upper() if v == 'clip' else 'Siglip'}VisionModel"],
+                                         **vision_config_to_hf(cfg)},
+    aliases=VISION_ALIASES,
+) for variant in ("siglip", "clip"))
 
 
-def _build_paligemma(cfg):
-    from polymodal.models.paligemma import PaliGemma
-
-    return PaliGemma(cfg)
-
-
-FAMILIES["paligemma"] = Family(
+PALIGEMMA = Family(
     config_from_hf=paligemma_config_from_hf,
-    build=_build_paligemma,
+    build=PaliGemma,
     rules=paligemma_rules,
     config_to_hf=paligemma_config_to_hf,
     ignore=("rotary_emb.inv_freq",),

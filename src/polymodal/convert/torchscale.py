@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from polymodal.config import ConfigError, DecoderConfig
-from polymodal.convert.hf import Rule, linear_rules, norm_rules
+from polymodal.convert.rules import Rule, linear_rules, norm_rules
 from polymodal.nn.transformer import Decoder
 from polymodal.serialization import load_into
 

@@ -8,8 +8,7 @@ from polymodal.data.collate import Collator, fit_config
 from polymodal.data.interleaved import InterleavedCollator, InterleavedFormat
 from polymodal.data.pairs import PairCollator, PairFormat
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.models.contrastive import ContrastiveConfig
-from polymodal.models.flamingo import FlamingoConfig
+from polymodal.fusion.configs import ContrastiveConfig, FlamingoConfig
 
 COLLATORS: dict[type, tuple[type, type]] = {  # config type -> (collator, format)
     FlamingoConfig: (InterleavedCollator, InterleavedFormat),

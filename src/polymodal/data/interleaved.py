@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from polymodal.data.collate import Collator, DecoderFormat, Encoded, KosmosFormat
+from polymodal.data.collate import Collator
+from polymodal.data.formats import DecoderFormat, Encoded, KosmosFormat
 from polymodal.data.tokenizer import Tokenizer
 
 

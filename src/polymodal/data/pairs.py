@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from polymodal.data.collate import Encoded, _name
+from polymodal.data.formats import Encoded, _name
 from polymodal.data.documents import Document
 from polymodal.data.processors import CLIP_MEAN, CLIP_STD, ImageProcessor
 from polymodal.data.tokenizer import Tokenizer

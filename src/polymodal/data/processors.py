@@ -1,15 +1,13 @@
-"""Image and audio preprocessing: PIL images -> pixel_values, 16 kHz waveforms -> log-mel features.
+"""Image preprocessing: PIL images -> pixel_values.
 
 `ImageProcessor` reproduces the PIL path of HF transformers' `SiglipImageProcessor` (SigLIP,
 PaliGemma), `CLIPImageProcessor` (CLIP, KOSMOS-1) and `IdeficsImageProcessor`: resize with PIL
-on uint8 pixels, center crop, rescale, normalize. `AudioFeatureExtractor` reproduces Whisper's
-log-mel spectrogram (Radford et al. 2022; HF `WhisperFeatureExtractor`): Hann-window STFT,
-Slaney mel filterbank, log10, floor at 8 decades below the peak, scale to about [-1, 1].
+on uint8 pixels, center crop, rescale, normalize. `images_to_pixels` is Chameleon's scaling. The
+audio front end (Whisper's log-mel) is `encoders.mel`.
 """
 
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +148,6 @@ _HF_KINDS: dict[str, dict[str, Any]] = {
 }
 
 
-def check_pixel_values(pixel_values: torch.Tensor, channels: int, size: int, batch: str = "num_images") -> None:
-    """A clear error unless pixel_values is (batch, channels, size, size), the batch dimension named `batch`."""
-    expected = (channels, size, size)
-    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-        raise ValueError(f"pixel_values must be ({batch}, {', '.join(map(str, expected))}), "
-                         f"got {tuple(pixel_values.shape)}")
-
-
 def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     # Transparent pixels become white, not black, as in HF's convert_to_rgb.
     if "A" in image.getbands() or "transparency" in image.info:
@@ -177,85 +167,6 @@ def _center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
-    # Slaney's scale: linear below 1 kHz, logarithmic above.
-    log_part = 15.0 + torch.log(f.clamp(min=1000.0) / 1000.0) * (27.0 / math.log(6.4))
-    return torch.where(f >= 1000.0, log_part, 3.0 * f / 200.0)
-
-
-def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
-    log_part = 1000.0 * torch.exp((m.clamp(min=15.0) - 15.0) * (math.log(6.4) / 27.0))
-    return torch.where(m >= 15.0, log_part, 200.0 * m / 3.0)
-
-
-def mel_filterbank(n_mels: int, n_fft: int, sampling_rate: int) -> torch.Tensor:
-    """Slaney-normalized triangular mel filters over 0..sampling_rate/2, (n_fft // 2 + 1, n_mels) float32."""
-    nyquist = torch.tensor(sampling_rate / 2, dtype=torch.float64)
-    edges = _mel_to_hz(torch.linspace(0.0, float(_hz_to_mel(nyquist)), n_mels + 2, dtype=torch.float64))
-    bins = torch.linspace(0.0, float(nyquist), n_fft // 2 + 1, dtype=torch.float64)
-    offsets = edges[None, :] - bins[:, None]  # (F, M+2)
-    widths = edges.diff()
-    rising, falling = -offsets[:, :-2] / widths[:-1], offsets[:, 2:] / widths[1:]
-    filters = torch.minimum(rising, falling).clamp(min=0.0)
-    # Area normalization keeps the energy per channel roughly constant across the scale.
-    filters = filters * (2.0 / (edges[2:] - edges[:-2]))
-    empty = (filters.amax(dim=0) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"mel filters {empty} are empty: n_mels={n_mels} is too many for n_fft={n_fft}")
-    return filters.float()
-
-
-@dataclass
-class AudioFeatureExtractor:
-    """Mono waveform -> (n_mels, chunk_length * sampling_rate // hop_length) log-mel, as Whisper.
-
-    Waveforms are zero-padded or truncated to `chunk_length` seconds; smaller `chunk_length`
-    and `n_mels` give tiny models short inputs.
-    """
-
-    n_mels: int = 80
-    sampling_rate: int = 16000
-    hop_length: int = 160
-    n_fft: int = 400
-    chunk_length: int = 30
-    _filters: torch.Tensor = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if min(self.n_mels, self.sampling_rate, self.hop_length, self.n_fft, self.chunk_length) <= 0:
-            raise ValueError(f"all sizes must be positive, got {self}")
-        self._filters = mel_filterbank(self.n_mels, self.n_fft, self.sampling_rate)
-
-    @property
-    def n_samples(self) -> int:
-        return self.chunk_length * self.sampling_rate
-
-    @property
-    def n_frames(self) -> int:
-        return self.n_samples // self.hop_length
-
-    def __call__(self, waveform: np.ndarray | list[np.ndarray], *, sampling_rate: int) -> torch.Tensor:
-        """One 1-D waveform -> (n_mels, n_frames); a list of them -> (B, n_mels, n_frames)."""
-        if sampling_rate != self.sampling_rate:
-            raise ValueError(f"expected audio sampled at {self.sampling_rate} Hz, got {sampling_rate} Hz; resample it first")
-        batch = [waveform] if isinstance(waveform, np.ndarray) else list(waveform)
-        if not batch:
-            raise ValueError("expected at least one waveform, got an empty list")
-        x = torch.zeros(len(batch), self.n_samples)
-        for i, wave in enumerate(batch):
-            if not isinstance(wave, np.ndarray) or wave.ndim != 1:
-                raise ValueError(f"waveform {i}: expected a 1-D (mono) numpy array, got {getattr(wave, 'shape', type(wave))}")
-            if not np.issubdtype(wave.dtype, np.floating):
-                raise ValueError(f"waveform {i}: expected float samples in [-1, 1], got dtype {wave.dtype}")
-            wave = wave[: self.n_samples]
-            x[i, : len(wave)] = torch.from_numpy(wave.astype(np.float32))
-        features = self._log_mel(x)
-        return features[0] if isinstance(waveform, np.ndarray) else features
-
-    def _log_mel(self, x: torch.Tensor) -> torch.Tensor:
-        window = torch.hann_window(self.n_fft)
-        stft = torch.stft(x, self.n_fft, self.hop_length, window=window, return_complex=True)
-        power = stft[..., :-1].abs() ** 2  # Whisper drops the last frame: n_samples / hop frames
-        log_mel = (self._filters.T @ power).clamp(min=1e-10).log10()  # (B, n_mels, T)
-        # Keep 8 decades below each clip's peak, then scale to about [-1, 1].
-        log_mel = torch.maximum(log_mel, log_mel.amax(dim=(1, 2), keepdim=True) - 8.0)
-        return (log_mel + 4.0) / 4.0
+def images_to_pixels(images: list[PIL.Image.Image], resolution: int) -> torch.Tensor:
+    """PIL images -> (B, 3, R, R) float32 in [-1, 1], as Chameleon's processor scales them."""
+    return ImageProcessor(size=(resolution, resolution), image_mean=(0.5,) * 3, image_std=(0.5,) * 3)(images)

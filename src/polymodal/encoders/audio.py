@@ -3,7 +3,7 @@
 Whisper's encoder (Radford et al. 2022), matching HF `WhisperEncoder` weight for weight: two
 GELU Conv1d layers (the second with stride 2, halving the frame rate to 50 Hz), fixed sinusoidal
 positions, pre-LN blocks (the ViT's `encoder_blocks`), a final LayerNorm. The log-mel front end
-is `data.processors.AudioFeatureExtractor` (Whisper-exact).
+is `encoders.mel.AudioFeatureExtractor` (Whisper-exact).
 
 Shapes: B clips, M mel bins, T mel frames (= 2 * n_positions), N = T / 2 encoder frames, D width.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import Config, ConfigError, _check_positive
-from polymodal.data.processors import AudioFeatureExtractor
+from polymodal.encoders.mel import AudioFeatureExtractor
 from polymodal.encoders.vit import encoder_blocks
 from polymodal.nn.norms import LayerNorm
 from polymodal.nn.positions import sinusoids

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive
-from polymodal.data.processors import check_pixel_values
+from polymodal.errors import check_pixel_values
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import Config, ConfigError, _check_positive
-from polymodal.data.processors import ImageProcessor, check_pixel_values
+from polymodal.errors import check_pixel_values
 from polymodal.nn.attention import attend
 
 
@@ -272,11 +272,6 @@ class VQModel(nn.Module):
         zq, codebook_loss, codes = self.quantize(self.quant_conv(self.encoder(pixels)))
         recon = self.decoder(self.post_quant_conv(zq))
         return VQOutput(recon, F.mse_loss(recon, pixels) + codebook_loss, codes)
-
-
-def images_to_pixels(images: list[PIL.Image.Image], resolution: int) -> torch.Tensor:
-    """PIL images -> (B, 3, R, R) float32 in [-1, 1], as Chameleon's processor scales them."""
-    return ImageProcessor(size=(resolution, resolution), image_mean=(0.5,) * 3, image_std=(0.5,) * 3)(images)
 
 
 def pixels_to_images(pixels: torch.Tensor) -> list[PIL.Image.Image]:

@@ -20,7 +20,7 @@ def processed(logits: torch.Tensor, state: torch.Tensor | None, seen: torch.Tens
               allowed: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """The logit processors that depend on the tokens so far, in float32 as HF's generate runs them (a
     penalty applied to bf16 logits rounds them into ties): the repetition penalty over seen (..., V) and
-    the image-span mode (...) of a model that writes images (`constraints.ImageSpans`)."""
+    the image-span mode (...) of a model that writes images (`models.constraints.ImageSpans`)."""
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, penalty)

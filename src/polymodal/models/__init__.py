@@ -1,10 +1,12 @@
 """The model families: each maps its config class to its model class here.
 
-`build(config)` builds any registered family from its config; `CONFIG_CLASSES` lets
-`config.load_config` read back any polymodal config.json.
+`build(config)` builds any registered family from its config; `CONFIG_CLASSES` lets `load_config`
+read back any polymodal config.json.
 """
 
-from polymodal.config import DecoderConfig
+from pathlib import Path
+
+from polymodal.config import Config, ConfigError, DecoderConfig, read_json_config
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vq import VQConfig, VQModel
 from polymodal.encoders.vit import ViT, VisionConfig
@@ -30,3 +32,15 @@ MODEL_CLASSES: dict[type, type] = {
 }
 
 CONFIG_CLASSES: dict[str, type] = {cls.__name__: cls for cls in MODEL_CLASSES}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a polymodal config.json written by `Config.to_json`; ConfigError naming the file if it is not one."""
+    data = read_json_config(path)
+    name = data.pop("config_class", None)
+    if name not in CONFIG_CLASSES:
+        raise ConfigError(f"{path}: config_class must be one of {sorted(CONFIG_CLASSES)}, got {name!r}")
+    try:
+        return CONFIG_CLASSES[name].from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e

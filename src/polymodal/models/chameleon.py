@@ -16,58 +16,18 @@ text generation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import PIL.Image
 import torch
 from torch import nn
 
-from polymodal.config import Config, ConfigError, DecoderConfig
-from polymodal.data.processors import check_pixel_values
-from polymodal.encoders.vq import VQConfig, VQModel, images_to_pixels, pixels_to_images
-from polymodal.generation.constraints import ImageSpans
+from polymodal.config import DecoderConfig
+from polymodal.encoders.vq import VQConfig, VQModel, pixels_to_images
+from polymodal.errors import InputError, check_pixel_values
+from polymodal.fusion.configs import ChameleonConfig
+from polymodal.models import fusion
+from polymodal.models.constraints import ImageSpans
 from polymodal.nn.cache import Cache
 from polymodal.nn.transformer import Decoder, ModelOutput
-
-
-def _chameleon_text() -> DecoderConfig:
-    return DecoderConfig(qk_norm="layernorm", qk_norm_per_head=True, norm_eps=1e-5)
-
-
-@dataclass
-class ChameleonConfig(Config):
-    text: DecoderConfig = field(default_factory=_chameleon_text)
-    vq: VQConfig = field(default_factory=VQConfig)
-    image_tokens: int | list[int] = 256  # token id of VQ code 0 (codes contiguous from it), or the token of each code
-    image_token_id: int | None = None  # input placeholder filled with an input image's codes (HF `<image>`)
-    begin_image_id: int | None = None  # `<img>`; None (with end_image_id): the model never writes images
-    end_image_id: int | None = None  # `</img>`
-
-    def __post_init__(self) -> None:
-        V, K = self.text.vocab_size, self.vq.num_embeddings
-        if isinstance(self.image_tokens, int):
-            if not 0 <= self.image_tokens <= V - K:
-                raise ConfigError(f"image_tokens: the {K} image codes from token {self.image_tokens} must fit in "
-                                  f"the vocabulary of {V}")
-        else:
-            tokens = self.image_tokens
-            if len(tokens) != K or len(set(tokens)) != K or not all(0 <= t < V for t in tokens):
-                raise ConfigError(f"image_tokens must list {K} distinct token ids in [0, {V}), one per VQ code; "
-                                  f"got {len(tokens)} ids")
-        codes = set(self.code_tokens)
-        for name in ("image_token_id", "begin_image_id", "end_image_id"):
-            value = getattr(self, name)
-            if value is not None and (not 0 <= value < V or value in codes):
-                raise ConfigError(f"{name} must be a token in [0, {V}) that is not an image code, got {value}")
-        if (self.begin_image_id is None) != (self.end_image_id is None):
-            raise ConfigError("give both begin_image_id and end_image_id, or neither")
-
-    @property
-    def code_tokens(self) -> list[int]:
-        """The token id of each VQ code, in code order."""
-        if isinstance(self.image_tokens, int):
-            return list(range(self.image_tokens, self.image_tokens + self.vq.num_embeddings))
-        return list(self.image_tokens)
 
 
 class Chameleon(nn.Module):
@@ -112,20 +72,17 @@ class Chameleon(nn.Module):
         placeholder = self.config.image_token_id
         if placeholder is None:
             if pixel_values is not None:
-                raise ValueError("this model has no image_token_id, so input_ids cannot place pixel_values")
+                raise InputError("this model has no image_token_id, so input_ids cannot place pixel_values")
             return input_ids, labels
         if pixel_values is not None:  # the shape first: a (3, H, W) image would read as 3 images
             check_pixel_values(pixel_values, self.config.vq.in_channels, self.config.vq.resolution)
-        is_image = input_ids == placeholder
-        n_slots, n_images = int(is_image.sum()), 0 if pixel_values is None else pixel_values.shape[0]
-        per_image = self.config.vq.tokens_per_image
-        if n_slots != n_images * per_image:
-            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens ({placeholder}); {n_images} "
-                             f"image(s) need {n_images * per_image} ({per_image} each)")
+        spans = fusion.runs(input_ids == placeholder)
+        n_images, per_image = 0 if pixel_values is None else pixel_values.shape[0], self.config.vq.tokens_per_image
+        fusion.check_total(spans, n_images * per_image, f"image placeholder tokens ({placeholder})",
+                           f"{n_images} image(s) need {n_images * per_image} ({per_image} each)")
         if pixel_values is None:
             return input_ids, labels
-        tokens = self.image_token_ids(pixel_values)  # (N, L)
-        input_ids = input_ids.masked_scatter(is_image, tokens.flatten())
+        input_ids = fusion.scatter(input_ids, spans, self.image_token_ids(pixel_values).flatten())
         if labels is not None:
             labels = torch.where(labels == placeholder, input_ids, labels)
         return input_ids, labels
@@ -135,57 +92,13 @@ class Chameleon(nn.Module):
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: Cache | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (B, S) with `image_token_id` placeholders for pixel_values (N, 3, H, W) in [-1, 1]
-        (images in row-major order of their placeholders); labels as in `Decoder`, placeholders allowed."""
-        if cache is None or cache.length == 0:
+        (images in row-major order of their placeholders); labels as in `Decoder`, placeholders allowed.
+        The images enter as their code tokens, so the decoder runs on token ids as a text model does."""
+        if not fusion.decoding(cache, pixel_values=pixel_values):
+            fusion.check_inputs(self.decoder, input_ids, labels=labels)
             input_ids, labels = self.splice_images(input_ids, pixel_values, labels)
         return self.decoder(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             document_ids=document_ids, labels=labels, cache=cache, logits_to_keep=logits_to_keep)
-
-
-class ChameleonFormat:
-    """Documents -> Chameleon's stream: <bos>, then the segments in order, each text ended by "\\n" (the
-    last by <eos>), each image `<img> <image>*n </img>` with its pixels (a last image is followed by
-    <eos>). Target text and target images carry labels: the model learns to write both; a target
-    image's placeholder labels become its code tokens inside the model (`Chameleon.splice_images`)."""
-
-    def __init__(self, config: ChameleonConfig, tokenizer):
-        from polymodal.data.collate import SEPARATOR
-
-        if None in (config.image_token_id, config.begin_image_id, config.end_image_id):
-            raise ConfigError("documents with images need image_token_id, begin_image_id and end_image_id")
-        self.config, self.tokenizer = config, tokenizer
-        self.sep = tokenizer.encode(SEPARATOR)
-        self.max_len = config.text.max_seq_len
-
-    @staticmethod
-    def fit(config: ChameleonConfig, tokenizer) -> ChameleonConfig:
-        """Text tokens from the tokenizer, then the VQ codes right after them."""
-        from polymodal.data.collate import DecoderFormat
-
-        V, ids = tokenizer.vocab_size, tokenizer.special_ids
-        text = DecoderFormat.fit(config.text, tokenizer).replace(vocab_size=V + config.vq.num_embeddings)
-        return config.replace(text=text, image_tokens=V, image_token_id=ids["<image>"],
-                              begin_image_id=ids["<img>"], end_image_id=ids["</img>"])
-
-    def encode(self, doc, prompt_only: bool = False):
-        from polymodal.data.collate import Encoded, _labels, _name, _prompt
-
-        cfg, tok = self.config, self.tokenizer
-        segments = [(s, False) for s in _prompt(doc)] if prompt_only else list(zip(doc.segments, doc.target_mask))
-        if unreadable := sorted({s.kind for s, _ in segments} - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; Chameleon reads images and text")
-        pieces, images = [([tok.bos_id], False)], []
-        for i, (seg, target) in enumerate(segments):
-            last = i == len(segments) - 1 and not prompt_only
-            if seg.kind == "text":
-                text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
-                pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
-                continue
-            span = [cfg.begin_image_id] + [cfg.image_token_id] * cfg.vq.tokens_per_image + [cfg.end_image_id]
-            pieces += [(span, target)] + ([([tok.eos_id], target)] if last else [])
-            images.append(seg.media)
-        tokens = {"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)}
-        return Encoded(tokens, {"pixel_values": images_to_pixels(images, cfg.vq.resolution)} if images else {})
 
 
 def chameleon_tiny() -> ChameleonConfig:

@@ -13,60 +13,20 @@ Shapes: B batch, S text tokens, N media per sample, F frames, V features per fra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from polymodal.config import Config, ConfigError, DecoderConfig, _check_choice, _check_positive
+from polymodal.encoders.vit import ViT
 from polymodal.errors import InputError
-from polymodal.encoders.vit import ViT, VisionConfig
-from polymodal.fusion.cross_attention import GATES, gated_cross_attention_block
-from polymodal.fusion.perceiver import PerceiverConfig, build_resampler
+from polymodal.fusion.configs import FlamingoConfig
+from polymodal.fusion.cross_attention import gated_cross_attention_block
+from polymodal.fusion.perceiver import build_resampler
+from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments, media_attention_mask, media_ids
 from polymodal.nn.transformer import Decoder, ModelOutput
-
-
-@dataclass
-class FlamingoConfig(Config):
-    text: DecoderConfig = field(default_factory=DecoderConfig)
-    vision: VisionConfig | None = None  # None: the model takes precomputed image embeddings
-    perceiver: PerceiverConfig | None = field(default_factory=PerceiverConfig)  # None: attend to raw features
-    media_dim: int | None = None  # width of the media features; None: the vision encoder's width
-    cross_attn_every: int = 4  # a gated cross-attention block before LM blocks 0, k, 2k, ...
-    cross_attn_heads: int | None = None  # None: text.n_heads (head size text.dim // heads)
-    cross_attn_qk_norm: bool = False  # text.norm over each head of q and k (Idefics qk_layer_norms)
-    gate: str = "scalar"  # "scalar" | "vector" (one tanh gate per channel)
-    media_token_id: int | None = None  # token marking where a media starts (`<image>`): gives media_locations
-    extra_vocab: int = 0  # the last rows of the vocabulary that HF Idefics keeps apart (additional_vocab_size)
-
-    def __post_init__(self) -> None:
-        _check_positive(self, "media_dim", "cross_attn_every", "cross_attn_heads")
-        _check_choice("gate", self.gate, GATES)
-        if self.vision is None and self.media_dim is None:
-            raise ConfigError("without a vision encoder, give media_dim (the width of the image embeddings)")
-        if self.vision is not None and self.media_dim not in (None, self.vision.dim):
-            raise ConfigError(f"media_dim ({self.media_dim}) must equal the vision encoder's width ({self.vision.dim})")
-        if self.text.dim % self.xattn_heads:
-            raise ConfigError(f"text.dim ({self.text.dim}) must be divisible by cross_attn_heads ({self.xattn_heads})")
-        if self.media_token_id is not None and not 0 <= self.media_token_id < self.text.vocab_size:
-            raise ConfigError(f"media_token_id must be in [0, {self.text.vocab_size}), got {self.media_token_id}")
-        if not 0 <= self.extra_vocab < self.text.vocab_size:
-            raise ConfigError(f"extra_vocab must be in [0, {self.text.vocab_size}), got {self.extra_vocab}")
-
-    @property
-    def feature_dim(self) -> int:
-        return self.media_dim or self.vision.dim
-
-    @property
-    def xattn_heads(self) -> int:
-        return self.cross_attn_heads or self.text.n_heads
-
-    @property
-    def n_cross_layers(self) -> int:
-        return len(range(0, self.text.n_layers, self.cross_attn_every))
 
 
 class FlamingoCache(Cache):
@@ -193,10 +153,9 @@ class Flamingo(nn.Module):
         if len(given) > 1:
             raise ValueError(f"give exactly one of pixel_values, image_encoder_embeddings, perceiver_embeddings; "
                              f"got {list(given)}")
-        decoding = cache is not None and cache.length > 0
+        decoding = fusion.decoding(cache, **given, media_locations=media_locations, media_mask=media_mask,
+                                   image_attention_mask=image_attention_mask)
         if decoding:
-            if given or any(t is not None for t in (media_locations, media_mask, image_attention_mask)):
-                raise ValueError("media are encoded once, in the first call with a cache; later calls take none")
             if any(t is not None for t in (attention_mask, document_ids, position_ids)):
                 raise ValueError("a cache that holds tokens continues each row causally; attention_mask, "
                                  "document_ids and position_ids apply to the first call only")

@@ -18,105 +18,20 @@ Shapes: B batch, S tokens, N media, F frames, P tokens per media, D decoder widt
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.config import Config, ConfigError, DecoderConfig, _check_positive
+from polymodal.config import DecoderConfig
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
-from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.encoders.vit import ViT
+from polymodal.errors import InputError
+from polymodal.fusion.configs import MODALITIES, GeminiConfig, MediaTokens
+from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
-from polymodal.nn.masks import make_segments
 from polymodal.nn.norms import make_norm
 from polymodal.nn.transformer import Decoder, ModelOutput
-
-MODALITIES = ("image", "audio", "video")
-
-
-@dataclass
-class MediaTokens(Config):
-    """Token ids of the stream's media layout. A span is `start placeholder*P end`."""
-
-    placeholder: int = 4  # replaced by one media embedding each (the built-in tokenizer's <image>)
-    image: tuple[int, int] | None = (6, 7)  # (<img>, </img>); None: images need no wrapping (Fuyu)
-    audio: tuple[int, int] | None = (8, 9)  # (<audio>, </audio>)
-    video: tuple[int, int] | None = (10, 11)  # (<video>, </video>)
-
-    def __post_init__(self) -> None:
-        for kind in MODALITIES:
-            span = getattr(self, kind)
-            if span is not None:
-                span = tuple(span)  # JSON gives lists
-                if len(span) != 2:
-                    raise ConfigError(f"tokens.{kind} must be a (start, end) pair of ids, got {span}")
-                setattr(self, kind, span)
-        ids = [self.placeholder, *(i for k in MODALITIES for i in (getattr(self, k) or ()))]
-        if len(set(ids)) != len(ids):
-            raise ConfigError(f"media token ids must be distinct, got placeholder and spans {ids}")
-        if self.image is None and (self.audio is not None or self.video is not None):
-            raise ConfigError("unwrapped images (tokens.image=None) leave placeholders ambiguous once audio or "
-                              "video spans exist; wrap images too")
-
-    @property
-    def wrapped(self) -> bool:
-        return self.image is not None
-
-    def ids(self) -> list[int]:
-        return [self.placeholder, *(i for k in MODALITIES for i in (getattr(self, k) or ()))]
-
-
-@dataclass
-class GeminiConfig(Config):
-    text: DecoderConfig = field(default_factory=DecoderConfig)  # post-fusion norm: text.embed_norm
-    tokens: MediaTokens = field(default_factory=MediaTokens)
-    vision: VisionConfig | None = None  # image encoder; None: linear patch embedding (Fuyu)
-    image_size: int = 32  # square images of this side (the ViT's when vision is set)
-    patch_size: int = 8
-    channels: int = 3
-    patch_positions: bool = False  # a learned embedding per patch index, for linear patches (Fuyu has none)
-    audio: AudioConfig | None = None  # None: no audio input
-    audio_pool: int = 1  # average-pool the audio encoder's 50 Hz frames by this factor
-    max_frames: int = 0  # learned temporal embeddings for video frames; 0: no video input
-    modal_norm: bool = False  # a text.norm after each modality's projection into the decoder
-
-    def __post_init__(self) -> None:
-        _check_positive(self, "image_size", "patch_size", "channels", "audio_pool")
-        if self.max_frames < 0:
-            raise ConfigError(f"max_frames must be >= 0, got {self.max_frames}")
-        if self.vision is not None and (self.vision.image_size, self.vision.patch_size, self.vision.channels) != (
-                self.image_size, self.patch_size, self.channels):
-            raise ConfigError(f"image_size/patch_size/channels ({self.image_size}, {self.patch_size}, {self.channels}) "
-                              f"must equal the ViT's ({self.vision.image_size}, {self.vision.patch_size}, "
-                              f"{self.vision.channels})")
-        if self.patch_positions and self.vision is not None:
-            raise ConfigError("patch_positions are for linear patches; the ViT (vision) has its own positions")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
-        if self.audio is not None and self.audio.n_positions % self.audio_pool:
-            raise ConfigError(f"audio.n_positions ({self.audio.n_positions}) must be divisible by audio_pool "
-                              f"({self.audio_pool})")
-        bad = [i for i in self.tokens.ids() if not 0 <= i < self.text.vocab_size]
-        if bad:
-            raise ConfigError(f"media token ids {bad} are outside the vocabulary [0, {self.text.vocab_size})")
-
-    @property
-    def tokens_per_image(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def tokens_per_clip(self) -> int:
-        return self.audio.n_positions // self.audio_pool if self.audio is not None else 0
-
-
-@dataclass
-class Span:
-    kind: str
-    row: int
-    start: int  # first placeholder
-    length: int
 
 
 class Gemini(nn.Module):
@@ -169,12 +84,12 @@ class Gemini(nn.Module):
             n = cfg.tokens_per_image if self.patch_pos is not None else "P"
             if pixel_values.shape[-1] != cfg.patch_size ** 2 * cfg.channels or (
                     self.patch_pos is not None and pixel_values.shape[1] != n):
-                raise ValueError(f"{name} given as patches must be (N, {n}, {cfg.patch_size ** 2 * cfg.channels}), "
+                raise InputError(f"{name} given as patches must be (N, {n}, {cfg.patch_size ** 2 * cfg.channels}), "
                                  f"got {tuple(pixel_values.shape)}")
             return
         expected = (cfg.channels, cfg.image_size, cfg.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"{name} must be (num_images, {', '.join(map(str, expected))}), "
+            raise InputError(f"{name} must be (num_images, {', '.join(map(str, expected))}), "
                              f"got {tuple(pixel_values.shape)}")
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -209,38 +124,15 @@ class Gemini(nn.Module):
 
     # -- the stream --------------------------------------------------------------------------------
 
-    def spans(self, input_ids: torch.Tensor) -> list[Span]:
-        """Media spans in row-major order. Each placeholder must sit in a span `start P* end` of its
-        modality (with unwrapped images, each run of placeholders is one image span)."""
+    def spans(self, input_ids: torch.Tensor) -> fusion.Spans:
+        """Media spans in row-major order, kinds indexing MODALITIES. Each placeholder must sit in a span
+        `start P* end` of its modality (with unwrapped images, each run of placeholders is one image span)."""
         tok = self.config.tokens
-        starts = {getattr(tok, k)[0]: (k, getattr(tok, k)[1]) for k in MODALITIES if getattr(tok, k) is not None}
-        ends = {getattr(tok, k)[1]: k for k in MODALITIES if getattr(tok, k) is not None}
-        out = []
-        for b, row in enumerate(input_ids.tolist()):
-            i, S = 0, len(row)
-            while i < S:
-                t = row[i]
-                if t in starts or (t == tok.placeholder and not tok.wrapped):
-                    kind, end = starts[t] if t in starts else ("image", None)
-                    first = i + (t in starts)
-                    j = first
-                    while j < S and row[j] == tok.placeholder:
-                        j += 1
-                    if end is not None and (j == S or row[j] != end):
-                        found = "the end of the input" if j == S else f"token {row[j]}"
-                        raise ValueError(f"row {b}: the {kind} span opened at position {i} must be placeholders "
-                                         f"closed by {end}, but {found} follows at position {j}")
-                    out.append(Span(kind, b, first, j - first))
-                    i = j + (end is not None)
-                elif t == tok.placeholder:
-                    raise ValueError(f"row {b}: media placeholder at position {i} is outside any media span")
-                elif t in ends:
-                    raise ValueError(f"row {b}: {ends[t]} span end token at position {i} has no start")
-                else:
-                    i += 1
-        return out
+        if not tok.wrapped:
+            return fusion.runs(input_ids == tok.placeholder)
+        return fusion.wrapped_spans(input_ids, tok.placeholder, [getattr(tok, k) for k in MODALITIES], list(MODALITIES))
 
-    def media_sizes(self, spans: list[Span], pixel_values: torch.Tensor | None, input_features: torch.Tensor | None,
+    def media_sizes(self, spans: fusion.Spans, pixel_values: torch.Tensor | None, input_features: torch.Tensor | None,
                     videos: list[torch.Tensor] | None) -> dict[str, list[int]]:
         """Checks the media against the spans before any compute; returns each modality's tokens per media."""
         cfg = self.config
@@ -249,17 +141,17 @@ class Gemini(nn.Module):
             self.check_images(pixel_values)
         if input_features is not None:
             if self.audio is None:
-                raise ValueError("input_features given, but this model has no audio encoder (config.audio is None)")
+                raise InputError("input_features given, but this model has no audio encoder (config.audio is None)")
             self.audio.check_features(input_features)
         for i, v in enumerate(videos or []):
             if self.frame_embed is None:
-                raise ValueError("pixel_values_videos given, but this model takes no video (config.max_frames is 0)")
+                raise InputError("pixel_values_videos given, but this model takes no video (config.max_frames is 0)")
             if v.dim() != 4:
-                raise ValueError(f"video {i} must be (frames, C, H, W), got shape {tuple(v.shape)}")
+                raise InputError(f"video {i} must be (frames, C, H, W), got shape {tuple(v.shape)}")
             if v.shape[0] == 0:
-                raise ValueError(f"video {i} has no frames (shape {tuple(v.shape)}); a video needs at least one frame")
+                raise InputError(f"video {i} has no frames (shape {tuple(v.shape)}); a video needs at least one frame")
             if v.shape[0] > cfg.max_frames:
-                raise ValueError(f"video {i} has {v.shape[0]} frames; this model embeds at most "
+                raise InputError(f"video {i} has {v.shape[0]} frames; this model embeds at most "
                                  f"max_frames={cfg.max_frames}")
             self.check_images(v, f"video {i}")
         sizes = {
@@ -270,26 +162,17 @@ class Gemini(nn.Module):
         }
         names = {"image": "pixel_values", "audio": "input_features", "video": "pixel_values_videos"}
         plural = {"image": "images", "audio": "audio clips", "video": "videos"}
-        for kind in MODALITIES:
-            of_kind = [s for s in spans if s.kind == kind]
+        for k, kind in enumerate(MODALITIES):
             if kind == "image" and not cfg.tokens.wrapped:  # Fuyu: one stream of image tokens, matched in total
-                n_tokens, n_embeds = sum(s.length for s in of_kind), sum(sizes[kind])
-                if n_tokens != n_embeds:
-                    raise ValueError(f"input_ids hold {n_tokens} image placeholder tokens but pixel_values gives "
-                                     f"{n_embeds} image embeddings")
+                fusion.check_total(spans, sum(sizes[kind]), "image placeholder tokens",
+                                   f"pixel_values gives {sum(sizes[kind])} image embeddings")
                 continue
             if given[kind] is not None and getattr(cfg.tokens, kind) is None:
-                raise ValueError(f"{names[kind]} given, but the config has no {kind} span tokens (tokens.{kind})")
-            if len(of_kind) != len(sizes[kind]):
-                raise ValueError(f"input_ids hold {len(of_kind)} {kind} spans but {names[kind]} holds "
-                                 f"{len(sizes[kind])} {plural[kind]}")
-            for n, (span, expected) in enumerate(zip(of_kind, sizes[kind])):
-                if span.length != expected:
-                    raise ValueError(f"{kind} span {n} (row {span.row}, position {span.start}) holds {span.length} "
-                                     f"placeholder tokens but its {kind} gives {expected} embeddings")
+                raise InputError(f"{names[kind]} given, but the config has no {kind} span tokens (tokens.{kind})")
+            fusion.check_spans(spans.of(k), sizes[kind], kind, names[kind], plural[kind])
         return sizes
 
-    def embed_media(self, spans: list[Span], sizes: dict[str, list[int]], pixel_values: torch.Tensor | None,
+    def embed_media(self, spans: fusion.Spans, sizes: dict[str, list[int]], pixel_values: torch.Tensor | None,
                     input_features: torch.Tensor | None, videos: list[torch.Tensor] | None) -> torch.Tensor:
         """(sum of span lengths, D): every media encoded once, laid out in span order."""
         per_media: dict[str, list[torch.Tensor]] = {k: [] for k in MODALITIES}
@@ -301,8 +184,8 @@ class Gemini(nn.Module):
             per_media["video"] = self.embed_videos(videos)
         if not self.config.tokens.wrapped:  # runs of image tokens, however the images were cut
             return torch.cat(per_media["image"])
-        queues = {k: iter(v) for k, v in per_media.items()}
-        return torch.cat([next(queues[s.kind]) for s in spans])
+        queues = [iter(per_media[k]) for k in MODALITIES]
+        return torch.cat([next(queues[k]) for k in spans.kinds.tolist()])
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 input_features: torch.Tensor | None = None,
@@ -313,105 +196,22 @@ class Gemini(nn.Module):
         """input_ids (B, S) with media spans; pixel_values (N, C, H, W) images (or (N, P, p*p*C) patches
         without a ViT), input_features (N, n_mels, T) log-mel clips, pixel_values_videos (N, F, C, H, W)
         or a list of (F, C, H, W): each modality's media in the order of its spans, row by row."""
-        media = (pixel_values, input_features, pixel_values_videos)
-        if cache is not None and cache.length > 0:  # decode: media were encoded at prefill
-            if any(m is not None for m in media):
-                raise ValueError("media belong to the first (prefill) call, not to decode steps")
-            return self.decoder(input_ids, cache=cache, labels=labels, logits_to_keep=logits_to_keep)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        B, S = input_ids.shape
-        if S > self.config.text.max_seq_len:
-            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.text.max_seq_len}")
-        self.decoder.check_token_ids(input_ids)
+        if fusion.decoding(cache, pixel_values=pixel_values, input_features=input_features,
+                           pixel_values_videos=pixel_values_videos):
+            return self.decoder(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
+                                document_ids=document_ids, labels=labels, logits_to_keep=logits_to_keep)
+        fusion.check_inputs(self.decoder, input_ids)
         videos = list(pixel_values_videos) if pixel_values_videos is not None else None
         spans = self.spans(input_ids)
         sizes = self.media_sizes(spans, pixel_values, input_features, videos)
         embeds = self.decoder.tok_embeddings(input_ids)
-        if spans:
+        if len(spans):
             feats = self.embed_media(spans, sizes, pixel_values, input_features, videos)
             if self.config.text.embed_scale:  # cancel the decoder's sqrt(dim): media enter as encoded
                 feats = feats / math.sqrt(self.config.text.dim)
-            is_media = input_ids == self.config.tokens.placeholder
-            embeds = embeds.masked_scatter(is_media[..., None], feats.to(embeds.dtype))
-        seg = make_segments(B, S, embeds.device, attention_mask=attention_mask, document_ids=document_ids,
-                            position_ids=position_ids)
-        plain = all(t is None for t in (attention_mask, document_ids))
-        h = self.decoder.hidden_states(embeds, seg, cache=cache, plain_causal=plain)
-        return self.decoder.head(h, labels, logits_to_keep)
-
-
-class GeminiFormat:
-    """Documents -> the Gemini stream: <bos>, then the segments in document order, each text segment
-    ended by "\\n" (the last by <eos>) and each media a span `<img> P*n </img>` (`<audio>`, `<video>`);
-    labels on target text. Images (and video frames) are resized to image_size and scaled to [-1, 1];
-    audio becomes Whisper log-mel, and must come at the encoder's sampling rate and fit its window (a longer
-    clip is an error, never cut silently)."""
-
-    def __init__(self, config: GeminiConfig, tokenizer):
-        from polymodal.data.collate import SEPARATOR
-        from polymodal.data.processors import AudioFeatureExtractor, ImageProcessor
-
-        self.config, self.tokenizer = config, tokenizer
-        self.sep = tokenizer.encode(SEPARATOR)
-        self.max_len = config.text.max_seq_len
-        self.images = ImageProcessor(size=(config.image_size, config.image_size), resample="bicubic")
-        a = config.audio
-        self.audio = (AudioFeatureExtractor(a.n_mels, a.sampling_rate, a.hop_length, a.n_fft,
-                                            a.chunk_samples // a.sampling_rate) if a is not None else None)
-
-    @staticmethod
-    def fit(config: GeminiConfig, tokenizer) -> GeminiConfig:
-        from polymodal.data.collate import DecoderFormat
-
-        ids = tokenizer.special_ids
-        tokens = MediaTokens(placeholder=ids["<image>"], image=(ids["<img>"], ids["</img>"]),
-                             audio=(ids["<audio>"], ids["</audio>"]), video=(ids["<video>"], ids["</video>"]))
-        return config.replace(text=DecoderFormat.fit(config.text, tokenizer), tokens=tokens)
-
-    def encode(self, doc, prompt_only: bool = False):
-        from polymodal.data.collate import Encoded, _labels, _name, _prompt
-
-        segments = list(zip(doc.segments, doc.target_mask))
-        if prompt_only:
-            segments = [(s, False) for s in _prompt(doc)]
-        tok, pieces = self.tokenizer, [([self.tokenizer.bos_id], False)]
-        media: dict[str, list[torch.Tensor]] = {}
-        for i, (seg, target) in enumerate(segments):
-            if seg.kind == "text":
-                last = i == len(segments) - 1 and not prompt_only
-                text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
-                pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
-                continue
-            if target:
-                raise ValueError(f"{_name(doc)} has a {seg.kind} target; this model reads media and writes text")
-            key, tensor, n = self._media(seg, _name(doc))
-            start, end = getattr(self.config.tokens, seg.kind)
-            pieces.append(([start] + [self.config.tokens.placeholder] * n + [end], False))
-            media.setdefault(key, []).append(tensor)
-        tokens = {"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)}
-        return Encoded(tokens, {k: torch.cat(v) for k, v in media.items()})
-
-    def _media(self, seg, name: str) -> tuple[str, torch.Tensor, int]:
-        cfg = self.config
-        if seg.kind == "image":
-            return "pixel_values", self.images([seg.media]), cfg.tokens_per_image
-        if seg.kind == "audio":
-            if self.audio is None:
-                raise ValueError(f"{name} has an audio segment but this model has no audio encoder")
-            clip = seg.media
-            if len(clip.waveform) > self.audio.n_samples:  # refused: the extractor would cut it silently
-                raise ValueError(f"{name} has an audio clip of {len(clip.waveform) / clip.sample_rate:g} s; the "
-                                 f"audio encoder hears at most {self.audio.chunk_length} s: cut it into clips")
-            features = self.audio(clip.waveform, sampling_rate=clip.sample_rate)
-            return "input_features", features[None], cfg.tokens_per_clip
-        frames = list(seg.media or [])
-        if not frames:
-            raise ValueError(f"{name} has a video with no frames; a video needs at least one frame")
-        if len(frames) > cfg.max_frames:
-            raise ValueError(f"{name} has a video of {len(frames)} frames; this model embeds at most "
-                             f"max_frames={cfg.max_frames}")
-        return "pixel_values_videos", self.images(frames)[None], len(frames) * cfg.tokens_per_image
+            embeds = fusion.scatter(embeds, spans, feats)
+        return fusion.prefill(self.decoder, embeds, attention_mask=attention_mask, document_ids=document_ids,
+                              position_ids=position_ids, labels=labels, cache=cache, logits_to_keep=logits_to_keep)
 
 
 # -- presets ---------------------------------------------------------------------------------------

@@ -21,53 +21,20 @@ Shapes: B batch, S tokens, N images in the batch, P patches, n latents, Dv / D v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from polymodal.config import Config, ConfigError, DecoderConfig
+from polymodal.config import DecoderConfig
 from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.errors import InputError
+from polymodal.fusion.configs import KosmosConfig
 from polymodal.fusion.perceiver import PerceiverConfig, build_resampler
+from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.transformer import Decoder, ModelOutput
 
 IGNORE = -100
-
-
-@dataclass
-class KosmosConfig(Config):
-    vision: VisionConfig  # a CLIP ViT
-    perceiver: PerceiverConfig  # over the vision width; n_latents = tokens per image
-    text: DecoderConfig  # the Magneto decoder (`magneto_text`)
-    image_token_id: int = 4  # `<image>`: starts an image (ids of `Tokenizer.train`'s control tokens)
-    image_end_token_id: int = 5  # `</image>`: closes it
-    placeholder_token_id: int = 0  # written in the n_image_latents slots whose embeddings an image replaces
-    projector_bias: bool = True  # a bias on the linear map from resampled image features to the text width
-
-    def __post_init__(self) -> None:
-        ids = {"image_token_id": self.image_token_id, "image_end_token_id": self.image_end_token_id,
-               "placeholder_token_id": self.placeholder_token_id}
-        for name, value in ids.items():
-            if not 0 <= value < self.text.vocab_size:
-                raise ConfigError(f"{name} ({value}) must be a token id below text.vocab_size ({self.text.vocab_size})")
-        if len(set(ids.values())) != 3:
-            raise ConfigError(f"image_token_id, image_end_token_id and placeholder_token_id must differ, got {ids}")
-        if self.vision.variant != "clip":
-            raise ConfigError(f"KOSMOS-1 reads CLIP features; vision.variant must be 'clip', "
-                              f"got {self.vision.variant!r}")
-        if self.perceiver.max_media or self.perceiver.max_frames:
-            raise ConfigError("KOSMOS-1 resamples each image on its own: perceiver.max_media and max_frames must "
-                              f"be 0, got {self.perceiver.max_media} and {self.perceiver.max_frames}")
-
-    @property
-    def n_image_latents(self) -> int:
-        return self.perceiver.n_latents
-
-    def image_tokens(self) -> list[int]:
-        """The ids one image takes in input_ids: <image>, n_image_latents placeholders, </image>."""
-        return [self.image_token_id, *[self.placeholder_token_id] * self.n_image_latents, self.image_end_token_id]
 
 
 class Kosmos(nn.Module):
@@ -100,17 +67,16 @@ class Kosmos(nn.Module):
         latents = self.perceiver(self.vision.post_norm(feats)[:, None])[:, 0]  # (N, n, Dv)
         return self.projector(latents)
 
-    def image_positions(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checks the image layout of input_ids against pixel_values before any compute; returns the
-        (N, n) row and token indices of every image's placeholders, in order of appearance."""
+    def media_spans(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> fusion.Spans:
+        """Checks the image layout of input_ids against pixel_values before any compute; returns each
+        image's placeholders, in order of appearance."""
         cfg, n = self.config, self.config.n_image_latents
         S = input_ids.shape[1]
         rows, starts = (input_ids == cfg.image_token_id).nonzero(as_tuple=True)  # row-major: order of appearance
         N = len(rows)
         given = 0 if pixel_values is None else pixel_values.shape[0]
         if N != given:
-            raise ValueError(f"input_ids hold {N} images (<image> tokens, id {cfg.image_token_id}) but pixel_values "
+            raise InputError(f"input_ids hold {N} images (<image> tokens, id {cfg.image_token_id}) but pixel_values "
                              f"holds {given} images" + (" (none given)" if pixel_values is None else ""))
         if pixel_values is not None:
             self.vision.check_pixels(pixel_values)
@@ -119,27 +85,26 @@ class Kosmos(nn.Module):
         if S > limit and (ends >= limit).any():
             past = [f"image {k} (row {int(rows[k])}, tokens {int(starts[k])}..{int(ends[k])})"
                     for k in (ends >= limit).nonzero()[:, 0].tolist()]
-            raise ValueError(f"{', '.join(past[:5])}{' and more' if len(past) > 5 else ''} "
+            raise InputError(f"{', '.join(past[:5])}{' and more' if len(past) > 5 else ''} "
                              f"{'lies' if len(past) == 1 else 'lie'} past the context limit of max_seq_len={limit} "
                              f"tokens (the input has {S}); shorten the document or drop those images")
         if (ends >= S).any():
             k = int((ends >= S).nonzero()[0, 0])
-            raise ValueError(f"image {k} (row {int(rows[k])}) starts at token {int(starts[k])} and needs tokens up to "
+            raise InputError(f"image {k} (row {int(rows[k])}) starts at token {int(starts[k])} and needs tokens up to "
                              f"{int(ends[k])} (<image>, {n} placeholders, </image>), but the input ends at token "
                              f"{S - 1}: was it cut at the context limit?")
         if N:
             found = input_ids[rows, ends]
             if (found != cfg.image_end_token_id).any():
                 k = int((found != cfg.image_end_token_id).nonzero()[0, 0])
-                raise ValueError(f"image {k} (row {int(rows[k])}, <image> at token {int(starts[k])}) needs </image> "
+                raise InputError(f"image {k} (row {int(rows[k])}, <image> at token {int(starts[k])}) needs </image> "
                                  f"(id {cfg.image_end_token_id}) at token {int(ends[k])} after its {n} placeholders, "
                                  f"got id {int(found[k])}")
         n_ends = int((input_ids == cfg.image_end_token_id).sum())
         if n_ends != N:
-            raise ValueError(f"input_ids hold {n_ends} </image> tokens for {N} images; every image is "
+            raise InputError(f"input_ids hold {n_ends} </image> tokens for {N} images; every image is "
                              f"<image>, {n} placeholders, </image>")
-        cols = starts[:, None] + 1 + torch.arange(n, device=input_ids.device)  # (N, n)
-        return rows[:, None].expand(-1, n), cols
+        return fusion.Spans(rows, starts + 1, torch.full_like(rows, n), torch.zeros_like(rows))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -148,23 +113,19 @@ class Kosmos(nn.Module):
         """input_ids (B, S) and pixel_values (N, 3, H, W) as in the module docstring; attention_mask /
         position_ids / document_ids / labels / cache / logits_to_keep as in `Decoder.forward`.
         With a cache, the first call (prefill) encodes the images once; decode steps take none."""
-        if cache is not None and cache.length > 0:
-            if pixel_values is not None:
-                raise ValueError("pixel_values belong to the first (prefill) call, not to decode steps")
+        if fusion.decoding(cache, pixel_values=pixel_values):
             return self.decoder(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
                                 document_ids=document_ids, labels=labels, logits_to_keep=logits_to_keep)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        self.decoder.check_token_ids(input_ids)
-        rows, cols = self.image_positions(input_ids, pixel_values)
+        fusion.check_inputs(self.decoder, input_ids, within_context=False)
+        spans = self.media_spans(input_ids, pixel_values)  # names images past the context before the length check
+        fusion.check_length(self.decoder, input_ids)
         embeds = self.decoder.tok_embeddings(input_ids)
         if pixel_values is not None:
-            images = self.embed_images(pixel_values).to(embeds.dtype)
-            embeds = embeds.index_put((rows, cols), images)  # (B, S, D); out of place, so autograd sees it
+            embeds = fusion.scatter(embeds, spans, self.embed_images(pixel_values).flatten(0, 1))  # (B, S, D)
             if labels is not None:
-                labels = labels.index_put((rows, cols), torch.tensor(IGNORE, device=labels.device))
-        return self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            document_ids=document_ids, labels=labels, cache=cache, logits_to_keep=logits_to_keep)
+                labels = fusion.scatter(labels, spans, torch.tensor(IGNORE))
+        return fusion.prefill(self.decoder, embeds, attention_mask=attention_mask, document_ids=document_ids,
+                              position_ids=position_ids, labels=labels, cache=cache, logits_to_keep=logits_to_keep)
 
 
 # -- presets -------------------------------------------------------------------------------------

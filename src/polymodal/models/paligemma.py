@@ -17,39 +17,17 @@ count from 1, as in HF.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from polymodal.config import Config, ConfigError, DecoderConfig
-from polymodal.encoders.vit import ViT, VisionConfig, init_weights
+from polymodal.encoders.vit import ViT, init_weights
+from polymodal.errors import InputError
+from polymodal.fusion.configs import PaliGemmaConfig
+from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
-from polymodal.nn.masks import make_segments
 from polymodal.nn.transformer import Decoder, ModelOutput
-
-@dataclass
-class PaliGemmaConfig(Config):
-    """The projector maps vision.dim to text.dim (HF's projection_dim, which must equal the text width).
-
-    image_token_id: the placeholder id, inside text.vocab_size. A trainer with its own tokenizer
-    sets both: `cfg.replace(text=cfg.text.replace(vocab_size=...), image_token_id=tok.token_id("<image>"))`."""
-
-    vision: VisionConfig
-    text: DecoderConfig
-    image_token_id: int = 257152
-
-    def __post_init__(self) -> None:
-        if self.vision.variant != "siglip":
-            raise ConfigError(f"PaliGemma's vision tower is a SigLIP ViT, got variant {self.vision.variant!r}")
-        if not 0 <= self.image_token_id < self.text.vocab_size:
-            raise ConfigError(f"image_token_id ({self.image_token_id}) must be a token id below text.vocab_size "
-                              f"({self.text.vocab_size})")
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.vision.n_patches
 
 
 class PaliGemma(nn.Module):
@@ -73,23 +51,6 @@ class PaliGemma(nn.Module):
         features = self.projector(self.vision(pixel_values).features)
         return features / math.sqrt(self.config.text.dim)
 
-    def check_placeholders(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
-        per_row = (input_ids == self.config.image_token_id).sum(1).tolist()
-        total, per_image = sum(per_row), self.config.tokens_per_image
-        if pixel_values is None:
-            if total:
-                raise ValueError(f"input_ids hold {total} image placeholder tokens but no pixel_values were given")
-            return
-        self.vision.check_pixels(pixel_values)
-        bad = [i for i, n in enumerate(per_row) if n % per_image]
-        if bad:
-            raise ValueError(f"each image needs exactly {per_image} placeholder tokens; rows {bad} hold "
-                             f"{[per_row[i] for i in bad]}")
-        if total != pixel_values.shape[0] * per_image:
-            raise ValueError(f"input_ids hold {total} image placeholder tokens ({total // per_image} images of "
-                             f"{per_image} tokens; per row {[n // per_image for n in per_row]}) but pixel_values "
-                             f"holds {pixel_values.shape[0]} images")
-
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -99,36 +60,39 @@ class PaliGemma(nn.Module):
         document_ids (B, S) packed documents (see `masks.make_segments`); labels (B, S) aligned with
         input_ids (shifted here), -100 outside the suffix. With a cache that holds tokens this is
         a decode step: input_ids only, the images were encoded at prefill."""
-        if cache is not None and cache.length > 0:
-            given = [k for k, v in (("pixel_values", pixel_values), ("token_type_ids", token_type_ids),
-                                    ("document_ids", document_ids)) if v is not None]
-            if given:
-                raise ValueError(f"{given} belong to the first (prefill) call, not to decode steps")
+        if fusion.decoding(cache, pixel_values=pixel_values, token_type_ids=token_type_ids, document_ids=document_ids):
             return self.decoder(input_ids, attention_mask=attention_mask, cache=cache, labels=labels,
                                 logits_to_keep=logits_to_keep)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                        ("document_ids", document_ids), ("labels", labels)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(t.shape)}")
+        fusion.check_inputs(self.decoder, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            document_ids=document_ids, labels=labels)
         if labels is not None and token_type_ids is None:
-            raise ValueError("labels need token_type_ids (0 = image + prompt prefix, 1 = suffix with the labels): "
+            raise InputError("labels need token_type_ids (0 = image + prompt prefix, 1 = suffix with the labels): "
                              "without them the whole input is a bidirectional prefix that would see its labels; "
                              "pass token_type_ids=torch.ones_like(input_ids) for a plain causal LM")
-        B, S = input_ids.shape
-        if S > self.config.text.max_seq_len:
-            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.text.max_seq_len}")
-        self.decoder.check_token_ids(input_ids)
-        self.check_placeholders(input_ids, pixel_values)
+        spans = self.media_spans(input_ids, pixel_values)
         embeds = self.decoder.tok_embeddings(input_ids)  # (B, S, D)
         if pixel_values is not None:
-            images = self.embed_images(pixel_values).to(embeds.dtype)  # (N, tokens_per_image, D)
-            embeds = embeds.masked_scatter((input_ids == self.config.image_token_id)[..., None], images)
+            embeds = fusion.scatter(embeds, spans, self.embed_images(pixel_values).flatten(0, 1))
         prefix = torch.ones_like(input_ids) if token_type_ids is None else (token_type_ids == 0).long()
-        seg = make_segments(B, S, embeds.device, attention_mask=attention_mask, document_ids=document_ids,
-                            block_ids=prefix)
-        seg.positions = seg.positions + 1
-        h = self.decoder.hidden_states(embeds, seg, cache=cache)
-        return self.decoder.head(h, labels, logits_to_keep)
+        return fusion.prefill(self.decoder, embeds, attention_mask=attention_mask, document_ids=document_ids,
+                              block_ids=prefix, first_position=1, labels=labels, cache=cache,
+                              logits_to_keep=logits_to_keep)
+
+    def media_spans(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> fusion.Spans:
+        """The runs of image placeholders (adjacent images make one run), checked against the images."""
+        held = input_ids == self.config.image_token_id
+        spans, per_row = fusion.runs(held), held.sum(1).cpu()
+        per_image, n_images = self.config.tokens_per_image, 0 if pixel_values is None else pixel_values.shape[0]
+        if pixel_values is None:
+            fusion.check_total(spans, 0, "image placeholder tokens", "no pixel_values were given")
+            return spans
+        self.vision.check_pixels(pixel_values)
+        bad = (per_row % per_image).nonzero()[:, 0].tolist()
+        if bad:
+            raise InputError(f"each image needs exactly {per_image} placeholder tokens; rows {bad} hold "
+                             f"{per_row[bad].tolist()}")
+        total = int(per_row.sum())
+        fusion.check_total(spans, n_images * per_image, f"image placeholder tokens ({total // per_image} images of "
+                           f"{per_image} tokens; per row {(per_row // per_image).tolist()})",
+                           f"pixel_values holds {n_images} images")
+        return spans

@@ -25,9 +25,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from polymodal.config import ConfigError, load_config
+from polymodal.config import ConfigError
 from polymodal.convert.peft import ADAPTER_WEIGHTS
 from polymodal.errors import CheckpointError
+from polymodal.models import load_config
 from polymodal.serialization import WEIGHTS, atomic_directory, read_safetensors, save_state_dict
 
 OPTIMIZER = "optimizer.safetensors"

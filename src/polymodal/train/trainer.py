@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from polymodal.api import build, from_pretrained
+from polymodal.models import load_config
 from polymodal.convert.peft import adapter_layout, add_lora, load_adapter, merge_lora, write_adapter
-from polymodal.config import Config, ConfigError, _check_choice, _check_positive, load_config
+from polymodal.config import Config, ConfigError, _check_choice, _check_positive
 from polymodal.data.collate import Collator, count_targets
 from polymodal.data.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, DocumentError, read_jsonl, with_media

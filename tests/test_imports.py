@@ -1,0 +1,125 @@
+"""The import graph of src/polymodal, read with `ast`: no cycle, and no import that points up a layer.
+
+Every import counts, a lazy one inside a function included. A module may import its own package and
+any lower layer; packages on one layer (models and data, ...) never import each other."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+LAYERS = [  # lowest first
+    ("polymodal.errors",),
+    ("polymodal.config", "polymodal.serialization"),
+    ("polymodal.nn",),
+    ("polymodal.encoders",),
+    ("polymodal.fusion",),  # the Flamingo blocks and the early-fusion families' configs
+    ("polymodal.models", "polymodal.data"),  # data reads configs, never model modules; models never read data
+    ("polymodal.generation", "polymodal.convert", "polymodal.presets"),
+    ("polymodal.api",),
+    ("polymodal.evaluate",),
+    ("polymodal.retrieval",),  # evaluate's scoring for the dual encoders
+    ("polymodal.train",),
+    ("polymodal",),  # the package's own __init__: the public API
+    ("polymodal.serve",),
+    ("polymodal.cli",),
+]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in (SRC / "polymodal").rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The polymodal modules `name` imports: `from a import b` is a.b when that is a module, else a."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            out |= {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
+    return {m for m in out if m in known and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(name, path, known) for name, path in known.items()}
+
+
+def group(module: str) -> tuple[int, str]:
+    """(layer index, the layer entry holding the module): the longest matching prefix."""
+    matches = [(len(entry), i, entry) for i, layer in enumerate(LAYERS) for entry in layer
+               if module == entry or module.startswith(entry + ".")]
+    assert matches, f"{module} is in no layer; add it to LAYERS"
+    _, i, entry = max(matches)
+    return i, entry
+
+
+def test_every_import_points_down():
+    upward = []
+    for module, deps in graph().items():
+        layer, entry = group(module)
+        for dep in deps:
+            dep_layer, dep_entry = group(dep)
+            if dep_entry != entry and dep_layer >= layer:
+                upward.append(f"{module} -> {dep}")
+    assert not upward, "imports that point up a layer (or across one): " + "; ".join(sorted(upward))
+
+
+def test_no_import_cycle():
+    g, state, stack, cycles = graph(), {}, [], []
+
+    def visit(m: str) -> None:
+        state[m] = "open"
+        stack.append(m)
+        for dep in sorted(g[m]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles: " + "; ".join(cycles)
+
+
+def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "polymodal"
+    (pkg / "nn").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nn" / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("from polymodal.nn import a\n")
+    (pkg / "nn" / "a.py").write_text("def f():\n    from . import b\n")
+    (pkg / "nn" / "b.py").write_text("import polymodal.config\n")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
+    g = graph()
+    assert g["polymodal.config"] == {"polymodal.nn.a"} and g["polymodal.nn.a"] == {"polymodal.nn.b"}
+    for check in (test_every_import_points_down, test_no_import_cycle):
+        try:
+            check()
+        except AssertionError as e:
+            assert "polymodal.config -> polymodal.nn.a" in str(e)
+        else:
+            raise AssertionError(f"{check.__name__} passed on a bad graph")
+
+
+
+def test_model_files_read_in_one_sitting():
+    long = {p.name: n for p in (SRC / "polymodal" / "models").glob("*.py")
+            if (n := len(p.read_text().splitlines())) > 300}
+    assert not long, f"model files over 300 lines: {long}"

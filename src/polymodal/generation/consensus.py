@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from polymodal.errors import InputError
 from polymodal.generation.engine import generate
 
 
@@ -41,7 +42,7 @@ def rows_repeated(inputs: dict, batch: int, k: int) -> dict:
         if value is None:
             continue
         if value.shape[0] != batch:
-            raise ValueError(f"{name} has {value.shape[0]} entries for {batch} prompts: chains repeat each prompt's "
+            raise InputError(f"{name} has {value.shape[0]} entries for {batch} prompts: chains repeat each prompt's "
                              "inputs, so every input needs one entry per prompt (one image per prompt)")
         out[name] = value.repeat_interleave(k, dim=0)
     return out
@@ -53,7 +54,7 @@ def vote(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
          eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, **model_inputs) -> Votes:
     """k sampled chains per prompt (one batched generate) and the consensus of their extracted answers."""
     if k < 1:
-        raise ValueError(f"k (chains per prompt) must be >= 1, got {k}")
+        raise InputError(f"k (chains per prompt) must be >= 1, got {k}")
     B = input_ids.shape[0]
     chains = generate(model, **rows_repeated(dict(input_ids=input_ids, attention_mask=attention_mask,
                                                   **model_inputs), B, k),
@@ -88,7 +89,7 @@ def uncertainty_routed(model: nn.Module, input_ids: torch.Tensor, attention_mask
     answered greedily without one, for the prompts whose consensus falls short of threshold; extract_direct
     (default: extract) reads their answers."""
     if not 0.0 <= threshold <= 1.0 + 1e-9 and threshold != float("inf"):
-        raise ValueError(f"threshold is a share of the k chains, in [0, 1] (or inf: always greedy), got {threshold}")
+        raise InputError(f"threshold is a share of the k chains, in [0, 1] (or inf: always greedy), got {threshold}")
     stop = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     votes = vote(model, input_ids, attention_mask, extract=extract, k=k, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **stop, **model_inputs)
@@ -110,7 +111,7 @@ def select_threshold(votes: Votes, greedy: Sequence[Hashable | None], truth: Seq
     """The threshold that maximises accuracy on a validation split (the smallest of equals), and that accuracy.
     Candidates: every share seen, and inf (always greedy)."""
     if not len(votes.share) == len(greedy) == len(truth):
-        raise ValueError(f"votes ({len(votes.share)}), greedy answers ({len(greedy)}) and truths ({len(truth)}) "
+        raise InputError(f"votes ({len(votes.share)}), greedy answers ({len(greedy)}) and truths ({len(truth)}) "
                          "must cover the same prompts")
     best = (float("inf"), -1.0)
     for threshold in sorted({*votes.share, float("inf")}):

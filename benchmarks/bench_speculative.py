@@ -76,7 +76,7 @@ def main() -> None:
     with torch.no_grad():
         diff = max((target(ids).logits - hf_target(input_ids=ids).logits).abs().max().item() for ids in singles)
     k, eos = args.k, toy_pair.EOS
-    stop = dict(max_new_tokens=32, eos_token_id=eos, pad_token_id=eos)
+    stop = dict(max_new_tokens=toy_pair.DIGITS + 1, eos_token_id=eos, pad_token_id=eos)  # the answer and <eos>
     drafting = {"plain": {}, "draft model": dict(assistant_model=draft, num_assistant_tokens=k),
                 "prompt lookup": dict(prompt_lookup_num_tokens=k)}
     # HF reads the drafting schedule from the assistant's own generation config, not from generate's arguments

@@ -1,8 +1,8 @@
 """A toy target/draft pair for speculative decoding, trained to convergence in a few CPU minutes.
 
-The task, over a 16-token vocabulary: a fixed code for each of 16 digits,
+The task, over a 16-token vocabulary: a fixed code for each of 32 digits,
 
-    Q d1 .. d16 = c(d1) .. c(d16) <eos>          c(d) = (7 d + 3) mod 10, a permutation of the digits
+    Q d1 .. d32 = c(d1) .. c(d32) <eos>          c(d) = (7 d + 3) mod 10, a permutation of the digits
 
 Each output token reads one input token at a fixed distance, so a one-layer draft can learn the task as well
 as the target, and the whole answer is the target's own greedy output. The target (6 layers, d=128) costs
@@ -25,7 +25,7 @@ import torch
 import polymodal as pm
 
 Q, EQ, EOS = 10, 12, 15
-VOCAB, DIGITS = 16, 16
+VOCAB, DIGITS = 16, 32
 HELD_OUT = 1000  # questions per held-out split
 VALIDATION = 128  # validation questions checked during training
 CHECK_EVERY = 50
@@ -105,9 +105,9 @@ def train(config: pm.DecoderConfig, max_steps: int, converged: float, seed: int,
 
 
 TARGET = pm.DecoderConfig(vocab_size=VOCAB, dim=128, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=384,
-                          max_seq_len=64)
+                          max_seq_len=80)
 DRAFT = pm.DecoderConfig(vocab_size=VOCAB, dim=64, n_layers=1, n_heads=4, n_kv_heads=1, hidden_dim=192,
-                         max_seq_len=64)
+                         max_seq_len=80)
 
 
 def trained_pair(directory: Path, max_steps: int) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
@@ -115,7 +115,7 @@ def trained_pair(directory: Path, max_steps: int) -> tuple[torch.nn.Module, torc
     with their training logs)."""
     models, logs = [], {}
     for name, config, seed, lr, converged in (("target", TARGET, 0, 1e-3, 1.0), ("draft", DRAFT, 1, 3e-3, 0.9)):
-        path = directory / f"{name}-{max_steps}"
+        path = directory / f"{name}-{config.n_layers}x{config.dim}-{DIGITS}digits-{max_steps}"
         if not (path / "config.json").exists():
             model, log = train(config, max_steps, converged, seed, lr)
             pm.save_pretrained(model, path)

@@ -81,13 +81,14 @@ def uncertainty_routed(model: nn.Module, input_ids: torch.Tensor, attention_mask
                        extract: Callable[[list[int]], Hashable | None], threshold: float, k: int = 8,
                        direct_input_ids: torch.Tensor | None = None, direct_attention_mask: torch.Tensor | None = None,
                        extract_direct: Callable[[list[int]], Hashable | None] | None = None,
-                       max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+                       direct_model_inputs: dict | None = None, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None, seed: int | None = None,
                        eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                        **model_inputs) -> Routed:
     """input_ids: the prompts asking for a chain of thought; direct_input_ids (default: the same prompts) those
     answered greedily without one, for the prompts whose consensus falls short of threshold; extract_direct
-    (default: extract) reads their answers."""
+    (default: extract) reads their answers. direct_model_inputs (default: model_inputs) are the direct prompts'
+    other inputs, all of them, when they differ from the chains' (PaliGemma's token_type_ids follow the tokens)."""
     if not 0.0 <= threshold <= 1.0 + 1e-9 and threshold != float("inf"):
         raise InputError(f"threshold is a share of the k chains, in [0, 1] (or inf: always greedy), got {threshold}")
     stop = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -98,7 +99,8 @@ def uncertainty_routed(model: nn.Module, input_ids: torch.Tensor, attention_mask
     if unsure:
         ids, am = (input_ids, attention_mask) if direct_input_ids is None else (direct_input_ids, direct_attention_mask)
         pick = torch.tensor(unsure, device=ids.device)
-        rows = {name: v.index_select(0, pick.to(v.device)) for name, v in model_inputs.items() if v is not None}
+        inputs = model_inputs if direct_model_inputs is None else direct_model_inputs
+        rows = {name: v.index_select(0, pick.to(v.device)) for name, v in inputs.items() if v is not None}
         new = generate(model, ids.index_select(0, pick), None if am is None else am.index_select(0, pick),
                        max_new_tokens=max_new_tokens, **stop, **rows)
         for b, row in zip(unsure, new.tolist()):

@@ -64,7 +64,8 @@ def answers(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: li
 def chains(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list, *, k: int, temperature: float,
            seed: int, max_new_tokens: int, batch_size: int) -> Votes:
     """k sampled chains per prompt of docs and the consensus of their final answers."""
-    extract = lambda row: final_answer(tokenizer.decode(row))  # noqa: E731
+    # ids past the tokenizer's vocabulary (a padded one) have no text
+    extract = lambda row: final_answer(tokenizer.decode([t for t in row if t < tokenizer.vocab_size]))  # noqa: E731
     majority_answers, share = [], []
     for i in range(0, len(docs), batch_size):
         v = vote(model, **collator.prompts(docs[i:i + batch_size]), extract=extract, k=k, temperature=temperature,

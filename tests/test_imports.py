@@ -21,7 +21,7 @@ LAYERS = [  # lowest first
     ("polymodal.generation", "polymodal.convert", "polymodal.presets"),
     ("polymodal.api",),
     ("polymodal.evaluate",),
-    ("polymodal.retrieval",),  # evaluate's scoring for the dual encoders
+    ("polymodal.retrieval", "polymodal.evaluate_cot"),  # evaluate's scoring for the dual encoders; chain-of-thought routing
     ("polymodal.train",),
     ("polymodal",),  # the package's own __init__: the public API
     ("polymodal.serve",),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from polymodal.config import ConfigError
 from polymodal.data.documents import DocumentError
+from polymodal.data.synthetic import COT_TASKS
 from polymodal.errors import PolymodalError
 from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
 
@@ -89,6 +90,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: those the run trained on)")
     e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized decoder linear layers")
+    e.add_argument("--cot-k", type=int, default=8, help="chains of thought sampled per question of a task asked with "
+                                                       "one (compare_cot), for majority and routing (default: %(default)s)")
+    e.add_argument("--cot-validation", type=int, default=100, help="validation questions the routing threshold is "
+                                                                  "chosen on (default: %(default)s)")
 
     c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories")
     c.add_argument("source")
@@ -203,6 +208,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.cot_k < 1 or args.cot_validation < 1:
+        raise ValueError(f"--cot-k and --cot-validation must be >= 1, got {args.cot_k} and {args.cot_validation}")
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     tasks = args.tasks
     if tasks is None:
@@ -211,10 +218,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
                  else IMAGE_TASKS)
     for task in tasks:
         WORLD.choices(task)  # an unknown task fails here, before any work
-    score = scorer(model)
-    how = "image -> answer retrieval" if score is score_retrieval else "greedy answers"
-    print(f"{directory}: {how} on the built-in world's held-out split")
-    print(table(score(model, tokenizer, tuple(tasks), args.n, WORLD, args.batch_size)))
+    plain = tuple(t for t in tasks if t not in COT_TASKS)
+    if plain:
+        score = scorer(model)
+        how = "image -> answer retrieval" if score is score_retrieval else "greedy answers"
+        print(f"{directory}: {how} on the built-in world's held-out split")
+        print(table(score(model, tokenizer, plain, args.n, WORLD, args.batch_size)))
+    cot = [t for t in tasks if t in COT_TASKS]
+    if cot:
+        eval_routing(args, directory, model, tokenizer, cot)
+
+
+def eval_routing(args: argparse.Namespace, directory: Path, model, tokenizer, tasks: list[str]) -> None:
+    """`polymodal eval`'s table for tasks asked with a chain of thought: greedy, CoT and routed side by side."""
+    from polymodal.evaluate_cot import evaluate_routing, routing_table
+
+    print(f"{directory}: direct and chain-of-thought answers on the built-in world's held-out split")
+    print(routing_table([evaluate_routing(model, tokenizer, t, args.n, WORLD, k=args.cot_k,
+                                          validation=args.cot_validation, batch_size=args.batch_size)
+                         for t in tasks]))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

@@ -8,7 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from polymodal.data.synthetic import CELLS, DIRECTIONS, OBJECTS, TASKS, World, describe
+from polymodal.data.synthetic import CELLS, DIRECTIONS, OBJECTS, TASKS, World, asked_directly, describe
+from polymodal.evaluate_cot import VALIDATION_START
 
 WORLD = World(seed=0)
 N_TRAIN, N_EVAL = 2000, 300
@@ -22,12 +23,14 @@ def media_bytes(segment) -> bytes:
     return segment.media.waveform.tobytes()
 
 
-def hashes(task: str, split: str, n: int) -> tuple[set[str], set[str]]:
-    """Content hashes of the n first documents of a split (every text and medium) and of their media."""
+def hashes(task: str, split: str, n: int, start: int = 0, direct: bool = False) -> tuple[set[str], set[str]]:
+    """Content hashes of the documents start..start+n-1 of a split (every text and medium) and of their media;
+    direct: the chain-of-thought examples asked directly."""
     docs, media = set(), set()
-    for i in range(n):
+    for i in range(start, start + n):
+        example = WORLD.sample(task, i, split)
         parts = []
-        for s in WORLD.sample(task, i, split).document.segments:
+        for s in (asked_directly(example) if direct else example).document.segments:
             data = s.text.encode() if s.kind == "text" else media_bytes(s)
             parts.append(hashlib.sha256(data).hexdigest())
             if s.kind != "text":
@@ -43,6 +46,20 @@ def test_no_eval_document_or_medium_occurs_in_training(task):
     assert len(eval_media) == N_EVAL  # every eval example brings its own medium
     assert not eval_docs & train_docs
     assert not eval_media & train_media
+
+
+def test_chain_of_thought_validation_split_is_held_out_and_apart_from_the_test_split():
+    """`polymodal eval` picks the routing threshold on eval examples VALIDATION_START on and tests on 0..n-1:
+    neither split's images nor documents (chain-of-thought or asked directly) occur in training of either
+    form, nor in the other split."""
+    train = [hashes(task, "train", N_TRAIN) for task in ("compare", "compare_cot")]
+    train_docs, train_media = set.union(*(d for d, _ in train)), set.union(*(m for _, m in train))
+    test = [hashes("compare_cot", "eval", N_EVAL, direct=d) for d in (False, True)]
+    validation = [hashes("compare_cot", "eval", N_EVAL, VALIDATION_START, direct=d) for d in (False, True)]
+    for (test_docs, test_media), (val_docs, val_media) in zip(test, validation):
+        assert len(test_media) == len(val_media) == N_EVAL
+        assert not (test_docs | val_docs) & train_docs and not (test_media | val_media) & train_media
+        assert not test_docs & val_docs and not test_media & val_media
 
 
 def test_text_to_image_eval_prompts_and_drawn_pairs_never_occur_in_training():

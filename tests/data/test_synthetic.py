@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from polymodal.data.documents import read_jsonl
-from polymodal.data.synthetic import (CELLS, COLOURS, DIRECTIONS, NUMBERS, OBJECTS, TASKS, Example, World,
-                                      describe, export_jsonl, recognise)
+from polymodal.data.synthetic import (CELLS, COLOURS, COUNTS, DIRECTIONS, NUMBERS, OBJECTS, TASKS, Example, World,
+                                      asked_directly, describe, export_jsonl, final_answer, recognise)
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
 WORLD = World(seed=0)
@@ -90,6 +90,33 @@ def test_count_answer_is_the_number_of_separate_shapes():
         for blob in blobs:  # each blob is one flat palette colour, not a blend
             assert len(set(nearest_colour(image[blob[:, 0], blob[:, 1]]))) == 1
     assert seen == set(NUMBERS)
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_comparison_chain_counts_the_colours_drawn(split):
+    """"are there more red than blue shapes? count first" -> "two and one, so yes": the counts are those of
+    the pixels' shapes of each colour; asked directly, the same image gets the chain's final answer."""
+    seen = set()
+    for i in range(200):
+        ex = WORLD.sample("compare_cot", i, split)
+        image = np.asarray(ex.document.images[0])
+        colours = [nearest_colour(image[b[:, 0], b[:, 1]])[0] for b in components(foreground(image))]
+        a, b = ex.document.texts[0].removeprefix("are there more ").split(" shapes?")[0].split(" than ")
+        counts, answer = ex.answer.split(", so ")
+        assert counts == f"{COUNTS[colours.count(a)]} and {COUNTS[colours.count(b)]}"
+        assert answer == ("yes" if colours.count(a) > colours.count(b) else "no") == final_answer(ex.answer)
+        direct = asked_directly(ex)
+        assert direct.task == "compare" and direct.answer == answer and direct.document.texts[-1] == answer
+        assert direct.document.texts[0] == f"are there more {a} than {b} shapes?"
+        assert direct.document.images[0] is ex.document.images[0]
+        seen.add((colours.count(a) > 0 and colours.count(b) > 0, answer))
+    assert seen == {(True, "yes"), (True, "no"), (False, "yes"), (False, "no")}
+
+
+def test_final_answer_reads_only_a_finished_chain():
+    assert final_answer("one and two, so no") == "no"
+    for text in ("yes", "one and two", "one and two, so", "one and two, so maybe", ", so yes"):
+        assert final_answer(text) is None
 
 
 def test_colour_answer_matches_the_pixels():

@@ -10,6 +10,7 @@ import polymodal as pm
 from polymodal.config import DecoderConfig
 from polymodal.generation.consensus import Votes, route, select_threshold, uncertainty_routed, vote
 from polymodal.nn.transformer import Decoder
+from polymodal.presets import get_preset
 
 V = 12
 
@@ -61,6 +62,21 @@ def test_routes_follow_the_threshold(model):
         assert routed.routes[b] == ("consensus" if sure else "greedy")
         assert routed.answers[b] == (routed.votes.majority[b] if sure else greedy[b])
         assert routed.greedy[b] == (None if sure else greedy[b])  # greedy runs only where it is needed
+
+
+def test_a_vision_language_model_answers_directly_from_its_own_inputs():
+    """PaliGemma's token_type_ids follow the tokens: the direct prompts, shorter than the chains', bring theirs."""
+    torch.manual_seed(0)
+    cfg = get_preset("paligemma-tiny")
+    model = pm.build(cfg).eval()
+    image = torch.full((2, cfg.tokens_per_image), cfg.image_token_id)
+    chains, direct = torch.cat([image, torch.randint(0, 200, (2, 6))], 1), torch.cat([image, PROMPTS[:2, :2]], 1)
+    px = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    kw = dict(extract=last_even, k=3, max_new_tokens=4, seed=0, direct_input_ids=direct, threshold=float("inf"))
+    routed = uncertainty_routed(model, chains, pixel_values=px, token_type_ids=torch.zeros_like(chains), **kw,
+                                direct_model_inputs=dict(pixel_values=px, token_type_ids=torch.zeros_like(direct)))
+    greedy = pm.generate(model, direct, pixel_values=px, token_type_ids=torch.zeros_like(direct), max_new_tokens=4)
+    assert routed.routes == ["greedy"] * 2 and routed.answers == [last_even(r) for r in greedy.tolist()]
 
 
 def test_threshold_selection_maximises_validation_accuracy():

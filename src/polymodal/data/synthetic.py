@@ -1,6 +1,7 @@
 """The built-in world: a small, seeded multimodal data set that needs no download.
 
-Images of coloured shapes on a dark background (caption, colour, shape, count, position), short
+Images of coloured shapes on a dark background (caption, colour, shape, count, position, and a
+comparison asked directly or with a short chain of thought: "are there more red than blue shapes?"), short
 videos of a moving shape (direction), clips of sine beeps (count, rising or falling pitch) and
 text→image pairs ("draw a red circle in the top left"). Answers come from small fixed sets, so
 chance is known and a tiny model has to look and listen to beat it. Every example is a pure
@@ -43,9 +44,11 @@ SIZES = ("small", "large")
 TINTS = ("red", "green", "blue")  # the brightest channel of a dark background
 DIRECTIONS = ("left", "right", "up", "down")
 NUMBERS = ("one", "two", "three")
+COUNTS = ("none", *NUMBERS)  # a colour's count in a comparison's chain of thought
 PITCHES = ("rising", "falling")
 SPLITS = ("train", "eval")
 
+COT_SUFFIX = " count first"  # asks for the chain of thought: "two and one, so yes"
 PROMPTS = {
     "caption": "caption",
     "colour": "what colour is the shape?",
@@ -56,6 +59,8 @@ PROMPTS = {
     "audio_count": "how many beeps?",
     "audio_pitch": "does the pitch rise or fall?",
     "text_to_image": "draw a {} in the {}",
+    "compare": "are there more {} than {} shapes?",
+    "compare_cot": "are there more {} than {} shapes?" + COT_SUFFIX,
 }
 TASKS = tuple(PROMPTS)
 CHOICES = {
@@ -69,7 +74,12 @@ CHOICES = {
     "audio_pitch": PITCHES,
     # the answer names what the image must show; describe() checks a generated one
     "text_to_image": tuple(f"a {o} in the {c}" for o in OBJECTS for c in CELLS),
+    "compare": ("yes", "no"),
+    # the two colours' counts, then the answer they give; at most 4 shapes, 3 of a colour, never a tie
+    "compare_cot": tuple(f"{COUNTS[a]} and {COUNTS[b]}, so {'yes' if a > b else 'no'}"
+                         for a in range(4) for b in range(4) if a != b and a + b <= 4),
 }
+COT_TASKS = {"compare_cot": "compare"}  # a task asked with a chain of thought -> the same question asked directly
 
 # The compositional split: what each object (index colour * 3 + shape) never shows in training.
 # Every cell, size and tint still appears in training with other objects and colours.
@@ -155,7 +165,9 @@ class World:
 
     def texts(self) -> list[str]:
         """Every prompt and answer string the world uses, e.g. to train a tokenizer."""
-        fills = {"position": [(o,) for o in OBJECTS], "text_to_image": list(itertools.product(OBJECTS, CELLS))}
+        pairs = list(itertools.permutations(COLOURS, 2))
+        fills = {"position": [(o,) for o in OBJECTS], "text_to_image": list(itertools.product(OBJECTS, CELLS)),
+                 "compare": pairs, "compare_cot": pairs}
         prompts = [p.format(*f) for task, p in PROMPTS.items() for f in fills.get(task, [()])]
         return sorted({*prompts, *itertools.chain(*CHOICES.values())})
 
@@ -292,6 +304,27 @@ class World:
         colour, shape, cell = names[rng.integers(len(names))]
         return Segment("image", media=image), PROMPTS["position"].format(f"{colour} {shape}"), cell
 
+    def _comparison(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str, int, int]:
+        """2-4 shapes of any colours, and two colours whose counts differ, both present where the scene
+        allows (else one absent): the image, the question's colours in either order and their counts."""
+        while True:
+            image, names = self._scene(rng, split, int(rng.integers(2, 5)))
+            counts = {c: sum(n[0] == c for n in names) for c in COLOURS}
+            pairs = [(a, b) for a, b in itertools.permutations(COLOURS, 2) if counts[a] != counts[b]]
+            pairs = [(a, b) for a, b in pairs if counts[a] and counts[b]] or pairs
+            if pairs:
+                a, b = pairs[rng.integers(len(pairs))]
+                return Segment("image", media=image), a, b, counts[a], counts[b]
+
+    def _compare(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        image, a, b, na, nb = self._comparison(rng, split)
+        return image, PROMPTS["compare"].format(a, b), "yes" if na > nb else "no"
+
+    def _compare_cot(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
+        image, a, b, na, nb = self._comparison(rng, split)
+        chain = f"{COUNTS[na]} and {COUNTS[nb]}, so {'yes' if na > nb else 'no'}"
+        return image, PROMPTS["compare_cot"].format(a, b), chain
+
     def _video_direction(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
         """Eval moves an object in its held-out direction, by a held-out distance (speed)."""
         size, frames = self.image_size, self.video_frames
@@ -395,6 +428,22 @@ def describe(image: Image.Image | np.ndarray) -> str | None:
     h, w = px.shape[:2]
     cell = CELLS[2 * int(ys.min() + ys.max() + 1 > h) + int(xs.min() + xs.max() + 1 > w)]
     return f"a {seen[0]} {seen[1]} in the {cell}"
+
+
+def final_answer(chain: str) -> str | None:
+    """The answer a chain of thought ends with ("two and one, so yes" -> "yes"); None if it ends otherwise."""
+    head, so, answer = chain.strip().rpartition(", so ")
+    return answer if so and head and answer in ("yes", "no") else None
+
+
+def asked_directly(example: Example) -> Example:
+    """A chain-of-thought example (task in COT_TASKS) asked without the chain: same media, the question
+    without its request for a chain, the chain's final answer."""
+    direct = COT_TASKS[example.task]
+    media, prompt, chain = example.document.segments
+    answer = final_answer(chain.text)
+    segments = [media, Segment("text", prompt.text.removesuffix(COT_SUFFIX)), Segment("text", answer, target=True)]
+    return Example(Document(segments, id=f"{example.document.id}/direct"), answer, CHOICES[direct], direct)
 
 
 def export_jsonl(world: World, path: str | Path, split: str = "train", n: int = 100,

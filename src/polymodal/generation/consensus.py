@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from polymodal.errors import InputError
 from polymodal.generation.engine import generate
 
 
@@ -41,7 +42,7 @@ def rows_repeated(inputs: dict, batch: int, k: int) -> dict:
         if value is None:
             continue
         if value.shape[0] != batch:
-            raise ValueError(f"{name} has {value.shape[0]} entries for {batch} prompts: chains repeat each prompt's "
+            raise InputError(f"{name} has {value.shape[0]} entries for {batch} prompts: chains repeat each prompt's "
                              "inputs, so every input needs one entry per prompt (one image per prompt)")
         out[name] = value.repeat_interleave(k, dim=0)
     return out
@@ -53,7 +54,7 @@ def vote(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
          eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, **model_inputs) -> Votes:
     """k sampled chains per prompt (one batched generate) and the consensus of their extracted answers."""
     if k < 1:
-        raise ValueError(f"k (chains per prompt) must be >= 1, got {k}")
+        raise InputError(f"k (chains per prompt) must be >= 1, got {k}")
     B = input_ids.shape[0]
     chains = generate(model, **rows_repeated(dict(input_ids=input_ids, attention_mask=attention_mask,
                                                   **model_inputs), B, k),
@@ -80,15 +81,16 @@ def uncertainty_routed(model: nn.Module, input_ids: torch.Tensor, attention_mask
                        extract: Callable[[list[int]], Hashable | None], threshold: float, k: int = 8,
                        direct_input_ids: torch.Tensor | None = None, direct_attention_mask: torch.Tensor | None = None,
                        extract_direct: Callable[[list[int]], Hashable | None] | None = None,
-                       max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+                       direct_model_inputs: dict | None = None, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None, seed: int | None = None,
                        eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                        **model_inputs) -> Routed:
     """input_ids: the prompts asking for a chain of thought; direct_input_ids (default: the same prompts) those
     answered greedily without one, for the prompts whose consensus falls short of threshold; extract_direct
-    (default: extract) reads their answers."""
+    (default: extract) reads their answers. direct_model_inputs (default: model_inputs) are the direct prompts'
+    other inputs, all of them, when they differ from the chains' (PaliGemma's token_type_ids follow the tokens)."""
     if not 0.0 <= threshold <= 1.0 + 1e-9 and threshold != float("inf"):
-        raise ValueError(f"threshold is a share of the k chains, in [0, 1] (or inf: always greedy), got {threshold}")
+        raise InputError(f"threshold is a share of the k chains, in [0, 1] (or inf: always greedy), got {threshold}")
     stop = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     votes = vote(model, input_ids, attention_mask, extract=extract, k=k, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **stop, **model_inputs)
@@ -97,7 +99,8 @@ def uncertainty_routed(model: nn.Module, input_ids: torch.Tensor, attention_mask
     if unsure:
         ids, am = (input_ids, attention_mask) if direct_input_ids is None else (direct_input_ids, direct_attention_mask)
         pick = torch.tensor(unsure, device=ids.device)
-        rows = {name: v.index_select(0, pick.to(v.device)) for name, v in model_inputs.items() if v is not None}
+        inputs = model_inputs if direct_model_inputs is None else direct_model_inputs
+        rows = {name: v.index_select(0, pick.to(v.device)) for name, v in inputs.items() if v is not None}
         new = generate(model, ids.index_select(0, pick), None if am is None else am.index_select(0, pick),
                        max_new_tokens=max_new_tokens, **stop, **rows)
         for b, row in zip(unsure, new.tolist()):
@@ -110,7 +113,7 @@ def select_threshold(votes: Votes, greedy: Sequence[Hashable | None], truth: Seq
     """The threshold that maximises accuracy on a validation split (the smallest of equals), and that accuracy.
     Candidates: every share seen, and inf (always greedy)."""
     if not len(votes.share) == len(greedy) == len(truth):
-        raise ValueError(f"votes ({len(votes.share)}), greedy answers ({len(greedy)}) and truths ({len(truth)}) "
+        raise InputError(f"votes ({len(votes.share)}), greedy answers ({len(greedy)}) and truths ({len(truth)}) "
                          "must cover the same prompts")
     best = (float("inf"), -1.0)
     for threshold in sorted({*votes.share, float("inf")}):

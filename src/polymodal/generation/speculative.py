@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from polymodal.errors import InputError
 from polymodal.generation.sampling import exponential_noise, probabilities, processed, race
 from polymodal.nn.cache import Cache
 
@@ -65,32 +66,32 @@ def plan(model: nn.Module, assistant_model: nn.Module | None, num_assistant_toke
     """The drafting these options ask for (None: plain decoding), checked before any compute."""
     if assistant_model is None and prompt_lookup_num_tokens is None:
         if num_assistant_tokens is not None:
-            raise ValueError("num_assistant_tokens needs an assistant_model (the draft model)")
+            raise InputError("num_assistant_tokens needs an assistant_model (the draft model)")
         return None
     if assistant_model is not None and prompt_lookup_num_tokens is not None:
-        raise ValueError("give assistant_model (a draft model) or prompt_lookup_num_tokens (drafts from the "
+        raise InputError("give assistant_model (a draft model) or prompt_lookup_num_tokens (drafts from the "
                          "prompt), not both")
     if prompt_lookup_num_tokens is not None:
         if num_assistant_tokens is not None:
-            raise ValueError("num_assistant_tokens is for assistant_model; prompt lookup drafts "
+            raise InputError("num_assistant_tokens is for assistant_model; prompt lookup drafts "
                              "prompt_lookup_num_tokens tokens")
         k = prompt_lookup_num_tokens
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"prompt_lookup_num_tokens must be an int >= 1, got {k!r}")
+            raise InputError(f"prompt_lookup_num_tokens must be an int >= 1, got {k!r}")
         return Drafting(k)
     k = 5 if num_assistant_tokens is None else num_assistant_tokens
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"num_assistant_tokens must be an int >= 1, got {k!r}")
+        raise InputError(f"num_assistant_tokens must be an int >= 1, got {k!r}")
     if assistant_model is model:
-        raise ValueError("assistant_model is the target itself; the draft is a second (smaller) model")
+        raise InputError("assistant_model is the target itself; the draft is a second (smaller) model")
     if not hasattr(assistant_model, "make_cache"):
-        raise ValueError(f"assistant_model must be a polymodal language model, got {type(assistant_model).__name__}")
+        raise InputError(f"assistant_model must be a polymodal language model, got {type(assistant_model).__name__}")
     if vocab_size(assistant_model) != vocab_size(model):
-        raise ValueError(f"the draft's vocabulary ({vocab_size(assistant_model)} tokens) must be the target's "
+        raise InputError(f"the draft's vocabulary ({vocab_size(assistant_model)} tokens) must be the target's "
                          f"({vocab_size(model)} tokens): drafts are checked token by token")
     media = [k for k, v in model_inputs.items() if v is not None and k not in draft_inputs(assistant_model)]
     if media and not placeholder_ids(model):
-        raise ValueError(f"the draft ({type(assistant_model).__name__}) takes no {media}, and "
+        raise InputError(f"the draft ({type(assistant_model).__name__}) takes no {media}, and "
                          f"{type(model).__name__} has no placeholder token that tells the prompt's text part")
     return Drafting(k, assistant_model)
 

@@ -24,8 +24,9 @@ from torch import nn
 
 from polymodal.config import Config, ConfigError, DecoderConfig
 from polymodal.data.processors import check_pixel_values
-from polymodal.encoders.vq import VQConfig, VQModel, images_to_pixels, pixels_to_images
+from polymodal.encoders.vq import VQConfig, VQModel, images_to_pixels
 from polymodal.generation.constraints import ImageSpans
+from polymodal.models.drawing import decode_rows
 from polymodal.nn.cache import Cache
 from polymodal.nn.transformer import Decoder, ModelOutput
 
@@ -98,12 +99,7 @@ class Chameleon(nn.Module):
 
     def images_from_codes(self, codes: list[list[torch.Tensor]]) -> list[list[PIL.Image.Image]]:
         """Per row, a list of code tensors (tokens_per_image,) -> per row, PIL images."""
-        flat = [c for row in codes for c in row]
-        if not flat:
-            return [[] for _ in codes]
-        with torch.no_grad():
-            images = iter(pixels_to_images(self.vq.decode(torch.stack(flat).to(self.code_tokens.device))))
-        return [[next(images) for _ in row] for row in codes]
+        return decode_rows(self.vq, codes)
 
     def splice_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                       labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -27,6 +27,8 @@ from torch import nn
 from polymodal.config import Config, ConfigError, DecoderConfig, _check_positive
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT, VisionConfig
+from polymodal.encoders.vq import VQConfig, images_to_pixels
+from polymodal.models.drawing import ImageWriter, check_image_output
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments
@@ -44,16 +46,17 @@ class MediaTokens(Config):
     image: tuple[int, int] | None = (6, 7)  # (<img>, </img>); None: images need no wrapping (Fuyu)
     audio: tuple[int, int] | None = (8, 9)  # (<audio>, </audio>)
     video: tuple[int, int] | None = (10, 11)  # (<video>, </video>)
+    draw: tuple[int, int] | None = None  # (begin, end) of an image the model writes; None: it writes text only
 
     def __post_init__(self) -> None:
-        for kind in MODALITIES:
+        for kind in (*MODALITIES, "draw"):
             span = getattr(self, kind)
             if span is not None:
                 span = tuple(span)  # JSON gives lists
                 if len(span) != 2:
                     raise ConfigError(f"tokens.{kind} must be a (start, end) pair of ids, got {span}")
                 setattr(self, kind, span)
-        ids = [self.placeholder, *(i for k in MODALITIES for i in (getattr(self, k) or ()))]
+        ids = self.ids()
         if len(set(ids)) != len(ids):
             raise ConfigError(f"media token ids must be distinct, got placeholder and spans {ids}")
         if self.image is None and (self.audio is not None or self.video is not None):
@@ -65,7 +68,7 @@ class MediaTokens(Config):
         return self.image is not None
 
     def ids(self) -> list[int]:
-        return [self.placeholder, *(i for k in MODALITIES for i in (getattr(self, k) or ()))]
+        return [self.placeholder, *(i for k in (*MODALITIES, "draw") for i in (getattr(self, k) or ()))]
 
 
 @dataclass
@@ -81,6 +84,8 @@ class GeminiConfig(Config):
     audio_pool: int = 1  # average-pool the audio encoder's 50 Hz frames by this factor
     max_frames: int = 0  # learned temporal embeddings for video frames; 0: no video input
     modal_norm: bool = False  # a text.norm after each modality's projection into the decoder
+    vq: VQConfig | None = None  # image output: the VQ tokenizer of the images it writes; None: text output only
+    image_codes: int = 0  # token id of VQ code 0 (the codes are contiguous from it), with vq
 
     def __post_init__(self) -> None:
         _check_positive(self, "image_size", "patch_size", "channels", "audio_pool")
@@ -101,6 +106,8 @@ class GeminiConfig(Config):
         bad = [i for i in self.tokens.ids() if not 0 <= i < self.text.vocab_size]
         if bad:
             raise ConfigError(f"media token ids {bad} are outside the vocabulary [0, {self.text.vocab_size})")
+        if self.vq is not None or self.tokens.draw is not None:
+            check_image_output(self.vq, self.image_codes, self.tokens.draw, self.tokens.ids(), self.text.vocab_size)
 
     @property
     def tokens_per_image(self) -> int:
@@ -138,6 +145,16 @@ class Gemini(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         self.decoder = Decoder(cfg.text, backend=backend)
+        self.writer = (ImageWriter(cfg.vq, cfg.image_codes, *cfg.tokens.draw, cfg.tokens.placeholder)
+                       if cfg.vq is not None else None)
+
+    @property
+    def image_spans(self):
+        """The engine's image-span state machine (`models/drawing.py`); None for a model that writes text only."""
+        return self.writer.spans if self.writer is not None else None
+
+    def images_from_codes(self, codes: list[list[torch.Tensor]]):
+        return self.writer.images_from_codes(codes)
 
     def _modal_norm(self) -> nn.Module:
         t = self.config.text
@@ -307,13 +324,14 @@ class Gemini(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 input_features: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None, *,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                target_pixel_values: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: Cache | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (B, S) with media spans; pixel_values (N, C, H, W) images (or (N, P, p*p*C) patches
         without a ViT), input_features (N, n_mels, T) log-mel clips, pixel_values_videos (N, F, C, H, W)
-        or a list of (F, C, H, W): each modality's media in the order of its spans, row by row."""
-        media = (pixel_values, input_features, pixel_values_videos)
+        or a list of (F, C, H, W): each modality's media in the order of its spans, row by row;
+        target_pixel_values (N, 3, H, W) in [-1, 1]: the images to write, as placeholders in `tokens.draw` spans."""
+        media = (pixel_values, input_features, pixel_values_videos, target_pixel_values)
         if cache is not None and cache.length > 0:  # decode: media were encoded at prefill
             if any(m is not None for m in media):
                 raise ValueError("media belong to the first (prefill) call, not to decode steps")
@@ -324,6 +342,10 @@ class Gemini(nn.Module):
         if S > self.config.text.max_seq_len:
             raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.text.max_seq_len}")
         self.decoder.check_token_ids(input_ids)
+        if self.writer is not None:
+            input_ids, labels = self.writer.splice(input_ids, target_pixel_values, labels)
+        elif target_pixel_values is not None:
+            raise ValueError("target_pixel_values given, but this model writes no images (config.vq is None)")
         videos = list(pixel_values_videos) if pixel_values_videos is not None else None
         spans = self.spans(input_ids)
         sizes = self.media_sizes(spans, pixel_values, input_features, videos)
@@ -364,10 +386,15 @@ class GeminiFormat:
     def fit(config: GeminiConfig, tokenizer) -> GeminiConfig:
         from polymodal.data.collate import DecoderFormat
 
-        ids = tokenizer.special_ids
+        ids, V = tokenizer.special_ids, tokenizer.vocab_size
         tokens = MediaTokens(placeholder=ids["<image>"], image=(ids["<img>"], ids["</img>"]),
                              audio=(ids["<audio>"], ids["</audio>"]), video=(ids["<video>"], ids["</video>"]))
-        return config.replace(text=DecoderFormat.fit(config.text, tokenizer), tokens=tokens)
+        text = DecoderFormat.fit(config.text, tokenizer)
+        if config.vq is None:
+            return config.replace(text=text, tokens=tokens)
+        # written images: their begin and end tokens, then the VQ codes, right after the tokenizer's vocabulary
+        return config.replace(text=text.replace(vocab_size=V + 2 + config.vq.num_embeddings),
+                              tokens=tokens.replace(draw=(V, V + 1)), image_codes=V + 2)
 
     def encode(self, doc, prompt_only: bool = False):
         from polymodal.data.collate import Encoded, _labels, _name, _prompt
@@ -375,7 +402,7 @@ class GeminiFormat:
         segments = list(zip(doc.segments, doc.target_mask))
         if prompt_only:
             segments = [(s, False) for s in _prompt(doc)]
-        tok, pieces = self.tokenizer, [([self.tokenizer.bos_id], False)]
+        cfg, tok, pieces = self.config, self.tokenizer, [([self.tokenizer.bos_id], False)]
         media: dict[str, list[torch.Tensor]] = {}
         for i, (seg, target) in enumerate(segments):
             if seg.kind == "text":
@@ -384,13 +411,25 @@ class GeminiFormat:
                 pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
                 continue
             if target:
-                raise ValueError(f"{_name(doc)} has a {seg.kind} target; this model reads media and writes text")
+                pieces += self._drawn(seg, _name(doc), last=i == len(segments) - 1)
+                media.setdefault("target_pixel_values", []).append(images_to_pixels([seg.media], cfg.vq.resolution))
+                continue
             key, tensor, n = self._media(seg, _name(doc))
             start, end = getattr(self.config.tokens, seg.kind)
             pieces.append(([start] + [self.config.tokens.placeholder] * n + [end], False))
             media.setdefault(key, []).append(tensor)
         tokens = {"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)}
         return Encoded(tokens, {k: torch.cat(v) for k, v in media.items()})
+
+    def _drawn(self, seg, name: str, last: bool) -> list[tuple[list[int], bool]]:
+        """A target image: `begin`, a placeholder per code (`Gemini.writer` puts the codes in), `end`."""
+        cfg = self.config
+        if seg.kind != "image" or cfg.vq is None:
+            raise ValueError(f"{name} has a {seg.kind} target; this model reads media and writes text"
+                             + (" and images" if cfg.vq is not None else ""))
+        begin, end = cfg.tokens.draw
+        span = [begin] + [cfg.tokens.placeholder] * cfg.vq.tokens_per_image + [end]
+        return [(span, True)] + ([([self.tokenizer.eos_id], True)] if last else [])
 
     def _media(self, seg, name: str) -> tuple[str, torch.Tensor, int]:
         cfg = self.config
@@ -421,14 +460,18 @@ def gemini_tiny() -> GeminiConfig:
     positions, 1 s audio clips
     (80 mels, 50 encoder frames pooled to 25 tokens), videos of up to 4 frames (64 tokens); a GQA,
     qk-norm decoder initialised at N(0, dim**-0.5) (as paligemma-world: it learns to read media sooner).
-    Media token ids are the built-in tokenizer's (`GeminiFormat.fit` sets them)."""
+    It writes 32x32 images as 8x8 codes of a 128-entry VQ codebook (chameleon-tiny's VQ), held by the last
+    128 tokens. Media token ids are the built-in tokenizer's; `GeminiFormat.fit` sets them and puts the
+    written images' begin and end tokens and the codes after the tokenizer's vocabulary."""
     dim = 128
     text = DecoderConfig(vocab_size=512, dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=384,
                          qk_norm="rmsnorm", max_seq_len=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                          init_std=dim ** -0.5)
     audio = AudioConfig(n_mels=80, n_positions=50, dim=64, n_layers=2, n_heads=4, hidden_dim=128)
-    return GeminiConfig(text=text, image_size=32, patch_size=8, patch_positions=True, audio=audio, audio_pool=2,
-                        max_frames=4)
+    vq = VQConfig(resolution=32, base_channels=16, channel_multiplier=[1, 2, 2], num_res_blocks=1, mid_attn=False,
+                  latent_channels=32, embed_dim=32, num_embeddings=128, norm_groups=8)
+    return GeminiConfig(text=text, tokens=MediaTokens(draw=(382, 383)), image_size=32, patch_size=8,
+                        patch_positions=True, audio=audio, audio_pool=2, max_frames=4, vq=vq, image_codes=384)
 
 
 def _gemini_nano(dim: int, n_layers: int, n_heads: int, hidden_dim: int) -> GeminiConfig:

@@ -10,6 +10,10 @@ this model matches weight for weight through `convert/hf_gemini.py`), or through
 as an image plus a learned temporal embedding. Media are encoded once, at prefill; decode steps
 take text only.
 
+A config with `vq` also writes images, as discrete VQ codes that are ordinary vocabulary entries
+(Chameleon-style, `models/drawing.py`): `<draw>` codes `</draw>`, its own span tokens, apart from
+the input `<img>` spans.
+
 A config without modality tokens (Fuyu) treats every placeholder as an image token, in order.
 
 Shapes: B batch, S tokens, N media, F frames, P tokens per media, D decoder width.
@@ -366,9 +370,10 @@ class Gemini(nn.Module):
 class GeminiFormat:
     """Documents -> the Gemini stream: <bos>, then the segments in document order, each text segment
     ended by "\\n" (the last by <eos>) and each media a span `<img> P*n </img>` (`<audio>`, `<video>`);
-    labels on target text. Images (and video frames) are resized to image_size and scaled to [-1, 1];
-    audio becomes Whisper log-mel, and must come at the encoder's sampling rate and fit its window (a longer
-    clip is an error, never cut silently)."""
+    labels on target text and, for a model with image output (vq), on target images: `tokens.draw` spans
+    whose placeholders the model fills with the image's VQ codes (`models/drawing.py`). Images (and video
+    frames) are resized to image_size and scaled to [-1, 1]; audio becomes Whisper log-mel, and must come at
+    the encoder's sampling rate and fit its window (a longer clip is an error, never cut silently)."""
 
     def __init__(self, config: GeminiConfig, tokenizer):
         from polymodal.data.collate import SEPARATOR

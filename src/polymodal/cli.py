@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from polymodal.data.collate import Collator
+    from polymodal.data.collators import make_collator
     from polymodal.data.documents import Document, Segment, load_media
     from polymodal.generation.engine import generate
 
@@ -164,7 +164,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag}: {e}") from e
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     draft = _load(args.assistant)[1] if args.assistant is not None else None
-    collator = Collator(model.config, tokenizer)
+    if not hasattr(model, "make_cache"):
+        raise ValueError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
+                         "nothing; score it with `polymodal eval`")
+    collator = make_collator(model.config, tokenizer)
     prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
     context = collator.format.max_len
     if len(prompt) + args.max_new_tokens > context:
@@ -188,12 +191,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
             Path(args.image_dir).mkdir(parents=True, exist_ok=True)
             image.save(Path(args.image_dir) / f"image_{i}.png")
             print(f"wrote {Path(args.image_dir) / f'image_{i}.png'}")
-        new = new[:, new[0] < tokenizer.vocab_size]  # image codes lie past the text vocabulary
-    print(tokenizer.decode(new[0].tolist()).strip())
+    text = new[0][new[0] < tokenizer.vocab_size]  # image codes, and a vocabulary padded past the tokenizer's
+    print(tokenizer.decode(text.tolist()).strip())
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from polymodal.evaluate import evaluate, table
+    from polymodal.evaluate import table
+    from polymodal.retrieval import score_retrieval, scorer
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -207,8 +211,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
                  else IMAGE_TASKS)
     for task in tasks:
         WORLD.choices(task)  # an unknown task fails here, before any work
-    print(f"{directory}: greedy answers on the built-in world's held-out split")
-    print(table(evaluate(model, tokenizer, tuple(tasks), args.n, WORLD, args.batch_size)))
+    score = scorer(model)
+    how = "image -> answer retrieval" if score is score_retrieval else "greedy answers"
+    print(f"{directory}: {how} on the built-in world's held-out split")
+    print(table(score(model, tokenizer, tuple(tasks), args.n, WORLD, args.batch_size)))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from polymodal.data.collate import Collator
+from polymodal.data.collators import make_collator
 from polymodal.data.documents import Audio, Document, Segment
 from polymodal.data.synthetic import DRAWN, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer
@@ -116,7 +117,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
     if drawing and getattr(getattr(model, "image_spans", None), "begin", None) is None:
         raise ValueError(f"task {drawing[0]} is scored on the images a model draws; {type(model).__name__} "
                          "draws none")
-    collator = Collator(model.config, tokenizer)
+    collator = make_collator(model.config, tokenizer)
     scores = []
     for task in tasks:
         draws = task in DRAWN

@@ -44,3 +44,13 @@ def test_two_processes_match_one_process(parallel, single, tmp_path, torchrun):
     assert len(train) == 4 and len(evals) == 2
     assert max(abs(a - b) for a, b in zip(train + evals, single[0] + single[1])) <= 1e-5, (train, single)
     pm.from_pretrained(latest_checkpoint(tmp_path / parallel / "checkpoints"))
+
+
+def test_siglip_over_two_processes_trains_on_the_global_batch(tmp_path, torchrun):
+    """Each process's images meet both processes' captions (the ring sigmoid loss): the train losses of
+    2 processes x 4 pairs equal 1 process x 8 pairs (a per-process loss would not)."""
+    flags = ["--model", "siglip-tiny", "--tasks", "caption", *FLAGS[2:], "--out-dir", str(tmp_path)]
+    launch([sys.executable, "-m", "polymodal.cli", "train", *flags, "--batch-size", "8", "--name", "single"], tmp_path)
+    torchrun("-m", "polymodal.cli", "train", *flags, "--batch-size", "4", "--name", "two", timeout=240, cwd=tmp_path)
+    one, two = losses(tmp_path / "single")[0], losses(tmp_path / "two")[0]
+    assert len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)

@@ -159,5 +159,5 @@ def test_kosmos_text_decoder_is_torchscales_magneto(preset):
     args = TSConfig(vocab_size=text.vocab_size, decoder_embed_dim=text.dim, decoder_attention_heads=text.n_heads,
                     decoder_ffn_embed_dim=text.hidden_dim, decoder_layers=text.n_layers,
                     max_target_positions=text.max_seq_len, subln=True, xpos_rel_pos=True, no_scale_embedding=False,
-                    share_decoder_input_output_embed=True)
+                    share_decoder_input_output_embed=True, dropout=text.dropout, attention_dropout=text.dropout)
     assert config_from_torchscale(args) == text.replace(pad_token_id=None, bos_token_id=None, eos_token_id=None)

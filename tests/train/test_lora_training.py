@@ -90,7 +90,12 @@ def test_kill_9_then_resume_trains_only_the_adapter_exactly(base, tmp_path, kill
 def test_lora_options_are_checked_before_training(base, tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         TrainConfig(lora_rank=4)
-    with pytest.raises(ConfigError, match="lora_rank must be >= 1"):
-        TrainConfig(lora_rank=0, init_from=str(base))
+    for bad in (0, float("nan"), 2.5, True):
+        with pytest.raises(ConfigError, match=r"lora_rank.* must be (an integer >= 1|a finite number)"):
+            TrainConfig(lora_rank=bad, init_from=str(base))
+    for name, bad in (("lora_alpha", 0), ("lora_alpha", float("nan")), ("lora_dropout", 1.0),
+                      ("lora_dropout", float("nan")), ("lora_dropout", -0.1)):
+        with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+            TrainConfig(lora_rank=2, init_from=str(base), **{name: bad})
     with pytest.raises(ValueError, match="unknown LoRA target 'qq'"):
         train(TrainConfig(init_from=str(base), lora_rank=2, lora_targets="q,qq", out_dir=str(tmp_path), max_steps=1))

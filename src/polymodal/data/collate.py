@@ -148,6 +148,8 @@ class KosmosFormat:
     placeholders, </image> (`KosmosConfig.image_tokens`), each text followed by a separator (the
     last segment by <eos>); labels on target text. Images get CLIP's preprocessing."""
 
+    family = "KOSMOS-1"
+
     def __init__(self, config: KosmosConfig, tokenizer: Tokenizer):
         self.tokenizer, self.config = tokenizer, config
         self.sep = tokenizer.encode(SEPARATOR)
@@ -164,14 +166,14 @@ class KosmosFormat:
     def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
         segments = [(s, False) for s in _prompt(doc)] if prompt_only else list(zip(doc.segments, doc.target_mask))
         if unreadable := sorted({s.kind for s, _ in segments} - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; KOSMOS-1 reads images and text")
+            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; {self.family} reads images and text")
         if any(s.kind == "image" and t for s, t in segments):
-            raise ValueError(f"{_name(doc)} has an image target; KOSMOS-1 writes text only")
+            raise ValueError(f"{_name(doc)} has an image target; {self.family} writes text only")
         tok = self.tokenizer
         pieces = [([tok.bos_id], False)]
         for i, (seg, target) in enumerate(segments):
             if seg.kind == "image":
-                pieces.append((self.config.image_tokens(), False))
+                pieces.append((self.image_tokens(), False))
             else:
                 last = i == len(segments) - 1 and not prompt_only
                 text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
@@ -181,6 +183,10 @@ class KosmosFormat:
         images = [s.media for s, _ in segments if s.kind == "image"]
         tokens = {"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)}
         return Encoded(tokens, {"pixel_values": self.images(images)} if images else {})
+
+    def image_tokens(self) -> list[int]:
+        """The ids an image takes in the text."""
+        return self.config.image_tokens()
 
 
 FORMATS: dict[type, type] = {
@@ -285,5 +291,8 @@ class Collator:
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry loss (the models shift labels left by one inside)."""
+    """Tokens that carry loss (the models shift labels left by one inside); in a dual encoder's batch, which
+    has no labels (`data/pairs.py`), its image-caption pairs."""
+    if "labels" not in batch:
+        return len(batch["pixel_values"])
     return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -142,6 +142,24 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
             raise InputError(f"input_ids must be token ids in [0, {V}) (the vocabulary); got {bad}")
 
 
+def in_eval_mode(fn):
+    """Runs `fn(model, ..., assistant_model=...)` with both models in eval mode (dropout off: decoding is
+    deterministic whatever mode a model was left in), each module's mode restored after."""
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args, **kwargs):
+        modules = [m for root in (model, kwargs.get("assistant_model")) if root is not None for m in root.modules()]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.training = False
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.training = mode
+    return wrapper
+
+
+@in_eval_mode
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,

@@ -44,6 +44,7 @@ class KosmosConfig(Config):
     image_token_id: int = 4  # `<image>`: starts an image (ids of `Tokenizer.train`'s control tokens)
     image_end_token_id: int = 5  # `</image>`: closes it
     placeholder_token_id: int = 0  # written in the n_image_latents slots whose embeddings an image replaces
+    projector_bias: bool = True  # a bias on the linear map from resampled image features to the text width
 
     def __post_init__(self) -> None:
         ids = {"image_token_id": self.image_token_id, "image_end_token_id": self.image_end_token_id,
@@ -77,10 +78,11 @@ class Kosmos(nn.Module):
         self.perceiver = build_resampler(cfg.vision.dim, cfg.perceiver)
         # Starts as the decoder's own linear layers do (PyTorch's default under Magneto's init); it
         # feeds the embeddings, not a residual branch, so it takes no sqrt(log 2N) gain.
-        self.projector = nn.Linear(cfg.vision.dim, cfg.text.dim)
+        self.projector = nn.Linear(cfg.vision.dim, cfg.text.dim, bias=cfg.projector_bias)
         if cfg.text.init == "normal":
             nn.init.normal_(self.projector.weight, std=cfg.text.init_std)
-            nn.init.zeros_(self.projector.bias)
+            if cfg.projector_bias:
+                nn.init.zeros_(self.projector.bias)
         self.decoder = Decoder(cfg.text, backend=backend)
 
     def make_cache(self, batch: int, max_len: int, **kwargs) -> Cache:
@@ -186,15 +188,18 @@ def kosmos_tiny() -> KosmosConfig:
 
 
 def kosmos_1() -> KosmosConfig:
-    """The paper's 1.3B model: CLIP ViT-L/14 at 224 (256 patches) -> 64 latents -> a 24-layer, 2048-wide
-    Magneto decoder (32 heads, FFN 8192, 2048 tokens of context). The paper does not give the
-    resampler's depth (Flamingo's, 6, here) nor the image token ids (taken from the tokenizer by the
-    data format); the vocabulary is its 64k SentencePiece one, fairseq ids <s>=0, <pad>=1, </s>=2."""
+    """The paper's model: CLIP ViT-L/14 at 224 (256 patches) -> a resampler (depth 2, 8 heads) to 64 latents
+    -> a bias-free linear map -> a 24-layer, 2048-wide Magneto decoder (32 heads, FFN 8192, 2048 tokens of
+    context, dropout and attention dropout 0.1 in training). 1.67B parameters: the paper's "about 1.6B".
+    The output projection is tied to the embeddings: unilm's `unigptmodel_xl` (KOSMOS' code) goes through
+    fairseq's `base_gpt3_architecture`, which sets `share_decoder_input_output_embed`; an untied one would
+    add 131M (1.80B, past the paper's figure). The vocabulary is its 64k SentencePiece one, fairseq ids
+    <s>=0, <pad>=1, </s>=2; the image ids are taken from the tokenizer by the data format."""
     return KosmosConfig(
         vision=VisionConfig(variant="clip", image_size=224, patch_size=14, dim=1024, n_layers=24, n_heads=16,
                             hidden_dim=4096),
-        perceiver=PerceiverConfig(depth=6, n_heads=16, head_dim=64, n_latents=64),
+        perceiver=PerceiverConfig(depth=2, n_heads=8, head_dim=128, n_latents=64),
         text=magneto_text(vocab_size=64007, dim=2048, n_layers=24, n_heads=32, hidden_dim=8192, max_seq_len=2048,
-                          bos_token_id=0, pad_token_id=1, eos_token_id=2),
-        image_token_id=64005, image_end_token_id=64006, placeholder_token_id=1,
+                          dropout=0.1, bos_token_id=0, pad_token_id=1, eos_token_id=2),
+        image_token_id=64005, image_end_token_id=64006, placeholder_token_id=1, projector_bias=False,
     )

@@ -33,16 +33,18 @@ import torch
 from polymodal.api import build, from_pretrained
 from polymodal.convert.peft import adapter_layout, add_lora, load_adapter, merge_lora, write_adapter
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive, load_config
-from polymodal.data.collate import Collator, count_targets, fit_config
+from polymodal.data.collate import Collator, count_targets
+from polymodal.data.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, DocumentError, read_jsonl, with_media
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import PolymodalError, check_number
-from polymodal.evaluate import evaluate as score_tasks
+from polymodal.models.contrastive import ContrastiveConfig
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Block
 from polymodal.presets import PRESETS, get_preset
+from polymodal.retrieval import scorer
 from polymodal.serialization import atomic_write_bytes
 from polymodal.train import checkpoint as ckpt
 from polymodal.train.distributed import (
@@ -97,6 +99,7 @@ class TrainConfig(Config):
     lora_dropout: float = 0.0  # dropout on LoRA's input
     strict_paths: bool = False  # refuse JSONL media paths that lead outside the JSONL's folder (absolute, .., links)
     vq_steps: int = 400  # a model that writes images first fits its VQ tokenizer to the training images (0: as built)
+    trainable: tuple[str, ...] | None = None  # model parts to train, the rest frozen (Flamingo: perceiver cross_layers)
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
@@ -117,10 +120,18 @@ class TrainConfig(Config):
             check_number(name, getattr(self, name), at_least=0, error=ConfigError)
         for name in ("beta1", "beta2"):
             check_number(name, getattr(self, name), at_least=0, below=1, error=ConfigError)
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ConfigError(f"lora_rank must be >= 1 (or unset: train every weight), got {self.lora_rank}")
+        if self.lora_rank is not None:
+            check_number("lora_rank (or unset: train every weight)", self.lora_rank, integer=True, at_least=1,
+                         error=ConfigError)
+        if self.lora_alpha is not None:
+            check_number("lora_alpha", self.lora_alpha, above=0, error=ConfigError)
+        check_number("lora_dropout", self.lora_dropout, at_least=0, below=1, error=ConfigError)
         if self.lora_rank is not None and self.init_from is None:
             raise ConfigError("lora_rank adapts a trained model: give init_from, the model directory to adapt")
+        if self.lora_rank is not None and self.trainable is not None:
+            raise ConfigError("lora_rank trains adapters only: give it or trainable, not both")
+        if self.trainable is not None:
+            self.trainable = tuple(self.trainable)
         if self.lora_rank is None and (self.lora_alpha, self.lora_targets) != (None, None):
             raise ConfigError("lora_alpha and lora_targets need lora_rank")
 
@@ -279,9 +290,10 @@ class Log:
 
 
 def task_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...]) -> dict[str, float]:
-    """Greedy accuracy per task on the first ACCURACY_DOCS held-out examples of the built-in world."""
+    """Accuracy per task on the first ACCURACY_DOCS held-out examples of the built-in world: greedy answers,
+    or image -> caption retrieval for a dual encoder."""
     model.eval()
-    scores = score_tasks(model, tokenizer, tasks, ACCURACY_DOCS, WORLD, baselines=False)
+    scores = scorer(model)(model, tokenizer, tasks, ACCURACY_DOCS, WORLD, baselines=False)
     model.train()
     return {s.task: s.accuracy for s in scores}
 
@@ -343,11 +355,17 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
         tokenizer = Tokenizer.from_file(cfg.init_from)  # the vocabulary the weights were trained with
     else:
         tokenizer = Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else Tokenizer.train(data.texts, cfg.vocab_size)
-        config = fit_config(config, tokenizer)
-    collator = Collator(config, tokenizer, cfg.max_len)
+        config = fit_to_tokenizer(config, tokenizer)
+    collator = make_collator(config, tokenizer, cfg.max_len)
     if collator.max_len > collator.format.max_len:
         raise ConfigError(f"max_len must be at most the model's context of {collator.format.max_len} tokens, "
                           f"got {collator.max_len}")
+    pairs = isinstance(config, ContrastiveConfig)
+    if pairs and (cfg.pack or cfg.context_parallel > 1):
+        raise ConfigError("a dual encoder trains on image-caption pairs, one per row: --pack and --context-parallel "
+                          "do not apply")
+    # a dual encoder's loss over every process: each one's images against all the processes' captions
+    loss_options = {"all_ranks": True} if pairs and data_world > 1 else {}
     check_documents(collator, data)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(config, backend=cfg.attention)
@@ -356,6 +374,11 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
     elif last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
         fit_image_tokenizers(model, data.train, cfg.vq_steps, cfg.seed,
                              say=lambda line: print(line, flush=True) if proc.main else None)
+    if cfg.trainable is not None:
+        if not hasattr(model, "trainable"):
+            raise ConfigError(f"trainable names parts of a multimodal model; a {type(model).__name__} has none: "
+                              "leave it out to train every weight")
+        model.trainable(cfg.trainable)  # an unknown part is an error naming the model's parts
     if context_mesh is not None:  # its processes read the same documents: data parallel over data_world only
         model = context_parallel(model, context_mesh)
     n_params = sum(p.numel() for p in model.parameters())
@@ -458,7 +481,7 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
             batch = on_device(batch)
             with gradient_sync(model, m == len(micro) - 1):
                 with autocast():
-                    loss_sum = model(**batch).loss.float() * count_targets(batch)
+                    loss_sum = model(**batch, **loss_options).loss.float() * count_targets(batch)
                 (loss_sum * (W / n_targets)).backward()  # DDP/FSDP average over ranks: undo it
             total += loss_sum.detach()
         loss = all_reduce_sum(total).item() / n_targets

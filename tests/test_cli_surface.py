@@ -24,7 +24,7 @@ SURFACE = [
     "train --name", "train --no-activation-checkpointing", "train --no-compile", "train --no-pack", "train --no-resume",
     "train --out-dir", "train --pack", "train --parallel", "train --resume", "train --seed", "train --tasks",
     "train --tokenizer", "train --vocab-size", "train --warmup-steps", "train --weight-decay",
-    "train --strict-paths", "train --no-strict-paths", "train --trainable",
+    "train --strict-paths", "train --no-strict-paths", "train --trainable", "train --vq-steps",
 ]
 
 

@@ -91,7 +91,8 @@ def test_random_jsonl_documents(media_dir, collators, lines, strict):
         for collator in collators:
             enc = outcome(lambda: collator.encode(doc))
             if enc is not None:
-                V = collator.format.tokenizer.vocab_size if hasattr(collator.format, "tokenizer") else None
+                config = getattr(collator.format, "config", None)  # a model's vocabulary may go past its tokenizer's
+                V = config.text.vocab_size if config is not None else collator.format.tokenizer.vocab_size
                 ids = enc.tokens["input_ids"]
                 assert all(0 <= i for i in ids) and (V is None or all(i < V for i in ids))
                 for value in enc.media.values():

@@ -5,7 +5,7 @@ blocks use the first block's `pm` and `torch`, and the image-output block the Ge
 `tok` and `Collator`; a block selected alone (-k) first runs the blocks before it. They run in a
 directory holding what they name: checkpoint directories written by HF transformers from the parity
 tests' tiny random configs (PaliGemma's with a tokenizer.json and a preprocessor_config.json, Idefics'
-with a tokenizer.json), and cat.png. The tensors a block uses without defining them (the reader's own
+with a tokenizer.json), a gemini-tiny run's checkpoint (random weights, the world's tokenizer), and cat.png. The tensors a block uses without defining them (the reader's own
 `input_ids`, `pixel_values`, ...) come from INPUTS, shaped for the model the block loads. Left out: the
 context-parallel block, which needs torchrun (tests/nn/test_context_parallel.py covers it).
 """
@@ -21,8 +21,12 @@ import torch
 from PIL import Image
 from tokenizers.models import WordLevel
 
+import polymodal as pm
+from polymodal.data.collate import fit_config
+from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.models.kosmos import kosmos_tiny
+from polymodal.presets import get_preset
 
 transformers = pytest.importorskip("transformers", reason="the checkpoint directories are written by transformers")
 
@@ -107,6 +111,10 @@ def write_checkpoints(directory: Path) -> None:
     vocab = {f"t{i}": i for i in range(n) if i != IDEFICS_IMAGE} | {"<image>": IDEFICS_IMAGE}
     tokenizers.Tokenizer(WordLevel(vocab, unk_token="t0")).save(str(directory / "idefics-9b/tokenizer.json"))
     hf_chameleon().save_pretrained(directory / "chameleon-7b")
+    world_tok = Tokenizer.train(World(seed=0).texts(), vocab_size=512)
+    gemini = directory / "runs/gemini-tiny/checkpoints/step-001000"  # what `polymodal train --model gemini-tiny` writes
+    pm.save_pretrained(pm.build(fit_config(get_preset("gemini-tiny"), world_tok)), gemini)
+    world_tok.save(gemini)
     pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(directory / "cat.png")
 
@@ -197,6 +205,15 @@ def check_gemini(ns, printed):
     assert ns["answers"].shape[0] == 3 and ns["answers"].shape[1] <= 4
 
 
+def check_any_to_any(ns, printed):
+    out, spans = ns["out"], ns["model"].image_spans
+    assert len(out.images) == 3 and len(printed.strip().splitlines()) == 3  # a line per row
+    for row, images in enumerate(out.images):
+        assert len(images) == int((out.tokens[row] == spans.end).sum())  # every image the row completed
+        for k, image in enumerate(images):
+            assert Image.open(f"answer-{row}-{k}.png").size == image.size == (32, 32)
+
+
 def check_image_output(ns, printed):
     out, spans = ns["out"], ns["model"].image_spans
     assert len(out.images) == 2  # per row
@@ -231,6 +248,7 @@ CHECKS = {
     "Flamingo (Idefics checkpoints)": check_flamingo,
     "KOSMOS-1": check_kosmos,
     "Gemini-style any-to-any: one decoder over text, images, audio and video (Fuyu, Whisper encoder)": check_gemini,
+    "Any-to-any output: text and drawings from one generate call": check_any_to_any,
     "Image output (Chameleon-style VQ tokens)": check_image_output,
     "Build and train your own": check_build,
     "Fine-tune with LoRA, share the adapter with peft, decode quantized": check_lora,

@@ -8,7 +8,9 @@ The model's greedy answer is compared whole with the true one. Beside it, per ta
   (black, silent) one of the same size, so that the gap to accuracy is what the media add.
 The answer to text_to_image ("draw a red circle in the top left") is a drawing: the first image
 the model draws is scored by pixel analysis (`synthetic.describe`: object and cell), as
-tests/models/test_image_generation.py scores it; a prompt has no media to blank.
+tests/models/test_image_generation.py scores it; a prompt has no media to blank. The answer to
+say_and_draw is text then a drawing: right when the text is right and the drawing shows the object it
+names (`synthetic.recognise`: colour and shape).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from polymodal.data.collate import Collator
 from polymodal.data.collators import make_collator
 from polymodal.data.documents import Audio, Document, Segment
-from polymodal.data.synthetic import World, describe
+from polymodal.data.synthetic import DRAWN, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.engine import generate
 
@@ -47,19 +49,38 @@ class TaskScore:
 
 def answer(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list, max_new_tokens: int) -> list[str]:
     """Greedy answers to the prompts of `docs` (each document up to its first target)."""
-    batch = collator.prompts(docs)
-    new = generate(model, **batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
-                   pad_token_id=tokenizer.pad_id)
-    # ids past the tokenizer's vocabulary (a padded one) have no text
-    return [tokenizer.decode([t for t in row if t < tokenizer.vocab_size]).strip() for row in new.tolist()]
+    return [text for text, _ in written(model, collator, tokenizer, docs, max_new_tokens, images=False)]
 
 
-def drawn(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list) -> list[str | None]:
-    """What the first image drawn for each prompt of `docs` shows, as "a <colour> <shape> in the <cell>"
-    (None: no image, or nothing drawn in it)."""
-    out = generate(model, **collator.prompts(docs), max_new_tokens=model.image_spans.length + 3,
-                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=True)
-    return [describe(images[0]) if images else None for images in out.images]
+def written(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list, max_new_tokens: int,
+            images: bool = True) -> list[tuple[str, Image.Image | None]]:
+    """Each prompt's greedy answer: its text before any image it draws, and the first image (or None)."""
+    out = generate(model, **collator.prompts(docs), max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
+                   pad_token_id=tokenizer.pad_id, return_images=images)
+    tokens, drawings = (out.tokens, out.images) if images else (out, [[]] * len(out))
+    spans = getattr(model, "image_spans", None)
+    begin = spans.begin if spans is not None else None
+    texts = []
+    for row in tokens.tolist():
+        row = row[:row.index(begin)] if begin in row else row
+        texts.append(tokenizer.decode([t for t in row if t < tokenizer.vocab_size]).strip())  # codes lie past it
+    return [(text, found[0] if found else None) for text, found in zip(texts, drawings)]
+
+
+def drawn(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list, task: str,
+          longest: int) -> list[str | None]:
+    """What each prompt of `docs` gets, read from its drawing by pixel analysis: for text_to_image "a <colour>
+    <shape> in the <cell>" (None: no image, or nothing in it); for say_and_draw the text it says, marked
+    with what the drawing shows when that is another object."""
+    length = model.image_spans.length
+    if task == "text_to_image":
+        return [describe(image) if image is not None else None
+                for _, image in written(model, collator, tokenizer, docs, length + 3)]
+    replies = []
+    for text, image in written(model, collator, tokenizer, docs, longest + length + 4):
+        seen = recognise(image) if image is not None else None
+        replies.append(text if seen is not None and f"a {' '.join(seen)}" == text else f"{text} (drawn: {seen})")
+    return replies
 
 
 def blank(doc: Document) -> Document:
@@ -92,13 +113,14 @@ def majority(world: World, task: str, questions: list[str], n_train: int = MAJOR
 def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
              batch_size: int = 64, baselines: bool = True) -> list[TaskScore]:
     """Scores on the first n held-out examples of each task, with its baselines unless baselines=False."""
-    if "text_to_image" in tasks and getattr(getattr(model, "image_spans", None), "begin", None) is None:
-        raise ValueError(f"task text_to_image is scored on the images a model draws; {type(model).__name__} "
+    drawing = [t for t in tasks if t in DRAWN]
+    if drawing and getattr(getattr(model, "image_spans", None), "begin", None) is None:
+        raise ValueError(f"task {drawing[0]} is scored on the images a model draws; {type(model).__name__} "
                          "draws none")
     collator = make_collator(model.config, tokenizer)
     scores = []
     for task in tasks:
-        draws = task == "text_to_image"
+        draws = task in DRAWN
         examples = [world.sample(task, i, "eval") for i in range(n)]
         longest = max(len(tokenizer.encode(c)) for c in world.choices(task))
 
@@ -106,7 +128,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
             out = []
             for i in range(0, n, batch_size):
                 chunk = docs[i:i + batch_size]
-                out += (drawn(model, collator, tokenizer, chunk) if draws
+                out += (drawn(model, collator, tokenizer, chunk, task, longest) if draws
                         else answer(model, collator, tokenizer, chunk, longest + 1))
             return out
 
@@ -116,7 +138,8 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
         score = TaskScore(task, n, hits(replies(docs)), world.chance(task))
         if baselines:
             score.majority = hits(majority(world, task, [d.texts[0] for d in docs])) / n
-            score.blanked = None if draws else hits(replies([blank(d) for d in docs])) / n
+            sees = any(s.kind != "text" for s in docs[0].segments if not s.target)  # a prompt with media
+            score.blanked = hits(replies([blank(d) for d in docs])) / n if sees else None
         scores.append(score)
     return scores
 

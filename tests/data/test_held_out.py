@@ -1,6 +1,8 @@
 """The built-in world's eval split is held out: no eval document and no eval medium (by content hash)
 occurs in training, for every task, and the held-out combinations are visible in the pixels and samples
-themselves, not only in the generator's bookkeeping."""
+themselves, not only in the generator's bookkeeping. The one medium both splits share is say_and_draw's
+drawn answer: one of 12 canonical pictures (`World.draw`), a closed set of answers like the words "red
+circle"; its question's image is held out as every other."""
 
 import hashlib
 from collections import Counter
@@ -8,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from polymodal.data.synthetic import CELLS, DIRECTIONS, OBJECTS, TASKS, World, asked_directly, describe
+from polymodal.data.synthetic import CELLS, COLOURS, DIRECTIONS, OBJECTS, SHAPES, TASKS, World, asked_directly, describe
 from polymodal.evaluate_cot import VALIDATION_START
 
 WORLD = World(seed=0)
@@ -23,29 +25,37 @@ def media_bytes(segment) -> bytes:
     return segment.media.waveform.tobytes()
 
 
-def hashes(task: str, split: str, n: int, start: int = 0, direct: bool = False) -> tuple[set[str], set[str]]:
-    """Content hashes of the documents start..start+n-1 of a split (every text and medium) and of their media;
-    direct: the chain-of-thought examples asked directly."""
-    docs, media = set(), set()
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+CANONICAL = {digest(WORLD.draw(c, s).tobytes()) for c in COLOURS for s in SHAPES}
+
+
+def hashes(task: str, split: str, n: int, start: int = 0, direct: bool = False) -> tuple[set[str], set[str], set[str]]:
+    """Content hashes of the documents start..start+n-1 of a split (every text and medium), of their media, and
+    of the drawn answers among them (target images of say_and_draw); direct: the chain-of-thought examples
+    asked directly."""
+    docs, media, drawn = set(), set(), set()
     for i in range(start, start + n):
         example = WORLD.sample(task, i, split)
         parts = []
         for s in (asked_directly(example) if direct else example).document.segments:
-            data = s.text.encode() if s.kind == "text" else media_bytes(s)
-            parts.append(hashlib.sha256(data).hexdigest())
+            parts.append(digest(s.text.encode() if s.kind == "text" else media_bytes(s)))
             if s.kind != "text":
-                media.add(parts[-1])
-        docs.add(hashlib.sha256("|".join(parts).encode()).hexdigest())
-    return docs, media
+                (drawn if task == "say_and_draw" and s.target else media).add(parts[-1])
+        docs.add(digest("|".join(parts).encode()))
+    return docs, media, drawn
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_no_eval_document_or_medium_occurs_in_training(task):
-    train_docs, train_media = hashes(task, "train", N_TRAIN)
-    eval_docs, eval_media = hashes(task, "eval", N_EVAL)
+    train_docs, train_media, _ = hashes(task, "train", N_TRAIN)
+    eval_docs, eval_media, eval_drawn = hashes(task, "eval", N_EVAL)
     assert len(eval_media) == N_EVAL  # every eval example brings its own medium
     assert not eval_docs & train_docs
     assert not eval_media & train_media
+    assert eval_drawn <= CANONICAL  # drawn answers: only the 12 canonical pictures
 
 
 def test_chain_of_thought_validation_split_is_held_out_and_apart_from_the_test_split():
@@ -53,10 +63,10 @@ def test_chain_of_thought_validation_split_is_held_out_and_apart_from_the_test_s
     neither split's images nor documents (chain-of-thought or asked directly) occur in training of either
     form, nor in the other split."""
     train = [hashes(task, "train", N_TRAIN) for task in ("compare", "compare_cot")]
-    train_docs, train_media = set.union(*(d for d, _ in train)), set.union(*(m for _, m in train))
+    train_docs, train_media = set.union(*(d for d, _, _ in train)), set.union(*(m for _, m, _ in train))
     test = [hashes("compare_cot", "eval", N_EVAL, direct=d) for d in (False, True)]
     validation = [hashes("compare_cot", "eval", N_EVAL, VALIDATION_START, direct=d) for d in (False, True)]
-    for (test_docs, test_media), (val_docs, val_media) in zip(test, validation):
+    for (test_docs, test_media, _), (val_docs, val_media, _) in zip(test, validation):
         assert len(test_media) == len(val_media) == N_EVAL
         assert not (test_docs | val_docs) & train_docs and not (test_media | val_media) & train_media
         assert not test_docs & val_docs and not test_media & val_media
@@ -79,7 +89,7 @@ def test_eval_shapes_stand_where_training_never_puts_them():
     while every object and every cell alone appears in training."""
     def pairs(split, n):
         return {describe(WORLD.sample(task, i, split).document.images[0])
-                for task in ("caption", "colour", "shape") for i in range(n)}
+                for task in ("caption", "colour", "shape", "say_and_draw") for i in range(n)}
 
     train, held_out = pairs("train", 400), pairs("eval", 200)
     assert not train & held_out and None not in train | held_out

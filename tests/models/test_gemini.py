@@ -105,10 +105,12 @@ def test_cached_batched_generation_equals_full_forward_alone(model, collator):
     for row, doc in enumerate(docs()):
         alone = collator.prompts([doc])
         media = {k: v for k, v in alone.items() if k in media_keys}
-        ids = alone["input_ids"]
+        ids, spans = alone["input_ids"], model.image_spans  # gemini-tiny writes images: codes only inside them
+        state = spans.start(ids)
         for _ in range(4):  # no cache: the whole sequence, media included, every step
             with torch.no_grad():
-                nxt = model(ids, **media).logits[:, -1].argmax(-1, keepdim=True)
+                nxt = spans.mask(model(ids, **media).logits[:, -1], state).argmax(-1, keepdim=True)
+            state = spans.advance(state, nxt[:, 0])
             ids = torch.cat((ids, nxt), 1)
         assert got[row].tolist() == ids[0, -4:].tolist()
 

@@ -18,7 +18,7 @@ from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.nn.lora import adapters
 from polymodal.serialization import WEIGHTS
-from polymodal.train.checkpoint import OPTIMIZER, list_checkpoints, load_checkpoint
+from polymodal.train.checkpoint import list_checkpoints, load_checkpoint
 from polymodal.train.trainer import TrainConfig, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -181,9 +181,10 @@ class KosmosFormat:
 class GeminiFormat:
     """Documents -> the Gemini stream: <bos>, then the segments in document order, each text segment
     ended by "\\n" (the last by <eos>) and each media a span `<img> P*n </img>` (`<audio>`, `<video>`);
-    labels on target text. Images (and video frames) are resized to image_size and scaled to [-1, 1];
-    audio becomes Whisper log-mel, and must come at the encoder's sampling rate and fit its window (a longer
-    clip is an error, never cut silently)."""
+    labels on target text and, for a model with image output (vq), on target images: `tokens.draw` spans
+    whose placeholders the model fills with the image's VQ codes (`models/drawing.py`). Images (and video
+    frames) are resized to image_size and scaled to [-1, 1]; audio becomes Whisper log-mel, and must come at
+    the encoder's sampling rate and fit its window (a longer clip is an error, never cut silently)."""
 
     def __init__(self, config: GeminiConfig, tokenizer):
         self.config, self.tokenizer = config, tokenizer
@@ -196,16 +197,21 @@ class GeminiFormat:
 
     @staticmethod
     def fit(config: GeminiConfig, tokenizer) -> GeminiConfig:
-        ids = tokenizer.special_ids
+        ids, V = tokenizer.special_ids, tokenizer.vocab_size
         tokens = MediaTokens(placeholder=ids["<image>"], image=(ids["<img>"], ids["</img>"]),
                              audio=(ids["<audio>"], ids["</audio>"]), video=(ids["<video>"], ids["</video>"]))
-        return config.replace(text=DecoderFormat.fit(config.text, tokenizer), tokens=tokens)
+        text = DecoderFormat.fit(config.text, tokenizer)
+        if config.vq is None:
+            return config.replace(text=text, tokens=tokens)
+        # written images: their begin and end tokens, then the VQ codes, right after the tokenizer's vocabulary
+        return config.replace(text=text.replace(vocab_size=V + 2 + config.vq.num_embeddings),
+                              tokens=tokens.replace(draw=(V, V + 1)), image_codes=V + 2)
 
     def encode(self, doc, prompt_only: bool = False):
         segments = list(zip(doc.segments, doc.target_mask))
         if prompt_only:
             segments = [(s, False) for s in _prompt(doc)]
-        tok, pieces = self.tokenizer, [([self.tokenizer.bos_id], False)]
+        cfg, tok, pieces = self.config, self.tokenizer, [([self.tokenizer.bos_id], False)]
         media: dict[str, list[torch.Tensor]] = {}
         for i, (seg, target) in enumerate(segments):
             if seg.kind == "text":
@@ -214,13 +220,25 @@ class GeminiFormat:
                 pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
                 continue
             if target:
-                raise ValueError(f"{_name(doc)} has a {seg.kind} target; this model reads media and writes text")
+                pieces += self._drawn(seg, _name(doc), last=i == len(segments) - 1)
+                media.setdefault("target_pixel_values", []).append(images_to_pixels([seg.media], cfg.vq.resolution))
+                continue
             key, tensor, n = self._media(seg, _name(doc))
             start, end = getattr(self.config.tokens, seg.kind)
             pieces.append(([start] + [self.config.tokens.placeholder] * n + [end], False))
             media.setdefault(key, []).append(tensor)
         tokens = {"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)}
         return Encoded(tokens, {k: torch.cat(v) for k, v in media.items()})
+
+    def _drawn(self, seg, name: str, last: bool) -> list[tuple[list[int], bool]]:
+        """A target image: `begin`, a placeholder per code (`Gemini.writer` puts the codes in), `end`."""
+        cfg = self.config
+        if seg.kind != "image" or cfg.vq is None:
+            raise ValueError(f"{name} has a {seg.kind} target; this model reads media and writes text"
+                             + (" and images" if cfg.vq is not None else ""))
+        begin, end = cfg.tokens.draw
+        span = [begin] + [cfg.tokens.placeholder] * cfg.vq.tokens_per_image + [end]
+        return [(span, True)] + ([([self.tokenizer.eos_id], True)] if last else [])
 
     def _media(self, seg, name: str) -> tuple[str, torch.Tensor, int]:
         cfg = self.config

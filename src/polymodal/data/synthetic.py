@@ -2,8 +2,9 @@
 
 Images of coloured shapes on a dark background (caption, colour, shape, count, position, and a
 comparison asked directly or with a short chain of thought: "are there more red than blue shapes?"), short
-videos of a moving shape (direction), clips of sine beeps (count, rising or falling pitch) and
-text→image pairs ("draw a red circle in the top left"). Answers come from small fixed sets, so
+videos of a moving shape (direction), clips of sine beeps (count, rising or falling pitch),
+text→image pairs ("draw a red circle in the top left") and an answer in two modalities: say what
+the image shows, then draw it (its canonical picture, `World.draw`). Answers come from small fixed sets, so
 chance is known and a tiny model has to look and listen to beat it. Every example is a pure
 function of (seed, split, task, index); "train" and "eval" draw from independent random streams.
 
@@ -14,6 +15,8 @@ The eval split is held out compositionally, so that it can only be answered by g
   nor a colour on its held-out background tint (`HELD_OUT_BACKGROUND`), which eval images may;
 - text→image prompts of eval name those held-out (object, cell) pairs, so no eval prompt nor
   target is ever drawn in training;
+- say_and_draw reads the held-out images above; its drawn answer is one of the 12 canonical
+  pictures (a closed set of answers, like the words "red circle"), which training draws too;
 - eval videos move an object in the direction it never moves in training, by a distance
   (speed) training never uses; eval beeps and sweeps have pitches and durations from bands
   that training never plays.
@@ -59,6 +62,7 @@ PROMPTS = {
     "audio_count": "how many beeps?",
     "audio_pitch": "does the pitch rise or fall?",
     "text_to_image": "draw a {} in the {}",
+    "say_and_draw": "say what it is, then draw it",
     "compare": "are there more {} than {} shapes?",
     "compare_cot": "are there more {} than {} shapes?" + COT_SUFFIX,
 }
@@ -74,11 +78,14 @@ CHOICES = {
     "audio_pitch": PITCHES,
     # the answer names what the image must show; describe() checks a generated one
     "text_to_image": tuple(f"a {o} in the {c}" for o in OBJECTS for c in CELLS),
+    # said, then drawn as World.draw pictures it; recognise() checks the drawing
+    "say_and_draw": tuple(f"a {o}" for o in OBJECTS),
     "compare": ("yes", "no"),
     # the two colours' counts, then the answer they give; at most 4 shapes, 3 of a colour, never a tie
     "compare_cot": tuple(f"{COUNTS[a]} and {COUNTS[b]}, so {'yes' if a > b else 'no'}"
                          for a in range(4) for b in range(4) if a != b and a + b <= 4),
 }
+DRAWN = ("text_to_image", "say_and_draw")  # tasks whose answer is (or ends with) an image
 COT_TASKS = {"compare_cot": "compare"}  # a task asked with a chain of thought -> the same question asked directly
 
 # The compositional split: what each object (index colour * 3 + shape) never shows in training.
@@ -90,6 +97,8 @@ HELD_OUT_DIRECTION = {o: DIRECTIONS[(i // 3 + i % 3) % 4] for i, o in enumerate(
 # (low, high) bands that only eval draws from, as fractions of the full ranges below
 HELD_OUT_BAND = (0.4, 0.6)
 
+# the mixing stream's id, apart from every task's own (tasks added later skip it, so mixes stay the same)
+_MIX_STREAM = 9
 _MAX_BACKGROUND = 40  # per channel: backgrounds are dark, every shape colour has a channel >= 180
 _COLOUR_JITTER = 20
 _FOREGROUND = 128  # max channel at or above this is shape, below is background
@@ -175,11 +184,16 @@ class World:
         _check_task(task)
         if index < 0:
             raise ValueError(f"index must be >= 0, got {index}")
-        rng = self._rng(split, TASKS.index(task), index)
+        rng = self._rng(split, _task_stream(task), index)
         if task == "text_to_image":
             image, obj, cell = self._target(rng, split)
             segments = [Segment("text", PROMPTS[task].format(obj, cell)), Segment("image", media=image, target=True)]
             answer = f"a {obj} in the {cell}"
+        elif task == "say_and_draw":
+            image, colour, shape = self._single(rng, split)
+            answer = f"a {colour} {shape}"
+            segments = [image, Segment("text", PROMPTS[task]), Segment("text", answer, target=True),
+                        Segment("image", media=self.draw(colour, shape), target=True)]
         else:
             media, prompt, answer = getattr(self, f"_{task}")(rng, split)
             segments = [media, Segment("text", prompt), Segment("text", answer, target=True)]
@@ -194,8 +208,7 @@ class World:
             _check_task(task)
         if not tasks:
             raise ValueError("tasks must name at least one task")
-        # stream id len(TASKS) keeps the mixing stream apart from every task's own streams
-        rng = self._rng(split, len(TASKS), 0)
+        rng = self._rng(split, _MIX_STREAM, 0)
 
         def stream() -> Iterator[Example]:
             seen = dict.fromkeys(tasks, 0)
@@ -382,6 +395,11 @@ class World:
         x[i:i + m] += _tone(m, sr, f0, f1, rng.uniform(0.3, 0.8))
         audio = Audio(np.clip(x, -1, 1).astype(np.float32), sr)
         return Segment("audio", media=audio), PROMPTS["audio_pitch"], PITCHES[0 if rising else 1]
+
+
+def _task_stream(task: str) -> int:
+    i = TASKS.index(task)
+    return i if i < _MIX_STREAM else i + 1
 
 
 def _uniform(rng: np.random.Generator, split: str, lo: float, hi: float) -> float:

@@ -126,16 +126,17 @@ class MediaTokens(Config):
     image: tuple[int, int] | None = (6, 7)  # (<img>, </img>); None: images need no wrapping (Fuyu)
     audio: tuple[int, int] | None = (8, 9)  # (<audio>, </audio>)
     video: tuple[int, int] | None = (10, 11)  # (<video>, </video>)
+    draw: tuple[int, int] | None = None  # (begin, end) of an image the model writes; None: it writes text only
 
     def __post_init__(self) -> None:
-        for kind in MODALITIES:
+        for kind in (*MODALITIES, "draw"):
             span = getattr(self, kind)
             if span is not None:
                 span = tuple(span)  # JSON gives lists
                 if len(span) != 2:
                     raise ConfigError(f"tokens.{kind} must be a (start, end) pair of ids, got {span}")
                 setattr(self, kind, span)
-        ids = [self.placeholder, *(i for k in MODALITIES for i in (getattr(self, k) or ()))]
+        ids = self.ids()
         if len(set(ids)) != len(ids):
             raise ConfigError(f"media token ids must be distinct, got placeholder and spans {ids}")
         if self.image is None and (self.audio is not None or self.video is not None):
@@ -147,7 +148,7 @@ class MediaTokens(Config):
         return self.image is not None
 
     def ids(self) -> list[int]:
-        return [self.placeholder, *(i for k in MODALITIES for i in (getattr(self, k) or ()))]
+        return [self.placeholder, *(i for k in (*MODALITIES, "draw") for i in (getattr(self, k) or ()))]
 
 
 @dataclass
@@ -163,6 +164,8 @@ class GeminiConfig(Config):
     audio_pool: int = 1  # average-pool the audio encoder's 50 Hz frames by this factor
     max_frames: int = 0  # learned temporal embeddings for video frames; 0: no video input
     modal_norm: bool = False  # a text.norm after each modality's projection into the decoder
+    vq: VQConfig | None = None  # image output: the VQ tokenizer of the images it writes; None: text output only
+    image_codes: int = 0  # token id of VQ code 0 (the codes are contiguous from it), with vq
 
     def __post_init__(self) -> None:
         _check_positive(self, "image_size", "patch_size", "channels", "audio_pool")
@@ -183,6 +186,8 @@ class GeminiConfig(Config):
         bad = [i for i in self.tokens.ids() if not 0 <= i < self.text.vocab_size]
         if bad:
             raise ConfigError(f"media token ids {bad} are outside the vocabulary [0, {self.text.vocab_size})")
+        if self.vq is not None or self.tokens.draw is not None:
+            check_image_output(self.vq, self.image_codes, self.tokens.draw, self.tokens.ids(), self.text.vocab_size)
 
     @property
     def tokens_per_image(self) -> int:
@@ -251,3 +256,19 @@ class ContrastiveConfig(Config):
         if self.projection_dim is None and self.vision.dim != self.text.out_dim:
             raise ConfigError(f"without projections image and text embeddings need one width, got vision.dim="
                               f"{self.vision.dim} and a text output of {self.text.out_dim}; set projection_dim")
+
+
+def check_image_output(vq: VQConfig | None, first_code: int, draw: tuple[int, int] | None, token_ids: list[int],
+                       vocab_size: int) -> None:
+    """A model that writes images needs both its VQ config and its (begin, end) tokens, and its codes must fit
+    the vocabulary apart from every other special token."""
+    if vq is None or draw is None:
+        raise ConfigError(f"image output needs both vq and tokens.draw (begin, end); got vq="
+                          f"{'set' if vq is not None else None} and tokens.draw={draw}")
+    last = first_code + vq.num_embeddings
+    if not 0 <= first_code <= vocab_size - vq.num_embeddings:
+        raise ConfigError(f"image_codes: the {vq.num_embeddings} image codes from token {first_code} must fit in "
+                          f"the vocabulary of {vocab_size}")
+    clash = [i for i in token_ids if first_code <= i < last]
+    if clash:
+        raise ConfigError(f"special token ids {clash} fall among the image codes [{first_code}, {last})")

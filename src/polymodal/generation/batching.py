@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from polymodal.generation.sampling import exponential_noise, sample_next
-from polymodal.nn.cache import Cache
 
 
 class QueueFull(RuntimeError):

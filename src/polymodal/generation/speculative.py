@@ -21,7 +21,6 @@ the media placeholders masked out: the text part. Prompt lookup matches as HF's 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from dataclasses import dataclass

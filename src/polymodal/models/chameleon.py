@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from polymodal.config import DecoderConfig
-from polymodal.encoders.vq import VQConfig, VQModel, pixels_to_images
+from polymodal.encoders.vq import VQConfig, VQModel
 from polymodal.errors import InputError, check_pixel_values
 from polymodal.fusion.configs import ChameleonConfig
 from polymodal.models import fusion
 from polymodal.models.constraints import ImageSpans
+from polymodal.models.drawing import decode_rows
 from polymodal.nn.cache import Cache
 from polymodal.nn.transformer import Decoder, ModelOutput
 
@@ -58,12 +59,7 @@ class Chameleon(nn.Module):
 
     def images_from_codes(self, codes: list[list[torch.Tensor]]) -> list[list[PIL.Image.Image]]:
         """Per row, a list of code tensors (tokens_per_image,) -> per row, PIL images."""
-        flat = [c for row in codes for c in row]
-        if not flat:
-            return [[] for _ in codes]
-        with torch.no_grad():
-            images = iter(pixels_to_images(self.vq.decode(torch.stack(flat).to(self.code_tokens.device))))
-        return [[next(images) for _ in row] for row in codes]
+        return decode_rows(self.vq, codes)
 
     def splice_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                       labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -10,6 +10,10 @@ this model matches weight for weight through `convert/hf_gemini.py`), or through
 as an image plus a learned temporal embedding. Media are encoded once, at prefill; decode steps
 take text only.
 
+A config with `vq` also writes images, as discrete VQ codes that are ordinary vocabulary entries
+(Chameleon-style, `models/drawing.py`): `<draw>` codes `</draw>`, its own span tokens, apart from
+the input `<img>` spans.
+
 A config without modality tokens (Fuyu) treats every placeholder as an image token, in order.
 
 Shapes: B batch, S tokens, N media, F frames, P tokens per media, D decoder width.
@@ -25,9 +29,11 @@ from torch import nn
 from polymodal.config import DecoderConfig
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT
+from polymodal.encoders.vq import VQConfig
 from polymodal.errors import InputError
 from polymodal.fusion.configs import MODALITIES, GeminiConfig, MediaTokens
 from polymodal.models import fusion
+from polymodal.models.drawing import ImageWriter
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.norms import make_norm
@@ -53,6 +59,16 @@ class Gemini(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         self.decoder = Decoder(cfg.text, backend=backend)
+        self.writer = (ImageWriter(cfg.vq, cfg.image_codes, *cfg.tokens.draw, cfg.tokens.placeholder)
+                       if cfg.vq is not None else None)
+
+    @property
+    def image_spans(self):
+        """The engine's image-span state machine (`models/drawing.py`); None for a model that writes text only."""
+        return self.writer.spans if self.writer is not None else None
+
+    def images_from_codes(self, codes: list[list[torch.Tensor]]):
+        return self.writer.images_from_codes(codes)
 
     def _modal_norm(self) -> nn.Module:
         t = self.config.text
@@ -190,17 +206,23 @@ class Gemini(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 input_features: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None, *,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                target_pixel_values: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: Cache | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (B, S) with media spans; pixel_values (N, C, H, W) images (or (N, P, p*p*C) patches
         without a ViT), input_features (N, n_mels, T) log-mel clips, pixel_values_videos (N, F, C, H, W)
-        or a list of (F, C, H, W): each modality's media in the order of its spans, row by row."""
+        or a list of (F, C, H, W): each modality's media in the order of its spans, row by row;
+        target_pixel_values (N, 3, H, W) in [-1, 1]: the images to write, as placeholders in `tokens.draw` spans."""
         if fusion.decoding(cache, pixel_values=pixel_values, input_features=input_features,
-                           pixel_values_videos=pixel_values_videos):
+                           pixel_values_videos=pixel_values_videos, target_pixel_values=target_pixel_values):
             return self.decoder(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
                                 document_ids=document_ids, labels=labels, logits_to_keep=logits_to_keep)
         fusion.check_inputs(self.decoder, input_ids)
+        if self.writer is not None:
+            input_ids, labels = self.writer.splice(input_ids, target_pixel_values, labels)
+        elif target_pixel_values is not None:
+            raise InputError("target_pixel_values given, but this model writes no images (config.vq is None)")
         videos = list(pixel_values_videos) if pixel_values_videos is not None else None
         spans = self.spans(input_ids)
         sizes = self.media_sizes(spans, pixel_values, input_features, videos)
@@ -221,14 +243,18 @@ def gemini_tiny() -> GeminiConfig:
     positions, 1 s audio clips
     (80 mels, 50 encoder frames pooled to 25 tokens), videos of up to 4 frames (64 tokens); a GQA,
     qk-norm decoder initialised at N(0, dim**-0.5) (as paligemma-world: it learns to read media sooner).
-    Media token ids are the built-in tokenizer's (`GeminiFormat.fit` sets them)."""
+    It writes 32x32 images as 8x8 codes of a 128-entry VQ codebook (chameleon-tiny's VQ), held by the last
+    128 tokens. Media token ids are the built-in tokenizer's; `GeminiFormat.fit` sets them and puts the
+    written images' begin and end tokens and the codes after the tokenizer's vocabulary."""
     dim = 128
     text = DecoderConfig(vocab_size=512, dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=384,
                          qk_norm="rmsnorm", max_seq_len=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                          init_std=dim ** -0.5)
     audio = AudioConfig(n_mels=80, n_positions=50, dim=64, n_layers=2, n_heads=4, hidden_dim=128)
-    return GeminiConfig(text=text, image_size=32, patch_size=8, patch_positions=True, audio=audio, audio_pool=2,
-                        max_frames=4)
+    vq = VQConfig(resolution=32, base_channels=16, channel_multiplier=[1, 2, 2], num_res_blocks=1, mid_attn=False,
+                  latent_channels=32, embed_dim=32, num_embeddings=128, norm_groups=8)
+    return GeminiConfig(text=text, tokens=MediaTokens(draw=(382, 383)), image_size=32, patch_size=8,
+                        patch_positions=True, audio=audio, audio_pool=2, max_frames=4, vq=vq, image_codes=384)
 
 
 def _gemini_nano(dim: int, n_layers: int, n_heads: int, hidden_dim: int) -> GeminiConfig:

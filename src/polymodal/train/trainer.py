@@ -51,6 +51,7 @@ from polymodal.train import checkpoint as ckpt
 from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
 from polymodal.train.plot import plot_metrics
+from polymodal.train.vq_stage import fit_image_tokenizers
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
 WORLD = World(seed=0)  # the built-in data set; eval reads the same world's held-out split
@@ -98,6 +99,7 @@ class TrainConfig(Config):
     lora_targets: str | None = None  # comma-separated layers, e.g. q,k,v,o (default: all attention + MLP)
     lora_dropout: float = 0.0  # dropout on LoRA's input
     strict_paths: bool = False  # refuse JSONL media paths that lead outside the JSONL's folder (absolute, .., links)
+    vq_steps: int = 400  # a model that writes images first fits its VQ tokenizer to the training images (0: as built)
     trainable: tuple[str, ...] | None = None  # model parts to train, the rest frozen (Flamingo: perceiver cross_layers)
 
     def __post_init__(self) -> None:
@@ -115,7 +117,7 @@ class TrainConfig(Config):
         if self.context_parallel > 1 and self.compile:
             raise ConfigError("--compile does not compile ring attention's point-to-point ring: "
                               "use --context-parallel without --compile")
-        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "vq_steps"):
             check_number(name, getattr(self, name), at_least=0, error=ConfigError)
         for name in ("beta1", "beta2"):
             check_number(name, getattr(self, name), at_least=0, below=1, error=ConfigError)
@@ -370,6 +372,9 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
     model = build(config, backend=cfg.attention)
     if base is not None:
         model.load_state_dict(base.state_dict())
+    elif last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
+        fit_image_tokenizers(model, data.train, cfg.vq_steps, cfg.seed,
+                             say=lambda line: print(line, flush=True) if proc.main else None)
     if cfg.trainable is not None:
         if not hasattr(model, "trainable"):
             raise ConfigError(f"trainable names parts of a multimodal model; a {type(model).__name__} has none: "

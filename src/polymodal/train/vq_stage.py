@@ -1,0 +1,41 @@
+"""The first stage of training a model that writes images (Gemini with image output, Chameleon): its VQ
+image tokenizer is fitted to the training documents' images before the decoder trains, then frozen, as
+Chameleon trains its tokenizer on its own first (Chameleon Team 2024, section 2.1). The decoder then learns
+to write the frozen codes; the VQ weights are saved in the model's checkpoints like every other weight.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from polymodal.data.documents import Document
+from polymodal.data.processors import images_to_pixels
+from polymodal.encoders.vq import VQModel, train_vq
+
+VQ_IMAGES = 1500  # training images the tokenizer is fitted to (the VQ test's budget)
+VQ_DOCS = 6000  # training documents searched for them
+
+
+def fit_image_tokenizers(model: nn.Module, documents: Callable[[int], Document], steps: int, seed: int,
+                         say: Callable[[str], None]) -> None:
+    """Fit every VQ tokenizer of `model` to the images of the first training documents (`documents(i)`),
+    input and target images alike, for `steps` AdamW steps. A model without one is left as it is."""
+    tokenizers = [m for m in model.modules() if isinstance(m, VQModel)]
+    if not tokenizers:
+        return
+    images = []
+    for i in range(VQ_DOCS):
+        images += [s.media for s in documents(i).segments if s.kind == "image" and s.media is not None]
+        if len(images) >= VQ_IMAGES:
+            break
+    if not images:
+        say(f"no images in the first {VQ_DOCS} training documents: the VQ image tokenizer stays as built")
+        return
+    for vq in tokenizers:
+        pixels = images_to_pixels(images[:VQ_IMAGES], vq.config.resolution)
+        torch.manual_seed(seed)
+        losses = train_vq(vq, pixels, steps=steps, seed=seed)
+        say(f"VQ image tokenizer fitted to {len(pixels)} training images in {steps} steps: loss {losses[-1]:.4f}")

@@ -246,7 +246,8 @@ def test_eval_scores_text_to_image_on_what_the_model_draws(draws_blue, checkpoin
     model, tokenizer = pm.from_pretrained(draws_blue), Tokenizer.from_file(draws_blue)
     docs = [WORLD.sample("text_to_image", i, "eval").document for i in range(n)]
     # all blue: a square whose centre lies on the grid's corner, read as the top-left cell
-    assert drawn(model, Collator(model.config, tokenizer), tokenizer, docs) == ["a blue square in the top left"] * n
+    assert drawn(model, Collator(model.config, tokenizer), tokenizer, docs, "text_to_image", longest=0) == [
+        "a blue square in the top left"] * n
     hits = sum(WORLD.sample("text_to_image", i, "eval").answer == "a blue square in the top left" for i in range(n))
     assert hits == 0  # the blue square's held-out cell is another: its eval prompts ask for it there
     assert main(["eval", str(draws_blue), "--tasks", "text_to_image", "--n", str(n)]) == 0

@@ -203,6 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from polymodal.evaluate import table
     from polymodal.retrieval import score_retrieval, scorer
+    from polymodal.evaluate_cot import VALIDATION_START
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -210,6 +211,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.cot_k < 1 or args.cot_validation < 1:
         raise ValueError(f"--cot-k and --cot-validation must be >= 1, got {args.cot_k} and {args.cot_validation}")
+    if args.n > VALIDATION_START and any(t in COT_TASKS for t in args.tasks or ()):
+        raise ValueError(f"--n must be <= {VALIDATION_START} for chain-of-thought tasks (their validation questions "
+                         f"start at eval example {VALIDATION_START}), got {args.n}")
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     tasks = args.tasks
     if tasks is None:

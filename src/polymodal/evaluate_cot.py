@@ -84,6 +84,9 @@ def longest(tokenizer: Tokenizer, world: World, task: str) -> int:
 def evaluate_routing(model: nn.Module, tokenizer: Tokenizer, task: str, n: int, world: World, *, k: int = 8,
                      validation: int = 100, temperature: float = 1.0, batch_size: int = 64) -> RoutingScore:
     """The four answers to the first n held-out examples of `task` (one of COT_TASKS), and the baselines."""
+    if not 1 <= n <= VALIDATION_START:  # the validation split starts there: the two never share a question
+        raise InputError(f"n must be in [1, {VALIDATION_START}] (validation questions start at eval example "
+                         f"{VALIDATION_START}), got {n}")
     if task not in COT_TASKS:
         raise InputError(f"task {task!r} has no chain-of-thought form; tasks with one: {', '.join(COT_TASKS)}")
     collator = Collator(model.config, tokenizer)

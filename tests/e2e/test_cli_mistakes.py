@@ -194,6 +194,8 @@ def test_eval_batch_size_and_a_table_with_long_task_names(checkpoint, capsys):
     assert "--batch-size must be >= 1, got 0" in one_line_error(code, capsys.readouterr().err)
     code = main(["eval", str(checkpoint), "--n", "2", "--tasks", "compare_cot", "--cot-k", "0"])
     assert "--cot-k and --cot-validation must be >= 1, got 0 and 100" in one_line_error(code, capsys.readouterr().err)
+    code = main(["eval", str(checkpoint), "--n", "100001", "--tasks", "colour", "compare_cot"])
+    assert "--n must be <= 100000 for chain-of-thought tasks" in one_line_error(code, capsys.readouterr().err)
     rows = table([TaskScore("colour", 2, 1, 0.25, 0.5, 0.5), TaskScore("video_direction", 2, 2, 0.25, 0.0, None),
                   TaskScore("text_to_image", 2, 0, 1 / 48, 0.0)]).splitlines()
     assert len({row.index("%") for row in rows[1:]}) == 1 and len({len(row) for row in rows}) == 1, rows

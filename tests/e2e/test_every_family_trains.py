@@ -125,3 +125,7 @@ def test_flamingo_with_its_language_model_frozen(tmp_path, capsys):
         assert torch.equal(start[key], end[key]) == frozen, key
     assert main(["train", "--model", "kosmos-tiny", "--trainable", "cross_layers", "--out-dir", str(tmp_path)]) == 1
     assert "unknown parts ['cross_layers']" in capsys.readouterr().err
+    # a part the config leaves out (gemini-tiny reads patches: no ViT) is refused before the VQ is fitted
+    assert main(["train", "--model", "gemini-tiny", "--trainable", "vision", "--out-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr()
+    assert "trainable ['vision'] leaves nothing to train in this Gemini" in err.err and "VQ" not in err.out

@@ -14,7 +14,9 @@ from polymodal.data.collate import Collator, fit_config
 from polymodal.data.documents import Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.errors import ConfigError
 from polymodal.evaluate import evaluate, table
+from polymodal.fusion.configs import MediaTokens
 from polymodal.models.gemini import gemini_tiny
 
 WORLD = World(seed=0)
@@ -139,3 +141,12 @@ def test_polymodal_train_fits_the_vq_first_and_eval_scores_text_and_drawings(tmp
     assert main(["eval", str(tmp_path / "gemini-tiny"), "--n", "2"]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
     assert [row.split()[0] for row in rows] == tasks
+
+
+def test_image_output_ids_must_be_integers_and_the_frozen_vq_never_trains():
+    with pytest.raises(ConfigError, match="image_codes must be an integer"):
+        gemini_tiny().replace(image_codes=384.0)
+    with pytest.raises(ConfigError, match="tokens.draw ids must be an integer"):
+        MediaTokens(draw=(382.5, 383))
+    model = pm.build(gemini_tiny()).train()
+    assert model.decoder.training and not model.writer.vq.training  # no dropout on the codes it is taught

@@ -14,6 +14,7 @@ from polymodal.encoders.audio import AudioConfig
 from polymodal.encoders.text import TextConfig
 from polymodal.encoders.vit import VisionConfig
 from polymodal.encoders.vq import VQConfig
+from polymodal.errors import check_number
 from polymodal.fusion.cross_attention import GATES
 from polymodal.fusion.perceiver import PerceiverConfig
 
@@ -135,6 +136,8 @@ class MediaTokens(Config):
                 span = tuple(span)  # JSON gives lists
                 if len(span) != 2:
                     raise ConfigError(f"tokens.{kind} must be a (start, end) pair of ids, got {span}")
+                for i in span:
+                    check_number(f"tokens.{kind} ids", i, integer=True, error=ConfigError)
                 setattr(self, kind, span)
         ids = self.ids()
         if len(set(ids)) != len(ids):
@@ -265,6 +268,7 @@ def check_image_output(vq: VQConfig | None, first_code: int, draw: tuple[int, in
     if vq is None or draw is None:
         raise ConfigError(f"image output needs both vq and tokens.draw (begin, end); got vq="
                           f"{'set' if vq is not None else None} and tokens.draw={draw}")
+    check_number("image_codes", first_code, integer=True, error=ConfigError)
     last = first_code + vq.num_embeddings
     if not 0 <= first_code <= vocab_size - vq.num_embeddings:
         raise ConfigError(f"image_codes: the {vq.num_embeddings} image codes from token {first_code} must fit in "

@@ -52,6 +52,12 @@ class ImageWriter(nn.Module):
         self.register_buffer("code_tokens", torch.arange(first_code, first_code + vq.num_embeddings),
                              persistent=False)
 
+    def train(self, mode: bool = True) -> "ImageWriter":
+        """The frozen tokenizer stays in eval mode (no dropout on the codes it writes) while the model trains."""
+        super().train(mode)
+        self.vq.eval()
+        return self
+
     @property
     def spans(self) -> ImageSpans:
         """Without a VQ decoder the model cannot draw: it never opens an image and its codes stay masked."""

@@ -132,6 +132,8 @@ class TrainConfig(Config):
         if self.lora_rank is not None and self.trainable is not None:
             raise ConfigError("lora_rank trains adapters only: give it or trainable, not both")
         if self.trainable is not None:
+            if isinstance(self.trainable, str) or not self.trainable:
+                raise ConfigError(f"trainable must be a non-empty list of part names, got {self.trainable!r}")
             self.trainable = tuple(self.trainable)
         if self.lora_rank is None and (self.lora_alpha, self.lora_targets) != (None, None):
             raise ConfigError("lora_alpha and lora_targets need lora_rank")
@@ -370,16 +372,19 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
     check_documents(collator, data)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(config, backend=cfg.attention)
+    if cfg.trainable is not None:  # before any work: an unknown part is an error naming the model's parts
+        if not hasattr(model, "trainable"):
+            raise ConfigError(f"trainable names parts of a multimodal model; a {type(model).__name__} has none: "
+                              "leave it out to train every weight")
+        model.trainable(cfg.trainable)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"trainable {list(cfg.trainable)} leaves nothing to train in this "
+                              f"{type(model).__name__} (a part its config leaves out has no weights)")
     if base is not None:
         model.load_state_dict(base.state_dict())
     elif last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
         fit_image_tokenizers(model, data.train, cfg.vq_steps, cfg.seed,
                              say=lambda line: print(line, flush=True) if proc.main else None)
-    if cfg.trainable is not None:
-        if not hasattr(model, "trainable"):
-            raise ConfigError(f"trainable names parts of a multimodal model; a {type(model).__name__} has none: "
-                              "leave it out to train every weight")
-        model.trainable(cfg.trainable)  # an unknown part is an error naming the model's parts
     if context_mesh is not None:  # its processes read the same documents: data parallel over data_world only
         model = context_parallel(model, context_mesh)
     n_params = sum(p.numel() for p in model.parameters())

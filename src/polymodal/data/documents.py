@@ -82,6 +82,7 @@ class Document:
     segments: list[Segment]
     id: str | None = None
     line: int | None = field(default=None, compare=False)  # 1-based line of the JSONL file it was read from
+    origin: str | None = field(default=None, compare=False)  # where else it was read from: "record 3", "row 3", ...
 
     def of_kind(self, kind: str) -> list[Any]:
         return [s.text if kind == "text" else s.media for s in self.segments if s.kind == kind]
@@ -183,7 +184,7 @@ def with_media(doc: Document, source: str | Path) -> Document:
                          else _load(s.path, s.kind, where))
                 s = dataclasses.replace(s, media=media)
         except _Invalid as e:
-            raise DocumentError(f"{source}, line {doc.line}, {e.where}: {e.msg}") from e.__cause__
+            raise DocumentError(f"{source}, {doc.origin or f'line {doc.line}'}, {e.where}: {e.msg}") from e.__cause__
         segments.append(s)
     return dataclasses.replace(doc, segments=segments)
 
@@ -283,17 +284,22 @@ def _load(path: str, kind: str, where: str) -> Image.Image | Audio:
         raise _Invalid(where, f"expected an existing {kind} file, got directory {path!r}")
     if not os.path.isfile(path):
         raise _Invalid(where, f"expected an existing {kind} file, got missing file {path!r}")
+    return _decode(path, path, kind, where)
+
+
+def _decode(file: str | BinaryIO, name: str, kind: str, where: str) -> Image.Image | Audio:
+    """An image or wav from a path or an open binary file (bytes held by an archive or a table), `name` in errors."""
     try:
         if kind == "audio":
-            return read_wav(path)
-        with Image.open(path) as im:  # reads the header only
+            return read_wav(file)
+        with Image.open(file) as im:  # reads the header only
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise _Invalid(where, f"expected an image of at most {MAX_IMAGE_PIXELS:,} pixels, got {path!r} of "
+                raise _Invalid(where, f"expected an image of at most {MAX_IMAGE_PIXELS:,} pixels, got {name!r} of "
                                       f"{im.width}x{im.height}; resize it first")
             return im.convert("RGB")  # decodes the whole file, so corruption shows up here
     except (OSError, EOFError, ValueError, wave.Error, Image.DecompressionBombError) as e:
         expected = "a 16-bit PCM mono wav file" if kind == "audio" else "a readable image file"
-        raise _Invalid(where, f"expected {expected}, got {path!r} ({e})") from e
+        raise _Invalid(where, f"expected {expected}, got {name!r} ({e})") from e
 
 
 # ---------------------------------------------------------------------------------------------

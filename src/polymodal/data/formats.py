@@ -35,8 +35,8 @@ class Encoded:
 
 
 def _name(doc: Document, index: int | None = None) -> str:
-    return (f"document {doc.id!r}" if doc.id is not None else f"document {index}" if index is not None
-            else "the document")
+    return (f"document {doc.id!r}" if doc.id is not None else f"the document at {doc.origin}" if doc.origin
+            else f"document {index}" if index is not None else "the document")
 
 
 class DecoderFormat:
@@ -113,8 +113,10 @@ class PaliGemmaFormat:
             raise ValueError(f"{_name(doc)} has an image after text; PaliGemma takes its images before any text")
         texts = [(s.text, t) for s, t in segments if s.kind == "text"]
         if [t for _, t in texts] != sorted(t for _, t in texts):
-            raise ValueError(f"{_name(doc)} has prompt text after target text; PaliGemma's layout is "
-                             "images, prompt, then target")
+            raise ValueError(f"{_name(doc)} has prompt text after target text (a user turn after an answer); "
+                             "PaliGemma's prefix-LM layout holds one prompt, read both ways, then one answer: give "
+                             "each turn its own document, or train a family that reads conversations (Gemini, "
+                             "KOSMOS-1, Chameleon, Flamingo, a decoder LM)")
         tok = self.tokenizer
         images = [s.media for s, _ in segments if s.kind == "image"]
         prefix = [tok.bos_id] + self._join([text for text, t in texts if not t]) + self.sep

@@ -16,6 +16,7 @@ micro-batches and processes, so 1 process x 2 micro-batches computes what 2 proc
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,9 @@ from polymodal.convert.peft import adapter_layout, add_lora, load_adapter, merge
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive
 from polymodal.data.collate import Collator, count_targets
 from polymodal.data.collators import fit_to_tokenizer, make_collator
-from polymodal.data.documents import Document, DocumentError, read_jsonl, with_media
+from polymodal.data.documents import Document, DocumentError, with_media
+from polymodal.data.lazy import checked, document_texts
+from polymodal.data.readers import DataNotFoundError, data_kind, read_documents
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import PolymodalError, check_number
@@ -194,23 +197,25 @@ def model_config(spec: str) -> Config:
 class Data:
     train: Callable[[int], Document]  # the i-th training document, for i = 0, 1, 2, ... forever
     eval: list[Document]
-    texts: list[str]  # what a tokenizer is trained on
-    checks: list[tuple[str, list[Document]]]  # (where from, documents): what to validate before training
+    texts: Iterable[str]  # what a tokenizer is trained on (streamed: a large set never sits in memory)
+    checks: list[tuple[str, Sequence[Document]]]  # (where from, documents): what to validate before training
 
 
-def _read(flag: str, path: str, strict_paths: bool) -> list[Document]:
-    """The documents of a JSONL file with their media unread: each is loaded when a batch needs it."""
-    if not Path(path).is_file():
-        given = "a directory" if Path(path).is_dir() else "no such file"
-        raise FileNotFoundError(f"{flag} expects a JSONL file of documents, got {path!r} ({given})")
-    docs = read_jsonl(path, load_media=False, strict_paths=strict_paths)
-    if not docs:
+def _read(flag: str, path: str, strict_paths: bool) -> Sequence[Document]:
+    """The documents of any source `read_documents` reads, media unread: each is loaded when a batch needs it."""
+    try:
+        data_kind(path)
+    except (DataNotFoundError, DocumentError) as e:  # no such path, or one that holds no data: name the flag
+        raise type(e)(f"{flag} {e}") from e
+    docs = read_documents(path, strict_paths=strict_paths, load_media=False)
+    if not len(docs):
         raise ValueError(f"{flag} {path} holds no documents")
     return docs
 
 
 def load_data(cfg: TrainConfig) -> Data:
-    """Data positions are plain counters, so resuming at a position needs no iterator state."""
+    """Data positions are plain counters, so resuming at a position needs no iterator state. A large set is
+    checked on `checked`'s spread of documents before training, the rest as batches read them."""
     eval_docs = ([with_media(d, cfg.eval_data) for d in _read("--eval-data", cfg.eval_data, cfg.strict_paths)
                   [:cfg.eval_docs]] if cfg.eval_data else [])
     checks = [(cfg.eval_data, eval_docs)] if cfg.eval_data else []
@@ -236,7 +241,8 @@ def load_data(cfg: TrainConfig) -> Data:
             orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(len(docs))
         return with_media(docs[orders[epoch][i % len(docs)]], cfg.data)
 
-    return Data(shuffled, eval_docs, [t for d in docs + eval_docs for t in d.texts], [(cfg.data, docs), *checks])
+    texts = itertools.chain(document_texts(docs), document_texts(eval_docs))
+    return Data(shuffled, eval_docs, texts, [(cfg.data, checked(docs)), *checks])
 
 
 def check_documents(collator: Collator, data: Data) -> None:

@@ -68,7 +68,7 @@ def conversation_document(record: Any, resolve: Resolve) -> Document:
                 segments.append(Segment("text", text=value, target=role == "assistant"))
                 continue
             if not media[kind]:
-                raise _Invalid(where, f"expected a {kind} for each <{kind}> marker, got more markers than the "
+                raise _Invalid(where, f"expected one {kind} per <{kind}> marker, got more markers than the "
                                          f"{given[kind]} {kind}(s) of '{_field(record, kind)}'")
             index, value = media[kind].pop(0)
             if role == "assistant" and kind != "image":

@@ -1,8 +1,8 @@
 """Memory and time of reading WebDataset tar shards lazily (`polymodal.data.shards.TarShards`).
 
-Writes --docs image-caption samples (--image-size square PNGs of noise made with Pillow, a caption each) into shards of --per-shard
-samples with WebDataset's own ShardWriter, then, in a fresh process so that writing leaves nothing behind:
-opens the set by its brace pattern (indexes the tar headers), streams every caption (what the tokenizer
+Writes --docs image-caption samples (--image-size square PNGs of noise made with Pillow, a caption
+each) into shards of --per-shard samples with WebDataset's own ShardWriter, then, in a fresh process so
+that writing leaves nothing behind: opens the set by its brace pattern (indexes the tar headers), streams every caption (what the tokenizer
 trains on), and reads every document, images decoded, in the trainer's order (a seeded permutation of
 the whole set), sampling the process's resident memory (VmRSS) every 1% of the documents. Reports RSS
 after imports, after indexing, and its rise over the read (from the first 1% to the end, and the peak),

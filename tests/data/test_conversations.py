@@ -114,11 +114,12 @@ TURN = [{"role": "user", "content": "<image> q"}, {"role": "assistant", "content
 def test_a_bad_record_is_one_line_naming_file_record_and_field(media, record, where, message):
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     (media / "bad.json").write_text(json.dumps([good, record]))
-    with pytest.raises(DocumentError, match=rf"^\S*bad.json, record \[1\], {re.escape(where)}: {re.escape(message)}") as e:
+    expected = f"{re.escape(where)}: {re.escape(message)}"
+    with pytest.raises(DocumentError, match=rf"^\S*bad.json, record \[1\], {expected}") as e:
         read_documents(media / "bad.json")
     assert "\n" not in str(e.value)
     (media / "bad.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
-    with pytest.raises(DocumentError, match=rf"^\S*bad.jsonl, line 2, {re.escape(where)}: {re.escape(message)}"):
+    with pytest.raises(DocumentError, match=rf"^\S*bad.jsonl, line 2, {expected}"):
         read_documents(media / "bad.jsonl")
 
 

@@ -48,7 +48,8 @@ def test_the_samples_webdataset_reads(shards):
     for n, (doc, sample) in enumerate(zip(docs, reference)):
         caption = json.loads(sample["json"])["caption"] if "json" in sample else sample["txt"].decode()
         assert [(s.kind, s.text, s.target) for s in doc.segments] == [("image", None, False), ("text", caption, False)]
-        assert np.array_equal(np.asarray(doc.images[0]), np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")))
+        written = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+        assert np.array_equal(np.asarray(doc.images[0]), np.asarray(written))
     assert docs[7].origin == "s-01.tar, sample 'k007'"
     assert list(document_texts(docs)) == [f"caption {n}" for n in range(10)]
     for same in (shards, shards / "s-{00,01,02}.tar"):  # a folder, a list

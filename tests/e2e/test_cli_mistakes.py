@@ -118,8 +118,9 @@ def test_a_bad_model_config_file_is_named_before_any_data_is_read(case, tmp_path
 
 def test_data_paths_that_are_not_jsonl_files(colour_docs, tmp_path, capsys):
     write_jsonl(colour_docs[:4], tmp_path / "data.jsonl")
-    for flags, expected in [(["--data", str(tmp_path)], "--data expected a datasets folder (save_to_disk: state.json) "
-                                                         f"or a folder of .tar shards, got '{tmp_path}' (a folder with neither)"),
+    for flags, expected in [(["--data", str(tmp_path)], "--data expected a datasets folder (save_to_disk: "
+                                                         "state.json) or a folder of .tar shards, got "
+                                                         f"'{tmp_path}' (a folder with neither)"),
                             (["--data", str(tmp_path / "data.jsonl"), "--eval-data", str(tmp_path / "nowhere.jsonl")],
                              "--eval-data expected a data file (JSONL, JSON, parquet, .tar) or folder, got "),
                             (["--max-len", "5000"], "max_len must be at most the model's context of 512 tokens, got 5000")]:

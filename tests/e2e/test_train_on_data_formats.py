@@ -32,7 +32,8 @@ def data(tmp_path_factory):
         {"from": "human", "value": "and its shape?"}, {"from": "gpt", "value": s}]} for c, s in PAIRS]
     (root / "llava.json").write_text(json.dumps(llava, indent=1))
     messages = [{"messages": [{"role": "user", "content": "<image>what shape is it?"},
-                              {"role": "assistant", "content": s}], "images": [f"images/{c}-{s}.png"]} for c, s in PAIRS]
+                              {"role": "assistant", "content": s}], "images": [f"images/{c}-{s}.png"]}
+                for c, s in PAIRS]
     (root / "messages.jsonl").write_text("".join(json.dumps(m) + "\n" for m in messages))
     rows = {"id": [r["id"] for r in llava], "image": [WORLD.draw(c, s) for c, s in PAIRS],
             "conversations": [r["conversations"][:2] for r in llava]}

@@ -50,11 +50,13 @@ def conversation_document(record: Any, resolve: Resolve) -> Document:
         raise _Invalid("record", f"expected a JSON object, got {_type(record)}")
     layout = next((key for key in LAYOUTS if key in record), None)
     if layout is None:
+        hint = " (polymodal documents go one per line, in a JSONL file)" if "segments" in record else ""
         raise _Invalid("record", f"expected a 'conversations' (LLaVA) or 'messages' list, got the fields "
-                                    f"{sorted(record)}")
+                                 f"{sorted(record)}{hint}")
     turns = record[layout]
     if not isinstance(turns, list) or not turns:
-        raise _Invalid(layout, f"expected a non-empty list of turns, got {_type(turns) if turns != [] else 'an empty list'}")
+        given = "an empty list" if turns == [] else _type(turns)
+        raise _Invalid(layout, f"expected a non-empty list of turns, got {given}")
     media = _media(record)
     given = {kind: len(items) for kind, items in media.items()}
     parts = [_turn(turn, f"{layout}[{i}]", layout) for i, turn in enumerate(turns)]

@@ -145,8 +145,9 @@ class TarShards(LazyDocuments):
         caption = next((record[f] for f in ("caption", "text") if isinstance(record, dict)
                         and isinstance(record.get(f), str)), None)
         if caption is None:
-            raise _Invalid("json", "expected an object with a 'caption' or 'text' string (or a .txt member), got "
-                                   f"the fields {sorted(record) if isinstance(record, dict) else type(record).__name__}")
+            fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise _Invalid("json", f"expected an object with a 'caption' or 'text' string (or a .txt member), got "
+                                   f"the fields {fields}")
         return caption.strip()
 
     def _read(self, i: int, at: int, size: int) -> bytes:

@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from polymodal.data.documents import DocumentError
-from polymodal.data.lazy import document_texts
+from polymodal.data.lazy import CHECK_ALL_UP_TO, checked, document_texts
 from polymodal.data.readers import data_kind, read_documents
 from polymodal.data.shards import TarShards, expand
 
@@ -108,3 +108,11 @@ def test_memory_stays_flat_while_reading_every_document(tmp_path):
     assert figures["docs"] == 3000
     assert figures["rss_rise_over_read_mb"] < 4, figures["rss_samples_mb"]
     assert figures["rss_after_index_mb"] - figures["rss_after_imports_mb"] < 4
+
+
+def test_a_large_set_is_checked_on_a_spread_from_first_to_last(shards):
+    docs = TarShards(shards)
+    assert checked(docs) is docs  # a small set: every document
+    positions = checked(range(100_000))
+    assert len(set(positions)) == CHECK_ALL_UP_TO and positions[0] == 0 and positions[-1] == 99_999
+    assert max(b - a for a, b in zip(positions, positions[1:])) <= 100_000 // (CHECK_ALL_UP_TO - 1) + 1

@@ -108,6 +108,8 @@ TURN = [{"role": "user", "content": "<image> q"}, {"role": "assistant", "content
     ({"messages": [{"role": "user", "content": "<video>"}], "videos": ["clip.mp4"]}, "videos[0]",
      "expected a non-empty list of frame image paths, got the file 'clip.mp4' (video files are not decoded)"),
     ({"messages": TURN, "images": ["images/nowhere.png"]}, "images[0]", "expected an existing image file"),
+    ({"segments": [{"text": "q"}]}, "record", "expected a 'conversations' (LLaVA) or 'messages' list, got the "
+     "fields ['segments'] (polymodal documents go one per line, in a JSONL file)"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<audio>"}],
       "audios": ["images/beep.wav"]}, "messages[1].content", "expected audio only in user turns"),
 ])

@@ -5,10 +5,11 @@ enough to learn its eight documents' answers by heart, which is what lets the sc
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from polymodal.cli import main
-from polymodal.data.documents import Document, Segment, read_jsonl, write_jsonl
+from polymodal.data.documents import Audio, Document, Segment, read_jsonl, write_jsonl
 from polymodal.data.synthetic import World
 from polymodal.evaluate import blank
 from polymodal.evaluate.metrics import normalise, vqa_accuracy
@@ -146,3 +147,18 @@ def test_text_only_decoder_has_no_blanked_baseline(files, runs, tmp_path, one_th
     records, rows = evaluate(runs("llama-tiny", "text.jsonl"), files / "text.jsonl", tmp_path / "out")
     assert rows["all"]["blanked"] is None and rows["all"]["majority"] == 1.0  # each question has one answer
     assert [r["id"] for r in records] == [f"line {i}" for i in range(1, 9)] and sorted(rows) == ["all"]
+
+
+@pytest.mark.parametrize("bad, says", [
+    (Document([Segment("audio", media=Audio(np.zeros(1600, np.float32), 16000)), Segment("text", "what?"),
+               Segment("text", "beep", target=True)]), "audio"),
+    (Document([Segment("text", "no answer marked")]), "no target text segment"),
+])
+def test_a_document_it_cannot_score_stops_eval_before_any_answer(bad, says, files, runs, tmp_path, capsys):
+    write_jsonl([question(0, "red"), bad], tmp_path / "bad.jsonl")
+    run = runs("paligemma-tiny")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "line 2" in err and says in err, err
+    assert not (tmp_path / "out").exists()

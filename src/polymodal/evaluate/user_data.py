@@ -87,10 +87,20 @@ def items(docs: list[Document], source: str | Path, pairs: bool = False, require
     return out
 
 
-def predict(model: nn.Module, tokenizer: Tokenizer, questions: list[Item], source: str | Path, batch_size: int,
-            max_new_tokens: int, sampling: dict, blanked: bool = False, bar=None) -> list[str]:
+def check(collator, questions: list[Item], source: str | Path, pairs: bool) -> None:
+    """Every prompt fits the model (its kinds of media, their layout, its length), checked before any answer is
+    written, one document's media at a time."""
+    for q in questions:
+        doc = with_media(q.prompt, source)
+        try:
+            collator.encode(doc, prompt_only=not pairs)
+        except ValueError as e:
+            raise DocumentError(f"{source}, line {doc.line}: {e}") from e
+
+
+def predict(model: nn.Module, collator, tokenizer: Tokenizer, questions: list[Item], source: str | Path,
+            batch_size: int, max_new_tokens: int, sampling: dict, blanked: bool = False, bar=None) -> list[str]:
     """The model's answer to each question; blanked: with blank media."""
-    collator = make_collator(model.config, tokenizer)
     out = []
     for i in range(0, len(questions), batch_size):
         chunk = [with_media(q.prompt, source) for q in questions[i:i + batch_size]]
@@ -178,12 +188,14 @@ def evaluate_file(model: nn.Module, tokenizer: Tokenizer, data: str | Path, metr
     questions = items(read_documents(data), data, pairs)
     train = (items(read_documents(train_data, "the run's training file"), train_data, pairs, required=False)
              if train_data is not None else None)
+    collator = make_collator(model.config, tokenizer)
+    check(collator, questions, data, pairs)
     if pairs:
-        return retrieval(model, tokenizer, questions, data, batch_size, train, progress)
+        return retrieval(model, collator, questions, data, batch_size, train, progress)
     longest = max(len(tokenizer.encode(r)) for q in questions for r in q.references)
     media = any(s.kind != "text" for q in questions for s in q.prompt.segments)
     bar = progress(len(questions) * (1 + media), "answers") if progress is not None else None
-    run = lambda blanked: predict(model, tokenizer, questions, data, batch_size,  # noqa: E731
+    run = lambda blanked: predict(model, collator, tokenizer, questions, data, batch_size,  # noqa: E731
                                   max_new_tokens or longest + SLACK, sampling or {}, blanked, bar)
     predictions = run(False)
     rows, per = scored(metric, questions, {"score": predictions, "blanked": run(True) if media else None,
@@ -191,11 +203,10 @@ def evaluate_file(model: nn.Module, tokenizer: Tokenizer, data: str | Path, metr
     return [record(q, p, s) for q, p, s in zip(questions, predictions, per)], rows
 
 
-def retrieval(model: DualEncoder, tokenizer: Tokenizer, questions: list[Item], source: str | Path, batch_size: int,
+def retrieval(model: DualEncoder, collator, questions: list[Item], source: str | Path, batch_size: int,
               train: list[Item] | None, progress: Callable | None) -> tuple[list[dict], list[dict]]:
     """evaluate_file for a dual encoder: per group, its images against its captions, and the same blanked;
     a record's prediction is the caption nearest its image among all of the file's."""
-    collator = make_collator(model.config, tokenizer)
     named = groups(questions)
     bar = progress(2 * sum(map(len, named.values())), "images") if progress is not None else None
     rows, records = [], []

@@ -104,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--top-k", type=int, default=None)
     e.add_argument("--top-p", type=float, default=None)
     e.add_argument("--seed", type=int, default=None)
-    e.add_argument("--n", type=int, default=200, help="held-out examples per task (default: %(default)s)")
+    e.add_argument("--n", type=int, default=200, help="held-out examples per task of the built-in world (default: "
+                                                      "%(default)s)")
     e.add_argument("--tasks", nargs="+", default=None, help="world tasks to score (default: those the run trained on)")
     e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized decoder linear layers")

@@ -178,6 +178,7 @@ def scored(metric: str, questions: list[Item], predictions: dict[str, list[str] 
 SLACK = 4  # tokens an answer may run past the longest reference before it is cut
 
 
+@torch.no_grad()
 def evaluate_file(model: nn.Module, tokenizer: Tokenizer, data: str | Path, metric: str, batch_size: int,
                   max_new_tokens: int | None = None, sampling: dict | None = None, train_data: str | Path | None = None,
                   progress: Callable | None = None) -> tuple[list[dict], list[dict]]:

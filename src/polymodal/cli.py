@@ -256,7 +256,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if source.get("data") not in (None, "world"):
             held_out = source.get("eval_data") or "held_out.jsonl"
             raise ValueError(f"{args.checkpoint} was trained on {source['data']}, not the built-in world: score it on "
-                             f"held-out documents of yours, e.g. `polymodal eval {args.checkpoint} --data {held_out}`")
+                             f"held-out documents of yours, e.g. `polymodal eval {args.checkpoint} --data {held_out}` "
+                             "(or name the world's tasks with --tasks)")
         trainer_state = directory / "trainer.json"
         tasks = (json.loads(trainer_state.read_text())["train_config"]["tasks"] if trainer_state.is_file()
                  else IMAGE_TASKS)

@@ -451,7 +451,7 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
         rngs = gather_objects(ckpt.rng_state())
         if proc.main:
-            state = {"step": step, "docs_seen": docs_seen, "rng": rngs, "train_config": cfg.to_dict(),  # files, absolute:
+            state = {"step": step, "docs_seen": docs_seen, "rng": rngs, "train_config": cfg.to_dict(),
                      "data_source": {k: v if v in (None, "world") else str(Path(v).resolve())  # for `polymodal eval`
                                      for k, v in (("data", cfg.data), ("eval_data", cfg.eval_data))}}
             if cfg.lora_rank is None:

@@ -287,7 +287,7 @@ def eval_data(args: argparse.Namespace) -> None:
     """`polymodal eval RUN --data FILE`: answers to the file's targets scored with --metric, beside baselines."""
     from polymodal.evaluate.progress import Progress
     from polymodal.evaluate.report import check_out, table, write
-    from polymodal.evaluate.user_data import evaluate_file
+    from polymodal.evaluate.user_data import evaluate_file, read_documents
     from polymodal.models.contrastive import DualEncoder
 
     if args.metric is not None and args.metric not in METRIC_NAMES:
@@ -299,11 +299,13 @@ def eval_data(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval" / Path(args.data).stem
     check_out(out, args.overwrite)
     directory = _checkpoint_dir(args.checkpoint)
+    docs = read_documents(args.data)  # the documents, and the run's training file for the majority answer
     train = _trained_on(directory).get("data")
     if train in (None, "world") or not Path(train).is_file():
         if train not in (None, "world"):
             print(f"polymodal eval: no majority baseline: the run's training file {train} is gone", file=sys.stderr)
         train = None
+    train_docs = read_documents(train, "the run's training file") if train else None
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     pairs = isinstance(model, DualEncoder)
     metric = args.metric or ("recall" if pairs else "exact")
@@ -314,8 +316,8 @@ def eval_data(args: argparse.Namespace) -> None:
                             f"{', '.join(n for n in METRIC_NAMES if n != 'recall')}"))
     sampling = {"do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "seed": args.seed}
-    records, rows = evaluate_file(model, tokenizer, args.data, metric, args.batch_size, args.max_new_tokens,
-                                  sampling, train, Progress)
+    records, rows = evaluate_file(model, tokenizer, docs, args.data, metric, args.batch_size, args.max_new_tokens,
+                                  sampling, train_docs, Progress)
     what = METRIC_WHAT[metric]
     how = "image -> caption retrieval" if pairs else ("sampled" if args.do_sample else "greedy") + " answers"
     print(f"{directory}{_quantized(args)}: {how} on {args.data}, {what}")

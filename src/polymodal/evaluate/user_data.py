@@ -179,16 +179,16 @@ SLACK = 4  # tokens an answer may run past the longest reference before it is cu
 
 
 @torch.no_grad()
-def evaluate_file(model: nn.Module, tokenizer: Tokenizer, data: str | Path, metric: str, batch_size: int,
-                  max_new_tokens: int | None = None, sampling: dict | None = None, train_data: str | Path | None = None,
-                  progress: Callable | None = None) -> tuple[list[dict], list[dict]]:
+def evaluate_file(model: nn.Module, tokenizer: Tokenizer, docs: list[Document], data: str | Path, metric: str,
+                  batch_size: int, max_new_tokens: int | None = None, sampling: dict | None = None,
+                  train_docs: list[Document] | None = None, progress: Callable | None = None
+                  ) -> tuple[list[dict], list[dict]]:
     """(one record per question: id, task, prompt, prediction, references, score; one row of figures per group)
-    of the model on the documents of `data`. progress: called with (answers to write, what), returns a
-    `Progress`."""
+    of the model on `docs`, read from `data` (`read_documents`); train_docs: the run's training documents, for
+    the majority baseline. progress: called with (answers to write, what), returns a `Progress`."""
     pairs = isinstance(model, DualEncoder)
-    questions = items(read_documents(data), data, pairs)
-    train = (items(read_documents(train_data, "the run's training file"), train_data, pairs, required=False)
-             if train_data is not None else None)
+    questions = items(docs, data, pairs)
+    train = items(train_docs, "the run's training file", pairs, required=False) if train_docs else None
     collator = make_collator(model.config, tokenizer)
     check(collator, questions, data, pairs)
     if pairs:

@@ -10,6 +10,8 @@ from polymodal.train.trainer import TrainConfig
 SURFACE = [
     "convert --model-type", "convert --to", "convert <source>", "convert <target>",
     "eval --batch-size", "eval --cot-k", "eval --cot-validation", "eval --n", "eval --quantize", "eval --tasks", "eval <checkpoint>",
+    "eval --data", "eval --do-sample", "eval --max-new-tokens", "eval --metric", "eval --out", "eval --overwrite",
+    "eval --seed", "eval --temperature", "eval --top-k", "eval --top-p",
     "export-data --n", "export-data --split", "export-data --tasks", "export-data <output>",
     "generate --assistant", "generate --audio", "generate --do-sample", "generate --image", "generate --image-dir",
     "generate --max-new-tokens", "generate --num-assistant-tokens", "generate --prompt", "generate --prompt-lookup",

@@ -25,8 +25,11 @@ from polymodal.config import ConfigError
 from polymodal.data.documents import DocumentError
 from polymodal.data.synthetic import COT_TASKS
 from polymodal.errors import PolymodalError
+from polymodal.evaluate.metrics import METRICS
 from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
 
+METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1"}
+METRIC_NAMES = tuple(METRIC_WHAT)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -83,11 +86,27 @@ def parser() -> argparse.ArgumentParser:
                                                           "(default: %(default)s)")
     g.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized decoder linear layers")
 
-    e = sub.add_parser("eval", help="accuracy per task on the built-in world's held-out split")
+    e = sub.add_parser("eval", help="accuracy per task on the built-in world's held-out split, or scores on your "
+                                    "own documents (--data)")
     e.add_argument("checkpoint", nargs="?", default=str(TrainConfig().run_dir),
                    help="a run directory (its last checkpoint) or a checkpoint directory (default: %(default)s)")
-    e.add_argument("--n", type=int, default=200, help="held-out examples per task (default: %(default)s)")
-    e.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: those the run trained on)")
+    e.add_argument("--data", default=None, help="a JSONL file of documents: answers to their target segments are "
+                                                "scored against their references (default: the built-in world)")
+    e.add_argument("--metric", default=None, help=f"with --data: one of {', '.join(METRIC_NAMES)} (default: exact; "
+                                                  "recall for a dual encoder)")
+    e.add_argument("--out", default=None, help="with --data: the folder for predictions.jsonl and results.json "
+                                               "(default: CHECKPOINT/eval/<data file name>)")
+    e.add_argument("--overwrite", action="store_true", help="with --data: replace an earlier evaluation in --out")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="with --data: the longest answer (default: the "
+                                                                    "longest reference + 4 tokens)")
+    e.add_argument("--do-sample", action="store_true", help="with --data: sample answers instead of greedy decoding")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--top-k", type=int, default=None)
+    e.add_argument("--top-p", type=float, default=None)
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--n", type=int, default=200, help="held-out examples per task of the built-in world (default: "
+                                                      "%(default)s)")
+    e.add_argument("--tasks", nargs="+", default=None, help="world tasks to score (default: those the run trained on)")
     e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized decoder linear layers")
     e.add_argument("--cot-k", type=int, default=8, help="chains of thought sampled per question of a task asked with "
@@ -200,8 +219,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(text.tolist()).strip())
 
 
+def _trained_on(directory: Path) -> dict[str, str | None]:
+    """The run's training and eval data files (absolute where the run recorded them so), or {} when unknown."""
+    state = directory / "trainer.json"
+    if not state.is_file():
+        return {}
+    state = json.loads(state.read_text())
+    config = state.get("train_config", {})
+    return state.get("data_source", {"data": config.get("data"), "eval_data": config.get("eval_data")})
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from polymodal.evaluate import table
+    from polymodal.evaluate.progress import Progress
     from polymodal.retrieval import score_retrieval, scorer
     from polymodal.evaluate_cot import VALIDATION_START
 
@@ -209,35 +239,101 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.data is not None:
+        return eval_data(args)
+    if given := [flag for flag, default in WITH_DATA.items() if getattr(args, flag) != default]:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to your own documents: give --data FILE with it "
+                         "(the built-in world is scored with greedy answers)")
     if args.cot_k < 1 or args.cot_validation < 1:
         raise ValueError(f"--cot-k and --cot-validation must be >= 1, got {args.cot_k} and {args.cot_validation}")
     if args.n > VALIDATION_START and any(t in COT_TASKS for t in args.tasks or ()):
         raise ValueError(f"--n must be <= {VALIDATION_START} for chain-of-thought tasks (their validation questions "
                          f"start at eval example {VALIDATION_START}), got {args.n}")
-    directory, model, tokenizer = _load(args.checkpoint, args.quantize)
+    directory = _checkpoint_dir(args.checkpoint)
     tasks = args.tasks
     if tasks is None:
+        source = _trained_on(directory)
+        if source.get("data") not in (None, "world"):
+            held_out = source.get("eval_data") or "held_out.jsonl"
+            raise ValueError(f"{args.checkpoint} was trained on {source['data']}, not the built-in world: score it on "
+                             f"held-out documents of yours, e.g. `polymodal eval {args.checkpoint} --data {held_out}` "
+                             "(or name the world's tasks with --tasks)")
         trainer_state = directory / "trainer.json"
         tasks = (json.loads(trainer_state.read_text())["train_config"]["tasks"] if trainer_state.is_file()
                  else IMAGE_TASKS)
     for task in tasks:
         WORLD.choices(task)  # an unknown task fails here, before any work
+    directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     plain = tuple(t for t in tasks if t not in COT_TASKS)
     if plain:
         score = scorer(model)
         how = "image -> answer retrieval" if score is score_retrieval else "greedy answers"
-        print(f"{directory}: {how} on the built-in world's held-out split")
-        print(table(score(model, tokenizer, plain, args.n, WORLD, args.batch_size)))
+        print(f"{directory}{_quantized(args)}: {how} on the built-in world's held-out split", flush=True)
+        print(table(score(model, tokenizer, plain, args.n, WORLD, args.batch_size, progress=Progress)))
     cot = [t for t in tasks if t in COT_TASKS]
     if cot:
         eval_routing(args, directory, model, tokenizer, cot)
+
+
+def _quantized(args: argparse.Namespace) -> str:
+    return f" (loaded {args.quantize} weight-only quantized)" if args.quantize else ""
+
+
+WITH_DATA = {"metric": None, "out": None, "overwrite": False, "max_new_tokens": None, "do_sample": False,
+             "temperature": 1.0, "top_k": None, "top_p": None, "seed": None}  # eval flags for --data, unset
+
+
+def eval_data(args: argparse.Namespace) -> None:
+    """`polymodal eval RUN --data FILE`: answers to the file's targets scored with --metric, beside baselines."""
+    from polymodal.evaluate.progress import Progress
+    from polymodal.evaluate.report import check_out, table, write
+    from polymodal.data.readers import DataNotFoundError
+    from polymodal.evaluate.user_data import evaluate_file, read_documents
+    from polymodal.models.contrastive import DualEncoder
+
+    if args.metric is not None and args.metric not in METRIC_NAMES:
+        raise ValueError(f"--metric must be one of {', '.join(METRIC_NAMES)}, got {args.metric!r}")
+    if args.tasks is not None:
+        raise ValueError("--tasks names tasks of the built-in world; with --data, give documents a \"task\" field")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval" / Path(args.data).stem
+    check_out(out, args.overwrite)
+    directory = _checkpoint_dir(args.checkpoint)
+    docs = read_documents(args.data)  # the documents, and the run's training file for the majority answer
+    train, train_docs = _trained_on(directory).get("data"), None
+    if train not in (None, "world"):
+        try:
+            train_docs = read_documents(train, "the run's training file")
+        except DataNotFoundError:
+            print(f"polymodal eval: no majority baseline: the run's training file {train} is gone", file=sys.stderr)
+    directory, model, tokenizer = _load(args.checkpoint, args.quantize)
+    pairs = isinstance(model, DualEncoder)
+    metric = args.metric or ("recall" if pairs else "exact")
+    if pairs != (metric == "recall"):
+        raise ValueError(f"--metric {metric} does not fit a {type(model).__name__}: "
+                         + ("a dual encoder writes no answers; it is scored by recall" if pairs else
+                            f"recall scores dual encoders; this model writes answers: one of "
+                            f"{', '.join(n for n in METRIC_NAMES if n != 'recall')}"))
+    sampling = {"do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "seed": args.seed}
+    records, rows = evaluate_file(model, tokenizer, docs, args.data, metric, args.batch_size, args.max_new_tokens,
+                                  sampling, train_docs, Progress)
+    what = METRIC_WHAT[metric]
+    how = "image -> caption retrieval" if pairs else ("sampled" if args.do_sample else "greedy") + " answers"
+    print(f"{directory}{_quantized(args)}: {how} on {args.data}, {what}")
+    print(table(rows, what))
+    write(out, records, {"checkpoint": str(directory), "data": str(args.data), "metric": metric,
+                         "quantize": args.quantize, "decoding": None if pairs else sampling,
+                         "max_new_tokens": args.max_new_tokens, "training_data": train, "scores": rows})
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'results.json'}")
 
 
 def eval_routing(args: argparse.Namespace, directory: Path, model, tokenizer, tasks: list[str]) -> None:
     """`polymodal eval`'s table for tasks asked with a chain of thought: greedy, CoT and routed side by side."""
     from polymodal.evaluate_cot import evaluate_routing, routing_table
 
-    print(f"{directory}: direct and chain-of-thought answers on the built-in world's held-out split")
+    print(f"{directory}{_quantized(args)}: direct and chain-of-thought answers on the built-in world's held-out split")
     print(routing_table([evaluate_routing(model, tokenizer, t, args.n, WORLD, k=args.cot_k,
                                           validation=args.cot_validation, batch_size=args.batch_size)
                          for t in tasks]))

@@ -16,27 +16,20 @@ from polymodal.data.pairs import PairCollator
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.evaluate import TaskScore, blank, evaluate, majority
+from polymodal.evaluate.user_data import similarities
 from polymodal.models.contrastive import DualEncoder
 
 
-@torch.no_grad()
 def retrieve(model: DualEncoder, collator: PairCollator, docs: list, answers: tuple[str, ...],
              batch_size: int) -> list[str]:
     """The answer whose caption embedding is nearest each document's image."""
-    device = next(model.parameters()).device
-    texts = {k: v.to(device) for k, v in collator.texts([collator.format.text(a) for a in answers]).items()}
-    text_embeds = model.encode_text(texts["input_ids"], texts["attention_mask"])
-    out = []
-    for i in range(0, len(docs), batch_size):
-        pixels = torch.cat([collator.encode(d).media["pixel_values"] for d in docs[i:i + batch_size]]).to(device)
-        best = model.logits(model.encode_image(pixels), text_embeds).argmax(0)  # (N_txt, N_img) -> per image
-        out += [answers[j] for j in best.tolist()]
-    return out
+    return [answers[j] for j in similarities(model, collator, docs, answers, batch_size).argmax(1).tolist()]
 
 
 def score_retrieval(model: DualEncoder, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
-                    batch_size: int = 64, baselines: bool = True) -> list[TaskScore]:
-    """Retrieval accuracy on the first n held-out examples of each task, with its baselines unless baselines=False."""
+                    batch_size: int = 64, baselines: bool = True, progress=None) -> list[TaskScore]:
+    """Retrieval accuracy on the first n held-out examples of each task, with its baselines unless baselines=False;
+    progress as in `evaluate.evaluate`."""
     was_training = model.training
     model.eval()
     collator = PairCollator(model.config, tokenizer)
@@ -45,10 +38,15 @@ def score_retrieval(model: DualEncoder, tokenizer: Tokenizer, tasks: tuple[str, 
         examples = [world.sample(task, i, "eval") for i in range(n)]
         docs, truth, answers = [e.document for e in examples], [e.answer for e in examples], world.choices(task)
         hits = lambda guesses: sum(g == t for g, t in zip(guesses, truth))  # noqa: E731
+        bar = progress(n * (1 + baselines), task) if progress is not None else None
         score = TaskScore(task, n, hits(retrieve(model, collator, docs, answers, batch_size)), world.chance(task))
+        if bar is not None:
+            bar.update(n)
         if baselines:
             score.majority = hits(majority(world, task, [d.texts[0] for d in docs])) / n
             score.blanked = hits(retrieve(model, collator, [blank(d) for d in docs], answers, batch_size)) / n
+            if bar is not None:
+                bar.update(n)
         scores.append(score)
     model.train(was_training)
     return scores

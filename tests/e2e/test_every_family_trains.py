@@ -46,9 +46,9 @@ def test_train_on_the_world_learns(preset, tmp_path):
     assert list_checkpoints(run / "checkpoints")
 
 
-def eval_rows(run, capsys, n=100):
+def eval_rows(run, capsys, n=100, *flags):
     capsys.readouterr()
-    assert main(["eval", str(run), "--n", str(n)]) == 0
+    assert main(["eval", str(run), "--n", str(n), *flags]) == 0
     lines = capsys.readouterr().out.splitlines()
     return lines[0], {line.split()[0]: line.split()[1:] for line in lines[2:]}
 
@@ -79,7 +79,7 @@ def test_flamingo_trains_on_a_jsonl_file_and_eval_answers_world_questions(tmp_pa
     train(tmp_path, "--model", "flamingo-tiny", "--data", str(data), "--eval-data", str(data), "--max-steps", "20",
           "--batch-size", "8", "--eval-every", "20", "--name", "fl")
     assert falls(losses(tmp_path / "fl"))
-    title, rows = eval_rows(tmp_path / "fl", capsys, n=20)
+    title, rows = eval_rows(tmp_path / "fl", capsys, 20, "--tasks", "colour", "count")  # a file's run names them
     assert "greedy answers" in title and rows["colour"][-1] == "25.0%"  # scored beside chance
 
 

@@ -2,10 +2,10 @@
 
 One document per line:
 
-    {"id": "optional", "segments": [
+    {"id": "optional", "task": "optional", "segments": [
         {"image": "images/0001.png"},
         {"text": "what colour is the shape?"},
-        {"text": "red", "target": true}]}
+        {"text": "red", "target": true, "references": ["red", "crimson"]}]}
 
 A segment has exactly one kind key: `text` (a string), `image` (a path), `audio` (a path to a
 16-bit PCM mono .wav) or `video` (a non-empty list of frame image paths). Paths are relative to
@@ -16,7 +16,10 @@ JSONL's folder: absolute paths, `..` and symlinks leading out. Images are checke
 headers before they are decoded (at most `MAX_IMAGE_PIXELS`); `with_media` loads one document's media
 when it is read with load_media=False, so a large data set never has to fit in memory. `target` may mark text segments, and image segments a model should
 learn to draw: if any segment of a document is a target, loss goes only on targets; if none is,
-all text is (plain interleaved pretraining). Every problem in a file raises `DocumentError` naming the file, the 1-based line,
+all text is (plain interleaved pretraining). Two optional fields serve evaluation (`polymodal eval --data`):
+`task` names the document's task (figures are given per task), and `references` on a target text segment
+lists the answers its prediction is scored against (VQAv2's ten human answers, COCO's five captions; without
+it the segment's own text is the one reference; training learns the segment's text either way). Every problem in a file raises `DocumentError` naming the file, the 1-based line,
 the segment and the field, with what was expected and what was given.
 """
 
@@ -64,6 +67,7 @@ class Segment:
     text: str | None = None
     media: Media | None = None
     target: bool = False
+    references: list[str] | None = None  # the answers a target text is scored against (default: its text)
     # where the media came from; the only media reference when read with load_media=False
     path: str | list[str] | None = field(default=None, compare=False)
 
@@ -75,12 +79,16 @@ class Segment:
                              f"got text={self.text!r}")
         if self.target and self.kind not in TARGET_KINDS:
             raise ValueError(f"only {' and '.join(TARGET_KINDS)} segments can be targets, got a target {self.kind} segment")
+        if self.references is not None and not (self.target and self.kind == "text"):
+            raise ValueError(f"only target text segments have references, got references on a {self.kind} segment "
+                             f"{'marked' if self.target else 'not marked'} as a target")
 
 
 @dataclass
 class Document:
     segments: list[Segment]
     id: str | None = None
+    task: str | None = None  # what the document asks (figures per task in `polymodal eval --data`)
     line: int | None = field(default=None, compare=False)  # 1-based line of the JSONL file it was read from
     origin: str | None = field(default=None, compare=False)  # where else it was read from: "record 3", "row 3", ...
 
@@ -208,13 +216,13 @@ def _parse_line(raw: bytes, root: Path, load_media: bool, strict_paths: bool) ->
                                    f"({e.msg} at character {e.pos + 1})") from e
     if not isinstance(obj, dict):
         raise _Invalid("document", f"expected a JSON object, got {_type(obj)}")
-    if unknown := sorted(set(obj) - {"id", "segments"}):
+    if unknown := sorted(set(obj) - {"id", "task", "segments"}):
         where = unknown[0] if unknown[0].isprintable() else repr(unknown[0])  # the message stays one line
-        raise _Invalid(where, f"expected only the fields 'id' and 'segments', "
+        raise _Invalid(where, f"expected only the fields 'id', 'task' and 'segments', "
                                    f"got unknown field {unknown[0]!r}")
-    doc_id = obj.get("id")
-    if doc_id is not None and not isinstance(doc_id, str):
-        raise _Invalid("id", f"expected a string, got {_type(doc_id)}")
+    for name in ("id", "task"):
+        if obj.get(name) is not None and not isinstance(obj[name], str):
+            raise _Invalid(name, f"expected a string, got {_type(obj[name])}")
     if "segments" not in obj:
         raise _Invalid("segments", "expected a list of segments, got no 'segments' field")
     segments = obj["segments"]
@@ -222,7 +230,7 @@ def _parse_line(raw: bytes, root: Path, load_media: bool, strict_paths: bool) ->
         given = "an empty list" if segments == [] else _type(segments)
         raise _Invalid("segments", f"expected a non-empty list of segments, got {given}")
     return Document([_parse_segment(s, f"segments[{i}]", root, load_media, strict_paths)
-                     for i, s in enumerate(segments)], doc_id)
+                     for i, s in enumerate(segments)], obj.get("id"), obj.get("task"))
 
 
 def _media_path(root: Path, value: str, where: str, strict: bool) -> str:
@@ -236,9 +244,9 @@ def _media_path(root: Path, value: str, where: str, strict: bool) -> str:
 def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_paths: bool) -> Segment:
     if not isinstance(seg, dict):
         raise _Invalid(where, f"expected a JSON object, got {_type(seg)}")
-    if unknown := sorted(set(seg) - {*KINDS, "target"}):
-        raise _Invalid(f"{where}.{unknown[0]}", f"expected one of {', '.join(KINDS)} (and optional target), "
-                                               f"got unknown key {unknown[0]!r}")
+    if unknown := sorted(set(seg) - {*KINDS, "target", "references"}):
+        raise _Invalid(f"{where}.{unknown[0]}", f"expected one of {', '.join(KINDS)} (and optional target, "
+                                               f"references), got unknown key {unknown[0]!r}")
     kinds = [k for k in KINDS if k in seg]
     if len(kinds) != 1:
         given = "none" if not kinds else " and ".join(repr(k) for k in kinds)
@@ -251,12 +259,13 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_pa
     if target and kind not in TARGET_KINDS:
         raise _Invalid(f"{where}.target",
                        f"expected target only on text or image segments, got it on a segment of kind {kind!r}")
+    references = _references(seg, where, kind, target)
     where = f"{where}.{kind}"
 
     if kind == "text":
         if not isinstance(value, str):
             raise _Invalid(where, f"expected a string, got {_type(value)}")
-        return Segment("text", text=value, target=target)
+        return Segment("text", text=value, target=target, references=references)
     if kind == "video":
         if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
             given = ("an empty list" if value == [] else _type(value) if not isinstance(value, list)
@@ -269,6 +278,20 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_pa
         raise _Invalid(where, f"expected a file path string, got {_type(value)}")
     p = _media_path(root, value, where, strict_paths)
     return Segment(kind, media=_load(p, kind, where) if load_media else None, target=target, path=p)
+
+
+def _references(seg: dict, where: str, kind: str, target: bool) -> list[str] | None:
+    if "references" not in seg:
+        return None
+    value, where = seg["references"], f"{where}.references"
+    if kind != "text" or not target:
+        raise _Invalid(where, f"expected references only on a target text segment, got them on a "
+                              f"{'target' if target else 'non-target'} {kind} segment")
+    if not isinstance(value, list) or not value or not all(isinstance(r, str) for r in value):
+        given = ("an empty list" if value == [] else _type(value) if not isinstance(value, list)
+                 else "a list with a non-string item")
+        raise _Invalid(where, f"expected a non-empty list of answer strings, got {given}")
+    return value
 
 
 def load_media(path: str | Path, kind: str) -> Image.Image | Audio:
@@ -353,7 +376,8 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
                     raise ValueError(f"document {i} segment {j}: {s.kind} segment has no media loaded "
                                      "(read it with load_media=True to write it out)")
                 if s.kind == "text":
-                    seg = {"text": s.text, **({"target": True} if s.target else {})}
+                    seg = {"text": s.text, **({"target": True} if s.target else {}),
+                           **({"references": s.references} if s.references is not None else {})}
                 elif s.kind == "image":
                     seg = {"image": put(f"{i:06d}-{j}.png", _png_bytes(s.media)), **({"target": True} if s.target else {})}
                 elif s.kind == "audio":
@@ -362,5 +386,6 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
                     frames = enumerate(s.media)
                     seg = {"video": [put(f"{i:06d}-{j}-{k}.png", _png_bytes(im)) for k, im in frames]}
                 segments.append(seg)
-            line = {**({"id": doc.id} if doc.id is not None else {}), "segments": segments}
+            line = {**({"id": doc.id} if doc.id is not None else {}),
+                    **({"task": doc.task} if doc.task is not None else {}), "segments": segments}
             out.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))

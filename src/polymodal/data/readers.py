@@ -73,6 +73,19 @@ def read_documents(path: str | Path, *, strict_paths: bool = False, load_media: 
     return list(_conversations(Path(path), strict_paths, load_media))
 
 
+def read_flagged(flag: str, path: str | Path, *, strict_paths: bool = False) -> Sequence[Document]:
+    """`read_documents(path)` with media unread (each batch loads its own), for a command-line flag: a path
+    that holds no data, or no documents, is an error naming the flag."""
+    try:
+        data_kind(path)
+    except (DataNotFoundError, DocumentError) as e:
+        raise type(e)(f"{flag} {e}") from e
+    docs = read_documents(path, strict_paths=strict_paths, load_media=False)
+    if not len(docs):
+        raise DocumentError(f"{flag} {path} holds no documents")
+    return docs
+
+
 def _first_record(path: Path) -> Any:
     """The parsed first JSON Lines record; a list if the file is one JSON array; None if it is neither."""
     with open(path, "rb") as f:

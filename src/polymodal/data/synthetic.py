@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -466,7 +466,8 @@ def asked_directly(example: Example) -> Example:
 
 def export_jsonl(world: World, path: str | Path, split: str = "train", n: int = 100,
                  tasks: str | Iterable[str] | None = None) -> list[Example]:
-    """Write n examples of the world as a JSONL document file (see documents.py) and return them."""
+    """Write n examples of the world as a JSONL document file (see documents.py), each with its task, and
+    return them."""
     examples = list(world.examples(split, tasks, n))
-    write_jsonl([e.document for e in examples], path)
+    write_jsonl([replace(e.document, task=e.task) for e in examples], path)
     return examples

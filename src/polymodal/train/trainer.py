@@ -39,7 +39,7 @@ from polymodal.data.collate import Collator, count_targets
 from polymodal.data.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, DocumentError, with_media
 from polymodal.data.lazy import checked, document_texts
-from polymodal.data.readers import DataNotFoundError, data_kind, read_documents
+from polymodal.data.readers import read_flagged
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import PolymodalError, check_number
@@ -201,22 +201,10 @@ class Data:
     checks: list[tuple[str, Sequence[Document]]]  # (where from, documents): what to validate before training
 
 
-def _read(flag: str, path: str, strict_paths: bool) -> Sequence[Document]:
-    """The documents of any source `read_documents` reads, media unread: each is loaded when a batch needs it."""
-    try:
-        data_kind(path)
-    except (DataNotFoundError, DocumentError) as e:  # no such path, or one that holds no data: name the flag
-        raise type(e)(f"{flag} {e}") from e
-    docs = read_documents(path, strict_paths=strict_paths, load_media=False)
-    if not len(docs):
-        raise ValueError(f"{flag} {path} holds no documents")
-    return docs
-
-
 def load_data(cfg: TrainConfig) -> Data:
     """Data positions are plain counters, so resuming at a position needs no iterator state. A large set is
     checked on `checked`'s spread of documents before training, the rest as batches read them."""
-    eval_docs = ([with_media(d, cfg.eval_data) for d in _read("--eval-data", cfg.eval_data, cfg.strict_paths)
+    eval_docs = ([with_media(d, cfg.eval_data) for d in read_flagged("--eval-data", cfg.eval_data, strict_paths=cfg.strict_paths)
                   [:cfg.eval_docs]] if cfg.eval_data else [])
     checks = [(cfg.eval_data, eval_docs)] if cfg.eval_data else []
     if cfg.data == "world":
@@ -231,7 +219,7 @@ def load_data(cfg: TrainConfig) -> Data:
             checks = [("the built-in world's held-out split", eval_docs)]
         checks = [(f"--tasks {task} (the built-in world)", [sample(i)]) for i, task in enumerate(tasks)] + checks
         return Data(sample, eval_docs, texts, checks)
-    docs = _read("--data", cfg.data, cfg.strict_paths)
+    docs = read_flagged("--data", cfg.data, strict_paths=cfg.strict_paths)
     orders: dict[int, np.ndarray] = {}
 
     def shuffled(i: int) -> Document:  # a fresh permutation of the file every epoch
@@ -457,7 +445,9 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
         rngs = gather_objects(ckpt.rng_state())
         if proc.main:
-            state = {"step": step, "docs_seen": docs_seen, "rng": rngs, "train_config": cfg.to_dict()}
+            state = {"step": step, "docs_seen": docs_seen, "rng": rngs, "train_config": cfg.to_dict(),
+                     "data_source": {k: v if v in (None, "world") else str(Path(v).resolve())  # for `polymodal eval`
+                                     for k, v in (("data", cfg.data), ("eval_data", cfg.eval_data))}}
             if cfg.lora_rank is None:
                 ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), config, model_state, optimizer_state, state,
                                      tokenizer)

@@ -15,7 +15,9 @@ names (`synthetic.recognise`: colour and shape).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,16 +49,19 @@ class TaskScore:
         return self.correct / self.n
 
 
-def answer(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list, max_new_tokens: int) -> list[str]:
-    """Greedy answers to the prompts of `docs` (each document up to its first target)."""
-    return [text for text, _ in written(model, collator, tokenizer, docs, max_new_tokens, images=False)]
+def answer(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list, max_new_tokens: int,
+           sampling: dict | None = None) -> list[str]:
+    """Greedy answers (or sampled: `generate`'s sampling options) to the prompts of `docs` (each document up to
+    its first target)."""
+    return [text for text, _ in written(model, collator, tokenizer, docs, max_new_tokens, images=False,
+                                        sampling=sampling)]
 
 
 def written(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list, max_new_tokens: int,
-            images: bool = True) -> list[tuple[str, Image.Image | None]]:
+            images: bool = True, sampling: dict | None = None) -> list[tuple[str, Image.Image | None]]:
     """Each prompt's greedy answer: its text before any image it draws, and the first image (or None)."""
     out = generate(model, **collator.prompts(docs), max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
-                   pad_token_id=tokenizer.pad_id, return_images=images)
+                   pad_token_id=tokenizer.pad_id, return_images=images, **(sampling or {}))
     tokens, drawings = (out.tokens, out.images) if images else (out, [[]] * len(out))
     spans = getattr(model, "image_spans", None)
     begin = spans.begin if spans is not None else None
@@ -87,14 +92,14 @@ def blank(doc: Document) -> Document:
     """The document with every medium replaced by a black image / silent clip of the same size."""
     def empty(s: Segment) -> Segment:
         if s.kind == "image":
-            return Segment("image", media=Image.new("RGB", s.media.size), target=s.target)
+            return dataclasses.replace(s, media=Image.new("RGB", s.media.size))
         if s.kind == "video":
-            return Segment("video", media=[Image.new("RGB", f.size) for f in s.media])
+            return dataclasses.replace(s, media=[Image.new("RGB", f.size) for f in s.media])
         if s.kind == "audio":
-            return Segment("audio", media=Audio(np.zeros_like(s.media.waveform), s.media.sample_rate))
+            return dataclasses.replace(s, media=Audio(np.zeros_like(s.media.waveform), s.media.sample_rate))
         return s
 
-    return Document([empty(s) for s in doc.segments], id=doc.id)
+    return dataclasses.replace(doc, segments=[empty(s) for s in doc.segments])
 
 
 def majority(world: World, task: str, questions: list[str], n_train: int = MAJORITY_SAMPLES) -> list[str]:
@@ -109,10 +114,16 @@ def majority(world: World, task: str, questions: list[str], n_train: int = MAJOR
     return [top(by_question[q]) if q in by_question else top(overall) for q in questions]
 
 
+def sees(doc: Document) -> bool:
+    """Does the prompt of `doc` hold media (so that blanking them is a baseline)?"""
+    return any(s.kind != "text" for s in doc.segments if not s.target)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
-             batch_size: int = 64, baselines: bool = True) -> list[TaskScore]:
-    """Scores on the first n held-out examples of each task, with its baselines unless baselines=False."""
+             batch_size: int = 64, baselines: bool = True, progress: Callable | None = None) -> list[TaskScore]:
+    """Scores on the first n held-out examples of each task, with its baselines unless baselines=False.
+    progress: called with (answers to write, task) per task, returns a `Progress` told of each batch."""
     drawing = [t for t in tasks if t in DRAWN]
     if drawing and getattr(getattr(model, "image_spans", None), "begin", None) is None:
         raise ValueError(f"task {drawing[0]} is scored on the images a model draws; {type(model).__name__} "
@@ -123,6 +134,8 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
         draws = task in DRAWN
         examples = [world.sample(task, i, "eval") for i in range(n)]
         longest = max(len(tokenizer.encode(c)) for c in world.choices(task))
+        blanked = baselines and sees(examples[0].document)
+        bar = progress(n * (1 + blanked), task) if progress is not None else None
 
         def replies(docs: list[Document]) -> list[str | None]:
             out = []
@@ -130,6 +143,8 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
                 chunk = docs[i:i + batch_size]
                 out += (drawn(model, collator, tokenizer, chunk, task, longest) if draws
                         else answer(model, collator, tokenizer, chunk, longest + 1))
+                if bar is not None:
+                    bar.update(len(chunk))
             return out
 
         truth = [e.answer for e in examples]
@@ -138,8 +153,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
         score = TaskScore(task, n, hits(replies(docs)), world.chance(task))
         if baselines:
             score.majority = hits(majority(world, task, [d.texts[0] for d in docs])) / n
-            sees = any(s.kind != "text" for s in docs[0].segments if not s.target)  # a prompt with media
-            score.blanked = hits(replies([blank(d) for d in docs])) / n if sees else None
+            score.blanked = hits(replies([blank(d) for d in docs])) / n if blanked else None
         scores.append(score)
     return scores
 

@@ -1,7 +1,8 @@
 """`polymodal train --data` on the files people already have, through the CLI: a LLaVA conversation JSON
 (two turns: the loss on both answers), a messages JSON Lines file and a `datasets` folder written by
 `datasets` itself, each also the run's --eval-data. The loss falls, and the checkpoint loaded back gives the
-run's last eval loss on the file's documents."""
+run's last eval loss on the file's documents; `polymodal eval RUN --data FILE` then answers every assistant
+turn of the same file and scores what its predictions say."""
 
 import json
 
@@ -61,3 +62,13 @@ def test_train_on_the_file_then_load_the_checkpoint(data, source, model, tmp_pat
     with torch.no_grad():  # the saved model scores the file's documents as the run's last eval did
         loss = model(**batch).loss
     assert loss.item() == pytest.approx([r["eval_loss"] for r in records if "eval_loss" in r][-1], abs=1e-4)
+
+    out = tmp_path / "scored"
+    assert main(["eval", str(tmp_path / "run"), "--data", path, "--out", str(out)]) == 0
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    answers = [s.text for d in read_documents(path) for s in d.segments if s.target]  # every assistant turn
+    assert [p["references"] for p in predictions] == [[a] for a in answers]
+    assert all(p["score"] == float(p["prediction"].strip().lower() == p["references"][0]) for p in predictions)
+    results = json.loads((out / "results.json").read_text())
+    assert results["scores"][0]["n"] == len(answers)
+    assert results["scores"][0]["score"] == pytest.approx(sum(p["score"] for p in predictions) / len(answers))

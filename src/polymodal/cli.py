@@ -96,10 +96,13 @@ def parser() -> argparse.ArgumentParser:
                                                                   "chosen on (default: %(default)s)")
 
     c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories")
-    c.add_argument("source")
-    c.add_argument("target")
+    c.add_argument("source", help="with --to hf: a run directory (its checkpoint) or a checkpoint directory; with "
+                                  "--to polymodal: an HF model directory")
+    c.add_argument("target", help="the directory to write (with --to hf: weights, config, tokenizer, processor "
+                                  "and generation configs, a model card)")
     c.add_argument("--to", required=True, choices=("hf", "polymodal"))
-    c.add_argument("--model-type", help="the HF model_type to write (with --to hf), e.g. llama, gemma")
+    c.add_argument("--model-type", help="the HF model_type to write (with --to hf; default: the one the "
+                                        "checkpoint's config implies), e.g. llama, gemma")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page (pip install polymodal[serve])")
     s.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
@@ -244,27 +247,58 @@ def eval_routing(args: argparse.Namespace, directory: Path, model, tokenizer, ta
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    import polymodal as pm
-    from polymodal.convert.hf import FAMILIES, load_hf, save_hf
+    from polymodal.convert.hf import FAMILIES
 
     source, target = Path(args.source), Path(args.target)
-    if not (source / "config.json").is_file():
+    if args.to == "hf" and args.model_type is not None and args.model_type not in FAMILIES:
+        raise ValueError(f"--model-type must be one of {sorted(FAMILIES)}; got {args.model_type!r}")
+    checkpoint = _checkpoint_dir(args.source) if args.to == "hf" else source  # a run directory: its checkpoint
+    if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{source} has no config.json: not a checkpoint directory")
-    if target.resolve() == source.resolve():
+    if target.resolve() in (source.resolve(), checkpoint.resolve()):
         raise ValueError(f"convert writes a new directory: the target {target} is the source itself, whose "
                          "config.json and weights it would replace; give another target")
     if args.to == "hf":
-        if args.model_type not in FAMILIES:
-            raise ValueError(f"--to hf needs --model-type, one of {sorted(FAMILIES)}; got {args.model_type!r}")
-        save_hf(pm.from_pretrained(source), target, args.model_type)
-    else:
-        if "config_class" in json.loads((source / "config.json").read_text()):
-            raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
-        pm.save_pretrained(load_hf(source), target)
-    for name in TOKENIZER_FILES:  # so that generate/eval find the tokenizer beside the weights
+        model_type = convert_to_hf(checkpoint, target, args.model_type)
+        print(f"wrote {target} (model_type {model_type}, from {checkpoint})")
+        return
+    convert_to_polymodal(source, target)
+    print(f"wrote {target}")
+
+
+def convert_to_hf(checkpoint: Path, target: Path, model_type: str | None) -> str:
+    """A complete HF directory (weights, config, tokenizer, processor, generation config, model card)."""
+    from polymodal.convert.hf_export import export_hf, model_card, model_type_of
+    from polymodal.data.tokenizer import Tokenizer
+    from polymodal.train.trainer import load_base
+
+    model = load_base(str(checkpoint))  # a LoRA checkpoint: its adapter merged into the base
+    has_tokenizer = any((checkpoint / name).is_file() for name in TOKENIZER_FILES[:2])
+    tokenizer = Tokenizer.from_file(checkpoint) if has_tokenizer else None
+    state = checkpoint / "trainer.json"
+    trained = json.loads(state.read_text()).get("train_config", {}) if state.is_file() else {}
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    model_type = model_type or model_type_of(model)
+    step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    return export_hf(model, tokenizer, target, model_type, model_card(model_type, run, trained, step))
+
+
+def convert_to_polymodal(source: Path, target: Path) -> None:
+    """An HF directory's weights, tokenizer and image processor settings (checked against polymodal's)."""
+    import polymodal as pm
+    from polymodal.convert.hf import load_hf
+    from polymodal.convert.hf_export import check_processor
+    from polymodal.data.tokenizer import Tokenizer
+
+    if "config_class" in json.loads((source / "config.json").read_text()):
+        raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
+    model = load_hf(source)
+    if any((source / name).is_file() for name in TOKENIZER_FILES[:2]):
+        check_processor(source, model, Tokenizer.from_file(source))
+    pm.save_pretrained(model, target)
+    for name in (*TOKENIZER_FILES, "preprocessor_config.json"):  # generate/eval find them beside the weights
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
-    print(f"wrote {target}")
 
 
 def cmd_export_data(args: argparse.Namespace) -> None:

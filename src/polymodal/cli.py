@@ -25,8 +25,10 @@ from polymodal.config import ConfigError
 from polymodal.data.documents import DocumentError
 from polymodal.data.synthetic import COT_TASKS
 from polymodal.errors import PolymodalError
+from polymodal.fusion.configs import PaliGemmaConfig
 from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
 
+MAX_NEW_TOKENS = 32  # generate's default for text; a drawing model gets one image span more
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -67,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     g.add_argument("--audio", action="append", default=[], help="a 16-bit mono wav file (repeat for several)")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"(default: {MAX_NEW_TOKENS}, plus room for one image for a model that draws)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None)
@@ -175,20 +178,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not hasattr(model, "make_cache"):
         raise ValueError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
                          "nothing; score it with `polymodal eval`")
+    if isinstance(model.config, PaliGemmaConfig) and not args.image:
+        raise ValueError(f"{directory} is a PaliGemma, which answers about an image: give --image FILE (HF's "
+                         "PaliGemmaProcessor refuses a prompt without one too)")
     collator = make_collator(model.config, tokenizer)
     prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
     context = collator.format.max_len
-    if len(prompt) + args.max_new_tokens > context:
+    spans = getattr(model, "image_spans", None)
+    draws = spans is not None and spans.begin is not None  # a model that writes images (Chameleon, Gemini + VQ)
+    max_new = args.max_new_tokens
+    if max_new is None:  # room for one image (begin, its codes, end), within the context
+        max_new = max(1, min(MAX_NEW_TOKENS + (spans.length + 2 if draws else 0), context - len(prompt)))
+    if len(prompt) + max_new > context:
         media = " (media placeholders included)" if segments else ""
-        raise ValueError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {args.max_new_tokens}: "
-                         f"{len(prompt) + args.max_new_tokens} in all, past the model's context of {context} tokens "
+        raise ValueError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {max_new}: "
+                         f"{len(prompt) + max_new} in all, past the model's context of {context} tokens "
                          f"({directory})")
     batch = collator.pad([prompt])
     del batch["labels"]
-    draws = getattr(model, "image_spans", None) is not None  # a model that writes images (Chameleon)
     if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():
         raise NotADirectoryError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
-    new = generate(model, **batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+    new = generate(model, **batch, max_new_tokens=max_new, do_sample=args.do_sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws,
                    assistant_model=draft, num_assistant_tokens=args.num_assistant_tokens,
@@ -199,6 +209,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             Path(args.image_dir).mkdir(parents=True, exist_ok=True)
             image.save(Path(args.image_dir) / f"image_{i}.png")
             print(f"wrote {Path(args.image_dir) / f'image_{i}.png'}")
+        if new[0].tolist().count(spans.begin) > len(images):
+            print(f"polymodal generate: an image was begun but not finished: --max-new-tokens {max_new} ran out "
+                  f"inside it (an image is {spans.length + 2} tokens); give a larger --max-new-tokens",
+                  file=sys.stderr)
     text = new[0][new[0] < tokenizer.vocab_size]  # image codes, and a vocabulary padded past the tokenizer's
     print(tokenizer.decode(text.tolist()).strip())
 

@@ -384,7 +384,7 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
         model.load_state_dict(base.state_dict())
     elif last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
         fit_image_tokenizers(model, data.train, cfg.vq_steps, cfg.seed,
-                             say=lambda line: print(line, flush=True) if proc.main else None)
+                             say=lambda line: print(line, flush=True) if proc.main else None, show_progress=proc.main)
     if context_mesh is not None:  # its processes read the same documents: data parallel over data_world only
         model = context_parallel(model, context_mesh)
     n_params = sum(p.numel() for p in model.parameters())

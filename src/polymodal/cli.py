@@ -1,4 +1,4 @@
-"""The `polymodal` command: train | generate | eval | convert | export-data.
+"""The `polymodal` command: train | generate | eval | convert | export-data | serve | plot.
 
 `polymodal train` with no arguments is the main job: a tiny PaliGemma trained on the built-in
 world, written to runs/paligemma-world; `polymodal eval` then scores it on held-out questions.
@@ -114,6 +114,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=8, help="requests decoded together (default: %(default)s)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before the server answers "
                                                              "429 (default: %(default)s)")
+
+    pl = sub.add_parser("plot", help="redraw a training run's loss.png from its metrics.jsonl")
+    pl.add_argument("run", help="a run directory (holding metrics.jsonl)")
+    pl.add_argument("--out", default=None, help="the PNG to write (default: RUN/loss.png)")
 
     x = sub.add_parser("export-data", help="write built-in world examples as a JSONL document file")
     x.add_argument("output", help="the .jsonl file to write (media go to <name>_media/ beside it)")
@@ -324,6 +328,17 @@ def cmd_export_data(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} documents to {args.output}")
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from polymodal.train.plot import plot_metrics, read_metrics
+
+    out = Path(args.out) if args.out else Path(args.run) / "loss.png"
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {out}")
+    if not plot_metrics(read_metrics(args.run), out):
+        raise ValueError(f"{args.run}/metrics.jsonl has no loss or eval records yet: nothing to draw")
+    print(f"wrote {out}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
         from polymodal.serve.app import serve
@@ -337,7 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,
-            "export-data": cmd_export_data, "serve": cmd_serve}
+            "export-data": cmd_export_data, "serve": cmd_serve, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,12 +50,11 @@ from polymodal.serialization import atomic_write_bytes
 from polymodal.train import checkpoint as ckpt
 from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
-from polymodal.train.plot import plot_metrics
+from polymodal.train.plot import ACCURACY_DOCS, plot_metrics
 from polymodal.train.vq_stage import fit_image_tokenizers
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
 WORLD = World(seed=0)  # the built-in data set; eval reads the same world's held-out split
-ACCURACY_DOCS = 32  # held-out examples per task scored at each eval of a single-process run on the world
 
 
 @dataclass

@@ -28,6 +28,7 @@ from polymodal.errors import PolymodalError
 from polymodal.fusion.configs import PaliGemmaConfig
 from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
 
+SHOWN_DOCUMENTS = 5  # documents `export-data` prints (media, prompt, answer)
 MAX_NEW_TOKENS = 32  # generate's default for text; a drawing model gets one image span more
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
@@ -326,6 +327,17 @@ def cmd_export_data(args: argparse.Namespace) -> None:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     export_jsonl(WORLD, args.output, args.split, args.n, args.tasks)
     print(f"wrote {args.n} documents to {args.output}")
+    lines = Path(args.output).read_text().splitlines()
+    for line in lines[:SHOWN_DOCUMENTS]:  # what to ask about which file, as `polymodal generate` takes them
+        given, asked, answer = [], [], []
+        for segment in json.loads(line)["segments"]:
+            kind, value = next((k, v) for k, v in segment.items() if k not in ("target", "id"))
+            if kind != "text":
+                value = value if isinstance(value, str) else f"{value[0]} ... ({len(value)} frames)"
+            (answer if segment.get("target") else asked if kind == "text" else given).append(value)
+        print(f"  {' '.join(given) or '(no media)'}: {' '.join(asked)!r} -> {' '.join(answer)!r}")
+    if len(lines) > SHOWN_DOCUMENTS:
+        print(f"  ... ({len(lines) - SHOWN_DOCUMENTS} more)")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

@@ -128,3 +128,25 @@ def test_back_to_polymodal_reads_the_processor_settings(exported, tmp_path, caps
     assert main(["convert", str(other), str(tmp_path / "wrong"), "--to", "polymodal"]) == 1
     err = capsys.readouterr().err
     assert "preprocesses images otherwise" in err and "image_mean" in err and not (tmp_path / "wrong").exists()
+
+
+def test_a_text_decoder_exports_a_chat_template_laid_out_as_polymodal_prompts(tmp_path):
+    """AutoTokenizer's apply_chat_template on the export gives the ids of polymodal's own prompt layout."""
+    from polymodal.data.collate import fit_config
+    from polymodal.data.documents import Document, Segment
+    from polymodal.presets import get_preset
+
+    tokenizer = Tokenizer.train(World(seed=0).texts(), vocab_size=300)
+    model = pm.build(fit_config(get_preset("llama-tiny"), tokenizer))
+    pm.save_pretrained(model, tmp_path / "ours")
+    tokenizer.save(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    turns = ["what colour is the shape?", "and how many shapes?"]
+    ids = theirs.apply_chat_template([{"role": "user", "content": t} for t in turns], tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    prompt = make_collator(model.config, tokenizer).format.encode(Document([Segment("text", t) for t in turns]),
+                                                                  prompt_only=True)
+    assert list(ids) == prompt.tokens["input_ids"]
+    config = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (config["eos_token_id"], config["do_sample"]) == (tokenizer.eos_id, False)

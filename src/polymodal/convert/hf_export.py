@@ -3,7 +3,8 @@
 Beside the weights and config.json that `hf.save_hf` writes, `transformers` needs the files its Auto
 classes read (the layout `PaliGemmaProcessor.save_pretrained` writes): the tokenizer with a
 `tokenizer_config.json` naming its special tokens, `preprocessor_config.json` (the image processor,
-with PaliGemma's `image_seq_length`), `processor_config.json`, `generation_config.json`, and a model card.
+with PaliGemma's `image_seq_length`), `processor_config.json`, `generation_config.json`, a chat template where polymodal's layout has one that HF
+can express (the text-only decoders'), and a model card.
 HF's `PaliGemmaProcessor` lays a prompt out as `<image>` * image_seq_length, `<bos>`, prompt, "\\n" with
 `add_bos_token` off: the ids `data/formats.PaliGemmaFormat` gives, so HF's greedy answer is ours.
 """
@@ -31,6 +32,10 @@ PROCESSORS = {
 }
 TEXT_CONFIG = {"paligemma": "text", "chameleon": "text", "idefics": "text"}  # where a family keeps its decoder
 _RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL's numbers, as HF stores them
+# polymodal's text-only layout (data/formats.DecoderFormat): <bos>, then each segment's text and "\n". Roles are
+# not marked, as polymodal's documents mark none; a message's text is read as HF reads it (special-token text
+# such as "<eos>" becomes the token, where polymodal's collator keeps it text).
+DECODER_CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{{ '\\n' }}{% endfor %}"
 
 
 def model_type_of(model: nn.Module) -> str:
@@ -93,6 +98,8 @@ def tokenizer_files(model: nn.Module, tokenizer: Tokenizer, model_type: str) -> 
     if model_type == "paligemma":  # HF's PaliGemmaProcessor takes the image token from the tokenizer
         config["extra_special_tokens"] = {"image_token": tokenizer.decode([ids["<image>"]], skip_special_tokens=False)}
     files["tokenizer_config.json"] = _json(config)
+    if model_type in ("llama", "gemma"):
+        files["chat_template.jinja"] = DECODER_CHAT_TEMPLATE.encode()
     images = image_processor(model, tokenizer)
     if kinds is not None and images is not None:
         extra = {"image_seq_length": model.config.tokens_per_image} if model_type == "paligemma" else {}

@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     g.add_argument("--audio", action="append", default=[], help="a 16-bit mono wav file (repeat for several)")
     g.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"(default: {MAX_NEW_TOKENS}, plus room for one image for a model that draws)")
+                   help=f"(default: {MAX_NEW_TOKENS}, plus one image span for a model that draws)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None)
@@ -186,22 +186,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not hasattr(model, "make_cache"):
         raise ValueError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
                          "nothing; score it with `polymodal eval`")
-    if isinstance(model.config, PaliGemmaConfig) and not args.image:
-        raise ValueError(f"{directory} is a PaliGemma, which answers about an image: give --image FILE (HF's "
-                         "PaliGemmaProcessor refuses a prompt without one too)")
     collator = make_collator(model.config, tokenizer)
     prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
     context = collator.format.max_len
     spans = getattr(model, "image_spans", None)
     draws = spans is not None and spans.begin is not None  # a model that writes images (Chameleon, Gemini + VQ)
     max_new = args.max_new_tokens
-    if max_new is None:  # room for one image (begin, its codes, end), within the context
-        max_new = max(1, min(MAX_NEW_TOKENS + (spans.length + 2 if draws else 0), context - len(prompt)))
+    if max_new is None:  # for a model that draws, room for one image more (begin, its codes, end)
+        max_new = MAX_NEW_TOKENS + (spans.length + 2 if draws else 0)
     if len(prompt) + max_new > context:
         media = " (media placeholders included)" if segments else ""
         raise ValueError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {max_new}: "
                          f"{len(prompt) + max_new} in all, past the model's context of {context} tokens "
                          f"({directory})")
+    if isinstance(model.config, PaliGemmaConfig) and not args.image:
+        raise ValueError(f"{directory} is a PaliGemma, which answers about an image: give --image FILE (HF's "
+                         "PaliGemmaProcessor refuses a prompt without one too)")
     batch = collator.pad([prompt])
     del batch["labels"]
     if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():

@@ -20,7 +20,7 @@ import torch
 
 import polymodal as pm
 from polymodal.convert.hf import save_hf
-from timing import save_results, timed  # benchmarks/timing.py, beside this script
+from timing import measure, save_results, timed  # benchmarks/timing.py, beside this script
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -79,6 +79,11 @@ def main() -> None:
                       for k, m in ours.items()},
                    **{f"HF {k}": timed(lambda m=m: m.generate(input_ids=ids, **kw), "cpu", args.repeats)
                       for k, m in hf.items()}}
+    with torch.no_grad():  # prefill (the prompt and 1 token) and decode (the other tokens) apart, all interleaved
+        split = measure({(k, n): (lambda m=m, n=n: pm.generate(m, ids, max_new_tokens=n))
+                         for k, m in ours.items() for n in (1, new + 1)}, "cpu", args.repeats)
+    phases = {k: {"prefill_ms": 1e3 * split[k, 1], "decode_ms_per_token": 1e3 * (split[k, new + 1] - split[k, 1]) / new}
+              for k in ours}
     memory = {**{f"ours {k}": model_bytes(m) for k, m in ours.items()},
               **{f"HF {k}": model_bytes(m) for k, m in hf.items()}}
     pairs = [("ours int8", "ours fp32"), ("ours int4", "ours fp32"), ("ours int8", "HF int8"),
@@ -97,7 +102,11 @@ def main() -> None:
     for name in seconds:
         print(f"| {label[name]} | {new / seconds[name]:.1f} | {memory[name] / 1e6:.1f} | "
               f"{drift.get(name, 0.0):.4f} |")
-    results = {"config": cfg.to_dict(), "prompt": prompt, "new_tokens": new, "rows": rows,
+    print("| polymodal weights | prefill ms (prompt + 1 token) | decode ms/token | decode vs float32 |\n|---|---|---|---|")
+    for k, p in phases.items():
+        print(f"| {k} | {p['prefill_ms']:.1f} | {p['decode_ms_per_token']:.2f} | "
+              f"{p['decode_ms_per_token'] / phases['fp32']['decode_ms_per_token']:.2f}x the time |")
+    results = {"config": cfg.to_dict(), "phases": phases, "prompt": prompt, "new_tokens": new, "rows": rows,
                "tokens_per_s": {k: new / s for k, s in seconds.items()}, "bytes": memory, "max_logit_drift": drift}
     save_results(results, args.out)
 

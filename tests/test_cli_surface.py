@@ -17,6 +17,7 @@ SURFACE = [
     "generate --max-new-tokens", "generate --num-assistant-tokens", "generate --prompt", "generate --prompt-lookup",
     "generate --quantize", "generate --seed", "generate --temperature",
     "generate --top-k", "generate --top-p", "generate <checkpoint>",
+    "plot --out", "plot <run>",
     "serve --host", "serve --max-queue", "serve --port", "serve --slots", "serve <checkpoint>",
     "train --activation-checkpointing", "train --attention", "train --batch-size", "train --beta1", "train --beta2",
     "train --checkpoint-every", "train --compile", "train --context-parallel", "train --data", "train --device", "train --eval-data", "train --eval-docs",

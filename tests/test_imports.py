@@ -12,7 +12,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = [  # lowest first
-    ("polymodal.errors",),
+    ("polymodal.errors", "polymodal.progress"),
     ("polymodal.config", "polymodal.serialization"),
     ("polymodal.nn",),
     ("polymodal.encoders",),
@@ -20,7 +20,7 @@ LAYERS = [  # lowest first
     ("polymodal.models", "polymodal.data"),  # data reads configs, never model modules; models never read data
     ("polymodal.generation", "polymodal.convert", "polymodal.presets"),
     ("polymodal.api",),
-    ("polymodal.evaluate",),  # world.py, user_data.py (+ report, progress), metrics.py and ngrams.py
+    ("polymodal.evaluate",),  # world.py, user_data.py (+ report), metrics.py and ngrams.py
     ("polymodal.retrieval", "polymodal.evaluate_cot"),  # evaluate's scoring for the dual encoders; chain-of-thought routing
     ("polymodal.train",),
     ("polymodal",),  # the package's own __init__: the public API

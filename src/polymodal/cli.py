@@ -1,4 +1,4 @@
-"""The `polymodal` command: train | generate | eval | convert | export-data.
+"""The `polymodal` command: train | generate | eval | convert | export-data | serve | plot.
 
 `polymodal train` with no arguments is the main job: a tiny PaliGemma trained on the built-in
 world, written to runs/paligemma-world; `polymodal eval` then scores it on held-out questions.
@@ -26,10 +26,16 @@ from polymodal.data.documents import DocumentError
 from polymodal.data.synthetic import COT_TASKS
 from polymodal.errors import PolymodalError
 from polymodal.evaluate.metrics import METRICS
+from polymodal.fusion.configs import PaliGemmaConfig
 from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
 
 METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1"}
 METRIC_NAMES = tuple(METRIC_WHAT)
+SHOWN_DOCUMENTS = 5  # documents `export-data` prints (media, prompt, answer)
+QUANTIZE_HELP = ("weight-only quantized decoder linear layers; on a CPU they save memory and cost time (measured "
+                 "by benchmarks/bench_quantize.py, a 64M decoder, 1 thread, shared machine): int8 0.40x float32's "
+                 "weight bytes, 1.4x its time; int4 0.35x the bytes, 5.5x the time per new token, ~60x per prompt")
+MAX_NEW_TOKENS = 32  # generate's default for text; a drawing model gets one image span more
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -70,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     g.add_argument("--audio", action="append", default=[], help="a 16-bit mono wav file (repeat for several)")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"(default: {MAX_NEW_TOKENS}, plus one image span for a model that draws)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None)
@@ -84,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
                    help="speculative decoding with N-token drafts looked up in the prompt (no draft model)")
     g.add_argument("--image-dir", default="images", help="where images the model draws go, as PNG files "
                                                           "(default: %(default)s)")
-    g.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized decoder linear layers")
+    g.add_argument("--quantize", choices=("int8", "int4"), help=QUANTIZE_HELP)
 
     e = sub.add_parser("eval", help="accuracy per task on the built-in world's held-out split, or scores on your "
                                     "own documents (--data)")
@@ -108,17 +115,20 @@ def parser() -> argparse.ArgumentParser:
                                                       "%(default)s)")
     e.add_argument("--tasks", nargs="+", default=None, help="world tasks to score (default: those the run trained on)")
     e.add_argument("--batch-size", type=int, default=100)
-    e.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized decoder linear layers")
+    e.add_argument("--quantize", choices=("int8", "int4"), help=QUANTIZE_HELP)
     e.add_argument("--cot-k", type=int, default=8, help="chains of thought sampled per question of a task asked with "
                                                        "one (compare_cot), for majority and routing (default: %(default)s)")
     e.add_argument("--cot-validation", type=int, default=100, help="validation questions the routing threshold is "
                                                                   "chosen on (default: %(default)s)")
 
     c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories")
-    c.add_argument("source")
-    c.add_argument("target")
+    c.add_argument("source", help="with --to hf: a run directory (its checkpoint) or a checkpoint directory; with "
+                                  "--to polymodal: an HF model directory")
+    c.add_argument("target", help="the directory to write (with --to hf: weights, config, tokenizer, processor "
+                                  "and generation configs, a model card)")
     c.add_argument("--to", required=True, choices=("hf", "polymodal"))
-    c.add_argument("--model-type", help="the HF model_type to write (with --to hf), e.g. llama, gemma")
+    c.add_argument("--model-type", help="the HF model_type to write (with --to hf; default: the one the "
+                                        "checkpoint's config implies), e.g. llama, gemma")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page (pip install polymodal[serve])")
     s.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
@@ -127,6 +137,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=8, help="requests decoded together (default: %(default)s)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before the server answers "
                                                              "429 (default: %(default)s)")
+
+    pl = sub.add_parser("plot", help="redraw a training run's loss.png from its metrics.jsonl")
+    pl.add_argument("run", help="a run directory (holding metrics.jsonl)")
+    pl.add_argument("--out", default=None, help="the PNG to write (default: RUN/loss.png)")
 
     x = sub.add_parser("export-data", help="write built-in world examples as a JSONL document file")
     x.add_argument("output", help="the .jsonl file to write (media go to <name>_media/ beside it)")
@@ -194,17 +208,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     collator = make_collator(model.config, tokenizer)
     prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
     context = collator.format.max_len
-    if len(prompt) + args.max_new_tokens > context:
+    spans = getattr(model, "image_spans", None)
+    draws = spans is not None and spans.begin is not None  # a model that writes images (Chameleon, Gemini + VQ)
+    max_new = args.max_new_tokens
+    if max_new is None:  # for a model that draws, room for one image more (begin, its codes, end)
+        max_new = MAX_NEW_TOKENS + (spans.length + 2 if draws else 0)
+    if len(prompt) + max_new > context:
         media = " (media placeholders included)" if segments else ""
-        raise ValueError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {args.max_new_tokens}: "
-                         f"{len(prompt) + args.max_new_tokens} in all, past the model's context of {context} tokens "
+        raise ValueError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {max_new}: "
+                         f"{len(prompt) + max_new} in all, past the model's context of {context} tokens "
                          f"({directory})")
+    if isinstance(model.config, PaliGemmaConfig) and not args.image:
+        raise ValueError(f"{directory} is a PaliGemma, which answers about an image: give --image FILE (HF's "
+                         "PaliGemmaProcessor refuses a prompt without one too)")
     batch = collator.pad([prompt])
     del batch["labels"]
-    draws = getattr(model, "image_spans", None) is not None  # a model that writes images (Chameleon)
     if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():
         raise NotADirectoryError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
-    new = generate(model, **batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+    new = generate(model, **batch, max_new_tokens=max_new, do_sample=args.do_sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws,
                    assistant_model=draft, num_assistant_tokens=args.num_assistant_tokens,
@@ -215,6 +236,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             Path(args.image_dir).mkdir(parents=True, exist_ok=True)
             image.save(Path(args.image_dir) / f"image_{i}.png")
             print(f"wrote {Path(args.image_dir) / f'image_{i}.png'}")
+        if new[0].tolist().count(spans.begin) > len(images):
+            print(f"polymodal generate: an image was begun but not finished: --max-new-tokens {max_new} ran out "
+                  f"inside it (an image is {spans.length + 2} tokens); give a larger --max-new-tokens",
+                  file=sys.stderr)
     text = new[0][new[0] < tokenizer.vocab_size]  # image codes, and a vocabulary padded past the tokenizer's
     print(tokenizer.decode(text.tolist()).strip())
 
@@ -231,7 +256,7 @@ def _trained_on(directory: Path) -> dict[str, str | None]:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from polymodal.evaluate import table
-    from polymodal.evaluate.progress import Progress
+    from polymodal.progress import Progress
     from polymodal.retrieval import score_retrieval, scorer
     from polymodal.evaluate_cot import VALIDATION_START
 
@@ -285,7 +310,7 @@ WITH_DATA = {"metric": None, "out": None, "overwrite": False, "max_new_tokens": 
 
 def eval_data(args: argparse.Namespace) -> None:
     """`polymodal eval RUN --data FILE`: answers to the file's targets scored with --metric, beside baselines."""
-    from polymodal.evaluate.progress import Progress
+    from polymodal.progress import Progress
     from polymodal.evaluate.report import check_out, table, write
     from polymodal.data.readers import DataNotFoundError
     from polymodal.evaluate.user_data import evaluate_file, read_documents
@@ -340,27 +365,58 @@ def eval_routing(args: argparse.Namespace, directory: Path, model, tokenizer, ta
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    import polymodal as pm
-    from polymodal.convert.hf import FAMILIES, load_hf, save_hf
+    from polymodal.convert.hf import FAMILIES
 
     source, target = Path(args.source), Path(args.target)
-    if not (source / "config.json").is_file():
+    if args.to == "hf" and args.model_type is not None and args.model_type not in FAMILIES:
+        raise ValueError(f"--model-type must be one of {sorted(FAMILIES)}; got {args.model_type!r}")
+    checkpoint = _checkpoint_dir(args.source) if args.to == "hf" else source  # a run directory: its checkpoint
+    if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{source} has no config.json: not a checkpoint directory")
-    if target.resolve() == source.resolve():
+    if target.resolve() in (source.resolve(), checkpoint.resolve()):
         raise ValueError(f"convert writes a new directory: the target {target} is the source itself, whose "
                          "config.json and weights it would replace; give another target")
     if args.to == "hf":
-        if args.model_type not in FAMILIES:
-            raise ValueError(f"--to hf needs --model-type, one of {sorted(FAMILIES)}; got {args.model_type!r}")
-        save_hf(pm.from_pretrained(source), target, args.model_type)
-    else:
-        if "config_class" in json.loads((source / "config.json").read_text()):
-            raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
-        pm.save_pretrained(load_hf(source), target)
-    for name in TOKENIZER_FILES:  # so that generate/eval find the tokenizer beside the weights
+        model_type = convert_to_hf(checkpoint, target, args.model_type)
+        print(f"wrote {target} (model_type {model_type}, from {checkpoint})")
+        return
+    convert_to_polymodal(source, target)
+    print(f"wrote {target}")
+
+
+def convert_to_hf(checkpoint: Path, target: Path, model_type: str | None) -> str:
+    """A complete HF directory (weights, config, tokenizer, processor, generation config, model card)."""
+    from polymodal.convert.hf_export import export_hf, model_card, model_type_of
+    from polymodal.data.tokenizer import Tokenizer
+    from polymodal.train.trainer import load_base
+
+    model = load_base(str(checkpoint))  # a LoRA checkpoint: its adapter merged into the base
+    has_tokenizer = any((checkpoint / name).is_file() for name in TOKENIZER_FILES[:2])
+    tokenizer = Tokenizer.from_file(checkpoint) if has_tokenizer else None
+    state = checkpoint / "trainer.json"
+    trained = json.loads(state.read_text()).get("train_config", {}) if state.is_file() else {}
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    model_type = model_type or model_type_of(model)
+    step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    return export_hf(model, tokenizer, target, model_type, model_card(model_type, run, trained, step))
+
+
+def convert_to_polymodal(source: Path, target: Path) -> None:
+    """An HF directory's weights, tokenizer and image processor settings (checked against polymodal's)."""
+    import polymodal as pm
+    from polymodal.convert.hf import load_hf
+    from polymodal.convert.hf_export import check_processor
+    from polymodal.data.tokenizer import Tokenizer
+
+    if "config_class" in json.loads((source / "config.json").read_text()):
+        raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
+    model = load_hf(source)
+    if any((source / name).is_file() for name in TOKENIZER_FILES[:2]):
+        check_processor(source, model, Tokenizer.from_file(source))
+    pm.save_pretrained(model, target)
+    for name in (*TOKENIZER_FILES, "preprocessor_config.json"):  # generate/eval find them beside the weights
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
-    print(f"wrote {target}")
 
 
 def cmd_export_data(args: argparse.Namespace) -> None:
@@ -370,6 +426,28 @@ def cmd_export_data(args: argparse.Namespace) -> None:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     export_jsonl(WORLD, args.output, args.split, args.n, args.tasks)
     print(f"wrote {args.n} documents to {args.output}")
+    lines = Path(args.output).read_text().splitlines()
+    for line in lines[:SHOWN_DOCUMENTS]:  # what to ask about which file, as `polymodal generate` takes them
+        given, asked, answer = [], [], []
+        for segment in json.loads(line)["segments"]:
+            kind, value = next((k, v) for k, v in segment.items() if k not in ("target", "id"))
+            if kind != "text":
+                value = value if isinstance(value, str) else f"{value[0]} ... ({len(value)} frames)"
+            (answer if segment.get("target") else asked if kind == "text" else given).append(value)
+        print(f"  {' '.join(given) or '(no media)'}: {' '.join(asked)!r} -> {' '.join(answer)!r}")
+    if len(lines) > SHOWN_DOCUMENTS:
+        print(f"  ... ({len(lines) - SHOWN_DOCUMENTS} more)")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from polymodal.train.plot import plot_metrics, read_metrics
+
+    out = Path(args.out) if args.out else Path(args.run) / "loss.png"
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {out}")
+    if not plot_metrics(read_metrics(args.run), out):
+        raise ValueError(f"{args.run}/metrics.jsonl has no loss or eval records yet: nothing to draw")
+    print(f"wrote {out}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -385,7 +463,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,
-            "export-data": cmd_export_data, "serve": cmd_serve}
+            "export-data": cmd_export_data, "serve": cmd_serve, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,9 +16,10 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +32,31 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _fresh(parent: Path, prefix: str, make: Callable[[Path], object]):
+    """A new, uniquely named path in `parent` made by `make`. Not tempfile's mkdtemp/mkstemp: they make it
+    owner-only (0700/0600), and the swapped-in checkpoint would keep that instead of the user's umask."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            return path, make(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name {prefix}* in {parent}")
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the OS allows (os.umask sets it as it reads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:
@@ -89,7 +115,7 @@ def atomic_directory(target: str | Path):
                               "config.json): refusing to replace it; give a new or empty directory")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp, _ = _fresh(target.parent, f".{target.name}.tmp-", os.mkdir)  # 0777 less the umask
     except OSError as e:
         raise CheckpointError(f"cannot write {target}: {e.strerror} ({e.filename})") from e
     try:
@@ -119,7 +145,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a single file atomically (temp file in the same directory, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp, fd = _fresh(path.parent, f".{path.name}.tmp-",
+                     lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # less the umask
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -135,6 +162,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())  # safetensors writes owner-only (0600) files
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import polymodal as pm
 from polymodal.cli import main
 from polymodal.data.documents import write_jsonl
 from polymodal.data.synthetic import World
+from polymodal.data.tokenizer import Tokenizer
 from polymodal.train.checkpoint import list_checkpoints, load_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread a process: steady on a busy machine
@@ -117,12 +118,12 @@ def test_export_data_then_train_on_it(tmp_path, capsys):
 def test_convert_round_trip(tmp_path, capsys):
     model = pm.build("llama-tiny")
     pm.save_pretrained(model, tmp_path / "ours")
-    (tmp_path / "ours" / "tokenizer.json").write_text("{}")
-    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf", "--model-type", "llama"]) == 0
+    Tokenizer.train(["a few words to learn"], vocab_size=300).save(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0  # llama, from the config
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
-    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "hf" / "generation_config.json").is_file()
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "polymodal"]) == 0
     back = pm.from_pretrained(tmp_path / "back")
     assert all((a == b).all() for a, b in zip(back.state_dict().values(), model.state_dict().values()))
-    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "hf"]) == 1
-    assert "--to hf needs --model-type" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "hf", "--model-type", "lama"]) == 1
+    assert "--model-type must be one of" in capsys.readouterr().err

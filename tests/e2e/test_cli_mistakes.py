@@ -289,7 +289,8 @@ def test_generate_with_a_vocabulary_padded_past_the_tokenizer(tmp_path):
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size + 64))
     pm.save_pretrained(pm.build(config), tmp_path / "padded")
     tokenizer.save(tmp_path / "padded")
-    out = polymodal("generate", tmp_path / "padded", "--prompt", "what colour?", "--max-new-tokens", 40,
-                    "--do-sample", "--temperature", 1000, "--seed", 0)
+    WORLD.draw("red", "circle").save(tmp_path / "red.png")  # PaliGemma answers about an image
+    out = polymodal("generate", tmp_path / "padded", "--prompt", "what colour?", "--image", tmp_path / "red.png",
+                    "--max-new-tokens", 40, "--do-sample", "--temperature", 1000, "--seed", 0)
     assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
     assert out.stdout.strip()

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -79,10 +80,15 @@ class Live:
         self.proc = subprocess.Popen([sys.executable, "-m", "polymodal.cli", "serve", str(directory), "--port",
                                       str(self.port), *map(str, flags)], env=ENV, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
+        self.log: list[str] = []  # the server's output, line by line, read as it comes (a full pipe would block it)
+        self.reader = threading.Thread(target=lambda: self.log.extend(iter(self.proc.stdout.readline, "")),
+                                       daemon=True)
+        self.reader.start()
         deadline = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"polymodal serve exited:\n{self.proc.stdout.read()}")
+                self.reader.join(timeout=10)
+                raise AssertionError(f"polymodal serve exited:\n{''.join(self.log)}")
             try:
                 urllib.request.urlopen(self.url + "/health", timeout=1)
                 break

@@ -1,10 +1,13 @@
 """The OpenAI API of `polymodal serve`, through the real `openai` client on a live server: a chat with an image
-answers what `polymodal generate` answers, streamed or not; n > 1, seeds, stop strings, /v1/completions."""
+answers what `polymodal generate` answers, streamed or not; n > 1, seeds, stop strings, /v1/completions; the
+server's log line per request."""
 
+import re
 import subprocess
 import sys
+import time
 
-from conftest import ENV, WORLD, image_message
+from conftest import ENV, WORLD, call, image_message
 
 from polymodal.data.documents import wav_bytes
 
@@ -84,3 +87,35 @@ def test_completions_of_several_prompts(live):
     assert [m.id for m in live.client.models.list().data] == ["gemini-tiny"]
     health = live.health()
     assert (health["model"], health["slots"], health["running"], health["waiting"]) == ("gemini-tiny", 8, 0, 0)
+
+
+def test_the_server_logs_one_line_per_request(live):
+    """Status, tokens and latency of each request, streamed or not, errors too; health polls are not logged."""
+    def settled() -> int:  # a line is written once its answer has gone out: wait for the last one
+        n = -1
+        while n != len(live.log):
+            n = len(live.log)
+            time.sleep(0.3)
+        return n
+
+    def lines_after(action):
+        before = settled()
+        action()
+        return [line.rstrip("\n") for line in live.log[before:settled()]]
+
+    whole = lines_after(lambda: live.client.completions.create(model="gemini-tiny", prompt="a red circle",
+                                                                max_tokens=5, temperature=0))
+    [line] = whole
+    usage = re.fullmatch(r"POST /v1/completions 200 \| (\d+) prompt \+ (\d+) completion tokens \| (\d+) ms", line)
+    assert usage and int(usage[1]) > 0 and 1 <= int(usage[2]) <= 5, line
+
+    def streamed():
+        for _ in live.client.chat.completions.create(model="gemini-tiny", max_tokens=4, temperature=0, stream=True,
+                                                     messages=[{"role": "user", "content": "a red circle"}]):
+            pass
+
+    [line] = lines_after(streamed)
+    assert re.fullmatch(r"POST /v1/chat/completions 200 \| \d+ prompt \+ [1-4] completion tokens \| \d+ ms", line)
+    [line] = lines_after(lambda: call(live.url + "/v1/completions", b"{not json"))
+    assert re.fullmatch(r"POST /v1/completions 400 \| \d+ ms", line), line
+    assert lines_after(live.health) == []

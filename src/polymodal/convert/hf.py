@@ -83,8 +83,9 @@ def load_hf(directory: str | Path) -> nn.Module:
     return model
 
 
-def save_hf(model: nn.Module, directory: str | Path, model_type: str) -> None:
-    """Write a polymodal model as an HF checkpoint directory of the given model_type (atomic)."""
+def save_hf(model: nn.Module, directory: str | Path, model_type: str, files: dict[str, bytes] | None = None) -> None:
+    """Write a polymodal model as an HF checkpoint directory of the given model_type (atomic), with `files`
+    (name -> bytes: tokenizer, processor configs, model card; `hf_export.export_hf`) in the same swap."""
     if model_type not in FAMILIES:
         raise ValueError(f"cannot export to model_type {model_type!r}; supported: {sorted(FAMILIES)}")
     family = FAMILIES[model_type]
@@ -97,3 +98,5 @@ def save_hf(model: nn.Module, directory: str | Path, model_type: str) -> None:
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_state_dict(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)

@@ -14,6 +14,7 @@ Shapes: B images, C channels, H x W pixels, h x w latent grid (h = H / 2**(level
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import PIL.Image
@@ -281,7 +282,7 @@ def pixels_to_images(pixels: torch.Tensor) -> list[PIL.Image.Image]:
 
 
 def train_vq(model: VQModel, pixels: torch.Tensor, *, steps: int, batch_size: int = 16, lr: float = 5e-3,
-             seed: int = 0) -> list[float]:
+             seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Fit a VQ model to images (N, 3, H, W) in [-1, 1] with AdamW; returns the loss per step.
 
     The codebook starts from encoder outputs of up to 256 of the images (data-dependent init), so no
@@ -308,6 +309,8 @@ def train_vq(model: VQModel, pixels: torch.Tensor, *, steps: int, batch_size: in
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if on_step is not None:  # progress: (steps done, this step's loss)
+            on_step(len(losses), losses[-1])
     for p in frozen:
         p.requires_grad_(False)
     model.eval()

@@ -30,6 +30,7 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.serve.answer import Answer
 from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, parse_body
+from polymodal.serve.request_log import RequestLog
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 
@@ -142,6 +143,7 @@ def create_app(server: Server) -> FastAPI:
         await run_in_threadpool(server.thread.join)
 
     app = FastAPI(title="polymodal", lifespan=lifespan)
+    app.add_middleware(RequestLog)
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -171,6 +173,7 @@ def create_app(server: Server) -> FastAPI:
         job = (chat_job if chat else completion_job)(body, server.name, server.limits)
         prompts = await run_in_threadpool(server.prompts, job)
         response = Response(server, job, prompts, asyncio.get_running_loop())
+        http.state.usage = response.usage  # for the request's log line (serve/request_log.py), read at its end
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"

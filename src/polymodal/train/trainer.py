@@ -53,12 +53,11 @@ from polymodal.serialization import atomic_write_bytes
 from polymodal.train import checkpoint as ckpt
 from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
-from polymodal.train.plot import plot_metrics
+from polymodal.train.plot import ACCURACY_DOCS, plot_metrics
 from polymodal.train.vq_stage import fit_image_tokenizers
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
 WORLD = World(seed=0)  # the built-in data set; eval reads the same world's held-out split
-ACCURACY_DOCS = 32  # held-out examples per task scored at each eval of a single-process run on the world
 
 
 @dataclass
@@ -378,7 +377,7 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
         model.load_state_dict(base.state_dict())
     elif last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
         fit_image_tokenizers(model, data.train, cfg.vq_steps, cfg.seed,
-                             say=lambda line: print(line, flush=True) if proc.main else None)
+                             say=lambda line: print(line, flush=True) if proc.main else None, show_progress=proc.main)
     if context_mesh is not None:  # its processes read the same documents: data parallel over data_world only
         model = context_parallel(model, context_mesh)
     n_params = sum(p.numel() for p in model.parameters())

@@ -6,6 +6,7 @@ to write the frozen codes; the VQ weights are saved in the model's checkpoints l
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -14,15 +15,17 @@ from torch import nn
 from polymodal.data.documents import Document
 from polymodal.data.processors import images_to_pixels
 from polymodal.encoders.vq import VQModel, train_vq
+from polymodal.progress import Progress
 
 VQ_IMAGES = 1500  # training images the tokenizer is fitted to (the VQ test's budget)
 VQ_DOCS = 6000  # training documents searched for them
 
 
 def fit_image_tokenizers(model: nn.Module, documents: Callable[[int], Document], steps: int, seed: int,
-                         say: Callable[[str], None]) -> None:
+                         say: Callable[[str], None], show_progress: bool = True) -> None:
     """Fit every VQ tokenizer of `model` to the images of the first training documents (`documents(i)`),
-    input and target images alike, for `steps` AdamW steps. A model without one is left as it is."""
+    input and target images alike, for `steps` AdamW steps, with a progress bar (`train/progress.py`) when
+    `show_progress`. A model without one is left as it is."""
     tokenizers = [m for m in model.modules() if isinstance(m, VQModel)]
     if not tokenizers:
         return
@@ -37,5 +40,9 @@ def fit_image_tokenizers(model: nn.Module, documents: Callable[[int], Document],
     for vq in tokenizers:
         pixels = images_to_pixels(images[:VQ_IMAGES], vq.config.resolution)
         torch.manual_seed(seed)
-        losses = train_vq(vq, pixels, steps=steps, seed=seed)
+        progress = Progress(steps, "VQ image tokenizer", sys.stdout) if show_progress else None  # in the training log
+        losses = train_vq(vq, pixels, steps=steps, seed=seed,
+                          on_step=progress and (lambda done, loss: progress.update(done - progress.done, f"loss {loss:.4f}")))
+        if progress:
+            progress.close()
         say(f"VQ image tokenizer fitted to {len(pixels)} training images in {steps} steps: loss {losses[-1]:.4f}")

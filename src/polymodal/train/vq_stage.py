@@ -24,7 +24,7 @@ VQ_DOCS = 6000  # training documents searched for them
 def fit_image_tokenizers(model: nn.Module, documents: Callable[[int], Document], steps: int, seed: int,
                          say: Callable[[str], None], show_progress: bool = True) -> None:
     """Fit every VQ tokenizer of `model` to the images of the first training documents (`documents(i)`),
-    input and target images alike, for `steps` AdamW steps, with a progress bar (`train/progress.py`) when
+    input and target images alike, for `steps` AdamW steps, with a progress bar (`polymodal/progress.py`) when
     `show_progress`. A model without one is left as it is."""
     tokenizers = [m for m in model.modules() if isinstance(m, VQModel)]
     if not tokenizers:

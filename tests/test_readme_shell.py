@@ -8,21 +8,24 @@ commands use), through `polymodal.cli.main` with the README's arguments, on a bu
 path `runs/X/checkpoints/step-N` the README names becomes run X's checkpoint at the test's budget. Before the
 first command the directory holds what a reader brings: runs/paligemma-world from a short `polymodal train`
 (the README's own run directory), my.jsonl and text.jsonl document files, my_config.json with a run of it to
-resume, shape.png. The main job's line, run again, gets the refusal its comment names (--resume or --name).
+resume, shape.png, and the section "The formats you already have"'s llava.json, llava_val.json, messages.jsonl,
+a `datasets` folder my_dataset/train and WebDataset shards laion-000000.tar ... laion-000099.tar. The main job's line, run again, gets the refusal its comment names (--resume or --name).
 Not run: the first screen's set-up line and `bash .ci/run` (tests/e2e/test_main_job_accuracy.py runs the main
 job), `polymodal serve` (a server: tests/serve/), and lines that are not `polymodal` commands (pip, torchrun,
 curl, python benchmarks/...).
 """
 
+import io
 import json
 import re
 import shlex
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from polymodal.cli import main
-from polymodal.data.synthetic import World
+from polymodal.data.synthetic import COLOURS, SHAPES, World
 from polymodal.presets import get_preset
 from polymodal.train.checkpoint import latest_checkpoint
 
@@ -106,8 +109,38 @@ def reader(tmp_path, monkeypatch, capsys, one_thread):
     texts = [json.dumps({"segments": [{"text": f"{a} plus {b} is"}, {"text": str(a + b), "target": True}]})
              for a in range(6) for b in range(6)]
     Path("text.jsonl").write_text("\n".join(texts) + "\n")
+    formats_you_have(world)
     capsys.readouterr()
     return tmp_path
+
+
+def formats_you_have(world: World) -> None:
+    """The README's own-format examples, with the world's pictures: LLaVA JSON, messages JSONL, a datasets folder
+    and 100 one-sample WebDataset shards."""
+    import datasets
+
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    Path("images").mkdir()
+    for c, s in pairs:
+        world.draw(c, s).save(f"images/{c}-{s}.png")
+    llava = [{"id": f"{c}-{s}", "image": f"images/{c}-{s}.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour is the shape?"}, {"from": "gpt", "value": c}]}
+        for c, s in pairs]
+    Path("llava.json").write_text(json.dumps(llava))
+    Path("llava_val.json").write_text(json.dumps(llava[:4]))
+    Path("messages.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "<image>what shape is it?"}, {"role": "assistant", "content": s}],
+        "images": [f"images/{c}-{s}.png"]}) + "\n" for c, s in pairs))
+    datasets.Dataset.from_dict({"image": [world.draw(c, s) for c, s in pairs], "conversations": [
+        r["conversations"] for r in llava]}).cast_column("image", datasets.Image()).save_to_disk("my_dataset/train")
+    for i in range(100):
+        c, s = pairs[i % len(pairs)]
+        with tarfile.open(f"laion-{i:06d}.tar", "w") as tar:
+            tar.add(f"images/{c}-{s}.png", arcname=f"{i:06d}.png")
+            caption = f"a {c} {s}".encode()
+            info = tarfile.TarInfo(f"{i:06d}.txt")
+            info.size = len(caption)
+            tar.addfile(info, io.BytesIO(caption))
 
 
 def check(argv: list[str], out: str, before: set[Path]) -> None:

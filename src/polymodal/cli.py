@@ -23,9 +23,9 @@ from pathlib import Path
 
 from polymodal.config import ConfigError
 from polymodal.data.documents import DocumentError
-from polymodal.data.synthetic import COT_TASKS
+from polymodal.data.synthetic import COT_TASKS, WORLD
 from polymodal.errors import PolymodalError
-from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
+from polymodal.train.trainer import IMAGE_TASKS, TrainConfig, TrainingError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
     add_config_flags(t, TrainConfig)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint")
-    g.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
+    g.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its best checkpoint, "
+                                      "else its last)")
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     g.add_argument("--audio", action="append", default=[], help="a 16-bit mono wav file (repeat for several)")
@@ -85,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy per task on the built-in world's held-out split")
     e.add_argument("checkpoint", nargs="?", default=str(TrainConfig().run_dir),
-                   help="a run directory (its last checkpoint) or a checkpoint directory (default: %(default)s)")
+                   help="a run directory (its best checkpoint, else its last) or a checkpoint directory "
+                        "(default: %(default)s)")
     e.add_argument("--n", type=int, default=200, help="held-out examples per task (default: %(default)s)")
     e.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: those the run trained on)")
     e.add_argument("--batch-size", type=int, default=100)
@@ -96,13 +98,14 @@ def parser() -> argparse.ArgumentParser:
                                                                   "chosen on (default: %(default)s)")
 
     c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories")
-    c.add_argument("source")
+    c.add_argument("source", help="a model directory (or a run directory: its best checkpoint, else its last)")
     c.add_argument("target")
     c.add_argument("--to", required=True, choices=("hf", "polymodal"))
     c.add_argument("--model-type", help="the HF model_type to write (with --to hf), e.g. llama, gemma")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page (pip install polymodal[serve])")
-    s.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
+    s.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its best checkpoint, "
+                                      "else its last)")
     s.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     s.add_argument("--slots", type=int, default=8, help="requests decoded together (default: %(default)s)")
@@ -118,17 +121,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint_dir(path: str) -> Path:
-    """A model directory itself, or the last checkpoint of a run directory."""
-    from polymodal.train.checkpoint import latest_checkpoint
+    """A model directory itself, or a run directory's best checkpoint (else its last); says which."""
+    from polymodal.runs import resolve
 
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    last = latest_checkpoint(p / "checkpoints")
-    if last is None:
-        raise FileNotFoundError(f"{p} is neither a model directory (no config.json) nor a run directory with "
-                                "checkpoints; train one with `polymodal train`")
-    return last
+    directory, which = resolve(path)
+    print(which, file=sys.stderr, flush=True)
+    return directory
 
 
 def _load(path: str, quantize: str | None = None):
@@ -141,6 +139,7 @@ def _load(path: str, quantize: str | None = None):
 
 def cmd_train(args: argparse.Namespace) -> None:
     from polymodal.train.checkpoint import list_checkpoints, read_trainer_state
+    from polymodal.train.hooks import WorldAccuracy
     from polymodal.train.trainer import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -152,7 +151,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                 break
             except (PolymodalError, KeyError, OSError):
                 continue
-    train(TrainConfig.from_dict(given))
+    cfg = TrainConfig.from_dict(given)
+    train(cfg, hooks=[WorldAccuracy(cfg.tasks)] if cfg.data == "world" else [])
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -248,8 +248,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from polymodal.convert.hf import FAMILIES, load_hf, save_hf
 
     source, target = Path(args.source), Path(args.target)
+    if (source / "checkpoints").is_dir():
+        source = _checkpoint_dir(args.source)
     if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{source} has no config.json: not a checkpoint directory")
+        raise FileNotFoundError(f"{source} has no config.json: not a checkpoint directory (nor a run directory)")
     if target.resolve() == source.resolve():
         raise ValueError(f"convert writes a new directory: the target {target} is the source itself, whose "
                          "config.json and weights it would replace; give another target")

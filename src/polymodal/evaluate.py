@@ -111,8 +111,8 @@ def majority(world: World, task: str, questions: list[str], n_train: int = MAJOR
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
-             batch_size: int = 64, baselines: bool = True) -> list[TaskScore]:
-    """Scores on the first n held-out examples of each task, with its baselines unless baselines=False."""
+             batch_size: int = 64, baselines: bool = True, start: int = 0) -> list[TaskScore]:
+    """Scores on held-out examples start..start+n-1 of each task, with its baselines unless baselines=False."""
     drawing = [t for t in tasks if t in DRAWN]
     if drawing and getattr(getattr(model, "image_spans", None), "begin", None) is None:
         raise ValueError(f"task {drawing[0]} is scored on the images a model draws; {type(model).__name__} "
@@ -121,7 +121,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
     scores = []
     for task in tasks:
         draws = task in DRAWN
-        examples = [world.sample(task, i, "eval") for i in range(n)]
+        examples = [world.sample(task, start + i, "eval") for i in range(n)]
         longest = max(len(tokenizer.encode(c)) for c in world.choices(task))
 
         def replies(docs: list[Document]) -> list[str | None]:

@@ -20,6 +20,9 @@ The eval split is held out compositionally, so that it can only be answered by g
 - eval videos move an object in the direction it never moves in training, by a distance
   (speed) training never uses; eval beeps and sweeps have pitches and durations from bands
   that training never plays.
+Training asks its colour-free questions (shape, count) about grey shapes: a grey shape is none of the 12
+objects, so it may stand in any cell, and the answer cannot lean on which object a cell never shows in
+training (a model that learns that prior answers held-out shapes wrong; README, "the main job").
 
     world = World(seed=0)
     ex = world.sample("colour", 7)              # Example(document, answer="red", choices, task)
@@ -101,6 +104,7 @@ HELD_OUT_BAND = (0.4, 0.6)
 _MIX_STREAM = 9
 _MAX_BACKGROUND = 40  # per channel: backgrounds are dark, every shape colour has a channel >= 180
 _COLOUR_JITTER = 20
+GREYS = (150, 256)  # the brightness of a grey shape: [150, 256) in every channel, none of the COLOURS
 _FOREGROUND = 128  # max channel at or above this is shape, below is background
 
 
@@ -253,20 +257,22 @@ class World:
         small = sizes[rng.integers(len(sizes))] == "small"
         return int(rng.integers(lo, mid) if small else rng.integers(mid, hi + 1))
 
-    def _place(self, rng: np.random.Generator, split: str, obj: str, cell: str) -> tuple:
-        """One shape drawn inside its grid cell, 1 px from the cell's edges so shapes never touch."""
+    def _place(self, rng: np.random.Generator, split: str, obj: str, cell: str, grey: bool = False) -> tuple:
+        """One shape drawn inside its grid cell, 1 px from the cell's edges so shapes never touch; grey: in a
+        grey of random brightness instead of the object's colour."""
         half, side = self.image_size // 2, self._side(rng, split, obj)
         i = CELLS.index(cell)
         x = (i % 2) * half + 1 + int(rng.integers(0, half - 1 - side))
         y = (i // 2) * half + 1 + int(rng.integers(0, half - 1 - side))
         colour, shape = obj.split()
-        return shape, self._jitter(rng, colour), x, y, side
+        rgb = (int(rng.integers(*GREYS)),) * 3 if grey else self._jitter(rng, colour)
+        return shape, rgb, x, y, side
 
-    def _scene(self, rng: np.random.Generator, split: str, n: int
+    def _scene(self, rng: np.random.Generator, split: str, n: int, grey: bool = False
                ) -> tuple[Image.Image, list[tuple[str, str, str]]]:
         """n shapes of distinct objects in distinct grid cells. In eval every object stands in its
         held-out cell; in training never, nor in its held-out size, nor on its colour's held-out tint.
-        Returns the image and (colour, shape, cell) per shape."""
+        Returns the image and (colour, shape, cell) per shape. grey: every shape drawn grey (training only)."""
         tint = TINTS[rng.integers(len(TINTS))]
         drawn, names = [], []
         for cell in (CELLS[i] for i in rng.permutation(len(CELLS))[:n]):
@@ -275,7 +281,7 @@ class World:
                 HELD_OUT_CELL[o] == cell if split == "eval"
                 else HELD_OUT_CELL[o] != cell and HELD_OUT_BACKGROUND[o.split()[0]] != tint)]
             obj = allowed[rng.integers(len(allowed))]
-            drawn.append(self._place(rng, split, obj, cell))
+            drawn.append(self._place(rng, split, obj, cell, grey))
             names.append((*obj.split(), cell))
         return _draw(self.image_size, self._background(rng, tint), drawn), names
 
@@ -291,8 +297,8 @@ class World:
         image = _draw(self.image_size, self._background(rng, tint), [self._place(rng, split, obj, cell)])
         return image, obj, cell
 
-    def _single(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
-        image, [(colour, shape, _)] = self._scene(rng, split, 1)
+    def _single(self, rng: np.random.Generator, split: str, grey: bool = False) -> tuple[Segment, str, str]:
+        image, [(colour, shape, _)] = self._scene(rng, split, 1, grey)
         return Segment("image", media=image), colour, shape
 
     def _caption(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
@@ -304,12 +310,12 @@ class World:
         return image, PROMPTS["colour"], colour
 
     def _shape(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
-        image, _, shape = self._single(rng, split)
+        image, _, shape = self._single(rng, split, grey=split == "train")
         return image, PROMPTS["shape"], shape
 
     def _count(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
         n = int(rng.integers(1, 4))
-        image, _ = self._scene(rng, split, n)
+        image, _ = self._scene(rng, split, n, grey=split == "train")
         return Segment("image", media=image), PROMPTS["count"], NUMBERS[n - 1]
 
     def _position(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
@@ -395,6 +401,10 @@ class World:
         x[i:i + m] += _tone(m, sr, f0, f1, rng.uniform(0.3, 0.8))
         audio = Audio(np.clip(x, -1, 1).astype(np.float32), sr)
         return Segment("audio", media=audio), PROMPTS["audio_pitch"], PITCHES[0 if rising else 1]
+
+
+WORLD = World(seed=0)  # the built-in data set: `polymodal train` learns its training split, `polymodal eval` scores
+                      # its held-out split
 
 
 def _task_stream(task: str) -> int:

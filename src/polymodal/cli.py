@@ -125,7 +125,8 @@ def _checkpoint_dir(path: str) -> Path:
     from polymodal.runs import resolve
 
     directory, which = resolve(path)
-    print(which, file=sys.stderr, flush=True)
+    if directory != Path(path):
+        print(which, file=sys.stderr, flush=True)
     return directory
 
 

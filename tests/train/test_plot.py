@@ -14,7 +14,7 @@ def records(with_accuracy: bool) -> list[dict]:
     for s in (50, 100, 150, 200):
         r = {"step": s, "eval_loss": 6.0 * 0.99 ** s}
         if with_accuracy:
-            r["eval_accuracy"] = {"colour": s / 200, "shape": s / 400}
+            r.update({"accuracy/colour": s / 200, "accuracy/shape": s / 400})
         out.append(r)
     return out
 

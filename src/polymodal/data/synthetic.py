@@ -33,7 +33,7 @@ training (a model that learns that prior answers held-out shapes wrong; README, 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +105,7 @@ _MIX_STREAM = 9
 _MAX_BACKGROUND = 40  # per channel: backgrounds are dark, every shape colour has a channel >= 180
 _COLOUR_JITTER = 20
 GREYS = (150, 256)  # the brightness of a grey shape: [150, 256) in every channel, none of the COLOURS
+GREY_SHARE = 0.5  # of training's shape questions asked about a grey shape (and position questions with grey others)
 _FOREGROUND = 128  # max channel at or above this is shape, below is background
 
 
@@ -268,20 +269,20 @@ class World:
         rgb = (int(rng.integers(*GREYS)),) * 3 if grey else self._jitter(rng, colour)
         return shape, rgb, x, y, side
 
-    def _scene(self, rng: np.random.Generator, split: str, n: int, grey: bool = False
+    def _scene(self, rng: np.random.Generator, split: str, n: int, grey: Container[int] = ()
                ) -> tuple[Image.Image, list[tuple[str, str, str]]]:
         """n shapes of distinct objects in distinct grid cells. In eval every object stands in its
         held-out cell; in training never, nor in its held-out size, nor on its colour's held-out tint.
-        Returns the image and (colour, shape, cell) per shape. grey: every shape drawn grey (training only)."""
+        Returns the image and (colour, shape, cell) per shape. grey: the shapes (by index) drawn grey."""
         tint = TINTS[rng.integers(len(TINTS))]
         drawn, names = [], []
-        for cell in (CELLS[i] for i in rng.permutation(len(CELLS))[:n]):
+        for k, cell in enumerate(CELLS[i] for i in rng.permutation(len(CELLS))[:n]):
             taken = {f"{c} {s}" for c, s, _ in names}
             allowed = [o for o in OBJECTS if o not in taken and (
                 HELD_OUT_CELL[o] == cell if split == "eval"
                 else HELD_OUT_CELL[o] != cell and HELD_OUT_BACKGROUND[o.split()[0]] != tint)]
             obj = allowed[rng.integers(len(allowed))]
-            drawn.append(self._place(rng, split, obj, cell, grey))
+            drawn.append(self._place(rng, split, obj, cell, k in grey))
             names.append((*obj.split(), cell))
         return _draw(self.image_size, self._background(rng, tint), drawn), names
 
@@ -298,7 +299,7 @@ class World:
         return image, obj, cell
 
     def _single(self, rng: np.random.Generator, split: str, grey: bool = False) -> tuple[Segment, str, str]:
-        image, [(colour, shape, _)] = self._scene(rng, split, 1, grey)
+        image, [(colour, shape, _)] = self._scene(rng, split, 1, (0,) if grey else ())
         return Segment("image", media=image), colour, shape
 
     def _caption(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
@@ -310,17 +311,24 @@ class World:
         return image, PROMPTS["colour"], colour
 
     def _shape(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
-        image, _, shape = self._single(rng, split, grey=split == "train")
+        grey = split == "train" and rng.random() < GREY_SHARE  # eval draws nothing more: its stream is unchanged
+        image, _, shape = self._single(rng, split, grey)
         return image, PROMPTS["shape"], shape
 
     def _count(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
         n = int(rng.integers(1, 4))
-        image, _ = self._scene(rng, split, n, grey=split == "train")
+        image, _ = self._scene(rng, split, n)
         return Segment("image", media=image), PROMPTS["count"], NUMBERS[n - 1]
 
     def _position(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
-        image, names = self._scene(rng, split, int(rng.integers(1, 4)))
-        colour, shape, cell = names[rng.integers(len(names))]
+        n = int(rng.integers(1, 4))
+        if split == "train" and rng.random() < GREY_SHARE:  # the other shapes grey: no object's prior cells to lean on
+            asked = int(rng.integers(n))
+            image, names = self._scene(rng, split, n, grey=[k for k in range(n) if k != asked])
+        else:
+            image, names = self._scene(rng, split, n)
+            asked = int(rng.integers(len(names)))
+        colour, shape, cell = names[asked]
         return Segment("image", media=image), PROMPTS["position"].format(f"{colour} {shape}"), cell
 
     def _comparison(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str, int, int]:

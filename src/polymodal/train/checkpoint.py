@@ -8,10 +8,10 @@ A checkpoint is a directory `step-000123/` holding
   trainer.json                      optimizer hyper-parameters, step, data position, RNG states
 It is written into a hidden temporary sibling and renamed into place (`atomic_directory`), so a
 visible `step-*` directory is always complete; a crash leaves at most a hidden `.step-*.tmp-*`,
-which `prune` removes; `prune` never removes the run's best checkpoint (best.json, `polymodal.runs`). Checkpoints are ordered by their step number, not by name. A checkpoint
-damaged later (a full disk, a truncated copy) is a `CheckpointError` naming the file, and
-`load_latest` falls back to the newest intact one. State dicts here are full (unsharded) tensors on the CPU; the trainer
-gathers and scatters them for FSDP/DDP.
+which `prune` removes. `prune` never removes the run's best checkpoint (best.json, `polymodal.runs`).
+Checkpoints are ordered by their step number, not by name. A checkpoint damaged later (a full disk, a
+truncated copy) is a `CheckpointError` naming the file, and `load_latest` falls back to the newest intact
+one. State dicts here are full (unsharded) tensors on the CPU; the trainer gathers and scatters them for FSDP/DDP.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from polymodal.config import ConfigError
 from polymodal.convert.peft import ADAPTER_WEIGHTS
 from polymodal.errors import CheckpointError
 from polymodal.models import load_config
-from polymodal.runs import BEST, PREFIX, latest_checkpoint, list_checkpoints, read_best, step_dir  # noqa: F401 (re-exported)
+from polymodal.runs import BEST, PREFIX, latest_checkpoint, list_checkpoints, read_best, step_dir  # noqa: F401
 from polymodal.serialization import WEIGHTS, atomic_directory, atomic_write_bytes, read_safetensors, save_state_dict
 
 OPTIMIZER = "optimizer.safetensors"
@@ -51,7 +51,8 @@ def prune(root: str | Path, keep: int) -> None:
 
 def write_best(root: str | Path, step: int, metric: str, value: float) -> None:
     """Name checkpoint `step` (already written) the run's best by `metric`, atomically."""
-    atomic_write_bytes(Path(root) / BEST, (json.dumps({"step": step, "metric": metric, "value": value}) + "\n").encode())
+    record = {"step": step, "metric": metric, "value": value}
+    atomic_write_bytes(Path(root) / BEST, (json.dumps(record) + "\n").encode())
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,7 +22,7 @@ def plot_metrics(records: list[dict], png: Path) -> bool:
     evals = [r for r in records if "eval_loss" in r]
     if not train and not evals:
         return False
-    accuracy = [r for r in evals if r.get("eval_accuracy")]
+    accuracy = [r for r in evals if any(k.startswith("accuracy/") for k in r)]  # train/hooks.py's WorldAccuracy
     fig = Figure(figsize=(11 if accuracy else 7, 4.2), dpi=110, layout="constrained")
     loss_ax, *acc_ax = fig.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
     if train:
@@ -46,8 +46,9 @@ def plot_metrics(records: list[dict], png: Path) -> bool:
     if accuracy:
         ax = acc_ax[0]
         steps = [r["step"] for r in accuracy]
-        for task in accuracy[-1]["eval_accuracy"]:
-            ax.plot(steps, [100 * r["eval_accuracy"].get(task, float("nan")) for r in accuracy], "o-", label=task)
+        for key in [k for k in accuracy[-1] if k.startswith("accuracy/")]:
+            ax.plot(steps, [100 * r.get(key, float("nan")) for r in accuracy], "o-",
+                    label=key.removeprefix("accuracy/"))
         ax.set_ylim(0, 102)
         ax.set_xlabel("step")
         ax.set_ylabel("held-out accuracy (%)")

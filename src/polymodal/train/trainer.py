@@ -6,8 +6,12 @@ activation checkpointing; FSDP2 or DDP under torchrun and the same code single-p
 periodic eval loss; atomic checkpoints that resume exactly (weights, optimizer, schedule, RNG,
 data position); a clear stop when the loss is no longer finite; Ctrl-C (SIGINT) finishes the step,
 saves a checkpoint and raises `TrainingInterrupted`. Writes metrics.jsonl, a progress line and
-loss.png (train/plot.py) into the run directory; on the built-in world each eval also scores greedy
-answers per task (metrics.jsonl and loss.png).
+loss.png (train/plot.py) into the run directory. Each eval measures the eval loss and the caller's
+evaluation hooks (train/hooks.py; the CLI passes the built-in world's accuracy), keeps the checkpoint
+best by `keep_best` (best.json; `polymodal.runs` resolves a run directory to it) and can stop early.
+
+`train` is the loop; its steps: `setup` (checks, model, optimizer, `resume`), `train_step`, `evaluate`,
+`save`, `finish`. `Run` holds what they share.
 
 A step's loss is the mean over every target token of the global batch however it is split into
 micro-batches and processes, so 1 process x 2 micro-batches computes what 2 processes x 1 do.
@@ -362,7 +366,8 @@ def train(cfg: TrainConfig, hooks: list[EvalHook] = ()) -> Path:
             run = setup(cfg, proc, list(hooks))
             while run.step < cfg.max_steps and not interrupted_save(run, interrupted):
                 train_step(run)
-                stop = bool(run.hooks) and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps) and evaluate(run)
+                at_eval = bool(run.hooks) and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps)
+                stop = at_eval and evaluate(run)
                 if (run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps) and not saved(run):
                     save(run)
                 if stop:

@@ -83,7 +83,7 @@ class TrainConfig(Config):
     grad_clip: float = 1.0  # 0: no clipping
     max_len: int | None = None  # longest document in tokens (and packed row length); default: model context
     pack: bool = False  # pack each micro-batch's documents into rows of max_len tokens
-    eval_every: int = 300  # steps between eval losses (and at the end)
+    eval_every: int = 100  # steps between evals: eval loss and hooks (and at the end)
     eval_docs: int = 256  # documents in the eval loss
     log_every: int = 100  # steps between progress lines (metrics.jsonl gets every step)
     checkpoint_every: int = 500  # steps between checkpoints (and at the end)

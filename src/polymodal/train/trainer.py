@@ -517,6 +517,8 @@ def resume(run: Run, state: tuple) -> None:
     best = trainer_state.get("best", {})
     if best.get("metric") == run.best.metric:  # a run resumed with another --keep-best starts its count afresh
         run.best = Best(**best)
+        if run.proc.main and run.best.step is not None:  # a kill between a best checkpoint and best.json
+            ckpt.write_best(run.root, run.best.step, run.best.metric, run.best.value)
     ckpt.set_rng_state(trainer_state["rng"][run.proc.rank % len(trainer_state["rng"])])  # each rank its own
 
 

@@ -20,9 +20,10 @@ The eval split is held out compositionally, so that it can only be answered by g
 - eval videos move an object in the direction it never moves in training, by a distance
   (speed) training never uses; eval beeps and sweeps have pitches and durations from bands
   that training never plays.
-Training asks its colour-free questions (shape, count) about grey shapes: a grey shape is none of the 12
-objects, so it may stand in any cell, and the answer cannot lean on which object a cell never shows in
-training (a model that learns that prior answers held-out shapes wrong; README, "the main job").
+Half of training's colour-free questions (the shape of one shape, the position of the asked shape among
+others, the direction a shape moves) show grey shapes: a grey shape is none of the 12 objects, so it may stand
+in any cell and move any way, and an answer cannot lean on what training never shows an object do (a model
+that learns that prior answers held-out questions wrong; README, "the main job").
 
     world = World(seed=0)
     ex = world.sample("colour", 7)              # Example(document, answer="red", choices, task)
@@ -105,7 +106,8 @@ _MIX_STREAM = 9
 _MAX_BACKGROUND = 40  # per channel: backgrounds are dark, every shape colour has a channel >= 180
 _COLOUR_JITTER = 20
 GREYS = (150, 256)  # the brightness of a grey shape: [150, 256) in every channel, none of the COLOURS
-GREY_SHARE = 0.5  # of training's shape questions asked about a grey shape (and position questions with grey others)
+GREY_SHARE = 0.5  # of training's shape and video questions asked about a grey shape, of position questions with
+                  # grey others
 _FOREGROUND = 128  # max channel at or above this is shape, below is background
 
 
@@ -353,15 +355,17 @@ class World:
         return image, PROMPTS["compare_cot"].format(a, b), chain
 
     def _video_direction(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
-        """Eval moves an object in its held-out direction, by a held-out distance (speed)."""
+        """Eval moves an object in its held-out direction, by a held-out distance (speed); half of training's
+        videos move a grey shape, which is no object, in any direction."""
         size, frames = self.image_size, self.video_frames
+        grey = split == "train" and rng.random() < GREY_SHARE  # eval draws nothing more: its stream is unchanged
         obj = OBJECTS[rng.integers(len(OBJECTS))]
         colour, shape = obj.split()
         largest = round(0.35 * size)
         side = int(rng.integers(round(0.25 * size), largest + 1))
         background = tuple(int(c) for c in rng.integers(0, _MAX_BACKGROUND + 1, 3))
-        rgb = self._jitter(rng, colour)
-        directions = [d for d in DIRECTIONS if (d == HELD_OUT_DIRECTION[obj]) == (split == "eval")]
+        rgb = (int(rng.integers(*GREYS)),) * 3 if grey else self._jitter(rng, colour)
+        directions = [d for d in DIRECTIONS if grey or (d == HELD_OUT_DIRECTION[obj]) == (split == "eval")]
         direction = directions[rng.integers(len(directions))]
         room = size - side - 2  # how far the shape can travel and stay 1 px inside the frame
         least_room = size - largest - 2  # the same distances (speeds) for every side

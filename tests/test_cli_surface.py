@@ -21,7 +21,7 @@ SURFACE = [
     "serve --host", "serve --max-queue", "serve --port", "serve --slots", "serve <checkpoint>",
     "train --activation-checkpointing", "train --attention", "train --batch-size", "train --beta1", "train --beta2",
     "train --checkpoint-every", "train --compile", "train --context-parallel", "train --data", "train --device", "train --eval-data", "train --eval-docs",
-    "train --eval-every", "train --grad-accum", "train --grad-clip", "train --init-from", "train --keep-checkpoints",
+    "train --early-stop", "train --eval-every", "train --grad-accum", "train --grad-clip", "train --init-from", "train --keep-best", "train --keep-checkpoints",
     "train --log-every", "train --lora-alpha", "train --lora-dropout", "train --lora-rank", "train --lora-targets",
     "train --lr", "train --max-len", "train --max-steps", "train --min-lr", "train --model",
     "train --name", "train --no-activation-checkpointing", "train --no-compile", "train --no-pack", "train --no-resume",

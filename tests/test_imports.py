@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = [  # lowest first
     ("polymodal.errors", "polymodal.progress"),
-    ("polymodal.config", "polymodal.serialization"),
+    ("polymodal.config", "polymodal.serialization", "polymodal.runs"),  # runs: where a run directory keeps its checkpoints
     ("polymodal.nn",),
     ("polymodal.encoders",),
     ("polymodal.fusion",),  # the Flamingo blocks and the early-fusion families' configs

@@ -14,6 +14,7 @@ from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, rea
 from polymodal.models import MODEL_CLASSES, load_config
 from polymodal.nn.quantize import quantize as quantize_model
 from polymodal.presets import get_preset
+from polymodal.runs import resolve
 from polymodal.serialization import WEIGHTS, atomic_directory, load_into, load_weights, save_state_dict
 
 
@@ -51,10 +52,14 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
 
     A LoRA adapter directory (adapter_config.json, as `save_adapter` or peft write it) loads its base model
     (`base_model_name_or_path`) with the adapter on top. quantize="int8" | "int4": weight-only quantized
-    decoder linear layers (`nn.quantize`; an adapter is merged first)."""
+    decoder linear layers (`nn.quantize`; an adapter is merged first).
+
+    A `polymodal train` run directory loads its best checkpoint (its last when it kept no best one)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
+    if (directory / "checkpoints").is_dir() and not (directory / "config.json").is_file():
+        directory = resolve(directory)[0]
     if quantize is not None and quantize not in ("int8", "int4"):
         raise ValueError(f"quantize must be 'int8' or 'int4' (or None), got {quantize!r}")
     if (directory / ADAPTER_CONFIG).is_file() and not (directory / WEIGHTS).is_file():

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from polymodal.config import ConfigError
 from polymodal.data.documents import DocumentError
-from polymodal.data.synthetic import COT_TASKS
+from polymodal.data.synthetic import COT_TASKS, WORLD
 from polymodal.errors import PolymodalError
 from polymodal.evaluate.metrics import METRICS
 from polymodal.fusion.configs import PaliGemmaConfig
-from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
+from polymodal.train.trainer import IMAGE_TASKS, TrainConfig, TrainingError
 
 METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1"}
 METRIC_NAMES = tuple(METRIC_WHAT)
@@ -72,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     add_config_flags(t, TrainConfig)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint")
-    g.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
+    g.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its best checkpoint, "
+                                      "else its last)")
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     g.add_argument("--audio", action="append", default=[], help="a 16-bit mono wav file (repeat for several)")
@@ -96,7 +97,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy per task on the built-in world's held-out split, or scores on your "
                                     "own documents (--data)")
     e.add_argument("checkpoint", nargs="?", default=str(TrainConfig().run_dir),
-                   help="a run directory (its last checkpoint) or a checkpoint directory (default: %(default)s)")
+                   help="a run directory (its best checkpoint, else its last) or a checkpoint directory "
+                        "(default: %(default)s)")
     e.add_argument("--data", default=None, help="a JSONL file of documents: answers to their target segments are "
                                                 "scored against their references (default: the built-in world)")
     e.add_argument("--metric", default=None, help=f"with --data: one of {', '.join(METRIC_NAMES)} (default: exact; "
@@ -122,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
                                                                   "chosen on (default: %(default)s)")
 
     c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories")
-    c.add_argument("source", help="with --to hf: a run directory (its checkpoint) or a checkpoint directory; with "
+    c.add_argument("source", help="with --to hf: a run directory (its best checkpoint, else its last) or a checkpoint directory; with "
                                   "--to polymodal: an HF model directory")
     c.add_argument("target", help="the directory to write (with --to hf: weights, config, tokenizer, processor "
                                   "and generation configs, a model card)")
@@ -131,7 +133,8 @@ def parser() -> argparse.ArgumentParser:
                                         "checkpoint's config implies), e.g. llama, gemma")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page (pip install polymodal[serve])")
-    s.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
+    s.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its best checkpoint, "
+                                      "else its last)")
     s.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     s.add_argument("--slots", type=int, default=8, help="requests decoded together (default: %(default)s)")
@@ -151,17 +154,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint_dir(path: str) -> Path:
-    """A model directory itself, or the last checkpoint of a run directory."""
-    from polymodal.train.checkpoint import latest_checkpoint
+    """A model directory itself, or a run directory's best checkpoint (else its last); says which."""
+    from polymodal.runs import resolve
 
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    last = latest_checkpoint(p / "checkpoints")
-    if last is None:
-        raise FileNotFoundError(f"{p} is neither a model directory (no config.json) nor a run directory with "
-                                "checkpoints; train one with `polymodal train`")
-    return last
+    directory, which = resolve(path)
+    if directory != Path(path):
+        print(which, file=sys.stderr, flush=True)
+    return directory
 
 
 def _load(path: str, quantize: str | None = None):
@@ -174,6 +173,7 @@ def _load(path: str, quantize: str | None = None):
 
 def cmd_train(args: argparse.Namespace) -> None:
     from polymodal.train.checkpoint import list_checkpoints, read_trainer_state
+    from polymodal.train.hooks import WorldAccuracy
     from polymodal.train.trainer import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -185,7 +185,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                 break
             except (PolymodalError, KeyError, OSError):
                 continue
-    train(TrainConfig.from_dict(given))
+    cfg = TrainConfig.from_dict(given)
+    train(cfg, hooks=[WorldAccuracy(cfg.tasks)] if cfg.data == "world" else [])
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

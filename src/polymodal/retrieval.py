@@ -27,15 +27,15 @@ def retrieve(model: DualEncoder, collator: PairCollator, docs: list, answers: tu
 
 
 def score_retrieval(model: DualEncoder, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
-                    batch_size: int = 64, baselines: bool = True, progress=None) -> list[TaskScore]:
-    """Retrieval accuracy on the first n held-out examples of each task, with its baselines unless baselines=False;
-    progress as in `evaluate.evaluate`."""
+                    batch_size: int = 64, baselines: bool = True, progress=None, start: int = 0) -> list[TaskScore]:
+    """Retrieval accuracy on held-out examples start..start+n-1 of each task, with its baselines unless
+    baselines=False; progress as in `evaluate.evaluate`."""
     was_training = model.training
     model.eval()
     collator = PairCollator(model.config, tokenizer)
     scores = []
     for task in tasks:
-        examples = [world.sample(task, i, "eval") for i in range(n)]
+        examples = [world.sample(task, start + i, "eval") for i in range(n)]
         docs, truth, answers = [e.document for e in examples], [e.answer for e in examples], world.choices(task)
         hits = lambda guesses: sum(g == t for g, t in zip(guesses, truth))  # noqa: E731
         bar = progress(n * (1 + baselines), task) if progress is not None else None

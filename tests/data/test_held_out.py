@@ -10,7 +10,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from polymodal.data.synthetic import CELLS, COLOURS, DIRECTIONS, OBJECTS, SHAPES, TASKS, World, asked_directly, describe
+from polymodal.data import synthetic
+from polymodal.data.synthetic import (
+    CELLS, COLOURS, DIRECTIONS, HELD_OUT_BACKGROUND, HELD_OUT_CELL, HELD_OUT_DIRECTION, HELD_OUT_SIZE, OBJECTS, SHAPES,
+    SIZES, TASKS, TINTS, World, asked_directly, describe)
 from polymodal.evaluate_cot import VALIDATION_START
 
 WORLD = World(seed=0)
@@ -86,10 +89,11 @@ def test_text_to_image_eval_prompts_and_drawn_pairs_never_occur_in_training():
 
 def test_eval_shapes_stand_where_training_never_puts_them():
     """(object, cell) pairs read from the pixels of single-shape images: disjoint between the splits,
-    while every object and every cell alone appears in training."""
+    while every object and every cell alone appears in training (the shape question's training shapes are
+    grey: `test_no_rendered_training_shape_shows_an_object_held_out`)."""
     def pairs(split, n):
         return {describe(WORLD.sample(task, i, split).document.images[0])
-                for task in ("caption", "colour", "shape", "say_and_draw") for i in range(n)}
+                for task in ("caption", "colour", "say_and_draw") for i in range(n)}
 
     train, held_out = pairs("train", 400), pairs("eval", 200)
     assert not train & held_out and None not in train | held_out
@@ -104,7 +108,9 @@ def test_eval_videos_and_clips_are_drawn_from_held_out_ranges():
         ys, xs = np.nonzero(frames[0])
         ye, xe = np.nonzero(frames[-1])
         distance = max(abs(ye.min() - ys.min()), abs(xe.min() - xs.min()))
-        colour_shape = describe(ex.document.videos[0][0]).split(" in the ")[0]
+        first = np.asarray(ex.document.videos[0][0])[frames[0]]
+        grey = (first == first[:, :1]).all()  # half of training's videos move a grey shape, which is no object
+        colour_shape = "grey" if grey else describe(ex.document.videos[0][0]).split(" in the ")[0]
         return colour_shape, ex.answer, int(distance)
 
     train = [video("train", i) for i in range(400)]
@@ -122,3 +128,75 @@ def test_eval_videos_and_clips_are_drawn_from_held_out_ranges():
     lo, hi = min(held_out), max(held_out)
     # the measured peak of a short beep is within a few Hz of its frequency
     assert hi - lo > 50 and not [f for f in train if lo + 5 < f < hi - 5]
+
+
+def rendered(task: str, split: str, n: int) -> list[list[dict]]:
+    """What the renderer drew for examples 0..n-1 of a task, read from its drawing calls (not from the
+    generator's bookkeeping): per example, per shape drawn, its object ("red circle", or "grey circle" for a
+    grey shape), cell, size, background tint and, in a video, the direction it moves. say_and_draw's drawn
+    answer (one of the canonical pictures, `World.draw`) is left out."""
+    calls, canonical = [], []
+    draw, picture = synthetic._draw, World.draw
+    lo, hi = round(0.3 * WORLD.image_size), WORLD.image_size // 2 - 2
+    mid, half = (lo + hi + 1) // 2, WORLD.image_size // 2
+
+    def record(size, background, shapes):
+        shapes = list(shapes)
+        calls.append((background, shapes))
+        return draw(size, background, shapes)
+
+    def canonical_picture(self, colour, shape):
+        canonical.append(len(calls))
+        return picture(self, colour, shape)
+
+    def describe_shape(background, shape, rgb, x, y, side):
+        if len(set(rgb)) == 1:
+            colour = "grey"
+        else:
+            [colour] = [c for c, ref in COLOURS.items() if max(abs(a - b) for a, b in zip(rgb, ref)) <= 20]
+        cx, cy = x + side / 2, y + side / 2
+        order = np.argsort(background)
+        tint = TINTS[order[-1]] if background[order[-1]] >= background[order[-2]] + 5 else None
+        return {"object": f"{colour} {shape}", "cell": CELLS[2 * (cy >= half) + (cx >= half)],
+                "size": SIZES[side >= mid], "tint": tint, "at": (x, y)}
+
+    out = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(synthetic, "_draw", record)
+        mp.setattr(World, "draw", canonical_picture)
+        for i in range(n):
+            calls.clear(), canonical.clear()
+            WORLD.sample(task, i, split)
+            drawn = [[describe_shape(bg, *s) for s in shapes] for k, (bg, shapes) in enumerate(calls)
+                     if k not in canonical]
+            if task == "video_direction":  # one shape per frame: its first and last positions give the direction
+                (x0, y0), (x1, y1) = drawn[0][0]["at"], drawn[-1][0]["at"]
+                drawn = [[{**drawn[0][0], "direction": ("left" if x1 < x0 else "right") if x1 != x0
+                           else ("up" if y1 < y0 else "down")}]]
+            out.append([s for image in drawn for s in image])
+    return out
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t not in ("audio_count", "audio_pitch")])
+def test_no_rendered_training_shape_shows_an_object_held_out(task):
+    """Every shape of every rendered training image and video: a coloured object never in its held-out cell,
+    size or background tint, nor moving in its held-out direction; a grey shape (training's shape and count
+    questions) is no object, so may stand anywhere. The same reading of eval scenes finds every object in its
+    held-out cell, so the reading is live."""
+    train = [s for shapes in rendered(task, "train", 300) for s in shapes]
+    assert train
+    for s in train:
+        if s["object"].startswith("grey"):
+            continue
+        assert s["object"] in OBJECTS, s
+        if task == "video_direction":  # videos: a random dark background and their own sizes
+            assert s["direction"] != HELD_OUT_DIRECTION[s["object"]], s
+            continue
+        assert s["cell"] != HELD_OUT_CELL[s["object"]], s
+        assert s["size"] != HELD_OUT_SIZE[s["object"]], s
+        assert s["tint"] != HELD_OUT_BACKGROUND[s["object"].split()[0]], s
+    held_out = [s for shapes in rendered(task, "eval", 100) for s in shapes]
+    if task == "video_direction":
+        assert all(s["direction"] == HELD_OUT_DIRECTION[s["object"]] for s in held_out)
+    else:
+        assert all(s["cell"] == HELD_OUT_CELL[s["object"]] for s in held_out)

@@ -11,10 +11,11 @@ import pytest
 
 import polymodal as pm
 from polymodal.cli import main
+from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.evaluate_cot import evaluate_routing
 from polymodal.train.checkpoint import latest_checkpoint
-from polymodal.train.trainer import WORLD, TrainConfig, train
+from polymodal.train.trainer import TrainConfig, train
 
 STEPS = 800
 N, K, VALIDATION = 48, 4, 24

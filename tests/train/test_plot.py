@@ -23,7 +23,7 @@ def records(with_accuracy: bool, top: float = 5.0, bottom: float = 0.5, steps: i
     for s in range(steps // 4, steps + 1, steps // 4):
         r = {"step": s, "eval_loss": 1.2 * top * math.exp(-rate * s)}
         if with_accuracy:
-            r["eval_accuracy"] = {"colour": s / steps, "shape": s / (2 * steps)}
+            r.update({"accuracy/colour": s / steps, "accuracy/shape": s / (2 * steps)})
         out.append(r)
     return out
 

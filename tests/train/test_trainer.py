@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from polymodal.config import ConfigError
@@ -81,3 +82,46 @@ def test_splitting_a_step_does_not_change_its_loss(tmp_path, text_data):
 def test_a_non_finite_loss_stops_training_with_a_clear_message(tmp_path, text_data):
     with pytest.raises(TrainingError, match=r"is not finite at step \d+ .*stopped before updating the weights"):
         run(tmp_path, text_data, "diverge", lr=1e30, min_lr=1e30, grad_clip=0.0, warmup_steps=0)
+
+
+class Scripted:
+    """An evaluation hook whose metric follows a script, one value per eval: the trainer's side of the hook
+    interface (keep-best, early stop, metrics.jsonl) with a known best."""
+    metrics = ("score",)
+
+    def __init__(self, values):
+        self.values, self.calls = list(values), 0
+
+    def __call__(self, model, tokenizer):
+        self.calls += 1
+        return {"score": self.values[self.calls - 1]}
+
+
+def test_the_best_checkpoint_is_kept_through_pruning_and_loaded_from_the_run_directory(tmp_path, text_data):
+    import polymodal as pm
+    from polymodal.runs import resolve
+
+    hook = Scripted([0.2, 0.9, 0.5, 0.4, 0.3, 0.1])
+    directory = train(TrainConfig(model="llama-tiny", data=text_data, eval_data=text_data, eval_docs=16,
+                                  out_dir=str(tmp_path), name="best", max_steps=12, batch_size=8, warmup_steps=2,
+                                  eval_every=2, checkpoint_every=2, keep_checkpoints=1, keep_best="score",
+                                  early_stop=3), hooks=[hook])
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "score" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10] and hook.calls == 5  # 3 evals without a better score
+    assert all("eval_loss" in r for r in evals)
+    assert [p.name for p in list_checkpoints(directory / "checkpoints")] == ["step-000004", "step-000010"]
+    best = json.loads((directory / "checkpoints" / "best.json").read_text())
+    assert best == {"step": 4, "metric": "score", "value": 0.9}
+    chosen, which = resolve(directory)
+    assert chosen.name == "step-000004" and "best checkpoint by score" in which
+    loaded = pm.from_pretrained(directory).state_dict()
+    assert all(torch.equal(v, pm.from_pretrained(chosen).state_dict()[k]) for k, v in loaded.items())
+
+
+def test_keep_best_must_name_a_measured_metric_before_training(tmp_path, text_data):
+    with pytest.raises(ConfigError, match=r"keep_best 'accuracy' is not measured by this run's evals.*'eval_loss'"):
+        run(tmp_path, text_data, "unknown", keep_best="accuracy")
+    with pytest.raises(ConfigError, match="early_stop counts evals without a better keep_best metric"):
+        run(tmp_path, text_data, "nothing", eval_data=None, keep_best="none", early_stop=2)
+    assert not (tmp_path / "unknown").exists() and not (tmp_path / "nothing").exists()

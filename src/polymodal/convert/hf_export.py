@@ -20,7 +20,7 @@ from torch import nn
 from polymodal.convert.hf import FAMILIES, save_hf
 from polymodal.data.collators import make_collator
 from polymodal.data.processors import ImageProcessor
-from polymodal.data.synthetic import World
+from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
 
 # HF model_type -> (image processor class, processor class) for the families whose polymodal image
@@ -181,11 +181,10 @@ def _held_out(run: Path | None, step: int | None, trained: dict) -> list[str]:
         return []
     r = evals[-1]
     lines = ["", "## Held-out figures", "", f"At step {r['step']}: held-out loss {r['eval_loss']:.4f}."]
-    accuracy = r.get("eval_accuracy") or {}
+    accuracy = {k.removeprefix("accuracy/"): v for k, v in r.items() if k.startswith("accuracy/")}
     if accuracy:
-        world = World()
-        lines += ["", "Greedy answers on the first held-out examples of each task (the few scored during training; "
-                  "`polymodal eval` scores more, beside blind baselines):", "",
+        lines += ["", "Greedy answers to the held-out validation questions of each task scored during training "
+                  "(`polymodal eval` scores the test questions, beside blind baselines):", "",
                   "| task | accuracy | chance |", "|---|---|---|"]
-        lines += [f"| {task} | {acc:.1%} | {world.chance(task):.1%} |" for task, acc in accuracy.items()]
+        lines += [f"| {task} | {acc:.1%} | {WORLD.chance(task):.1%} |" for task, acc in accuracy.items()]
     return lines

@@ -20,6 +20,10 @@ The eval split is held out compositionally, so that it can only be answered by g
 - eval videos move an object in the direction it never moves in training, by a distance
   (speed) training never uses; eval beeps and sweeps have pitches and durations from bands
   that training never plays.
+Half of training's colour-free questions (the shape of one shape, the position of the asked shape among
+others, the direction a shape moves) show grey shapes: a grey shape is none of the 12 objects, so it may stand
+in any cell and move any way, and an answer cannot lean on what training never shows an object do (a model
+that learns that prior answers held-out questions wrong; README, "the main job").
 
     world = World(seed=0)
     ex = world.sample("colour", 7)              # Example(document, answer="red", choices, task)
@@ -30,7 +34,7 @@ The eval split is held out compositionally, so that it can only be answered by g
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -101,6 +105,9 @@ HELD_OUT_BAND = (0.4, 0.6)
 _MIX_STREAM = 9
 _MAX_BACKGROUND = 40  # per channel: backgrounds are dark, every shape colour has a channel >= 180
 _COLOUR_JITTER = 20
+GREYS = (150, 256)  # the brightness of a grey shape: [150, 256) in every channel, none of the COLOURS
+GREY_SHARE = 0.5  # of training's shape and video questions asked about a grey shape, of position questions with
+                  # grey others
 _FOREGROUND = 128  # max channel at or above this is shape, below is background
 
 
@@ -253,29 +260,31 @@ class World:
         small = sizes[rng.integers(len(sizes))] == "small"
         return int(rng.integers(lo, mid) if small else rng.integers(mid, hi + 1))
 
-    def _place(self, rng: np.random.Generator, split: str, obj: str, cell: str) -> tuple:
-        """One shape drawn inside its grid cell, 1 px from the cell's edges so shapes never touch."""
+    def _place(self, rng: np.random.Generator, split: str, obj: str, cell: str, grey: bool = False) -> tuple:
+        """One shape drawn inside its grid cell, 1 px from the cell's edges so shapes never touch; grey: in a
+        grey of random brightness instead of the object's colour."""
         half, side = self.image_size // 2, self._side(rng, split, obj)
         i = CELLS.index(cell)
         x = (i % 2) * half + 1 + int(rng.integers(0, half - 1 - side))
         y = (i // 2) * half + 1 + int(rng.integers(0, half - 1 - side))
         colour, shape = obj.split()
-        return shape, self._jitter(rng, colour), x, y, side
+        rgb = (int(rng.integers(*GREYS)),) * 3 if grey else self._jitter(rng, colour)
+        return shape, rgb, x, y, side
 
-    def _scene(self, rng: np.random.Generator, split: str, n: int
+    def _scene(self, rng: np.random.Generator, split: str, n: int, grey: Container[int] = ()
                ) -> tuple[Image.Image, list[tuple[str, str, str]]]:
         """n shapes of distinct objects in distinct grid cells. In eval every object stands in its
         held-out cell; in training never, nor in its held-out size, nor on its colour's held-out tint.
-        Returns the image and (colour, shape, cell) per shape."""
+        Returns the image and (colour, shape, cell) per shape. grey: the shapes (by index) drawn grey."""
         tint = TINTS[rng.integers(len(TINTS))]
         drawn, names = [], []
-        for cell in (CELLS[i] for i in rng.permutation(len(CELLS))[:n]):
+        for k, cell in enumerate(CELLS[i] for i in rng.permutation(len(CELLS))[:n]):
             taken = {f"{c} {s}" for c, s, _ in names}
             allowed = [o for o in OBJECTS if o not in taken and (
                 HELD_OUT_CELL[o] == cell if split == "eval"
                 else HELD_OUT_CELL[o] != cell and HELD_OUT_BACKGROUND[o.split()[0]] != tint)]
             obj = allowed[rng.integers(len(allowed))]
-            drawn.append(self._place(rng, split, obj, cell))
+            drawn.append(self._place(rng, split, obj, cell, k in grey))
             names.append((*obj.split(), cell))
         return _draw(self.image_size, self._background(rng, tint), drawn), names
 
@@ -291,8 +300,8 @@ class World:
         image = _draw(self.image_size, self._background(rng, tint), [self._place(rng, split, obj, cell)])
         return image, obj, cell
 
-    def _single(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
-        image, [(colour, shape, _)] = self._scene(rng, split, 1)
+    def _single(self, rng: np.random.Generator, split: str, grey: bool = False) -> tuple[Segment, str, str]:
+        image, [(colour, shape, _)] = self._scene(rng, split, 1, (0,) if grey else ())
         return Segment("image", media=image), colour, shape
 
     def _caption(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
@@ -304,7 +313,8 @@ class World:
         return image, PROMPTS["colour"], colour
 
     def _shape(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
-        image, _, shape = self._single(rng, split)
+        grey = split == "train" and rng.random() < GREY_SHARE  # eval draws nothing more: its stream is unchanged
+        image, _, shape = self._single(rng, split, grey)
         return image, PROMPTS["shape"], shape
 
     def _count(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
@@ -313,8 +323,14 @@ class World:
         return Segment("image", media=image), PROMPTS["count"], NUMBERS[n - 1]
 
     def _position(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
-        image, names = self._scene(rng, split, int(rng.integers(1, 4)))
-        colour, shape, cell = names[rng.integers(len(names))]
+        n = int(rng.integers(1, 4))
+        if split == "train" and rng.random() < GREY_SHARE:  # the other shapes grey: no object's prior cells to lean on
+            asked = int(rng.integers(n))
+            image, names = self._scene(rng, split, n, grey=[k for k in range(n) if k != asked])
+        else:
+            image, names = self._scene(rng, split, n)
+            asked = int(rng.integers(len(names)))
+        colour, shape, cell = names[asked]
         return Segment("image", media=image), PROMPTS["position"].format(f"{colour} {shape}"), cell
 
     def _comparison(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str, int, int]:
@@ -339,15 +355,17 @@ class World:
         return image, PROMPTS["compare_cot"].format(a, b), chain
 
     def _video_direction(self, rng: np.random.Generator, split: str) -> tuple[Segment, str, str]:
-        """Eval moves an object in its held-out direction, by a held-out distance (speed)."""
+        """Eval moves an object in its held-out direction, by a held-out distance (speed); half of training's
+        videos move a grey shape, which is no object, in any direction."""
         size, frames = self.image_size, self.video_frames
+        grey = split == "train" and rng.random() < GREY_SHARE  # eval draws nothing more: its stream is unchanged
         obj = OBJECTS[rng.integers(len(OBJECTS))]
         colour, shape = obj.split()
         largest = round(0.35 * size)
         side = int(rng.integers(round(0.25 * size), largest + 1))
         background = tuple(int(c) for c in rng.integers(0, _MAX_BACKGROUND + 1, 3))
-        rgb = self._jitter(rng, colour)
-        directions = [d for d in DIRECTIONS if (d == HELD_OUT_DIRECTION[obj]) == (split == "eval")]
+        rgb = (int(rng.integers(*GREYS)),) * 3 if grey else self._jitter(rng, colour)
+        directions = [d for d in DIRECTIONS if grey or (d == HELD_OUT_DIRECTION[obj]) == (split == "eval")]
         direction = directions[rng.integers(len(directions))]
         room = size - side - 2  # how far the shape can travel and stay 1 px inside the frame
         least_room = size - largest - 2  # the same distances (speeds) for every side
@@ -395,6 +413,10 @@ class World:
         x[i:i + m] += _tone(m, sr, f0, f1, rng.uniform(0.3, 0.8))
         audio = Audio(np.clip(x, -1, 1).astype(np.float32), sr)
         return Segment("audio", media=audio), PROMPTS["audio_pitch"], PITCHES[0 if rising else 1]
+
+
+WORLD = World(seed=0)  # the built-in data set: `polymodal train` learns its training split, `polymodal eval` scores
+                      # its held-out split
 
 
 def _task_stream(task: str) -> int:

@@ -121,8 +121,9 @@ def sees(doc: Document) -> bool:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
-             batch_size: int = 64, baselines: bool = True, progress: Callable | None = None) -> list[TaskScore]:
-    """Scores on the first n held-out examples of each task, with its baselines unless baselines=False.
+             batch_size: int = 64, baselines: bool = True, progress: Callable | None = None,
+             start: int = 0) -> list[TaskScore]:
+    """Scores on held-out examples start..start+n-1 of each task, with its baselines unless baselines=False.
     progress: called with (answers to write, task) per task, returns a `Progress` told of each batch."""
     drawing = [t for t in tasks if t in DRAWN]
     if drawing and getattr(getattr(model, "image_spans", None), "begin", None) is None:
@@ -132,7 +133,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
     scores = []
     for task in tasks:
         draws = task in DRAWN
-        examples = [world.sample(task, i, "eval") for i in range(n)]
+        examples = [world.sample(task, start + i, "eval") for i in range(n)]
         longest = max(len(tokenizer.encode(c)) for c in world.choices(task))
         blanked = baselines and sees(examples[0].document)
         bar = progress(n * (1 + blanked), task) if progress is not None else None

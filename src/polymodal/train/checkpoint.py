@@ -8,10 +8,10 @@ A checkpoint is a directory `step-000123/` holding
   trainer.json                      optimizer hyper-parameters, step, data position, RNG states
 It is written into a hidden temporary sibling and renamed into place (`atomic_directory`), so a
 visible `step-*` directory is always complete; a crash leaves at most a hidden `.step-*.tmp-*`,
-which `prune` removes. Checkpoints are ordered by their step number, not by name. A checkpoint
-damaged later (a full disk, a truncated copy) is a `CheckpointError` naming the file, and
-`load_latest` falls back to the newest intact one. State dicts here are full (unsharded) tensors on the CPU; the trainer
-gathers and scatters them for FSDP/DDP.
+which `prune` removes. `prune` never removes the run's best checkpoint (best.json, `polymodal.runs`).
+Checkpoints are ordered by their step number, not by name. A checkpoint damaged later (a full disk, a
+truncated copy) is a `CheckpointError` naming the file, and `load_latest` falls back to the newest intact
+one. State dicts here are full (unsharded) tensors on the CPU; the trainer gathers and scatters them for FSDP/DDP.
 """
 
 from __future__ import annotations
@@ -29,38 +29,30 @@ from polymodal.config import ConfigError
 from polymodal.convert.peft import ADAPTER_WEIGHTS
 from polymodal.errors import CheckpointError
 from polymodal.models import load_config
-from polymodal.serialization import WEIGHTS, atomic_directory, read_safetensors, save_state_dict
+from polymodal.runs import BEST, PREFIX, latest_checkpoint, list_checkpoints, read_best, step_dir  # noqa: F401
+from polymodal.serialization import WEIGHTS, atomic_directory, atomic_write_bytes, read_safetensors, save_state_dict
 
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
-PREFIX = "step-"
-
-
-def step_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"{PREFIX}{step:06d}"
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under root, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
 
 
 def prune(root: str | Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints; remove older ones and leftovers of interrupted saves."""
+    """Keep the newest `keep` checkpoints and the best one (best.json); remove older ones and leftovers of
+    interrupted saves."""
     root = Path(root)
+    best = read_best(root)
+    kept = {step_dir(root, best["step"])} if best is not None else set()
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+        if old not in kept:
+            shutil.rmtree(old)
     for tmp in root.glob(f".{PREFIX}*.tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_best(root: str | Path, step: int, metric: str, value: float) -> None:
+    """Name checkpoint `step` (already written) the run's best by `metric`, atomically."""
+    record = {"step": step, "metric": metric, "value": value}
+    atomic_write_bytes(Path(root) / BEST, (json.dumps(record) + "\n").encode())
 
 
 def rng_state() -> dict[str, Any]:

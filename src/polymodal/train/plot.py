@@ -16,11 +16,10 @@ import json
 import math
 from pathlib import Path
 
-from polymodal.data.synthetic import World
+from polymodal.data.synthetic import WORLD
 from polymodal.evaluate import majority
 from polymodal.serialization import atomic_write_bytes
-
-ACCURACY_DOCS = 32  # held-out examples per task scored at each eval of a single-process run on the world
+from polymodal.train.hooks import WorldAccuracy
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -46,17 +45,17 @@ def ema(values: list[float], steps: int) -> list[float]:
     return out
 
 
-def world_baselines(tasks: list[str], n: int = ACCURACY_DOCS) -> dict[str, dict[str, float]]:
-    """Chance and the majority answer's accuracy on the first n held-out questions of each world task
-    (the questions a training eval scores); tasks the world does not know are left out."""
-    world, out = World(seed=0), {}
+def world_baselines(tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Chance and the majority answer's accuracy on the held-out questions of each world task that a training
+    eval scores (`WorldAccuracy`'s); tasks the world does not know are left out."""
+    out, hook = {}, WorldAccuracy(())
     for task in tasks:
-        if task not in world.tasks:
+        if task not in WORLD.tasks:
             continue
-        examples = [world.sample(task, i, "eval") for i in range(n)]
-        guesses = majority(world, task, [e.document.texts[0] for e in examples])
-        out[task] = {"chance": world.chance(task),
-                     "majority": sum(g == e.answer for g, e in zip(guesses, examples)) / n}
+        examples = [WORLD.sample(task, hook.start + i, "eval") for i in range(hook.n)]
+        guesses = majority(WORLD, task, [e.document.texts[0] for e in examples])
+        out[task] = {"chance": WORLD.chance(task),
+                     "majority": sum(g == e.answer for g, e in zip(guesses, examples)) / hook.n}
     return out
 
 
@@ -68,7 +67,7 @@ def loss_figure(records: list[dict], baselines: dict[str, dict[str, float]] | No
     evals = [r for r in records if "eval_loss" in r]
     if not train and not evals:
         return None
-    accuracy = [r for r in evals if r.get("eval_accuracy")]
+    accuracy = [r for r in evals if any(k.startswith("accuracy/") for k in r)]  # train/hooks.py's WorldAccuracy
     fig = Figure(figsize=(12 if accuracy else 7, 4.4), dpi=110, layout="constrained")
     loss_ax, *acc_ax = fig.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
     _loss_panel(loss_ax, train, evals)
@@ -118,9 +117,9 @@ def _accuracy_panel(ax, accuracy: list[dict], baselines: dict[str, dict[str, flo
     steps = [r["step"] for r in accuracy]
     colours = iter(f"C{i}" for i in range(10 ** 3))
     blanked = [r for r in accuracy if r.get("eval_blanked")]
-    for task in accuracy[-1]["eval_accuracy"]:
+    for task in [k.removeprefix("accuracy/") for k in accuracy[-1] if k.startswith("accuracy/")]:
         colour = next(colours)
-        ax.plot(steps, [100 * r["eval_accuracy"].get(task, float("nan")) for r in accuracy], "o-", color=colour,
+        ax.plot(steps, [100 * r.get(f"accuracy/{task}", float("nan")) for r in accuracy], "o-", color=colour,
                 label=task)
         base = baselines.get(task, {})
         if "chance" in base:
@@ -151,7 +150,7 @@ def plot_metrics(records: list[dict], png: Path, baselines: dict[str, dict[str, 
         print(f"{png} not drawn: matplotlib is not installed (pip install matplotlib)", flush=True)
         return False
     if baselines is None:
-        tasks = sorted({t for r in records for t in r.get("eval_accuracy") or {}})
+        tasks = sorted({k.removeprefix("accuracy/") for r in records for k in r if k.startswith("accuracy/")})
         baselines = world_baselines(tasks)
     fig = loss_figure(records, baselines)
     if fig is None:

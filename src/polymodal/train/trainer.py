@@ -6,8 +6,12 @@ activation checkpointing; FSDP2 or DDP under torchrun and the same code single-p
 periodic eval loss; atomic checkpoints that resume exactly (weights, optimizer, schedule, RNG,
 data position); a clear stop when the loss is no longer finite; Ctrl-C (SIGINT) finishes the step,
 saves a checkpoint and raises `TrainingInterrupted`. Writes metrics.jsonl, a progress line and
-loss.png (train/plot.py) into the run directory; on the built-in world each eval also scores greedy
-answers per task (metrics.jsonl and loss.png).
+loss.png (train/plot.py) into the run directory. Each eval measures the eval loss and the caller's
+evaluation hooks (train/hooks.py; the CLI passes the built-in world's accuracy), keeps the checkpoint
+best by `keep_best` (best.json; `polymodal.runs` resolves a run directory to it) and can stop early.
+
+`train` is the loop; its steps: `setup` (checks, model, optimizer, `resume`), `train_step`, `evaluate`,
+`save`, `finish`. `Run` holds what they share.
 
 A step's loss is the mean over every target token of the global batch however it is split into
 micro-batches and processes, so 1 process x 2 micro-batches computes what 2 processes x 1 do.
@@ -40,7 +44,7 @@ from polymodal.data.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, DocumentError, with_media
 from polymodal.data.lazy import checked, document_texts
 from polymodal.data.readers import read_flagged
-from polymodal.data.synthetic import World
+from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import PolymodalError, check_number
 from polymodal.models.contrastive import ContrastiveConfig
@@ -48,16 +52,15 @@ from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Block
 from polymodal.presets import PRESETS, get_preset
-from polymodal.retrieval import scorer
 from polymodal.serialization import atomic_write_bytes
 from polymodal.train import checkpoint as ckpt
 from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
-from polymodal.train.plot import ACCURACY_DOCS, plot_metrics
+from polymodal.train.hooks import EvalHook, EvalLoss, autocast, lower_is_better
+from polymodal.train.plot import plot_metrics
 from polymodal.train.vq_stage import fit_image_tokenizers
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
-WORLD = World(seed=0)  # the built-in data set; eval reads the same world's held-out split
 
 
 @dataclass
@@ -83,11 +86,13 @@ class TrainConfig(Config):
     grad_clip: float = 1.0  # 0: no clipping
     max_len: int | None = None  # longest document in tokens (and packed row length); default: model context
     pack: bool = False  # pack each micro-batch's documents into rows of max_len tokens
-    eval_every: int = 300  # steps between eval losses (and at the end)
+    eval_every: int = 100  # steps between evals: eval loss and hooks (and at the end)
     eval_docs: int = 256  # documents in the eval loss
     log_every: int = 100  # steps between progress lines (metrics.jsonl gets every step)
     checkpoint_every: int = 500  # steps between checkpoints (and at the end)
-    keep_checkpoints: int = 2  # the newest N are kept
+    keep_checkpoints: int = 2  # the newest N are kept (and the best, see keep_best)
+    keep_best: str = "auto"  # metric whose best eval keeps its checkpoint (auto: a hook's first, else eval_loss; none)
+    early_stop: int | None = None  # stop after this many evals in a row without a better keep_best metric
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
     compile: bool = False  # torch.compile every transformer block (the first steps pay for compiling)
     attention: str = "sdpa"  # "sdpa" | "flex" (FlexAttention block masks, CUDA only) | "eager" (reference)
@@ -108,7 +113,7 @@ class TrainConfig(Config):
         self.tasks = tuple(self.tasks)
         _check_positive(self, "vocab_size", "max_steps", "batch_size", "grad_accum", "lr", "eval_every",
                         "eval_docs", "log_every", "checkpoint_every", "keep_checkpoints", "max_len",
-                        "context_parallel")
+                        "context_parallel", "early_stop")
         _check_choice("parallel", self.parallel, ("fsdp", "ddp"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("attention", self.attention, ("sdpa", "flex", "eager"))
@@ -264,7 +269,8 @@ class Log:
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= start_step]
             atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
 
-    def write(self, record: dict, show: bool) -> None:
+    def write(self, record: dict, show: bool, best: str | None = None) -> None:
+        """An eval record (no "loss") shows its eval loss and the keep-best metric `best`."""
         if not self.enabled:
             return
         self.tokens += record.get("tokens", 0)
@@ -272,8 +278,10 @@ class Log:
             f.write(json.dumps(record) + "\n")
         if not show:
             return
-        if "eval_loss" in record:
-            print(f"eval step {record['step']} | loss {record['eval_loss']:.4f}", flush=True)
+        if "loss" not in record:
+            shown = [m for m in dict.fromkeys(("eval_loss", best)) if m in record]
+            print(f"eval step {record['step']} | " + " | ".join(
+                f"{m.removeprefix('eval_')} {record[m]:.4f}" for m in shown), flush=True)
             return
         elapsed = time.time() - self.t0
         eta = elapsed / (record["step"] - self.start_step) * (self.max_steps - record["step"])
@@ -283,15 +291,6 @@ class Log:
     def plot(self, png: Path) -> None:
         if self.enabled:
             plot_metrics([json.loads(line) for line in self.path.read_text().splitlines()], png)
-
-
-def task_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...]) -> dict[str, float]:
-    """Accuracy per task on the first ACCURACY_DOCS held-out examples of the built-in world: greedy answers,
-    or image -> caption retrieval for a dual encoder."""
-    model.eval()
-    scores = scorer(model)(model, tokenizer, tasks, ACCURACY_DOCS, WORLD, baselines=False)
-    model.train()
-    return {s.task: s.accuracy for s in scores}
 
 
 def _step(line: str) -> float:
@@ -308,61 +307,162 @@ def load_base(directory: str) -> torch.nn.Module:
     return merge_lora(model) if adapters(model) else model
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train as `cfg` says; returns the run directory. Launch under torchrun for several processes."""
+@dataclass
+class Best:
+    """The --keep-best metric's best value so far, where, and the evals since it last improved."""
+    metric: str | None
+    step: int | None = None
+    value: float | None = None
+    stale: int = 0
+
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """True when this eval is the best so far (its checkpoint is then kept)."""
+        if self.metric is None:
+            return False
+        value = metrics[self.metric]
+        better = self.value is None or (value < self.value if lower_is_better(self.metric) else value > self.value)
+        if better:
+            self.step, self.value, self.stale = step, value, 0
+        else:
+            self.stale += 1
+        return better
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps: set up by `setup`, advanced by `train_step`."""
+    cfg: TrainConfig
+    proc: object  # train.distributed's process info
+    config: Config
+    tokenizer: Tokenizer
+    collator: Collator
+    data: Data
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    hooks: list  # EvalHook: the eval loss first, then the caller's (main process of a 1-process run only)
+    best: Best
+    layout: object  # a LoRA run's adapter layout, else None
+    log: Log | None = None
+    step: int = 0
+    docs_seen: int = 0
+
+    @property
+    def root(self) -> Path:
+        return self.cfg.run_dir / "checkpoints"
+
+
+def train(cfg: TrainConfig, hooks: list[EvalHook] = ()) -> Path:
+    """Train as `cfg` says; returns the run directory. `hooks` (train/hooks.py) are measured at each eval
+    beside the eval loss. Launch under torchrun for several processes."""
     proc = init_process(cfg.device)
     try:
         with interrupt_flag() as interrupted:
-            return _train(cfg, proc, interrupted)
+            run = setup(cfg, proc, list(hooks))
+            while run.step < cfg.max_steps and not interrupted_save(run, interrupted):
+                train_step(run)
+                at_eval = bool(run.hooks) and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps)
+                stop = at_eval and evaluate(run)
+                if (run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps) and not saved(run):
+                    save(run)
+                if stop:
+                    break
+            finish(run)
+            return cfg.run_dir
     finally:
         shutdown()
 
 
-def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
-    # imported here, not at the top: they take seconds, which `polymodal eval`/`generate` need not wait
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
-        set_optimizer_state_dict)
-
+def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
+    """Check what the run will read, build (or resume) model and optimizer, write the run's header files."""
     if cfg.attention == "flex" and proc.device.type != "cuda":
         raise ConfigError(f"attention 'flex' trains on CUDA only (PyTorch has no FlexAttention backward on CPU); "
                           f"this run's device is {proc.device.type}: use attention 'sdpa'")
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
-    run, W = cfg.run_dir, proc.world_size
-    data_rank, data_world, context_mesh = data_and_context_split(proc, cfg.context_parallel)
-    ckpt_root = run / "checkpoints"
-    last = ckpt.latest_checkpoint(ckpt_root)
+    root = cfg.run_dir / "checkpoints"
+    last = ckpt.latest_checkpoint(root)
     if last is not None and not cfg.resume:
-        raise TrainingError(f"{run} already holds checkpoint {last.name}; pass --resume to continue it, "
+        raise TrainingError(f"{cfg.run_dir} already holds checkpoint {last.name}; pass --resume to continue it, "
                             "or give another --name")
     if cfg.resume and last is None:
-        raise TrainingError(f"nothing to resume: no checkpoint in {ckpt_root}")
+        raise TrainingError(f"nothing to resume: no checkpoint in {root}")
     base = load_base(cfg.init_from) if cfg.init_from else None
-    resumed = ckpt.load_latest(ckpt_root, say=print if proc.main else lambda message: None) if cfg.resume else None
+    resumed = ckpt.load_latest(root, say=print if proc.main else lambda message: None) if cfg.resume else None
     last = resumed[0] if resumed is not None else None
     config = (load_config(last / "config.json") if last is not None else base.config if base is not None
               else model_config(cfg.model))
     data = load_data(cfg)
-    if last is not None:
-        tokenizer = Tokenizer.from_file(last)
-    elif cfg.init_from and not cfg.tokenizer:
-        tokenizer = Tokenizer.from_file(cfg.init_from)  # the vocabulary the weights were trained with
-    else:
-        tokenizer = Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else Tokenizer.train(data.texts, cfg.vocab_size)
-        config = fit_to_tokenizer(config, tokenizer)
+    config, tokenizer = choose_tokenizer(cfg, config, data, last)
     collator = make_collator(config, tokenizer, cfg.max_len)
     if collator.max_len > collator.format.max_len:
         raise ConfigError(f"max_len must be at most the model's context of {collator.format.max_len} tokens, "
                           f"got {collator.max_len}")
-    pairs = isinstance(config, ContrastiveConfig)
-    if pairs and (cfg.pack or cfg.context_parallel > 1):
+    if isinstance(config, ContrastiveConfig) and (cfg.pack or cfg.context_parallel > 1):
         raise ConfigError("a dual encoder trains on image-caption pairs, one per row: --pack and --context-parallel "
                           "do not apply")
-    # a dual encoder's loss over every process: each one's images against all the processes' captions
-    loss_options = {"all_ranks": True} if pairs and data_world > 1 else {}
+    hooks = ([EvalLoss(data.eval, collator, cfg.batch_size, cfg.pack, proc.device)] if data.eval else []) + (
+        hooks if proc.world_size == 1 else [])  # generation on a model sharded over processes is not collective-safe
+    best = Best(best_metric(cfg, hooks))
     check_documents(collator, data)
+    model, layout = build_model(cfg, config, data, base, last, proc)
+    run = Run(cfg, proc, config, tokenizer, collator, data, model, make_optimizer(model, cfg), hooks, best, layout)
+    if last is not None:
+        resume(run, resumed[1])
+        if proc.main:
+            print(f"resumed from {last} at step {run.step}", flush=True)
+    else:
+        random.seed(cfg.seed + proc.rank)
+        np.random.seed(cfg.seed + proc.rank)
+        torch.manual_seed(cfg.seed + proc.rank)  # each rank its own dropout stream
+    if proc.main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(cfg.run_dir)
+        cfg.to_json(cfg.run_dir / "train_config.json")
+        n_params = sum(p.numel() for p in model.parameters())
+        lora = f" ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable: LoRA rank " \
+               f"{cfg.lora_rank})" if cfg.lora_rank else ""
+        keep = f"; keeps the best checkpoint by {best.metric}" if best.metric else ""
+        print(f"{type(config).__name__} ~{n_params / 1e6:.2f}M parameters{lora}, vocab {tokenizer.vocab_size}, "
+              f"{proc.world_size} process(es) on {proc.device}; run dir {cfg.run_dir}{keep}", flush=True)
+    run.log = Log(cfg.run_dir, run.step, cfg.max_steps, proc.main)
+    return run
+
+
+def choose_tokenizer(cfg: TrainConfig, config: Config, data: Data, last: Path | None) -> tuple[Config, Tokenizer]:
+    """A resumed run's tokenizer, a fine-tuned model's, the one given, or a BPE trained on the data's text (the
+    model's vocabulary then fitted to it)."""
+    if last is not None:
+        return config, Tokenizer.from_file(last)
+    if cfg.init_from and not cfg.tokenizer:
+        return config, Tokenizer.from_file(cfg.init_from)  # the vocabulary the weights were trained with
+    tokenizer = Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else Tokenizer.train(data.texts, cfg.vocab_size)
+    return fit_to_tokenizer(config, tokenizer), tokenizer
+
+
+def best_metric(cfg: TrainConfig, hooks: list[EvalHook]) -> str | None:
+    """The metric --keep-best names ("auto": the first hook's first metric past the eval loss, else the eval
+    loss; "none": none), checked against what the run's evals measure before any training."""
+    measured = [m for hook in hooks for m in hook.metrics]
+    if cfg.keep_best == "none":
+        metric = None
+    elif cfg.keep_best == "auto":
+        metric = next((m for m in measured if m != "eval_loss"), measured[0] if measured else None)
+    elif cfg.keep_best not in measured:
+        why = " (a hook's metrics are measured in 1-process runs only)" if cfg.keep_best else ""
+        raise ConfigError(f"keep_best {cfg.keep_best!r} is not measured by this run's evals{why}: expected one of "
+                          f"{measured or 'nothing (give --eval-data for an eval loss)'}, 'auto' or 'none'")
+    else:
+        metric = cfg.keep_best
+    if cfg.early_stop is not None and metric is None:
+        raise ConfigError("early_stop counts evals without a better keep_best metric: this run measures none "
+                          "(give --eval-data, or leave out --early-stop)")
+    return metric
+
+
+def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path | None, proc):
+    """The model on its device, wrapped for FSDP/DDP (and LoRA, activation checkpointing, compile, context
+    parallelism as asked), with the adapter layout of a LoRA run (else None)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # takes seconds: only when training
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(config, backend=cfg.attention)
     if cfg.trainable is not None:  # before any work: an unknown part is an error naming the model's parts
@@ -378,16 +478,16 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
     elif last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
         fit_image_tokenizers(model, data.train, cfg.vq_steps, cfg.seed,
                              say=lambda line: print(line, flush=True) if proc.main else None, show_progress=proc.main)
+    _, _, context_mesh = data_and_context_split(proc, cfg.context_parallel)
     if context_mesh is not None:  # its processes read the same documents: data parallel over data_world only
         model = context_parallel(model, context_mesh)
-    n_params = sum(p.numel() for p in model.parameters())
+    layout = None
     if cfg.lora_rank is not None:
         targets = [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
         add_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, targets, cfg.lora_dropout)
         if last is not None:
             load_adapter(model, last)
-    layout = adapter_layout(model) if cfg.lora_rank is not None else None  # before wrappers rename modules
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        layout = adapter_layout(model)  # before wrappers rename modules
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block),
@@ -396,116 +496,141 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
     if cfg.compile:
         for block in blocks:
             block.compile()
-    model = parallelize(model.to(proc.device), cfg.parallel, blocks)
-    optimizer = make_optimizer(model, cfg)
-    step = docs_seen = 0
-    if last is not None:
-        model_state, optimizer_state, state = resumed[1]
-        if model_state is not None:  # a LoRA run's adapter was loaded before sharding, its base from init_from
-            set_model_state_dict(model, model_state, options=full)
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
-        step, docs_seen = state["step"], state["docs_seen"]
-        ckpt.set_rng_state(state["rng"][proc.rank % len(state["rng"])])  # each rank its own, if as many ranks
-        if proc.main:
-            print(f"resumed from {last} at step {step}", flush=True)
-    else:
-        random.seed(cfg.seed + proc.rank)
-        np.random.seed(cfg.seed + proc.rank)
-        torch.manual_seed(cfg.seed + proc.rank)  # each rank its own dropout stream
-    if proc.main:
-        run.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(run)
-        cfg.to_json(run / "train_config.json")
-        lora = f" ({n_trainable:,} trainable: LoRA rank {cfg.lora_rank})" if cfg.lora_rank else ""
-        print(f"{type(config).__name__} ~{n_params / 1e6:.2f}M parameters{lora}, vocab {tokenizer.vocab_size}, "
-              f"{W} process(es) on {proc.device}; run dir {run}", flush=True)
-    log = Log(run, step, cfg.max_steps, proc.main)
-    autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if proc.device.type == "cuda"
-                else contextlib.nullcontext)
+    return parallelize(model.to(proc.device), cfg.parallel, blocks), layout
+
+
+def resume(run: Run, state: tuple) -> None:
+    """Weights, optimizer, step, data position, best-so-far and each rank's RNG streams from a checkpoint."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model_state, optimizer_state, trainer_state = state
+    if model_state is not None:  # a LoRA run's adapter was loaded before sharding, its base from init_from
+        set_model_state_dict(run.model, model_state, options=full_state())
+    set_optimizer_state_dict(run.model, run.optimizer, optimizer_state, options=full_state())
+    run.step, run.docs_seen = trainer_state["step"], trainer_state["docs_seen"]
+    best = trainer_state.get("best", {})
+    if best.get("metric") == run.best.metric:  # a run resumed with another --keep-best starts its count afresh
+        run.best = Best(**best)
+        if run.proc.main and run.best.step is not None:  # a kill between a best checkpoint and best.json
+            ckpt.write_best(run.root, run.best.step, run.best.metric, run.best.value)
+    ckpt.set_rng_state(trainer_state["rng"][run.proc.rank % len(trainer_state["rng"])])  # each rank its own
+
+
+def full_state():
+    """Whole tensors on rank 0's CPU: what a checkpoint holds."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions  # takes seconds: only when training
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def interrupted_save(run: Run, interrupted: list[bool]) -> bool:
+    """On the first Ctrl-C of any rank (every rank learns of it here), save and raise TrainingInterrupted."""
+    if not all_reduce_sum(torch.tensor([float(interrupted[0])], device=run.proc.device)).item():
+        return False
+    save(run)
+    raise TrainingInterrupted(f"interrupted at step {run.step}/{run.cfg.max_steps}: saved checkpoint "
+                              f"{ckpt.step_dir(run.root, run.step)}; continue with --resume")
+
+
+def train_step(run: Run) -> None:
+    """One optimizer step on the next global batch; its record goes to metrics.jsonl."""
+    cfg, device, W, t = run.cfg, run.proc.device, run.proc.world_size, time.time()
+    data_rank, data_world, _ = data_and_context_split(run.proc, cfg.context_parallel)
+    lr = lr_at(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     B = cfg.batch_size
+    # micro-batch m of data rank r takes documents [(m * data_world + r) * B, ... + B) of this step's slice
+    micro = [run.collator([run.data.train(run.docs_seen + (m * data_world + data_rank) * B + j) for j in range(B)],
+                          pack=cfg.pack) for m in range(cfg.grad_accum)]
+    counts = all_reduce_sum(torch.tensor([float(sum(count_targets(b) for b in micro)),
+                                          float(sum(int(b["attention_mask"].sum()) for b in micro))],
+                                         device=device))  # NCCL reduces device tensors only
+    # counted once per process of a context group, which compute the same loss: the sum of their
+    # gradients is context_parallel times theirs, and W / n_targets undoes both
+    n_targets, n_tokens = counts.tolist()
+    # a dual encoder's loss over every process: each one's images against all the processes' captions
+    loss_options = {"all_ranks": True} if isinstance(run.config, ContrastiveConfig) and data_world > 1 else {}
+    total = torch.zeros((), device=device)
+    for m, batch in enumerate(micro):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with gradient_sync(run.model, m == len(micro) - 1):
+            with autocast(device):
+                loss_sum = run.model(**batch, **loss_options).loss.float() * count_targets(batch)
+            (loss_sum * (W / n_targets)).backward()  # DDP/FSDP average over ranks: undo it
+        total += loss_sum.detach()
+    loss = all_reduce_sum(total).item() / n_targets
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingError(f"loss {loss} / gradient norm {grad_norm} is not finite at step {run.step + 1} "
+                            f"(lr {lr:.2e}); stopped before updating the weights. Last checkpoint: "
+                            f"{ckpt.latest_checkpoint(run.root) or 'none'}. Try a lower --lr or a --grad-clip.")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step, run.docs_seen = run.step + 1, run.docs_seen + B * cfg.grad_accum * data_world
+    run.log.write({"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": n_tokens / cfg.context_parallel, "step_s": time.time() - t},
+                  show=run.step % cfg.log_every == 0 or run.step in (1, cfg.max_steps))
 
-    def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(proc.device, non_blocking=True) for k, v in batch.items()}
 
-    def evaluate() -> float:
-        """Mean eval loss over all eval documents; every rank computes it (FSDP needs them all)."""
-        model.eval()
-        total = n = 0.0
-        with torch.no_grad(), autocast():
-            for i in range(0, len(data.eval), B):
-                batch = on_device(collator(data.eval[i:i + B], pack=cfg.pack))
-                k = count_targets(batch)
-                total, n = total + model(**batch).loss.item() * k, n + k
-        model.train()
-        return total / n
-
-    def save() -> None:
-        model_state = get_model_state_dict(model, options=full)
-        optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
-        rngs = gather_objects(ckpt.rng_state())
-        if proc.main:
-            state = {"step": step, "docs_seen": docs_seen, "rng": rngs, "train_config": cfg.to_dict(),
-                     "data_source": {k: v if v in (None, "world") else str(Path(v).resolve())  # for `polymodal eval`
-                                     for k, v in (("data", cfg.data), ("eval_data", cfg.eval_data))}}
-            if cfg.lora_rank is None:
-                ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), config, model_state, optimizer_state, state,
-                                     tokenizer)
-            else:  # only the adapter trained: it is what the checkpoint keeps
-                base_dir = Path(cfg.init_from).resolve()
-                ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), config, None, optimizer_state, state, tokenizer,
-                                     write_adapter=lambda d: write_adapter(layout, d, model_state, base_dir))
-            ckpt.prune(ckpt_root, cfg.keep_checkpoints)
+def evaluate(run: Run) -> bool:
+    """Measure every hook; keep this step's checkpoint when it is the best so far. True: stop early."""
+    run.model.eval()
+    metrics = {}
+    for hook in run.hooks:
+        metrics.update(hook(run.model, run.tokenizer))
+    run.model.train()
+    run.log.write({"step": run.step, **metrics}, show=True, best=run.best.metric)
+    if run.best.update(run.step, metrics):
+        if not saved(run):
+            save(run)
+        if run.proc.main:
+            ckpt.write_best(run.root, run.step, run.best.metric, run.best.value)
+            ckpt.prune(run.root, run.cfg.keep_checkpoints)
         barrier()
+    stop = run.cfg.early_stop is not None and run.best.stale >= run.cfg.early_stop
+    if stop and run.proc.main:
+        print(f"early stop at step {run.step}: {run.best.metric} has not improved in {run.best.stale} evals since "
+              f"step {run.best.step} ({run.best.value:.4g})", flush=True)
+    return stop
 
-    model.train()
-    while step < cfg.max_steps:
-        t = time.time()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # micro-batch m of data rank r takes documents [(m * data_world + r) * B, ... + B) of this step's slice
-        micro = [collator([data.train(docs_seen + (m * data_world + data_rank) * B + j) for j in range(B)], pack=cfg.pack)
-                 for m in range(cfg.grad_accum)]
-        counts = all_reduce_sum(torch.tensor([float(sum(count_targets(b) for b in micro)),
-                                              float(sum(int(b["attention_mask"].sum()) for b in micro)),
-                                              float(interrupted[0])],
-                                             device=proc.device))  # NCCL reduces device tensors only
-        # counted once per process of a context group, which compute the same loss: the sum of their
-        # gradients is context_parallel times theirs, and W / n_targets undoes both
-        n_targets, n_tokens, n_interrupted = counts.tolist()
-        if n_interrupted:  # every rank learns of a Ctrl-C here, so all of them save and stop together
-            save()
-            raise TrainingInterrupted(f"interrupted at step {step}/{cfg.max_steps}: saved checkpoint "
-                                      f"{ckpt.step_dir(ckpt_root, step)}; continue with --resume")
-        total = torch.zeros((), device=proc.device)
-        for m, batch in enumerate(micro):
-            batch = on_device(batch)
-            with gradient_sync(model, m == len(micro) - 1):
-                with autocast():
-                    loss_sum = model(**batch, **loss_options).loss.float() * count_targets(batch)
-                (loss_sum * (W / n_targets)).backward()  # DDP/FSDP average over ranks: undo it
-            total += loss_sum.detach()
-        loss = all_reduce_sum(total).item() / n_targets
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = ckpt.latest_checkpoint(ckpt_root)
-            raise TrainingError(f"loss {loss} / gradient norm {grad_norm} is not finite at step {step + 1} "
-                                f"(lr {lr:.2e}); stopped before updating the weights. Last checkpoint: "
-                                f"{last or 'none'}. Try a lower --lr or a --grad-clip.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, docs_seen = step + 1, docs_seen + B * cfg.grad_accum * data_world
-        log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens / cfg.context_parallel,
-                   "step_s": time.time() - t}, show=step % cfg.log_every == 0 or step in (1, cfg.max_steps))
-        if data.eval and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            record = {"step": step, "eval_loss": evaluate()}
-            if cfg.data == "world" and W == 1:  # generation on a model sharded over processes is not collective-safe
-                record["eval_accuracy"] = task_accuracy(model, tokenizer, cfg.tasks)
-            log.write(record, show=True)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            save()
-    log.plot(run / "loss.png")
-    if proc.main:
-        print(f"done: {step} steps; checkpoint {ckpt.latest_checkpoint(ckpt_root)}", flush=True)
-    return run
+
+def saved(run: Run) -> bool:
+    """Whether this step's checkpoint is written (a best one, or a run resumed at its last step)."""
+    return ckpt.step_dir(run.root, run.step).is_dir()
+
+
+def save(run: Run) -> None:
+    """A checkpoint of this step (every rank takes part in gathering the state; the main rank writes)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    cfg = run.cfg
+    model_state = get_model_state_dict(run.model, options=full_state())
+    optimizer_state = get_optimizer_state_dict(run.model, run.optimizer, options=full_state())
+    rngs = gather_objects(ckpt.rng_state())
+    if run.proc.main:
+        state = {"step": run.step, "docs_seen": run.docs_seen, "rng": rngs, "train_config": cfg.to_dict(),
+                 "best": vars(run.best),
+                 "data_source": {k: v if v in (None, "world") else str(Path(v).resolve())  # for `polymodal eval`
+                                 for k, v in (("data", cfg.data), ("eval_data", cfg.eval_data))}}
+        directory = ckpt.step_dir(run.root, run.step)
+        if cfg.lora_rank is None:
+            ckpt.save_checkpoint(directory, run.config, model_state, optimizer_state, state, run.tokenizer)
+        else:  # only the adapter trained: it is what the checkpoint keeps
+            base_dir = Path(cfg.init_from).resolve()
+            ckpt.save_checkpoint(directory, run.config, None, optimizer_state, state, run.tokenizer,
+                                 write_adapter=lambda d: write_adapter(run.layout, d, model_state, base_dir))
+        ckpt.prune(run.root, cfg.keep_checkpoints)
+    barrier()
+
+
+def finish(run: Run) -> None:
+    """A checkpoint of the last step (an early stop's), loss.png, and the line naming the checkpoints."""
+    if not saved(run):
+        save(run)
+    run.log.plot(run.cfg.run_dir / "loss.png")
+    if run.proc.main:
+        best = f"; best {ckpt.step_dir(run.root, run.best.step)} by {run.best.metric} ({run.best.value:.4g})" \
+            if run.best.step is not None else ""
+        print(f"done: {run.step} steps; checkpoint {ckpt.latest_checkpoint(run.root)}{best}", flush=True)

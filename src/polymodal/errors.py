@@ -32,6 +32,33 @@ class CheckpointError(PolymodalError, ValueError):
     """A checkpoint directory that cannot be read (corrupt or truncated files, a bad index) or written."""
 
 
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong Python type (a string where a list is expected, a module that is no Linear)."""
+
+
+class MissingFileError(PolymodalError, FileNotFoundError):
+    """A file or directory the user named that does not exist, or lacks the file polymodal reads from it."""
+
+
+class ExistingFileError(PolymodalError, FileExistsError):
+    """A file or directory polymodal would overwrite without being asked."""
+
+
+class PathKindError(PolymodalError, IsADirectoryError, NotADirectoryError):
+    """A directory where a file is expected, or a file where a directory is."""
+
+
+class UnknownNameError(PolymodalError, KeyError):
+    """An unknown preset or token name. `str()` is the message itself (KeyError's would quote it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class StorageError(PolymodalError, OSError):
+    """A write the file system refused: a full disk, a read-only folder, no permission."""
+
+
 def check_number(name: str, value: Any, *, integer: bool = False, above: float | None = None,
                  at_least: float | None = None, below: float | None = None, at_most: float | None = None,
                  error: type = InputError) -> Any:
@@ -52,9 +79,35 @@ def check_number(name: str, value: Any, *, integer: bool = False, above: float |
     return value
 
 
-def check_pixel_values(pixel_values: Any, channels: int, size: int, batch: str = "num_images") -> None:
-    """A clear error unless pixel_values is (batch, channels, size, size), the batch dimension named `batch`."""
-    expected = (channels, size, size)
-    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-        raise InputError(f"pixel_values must be ({batch}, {', '.join(map(str, expected))}), "
-                         f"got {tuple(pixel_values.shape)}")
+def check_media(name: str, values: Any, shape: tuple[int | str, ...]) -> None:
+    """A clear error unless `values` is a floating-point tensor of `shape` (a str entry: any size, named so in
+    the message) holding only finite numbers: NaN or inf pixels or audio features would reach the encoder and
+    come out as NaN logits, then pad tokens, with no word."""
+    import torch  # errors.py sits below every layer; torch is only needed once a tensor is checked
+
+    if not isinstance(values, torch.Tensor):
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
+    wanted = f"({', '.join(map(str, shape))})"
+    if values.dim() != len(shape) or any(isinstance(w, int) and g != w for g, w in zip(values.shape, shape)):
+        raise InputError(f"{name} must be {wanted}, got {tuple(values.shape)}")
+    check_finite(name, values)
+
+
+def check_finite(name: str, values: Any) -> None:
+    """A clear error unless the tensor `values` is floating point and holds only finite numbers."""
+    import torch
+
+    if not values.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor (scaled pixels, log-mel features or embeddings), "
+                         f"got {values.dtype}; preprocess media with the model's processor")
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        bad = values[~torch.isfinite(values)]
+        raise InputError(f"{name} must hold finite numbers, got {bad.numel()} NaN or infinite values "
+                         f"(first: {bad[0].item()})")
+
+
+def check_pixel_values(pixel_values: Any, channels: int, size: int, batch: str = "num_images",
+                       name: str = "pixel_values") -> None:
+    """A clear error unless pixel_values is a finite float (batch, channels, size, size) tensor, the batch
+    dimension named `batch`."""
+    check_media(name, pixel_values, (batch, channels, size, size))

@@ -8,7 +8,8 @@ One document per line:
         {"text": "red", "target": true}]}
 
 A segment has exactly one kind key: `text` (a string), `image` (a path), `audio` (a path to a
-16-bit PCM mono .wav) or `video` (a non-empty list of frame image paths). Paths are relative to
+wav file of PCM or float samples, any channel count and rate: resampled to the audio
+encoder's rate when encoded) or `video` (a non-empty list of frame image paths). Paths are relative to
 the JSONL file's directory. By default a path may point anywhere the reading process may read (an
 absolute path, `..`): a JSONL file is trusted like a script. `strict_paths=True` (`polymodal train
 --strict-paths`; `polymodal serve` reads so always) refuses any media path that resolves outside the
@@ -37,6 +38,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+from polymodal.data import media
 from polymodal.errors import DocumentError
 
 KINDS = ("text", "image", "audio", "video")
@@ -113,17 +115,10 @@ class Document:
 # wav
 
 def read_wav(f: str | Path | BinaryIO) -> Audio:
-    """A 16-bit PCM mono wav as float32 in [-1, 1]; ValueError for any other format."""
-    with wave.open(str(f) if isinstance(f, Path) else f, "rb") as w:
-        if w.getsampwidth() != 2 or w.getnchannels() != 1:
-            raise ValueError(f"{8 * w.getsampwidth()}-bit samples in {w.getnchannels()} channel(s), "
-                             "not 16-bit mono")
-        n = w.getnframes()
-        frames = w.readframes(n)
-        if len(frames) != 2 * n:
-            raise ValueError(f"truncated: header says {n} samples, file holds {len(frames) // 2}")
-        pcm = np.frombuffer(frames, dtype="<i2").astype(np.float32)
-        return Audio(np.clip(pcm / 32767, -1.0, 1.0), w.getframerate())
+    """A wav file of PCM or float samples (any common bit depth and channel count, `media.read_wav`) as mono
+    float32 at its own sample rate; ValueError saying what the file holds when it cannot be read."""
+    waveform, rate = media.read_wav(f)
+    return Audio(waveform, rate)
 
 
 def wav_bytes(audio: Audio) -> bytes:
@@ -271,7 +266,7 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_pa
 
 
 def load_media(path: str | Path, kind: str) -> Image.Image | Audio:
-    """An image (RGB) or a 16-bit mono wav file; ValueError saying what was expected and what was given."""
+    """An image (RGB, `media.to_rgb`) or a wav file (mono, `media.read_wav`); ValueError saying what was expected and what was given."""
     try:
         return _load(str(path), kind, "")
     except _Invalid as e:
@@ -286,13 +281,12 @@ def _load(path: str, kind: str, where: str) -> Image.Image | Audio:
     try:
         if kind == "audio":
             return read_wav(path)
-        with Image.open(path) as im:  # reads the header only
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise _Invalid(where, f"expected an image of at most {MAX_IMAGE_PIXELS:,} pixels, got {path!r} of "
-                                      f"{im.width}x{im.height}; resize it first")
-            return im.convert("RGB")  # decodes the whole file, so corruption shows up here
-    except (OSError, EOFError, ValueError, wave.Error, Image.DecompressionBombError) as e:
-        expected = "a 16-bit PCM mono wav file" if kind == "audio" else "a readable image file"
+        return media.open_image(path, MAX_IMAGE_PIXELS)
+    except media.TooLarge as e:
+        raise _Invalid(where, f"expected an image of at most {MAX_IMAGE_PIXELS:,} pixels, got {path!r} of "
+                              f"{e.width}x{e.height}; resize it first") from e
+    except (OSError, EOFError, ValueError, Image.DecompressionBombError) as e:
+        expected = "a wav file of PCM or float samples" if kind == "audio" else "a readable image file"
         raise _Invalid(where, f"expected {expected}, got {path!r} ({e})") from e
 
 

@@ -8,15 +8,18 @@ size and special token ids from a tokenizer. Batching is `collate.py`'s. Formats
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.data.documents import Document
+from polymodal.data.media import check_waveform, resample
 from polymodal.data.processors import CLIP_MEAN, CLIP_STD, ImageProcessor, images_to_pixels
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.mel import AudioFeatureExtractor
+from polymodal.errors import DocumentError
 from polymodal.fusion.configs import ChameleonConfig, GeminiConfig, KosmosConfig, MediaTokens, PaliGemmaConfig
 
 IGNORE = -100
@@ -183,8 +186,9 @@ class GeminiFormat:
     ended by "\\n" (the last by <eos>) and each media a span `<img> P*n </img>` (`<audio>`, `<video>`);
     labels on target text and, for a model with image output (vq), on target images: `tokens.draw` spans
     whose placeholders the model fills with the image's VQ codes (`models/drawing.py`). Images (and video
-    frames) are resized to image_size and scaled to [-1, 1]; audio becomes Whisper log-mel, and must come at
-    the encoder's sampling rate and fit its window (a longer clip is an error, never cut silently)."""
+    frames) are resized to image_size and scaled to [-1, 1]; audio at any sample rate is resampled to
+    the encoder's and becomes Whisper log-mel; it must fit the encoder's window (a longer clip is an error, never
+    cut silently)."""
 
     def __init__(self, config: GeminiConfig, tokenizer):
         self.config, self.tokenizer = config, tokenizer
@@ -247,12 +251,7 @@ class GeminiFormat:
         if seg.kind == "audio":
             if self.audio is None:
                 raise ValueError(f"{name} has an audio segment but this model has no audio encoder")
-            clip = seg.media
-            if len(clip.waveform) > self.audio.n_samples:  # refused: the extractor would cut it silently
-                raise ValueError(f"{name} has an audio clip of {len(clip.waveform) / clip.sample_rate:g} s; the "
-                                 f"audio encoder hears at most {self.audio.chunk_length} s: cut it into clips")
-            features = self.audio(clip.waveform, sampling_rate=clip.sample_rate)
-            return "input_features", features[None], cfg.tokens_per_clip
+            return "input_features", self._audio(seg.media, name)[None], cfg.tokens_per_clip
         frames = list(seg.media or [])
         if not frames:
             raise ValueError(f"{name} has a video with no frames; a video needs at least one frame")
@@ -260,6 +259,17 @@ class GeminiFormat:
             raise ValueError(f"{name} has a video of {len(frames)} frames; this model embeds at most "
                              f"max_frames={cfg.max_frames}")
         return "pixel_values_videos", self.images(frames)[None], len(frames) * cfg.tokens_per_image
+
+
+    def _audio(self, clip, name: str) -> torch.Tensor:
+        """A clip at any sample rate -> log-mel at the encoder's rate. Its length is counted in seconds before
+        resampling, so a clip past the window is refused for that, whatever its rate, never cut silently."""
+        check_waveform(clip.waveform, clip.sample_rate)
+        rate, seconds = self.audio.sampling_rate, len(clip.waveform) / clip.sample_rate
+        if math.ceil(len(clip.waveform) * rate / clip.sample_rate) > self.audio.n_samples:
+            raise DocumentError(f"{name} has an audio clip of {seconds:g} s (at {clip.sample_rate} Hz); the audio "
+                                f"encoder hears at most {self.audio.chunk_length} s: cut it into clips")
+        return self.audio(resample(clip.waveform, clip.sample_rate, rate), sampling_rate=rate)
 
 
 class ChameleonFormat:

@@ -15,6 +15,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from polymodal.data.media import to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _RESAMPLE = {"bilinear": PIL.Image.Resampling.BILINEAR, "bicubic": PIL.Image.Resampling.BICUBIC}
@@ -74,7 +76,7 @@ class ImageProcessor:
 
     def _resize_and_crop(self, image: PIL.Image.Image) -> np.ndarray:
         if self.do_convert_rgb:
-            image = _to_rgb(image)
+            image = to_rgb(image)
         w, h = image.size
         if isinstance(self.size, int):
             # int() truncation, as torchvision/HF do for the long edge.
@@ -146,14 +148,6 @@ _HF_KINDS: dict[str, dict[str, Any]] = {
         "int_is_square": True,
     },
 }
-
-
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    # Transparent pixels become white, not black, as in HF's convert_to_rgb.
-    if "A" in image.getbands() or "transparency" in image.info:
-        white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
 
 
 def _center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from polymodal.encoders.vit import ViT
-from polymodal.errors import InputError
+from polymodal.errors import InputError, check_finite
 from polymodal.fusion.configs import FlamingoConfig
 from polymodal.fusion.cross_attention import gated_cross_attention_block
 from polymodal.fusion.perceiver import build_resampler
@@ -99,6 +99,7 @@ class Flamingo(nn.Module):
             if feats.dim() != 4 or feats.shape[2:] != (self.config.perceiver.n_latents, D):
                 raise ValueError(f"perceiver_embeddings must be (B, N, {self.config.perceiver.n_latents}, {D}), "
                                  f"got shape {tuple(feats.shape)}")
+            check_finite("perceiver_embeddings", feats)
             return feats.to(dtype)
         if pixel_values is not None:
             feats = self.encode_images(pixel_values)
@@ -107,6 +108,7 @@ class Flamingo(nn.Module):
             if feats.dim() not in (4, 5) or feats.shape[-1] != D:
                 raise ValueError(f"image_encoder_embeddings must be (B, N, V, {D}) or (B, N, F, V, {D}), "
                                  f"got shape {tuple(feats.shape)}")
+            check_finite("image_encoder_embeddings", feats)
             feats = feats.to(dtype)
         if self.perceiver is not None:
             return self.perceiver(feats, media_mask)

@@ -13,13 +13,13 @@ import base64
 import binascii
 import io
 import json
-import wave
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from polymodal.data.documents import Document, Segment, read_wav
+from polymodal.data.media import TooLarge, open_image
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # stop strings per request, as OpenAI
@@ -169,11 +169,10 @@ def _image(part: dict, where: str, limits: Limits) -> Image.Image:
                        f"{where}.image_url")
     raw = _base64(data, f"{where}.image_url", limits)
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.width * im.height > limits.max_image_pixels:
-                raise ApiError(413, f"{where}.image_url is {im.width}x{im.height} pixels, over the limit of "
-                                    f"{limits.max_image_pixels} pixels", f"{where}.image_url")
-            return im.convert("RGB")
+        return open_image(raw, limits.max_image_pixels)
+    except TooLarge as e:
+        raise ApiError(413, f"{where}.image_url is {e.width}x{e.height} pixels, over the limit of "
+                            f"{limits.max_image_pixels} pixels", f"{where}.image_url") from e
     except (OSError, EOFError, ValueError, Image.DecompressionBombError) as e:
         raise ApiError(400, f"{where}.image_url is not a decodable image ({e})", f"{where}.image_url") from e
 
@@ -188,8 +187,9 @@ def _audio(part: dict, where: str, limits: Limits):
                        f"{where}.input_audio")
     try:
         return read_wav(io.BytesIO(_base64(spec["data"], f"{where}.input_audio", limits)))
-    except (wave.Error, EOFError, ValueError) as e:
-        raise ApiError(400, f"{where}.input_audio is not a 16-bit PCM mono wav ({e})", f"{where}.input_audio") from e
+    except (EOFError, ValueError) as e:
+        raise ApiError(400, f"{where}.input_audio is not a wav file of PCM or float samples ({e})",
+                       f"{where}.input_audio") from e
 
 
 def _segments(content: Any, where: str, limits: Limits) -> list[Segment]:

@@ -275,5 +275,5 @@ def test_audio_longer_than_the_encoder_window_is_refused():
     collator = Collator(config, tok)
     clip = lambda seconds: Audio(np.zeros(int(16000 * seconds), dtype=np.float32), 16000)
     assert collator.encode(Document([Segment("audio", media=clip(1.0)), Segment("text", "a beep", target=True)]))
-    with pytest.raises(ValueError, match="has an audio clip of 1.5 s; the audio encoder hears at most 1 s: cut it"):
+    with pytest.raises(ValueError, match=r"has an audio clip of 1.5 s \(at 16000 Hz\); the audio encoder hears at most 1 s: cut it"):
         collator.encode(Document([Segment("audio", media=clip(1.5)), Segment("text", "a beep", target=True)]))

@@ -24,7 +24,7 @@ from pathlib import Path
 from polymodal.config import ConfigError
 from polymodal.data.documents import DocumentError
 from polymodal.data.synthetic import COT_TASKS
-from polymodal.errors import PolymodalError
+from polymodal.errors import InputError, MissingFileError, PathKindError, PolymodalError
 from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
@@ -126,7 +126,7 @@ def _checkpoint_dir(path: str) -> Path:
         return p
     last = latest_checkpoint(p / "checkpoints")
     if last is None:
-        raise FileNotFoundError(f"{p} is neither a model directory (no config.json) nor a run directory with "
+        raise MissingFileError(f"{p} is neither a model directory (no config.json) nor a run directory with "
                                 "checkpoints; train one with `polymodal train`")
     return last
 
@@ -166,25 +166,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
             try:
                 segments.append(Segment(kind, media=load_media(path, kind)))
             except ValueError as e:
-                raise ValueError(f"{flag}: {e}") from e
+                raise InputError(f"{flag}: {e}") from e
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     draft = _load(args.assistant)[1] if args.assistant is not None else None
     if not hasattr(model, "make_cache"):
-        raise ValueError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
+        raise InputError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
                          "nothing; score it with `polymodal eval`")
     collator = make_collator(model.config, tokenizer)
     prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
     context = collator.format.max_len
     if len(prompt) + args.max_new_tokens > context:
         media = " (media placeholders included)" if segments else ""
-        raise ValueError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {args.max_new_tokens}: "
+        raise InputError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {args.max_new_tokens}: "
                          f"{len(prompt) + args.max_new_tokens} in all, past the model's context of {context} tokens "
                          f"({directory})")
     batch = collator.pad([prompt])
     del batch["labels"]
     draws = getattr(model, "image_spans", None) is not None  # a model that writes images (Chameleon)
     if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():
-        raise NotADirectoryError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
+        raise PathKindError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
     new = generate(model, **batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws,
@@ -206,13 +206,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from polymodal.evaluate_cot import VALIDATION_START
 
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise InputError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.cot_k < 1 or args.cot_validation < 1:
-        raise ValueError(f"--cot-k and --cot-validation must be >= 1, got {args.cot_k} and {args.cot_validation}")
+        raise InputError(f"--cot-k and --cot-validation must be >= 1, got {args.cot_k} and {args.cot_validation}")
     if args.n > VALIDATION_START and any(t in COT_TASKS for t in args.tasks or ()):
-        raise ValueError(f"--n must be <= {VALIDATION_START} for chain-of-thought tasks (their validation questions "
+        raise InputError(f"--n must be <= {VALIDATION_START} for chain-of-thought tasks (their validation questions "
                          f"start at eval example {VALIDATION_START}), got {args.n}")
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     tasks = args.tasks
@@ -249,17 +249,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     source, target = Path(args.source), Path(args.target)
     if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{source} has no config.json: not a checkpoint directory")
+        raise MissingFileError(f"{source} has no config.json: not a checkpoint directory")
     if target.resolve() == source.resolve():
-        raise ValueError(f"convert writes a new directory: the target {target} is the source itself, whose "
+        raise InputError(f"convert writes a new directory: the target {target} is the source itself, whose "
                          "config.json and weights it would replace; give another target")
     if args.to == "hf":
         if args.model_type not in FAMILIES:
-            raise ValueError(f"--to hf needs --model-type, one of {sorted(FAMILIES)}; got {args.model_type!r}")
+            raise InputError(f"--to hf needs --model-type, one of {sorted(FAMILIES)}; got {args.model_type!r}")
         save_hf(pm.from_pretrained(source), target, args.model_type)
     else:
         if "config_class" in json.loads((source / "config.json").read_text()):
-            raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
+            raise InputError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
         pm.save_pretrained(load_hf(source), target)
     for name in TOKENIZER_FILES:  # so that generate/eval find the tokenizer beside the weights
         if (source / name).is_file():
@@ -271,7 +271,7 @@ def cmd_export_data(args: argparse.Namespace) -> None:
     from polymodal.data.synthetic import export_jsonl
 
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise InputError(f"--n must be >= 1, got {args.n}")
     export_jsonl(WORLD, args.output, args.split, args.n, args.tasks)
     print(f"wrote {args.n} documents to {args.output}")
 
@@ -280,10 +280,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         from polymodal.serve.app import serve
     except ImportError as e:
-        raise ValueError(f"serving needs FastAPI and uvicorn: pip install 'polymodal[serve]' ({e})") from e
+        raise InputError(f"serving needs FastAPI and uvicorn: pip install 'polymodal[serve]' ({e})") from e
 
     if args.slots < 1 or args.max_queue < 0:
-        raise ValueError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
+        raise InputError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
     serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
           slots=args.slots, max_queue=args.max_queue)
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from polymodal.errors import InputError
 from polymodal.data.collate import Collator
 from polymodal.data.collators import make_collator
 from polymodal.data.documents import Audio, Document, Segment
@@ -115,7 +116,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
     """Scores on the first n held-out examples of each task, with its baselines unless baselines=False."""
     drawing = [t for t in tasks if t in DRAWN]
     if drawing and getattr(getattr(model, "image_spans", None), "begin", None) is None:
-        raise ValueError(f"task {drawing[0]} is scored on the images a model draws; {type(model).__name__} "
+        raise InputError(f"task {drawing[0]} is scored on the images a model draws; {type(model).__name__} "
                          "draws none")
     collator = make_collator(model.config, tokenizer)
     scores = []

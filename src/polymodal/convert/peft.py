@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from polymodal.errors import InputError, InputTypeError, MissingFileError
 from polymodal.config import DecoderConfig
 from polymodal.convert.hf import FAMILIES
 from polymodal.models.paligemma import PaliGemmaConfig
@@ -72,7 +73,7 @@ def _parts(model: nn.Module, parts: tuple[str, ...] | list[str] | None) -> list[
         return ["decoder."] if "decoder" in children else [""]
     unknown = sorted(set(parts) - set(children))
     if unknown:
-        raise ValueError(f"unknown LoRA parts {unknown}; this {type(model).__name__} has {children}")
+        raise InputError(f"unknown LoRA parts {unknown}; this {type(model).__name__} has {children}")
     return [f"{p}." for p in parts]
 
 
@@ -83,9 +84,9 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[s
     inside `parts` (top-level modules, e.g. ["vision", "projector", "decoder"]; default: the decoder).
     targets=None: every attention and MLP projection of those parts."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+        raise InputError(f"LoRA rank must be an integer >= 1, got {rank!r}")
     if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        raise InputError(f"LoRA alpha must be > 0, got {alpha!r}")
     prefixes = _parts(model, parts)
     names = slot_names(model)
     slots = [slot for slot in lora.linear_slots(model) if f"{slot.path}.".startswith(tuple(prefixes))]
@@ -95,13 +96,13 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[s
         chosen = {(slot.path, s.name) for slot in slots if slot.kind != "other" for s in slot.slices} & set(leaf)
     else:
         if isinstance(targets, str):
-            raise TypeError(f"targets must be a list of names, got the string {targets!r}")
+            raise InputTypeError(f"targets must be a list of names, got the string {targets!r}")
         known = sorted(set(leaf.values()))
         wanted = set()
         for t in targets:
             name = t if t in known else f"{t}_proj"
             if name not in known:
-                raise ValueError(f"unknown LoRA target {t!r}; the linear layers of "
+                raise InputError(f"unknown LoRA target {t!r}; the linear layers of "
                                  f"{[p.rstrip('.') or type(model).__name__ for p in prefixes]} are named {known}")
             wanted.add(name)
         chosen = {key for key, name in leaf.items() if name in wanted}
@@ -113,7 +114,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[s
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the adapters into the base weights: plain linear layers again, the same outputs, the base's keys."""
     if not lora.adapters(model):
-        raise ValueError("the model has no LoRA adapters to merge (add_lora or load_adapter first)")
+        raise InputError("the model has no LoRA adapters to merge (add_lora or load_adapter first)")
     lora.merge(model)
     return model
 
@@ -131,12 +132,12 @@ def adapter_layout(model: nn.Module) -> dict:
     name -> the model's parameter name. Taken before a trainer wraps the model's modules."""
     found = lora.adapters(model)
     if not found:
-        raise ValueError("the model has no LoRA adapters to save (add_lora first)")
+        raise InputError("the model has no LoRA adapters to save (add_lora first)")
     (first, *_), names = found.values(), slot_names(model)
     tensors = {}
     for path, layer in found.items():
         if (layer.rank, layer.alpha, layer.lora_dropout.p) != (first.rank, first.alpha, first.lora_dropout.p):
-            raise ValueError(f"peft's adapter_config holds one rank, alpha and dropout; {path} differs")
+            raise InputError(f"peft's adapter_config holds one rank, alpha and dropout; {path} differs")
         for s in layer.slices:
             for which in "AB":
                 tensors[f"{PEFT_PREFIX}{names[(path, s.name)]}.lora_{which}.weight"] = f"{path}.lora_{which}.{s.name}"
@@ -161,13 +162,13 @@ def read_adapter_config(directory: str | Path) -> dict:
     directory = Path(directory)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} has no {name}: not a LoRA adapter directory")
+            raise MissingFileError(f"{directory} has no {name}: not a LoRA adapter directory")
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory}: expected a LoRA adapter (peft_type 'LORA'), got {config.get('peft_type')!r}")
+        raise InputError(f"{directory}: expected a LoRA adapter (peft_type 'LORA'), got {config.get('peft_type')!r}")
     for key, plain in UNSUPPORTED.items():
         if config.get(key, plain) not in (plain, None, {}):
-            raise ValueError(f"{directory}: {key}={config[key]!r} is not supported (expected {plain!r})")
+            raise InputError(f"{directory}: {key}={config[key]!r} is not supported (expected {plain!r})")
     return config
 
 
@@ -185,12 +186,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     for key, tensor in tensors.items():
         name, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if which not in ("A.weight", "B.weight"):
-            raise ValueError(f"{directory}: {key} is not a LoRA A/B weight")
+            raise InputError(f"{directory}: {key} is not a LoRA A/B weight")
         if name not in by_name and family is not None:  # another HF layout of the same module (transformers 4.x)
             name = next(iter(family.canonical({f"{name}.weight": None}))).removesuffix(".weight")
             name = _rename(name, HF_NAMES[type(model.config)][1])
         if name not in by_name:
-            raise ValueError(f"{directory} is an adapter for another model: it adapts {name!r}, which this "
+            raise InputError(f"{directory} is an adapter for another model: it adapts {name!r}, which this "
                              f"{type(model).__name__} does not have (its linear layers are named like "
                              f"{sorted(by_name)[:3]})")
         path, slice_name = by_name[name]
@@ -201,11 +202,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         expected = {(p, s.name) for p, layer in existing.items() for s in layer.slices}
         given = {(p, s) for p, got in plan.items() for s in got}
         if expected != given:
-            raise ValueError(f"{directory} adapts other layers than the model's adapters: missing "
+            raise InputError(f"{directory} adapts other layers than the model's adapters: missing "
                              f"{sorted(expected - given)[:4]}, extra {sorted(given - expected)[:4]}")
         rank, alpha = next(iter(existing.values())).rank, next(iter(existing.values())).alpha
         if (rank, alpha) != (config["r"], config["lora_alpha"]):
-            raise ValueError(f"{directory} has r={config['r']}, lora_alpha={config['lora_alpha']}; the model's "
+            raise InputError(f"{directory} has r={config['r']}, lora_alpha={config['lora_alpha']}; the model's "
                              f"adapters r={rank}, alpha={alpha}")
     for path, got in plan.items():  # every shape checked before the model changes
         linear = model.get_submodule(path)
@@ -214,7 +215,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             for which, tensor in pair:
                 want = (config["r"], linear.in_features) if which == "A" else (s.stop - s.start, config["r"])
                 if tuple(tensor.shape) != want:
-                    raise ValueError(f"{directory}: {path} ({slice_name}) lora_{which} has shape {tuple(tensor.shape)}, "
+                    raise InputError(f"{directory}: {path} ({slice_name}) lora_{which} has shape {tuple(tensor.shape)}, "
                                      f"this model expects {want} (r={config['r']}): an adapter for another model")
     if not existing:
         lora.add(model, {path: tuple(s for s in slots[path].slices if s.name in got) for path, got in plan.items()},

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from polymodal.data import media
-from polymodal.errors import DocumentError
+from polymodal.errors import DocumentError, InputError, PathKindError
 
 KINDS = ("text", "image", "audio", "video")
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused from their header, before decoding (~200 MB as RGB)
@@ -71,12 +71,12 @@ class Segment:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"segment kind must be one of {KINDS}, got {self.kind!r}")
+            raise InputError(f"segment kind must be one of {KINDS}, got {self.kind!r}")
         if (self.kind == "text") != isinstance(self.text, str):
-            raise ValueError(f"{self.kind!r} segment: {'needs' if self.kind == 'text' else 'takes no'} text, "
+            raise InputError(f"{self.kind!r} segment: {'needs' if self.kind == 'text' else 'takes no'} text, "
                              f"got text={self.text!r}")
         if self.target and self.kind not in TARGET_KINDS:
-            raise ValueError(f"only {' and '.join(TARGET_KINDS)} segments can be targets, got a target {self.kind} segment")
+            raise InputError(f"only {' and '.join(TARGET_KINDS)} segments can be targets, got a target {self.kind} segment")
 
 
 @dataclass
@@ -124,7 +124,7 @@ def read_wav(f: str | Path | BinaryIO) -> Audio:
 def wav_bytes(audio: Audio) -> bytes:
     x = np.asarray(audio.waveform, dtype=np.float32)
     if x.ndim != 1:
-        raise ValueError(f"expected a mono waveform of shape (N,), got shape {x.shape}")
+        raise InputError(f"expected a mono waveform of shape (N,), got shape {x.shape}")
     pcm = np.round(np.clip(x, -1.0, 1.0) * 32767).astype("<i2")
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
@@ -270,7 +270,7 @@ def load_media(path: str | Path, kind: str) -> Image.Image | Audio:
     try:
         return _load(str(path), kind, "")
     except _Invalid as e:
-        raise ValueError(e.msg) from e.__cause__
+        raise InputError(e.msg) from e.__cause__
 
 
 def _load(path: str, kind: str, where: str) -> Image.Image | Audio:
@@ -323,7 +323,7 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
     the JSONL is renamed into place last, so a reader never sees a line whose media is missing."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"expected a .jsonl file to write, got the directory {path}")
+        raise PathKindError(f"expected a .jsonl file to write, got the directory {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     media_dir = path.parent / f"{path.stem}_media"
 
@@ -338,7 +338,7 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
             segments = []
             for j, s in enumerate(doc.segments):
                 if s.kind != "text" and s.media is None:
-                    raise ValueError(f"document {i} segment {j}: {s.kind} segment has no media loaded "
+                    raise InputError(f"document {i} segment {j}: {s.kind} segment has no media loaded "
                                      "(read it with load_media=True to write it out)")
                 if s.kind == "text":
                     seg = {"text": s.text, **({"target": True} if s.target else {})}

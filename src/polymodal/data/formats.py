@@ -61,7 +61,7 @@ class DecoderFormat:
     def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
         kinds = sorted({s.kind for s in doc.segments} - {"text"})
         if kinds:
-            raise ValueError(f"{_name(doc)} has {', '.join(kinds)} segments; a text-only decoder reads text only")
+            raise DocumentError(f"{_name(doc)} has {', '.join(kinds)} segments; a text-only decoder reads text only")
         tok = self.tokenizer
         segments = list(zip(doc.segments, doc.target_mask))
         if prompt_only:
@@ -109,14 +109,14 @@ class PaliGemmaFormat:
             segments = [(s, False) for s in _prompt(doc)]
         kinds = [s.kind for s, _ in segments]
         if unreadable := sorted(set(kinds) - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; PaliGemma reads images and text")
+            raise DocumentError(f"{_name(doc)} has {', '.join(unreadable)} segments; PaliGemma reads images and text")
         if any(s.kind == "image" and t for s, t in segments):
-            raise ValueError(f"{_name(doc)} has an image target; PaliGemma writes text only")
+            raise DocumentError(f"{_name(doc)} has an image target; PaliGemma writes text only")
         if kinds != sorted(kinds, key=lambda k: k != "image"):
-            raise ValueError(f"{_name(doc)} has an image after text; PaliGemma takes its images before any text")
+            raise DocumentError(f"{_name(doc)} has an image after text; PaliGemma takes its images before any text")
         texts = [(s.text, t) for s, t in segments if s.kind == "text"]
         if [t for _, t in texts] != sorted(t for _, t in texts):
-            raise ValueError(f"{_name(doc)} has prompt text after target text; PaliGemma's layout is "
+            raise DocumentError(f"{_name(doc)} has prompt text after target text; PaliGemma's layout is "
                              "images, prompt, then target")
         tok = self.tokenizer
         images = [s.media for s, _ in segments if s.kind == "image"]
@@ -158,9 +158,9 @@ class KosmosFormat:
     def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
         segments = [(s, False) for s in _prompt(doc)] if prompt_only else list(zip(doc.segments, doc.target_mask))
         if unreadable := sorted({s.kind for s, _ in segments} - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; {self.family} reads images and text")
+            raise DocumentError(f"{_name(doc)} has {', '.join(unreadable)} segments; {self.family} reads images and text")
         if any(s.kind == "image" and t for s, t in segments):
-            raise ValueError(f"{_name(doc)} has an image target; {self.family} writes text only")
+            raise DocumentError(f"{_name(doc)} has an image target; {self.family} writes text only")
         tok = self.tokenizer
         pieces = [([tok.bos_id], False)]
         for i, (seg, target) in enumerate(segments):
@@ -238,7 +238,7 @@ class GeminiFormat:
         """A target image: `begin`, a placeholder per code (`Gemini.writer` puts the codes in), `end`."""
         cfg = self.config
         if seg.kind != "image" or cfg.vq is None:
-            raise ValueError(f"{name} has a {seg.kind} target; this model reads media and writes text"
+            raise DocumentError(f"{name} has a {seg.kind} target; this model reads media and writes text"
                              + (" and images" if cfg.vq is not None else ""))
         begin, end = cfg.tokens.draw
         span = [begin] + [cfg.tokens.placeholder] * cfg.vq.tokens_per_image + [end]
@@ -250,13 +250,13 @@ class GeminiFormat:
             return "pixel_values", self.images([seg.media]), cfg.tokens_per_image
         if seg.kind == "audio":
             if self.audio is None:
-                raise ValueError(f"{name} has an audio segment but this model has no audio encoder")
+                raise DocumentError(f"{name} has an audio segment but this model has no audio encoder")
             return "input_features", self._audio(seg.media, name)[None], cfg.tokens_per_clip
         frames = list(seg.media or [])
         if not frames:
-            raise ValueError(f"{name} has a video with no frames; a video needs at least one frame")
+            raise DocumentError(f"{name} has a video with no frames; a video needs at least one frame")
         if len(frames) > cfg.max_frames:
-            raise ValueError(f"{name} has a video of {len(frames)} frames; this model embeds at most "
+            raise DocumentError(f"{name} has a video of {len(frames)} frames; this model embeds at most "
                              f"max_frames={cfg.max_frames}")
         return "pixel_values_videos", self.images(frames)[None], len(frames) * cfg.tokens_per_image
 
@@ -297,7 +297,7 @@ class ChameleonFormat:
         cfg, tok = self.config, self.tokenizer
         segments = [(s, False) for s in _prompt(doc)] if prompt_only else list(zip(doc.segments, doc.target_mask))
         if unreadable := sorted({s.kind for s, _ in segments} - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; Chameleon reads images and text")
+            raise DocumentError(f"{_name(doc)} has {', '.join(unreadable)} segments; Chameleon reads images and text")
         pieces, images = [([tok.bos_id], False)], []
         for i, (seg, target) in enumerate(segments):
             last = i == len(segments) - 1 and not prompt_only
@@ -324,6 +324,6 @@ FORMATS: dict[type, type] = {
 def format_for(config) -> type:
     """The format class of a model config."""
     if type(config) not in FORMATS:
-        raise ValueError(f"no document format for {type(config).__name__}; known: "
+        raise DocumentError(f"no document format for {type(config).__name__}; known: "
                         f"{sorted(c.__name__ for c in FORMATS)}")
     return FORMATS[type(config)]

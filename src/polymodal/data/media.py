@@ -93,30 +93,30 @@ def read_wav(f: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
     not a readable RIFF/WAVE file of PCM or float samples, or when its samples are not finite."""
     data = Path(f).read_bytes() if isinstance(f, (str, Path)) else f.read()
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise ValueError(f"not a RIFF/WAVE file (starts with {data[:12]!r})")
+        raise InputError(f"not a RIFF/WAVE file (starts with {data[:12]!r})")
     chunks, pos = {}, 12
     while pos + 8 <= len(data):
         name, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
         chunks.setdefault(name, data[pos + 8:pos + 8 + size])
         pos += 8 + size + (size & 1)  # chunks are padded to an even length
     if b"fmt " not in chunks or len(chunks[b"fmt "]) < 16:
-        raise ValueError("no format chunk ('fmt ')")
+        raise InputError("no format chunk ('fmt ')")
     if b"data" not in chunks:
-        raise ValueError("no data chunk")
+        raise InputError("no data chunk")
     tag, channels, rate, _, align, bits = struct.unpack("<HHIIHH", chunks[b"fmt "][:16])
     if tag == 0xFFFE and len(chunks[b"fmt "]) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag opens the GUID
         tag = struct.unpack("<H", chunks[b"fmt "][24:26])[0]
     if tag not in _WAVE_FORMATS:
-        raise ValueError(f"{_NAMED_FORMATS.get(tag, f'format tag {tag}')}-encoded samples; expected PCM or IEEE float")
+        raise InputError(f"{_NAMED_FORMATS.get(tag, f'format tag {tag}')}-encoded samples; expected PCM or IEEE float")
     if channels < 1 or rate < 1 or bits not in ((8, 16, 24, 32) if tag == 1 else (32, 64)):
-        raise ValueError(f"{bits}-bit {_WAVE_FORMATS[tag]} samples in {channels} channel(s) at {rate} Hz; expected "
+        raise InputError(f"{bits}-bit {_WAVE_FORMATS[tag]} samples in {channels} channel(s) at {rate} Hz; expected "
                          f"{'8, 16, 24 or 32' if tag == 1 else '32 or 64'}-bit samples, >= 1 channel, a rate > 0")
     raw = chunks[b"data"]
     width = bits // 8
     usable = len(raw) - len(raw) % (width * channels)
     samples = _decode(raw[:usable], tag, width).reshape(-1, channels).mean(axis=1)
     if not np.isfinite(samples).all():
-        raise ValueError(f"{int((~np.isfinite(samples)).sum())} samples are NaN or infinite")
+        raise InputError(f"{int((~np.isfinite(samples)).sum())} samples are NaN or infinite")
     return samples.astype(np.float32), rate
 
 

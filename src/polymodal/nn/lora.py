@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.errors import InputError, InputTypeError
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import MLP
 
@@ -116,20 +117,20 @@ def add(model: nn.Module, plan: dict[str, tuple[Slice, ...]], rank: int, alpha: 
         rslora: bool = False) -> None:
     """Wrap the linear layers at `plan`'s paths (with those slices) in LoRALinear; freeze everything else."""
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise InputError(f"LoRA rank must be >= 1, got {rank}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        raise InputError(f"LoRA dropout must be in [0, 1), got {dropout}")
     if not plan:
-        raise ValueError("LoRA needs at least one linear layer to adapt")
+        raise InputError("LoRA needs at least one linear layer to adapt")
     model.requires_grad_(False)
     for path, slices in plan.items():
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         base = getattr(parent, name)
         if isinstance(base, LoRALinear):
-            raise ValueError(f"{path} already has a LoRA adapter; merge_lora(model) first to add another")
+            raise InputError(f"{path} already has a LoRA adapter; merge_lora(model) first to add another")
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRA adapts nn.Linear layers; {path} is a {type(base).__name__}")
+            raise InputTypeError(f"LoRA adapts nn.Linear layers; {path} is a {type(base).__name__}")
         setattr(parent, name, LoRALinear(base, slices, rank, alpha, dropout, rslora))
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from polymodal.errors import InputError
+
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2 ** 25  # float32 logits per chunk (128 MiB): 1,024 rows of a 32k vocabulary
 
@@ -63,7 +65,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     """h (..., d) states, weight (V, d) the output head, targets (...) ids or -100 -> scalar mean loss.
     chunk_size: rows per chunk (default: CHUNK_ELEMENTS // V). Under autocast the matmuls run in its dtype."""
     if targets.shape != h.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(h.shape[:-1])}, got {tuple(targets.shape)}")
+        raise InputError(f"targets must have shape {tuple(h.shape[:-1])}, got {tuple(targets.shape)}")
     if torch.is_autocast_enabled(h.device.type):  # a custom Function's backward runs outside autocast: cast here
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)

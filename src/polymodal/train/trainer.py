@@ -39,7 +39,7 @@ from polymodal.data.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, DocumentError, read_jsonl, with_media
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.errors import PolymodalError, check_number
+from polymodal.errors import InputError, MissingFileError, PolymodalError, check_number
 from polymodal.models.contrastive import ContrastiveConfig
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
@@ -185,7 +185,7 @@ def model_config(spec: str) -> Config:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+        raise MissingFileError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                                 "nor a config.json file or a directory holding one")
     return load_config(path)
 
@@ -202,10 +202,10 @@ def _read(flag: str, path: str, strict_paths: bool) -> list[Document]:
     """The documents of a JSONL file with their media unread: each is loaded when a batch needs it."""
     if not Path(path).is_file():
         given = "a directory" if Path(path).is_dir() else "no such file"
-        raise FileNotFoundError(f"{flag} expects a JSONL file of documents, got {path!r} ({given})")
+        raise MissingFileError(f"{flag} expects a JSONL file of documents, got {path!r} ({given})")
     docs = read_jsonl(path, load_media=False, strict_paths=strict_paths)
     if not docs:
-        raise ValueError(f"{flag} {path} holds no documents")
+        raise InputError(f"{flag} {path} holds no documents")
     return docs
 
 

@@ -98,8 +98,7 @@ def check_finite(name: str, values: Any) -> None:
     import torch
 
     if not values.is_floating_point():
-        raise InputError(f"{name} must be a floating-point tensor (scaled pixels, log-mel features or embeddings), "
-                         f"got {values.dtype}; preprocess media with the model's processor")
+        raise InputError(f"{name} must be a floating-point tensor, got {values.dtype}")
     if values.numel() and not bool(torch.isfinite(values).all()):
         bad = values[~torch.isfinite(values)]
         raise InputError(f"{name} must hold finite numbers, got {bad.numel()} NaN or infinite values "

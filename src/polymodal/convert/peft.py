@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from polymodal.errors import InputError, InputTypeError, MissingFileError
+from polymodal.errors import CheckpointError, InputError, InputTypeError, MissingFileError, check_finite, check_number
 from polymodal.config import DecoderConfig
 from polymodal.convert.hf import FAMILIES
 from polymodal.models.paligemma import PaliGemmaConfig
@@ -163,12 +163,23 @@ def read_adapter_config(directory: str | Path) -> dict:
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (directory / name).is_file():
             raise MissingFileError(f"{directory} has no {name}: not a LoRA adapter directory")
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    try:
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{directory / ADAPTER_CONFIG} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise InputError(f"{directory / ADAPTER_CONFIG} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise InputError(f"{directory}: expected a LoRA adapter (peft_type 'LORA'), got {config.get('peft_type')!r}")
     for key, plain in UNSUPPORTED.items():
         if config.get(key, plain) not in (plain, None, {}):
             raise InputError(f"{directory}: {key}={config[key]!r} is not supported (expected {plain!r})")
+    where = directory / ADAPTER_CONFIG
+    check_number(f"{where}: r", config.get("r"), integer=True, at_least=1)
+    check_number(f"{where}: lora_alpha", config.get("lora_alpha"), above=0)
+    check_number(f"{where}: lora_dropout", config.get("lora_dropout", 0.0), at_least=0.0, below=1.0)
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise InputError(f"{where}: use_rslora must be true or false, got {config['use_rslora']!r}")
     return config
 
 
@@ -181,9 +192,13 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     model_type = HF_NAMES.get(type(getattr(model, "config", None)), (None,))[0]
     family = FAMILIES.get(model_type)
     plan: dict[str, dict[str, tuple]] = {}
-    with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{directory / ADAPTER_WEIGHTS} is not a readable safetensors file ({e})") from e
     for key, tensor in tensors.items():
+        check_finite(f"{directory / ADAPTER_WEIGHTS}: {key}", tensor)
         name, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if which not in ("A.weight", "B.weight"):
             raise InputError(f"{directory}: {key} is not a LoRA A/B weight")

@@ -22,11 +22,12 @@ import typing
 from pathlib import Path
 
 from polymodal.config import ConfigError
-from polymodal.data.documents import DocumentError
 from polymodal.data.synthetic import COT_TASKS
-from polymodal.errors import InputError, MissingFileError, PathKindError, PolymodalError
-from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
+from polymodal.errors import (CheckpointError, ExistingFileError, InputError, MissingFileError, PathKindError,
+                              PolymodalError)
+from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig
 
+NOT_WEIGHTS = ("optimizer.safetensors", "adapter_model.safetensors")  # beside weights in checkpoints, never weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -118,25 +119,43 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint_dir(path: str) -> Path:
-    """A model directory itself, or the last checkpoint of a run directory."""
+    """A model directory itself, or the last checkpoint of a run directory; either must hold weights."""
     from polymodal.train.checkpoint import latest_checkpoint
 
     p = Path(path)
+    if not p.is_dir():
+        raise MissingFileError(f"{p} is not a directory: expected a model, checkpoint or run directory")
     if (p / "config.json").is_file():
-        return p
+        return _with_weights(p)
     last = latest_checkpoint(p / "checkpoints")
     if last is None:
         raise MissingFileError(f"{p} is neither a model directory (no config.json) nor a run directory with "
-                                "checkpoints; train one with `polymodal train`")
-    return last
+                               "checkpoints; train one with `polymodal train`")
+    return _with_weights(last)
 
 
-def _load(path: str, quantize: str | None = None):
+def _with_weights(directory: Path) -> Path:
+    """`directory`, if it holds model weights as safetensors; an optimizer's or an adapter's file alone is none."""
+    from polymodal.serialization import INDEX, PICKLE_NAMES
+
+    if (directory / INDEX).is_file() or any(f.name not in NOT_WEIGHTS for f in directory.glob("*.safetensors")):
+        return directory
+    pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
+    present = sorted(f.name for f in directory.glob("*.safetensors"))
+    raise MissingFileError(f"{directory} has no weights: no model.safetensors or {INDEX}"
+                           + (f" (only {', '.join(pickles)}: pickles, which polymodal never loads)" if pickles else "")
+                           + (f" ({', '.join(present)} holds no model weights)" if present else ""))
+
+
+def _load(path: str, quantize: str | None = None, role: str = "checkpoint"):
     import polymodal as pm
+    from polymodal.data.collate import check_tokenizer
     from polymodal.data.tokenizer import Tokenizer
 
     directory = _checkpoint_dir(path)
-    return directory, pm.from_pretrained(directory, quantize=quantize), Tokenizer.from_file(directory)
+    model, tokenizer = pm.from_pretrained(directory, quantize=quantize), Tokenizer.from_file(directory)
+    check_tokenizer(model.config, tokenizer, f"{role} {directory}")
+    return directory, model, tokenizer
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -145,6 +164,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}  # only the flags on the command line
+    if given.get("init_from"):
+        given = _fine_tuning(given)
     if given.get("resume"):  # continue the run as it was set up; flags given now override its settings
         for last in reversed(list_checkpoints(TrainConfig.from_dict(given).run_dir / "checkpoints")):
             try:  # the newest readable one; the trainer says which checkpoints it skips
@@ -153,6 +174,26 @@ def cmd_train(args: argparse.Namespace) -> None:
             except (PolymodalError, KeyError, OSError):
                 continue
     train(TrainConfig.from_dict(given))
+
+
+def _fine_tuning(given: dict) -> dict:
+    """--init-from's model is the one trained: a --model of another family is an error, and the run is named
+    after the model trained (`<its directory>-tuned`) unless --name says otherwise."""
+    from polymodal.models import load_config
+    from polymodal.train.trainer import model_config
+
+    source = Path(given["init_from"])
+    if not (source / "config.json").is_file():
+        raise MissingFileError(f"--init-from expects a model directory (config.json + weights), got {source}")
+    _with_weights(source)
+    base = type(load_config(source / "config.json")) if "config_class" in json.loads(
+        (source / "config.json").read_text()) else None
+    if "model" in given and base is not None and type(model_config(given["model"])) is not base:
+        raise ConfigError(f"--init-from {source} holds a {base.__name__} model, --model {given['model']} a "
+                          f"{type(model_config(given['model'])).__name__}: the run trains --init-from's model; "
+                          "drop --model or give one of its family")
+    name = source.resolve().parent.parent.name if source.resolve().parent.name == "checkpoints" else source.resolve().name
+    return {"name": f"{name}-tuned", **given}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -168,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             except ValueError as e:
                 raise InputError(f"{flag}: {e}") from e
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
-    draft = _load(args.assistant)[1] if args.assistant is not None else None
+    draft = _load(args.assistant, role="--assistant (the draft)")[1] if args.assistant is not None else None
     if not hasattr(model, "make_cache"):
         raise InputError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
                          "nothing; score it with `polymodal eval`")
@@ -218,8 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     tasks = args.tasks
     if tasks is None:
         trainer_state = directory / "trainer.json"
-        tasks = (json.loads(trainer_state.read_text())["train_config"]["tasks"] if trainer_state.is_file()
-                 else IMAGE_TASKS)
+        tasks = _trained_tasks(trainer_state) if trainer_state.is_file() else IMAGE_TASKS
     for task in tasks:
         WORLD.choices(task)  # an unknown task fails here, before any work
     plain = tuple(t for t in tasks if t not in COT_TASKS)
@@ -231,6 +271,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cot = [t for t in tasks if t in COT_TASKS]
     if cot:
         eval_routing(args, directory, model, tokenizer, cot)
+
+
+def _trained_tasks(trainer_state: Path) -> tuple[str, ...]:
+    try:
+        tasks = json.loads(trainer_state.read_text())["train_config"]["tasks"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{trainer_state} is not a readable trainer state ({type(e).__name__}: {e}); give "
+                              "--tasks to score without it") from e
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise CheckpointError(f"{trainer_state}: train_config.tasks must be a list of task names, got {tasks!r}")
+    return tuple(tasks)
 
 
 def eval_routing(args: argparse.Namespace, directory: Path, model, tokenizer, tasks: list[str]) -> None:
@@ -272,7 +323,15 @@ def cmd_export_data(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise InputError(f"--n must be >= 1, got {args.n}")
-    export_jsonl(WORLD, args.output, args.split, args.n, args.tasks)
+    output = Path(args.output)
+    media = output.parent / f"{output.stem}_media"
+    if output.exists() and not output.is_dir():  # a directory: write_jsonl names that mistake
+        raise ExistingFileError(f"{output} exists; export-data never overwrites a file: give another path or "
+                                "remove it first")
+    if media.exists() and (not media.is_dir() or any(media.iterdir())):
+        raise ExistingFileError(f"{media} exists and is not empty: export-data writes the media there and never "
+                                "overwrites files; give another path or remove it first")
+    export_jsonl(WORLD, output, args.split, args.n, args.tasks)
     print(f"wrote {args.n} documents to {args.output}")
 
 
@@ -284,6 +343,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.slots < 1 or args.max_queue < 0:
         raise InputError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in [0, 65535], got {args.port}")
     serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
           slots=args.slots, max_queue=args.max_queue)
 
@@ -296,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (PolymodalError, DocumentError, ConfigError, TrainingError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    except (PolymodalError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, ValueError, KeyError, OSError) as e:  # OSError: a full disk, a read-only folder
+        message = e.args[0] if isinstance(e, KeyError) and not isinstance(e, PolymodalError) and e.args else e
         print(f"polymodal {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C: training saved a checkpoint and says where

@@ -124,7 +124,7 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
     if top_p is not None:
         check_number("top_p", top_p, above=0, at_most=1)
     if seed is not None:
-        check_number("seed", seed, integer=True, at_least=0)
+        check_number("seed", seed, integer=True, at_least=0, below=2 ** 64)  # torch.Generator's range
     text = getattr(model.config, "text", model.config)
     context = getattr(text, "max_seq_len", None)
     if context is not None and input_ids.shape[-1] + max_new_tokens > context:

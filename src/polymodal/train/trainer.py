@@ -117,6 +117,7 @@ class TrainConfig(Config):
         if self.context_parallel > 1 and self.compile:
             raise ConfigError("--compile does not compile ring attention's point-to-point ring: "
                               "use --context-parallel without --compile")
+        check_number("seed", self.seed, integer=True, at_least=0, below=2 ** 31, error=ConfigError)  # numpy's limit
         for name in ("warmup_steps", "weight_decay", "grad_clip", "vq_steps"):
             check_number(name, getattr(self, name), at_least=0, error=ConfigError)
         for name in ("beta1", "beta2"):

@@ -79,6 +79,20 @@ def check_number(name: str, value: Any, *, integer: bool = False, above: float |
     return value
 
 
+def check_text(text: str, name: str = "text", error: type = InputError) -> str:
+    """`text` if it is a str that UTF-8 can encode; a lone surrogate (from JSON's "\\ud800" or undecodable
+    command-line bytes) would reach the tokenizer and fail there with no word of where."""
+    if not isinstance(text, str):
+        raise InputTypeError(f"{name} must be a string, got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise error(f"{name} holds a lone surrogate {text[e.start]!r} at character {e.start + 1}: expected "
+                        "valid Unicode text") from e
+    return text
+
+
 def check_media(name: str, values: Any, shape: tuple[int | str, ...]) -> None:
     """A clear error unless `values` is a floating-point tensor of `shape` (a str entry: any size, named so in
     the message) holding only finite numbers: NaN or inf pixels or audio features would reach the encoder and

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from polymodal.data import media
-from polymodal.errors import DocumentError, InputError, PathKindError
+from polymodal.errors import DocumentError, InputError, PathKindError, check_text
 
 KINDS = ("text", "image", "audio", "video")
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused from their header, before decoding (~200 MB as RGB)
@@ -75,6 +75,8 @@ class Segment:
         if (self.kind == "text") != isinstance(self.text, str):
             raise InputError(f"{self.kind!r} segment: {'needs' if self.kind == 'text' else 'takes no'} text, "
                              f"got text={self.text!r}")
+        if self.kind == "text":
+            check_text(self.text)
         if self.target and self.kind not in TARGET_KINDS:
             raise InputError(f"only {' and '.join(TARGET_KINDS)} segments can be targets, got a target {self.kind} segment")
 
@@ -250,6 +252,10 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_pa
     if kind == "text":
         if not isinstance(value, str):
             raise _Invalid(where, f"expected a string, got {_type(value)}")
+        try:
+            check_text(value, "the text")
+        except InputError as e:
+            raise _Invalid(where, str(e)) from e
         return Segment("text", text=value, target=target)
     if kind == "video":
         if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):

@@ -18,7 +18,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
-from polymodal.errors import CheckpointError, InputError, InputTypeError, MissingFileError, UnknownNameError
+from polymodal.errors import (CheckpointError, InputError, InputTypeError, MissingFileError, UnknownNameError,
+                              check_text)
 
 # Other spellings of a role found in checkpoints, tried after the canonical name.
 _ALIASES = {
@@ -251,6 +252,8 @@ class Tokenizer:
                      split_special_tokens: bool = False) -> list[list[int]]:
         if isinstance(texts, str):
             raise InputTypeError("encode_batch takes a list of strings; use encode for one string")
+        for i, text in enumerate(texts):
+            check_text(text, f"texts[{i}]")
         head, tail = [self.bos_id] * add_bos, [self.eos_id] * add_eos
         return [head + ids + tail for ids in self._model.encode_batch(list(texts), split_special_tokens)]
 

@@ -93,7 +93,7 @@ def check_text(text: str, name: str = "text", error: type = InputError) -> str:
     return text
 
 
-def check_media(name: str, values: Any, shape: tuple[int | str, ...]) -> None:
+def check_media(name: str, values: Any, shape: tuple[int | str, ...], what: str = "") -> None:
     """A clear error unless `values` is a floating-point tensor of `shape` (a str entry: any size, named so in
     the message) holding only finite numbers: NaN or inf pixels or audio features would reach the encoder and
     come out as NaN logits, then pad tokens, with no word."""
@@ -103,7 +103,7 @@ def check_media(name: str, values: Any, shape: tuple[int | str, ...]) -> None:
         raise InputTypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
     wanted = f"({', '.join(map(str, shape))})"
     if values.dim() != len(shape) or any(isinstance(w, int) and g != w for g, w in zip(values.shape, shape)):
-        raise InputError(f"{name} must be {wanted}, got {tuple(values.shape)}")
+        raise InputError(f"{name} must be {wanted}{' ' + what if what else ''}, got {tuple(values.shape)}")
     check_finite(name, values)
 
 

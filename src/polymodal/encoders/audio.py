@@ -83,7 +83,8 @@ class AudioEncoder(nn.Module):
         return self.feature_extractor()(waveforms, sampling_rate=sampling_rate)
 
     def check_features(self, input_features: torch.Tensor) -> None:
-        check_media("input_features", input_features, ("num_clips", self.config.n_mels, self.config.n_frames))
+        check_media("input_features", input_features, ("num_clips", self.config.n_mels, self.config.n_frames),
+                    "log-mel frames")
 
     def forward(self, input_features: torch.Tensor) -> torch.Tensor:
         """(B, M, T) log-mel -> (B, N, D) encoder states."""

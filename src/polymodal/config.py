@@ -42,7 +42,8 @@ def _check_types(obj: Any) -> None:
         fits = (not isinstance(value, (bool, str)) and value is not None and (
             isinstance(value, numbers.Real) if float in allowed else int in allowed and isinstance(value, numbers.Integral)))
         if not fits:
-            kind = " or ".join(a.__name__ if a is not type(None) else "None" for a in allowed)
+            kind = ("an integer" if float not in allowed else "a finite number") + (" or None" if type(None) in allowed
+                                                                                 else "")
             raise ConfigError(f"{type(obj).__name__}.{f.name} must be {kind}, got {value!r} ({type(value).__name__})")
 
 

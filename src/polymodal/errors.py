@@ -93,6 +93,44 @@ def check_text(text: str, name: str = "text", error: type = InputError) -> str:
     return text
 
 
+def check_ids(input_ids: Any, name: str = "input_ids") -> None:
+    """A clear error unless `input_ids` is a (batch, seq) tensor of integer token ids."""
+    import torch
+
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputTypeError(f"{name} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise InputError(f"{name} must hold integer token ids (torch.long or int32), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise InputError(f"{name} must be (batch, seq), got shape {tuple(input_ids.shape)}")
+
+
+def check_mask(attention_mask: Any, shape: tuple[int, ...], name: str = "attention_mask") -> None:
+    """A clear error unless the mask is a tensor of `shape` holding only 0 (padding) and 1 (tokens): a 2 or a
+    0.5 would be read as 1 without a word."""
+    import torch
+
+    if not isinstance(attention_mask, torch.Tensor):
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise InputError(f"{name} must have the shape of the input (batch, seq) = {tuple(shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:4].tolist()
+        raise InputError(f"{name} must hold only 0 (padding) and 1 (tokens), got {odd}")
+
+
+def check_tensors(**named: Any) -> None:
+    """A clear error unless each value given (not None) is a tensor, or a list of tensors."""
+    import torch
+
+    for name, value in named.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(isinstance(v, torch.Tensor) for v in items):
+            raise InputTypeError(f"{name} must be a torch.Tensor{' or a list of them' if name.endswith('videos') else ''}"
+                                 f", got {type(value).__name__}")
+
+
 def check_media(name: str, values: Any, shape: tuple[int | str, ...], what: str = "") -> None:
     """A clear error unless `values` is a floating-point tensor of `shape` (a str entry: any size, named so in
     the message) holding only finite numbers: NaN or inf pixels or audio features would reach the encoder and

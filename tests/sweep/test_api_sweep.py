@@ -80,7 +80,7 @@ def spoiled(value, how: str):
 MEDIA_SPOILS = {"nan": (InputError, "finite numbers"), "inf": (InputError, "finite numbers"),
                 "-inf": (InputError, "finite numbers"), "long": (InputError, "floating-point"),
                 "uint8": (InputError, "floating-point"), "bool": (InputError, "floating-point"),
-                "shape": (InputError, "must be"), "numpy": (InputError, "")}
+                "shape": (InputError, ""), "numpy": (InputTypeError, "must be a torch.Tensor")}
 MEDIA = {"paligemma-tiny": ["pixel_values"], "kosmos-tiny": ["pixel_values"], "chameleon-tiny": ["pixel_values"],
          "flamingo-tiny": ["pixel_values"], "clip-tiny": ["pixel_values"],
          "gemini-tiny": ["pixel_values", "input_features", "pixel_values_videos"]}
@@ -106,7 +106,8 @@ def test_half_precision_media_is_read(judge, families, family):
     half = {k: batch[k].half() if not isinstance(batch[k], list) else [v.half() for v in batch[k]]
             for k in MEDIA[family]}
     out = judge(lambda: call(model, batch, **half), None)
-    assert all(torch.isfinite(t).all() for t in out.values() if isinstance(t, torch.Tensor) and t.is_floating_point())
+    tensors = [t for t in vars(out).values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    assert tensors and all(torch.isfinite(t).all() for t in tensors)
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, id=f"result-{f}-labels-all-ignored-loss-0")
@@ -182,8 +183,8 @@ GENERATE = {  # setting -> [(value, valid)]
 def test_generate_settings(judge, families, setting, value, valid):
     model, batch, tokenizer = families["llama-tiny"]
     sampled = setting in ("temperature", "top_k", "top_p", "seed")
-    run = lambda: pm.generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2,
-                              do_sample=sampled, **{setting: value})
+    run = lambda: pm.generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
+                              do_sample=sampled, **{"max_new_tokens": 2, setting: value})
     if not valid:
         judge(run, InputError, setting)
         return
@@ -194,7 +195,8 @@ def test_generate_settings(judge, families, setting, value, valid):
 
 def test_a_draft_of_another_family_is_named_as_the_problem(judge, families):
     target, batch, _ = families["paligemma-tiny"]
-    draft = families["gemini-tiny"][0]
+    gemini = families["gemini-tiny"][0].config
+    draft = pm.build(gemini.replace(text=gemini.text.replace(vocab_size=target.config.text.vocab_size))).eval()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids")}
     judge(lambda: pm.generate(target, **inputs, max_new_tokens=2, assistant_model=draft), InputError,
           "the draft (assistant_model, a Gemini")

@@ -83,10 +83,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[s
     them: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, fc1, ...; "q" means "q_proj"),
     inside `parts` (top-level modules, e.g. ["vision", "projector", "decoder"]; default: the decoder).
     targets=None: every attention and MLP projection of those parts."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise InputError(f"LoRA rank must be an integer >= 1, got {rank!r}")
-    if not alpha > 0:
-        raise InputError(f"LoRA alpha must be > 0, got {alpha!r}")
+    check_number("LoRA rank", rank, integer=True, at_least=1)
+    check_number("LoRA alpha", alpha, above=0)
     prefixes = _parts(model, parts)
     names = slot_names(model)
     slots = [slot for slot in lora.linear_slots(model) if f"{slot.path}.".startswith(tuple(prefixes))]

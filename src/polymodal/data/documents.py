@@ -222,6 +222,8 @@ def _parse_line(raw: bytes, root: Path, load_media: bool, strict_paths: bool) ->
 
 
 def _media_path(root: Path, value: str, where: str, strict: bool) -> str:
+    if "\x00" in value:  # no file system takes one; os.path would raise a bare ValueError
+        raise _Invalid(where, f"expected a file path, got {value!r}, which holds a NUL character")
     path = root / value
     if strict and os.path.commonpath([os.path.realpath(path), os.path.realpath(root)]) != os.path.realpath(root):
         raise _Invalid(where, f"expected a path inside the JSONL's folder {str(root)!r} (strict paths), got {value!r}, "

@@ -250,7 +250,7 @@ class VQModel(nn.Module):
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W) in [-1, 1] -> codes (B, N), row-major over the latent grid."""
         check_pixel_values(pixels, self.config.in_channels, self.config.resolution, "batch")
-        return self.quantize.codes(self.quant_conv(self.encoder(pixels)))
+        return self.quantize.codes(self.quant_conv(self.encoder(pixels.to(self.quant_conv.weight.dtype))))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, N) -> pixels (B, 3, H, W), about [-1, 1] (unclamped)."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from polymodal.encoders.vit import ViT
-from polymodal.errors import InputError, check_finite
+from polymodal.errors import InputError, check_finite, check_ids
 from polymodal.fusion.configs import FlamingoConfig
 from polymodal.fusion.cross_attention import gated_cross_attention_block
 from polymodal.fusion.perceiver import build_resampler
@@ -144,8 +144,7 @@ class Flamingo(nn.Module):
         media; each token may see at most one (Flamingo's rule: the latest before it).
         attention_mask / position_ids / document_ids / labels / logits_to_keep: as in `Decoder.forward`.
         cache: a `make_cache` cache; the first call encodes the media, later calls (decode) take none."""
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        check_ids(input_ids)
         B, S = input_ids.shape
         if S > self.config.text.max_seq_len:
             raise InputError(f"sequence of {S} tokens exceeds max_seq_len={self.config.text.max_seq_len}")

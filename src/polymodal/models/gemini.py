@@ -30,7 +30,7 @@ from polymodal.config import DecoderConfig
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT
 from polymodal.encoders.vq import VQConfig
-from polymodal.errors import InputError, check_media, check_pixel_values
+from polymodal.errors import InputError, check_media, check_pixel_values, check_tensors
 from polymodal.fusion.configs import MODALITIES, GeminiConfig, MediaTokens
 from polymodal.models import fusion
 from polymodal.models.drawing import ImageWriter
@@ -96,6 +96,7 @@ class Gemini(nn.Module):
 
     def check_images(self, pixel_values: torch.Tensor, name: str = "pixel_values") -> None:
         cfg = self.config
+        check_tensors(**{name: pixel_values})
         if self.vision is None and pixel_values.dim() == 3:  # Fuyu's pre-patchified (N, P, p*p*C)
             n = cfg.tokens_per_image if self.patch_pos is not None else "P"
             check_media(f"{name} given as patches", pixel_values, ("N", n, cfg.patch_size ** 2 * cfg.channels))

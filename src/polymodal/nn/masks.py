@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from polymodal.errors import InputError
+from polymodal.errors import InputError, check_mask, check_tensors
 
 
 @dataclass
@@ -48,6 +48,9 @@ def make_segments(batch: int, seq: int, device: torch.device, *,
     """
     if position_ids is not None and tuple(position_ids.shape) == (1, seq):  # HF's one row for the whole batch
         position_ids = position_ids.expand(batch, seq)
+    if attention_mask is not None:
+        check_mask(attention_mask, (batch, seq))
+    check_tensors(document_ids=document_ids, block_ids=block_ids, position_ids=position_ids)
     for name, t in (("attention_mask", attention_mask), ("document_ids", document_ids), ("block_ids", block_ids),
                     ("position_ids", position_ids)):
         if t is not None and tuple(t.shape) != (batch, seq):

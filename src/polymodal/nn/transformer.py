@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import DecoderConfig
-from polymodal.errors import InputError
+from polymodal.errors import InputError, check_ids
 from polymodal.nn.attention import Attention
 from polymodal.nn.cache import Cache, KVCache
 from polymodal.nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy
@@ -160,8 +160,7 @@ class Decoder(nn.Module):
             raise InputError("give exactly one of input_ids and inputs_embeds")
         decoding = cache is not None and cache.length > 0
         if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise InputError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+            check_ids(input_ids)
             if not decoding:
                 self.check_token_ids(input_ids)
             inputs_embeds = self.tok_embeddings(input_ids)

@@ -21,6 +21,8 @@ import types
 import typing
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from polymodal.config import ConfigError
 from polymodal.data.synthetic import COT_TASKS
 from polymodal.errors import (CheckpointError, ExistingFileError, InputError, MissingFileError, PathKindError,
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (PolymodalError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError, ValueError, KeyError, OSError) as e:  # OSError: a full disk, a read-only folder
+            PermissionError, ValueError, KeyError, OSError, SafetensorError) as e:  # a full disk, a read-only folder
         message = e.args[0] if isinstance(e, KeyError) and not isinstance(e, PolymodalError) and e.args else e
         print(f"polymodal {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
-    g.add_argument("--audio", action="append", default=[], help="a 16-bit mono wav file (repeat for several)")
+    g.add_argument("--audio", action="append", default=[], help="a wav file: PCM or float, any rate and channel count (repeat for several)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)

@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
-    g.add_argument("--audio", action="append", default=[], help="a wav file: PCM or float, any rate and channel count (repeat for several)")
+    g.add_argument("--audio", action="append", default=[],
+                   help="a wav file: PCM or float, any rate and channel count (repeat for several)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -181,6 +182,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _fine_tuning(given: dict) -> dict:
     """--init-from's model is the one trained: a --model of another family is an error, and the run is named
     after the model trained (`<its directory>-tuned`) unless --name says otherwise."""
+    from polymodal.config import read_json_config
     from polymodal.models import load_config
     from polymodal.train.trainer import model_config
 
@@ -188,14 +190,16 @@ def _fine_tuning(given: dict) -> dict:
     if not (source / "config.json").is_file():
         raise MissingFileError(f"--init-from expects a model directory (config.json + weights), got {source}")
     _with_weights(source)
-    base = type(load_config(source / "config.json")) if "config_class" in json.loads(
-        (source / "config.json").read_text()) else None
-    if "model" in given and base is not None and type(model_config(given["model"])) is not base:
+    polymodal_dir = "config_class" in read_json_config(source / "config.json")  # else an HF directory
+    base = type(load_config(source / "config.json")) if polymodal_dir else None
+    named = type(model_config(given["model"])) if "model" in given else None
+    if base is not None and named not in (None, base):
         raise ConfigError(f"--init-from {source} holds a {base.__name__} model, --model {given['model']} a "
-                          f"{type(model_config(given['model'])).__name__}: the run trains --init-from's model; "
-                          "drop --model or give one of its family")
-    name = source.resolve().parent.parent.name if source.resolve().parent.name == "checkpoints" else source.resolve().name
-    return {"name": f"{name}-tuned", **given}
+                          f"{named.__name__}: the run trains --init-from's model; drop --model or give one of its "
+                          "family")
+    found = source.resolve()
+    run = found.parent.parent if found.parent.name == "checkpoints" else found  # a run's checkpoint: the run
+    return {"name": f"{run.name}-tuned", **given}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -39,8 +39,8 @@ def _check_types(obj: Any) -> None:
         if not set(allowed) <= {int, float, bool, str, type(None)} or any(isinstance(value, a) for a in allowed
                                                                           if a is not int and a is not float):
             continue  # a nested config, a tuple, a dict: their own checks; or a bool, str or None where allowed
-        fits = (not isinstance(value, (bool, str)) and value is not None and (
-            isinstance(value, numbers.Real) if float in allowed else int in allowed and isinstance(value, numbers.Integral)))
+        number = isinstance(value, numbers.Real) if float in allowed else isinstance(value, numbers.Integral)
+        fits = not isinstance(value, (bool, str)) and value is not None and (float in allowed or int in allowed) and number
         if not fits:
             kind = ("an integer" if float not in allowed else "a finite number") + (" or None" if type(None) in allowed
                                                                                  else "")

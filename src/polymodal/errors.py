@@ -127,8 +127,8 @@ def check_tensors(**named: Any) -> None:
     for name, value in named.items():
         items = value if isinstance(value, (list, tuple)) else [value]
         if value is not None and not all(isinstance(v, torch.Tensor) for v in items):
-            raise InputTypeError(f"{name} must be a torch.Tensor{' or a list of them' if name.endswith('videos') else ''}"
-                                 f", got {type(value).__name__}")
+            kind = "a torch.Tensor or a list of them" if name.endswith("videos") else "a torch.Tensor"
+            raise InputTypeError(f"{name} must be {kind}, got {type(value).__name__}")
 
 
 def check_media(name: str, values: Any, shape: tuple[int | str, ...], what: str = "") -> None:

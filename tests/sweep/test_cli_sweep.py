@@ -247,7 +247,8 @@ def test_a_full_disk_in_train_is_one_line(tmp_path):
                           preexec_fn=small_disk, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "File too large" in proc.stderr and proc.stderr.startswith("polymodal train: error: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "File too large" in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("polymodal train: error: "), proc.stderr
 
 
 def test_an_out_dir_under_a_file_is_one_line(tmp_path, capsys):

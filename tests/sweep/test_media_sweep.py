@@ -129,7 +129,8 @@ def test_every_mode_decodes_as_a_user_sees_it(judge, tmp_path, image, expected, 
     got = judge(lambda: through(entry, encoded(image, fmt), tmp_path), None)
     assert got.mode == "RGB" and got.size == (W, H)
     diff = np.abs(np.asarray(got, dtype=np.float64) - expected).mean()
-    assert diff <= TOLERANCE.get(fmt, 2.0 if image.mode == "YCbCr" else 0.5), f"mean abs difference {diff:.2f} from the expected pixels"
+    tolerance = TOLERANCE.get(fmt, 2.0 if image.mode == "YCbCr" else 0.5)
+    assert diff <= tolerance, f"mean abs difference {diff:.2f} from the expected pixels"
 
 
 def test_a_full_range_16_bit_ramp_stays_a_ramp(tmp_path):
@@ -201,7 +202,8 @@ def wav(samples: np.ndarray, rate: int, encoding: str, extensible: bool = False)
     align = channels * bits // 8
     fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * align, align, bits)
     if extensible:
-        fmt += struct.pack("<HHI", 22, bits, 0) + struct.pack("<H", tag) + b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x008\x9bq"
+        guid_tail = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x008\x9bq"  # KSDATAFORMAT_SUBTYPE_* after the tag
+        fmt += struct.pack("<HHI", 22, bits, 0) + struct.pack("<H", tag) + guid_tail
     chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(raw)) + raw
     return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
 

@@ -137,8 +137,8 @@ def check_waveform(waveform: np.ndarray, sample_rate: object) -> None:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1:
         raise InputError(f"an audio clip's sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     if not isinstance(waveform, np.ndarray) or waveform.ndim != 1 or not np.issubdtype(waveform.dtype, np.floating):
-        raise InputError(f"an audio clip must be a 1-D float numpy waveform, got "
-                         f"{getattr(waveform, 'dtype', type(waveform).__name__)} of shape {getattr(waveform, 'shape', ())}")
+        given = f"{getattr(waveform, 'dtype', type(waveform).__name__)} of shape {getattr(waveform, 'shape', ())}"
+        raise InputError(f"an audio clip must be a 1-D float numpy waveform, got {given}")
     if not np.isfinite(waveform).all():
         raise InputError(f"an audio clip must hold finite samples, got {int((~np.isfinite(waveform)).sum())} "
                          "NaN or infinite ones")

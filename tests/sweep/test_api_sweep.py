@@ -19,6 +19,7 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import (CheckpointError, ConfigError, InputError, InputTypeError, MissingFileError,
                               PolymodalError, UnknownNameError)
 from polymodal.presets import get_preset
+from sweep_judge import judge
 
 WORLD = World(seed=0)
 NAN, INF = float("nan"), float("inf")
@@ -94,14 +95,14 @@ def call(model, batch: dict, **change):
 @pytest.mark.parametrize("family, key, how", [
     pytest.param(f, k, h, id=f"{MEDIA_SPOILS[h][0].__name__}-{f}-{k}-{h}") for f, keys in MEDIA.items()
     for k in keys for h in MEDIA_SPOILS])
-def test_spoiled_media_is_refused_before_compute(judge, families, family, key, how):
+def test_spoiled_media_is_refused_before_compute(families, family, key, how):
     model, batch, _ = families[family]
     error, match = MEDIA_SPOILS[how]
     judge(lambda: call(model, batch, **{key: spoiled(batch[key], how)}), error, match)
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, id=f"result-{f}-half-precision-media") for f in MEDIA])
-def test_half_precision_media_is_read(judge, families, family):
+def test_half_precision_media_is_read(families, family):
     model, batch, _ = families[family]
     half = {k: batch[k].half() if not isinstance(batch[k], list) else [v.half() for v in batch[k]]
             for k in MEDIA[family]}
@@ -112,7 +113,7 @@ def test_half_precision_media_is_read(judge, families, family):
 
 @pytest.mark.parametrize("family", [pytest.param(f, id=f"result-{f}-labels-all-ignored-loss-0")
                                     for f in FAMILIES if f != "clip-tiny"])
-def test_a_loss_with_nothing_to_predict_is_zero_with_zero_gradients(judge, families, family):
+def test_a_loss_with_nothing_to_predict_is_zero_with_zero_gradients(families, family):
     """The README's choice: a batch whose labels are all -100 costs exactly 0 and moves no weight."""
     model, batch, _ = families[family]
     model.zero_grad()
@@ -148,7 +149,7 @@ TOKEN_CASES = ["ids-past-vocabulary", "ids-negative", "ids-float", "ids-1d", "id
 
 @pytest.mark.parametrize("family, case", [pytest.param(f, c, id=f"InputError-{f}-{c}") for f in FAMILIES
                                           for c in TOKEN_CASES])
-def test_bad_token_ids_and_masks_are_refused(judge, families, family, case):
+def test_bad_token_ids_and_masks_are_refused(families, family, case):
     model, batch, _ = families[family]
     V = getattr(model.config, "vocab_size", None) or model.config.text.vocab_size
     spoils = token_spoils(batch, V)
@@ -180,7 +181,7 @@ GENERATE = {  # setting -> [(value, valid)]
 @pytest.mark.parametrize("setting, value, valid", [
     pytest.param(s, v, ok, id=f"{'result' if ok else 'InputError'}-generate-{s}={v!r}")
     for s, cases in GENERATE.items() for v, ok in cases])
-def test_generate_settings(judge, families, setting, value, valid):
+def test_generate_settings(families, setting, value, valid):
     model, batch, tokenizer = families["llama-tiny"]
     sampled = setting in ("temperature", "top_k", "top_p", "seed")
     run = lambda: pm.generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -193,7 +194,7 @@ def test_generate_settings(judge, families, setting, value, valid):
     assert ((new >= 0) & (new < model.config.vocab_size)).all()
 
 
-def test_a_draft_of_another_family_is_named_as_the_problem(judge, families):
+def test_a_draft_of_another_family_is_named_as_the_problem(families):
     target, batch, _ = families["paligemma-tiny"]
     gemini = families["gemini-tiny"][0].config
     draft = pm.build(gemini.replace(text=gemini.text.replace(vocab_size=target.config.text.vocab_size))).eval()
@@ -203,7 +204,7 @@ def test_a_draft_of_another_family_is_named_as_the_problem(judge, families):
 
 
 @pytest.mark.parametrize("draft_vocab", [pytest.param(v, id=f"InputError-draft-vocabulary-{v}") for v in (100, 321)])
-def test_a_draft_of_another_vocabulary_is_named(judge, families, draft_vocab):
+def test_a_draft_of_another_vocabulary_is_named(families, draft_vocab):
     model, batch, _ = families["llama-tiny"]
     draft = pm.build(model.config.replace(vocab_size=draft_vocab)).eval()
     judge(lambda: pm.generate(model, batch["input_ids"], max_new_tokens=2, assistant_model=draft), InputError,
@@ -228,24 +229,24 @@ def valid_config_value(name: str, value) -> bool:
 @pytest.mark.parametrize("field, value", [
     pytest.param(f, v, id=f"ConfigError-DecoderConfig-{f}={v!r}") for f in CONFIG_FIELDS for v in BAD_NUMBERS
     if not valid_config_value(f, v)])
-def test_bad_config_numbers(judge, field, value):
+def test_bad_config_numbers(field, value):
     judge(lambda: DecoderConfig(**{field: value}), ConfigError, field)
 
 
-def test_huge_but_finite_sizes_are_refused_before_allocating(judge):
+def test_huge_but_finite_sizes_are_refused_before_allocating():
     judge(lambda: pm.build(DecoderConfig(dim=2 ** 20, n_layers=2 ** 10, n_heads=2 ** 10, hidden_dim=2 ** 20)),
           ConfigError, "")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, id=f"UnknownNameError-preset-{n!r}")
                                   for n in ("gpt-4", "", "PALIGEMMA-TINY", "paligemma_tiny")])
-def test_unknown_presets(judge, name):
+def test_unknown_presets(name):
     judge(lambda: pm.build(name), UnknownNameError, "unknown preset")
 
 
 @pytest.mark.parametrize("value", [pytest.param(v, id=f"InputTypeError-build-{type(v).__name__}")
                                    for v in (3, None, {"dim": 8}, ["llama-tiny"])])
-def test_build_takes_a_config_or_a_preset_name(judge, value):
+def test_build_takes_a_config_or_a_preset_name(value):
     judge(lambda: pm.build(value), InputTypeError)
 
 
@@ -258,7 +259,7 @@ LORA = {"rank": [0, -1, 1.5, NAN, True, "8"], "alpha": [NAN, INF, 0, -1.0, "16"]
 
 @pytest.mark.parametrize("setting, value", [
     pytest.param(s, v, id=f"InputError-add_lora-{s}={v!r}") for s, values in LORA.items() for v in values])
-def test_bad_lora_settings(judge, families, setting, value):
+def test_bad_lora_settings(families, setting, value):
     model = pm.build(families["llama-tiny"][0].config)
     judge(lambda: pm.add_lora(model, **{setting: value}), InputError, "")
     assert not any(n for n, _ in model.named_parameters() if "lora" in n), "the model changed before the error"
@@ -280,7 +281,7 @@ ADAPTER_CONFIG = {"r": [0, -2, 2.5, NAN, None, "2"], "lora_alpha": [NAN, INF, -I
 
 @pytest.mark.parametrize("key, value", [pytest.param(k, v, id=f"InputError-adapter_config-{k}={v!r}")
                                         for k, values in ADAPTER_CONFIG.items() for v in values])
-def test_bad_adapter_configs_are_refused(judge, families, adapter, tmp_path, key, value):
+def test_bad_adapter_configs_are_refused(families, adapter, tmp_path, key, value):
     (tmp_path / "a").mkdir()
     config = json.loads((adapter / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
@@ -324,14 +325,14 @@ ADAPTER_FILES = {"nan": (InputError, "finite"), "inf": (InputError, "finite"), "
 
 @pytest.mark.parametrize("how", [pytest.param(h, id=f"{e.__name__}-adapter-weights-{h}")
                                  for h, (e, _) in ADAPTER_FILES.items()])
-def test_bad_adapter_files_are_refused_before_the_model_changes(judge, families, adapter, tmp_path, how):
+def test_bad_adapter_files_are_refused_before_the_model_changes(families, adapter, tmp_path, how):
     model = pm.build(families["llama-tiny"][0].config)
     error, match = ADAPTER_FILES[how]
     judge(lambda: pm.load_adapter(model, spoiled_adapter(adapter, tmp_path, how)), error, match)
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
-def test_an_adapter_for_another_family_is_refused(judge, families, adapter):
+def test_an_adapter_for_another_family_is_refused(families, adapter):
     model = pm.build(families["kosmos-tiny"][0].config)
     judge(lambda: pm.load_adapter(model, adapter), InputError, "adapter for another model")
 
@@ -341,7 +342,7 @@ def test_an_adapter_for_another_family_is_refused(judge, families, adapter):
 
 @pytest.mark.parametrize("what", [pytest.param(w, id=f"MissingFileError-from_pretrained-{w}")
                                   for w in ("missing", "a file", "empty folder", "adapter without base")])
-def test_from_pretrained_on_what_is_no_checkpoint(judge, tmp_path, what):
+def test_from_pretrained_on_what_is_no_checkpoint(tmp_path, what):
     target = tmp_path / "x"
     if what == "a file":
         target.write_text("{}")

@@ -27,6 +27,7 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import (CheckpointError, ConfigError, DocumentError, ExistingFileError, InputError,
                               MissingFileError, PathKindError, UnknownNameError)
 from polymodal.presets import get_preset
+from sweep_judge import judge
 
 WORLD = World(seed=0)
 
@@ -197,7 +198,7 @@ PROBES = {  # name: (argv, error class or None for a result, what the message sa
 
 @pytest.mark.parametrize("name", [pytest.param(n, id=f"{(e.__name__ if e else 'result')}-cli-{n}")
                                   for n, (_, e, _) in PROBES.items()])
-def test_cli_probe(judge, place, capsys, name):
+def test_cli_probe(place, capsys, name):
     args, error, says = PROBES[name]
     args = argv(place, args)
     says = says.replace("{}", str(place))
@@ -213,7 +214,7 @@ def test_cli_probe(judge, place, capsys, name):
     assert err.startswith(f"polymodal {args[0]}: error: ") and says in err, err
 
 
-def test_export_data_never_overwrites_a_file_or_its_media(judge, tmp_path, capsys):
+def test_export_data_never_overwrites_a_file_or_its_media(tmp_path, capsys):
     out = tmp_path / "world.jsonl"
     assert main(["export-data", str(out), "--n", "2"]) == 0
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}

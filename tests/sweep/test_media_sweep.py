@@ -19,6 +19,7 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import InputError
 from polymodal.presets import get_preset
 from polymodal.serve.protocol import ApiError, Limits, chat_job
+from sweep_judge import judge
 
 H, W = 12, 16
 X = np.arange(W)[None, :].repeat(H, 0)
@@ -125,7 +126,7 @@ def image_cases():
 
 
 @pytest.mark.parametrize("image, expected, fmt, entry", list(image_cases()))
-def test_every_mode_decodes_as_a_user_sees_it(judge, tmp_path, image, expected, fmt, entry):
+def test_every_mode_decodes_as_a_user_sees_it(tmp_path, image, expected, fmt, entry):
     got = judge(lambda: through(entry, encoded(image, fmt), tmp_path), None)
     assert got.mode == "RGB" and got.size == (W, H)
     diff = np.abs(np.asarray(got, dtype=np.float64) - expected).mean()
@@ -150,7 +151,7 @@ ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180
 @pytest.mark.parametrize("orientation, fmt, entry", [
     pytest.param(o, f, e, id=f"result-exif-orientation-{o}-{f}-{e}") for o in range(1, 9) for f in ("JPEG", "PNG")
     for e in ENTRIES])
-def test_exif_orientation_is_applied(judge, tmp_path, orientation, fmt, entry):
+def test_exif_orientation_is_applied(tmp_path, orientation, fmt, entry):
     image = Image.fromarray(COLOUR)
     exif = image.getexif()
     exif[0x0112] = orientation
@@ -163,7 +164,7 @@ def test_exif_orientation_is_applied(judge, tmp_path, orientation, fmt, entry):
 @pytest.mark.parametrize("fmt, cut, entry", [
     pytest.param(f, c, e, id=f"{ERRORS[e].__name__}-truncated-{f}-at-{c}-{e}")
     for f in ("PNG", "JPEG", "GIF", "TIFF", "WEBP", "BMP") for c in (0, 8, 0.5, 0.9) for e in ENTRIES])
-def test_truncated_images_are_named(judge, tmp_path, fmt, cut, entry):
+def test_truncated_images_are_named(tmp_path, fmt, cut, entry):
     data = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)), fmt)
     data = data[:int(len(data) * cut) if isinstance(cut, float) else cut]
     message = judge(lambda: through(entry, data, tmp_path), ERRORS[entry]) if entry != "server" else None
@@ -177,7 +178,7 @@ def test_truncated_images_are_named(judge, tmp_path, fmt, cut, entry):
 
 @pytest.mark.parametrize("entry", [pytest.param(e, id=f"{ERRORS[e].__name__}-float-image-with-nan-{e}")
                                    for e in ("training data", "cli")])
-def test_a_float_image_with_nan_pixels_is_refused(judge, tmp_path, entry):
+def test_a_float_image_with_nan_pixels_is_refused(tmp_path, entry):
     data = encoded(wide("F", np.where(X > 3, RAMP / 255, np.nan)), "TIFF")
     judge(lambda: through(entry, data, tmp_path), ERRORS[entry], "NaN or infinite pixels")
 
@@ -220,7 +221,7 @@ RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
 @pytest.mark.parametrize("rate, encoding, channels, entry", [
     pytest.param(r, e, c, en, id=f"result-wav-{r}Hz-{e}-{c}ch-{en}") for r in RATES for e in QUANTUM for c in (1, 2)
     for en in (("training data", "cli", "server") if (r, c) in ((22050, 2), (44100, 1)) else ("training data",))])
-def test_wavs_of_every_common_layout_are_read(judge, tmp_path, rate, encoding, channels, entry):
+def test_wavs_of_every_common_layout_are_read(tmp_path, rate, encoding, channels, entry):
     samples = tone(rate, 0.25, channels)
     got = judge(lambda: through(entry, wav(samples, rate, encoding, extensible=channels == 2), tmp_path, "wav"), None)
     assert got.sample_rate == rate and got.waveform.shape == (len(samples),)
@@ -234,7 +235,7 @@ def gemini_collator():
 
 
 @pytest.mark.parametrize("rate", [pytest.param(r, id=f"result-resampled-from-{r}Hz") for r in RATES + (96000,)])
-def test_audio_at_any_rate_gives_the_features_of_the_16khz_clip(judge, gemini_collator, rate):
+def test_audio_at_any_rate_gives_the_features_of_the_16khz_clip(gemini_collator, rate):
     features = judge(lambda: gemini_collator([Document([Segment("audio", media=Audio(
         tone(rate, 0.5)[:, 0].astype(np.float32), rate)), Segment("text", "a beep")])])["input_features"], None)
     reference = gemini_collator([Document([Segment("audio", media=Audio(tone(16000, 0.5)[:, 0].astype(np.float32),
@@ -289,7 +290,7 @@ BROKEN = broken_wavs()
 
 @pytest.mark.parametrize("case, entry", [pytest.param(c, e, id=f"{ERRORS[e].__name__}-wav-{c}-{e}")
                                          for c in BROKEN for e in ENTRIES])
-def test_broken_wavs_are_refused_for_their_real_cause(judge, tmp_path, case, entry):
+def test_broken_wavs_are_refused_for_their_real_cause(tmp_path, case, entry):
     data, cause = BROKEN[case]
     if entry == "server":
         with pytest.raises(ApiError) as info:
@@ -311,6 +312,6 @@ def test_broken_wavs_are_refused_for_their_real_cause(judge, tmp_path, case, ent
     pytest.param(np.zeros(100, np.float32), 16001, "cannot be resampled", id="InputError-api-audio-rate-prime"),
     pytest.param([0.0] * 100, 16000, "1-D float numpy waveform", id="InputError-api-audio-list"),
 ])
-def test_audio_given_in_python_is_checked(judge, gemini_collator, waveform, rate, match):
+def test_audio_given_in_python_is_checked(gemini_collator, waveform, rate, match):
     doc = Document([Segment("audio", media=Audio(waveform, rate)), Segment("text", "a beep")])
     judge(lambda: gemini_collator([doc]), InputError, match)

@@ -1,9 +1,8 @@
 """The hostile sweep's judge: each probe ends in one line of the error class it names (a `PolymodalError`), or in
 a result the probe itself checks, within a time limit (a hang fails the probe). Each probe's test id starts with
-its expected outcome (an error class, or `result`); the terminal summary counts the probes that passed per outcome.
-"""
+its expected outcome (an error class, or `result`); tests/conftest.py's terminal summary counts the probes that
+passed per outcome. A module, not a conftest.py: tests/serve imports its own conftest by that name."""
 
-import collections
 import signal
 
 import pytest
@@ -13,7 +12,7 @@ from polymodal.errors import PolymodalError
 LIMIT_S = 60  # a probe that takes longer hangs: every one of them runs in well under a second
 
 
-def _judge(fn, expected: type | None, match: str | None = None):
+def judge(fn, expected: type | None, match: str | None = None):
     """fn's result when `expected` is None; else the one-line message of the `expected` error fn raises, which
     must be a PolymodalError and contain `match`. Any other exception fails the probe with its traceback."""
     def hang(*_):
@@ -34,18 +33,3 @@ def _judge(fn, expected: type | None, match: str | None = None):
     assert message and "\n" not in message, f"not one line: {message!r}"
     assert match is None or match in message, f"{match!r} not in {message!r}"
     return message
-
-
-@pytest.fixture
-def judge():
-    return _judge
-
-
-def pytest_terminal_summary(terminalreporter):
-    counts = collections.Counter()
-    for report in terminalreporter.stats.get("passed", []):
-        if "sweep" in report.nodeid and "[" in report.nodeid:
-            counts[report.nodeid.split("[", 1)[1].split("-", 1)[0]] += 1
-    if counts:
-        terminalreporter.write_line("hostile sweep, probes passed per outcome: " + ", ".join(
-            f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + f"; total {sum(counts.values())}")

@@ -55,10 +55,6 @@ class UnknownNameError(PolymodalError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class StorageError(PolymodalError, OSError):
-    """A write the file system refused: a full disk, a read-only folder, no permission."""
-
-
 def check_number(name: str, value: Any, *, integer: bool = False, above: float | None = None,
                  at_least: float | None = None, below: float | None = None, at_most: float | None = None,
                  error: type = InputError) -> Any:

@@ -126,8 +126,6 @@ def _checkpoint_dir(path: str) -> Path:
     from polymodal.train.checkpoint import latest_checkpoint
 
     p = Path(path)
-    if not p.is_dir():
-        raise MissingFileError(f"{p} is not a directory: expected a model, checkpoint or run directory")
     if (p / "config.json").is_file():
         return _with_weights(p)
     last = latest_checkpoint(p / "checkpoints")
@@ -138,10 +136,13 @@ def _checkpoint_dir(path: str) -> Path:
 
 
 def _with_weights(directory: Path) -> Path:
-    """`directory`, if it holds model weights as safetensors; an optimizer's or an adapter's file alone is none."""
+    """`directory`, if it holds model weights as safetensors, or a LoRA adapter (whose base from_pretrained
+    loads); an optimizer's file alone is none."""
+    from polymodal.convert.peft import ADAPTER_CONFIG
     from polymodal.serialization import INDEX, PICKLE_NAMES
 
-    if (directory / INDEX).is_file() or any(f.name not in NOT_WEIGHTS for f in directory.glob("*.safetensors")):
+    if ((directory / INDEX).is_file() or (directory / ADAPTER_CONFIG).is_file()
+            or any(f.name not in NOT_WEIGHTS for f in directory.glob("*.safetensors"))):
         return directory
     pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
     present = sorted(f.name for f in directory.glob("*.safetensors"))

@@ -1,3 +1,4 @@
+import collections
 import os
 import signal
 import socket
@@ -59,3 +60,14 @@ def kill_at_first_checkpoint():
         assert proc.wait() == -signal.SIGKILL
         return list_checkpoints(run_dir / "checkpoints")
     return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The hostile sweep's count of probes passed per expected outcome (tests/sweep/sweep_judge.py)."""
+    counts = collections.Counter()
+    for report in terminalreporter.stats.get("passed", []):
+        if "sweep" in report.nodeid and "[" in report.nodeid:
+            counts[report.nodeid.split("[", 1)[1].split("-", 1)[0]] += 1
+    if counts:
+        terminalreporter.write_line("hostile sweep, probes passed per outcome: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + f"; total {sum(counts.values())}")

@@ -10,6 +10,7 @@ from torch import nn
 
 from polymodal.config import Config, check_fits_memory, read_json_config
 from polymodal.convert.hf import load_hf
+from polymodal.errors import InputError, InputTypeError, MissingFileError
 from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from polymodal.models import MODEL_CLASSES, load_config
 from polymodal.nn.quantize import quantize as quantize_model
@@ -24,13 +25,13 @@ def build(config: Config | str, *, backend: str = "sdpa") -> nn.Module:
     if isinstance(config, str):
         config = get_preset(config)
     if type(config) not in MODEL_CLASSES:
-        raise TypeError(f"no model family for {type(config).__name__}; known: {[c.__name__ for c in MODEL_CLASSES]}")
+        raise InputTypeError(f"no model family for {type(config).__name__}; known: {[c.__name__ for c in MODEL_CLASSES]}")
     cls = MODEL_CLASSES[type(config)]
     check_fits_memory(config)
     if backend == "sdpa":
         return cls(config)
     if "backend" not in inspect.signature(cls).parameters:
-        raise ValueError(f"{cls.__name__} has no decoder whose attention backend can be chosen: backend must be "
+        raise InputError(f"{cls.__name__} has no decoder whose attention backend can be chosen: backend must be "
                          f"'sdpa', got {backend!r}")
     return cls(config, backend=backend)
 
@@ -57,16 +58,16 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
     A `polymodal train` run directory loads its best checkpoint (its last when it kept no best one)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory")
+        raise MissingFileError(f"{directory} is not a directory")
     if (directory / "checkpoints").is_dir() and not (directory / "config.json").is_file():
         directory = resolve(directory)[0]
     if quantize is not None and quantize not in ("int8", "int4"):
-        raise ValueError(f"quantize must be 'int8' or 'int4' (or None), got {quantize!r}")
+        raise InputError(f"quantize must be 'int8' or 'int4' (or None), got {quantize!r}")
     if (directory / ADAPTER_CONFIG).is_file() and not (directory / WEIGHTS).is_file():
         return _from_adapter(directory, dtype=dtype, device=device, quantize=quantize)
     config_path = directory / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"no config.json in {directory}")
+        raise MissingFileError(f"no config.json in {directory}")
     if "config_class" in read_json_config(config_path):
         model = build(load_config(config_path))
         load_into(model, load_weights(directory), directory)
@@ -80,7 +81,7 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
 def _from_adapter(directory: Path, **kwargs) -> nn.Module:
     base = read_adapter_config(directory).get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
-        raise FileNotFoundError(f"{directory} is a LoRA adapter whose base model (base_model_name_or_path) is "
+        raise MissingFileError(f"{directory} is a LoRA adapter whose base model (base_model_name_or_path) is "
                                 f"{base!r}, not a directory here: load the base with from_pretrained, then "
                                 "load_adapter(model, directory)")
     quantize = kwargs.pop("quantize")

@@ -21,13 +21,15 @@ import types
 import typing
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from polymodal.config import ConfigError
-from polymodal.data.documents import DocumentError
 from polymodal.data.synthetic import COT_TASKS, WORLD
-from polymodal.errors import PolymodalError
+from polymodal.errors import (CheckpointError, ExistingFileError, InputError, MissingFileError, PathKindError,
+                              PolymodalError)
 from polymodal.evaluate.metrics import METRICS
 from polymodal.fusion.configs import PaliGemmaConfig
-from polymodal.train.trainer import IMAGE_TASKS, TrainConfig, TrainingError
+from polymodal.train.trainer import IMAGE_TASKS, TrainConfig
 
 METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1"}
 METRIC_NAMES = tuple(METRIC_WHAT)
@@ -36,6 +38,7 @@ QUANTIZE_HELP = ("weight-only quantized decoder linear layers; on a CPU they sav
                  "by benchmarks/bench_quantize.py, a 64M decoder, 1 thread, shared machine): int8 0.40x float32's "
                  "weight bytes, 1.4x its time; int4 0.35x the bytes, 5.5x the time per new token, ~60x per prompt")
 MAX_NEW_TOKENS = 32  # generate's default for text; a drawing model gets one image span more
+NOT_WEIGHTS = ("optimizer.safetensors", "adapter_model.safetensors")  # beside weights in checkpoints, never weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -76,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
                                       "else its last)")
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
-    g.add_argument("--audio", action="append", default=[], help="a 16-bit mono wav file (repeat for several)")
+    g.add_argument("--audio", action="append", default=[],
+                   help="a wav file: PCM or float, any rate and channel count (repeat for several)")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"(default: {MAX_NEW_TOKENS}, plus one image span for a model that draws)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -154,21 +158,40 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint_dir(path: str) -> Path:
-    """A model directory itself, or a run directory's best checkpoint (else its last); says which."""
+    """A model directory itself, or a run directory's best checkpoint (else its last); says which. It must hold weights."""
     from polymodal.runs import resolve
 
     directory, which = resolve(path)
     if directory != Path(path):
         print(which, file=sys.stderr, flush=True)
-    return directory
+    return _with_weights(directory)
 
 
-def _load(path: str, quantize: str | None = None):
+def _with_weights(directory: Path) -> Path:
+    """`directory`, if it holds model weights as safetensors, or a LoRA adapter (whose base from_pretrained
+    loads); an optimizer's file alone is none."""
+    from polymodal.convert.peft import ADAPTER_CONFIG
+    from polymodal.serialization import INDEX, PICKLE_NAMES
+
+    if ((directory / INDEX).is_file() or (directory / ADAPTER_CONFIG).is_file()
+            or any(f.name not in NOT_WEIGHTS for f in directory.glob("*.safetensors"))):
+        return directory
+    pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
+    present = sorted(f.name for f in directory.glob("*.safetensors"))
+    raise MissingFileError(f"{directory} has no weights: no model.safetensors or {INDEX}"
+                           + (f" (only {', '.join(pickles)}: pickles, which polymodal never loads)" if pickles else "")
+                           + (f" ({', '.join(present)} holds no model weights)" if present else ""))
+
+
+def _load(path: str, quantize: str | None = None, role: str = "checkpoint"):
     import polymodal as pm
+    from polymodal.data.collate import check_tokenizer
     from polymodal.data.tokenizer import Tokenizer
 
     directory = _checkpoint_dir(path)
-    return directory, pm.from_pretrained(directory, quantize=quantize), Tokenizer.from_file(directory)
+    model, tokenizer = pm.from_pretrained(directory, quantize=quantize), Tokenizer.from_file(directory)
+    check_tokenizer(model.config, tokenizer, f"{role} {directory}")
+    return directory, model, tokenizer
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -178,6 +201,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}  # only the flags on the command line
+    if given.get("init_from"):
+        given = _fine_tuning(given)
     if given.get("resume"):  # continue the run as it was set up; flags given now override its settings
         for last in reversed(list_checkpoints(TrainConfig.from_dict(given).run_dir / "checkpoints")):
             try:  # the newest readable one; the trainer says which checkpoints it skips
@@ -187,6 +212,29 @@ def cmd_train(args: argparse.Namespace) -> None:
                 continue
     cfg = TrainConfig.from_dict(given)
     train(cfg, hooks=[WorldAccuracy(cfg.tasks)] if cfg.data == "world" else [])
+
+
+def _fine_tuning(given: dict) -> dict:
+    """--init-from's model is the one trained: a --model of another family is an error, and the run is named
+    after the model trained (`<its directory>-tuned`) unless --name says otherwise."""
+    from polymodal.config import read_json_config
+    from polymodal.models import load_config
+    from polymodal.train.trainer import model_config
+
+    source = Path(given["init_from"])
+    if not (source / "config.json").is_file():
+        raise MissingFileError(f"--init-from expects a model directory (config.json + weights), got {source}")
+    _with_weights(source)
+    polymodal_dir = "config_class" in read_json_config(source / "config.json")  # else an HF directory
+    base = type(load_config(source / "config.json")) if polymodal_dir else None
+    named = type(model_config(given["model"])) if "model" in given else None
+    if base is not None and named not in (None, base):
+        raise ConfigError(f"--init-from {source} holds a {base.__name__} model, --model {given['model']} a "
+                          f"{named.__name__}: the run trains --init-from's model; drop --model or give one of its "
+                          "family")
+    found = source.resolve()
+    run = found.parent.parent if found.parent.name == "checkpoints" else found  # a run's checkpoint: the run
+    return {"name": f"{run.name}-tuned", **given}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -200,11 +248,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
             try:
                 segments.append(Segment(kind, media=load_media(path, kind)))
             except ValueError as e:
-                raise ValueError(f"{flag}: {e}") from e
+                raise InputError(f"{flag}: {e}") from e
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
-    draft = _load(args.assistant)[1] if args.assistant is not None else None
+    draft = _load(args.assistant, role="--assistant (the draft)")[1] if args.assistant is not None else None
     if not hasattr(model, "make_cache"):
-        raise ValueError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
+        raise InputError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
                          "nothing; score it with `polymodal eval`")
     collator = make_collator(model.config, tokenizer)
     prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
@@ -216,7 +264,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         max_new = MAX_NEW_TOKENS + (spans.length + 2 if draws else 0)
     if len(prompt) + max_new > context:
         media = " (media placeholders included)" if segments else ""
-        raise ValueError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {max_new}: "
+        raise InputError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {max_new}: "
                          f"{len(prompt) + max_new} in all, past the model's context of {context} tokens "
                          f"({directory})")
     if isinstance(model.config, PaliGemmaConfig) and not args.image:
@@ -225,7 +273,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     batch = collator.pad([prompt])
     del batch["labels"]
     if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():
-        raise NotADirectoryError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
+        raise PathKindError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
     new = generate(model, **batch, max_new_tokens=max_new, do_sample=args.do_sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws,
@@ -245,12 +293,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(text.tolist()).strip())
 
 
+def _trainer_state(directory: Path) -> dict:
+    """The checkpoint's trainer.json ({} when it has none); a file that is not one is an error naming it."""
+    path = directory / "trainer.json"
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("train_config", {}), dict):
+            raise TypeError(f"expected an object with a train_config object, got {type(state).__name__}")
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a readable trainer state ({type(e).__name__}: {e}); give --tasks "
+                              "(or --data) to score without it") from e
+    return state
+
+
 def _trained_on(directory: Path) -> dict[str, str | None]:
     """The run's training and eval data files (absolute where the run recorded them so), or {} when unknown."""
-    state = directory / "trainer.json"
-    if not state.is_file():
-        return {}
-    state = json.loads(state.read_text())
+    state = _trainer_state(directory)
     config = state.get("train_config", {})
     return state.get("data_source", {"data": config.get("data"), "eval_data": config.get("eval_data")})
 
@@ -262,18 +322,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from polymodal.evaluate_cot import VALIDATION_START
 
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise InputError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.data is not None:
         return eval_data(args)
     if given := [flag for flag, default in WITH_DATA.items() if getattr(args, flag) != default]:
-        raise ValueError(f"--{given[0].replace('_', '-')} applies to your own documents: give --data FILE with it "
+        raise InputError(f"--{given[0].replace('_', '-')} applies to your own documents: give --data FILE with it "
                          "(the built-in world is scored with greedy answers)")
     if args.cot_k < 1 or args.cot_validation < 1:
-        raise ValueError(f"--cot-k and --cot-validation must be >= 1, got {args.cot_k} and {args.cot_validation}")
+        raise InputError(f"--cot-k and --cot-validation must be >= 1, got {args.cot_k} and {args.cot_validation}")
     if args.n > VALIDATION_START and any(t in COT_TASKS for t in args.tasks or ()):
-        raise ValueError(f"--n must be <= {VALIDATION_START} for chain-of-thought tasks (their validation questions "
+        raise InputError(f"--n must be <= {VALIDATION_START} for chain-of-thought tasks (their validation questions "
                          f"start at eval example {VALIDATION_START}), got {args.n}")
     directory = _checkpoint_dir(args.checkpoint)
     tasks = args.tasks
@@ -281,12 +341,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         source = _trained_on(directory)
         if source.get("data") not in (None, "world"):
             held_out = source.get("eval_data") or "held_out.jsonl"
-            raise ValueError(f"{args.checkpoint} was trained on {source['data']}, not the built-in world: score it on "
+            raise InputError(f"{args.checkpoint} was trained on {source['data']}, not the built-in world: score it on "
                              f"held-out documents of yours, e.g. `polymodal eval {args.checkpoint} --data {held_out}` "
                              "(or name the world's tasks with --tasks)")
-        trainer_state = directory / "trainer.json"
-        tasks = (json.loads(trainer_state.read_text())["train_config"]["tasks"] if trainer_state.is_file()
-                 else IMAGE_TASKS)
+        tasks = _trained_tasks(directory)
     for task in tasks:
         WORLD.choices(task)  # an unknown task fails here, before any work
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
@@ -318,11 +376,11 @@ def eval_data(args: argparse.Namespace) -> None:
     from polymodal.models.contrastive import DualEncoder
 
     if args.metric is not None and args.metric not in METRIC_NAMES:
-        raise ValueError(f"--metric must be one of {', '.join(METRIC_NAMES)}, got {args.metric!r}")
+        raise InputError(f"--metric must be one of {', '.join(METRIC_NAMES)}, got {args.metric!r}")
     if args.tasks is not None:
-        raise ValueError("--tasks names tasks of the built-in world; with --data, give documents a \"task\" field")
+        raise InputError("--tasks names tasks of the built-in world; with --data, give documents a \"task\" field")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval" / Path(args.data).stem
     check_out(out, args.overwrite)
     directory = _checkpoint_dir(args.checkpoint)
@@ -337,7 +395,7 @@ def eval_data(args: argparse.Namespace) -> None:
     pairs = isinstance(model, DualEncoder)
     metric = args.metric or ("recall" if pairs else "exact")
     if pairs != (metric == "recall"):
-        raise ValueError(f"--metric {metric} does not fit a {type(model).__name__}: "
+        raise InputError(f"--metric {metric} does not fit a {type(model).__name__}: "
                          + ("a dual encoder writes no answers; it is scored by recall" if pairs else
                             f"recall scores dual encoders; this model writes answers: one of "
                             f"{', '.join(n for n in METRIC_NAMES if n != 'recall')}"))
@@ -355,6 +413,15 @@ def eval_data(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'results.json'}")
 
 
+def _trained_tasks(directory: Path) -> tuple[str, ...]:
+    """The world tasks the run trained on (the main job's when the checkpoint says nothing)."""
+    tasks = _trainer_state(directory).get("train_config", {}).get("tasks", IMAGE_TASKS)
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
+        raise CheckpointError(f"{directory / 'trainer.json'}: train_config.tasks must be a list of task names, got "
+                              f"{tasks!r}")
+    return tuple(tasks)
+
+
 def eval_routing(args: argparse.Namespace, directory: Path, model, tokenizer, tasks: list[str]) -> None:
     """`polymodal eval`'s table for tasks asked with a chain of thought: greedy, CoT and routed side by side."""
     from polymodal.evaluate_cot import evaluate_routing, routing_table
@@ -370,12 +437,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     source, target = Path(args.source), Path(args.target)
     if args.to == "hf" and args.model_type is not None and args.model_type not in FAMILIES:
-        raise ValueError(f"--model-type must be one of {sorted(FAMILIES)}; got {args.model_type!r}")
+        raise InputError(f"--model-type must be one of {sorted(FAMILIES)}; got {args.model_type!r}")
     checkpoint = _checkpoint_dir(args.source) if args.to == "hf" else source  # a run directory: its checkpoint
     if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"{source} has no config.json: not a checkpoint directory")
+        raise MissingFileError(f"{source} has no config.json: not a checkpoint directory")
     if target.resolve() in (source.resolve(), checkpoint.resolve()):
-        raise ValueError(f"convert writes a new directory: the target {target} is the source itself, whose "
+        raise InputError(f"convert writes a new directory: the target {target} is the source itself, whose "
                          "config.json and weights it would replace; give another target")
     if args.to == "hf":
         model_type = convert_to_hf(checkpoint, target, args.model_type)
@@ -410,7 +477,7 @@ def convert_to_polymodal(source: Path, target: Path) -> None:
     from polymodal.data.tokenizer import Tokenizer
 
     if "config_class" in json.loads((source / "config.json").read_text()):
-        raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
+        raise InputError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
     model = load_hf(source)
     if any((source / name).is_file() for name in TOKENIZER_FILES[:2]):
         check_processor(source, model, Tokenizer.from_file(source))
@@ -424,8 +491,16 @@ def cmd_export_data(args: argparse.Namespace) -> None:
     from polymodal.data.synthetic import export_jsonl
 
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
-    export_jsonl(WORLD, args.output, args.split, args.n, args.tasks)
+        raise InputError(f"--n must be >= 1, got {args.n}")
+    output = Path(args.output)
+    media = output.parent / f"{output.stem}_media"
+    if output.exists() and not output.is_dir():  # a directory: write_jsonl names that mistake
+        raise ExistingFileError(f"{output} exists; export-data never overwrites a file: give another path or "
+                                "remove it first")
+    if media.exists() and (not media.is_dir() or any(media.iterdir())):
+        raise ExistingFileError(f"{media} exists and is not empty: export-data writes the media there and never "
+                                "overwrites files; give another path or remove it first")
+    export_jsonl(WORLD, output, args.split, args.n, args.tasks)
     print(f"wrote {args.n} documents to {args.output}")
     lines = Path(args.output).read_text().splitlines()
     for line in lines[:SHOWN_DOCUMENTS]:  # what to ask about which file, as `polymodal generate` takes them
@@ -455,10 +530,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         from polymodal.serve.app import serve
     except ImportError as e:
-        raise ValueError(f"serving needs FastAPI and uvicorn: pip install 'polymodal[serve]' ({e})") from e
+        raise InputError(f"serving needs FastAPI and uvicorn: pip install 'polymodal[serve]' ({e})") from e
 
     if args.slots < 1 or args.max_queue < 0:
-        raise ValueError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
+        raise InputError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in [0, 65535], got {args.port}")
     serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
           slots=args.slots, max_queue=args.max_queue)
 
@@ -471,9 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (PolymodalError, DocumentError, ConfigError, TrainingError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    except (PolymodalError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, ValueError, KeyError, OSError, SafetensorError) as e:  # a full disk, a read-only folder
+        message = e.args[0] if isinstance(e, KeyError) and not isinstance(e, PolymodalError) and e.args else e
         print(f"polymodal {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C: training saved a checkpoint and says where

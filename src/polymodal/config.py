@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import types
 import typing
@@ -28,9 +29,29 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def _check_types(obj: Any) -> None:
+    """Each field whose annotation is built of int, float, bool, str and None holds one of those: None where an
+    int is due would fail later as a TypeError deep in the model, 1e300 for a layer count as an OverflowError."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint, value = hints[f.name], getattr(obj, f.name)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if not set(allowed) <= {int, float, bool, str, type(None)} or any(isinstance(value, a) for a in allowed
+                                                                          if a is not int and a is not float):
+            continue  # a nested config, a tuple, a dict: their own checks; or a bool, str or None where allowed
+        number = isinstance(value, numbers.Real) if float in allowed else isinstance(value, numbers.Integral)
+        fits = not isinstance(value, (bool, str)) and value is not None and (float in allowed or int in allowed) and number
+        if not fits:
+            kind = ("an integer" if float not in allowed else "a finite number") + (" or None" if type(None) in allowed
+                                                                                 else "")
+            raise ConfigError(f"{type(obj).__name__}.{f.name} must be {kind}, got {value!r} ({type(value).__name__})")
+
+
 def _check_positive(obj: Any, *names: str) -> None:
-    """Every number of the config finite (JSON and Python both allow NaN and inf), and `names` > 0."""
+    """Every field of the type its annotation names (`_check_types`), every number finite (JSON and Python both
+    allow NaN and inf), and `names` > 0."""
     cls = type(obj).__name__
+    _check_types(obj)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from polymodal.errors import UnknownNameError
 from polymodal.config import Config, DecoderConfig
 from polymodal.encoders.vit import VisionConfig
 from polymodal.models.chameleon import chameleon_tiny
@@ -117,5 +118,5 @@ PRESETS: dict[str, Callable[[], Config]] = {
 
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        raise UnknownNameError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     return PRESETS[name]()

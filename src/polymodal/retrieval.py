@@ -9,7 +9,6 @@ answer (`evaluate.majority`, which never looks) and the same model on blank imag
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from polymodal.data.pairs import PairCollator

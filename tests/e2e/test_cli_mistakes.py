@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import wave
 
 import numpy as np
 import pytest
@@ -147,17 +146,14 @@ def test_generate_with_an_audio_file_that_is_not_a_wav(checkpoint, tmp_path):
     WORLD.draw("red", "circle").save(tmp_path / "red.png")
     out = polymodal("generate", checkpoint, "--prompt", "hi", "--audio", tmp_path / "red.png")
     err = one_line_error(out.returncode, out.stderr)
-    assert "--audio: expected a 16-bit PCM mono wav file, got " in err and "red.png" in err, err
+    assert "--audio: expected a wav file of PCM or float samples, got " in err and "red.png" in err, err
 
 
 def test_generate_mistakes(checkpoint, tmp_path, capsys):
-    with wave.open(str(tmp_path / "stereo.wav"), "wb") as w:
-        w.setnchannels(2), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"\0" * 400)
     (tmp_path / "beep.wav").write_bytes(wav_bytes(Audio(np.zeros(1600, np.float32), 16000)))
     WORLD.draw("red", "circle").save(tmp_path / "red.png")
     cases = [
         (["--image", str(tmp_path)], f"--image: expected an existing image file, got directory '{tmp_path}'"),
-        (["--audio", str(tmp_path / "stereo.wav")], "stereo.wav' (16-bit samples in 2 channel(s), not 16-bit mono)"),
         (["--audio", str(tmp_path / "beep.wav")], "the document has audio segments; PaliGemma reads images and text"),
         (["--prompt", "what colour? " * 200, "--image", str(tmp_path / "red.png")],
          "and --max-new-tokens is 32: "),

@@ -155,7 +155,8 @@ def test_other_bad_inputs_are_clear_errors():
         model(ids, px, chunks=2)
     with pytest.raises(ValueError, match="exceeds max_seq_len=32"):
         model(torch.full((6, 33), 2), px)
-    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(6, 10\), got \(6, 9\)"):
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of the input \(batch, seq\) = "
+                                         r"\(6, 10\), got \(6, 9\)"):
         model(ids, px, torch.ones(6, 9))
     with pytest.raises(ValueError, match="chunks must be a positive int, got 0"):
         sigmoid_loss(unit(2, 4, 0), unit(2, 4, 1), torch.zeros(1), torch.zeros(1), chunks=0)

@@ -63,7 +63,7 @@ BAD = {
         "has 9 images and audio clips; the limit is 8"),
     "bad audio": (chat(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": base64.b64encode(b"RIFF....WAVE").decode(), "format": "wav"}}]}]), 400,
-        "messages[0].content[0].input_audio", "is not a 16-bit PCM mono wav"),
+        "messages[0].content[0].input_audio", "is not a wav file of PCM or float samples"),
     "prompt past the context": (chat(messages=[{"role": "user", "content": "red circle " * 300}], max_tokens=10), 400,
                                 "max_tokens", re.compile(r"the prompt is \d+ tokens and max_tokens is 10: \d+ in all, "
                                                          "past the model's context of 512 tokens")),

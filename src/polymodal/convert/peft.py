@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from polymodal.errors import CheckpointError, InputError, InputTypeError, MissingFileError, check_finite, check_number
 from polymodal.config import DecoderConfig
 from polymodal.convert.hf import FAMILIES
 from polymodal.models.paligemma import PaliGemmaConfig
@@ -72,7 +73,7 @@ def _parts(model: nn.Module, parts: tuple[str, ...] | list[str] | None) -> list[
         return ["decoder."] if "decoder" in children else [""]
     unknown = sorted(set(parts) - set(children))
     if unknown:
-        raise ValueError(f"unknown LoRA parts {unknown}; this {type(model).__name__} has {children}")
+        raise InputError(f"unknown LoRA parts {unknown}; this {type(model).__name__} has {children}")
     return [f"{p}." for p in parts]
 
 
@@ -82,10 +83,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[s
     them: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, fc1, ...; "q" means "q_proj"),
     inside `parts` (top-level modules, e.g. ["vision", "projector", "decoder"]; default: the decoder).
     targets=None: every attention and MLP projection of those parts."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
-    if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+    check_number("LoRA rank", rank, integer=True, at_least=1)
+    check_number("LoRA alpha", alpha, above=0)
     prefixes = _parts(model, parts)
     names = slot_names(model)
     slots = [slot for slot in lora.linear_slots(model) if f"{slot.path}.".startswith(tuple(prefixes))]
@@ -95,13 +94,13 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[s
         chosen = {(slot.path, s.name) for slot in slots if slot.kind != "other" for s in slot.slices} & set(leaf)
     else:
         if isinstance(targets, str):
-            raise TypeError(f"targets must be a list of names, got the string {targets!r}")
+            raise InputTypeError(f"targets must be a list of names, got the string {targets!r}")
         known = sorted(set(leaf.values()))
         wanted = set()
         for t in targets:
             name = t if t in known else f"{t}_proj"
             if name not in known:
-                raise ValueError(f"unknown LoRA target {t!r}; the linear layers of "
+                raise InputError(f"unknown LoRA target {t!r}; the linear layers of "
                                  f"{[p.rstrip('.') or type(model).__name__ for p in prefixes]} are named {known}")
             wanted.add(name)
         chosen = {key for key, name in leaf.items() if name in wanted}
@@ -113,7 +112,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[s
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the adapters into the base weights: plain linear layers again, the same outputs, the base's keys."""
     if not lora.adapters(model):
-        raise ValueError("the model has no LoRA adapters to merge (add_lora or load_adapter first)")
+        raise InputError("the model has no LoRA adapters to merge (add_lora or load_adapter first)")
     lora.merge(model)
     return model
 
@@ -131,12 +130,12 @@ def adapter_layout(model: nn.Module) -> dict:
     name -> the model's parameter name. Taken before a trainer wraps the model's modules."""
     found = lora.adapters(model)
     if not found:
-        raise ValueError("the model has no LoRA adapters to save (add_lora first)")
+        raise InputError("the model has no LoRA adapters to save (add_lora first)")
     (first, *_), names = found.values(), slot_names(model)
     tensors = {}
     for path, layer in found.items():
         if (layer.rank, layer.alpha, layer.lora_dropout.p) != (first.rank, first.alpha, first.lora_dropout.p):
-            raise ValueError(f"peft's adapter_config holds one rank, alpha and dropout; {path} differs")
+            raise InputError(f"peft's adapter_config holds one rank, alpha and dropout; {path} differs")
         for s in layer.slices:
             for which in "AB":
                 tensors[f"{PEFT_PREFIX}{names[(path, s.name)]}.lora_{which}.weight"] = f"{path}.lora_{which}.{s.name}"
@@ -161,13 +160,24 @@ def read_adapter_config(directory: str | Path) -> dict:
     directory = Path(directory)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} has no {name}: not a LoRA adapter directory")
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+            raise MissingFileError(f"{directory} has no {name}: not a LoRA adapter directory")
+    try:
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{directory / ADAPTER_CONFIG} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise InputError(f"{directory / ADAPTER_CONFIG} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory}: expected a LoRA adapter (peft_type 'LORA'), got {config.get('peft_type')!r}")
+        raise InputError(f"{directory}: expected a LoRA adapter (peft_type 'LORA'), got {config.get('peft_type')!r}")
     for key, plain in UNSUPPORTED.items():
         if config.get(key, plain) not in (plain, None, {}):
-            raise ValueError(f"{directory}: {key}={config[key]!r} is not supported (expected {plain!r})")
+            raise InputError(f"{directory}: {key}={config[key]!r} is not supported (expected {plain!r})")
+    where = directory / ADAPTER_CONFIG
+    check_number(f"{where}: r", config.get("r"), integer=True, at_least=1)
+    check_number(f"{where}: lora_alpha", config.get("lora_alpha"), above=0)
+    check_number(f"{where}: lora_dropout", config.get("lora_dropout", 0.0), at_least=0.0, below=1.0)
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise InputError(f"{where}: use_rslora must be true or false, got {config['use_rslora']!r}")
     return config
 
 
@@ -180,17 +190,21 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     model_type = HF_NAMES.get(type(getattr(model, "config", None)), (None,))[0]
     family = FAMILIES.get(model_type)
     plan: dict[str, dict[str, tuple]] = {}
-    with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{directory / ADAPTER_WEIGHTS} is not a readable safetensors file ({e})") from e
     for key, tensor in tensors.items():
+        check_finite(f"{directory / ADAPTER_WEIGHTS}: {key}", tensor)
         name, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if which not in ("A.weight", "B.weight"):
-            raise ValueError(f"{directory}: {key} is not a LoRA A/B weight")
+            raise InputError(f"{directory}: {key} is not a LoRA A/B weight")
         if name not in by_name and family is not None:  # another HF layout of the same module (transformers 4.x)
             name = next(iter(family.canonical({f"{name}.weight": None}))).removesuffix(".weight")
             name = _rename(name, HF_NAMES[type(model.config)][1])
         if name not in by_name:
-            raise ValueError(f"{directory} is an adapter for another model: it adapts {name!r}, which this "
+            raise InputError(f"{directory} is an adapter for another model: it adapts {name!r}, which this "
                              f"{type(model).__name__} does not have (its linear layers are named like "
                              f"{sorted(by_name)[:3]})")
         path, slice_name = by_name[name]
@@ -201,11 +215,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         expected = {(p, s.name) for p, layer in existing.items() for s in layer.slices}
         given = {(p, s) for p, got in plan.items() for s in got}
         if expected != given:
-            raise ValueError(f"{directory} adapts other layers than the model's adapters: missing "
+            raise InputError(f"{directory} adapts other layers than the model's adapters: missing "
                              f"{sorted(expected - given)[:4]}, extra {sorted(given - expected)[:4]}")
         rank, alpha = next(iter(existing.values())).rank, next(iter(existing.values())).alpha
         if (rank, alpha) != (config["r"], config["lora_alpha"]):
-            raise ValueError(f"{directory} has r={config['r']}, lora_alpha={config['lora_alpha']}; the model's "
+            raise InputError(f"{directory} has r={config['r']}, lora_alpha={config['lora_alpha']}; the model's "
                              f"adapters r={rank}, alpha={alpha}")
     for path, got in plan.items():  # every shape checked before the model changes
         linear = model.get_submodule(path)
@@ -214,7 +228,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             for which, tensor in pair:
                 want = (config["r"], linear.in_features) if which == "A" else (s.stop - s.start, config["r"])
                 if tuple(tensor.shape) != want:
-                    raise ValueError(f"{directory}: {path} ({slice_name}) lora_{which} has shape {tuple(tensor.shape)}, "
+                    raise InputError(f"{directory}: {path} ({slice_name}) lora_{which} has shape {tuple(tensor.shape)}, "
                                      f"this model expects {want} (r={config['r']}): an adapter for another model")
     if not existing:
         lora.add(model, {path: tuple(s for s in slots[path].slices if s.name in got) for path, got in plan.items()},

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from polymodal.errors import CheckpointError
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.nn.transformer import Decoder
 
@@ -32,7 +33,7 @@ class Rule:
     def gather(self, hf: dict[str, torch.Tensor]) -> torch.Tensor:
         missing = [k for k in self.theirs if k not in hf]
         if missing:
-            raise ValueError(f"checkpoint is missing {missing} (needed for {self.ours})")
+            raise CheckpointError(f"checkpoint is missing {missing} (needed for {self.ours})")
         parts = [hf[k] for k in self.theirs]
         if self.rows is not None:
             return parts[0][self.rows[0]:self.rows[1]]

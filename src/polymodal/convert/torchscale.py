@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from polymodal.errors import CheckpointError
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.convert.rules import Rule, linear_rules, norm_rules
 from polymodal.nn.transformer import Decoder
@@ -78,12 +79,12 @@ def load_torchscale_decoder(state: dict[str, torch.Tensor], args: Any,
     used = {k for r in rules for k in r.theirs}
     if cfg.tie_embeddings and "output_projection.weight" in state:  # the shared embedding, listed twice
         if not torch.equal(state["output_projection.weight"], state["embed_tokens.weight"]):
-            raise ValueError(f"{source}: share_decoder_input_output_embed is set, but output_projection.weight "
+            raise CheckpointError(f"{source}: share_decoder_input_output_embed is set, but output_projection.weight "
                              "differs from embed_tokens.weight")
         used.add("output_projection.weight")
     extra = sorted(k for k in state if k not in used and not k.endswith(IGNORED))
     if extra:
-        raise ValueError(f"{source} has tensors the config does not explain: {extra[:10]}")
+        raise CheckpointError(f"{source} has tensors the config does not explain: {extra[:10]}")
     model = Decoder(cfg)
     load_into(model, {r.ours: r.gather(state) for r in rules}, source)
     return model

@@ -18,14 +18,36 @@ from __future__ import annotations
 import torch
 
 from polymodal.data.documents import Document
-from polymodal.data.formats import IGNORE, Encoded, _name, format_for
+from polymodal.data.formats import FORMATS, IGNORE, Encoded, _name, format_for
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.errors import DocumentError, PolymodalError
+from polymodal.errors import ConfigError, DocumentError, PolymodalError
 
 
 def fit_config(config, tokenizer: Tokenizer):
     """The model config with its vocabulary size and special token ids taken from the tokenizer."""
     return format_for(config).fit(config, tokenizer)
+
+
+def check_tokenizer(config, tokenizer: Tokenizer, where: str) -> None:
+    """ConfigError unless the tokenizer fits the model built from `config`: every id it gives has an embedding
+    row, and a generative model's bos / eos / pad ids are the tokenizer's (a tokenizer of another run of the
+    same size would otherwise load and write garbage)."""
+    text = getattr(config, "text", config)
+    rows = getattr(text, "vocab_size", None)
+    if rows is not None and tokenizer.vocab_size > rows:
+        raise ConfigError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embeddings "
+                          f"{rows} rows: ids from {rows} on would index nothing; the tokenizer belongs to another model")
+    if type(config) not in FORMATS:
+        return
+    for name in ("bos", "eos", "pad"):
+        want = getattr(text, f"{name}_token_id", None)
+        try:
+            got = getattr(tokenizer, f"{name}_id")
+        except KeyError:  # a tokenizer without that control token
+            continue
+        if want is not None and got is not None and got not in (want if isinstance(want, (list, tuple)) else [want]):
+            raise ConfigError(f"{where}: the tokenizer's {name} id is {got}, the model's {name}_token_id {want}: "
+                              "the tokenizer belongs to another model")
 
 
 class Collator:

@@ -8,7 +8,8 @@ One document per line:
         {"text": "red", "target": true, "references": ["red", "crimson"]}]}
 
 A segment has exactly one kind key: `text` (a string), `image` (a path), `audio` (a path to a
-16-bit PCM mono .wav) or `video` (a non-empty list of frame image paths). Paths are relative to
+wav file of PCM or float samples, any channel count and rate: resampled to the audio
+encoder's rate when encoded) or `video` (a non-empty list of frame image paths). Paths are relative to
 the JSONL file's directory. By default a path may point anywhere the reading process may read (an
 absolute path, `..`): a JSONL file is trusted like a script. `strict_paths=True` (`polymodal train
 --strict-paths`; `polymodal serve` reads so always) refuses any media path that resolves outside the
@@ -40,7 +41,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from polymodal.errors import DocumentError
+from polymodal.data import media
+from polymodal.errors import DocumentError, InputError, PathKindError, check_text
 
 KINDS = ("text", "image", "audio", "video")
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused from their header, before decoding (~200 MB as RGB)
@@ -73,14 +75,16 @@ class Segment:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"segment kind must be one of {KINDS}, got {self.kind!r}")
+            raise InputError(f"segment kind must be one of {KINDS}, got {self.kind!r}")
         if (self.kind == "text") != isinstance(self.text, str):
-            raise ValueError(f"{self.kind!r} segment: {'needs' if self.kind == 'text' else 'takes no'} text, "
+            raise InputError(f"{self.kind!r} segment: {'needs' if self.kind == 'text' else 'takes no'} text, "
                              f"got text={self.text!r}")
+        if self.kind == "text":
+            check_text(self.text)
         if self.target and self.kind not in TARGET_KINDS:
-            raise ValueError(f"only {' and '.join(TARGET_KINDS)} segments can be targets, got a target {self.kind} segment")
+            raise InputError(f"only {' and '.join(TARGET_KINDS)} segments can be targets, got a target {self.kind} segment")
         if self.references is not None and not (self.target and self.kind == "text"):
-            raise ValueError(f"only target text segments have references, got references on a {self.kind} segment "
+            raise InputError(f"only target text segments have references, got references on a {self.kind} segment "
                              f"{'marked' if self.target else 'not marked'} as a target")
 
 
@@ -122,23 +126,16 @@ class Document:
 # wav
 
 def read_wav(f: str | Path | BinaryIO) -> Audio:
-    """A 16-bit PCM mono wav as float32 in [-1, 1]; ValueError for any other format."""
-    with wave.open(str(f) if isinstance(f, Path) else f, "rb") as w:
-        if w.getsampwidth() != 2 or w.getnchannels() != 1:
-            raise ValueError(f"{8 * w.getsampwidth()}-bit samples in {w.getnchannels()} channel(s), "
-                             "not 16-bit mono")
-        n = w.getnframes()
-        frames = w.readframes(n)
-        if len(frames) != 2 * n:
-            raise ValueError(f"truncated: header says {n} samples, file holds {len(frames) // 2}")
-        pcm = np.frombuffer(frames, dtype="<i2").astype(np.float32)
-        return Audio(np.clip(pcm / 32767, -1.0, 1.0), w.getframerate())
+    """A wav file of PCM or float samples (any common bit depth and channel count, `media.read_wav`) as mono
+    float32 at its own sample rate; ValueError saying what the file holds when it cannot be read."""
+    waveform, rate = media.read_wav(f)
+    return Audio(waveform, rate)
 
 
 def wav_bytes(audio: Audio) -> bytes:
     x = np.asarray(audio.waveform, dtype=np.float32)
     if x.ndim != 1:
-        raise ValueError(f"expected a mono waveform of shape (N,), got shape {x.shape}")
+        raise InputError(f"expected a mono waveform of shape (N,), got shape {x.shape}")
     pcm = np.round(np.clip(x, -1.0, 1.0) * 32767).astype("<i2")
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
@@ -234,6 +231,8 @@ def _parse_line(raw: bytes, root: Path, load_media: bool, strict_paths: bool) ->
 
 
 def _media_path(root: Path, value: str, where: str, strict: bool) -> str:
+    if "\x00" in value:  # no file system takes one; os.path would raise a bare ValueError
+        raise _Invalid(where, f"expected a file path, got {value!r}, which holds a NUL character")
     path = root / value
     if strict and os.path.commonpath([os.path.realpath(path), os.path.realpath(root)]) != os.path.realpath(root):
         raise _Invalid(where, f"expected a path inside the JSONL's folder {str(root)!r} (strict paths), got {value!r}, "
@@ -265,6 +264,10 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_pa
     if kind == "text":
         if not isinstance(value, str):
             raise _Invalid(where, f"expected a string, got {_type(value)}")
+        try:
+            check_text(value, "the text")
+        except InputError as e:
+            raise _Invalid(where, str(e)) from e
         return Segment("text", text=value, target=target, references=references)
     if kind == "video":
         if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
@@ -295,11 +298,11 @@ def _references(seg: dict, where: str, kind: str, target: bool) -> list[str] | N
 
 
 def load_media(path: str | Path, kind: str) -> Image.Image | Audio:
-    """An image (RGB) or a 16-bit mono wav file; ValueError saying what was expected and what was given."""
+    """An image (RGB, `media.to_rgb`) or a wav file (mono, `media.read_wav`); ValueError saying what was expected and what was given."""
     try:
         return _load(str(path), kind, "")
     except _Invalid as e:
-        raise ValueError(e.msg) from e.__cause__
+        raise InputError(e.msg) from e.__cause__
 
 
 def _load(path: str, kind: str, where: str) -> Image.Image | Audio:
@@ -315,13 +318,12 @@ def _decode(file: str | BinaryIO, name: str, kind: str, where: str) -> Image.Ima
     try:
         if kind == "audio":
             return read_wav(file)
-        with Image.open(file) as im:  # reads the header only
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise _Invalid(where, f"expected an image of at most {MAX_IMAGE_PIXELS:,} pixels, got {name!r} of "
-                                      f"{im.width}x{im.height}; resize it first")
-            return im.convert("RGB")  # decodes the whole file, so corruption shows up here
-    except (OSError, EOFError, ValueError, wave.Error, Image.DecompressionBombError) as e:
-        expected = "a 16-bit PCM mono wav file" if kind == "audio" else "a readable image file"
+        return media.open_image(file, MAX_IMAGE_PIXELS)
+    except media.TooLarge as e:
+        raise _Invalid(where, f"expected an image of at most {MAX_IMAGE_PIXELS:,} pixels, got {name!r} of "
+                              f"{e.width}x{e.height}; resize it first") from e
+    except (OSError, EOFError, ValueError, Image.DecompressionBombError) as e:
+        expected = "a wav file of PCM or float samples" if kind == "audio" else "a readable image file"
         raise _Invalid(where, f"expected {expected}, got {name!r} ({e})") from e
 
 
@@ -358,7 +360,7 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
     the JSONL is renamed into place last, so a reader never sees a line whose media is missing."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"expected a .jsonl file to write, got the directory {path}")
+        raise PathKindError(f"expected a .jsonl file to write, got the directory {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     media_dir = path.parent / f"{path.stem}_media"
 
@@ -373,7 +375,7 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
             segments = []
             for j, s in enumerate(doc.segments):
                 if s.kind != "text" and s.media is None:
-                    raise ValueError(f"document {i} segment {j}: {s.kind} segment has no media loaded "
+                    raise InputError(f"document {i} segment {j}: {s.kind} segment has no media loaded "
                                      "(read it with load_media=True to write it out)")
                 if s.kind == "text":
                     seg = {"text": s.text, **({"target": True} if s.target else {}),

@@ -8,15 +8,18 @@ size and special token ids from a tokenizer. Batching is `collate.py`'s. Formats
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.data.documents import Document
+from polymodal.data.media import check_waveform, resample
 from polymodal.data.processors import CLIP_MEAN, CLIP_STD, ImageProcessor, images_to_pixels
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.mel import AudioFeatureExtractor
+from polymodal.errors import DocumentError
 from polymodal.fusion.configs import ChameleonConfig, GeminiConfig, KosmosConfig, MediaTokens, PaliGemmaConfig
 
 IGNORE = -100
@@ -58,7 +61,7 @@ class DecoderFormat:
     def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
         kinds = sorted({s.kind for s in doc.segments} - {"text"})
         if kinds:
-            raise ValueError(f"{_name(doc)} has {', '.join(kinds)} segments; a text-only decoder reads text only")
+            raise DocumentError(f"{_name(doc)} has {', '.join(kinds)} segments; a text-only decoder reads text only")
         tok = self.tokenizer
         segments = list(zip(doc.segments, doc.target_mask))
         if prompt_only:
@@ -106,17 +109,17 @@ class PaliGemmaFormat:
             segments = [(s, False) for s in _prompt(doc)]
         kinds = [s.kind for s, _ in segments]
         if unreadable := sorted(set(kinds) - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; PaliGemma reads images and text")
+            raise DocumentError(f"{_name(doc)} has {', '.join(unreadable)} segments; PaliGemma reads images and text")
         if any(s.kind == "image" and t for s, t in segments):
-            raise ValueError(f"{_name(doc)} has an image target; PaliGemma writes text only")
+            raise DocumentError(f"{_name(doc)} has an image target; PaliGemma writes text only")
         if kinds != sorted(kinds, key=lambda k: k != "image"):
-            raise ValueError(f"{_name(doc)} has an image after text; PaliGemma takes its images before any text")
+            raise DocumentError(f"{_name(doc)} has an image after text; PaliGemma takes its images before any text")
         texts = [(s.text, t) for s, t in segments if s.kind == "text"]
         if [t for _, t in texts] != sorted(t for _, t in texts):
-            raise ValueError(f"{_name(doc)} has prompt text after target text (a user turn after an answer); "
-                             "PaliGemma's prefix-LM layout holds one prompt, read both ways, then one answer: give "
-                             "each turn its own document, or train a family that reads conversations (Gemini, "
-                             "KOSMOS-1, Chameleon, Flamingo, a decoder LM)")
+            raise DocumentError(f"{_name(doc)} has prompt text after target text (a user turn after an answer); "
+                                "PaliGemma's prefix-LM layout holds one prompt, read both ways, then one answer: give "
+                                "each turn its own document, or train a family that reads conversations (Gemini, "
+                                "KOSMOS-1, Chameleon, Flamingo, a decoder LM)")
         tok = self.tokenizer
         images = [s.media for s, _ in segments if s.kind == "image"]
         prefix = [tok.bos_id] + self._join([text for text, t in texts if not t]) + self.sep
@@ -157,9 +160,9 @@ class KosmosFormat:
     def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
         segments = [(s, False) for s in _prompt(doc)] if prompt_only else list(zip(doc.segments, doc.target_mask))
         if unreadable := sorted({s.kind for s, _ in segments} - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; {self.family} reads images and text")
+            raise DocumentError(f"{_name(doc)} has {', '.join(unreadable)} segments; {self.family} reads images and text")
         if any(s.kind == "image" and t for s, t in segments):
-            raise ValueError(f"{_name(doc)} has an image target; {self.family} writes text only")
+            raise DocumentError(f"{_name(doc)} has an image target; {self.family} writes text only")
         tok = self.tokenizer
         pieces = [([tok.bos_id], False)]
         for i, (seg, target) in enumerate(segments):
@@ -185,8 +188,9 @@ class GeminiFormat:
     ended by "\\n" (the last by <eos>) and each media a span `<img> P*n </img>` (`<audio>`, `<video>`);
     labels on target text and, for a model with image output (vq), on target images: `tokens.draw` spans
     whose placeholders the model fills with the image's VQ codes (`models/drawing.py`). Images (and video
-    frames) are resized to image_size and scaled to [-1, 1]; audio becomes Whisper log-mel, and must come at
-    the encoder's sampling rate and fit its window (a longer clip is an error, never cut silently)."""
+    frames) are resized to image_size and scaled to [-1, 1]; audio at any sample rate is resampled to
+    the encoder's and becomes Whisper log-mel; it must fit the encoder's window (a longer clip is an error, never
+    cut silently)."""
 
     def __init__(self, config: GeminiConfig, tokenizer):
         self.config, self.tokenizer = config, tokenizer
@@ -236,7 +240,7 @@ class GeminiFormat:
         """A target image: `begin`, a placeholder per code (`Gemini.writer` puts the codes in), `end`."""
         cfg = self.config
         if seg.kind != "image" or cfg.vq is None:
-            raise ValueError(f"{name} has a {seg.kind} target; this model reads media and writes text"
+            raise DocumentError(f"{name} has a {seg.kind} target; this model reads media and writes text"
                              + (" and images" if cfg.vq is not None else ""))
         begin, end = cfg.tokens.draw
         span = [begin] + [cfg.tokens.placeholder] * cfg.vq.tokens_per_image + [end]
@@ -248,20 +252,26 @@ class GeminiFormat:
             return "pixel_values", self.images([seg.media]), cfg.tokens_per_image
         if seg.kind == "audio":
             if self.audio is None:
-                raise ValueError(f"{name} has an audio segment but this model has no audio encoder")
-            clip = seg.media
-            if len(clip.waveform) > self.audio.n_samples:  # refused: the extractor would cut it silently
-                raise ValueError(f"{name} has an audio clip of {len(clip.waveform) / clip.sample_rate:g} s; the "
-                                 f"audio encoder hears at most {self.audio.chunk_length} s: cut it into clips")
-            features = self.audio(clip.waveform, sampling_rate=clip.sample_rate)
-            return "input_features", features[None], cfg.tokens_per_clip
+                raise DocumentError(f"{name} has an audio segment but this model has no audio encoder")
+            return "input_features", self._audio(seg.media, name)[None], cfg.tokens_per_clip
         frames = list(seg.media or [])
         if not frames:
-            raise ValueError(f"{name} has a video with no frames; a video needs at least one frame")
+            raise DocumentError(f"{name} has a video with no frames; a video needs at least one frame")
         if len(frames) > cfg.max_frames:
-            raise ValueError(f"{name} has a video of {len(frames)} frames; this model embeds at most "
+            raise DocumentError(f"{name} has a video of {len(frames)} frames; this model embeds at most "
                              f"max_frames={cfg.max_frames}")
         return "pixel_values_videos", self.images(frames)[None], len(frames) * cfg.tokens_per_image
+
+
+    def _audio(self, clip, name: str) -> torch.Tensor:
+        """A clip at any sample rate -> log-mel at the encoder's rate. Its length is counted in seconds before
+        resampling, so a clip past the window is refused for that, whatever its rate, never cut silently."""
+        check_waveform(clip.waveform, clip.sample_rate)
+        rate, seconds = self.audio.sampling_rate, len(clip.waveform) / clip.sample_rate
+        if math.ceil(len(clip.waveform) * rate / clip.sample_rate) > self.audio.n_samples:
+            raise DocumentError(f"{name} has an audio clip of {seconds:g} s (at {clip.sample_rate} Hz); the audio "
+                                f"encoder hears at most {self.audio.chunk_length} s: cut it into clips")
+        return self.audio(resample(clip.waveform, clip.sample_rate, rate), sampling_rate=rate)
 
 
 class ChameleonFormat:
@@ -289,7 +299,7 @@ class ChameleonFormat:
         cfg, tok = self.config, self.tokenizer
         segments = [(s, False) for s in _prompt(doc)] if prompt_only else list(zip(doc.segments, doc.target_mask))
         if unreadable := sorted({s.kind for s, _ in segments} - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; Chameleon reads images and text")
+            raise DocumentError(f"{_name(doc)} has {', '.join(unreadable)} segments; Chameleon reads images and text")
         pieces, images = [([tok.bos_id], False)], []
         for i, (seg, target) in enumerate(segments):
             last = i == len(segments) - 1 and not prompt_only
@@ -316,6 +326,6 @@ FORMATS: dict[type, type] = {
 def format_for(config) -> type:
     """The format class of a model config."""
     if type(config) not in FORMATS:
-        raise ValueError(f"no document format for {type(config).__name__}; known: "
+        raise DocumentError(f"no document format for {type(config).__name__}; known: "
                         f"{sorted(c.__name__ for c in FORMATS)}")
     return FORMATS[type(config)]

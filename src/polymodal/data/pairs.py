@@ -46,13 +46,13 @@ class PairFormat:
 
     def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
         if prompt_only:
-            raise ValueError("a dual encoder embeds images and captions; it writes nothing, so it takes no prompts")
+            raise DocumentError("a dual encoder embeds images and captions; it writes nothing, so it takes no prompts")
         kinds = [s.kind for s in doc.segments]
         if unreadable := sorted(set(kinds) - {"text", "image"}):
-            raise ValueError(f"{_name(doc)} has {', '.join(unreadable)} segments; a dual encoder reads an image "
+            raise DocumentError(f"{_name(doc)} has {', '.join(unreadable)} segments; a dual encoder reads an image "
                              "and its caption")
         if kinds.count("image") != 1 or "text" not in kinds:
-            raise ValueError(f"{_name(doc)} has {kinds.count('image')} images and {kinds.count('text')} texts; a "
+            raise DocumentError(f"{_name(doc)} has {kinds.count('image')} images and {kinds.count('text')} texts; a "
                              "dual encoder reads exactly one image and its caption per document")
         image = next(s.media for s in doc.segments if s.kind == "image")
         return Encoded({"input_ids": self.text(caption(doc))}, {"pixel_values": self.images([image])})

@@ -15,6 +15,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from polymodal.errors import ConfigError, InputTypeError, MissingFileError
+from polymodal.data.media import to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _RESAMPLE = {"bilinear": PIL.Image.Resampling.BILINEAR, "bicubic": PIL.Image.Resampling.BICUBIC}
@@ -45,26 +48,26 @@ class ImageProcessor:
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
         sides = (self.size,) if isinstance(self.size, int) else self.size
         if len(sides) != (1 if isinstance(self.size, int) else 2) or min(sides) <= 0:
-            raise ValueError(f"size must be a positive int (shortest edge) or (h, w), got {self.size}")
+            raise ConfigError(f"size must be a positive int (shortest edge) or (h, w), got {self.size}")
         if self.resample not in _RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+            raise ConfigError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
         if self.do_center_crop and (self.crop_size is None or len(self.crop_size) != 2 or min(self.crop_size) <= 0):
-            raise ValueError(f"do_center_crop needs crop_size=(h, w) with positive sides, got {self.crop_size}")
+            raise ConfigError(f"do_center_crop needs crop_size=(h, w) with positive sides, got {self.crop_size}")
         if isinstance(self.size, int) and not self.do_center_crop:
-            raise ValueError(f"size={self.size} (shortest edge) keeps the aspect ratio; set do_center_crop and crop_size")
+            raise ConfigError(f"size={self.size} (shortest edge) keeps the aspect ratio; set do_center_crop and crop_size")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0.0 in self.image_std:
-            raise ValueError(f"image_mean and image_std need 3 values, std nonzero; got {self.image_mean}, {self.image_std}")
+            raise ConfigError(f"image_mean and image_std need 3 values, std nonzero; got {self.image_mean}, {self.image_std}")
 
     def __call__(self, images: list[PIL.Image.Image] | PIL.Image.Image) -> torch.Tensor:
         if isinstance(images, PIL.Image.Image):
             images = [images]
         if not images:
-            raise ValueError("expected at least one image, got an empty list")
+            raise ConfigError("expected at least one image, got an empty list")
         for i, image in enumerate(images):
             if not isinstance(image, PIL.Image.Image):
-                raise TypeError(f"images[{i}]: expected a PIL.Image.Image, got {type(image).__name__}")
+                raise InputTypeError(f"images[{i}]: expected a PIL.Image.Image, got {type(image).__name__}")
             if not self.do_convert_rgb and image.mode != "RGB":
-                raise ValueError(f"images[{i}] has mode {image.mode!r}; pass RGB images or set do_convert_rgb")
+                raise ConfigError(f"images[{i}] has mode {image.mode!r}; pass RGB images or set do_convert_rgb")
         mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
         pixels = torch.stack([torch.from_numpy(self._resize_and_crop(image)) for image in images])
@@ -74,7 +77,7 @@ class ImageProcessor:
 
     def _resize_and_crop(self, image: PIL.Image.Image) -> np.ndarray:
         if self.do_convert_rgb:
-            image = _to_rgb(image)
+            image = to_rgb(image)
         w, h = image.size
         if isinstance(self.size, int):
             # int() truncation, as torchvision/HF do for the long edge.
@@ -94,10 +97,10 @@ class ImageProcessor:
         name = d.get("image_processor_type") or d.get("feature_extractor_type")
         kind = _HF_KINDS.get(str(name).removesuffix("Fast").removesuffix("Pil"))
         if kind is None:
-            raise ValueError(f"unsupported image processor {name!r}; supported: {sorted(_HF_KINDS)}")
+            raise ConfigError(f"unsupported image processor {name!r}; supported: {sorted(_HF_KINDS)}")
         d = {**kind["defaults"], **d}
         if not d.get("do_resize", True):
-            raise ValueError(f"{name} with do_resize=False gives images of mixed sizes; polymodal needs one size")
+            raise ConfigError(f"{name} with do_resize=False gives images of mixed sizes; polymodal needs one size")
         size = {"height": d["image_size"], "width": d["image_size"]} if "image_size" in d else d["size"]
         if isinstance(size, int):
             size = {"height": size, "width": size} if kind["int_is_square"] else {"shortest_edge": size}
@@ -106,7 +109,7 @@ class ImageProcessor:
             crop = {"height": crop, "width": crop}
         resample = {int(v): k for k, v in _RESAMPLE.items()}.get(d.get("resample", 3))
         if resample is None:
-            raise ValueError(f"{name}: resample={d['resample']} is not bilinear (2) or bicubic (3)")
+            raise ConfigError(f"{name}: resample={d['resample']} is not bilinear (2) or bicubic (3)")
         normalize = d.get("do_normalize", True)
         return cls(
             size=size["shortest_edge"] if "shortest_edge" in size else (size["height"], size["width"]),
@@ -123,7 +126,7 @@ class ImageProcessor:
     def from_dir(cls, path: str | Path) -> "ImageProcessor":
         file = Path(path) / "preprocessor_config.json"
         if not file.is_file():
-            raise FileNotFoundError(f"no preprocessor_config.json in {path}")
+            raise MissingFileError(f"no preprocessor_config.json in {path}")
         return cls.from_hf_dict(json.loads(file.read_text()))
 
 
@@ -146,14 +149,6 @@ _HF_KINDS: dict[str, dict[str, Any]] = {
         "int_is_square": True,
     },
 }
-
-
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    # Transparent pixels become white, not black, as in HF's convert_to_rgb.
-    if "A" in image.getbands() or "transparency" in image.info:
-        white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
 
 
 def _center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from polymodal.errors import InputError
 from polymodal.data.documents import Audio, Document, Segment, write_jsonl
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 70, 235), "yellow": (225, 215, 30)}
@@ -121,7 +122,7 @@ class Example:
 
 def _check_task(task: str) -> None:
     if task not in PROMPTS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        raise InputError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
 
 
 def _draw(size: int, background: tuple[int, ...], shapes: Iterable[tuple[str, tuple[int, ...], int, int, int]]
@@ -158,15 +159,15 @@ class World:
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+            raise InputError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16 so shapes stay recognisable, got {self.image_size}")
+            raise InputError(f"image_size must be >= 16 so shapes stay recognisable, got {self.image_size}")
         if self.video_frames < 2:
-            raise ValueError(f"video_frames must be >= 2 to show movement, got {self.video_frames}")
+            raise InputError(f"video_frames must be >= 2 to show movement, got {self.video_frames}")
         if self.sample_rate < 4000:
-            raise ValueError(f"sample_rate must be >= 4000 Hz (tones reach 1.3 kHz), got {self.sample_rate}")
+            raise InputError(f"sample_rate must be >= 4000 Hz (tones reach 1.3 kHz), got {self.sample_rate}")
         if self.audio_seconds < 0.5:
-            raise ValueError(f"audio_seconds must be >= 0.5 to fit three beeps, got {self.audio_seconds}")
+            raise InputError(f"audio_seconds must be >= 0.5 to fit three beeps, got {self.audio_seconds}")
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -190,7 +191,7 @@ class World:
     def sample(self, task: str, index: int, split: str = "train") -> Example:
         _check_task(task)
         if index < 0:
-            raise ValueError(f"index must be >= 0, got {index}")
+            raise InputError(f"index must be >= 0, got {index}")
         rng = self._rng(split, _task_stream(task), index)
         if task == "text_to_image":
             image, obj, cell = self._target(rng, split)
@@ -214,7 +215,7 @@ class World:
         for task in tasks:
             _check_task(task)
         if not tasks:
-            raise ValueError("tasks must name at least one task")
+            raise InputError("tasks must name at least one task")
         rng = self._rng(split, _MIX_STREAM, 0)
 
         def stream() -> Iterator[Example]:
@@ -229,7 +230,7 @@ class World:
     def draw(self, colour: str, shape: str) -> Image.Image:
         """The canonical picture of one shape: pure palette colour, centred, on black."""
         if colour not in COLOURS or shape not in SHAPES:
-            raise ValueError(f"expected a colour in {tuple(COLOURS)} and a shape in {SHAPES}, "
+            raise InputError(f"expected a colour in {tuple(COLOURS)} and a shape in {SHAPES}, "
                              f"got {colour!r} and {shape!r}")
         s = self.image_size // 2
         x = (self.image_size - s) // 2
@@ -239,7 +240,7 @@ class World:
 
     def _rng(self, split: str, stream: int, index: int) -> np.random.Generator:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+            raise InputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
         return np.random.default_rng([self.seed, SPLITS.index(split), stream, index])
 
     def _jitter(self, rng: np.random.Generator, name: str) -> tuple[int, ...]:

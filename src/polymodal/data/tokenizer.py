@@ -18,7 +18,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
-from polymodal.errors import CheckpointError
+from polymodal.errors import (CheckpointError, InputError, InputTypeError, MissingFileError, UnknownNameError,
+                              check_text)
 
 # Other spellings of a role found in checkpoints, tried after the canonical name.
 _ALIASES = {
@@ -149,7 +150,7 @@ class Tokenizer:
         elif hasattr(model, "serialized_model_proto"):
             self._model = _SPModel(model, added_tokens)
         else:
-            raise TypeError(f"expected a tokenizers.Tokenizer or a SentencePieceProcessor, got {type(model).__name__}")
+            raise InputTypeError(f"expected a tokenizers.Tokenizer or a SentencePieceProcessor, got {type(model).__name__}")
         self._special: dict[str, int] = {}
         for name in self.SPECIAL_TOKENS:
             spellings = (name, *_ALIASES.get(name, ()))
@@ -161,7 +162,7 @@ class Tokenizer:
         """A byte-level BPE with the control tokens at ids 0..11, the 256 bytes, then merges."""
         base = len(cls.SPECIAL_TOKENS) + 256
         if vocab_size < base:
-            raise ValueError(f"vocab_size must be at least {base} (control tokens + 256 bytes), got {vocab_size}")
+            raise InputError(f"vocab_size must be at least {base} (control tokens + 256 bytes), got {vocab_size}")
         tok = tokenizers.Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -183,18 +184,18 @@ class Tokenizer:
             candidates = [path / name for name in ("tokenizer.json", *_SP_FILES)]
             file = next((c for c in candidates if c.is_file()), None)
             if file is None:
-                raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(c.name for c in candidates)}")
+                raise MissingFileError(f"no tokenizer in {path}: looked for {', '.join(c.name for c in candidates)}")
         elif path.is_file():
             file = path
         else:
-            raise FileNotFoundError(f"tokenizer file {path} does not exist (expected tokenizer.json or a .model file)")
+            raise MissingFileError(f"tokenizer file {path} does not exist (expected tokenizer.json or a .model file)")
         if file.suffix == ".json":
             try:
                 return cls(tokenizers.Tokenizer.from_file(str(file)))
             except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
                 raise CheckpointError(f"{file} is not a readable tokenizer.json ({e})") from e
         if file.suffix != ".model":
-            raise ValueError(f"{file}: expected a tokenizer.json or a SentencePiece .model file")
+            raise InputError(f"{file}: expected a tokenizer.json or a SentencePiece .model file")
         try:
             import sentencepiece
         except ImportError as e:
@@ -239,7 +240,7 @@ class Tokenizer:
         if i is None:
             i = self._model.lookup(token)
         if i is None:
-            raise KeyError(f"token {token!r} is not in the vocabulary ({self.vocab_size} tokens)")
+            raise UnknownNameError(f"token {token!r} is not in the vocabulary ({self.vocab_size} tokens)")
         return i
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
@@ -250,7 +251,9 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
                      split_special_tokens: bool = False) -> list[list[int]]:
         if isinstance(texts, str):
-            raise TypeError("encode_batch takes a list of strings; use encode for one string")
+            raise InputTypeError("encode_batch takes a list of strings; use encode for one string")
+        for i, text in enumerate(texts):
+            check_text(text, f"texts[{i}]")
         head, tail = [self.bos_id] * add_bos, [self.eos_id] * add_eos
         return [head + ids + tail for ids in self._model.encode_batch(list(texts), split_special_tokens)]
 
@@ -258,5 +261,5 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            raise InputError(f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return self._model.decode(ids, skip_special_tokens)

@@ -19,6 +19,7 @@ from torch import nn
 
 from polymodal.config import Config, ConfigError, _check_positive
 from polymodal.encoders.mel import AudioFeatureExtractor
+from polymodal.errors import check_media
 from polymodal.encoders.vit import encoder_blocks
 from polymodal.nn.norms import LayerNorm
 from polymodal.nn.positions import sinusoids
@@ -82,10 +83,8 @@ class AudioEncoder(nn.Module):
         return self.feature_extractor()(waveforms, sampling_rate=sampling_rate)
 
     def check_features(self, input_features: torch.Tensor) -> None:
-        expected = (self.config.n_mels, self.config.n_frames)
-        if input_features.dim() != 3 or tuple(input_features.shape[1:]) != expected:
-            raise ValueError(f"input_features must be (num_clips, {expected[0]}, {expected[1]}) log-mel frames, "
-                             f"got {tuple(input_features.shape)}")
+        check_media("input_features", input_features, ("num_clips", self.config.n_mels, self.config.n_frames),
+                    "log-mel frames")
 
     def forward(self, input_features: torch.Tensor) -> torch.Tensor:
         """(B, M, T) log-mel -> (B, N, D) encoder states."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from polymodal.errors import ConfigError
+
 
 def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
     # Slaney's scale: linear below 1 kHz, logarithmic above.
@@ -36,7 +38,7 @@ def mel_filterbank(n_mels: int, n_fft: int, sampling_rate: int) -> torch.Tensor:
     filters = filters * (2.0 / (edges[2:] - edges[:-2]))
     empty = (filters.amax(dim=0) == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"mel filters {empty} are empty: n_mels={n_mels} is too many for n_fft={n_fft}")
+        raise ConfigError(f"mel filters {empty} are empty: n_mels={n_mels} is too many for n_fft={n_fft}")
     return filters.float()
 
 
@@ -57,7 +59,7 @@ class AudioFeatureExtractor:
 
     def __post_init__(self) -> None:
         if min(self.n_mels, self.sampling_rate, self.hop_length, self.n_fft, self.chunk_length) <= 0:
-            raise ValueError(f"all sizes must be positive, got {self}")
+            raise ConfigError(f"all sizes must be positive, got {self}")
         self._filters = mel_filterbank(self.n_mels, self.n_fft, self.sampling_rate)
 
     @property
@@ -71,16 +73,16 @@ class AudioFeatureExtractor:
     def __call__(self, waveform: np.ndarray | list[np.ndarray], *, sampling_rate: int) -> torch.Tensor:
         """One 1-D waveform -> (n_mels, n_frames); a list of them -> (B, n_mels, n_frames)."""
         if sampling_rate != self.sampling_rate:
-            raise ValueError(f"expected audio sampled at {self.sampling_rate} Hz, got {sampling_rate} Hz; resample it first")
+            raise ConfigError(f"expected audio sampled at {self.sampling_rate} Hz, got {sampling_rate} Hz; resample it first")
         batch = [waveform] if isinstance(waveform, np.ndarray) else list(waveform)
         if not batch:
-            raise ValueError("expected at least one waveform, got an empty list")
+            raise ConfigError("expected at least one waveform, got an empty list")
         x = torch.zeros(len(batch), self.n_samples)
         for i, wave in enumerate(batch):
             if not isinstance(wave, np.ndarray) or wave.ndim != 1:
-                raise ValueError(f"waveform {i}: expected a 1-D (mono) numpy array, got {getattr(wave, 'shape', type(wave))}")
+                raise ConfigError(f"waveform {i}: expected a 1-D (mono) numpy array, got {getattr(wave, 'shape', type(wave))}")
             if not np.issubdtype(wave.dtype, np.floating):
-                raise ValueError(f"waveform {i}: expected float samples in [-1, 1], got dtype {wave.dtype}")
+                raise ConfigError(f"waveform {i}: expected float samples in [-1, 1], got dtype {wave.dtype}")
             wave = wave[: self.n_samples]
             x[i, : len(wave)] = torch.from_numpy(wave.astype(np.float32))
         features = self._log_mel(x)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from polymodal.errors import InputError, check_ids, check_mask
 from polymodal.config import Config, ConfigError, _check_token_ids
 from polymodal.encoders.vit import check_encoder_config, encoder_blocks
 from polymodal.nn.masks import attention_mask as segment_mask
@@ -73,20 +74,18 @@ class TextTransformer(nn.Module):
 
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         cfg = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        check_ids(input_ids)
         if input_ids.shape[1] > cfg.max_seq_len:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={cfg.max_seq_len}")
+            raise InputError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={cfg.max_seq_len}")
         bad = (input_ids < 0) | (input_ids >= cfg.vocab_size)
         if bad.any():
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); got {input_ids[bad].tolist()[:8]}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
+            raise InputError(f"token ids must be in [0, {cfg.vocab_size}); got {input_ids[bad].tolist()[:8]}")
+        if attention_mask is not None:
+            check_mask(attention_mask, input_ids.shape)
         if cfg.variant == "clip" and cfg.eos_token_id is not None:
             missing = (~(input_ids == cfg.eos_token_id).any(1)).nonzero().flatten().tolist()
             if missing:
-                raise ValueError(f"CLIP pools each text at its first eos_token_id ({cfg.eos_token_id}); "
+                raise InputError(f"CLIP pools each text at its first eos_token_id ({cfg.eos_token_id}); "
                                  f"rows {missing} have none")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextOutput:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from polymodal.config import Config, ConfigError, _check_choice, _check_positive
-from polymodal.errors import check_pixel_values
+from polymodal.config import Config, _check_choice, _check_positive
+from polymodal.errors import ConfigError, check_pixel_values
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm
@@ -156,9 +156,9 @@ class ViT(nn.Module):
         pooled: also the pooled embedding (SigLIP's MAP head, CLIP's post-normed class token)."""
         n = len(self.layers)
         if layer is not None and not -n - 1 <= layer <= n:
-            raise ValueError(f"layer must be in [{-n - 1}, {n}] for a ViT of {n} blocks (0 = embeddings), got {layer}")
+            raise ConfigError(f"layer must be in [{-n - 1}, {n}] for a ViT of {n} blocks (0 = embeddings), got {layer}")
         if pooled and self.config.variant == "siglip" and self.head is None:
-            raise ValueError("this SigLIP has no pooling head (pooling_head=False), so it has no pooled output")
+            raise ConfigError("this SigLIP has no pooling head (pooling_head=False), so it has no pooled output")
         self.check_pixels(pixel_values)
         select = n if layer is None else layer % (n + 1)
         x = self.embed(pixel_values)

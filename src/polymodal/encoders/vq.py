@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.config import Config, ConfigError, _check_positive
-from polymodal.errors import check_pixel_values
+from polymodal.config import Config, _check_positive
+from polymodal.errors import ConfigError, check_pixel_values
 from polymodal.nn.attention import attend
 
 
@@ -251,25 +251,25 @@ class VQModel(nn.Module):
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W) in [-1, 1] -> codes (B, N), row-major over the latent grid."""
         check_pixel_values(pixels, self.config.in_channels, self.config.resolution, "batch")
-        return self.quantize.codes(self.quant_conv(self.encoder(pixels)))
+        return self.quantize.codes(self.quant_conv(self.encoder(pixels.to(self.quant_conv.weight.dtype))))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, N) -> pixels (B, 3, H, W), about [-1, 1] (unclamped)."""
         cfg = self.config
         if self.decoder is None:
-            raise ValueError("this VQ model has no decoder (VQConfig.decoder=False; HF Chameleon checkpoints "
+            raise ConfigError("this VQ model has no decoder (VQConfig.decoder=False; HF Chameleon checkpoints "
                              "carry none), so it cannot turn codes into pixels")
         if codes.dim() != 2 or codes.shape[1] != cfg.tokens_per_image:
-            raise ValueError(f"codes must be (batch, {cfg.tokens_per_image}), got {tuple(codes.shape)}")
+            raise ConfigError(f"codes must be (batch, {cfg.tokens_per_image}), got {tuple(codes.shape)}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= cfg.num_embeddings):
-            raise ValueError(f"codes must be in [0, {cfg.num_embeddings}), got values in "
+            raise ConfigError(f"codes must be in [0, {cfg.num_embeddings}), got values in "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         return self.decoder(self.post_quant_conv(self.quantize.lookup(codes, cfg.grid)))
 
     def forward(self, pixels: torch.Tensor) -> VQOutput:
         check_pixel_values(pixels, self.config.in_channels, self.config.resolution, "batch")
         if self.decoder is None:
-            raise ValueError("training a VQ model needs its decoder (VQConfig.decoder=True)")
+            raise ConfigError("training a VQ model needs its decoder (VQConfig.decoder=True)")
         zq, codebook_loss, codes = self.quantize(self.quant_conv(self.encoder(pixels)))
         recon = self.decoder(self.post_quant_conv(zq))
         return VQOutput(recon, F.mse_loss(recon, pixels) + codebook_loss, codes)
@@ -290,7 +290,7 @@ def train_vq(model: VQModel, pixels: torch.Tensor, *, steps: int, batch_size: in
     a few big ones here. A VQ frozen inside a model (Chameleon) is trained
     all the same and left frozen."""
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        raise ConfigError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     generator = torch.Generator().manual_seed(seed)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.requires_grad_(True).train()

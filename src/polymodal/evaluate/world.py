@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from polymodal.errors import InputError
 from polymodal.data.collate import Collator
 from polymodal.data.collators import make_collator
 from polymodal.data.documents import Audio, Document, Segment
@@ -127,7 +128,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
     progress: called with (answers to write, task) per task, returns a `Progress` told of each batch."""
     drawing = [t for t in tasks if t in DRAWN]
     if drawing and getattr(getattr(model, "image_spans", None), "begin", None) is None:
-        raise ValueError(f"task {drawing[0]} is scored on the images a model draws; {type(model).__name__} "
+        raise InputError(f"task {drawing[0]} is scored on the images a model draws; {type(model).__name__} "
                          "draws none")
     collator = make_collator(model.config, tokenizer)
     scores = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polymodal.errors import ConfigError
 from polymodal.nn.attention import Attention
 from polymodal.nn.cache import CrossKV
 from polymodal.nn.mlp import make_mlp
@@ -29,7 +30,7 @@ class GatedCrossAttentionBlock(nn.Module):
                  gate_shape: tuple[int, ...] = (1,), dropout: float = 0.0):
         super().__init__()
         if not attn.is_cross:
-            raise ValueError("GatedCrossAttentionBlock needs a cross-attention (Attention with kv_dim)")
+            raise ConfigError("GatedCrossAttentionBlock needs a cross-attention (Attention with kv_dim)")
         self.attn, self.mlp = attn, mlp
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
         self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
@@ -55,7 +56,7 @@ def gated_cross_attention_block(dim: int, kv_dim: int, n_heads: int, head_dim: i
     """gate: "scalar" (one tanh gate per branch, Flamingo) or "vector" (one per channel, Idefics'
     alpha_type="vector"); qk_norm: `norm` over each head of q and k (Idefics 80b)."""
     if gate not in GATES:
-        raise ValueError(f"gate must be one of {list(GATES)}, got {gate!r}")
+        raise ConfigError(f"gate must be one of {list(GATES)}, got {gate!r}")
     head_dim = head_dim or dim // n_heads
     head_norm = (lambda: make_norm(norm, head_dim, eps)) if qk_norm else (lambda: None)
     attn = Attention(dim, n_heads, head_dim=head_dim, kv_dim=kv_dim, qk_norm=head_norm(), k_norm=head_norm(),

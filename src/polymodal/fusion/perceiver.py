@@ -80,10 +80,10 @@ class PerceiverResampler(nn.Module):
         """More media or frames than there are time embeddings is an error, not a silent truncation."""
         max_frames = 1 if self.frame_embeds is None else self.frame_embeds.shape[0]
         if n_frames > max_frames:
-            raise ValueError(f"got {n_frames} frames per media, but the perceiver has frame embeddings for {max_frames}"
+            raise ConfigError(f"got {n_frames} frames per media, but the perceiver has frame embeddings for {max_frames}"
                              + (" (it has none: images only)" if self.frame_embeds is None else ""))
         if self.media_time_embeds is not None and n_media > self.media_time_embeds.shape[0]:
-            raise ValueError(f"got {n_media} media per sample, but the perceiver has media-time embeddings for "
+            raise ConfigError(f"got {n_media} media per sample, but the perceiver has media-time embeddings for "
                              f"{self.media_time_embeds.shape[0]}")
 
     def forward(self, media: torch.Tensor, media_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,12 +92,12 @@ class PerceiverResampler(nn.Module):
         if media.dim() == 4:
             media = media.unsqueeze(2)
         if media.dim() != 5 or media.shape[-1] != self.latents.shape[1]:
-            raise ValueError(f"perceiver input must be (B, N, V, {self.latents.shape[1]}) or "
+            raise ConfigError(f"perceiver input must be (B, N, V, {self.latents.shape[1]}) or "
                              f"(B, N, F, V, {self.latents.shape[1]}), got shape {tuple(media.shape)}")
         B, N, F = media.shape[:3]
         self.check_media(N, F)
         if media_mask is not None and media_mask.shape != (B, N):
-            raise ValueError(f"media_mask must have shape {(B, N)}, got {tuple(media_mask.shape)}")
+            raise ConfigError(f"media_mask must have shape {(B, N)}, got {tuple(media_mask.shape)}")
         if self.frame_embeds is not None:
             media = media + self.frame_embeds[:F, None]  # (F, 1, D): one embedding per frame
         x = media.flatten(2, 3)  # (B, N, F*V, D)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from polymodal.errors import InputError
 from polymodal.generation.sampling import exponential_noise, sample_next
 
 
@@ -50,14 +51,14 @@ class Request:
     def __post_init__(self) -> None:
         ids = self.inputs.get("input_ids")
         if ids is None or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-            raise ValueError(f"a request's input_ids must be (1, seq) with seq > 0, got "
+            raise InputError(f"a request's input_ids must be (1, seq) with seq > 0, got "
                              f"{None if ids is None else tuple(ids.shape)}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         self.generator = None
         if self.temperature > 0:
             self.generator = torch.Generator(device=ids.device)
@@ -73,7 +74,7 @@ class Batcher:
 
     def __init__(self, model: nn.Module, *, slots: int, max_len: int, max_waiting: int = 256):
         if slots < 1 or max_len < 2:
-            raise ValueError(f"a batcher needs slots >= 1 and max_len >= 2, got {slots} and {max_len}")
+            raise InputError(f"a batcher needs slots >= 1 and max_len >= 2, got {slots} and {max_len}")
         self.model, self.slots, self.max_len, self.max_waiting = model, slots, max_len, max_waiting
         self.cache = model.make_cache(slots, max_len)
         self.rows: list[Request | None] = [None] * slots
@@ -90,7 +91,7 @@ class Batcher:
 
     def submit(self, request: Request) -> None:
         if request.prompt_len + request.max_new_tokens > self.max_len:
-            raise ValueError(f"the prompt is {request.prompt_len} tokens and max_new_tokens is "
+            raise InputError(f"the prompt is {request.prompt_len} tokens and max_new_tokens is "
                              f"{request.max_new_tokens}: {request.prompt_len + request.max_new_tokens} in all, past "
                              f"the batcher's {self.max_len} tokens")
         with self.work:

@@ -124,7 +124,7 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
     if top_p is not None:
         check_number("top_p", top_p, above=0, at_most=1)
     if seed is not None:
-        check_number("seed", seed, integer=True, at_least=0)
+        check_number("seed", seed, integer=True, at_least=0, below=2 ** 64)  # torch.Generator's range
     text = getattr(model.config, "text", model.config)
     context = getattr(text, "max_seq_len", None)
     if context is not None and input_ids.shape[-1] + max_new_tokens > context:
@@ -183,17 +183,17 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     B, S = input_ids.shape
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+            raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
         if not attention_mask.bool().any(1).all():
-            raise ValueError("every prompt needs at least one token; a row of attention_mask is all zeros")
+            raise InputError("every prompt needs at least one token; a row of attention_mask is all zeros")
         per_token = [k for k in PER_TOKEN_INPUTS if model_inputs.get(k) is not None]
         input_ids, attention_mask, *moved = left_align(input_ids, attention_mask,
                                                        *(model_inputs[k] for k in per_token))
         model_inputs.update(zip(per_token, moved))
     spans = getattr(model, "image_spans", None)
     if return_images and spans is None:
-        raise ValueError(f"return_images needs a model that writes images; {type(model).__name__} has no image_spans")
+        raise InputError(f"return_images needs a model that writes images; {type(model).__name__} has no image_spans")
     state = spans.start(input_ids, attention_mask) if spans is not None else None  # (B,) each row's mode
     stop = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     if pad_token_id is None:

@@ -88,7 +88,15 @@ def plan(model: nn.Module, assistant_model: nn.Module | None, num_assistant_toke
     if vocab_size(assistant_model) != vocab_size(model):
         raise InputError(f"the draft's vocabulary ({vocab_size(assistant_model)} tokens) must be the target's "
                          f"({vocab_size(model)} tokens): drafts are checked token by token")
-    media = [k for k, v in model_inputs.items() if v is not None and k not in draft_inputs(assistant_model)]
+    given = [k for k, v in model_inputs.items() if v is not None]
+    if given and all(k in draft_inputs(assistant_model) for k in given) and (
+            type(assistant_model.config) is not type(model.config)
+            or placeholder_ids(assistant_model) != placeholder_ids(model)):
+        raise InputError(f"the draft (assistant_model, a {type(assistant_model).__name__}) would read the "
+                         f"target's {', '.join(given)} laid out for {type(model).__name__} (media token ids "
+                         f"{placeholder_ids(model)}, the draft's {placeholder_ids(assistant_model)}): give a draft of "
+                         "the target's family and tokenizer, or a text-only draft")
+    media = [k for k in given if k not in draft_inputs(assistant_model)]
     if media and not placeholder_ids(model):
         raise InputError(f"the draft ({type(assistant_model).__name__}) takes no {media}, and "
                          f"{type(model).__name__} has no placeholder token that tells the prompt's text part")
@@ -218,8 +226,12 @@ def decode(drafting: Drafting, model: nn.Module, cache: Cache, draft_cache: Cach
     B, S = prompt.shape
     k, draft, device = drafting.k, drafting.assistant, prompt.device
     if draft is not None:
-        draft(**draft_prompt(drafting, model, prompt, attention_mask, model_inputs), cache=draft_cache,
-              logits_to_keep=1)
+        try:
+            draft(**draft_prompt(drafting, model, prompt, attention_mask, model_inputs), cache=draft_cache,
+                  logits_to_keep=1)
+        except InputError as e:  # the prompt suits the target: whatever the draft refuses is the draft's fault
+            raise InputError(f"the draft (assistant_model, a {type(draft).__name__}) cannot read the target's "
+                             f"prompt: {e}") from e
     cuda = compile and device.type == "cuda"
     run = (lambda fn: compiled(fn, cuda)) if compile else (lambda fn: fn)
     caches = [c for c in (cache, draft_cache) if c is not None]

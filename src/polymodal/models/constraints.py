@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from polymodal.errors import InputError
+
 
 @dataclass(frozen=True)
 class ImageSpans:
@@ -26,17 +28,17 @@ class ImageSpans:
 
     def __post_init__(self) -> None:
         if self.length < 1:
-            raise ValueError(f"an image span needs length >= 1, got {self.length}")
+            raise InputError(f"an image span needs length >= 1, got {self.length}")
         if (self.begin is None) != (self.end is None):
-            raise ValueError(f"give both begin and end image tokens or neither, got {self.begin} and {self.end}")
+            raise InputError(f"give both begin and end image tokens or neither, got {self.begin} and {self.end}")
         if self.begin is not None and bool(torch.isin(torch.tensor([self.begin, self.end]), self.codes).any()):
-            raise ValueError(f"begin ({self.begin}) and end ({self.end}) tokens must not be image codes")
+            raise InputError(f"begin ({self.begin}) and end ({self.end}) tokens must not be image codes")
 
     def allowed(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """(3, V) bool: the tokens allowed in text, when only `end` may follow, and inside an image. Built
         once per generate call, so decode steps need not read the codes on the host."""
         if int(self.codes.max()) >= vocab_size:
-            raise ValueError(f"image codes reach token {int(self.codes.max())}, past the vocabulary ({vocab_size})")
+            raise InputError(f"image codes reach token {int(self.codes.max())}, past the vocabulary ({vocab_size})")
         is_code = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         is_code[self.codes.to(device)] = True
         is_end = torch.zeros_like(is_code)
@@ -61,7 +63,7 @@ class ImageSpans:
                 continue
             written = len(row) - last - 1
             if written > self.length or not bool(torch.isin(row[last + 1:], self.codes.to(row.device)).all()):
-                raise ValueError(f"prompt {b} ends inside an image span with {written} tokens after begin "
+                raise InputError(f"prompt {b} ends inside an image span with {written} tokens after begin "
                                  f"({self.begin}) that are not up to {self.length} image codes")
             state[b] = self.length + 1 - written
         return state

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.errors import InputError
 from polymodal.encoders.text import TextConfig, TextTransformer
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.fusion.configs import ContrastiveConfig
@@ -93,7 +94,7 @@ class DualEncoder(nn.Module):
         if return_loss:
             _check_pairs(pixel_values.shape[0], input_ids.shape[0])
             if self.config.loss == "softmax" and chunks != 1:
-                raise ValueError(f"chunks applies to the sigmoid loss; this model's loss is softmax, "
+                raise InputError(f"chunks applies to the sigmoid loss; this model's loss is softmax, "
                                  f"got chunks={chunks}")
         image_embeds = self.encode_image(pixel_values)
         text_embeds = self.encode_text(input_ids, attention_mask)
@@ -115,7 +116,7 @@ def temperature(logit_scale: torch.Tensor, loss: str) -> torch.Tensor:
 
 def _check_pairs(n_images: int, n_texts: int) -> None:
     if n_images != n_texts:
-        raise ValueError(f"the contrastive loss pairs image i with text i, so it needs as many images as texts; "
+        raise InputError(f"the contrastive loss pairs image i with text i, so it needs as many images as texts; "
                          f"got {n_images} images and {n_texts} texts")
 
 
@@ -129,7 +130,7 @@ def _world(all_ranks: bool, group: dist.ProcessGroup | None) -> int:
 def _check_same_batch(n: int, device: torch.device, group: dist.ProcessGroup | None) -> None:
     sizes = all_gather_with_grad(torch.tensor([n], device=device), group).tolist()
     if len(set(sizes)) > 1:
-        raise ValueError(f"a loss over all ranks needs the same number of pairs on every rank; got {sizes} "
+        raise InputError(f"a loss over all ranks needs the same number of pairs on every rank; got {sizes} "
                          "(in rank order)")
 
 
@@ -159,7 +160,7 @@ def sigmoid_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_sc
     texts of every rank of `group` (default: all), passed round a ring."""
     _check_pairs(image_embeds.shape[0], text_embeds.shape[0])
     if not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+        raise InputError(f"chunks must be a positive int, got {chunks!r}")
     world = _world(all_ranks, group)
     if world > 1:
         _check_same_batch(image_embeds.shape[0], image_embeds.device, group)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from polymodal.encoders.vit import ViT
-from polymodal.errors import InputError
+from polymodal.errors import InputError, check_finite, check_ids
 from polymodal.fusion.configs import FlamingoConfig
 from polymodal.fusion.cross_attention import gated_cross_attention_block
 from polymodal.fusion.perceiver import build_resampler
@@ -75,7 +75,7 @@ class Flamingo(nn.Module):
                    device: torch.device | str | None = None) -> FlamingoCache:
         t = self.config.text
         if max_len > t.max_seq_len:
-            raise ValueError(f"a cache of {max_len} tokens exceeds max_seq_len={t.max_seq_len}")
+            raise InputError(f"a cache of {max_len} tokens exceeds max_seq_len={t.max_seq_len}")
         w = self.decoder.tok_embeddings.weight
         return FlamingoCache(batch, max_len, t.n_layers, t.kv_heads, t.head_size, dtype or w.dtype, device or w.device)
 
@@ -89,41 +89,43 @@ class Flamingo(nn.Module):
         given = [k for k, v in (("pixel_values", pixel_values), ("image_encoder_embeddings", image_encoder_embeddings),
                                 ("perceiver_embeddings", perceiver_embeddings)) if v is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of pixel_values, image_encoder_embeddings, perceiver_embeddings; "
+            raise InputError(f"give exactly one of pixel_values, image_encoder_embeddings, perceiver_embeddings; "
                              f"got {given or 'none'}")
         D, dtype = self.config.feature_dim, self.decoder.tok_embeddings.weight.dtype
         if perceiver_embeddings is not None:
             if self.perceiver is None:
-                raise ValueError("this model has no perceiver; give image_encoder_embeddings or pixel_values")
+                raise InputError("this model has no perceiver; give image_encoder_embeddings or pixel_values")
             feats = perceiver_embeddings
             if feats.dim() != 4 or feats.shape[2:] != (self.config.perceiver.n_latents, D):
-                raise ValueError(f"perceiver_embeddings must be (B, N, {self.config.perceiver.n_latents}, {D}), "
+                raise InputError(f"perceiver_embeddings must be (B, N, {self.config.perceiver.n_latents}, {D}), "
                                  f"got shape {tuple(feats.shape)}")
+            check_finite("perceiver_embeddings", feats)
             return feats.to(dtype)
         if pixel_values is not None:
             feats = self.encode_images(pixel_values)
         else:
             feats = image_encoder_embeddings
             if feats.dim() not in (4, 5) or feats.shape[-1] != D:
-                raise ValueError(f"image_encoder_embeddings must be (B, N, V, {D}) or (B, N, F, V, {D}), "
+                raise InputError(f"image_encoder_embeddings must be (B, N, V, {D}) or (B, N, F, V, {D}), "
                                  f"got shape {tuple(feats.shape)}")
+            check_finite("image_encoder_embeddings", feats)
             feats = feats.to(dtype)
         if self.perceiver is not None:
             return self.perceiver(feats, media_mask)
         if feats.dim() == 5:
             if feats.shape[2] != 1:
-                raise ValueError(f"without a perceiver, media must be single images; got {feats.shape[2]} frames")
+                raise InputError(f"without a perceiver, media must be single images; got {feats.shape[2]} frames")
             feats = feats.squeeze(2)
         return feats
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, N, 3, H, W) or (B, N, F, 3, H, W) -> vision features (B, N, [F,] V, D)."""
         if self.vision is None:
-            raise ValueError("this model has no vision encoder; give image_encoder_embeddings or perceiver_embeddings")
+            raise InputError("this model has no vision encoder; give image_encoder_embeddings or perceiver_embeddings")
         v = self.config.vision
         image = (v.channels, v.image_size, v.image_size)
         if pixel_values.dim() not in (5, 6) or tuple(pixel_values.shape[-3:]) != image:
-            raise ValueError(f"pixel_values must be (B, N, {', '.join(map(str, image))}) or (B, N, F, "
+            raise InputError(f"pixel_values must be (B, N, {', '.join(map(str, image))}) or (B, N, F, "
                              f"{', '.join(map(str, image))}), got shape {tuple(pixel_values.shape)}")
         lead = pixel_values.shape[:-3]
         feats = self.vision(pixel_values.flatten(0, len(lead) - 1)).features  # (B*N*F, V, D)
@@ -142,22 +144,21 @@ class Flamingo(nn.Module):
         media; each token may see at most one (Flamingo's rule: the latest before it).
         attention_mask / position_ids / document_ids / labels / logits_to_keep: as in `Decoder.forward`.
         cache: a `make_cache` cache; the first call encodes the media, later calls (decode) take none."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        check_ids(input_ids)
         B, S = input_ids.shape
         if S > self.config.text.max_seq_len:
-            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.text.max_seq_len}")
+            raise InputError(f"sequence of {S} tokens exceeds max_seq_len={self.config.text.max_seq_len}")
         media_inputs = (("pixel_values", pixel_values), ("image_encoder_embeddings", image_encoder_embeddings),
                         ("perceiver_embeddings", perceiver_embeddings))
         given = {k: v for k, v in media_inputs if v is not None}
         if len(given) > 1:
-            raise ValueError(f"give exactly one of pixel_values, image_encoder_embeddings, perceiver_embeddings; "
+            raise InputError(f"give exactly one of pixel_values, image_encoder_embeddings, perceiver_embeddings; "
                              f"got {list(given)}")
         decoding = fusion.decoding(cache, **given, media_locations=media_locations, media_mask=media_mask,
                                    image_attention_mask=image_attention_mask)
         if decoding:
             if any(t is not None for t in (attention_mask, document_ids, position_ids)):
-                raise ValueError("a cache that holds tokens continues each row causally; attention_mask, "
+                raise InputError("a cache that holds tokens continues each row causally; attention_mask, "
                                  "document_ids and position_ids apply to the first call only")
             seg = cache.next_segments(S)
             media, layout = None, cache.media_layout
@@ -195,13 +196,13 @@ class Flamingo(nn.Module):
         each text token's media id (B, S) and the layout (N, L); Nones and (0, 0) without media."""
         if not given:
             if media_locations is not None and media_locations.any():
-                raise ValueError(f"media_locations marks {int(media_locations.sum())} media, but no media were given")
+                raise InputError(f"media_locations marks {int(media_locations.sum())} media, but no media were given")
             if image_attention_mask is not None and image_attention_mask.any():
                 raise InputError("image_attention_mask lets tokens see media, but no media were given")
             return None, None, (0, 0)
         (name, raw), = given.items()
         if raw.dim() < 4 or raw.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"{name} must start with (batch={input_ids.shape[0]}, n_media), "
+            raise InputError(f"{name} must start with (batch={input_ids.shape[0]}, n_media), "
                              f"got shape {tuple(raw.shape)}")
         if image_attention_mask is not None:
             ids = self._ids_from_hf_mask(input_ids, image_attention_mask, raw.shape[1])
@@ -234,10 +235,10 @@ class Flamingo(nn.Module):
         B = input_ids.shape[0]
         if media_locations is None:
             if self.config.media_token_id is None:
-                raise ValueError("give media_locations (B, S) bool, or set media_token_id in the config")
+                raise InputError("give media_locations (B, S) bool, or set media_token_id in the config")
             media_locations = input_ids == self.config.media_token_id
         elif media_locations.shape != input_ids.shape:
-            raise ValueError(f"media_locations must have the shape of input_ids {tuple(input_ids.shape)}, "
+            raise InputError(f"media_locations must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(media_locations.shape)}")
         media_locations = media_locations.bool()
         if media_mask is None:
@@ -245,12 +246,12 @@ class Flamingo(nn.Module):
         else:
             media_mask = media_mask.bool()
             if media_mask.shape != (B, n_media):
-                raise ValueError(f"media_mask must have shape {(B, n_media)}, got {tuple(media_mask.shape)}")
+                raise InputError(f"media_mask must have shape {(B, n_media)}, got {tuple(media_mask.shape)}")
             if (media_mask[:, 1:] & ~media_mask[:, :-1]).any():
-                raise ValueError("media_mask must list each row's media first and its padding after")
+                raise InputError("media_mask must list each row's media first and its padding after")
             counts = media_mask.sum(1)
         marked = media_locations.sum(1)
         if not torch.equal(marked, counts.to(marked)):
-            raise ValueError(f"each row must mark as many media as it is given: marked {marked.tolist()}, "
+            raise InputError(f"each row must mark as many media as it is given: marked {marked.tolist()}, "
                              f"given {counts.tolist()}")
         return media_locations

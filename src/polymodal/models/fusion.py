@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polymodal.errors import InputError
+from polymodal.errors import InputError, check_ids, check_mask, check_tensors
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments
 from polymodal.nn.transformer import Decoder, ModelOutput
@@ -124,6 +124,7 @@ def scatter(x: torch.Tensor, spans: Spans, media: torch.Tensor) -> torch.Tensor:
 
 def decoding(cache: Cache | None, **prefill_only: torch.Tensor | None) -> bool:
     """True when the cache already holds tokens: a decode step, which takes none of the prefill-only inputs."""
+    check_tensors(**prefill_only)
     if cache is None or cache.length == 0:
         return False
     given = [k for k, v in prefill_only.items() if v is not None]
@@ -135,10 +136,12 @@ def decoding(cache: Cache | None, **prefill_only: torch.Tensor | None) -> bool:
 def check_inputs(decoder: Decoder, input_ids: torch.Tensor, *, within_context: bool = True,
                  **same_shape: torch.Tensor | None) -> None:
     """input_ids (B, S) of known tokens, at most the context long (unless the family checks that itself),
-    and every per-token input given with its shape."""
-    if input_ids.dim() != 2:
-        raise InputError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    and every per-token input given with its shape (an attention_mask of 0s and 1s)."""
+    check_ids(input_ids)
     for name, t in same_shape.items():
+        if name == "attention_mask" and t is not None:
+            check_mask(t, input_ids.shape)
+        check_tensors(**{name: t})
         if t is not None and t.shape != input_ids.shape:
             raise InputError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
     if within_context:

@@ -30,7 +30,7 @@ from polymodal.config import DecoderConfig
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT
 from polymodal.encoders.vq import VQConfig
-from polymodal.errors import InputError
+from polymodal.errors import InputError, check_media, check_pixel_values, check_tensors
 from polymodal.fusion.configs import MODALITIES, GeminiConfig, MediaTokens
 from polymodal.models import fusion
 from polymodal.models.drawing import ImageWriter
@@ -96,17 +96,12 @@ class Gemini(nn.Module):
 
     def check_images(self, pixel_values: torch.Tensor, name: str = "pixel_values") -> None:
         cfg = self.config
+        check_tensors(**{name: pixel_values})
         if self.vision is None and pixel_values.dim() == 3:  # Fuyu's pre-patchified (N, P, p*p*C)
             n = cfg.tokens_per_image if self.patch_pos is not None else "P"
-            if pixel_values.shape[-1] != cfg.patch_size ** 2 * cfg.channels or (
-                    self.patch_pos is not None and pixel_values.shape[1] != n):
-                raise InputError(f"{name} given as patches must be (N, {n}, {cfg.patch_size ** 2 * cfg.channels}), "
-                                 f"got {tuple(pixel_values.shape)}")
+            check_media(f"{name} given as patches", pixel_values, ("N", n, cfg.patch_size ** 2 * cfg.channels))
             return
-        expected = (cfg.channels, cfg.image_size, cfg.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise InputError(f"{name} must be (num_images, {', '.join(map(str, expected))}), "
-                             f"got {tuple(pixel_values.shape)}")
+        check_pixel_values(pixel_values, cfg.channels, cfg.image_size, name=name)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) images (or (N, P, p*p*C) patches) -> (N, P, D)."""

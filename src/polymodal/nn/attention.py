@@ -21,6 +21,7 @@ from torch import nn
 
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from polymodal.errors import InputError
 from polymodal.nn.cache import CrossKV, KVCache
 from polymodal.nn.positions import RotaryTables
 from polymodal.nn.ring_attention import RingMask, ring_attention
@@ -38,7 +39,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                               scale=scale, enable_gqa=n_rep > 1)
     if backend != "eager":
-        raise ValueError(f"attend's backend must be 'sdpa' or 'eager' (flex runs through FlexAttention), got {backend!r}")
+        raise InputError(f"attend's backend must be 'sdpa' or 'eager' (flex runs through FlexAttention), got {backend!r}")
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     scores = (q @ k.transpose(-2, -1)).float() * (scale or 1.0 / math.sqrt(q.shape[-1]))
     if is_causal:
@@ -78,11 +79,11 @@ class Attention(nn.Module):
         inner_norm: Magneto's sub-LN before the output projection."""
         super().__init__()
         if backend not in BACKENDS:
-            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+            raise InputError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
         self.head_dim = head_dim or dim // n_heads
         if n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise InputError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         self.is_cross = kv_dim is not None
         q_out, kv_out = n_heads * self.head_dim, 2 * self.n_kv_heads * self.head_dim
         if self.is_cross:
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         self.inner_norm = inner_norm
         self.scale, self.dropout, self.backend = scale, dropout, backend
         if backend == "flex" and (dropout or self.is_cross):
-            raise ValueError("the flex backend is for self-attention without attention dropout")
+            raise InputError("the flex backend is for self-attention without attention dropout")
         self.flex = FlexAttention() if backend == "flex" else None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:  # (B, S, n*hs) -> (B, n, S, hs)
@@ -110,7 +111,7 @@ class Attention(nn.Module):
             q = self._heads(self.wq(x), self.n_heads)
             if kv is None:
                 if cache is None or cache.k is None:
-                    raise ValueError("cross-attention needs media (kv) or K/V cached from an earlier call")
+                    raise InputError("cross-attention needs media (kv) or K/V cached from an earlier call")
                 k, v = cache.k, cache.v
             else:
                 k, v = (self._heads(t, self.n_kv_heads) for t in self.wkv(kv).chunk(2, dim=-1))
@@ -131,11 +132,11 @@ class Attention(nn.Module):
                 k, v = cache.update(input_pos, k, v)
         if isinstance(mask, RingMask):
             if self.dropout and self.training:
-                raise ValueError("ring attention has no attention dropout: build the model with dropout 0")
+                raise InputError("ring attention has no attention dropout: build the model with dropout 0")
             y = ring_attention(q, k, v, mask, scale=self.scale)
         elif self.flex is not None:
             if not isinstance(mask, BlockMask):
-                raise ValueError(f"the flex backend needs a masks.block_mask, got {type(mask).__name__}")
+                raise InputError(f"the flex backend needs a masks.block_mask, got {type(mask).__name__}")
             y = self.flex(q, k, v, mask, scale=self.scale)
         else:
             y = attend(q, k, v, mask, is_causal=is_causal, scale=self.scale,

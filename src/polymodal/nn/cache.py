@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from polymodal.errors import InputError
 from polymodal.nn.masks import Segments
 
 
@@ -85,7 +86,7 @@ class Cache:
 
     def _take(self, n: int) -> None:
         if self.length + n > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; it has {self.length} and was given "
+            raise InputError(f"KV cache holds {self.max_len} tokens; it has {self.length} and was given "
                              f"{n} more")
         self.length += n
 

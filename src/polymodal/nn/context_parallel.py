@@ -44,6 +44,7 @@ from torch.distributed.tensor.experimental._context_parallel import _ContextPara
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask, create_block_mask
 
+from polymodal.errors import ConfigError
 from polymodal.nn.attention import Attention, FlexAttention
 from polymodal.nn.collectives import all_gather_with_grad
 from polymodal.nn.masks import Segments, mask_mod
@@ -57,16 +58,16 @@ def context_parallel(model: nn.Module, mesh: DeviceMesh, *, load_balance: bool =
     load_balance: each process keeps an early and a late chunk (see the module's docstring), else one
     contiguous slice."""
     if mesh.ndim != 1:
-        raise ValueError(f"context parallel needs a 1-D device mesh, got {mesh.ndim} dimensions")
+        raise ConfigError(f"context parallel needs a 1-D device mesh, got {mesh.ndim} dimensions")
     decoders = [m for m in model.modules() if isinstance(m, Decoder)]
     backends = {d.backend for d in decoders}
     if len(backends) != 1:
-        raise ValueError(f"context parallel needs the model's decoders on one attention backend, got "
+        raise ConfigError(f"context parallel needs the model's decoders on one attention backend, got "
                          f"{sorted(backends) or 'no decoder'}")
     ring = backends != {"flex"}
     dropout = [m.dropout for d in decoders for m in d.modules() if isinstance(m, Attention) and m.dropout]
     if ring and dropout:
-        raise ValueError(f"ring attention has no attention dropout: build the model with dropout 0, got {dropout[0]}")
+        raise ConfigError(f"ring attention has no attention dropout: build the model with dropout 0, got {dropout[0]}")
     for decoder in decoders:
         decoder.sequence_split = SequenceSplit(mesh, load_balance, ring)
         for module in decoder.modules():

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.errors import InputError, InputTypeError, check_number
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import MLP
 
@@ -115,21 +116,22 @@ def linear_slots(model: nn.Module) -> list[Slot]:
 def add(model: nn.Module, plan: dict[str, tuple[Slice, ...]], rank: int, alpha: float, dropout: float = 0.0,
         rslora: bool = False) -> None:
     """Wrap the linear layers at `plan`'s paths (with those slices) in LoRALinear; freeze everything else."""
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    check_number("LoRA rank", rank, integer=True, at_least=1)
+    check_number("LoRA alpha", alpha, above=0)  # NaN or inf here would make every logit NaN
+    check_number("LoRA dropout", dropout, at_least=0.0, below=1.0)
+    if not isinstance(rslora, bool):
+        raise InputTypeError(f"use_rslora must be true or false, got {rslora!r}")
     if not plan:
-        raise ValueError("LoRA needs at least one linear layer to adapt")
+        raise InputError("LoRA needs at least one linear layer to adapt")
     model.requires_grad_(False)
     for path, slices in plan.items():
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         base = getattr(parent, name)
         if isinstance(base, LoRALinear):
-            raise ValueError(f"{path} already has a LoRA adapter; merge_lora(model) first to add another")
+            raise InputError(f"{path} already has a LoRA adapter; merge_lora(model) first to add another")
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRA adapts nn.Linear layers; {path} is a {type(base).__name__}")
+            raise InputTypeError(f"LoRA adapts nn.Linear layers; {path} is a {type(base).__name__}")
         setattr(parent, name, LoRALinear(base, slices, rank, alpha, dropout, rslora))
 
 

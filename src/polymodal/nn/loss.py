@@ -4,12 +4,15 @@ Rows go through in chunks, in forward and again in backward (which recomputes ea
 from h and the weight, unless one chunk held every row), so memory holds one (chunk, V) block instead
 of (N, V): the idea of Liger-Kernel's fused linear cross-entropy and of Cut Cross-Entropy (Wijmans et al. 2024), in plain
 PyTorch. Equals `F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100)`: the mean
-over targets that are not -100 (NaN when all are), log-sum-exp in float32.
+over targets that are not -100, log-sum-exp in float32; where every target is -100 (nothing to predict) the
+loss is a defined 0 with zero gradients, where `F.cross_entropy` gives NaN.
 """
 
 from __future__ import annotations
 
 import torch
+
+from polymodal.errors import InputError
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2 ** 25  # float32 logits per chunk (128 MiB): 1,024 rows of a 32k vocabulary
@@ -31,7 +34,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         kept = logits if 0 < h.shape[0] <= chunk_size else None
         ctx.save_for_backward(h, weight, safe, valid, lse, kept)
         ctx.chunk_size = chunk_size
-        return torch.where(valid, lse - target_logit, 0.0).sum() / valid.sum()
+        return torch.where(valid, lse - target_logit, 0.0).sum() / valid.sum().clamp_min(1)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -62,7 +65,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     """h (..., d) states, weight (V, d) the output head, targets (...) ids or -100 -> scalar mean loss.
     chunk_size: rows per chunk (default: CHUNK_ELEMENTS // V). Under autocast the matmuls run in its dtype."""
     if targets.shape != h.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(h.shape[:-1])}, got {tuple(targets.shape)}")
+        raise InputError(f"targets must have shape {tuple(h.shape[:-1])}, got {tuple(targets.shape)}")
     if torch.is_autocast_enabled(h.device.type):  # a custom Function's backward runs outside autocast: cast here
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)

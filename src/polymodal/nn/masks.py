@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from polymodal.errors import InputError, check_mask, check_tensors
+
 
 @dataclass
 class Segments:
@@ -46,10 +48,13 @@ def make_segments(batch: int, seq: int, device: torch.device, *,
     """
     if position_ids is not None and tuple(position_ids.shape) == (1, seq):  # HF's one row for the whole batch
         position_ids = position_ids.expand(batch, seq)
+    if attention_mask is not None:
+        check_mask(attention_mask, (batch, seq))
+    check_tensors(document_ids=document_ids, block_ids=block_ids, position_ids=position_ids)
     for name, t in (("attention_mask", attention_mask), ("document_ids", document_ids), ("block_ids", block_ids),
                     ("position_ids", position_ids)):
         if t is not None and tuple(t.shape) != (batch, seq):
-            raise ValueError(f"{name} must have the shape of the input (batch, seq) = {(batch, seq)}, "
+            raise InputError(f"{name} must have the shape of the input (batch, seq) = {(batch, seq)}, "
                              f"got {tuple(t.shape)}")
     valid = (torch.ones(batch, seq, dtype=torch.bool, device=device) if attention_mask is None
              else attention_mask.to(device=device, dtype=torch.bool))

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.errors import ConfigError
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -23,7 +25,7 @@ class MLP(nn.Module):
                  inner_norm: nn.Module | None = None, dropout: float = 0.0):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.gated = gated
         self.act = ACTIVATIONS[activation]
         self.w_in = nn.Linear(dim, 2 * hidden_dim if gated else hidden_dim, bias=bias)

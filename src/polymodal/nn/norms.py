@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.errors import ConfigError
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, *, unit_offset: bool = False):
@@ -48,4 +50,4 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
         return RMSNorm(dim, eps, unit_offset=True)
     if kind == "layernorm":
         return LayerNorm(dim, eps)
-    raise ValueError(f"norm must be 'rmsnorm', 'rmsnorm_gemma' or 'layernorm', got {kind!r}")
+    raise ConfigError(f"norm must be 'rmsnorm', 'rmsnorm_gemma' or 'layernorm', got {kind!r}")

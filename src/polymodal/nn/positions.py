@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from polymodal.errors import ConfigError
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -62,7 +64,7 @@ def scale_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     if kind == "linear":
         return inv_freq / factor
     if kind != "llama3":
-        raise ValueError(f"rope scaling type must be one of {ROPE_SCALING_TYPES}, got {kind!r}")
+        raise ConfigError(f"rope scaling type must be one of {ROPE_SCALING_TYPES}, got {kind!r}")
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     context = float(scaling["original_max_position_embeddings"])
     wavelen = 2 * math.pi / inv_freq
@@ -126,7 +128,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     """(length, channels) fixed sin | cos position table (Vaswani et al. 2017 in Whisper's layout:
     all sines, then all cosines, timescales from 1 to max_timescale)."""
     if channels % 2:
-        raise ValueError(f"sinusoidal positions need an even number of channels, got {channels}")
+        raise ConfigError(f"sinusoidal positions need an even number of channels, got {channels}")
     increment = math.log(max_timescale) / (channels // 2 - 1)
     inv_timescales = torch.exp(-increment * torch.arange(channels // 2))
     angles = torch.arange(length)[:, None] * inv_timescales[None, :]

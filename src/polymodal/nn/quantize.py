@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.errors import InputError
 from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Decoder
 
@@ -58,7 +59,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cpu:
-            raise ValueError("int4 decoding runs on the CPU only")
+            raise InputError("int4 decoding runs on the CPU only")
         x2 = F.pad(x.reshape(-1, self.in_features), (0, self.pad))
         y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scale_zero.to(x.dtype))
         y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
@@ -68,11 +69,11 @@ class Int4Linear(nn.Module):
 def quantize_linears(model: nn.Module, paths: list[str], mode: str, group_size: int = 32) -> None:
     """Replace the nn.Linear layers at `paths` with their int8 / int4 versions, in place."""
     if mode not in MODES:
-        raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
+        raise InputError(f"quantize must be one of {MODES}, got {mode!r}")
     if mode == "int4" and group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        raise InputError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
     if mode == "int4" and any(not p.is_cpu for p in model.parameters()):
-        raise ValueError("int4 decoding runs PyTorch's CPU int4 kernel: load the model on the CPU")
+        raise InputError("int4 decoding runs PyTorch's CPU int4 kernel: load the model on the CPU")
     for path in paths:
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
@@ -86,10 +87,10 @@ def quantize(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
     `quantize(pm.from_pretrained(dir), "int8")` is `pm.from_pretrained(dir, quantize="int8")`."""
     decoder = model if isinstance(model, Decoder) else getattr(model, "decoder", None)
     if not isinstance(decoder, Decoder):
-        raise ValueError(f"quantize reads a language decoder's blocks; a {type(model).__name__} has none")
+        raise InputError(f"quantize reads a language decoder's blocks; a {type(model).__name__} has none")
     layers = decoder.layers
     if adapters(layers):
-        raise ValueError("the decoder has LoRA adapters: merge them into the weights (merge_lora) before quantizing")
+        raise InputError("the decoder has LoRA adapters: merge them into the weights (merge_lora) before quantizing")
     paths = [path for path, m in layers.named_modules() if isinstance(m, nn.Linear)]
     quantize_linears(layers, paths, mode, group_size)
     return model

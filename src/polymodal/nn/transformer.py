@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import DecoderConfig
-from polymodal.errors import InputError
+from polymodal.errors import InputError, check_ids
 from polymodal.nn.attention import Attention
 from polymodal.nn.cache import Cache, KVCache
 from polymodal.nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy
@@ -86,7 +86,7 @@ class Decoder(nn.Module):
         super().__init__()
         cfg = self.config = config
         if backend == "flex" and cfg.positions == "alibi":
-            raise ValueError("the flex backend does not take ALiBi's additive bias; use sdpa or eager")
+            raise InputError("the flex backend does not take ALiBi's additive bias; use sdpa or eager")
         self.backend = backend
         self.sequence_split = None  # a `context_parallel.SequenceSplit`, set by `context_parallel.context_parallel`
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -135,7 +135,7 @@ class Decoder(nn.Module):
     def make_cache(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> Cache:
         if max_len > self.config.max_seq_len:
-            raise ValueError(f"a cache of {max_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            raise InputError(f"a cache of {max_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
         w = self.tok_embeddings.weight
         return Cache(batch, max_len, self.config.n_layers, self.config.kv_heads, self.config.head_size,
                      dtype or w.dtype, device or w.device)
@@ -143,7 +143,7 @@ class Decoder(nn.Module):
     def check_token_ids(self, input_ids: torch.Tensor) -> None:
         bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
         if bad.any():
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got {input_ids[bad].tolist()[:8]} "
+            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got {input_ids[bad].tolist()[:8]} "
                              f"at positions {bad.nonzero().tolist()[:8]}")
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
@@ -157,20 +157,19 @@ class Decoder(nn.Module):
         cache: a `make_cache` cache; when it already holds tokens, the input continues every row.
         logits_to_keep: >0 computes logits for the last n positions only."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids and inputs_embeds")
+            raise InputError("give exactly one of input_ids and inputs_embeds")
         decoding = cache is not None and cache.length > 0
         if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+            check_ids(input_ids)
             if not decoding:
                 self.check_token_ids(input_ids)
             inputs_embeds = self.tok_embeddings(input_ids)
         B, S, _ = inputs_embeds.shape
         if S > self.config.max_seq_len:
-            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            raise InputError(f"sequence of {S} tokens exceeds max_seq_len={self.config.max_seq_len}")
         if decoding:
             if any(t is not None for t in (attention_mask, document_ids, block_ids, position_ids)):
-                raise ValueError("a cache that holds tokens continues each row causally; attention_mask, "
+                raise InputError("a cache that holds tokens continues each row causally; attention_mask, "
                                  "document_ids, block_ids and position_ids apply to the first call only")
             seg = cache.next_segments(S)
         else:
@@ -192,7 +191,7 @@ class Decoder(nn.Module):
         if self.pos_embeddings is not None:
             # a host read, which would break a compiled decode step's graph
             if not torch.compiler.is_compiling() and int(seg.positions.max()) >= self.config.max_seq_len:
-                raise ValueError(f"position {int(seg.positions.max())} is past max_seq_len={self.config.max_seq_len}")
+                raise InputError(f"position {int(seg.positions.max())} is past max_seq_len={self.config.max_seq_len}")
             x = x + self.pos_embeddings(seg.positions)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
@@ -200,7 +199,7 @@ class Decoder(nn.Module):
         if split is not None and split.ring and cache is not None:
             split = None  # generation: every process runs the whole sequence with its cache, as one process
         if split is not None and (cache is not None or before_layer is not None):
-            raise ValueError("context parallel runs whole sequences through the decoder's own blocks: "
+            raise InputError("context parallel runs whole sequences through the decoder's own blocks: "
                              "no KV cache and no interleaved blocks (before_layer)")
         input_pos, k_seg, seq_len = None, seg, x.shape[1]
         if cache is not None:
@@ -230,7 +229,7 @@ class Decoder(nn.Module):
         loss = logits = None
         if labels is not None:
             if labels.shape != h.shape[:2]:
-                raise ValueError(f"labels must have shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
+                raise InputError(f"labels must have shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
             V = self.output_weight.shape[0]
             bad = (labels != -100) & ((labels < 0) | (labels >= V))
             if labels.is_floating_point() or bool(bad.any()):  # cross-entropy would index past the logits

@@ -13,13 +13,14 @@ import base64
 import binascii
 import io
 import json
-import wave
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from polymodal.data.documents import Document, Segment, read_wav
+from polymodal.data.media import TooLarge, open_image
+from polymodal.errors import InputError, check_text
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # stop strings per request, as OpenAI
@@ -81,8 +82,8 @@ def _type_name(x: Any) -> str:
 def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: [[[[...]]]] nested deep
+        raise ApiError(400, f"the request body is not valid JSON ({type(e).__name__}: {e})") from e
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_type_name(body)}")
     return body
@@ -169,11 +170,10 @@ def _image(part: dict, where: str, limits: Limits) -> Image.Image:
                        f"{where}.image_url")
     raw = _base64(data, f"{where}.image_url", limits)
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.width * im.height > limits.max_image_pixels:
-                raise ApiError(413, f"{where}.image_url is {im.width}x{im.height} pixels, over the limit of "
-                                    f"{limits.max_image_pixels} pixels", f"{where}.image_url")
-            return im.convert("RGB")
+        return open_image(raw, limits.max_image_pixels)
+    except TooLarge as e:
+        raise ApiError(413, f"{where}.image_url is {e.width}x{e.height} pixels, over the limit of "
+                            f"{limits.max_image_pixels} pixels", f"{where}.image_url") from e
     except (OSError, EOFError, ValueError, Image.DecompressionBombError) as e:
         raise ApiError(400, f"{where}.image_url is not a decodable image ({e})", f"{where}.image_url") from e
 
@@ -188,13 +188,21 @@ def _audio(part: dict, where: str, limits: Limits):
                        f"{where}.input_audio")
     try:
         return read_wav(io.BytesIO(_base64(spec["data"], f"{where}.input_audio", limits)))
-    except (wave.Error, EOFError, ValueError) as e:
-        raise ApiError(400, f"{where}.input_audio is not a 16-bit PCM mono wav ({e})", f"{where}.input_audio") from e
+    except (EOFError, ValueError) as e:
+        raise ApiError(400, f"{where}.input_audio is not a wav file of PCM or float samples ({e})",
+                       f"{where}.input_audio") from e
+
+
+def _text(text: str, where: str) -> Segment:
+    try:
+        return Segment("text", check_text(text, where))
+    except InputError as e:
+        raise ApiError(400, str(e), where) from e
 
 
 def _segments(content: Any, where: str, limits: Limits) -> list[Segment]:
     if isinstance(content, str):
-        return [Segment("text", content)]
+        return [_text(content, f"{where}.content")]
     if not isinstance(content, list) or not content:
         raise ApiError(400, f"{where}.content must be a string or a non-empty array of parts, got "
                             f"{_type_name(content)}", f"{where}.content")
@@ -203,7 +211,7 @@ def _segments(content: Any, where: str, limits: Limits) -> list[Segment]:
         at = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            out.append(Segment("text", part["text"]))
+            out.append(_text(part["text"], f"{at}.text"))
         elif kind == "image_url":
             out.append(Segment("image", media=_image(part, at, limits)))
         elif kind == "input_audio":
@@ -242,4 +250,4 @@ def completion_job(body: dict, served: str, limits: Limits) -> Job:
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ApiError(400, f"prompt must be a string or a non-empty array of strings, got {_type_name(prompt)}",
                        "prompt")
-    return Job(model, [Document([Segment("text", p)]) for p in prompts], settings)
+    return Job(model, [Document([_text(p, f"prompt[{i}]")]) for i, p in enumerate(prompts)], settings)

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from polymodal.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Process:
@@ -32,10 +34,10 @@ class Process:
 def init_process(device: str = "auto") -> Process:
     """Joins the torchrun process group when launched by torchrun; picks this process's device."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but torch sees no CUDA device")
+        raise ConfigError("device cuda was asked for, but torch sees no CUDA device")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size > 1 and not dist.is_initialized():
@@ -60,7 +62,7 @@ def data_and_context_split(proc: Process, context: int) -> tuple[int, int, Devic
     `context` processes: a 2-D mesh (data x context), in which the processes of a context group read the same
     documents. With context 1: every process is its own data-parallel rank, and there is no mesh."""
     if context < 1 or proc.world_size % context:
-        raise ValueError(f"context parallel over {context} processes needs a multiple of {context} processes "
+        raise ConfigError(f"context parallel over {context} processes needs a multiple of {context} processes "
                          f"(torchrun --nproc_per_node), got {proc.world_size}")
     if context == 1:
         return proc.rank, proc.world_size, None
@@ -102,7 +104,7 @@ def parallelize(model: nn.Module, mode: str, blocks: list[nn.Module]) -> nn.Modu
         return fully_shard(model)
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model)
-    raise ValueError(f"parallel must be fsdp or ddp, got {mode!r}")
+    raise ConfigError(f"parallel must be fsdp or ddp, got {mode!r}")
 
 
 @contextlib.contextmanager

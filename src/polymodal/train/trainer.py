@@ -46,7 +46,7 @@ from polymodal.data.lazy import checked, document_texts
 from polymodal.data.readers import read_flagged
 from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.errors import PolymodalError, check_number
+from polymodal.errors import MissingFileError, PolymodalError, check_number
 from polymodal.models.contrastive import ContrastiveConfig
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
@@ -124,6 +124,7 @@ class TrainConfig(Config):
         if self.context_parallel > 1 and self.compile:
             raise ConfigError("--compile does not compile ring attention's point-to-point ring: "
                               "use --context-parallel without --compile")
+        check_number("seed", self.seed, integer=True, at_least=0, below=2 ** 31, error=ConfigError)  # numpy's limit
         for name in ("warmup_steps", "weight_decay", "grad_clip", "vq_steps"):
             check_number(name, getattr(self, name), at_least=0, error=ConfigError)
         for name in ("beta1", "beta2"):
@@ -192,7 +193,7 @@ def model_config(spec: str) -> Config:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+        raise MissingFileError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                                 "nor a config.json file or a directory holding one")
     return load_config(path)
 

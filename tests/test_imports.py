@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = [  # lowest first
     ("polymodal.errors",),
+    ("polymodal.weights",),  # safetensors files read and written one tensor at a time
     ("polymodal.config", "polymodal.serialization"),
     ("polymodal.nn",),
     ("polymodal.encoders",),

@@ -100,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("target")
     c.add_argument("--to", required=True, choices=("hf", "polymodal"))
     c.add_argument("--model-type", help="the HF model_type to write (with --to hf), e.g. llama, gemma")
+    c.add_argument("--max-shard-size", default="50GB", help="above this size the weights are written as HF's "
+                                                            "shards + index, e.g. 5GB (default: %(default)s)")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page (pip install polymodal[serve])")
     s.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its last checkpoint)")
@@ -256,11 +258,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.to == "hf":
         if args.model_type not in FAMILIES:
             raise ValueError(f"--to hf needs --model-type, one of {sorted(FAMILIES)}; got {args.model_type!r}")
-        save_hf(pm.from_pretrained(source), target, args.model_type)
+        save_hf(pm.from_pretrained(source, dtype="auto"), target, args.model_type, args.max_shard_size)
     else:
         if "config_class" in json.loads((source / "config.json").read_text()):
             raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
-        pm.save_pretrained(load_hf(source), target)
+        pm.save_pretrained(load_hf(source, dtype="auto"), target, max_shard_size=args.max_shard_size)
     for name in TOKENIZER_FILES:  # so that generate/eval find the tokenizer beside the weights
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)

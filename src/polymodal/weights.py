@@ -203,6 +203,8 @@ def shard_size(max_shard_size: int | str) -> int:
         return max_shard_size
     if isinstance(max_shard_size, str):
         text = max_shard_size.strip().upper()
+        if text.isdigit() and int(text) > 0:
+            return int(text)
         for unit, scale in SIZE_UNITS.items():
             number = text[:-len(unit)].strip()
             if text.endswith(unit) and number.isdigit() and int(number) > 0:
@@ -211,16 +213,10 @@ def shard_size(max_shard_size: int | str) -> int:
                      f"got {max_shard_size!r}")
 
 
-def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                  max_shard_size: int | str = "50GB") -> None:
-    """model.safetensors, or above `max_shard_size` bytes HF's shards (in the tensors' order, a tensor larger
-    than the limit alone in its shard) and model.safetensors.index.json."""
+def plan_shards(sizes: Mapping[str, int], max_shard_size: int | str) -> list[list[str]]:
+    """Tensor names grouped into shards of at most `max_shard_size` bytes, in order (a tensor larger than the
+    limit alone in its shard); one group when everything fits."""
     limit = shard_size(max_shard_size)
-    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
-    total = sum(sizes.values())
-    if total <= limit:
-        write_file(directory / WEIGHTS, tensors, metadata)
-        return
     shards: list[list[str]] = [[]]
     used = 0
     for name, size in sizes.items():
@@ -229,10 +225,27 @@ def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], metadata
             used = 0
         shards[-1].append(name)
         used += size
-    weight_map = {}
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_file(directory / file, {k: tensors[k] for k in names}, metadata)
-        weight_map.update(dict.fromkeys(names, file))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(directory: Path, shards: list[list[str]], total_size: int) -> None:
+    weight_map = {name: shard_name(i, len(shards)) for i, names in enumerate(shards) for name in names}
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                  max_shard_size: int | str = "50GB") -> None:
+    """model.safetensors, or above `max_shard_size` bytes HF's shards and model.safetensors.index.json."""
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    shards = plan_shards(sizes, max_shard_size)
+    if len(shards) == 1:
+        write_file(directory / WEIGHTS, tensors, metadata)
+        return
+    for i, names in enumerate(shards):
+        write_file(directory / shard_name(i, len(shards)), {k: tensors[k] for k in names}, metadata)
+    write_index(directory, shards, sum(sizes.values()))

@@ -10,13 +10,13 @@ from torch import nn
 
 from polymodal.config import Config, check_fits_memory, read_json_config
 from polymodal.convert.hf import load_hf
-from polymodal.convert.load import load_polymodal
+from polymodal.convert.load import load_polymodal, load_sharded_model
 from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from polymodal.models import MODEL_CLASSES, load_config
 from polymodal.nn.quantize import quantize as quantize_model
 from polymodal.presets import get_preset
 from polymodal.serialization import atomic_directory
-from polymodal.weights import WEIGHTS, shard_size, write_weights
+from polymodal.weights import SHARDED, WEIGHTS, shard_size, write_weights
 
 
 def build(config: Config | str, *, backend: str = "sdpa") -> nn.Module:
@@ -70,6 +70,8 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
         raise FileNotFoundError(f"no config.json in {directory}")
     options = {"dtype": dtype, "device": device, "quantize": quantize}
     if "config_class" in read_json_config(config_path):
+        if (directory / SHARDED).is_dir():  # a training checkpoint that FSDP processes wrote sharded
+            return load_sharded_model(build, load_config(config_path), directory, **options)
         return load_polymodal(build, load_config(config_path), directory, **options)
     return load_hf(directory, **options)
 

@@ -26,6 +26,7 @@ from polymodal.data.documents import DocumentError
 from polymodal.data.synthetic import COT_TASKS
 from polymodal.errors import PolymodalError
 from polymodal.train.trainer import IMAGE_TASKS, WORLD, TrainConfig, TrainingError
+from polymodal.weights import SHARDED
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
@@ -95,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--cot-validation", type=int, default=100, help="validation questions the routing threshold is "
                                                                   "chosen on (default: %(default)s)")
 
-    c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories")
+    c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories (and a "
+                                       "sharded training checkpoint to a plain one)")
     c.add_argument("source")
     c.add_argument("target")
     c.add_argument("--to", required=True, choices=("hf", "polymodal"))
@@ -260,9 +262,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
             raise ValueError(f"--to hf needs --model-type, one of {sorted(FAMILIES)}; got {args.model_type!r}")
         save_hf(pm.from_pretrained(source, dtype="auto"), target, args.model_type, args.max_shard_size)
     else:
-        if "config_class" in json.loads((source / "config.json").read_text()):
-            raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
-        pm.save_pretrained(load_hf(source, dtype="auto"), target, max_shard_size=args.max_shard_size)
+        if (source / SHARDED).is_dir():  # a training checkpoint that FSDP processes wrote sharded: one plain folder
+            model = pm.from_pretrained(source)
+        elif "config_class" in json.loads((source / "config.json").read_text()):
+            raise ValueError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one "
+                             "(or a sharded training checkpoint)")
+        else:
+            model = load_hf(source, dtype="auto")
+        pm.save_pretrained(model, target, max_shard_size=args.max_shard_size)
     for name in TOKENIZER_FILES:  # so that generate/eval find the tokenizer beside the weights
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)

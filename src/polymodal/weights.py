@@ -29,6 +29,7 @@ from polymodal.errors import CheckpointError, InputError
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+SHARDED, SHARDED_MODEL = "sharded", "model/"  # a training checkpoint's shards (train/checkpoint.py), its model keys
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",

@@ -18,17 +18,18 @@ from torch import nn
 from polymodal.config import check_fits_memory
 from polymodal.convert.rules import Rule
 from polymodal.errors import InputError
-from polymodal.nn.meta import empty, fill
+from polymodal.nn.meta import empty, fill, recompute_buffers
 from polymodal.nn.quantize import check_mode, quantize_as_loaded
+from polymodal.nn.quantize import quantize as quantize_model
 from polymodal.serialization import check_fits
-from polymodal.weights import Weights
+from polymodal.weights import SHARDED, SHARDED_MODEL, Weights, check_weight
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights | None) -> torch.dtype:
     """None: float32; "auto": the checkpoint's own float dtype (HF's dtype="auto"); else a float dtype."""
     if dtype is None:
         return torch.float32
-    if dtype == "auto":
+    if dtype == "auto" and weights is not None:
         return weights.float_dtype() or torch.float32
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
@@ -73,3 +74,27 @@ def load_polymodal(build: Callable[[object], nn.Module], cfg, directory: str | P
     weights = Weights(directory)
     keys = weights.keys()
     return load_model(build, cfg, weights, [Rule(k, (k,)) for k in keys], {k: k for k in keys}, **options)
+
+
+def load_sharded_model(build: Callable[[object], nn.Module], cfg, directory: str | Path, *,
+                       dtype: torch.dtype | str | None, device: torch.device | str | None,
+                       quantize: str | None) -> nn.Module:
+    """The model of a training checkpoint that FSDP processes wrote sharded (`train.checkpoint.save_sharded`),
+    put together in this one process by `torch.distributed.checkpoint` (safetensors shards, no pickle)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    dtype = torch.float32 if dtype in (None, "auto") else resolve_dtype(dtype, None)
+    device = torch.device(device or "cpu")
+    if quantize is not None:
+        check_mode(quantize, 32, device)
+    if device.type == "cpu":
+        check_fits_memory(cfg, dtype.itemsize)
+    model = empty(lambda: build(cfg)).to_empty(device=device).to(dtype)
+    state = {f"{SHARDED_MODEL}{k}": v for k, v in model.state_dict().items()}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(Path(directory) / SHARDED)),
+             no_dist=not torch.distributed.is_initialized())
+    for key, value in state.items():
+        check_weight(value, key.removeprefix(SHARDED_MODEL), Path(directory) / SHARDED)
+    recompute_buffers(model, device)
+    return (quantize_model(model, quantize) if quantize else model).eval()

@@ -64,7 +64,12 @@ def fill(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], device: 
             filled(owner)
     if expected:
         raise CheckpointError(f"the checkpoint left {len(expected)} tensors unset: {sorted(expected)[:10]}")
+    recompute_buffers(model, device)
+    return model
+
+
+def recompute_buffers(model: nn.Module, device: torch.device) -> None:
+    """Every `ComputedBuffers` module's buffers computed again, on `device` (after a meta init)."""
     for module in model.modules():
         if isinstance(module, ComputedBuffers):
             module.recompute(device)
-    return model

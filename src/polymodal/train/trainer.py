@@ -405,12 +405,16 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
             block.compile()
     model = parallelize(model.to(proc.device), cfg.parallel, blocks)
     optimizer = make_optimizer(model, cfg)
+    sharded = W > 1 and cfg.parallel == "fsdp" and cfg.lora_rank is None  # checkpoints: see train/checkpoint.py
     step = docs_seen = 0
     if last is not None:
         model_state, optimizer_state, state = resumed[1]
-        if model_state is not None:  # a LoRA run's adapter was loaded before sharding, its base from init_from
-            set_model_state_dict(model, model_state, options=full)
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
+        if ckpt.is_sharded(last):  # written by FSDP processes, however many: read into this run's shards
+            ckpt.load_sharded(last, model, optimizer, optimizer_state)
+        else:
+            if model_state is not None:  # a LoRA run's adapter was loaded before sharding, its base from init_from
+                set_model_state_dict(model, model_state, options=full)
+            set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
         step, docs_seen = state["step"], state["docs_seen"]
         ckpt.set_rng_state(state["rng"][proc.rank % len(state["rng"])])  # each rank its own, if as many ranks
         if proc.main:
@@ -447,6 +451,14 @@ def _train(cfg: TrainConfig, proc, interrupted: list[bool]) -> Path:
         return total / n
 
     def save() -> None:
+        if sharded:  # each process writes its own shards: nothing is gathered
+            state = {"step": step, "docs_seen": docs_seen, "rng": gather_objects(ckpt.rng_state()),
+                     "train_config": cfg.to_dict()}
+            ckpt.save_sharded(ckpt.step_dir(ckpt_root, step), config, model, optimizer, state, tokenizer, proc.main)
+            if proc.main:
+                ckpt.prune(ckpt_root, cfg.keep_checkpoints)
+            barrier()
+            return
         model_state = get_model_state_dict(model, options=full)
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
         rngs = gather_objects(ckpt.rng_state())

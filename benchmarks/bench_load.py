@@ -110,8 +110,10 @@ def prompt(paligemma: bool, dtype: torch.dtype):
 def run_side(side: str, directory: str, dtype_name: str) -> dict:
     """One side, in this (fresh) process: load, then the first answer. Prints its figures as JSON."""
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
-    stop = 257215  # the same stop token on both sides, one random weights practically never choose
-    paligemma = json.loads((Path(directory) / "config.json").read_text()).get("model_type") == "paligemma"
+    config = json.loads((Path(directory) / "config.json").read_text())
+    paligemma = config.get("model_type") == "paligemma"
+    # the same stop token on both sides: the last id, which the random model practically never chooses
+    stop = config.get("text_config", config)["vocab_size"] - 1
     if side == "hf":
         import transformers  # imported before the clock starts, as polymodal is
     start, cpu = time.perf_counter(), time.process_time()
@@ -186,16 +188,17 @@ def main() -> None:
         source = args.dir / "paligemma-hf"
         results["checkpoint_gb"] = make_paligemma(source, args.tiny) / 1e9
         results["loads"] = load_rows(source, ["bfloat16", "float32"], args.repeats)
-        to_pm = child("_convert", str(source), str(args.dir / "paligemma-pm"), "polymodal")
-        back = child("_convert", str(args.dir / "paligemma-pm"), str(args.dir / "paligemma-back"), "hf")
-        results["convert"] = [to_pm, back]
+        results["convert"] = [child("_convert", str(source), str(args.dir / "paligemma-pm"), "polymodal"),
+                              child("_convert", str(args.dir / "paligemma-pm"), str(args.dir / "paligemma-back"), "hf")]
         results["round_trip_equal"] = same_tensors(source, args.dir / "paligemma-back")
+        print(json.dumps(results["convert"]), results["round_trip_equal"], flush=True)
         shutil.rmtree(args.dir / "paligemma-pm")
         shutil.rmtree(args.dir / "paligemma-back")
         if not args.no_gemma_7b and not args.tiny:
             gemma = args.dir / "gemma-7b"
             results["gemma_7b_checkpoint_gb"] = make_polymodal(gemma, "gemma-7b") / 1e9
             results["gemma_7b"] = child("_side", "pm", str(gemma), "bfloat16")
+            print(json.dumps(results["gemma_7b"]), flush=True)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     print(json.dumps(results, indent=2))

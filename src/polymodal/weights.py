@@ -35,7 +35,7 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
           torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 FROM_NAME = {name: dtype for dtype, name in DTYPES.items()}
-MADV_DONTNEED, MADV_POPULATE_READ = 4, 22  # linux/mman.h
+MADV_DONTNEED = 4  # linux/mman.h
 SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}  # HF's units
 
 
@@ -149,7 +149,6 @@ class Weights:
             tensor = self._open(path).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({e}): the file may be truncated or corrupt") from e
-        _advise(tensor, MADV_POPULATE_READ, inner=False)  # map its pages in one call, not one fault per page
         check_weight(tensor, name, path)
         return tensor
 
@@ -158,21 +157,18 @@ class Weights:
         """Drops the whole pages of `tensor`'s memory from this process: call it on a tensor read here once
         only a copy of it is kept. Pages of a private file mapping that was never written fault back in
         from the file if read again."""
-        _advise(tensor, MADV_DONTNEED, inner=True)
+        _advise(tensor, MADV_DONTNEED)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def _advise(tensor: torch.Tensor, advice: int, inner: bool) -> None:
-    """madvise over the pages of `tensor`'s storage (Linux; a no-op elsewhere or where the kernel lacks the
-    advice): `inner` only the pages wholly inside it, else every page it touches."""
+def _advise(tensor: torch.Tensor, advice: int) -> None:
+    """madvise over the pages wholly inside `tensor`'s storage (Linux; a no-op elsewhere)."""
     if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
         return
     begin, end = tensor.data_ptr(), tensor.data_ptr() + tensor.untyped_storage().nbytes()
-    page = mmap.PAGESIZE
-    start = -(-begin // page) * page if inner else begin // page * page
-    stop = end // page * page if inner else -(-end // page) * page
+    start, stop = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if stop > start:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), advice)
 

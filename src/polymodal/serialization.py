@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import shutil
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from polymodal.errors import CheckpointError
-from polymodal.weights import WEIGHTS, read_safetensors, weight_files, write_file
+from polymodal.weights import WEIGHTS, read_safetensors, weight_files, write_file  # noqa: F401 (WEIGHTS: re-exported)
 
 RENAME_EXCHANGE = 2  # linux/fs.h
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import PIL.Image
 import torch
-from torch import nn
 
 from polymodal.config import DecoderConfig
 from polymodal.encoders.vq import VQConfig, VQModel

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import PIL.Image
 import torch
-from torch import nn
 
 from polymodal.encoders.vq import VQConfig, VQModel, pixels_to_images
 from polymodal.errors import InputError, check_pixel_values

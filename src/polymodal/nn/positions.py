@@ -17,7 +17,6 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from polymodal.nn.meta import ComputedBuffers
 

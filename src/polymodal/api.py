@@ -55,8 +55,9 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
     The model is float32 unless `dtype` is given: dtype="auto" keeps the checkpoint's dtype (as HF's
     from_pretrained), dtype=torch.bfloat16 casts to it; RoPE frequencies stay float32 either way.
 
-    A LoRA adapter directory (adapter_config.json, as `save_adapter` or peft write it) loads its base model
-    (`base_model_name_or_path`) with the adapter on top. quantize="int8" | "int4": weight-only quantized
+    A training checkpoint that FSDP processes wrote sharded (`train.checkpoint.save_sharded`) is put together
+    here in one process. A LoRA adapter directory (adapter_config.json, as `save_adapter` or peft write it)
+    loads its base model (`base_model_name_or_path`) with the adapter on top. quantize="int8" | "int4": weight-only quantized
     decoder linear layers (`nn.quantize`), each quantized as it is loaded (an adapter is merged first)."""
     directory = Path(directory)
     if not directory.is_dir():

@@ -8,7 +8,7 @@ from polymodal.cli import parser
 from polymodal.train.trainer import TrainConfig
 
 SURFACE = [
-    "convert --model-type", "convert --to", "convert <source>", "convert <target>",
+    "convert --max-shard-size", "convert --model-type", "convert --to", "convert <source>", "convert <target>",
     "eval --batch-size", "eval --cot-k", "eval --cot-validation", "eval --n", "eval --quantize", "eval --tasks", "eval <checkpoint>",
     "eval --data", "eval --do-sample", "eval --max-new-tokens", "eval --metric", "eval --out", "eval --overwrite",
     "eval --seed", "eval --temperature", "eval --top-k", "eval --top-p",

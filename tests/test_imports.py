@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = [  # lowest first
     ("polymodal.errors", "polymodal.progress"),
+    ("polymodal.weights",),  # safetensors files read and written one tensor at a time
     ("polymodal.config", "polymodal.serialization", "polymodal.runs"),  # runs: where a run directory keeps its checkpoints
     ("polymodal.nn",),
     ("polymodal.encoders",),

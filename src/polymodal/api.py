@@ -10,13 +10,15 @@ from torch import nn
 
 from polymodal.config import Config, check_fits_memory, read_json_config
 from polymodal.convert.hf import load_hf
+from polymodal.convert.load import load_polymodal, load_sharded_model
 from polymodal.errors import InputError, InputTypeError, MissingFileError
 from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from polymodal.models import MODEL_CLASSES, load_config
 from polymodal.nn.quantize import quantize as quantize_model
 from polymodal.presets import get_preset
 from polymodal.runs import resolve
-from polymodal.serialization import WEIGHTS, atomic_directory, load_into, load_weights, save_state_dict
+from polymodal.serialization import atomic_directory
+from polymodal.weights import SHARDED, WEIGHTS, shard_size, write_weights
 
 
 def build(config: Config | str, *, backend: str = "sdpa") -> nn.Module:
@@ -36,24 +38,29 @@ def build(config: Config | str, *, backend: str = "sdpa") -> nn.Module:
     return cls(config, backend=backend)
 
 
-def save_pretrained(model: nn.Module, directory: str | Path) -> None:
-    """config.json + model.safetensors, written atomically."""
+def save_pretrained(model: nn.Module, directory: str | Path, *, max_shard_size: int | str = "50GB") -> None:
+    """config.json + model.safetensors, written atomically and tensor by tensor from the model's memory; above
+    `max_shard_size` (bytes, or HF's strings such as "5GB") HF's shards + model.safetensors.index.json."""
+    shard_size(max_shard_size)  # a bad size is refused before the directory is touched
     with atomic_directory(directory) as tmp:
         model.config.to_json(tmp / "config.json")
-        save_state_dict(model.state_dict(), tmp / WEIGHTS, metadata={"format": "pt", "producer": "polymodal"})
+        write_weights(tmp, model.state_dict(), {"format": "pt", "producer": "polymodal"}, max_shard_size)
 
 
-def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
+def from_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, quantize: str | None = None) -> nn.Module:
-    """Load a polymodal directory (save_pretrained) or a Hugging Face checkpoint directory.
+    """Load a polymodal directory (save_pretrained) or a Hugging Face checkpoint directory (one
+    model.safetensors or HF's shards), at the cost of the weights: the model is built on the meta device
+    and each tensor read from the memory-mapped files, cast and put on `device` one at a time (no float32
+    copy of the model on the way), each checked as it is read (float, every value finite).
 
-    The model is float32 unless `dtype` is given, whatever dtype the checkpoint stores (HF's from_pretrained
-    keeps a bfloat16 checkpoint bfloat16): bfloat16 / float16 weights are widened exactly. Pass
-    dtype=torch.bfloat16 for HF's memory footprint; RoPE frequencies stay float32 either way.
+    The model is float32 unless `dtype` is given: dtype="auto" keeps the checkpoint's dtype (as HF's
+    from_pretrained), dtype=torch.bfloat16 casts to it; RoPE frequencies stay float32 either way.
 
-    A LoRA adapter directory (adapter_config.json, as `save_adapter` or peft write it) loads its base model
-    (`base_model_name_or_path`) with the adapter on top. quantize="int8" | "int4": weight-only quantized
-    decoder linear layers (`nn.quantize`; an adapter is merged first).
+    A training checkpoint that FSDP processes wrote sharded (`train.checkpoint.save_sharded`) is put together
+    here in one process. A LoRA adapter directory (adapter_config.json, as `save_adapter` or peft write it)
+    loads its base model (`base_model_name_or_path`) with the adapter on top. quantize="int8" | "int4": weight-only quantized
+    decoder linear layers (`nn.quantize`), each quantized as it is loaded (an adapter is merged first).
 
     A `polymodal train` run directory loads its best checkpoint (its last when it kept no best one)."""
     directory = Path(directory)
@@ -68,14 +75,12 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
     config_path = directory / "config.json"
     if not config_path.exists():
         raise MissingFileError(f"no config.json in {directory}")
+    options = {"dtype": dtype, "device": device, "quantize": quantize}
     if "config_class" in read_json_config(config_path):
-        model = build(load_config(config_path))
-        load_into(model, load_weights(directory), directory)
-    else:
-        model = load_hf(directory)
-    model.eval()
-    model = model.to(device=device, dtype=dtype) if (device or dtype) else model
-    return quantize_model(model, quantize) if quantize else model
+        if (directory / SHARDED).is_dir():  # a training checkpoint that FSDP processes wrote sharded
+            return load_sharded_model(build, load_config(config_path), directory, **options)
+        return load_polymodal(build, load_config(config_path), directory, **options)
+    return load_hf(directory, **options)
 
 
 def _from_adapter(directory: Path, **kwargs) -> nn.Module:

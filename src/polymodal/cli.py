@@ -38,7 +38,6 @@ QUANTIZE_HELP = ("weight-only quantized decoder linear layers; on a CPU they sav
                  "by benchmarks/bench_quantize.py, a 64M decoder, 1 thread, shared machine): int8 0.40x float32's "
                  "weight bytes, 1.4x its time; int4 0.35x the bytes, 5.5x the time per new token, ~60x per prompt")
 MAX_NEW_TOKENS = 32  # generate's default for text; a drawing model gets one image span more
-NOT_WEIGHTS = ("optimizer.safetensors", "adapter_model.safetensors")  # beside weights in checkpoints, never weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -127,14 +126,18 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--cot-validation", type=int, default=100, help="validation questions the routing threshold is "
                                                                   "chosen on (default: %(default)s)")
 
-    c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories")
-    c.add_argument("source", help="with --to hf: a run directory (its best checkpoint, else its last) or a checkpoint directory; with "
-                                  "--to polymodal: an HF model directory")
+    c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories (and a "
+                                       "sharded training checkpoint to a plain one)")
+    c.add_argument("source", help="with --to hf: a run directory (its best checkpoint, else its last) or a checkpoint "
+                                  "directory; with --to polymodal: an HF model directory, or a sharded training "
+                                  "checkpoint")
     c.add_argument("target", help="the directory to write (with --to hf: weights, config, tokenizer, processor "
                                   "and generation configs, a model card)")
     c.add_argument("--to", required=True, choices=("hf", "polymodal"))
     c.add_argument("--model-type", help="the HF model_type to write (with --to hf; default: the one the "
                                         "checkpoint's config implies), e.g. llama, gemma")
+    c.add_argument("--max-shard-size", default="50GB", help="above this size the weights are written as HF's "
+                                                            "shards + index, e.g. 5GB (default: %(default)s)")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page (pip install polymodal[serve])")
     s.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its best checkpoint, "
@@ -168,12 +171,12 @@ def _checkpoint_dir(path: str) -> Path:
 
 
 def _with_weights(directory: Path) -> Path:
-    """`directory`, if it holds model weights as safetensors, or a LoRA adapter (whose base from_pretrained
-    loads); an optimizer's file alone is none."""
+    """`directory`, if it holds model weights as safetensors (a sharded training checkpoint's included), or a
+    LoRA adapter (whose base from_pretrained loads); an optimizer's file alone is none."""
     from polymodal.convert.peft import ADAPTER_CONFIG
-    from polymodal.serialization import INDEX, PICKLE_NAMES
+    from polymodal.weights import INDEX, NOT_WEIGHTS, PICKLE_NAMES, SHARDED
 
-    if ((directory / INDEX).is_file() or (directory / ADAPTER_CONFIG).is_file()
+    if ((directory / INDEX).is_file() or (directory / ADAPTER_CONFIG).is_file() or (directory / SHARDED).is_dir()
             or any(f.name not in NOT_WEIGHTS for f in directory.glob("*.safetensors"))):
         return directory
     pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
@@ -434,10 +437,12 @@ def eval_routing(args: argparse.Namespace, directory: Path, model, tokenizer, ta
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from polymodal.convert.hf import FAMILIES
+    from polymodal.weights import shard_size
 
     source, target = Path(args.source), Path(args.target)
     if args.to == "hf" and args.model_type is not None and args.model_type not in FAMILIES:
         raise InputError(f"--model-type must be one of {sorted(FAMILIES)}; got {args.model_type!r}")
+    shard_size(args.max_shard_size)  # a bad size is refused before any work
     checkpoint = _checkpoint_dir(args.source) if args.to == "hf" else source  # a run directory: its checkpoint
     if not (checkpoint / "config.json").is_file():
         raise MissingFileError(f"{source} has no config.json: not a checkpoint directory")
@@ -445,43 +450,49 @@ def cmd_convert(args: argparse.Namespace) -> None:
         raise InputError(f"convert writes a new directory: the target {target} is the source itself, whose "
                          "config.json and weights it would replace; give another target")
     if args.to == "hf":
-        model_type = convert_to_hf(checkpoint, target, args.model_type)
+        model_type = convert_to_hf(checkpoint, target, args.model_type, args.max_shard_size)
         print(f"wrote {target} (model_type {model_type}, from {checkpoint})")
         return
-    convert_to_polymodal(source, target)
+    convert_to_polymodal(source, target, args.max_shard_size)
     print(f"wrote {target}")
 
 
-def convert_to_hf(checkpoint: Path, target: Path, model_type: str | None) -> str:
-    """A complete HF directory (weights, config, tokenizer, processor, generation config, model card)."""
+def convert_to_hf(checkpoint: Path, target: Path, model_type: str | None, max_shard_size: str) -> str:
+    """A complete HF directory (weights in the checkpoint's dtype, config, tokenizer, processor, generation
+    config, model card)."""
     from polymodal.convert.hf_export import export_hf, model_card, model_type_of
     from polymodal.data.tokenizer import Tokenizer
     from polymodal.train.trainer import load_base
 
-    model = load_base(str(checkpoint))  # a LoRA checkpoint: its adapter merged into the base
+    model = load_base(str(checkpoint), dtype="auto")  # a LoRA checkpoint: its adapter merged into the base
     has_tokenizer = any((checkpoint / name).is_file() for name in TOKENIZER_FILES[:2])
     tokenizer = Tokenizer.from_file(checkpoint) if has_tokenizer else None
-    state = checkpoint / "trainer.json"
-    trained = json.loads(state.read_text()).get("train_config", {}) if state.is_file() else {}
+    state = _trainer_state(checkpoint)
     run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     model_type = model_type or model_type_of(model)
-    step = json.loads(state.read_text()).get("step") if state.is_file() else None
-    return export_hf(model, tokenizer, target, model_type, model_card(model_type, run, trained, step))
+    card = model_card(model_type, run, state.get("train_config", {}), state.get("step"))
+    return export_hf(model, tokenizer, target, model_type, card, max_shard_size)
 
 
-def convert_to_polymodal(source: Path, target: Path) -> None:
-    """An HF directory's weights, tokenizer and image processor settings (checked against polymodal's)."""
+def convert_to_polymodal(source: Path, target: Path, max_shard_size: str) -> None:
+    """An HF directory's weights (in its dtype), tokenizer and image processor settings (checked against
+    polymodal's); or a training checkpoint that FSDP processes wrote sharded, as one plain directory."""
     import polymodal as pm
     from polymodal.convert.hf import load_hf
     from polymodal.convert.hf_export import check_processor
     from polymodal.data.tokenizer import Tokenizer
+    from polymodal.weights import SHARDED
 
-    if "config_class" in json.loads((source / "config.json").read_text()):
-        raise InputError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one")
-    model = load_hf(source)
-    if any((source / name).is_file() for name in TOKENIZER_FILES[:2]):
-        check_processor(source, model, Tokenizer.from_file(source))
-    pm.save_pretrained(model, target)
+    if (source / SHARDED).is_dir():
+        model = pm.from_pretrained(source)
+    elif "config_class" in json.loads((source / "config.json").read_text()):
+        raise InputError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one "
+                         "(or a sharded training checkpoint)")
+    else:
+        model = load_hf(source, dtype="auto")
+        if any((source / name).is_file() for name in TOKENIZER_FILES[:2]):
+            check_processor(source, model, Tokenizer.from_file(source))
+    pm.save_pretrained(model, target, max_shard_size=max_shard_size)
     for name in (*TOKENIZER_FILES, "preprocessor_config.json"):  # generate/eval find them beside the weights
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)

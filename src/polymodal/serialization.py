@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import secrets
 import shutil
@@ -23,14 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from polymodal.errors import CheckpointError
+from polymodal.weights import WEIGHTS, read_safetensors, weight_files, write_file  # noqa: F401 (WEIGHTS: re-exported)
 
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 RENAME_EXCHANGE = 2  # linux/fs.h
 
 
@@ -161,71 +156,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~umask())  # safetensors writes owner-only (0600) files
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """One safetensors file; a truncated, empty or corrupt one is a CheckpointError naming it."""
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        size = path.stat().st_size if path.is_file() else 0
-        raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes; {e}): it may be "
-                              "truncated or corrupt") from e
-
-
-def _shards(directory: Path) -> list[Path]:
-    """The shard files a model.safetensors.index.json lists, each checked to lie inside `directory`."""
-    path = directory / INDEX
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{path} must hold a non-empty 'weight_map' of tensor name -> shard file name")
-    root = directory.resolve()
-    shards = []
-    for name in sorted(set(weight_map.values())):
-        shard = (directory / name).resolve()
-        if shard.parent != root:
-            raise CheckpointError(f"{path} lists shard {name!r}, which lies outside {directory}; shards must be "
-                                  "files in the checkpoint folder itself")
-        if not shard.is_file():
-            raise CheckpointError(f"{path} lists shard {name}, which is missing")
-        shards.append(shard)
-    return shards
+    """One safetensors file, written tensor by tensor (`weights.write_file`): no second copy in memory."""
+    write_file(Path(path), state, metadata)
 
 
 def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: model.safetensors, else the shards listed in an index."""
-    directory = Path(directory)
-    if (directory / WEIGHTS).exists():  # first, as HF does: a save over a sharded folder leaves its index
-        return read_safetensors(directory / WEIGHTS)
-    if (directory / INDEX).exists():
-        state: dict[str, torch.Tensor] = {}
-        for shard in _shards(directory):
-            state.update(read_safetensors(shard))
-        return state
-    singles = sorted(directory.glob("*.safetensors"))
-    if len(singles) == 1:
-        return read_safetensors(singles[0])
-    pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
-    if pickles:
-        raise CheckpointError(f"{directory} holds only pickle weights ({', '.join(pickles)}); polymodal loads "
-                              "weights only from safetensors, since unpickling a file can run arbitrary code. Convert "
-                              "them with a tool you trust (e.g. transformers' save_pretrained(safe_serialization=True)).")
-    raise FileNotFoundError(f"no {WEIGHTS} or {INDEX} in {directory}")
+    """All tensors of a checkpoint directory, read whole (`Weights` reads them one at a time)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(Path(directory)):
+        state.update(read_safetensors(path))
+    return state
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Strict load that names every missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(state[k].shape)}"
-              for k in expected if k in state and expected[k].shape != state[k].shape]
+def check_fits(expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], source: str | Path) -> None:
+    """A CheckpointError naming every missing, unexpected or mis-shaped tensor (shapes by state-dict key)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = [f"{k}: expected {tuple(expected[k])}, got {tuple(given[k])}"
+              for k in expected if k in given and tuple(expected[k]) != tuple(given[k])]
     if missing or unexpected or shapes:
         parts = [f"checkpoint {source} does not fit the model config"]
         if missing:
@@ -234,5 +182,10 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
             parts.append(f"unexpected {len(unexpected)} tensors: {unexpected[:10]}")
         if shapes:
             parts.append(f"wrong shapes: {shapes[:10]}")
-        raise ValueError("; ".join(parts))
+        raise CheckpointError("; ".join(parts))
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Strict load of an in-memory state dict (`check_fits` first)."""
+    check_fits({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()}, source)
     model.load_state_dict(state, strict=True)

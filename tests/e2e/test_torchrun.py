@@ -1,18 +1,21 @@
 """Two processes under a real `torchrun` (gloo, CPU) compute the same losses as one process
-accumulating the same global batch, with FSDP2 and with DDP."""
+accumulating the same global batch, with FSDP2 and with DDP; FSDP2 checkpoints, written sharded, resume
+on one process and a one-process checkpoint resumes on two, exactly."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import polymodal as pm
 from polymodal.train.checkpoint import latest_checkpoint
 
 FLAGS = ["--model", "paligemma-tiny", "--max-steps", "4", "--warmup-steps", "1", "--eval-every", "2",
-         "--eval-docs", "8", "--checkpoint-every", "4", "--device", "cpu"]
+         "--eval-docs", "8", "--checkpoint-every", "2", "--device", "cpu"]
 
 
 def losses(run):
@@ -32,7 +35,7 @@ def single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     launch([sys.executable, "-m", "polymodal.cli", "train", *FLAGS, "--batch-size", "4", "--grad-accum", "2",
             "--out-dir", str(tmp), "--name", "single"], tmp)
-    return losses(tmp / "single")
+    return (*losses(tmp / "single"), tmp / "single")
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
@@ -44,6 +47,37 @@ def test_two_processes_match_one_process(parallel, single, tmp_path, torchrun):
     assert len(train) == 4 and len(evals) == 2
     assert max(abs(a - b) for a, b in zip(train + evals, single[0] + single[1])) <= 1e-5, (train, single)
     pm.from_pretrained(latest_checkpoint(tmp_path / parallel / "checkpoints"))
+
+
+def test_a_sharded_checkpoint_of_two_processes_resumes_on_one_exactly(single, tmp_path, torchrun):
+    torchrun("-m", "polymodal.cli", "train", *FLAGS, "--batch-size", "4", "--out-dir", tmp_path, "--name", "run",
+             timeout=240, cwd=tmp_path)
+    step2, step4 = tmp_path / "run" / "checkpoints" / "step-000002", tmp_path / "run" / "checkpoints" / "step-000004"
+    assert (step2 / "sharded").is_dir() and not (step2 / "model.safetensors").exists()  # no gather onto rank 0
+    shutil.rmtree(step4)
+    launch([sys.executable, "-m", "polymodal.cli", "train", *FLAGS, "--batch-size", "4", "--grad-accum", "2",
+            "--out-dir", str(tmp_path), "--name", "run", "--resume"], tmp_path)
+    train, evals = losses(tmp_path / "run")
+    assert max(abs(a - b) for a, b in zip(train + evals, single[0] + single[1])) <= 1e-5, (train, single)
+    # one command makes the sharded checkpoint a plain directory: the one-process run's weights at step 2
+    launch([sys.executable, "-m", "polymodal.cli", "convert", str(step2), str(tmp_path / "plain"), "--to", "polymodal"],
+           tmp_path)
+    assert (tmp_path / "plain" / "model.safetensors").is_file() and (tmp_path / "plain" / "tokenizer.json").is_file()
+    exported = pm.from_pretrained(tmp_path / "plain").state_dict()
+    reference = pm.from_pretrained(single[2] / "checkpoints" / "step-000002").state_dict()
+    assert exported.keys() == reference.keys()
+    assert all(torch.allclose(exported[k], reference[k], atol=1e-5, rtol=0) for k in reference)
+
+
+def test_a_one_process_checkpoint_resumes_on_two_exactly(single, tmp_path, torchrun):
+    run = tmp_path / "run"
+    shutil.copytree(single[2], run)
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    torchrun("-m", "polymodal.cli", "train", *FLAGS, "--batch-size", "4", "--grad-accum", "1", "--out-dir", tmp_path,
+             "--name", "run", "--resume", timeout=240, cwd=tmp_path)
+    train, evals = losses(run)
+    assert max(abs(a - b) for a, b in zip(train + evals, single[0] + single[1])) <= 1e-5, (train, single)
+    assert (run / "checkpoints" / "step-000004" / "sharded").is_dir()
 
 
 def test_siglip_over_two_processes_trains_on_the_global_batch(tmp_path, torchrun):

@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polymodal.config import ConfigError, check_fits_memory, read_json_config
+from polymodal.config import ConfigError, read_json_config
 from polymodal.convert import hf_chameleon, hf_contrastive, hf_gemini, hf_idefics, hf_vision
+from polymodal.convert.load import load_model
 from polymodal.convert.rules import GEMMA, LLAMA, Family, export_state
-from polymodal.serialization import atomic_directory, load_into, load_weights, save_state_dict
+from polymodal.errors import CheckpointError
+from polymodal.serialization import atomic_directory
+from polymodal.weights import Weights, shard_size, write_weights
 
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA,
@@ -46,8 +49,10 @@ def family_of(hf: dict, directory: Path) -> Family:
     return FAMILIES[model_type]
 
 
-def load_hf(directory: str | Path) -> nn.Module:
-    """Build a polymodal model from an HF checkpoint directory (config.json + safetensors)."""
+def load_hf(directory: str | Path, *, dtype: torch.dtype | str | None = None,
+            device: torch.device | str | None = None, quantize: str | None = None) -> nn.Module:
+    """Build a polymodal model from an HF checkpoint directory (config.json + safetensors, sharded or not),
+    one tensor at a time (`convert.load`): dtype None is float32, "auto" the checkpoint's own."""
     directory = Path(directory)
     hf = read_hf_config(directory)
     family = family_of(hf, directory)
@@ -63,33 +68,38 @@ def load_hf(directory: str | Path) -> nn.Module:
                           f"({type(e).__name__}: {e})") from e
     if family.from_directory is not None:
         cfg = family.from_directory(cfg, directory)
-    check_fits_memory(cfg)
-    model = family.build(cfg)
-    state = {k: v for k, v in family.canonical(load_weights(directory)).items() if not k.startswith(family.skip)}
+    weights = Weights(directory)
+    names = {family.canonical(k): k for k in weights.keys()}
+    names = {k: v for k, v in names.items() if not k.startswith(family.skip)}
     tied = family.tied_head(cfg) if family.tied_head is not None else None
-    if tied is not None and tied[0] in state:  # a tied head saved anyway: the same tensor, or an error
+    if tied is not None and tied[0] in names:  # a tied head saved anyway: the same tensor, or an error
         head, embeddings = tied
-        if embeddings in state and not torch.equal(state[head], state[embeddings]):
-            raise ValueError(f"{directory}: config.json ties the output head to the input embeddings "
-                             f"(tie_word_embeddings), but the checkpoint's {head} differs from {embeddings}; "
-                             "set tie_word_embeddings to false in config.json to load both")
-        del state[head]
+        if embeddings in names:
+            saved = weights.read(names[head])
+            if not torch.equal(saved, weights.read(names[embeddings])):
+                raise CheckpointError(f"{directory}: config.json ties the output head to the input embeddings "
+                                      f"(tie_word_embeddings), but the checkpoint's {head} differs from {embeddings}; "
+                                      "set tie_word_embeddings to false in config.json to load both")
+            weights.release(saved)
+        del names[head]
     rules = family.rules(cfg)
     used = {k for r in rules for k in r.theirs}
-    extra = sorted(k for k in state if k not in used and not any(k.endswith(s) for s in family.ignore))
+    extra = sorted(k for k in names if k not in used and not any(k.endswith(s) for s in family.ignore))
     if extra:
-        raise ValueError(f"checkpoint {directory} has tensors the config does not explain: {extra[:10]}")
-    load_into(model, {r.ours: r.gather(state) for r in rules}, directory)
-    return model
+        raise CheckpointError(f"checkpoint {directory} has tensors the config does not explain: {extra[:10]}")
+    return load_model(family.build, cfg, weights, rules, names, dtype=dtype, device=device, quantize=quantize)
 
 
-def save_hf(model: nn.Module, directory: str | Path, model_type: str, files: dict[str, bytes] | None = None) -> None:
-    """Write a polymodal model as an HF checkpoint directory of the given model_type (atomic), with `files`
-    (name -> bytes: tokenizer, processor configs, model card; `hf_export.export_hf`) in the same swap."""
+def save_hf(model: nn.Module, directory: str | Path, model_type: str, files: dict[str, bytes] | None = None,
+            max_shard_size: int | str = "50GB") -> None:
+    """Write a polymodal model as an HF checkpoint directory of the given model_type (atomic), tensor by tensor
+    from the model's own memory (fused tensors split as views), in HF's shards above `max_shard_size`, with
+    `files` (name -> bytes: tokenizer, processor configs, model card; `hf_export.export_hf`) in the same swap."""
     if model_type not in FAMILIES:
         raise ValueError(f"cannot export to model_type {model_type!r}; supported: {sorted(FAMILIES)}")
     family = FAMILIES[model_type]
     cfg = model.config
+    shard_size(max_shard_size)
     try:  # a model of another family has other config fields and weights than this key map reads
         hf_config, hf_state = family.config_to_hf(cfg), export_state(family.rules(cfg), model.state_dict())
     except (AttributeError, KeyError) as e:
@@ -97,6 +107,6 @@ def save_hf(model: nn.Module, directory: str | Path, model_type: str, files: dic
                          f"({type(e).__name__}: {e})") from e
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        save_state_dict(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_weights(tmp, hf_state, {"format": "pt"}, max_shard_size)
         for name, data in (files or {}).items():
             (tmp / name).write_bytes(data)

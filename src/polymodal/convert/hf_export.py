@@ -53,14 +53,15 @@ def model_type_of(model: nn.Module) -> str:
 
 
 def export_hf(model: nn.Module, tokenizer: Tokenizer | None, target: str | Path, model_type: str | None = None,
-              card: str = "") -> str:
-    """Write `model` as a complete HF directory (atomic); returns the model_type written."""
+              card: str = "", max_shard_size: int | str = "50GB") -> str:
+    """Write `model` as a complete HF directory (atomic; HF's shards above `max_shard_size`); returns the
+    model_type written."""
     model_type = model_type or model_type_of(model)
     files = {"generation_config.json": _json(generation_config(model.config, model_type))}
     if tokenizer is not None:
         files.update(tokenizer_files(model, tokenizer, model_type))
     files["README.md"] = (card or model_card(model_type, None, {})).encode()
-    save_hf(model, target, model_type, files)
+    save_hf(model, target, model_type, files, max_shard_size)
     return model_type
 
 

@@ -38,11 +38,12 @@ class BiasWithoutKey(Rule):
     """ours = cat(q bias, zeros, v bias) <- theirs (q bias, v bias); `sizes` are (q, k, v) rows."""
 
     def gather(self, hf: dict[str, torch.Tensor]) -> torch.Tensor:
-        missing = [k for k in self.theirs if k not in hf]
-        if missing:
-            raise ValueError(f"checkpoint is missing {missing} (needed for {self.ours})")
+        self.check(hf)
         q, v = (hf[k] for k in self.theirs)
         return torch.cat((q, q.new_zeros(self.sizes[1]), v))
+
+    def shape(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        return (sum(self.sizes),)
 
     def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         q, _, v = tensor.split(list(self.sizes))

@@ -201,7 +201,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         if which not in ("A.weight", "B.weight"):
             raise InputError(f"{directory}: {key} is not a LoRA A/B weight")
         if name not in by_name and family is not None:  # another HF layout of the same module (transformers 4.x)
-            name = next(iter(family.canonical({f"{name}.weight": None}))).removesuffix(".weight")
+            name = family.canonical(f"{name}.weight").removesuffix(".weight")
             name = _rename(name, HF_NAMES[type(model.config)][1])
         if name not in by_name:
             raise InputError(f"{directory} is an adapter for another model: it adapts {name!r}, which this "

@@ -17,6 +17,7 @@ from torch import nn
 
 from polymodal.errors import CheckpointError
 from polymodal.config import ConfigError, DecoderConfig
+from polymodal.errors import CheckpointError
 from polymodal.nn.transformer import Decoder
 
 
@@ -30,14 +31,39 @@ class Rule:
     sizes: tuple[int, ...] | None = None  # dim-0 sizes of `theirs`, to split on export
     rows: tuple[int, int] | None = None
 
-    def gather(self, hf: dict[str, torch.Tensor]) -> torch.Tensor:
-        missing = [k for k in self.theirs if k not in hf]
+    def check(self, available) -> None:
+        missing = [k for k in self.theirs if k not in available]
         if missing:
             raise CheckpointError(f"checkpoint is missing {missing} (needed for {self.ours})")
+
+    def gather(self, hf: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check(hf)
         parts = [hf[k] for k in self.theirs]
         if self.rows is not None:
             return parts[0][self.rows[0]:self.rows[1]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def shape(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        """The shape `gather` gives, from the shapes of `theirs`."""
+        first = shapes[self.theirs[0]]
+        if self.rows is not None:
+            return (max(0, min(self.rows[1], first[0]) - self.rows[0]), *first[1:])
+        if len(self.theirs) == 1:
+            return first
+        return (sum(shapes[k][0] for k in self.theirs), *first[1:])
+
+    def load(self, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """`gather(parts)` in `dtype` on `device`; a concatenation copies each part straight into its rows,
+        cast on the way (no joined copy in the stored dtype first)."""
+        if type(self).gather is not Rule.gather or self.rows is not None or len(parts) == 1:
+            return self.gather(parts).to(device=device, dtype=dtype)
+        self.check(parts)
+        value = torch.empty(self.shape({k: p.shape for k, p in parts.items()}), dtype=dtype, device=device)
+        row = 0
+        for key in self.theirs:
+            value[row:row + len(parts[key])].copy_(parts[key])
+            row += len(parts[key])
+        return value
 
     def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         if len(self.theirs) == 1:
@@ -73,15 +99,12 @@ class Family:
     from_directory: Callable[[object, Path], object] | None = None  # config fields HF keeps outside config.json
     tied_head: Callable[[object], tuple[str, str] | None] | None = None  # (head, embeddings) keys when tied
 
-    def canonical(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, value in state.items():
-            for old, new in self.aliases:
-                if key.startswith(old):
-                    key = new + key[len(old):]
-                    break
-            out[key] = value
-        return out
+    def canonical(self, key: str) -> str:
+        """The name a key map uses for a checkpoint key of any of the HF layouts it reads."""
+        for old, new in self.aliases:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
 
 
 def linear_rules(ours: str, theirs: list[str], sizes: list[int] | None, bias: bool) -> list[Rule]:

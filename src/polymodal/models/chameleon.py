@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import PIL.Image
 import torch
-from torch import nn
 
 from polymodal.config import DecoderConfig
 from polymodal.encoders.vq import VQConfig, VQModel
@@ -28,17 +27,21 @@ from polymodal.models import fusion
 from polymodal.models.constraints import ImageSpans
 from polymodal.models.drawing import decode_rows
 from polymodal.nn.cache import Cache
+from polymodal.nn.meta import ComputedBuffers
 from polymodal.nn.transformer import Decoder, ModelOutput
 
 
-class Chameleon(nn.Module):
+class Chameleon(ComputedBuffers):
     def __init__(self, config: ChameleonConfig, *, backend: str = "sdpa"):
         super().__init__()
         self.config = config
         self.decoder = Decoder(config.text, backend=backend)
         self.vq = VQModel(config.vq)
         self.vq.requires_grad_(False)  # trained on its own first, then frozen (as in Chameleon)
-        self.register_buffer("code_tokens", torch.tensor(config.code_tokens), persistent=False)
+        self.register_computed()
+
+    def computed(self) -> dict[str, torch.Tensor]:
+        return {"code_tokens": torch.tensor(self.config.code_tokens)}
 
     @property
     def image_spans(self) -> ImageSpans:

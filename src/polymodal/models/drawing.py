@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import PIL.Image
 import torch
-from torch import nn
 
 from polymodal.encoders.vq import VQConfig, VQModel, pixels_to_images
 from polymodal.errors import InputError, check_pixel_values
 from polymodal.models.constraints import ImageSpans
+from polymodal.nn.meta import ComputedBuffers
 
 
 def decode_rows(vq: VQModel, codes: list[list[torch.Tensor]]) -> list[list[PIL.Image.Image]]:
@@ -41,16 +41,18 @@ def written_slots(input_ids: torch.Tensor, begin: int, placeholder: int) -> torc
     return (input_ids == placeholder) & (opener >= 0) & (before == begin)
 
 
-class ImageWriter(nn.Module):
+class ImageWriter(ComputedBuffers):
     """The frozen VQ tokenizer of a model that writes images, and the token ids of its image spans."""
 
     def __init__(self, vq: VQConfig, first_code: int, begin: int, end: int, placeholder: int):
         super().__init__()
         self.vq = VQModel(vq)
         self.vq.requires_grad_(False)  # trained on its own first, then frozen (as in Chameleon)
-        self.begin, self.end, self.placeholder = begin, end, placeholder
-        self.register_buffer("code_tokens", torch.arange(first_code, first_code + vq.num_embeddings),
-                             persistent=False)
+        self.begin, self.end, self.placeholder, self.first_code = begin, end, placeholder, first_code
+        self.register_computed()
+
+    def computed(self) -> dict[str, torch.Tensor]:
+        return {"code_tokens": torch.arange(self.first_code, self.first_code + self.vq.config.num_embeddings)}
 
     def train(self, mode: bool = True) -> "ImageWriter":
         """The frozen tokenizer stays in eval mode (no dropout on the codes it writes) while the model trains."""

@@ -17,7 +17,8 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch import nn
+
+from polymodal.nn.meta import ComputedBuffers
 
 from polymodal.errors import ConfigError
 
@@ -75,8 +76,8 @@ def scale_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(in_band, blended, scaled)
 
 
-class Float32Constants(nn.Module):
-    """A module whose float buffers are float32 constants that `model.to(dtype)` / `.bfloat16()` must not
+class Float32Constants(ComputedBuffers):
+    """A module whose (computed) float buffers are float32 constants that `model.to(dtype)` / `.bfloat16()` must not
     round: those cast every float buffer, and a bf16 RoPE frequency turns position 4000 up to 0.7 rad
     off (HF's from_pretrained(dtype=...) keeps its frequencies float32). Moving to a device still moves them."""
 
@@ -98,12 +99,15 @@ class Rotary(Float32Constants):
         super().__init__()
         self.interleaved = interleaved or xpos_scale_base is not None
         self.xpos_scale_base = xpos_scale_base
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        if scaling is not None:
-            inv_freq = scale_frequencies(inv_freq, scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        zeta = (torch.arange(0, head_dim, 2, dtype=torch.float32) + 0.4 * head_dim) / (1.4 * head_dim)
-        self.register_buffer("zeta", zeta, persistent=False)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.register_computed()
+
+    def computed(self) -> dict[str, torch.Tensor]:
+        half = torch.arange(0, self.head_dim, 2, dtype=torch.float32)
+        inv_freq = 1.0 / self.theta ** (half / self.head_dim)
+        if self.scaling is not None:
+            inv_freq = scale_frequencies(inv_freq, self.scaling)
+        return {"inv_freq": inv_freq, "zeta": (half + 0.4 * self.head_dim) / (1.4 * self.head_dim)}
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:  # (B, S, D/2) -> (B, 1, S, D)
         t = t.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((t, t), dim=-1)
@@ -154,7 +158,11 @@ class ALiBi(Float32Constants):
 
     def __init__(self, n_heads: int):
         super().__init__()
-        self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+        self.n_heads = n_heads
+        self.register_computed()
+
+    def computed(self) -> dict[str, torch.Tensor]:
+        return {"slopes": alibi_slopes(self.n_heads)}
 
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """positions (B, Sq), (B, Sk) -> float32 bias (B, H, Sq, Sk)."""

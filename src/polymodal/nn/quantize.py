@@ -13,6 +13,8 @@ measured here that beat PyTorch's `_weight_int8pack_mm`); int4 runs PyTorch's CP
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,34 +68,57 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
-def quantize_linears(model: nn.Module, paths: list[str], mode: str, group_size: int = 32) -> None:
-    """Replace the nn.Linear layers at `paths` with their int8 / int4 versions, in place."""
+def check_mode(mode: str, group_size: int, device: torch.device) -> None:
     if mode not in MODES:
         raise InputError(f"quantize must be one of {MODES}, got {mode!r}")
     if mode == "int4" and group_size not in INT4_GROUP_SIZES:
         raise InputError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
-    if mode == "int4" and any(not p.is_cpu for p in model.parameters()):
+    if mode == "int4" and device.type != "cpu":
         raise InputError("int4 decoding runs PyTorch's CPU int4 kernel: load the model on the CPU")
+
+
+def quantize_linears(model: nn.Module, paths: list[str], mode: str, group_size: int = 32) -> None:
+    """Replace the nn.Linear layers at `paths` with their int8 / int4 versions, in place."""
     for path in paths:
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         linear = getattr(parent, name)
+        check_mode(mode, group_size, linear.weight.device)
         setattr(parent, name, Int8Linear(linear) if mode == "int8" else Int4Linear(linear, group_size))
+
+
+def decoder_linears(model: nn.Module) -> list[str]:
+    """The paths (from `model`) of the language decoder's block linear layers: what `quantize` replaces."""
+    decoder = model if isinstance(model, Decoder) else getattr(model, "decoder", None)
+    if not isinstance(decoder, Decoder):
+        raise InputError(f"quantize reads a language decoder's blocks; a {type(model).__name__} has none")
+    if adapters(decoder.layers):
+        raise InputError("the decoder has LoRA adapters: merge them into the weights (merge_lora) before quantizing")
+    prefix = "layers" if decoder is model else "decoder.layers"
+    return [f"{prefix}.{path}" for path, m in decoder.layers.named_modules() if isinstance(m, nn.Linear)]
 
 
 def quantize(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
     """Weight-only quantization of the language decoder's block linear layers (attention and MLP) in place;
     embeddings, norms, the output head and any media encoder stay as they are. For serving:
     `quantize(pm.from_pretrained(dir), "int8")` is `pm.from_pretrained(dir, quantize="int8")`."""
-    decoder = model if isinstance(model, Decoder) else getattr(model, "decoder", None)
-    if not isinstance(decoder, Decoder):
-        raise InputError(f"quantize reads a language decoder's blocks; a {type(model).__name__} has none")
-    layers = decoder.layers
-    if adapters(layers):
-        raise InputError("the decoder has LoRA adapters: merge them into the weights (merge_lora) before quantizing")
-    paths = [path for path, m in layers.named_modules() if isinstance(m, nn.Linear)]
-    quantize_linears(layers, paths, mode, group_size)
+    paths = decoder_linears(model)
+    check_mode(mode, group_size, next(model.parameters()).device)
+    quantize_linears(model, paths, mode, group_size)
     return model
+
+
+def quantize_as_loaded(model: nn.Module, mode: str, group_size: int = 32) -> Callable[[nn.Module], None]:
+    """A `meta.fill` callback: each decoder linear layer of the meta `model` is quantized as soon as its last
+    tensor is loaded, so no float copy of the whole decoder is ever held."""
+    pending = {id(model.get_submodule(p)): p for p in decoder_linears(model)}
+
+    def filled(owner: nn.Module) -> None:
+        path = pending.get(id(owner))
+        if path is not None and not any(t.is_meta for t in owner.parameters()):
+            quantize_linears(model, [pending.pop(id(owner))], mode, group_size)
+
+    return filled
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -11,11 +11,20 @@ visible `step-*` directory is always complete; a crash leaves at most a hidden `
 which `prune` removes. `prune` never removes the run's best checkpoint (best.json, `polymodal.runs`).
 Checkpoints are ordered by their step number, not by name. A checkpoint damaged later (a full disk, a
 truncated copy) is a `CheckpointError` naming the file, and `load_latest` falls back to the newest intact
-one. State dicts here are full (unsharded) tensors on the CPU; the trainer gathers and scatters them for FSDP/DDP.
+one.
+
+A run of several FSDP2 processes writes its checkpoints sharded instead (`save_sharded`, no gather onto
+one process): `sharded/` holds each process's shards of the model and optimizer tensors, written by
+`torch.distributed.checkpoint` in its safetensors layout (`HuggingFaceStorageWriter`: each file's header
+says where its pieces lie in the whole tensors; no pickle), beside the same config.json, trainer.json and
+tokenizer. `load_sharded` reads it into any number of processes, one included (DCP reshards), and
+`pm.from_pretrained` reads its model (`polymodal convert CKPT DIR --to polymodal` writes a plain
+directory). Full checkpoints, written by one process, are read whole by every process of a resumed run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -31,6 +40,7 @@ from polymodal.errors import CheckpointError
 from polymodal.models import load_config
 from polymodal.runs import BEST, PREFIX, latest_checkpoint, list_checkpoints, read_best, step_dir  # noqa: F401
 from polymodal.serialization import WEIGHTS, atomic_directory, atomic_write_bytes, read_safetensors, save_state_dict
+from polymodal.weights import SHARDED, SHARDED_MODEL
 
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
@@ -128,13 +138,70 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
     return state
 
 
+def _sharded_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's model and optimizer tensors (DTensor shards under FSDP2) under one flat namespace, and
+    the optimizer's JSON part."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    # the model's first: it reshards an FSDP2 root that a forward without backward (an eval) left unsharded,
+    # whose parameters the optimizer's would otherwise not be
+    model_state = get_model_state_dict(model)
+    tensors, meta = _flatten_optimizer(get_optimizer_state_dict(model, optimizer))
+    return ({**{f"{SHARDED_MODEL}{k}": v for k, v in model_state.items()},
+             **{f"optimizer/{k}": v for k, v in tensors.items()}}, meta)
+
+
+def save_sharded(directory: str | Path, model_config, model, optimizer, trainer_state: dict[str, Any], tokenizer,
+                 main: bool) -> None:
+    """Every process writes its own shards (collective: all processes call it) into one temporary folder that
+    the main process then renames into place, as `save_checkpoint` does."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    tensors, meta = _sharded_state(model, optimizer)
+    with contextlib.ExitStack() as stack:
+        where = [str(stack.enter_context(atomic_directory(directory))) if main else None]
+        dist.broadcast_object_list(where, src=0)
+        tmp = Path(where[0])
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True))
+        if main:
+            model_config.to_json(tmp / "config.json")
+            (tmp / TRAINER).write_text(json.dumps({**trainer_state, "optimizer": meta}) + "\n")
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+        dist.barrier()  # every shard is written before the folder is swapped into place
+
+
+def load_sharded(directory: Path, model, optimizer, optimizer_meta: dict[str, Any]) -> None:
+    """A sharded checkpoint's model and optimizer state, into this run's (sharded or whole) model and
+    optimizer, whatever number of processes wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    tensors, _ = _sharded_state(model, optimizer)
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(directory / SHARDED)),
+             no_dist=not torch.distributed.is_initialized())
+    set_model_state_dict(model, {k.removeprefix(SHARDED_MODEL): v for k, v in tensors.items()
+                                 if k.startswith(SHARDED_MODEL)})
+    optimizer_tensors = {k.removeprefix("optimizer/"): v for k, v in tensors.items() if k.startswith("optimizer/")}
+    set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(optimizer_tensors, optimizer_meta))
+
+
+def is_sharded(directory: str | Path) -> bool:
+    return (Path(directory) / SHARDED).is_dir()
+
+
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], dict[str, Any]]:
     """(model state, optimizer state, trainer state) of a checkpoint, read without unpickling; its config.json
     is read too. The model state is None in a LoRA run's checkpoint (its adapter files hold what it trained).
-    CheckpointError naming the file when one is missing, truncated or corrupt."""
+    A sharded checkpoint gives (None, the optimizer's JSON part, trainer state): `load_sharded` reads its
+    tensors into the model. CheckpointError naming the file when one is missing, truncated or corrupt."""
     directory = Path(directory)
-    adapter = (directory / ADAPTER_WEIGHTS).is_file()
-    for name in ("config.json", ADAPTER_WEIGHTS if adapter else WEIGHTS, OPTIMIZER, TRAINER):
+    adapter, sharded = (directory / ADAPTER_WEIGHTS).is_file(), is_sharded(directory)
+    weights = () if sharded else (ADAPTER_WEIGHTS if adapter else WEIGHTS, OPTIMIZER)
+    for name in ("config.json", *weights, TRAINER):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} has no {name}: not a complete training checkpoint")
     try:
@@ -142,6 +209,8 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor] | No
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
     trainer_state = read_trainer_state(directory)
+    if sharded:
+        return None, trainer_state.pop("optimizer"), trainer_state
     optimizer_state = _unflatten_optimizer(read_safetensors(directory / OPTIMIZER), trainer_state.pop("optimizer"))
     if adapter:
         read_safetensors(directory / ADAPTER_WEIGHTS)  # read whole now, so a damaged one falls back like weights

@@ -302,9 +302,9 @@ def _step(line: str) -> float:
         return math.inf
 
 
-def load_base(directory: str) -> torch.nn.Module:
-    """The model a fine-tuning run starts from (its LoRA adapter merged, if it has one)."""
-    model = from_pretrained(directory)
+def load_base(directory: str, dtype: torch.dtype | str | None = None) -> torch.nn.Module:
+    """The model a fine-tuning run starts from (its LoRA adapter merged, if it has one), float32 unless `dtype`."""
+    model = from_pretrained(directory, dtype=dtype)
     return merge_lora(model) if adapters(model) else model
 
 
@@ -406,7 +406,7 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
     model, layout = build_model(cfg, config, data, base, last, proc)
     run = Run(cfg, proc, config, tokenizer, collator, data, model, make_optimizer(model, cfg), hooks, best, layout)
     if last is not None:
-        resume(run, resumed[1])
+        resume(run, last, resumed[1])
         if proc.main:
             print(f"resumed from {last} at step {run.step}", flush=True)
     else:
@@ -500,14 +500,17 @@ def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path |
     return parallelize(model.to(proc.device), cfg.parallel, blocks), layout
 
 
-def resume(run: Run, state: tuple) -> None:
+def resume(run: Run, last: Path, state: tuple) -> None:
     """Weights, optimizer, step, data position, best-so-far and each rank's RNG streams from a checkpoint."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     model_state, optimizer_state, trainer_state = state
-    if model_state is not None:  # a LoRA run's adapter was loaded before sharding, its base from init_from
-        set_model_state_dict(run.model, model_state, options=full_state())
-    set_optimizer_state_dict(run.model, run.optimizer, optimizer_state, options=full_state())
+    if ckpt.is_sharded(last):  # written by FSDP processes, however many: read into this run's shards
+        ckpt.load_sharded(last, run.model, run.optimizer, optimizer_state)
+    else:
+        if model_state is not None:  # a LoRA run's adapter was loaded before sharding, its base from init_from
+            set_model_state_dict(run.model, model_state, options=full_state())
+        set_optimizer_state_dict(run.model, run.optimizer, optimizer_state, options=full_state())
     run.step, run.docs_seen = trainer_state["step"], trainer_state["docs_seen"]
     best = trainer_state.get("best", {})
     if best.get("metric") == run.best.metric:  # a run resumed with another --keep-best starts its count afresh
@@ -603,25 +606,28 @@ def saved(run: Run) -> bool:
 
 
 def save(run: Run) -> None:
-    """A checkpoint of this step (every rank takes part in gathering the state; the main rank writes)."""
+    """A checkpoint of this step. Several FSDP processes each write their own shards (nothing is gathered;
+    train/checkpoint.py); otherwise every rank takes part in gathering the whole state and the main rank writes."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    cfg = run.cfg
-    model_state = get_model_state_dict(run.model, options=full_state())
-    optimizer_state = get_optimizer_state_dict(run.model, run.optimizer, options=full_state())
-    rngs = gather_objects(ckpt.rng_state())
-    if run.proc.main:
-        state = {"step": run.step, "docs_seen": run.docs_seen, "rng": rngs, "train_config": cfg.to_dict(),
-                 "best": vars(run.best),
-                 "data_source": {k: v if v in (None, "world") else str(Path(v).resolve())  # for `polymodal eval`
-                                 for k, v in (("data", cfg.data), ("eval_data", cfg.eval_data))}}
-        directory = ckpt.step_dir(run.root, run.step)
-        if cfg.lora_rank is None:
+    cfg, proc = run.cfg, run.proc
+    state = {"step": run.step, "docs_seen": run.docs_seen, "rng": gather_objects(ckpt.rng_state()),
+             "train_config": cfg.to_dict(), "best": vars(run.best),
+             "data_source": {k: v if v in (None, "world") else str(Path(v).resolve())  # for `polymodal eval`
+                             for k, v in (("data", cfg.data), ("eval_data", cfg.eval_data))}}
+    directory = ckpt.step_dir(run.root, run.step)
+    if proc.world_size > 1 and cfg.parallel == "fsdp" and cfg.lora_rank is None:
+        ckpt.save_sharded(directory, run.config, run.model, run.optimizer, state, run.tokenizer, proc.main)
+    else:
+        model_state = get_model_state_dict(run.model, options=full_state())
+        optimizer_state = get_optimizer_state_dict(run.model, run.optimizer, options=full_state())
+        if proc.main and cfg.lora_rank is None:
             ckpt.save_checkpoint(directory, run.config, model_state, optimizer_state, state, run.tokenizer)
-        else:  # only the adapter trained: it is what the checkpoint keeps
+        elif proc.main:  # only the adapter trained: it is what the checkpoint keeps
             base_dir = Path(cfg.init_from).resolve()
             ckpt.save_checkpoint(directory, run.config, None, optimizer_state, state, run.tokenizer,
                                  write_adapter=lambda d: write_adapter(run.layout, d, model_state, base_dir))
+    if proc.main:
         ckpt.prune(run.root, cfg.keep_checkpoints)
     barrier()
 

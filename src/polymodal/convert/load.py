@@ -1,0 +1,100 @@
+"""Checkpoint files -> a model at the cost of its weights: built on the meta device, each tensor read from the
+memory-mapped files, fused (QKV, gate/up) and cast to the asked dtype straight on the asked device, one at
+a time (HF's `from_pretrained` with `low_cpu_mem_usage`, torchtitan's meta init).
+
+A tensor the model keeps exactly as stored (same dtype, CPU) stays a view of the mapped file, as HF's;
+any other is a copy, after which the file's pages of its source are dropped (`Weights.release`), so peak
+memory is the model's bytes plus one tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from polymodal.config import check_fits_memory
+from polymodal.convert.rules import Rule
+from polymodal.errors import InputError
+from polymodal.nn.meta import empty, fill, recompute_buffers
+from polymodal.nn.quantize import check_mode, quantize_as_loaded
+from polymodal.nn.quantize import quantize as quantize_model
+from polymodal.serialization import check_fits
+from polymodal.weights import SHARDED, SHARDED_MODEL, Weights, check_weight
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights | None) -> torch.dtype:
+    """None: float32; "auto": the checkpoint's own float dtype (HF's dtype="auto"); else a float dtype."""
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto" and weights is not None:
+        return weights.float_dtype() or torch.float32
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise InputError(f"dtype must be a floating torch.dtype, 'auto' or None, got {dtype!r}")
+
+
+def _tensors(model: nn.Module, weights: Weights, rules: list[Rule], names: dict[str, str], dtype: torch.dtype,
+             device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    for rule in rules:
+        parts = {k: weights.read(names[k]) for k in rule.theirs}
+        yield rule.ours, rule.load(parts, dtype, device)
+        owner, _, name = rule.ours.rpartition(".")
+        kept = getattr(model.get_submodule(owner), name).untyped_storage()  # after a quantizer replaced it, too
+        for part in parts.values():
+            if part.untyped_storage().data_ptr() != kept.data_ptr():
+                weights.release(part)
+
+
+def load_model(build: Callable[[object], nn.Module], cfg, weights: Weights, rules: list[Rule],
+               names: dict[str, str], *, dtype: torch.dtype | str | None, device: torch.device | str | None,
+               quantize: str | None) -> nn.Module:
+    """`build(cfg)` filled from `weights` by `rules` (their names mapped to file keys by `names`), in eval mode.
+    The rules are checked against the checkpoint's header and the model's shapes before any data is read."""
+    dtype, device = resolve_dtype(dtype, weights), torch.device(device or "cpu")
+    if quantize is not None:
+        check_mode(quantize, 32, device)
+    if device.type == "cpu":
+        check_fits_memory(cfg, dtype.itemsize)
+    model = empty(lambda: build(cfg))
+    for rule in rules:
+        rule.check(names)
+    shapes = {k: weights.info(names[k])[0] for rule in rules for k in rule.theirs}
+    check_fits({k: v.shape for k, v in model.state_dict().items()}, {r.ours: r.shape(shapes) for r in rules},
+               weights.directory)
+    filled = quantize_as_loaded(model, quantize) if quantize is not None else None
+    fill(model, _tensors(model, weights, rules, names, dtype, device), device, filled)
+    return model.eval()
+
+
+def load_polymodal(build: Callable[[object], nn.Module], cfg, directory: str | Path, **options) -> nn.Module:
+    """A polymodal checkpoint directory (its keys are the model's own)."""
+    weights = Weights(directory)
+    keys = weights.keys()
+    return load_model(build, cfg, weights, [Rule(k, (k,)) for k in keys], {k: k for k in keys}, **options)
+
+
+def load_sharded_model(build: Callable[[object], nn.Module], cfg, directory: str | Path, *,
+                       dtype: torch.dtype | str | None, device: torch.device | str | None,
+                       quantize: str | None) -> nn.Module:
+    """The model of a training checkpoint that FSDP processes wrote sharded (`train.checkpoint.save_sharded`),
+    put together in this one process by `torch.distributed.checkpoint` (safetensors shards, no pickle)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    dtype = torch.float32 if dtype in (None, "auto") else resolve_dtype(dtype, None)
+    device = torch.device(device or "cpu")
+    if quantize is not None:
+        check_mode(quantize, 32, device)
+    if device.type == "cpu":
+        check_fits_memory(cfg, dtype.itemsize)
+    model = empty(lambda: build(cfg)).to_empty(device=device).to(dtype)
+    state = {f"{SHARDED_MODEL}{k}": v for k, v in model.state_dict().items()}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(Path(directory) / SHARDED)),
+             no_dist=not torch.distributed.is_initialized())
+    for key, value in state.items():
+        check_weight(value, key.removeprefix(SHARDED_MODEL), Path(directory) / SHARDED)
+    recompute_buffers(model, device)
+    return (quantize_model(model, quantize) if quantize else model).eval()

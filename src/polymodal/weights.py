@@ -1,0 +1,260 @@
+"""Safetensors weight files, read one tensor at a time and written one tensor at a time.
+
+`Weights` opens a checkpoint's files (model.safetensors, or the shards HF's model.safetensors.index.json
+lists) memory-mapped with `safetensors.safe_open`: a tensor read is a view of the mapped file, so nothing
+is read before it is asked for, and each one is checked as it is read (a float tensor, every value
+finite). Once a copy is all the model keeps (a fused or cast tensor), `release` drops the file's pages of
+the source from this process, so the file does not count twice. `write_file` writes the safetensors
+format (8-byte header length, JSON header, raw bytes) straight from each tensor's memory, and
+`write_weights` splits above `max_shard_size` into HF's layout (`model-00001-of-00002.safetensors` + index).
+Unreadable files (truncated, corrupt header, a bad index) are a `CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import mmap
+import struct
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from polymodal.errors import CheckpointError, InputError, MissingFileError
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SHARDED, SHARDED_MODEL = "sharded", "model/"  # a training checkpoint's shards (train/checkpoint.py), its model keys
+NOT_WEIGHTS = ("optimizer.safetensors", "adapter_model.safetensors")  # beside weights in checkpoints, never weights
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+          torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+FROM_NAME = {name: dtype for dtype, name in DTYPES.items()}
+MADV_DONTNEED = 4  # linux/mman.h
+SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}  # HF's units
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated, empty or corrupt one is a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        size = path.stat().st_size if path.is_file() else 0
+        raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes; {e}): it may be "
+                              "truncated or corrupt") from e
+
+
+def _shards(directory: Path) -> list[Path]:
+    """The shard files a model.safetensors.index.json lists, each checked to lie inside `directory`."""
+    path = directory / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path} must hold a non-empty 'weight_map' of tensor name -> shard file name")
+    root = directory.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = (directory / name).resolve()
+        if shard.parent != root:
+            raise CheckpointError(f"{path} lists shard {name!r}, which lies outside {directory}; shards must be "
+                                  "files in the checkpoint folder itself")
+        if not shard.is_file():
+            raise CheckpointError(f"{path} lists shard {name}, which is missing")
+        shards.append(shard)
+    return shards
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights: model.safetensors, else the shards of its index,
+    else its one *.safetensors file. Pickles are refused, never read."""
+    if (directory / WEIGHTS).exists():  # first, as HF does: a save over a sharded folder leaves its index
+        return [directory / WEIGHTS]
+    if (directory / INDEX).exists():
+        return _shards(directory)
+    singles = [p for p in sorted(directory.glob("*.safetensors")) if p.name not in NOT_WEIGHTS]
+    if len(singles) == 1:
+        return singles
+    pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
+    if pickles:
+        raise CheckpointError(f"{directory} holds only pickle weights ({', '.join(pickles)}); polymodal loads "
+                              "weights only from safetensors, since unpickling a file can run arbitrary code. Convert "
+                              "them with a tool you trust (e.g. transformers' save_pretrained(safe_serialization=True)).")
+    raise MissingFileError(f"no {WEIGHTS} or {INDEX} in {directory}"
+                           + (" (an optimizer's or adapter's file is not a model's weights)" if
+                              any((directory / n).exists() for n in NOT_WEIGHTS) else ""))
+
+
+def check_weight(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """A CheckpointError unless `tensor` is a float tensor with every value finite. One pass over the data
+    with no temporary: NaN and inf reach the minimum or the maximum."""
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype}, where float weights belong; the file "
+                              "holds integers or booleans in a weight's place")
+    if tensor.numel() == 0:
+        return
+    lo, hi = torch.aminmax(tensor if tensor.element_size() > 1 else tensor.float())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{path}: tensor {name} holds {bad:,} non-finite values (NaN or inf) among "
+                              f"{tensor.numel():,}: the file is corrupt or the weights diverged")
+
+
+class Weights:
+    """The tensors of a checkpoint directory, each read when asked for (see the module docstring)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.where: dict[str, Path] = {}
+        self._files: dict[Path, object] = {}
+        for path in weight_files(self.directory):
+            for name in self._open(path).keys():
+                self.where[name] = path
+
+    def _open(self, path: Path):
+        if path not in self._files:
+            try:
+                self._files[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                size = path.stat().st_size if path.is_file() else 0
+                raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes; {e}): its header "
+                                      "may be overwritten, or the file truncated") from e
+        return self._files[path]
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | None]:
+        """(shape, dtype) from the header, without reading the data; dtype None for a type torch lacks here."""
+        view = self._open(self.where[name]).get_slice(name)
+        return tuple(view.get_shape()), FROM_NAME.get(view.get_dtype())
+
+    def float_dtype(self) -> torch.dtype | None:
+        """The dtype of the first float tensor (what HF's dtype="auto" keeps)."""
+        for name in self.where:
+            dtype = self.info(name)[1]
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+        return None
+
+    def read(self, name: str) -> torch.Tensor:
+        """A view of the mapped file, checked by `check_weight`."""
+        path = self.where[name]
+        try:
+            tensor = self._open(path).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({e}): the file may be truncated or corrupt") from e
+        check_weight(tensor, name, path)
+        return tensor
+
+    @staticmethod
+    def release(tensor: torch.Tensor) -> None:
+        """Drops the whole pages of `tensor`'s memory from this process: call it on a tensor read here once
+        only a copy of it is kept. Pages of a private file mapping that was never written fault back in
+        from the file if read again."""
+        _advise(tensor, MADV_DONTNEED)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _advise(tensor: torch.Tensor, advice: int) -> None:
+    """madvise over the pages wholly inside `tensor`'s storage (Linux; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    begin, end = tensor.data_ptr(), tensor.data_ptr() + tensor.untyped_storage().nbytes()
+    start, stop = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), advice)
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The bytes of `tensor` without a copy (a GPU or strided tensor: one copy of this tensor alone)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        tensor = tensor.contiguous().cpu()
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file, written tensor by tensor from each tensor's own memory (safetensors' `save_file`
+    first copies every tensor into one buffer). Widest dtypes first, as `save_file`, so each stays aligned."""
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in DTYPES:
+            raise InputError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            f.write(_raw(tensors[name]))
+
+
+def shard_size(max_shard_size: int | str) -> int:
+    """Bytes from an int or HF's strings ("5GB" = 5 * 10**9, "2GiB" = 2 * 2**30, "500MB", ...)."""
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
+        return max_shard_size
+    if isinstance(max_shard_size, str):
+        text = max_shard_size.strip().upper()
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        for unit, scale in SIZE_UNITS.items():
+            number = text[:-len(unit)].strip()
+            if text.endswith(unit) and number.isdigit() and int(number) > 0:
+                return int(number) * scale
+    raise InputError(f"max_shard_size must be a positive number of bytes or a size like '5GB' or '500MiB', "
+                     f"got {max_shard_size!r}")
+
+
+def plan_shards(sizes: Mapping[str, int], max_shard_size: int | str) -> list[list[str]]:
+    """Tensor names grouped into shards of at most `max_shard_size` bytes, in order (a tensor larger than the
+    limit alone in its shard); one group when everything fits."""
+    limit = shard_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(directory: Path, shards: list[list[str]], total_size: int) -> None:
+    weight_map = {name: shard_name(i, len(shards)) for i, names in enumerate(shards) for name in names}
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                  max_shard_size: int | str = "50GB") -> None:
+    """model.safetensors, or above `max_shard_size` bytes HF's shards and model.safetensors.index.json."""
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    shards = plan_shards(sizes, max_shard_size)
+    if len(shards) == 1:
+        write_file(directory / WEIGHTS, tensors, metadata)
+        return
+    for i, names in enumerate(shards):
+        write_file(directory / shard_name(i, len(shards)), {k: tensors[k] for k in names}, metadata)
+    write_index(directory, shards, sum(sizes.values()))

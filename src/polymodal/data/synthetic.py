@@ -110,6 +110,7 @@ GREYS = (150, 256)  # the brightness of a grey shape: [150, 256) in every channe
 GREY_SHARE = 0.5  # of training's shape and video questions asked about a grey shape, of position questions with
                   # grey others
 _FOREGROUND = 128  # max channel at or above this is shape, below is background
+_GREY_SPREAD = 60  # a mean shape pixel whose channels lie closer than this is grey (palette entries span >= 190)
 
 
 @dataclass
@@ -445,14 +446,17 @@ def _integer(rng: np.random.Generator, split: str, lo: int, hi: int) -> int:
 
 def recognise(image: Image.Image | np.ndarray) -> tuple[str, str] | None:
     """(colour, shape) of a single-shape image by pixel analysis, or None if nothing is drawn:
-    colour is the palette entry nearest the mean bright pixel, shape comes from how much of its
-    bounding box the shape fills (square 1, circle pi/4, triangle 1/2)."""
+    colour is the palette entry nearest the mean bright pixel ("grey" when its channels are about equal,
+    as training's grey shapes are: no palette entry is), shape comes from how much of its bounding box
+    the shape fills (square 1, circle pi/4, triangle 1/2)."""
     px = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     fg = px.max(axis=-1) >= _FOREGROUND
     if not fg.any():
         return None
+    mean = px[fg].mean(axis=0)
     palette = np.array(list(COLOURS.values()), dtype=np.float32)
-    colour = list(COLOURS)[int(np.argmin(((palette - px[fg].mean(axis=0)) ** 2).sum(axis=1)))]
+    colour = ("grey" if mean.max() - mean.min() < _GREY_SPREAD
+              else list(COLOURS)[int(np.argmin(((palette - mean) ** 2).sum(axis=1)))])
     ys, xs = np.nonzero(fg)
     fill = fg.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     return colour, "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"

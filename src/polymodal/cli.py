@@ -271,7 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                          f"{len(prompt) + max_new} in all, past the model's context of {context} tokens "
                          f"({directory})")
     if isinstance(model.config, PaliGemmaConfig) and not args.image:
-        raise ValueError(f"{directory} is a PaliGemma, which answers about an image: give --image FILE (HF's "
+        raise InputError(f"{directory} is a PaliGemma, which answers about an image: give --image FILE (HF's "
                          "PaliGemmaProcessor refuses a prompt without one too)")
     batch = collator.pad([prompt])
     del batch["labels"]
@@ -531,9 +531,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else Path(args.run) / "loss.png"
     if out.suffix.lower() != ".png":
-        raise ValueError(f"--out must be a .png file, got {out}")
+        raise InputError(f"--out must be a .png file, got {out}")
     if not plot_metrics(read_metrics(args.run), out):
-        raise ValueError(f"{args.run}/metrics.jsonl has no loss or eval records yet: nothing to draw")
+        raise InputError(f"{args.run}/metrics.jsonl has no loss or eval records yet: nothing to draw")
     print(f"wrote {out}")
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from polymodal.errors import MissingFileError
+
 PREFIX = "step-"
 BEST = "best.json"
 
@@ -51,7 +53,7 @@ def read_best(root: str | Path) -> dict | None:
 
 def resolve(path: str | Path) -> tuple[Path, str]:
     """(directory to load, a line saying which) for a model directory, or a run directory: its best checkpoint
-    when it has one, else its last. FileNotFoundError when the path is neither."""
+    when it has one, else its last. MissingFileError (a FileNotFoundError) when the path is neither."""
     p = Path(path)
     if (p / "config.json").is_file():
         return p, f"using {p}"
@@ -62,6 +64,6 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         return chosen, f"using {chosen}: the best checkpoint by {best['metric']} ({best['value']:.4g})"
     last = latest_checkpoint(root)
     if last is None:
-        raise FileNotFoundError(f"{p} is neither a model directory (no config.json) nor a run directory with "
-                                "checkpoints; train one with `polymodal train`")
+        raise MissingFileError(f"{p} is neither a model directory (no config.json) nor a run directory with "
+                               "checkpoints; train one with `polymodal train`")
     return last, f"using {last}: the last checkpoint (the run kept no best one)"

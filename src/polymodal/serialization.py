@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.errors import CheckpointError
+from polymodal.errors import CheckpointError, ExistingFileError
 from polymodal.weights import WEIGHTS, read_safetensors, weight_files, write_file  # noqa: F401 (WEIGHTS: re-exported)
 
 RENAME_EXCHANGE = 2  # linux/fs.h
@@ -38,7 +38,7 @@ def _fresh(parent: Path, prefix: str, make: Callable[[Path], object]):
             return path, make(path)
         except FileExistsError:
             continue
-    raise FileExistsError(f"no free temporary name {prefix}* in {parent}")
+    raise ExistingFileError(f"no free temporary name {prefix}* in {parent}")
 
 
 def umask() -> int:
@@ -106,7 +106,7 @@ def atomic_directory(target: str | Path):
     checkpoint (no config.json), is refused first: it is a user's."""
     target = Path(os.path.realpath(target))
     if target.exists() and not (target.is_dir() and ((target / "config.json").is_file() or not any(target.iterdir()))):
-        raise FileExistsError(f"{target} exists and is not a checkpoint directory (a file, or a folder without "
+        raise ExistingFileError(f"{target} exists and is not a checkpoint directory (a file, or a folder without "
                               "config.json): refusing to replace it; give a new or empty directory")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

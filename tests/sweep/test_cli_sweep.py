@@ -95,6 +95,7 @@ def argv(place, args: list[str]) -> list[str]:
 
 
 GEN = ["generate", "{}/pali", "--prompt", "what colour is it?", "--max-new-tokens", "2"]
+SEEN = [*GEN, "--image", "{}/media/red.png"]  # a PaliGemma answers about an image: settings are probed with one
 GEM = ["generate", "{}/gemini", "--prompt", "what is it?", "--max-new-tokens", "2"]
 PROBES = {  # name: (argv, error class or None for a result, what the message says)
     # media through generate
@@ -117,22 +118,23 @@ PROBES = {  # name: (argv, error class or None for a result, what the message sa
     "image and audio": ([*GEM, "--image", "{}/media/grey16.png", "--audio", "{}/media/float.wav"], None, ""),
     "lone surrogate prompt": (["generate", "{}/pali", "--prompt", "bad \udcff text"], InputError, "lone surrogate"),
     # settings
-    "seed 2**64": ([*GEN, "--seed", str(2 ** 64)], InputError, "seed must be an integer >= 0"),
-    "seed 2**70": ([*GEN, "--seed", str(2 ** 70), "--do-sample"], InputError, "seed must be an integer >= 0"),
-    "seed -1": ([*GEN, "--seed", "-1"], InputError, "seed must be an integer >= 0"),
-    "seed 2**64-1": ([*GEN, "--seed", str(2 ** 64 - 1), "--do-sample"], None, ""),
-    "max-new-tokens 0": (["generate", "{}/pali", "--prompt", "hi", "--max-new-tokens", "0"], InputError,
+    "seed 2**64": ([*SEEN, "--seed", str(2 ** 64)], InputError, "seed must be an integer >= 0"),
+    "seed 2**70": ([*SEEN, "--seed", str(2 ** 70), "--do-sample"], InputError, "seed must be an integer >= 0"),
+    "seed -1": ([*SEEN, "--seed", "-1"], InputError, "seed must be an integer >= 0"),
+    "seed 2**64-1": ([*SEEN, "--seed", str(2 ** 64 - 1), "--do-sample"], None, ""),
+    "max-new-tokens 0": (["generate", "{}/pali", "--prompt", "hi", "--image", "{}/media/red.png", "--max-new-tokens",
+                          "0"], InputError,
                          "max_new_tokens must be an integer >= 1"),
     "max-new-tokens past context": (["generate", "{}/pali", "--prompt", "hi", "--max-new-tokens", "100000"],
                                     InputError, "past the model's context"),
-    "temperature nan": ([*GEN, "--do-sample", "--temperature", "nan"], InputError, "temperature"),
-    "temperature inf": ([*GEN, "--do-sample", "--temperature", "inf"], InputError, "temperature"),
-    "temperature -1": ([*GEN, "--do-sample", "--temperature", "-1"], InputError, "temperature"),
-    "top-p 2": ([*GEN, "--do-sample", "--top-p", "2"], InputError, "top_p"),
-    "top-p nan": ([*GEN, "--do-sample", "--top-p", "nan"], InputError, "top_p"),
-    "top-k 0": ([*GEN, "--do-sample", "--top-k", "0"], InputError, "top_k"),
-    "prompt-lookup 0": ([*GEN, "--prompt-lookup", "0"], InputError, "prompt_lookup_num_tokens"),
-    "assistant tokens without assistant": ([*GEN, "--num-assistant-tokens", "3"], InputError, "needs an assistant"),
+    "temperature nan": ([*SEEN, "--do-sample", "--temperature", "nan"], InputError, "temperature"),
+    "temperature inf": ([*SEEN, "--do-sample", "--temperature", "inf"], InputError, "temperature"),
+    "temperature -1": ([*SEEN, "--do-sample", "--temperature", "-1"], InputError, "temperature"),
+    "top-p 2": ([*SEEN, "--do-sample", "--top-p", "2"], InputError, "top_p"),
+    "top-p nan": ([*SEEN, "--do-sample", "--top-p", "nan"], InputError, "top_p"),
+    "top-k 0": ([*SEEN, "--do-sample", "--top-k", "0"], InputError, "top_k"),
+    "prompt-lookup 0": ([*SEEN, "--prompt-lookup", "0"], InputError, "prompt_lookup_num_tokens"),
+    "assistant tokens without assistant": ([*SEEN, "--num-assistant-tokens", "3"], InputError, "needs an assistant"),
     # folders that are no checkpoints, mismatched parts
     "missing checkpoint": (["generate", "{}/gone", "--prompt", "hi"], MissingFileError, "neither a model directory"),
     "checkpoint is a file": (["generate", "{}/media/red.png", "--prompt", "hi"], MissingFileError,
@@ -168,9 +170,10 @@ PROBES = {  # name: (argv, error class or None for a result, what the message sa
     # convert
     "convert onto itself": (["convert", "{}/pali", "{}/pali", "--to", "hf", "--model-type", "llama"], InputError,
                             "the target"),
-    "convert no config": (["convert", "{}/media", "{}/out", "--to", "hf"], MissingFileError, "has no config.json"),
+    "convert no config": (["convert", "{}/media", "{}/out", "--to", "hf"], MissingFileError,
+                          "is neither a model directory (no config.json)"),
     "convert unknown type": (["convert", "{}/llama", "{}/out", "--to", "hf", "--model-type", "gpt"], InputError,
-                             "--to hf needs --model-type"),
+                             "--model-type must be one of"),
     # train: refused before any work
     "init-from another family": (["train", "--init-from", "{}/pali", "--model", "kosmos-tiny", "--out-dir", "{}/runs"],
                                  ConfigError, "holds a PaliGemmaConfig model, --model kosmos-tiny a KosmosConfig"),
@@ -185,7 +188,7 @@ PROBES = {  # name: (argv, error class or None for a result, what the message sa
     "train max-steps 0": (["train", "--max-steps", "0", "--out-dir", "{}/runs"], ConfigError, "max_steps"),
     "train unknown model": (["train", "--model", "gpt-9", "--out-dir", "{}/runs"], MissingFileError, "gpt-9"),
     "train missing data": (["train", "--data", "{}/gone.jsonl", "--out-dir", "{}/runs"], MissingFileError,
-                           "expects a JSONL file"),
+                           "--data expected a data file"),
     "train unknown task": (["train", "--tasks", "nope", "--out-dir", "{}/runs"], ConfigError, "task must be one of"),
     # export-data
     "export over a file": (["export-data", "{}/media/red.png", "--n", "1"], ExistingFileError,
@@ -211,8 +214,9 @@ def test_cli_probe(place, capsys, name):
     if error is None:
         assert code == 0, err
         return
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith(f"polymodal {args[0]}: error: ") and says in err, err
+    said = [line for line in err.strip().splitlines() if not line.startswith("using ")]  # the checkpoint chosen
+    assert code == 1 and len(said) == 1 and "Traceback" not in err, err
+    assert said[0].startswith(f"polymodal {args[0]}: error: ") and says in said[0], err
 
 
 def test_export_data_never_overwrites_a_file_or_its_media(tmp_path, capsys):

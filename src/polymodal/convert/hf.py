@@ -16,7 +16,7 @@ from polymodal.config import ConfigError, read_json_config
 from polymodal.convert import hf_chameleon, hf_contrastive, hf_gemini, hf_idefics, hf_vision
 from polymodal.convert.load import load_model
 from polymodal.convert.rules import GEMMA, LLAMA, Family, export_state
-from polymodal.errors import CheckpointError
+from polymodal.errors import CheckpointError, InputError, MissingFileError
 from polymodal.serialization import atomic_directory
 from polymodal.weights import Weights, shard_size, write_weights
 
@@ -38,14 +38,14 @@ FAMILIES: dict[str, Family] = {
 def read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"no config.json in {directory}")
+        raise MissingFileError(f"no config.json in {directory}")
     return read_json_config(path)
 
 
 def family_of(hf: dict, directory: Path) -> Family:
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
-        raise ValueError(f"{directory}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+        raise CheckpointError(f"{directory}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 
 
@@ -96,14 +96,14 @@ def save_hf(model: nn.Module, directory: str | Path, model_type: str, files: dic
     from the model's own memory (fused tensors split as views), in HF's shards above `max_shard_size`, with
     `files` (name -> bytes: tokenizer, processor configs, model card; `hf_export.export_hf`) in the same swap."""
     if model_type not in FAMILIES:
-        raise ValueError(f"cannot export to model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+        raise InputError(f"cannot export to model_type {model_type!r}; supported: {sorted(FAMILIES)}")
     family = FAMILIES[model_type]
     cfg = model.config
     shard_size(max_shard_size)
     try:  # a model of another family has other config fields and weights than this key map reads
         hf_config, hf_state = family.config_to_hf(cfg), export_state(family.rules(cfg), model.state_dict())
     except (AttributeError, KeyError) as e:
-        raise ValueError(f"a {type(cfg).__name__} model cannot be written as model_type {model_type!r} "
+        raise InputError(f"a {type(cfg).__name__} model cannot be written as model_type {model_type!r} "
                          f"({type(e).__name__}: {e})") from e
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -22,6 +22,7 @@ from polymodal.data.collators import make_collator
 from polymodal.data.processors import ImageProcessor
 from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.errors import CheckpointError, InputError
 
 # HF model_type -> (image processor class, processor class) for the families whose polymodal image
 # preprocessing an HF processor reproduces; the others get no preprocessor_config.json (the card says so)
@@ -48,7 +49,7 @@ def model_type_of(model: nn.Module) -> str:
         return "siglip" if cfg.loss == "sigmoid" else "clip"
     if set(kinds) == {"llama", "gemma"}:
         return "gemma" if cfg.norm == "rmsnorm_gemma" else "llama"
-    raise ValueError(f"a {type(cfg).__name__} model has no Hugging Face model_type polymodal writes; give "
+    raise InputError(f"a {type(cfg).__name__} model has no Hugging Face model_type polymodal writes; give "
                      f"--model-type, one of {sorted(FAMILIES)}")
 
 
@@ -143,7 +144,7 @@ def check_processor(directory: Path, model: nn.Module, tokenizer: Tokenizer) -> 
               for k in ("size", "resample", "do_center_crop", "crop_size", "image_mean", "image_std")
               if getattr(theirs, k) != getattr(images, k)]
     if differ:
-        raise ValueError(f"{file} preprocesses images otherwise than polymodal does for this "
+        raise CheckpointError(f"{file} preprocesses images otherwise than polymodal does for this "
                          f"{type(model.config).__name__} ({'; '.join(differ)}): the converted model would see other "
                          "pixels")
 

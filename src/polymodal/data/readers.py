@@ -27,10 +27,10 @@ from polymodal.data.columnar import TableDocuments
 from polymodal.data.conversations import conversation_document, is_conversation
 from polymodal.data.documents import Document, DocumentError, _Invalid, _load, _media_path, _type, iter_jsonl
 from polymodal.data.shards import BRACE, TarShards
-from polymodal.errors import PolymodalError
+from polymodal.errors import MissingFileError
 
 
-class DataNotFoundError(PolymodalError, FileNotFoundError):
+class DataNotFoundError(MissingFileError):
     """A data path that names nothing."""
 
 

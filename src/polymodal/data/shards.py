@@ -31,6 +31,7 @@ import numpy as np
 
 from polymodal.data.documents import Document, DocumentError, Segment, _decode, _Invalid
 from polymodal.data.lazy import LazyDocuments
+from polymodal.errors import MissingFileError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
 TEXT_EXTS = ("txt", "json")
@@ -66,7 +67,7 @@ def shard_paths(spec: str | Path) -> list[Path]:
         return paths
     paths = [Path(p) for p in expand(spec)]
     if missing := [p for p in paths if not p.is_file()]:
-        raise FileNotFoundError(f"{spec}: expected {len(paths)} shard file(s), {len(missing)} missing, "
+        raise MissingFileError(f"{spec}: expected {len(paths)} shard file(s), {len(missing)} missing, "
                                 f"first {missing[0]}")
     return paths
 

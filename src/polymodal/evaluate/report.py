@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from polymodal.serialization import atomic_write_bytes
+from polymodal.errors import ExistingFileError, PathKindError
 
 FILES = ("predictions.jsonl", "results.json")
 
@@ -15,9 +16,9 @@ FILES = ("predictions.jsonl", "results.json")
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuses, before any work, a folder that is a file or that holds an earlier evaluation (unless overwrite)."""
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out expects a folder for {' and '.join(FILES)}, got the file {out}")
+        raise PathKindError(f"--out expects a folder for {' and '.join(FILES)}, got the file {out}")
     if not overwrite and (found := [name for name in FILES if (out / name).exists()]):
-        raise FileExistsError(f"{out / found[0]} exists (an earlier evaluation): give another --out, or "
+        raise ExistingFileError(f"{out / found[0]} exists (an earlier evaluation): give another --out, or "
                               "--overwrite to replace it")
 
 

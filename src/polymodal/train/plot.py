@@ -20,13 +20,14 @@ from polymodal.data.synthetic import WORLD
 from polymodal.evaluate import majority
 from polymodal.serialization import atomic_write_bytes
 from polymodal.train.hooks import WorldAccuracy
+from polymodal.errors import MissingFileError
 
 
 def read_metrics(run: str | Path) -> list[dict]:
     """The records of a run's metrics.jsonl (a last line cut short by a kill is left out)."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {run} is not a training run directory")
+        raise MissingFileError(f"{path} does not exist: {run} is not a training run directory")
     records = []
     for line in path.read_text().splitlines():
         try:

@@ -147,7 +147,7 @@ def check(argv: list[str], out: str, before: set[Path]) -> None:
     """What the README says each kind of command does."""
     kind = argv[0]
     if kind == "train":
-        run = re.search(r"run dir (\S+)", out)[1]
+        run = re.search(r"run dir ([^\s;]+)", out)[1]
         assert latest_checkpoint(Path(run) / "checkpoints") is not None and "done: 4 steps" in out, out
     elif kind == "eval":
         after = argv[argv.index("--tasks") + 1:] if "--tasks" in argv else []

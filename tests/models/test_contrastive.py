@@ -64,8 +64,8 @@ def test_model_loss_in_chunks_equals_whole_loss():
     chunked = model(ids, px, chunks=4).loss
     chunked.backward()
     assert abs(chunked.item() - whole.item()) <= 1e-6
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k, p in model.named_parameters():  # fp32 sums in another order: within 1e-6 of each gradient's own scale
+        assert (p.grad - ref[k]).abs().max() <= 1e-6 * max(1.0, ref[k].abs().max().item()), k
 
 
 def test_all_ranks_without_a_process_group_is_the_local_loss():

@@ -39,12 +39,12 @@ def test_images_anywhere_equal_embedding_by_hand(model):
     embeds = model.decoder.tok_embeddings(ids)
     for k, start in enumerate((ids[0] == cfg.image_token_id).nonzero()[:, 0].tolist()):
         embeds[0, start + 1:start + 1 + n] = model.embed_images(px[k:k + 1])[0]
-    want = model.decoder(inputs_embeds=embeds).logits
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    want = model.decoder(inputs_embeds=embeds).logits  # images one at a time: fp32 sums in another order (~1e-6)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # causal: the second image changes nothing before it
     second = int((ids[0] == cfg.image_token_id).nonzero()[1, 0])
     other = model(ids, torch.cat((px[:1], torch.randn(1, 3, 32, 32)))).logits
-    torch.testing.assert_close(other[:, :second + 1], got[:, :second + 1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(other[:, :second + 1], got[:, :second + 1], atol=1e-5, rtol=0)
     assert (other[:, second + 1:] - got[:, second + 1:]).abs().max() > 1e-3
 
 

@@ -131,6 +131,17 @@ def test_a_bad_metric_is_one_line_and_writes_nothing(metric, files, runs, tmp_pa
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_vqa_on_questions_with_one_reference_is_refused_before_any_answer(files, runs, tmp_path, capsys):
+    run = runs("paligemma-tiny")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(files / "eval.jsonl"), "--metric", "vqa",
+                 "--out", str(tmp_path / "out")]) == 1
+    err = said(capsys.readouterr().err)
+    assert len(err) == 1 and "eval.jsonl, q0: --metric vqa" in err[0], err
+    assert "scores 0 whatever the answer" in err[0] and "--metric exact" in err[0]
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 def test_dual_encoder_is_scored_by_retrieval(files, runs, tmp_path, one_thread, capsys):
     captions = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
     docs = [Document([Segment("image", media=World(seed=0).draw(*c.split()[1:])), Segment("text", c, target=True)],

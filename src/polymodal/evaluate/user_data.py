@@ -183,6 +183,10 @@ def evaluate_file(model: nn.Module, tokenizer: Tokenizer, docs: list[Document], 
     the majority baseline. progress: called with (answers to write, what), returns a `Progress`."""
     pairs = isinstance(model, DualEncoder)
     questions = items(docs, data, pairs)
+    if metric == "vqa" and (alone := next((q for q in questions if len(q.references) < 2), None)):
+        raise DocumentError(f"{data}, {alone.id}: --metric vqa scores an answer by the other annotators who gave it "
+                            "(VQAv2 has 10 per question), so a question with one reference scores 0 whatever the "
+                            "answer; give each target its \"references\", or use --metric exact")
     train = items(train_docs, "the run's training file", pairs, required=False) if train_docs else None
     collator = make_collator(model.config, tokenizer)
     check(collator, questions, data, pairs)

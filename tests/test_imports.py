@@ -19,6 +19,7 @@ LAYERS = [  # lowest first
     ("polymodal.encoders",),
     ("polymodal.fusion",),  # the Flamingo blocks and the early-fusion families' configs
     ("polymodal.models", "polymodal.data"),  # data reads configs, never model modules; models never read data
+    ("polymodal.families",),  # one spec per family: what generation, train, convert and serve read
     ("polymodal.generation", "polymodal.convert", "polymodal.presets"),
     ("polymodal.api",),
     ("polymodal.evaluate",),  # world.py, user_data.py (+ report), metrics.py and ngrams.py

@@ -29,9 +29,10 @@ from polymodal.models.drawing import decode_rows
 from polymodal.nn.cache import Cache
 from polymodal.nn.meta import ComputedBuffers
 from polymodal.nn.transformer import Decoder, ModelOutput
+from polymodal.nn.language_model import LanguageModel
 
 
-class Chameleon(ComputedBuffers):
+class Chameleon(LanguageModel, ComputedBuffers):
     def __init__(self, config: ChameleonConfig, *, backend: str = "sdpa"):
         super().__init__()
         self.config = config

@@ -27,6 +27,7 @@ from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.masks import make_segments, media_attention_mask, media_ids
 from polymodal.nn.transformer import Decoder, ModelOutput
+from polymodal.nn.language_model import LanguageModel
 
 
 class FlamingoCache(Cache):
@@ -37,7 +38,7 @@ class FlamingoCache(Cache):
     media_layout: tuple[int, int] = (0, 0)  # N media of L tokens each
 
 
-class Flamingo(nn.Module):
+class Flamingo(LanguageModel, nn.Module):
     def __init__(self, config: FlamingoConfig, *, backend: str = "sdpa"):
         super().__init__()
         cfg = self.config = config

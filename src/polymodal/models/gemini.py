@@ -38,9 +38,10 @@ from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.norms import make_norm
 from polymodal.nn.transformer import Decoder, ModelOutput
+from polymodal.nn.language_model import LanguageModel
 
 
-class Gemini(nn.Module):
+class Gemini(LanguageModel, nn.Module):
     def __init__(self, config: GeminiConfig, *, backend: str = "sdpa"):
         super().__init__()
         cfg = self.config = config

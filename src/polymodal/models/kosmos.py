@@ -33,11 +33,12 @@ from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.transformer import Decoder, ModelOutput
+from polymodal.nn.language_model import LanguageModel
 
 IGNORE = -100
 
 
-class Kosmos(nn.Module):
+class Kosmos(LanguageModel, nn.Module):
     def __init__(self, config: KosmosConfig, *, backend: str = "sdpa"):
         super().__init__()
         cfg = self.config = config

@@ -28,9 +28,10 @@ from polymodal.models import fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.transformer import Decoder, ModelOutput
+from polymodal.nn.language_model import LanguageModel
 
 
-class PaliGemma(nn.Module):
+class PaliGemma(LanguageModel, nn.Module):
     def __init__(self, config: PaliGemmaConfig, *, backend: str = "sdpa"):
         super().__init__()
         self.config = config

@@ -25,6 +25,7 @@ from polymodal.nn.masks import Segments, attention_mask, block_mask, make_segmen
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm, make_norm
 from polymodal.nn.positions import ALiBi, Rotary, RotaryTables
+from polymodal.nn.language_model import LanguageModel
 
 
 @dataclass
@@ -81,7 +82,7 @@ def decoder_block(cfg: DecoderConfig, backend: str = "sdpa") -> Block:
                  dropout=cfg.dropout)
 
 
-class Decoder(nn.Module):
+class Decoder(LanguageModel, nn.Module):
     def __init__(self, config: DecoderConfig, *, backend: str = "sdpa"):
         super().__init__()
         cfg = self.config = config
@@ -127,6 +128,10 @@ class Decoder(nn.Module):
                 p[qk_rows:].mul_(gain)
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=self.config.dim ** -0.5)
+
+    @property
+    def text_config(self) -> DecoderConfig:
+        return self.config
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -1,0 +1,30 @@
+"""What shared machinery (generation, training, serving, the CLI, conversion) knows of a family: its spec.
+
+In the spirit of torchtitan's `TrainSpec`: a family registers one `FamilySpec` in `families.FAMILIES`, and
+the engine, the trainer, the server and the CLI read it instead of probing a model's type or attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+def no_placeholders(config) -> tuple[int, ...]:
+    return ()
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    config: type  # the config dataclass
+    model: type  # built as model(config, backend=...)
+    format: type | None = None  # lays a document out as the model reads it; None: the family reads no documents
+    collator: type | None = None  # batches encoded documents; None: `data.collate.Collator`
+    per_token_inputs: tuple[str, ...] = ()  # model inputs laid out like input_ids (B, S, ...): padded and moved with it
+    placeholders: Callable[[object], tuple[int, ...]] = no_placeholders  # token ids whose embeddings media replace
+    pairs: bool = False  # learns by contrast from image-text pairs (no labels, no packing) and writes nothing
+    needs_image: bool = False  # every prompt carries an image (PaliGemma: HF's processor refuses one without)
+
+    @property
+    def generates(self) -> bool:
+        return not self.pairs

@@ -6,7 +6,7 @@ the engine, the trainer, the server and the CLI read it instead of probing a mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 
@@ -24,6 +24,8 @@ class FamilySpec:
     placeholders: Callable[[object], tuple[int, ...]] = no_placeholders  # token ids whose embeddings media replace
     pairs: bool = False  # learns by contrast from image-text pairs (no labels, no packing) and writes nothing
     needs_image: bool = False  # every prompt carries an image (PaliGemma: HF's processor refuses one without)
+    presets: dict[str, Callable[[], object]] = field(default_factory=dict)  # preset name -> its config
+    hf: dict[str, object] = field(default_factory=dict)  # HF model_type -> the conversion rules it reads and writes
 
     @property
     def generates(self) -> bool:

@@ -22,7 +22,7 @@ from PIL import Image
 from tokenizers.models import WordLevel
 
 import polymodal as pm
-from polymodal.data.collate import fit_config
+from polymodal.families.collators import fit_to_tokenizer
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.models.kosmos import kosmos_tiny
@@ -113,7 +113,7 @@ def write_checkpoints(directory: Path) -> None:
     hf_chameleon().save_pretrained(directory / "chameleon-7b")
     world_tok = Tokenizer.train(World(seed=0).texts(), vocab_size=512)
     gemini = directory / "runs/gemini-tiny/checkpoints/step-001000"  # what `polymodal train --model gemini-tiny` writes
-    pm.save_pretrained(pm.build(fit_config(get_preset("gemini-tiny"), world_tok)), gemini)
+    pm.save_pretrained(pm.build(fit_to_tokenizer(get_preset("gemini-tiny"), world_tok)), gemini)
     world_tok.save(gemini)
     pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(directory / "cat.png")

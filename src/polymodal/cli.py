@@ -188,7 +188,7 @@ def _with_weights(directory: Path) -> Path:
 
 def _load(path: str, quantize: str | None = None, role: str = "checkpoint"):
     import polymodal as pm
-    from polymodal.data.collate import check_tokenizer
+    from polymodal.families.collators import check_tokenizer
     from polymodal.data.tokenizer import Tokenizer
 
     directory = _checkpoint_dir(path)
@@ -221,7 +221,7 @@ def _fine_tuning(given: dict) -> dict:
     """--init-from's model is the one trained: a --model of another family is an error, and the run is named
     after the model trained (`<its directory>-tuned`) unless --name says otherwise."""
     from polymodal.config import read_json_config
-    from polymodal.models import load_config
+    from polymodal.families import load_config
     from polymodal.train.trainer import model_config
 
     source = Path(given["init_from"])
@@ -241,7 +241,7 @@ def _fine_tuning(given: dict) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from polymodal.data.collators import make_collator
+    from polymodal.families.collators import make_collator
     from polymodal.data.documents import Document, Segment, load_media
     from polymodal.generation.engine import generate
 
@@ -376,7 +376,7 @@ def eval_data(args: argparse.Namespace) -> None:
     from polymodal.evaluate.report import check_out, table, write
     from polymodal.data.readers import DataNotFoundError
     from polymodal.evaluate.user_data import evaluate_file, read_documents
-    from polymodal.models.contrastive import DualEncoder
+    from polymodal.families.contrastive.model import DualEncoder
 
     if args.metric is not None and args.metric not in METRIC_NAMES:
         raise InputError(f"--metric must be one of {', '.join(METRIC_NAMES)}, got {args.metric!r}")

@@ -23,6 +23,7 @@ from polymodal.data.synthetic import COT_TASKS, World, asked_directly, final_ans
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import InputError
 from polymodal.evaluate import answer, blank, majority
+from polymodal.families.collators import make_collator
 from polymodal.generation.consensus import Votes, route, select_threshold, vote
 
 VALIDATION_START = 100_000  # the validation split's first eval index; the test split is 0..n-1
@@ -89,7 +90,7 @@ def evaluate_routing(model: nn.Module, tokenizer: Tokenizer, task: str, n: int, 
                          f"{VALIDATION_START}), got {n}")
     if task not in COT_TASKS:
         raise InputError(f"task {task!r} has no chain-of-thought form; tasks with one: {', '.join(COT_TASKS)}")
-    collator = Collator(model.config, tokenizer)
+    collator = make_collator(model.config, tokenizer)
     direct_task = COT_TASKS[task]
     chain_tokens, direct_tokens = longest(tokenizer, world, task), longest(tokenizer, world, direct_task)
     splits = {}

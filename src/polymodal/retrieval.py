@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from polymodal.data.pairs import PairCollator
+from polymodal.families.collators import make_collator
+from polymodal.families.contrastive.format import PairCollator
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.evaluate import TaskScore, blank, evaluate, majority
 from polymodal.evaluate.user_data import similarities
-from polymodal.models.contrastive import DualEncoder
+from polymodal.families.contrastive.model import DualEncoder
 
 
 def retrieve(model: DualEncoder, collator: PairCollator, docs: list, answers: tuple[str, ...],
@@ -31,7 +32,7 @@ def score_retrieval(model: DualEncoder, tokenizer: Tokenizer, tasks: tuple[str, 
     baselines=False; progress as in `evaluate.evaluate`."""
     was_training = model.training
     model.eval()
-    collator = PairCollator(model.config, tokenizer)
+    collator = make_collator(model.config, tokenizer)
     scores = []
     for task in tasks:
         examples = [world.sample(task, start + i, "eval") for i in range(n)]

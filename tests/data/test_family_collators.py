@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import polymodal as pm
-from polymodal.data.collators import fit_to_tokenizer, make_collator
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import polymodal as pm
-from polymodal.data.collate import Collator, fit_config
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Audio, Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
@@ -32,12 +32,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def cfg(tok):
-    return fit_config(gemini_tiny(), tok)
+    return fit_to_tokenizer(gemini_tiny(), tok)
 
 
 @pytest.fixture(scope="module")
 def collator(cfg, tok):
-    return Collator(cfg, tok)
+    return make_collator(cfg, tok)
 
 
 @pytest.fixture

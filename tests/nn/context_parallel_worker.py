@@ -32,7 +32,7 @@ from polymodal.models.paligemma import PaliGemma
 from polymodal.nn import ring_attention
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.transformer import Block, Decoder
-from polymodal.presets import paligemma_tiny
+from polymodal.families.paligemma.presets import paligemma_tiny
 from polymodal.train.distributed import barrier, init_process, shutdown
 
 B, S = 2, 100  # not a multiple of 2W chunks: the split pads

@@ -1,4 +1,4 @@
-"""Documents -> token layouts, one format per family, chosen by the type of the model config (`FORMATS`).
+"""Documents -> token layouts: the pieces every family's format is made of, and the early-fusion formats.
 
 A format lays one `Document` out as its family's model reads it (token ids, labels, family extras
 such as token_type_ids, and the media tensors in token order); `fit` takes a model config's vocabulary
@@ -42,36 +42,16 @@ def _name(doc: Document, index: int | None = None) -> str:
             else f"document {index}" if index is not None else "the document")
 
 
-class DecoderFormat:
-    """Text-only decoder LMs: <bos> text <sep> text ... <eos>; labels on target text.
+def caption(doc: Document) -> str:
+    """The caption of an image-caption pair document: its target text, or all of its text when nothing is a target."""
+    texts = [s.text for s, t in zip(doc.segments, doc.target_mask) if s.kind == "text" and t]
+    return " ".join(texts or doc.texts)
 
-    A separator or the final <eos> is a label when the segment before it is a target, so the
-    model learns where an answer ends."""
 
-    def __init__(self, config: DecoderConfig, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.sep = tokenizer.encode(SEPARATOR)
-        self.max_len = config.max_seq_len
-
-    @staticmethod
-    def fit(config: DecoderConfig, tokenizer: Tokenizer) -> DecoderConfig:
-        return config.replace(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
-                              bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-
-    def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
-        kinds = sorted({s.kind for s in doc.segments} - {"text"})
-        if kinds:
-            raise DocumentError(f"{_name(doc)} has {', '.join(kinds)} segments; a text-only decoder reads text only")
-        tok = self.tokenizer
-        segments = list(zip(doc.segments, doc.target_mask))
-        if prompt_only:
-            segments = [(s, False) for s in _prompt(doc)]
-        pieces = [([tok.bos_id], False)]
-        for i, (seg, target) in enumerate(segments):
-            last = i == len(segments) - 1 and not prompt_only
-            text = tok.encode(seg.text, split_special_tokens=True)  # never a control token
-            pieces += [(text, target), ([tok.eos_id] if last else self.sep, target)]
-        return Encoded({"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)})
+def fit_text(config: DecoderConfig, tokenizer: Tokenizer) -> DecoderConfig:
+    """A decoder config with its vocabulary size and bos / eos / pad ids taken from the tokenizer."""
+    return config.replace(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                          bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
 
 
 def _prompt(doc: Document) -> list:
@@ -100,7 +80,7 @@ class PaliGemmaFormat:
 
     @staticmethod
     def fit(config: PaliGemmaConfig, tokenizer: Tokenizer) -> PaliGemmaConfig:
-        return config.replace(text=DecoderFormat.fit(config.text, tokenizer),
+        return config.replace(text=fit_text(config.text, tokenizer),
                               image_token_id=tokenizer.token_id("<image>"))
 
     def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
@@ -137,25 +117,19 @@ class PaliGemmaFormat:
         return ids
 
 
-class KosmosFormat:
-    """KOSMOS-1: <bos>, then the segments in their order: each image as <image>, n_image_latents
-    placeholders, </image> (`KosmosConfig.image_tokens`), each text followed by a separator (the
-    last segment by <eos>); labels on target text. Images get CLIP's preprocessing."""
+class InterleavedImages:
+    """Images and text in their order (KOSMOS-1, Flamingo): <bos>, then each image as its
+    `image_tokens()`, each text followed by a separator (the last segment by <eos>); labels on
+    target text. Images get CLIP's preprocessing. A subclass names its family, its image ids and `fit`."""
 
-    family = "KOSMOS-1"
+    family = "this model"
 
-    def __init__(self, config: KosmosConfig, tokenizer: Tokenizer):
+    def __init__(self, config, tokenizer: Tokenizer):
         self.tokenizer, self.config = tokenizer, config
         self.sep = tokenizer.encode(SEPARATOR)
         self.max_len = config.text.max_seq_len
         size = config.vision.image_size
         self.images = ImageProcessor(size=(size, size), resample="bicubic", image_mean=CLIP_MEAN, image_std=CLIP_STD)
-
-    @staticmethod
-    def fit(config: KosmosConfig, tokenizer: Tokenizer) -> KosmosConfig:
-        return config.replace(text=DecoderFormat.fit(config.text, tokenizer),
-                              image_token_id=tokenizer.token_id("<image>"),
-                              image_end_token_id=tokenizer.token_id("</image>"), placeholder_token_id=tokenizer.pad_id)
 
     def encode(self, doc: Document, prompt_only: bool = False) -> Encoded:
         segments = [(s, False) for s in _prompt(doc)] if prompt_only else list(zip(doc.segments, doc.target_mask))
@@ -180,6 +154,21 @@ class KosmosFormat:
 
     def image_tokens(self) -> list[int]:
         """The ids an image takes in the text."""
+        raise NotImplementedError
+
+
+class KosmosFormat(InterleavedImages):
+    """KOSMOS-1: each image as <image>, n_image_latents placeholders, </image> (`KosmosConfig.image_tokens`)."""
+
+    family = "KOSMOS-1"
+
+    @staticmethod
+    def fit(config: KosmosConfig, tokenizer: Tokenizer) -> KosmosConfig:
+        return config.replace(text=fit_text(config.text, tokenizer),
+                              image_token_id=tokenizer.token_id("<image>"),
+                              image_end_token_id=tokenizer.token_id("</image>"), placeholder_token_id=tokenizer.pad_id)
+
+    def image_tokens(self) -> list[int]:
         return self.config.image_tokens()
 
 
@@ -206,7 +195,7 @@ class GeminiFormat:
         ids, V = tokenizer.special_ids, tokenizer.vocab_size
         tokens = MediaTokens(placeholder=ids["<image>"], image=(ids["<img>"], ids["</img>"]),
                              audio=(ids["<audio>"], ids["</audio>"]), video=(ids["<video>"], ids["</video>"]))
-        text = DecoderFormat.fit(config.text, tokenizer)
+        text = fit_text(config.text, tokenizer)
         if config.vq is None:
             return config.replace(text=text, tokens=tokens)
         # written images: their begin and end tokens, then the VQ codes, right after the tokenizer's vocabulary
@@ -291,7 +280,7 @@ class ChameleonFormat:
     def fit(config: ChameleonConfig, tokenizer) -> ChameleonConfig:
         """Text tokens from the tokenizer, then the VQ codes right after them."""
         V, ids = tokenizer.vocab_size, tokenizer.special_ids
-        text = DecoderFormat.fit(config.text, tokenizer).replace(vocab_size=V + config.vq.num_embeddings)
+        text = fit_text(config.text, tokenizer).replace(vocab_size=V + config.vq.num_embeddings)
         return config.replace(text=text, image_tokens=V, image_token_id=ids["<image>"],
                               begin_image_id=ids["<img>"], end_image_id=ids["</img>"])
 
@@ -313,19 +302,3 @@ class ChameleonFormat:
         tokens = {"input_ids": [i for p, _ in pieces for i in p], "labels": _labels(pieces)}
         return Encoded(tokens, {"pixel_values": images_to_pixels(images, cfg.vq.resolution)} if images else {})
 
-
-FORMATS: dict[type, type] = {
-    DecoderConfig: DecoderFormat,
-    PaliGemmaConfig: PaliGemmaFormat,
-    KosmosConfig: KosmosFormat,
-    GeminiConfig: GeminiFormat,
-    ChameleonConfig: ChameleonFormat,
-}
-
-
-def format_for(config) -> type:
-    """The format class of a model config."""
-    if type(config) not in FORMATS:
-        raise DocumentError(f"no document format for {type(config).__name__}; known: "
-                        f"{sorted(c.__name__ for c in FORMATS)}")
-    return FORMATS[type(config)]

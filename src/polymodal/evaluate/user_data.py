@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polymodal.data.collators import make_collator
+from polymodal.families.collators import make_collator
 from polymodal.data.documents import Document, with_media
 from polymodal.data.readers import read_flagged
-from polymodal.data.pairs import caption
+from polymodal.data.formats import caption
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import DocumentError
 from polymodal.evaluate.metrics import METRICS
 from polymodal.evaluate.world import answer, blank
-from polymodal.models.contrastive import DualEncoder
+from polymodal.families.contrastive.model import DualEncoder
 
 RECALL_AT = (1, 5, 10)
 MARKERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}

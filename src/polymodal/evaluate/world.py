@@ -27,7 +27,7 @@ from torch import nn
 
 from polymodal.errors import InputError
 from polymodal.data.collate import Collator
-from polymodal.data.collators import make_collator
+from polymodal.families.collators import make_collator
 from polymodal.data.documents import Audio, Document, Segment
 from polymodal.data.synthetic import DRAWN, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer

@@ -1,41 +1,73 @@
-"""Every family, one line each, in one literal dict (no registration by import side effects).
+"""Every family, one entry each, in one literal dict (no registration by import side effects), and the registries
+derived from it: model and config classes by config, `load_config` for any polymodal config.json, and
+`merged` for the unions (`presets.PRESETS`, `convert.hf.FAMILIES`).
 
 `spec_of(config_or_model)` is how shared machinery finds a family's spec.
 """
 
 from __future__ import annotations
 
-from polymodal.config import Config, ConfigError, DecoderConfig
-from polymodal.data.formats import ChameleonFormat, DecoderFormat, GeminiFormat, KosmosFormat, PaliGemmaFormat
-from polymodal.data.interleaved import InterleavedCollator, InterleavedFormat
-from polymodal.data.pairs import PairCollator, PairFormat
+from pathlib import Path
+
+from polymodal.config import Config, ConfigError, DecoderConfig, read_json_config
+from polymodal.convert import hf_chameleon, hf_gemini, hf_vision
+from polymodal.convert.hf_whisper import WHISPER
+from polymodal.data.formats import ChameleonFormat, GeminiFormat, KosmosFormat, PaliGemmaFormat
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.encoders.vq import VQConfig, VQModel
+from polymodal.families.contrastive.config import ContrastiveConfig
+from polymodal.families.contrastive.format import PairCollator, PairFormat
+from polymodal.families.contrastive.hf import CLIP, SIGLIP
+from polymodal.families.contrastive.model import DualEncoder
+from polymodal.families.contrastive.presets import PRESETS as CONTRASTIVE_PRESETS
+from polymodal.families.decoder.format import DecoderFormat
+from polymodal.families.decoder.hf import GEMMA, LLAMA
+from polymodal.families.decoder.presets import PRESETS as DECODER_PRESETS
+from polymodal.families.flamingo.config import FlamingoConfig
+from polymodal.families.flamingo.format import InterleavedCollator, InterleavedFormat
+from polymodal.families.flamingo.hf import IDEFICS
+from polymodal.families.flamingo.model import Flamingo
+from polymodal.families.flamingo.presets import PRESETS as FLAMINGO_PRESETS
+from polymodal.families.paligemma.presets import PRESETS as PALIGEMMA_PRESETS
 from polymodal.families.spec import FamilySpec
-from polymodal.models.chameleon import Chameleon, ChameleonConfig
-from polymodal.models.contrastive import ContrastiveConfig, DualEncoder
-from polymodal.models.flamingo import Flamingo, FlamingoConfig
-from polymodal.models.gemini import Gemini, GeminiConfig
-from polymodal.models.kosmos import Kosmos, KosmosConfig
+from polymodal.models.chameleon import Chameleon, ChameleonConfig, chameleon_tiny
+from polymodal.models.gemini import Gemini, GeminiConfig, gemini_nano_1, gemini_nano_2, gemini_tiny
+from polymodal.models.kosmos import Kosmos, KosmosConfig, kosmos_1, kosmos_tiny
 from polymodal.models.paligemma import PaliGemma, PaliGemmaConfig
 from polymodal.nn.transformer import Decoder
 
 FAMILIES: dict[str, FamilySpec] = {
-    "decoder": FamilySpec(DecoderConfig, Decoder, DecoderFormat),
+    "decoder": FamilySpec(DecoderConfig, Decoder, DecoderFormat, presets=DECODER_PRESETS,
+                          hf={"llama": LLAMA, "gemma": GEMMA}, peft=("llama", ())),
     "paligemma": FamilySpec(PaliGemmaConfig, PaliGemma, PaliGemmaFormat, per_token_inputs=("token_type_ids",),
-                            placeholders=lambda c: (c.image_token_id,), needs_image=True),
+                            placeholders=lambda c: (c.image_token_id,), needs_image=True, presets=PALIGEMMA_PRESETS,
+                            hf={"paligemma": hf_vision.PALIGEMMA},
+                            peft=("paligemma", (("language_model.model.", "model.language_model."),
+                                                ("language_model.lm_head", "lm_head"),
+                                                ("vision_tower.", "model.vision_tower."),
+                                                ("multi_modal_projector.", "model.multi_modal_projector.")))),
     "flamingo": FamilySpec(FlamingoConfig, Flamingo, InterleavedFormat, InterleavedCollator,
-                           per_token_inputs=("media_locations", "image_attention_mask")),
-    "kosmos": FamilySpec(KosmosConfig, Kosmos, KosmosFormat, placeholders=lambda c: (c.placeholder_token_id,)),
-    "gemini": FamilySpec(GeminiConfig, Gemini, GeminiFormat, placeholders=lambda c: (c.tokens.placeholder,)),
-    "chameleon": FamilySpec(ChameleonConfig, Chameleon, ChameleonFormat),
-    "contrastive": FamilySpec(ContrastiveConfig, DualEncoder, PairFormat, PairCollator, pairs=True),
-    "vit": FamilySpec(VisionConfig, ViT),
-    "audio": FamilySpec(AudioConfig, AudioEncoder),
+                           per_token_inputs=("media_locations", "image_attention_mask"),
+                           presets=FLAMINGO_PRESETS, hf={"idefics": IDEFICS}),
+    "kosmos": FamilySpec(KosmosConfig, Kosmos, KosmosFormat, placeholders=lambda c: (c.placeholder_token_id,),
+                         presets={"kosmos-tiny": kosmos_tiny, "kosmos-1": kosmos_1}),
+    "gemini": FamilySpec(GeminiConfig, Gemini, GeminiFormat, placeholders=lambda c: (c.tokens.placeholder,),
+                         presets={"gemini-tiny": gemini_tiny, "gemini-nano-1": gemini_nano_1,
+                                  "gemini-nano-2": gemini_nano_2},
+                         hf={"fuyu": hf_gemini.FUYU}),
+    "chameleon": FamilySpec(ChameleonConfig, Chameleon, ChameleonFormat, presets={"chameleon-tiny": chameleon_tiny},
+                            hf={"chameleon": hf_chameleon.CHAMELEON}),
+    "contrastive": FamilySpec(ContrastiveConfig, DualEncoder, PairFormat, PairCollator, pairs=True,
+                              presets=CONTRASTIVE_PRESETS, hf={"clip": CLIP, "siglip": SIGLIP}),
+    "vit": FamilySpec(VisionConfig, ViT, hf={"siglip_vision_model": hf_vision.SIGLIP_VISION,
+                                             "clip_vision_model": hf_vision.CLIP_VISION}),
+    "audio": FamilySpec(AudioConfig, AudioEncoder, hf={"whisper": WHISPER}),
     "vq": FamilySpec(VQConfig, VQModel),
 }
 
+MODEL_CLASSES: dict[type, type] = {spec.config: spec.model for spec in FAMILIES.values()}
+CONFIG_CLASSES: dict[str, type] = {spec.config.__name__: spec.config for spec in FAMILIES.values()}
 _BY_CONFIG = {spec.config: spec for spec in FAMILIES.values()}
 
 
@@ -46,3 +78,27 @@ def spec_of(config_or_model) -> FamilySpec:
         raise ConfigError(f"{type(config_or_model).__name__} is no polymodal family; known configs: "
                           f"{sorted(c.__name__ for c in _BY_CONFIG)}")
     return _BY_CONFIG[type(config)]
+
+
+def merged(field: str) -> dict:
+    """The union of one dict field (`presets`, `hf`) over every family's spec; ConfigError naming a key two
+    families both claim."""
+    out: dict = {}
+    for family, spec in FAMILIES.items():
+        for name, value in getattr(spec, field).items():
+            if name in out:
+                raise ConfigError(f"{field} {name!r} is claimed by two families ({out[name][0]} and {family})")
+            out[name] = (family, value)
+    return {name: value for name, (_, value) in out.items()}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a polymodal config.json written by `Config.to_json`; ConfigError naming the file if it is not one."""
+    data = read_json_config(path)
+    name = data.pop("config_class", None)
+    if name not in CONFIG_CLASSES:
+        raise ConfigError(f"{path}: config_class must be one of {sorted(CONFIG_CLASSES)}, got {name!r}")
+    try:
+        return CONFIG_CLASSES[name].from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e

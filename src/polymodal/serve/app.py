@@ -25,8 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import polymodal as pm
-from polymodal.data.collate import Collator
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.families.collators import make_collator
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.serve.answer import Answer
 from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, parse_body
@@ -44,7 +44,7 @@ class Server:
         self.name = name or directory.resolve().name  # the model id clients send
         self.model = pm.from_pretrained(directory)
         self.tokenizer = Tokenizer.from_file(directory)
-        self.collator = Collator(self.model.config, self.tokenizer)
+        self.collator = make_collator(self.model.config, self.tokenizer)
         self.context = self.collator.format.max_len
         self.limits = limits
         self.batcher = Batcher(self.model, slots=slots, max_len=self.context, max_waiting=max_queue)

@@ -36,18 +36,18 @@ import numpy as np
 import torch
 
 from polymodal.api import build, from_pretrained
-from polymodal.models import load_config
+from polymodal.families import load_config
 from polymodal.convert.peft import adapter_layout, add_lora, load_adapter, merge_lora, write_adapter
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive
 from polymodal.data.collate import Collator, count_targets
-from polymodal.data.collators import fit_to_tokenizer, make_collator
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, DocumentError, with_media
 from polymodal.data.lazy import checked, document_texts
 from polymodal.data.readers import read_flagged
 from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import MissingFileError, PolymodalError, check_number
-from polymodal.models.contrastive import ContrastiveConfig
+from polymodal.families.contrastive.config import ContrastiveConfig
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Block

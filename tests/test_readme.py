@@ -2,7 +2,7 @@
 
 The blocks run once each, in README order, in one namespace, as in a reader's Python session: later
 blocks use the first block's `pm` and `torch`, and the image-output block the Gemini block's `world`,
-`tok` and `Collator`; a block selected alone (-k) first runs the blocks before it. They run in a
+`tok` and `make_collator`; a block selected alone (-k) first runs the blocks before it. They run in a
 directory holding what they name: checkpoint directories written by HF transformers from the parity
 tests' tiny random configs (PaliGemma's with a tokenizer.json and a preprocessor_config.json, Idefics'
 with a tokenizer.json), a gemini-tiny run's checkpoint (random weights, the world's tokenizer), and cat.png. The tensors a block uses without defining them (the reader's own

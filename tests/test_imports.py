@@ -18,7 +18,7 @@ LAYERS = [  # lowest first, as DESIGN.md lays the package out: nn <- encoders/fu
     ("polymodal.config", "polymodal.serialization", "polymodal.runs"),  # runs: where a run directory keeps its checkpoints
     ("polymodal.nn",),
     ("polymodal.encoders",),
-    ("polymodal.fusion",),  # the Flamingo blocks and the early-fusion families' configs
+    ("polymodal.fusion",),  # the Perceiver Resampler and the early-fusion families' configs
     # models: the early-fusion core and the families not yet in families/; data reads configs, never model modules;
     # convert.rules: the pieces of every HF key map, which the families write theirs with
     ("polymodal.models", "polymodal.data", "polymodal.convert.rules"),

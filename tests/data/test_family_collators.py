@@ -1,5 +1,5 @@
 """The batches of the families that do not put media in the token stream: Flamingo (images per row,
-`data/interleaved.py`) and the dual encoders (image-caption pairs, `data/pairs.py`)."""
+`families/flamingo/format.py`) and the dual encoders (image-caption pairs, `families/contrastive/format.py`)."""
 
 import pytest
 import torch

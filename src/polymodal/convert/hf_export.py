@@ -45,20 +45,23 @@ def model_type_of(model: nn.Module) -> str:
     """The HF model_type a polymodal model is written as: of its family's (`spec.hf`), the one, or the one
     whose config conversion takes this model's config (Llama or Gemma, CLIP or SigLIP)."""
     kinds = list(spec_of(model).hf) if isinstance(getattr(model, "config", None), Config) else []
-    if len(kinds) > 1:
-        kinds = [t for t in kinds if _writes(FAMILIES[t], model.config)]
+    refusals = {t: _refusal(FAMILIES[t], model.config) for t in kinds} if len(kinds) > 1 else {}
+    if refusals:
+        kinds = [t for t in kinds if refusals[t] is None]
     if len(kinds) == 1:
         return kinds[0]
+    why = "".join(f"; {t}: {reason}" for t, reason in refusals.items())
     raise InputError(f"a {type(getattr(model, 'config', model)).__name__} model has no Hugging Face model_type "
-                     f"polymodal writes; give --model-type, one of {sorted(FAMILIES)}")
+                     f"polymodal writes{why}; give --model-type, one of {sorted(FAMILIES)}")
 
 
-def _writes(family, config) -> bool:
+def _refusal(family, config) -> str | None:
+    """Why the family's HF config conversion refuses `config`; None when it takes it."""
     try:
         family.config_to_hf(config)
-    except ConfigError:
-        return False
-    return True
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def export_hf(model: nn.Module, tokenizer: Tokenizer | None, target: str | Path, model_type: str | None = None,

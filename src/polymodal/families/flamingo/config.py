@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from polymodal.config import Config, ConfigError, DecoderConfig, _check_choice, _check_positive
 from polymodal.encoders.vit import VisionConfig
-from polymodal.fusion.cross_attention import GATES
+from polymodal.families.flamingo.cross_attention import GATES
 from polymodal.fusion.perceiver import PerceiverConfig
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from polymodal.encoders.vit import ViT
 from polymodal.errors import InputError, check_finite, check_ids
 from polymodal.families.flamingo.config import FlamingoConfig
-from polymodal.fusion.cross_attention import gated_cross_attention_block
+from polymodal.families.flamingo.cross_attention import gated_cross_attention_block
 from polymodal.fusion.perceiver import build_resampler
 from polymodal.models import fusion
 from polymodal.models.parts import set_trainable

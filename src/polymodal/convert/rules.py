@@ -4,7 +4,7 @@ that every family holding such a decoder reuses.
 A key map is a list of `Rule`s: one polymodal tensor made of one or more HF tensors concatenated
 along dim 0 (fused QKV, fused gate/up). Import concatenates, export splits, so a round trip
 HF -> polymodal -> HF gives back the same tensors. Each family's own map is in its folder
-(`families/<name>/hf.py`), named in its spec's `hf`; `convert.hf.FAMILIES` is their union.
+(`families/<name>/convert.py`), named in its spec's `hf`; `convert.hf.FAMILIES` is their union.
 This module sits below the families (tests/test_imports.py), so it imports no model.
 """
 

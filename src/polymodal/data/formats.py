@@ -117,10 +117,11 @@ class PaliGemmaFormat:
         return ids
 
 
-class InterleavedImages:
-    """Images and text in their order (KOSMOS-1, Flamingo): <bos>, then each image as its
-    `image_tokens()`, each text followed by a separator (the last segment by <eos>); labels on
-    target text. Images get CLIP's preprocessing. A subclass names its family, its image ids and `fit`."""
+class ImagesInTextFormat:
+    """Images anywhere in the text (KOSMOS-1's layout, which Flamingo's follows): <bos>, then the segments in
+    their order, each image as the ids `image_tokens()` gives, each text followed by a separator (the last
+    segment by <eos>); labels on target text. Images get CLIP's preprocessing. A family subclasses it with its
+    `fit` and `image_tokens`."""
 
     family = "this model"
 
@@ -157,7 +158,7 @@ class InterleavedImages:
         raise NotImplementedError
 
 
-class KosmosFormat(InterleavedImages):
+class KosmosFormat(ImagesInTextFormat):
     """KOSMOS-1: each image as <image>, n_image_latents placeholders, </image> (`KosmosConfig.image_tokens`)."""
 
     family = "KOSMOS-1"

@@ -18,15 +18,15 @@ from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.encoders.vq import VQConfig, VQModel
 from polymodal.families.contrastive.config import ContrastiveConfig
 from polymodal.families.contrastive.format import PairCollator, PairFormat
-from polymodal.families.contrastive.hf import CLIP, SIGLIP
+from polymodal.families.contrastive.convert import CLIP, SIGLIP
 from polymodal.families.contrastive.model import DualEncoder
 from polymodal.families.contrastive.presets import PRESETS as CONTRASTIVE_PRESETS
 from polymodal.families.decoder.format import DecoderFormat
-from polymodal.families.decoder.hf import GEMMA, LLAMA
+from polymodal.families.decoder.convert import GEMMA, LLAMA
 from polymodal.families.decoder.presets import PRESETS as DECODER_PRESETS
 from polymodal.families.flamingo.config import FlamingoConfig
 from polymodal.families.flamingo.format import InterleavedCollator, InterleavedFormat
-from polymodal.families.flamingo.hf import IDEFICS
+from polymodal.families.flamingo.convert import IDEFICS
 from polymodal.families.flamingo.model import Flamingo
 from polymodal.families.flamingo.presets import PRESETS as FLAMINGO_PRESETS
 from polymodal.families.paligemma.presets import PRESETS as PALIGEMMA_PRESETS

@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 
 from polymodal.data.collate import Collator
-from polymodal.data.formats import Encoded, InterleavedImages, fit_text
+from polymodal.data.formats import Encoded, ImagesInTextFormat, fit_text
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.families.flamingo.config import FlamingoConfig
 
 
-class InterleavedFormat(InterleavedImages):
+class InterleavedFormat(ImagesInTextFormat):
     """The interleaved layout with one `<image>` token per image, the images kept apart."""
 
     family = "this Flamingo"

@@ -1,7 +1,7 @@
 """Flamingo (Alayrac et al. 2022): a frozen decoder LM, a Perceiver Resampler over vision features, and a
 tanh-gated cross-attention block before every k-th LM block; each text token attends only to the
 latest media that started at or before it. Matches HF `IdeficsForVisionText2Text` (a Flamingo
-reproduction) weight for weight through `hf.py`.
+reproduction) weight for weight through `convert.py`.
 
 The LM is a plain polymodal `Decoder` kept whole under `decoder.` (its state-dict keys unchanged, so a
 decoder checkpoint loads into it as is); the cross-attention blocks run through the decoder's

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from polymodal.generation.engine import next_token
+from polymodal.generation.choice import Chooser
 from polymodal.generation.sampling import sample_next, top_p_filter
 
 logits_process = pytest.importorskip("transformers.generation.logits_process",
@@ -72,8 +72,7 @@ def test_repetition_penalty_on_bf16_logits_chooses_as_hf():
     seen_ids = torch.tensor([[0], [0]])
     seen = torch.zeros(2, 2, dtype=torch.bool).scatter_(1, seen_ids, True)
     expected = logits_process.RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.float()).argmax(-1)
-    token, *_ = next_token(logits, torch.zeros(2, dtype=torch.bool), None, seen, None, spans=None, allowed=None,
-                           penalty=1.3, pad_token_id=0, stop_ids=None)
+    token, *_ = Chooser(penalty=1.3).choose(logits, torch.zeros(2, dtype=torch.bool), None, seen, None)
     assert token.tolist() == expected.tolist() == [1, 1]
 
 
@@ -91,7 +90,7 @@ def test_repetition_penalty_then_sampling_on_bf16_logits_matches_hf_chain():
         V = 64
         noise = torch.ones(V, V)
         noise.fill_diagonal_(1e-30)
-        token, *_ = next_token(logits.expand(V, V), torch.zeros(V, dtype=torch.bool), None, seen.expand(V, V), noise,
-                               spans=None, allowed=None, penalty=1.2, pad_token_id=0, stop_ids=None, do_sample=True,
-                               temperature=0.8, top_k=20, top_p=0.9)
+        chooser = Chooser(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, penalty=1.2)
+        token, *_ = chooser.choose(logits.expand(V, V), torch.zeros(V, dtype=torch.bool), None, seen.expand(V, V),
+                                   noise)
         assert torch.equal(token == torch.arange(V), theirs)

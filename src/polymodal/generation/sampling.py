@@ -16,19 +16,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def processed(logits: torch.Tensor, state: torch.Tensor | None, seen: torch.Tensor | None, *, spans,
-              allowed: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """The logit processors that depend on the tokens so far, in float32 as HF's generate runs them (a
-    penalty applied to bf16 logits rounds them into ties): the repetition penalty over seen (..., V) and
-    the image-span mode (...) of a model that writes images (`models.constraints.ImageSpans`)."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, penalty)
-    if state is not None:
-        logits = spans.mask(logits, state, allowed)
-    return logits
-
-
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, logits.shape[-1])
     kth = logits.topk(k, dim=-1).values[..., -1:]

@@ -1,17 +1,18 @@
 """One generation engine for every family: prefill once, then decode one token at a time.
 
-A model takes part through a small protocol (gpt-fast's split): `model.make_cache(batch, max_len)`
-returns a static cache, and `model(input_ids=..., cache=cache, logits_to_keep=1, **media)` is the
-prefill (media are encoded here, once) while `model(input_ids=(B, 1), cache=cache, logits_to_keep=1)`
-is one decode step. Prompts of different lengths are left-padded (right padding is moved left).
+A model takes part through the `LanguageModel` protocol (`nn/language_model.py`, gpt-fast's split):
+`model.make_cache(batch, max_len)` returns a static cache, `model.prefill(input_ids, cache, **media)` runs
+the prompt (media are encoded there, once) and `model.decode(input_ids (B, 1), cache)` is one decode step;
+`model.text_config` gives the vocabulary and the context. What a family lays out like input_ids (and so
+moves with it) is its spec's `per_token_inputs`. Prompts of different lengths are left-padded (right
+padding is moved left). Each step's token is chosen by the one `Chooser` (`choice.py`).
 
-A model that writes images as discrete tokens (Chameleon) also has `model.image_spans`, an
-`ImageSpans` state machine that masks each row's logits to its current mode (text, image codes,
-image end), and `model.images_from_codes(codes per row)` -> PIL images per row for `return_images`.
+A model that writes images as discrete tokens also has `model.image_spans`, an `ImageSpans` state
+machine that masks each row's logits to its current mode (text, image codes, image end), and
+`model.images_from_codes(codes per row)` -> PIL images per row for `return_images`.
 
-`compile=True` runs `decode_one` (the model on each row's last token, then the logit processors and
-sampling) through `torch.compile`, as CUDA graphs on CUDA; prefill and media encoding stay eager and
-run once. Sampling noise is drawn outside the step, so a seed gives the same tokens either way. The
+`compile=True` runs `decode_one` (the model on each row's last token, then the chooser) through
+`torch.compile`, as CUDA graphs on CUDA; prefill and media encoding stay eager and run once. Sampling noise is drawn outside the step, so a seed gives the same tokens either way. The
 loop's only host sync is the stop check (with stop tokens only), read every `STOP_EVERY` steps when
 compiled and every step eager; steps run after every row had stopped are dropped, so both return
 the same tokens.

@@ -254,12 +254,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from polymodal.families import spec_of
     from polymodal.generation.engine import generate
     from polymodal.generation.prompts import ContextError, prompts
+    from polymodal.nn.language_model import LanguageModel
 
     segments = _media_segments(args)
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     draft = _load(args.assistant, role="--assistant (the draft)")[1] if args.assistant is not None else None
-    spec = spec_of(model)
-    if not spec.generates:
+    if not isinstance(model, LanguageModel):
         raise InputError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
                          "nothing; score it with `polymodal eval`")
     spans = model.image_spans
@@ -272,7 +272,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                            max_new, flag="--max-new-tokens")
     except ContextError as e:
         raise ContextError(f"{e} ({directory})") from e
-    if spec.needs_image and not args.image:
+    if spec_of(model).needs_image and not args.image:
         raise InputError(f"{directory} is a {type(model).__name__}, which answers about an image: give --image FILE "
                          "(HF's processor refuses a prompt without one too)")
     if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():

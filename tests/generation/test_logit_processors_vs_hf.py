@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from polymodal.generation.choice import Chooser
-from polymodal.generation.sampling import sample_next, top_p_filter
+from polymodal.generation.sampling import top_p_filter
 
 logits_process = pytest.importorskip("transformers.generation.logits_process",
                                      reason="transformers is the parity reference")
@@ -40,12 +40,12 @@ def test_top_p_on_a_gemma_sized_vocabulary(p):
 
 
 def kept_by_sampling(logits: torch.Tensor, **sampling) -> torch.Tensor:
-    """(V,) bool: the tokens `sample_next` can draw from logits (V,). Row j of a batch of copies gets Exp(1)
+    """(V,) bool: the tokens a sampling `Chooser` can draw from logits (V,). Row j of a batch of copies gets Exp(1)
     noise that is tiny on token j only: the exponential race then picks j exactly when j has probability > 0."""
     V = logits.shape[-1]
     noise = torch.ones(V, V)
     noise.fill_diagonal_(1e-30)
-    return sample_next(logits.expand(V, V), do_sample=True, noise=noise, **sampling) == torch.arange(V)
+    return Chooser(do_sample=True, **sampling).pick(logits.expand(V, V), None, None, noise)[0] == torch.arange(V)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 10, 0.9), (1.5, 4, 0.5), (0.5, 100, 0.95), (2.0, None, 0.8),

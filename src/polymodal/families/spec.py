@@ -34,3 +34,8 @@ class FamilySpec:
     @property
     def generates(self) -> bool:
         return not self.pairs
+
+    @property
+    def trains_parts(self) -> bool:
+        """Whether the model can train chosen parts only, the rest frozen (`model.trainable(parts)`)."""
+        return callable(getattr(self.model, "trainable", None))

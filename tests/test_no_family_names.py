@@ -21,9 +21,10 @@ PROBED = ("model", "config")  # what a probe's first argument is named after
 
 def family_module(module: str) -> bool:
     """A module that holds family code: the model modules, the family configs, a family's own folder (the
-    registries, `polymodal.models` and `polymodal.families`, are not: they are read by name)."""
+    registries, `polymodal.models`, `polymodal.families` and its modules beside the folders, are not)."""
+    parts = module.split(".")
     return (module.startswith(("polymodal.models.", "polymodal.fusion.configs"))
-            or (module.startswith("polymodal.families.") and module != "polymodal.families.spec"))
+            or (parts[:2] == ["polymodal", "families"] and len(parts) > 2 and (SRC / "families" / parts[2]).is_dir()))
 
 
 def findings(path: Path) -> list[str]:

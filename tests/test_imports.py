@@ -17,10 +17,12 @@ LAYERS = [  # lowest first
     ("polymodal.config", "polymodal.serialization", "polymodal.runs"),  # runs: where a run directory keeps its checkpoints
     ("polymodal.nn",),
     ("polymodal.encoders",),
-    ("polymodal.fusion",),  # the Flamingo blocks and the early-fusion families' configs
-    ("polymodal.models", "polymodal.data"),  # data reads configs, never model modules; models never read data
-    ("polymodal.families",),  # one spec per family: what generation, train, convert and serve read
-    ("polymodal.generation", "polymodal.convert", "polymodal.presets"),
+    ("polymodal.fusion",),  # the Flamingo blocks and configs, and the early-fusion core (spans, writer, table)
+    ("polymodal.convert.rules", "polymodal.models.parts"),  # key-map machinery and freezing, for family folders
+    ("polymodal.convert.hf_vision",),  # the CLIP/SigLIP towers' key maps (PaliGemma, dual encoders, Idefics)
+    ("polymodal.models.flamingo", "polymodal.models.contrastive", "polymodal.data"),  # data reads configs only
+    ("polymodal.families",),  # one folder and one spec per family: what generation, train, convert and serve read
+    ("polymodal.models", "polymodal.generation", "polymodal.convert", "polymodal.presets"),  # models: its registry
     ("polymodal.api",),
     ("polymodal.evaluate",),  # world.py, user_data.py (+ report), metrics.py and ngrams.py
     ("polymodal.retrieval", "polymodal.evaluate_cot"),  # evaluate's scoring for the dual encoders; chain-of-thought routing

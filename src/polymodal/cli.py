@@ -28,7 +28,7 @@ from polymodal.data.synthetic import COT_TASKS, WORLD
 from polymodal.errors import (CheckpointError, ExistingFileError, InputError, MissingFileError, PathKindError,
                               PolymodalError)
 from polymodal.evaluate.metrics import METRICS
-from polymodal.fusion.configs import PaliGemmaConfig
+from polymodal.families.paligemma.config import PaliGemmaConfig
 from polymodal.train.trainer import IMAGE_TASKS, TrainConfig
 
 METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1"}

@@ -13,25 +13,28 @@ import torch
 from torch import nn
 
 from polymodal.config import ConfigError, read_json_config
-from polymodal.convert import hf_chameleon, hf_contrastive, hf_gemini, hf_idefics, hf_vision
+from polymodal.convert import hf_contrastive, hf_gemini, hf_idefics, hf_vision
 from polymodal.convert.load import load_model
 from polymodal.convert.rules import GEMMA, LLAMA, Family, export_state
 from polymodal.errors import CheckpointError, InputError, MissingFileError
+from polymodal.families.chameleon.convert import CHAMELEON
+from polymodal.families.gemini.convert import FUYU
+from polymodal.families.paligemma.convert import PALIGEMMA
 from polymodal.serialization import atomic_directory
 from polymodal.weights import Weights, shard_size, write_weights
 
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA,
     "gemma": GEMMA,
-    "paligemma": hf_vision.PALIGEMMA,
+    "paligemma": PALIGEMMA,
     "siglip_vision_model": hf_vision.SIGLIP_VISION,
     "clip_vision_model": hf_vision.CLIP_VISION,
     "idefics": hf_idefics.IDEFICS,
-    "fuyu": hf_gemini.FUYU,
+    "fuyu": FUYU,
     "whisper": hf_gemini.WHISPER,
     "clip": hf_contrastive.CLIP,
     "siglip": hf_contrastive.SIGLIP,
-    "chameleon": hf_chameleon.CHAMELEON,
+    "chameleon": CHAMELEON,
 }
 
 

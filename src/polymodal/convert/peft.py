@@ -20,7 +20,7 @@ from torch import nn
 from polymodal.errors import CheckpointError, InputError, InputTypeError, MissingFileError, check_finite, check_number
 from polymodal.config import DecoderConfig
 from polymodal.convert.hf import FAMILIES
-from polymodal.models.paligemma import PaliGemmaConfig
+from polymodal.families.paligemma.config import PaliGemmaConfig
 from polymodal.nn import lora
 from polymodal.serialization import atomic_directory, save_state_dict
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from polymodal.data.documents import Document
-from polymodal.data.formats import FORMATS, IGNORE, Encoded, _name, format_for
+from polymodal.data.formats import IGNORE, Encoded, _name, format_for, has_format
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import ConfigError, DocumentError, PolymodalError
 
@@ -37,7 +37,7 @@ def check_tokenizer(config, tokenizer: Tokenizer, where: str) -> None:
     if rows is not None and tokenizer.vocab_size > rows:
         raise ConfigError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embeddings "
                           f"{rows} rows: ids from {rows} on would index nothing; the tokenizer belongs to another model")
-    if type(config) not in FORMATS:
+    if not has_format(config):
         return
     for name in ("bos", "eos", "pad"):
         want = getattr(text, f"{name}_token_id", None)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from polymodal.data.collate import Collator
-from polymodal.data.formats import DecoderFormat, Encoded, KosmosFormat
+from polymodal.data.formats import DecoderFormat, Encoded, ImagesInTextFormat
 from polymodal.data.tokenizer import Tokenizer
 
 
-class InterleavedFormat(KosmosFormat):
+class InterleavedFormat(ImagesInTextFormat):
     """KOSMOS-1's interleaved layout with one `<image>` token per image, the images kept apart."""
 
     family = "this Flamingo"

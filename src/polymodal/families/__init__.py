@@ -6,30 +6,49 @@
 from __future__ import annotations
 
 from polymodal.config import Config, ConfigError, DecoderConfig
-from polymodal.data.formats import ChameleonFormat, DecoderFormat, GeminiFormat, KosmosFormat, PaliGemmaFormat
+from polymodal.data.formats import DecoderFormat
 from polymodal.data.interleaved import InterleavedCollator, InterleavedFormat
 from polymodal.data.pairs import PairCollator, PairFormat
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.encoders.vq import VQConfig, VQModel
+from polymodal.families.chameleon.config import ChameleonConfig
+from polymodal.families.chameleon.convert import CHAMELEON
+from polymodal.families.chameleon.format import ChameleonFormat
+from polymodal.families.chameleon.model import Chameleon
+from polymodal.families.chameleon.presets import PRESETS as CHAMELEON_PRESETS
+from polymodal.families.gemini.config import GeminiConfig
+from polymodal.families.gemini.convert import FUYU
+from polymodal.families.gemini.format import GeminiFormat
+from polymodal.families.gemini.model import Gemini
+from polymodal.families.gemini.presets import PRESETS as GEMINI_PRESETS
+from polymodal.families.kosmos.config import KosmosConfig
+from polymodal.families.kosmos.format import KosmosFormat
+from polymodal.families.kosmos.model import Kosmos
+from polymodal.families.kosmos.presets import PRESETS as KOSMOS_PRESETS
+from polymodal.families.paligemma.config import PaliGemmaConfig
+from polymodal.families.paligemma.convert import PALIGEMMA
+from polymodal.families.paligemma.format import PaliGemmaFormat
+from polymodal.families.paligemma.model import PaliGemma
+from polymodal.families.paligemma.presets import PRESETS as PALIGEMMA_PRESETS
 from polymodal.families.spec import FamilySpec
-from polymodal.models.chameleon import Chameleon, ChameleonConfig
 from polymodal.models.contrastive import ContrastiveConfig, DualEncoder
 from polymodal.models.flamingo import Flamingo, FlamingoConfig
-from polymodal.models.gemini import Gemini, GeminiConfig
-from polymodal.models.kosmos import Kosmos, KosmosConfig
-from polymodal.models.paligemma import PaliGemma, PaliGemmaConfig
 from polymodal.nn.transformer import Decoder
 
 FAMILIES: dict[str, FamilySpec] = {
     "decoder": FamilySpec(DecoderConfig, Decoder, DecoderFormat),
     "paligemma": FamilySpec(PaliGemmaConfig, PaliGemma, PaliGemmaFormat, per_token_inputs=("token_type_ids",),
-                            placeholders=lambda c: (c.image_token_id,), needs_image=True),
+                            placeholders=lambda c: (c.image_token_id,), needs_image=True,
+                            presets=PALIGEMMA_PRESETS, hf={"paligemma": PALIGEMMA}),
     "flamingo": FamilySpec(FlamingoConfig, Flamingo, InterleavedFormat, InterleavedCollator,
                            per_token_inputs=("media_locations", "image_attention_mask")),
-    "kosmos": FamilySpec(KosmosConfig, Kosmos, KosmosFormat, placeholders=lambda c: (c.placeholder_token_id,)),
-    "gemini": FamilySpec(GeminiConfig, Gemini, GeminiFormat, placeholders=lambda c: (c.tokens.placeholder,)),
-    "chameleon": FamilySpec(ChameleonConfig, Chameleon, ChameleonFormat),
+    "kosmos": FamilySpec(KosmosConfig, Kosmos, KosmosFormat, placeholders=lambda c: (c.placeholder_token_id,),
+                         presets=KOSMOS_PRESETS),
+    "gemini": FamilySpec(GeminiConfig, Gemini, GeminiFormat, placeholders=lambda c: (c.tokens.placeholder,),
+                         presets=GEMINI_PRESETS, hf={"fuyu": FUYU}),
+    "chameleon": FamilySpec(ChameleonConfig, Chameleon, ChameleonFormat, presets=CHAMELEON_PRESETS,
+                            hf={"chameleon": CHAMELEON}),
     "contrastive": FamilySpec(ContrastiveConfig, DualEncoder, PairFormat, PairCollator, pairs=True),
     "vit": FamilySpec(VisionConfig, ViT),
     "audio": FamilySpec(AudioConfig, AudioEncoder),

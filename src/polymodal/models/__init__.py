@@ -10,12 +10,16 @@ from polymodal.config import Config, ConfigError, DecoderConfig, read_json_confi
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vq import VQConfig, VQModel
 from polymodal.encoders.vit import ViT, VisionConfig
-from polymodal.models.chameleon import Chameleon, ChameleonConfig
+from polymodal.families.chameleon.config import ChameleonConfig
+from polymodal.families.chameleon.model import Chameleon
+from polymodal.families.gemini.config import GeminiConfig
+from polymodal.families.gemini.model import Gemini
+from polymodal.families.kosmos.config import KosmosConfig
+from polymodal.families.kosmos.model import Kosmos
+from polymodal.families.paligemma.config import PaliGemmaConfig
+from polymodal.families.paligemma.model import PaliGemma
 from polymodal.models.contrastive import ContrastiveConfig, DualEncoder
 from polymodal.models.flamingo import Flamingo, FlamingoConfig
-from polymodal.models.gemini import Gemini, GeminiConfig
-from polymodal.models.kosmos import Kosmos, KosmosConfig
-from polymodal.models.paligemma import PaliGemma, PaliGemmaConfig
 from polymodal.nn.transformer import Decoder
 
 MODEL_CLASSES: dict[type, type] = {

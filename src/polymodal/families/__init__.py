@@ -38,7 +38,7 @@ from polymodal.nn.transformer import Decoder
 
 FAMILIES: dict[str, FamilySpec] = {
     "decoder": FamilySpec(DecoderConfig, Decoder, DecoderFormat),
-    "paligemma": FamilySpec(PaliGemmaConfig, PaliGemma, PaliGemmaFormat, per_token_inputs=("token_type_ids",),
+    "paligemma": FamilySpec(PaliGemmaConfig, PaliGemma, PaliGemmaFormat, per_token_inputs=PaliGemma.per_token,
                             placeholders=lambda c: (c.image_token_id,), needs_image=True,
                             presets=PALIGEMMA_PRESETS, hf={"paligemma": PALIGEMMA}),
     "flamingo": FamilySpec(FlamingoConfig, Flamingo, InterleavedFormat, InterleavedCollator,

@@ -5,7 +5,7 @@ Each media span in `input_ids` is a run of placeholder tokens, wrapped in its mo
 (`<img> ... </img>`, `<audio> ... </audio>`, `<video> ... </video>`); the placeholders are replaced
 by the media embeddings before the first block (no cross-attention). Images enter either as
 patches through one linear layer, as in Fuyu (Bavishi et al. 2023; HF `FuyuForCausalLM`, which
-this model matches weight for weight through `convert/hf_gemini.py`), or through the ViT. Audio
+this model matches weight for weight through `convert.py`), or through the ViT. Audio
 (16 kHz log-mel) goes through the Whisper-style `AudioEncoder`; video is its frames, each embedded
 as an image plus a learned temporal embedding. Media are encoded once, at prefill; decode steps
 take text only.

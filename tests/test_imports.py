@@ -18,13 +18,10 @@ LAYERS = [  # lowest first, as DESIGN.md lays the package out: nn <- encoders/fu
     ("polymodal.config", "polymodal.serialization", "polymodal.runs"),  # runs: where a run directory keeps its checkpoints
     ("polymodal.nn",),
     ("polymodal.encoders",),
-    ("polymodal.fusion",),  # the Perceiver Resampler and the early-fusion families' configs
-    # models: the early-fusion core and the families not yet in families/; data reads configs, never model modules;
-    # convert.rules: the pieces of every HF key map, which the families write theirs with
+    ("polymodal.fusion",),  # the Perceiver Resampler and the early-fusion core (spans, writer, table of modalities)
+    # models.parts: freezing by named parts; data reads no family; convert.rules: the pieces of every HF key map
     ("polymodal.models", "polymodal.data", "polymodal.convert.rules"),
-    # key maps below the families that hold them: the encoders' (ViT, Whisper) and the early-fusion families'
-    ("polymodal.convert.hf_vision", "polymodal.convert.hf_whisper", "polymodal.convert.hf_gemini",
-     "polymodal.convert.hf_chameleon"),
+    ("polymodal.convert.hf_vision", "polymodal.convert.hf_whisper"),  # the encoders' key maps (ViT, Whisper)
     ("polymodal.families",),  # one folder per family, and the one dict of their specs that everything above reads
     ("polymodal.generation", "polymodal.convert", "polymodal.presets"),
     ("polymodal.api",),

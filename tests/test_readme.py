@@ -25,7 +25,7 @@ import polymodal as pm
 from polymodal.families.collators import fit_to_tokenizer
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.models.kosmos import kosmos_tiny
+from polymodal.families.kosmos.presets import kosmos_tiny
 from polymodal.presets import get_preset
 
 transformers = pytest.importorskip("transformers", reason="the checkpoint directories are written by transformers")

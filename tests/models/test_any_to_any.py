@@ -16,8 +16,8 @@ from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import ConfigError
 from polymodal.evaluate import evaluate, table
-from polymodal.fusion.configs import MediaTokens
-from polymodal.models.gemini import gemini_tiny
+from polymodal.families.gemini.config import MediaTokens
+from polymodal.families.gemini.presets import gemini_tiny
 
 WORLD = World(seed=0)
 TASKS = ("colour", "video_direction", "audio_pitch", "text_to_image", "say_and_draw")

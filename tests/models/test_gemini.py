@@ -15,7 +15,9 @@ from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.vit import VisionConfig
 from polymodal.evaluate import evaluate, table
-from polymodal.models.gemini import Gemini, GeminiConfig, MediaTokens, gemini_nano_1, gemini_nano_2, gemini_tiny
+from polymodal.families.gemini.config import GeminiConfig, MediaTokens
+from polymodal.families.gemini.model import Gemini
+from polymodal.families.gemini.presets import gemini_nano_1, gemini_nano_2, gemini_tiny
 
 WORLD = World(seed=0)
 TASKS = {"colour": "image", "video_direction": "video", "audio_pitch": "audio"}

@@ -13,13 +13,13 @@ import torch
 
 import polymodal as pm
 from polymodal.data.documents import Document, Segment
-from polymodal.data.formats import ChameleonFormat
+from polymodal.families.chameleon.format import ChameleonFormat
 from polymodal.data.synthetic import CHOICES, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.data.processors import images_to_pixels
 from polymodal.encoders.vq import VQModel
+from polymodal.families.chameleon.presets import chameleon_tiny
 from polymodal.families.collators import make_collator
-from polymodal.models.chameleon import chameleon_tiny
 
 WORLD = World(seed=0)
 CHANCE = 1 / len(CHOICES["text_to_image"])  # 12 objects x 4 cells

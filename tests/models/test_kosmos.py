@@ -13,7 +13,9 @@ from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.models.kosmos import Kosmos, KosmosConfig, kosmos_tiny
+from polymodal.families.kosmos.config import KosmosConfig
+from polymodal.families.kosmos.model import Kosmos
+from polymodal.families.kosmos.presets import kosmos_tiny
 
 
 @pytest.fixture(scope="module")

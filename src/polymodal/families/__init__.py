@@ -10,39 +10,52 @@ from __future__ import annotations
 from pathlib import Path
 
 from polymodal.config import Config, ConfigError, DecoderConfig, read_json_config
-from polymodal.convert import hf_chameleon, hf_gemini, hf_vision
+from polymodal.convert import hf_vision
 from polymodal.convert.hf_whisper import WHISPER
-from polymodal.data.formats import ChameleonFormat, GeminiFormat, KosmosFormat, PaliGemmaFormat
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.encoders.vq import VQConfig, VQModel
+from polymodal.families.chameleon.config import ChameleonConfig
+from polymodal.families.chameleon.convert import CHAMELEON
+from polymodal.families.chameleon.format import ChameleonFormat
+from polymodal.families.chameleon.model import Chameleon
+from polymodal.families.chameleon.presets import PRESETS as CHAMELEON_PRESETS
 from polymodal.families.contrastive.config import ContrastiveConfig
-from polymodal.families.contrastive.format import PairCollator, PairFormat
 from polymodal.families.contrastive.convert import CLIP, SIGLIP
+from polymodal.families.contrastive.format import PairCollator, PairFormat
 from polymodal.families.contrastive.model import DualEncoder
 from polymodal.families.contrastive.presets import PRESETS as CONTRASTIVE_PRESETS
-from polymodal.families.decoder.format import DecoderFormat
 from polymodal.families.decoder.convert import GEMMA, LLAMA
+from polymodal.families.decoder.format import DecoderFormat
 from polymodal.families.decoder.presets import PRESETS as DECODER_PRESETS
 from polymodal.families.flamingo.config import FlamingoConfig
-from polymodal.families.flamingo.format import InterleavedCollator, InterleavedFormat
 from polymodal.families.flamingo.convert import IDEFICS
+from polymodal.families.flamingo.format import InterleavedCollator, InterleavedFormat
 from polymodal.families.flamingo.model import Flamingo
 from polymodal.families.flamingo.presets import PRESETS as FLAMINGO_PRESETS
+from polymodal.families.gemini.config import GeminiConfig
+from polymodal.families.gemini.convert import FUYU
+from polymodal.families.gemini.format import GeminiFormat
+from polymodal.families.gemini.model import Gemini
+from polymodal.families.gemini.presets import PRESETS as GEMINI_PRESETS
+from polymodal.families.kosmos.config import KosmosConfig
+from polymodal.families.kosmos.format import KosmosFormat
+from polymodal.families.kosmos.model import Kosmos
+from polymodal.families.kosmos.presets import PRESETS as KOSMOS_PRESETS
+from polymodal.families.paligemma.config import PaliGemmaConfig
+from polymodal.families.paligemma.convert import PALIGEMMA
+from polymodal.families.paligemma.format import PaliGemmaFormat
+from polymodal.families.paligemma.model import PaliGemma
 from polymodal.families.paligemma.presets import PRESETS as PALIGEMMA_PRESETS
 from polymodal.families.spec import FamilySpec
-from polymodal.models.chameleon import Chameleon, ChameleonConfig, chameleon_tiny
-from polymodal.models.gemini import Gemini, GeminiConfig, gemini_nano_1, gemini_nano_2, gemini_tiny
-from polymodal.models.kosmos import Kosmos, KosmosConfig, kosmos_1, kosmos_tiny
-from polymodal.models.paligemma import PaliGemma, PaliGemmaConfig
 from polymodal.nn.transformer import Decoder
 
 FAMILIES: dict[str, FamilySpec] = {
     "decoder": FamilySpec(DecoderConfig, Decoder, DecoderFormat, presets=DECODER_PRESETS,
                           hf={"llama": LLAMA, "gemma": GEMMA}, peft=("llama", ())),
-    "paligemma": FamilySpec(PaliGemmaConfig, PaliGemma, PaliGemmaFormat, per_token_inputs=("token_type_ids",),
+    "paligemma": FamilySpec(PaliGemmaConfig, PaliGemma, PaliGemmaFormat, per_token_inputs=PaliGemma.per_token,
                             placeholders=lambda c: (c.image_token_id,), needs_image=True, presets=PALIGEMMA_PRESETS,
-                            hf={"paligemma": hf_vision.PALIGEMMA},
+                            hf={"paligemma": PALIGEMMA},
                             peft=("paligemma", (("language_model.model.", "model.language_model."),
                                                 ("language_model.lm_head", "lm_head"),
                                                 ("vision_tower.", "model.vision_tower."),
@@ -51,13 +64,11 @@ FAMILIES: dict[str, FamilySpec] = {
                            per_token_inputs=("media_locations", "image_attention_mask"),
                            presets=FLAMINGO_PRESETS, hf={"idefics": IDEFICS}),
     "kosmos": FamilySpec(KosmosConfig, Kosmos, KosmosFormat, placeholders=lambda c: (c.placeholder_token_id,),
-                         presets={"kosmos-tiny": kosmos_tiny, "kosmos-1": kosmos_1}),
+                         presets=KOSMOS_PRESETS),
     "gemini": FamilySpec(GeminiConfig, Gemini, GeminiFormat, placeholders=lambda c: (c.tokens.placeholder,),
-                         presets={"gemini-tiny": gemini_tiny, "gemini-nano-1": gemini_nano_1,
-                                  "gemini-nano-2": gemini_nano_2},
-                         hf={"fuyu": hf_gemini.FUYU}),
-    "chameleon": FamilySpec(ChameleonConfig, Chameleon, ChameleonFormat, presets={"chameleon-tiny": chameleon_tiny},
-                            hf={"chameleon": hf_chameleon.CHAMELEON}),
+                         presets=GEMINI_PRESETS, hf={"fuyu": FUYU}),
+    "chameleon": FamilySpec(ChameleonConfig, Chameleon, ChameleonFormat, presets=CHAMELEON_PRESETS,
+                            hf={"chameleon": CHAMELEON}),
     "contrastive": FamilySpec(ContrastiveConfig, DualEncoder, PairFormat, PairCollator, pairs=True,
                               presets=CONTRASTIVE_PRESETS, hf={"clip": CLIP, "siglip": SIGLIP}),
     "vit": FamilySpec(VisionConfig, ViT, hf={"siglip_vision_model": hf_vision.SIGLIP_VISION,

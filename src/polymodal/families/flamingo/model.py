@@ -22,7 +22,7 @@ from polymodal.errors import InputError, check_finite, check_ids
 from polymodal.families.flamingo.config import FlamingoConfig
 from polymodal.families.flamingo.cross_attention import gated_cross_attention_block
 from polymodal.fusion.perceiver import build_resampler
-from polymodal.models import fusion
+from polymodal.fusion import early as fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
 from polymodal.nn.language_model import LanguageModel

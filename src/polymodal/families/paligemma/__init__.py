@@ -1,1 +1,2 @@
-"""PaliGemma's presets (its config, model, format and HF conversion still live in fusion/, models/, data/, convert/)."""
+"""PaliGemma (Beyer et al. 2024): config, model (a declaration on `fusion/early.py`), document format, HF
+conversion and presets."""

@@ -1,8 +1,8 @@
-"""HF checkpoints for the Gemini-style input side: Fuyu (`FuyuForCausalLM`: patches straight into a
-Persimmon decoder) as a `Gemini` model without modality tokens (Whisper's audio encoder: `hf_whisper.py`).
+"""HF Fuyu checkpoints (`FuyuForCausalLM`: patches straight into a Persimmon decoder) <-> a `Gemini` model
+without modality tokens.
 
-Persimmon's layout differs from ours beyond names: it fuses q, k, v per head ((head, qkv, hs) rows,
-ours are (qkv, head, hs)).
+One layout differs from ours beyond names: Persimmon fuses q, k, v per head ((head, qkv, hs) rows, ours are
+(qkv, head, hs)).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.convert.rules import Family, Rule, linear_rules, norm_rules, rope_from_hf
-from polymodal.models.gemini import Gemini, GeminiConfig, MediaTokens
+from polymodal.families.gemini.config import GeminiConfig, MediaTokens
+from polymodal.families.gemini.model import Gemini
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,6 @@ class HeadInterleavedQKV(Rule):
     def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         return {self.theirs[0]: tensor.unflatten(0, (3, self.n_heads, -1)).transpose(0, 1).flatten(0, 2)}
 
-
-# -- Fuyu -----------------------------------------------------------------------------------------
 
 def fuyu_config_from_hf(hf: dict) -> GeminiConfig:
     text = hf.get("text_config") or hf  # transformers 5 nests the Persimmon config; hub files are flat
@@ -110,4 +109,3 @@ FUYU = Family(
     aliases=(("model.language_model.", "language_model.model."), ("model.vision_embed_tokens.", "vision_embed_tokens."),
              ("lm_head.", "language_model.lm_head.")),
 )
-

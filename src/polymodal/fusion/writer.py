@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import PIL.Image
 import torch
+from torch import nn
 
 from polymodal.encoders.vq import VQConfig, VQModel, pixels_to_images
 from polymodal.errors import InputError, check_pixel_values
@@ -31,11 +32,15 @@ class ImageWriter(ComputedBuffers):
     """The frozen VQ tokenizer of a model that writes images, the token of each code, and its image spans."""
 
     def __init__(self, vq: VQConfig, codes: list[int], *, begin: int | None, end: int | None, blank: int | None,
-                 opened: bool, key: str):
+                 opened: bool, key: str, first: dict[str, nn.Module] | None = None):
         """codes: the token id of each VQ code; begin / end: the tokens around an image (None: it never draws);
         blank: the placeholder an image's codes replace (None: it takes no pixels); opened: only runs of
-        blanks right after `begin` are slots; key: the input that gives the images (named in errors)."""
+        blanks right after `begin` are slots; key: the input that gives the images (named in errors);
+        first: modules registered before the VQ (a model that is its own writer keeps its decoder first, so
+        its parameters, and the optimizer states of its checkpoints, stay in their order)."""
         super().__init__()
+        for name, module in (first or {}).items():
+            self.add_module(name, module)
         self.vq = VQModel(vq)
         self.vq.requires_grad_(False)  # trained on its own first, then frozen (as in Chameleon)
         self.codes, self.begin, self.end, self.blank, self.opened, self.key = list(codes), begin, end, blank, opened, key

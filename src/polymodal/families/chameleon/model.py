@@ -31,10 +31,10 @@ class Chameleon(EarlyFusion, ImageWriter):
     writes = "pixel_values"
 
     def __init__(self, config: ChameleonConfig, *, backend: str = "sdpa"):
+        decoder = Decoder(config.text, backend=backend)  # initialised before the VQ: a seed gives the same weights
         super().__init__(config.vq, config.code_tokens, begin=config.begin_image_id, end=config.end_image_id,
-                         blank=config.image_token_id, opened=False, key=self.writes)
+                         blank=config.image_token_id, opened=False, key=self.writes, first={"decoder": decoder})
         self.config = config
-        self.decoder = Decoder(config.text, backend=backend)
 
     @property
     def writer(self) -> ImageWriter:

@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.transformer import Decoder
-from polymodal.presets import llama_tiny
+from polymodal.families.decoder.presets import llama_tiny
 from polymodal.train.distributed import init_process, shutdown
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import polymodal as pm  # noqa: E402
-from polymodal.convert.hf_vision import PALIGEMMA  # noqa: E402
+from polymodal.families.paligemma.convert import PALIGEMMA  # noqa: E402
 from polymodal.presets import get_preset  # noqa: E402
 from polymodal.weights import Weights, plan_shards, shard_name, write_file, write_index  # noqa: E402
 

@@ -33,9 +33,9 @@ from transformers import CompileConfig
 import polymodal as pm
 from polymodal.convert.hf import save_hf
 from polymodal.encoders.vit import VisionConfig
-from polymodal.models.paligemma import PaliGemmaConfig
+from polymodal.families.paligemma.config import PaliGemmaConfig
 from polymodal.nn.transformer import Block
-from polymodal.presets import gemma_2b, gemma_tiny
+from polymodal.families.decoder.presets import gemma_2b, gemma_tiny
 from timing import measure  # benchmarks/timing.py, beside this script
 
 H100_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak, H100 SXM

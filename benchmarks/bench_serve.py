@@ -36,7 +36,7 @@ import torch
 
 import polymodal as pm
 from polymodal.convert.hf import save_hf
-from polymodal.data.collate import fit_config
+from polymodal.families.collators import fit_to_tokenizer
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.presets import get_preset
@@ -45,7 +45,7 @@ from polymodal.presets import get_preset
 def checkpoints(root: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     tokenizer = Tokenizer.train(World(seed=0).texts(), vocab_size=320)
-    model = pm.build(fit_config(get_preset("llama-tiny"), tokenizer))
+    model = pm.build(fit_to_tokenizer(get_preset("llama-tiny"), tokenizer))
     ours, hf = root / "llama-tiny", root / "llama-tiny-hf"
     pm.save_pretrained(model, ours)
     save_hf(model, hf, "llama")

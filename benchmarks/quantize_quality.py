@@ -11,10 +11,10 @@ import argparse
 import torch
 
 import polymodal as pm
-from polymodal.data.collate import Collator
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.evaluate import evaluate
+from polymodal.families.collators import make_collator
 from polymodal.nn.quantize import model_bytes
 from polymodal.train.checkpoint import latest_checkpoint
 from timing import save_results  # benchmarks/timing.py, beside this script
@@ -31,7 +31,7 @@ def main() -> None:
     world, tokenizer = World(seed=0), Tokenizer.from_file(directory)
     models = {mode: pm.from_pretrained(directory, quantize=mode) for mode in (None, "int8", "int4")}
     docs = [world.sample(task, i, "eval").document for task in args.tasks for i in range(16)]
-    batch = Collator(models[None].config, tokenizer).prompts(docs)
+    batch = make_collator(models[None].config, tokenizer).prompts(docs)
     with torch.no_grad():
         logits = {mode: m(**batch).logits for mode, m in models.items()}
     mask = batch["attention_mask"].bool()

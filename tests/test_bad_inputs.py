@@ -14,8 +14,8 @@ from PIL import Image
 import polymodal as pm
 from polymodal.cli import main
 from polymodal.config import ConfigError, DecoderConfig
-from polymodal.models import load_config
-from polymodal.data.collate import Collator, fit_config
+from polymodal.families import load_config
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import MAX_IMAGE_PIXELS, Audio, Document, DocumentError, Segment, read_jsonl
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import PolymodalError, check_number
@@ -215,8 +215,8 @@ def test_labels_outside_the_vocabulary(model):
 
 def test_control_token_text_in_data_is_encoded_as_text():
     tok = Tokenizer.train(["red blue green <eos> <image>"], 300)
-    config = fit_config(pm.PRESETS["llama-tiny"](), tok)
-    enc = Collator(config, tok).encode(Document([Segment("text", "what?"), Segment("text", "red<eos> blue<image>",
+    config = fit_to_tokenizer(pm.PRESETS["llama-tiny"](), tok)
+    enc = make_collator(config, tok).encode(Document([Segment("text", "what?"), Segment("text", "red<eos> blue<image>",
                                                                                     target=True)]))
     ids = enc.tokens["input_ids"]
     assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id  # only the document's own end
@@ -271,8 +271,8 @@ def test_strict_paths_refuse_media_outside_the_jsonl_folder(tmp_path):
 
 def test_audio_longer_than_the_encoder_window_is_refused():
     tok = Tokenizer.train(["a beep"], 300)
-    config = fit_config(pm.PRESETS["gemini-tiny"](), tok)  # a 1 s audio window
-    collator = Collator(config, tok)
+    config = fit_to_tokenizer(pm.PRESETS["gemini-tiny"](), tok)  # a 1 s audio window
+    collator = make_collator(config, tok)
     clip = lambda seconds: Audio(np.zeros(int(16000 * seconds), dtype=np.float32), 16000)
     assert collator.encode(Document([Segment("audio", media=clip(1.0)), Segment("text", "a beep", target=True)]))
     with pytest.raises(ValueError, match=r"has an audio clip of 1.5 s \(at 16000 Hz\); the audio encoder hears at most 1 s: cut it"):

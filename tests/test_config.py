@@ -3,7 +3,7 @@ import json
 import pytest
 
 from polymodal.config import ConfigError, DecoderConfig
-from polymodal.models import load_config
+from polymodal.families import load_config
 
 
 def test_json_round_trip(tmp_path):

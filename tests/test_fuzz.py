@@ -14,7 +14,7 @@ from PIL import Image
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
-from polymodal.data.collate import Collator, fit_config
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import read_jsonl, wav_bytes, Audio
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import PolymodalError
@@ -77,7 +77,7 @@ LINE = st.one_of(DOCUMENT.map(json.dumps), st.binary(max_size=20).map(lambda b: 
 @pytest.fixture(scope="module")
 def collators():
     tok = Tokenizer.train(["what colour is the shape? red green blue"], 300)
-    return [Collator(fit_config(pm.PRESETS[name](), tok), tok, max_len=256)
+    return [make_collator(fit_to_tokenizer(pm.PRESETS[name](), tok), tok, max_len=256)
             for name in ("llama-tiny", "paligemma-tiny", "gemini-tiny")]
 
 

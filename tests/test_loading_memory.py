@@ -11,7 +11,8 @@ import torch
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
-from polymodal.convert.rules import LLAMA, export_state
+from polymodal.convert.rules import export_state
+from polymodal.families.decoder.convert import LLAMA
 from polymodal.weights import write_weights
 
 CONFIG = DecoderConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=3072,

@@ -2,7 +2,7 @@
 
 The blocks run once each, in README order, in one namespace, as in a reader's Python session: later
 blocks use the first block's `pm` and `torch`, and the image-output block the Gemini block's `world`,
-`tok` and `Collator`; a block selected alone (-k) first runs the blocks before it. They run in a
+`tok` and `make_collator`; a block selected alone (-k) first runs the blocks before it. They run in a
 directory holding what they name: checkpoint directories written by HF transformers from the parity
 tests' tiny random configs (PaliGemma's with a tokenizer.json and a preprocessor_config.json, Idefics'
 with a tokenizer.json), a gemini-tiny run's checkpoint (random weights, the world's tokenizer), and cat.png. The tensors a block uses without defining them (the reader's own
@@ -22,10 +22,10 @@ from PIL import Image
 from tokenizers.models import WordLevel
 
 import polymodal as pm
-from polymodal.data.collate import fit_config
+from polymodal.families.collators import fit_to_tokenizer
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.models.kosmos import kosmos_tiny
+from polymodal.families.kosmos.presets import kosmos_tiny
 from polymodal.presets import get_preset
 
 transformers = pytest.importorskip("transformers", reason="the checkpoint directories are written by transformers")
@@ -113,7 +113,7 @@ def write_checkpoints(directory: Path) -> None:
     hf_chameleon().save_pretrained(directory / "chameleon-7b")
     world_tok = Tokenizer.train(World(seed=0).texts(), vocab_size=512)
     gemini = directory / "runs/gemini-tiny/checkpoints/step-001000"  # what `polymodal train --model gemini-tiny` writes
-    pm.save_pretrained(pm.build(fit_config(get_preset("gemini-tiny"), world_tok)), gemini)
+    pm.save_pretrained(pm.build(fit_to_tokenizer(get_preset("gemini-tiny"), world_tok)), gemini)
     world_tok.save(gemini)
     pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(directory / "cat.png")

@@ -11,9 +11,9 @@ from torch import nn
 from polymodal.config import Config, check_fits_memory, read_json_config
 from polymodal.convert.hf import load_hf
 from polymodal.convert.load import load_polymodal, load_sharded_model
-from polymodal.errors import InputError, InputTypeError, MissingFileError
 from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
-from polymodal.models import MODEL_CLASSES, load_config
+from polymodal.errors import InputError, InputTypeError, MissingFileError
+from polymodal.families import MODEL_CLASSES, load_config
 from polymodal.nn.quantize import quantize as quantize_model
 from polymodal.presets import get_preset
 from polymodal.runs import resolve

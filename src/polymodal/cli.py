@@ -28,7 +28,6 @@ from polymodal.data.synthetic import COT_TASKS, WORLD
 from polymodal.errors import (CheckpointError, ExistingFileError, InputError, MissingFileError, PathKindError,
                               PolymodalError)
 from polymodal.evaluate.metrics import METRICS
-from polymodal.fusion.configs import PaliGemmaConfig
 from polymodal.train.trainer import IMAGE_TASKS, TrainConfig
 
 METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1"}
@@ -72,7 +71,13 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (no arguments: the main job on the built-in world)")
     add_config_flags(t, TrainConfig)
+    _generate_flags(sub)
+    _eval_flags(sub)
+    _other_commands(sub)
+    return p
 
+
+def _generate_flags(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint or model directory (or a run directory: its best checkpoint, "
                                       "else its last)")
@@ -97,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
                                                           "(default: %(default)s)")
     g.add_argument("--quantize", choices=("int8", "int4"), help=QUANTIZE_HELP)
 
+
+def _eval_flags(sub) -> None:
     e = sub.add_parser("eval", help="accuracy per task on the built-in world's held-out split, or scores on your "
                                     "own documents (--data)")
     e.add_argument("checkpoint", nargs="?", default=str(TrainConfig().run_dir),
@@ -126,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--cot-validation", type=int, default=100, help="validation questions the routing threshold is "
                                                                   "chosen on (default: %(default)s)")
 
+
+def _other_commands(sub) -> None:
     c = sub.add_parser("convert", help="convert between Hugging Face and polymodal checkpoint directories (and a "
                                        "sharded training checkpoint to a plain one)")
     c.add_argument("source", help="with --to hf: a run directory (its best checkpoint, else its last) or a checkpoint "
@@ -157,7 +166,6 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--n", type=int, default=100, help="number of documents (default: %(default)s)")
     x.add_argument("--split", choices=("train", "eval"), default="train")
     x.add_argument("--tasks", nargs="+", default=None, help=f"world tasks (default: all: {' '.join(WORLD.tasks)})")
-    return p
 
 
 def _checkpoint_dir(path: str) -> Path:
@@ -188,7 +196,7 @@ def _with_weights(directory: Path) -> Path:
 
 def _load(path: str, quantize: str | None = None, role: str = "checkpoint"):
     import polymodal as pm
-    from polymodal.data.collate import check_tokenizer
+    from polymodal.families.collators import check_tokenizer
     from polymodal.data.tokenizer import Tokenizer
 
     directory = _checkpoint_dir(path)
@@ -221,7 +229,7 @@ def _fine_tuning(given: dict) -> dict:
     """--init-from's model is the one trained: a --model of another family is an error, and the run is named
     after the model trained (`<its directory>-tuned`) unless --name says otherwise."""
     from polymodal.config import read_json_config
-    from polymodal.models import load_config
+    from polymodal.families import load_config
     from polymodal.train.trainer import model_config
 
     source = Path(given["init_from"])
@@ -241,40 +249,32 @@ def _fine_tuning(given: dict) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from polymodal.data.collators import make_collator
-    from polymodal.data.documents import Document, Segment, load_media
+    from polymodal.families.collators import make_collator
+    from polymodal.data.documents import Document, Segment
+    from polymodal.families import spec_of
     from polymodal.generation.engine import generate
+    from polymodal.generation.prompts import ContextError, prompts
+    from polymodal.nn.language_model import LanguageModel
 
-    segments = []
-    for flag, kind, paths in (("--image", "image", args.image), ("--audio", "audio", args.audio)):
-        for path in paths:
-            try:
-                segments.append(Segment(kind, media=load_media(path, kind)))
-            except ValueError as e:
-                raise InputError(f"{flag}: {e}") from e
+    segments = _media_segments(args)
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     draft = _load(args.assistant, role="--assistant (the draft)")[1] if args.assistant is not None else None
-    if not hasattr(model, "make_cache"):
+    if not isinstance(model, LanguageModel):
         raise InputError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
                          "nothing; score it with `polymodal eval`")
-    collator = make_collator(model.config, tokenizer)
-    prompt = collator.format.encode(Document([*segments, Segment("text", args.prompt)]), prompt_only=True)
-    context = collator.format.max_len
-    spans = getattr(model, "image_spans", None)
-    draws = spans is not None and spans.begin is not None  # a model that writes images (Chameleon, Gemini + VQ)
+    spans = model.image_spans
+    draws = spans is not None and spans.begin is not None  # a model that writes images as tokens
     max_new = args.max_new_tokens
     if max_new is None:  # for a model that draws, room for one image more (begin, its codes, end)
         max_new = MAX_NEW_TOKENS + (spans.length + 2 if draws else 0)
-    if len(prompt) + max_new > context:
-        media = " (media placeholders included)" if segments else ""
-        raise InputError(f"the prompt is {len(prompt)} tokens{media} and --max-new-tokens is {max_new}: "
-                         f"{len(prompt) + max_new} in all, past the model's context of {context} tokens "
-                         f"({directory})")
-    if isinstance(model.config, PaliGemmaConfig) and not args.image:
-        raise InputError(f"{directory} is a PaliGemma, which answers about an image: give --image FILE (HF's "
-                         "PaliGemmaProcessor refuses a prompt without one too)")
-    batch = collator.pad([prompt])
-    del batch["labels"]
+    try:
+        batch, _ = prompts(make_collator(model.config, tokenizer), [Document([*segments, Segment("text", args.prompt)])],
+                           max_new, flag="--max-new-tokens")
+    except ContextError as e:
+        raise ContextError(f"{e} ({directory})") from e
+    if spec_of(model).needs_image and not args.image:
+        raise InputError(f"{directory} is a {type(model).__name__}, which answers about an image: give --image FILE "
+                         "(HF's processor refuses a prompt without one too)")
     if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():
         raise PathKindError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
     new = generate(model, **batch, max_new_tokens=max_new, do_sample=args.do_sample,
@@ -284,16 +284,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
                    prompt_lookup_num_tokens=args.prompt_lookup)
     if draws:
         new, [images] = new
-        for i, image in enumerate(images):
-            Path(args.image_dir).mkdir(parents=True, exist_ok=True)
-            image.save(Path(args.image_dir) / f"image_{i}.png")
-            print(f"wrote {Path(args.image_dir) / f'image_{i}.png'}")
+        _save_images(images, Path(args.image_dir))
         if new[0].tolist().count(spans.begin) > len(images):
             print(f"polymodal generate: an image was begun but not finished: --max-new-tokens {max_new} ran out "
                   f"inside it (an image is {spans.length + 2} tokens); give a larger --max-new-tokens",
                   file=sys.stderr)
-    text = new[0][new[0] < tokenizer.vocab_size]  # image codes, and a vocabulary padded past the tokenizer's
-    print(tokenizer.decode(text.tolist()).strip())
+    print(tokenizer.text(new[0]).strip())
+
+
+def _media_segments(args: argparse.Namespace) -> list:
+    """`polymodal generate`'s --image and --audio files, read, as document segments."""
+    from polymodal.data.documents import Segment, load_media
+
+    segments = []
+    for flag, kind, paths in (("--image", "image", args.image), ("--audio", "audio", args.audio)):
+        for path in paths:
+            try:
+                segments.append(Segment(kind, media=load_media(path, kind)))
+            except ValueError as e:
+                raise InputError(f"{flag}: {e}") from e
+    return segments
+
+
+def _save_images(images: list, folder: Path) -> None:
+    for i, image in enumerate(images):
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"image_{i}.png")
+        print(f"wrote {folder / f'image_{i}.png'}")
 
 
 def _trainer_state(directory: Path) -> dict:
@@ -376,7 +393,7 @@ def eval_data(args: argparse.Namespace) -> None:
     from polymodal.evaluate.report import check_out, table, write
     from polymodal.data.readers import DataNotFoundError
     from polymodal.evaluate.user_data import evaluate_file, read_documents
-    from polymodal.models.contrastive import DualEncoder
+    from polymodal.families import spec_of
 
     if args.metric is not None and args.metric not in METRIC_NAMES:
         raise InputError(f"--metric must be one of {', '.join(METRIC_NAMES)}, got {args.metric!r}")
@@ -395,7 +412,7 @@ def eval_data(args: argparse.Namespace) -> None:
         except DataNotFoundError:
             print(f"polymodal eval: no majority baseline: the run's training file {train} is gone", file=sys.stderr)
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
-    pairs = isinstance(model, DualEncoder)
+    pairs = spec_of(model).pairs
     metric = args.metric or ("recall" if pairs else "exact")
     if pairs != (metric == "recall"):
         raise InputError(f"--metric {metric} does not fit a {type(model).__name__}: "

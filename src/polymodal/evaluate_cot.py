@@ -23,7 +23,9 @@ from polymodal.data.synthetic import COT_TASKS, World, asked_directly, final_ans
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import InputError
 from polymodal.evaluate import answer, blank, majority
+from polymodal.families.collators import make_collator
 from polymodal.generation.consensus import Votes, route, select_threshold, vote
+from polymodal.generation.prompts import prompts
 
 VALIDATION_START = 100_000  # the validation split's first eval index; the test split is 0..n-1
 
@@ -64,11 +66,10 @@ def answers(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: li
 def chains(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list, *, k: int, temperature: float,
            seed: int, max_new_tokens: int, batch_size: int) -> Votes:
     """k sampled chains per prompt of docs and the consensus of their final answers."""
-    # ids past the tokenizer's vocabulary (a padded one) have no text
-    extract = lambda row: final_answer(tokenizer.decode([t for t in row if t < tokenizer.vocab_size]))  # noqa: E731
+    extract = lambda row: final_answer(tokenizer.text(row))  # noqa: E731
     majority_answers, share = [], []
     for i in range(0, len(docs), batch_size):
-        v = vote(model, **collator.prompts(docs[i:i + batch_size]), extract=extract, k=k, temperature=temperature,
+        v = vote(model, **prompts(collator, docs[i:i + batch_size], max_new_tokens)[0], extract=extract, k=k, temperature=temperature,
                  seed=seed + i, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
                  pad_token_id=tokenizer.pad_id)
         majority_answers += v.majority
@@ -89,7 +90,7 @@ def evaluate_routing(model: nn.Module, tokenizer: Tokenizer, task: str, n: int, 
                          f"{VALIDATION_START}), got {n}")
     if task not in COT_TASKS:
         raise InputError(f"task {task!r} has no chain-of-thought form; tasks with one: {', '.join(COT_TASKS)}")
-    collator = Collator(model.config, tokenizer)
+    collator = make_collator(model.config, tokenizer)
     direct_task = COT_TASKS[task]
     chain_tokens, direct_tokens = longest(tokenizer, world, task), longest(tokenizer, world, direct_task)
     splits = {}

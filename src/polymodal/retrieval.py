@@ -11,27 +11,28 @@ from __future__ import annotations
 
 from torch import nn
 
-from polymodal.data.pairs import PairCollator
+from polymodal.families.collators import make_collator
+from polymodal.families.contrastive.format import PairCollator
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.evaluate import TaskScore, blank, evaluate, majority
 from polymodal.evaluate.user_data import similarities
-from polymodal.models.contrastive import DualEncoder
+from polymodal.families import spec_of
 
 
-def retrieve(model: DualEncoder, collator: PairCollator, docs: list, answers: tuple[str, ...],
+def retrieve(model: nn.Module, collator: PairCollator, docs: list, answers: tuple[str, ...],
              batch_size: int) -> list[str]:
     """The answer whose caption embedding is nearest each document's image."""
     return [answers[j] for j in similarities(model, collator, docs, answers, batch_size).argmax(1).tolist()]
 
 
-def score_retrieval(model: DualEncoder, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
+def score_retrieval(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
                     batch_size: int = 64, baselines: bool = True, progress=None, start: int = 0) -> list[TaskScore]:
     """Retrieval accuracy on held-out examples start..start+n-1 of each task, with its baselines unless
     baselines=False; progress as in `evaluate.evaluate`."""
     was_training = model.training
     model.eval()
-    collator = PairCollator(model.config, tokenizer)
+    collator = make_collator(model.config, tokenizer)
     scores = []
     for task in tasks:
         examples = [world.sample(task, start + i, "eval") for i in range(n)]
@@ -53,4 +54,4 @@ def score_retrieval(model: DualEncoder, tokenizer: Tokenizer, tasks: tuple[str, 
 
 def scorer(model: nn.Module):
     """The held-out scoring that fits the model: retrieval for a dual encoder, greedy answers otherwise."""
-    return score_retrieval if isinstance(model, DualEncoder) else evaluate
+    return score_retrieval if spec_of(model).pairs else evaluate

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from polymodal import build
 from polymodal.config import DecoderConfig
-from polymodal.data.collate import IGNORE, Collator, count_targets, fit_config
+from polymodal.data.collate import IGNORE, count_targets
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
@@ -18,8 +19,8 @@ from polymodal.presets import get_preset
 
 WORLD = World(seed=0)
 TOKENIZER = Tokenizer.train(WORLD.texts(), 512)
-TEXT = fit_config(DecoderConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64), TOKENIZER)
-PALI = fit_config(get_preset("paligemma-tiny"), TOKENIZER)
+TEXT = fit_to_tokenizer(DecoderConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64), TOKENIZER)
+PALI = fit_to_tokenizer(get_preset("paligemma-tiny"), TOKENIZER)
 WORDS = sorted({w for t in WORLD.texts() for w in t.split()})
 
 
@@ -29,7 +30,7 @@ def text_doc(*parts: str, target: int | None = None) -> Document:
 
 def test_decoder_layout_puts_labels_on_targets_and_their_end():
     tok = TOKENIZER
-    c = Collator(TEXT, tok)
+    c = make_collator(TEXT, tok)
     q, a = tok.encode("what colour is the shape?"), tok.encode("red")
     sep = tok.encode("\n")
     enc = c.encode(text_doc("what colour is the shape?", "red", target=1))
@@ -56,12 +57,12 @@ def test_paligemma_layout_matches_hf_processor(tmp_path):
     docs = [e.document for e in examples]
     ref = processor(images=[d.images[0] for d in docs], text=[d.texts[0] for d in docs],
                     suffix=[e.answer for e in examples], return_tensors="pt", padding="longest")
-    ours = Collator(PALI, TOKENIZER)(docs)
+    ours = make_collator(PALI, TOKENIZER)(docs)
     for key in ("input_ids", "token_type_ids", "labels", "attention_mask"):
         assert torch.equal(ours[key], torch.as_tensor(ref[key])), key
     torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"], atol=1e-6, rtol=0)
     # the generation prompt is the prefix HF builds without a suffix
-    prompt = Collator(PALI, TOKENIZER).prompts(docs[:1])
+    prompt = make_collator(PALI, TOKENIZER).prompts(docs[:1])
     assert prompt["input_ids"][0].tolist() == ref["input_ids"][0, :prompt["input_ids"].shape[1]].tolist()
     assert prompt["token_type_ids"].eq(0).all()
 
@@ -74,11 +75,11 @@ def test_paligemma_layout_matches_hf_processor(tmp_path):
 ])
 def test_paligemma_rejects_what_it_cannot_read(segments, message):
     with pytest.raises(ValueError, match=f"document 'doc-7'.*{message}"):
-        Collator(PALI, TOKENIZER)([Document(segments, id="doc-7")])
+        make_collator(PALI, TOKENIZER)([Document(segments, id="doc-7")])
 
 
 def test_errors_name_the_document():
-    c = Collator(TEXT, TOKENIZER, max_len=8)
+    c = make_collator(TEXT, TOKENIZER, max_len=8)
     with pytest.raises(ValueError, match=r"document 1 is \d+ tokens long; the limit is max_len=8"):
         c([text_doc("red"), text_doc(*["where is the blue triangle?"] * 3)])
     with pytest.raises(ValueError, match="document 'x' has image segments; a text-only decoder reads text only"):
@@ -107,7 +108,7 @@ def test_packed_documents_give_exactly_their_alone_logits_and_loss(raw):
     torch.manual_seed(0)
     model = build(TEXT).eval()
     docs = [Document([Segment("text", " ".join(words), target=t) for words, t in segs]) for segs in raw]
-    c = Collator(TEXT, TOKENIZER, max_len=40)
+    c = make_collator(TEXT, TOKENIZER, max_len=40)
     encoded = [c.encode(d) for d in docs]
     packed, padded = c.pack(encoded, 40), c.pad(encoded)
     assert count_targets(packed) == count_targets(padded)
@@ -125,7 +126,7 @@ def test_packed_documents_give_exactly_their_alone_logits_and_loss(raw):
 def test_packed_image_documents_give_exactly_their_alone_logits():
     torch.manual_seed(0)
     model = build(PALI).eval()
-    c = Collator(PALI, TOKENIZER)
+    c = make_collator(PALI, TOKENIZER)
     encoded = [c.encode(WORLD.sample(task, 3).document) for task in ("caption", "count", "position", "colour")]
     packed = c.pack(encoded, 64)  # rows of two documents, each with its own image and prefix block
     assert packed["input_ids"].shape[0] == 2
@@ -138,7 +139,7 @@ def test_packed_image_documents_give_exactly_their_alone_logits():
 
 
 def test_packing_fills_rows_first_fit_and_keeps_media_in_token_order():
-    c = Collator(PALI, TOKENIZER, max_len=60)
+    c = make_collator(PALI, TOKENIZER, max_len=60)
     docs = [WORLD.sample("colour", i).document for i in range(5)]
     encoded = [c.encode(d) for d in docs]
     batch = c.pack(encoded, 60)  # each document is ~26 tokens: two to a row

@@ -1,11 +1,11 @@
 """The batches of the families that do not put media in the token stream: Flamingo (images per row,
-`data/interleaved.py`) and the dual encoders (image-caption pairs, `data/pairs.py`)."""
+`families/flamingo/format.py`) and the dual encoders (image-caption pairs, `families/contrastive/format.py`)."""
 
 import pytest
 import torch
 
 import polymodal as pm
-from polymodal.data.collators import fit_to_tokenizer, make_collator
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer

@@ -5,7 +5,7 @@ else (the image, the system prompt, every user turn); PaliGemma's prefix-LM layo
 import pytest
 
 import polymodal as pm
-from polymodal.data.collators import fit_to_tokenizer, make_collator
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.conversations import conversation_document
 from polymodal.data.formats import IGNORE, SEPARATOR
 from polymodal.data.synthetic import World

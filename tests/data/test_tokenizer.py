@@ -183,3 +183,14 @@ def test_errors(trained, tmp_path):
         trained.encode_batch("abc")
     with pytest.raises(TypeError, match="SentencePieceProcessor"):
         Tokenizer({"a": 1})
+
+
+def test_text_of_generated_ids_leaves_out_ids_past_the_tokenizer(trained):
+    """A model writes ids the tokenizer has no text for (image codes, a vocabulary padded past it): `text` leaves
+    them out, and control tokens, wherever they fall; `decode` refuses them."""
+    ids = trained.encode("a red circle")
+    past = [trained.vocab_size, trained.vocab_size + 7]
+    written = [past[0], *ids[:2], trained.eos_id, past[1], *ids[2:]]
+    assert trained.text(written) == trained.decode(ids) == "a red circle"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        trained.decode(written)

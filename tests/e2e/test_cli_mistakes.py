@@ -15,7 +15,7 @@ from PIL import Image
 
 import polymodal as pm
 from polymodal.cli import main
-from polymodal.data.collate import Collator, fit_config
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Audio, wav_bytes, write_jsonl
 from polymodal.data.synthetic import World, recognise
 from polymodal.data.tokenizer import Tokenizer
@@ -51,7 +51,7 @@ def checkpoint(tmp_path_factory):
     """An untrained paligemma-tiny with its tokenizer: enough for generate/eval/convert to load."""
     directory = tmp_path_factory.mktemp("checkpoint") / "tiny"
     tokenizer = Tokenizer.train(WORLD.texts(), vocab_size=400)
-    pm.save_pretrained(pm.build(fit_config(get_preset("paligemma-tiny"), tokenizer)), directory)
+    pm.save_pretrained(pm.build(fit_to_tokenizer(get_preset("paligemma-tiny"), tokenizer)), directory)
     tokenizer.save(directory)
     return directory
 
@@ -225,7 +225,7 @@ def draws_blue(tmp_path_factory):
     it draws "a blue square" for any prompt."""
     directory = tmp_path_factory.mktemp("chameleon") / "draws-blue"
     tokenizer = Tokenizer.train(WORLD.texts(), vocab_size=400)
-    cfg = fit_config(get_preset("chameleon-tiny"), tokenizer)
+    cfg = fit_to_tokenizer(get_preset("chameleon-tiny"), tokenizer)
     model = pm.build(cfg)
     with torch.no_grad():
         for p in model.decoder.parameters():
@@ -245,7 +245,7 @@ def test_eval_scores_text_to_image_on_what_the_model_draws(draws_blue, checkpoin
     model, tokenizer = pm.from_pretrained(draws_blue), Tokenizer.from_file(draws_blue)
     docs = [WORLD.sample("text_to_image", i, "eval").document for i in range(n)]
     # all blue: a square whose centre lies on the grid's corner, read as the top-left cell
-    assert drawn(model, Collator(model.config, tokenizer), tokenizer, docs, "text_to_image", longest=0) == [
+    assert drawn(model, make_collator(model.config, tokenizer), tokenizer, docs, "text_to_image", longest=0) == [
         "a blue square in the top left"] * n
     hits = sum(WORLD.sample("text_to_image", i, "eval").answer == "a blue square in the top left" for i in range(n))
     assert hits == 0  # the blue square's held-out cell is another: its eval prompts ask for it there
@@ -281,7 +281,7 @@ def test_generate_with_a_vocabulary_padded_past_the_tokenizer(tmp_path):
     text and are left out of what generate prints, never an error. Near-uniform sampling over 464 ids, 64 of
     them padding, draws some of them within 40 tokens (all but surely; the seed fixes which)."""
     tokenizer = Tokenizer.train(WORLD.texts(), vocab_size=400)
-    config = fit_config(get_preset("paligemma-tiny"), tokenizer)
+    config = fit_to_tokenizer(get_preset("paligemma-tiny"), tokenizer)
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size + 64))
     pm.save_pretrained(pm.build(config), tmp_path / "padded")
     tokenizer.save(tmp_path / "padded")

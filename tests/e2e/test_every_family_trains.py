@@ -10,7 +10,7 @@ import torch
 
 import polymodal as pm
 from polymodal.cli import main
-from polymodal.models import load_config
+from polymodal.families import load_config
 from polymodal.data.documents import Document, Segment, write_jsonl
 from polymodal.data.synthetic import World
 from polymodal.train.checkpoint import list_checkpoints

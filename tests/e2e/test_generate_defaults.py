@@ -53,13 +53,13 @@ def test_a_drawing_model_draws_with_the_default_budget(drawing_run, tmp_path, ca
 
 
 def test_paligemma_without_an_image_is_an_error(tmp_path, capsys):
-    from polymodal.data.collate import fit_config
+    from polymodal.families.collators import fit_to_tokenizer
     from polymodal.data.tokenizer import Tokenizer
     from polymodal.presets import get_preset
     import polymodal as pm
 
     tokenizer = Tokenizer.train(World(seed=0).texts(), vocab_size=400)
-    pm.save_pretrained(pm.build(fit_config(get_preset("paligemma-tiny"), tokenizer)), tmp_path / "pg")
+    pm.save_pretrained(pm.build(fit_to_tokenizer(get_preset("paligemma-tiny"), tokenizer)), tmp_path / "pg")
     tokenizer.save(tmp_path / "pg")
     assert main(["generate", str(tmp_path / "pg"), "--prompt", "what colour is the shape?"]) == 1
     err = capsys.readouterr().err

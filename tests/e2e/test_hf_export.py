@@ -14,7 +14,7 @@ from PIL import Image
 
 import polymodal as pm
 from polymodal.cli import main
-from polymodal.data.collators import make_collator
+from polymodal.families.collators import make_collator
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.engine import generate
@@ -133,12 +133,12 @@ def test_back_to_polymodal_reads_the_processor_settings(exported, tmp_path, caps
 
 def test_a_text_decoder_exports_a_chat_template_laid_out_as_polymodal_prompts(tmp_path):
     """AutoTokenizer's apply_chat_template on the export gives the ids of polymodal's own prompt layout."""
-    from polymodal.data.collate import fit_config
+    from polymodal.families.collators import fit_to_tokenizer
     from polymodal.data.documents import Document, Segment
     from polymodal.presets import get_preset
 
     tokenizer = Tokenizer.train(World(seed=0).texts(), vocab_size=300)
-    model = pm.build(fit_config(get_preset("llama-tiny"), tokenizer))
+    model = pm.build(fit_to_tokenizer(get_preset("llama-tiny"), tokenizer))
     pm.save_pretrained(model, tmp_path / "ours")
     tokenizer.save(tmp_path / "ours")
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0

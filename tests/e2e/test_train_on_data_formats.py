@@ -12,7 +12,7 @@ import torch
 
 import polymodal as pm
 from polymodal.cli import main
-from polymodal.data.collators import make_collator
+from polymodal.families.collators import make_collator
 from polymodal.data.readers import read_documents
 from polymodal.data.synthetic import COLOURS, SHAPES, World
 from polymodal.data.tokenizer import Tokenizer

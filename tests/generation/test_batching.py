@@ -8,7 +8,7 @@ import torch
 import polymodal as pm
 from polymodal.config import DecoderConfig
 from polymodal.generation.batching import Batcher, QueueFull, Request
-from polymodal.presets import paligemma_tiny
+from polymodal.families.paligemma.presets import paligemma_tiny
 
 torch.manual_seed(0)
 DECODER = pm.build(DecoderConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import polymodal as pm
-from polymodal.models.constraints import ImageSpans
-from polymodal.models.chameleon import chameleon_tiny
+from polymodal.fusion.constraints import ImageSpans
+from polymodal.families.chameleon.presets import chameleon_tiny
 
 BEGIN, END = 6, 7
 

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from polymodal.generation.engine import next_token
-from polymodal.generation.sampling import sample_next, top_p_filter
+from polymodal.generation.choice import Chooser
+from polymodal.generation.sampling import top_p_filter
 
 logits_process = pytest.importorskip("transformers.generation.logits_process",
                                      reason="transformers is the parity reference")
@@ -40,12 +40,12 @@ def test_top_p_on_a_gemma_sized_vocabulary(p):
 
 
 def kept_by_sampling(logits: torch.Tensor, **sampling) -> torch.Tensor:
-    """(V,) bool: the tokens `sample_next` can draw from logits (V,). Row j of a batch of copies gets Exp(1)
+    """(V,) bool: the tokens a sampling `Chooser` can draw from logits (V,). Row j of a batch of copies gets Exp(1)
     noise that is tiny on token j only: the exponential race then picks j exactly when j has probability > 0."""
     V = logits.shape[-1]
     noise = torch.ones(V, V)
     noise.fill_diagonal_(1e-30)
-    return sample_next(logits.expand(V, V), do_sample=True, noise=noise, **sampling) == torch.arange(V)
+    return Chooser(do_sample=True, **sampling).pick(logits.expand(V, V), None, None, noise)[0] == torch.arange(V)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 10, 0.9), (1.5, 4, 0.5), (0.5, 100, 0.95), (2.0, None, 0.8),
@@ -72,8 +72,7 @@ def test_repetition_penalty_on_bf16_logits_chooses_as_hf():
     seen_ids = torch.tensor([[0], [0]])
     seen = torch.zeros(2, 2, dtype=torch.bool).scatter_(1, seen_ids, True)
     expected = logits_process.RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.float()).argmax(-1)
-    token, *_ = next_token(logits, torch.zeros(2, dtype=torch.bool), None, seen, None, spans=None, allowed=None,
-                           penalty=1.3, pad_token_id=0, stop_ids=None)
+    token, *_ = Chooser(penalty=1.3).choose(logits, torch.zeros(2, dtype=torch.bool), None, seen, None)
     assert token.tolist() == expected.tolist() == [1, 1]
 
 
@@ -91,7 +90,7 @@ def test_repetition_penalty_then_sampling_on_bf16_logits_matches_hf_chain():
         V = 64
         noise = torch.ones(V, V)
         noise.fill_diagonal_(1e-30)
-        token, *_ = next_token(logits.expand(V, V), torch.zeros(V, dtype=torch.bool), None, seen.expand(V, V), noise,
-                               spans=None, allowed=None, penalty=1.2, pad_token_id=0, stop_ids=None, do_sample=True,
-                               temperature=0.8, top_k=20, top_p=0.9)
+        chooser = Chooser(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, penalty=1.2)
+        token, *_ = chooser.choose(logits.expand(V, V), torch.zeros(V, dtype=torch.bool), None, seen.expand(V, V),
+                                   noise)
         assert torch.equal(token == torch.arange(V), theirs)

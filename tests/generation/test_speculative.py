@@ -10,6 +10,7 @@ import torch._dynamo
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
+from polymodal.generation import speculative
 from polymodal.generation.sampling import apply_repetition_penalty, probabilities
 from polymodal.nn.transformer import Decoder
 from polymodal.presets import get_preset
@@ -106,6 +107,26 @@ def test_paligemma_target_with_text_only_and_same_family_drafts():
         out = pm.generate(model, ids, am, pixel_values=px, max_new_tokens=12, assistant_model=draft,
                           num_assistant_tokens=3)
         assert torch.equal(out, expected)
+
+
+def test_a_text_only_draft_of_kosmos_reads_the_text_around_the_image():
+    """The draft reads the prompt with the slots an image fills masked out, and nothing else: KOSMOS-1's
+    `<image>` and `</image>` around them are text a text decoder reads (the placeholder ids come from the
+    family's spec); greedy decoding with it is the target's own."""
+    torch.manual_seed(0)
+    cfg = get_preset("kosmos-tiny")
+    model = pm.build(cfg).eval()
+    draft = Decoder(cfg.text.replace(n_layers=1)).eval()
+    n = cfg.perceiver.n_latents
+    text = torch.randint(10, 200, (2, 5), generator=torch.Generator().manual_seed(4))
+    image = torch.tensor([cfg.image_token_id, *[cfg.placeholder_token_id] * n, cfg.image_end_token_id])
+    ids = torch.cat([text[:, :2], image.expand(2, -1), text[:, 2:]], dim=1)
+    px = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    shown = speculative.draft_prompt(speculative.Drafting(3, draft), model, ids, None, {"pixel_values": px})
+    assert torch.equal(shown["attention_mask"], (ids != cfg.placeholder_token_id).long())
+    expected = pm.generate(model, ids, pixel_values=px, max_new_tokens=10)
+    out = pm.generate(model, ids, pixel_values=px, max_new_tokens=10, assistant_model=draft, num_assistant_tokens=3)
+    assert torch.equal(out, expected)
 
 
 def test_compiled_equals_eager_and_compiles_once():

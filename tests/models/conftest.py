@@ -10,7 +10,7 @@ import torch
 from polymodal.data.synthetic import World
 from polymodal.data.processors import images_to_pixels
 from polymodal.encoders.vq import VQModel, train_vq
-from polymodal.models.chameleon import chameleon_tiny
+from polymodal.families.chameleon.presets import chameleon_tiny
 
 WORLD = World(seed=0)
 

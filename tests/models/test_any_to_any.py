@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import polymodal as pm
-from polymodal.data.collate import Collator, fit_config
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import ConfigError
 from polymodal.evaluate import evaluate, table
-from polymodal.fusion.configs import MediaTokens
-from polymodal.models.gemini import gemini_tiny
+from polymodal.families.gemini.config import MediaTokens
+from polymodal.families.gemini.presets import gemini_tiny
 
 WORLD = World(seed=0)
 TASKS = ("colour", "video_direction", "audio_pitch", "text_to_image", "say_and_draw")
@@ -43,10 +43,10 @@ def trained(world_vq):
 def train(vq):
     torch.manual_seed(0)
     tokenizer = Tokenizer.train(WORLD.texts(), vocab_size=512)
-    cfg = fit_config(gemini_tiny(), tokenizer)
+    cfg = fit_to_tokenizer(gemini_tiny(), tokenizer)
     model = pm.build(cfg)
     model.writer.vq.load_state_dict(vq.state_dict())
-    collator = Collator(cfg, tokenizer)
+    collator = make_collator(cfg, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]  # the VQ stays frozen
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=STEPS, pct_start=0.1)
@@ -90,12 +90,12 @@ def test_one_generate_call_writes_text_and_an_image_in_a_row(trained, one_thread
 
 def test_drawn_images_are_spliced_in_as_codes_and_learned_as_labels():
     tokenizer = Tokenizer.train(WORLD.texts(), vocab_size=512)
-    cfg = fit_config(gemini_tiny(), tokenizer)
+    cfg = fit_to_tokenizer(gemini_tiny(), tokenizer)
     model = pm.build(cfg)
     V = tokenizer.vocab_size
     assert cfg.tokens.draw == (V, V + 1) and cfg.image_codes == V + 2
     assert cfg.text.vocab_size == V + 2 + cfg.vq.num_embeddings
-    batch = Collator(cfg, tokenizer)([WORLD.sample("say_and_draw", 0).document])
+    batch = make_collator(cfg, tokenizer)([WORLD.sample("say_and_draw", 0).document])
     n = cfg.vq.tokens_per_image
     ids = batch["input_ids"][0].tolist()
     start = ids.index(V)
@@ -116,11 +116,11 @@ def test_drawn_images_are_spliced_in_as_codes_and_learned_as_labels():
 
 def test_a_model_without_image_output_refuses_image_targets():
     tokenizer = Tokenizer.train(WORLD.texts(), vocab_size=512)
-    cfg = fit_config(gemini_tiny().replace(vq=None, tokens=gemini_tiny().tokens.replace(draw=None)), tokenizer)
+    cfg = fit_to_tokenizer(gemini_tiny().replace(vq=None, tokens=gemini_tiny().tokens.replace(draw=None)), tokenizer)
     doc = Document([Segment("text", "draw a red circle"), Segment("image", media=WORLD.draw("red", "circle"),
                                                                  target=True)])
     with pytest.raises(pm.PolymodalError, match="has a image target; this model reads media and writes text$"):
-        Collator(cfg, tokenizer).encode(doc)
+        make_collator(cfg, tokenizer).encode(doc)
     assert pm.build(cfg).image_spans is None
 
 

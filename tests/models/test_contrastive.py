@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import polymodal as pm
 from polymodal.config import ConfigError
-from polymodal.models.contrastive import ContrastiveConfig, sigmoid_loss, softmax_loss
+from polymodal.families.contrastive.config import ContrastiveConfig
+from polymodal.families.contrastive.model import sigmoid_loss, softmax_loss
 
 
 def tiny(preset: str):

@@ -9,7 +9,8 @@ import polymodal as pm
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.fusion.perceiver import PerceiverResampler
 from polymodal.fusion.perceiver import PerceiverConfig
-from polymodal.models.flamingo import Flamingo, FlamingoConfig
+from polymodal.families.flamingo.model import Flamingo
+from polymodal.families.flamingo.config import FlamingoConfig
 from polymodal.nn.masks import media_attention_mask, media_ids
 from polymodal.nn.transformer import Decoder
 

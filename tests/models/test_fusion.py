@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from polymodal.errors import InputError
-from polymodal.models import fusion
+from polymodal.fusion import early
+from polymodal.fusion import spans as fusion
 
 PH, KINDS, WRAPPERS = 4, ["image", "audio", "video"], [(6, 7), (8, 9), None]  # video: no span tokens here
 
@@ -107,7 +108,7 @@ def test_decode_steps_take_no_prefill_inputs():
     class Filled:
         length = 3
 
-    assert not fusion.decoding(None, pixel_values=torch.zeros(1))
-    assert fusion.decoding(Filled(), pixel_values=None)
+    assert not early.decoding(None, pixel_values=torch.zeros(1))
+    assert early.decoding(Filled(), pixel_values=None)
     with pytest.raises(InputError, match=r"^\['pixel_values'\] belong to the first \(prefill\) call"):
-        fusion.decoding(Filled(), pixel_values=torch.zeros(1), token_type_ids=None)
+        early.decoding(Filled(), pixel_values=torch.zeros(1), token_type_ids=None)

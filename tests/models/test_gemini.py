@@ -9,13 +9,15 @@ import pytest
 import torch
 
 import polymodal as pm
-from polymodal.data.collate import Collator, fit_config
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Audio, Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.vit import VisionConfig
 from polymodal.evaluate import evaluate, table
-from polymodal.models.gemini import Gemini, GeminiConfig, MediaTokens, gemini_nano_1, gemini_nano_2, gemini_tiny
+from polymodal.families.gemini.config import GeminiConfig, MediaTokens
+from polymodal.families.gemini.model import Gemini
+from polymodal.families.gemini.presets import gemini_nano_1, gemini_nano_2, gemini_tiny
 
 WORLD = World(seed=0)
 TASKS = {"colour": "image", "video_direction": "video", "audio_pitch": "audio"}
@@ -32,12 +34,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def cfg(tok):
-    return fit_config(gemini_tiny(), tok)
+    return fit_to_tokenizer(gemini_tiny(), tok)
 
 
 @pytest.fixture(scope="module")
 def collator(cfg, tok):
-    return Collator(cfg, tok)
+    return make_collator(cfg, tok)
 
 
 @pytest.fixture

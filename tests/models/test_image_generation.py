@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import polymodal as pm
-from polymodal.data.collate import Collator
 from polymodal.data.documents import Document, Segment
-from polymodal.data.formats import ChameleonFormat
+from polymodal.families.chameleon.format import ChameleonFormat
 from polymodal.data.synthetic import CHOICES, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.data.processors import images_to_pixels
 from polymodal.encoders.vq import VQModel
-from polymodal.models.chameleon import chameleon_tiny
+from polymodal.families.chameleon.presets import chameleon_tiny
+from polymodal.families.collators import make_collator
 
 WORLD = World(seed=0)
 CHANCE = 1 / len(CHOICES["text_to_image"])  # 12 objects x 4 cells
@@ -34,7 +34,7 @@ def train_world_model(vq: VQModel, lm_steps: int = 150, batch_size: int = 24, se
     cfg = ChameleonFormat.fit(chameleon_tiny(), tokenizer)
     model = pm.build(cfg)
     model.vq.load_state_dict(vq.state_dict())
-    collator = Collator(cfg, tokenizer)
+    collator = make_collator(cfg, tokenizer)
     docs = [ex.document for ex in WORLD.examples("train", "text_to_image", lm_steps * batch_size)]
     params = [p for p in model.parameters() if p.requires_grad]  # the VQ stays frozen
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
@@ -62,7 +62,7 @@ def test_text_to_image_on_the_built_in_world(tmp_path, world_vq):
 
     def drawn(examples):
         """What `describe` reads in the image drawn for each example's prompt (None: no shape found)."""
-        batch = Collator(model.config, tokenizer).prompts([ex.document for ex in examples])
+        batch = make_collator(model.config, tokenizer).prompts([ex.document for ex in examples])
         out = pm.generate(model, **batch, max_new_tokens=model.config.vq.tokens_per_image + 3,
                           eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=True)
         assert all(len(images) == 1 for images in out.images)
@@ -125,7 +125,7 @@ def test_collator_lays_out_text_to_image_documents():
     assert cfg.image_tokens == tokenizer.vocab_size and cfg.text.vocab_size == tokenizer.vocab_size + 128
     doc = Document([Segment("text", "draw a red circle"), Segment("image", media=WORLD.draw("red", "circle"),
                                                                  target=True)])
-    collator = Collator(cfg, tokenizer)
+    collator = make_collator(cfg, tokenizer)
     batch = collator([doc])
     n = cfg.vq.tokens_per_image
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()

@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import polymodal as pm
-from polymodal.data.collate import Collator, fit_config
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.models.kosmos import Kosmos, KosmosConfig, kosmos_tiny
+from polymodal.families.kosmos.config import KosmosConfig
+from polymodal.families.kosmos.model import Kosmos
+from polymodal.families.kosmos.presets import kosmos_tiny
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +180,8 @@ def test_presets_and_config_round_trip(tmp_path):
 def test_format_lays_out_an_interleaved_document():
     world = World(seed=0)
     tok = Tokenizer.train(world.texts(), vocab_size=320)
-    cfg = fit_config(kosmos_tiny(), tok)
-    collate = Collator(cfg, tok)
+    cfg = fit_to_tokenizer(kosmos_tiny(), tok)
+    collate = make_collator(cfg, tok)
     red, blue = world.draw("red", "circle"), world.draw("blue", "square")
     doc = Document([Segment("text", "caption"), Segment("image", media=red), Segment("text", "and"),
                     Segment("image", media=blue), Segment("text", "a blue square", target=True)])
@@ -221,9 +223,9 @@ def test_tiny_kosmos_learns_to_look_at_its_images():
         torch.manual_seed(0)
         world = World(seed=0)
         tok = Tokenizer.train(world.texts(), vocab_size=320)
-        cfg = fit_config(kosmos_tiny(), tok)
+        cfg = fit_to_tokenizer(kosmos_tiny(), tok)
         model = Kosmos(cfg)
-        collate = Collator(cfg, tok)
+        collate = make_collator(cfg, tok)
         train = world.examples("train", "colour")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
         start = time.time()

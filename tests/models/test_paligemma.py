@@ -6,7 +6,8 @@ import torch
 import polymodal as pm
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.encoders.vit import VisionConfig
-from polymodal.models.paligemma import PaliGemma, PaliGemmaConfig
+from polymodal.families.paligemma.config import PaliGemmaConfig
+from polymodal.families.paligemma.model import PaliGemma
 from polymodal.presets import get_preset
 
 IMG = 63  # 16x16 images, patch 8 -> 4 placeholder tokens per image

@@ -25,14 +25,17 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import polymodal as pm
-from polymodal.models.chameleon import Chameleon, chameleon_tiny
-from polymodal.models.gemini import Gemini, gemini_tiny
-from polymodal.models.kosmos import Kosmos, kosmos_tiny
-from polymodal.models.paligemma import PaliGemma
+from polymodal.families.chameleon.model import Chameleon
+from polymodal.families.chameleon.presets import chameleon_tiny
+from polymodal.families.gemini.model import Gemini
+from polymodal.families.gemini.presets import gemini_tiny
+from polymodal.families.kosmos.model import Kosmos
+from polymodal.families.kosmos.presets import kosmos_tiny
+from polymodal.families.paligemma.model import PaliGemma
 from polymodal.nn import ring_attention
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.transformer import Block, Decoder
-from polymodal.presets import paligemma_tiny
+from polymodal.families.paligemma.presets import paligemma_tiny
 from polymodal.train.distributed import barrier, init_process, shutdown
 
 B, S = 2, 100  # not a multiple of 2W chunks: the split pads

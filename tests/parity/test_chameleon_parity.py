@@ -10,8 +10,8 @@ import torch
 
 import polymodal as pm
 from polymodal.convert.hf import save_hf
-from polymodal.convert.hf_chameleon import code_name
-from polymodal.models.chameleon import chameleon_tiny
+from polymodal.families.chameleon.convert import code_name
+from polymodal.families.chameleon.presets import chameleon_tiny
 
 transformers = pytest.importorskip("transformers")
 

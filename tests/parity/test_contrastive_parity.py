@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import polymodal as pm
 from polymodal.config import ConfigError
 from polymodal.convert.hf import FAMILIES, export_state, save_hf
-from polymodal.convert.hf_contrastive import contrastive_rules
+from polymodal.families.contrastive.convert import contrastive_rules
 
 from randomise import randomise  # tests/parity/randomise.py
 

@@ -7,7 +7,7 @@ import torch
 import polymodal as pm
 from polymodal.config import ConfigError
 from polymodal.convert.hf import save_hf
-from polymodal.convert.hf_idefics import config_from_hf
+from polymodal.families.flamingo.convert import config_from_hf
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 

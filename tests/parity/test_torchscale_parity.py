@@ -21,7 +21,7 @@ from torch import nn
 
 import polymodal as pm
 from polymodal.convert.torchscale import config_from_torchscale, decoder_rules, load_torchscale_decoder
-from polymodal.models.kosmos import kosmos_1, kosmos_tiny
+from polymodal.families.kosmos.presets import kosmos_1, kosmos_tiny
 from polymodal.nn.transformer import Decoder
 
 pytest.importorskip("fairscale", reason="torchscale needs fairscale (CI installs it)")

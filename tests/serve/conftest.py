@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import polymodal as pm
-from polymodal.data.collate import fit_config
+from polymodal.families.collators import fit_to_tokenizer
 from polymodal.data.documents import wav_bytes
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
@@ -68,7 +68,7 @@ def checkpoint(tmp_path_factory) -> Path:
     tokenizer = Tokenizer.train(WORLD.texts(), vocab_size=320)
     reader = get_preset("gemini-tiny")
     reader = reader.replace(vq=None, tokens=reader.tokens.replace(draw=None))
-    pm.save_pretrained(pm.build(fit_config(reader, tokenizer)), directory)
+    pm.save_pretrained(pm.build(fit_to_tokenizer(reader, tokenizer)), directory)
     tokenizer.save(directory)
     return directory
 

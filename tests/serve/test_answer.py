@@ -13,8 +13,8 @@ import polymodal as pm
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Request
-from polymodal.data.formats import ChameleonFormat
-from polymodal.models.chameleon import chameleon_tiny
+from polymodal.families.chameleon.format import ChameleonFormat
+from polymodal.families.chameleon.presets import chameleon_tiny
 from polymodal.serve.answer import Answer
 
 TOKENIZER = Tokenizer.train(World(seed=0).texts(), vocab_size=320)

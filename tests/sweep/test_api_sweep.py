@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
-from polymodal.data.collators import fit_to_tokenizer, make_collator
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Audio, Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer

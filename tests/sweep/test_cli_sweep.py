@@ -21,7 +21,7 @@ from PIL import Image
 
 import polymodal as pm
 from polymodal.cli import COMMANDS, main, parser
-from polymodal.data.collators import fit_to_tokenizer
+from polymodal.families.collators import fit_to_tokenizer
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import (CheckpointError, ConfigError, DocumentError, ExistingFileError, InputError,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polymodal.data.collate import Collator, fit_config
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Audio, Document, DocumentError, Segment, load_media, read_jsonl
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import InputError
@@ -231,7 +231,7 @@ def test_wavs_of_every_common_layout_are_read(tmp_path, rate, encoding, channels
 @pytest.fixture(scope="module")
 def gemini_collator():
     tokenizer = Tokenizer.train(["a beep", "hello"], 300)
-    return Collator(fit_config(get_preset("gemini-tiny"), tokenizer), tokenizer)  # a 16 kHz, 1 s audio window
+    return make_collator(fit_to_tokenizer(get_preset("gemini-tiny"), tokenizer), tokenizer)  # a 16 kHz, 1 s audio window
 
 
 @pytest.mark.parametrize("rate", [pytest.param(r, id=f"result-resampled-from-{r}Hz") for r in RATES + (96000,)])

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 import polymodal as pm
 from polymodal.config import ConfigError
 from polymodal.convert.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from polymodal.data.collate import Collator
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.families.collators import make_collator
 from polymodal.nn.lora import adapters
 from polymodal.serialization import WEIGHTS
 from polymodal.train.checkpoint import list_checkpoints, load_checkpoint
@@ -72,7 +72,7 @@ def test_kill_9_then_resume_trains_only_the_adapter_exactly(base, tmp_path, kill
 
     tok = Tokenizer.from_file(last)
     docs = [World(seed=0).sample("position", i, "eval").document for i in range(4)]
-    batch = Collator(tuned.config, tok)(docs)
+    batch = make_collator(tuned.config, tok)(docs)
     with torch.no_grad():
         unmerged = tuned(**{k: v for k, v in batch.items() if k != "labels"}).logits
         assert (unmerged - frozen(**{k: v for k, v in batch.items() if k != "labels"}).logits).abs().max() > 1e-3

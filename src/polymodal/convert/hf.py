@@ -1,7 +1,7 @@
-"""Hugging Face checkpoint directories <-> polymodal models, one key map per family.
+"""Hugging Face checkpoint directories <-> polymodal models, one key map per HF model_type.
 
-`FAMILIES` lists every family under the HF `model_type` it reads; each family's key map and config
-conversion live in `rules.py` (Llama, Gemma) or its own `hf_<family>.py`.
+`FAMILIES` is every family's `hf` key maps (`families.FAMILIES`) under the HF `model_type` each reads;
+the maps are made of `rules.py`'s pieces.
 """
 
 from __future__ import annotations
@@ -13,26 +13,14 @@ import torch
 from torch import nn
 
 from polymodal.config import ConfigError, read_json_config
-from polymodal.convert import hf_chameleon, hf_contrastive, hf_gemini, hf_idefics, hf_vision
 from polymodal.convert.load import load_model
-from polymodal.convert.rules import GEMMA, LLAMA, Family, export_state
+from polymodal.convert.rules import Family, export_state
 from polymodal.errors import CheckpointError, InputError, MissingFileError
+from polymodal.families import merged
 from polymodal.serialization import atomic_directory
 from polymodal.weights import Weights, shard_size, write_weights
 
-FAMILIES: dict[str, Family] = {
-    "llama": LLAMA,
-    "gemma": GEMMA,
-    "paligemma": hf_vision.PALIGEMMA,
-    "siglip_vision_model": hf_vision.SIGLIP_VISION,
-    "clip_vision_model": hf_vision.CLIP_VISION,
-    "idefics": hf_idefics.IDEFICS,
-    "fuyu": hf_gemini.FUYU,
-    "whisper": hf_gemini.WHISPER,
-    "clip": hf_contrastive.CLIP,
-    "siglip": hf_contrastive.SIGLIP,
-    "chameleon": hf_chameleon.CHAMELEON,
-}
+FAMILIES: dict[str, Family] = merged("hf")
 
 
 def read_hf_config(directory: Path) -> dict:

@@ -6,7 +6,7 @@ classes read (the layout `PaliGemmaProcessor.save_pretrained` writes): the token
 with PaliGemma's `image_seq_length`), `processor_config.json`, `generation_config.json`, a chat template where polymodal's layout has one that HF
 can express (the text-only decoders'), and a model card.
 HF's `PaliGemmaProcessor` lays a prompt out as `<image>` * image_seq_length, `<bos>`, prompt, "\\n" with
-`add_bos_token` off: the ids `data/formats.PaliGemmaFormat` gives, so HF's greedy answer is ours.
+`add_bos_token` off: the ids `PaliGemmaFormat` gives, so HF's greedy answer is ours.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from pathlib import Path
 
 from torch import nn
 
+from polymodal.config import Config, ConfigError
 from polymodal.convert.hf import FAMILIES, save_hf
-from polymodal.data.collators import make_collator
 from polymodal.data.processors import ImageProcessor
 from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import CheckpointError, InputError
+from polymodal.families import spec_of
+from polymodal.families.collators import make_collator
 
 # HF model_type -> (image processor class, processor class) for the families whose polymodal image
 # preprocessing an HF processor reproduces; the others get no preprocessor_config.json (the card says so)
@@ -33,24 +35,33 @@ PROCESSORS = {
 }
 TEXT_CONFIG = {"paligemma": "text", "chameleon": "text", "idefics": "text"}  # where a family keeps its decoder
 _RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL's numbers, as HF stores them
-# polymodal's text-only layout (data/formats.DecoderFormat): <bos>, then each segment's text and "\n". Roles are
+# polymodal's text-only layout (families/decoder/format.DecoderFormat): <bos>, then each segment's text and "\n". Roles are
 # not marked, as polymodal's documents mark none; a message's text is read as HF reads it (special-token text
 # such as "<eos>" becomes the token, where polymodal's collator keeps it text).
 DECODER_CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{{ '\\n' }}{% endfor %}"
 
 
 def model_type_of(model: nn.Module) -> str:
-    """The HF model_type a polymodal model is written as, from its class and config."""
-    kinds = [t for t, f in FAMILIES.items() if isinstance(f.build, type) and isinstance(model, f.build)]
+    """The HF model_type a polymodal model is written as: of its family's (`spec.hf`), the one, or the one
+    whose config conversion takes this model's config (Llama or Gemma, CLIP or SigLIP)."""
+    kinds = list(spec_of(model).hf) if isinstance(getattr(model, "config", None), Config) else []
+    refusals = {t: _refusal(FAMILIES[t], model.config) for t in kinds} if len(kinds) > 1 else {}
+    if refusals:
+        kinds = [t for t in kinds if refusals[t] is None]
     if len(kinds) == 1:
         return kinds[0]
-    cfg = model.config
-    if set(kinds) == {"clip", "siglip"}:
-        return "siglip" if cfg.loss == "sigmoid" else "clip"
-    if set(kinds) == {"llama", "gemma"}:
-        return "gemma" if cfg.norm == "rmsnorm_gemma" else "llama"
-    raise InputError(f"a {type(cfg).__name__} model has no Hugging Face model_type polymodal writes; give "
-                     f"--model-type, one of {sorted(FAMILIES)}")
+    why = "".join(f"; {t}: {reason}" for t, reason in refusals.items())
+    raise InputError(f"a {type(getattr(model, 'config', model)).__name__} model has no Hugging Face model_type "
+                     f"polymodal writes{why}; give --model-type, one of {sorted(FAMILIES)}")
+
+
+def _refusal(family, config) -> str | None:
+    """Why the family's HF config conversion refuses `config`; None when it takes it."""
+    try:
+        family.config_to_hf(config)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def export_hf(model: nn.Module, tokenizer: Tokenizer | None, target: str | Path, model_type: str | None = None,
@@ -159,7 +170,7 @@ def model_card(model_type: str, run: Path | None, trained: dict, step: int | Non
                   "are polymodal's."]
     else:
         lines += ["", "No HF processor reproduces polymodal's media layout for this family: build inputs with "
-                  "polymodal's collator (`polymodal.data.collators.make_collator`)."]
+                  "polymodal's collator (`polymodal.families.collators.make_collator`)."]
     if trained:
         data = trained.get("data")
         what = (f"the built-in synthetic world (tasks: {', '.join(trained.get('tasks', []))})" if data == "world"

@@ -1,17 +1,15 @@
-"""Key maps for HF `SiglipVisionModel`, `CLIPVisionModel` and `PaliGemmaForConditionalGeneration`.
+"""Key maps for HF `SiglipVisionModel` and `CLIPVisionModel`.
 
-Export writes the layout transformers 5 saves; the other layouts (4.x's `vision_model.` prefix, the
-in-memory `model.` prefixes) load through aliases. `vision_rules(cfg, ours, theirs)` and the config
-converters are shared with every family that holds a CLIP or SigLIP tower (dual encoders, Idefics).
+Export writes the layout transformers 5 saves; the other layouts (4.x's `vision_model.` prefix) load
+through aliases. `vision_rules(cfg, ours, theirs)` and the config converters are shared with every family
+that holds a CLIP or SigLIP tower (PaliGemma, dual encoders, Idefics).
 """
 
 from __future__ import annotations
 
 from polymodal.config import ConfigError
-from polymodal.convert.rules import (Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
-                                    linear_rules, norm_rules, tied_head)
+from polymodal.convert.rules import Family, Rule, linear_rules, norm_rules
 from polymodal.encoders.vit import ViT, VisionConfig
-from polymodal.models.paligemma import PaliGemma, PaliGemmaConfig
 
 VISION_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
 # HF's SiglipVisionConfig / CLIPVisionConfig defaults: a key a config.json leaves out means these
@@ -22,13 +20,6 @@ HF_VISION_DEFAULTS = {
     "clip": {"image_size": 224, "patch_size": 32, "num_channels": 3, "hidden_size": 768, "num_hidden_layers": 12,
              "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
 }
-# HF's GemmaConfig defaults (PaliGemma's text_config in the released checkpoints leaves most of them out)
-HF_GEMMA_DEFAULTS = {"vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
-                     "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256,
-                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
-                     "bos_token_id": 2, "tie_word_embeddings": True}
-
-
 def vision_config_from_hf(hf: dict, variant: str) -> VisionConfig:
     """A `VisionConfig` from an HF vision config dict (a `vision_config` inside CLIP/SigLIP/PaliGemma too)."""
     hf = {**HF_VISION_DEFAULTS[variant], **hf}
@@ -91,34 +82,6 @@ def vision_rules(cfg: VisionConfig, ours: str = "", theirs: str = "") -> list[Ru
     return rules
 
 
-def paligemma_config_from_hf(hf: dict) -> PaliGemmaConfig:
-    text_type = hf.get("text_config", {}).get("model_type", "gemma")
-    if text_type != "gemma":  # PaliGemma 2 (Gemma 2: logit soft-capping, sliding windows, sandwich norms)
-        raise ConfigError(f"PaliGemma's text_config.model_type {text_type!r} is not supported; supported: ['gemma']")
-    text = decoder_config_from_hf({**HF_GEMMA_DEFAULTS, **hf.get("text_config", {})}, gemma=True)
-    vision = vision_config_from_hf(hf.get("vision_config", {}), "siglip")
-    projection_dim = hf.get("projection_dim", 2048)
-    if projection_dim != text.dim:
-        raise ConfigError(f"PaliGemma's projector must map to the text width: projection_dim ({projection_dim}) != "
-                          f"text_config.hidden_size ({text.dim})")
-    image_token_id = hf.get("image_token_index", hf.get("image_token_id", 256000))
-    return PaliGemmaConfig(vision=vision, text=text, image_token_id=image_token_id)
-
-
-def paligemma_config_to_hf(cfg: PaliGemmaConfig) -> dict:
-    text = decoder_config_to_hf(cfg.text, gemma=True)
-    vision = {**vision_config_to_hf(cfg.vision), "projection_dim": cfg.text.dim}
-    return {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
-            "image_token_index": cfg.image_token_id, "projection_dim": cfg.text.dim, "hidden_size": cfg.text.dim,
-            "text_config": text, "vision_config": vision, "tie_word_embeddings": cfg.text.tie_embeddings}
-
-
-def paligemma_rules(cfg: PaliGemmaConfig) -> list[Rule]:
-    return (vision_rules(cfg.vision, "vision.", "vision_tower.")
-            + linear_rules("projector", ["multi_modal_projector.linear"], None, True)
-            + decoder_rules(cfg.text, "decoder.", "language_model.model.", "language_model.lm_head"))
-
-
 VISION_ALIASES = (("vision_model.", ""),)
 
 SIGLIP_VISION, CLIP_VISION = (Family(
@@ -129,18 +92,3 @@ SIGLIP_VISION, CLIP_VISION = (Family(
                                          **vision_config_to_hf(cfg)},
     aliases=VISION_ALIASES,
 ) for variant in ("siglip", "clip"))
-
-
-PALIGEMMA = Family(
-    config_from_hf=paligemma_config_from_hf,
-    build=PaliGemma,
-    rules=paligemma_rules,
-    config_to_hf=paligemma_config_to_hf,
-    ignore=("rotary_emb.inv_freq",),
-    tied_head=tied_head("language_model.lm_head.weight", "language_model.model.embed_tokens.weight",
-                        lambda cfg: cfg.text),
-    # on disk (5.x and 4.x) vs in memory (5.x, and 4.x's `vision_model.` inside the tower)
-    aliases=(("vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.vision_model.", "vision_tower."),
-             ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
-             ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
-)

@@ -17,10 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from polymodal.convert.hf import FAMILIES as HF_FAMILIES
 from polymodal.errors import CheckpointError, InputError, InputTypeError, MissingFileError, check_finite, check_number
-from polymodal.config import DecoderConfig
-from polymodal.convert.hf import FAMILIES
-from polymodal.models.paligemma import PaliGemmaConfig
+from polymodal.families import FAMILIES
 from polymodal.nn import lora
 from polymodal.serialization import atomic_directory, save_state_dict
 
@@ -28,14 +27,9 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 PEFT_PREFIX = "base_model.model."
 
 # config class -> (the HF model_type whose key map names its modules, (prefix in the key map's checkpoint
-# names, prefix of the same module inside transformers 5's model, which is what peft names))
+# names, prefix of the same module inside transformers 5's model, which is what peft names)): each spec's `peft`
 HF_NAMES: dict[type, tuple[str, tuple[tuple[str, str], ...]]] = {
-    DecoderConfig: ("llama", ()),
-    PaliGemmaConfig: ("paligemma", (("language_model.model.", "model.language_model."),
-                                    ("language_model.lm_head", "lm_head"),
-                                    ("vision_tower.", "model.vision_tower."),
-                                    ("multi_modal_projector.", "model.multi_modal_projector."))),
-}
+    spec.config: spec.peft for spec in FAMILIES.values() if spec.peft is not None}
 UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
                "modules_to_save": None, "layers_to_transform": None, "target_parameters": None}
 
@@ -55,7 +49,7 @@ def slot_names(model: nn.Module) -> dict[tuple[str, str], str]:
     if type(config) not in HF_NAMES:
         return {(slot.path, s.name): f"{slot.path}.{s.name}" for slot in slots for s in slot.slices}
     model_type, prefixes = HF_NAMES[type(config)]
-    rules = {r.ours: r for r in FAMILIES[model_type].rules(config) if r.rows is None}
+    rules = {r.ours: r for r in HF_FAMILIES[model_type].rules(config) if r.rows is None}
     names = {}
     for slot in slots:
         rule = rules.get(f"{slot.path}.weight")
@@ -188,7 +182,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     config = read_adapter_config(directory)
     by_name = {name: key for key, name in slot_names(model).items()}
     model_type = HF_NAMES.get(type(getattr(model, "config", None)), (None,))[0]
-    family = FAMILIES.get(model_type)
+    family = HF_FAMILIES.get(model_type)
     plan: dict[str, dict[str, tuple]] = {}
     try:
         with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as f:

@@ -1,9 +1,11 @@
-"""The pieces every HF key map is made of: `Rule`s, the `Family` record, and the decoder's own map.
+"""The pieces every HF key map is made of: `Rule`s, the `Family` record, and the Llama / Gemma decoder layout
+that every family holding such a decoder reuses.
 
 A key map is a list of `Rule`s: one polymodal tensor made of one or more HF tensors concatenated
 along dim 0 (fused QKV, fused gate/up). Import concatenates, export splits, so a round trip
-HF -> polymodal -> HF gives back the same tensors. The Llama / Gemma families are here; the others
-live in `hf_<family>.py`, and `hf.FAMILIES` lists them all.
+HF -> polymodal -> HF gives back the same tensors. Each family's own map is in its folder
+(`families/<name>/convert.py`), named in its spec's `hf`; `convert.hf.FAMILIES` is their union.
+This module sits below the families (tests/test_imports.py), so it imports no model.
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from polymodal.errors import CheckpointError
 from polymodal.config import ConfigError, DecoderConfig
 from polymodal.errors import CheckpointError
-from polymodal.nn.transformer import Decoder
 
 
 @dataclass(frozen=True)
@@ -211,12 +211,3 @@ def causal_lm_config_from_hf(hf: dict, *, gemma: bool) -> DecoderConfig:
                           "this decoder is causal")
     return decoder_config_from_hf(hf, gemma=gemma)
 
-
-LLAMA, GEMMA = (Family(
-    config_from_hf=lambda hf, g=gemma: causal_lm_config_from_hf(hf, gemma=g),
-    build=Decoder,
-    rules=decoder_rules,
-    config_to_hf=lambda cfg, g=gemma: decoder_config_to_hf(cfg, gemma=g),
-    ignore=("rotary_emb.inv_freq",),
-    tied_head=tied_head("lm_head.weight", "model.embed_tokens.weight"),
-) for gemma in (False, True))

@@ -1,6 +1,6 @@
 """Documents -> model inputs: padded batches, packed batches, and prompts for generation.
 
-Each family lays a `Document` out as tokens its own way (its format, `data/formats.py`); batching is
+Each family lays a `Document` out as tokens its own way (its format, named in its spec); batching is
 shared:
 
   padded  one document per row, right-padded; `attention_mask` 0 on pads
@@ -18,59 +18,33 @@ from __future__ import annotations
 import torch
 
 from polymodal.data.documents import Document
-from polymodal.data.formats import FORMATS, IGNORE, Encoded, _name, format_for
-from polymodal.data.tokenizer import Tokenizer
-from polymodal.errors import ConfigError, DocumentError, PolymodalError
-
-
-def fit_config(config, tokenizer: Tokenizer):
-    """The model config with its vocabulary size and special token ids taken from the tokenizer."""
-    return format_for(config).fit(config, tokenizer)
-
-
-def check_tokenizer(config, tokenizer: Tokenizer, where: str) -> None:
-    """ConfigError unless the tokenizer fits the model built from `config`: every id it gives has an embedding
-    row, and a generative model's bos / eos / pad ids are the tokenizer's (a tokenizer of another run of the
-    same size would otherwise load and write garbage)."""
-    text = getattr(config, "text", config)
-    rows = getattr(text, "vocab_size", None)
-    if rows is not None and tokenizer.vocab_size > rows:
-        raise ConfigError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embeddings "
-                          f"{rows} rows: ids from {rows} on would index nothing; the tokenizer belongs to another model")
-    if type(config) not in FORMATS:
-        return
-    for name in ("bos", "eos", "pad"):
-        want = getattr(text, f"{name}_token_id", None)
-        try:
-            got = getattr(tokenizer, f"{name}_id")
-        except KeyError:  # a tokenizer without that control token
-            continue
-        if want is not None and got is not None and got not in (want if isinstance(want, (list, tuple)) else [want]):
-            raise ConfigError(f"{where}: the tokenizer's {name} id is {got}, the model's {name}_token_id {want}: "
-                              "the tokenizer belongs to another model")
+from polymodal.data.formats import IGNORE, Encoded, _name
+from polymodal.errors import DocumentError, PolymodalError
 
 
 class Collator:
-    """Turns documents into batches for the model built from `config`.
+    """Turns documents into batches through a family's format (`families.collators.make_collator` picks both).
 
     max_len: the longest document allowed (default: the model's context), and the row length
     of packed batches."""
 
     PAD_VALUES = {"labels": IGNORE, "token_type_ids": 0}
 
-    def __init__(self, config, tokenizer: Tokenizer, max_len: int | None = None):
-        self.format = format_for(config)(config, tokenizer)
-        self.pad_id = tokenizer.pad_id
-        self.max_len = max_len or self.format.max_len
+    def __init__(self, format, max_len: int | None = None):
+        self.format = format
+        self.pad_id = format.tokenizer.pad_id
+        self.max_len = max_len or format.max_len
 
-    def encode(self, doc: Document, prompt_only: bool = False, index: int | None = None) -> Encoded:
+    def encode(self, doc: Document, prompt_only: bool = False, index: int | None = None, limit: bool = True) -> Encoded:
+        """One document laid out by the format; limit: refuse one longer than max_len (a prompt is checked
+        against the context with its new tokens instead, by `generation.prompts`)."""
         try:
             enc = self.format.encode(doc, prompt_only)
         except ValueError as e:  # the formats' and processors' complaints about a document are document errors
             if isinstance(e, PolymodalError):
                 raise
             raise DocumentError(str(e)) from e
-        if len(enc) > self.max_len:
+        if limit and len(enc) > self.max_len:
             raise DocumentError(f"{_name(doc, index)} is {len(enc)} tokens long; the limit is max_len={self.max_len}")
         if not prompt_only and all(label == IGNORE for label in enc.tokens["labels"]):
             raise DocumentError(f"{_name(doc, index)} has no target tokens, so nothing to learn from")
@@ -81,8 +55,15 @@ class Collator:
         return self.pack(encoded, self.max_len) if pack else self.pad(encoded)
 
     def prompts(self, docs: list[Document]) -> dict[str, torch.Tensor]:
-        """Each document up to its first target, ready for `generate` (no labels)."""
-        batch = self.pad([self.encode(d, prompt_only=True, index=i) for i, d in enumerate(docs)])
+        """Each document up to its first target, ready for `generate` (no labels); `generation.prompts` adds
+        the check against the context and the new tokens asked for."""
+        return self.prompt_batch(self.prompt_encodings(docs))
+
+    def prompt_encodings(self, docs: list[Document]) -> list[Encoded]:
+        return [self.encode(d, prompt_only=True, index=i, limit=False) for i, d in enumerate(docs)]
+
+    def prompt_batch(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
+        batch = self.pad(encoded)
         del batch["labels"]
         return batch
 
@@ -132,7 +113,7 @@ class Collator:
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss (the models shift labels left by one inside); in a dual encoder's batch, which
-    has no labels (`data/pairs.py`), its image-caption pairs."""
+    has no labels (`families/contrastive/format.py`), its image-caption pairs."""
     if "labels" not in batch:
         return len(batch["pixel_values"])
     return int((batch["labels"][:, 1:] != IGNORE).sum())

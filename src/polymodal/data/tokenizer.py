@@ -263,3 +263,8 @@ class Tokenizer:
         if bad:
             raise InputError(f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return self._model.decode(ids, skip_special_tokens)
+
+    def text(self, ids: Iterable[int]) -> str:
+        """The text of generated ids: ids past the tokenizer's vocabulary (image codes, a model vocabulary
+        padded past the tokenizer's) have none and are left out, as are control tokens."""
+        return self.decode([i for i in map(int, ids) if i < self.vocab_size])

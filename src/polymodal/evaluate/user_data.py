@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polymodal.data.collators import make_collator
+from polymodal.families.collators import make_collator
 from polymodal.data.documents import Document, with_media
 from polymodal.data.readers import read_flagged
-from polymodal.data.pairs import caption
+from polymodal.data.formats import caption
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import DocumentError
 from polymodal.evaluate.metrics import METRICS
 from polymodal.evaluate.world import answer, blank
-from polymodal.models.contrastive import DualEncoder
+from polymodal.families import spec_of
 
 RECALL_AT = (1, 5, 10)
 MARKERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
@@ -107,7 +107,7 @@ def predict(model: nn.Module, collator, tokenizer: Tokenizer, questions: list[It
 
 
 @torch.no_grad()
-def similarities(model: DualEncoder, collator, docs: list[Document], texts: list[str] | tuple[str, ...],
+def similarities(model: nn.Module, collator, docs: list[Document], texts: list[str] | tuple[str, ...],
                  batch_size: int, source: str | Path = "", blanked: bool = False) -> torch.Tensor:
     """(N_img, N_txt) similarity of each document's image (blank if blanked) to each text; media not yet loaded
     are read from `source`'s folder a batch at a time."""
@@ -181,7 +181,7 @@ def evaluate_file(model: nn.Module, tokenizer: Tokenizer, docs: list[Document], 
     """(one record per question: id, task, prompt, prediction, references, score; one row of figures per group)
     of the model on `docs`, read from `data` (`read_documents`); train_docs: the run's training documents, for
     the majority baseline. progress: called with (answers to write, what), returns a `Progress`."""
-    pairs = isinstance(model, DualEncoder)
+    pairs = spec_of(model).pairs
     questions = items(docs, data, pairs)
     if metric == "vqa" and (alone := next((q for q in questions if len(q.references) < 2), None)):
         raise DocumentError(f"{data}, {alone.id}: --metric vqa scores an answer by the other annotators who gave it "
@@ -203,7 +203,7 @@ def evaluate_file(model: nn.Module, tokenizer: Tokenizer, docs: list[Document], 
     return [record(q, p, s) for q, p, s in zip(questions, predictions, per)], rows
 
 
-def retrieval(model: DualEncoder, collator, questions: list[Item], source: str | Path, batch_size: int,
+def retrieval(model: nn.Module, collator, questions: list[Item], source: str | Path, batch_size: int,
               train: list[Item] | None, progress: Callable | None) -> tuple[list[dict], list[dict]]:
     """evaluate_file for a dual encoder: per group, its images against its captions, and the same blanked;
     a record's prediction is the caption nearest its image among all of the file's."""

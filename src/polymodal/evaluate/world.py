@@ -27,11 +27,12 @@ from torch import nn
 
 from polymodal.errors import InputError
 from polymodal.data.collate import Collator
-from polymodal.data.collators import make_collator
+from polymodal.families.collators import make_collator
 from polymodal.data.documents import Audio, Document, Segment
 from polymodal.data.synthetic import DRAWN, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.engine import generate
+from polymodal.generation.prompts import prompts
 
 MAJORITY_SAMPLES = 4000  # training examples per task the majority baseline counts
 
@@ -61,15 +62,14 @@ def answer(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: lis
 def written(model: nn.Module, collator: Collator, tokenizer: Tokenizer, docs: list, max_new_tokens: int,
             images: bool = True, sampling: dict | None = None) -> list[tuple[str, Image.Image | None]]:
     """Each prompt's greedy answer: its text before any image it draws, and the first image (or None)."""
-    out = generate(model, **collator.prompts(docs), max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
+    batch, _ = prompts(collator, docs, max_new_tokens)
+    out = generate(model, **batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
                    pad_token_id=tokenizer.pad_id, return_images=images, **(sampling or {}))
     tokens, drawings = (out.tokens, out.images) if images else (out, [[]] * len(out))
-    spans = getattr(model, "image_spans", None)
-    begin = spans.begin if spans is not None else None
+    begin = model.image_spans.begin if model.image_spans is not None else None
     texts = []
     for row in tokens.tolist():
-        row = row[:row.index(begin)] if begin in row else row
-        texts.append(tokenizer.decode([t for t in row if t < tokenizer.vocab_size]).strip())  # codes lie past it
+        texts.append(tokenizer.text(row[:row.index(begin)] if begin in row else row).strip())
     return [(text, found[0] if found else None) for text, found in zip(texts, drawings)]
 
 
@@ -127,7 +127,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
     """Scores on held-out examples start..start+n-1 of each task, with its baselines unless baselines=False.
     progress: called with (answers to write, task) per task, returns a `Progress` told of each batch."""
     drawing = [t for t in tasks if t in DRAWN]
-    if drawing and getattr(getattr(model, "image_spans", None), "begin", None) is None:
+    if drawing and (model.image_spans is None or model.image_spans.begin is None):
         raise InputError(f"task {drawing[0]} is scored on the images a model draws; {type(model).__name__} "
                          "draws none")
     collator = make_collator(model.config, tokenizer)

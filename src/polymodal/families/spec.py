@@ -26,7 +26,16 @@ class FamilySpec:
     needs_image: bool = False  # every prompt carries an image (PaliGemma: HF's processor refuses one without)
     presets: dict[str, Callable[[], object]] = field(default_factory=dict)  # preset name -> its config
     hf: dict[str, object] = field(default_factory=dict)  # HF model_type -> the conversion rules it reads and writes
+    # LoRA adapters named as HF peft names them: (the `hf` model_type whose key map names the modules, (prefix in
+    # that key map's checkpoint names, prefix of the module inside transformers' model) renames); None: adapters
+    # named by polymodal's module paths, which only polymodal reads
+    peft: tuple[str, tuple[tuple[str, str], ...]] | None = None
 
     @property
     def generates(self) -> bool:
         return not self.pairs
+
+    @property
+    def trains_parts(self) -> bool:
+        """Whether the model can train chosen parts only, the rest frozen (`model.trainable(parts)`)."""
+        return callable(getattr(self.model, "trainable", None))

@@ -3,7 +3,7 @@
 A `Batcher` holds one static KV cache of `slots` rows and runs the engine's model protocol on it:
 between two decode steps (a step boundary) waiting requests are prefilled, each alone, and spliced into
 free rows; then one decode step advances every row; a request leaves, and frees its row, as soon as it
-stops. Each request has its own sampling settings (`sample_next` per setting), seed, stop tokens and
+stops. Each request has its own sampling settings and stop tokens (one `Chooser` per setting), seed and
 listener, which may stop it (stop strings) and sees every token as it is chosen.
 
 All rows share the cache's write column (`Cache.fill`), so a request is spliced into the columns just
@@ -23,10 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from polymodal.errors import InputError
-from polymodal.generation.sampling import exponential_noise, sample_next
+from polymodal.generation.choice import Chooser
+from polymodal.generation.prompts import check_context
+from polymodal.generation.sampling import exponential_noise
+from polymodal.nn.language_model import LanguageModel
 
 
 class QueueFull(RuntimeError):
@@ -72,28 +74,26 @@ class Request:
 class Batcher:
     """`submit` from any thread; `step` (or `run` in a thread) from one."""
 
-    def __init__(self, model: nn.Module, *, slots: int, max_len: int, max_waiting: int = 256):
+    def __init__(self, model: LanguageModel, *, slots: int, max_len: int, max_waiting: int = 256):
         if slots < 1 or max_len < 2:
             raise InputError(f"a batcher needs slots >= 1 and max_len >= 2, got {slots} and {max_len}")
+        if not isinstance(model, LanguageModel):
+            raise InputError(f"a batcher needs a model that writes tokens; a {type(model).__name__} writes nothing")
         self.model, self.slots, self.max_len, self.max_waiting = model, slots, max_len, max_waiting
         self.cache = model.make_cache(slots, max_len)
         self.rows: list[Request | None] = [None] * slots
         self.start = [0] * slots  # each row's first column
         device = self.cache.fill.device
         self.last = torch.zeros(slots, dtype=torch.long, device=device)  # each row's latest token, fed to the next step
-        self.spans = getattr(model, "image_spans", None)
         self.state = torch.zeros(slots, dtype=torch.long, device=device)  # each row's image-span mode
-        self.allowed: torch.Tensor | None = None  # the spans' (3, V) allowed tokens, made at the first step
+        self.choosers: dict[tuple, Chooser] = {}  # one per (temperature, top_p, stop tokens) asked for
         self.waiting: deque[Request] = deque()
         self.finished: Counter[str] = Counter()  # requests that left, by finish reason
         self.work = threading.Condition()
         self.closed = False
 
     def submit(self, request: Request) -> None:
-        if request.prompt_len + request.max_new_tokens > self.max_len:
-            raise InputError(f"the prompt is {request.prompt_len} tokens and max_new_tokens is "
-                             f"{request.max_new_tokens}: {request.prompt_len + request.max_new_tokens} in all, past "
-                             f"the batcher's {self.max_len} tokens")
+        check_context(request.prompt_len, request.max_new_tokens, self.max_len, whose="the batcher's")
         with self.work:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this server queues")
@@ -155,8 +155,10 @@ class Batcher:
         """Prefill the request alone, splice its cache into `row`, choose its first token."""
         P = request.prompt_len
         alone = self.model.make_cache(1, P + request.max_new_tokens)
-        logits = self.model(**request.inputs, cache=alone, logits_to_keep=1).logits[:, -1]
-        state = self.spans.start(request.inputs["input_ids"]) if self.spans is not None else None
+        inputs = dict(request.inputs)
+        logits = self.model.prefill(inputs.pop("input_ids"), alone, **inputs).logits[:, -1]
+        chooser = self._chooser(request)
+        state, _ = chooser.start(request.inputs["input_ids"], None, logits.shape[-1])
         self._realign(need=P)
         F = self.cache.fill.item()
         for big, small in zip(self.cache.layers, alone.layers):
@@ -172,39 +174,54 @@ class Batcher:
 
     def _decode(self) -> None:
         self._realign(need=0)
-        logits = self.model(input_ids=self.last[:, None], cache=self.cache, logits_to_keep=1).logits[:, -1]
+        logits = self.model.decode(self.last[:, None], self.cache).logits[:, -1]
         live = [row for row, request in enumerate(self.rows) if request is not None]
         self._emit(live, self._choose(logits[live], live))
 
-    def _choose(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """The next token of each of `rows` from its logits (R, V): rows sharing sampling settings are
-        sampled together through `sample_next`, each with noise from its own generator."""
-        logits = logits.float()
-        if self.spans is not None:
-            if self.allowed is None:
-                self.allowed = self.spans.allowed(logits.shape[-1], logits.device)
-            logits = self.spans.mask(logits, self.state[rows], self.allowed)
-        tokens = logits.argmax(-1)
-        settings: dict[tuple[float, float], list[int]] = {}
+    def _chooser(self, request: Request) -> Chooser:
+        """The chooser of the request's settings, made once per setting (its image spans' table built once)."""
+        key = (request.temperature, request.top_p, request.stop_token_ids)
+        if key not in self.choosers:
+            self.choosers[key] = Chooser.make(self.model, device=self.last.device, eos_token_id=list(key[2]),
+                                              do_sample=request.temperature > 0, temperature=request.temperature or 1.0,
+                                              top_p=request.top_p)
+        return self.choosers[key]
+
+    def _groups(self, rows: list[int]) -> dict[Chooser, list[int]]:
+        """Indices into `rows` by the chooser of their request."""
+        groups: dict[Chooser, list[int]] = {}
         for i, row in enumerate(rows):
-            if self.rows[row].temperature > 0:
-                settings.setdefault((self.rows[row].temperature, self.rows[row].top_p), []).append(i)
-        for (temperature, top_p), index in settings.items():
-            noise = torch.cat([exponential_noise(logits[i:i + 1], self.rows[rows[i]].generator) for i in index])
-            tokens[index] = sample_next(logits[index], do_sample=True, temperature=temperature, top_p=top_p,
-                                        noise=noise)
+            groups.setdefault(self._chooser(self.rows[row]), []).append(i)
+        return groups
+
+    def _choose(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The next token of each of `rows` from its logits (R, V): rows sharing settings choose together, a
+        sampled one with noise from its own generator."""
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for chooser, index in self._groups(rows).items():
+            group = [rows[i] for i in index]
+            noise = None
+            if chooser.do_sample:
+                noise = torch.cat([exponential_noise(logits[i:i + 1], self.rows[r].generator)
+                                   for i, r in zip(index, group)])
+            state = self.state[group] if chooser.spans is not None else None
+            tokens[index] = chooser.pick(logits[index], state, None, noise)[0]
         return tokens
 
     def _emit(self, rows: list[int] | int, tokens: torch.Tensor) -> None:
         rows = [rows] if isinstance(rows, int) else rows
-        if self.spans is not None:
-            self.state[rows] = self.spans.advance(self.state[rows], tokens)
+        stopped = torch.zeros(len(rows), dtype=torch.bool, device=tokens.device)
+        for chooser, index in self._groups(rows).items():
+            group = [rows[i] for i in index]
+            if chooser.spans is not None:
+                self.state[group] = chooser.advance(self.state[group], None, tokens[index])[0]
+            stopped[index] = chooser.stops(tokens[index])
         self.last[rows] = tokens
-        for row, token in zip(rows, tokens.tolist()):
+        for row, token, stop in zip(rows, tokens.tolist(), stopped.tolist()):
             request = self.rows[row]
             request.tokens.append(token)
             keep = request.on_token(token) if request.on_token is not None else True
-            if token in request.stop_token_ids or not keep:
+            if stop or not keep:
                 self._leave(row, "stop")
             elif len(request.tokens) >= request.max_new_tokens:
                 self._leave(row, "length")

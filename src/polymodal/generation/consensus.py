@@ -88,7 +88,7 @@ def uncertainty_routed(model: nn.Module, input_ids: torch.Tensor, attention_mask
     """input_ids: the prompts asking for a chain of thought; direct_input_ids (default: the same prompts) those
     answered greedily without one, for the prompts whose consensus falls short of threshold; extract_direct
     (default: extract) reads their answers. direct_model_inputs (default: model_inputs) are the direct prompts'
-    other inputs, all of them, when they differ from the chains' (PaliGemma's token_type_ids follow the tokens)."""
+    other inputs, all of them, when they differ from the chains' (per-token inputs such as token_type_ids follow the tokens)."""
     if not 0.0 <= threshold <= 1.0 + 1e-9 and threshold != float("inf"):
         raise InputError(f"threshold is a share of the k chains, in [0, 1] (or inf: always greedy), got {threshold}")
     stop = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id)

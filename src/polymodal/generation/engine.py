@@ -1,17 +1,18 @@
 """One generation engine for every family: prefill once, then decode one token at a time.
 
-A model takes part through a small protocol (gpt-fast's split): `model.make_cache(batch, max_len)`
-returns a static cache, and `model(input_ids=..., cache=cache, logits_to_keep=1, **media)` is the
-prefill (media are encoded here, once) while `model(input_ids=(B, 1), cache=cache, logits_to_keep=1)`
-is one decode step. Prompts of different lengths are left-padded (right padding is moved left).
+A model takes part through the `LanguageModel` protocol (`nn/language_model.py`, gpt-fast's split):
+`model.make_cache(batch, max_len)` returns a static cache, `model.prefill(input_ids, cache, **media)` runs
+the prompt (media are encoded there, once) and `model.decode(input_ids (B, 1), cache)` is one decode step;
+`model.text_config` gives the vocabulary and the context. What a family lays out like input_ids (and so
+moves with it) is its spec's `per_token_inputs`. Prompts of different lengths are left-padded (right
+padding is moved left). Each step's token is chosen by the one `Chooser` (`choice.py`).
 
-A model that writes images as discrete tokens (Chameleon) also has `model.image_spans`, an
-`ImageSpans` state machine that masks each row's logits to its current mode (text, image codes,
-image end), and `model.images_from_codes(codes per row)` -> PIL images per row for `return_images`.
+A model that writes images as discrete tokens also has `model.image_spans`, an `ImageSpans` state
+machine that masks each row's logits to its current mode (text, image codes, image end), and
+`model.images_from_codes(codes per row)` -> PIL images per row for `return_images`.
 
-`compile=True` runs `decode_one` (the model on each row's last token, then the logit processors and
-sampling) through `torch.compile`, as CUDA graphs on CUDA; prefill and media encoding stay eager and
-run once. Sampling noise is drawn outside the step, so a seed gives the same tokens either way. The
+`compile=True` runs `decode_one` (the model on each row's last token, then the chooser) through
+`torch.compile`, as CUDA graphs on CUDA; prefill and media encoding stay eager and run once. Sampling noise is drawn outside the step, so a seed gives the same tokens either way. The
 loop's only host sync is the stop check (with stop tokens only), read every `STOP_EVERY` steps when
 compiled and every step eager; steps run after every row had stopped are dropped, so both return
 the same tokens.
@@ -29,10 +30,13 @@ from torch import nn
 
 from polymodal.errors import InputError, check_number
 from polymodal.generation import speculative
-from polymodal.generation.sampling import exponential_noise, processed, sample_next
+from polymodal.families import spec_of
+from polymodal.generation.choice import Chooser
+from polymodal.generation.prompts import check_context
+from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.cache import Cache
+from polymodal.nn.language_model import LanguageModel
 
-PER_TOKEN_INPUTS = ("token_type_ids", "media_locations", "image_attention_mask")  # laid out like input_ids (B, S, ...)
 TOKEN_DTYPES = (torch.long, torch.int32)  # not uint8 (wraps at 256) nor bool; floats are not ids
 STOP_EVERY = 8  # compiled decoding reads the stop flags (a host sync) once per this many steps
 MAX_GRAPHS = 64  # compiled decode steps kept: one per model kind, shape and sampling setup (dynamo's default: 8)
@@ -50,27 +54,11 @@ def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: t
                  for t in (input_ids, attention_mask, *others))
 
 
-def next_token(logits: torch.Tensor, finished: torch.Tensor, state: torch.Tensor | None, seen: torch.Tensor | None,
-               noise: torch.Tensor | None, *, spans, allowed: torch.Tensor | None, penalty: float, pad_token_id: int,
-               stop_ids: torch.Tensor | None, **sampling):
-    """Each row's next token from its logits (B, V), and the per-row state after it: finished (B,) bool,
-    the image-span mode state (B,) and the seen tokens (B, V) bool (None when unused)."""
-    logits = processed(logits, state, seen, spans=spans, allowed=allowed, penalty=penalty)
-    token = sample_next(logits, noise=noise, **sampling).masked_fill(finished, pad_token_id)
-    if state is not None:
-        state = spans.advance(state, token)
-    if seen is not None:
-        seen = seen.scatter(1, token[:, None], True)
-    if stop_ids is not None:
-        finished = finished | torch.isin(token, stop_ids)
-    return token, finished, state, seen
-
-
-def decode_one(model: nn.Module, cache: Cache, token: torch.Tensor, finished: torch.Tensor,
-               state: torch.Tensor | None, seen: torch.Tensor | None, noise: torch.Tensor | None, **choice):
-    """One decode step for the whole batch: the model on each row's last token (B,), then `next_token`."""
-    logits = model(input_ids=token[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
-    return next_token(logits, finished, state, seen, noise, **choice)
+def decode_one(model: LanguageModel, cache: Cache, token: torch.Tensor, finished: torch.Tensor,
+               state: torch.Tensor | None, seen: torch.Tensor | None, noise: torch.Tensor | None, chooser: Chooser):
+    """One decode step for the whole batch: the model on each row's last token (B,), then `Chooser.choose`."""
+    logits = model.decode(token[:, None], cache).logits[:, -1]
+    return chooser.choose(logits, finished, state, seen, noise)
 
 
 @functools.cache
@@ -97,15 +85,11 @@ def reused_cache(model: nn.Module, batch: int, max_len: int) -> Cache:
     return cache
 
 
-def vocab_size(model: nn.Module) -> int | None:
-    """The model's vocabulary (the decoder's, for a family that nests it), None for a model without one."""
-    config = model.config
-    return getattr(config, "vocab_size", None) or getattr(getattr(config, "text", None), "vocab_size", None)
-
-
 def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k,
                    top_p, repetition_penalty, eos_token_id, pad_token_id, seed) -> None:
     """Every generate argument checked before any compute: one line naming what was expected and given."""
+    if not isinstance(model, LanguageModel):
+        raise InputError(f"generate needs a model that writes tokens; a {type(model).__name__} writes nothing")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in TOKEN_DTYPES:
         given = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise InputError(f"input_ids must be a tensor of integer token ids (torch.long or int32), got {given}")
@@ -125,21 +109,23 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
         check_number("top_p", top_p, above=0, at_most=1)
     if seed is not None:
         check_number("seed", seed, integer=True, at_least=0, below=2 ** 64)  # torch.Generator's range
-    text = getattr(model.config, "text", model.config)
-    context = getattr(text, "max_seq_len", None)
-    if context is not None and input_ids.shape[-1] + max_new_tokens > context:
-        raise InputError(f"the prompt of {input_ids.shape[-1]} tokens and max_new_tokens={max_new_tokens} need "
-                         f"{input_ids.shape[-1] + max_new_tokens} positions, past the model's context of {context}")
-    V = vocab_size(model)
-    if V is not None:
-        stop = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
-        for name, ids in (("eos_token_id", stop), ("pad_token_id", [pad_token_id])):
-            for i in ids:
-                if i is not None:
-                    check_number(name, i, integer=True, at_least=0, below=V)
-        if input_ids.numel() and not bool(((input_ids >= 0) & (input_ids < V)).all()):
-            bad = input_ids[(input_ids < 0) | (input_ids >= V)].unique()[:5].tolist()
-            raise InputError(f"input_ids must be token ids in [0, {V}) (the vocabulary); got {bad}")
+    text = model.text_config
+    check_context(input_ids.shape[-1], max_new_tokens, text.max_seq_len)
+    V = text.vocab_size
+    stop = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    for name, ids in (("eos_token_id", stop), ("pad_token_id", [pad_token_id])):
+        for i in ids:
+            if i is not None:
+                check_number(name, i, integer=True, at_least=0, below=V)
+    if input_ids.numel() and not bool(((input_ids >= 0) & (input_ids < V)).all()):
+        bad = input_ids[(input_ids < 0) | (input_ids >= V)].unique()[:5].tolist()
+        raise InputError(f"input_ids must be token ids in [0, {V}) (the vocabulary); got {bad}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if not attention_mask.bool().any(1).all():
+            raise InputError("every prompt needs at least one token; a row of attention_mask is all zeros")
 
 
 def in_eval_mode(fn):
@@ -178,84 +164,85 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     check_settings(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                    temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
-    input_ids = input_ids.long()
-    drafting = speculative.plan(model, assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, model_inputs)
-    B, S = input_ids.shape
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        if not attention_mask.bool().any(1).all():
-            raise InputError("every prompt needs at least one token; a row of attention_mask is all zeros")
-        per_token = [k for k in PER_TOKEN_INPUTS if model_inputs.get(k) is not None]
-        input_ids, attention_mask, *moved = left_align(input_ids, attention_mask,
-                                                       *(model_inputs[k] for k in per_token))
-        model_inputs.update(zip(per_token, moved))
-    spans = getattr(model, "image_spans", None)
-    if return_images and spans is None:
+    if return_images and model.image_spans is None:
         raise InputError(f"return_images needs a model that writes images; {type(model).__name__} has no image_spans")
-    state = spans.start(input_ids, attention_mask) if spans is not None else None  # (B,) each row's mode
-    stop = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    if pad_token_id is None:
-        pad_token_id = stop[0] if stop else 0
-    stop_ids = torch.tensor(stop, dtype=torch.long, device=input_ids.device)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-
+    drafting = speculative.plan(model, assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, model_inputs)
+    input_ids, attention_mask = aligned(model, input_ids.long(), attention_mask, model_inputs)
+    chooser = Chooser.make(model, device=input_ids.device, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                           repetition_penalty=repetition_penalty, do_sample=do_sample, temperature=temperature,
+                           top_k=top_k, top_p=top_p)
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+    B, S = input_ids.shape
     new_cache = reused_cache if compile else lambda m, batch, max_len: m.make_cache(batch, max_len)
     max_len = S + max_new_tokens + (drafting.headroom if drafting is not None else 0)
     cache = new_cache(model, B, max_len)
-    draft_cache = new_cache(drafting.assistant, B, max_len) if drafting and drafting.assistant else None
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1,
-                   **model_inputs).logits[:, -1]
-    seen = None
-    if repetition_penalty != 1.0:  # (B, V) tokens already in the sequence; pads are not counted, as in HF
-        V = logits.shape[-1]
-        ids = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, V)
-        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)[:, :V]
-    choice = dict(spans=spans, allowed=spans.allowed(logits.shape[-1], logits.device) if spans is not None else None,
-                  penalty=repetition_penalty, pad_token_id=pad_token_id,
-                  stop_ids=stop_ids if stop else None, do_sample=do_sample, temperature=temperature,
-                  top_k=top_k, top_p=top_p)
-
-    def noise() -> torch.Tensor | None:  # drawn outside the step: dynamo does not trace generators
-        return exponential_noise(logits, generator) if do_sample else None
-
+    logits = model.prefill(input_ids, cache, attention_mask=attention_mask, **model_inputs).logits[:, -1]
+    noise = (lambda: exponential_noise(logits, generator)) if do_sample else (lambda: None)
+    state, seen = chooser.start(input_ids, attention_mask, logits.shape[-1])
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    token, finished, state, seen = next_token(logits, finished, state, seen, noise(), **choice)
-
-    def finish(tokens: torch.Tensor) -> torch.Tensor | Generated:
-        if stop:  # drop the steps run after every row had stopped
-            done = torch.isin(tokens, stop_ids).cummax(1).values.all(0)  # (T,)
-            if bool(done.any()):
-                tokens = tokens[:, :int(done.int().argmax()) + 1]
-        if return_images:
-            return Generated(tokens, model.images_from_codes(spans.images(input_ids, attention_mask, tokens)))
-        return tokens
-
+    first = chooser.choose(logits, finished, state, seen, noise())
     if drafting is not None:
+        draft_cache = new_cache(drafting.assistant, B, max_len) if drafting.assistant else None
         with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
             tokens = speculative.decode(drafting, model, cache, draft_cache, input_ids, attention_mask, model_inputs,
-                                        token, finished, state, seen, max_new_tokens=max_new_tokens,
-                                        generator=generator, compile=compile, **choice)
-        return finish(tokens)
+                                        *first, chooser, max_new_tokens=max_new_tokens, generator=generator,
+                                        compile=compile)
+    else:
+        tokens = decode(model, cache, first, chooser, noise, max_new_tokens=max_new_tokens, compile=compile)
+    tokens = trimmed(tokens, chooser)
+    if return_images:
+        return Generated(tokens, images_written(model, input_ids, attention_mask, tokens))
+    return tokens
+
+
+def aligned(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, model_inputs: dict):
+    """The prompts with their padding moved left, and the model inputs laid out like them (the family's
+    per-token inputs) moved with them, in model_inputs."""
+    if attention_mask is None:
+        return input_ids, None
+    per_token = [k for k in spec_of(model).per_token_inputs if model_inputs.get(k) is not None]
+    input_ids, attention_mask, *moved = left_align(input_ids, attention_mask, *(model_inputs[k] for k in per_token))
+    model_inputs.update(zip(per_token, moved))
+    return input_ids, attention_mask
+
+
+def decode(model: LanguageModel, cache: Cache, first: tuple, chooser: Chooser, noise, *, max_new_tokens: int,
+           compile: bool) -> torch.Tensor:
+    """The tokens (B, T) from the first one on, one decode step at a time, until max_new_tokens or until every
+    row stopped (read every step eager, every STOP_EVERY compiled)."""
+    token, finished, state, seen = first
     out = [token]
     step, cuda, every, graphs = decode_one, False, 1, contextlib.nullcontext()
     if compile:
-        cuda, every = input_ids.device.type == "cuda", STOP_EVERY
+        cuda, every = token.device.type == "cuda", STOP_EVERY
         step = compiled_decode_one(cuda)
         cache.reserve(max_new_tokens - 1)  # the compiled steps' host bookkeeping, all at once
         graphs = torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS)
+    stops = chooser.stop_ids is not None
     with graphs:
         for i in range(1, max_new_tokens):
-            if stop and i % every == 0 and bool(finished.all()):
+            if stops and i % every == 0 and bool(finished.all()):
                 break
             if cuda:
                 torch.compiler.cudagraph_mark_step_begin()
-            carry = step(model, cache, token, finished, state, seen, noise(), **choice)
+            carry = step(model, cache, token, finished, state, seen, noise(), chooser)
             if cuda:  # the next replay overwrites a CUDA graph's outputs
                 carry = [t if t is None else t.clone() for t in carry]
             token, finished, state, seen = carry
             out.append(token)
-    return finish(torch.stack(out, dim=1))
+    return torch.stack(out, dim=1)
+
+
+def trimmed(tokens: torch.Tensor, chooser: Chooser) -> torch.Tensor:
+    """tokens (B, T) without the steps run after every row had stopped."""
+    if chooser.stop_ids is not None:
+        done = chooser.stops(tokens).cummax(1).values.all(0)  # (T,)
+        if bool(done.any()):
+            tokens = tokens[:, :int(done.int().argmax()) + 1]
+    return tokens
+
+
+def images_written(model: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   tokens: torch.Tensor) -> list[list]:
+    """The PIL images each row completed in its new tokens (B, T) after its prompt (B, S), in order."""
+    return model.images_from_codes(model.image_spans.images(input_ids, attention_mask, tokens))

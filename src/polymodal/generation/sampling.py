@@ -1,7 +1,10 @@
-"""Next-token choice from logits: greedy, temperature, top-k, top-p (nucleus), repetition penalty.
+"""The pieces of next-token choice (`choice.Chooser` puts them together): temperature, top-k, top-p
+(nucleus), the repetition penalty, and sampling as an exponential race.
 
 The logit processors follow HF transformers' definitions so greedy and seeded sampling behave as
-users expect from `generate` there.
+users expect from `generate` there. Sampling is the race argmax(probs / q), q ~ Exp(1) (gpt-fast; the
+same law as multinomial, with no host sync); the noise q is drawn outside a compiled step, as dynamo
+does not trace generators.
 """
 
 from __future__ import annotations
@@ -14,19 +17,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     logits (B, V); seen (B, V) bool."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
-
-
-def processed(logits: torch.Tensor, state: torch.Tensor | None, seen: torch.Tensor | None, *, spans,
-              allowed: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """The logit processors that depend on the tokens so far, in float32 as HF's generate runs them (a
-    penalty applied to bf16 logits rounds them into ties): the repetition penalty over seen (..., V) and
-    the image-span mode (...) of a model that writes images (`models.constraints.ImageSpans`)."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, penalty)
-    if state is not None:
-        logits = spans.mask(logits, state, allowed)
-    return logits
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,7 +39,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def exponential_noise(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exp(1) draws shaped like logits (B, V), for `sample_next`."""
+    """Exp(1) draws shaped like logits (B, V), for `race`."""
     q = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
     return q.clamp_min_(torch.finfo(q.dtype).tiny)  # a 0 would make a filtered token's 0 / 0 win the argmax
 
@@ -68,15 +58,3 @@ def probabilities(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
 def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """A draw from each row of probs (..., V) (unnormalised is fine) given Exp(1) noise: argmax(probs / noise)."""
     return (probs / noise).argmax(-1)
-
-
-def sample_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). Sampling is the exponential race argmax(probs / q), q ~ Exp(1)
-    (gpt-fast; the same law as multinomial, with no host sync). noise: the q (B, V), drawn from
-    generator when not given; a compiled step takes them as an input, as dynamo does not trace generators."""
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return race(probs, exponential_noise(probs, generator) if noise is None else noise)

@@ -29,22 +29,18 @@ import torch
 from torch import nn
 
 from polymodal.errors import InputError
-from polymodal.generation.sampling import exponential_noise, probabilities, processed, race
+from polymodal.families import spec_of
+from polymodal.generation.choice import Chooser
+from polymodal.generation.sampling import exponential_noise, race
 from polymodal.nn.cache import Cache
+from polymodal.nn.language_model import LanguageModel
 
 MAX_NGRAM = 2  # prompt lookup's longest n-gram, HF's default max_matching_ngram_size
 
 
-def vocab_size(model: nn.Module) -> int:
-    config = model.config
-    return config.vocab_size if hasattr(config, "vocab_size") else config.text.vocab_size
-
-
-def placeholder_ids(model: nn.Module) -> list[int]:
+def placeholder_ids(model: LanguageModel) -> list[int]:
     """The token ids whose embeddings a model replaces with media (not text a text-only draft can read)."""
-    config = model.config
-    ids = [getattr(config, "image_token_id", None), getattr(getattr(config, "tokens", None), "placeholder", None)]
-    return [i for i in ids if i is not None]
+    return list(spec_of(model).placeholders(model.config))
 
 
 @dataclass
@@ -83,14 +79,15 @@ def plan(model: nn.Module, assistant_model: nn.Module | None, num_assistant_toke
         raise InputError(f"num_assistant_tokens must be an int >= 1, got {k!r}")
     if assistant_model is model:
         raise InputError("assistant_model is the target itself; the draft is a second (smaller) model")
-    if not hasattr(assistant_model, "make_cache"):
+    if not isinstance(assistant_model, LanguageModel):
         raise InputError(f"assistant_model must be a polymodal language model, got {type(assistant_model).__name__}")
-    if vocab_size(assistant_model) != vocab_size(model):
-        raise InputError(f"the draft's vocabulary ({vocab_size(assistant_model)} tokens) must be the target's "
-                         f"({vocab_size(model)} tokens): drafts are checked token by token")
+    vocab, draft_vocab = model.text_config.vocab_size, assistant_model.text_config.vocab_size
+    if draft_vocab != vocab:
+        raise InputError(f"the draft's vocabulary ({draft_vocab} tokens) must be the target's "
+                         f"({vocab} tokens): drafts are checked token by token")
     given = [k for k, v in model_inputs.items() if v is not None]
     if given and all(k in draft_inputs(assistant_model) for k in given) and (
-            type(assistant_model.config) is not type(model.config)
+            spec_of(assistant_model) is not spec_of(model)
             or placeholder_ids(assistant_model) != placeholder_ids(model)):
         raise InputError(f"the draft (assistant_model, a {type(assistant_model).__name__}) would read the "
                          f"target's {', '.join(given)} laid out for {type(model).__name__} (media token ids "
@@ -119,72 +116,66 @@ def draft_prompt(drafting: Drafting, model: nn.Module, input_ids: torch.Tensor, 
     return dict(input_ids=input_ids, attention_mask=text.long())
 
 
-def draft_one(draft: nn.Module, cache: Cache, token: torch.Tensor, state: torch.Tensor | None,
-              seen: torch.Tensor | None, noise: torch.Tensor | None, *, spans, allowed: torch.Tensor | None,
-              penalty: float, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
+def draft_one(draft: LanguageModel, cache: Cache, token: torch.Tensor, state: torch.Tensor | None,
+              seen: torch.Tensor | None, noise: torch.Tensor | None, chooser: Chooser):
     """The draft on each row's last token (B,): its next token, the distribution q (B, V) it was drawn from
     (None when greedy), and the span state and seen tokens after it."""
-    logits = draft(input_ids=token[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
-    logits = processed(logits, state, seen, spans=spans, allowed=allowed, penalty=penalty)
-    q = None
-    if do_sample:
-        q = probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        token = race(q, noise)
-    else:
-        token = logits.argmax(-1)
-    if state is not None:
-        state = spans.advance(state, token)
-    if seen is not None:
-        seen = seen.scatter(1, token[:, None], True)
-    return token, q, state, seen
+    logits = draft.decode(token[:, None], cache).logits[:, -1]
+    token, q = chooser.pick(logits, state, seen, noise)
+    return token, q, *chooser.advance(state, seen, token)
 
 
-def feed(model: nn.Module, cache: Cache, token: torch.Tensor) -> None:
+def feed(model: LanguageModel, cache: Cache, token: torch.Tensor) -> None:
     """Writes a token (B,) into the cache (a draft catching up on a draft it proposed and saw kept)."""
-    model(input_ids=token[:, None], cache=cache, logits_to_keep=1)
+    model.decode(token[:, None], cache)
 
 
-def verify(model: nn.Module, cache: Cache, token: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None,
+def verify(model: LanguageModel, cache: Cache, token: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None,
            state: torch.Tensor | None, seen: torch.Tensor | None, uniform: torch.Tensor | None,
-           noise: torch.Tensor | None, *, spans, allowed: torch.Tensor | None, penalty: float, do_sample: bool,
-           temperature: float, top_k: int | None, top_p: float | None):
+           noise: torch.Tensor | None, chooser: Chooser):
     """The target on [token, drafts] (B, k+1) and the rejection rule. Returns per row the drafts accepted
     (B,), the target's own next token (B,), and the span state and seen tokens after both. q (B, k, V): the
     draft's distributions (None: a point mass on each draft); uniform (B, k) U[0, 1) and noise (B, V) Exp(1)
     draws when sampling."""
     B, k = drafts.shape
-    logits = model(input_ids=torch.cat([token[:, None], drafts], 1), cache=cache, logits_to_keep=k + 1).logits
+    logits = model.decode(torch.cat([token[:, None], drafts], 1), cache, logits_to_keep=k + 1).logits
     states, seens = [state], [seen]  # the processors' inputs at each of the k+1 positions
     for j in range(k):
-        if state is not None:
-            states.append(spans.advance(states[-1], drafts[:, j]))
-        if seen is not None:
-            seens.append(seens[-1].scatter(1, drafts[:, j, None], True))
+        after = chooser.advance(states[-1], seens[-1], drafts[:, j])
+        states.append(after[0])
+        seens.append(after[1])
     state = torch.stack(states, 1) if state is not None else None  # (B, k+1)
     seen = torch.stack(seens, 1) if seen is not None else None  # (B, k+1, V)
-    logits = processed(logits, state, seen, spans=spans, allowed=allowed, penalty=penalty)  # (B, k+1, V)
-    if do_sample:
-        p = probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        p_draft = p[:, :k].gather(2, drafts[..., None])[..., 0]  # (B, k)
-        q_draft = q.gather(2, drafts[..., None])[..., 0] if q is not None else torch.ones_like(p_draft)
-        accepted = (uniform * q_draft < p_draft).long().cumprod(1).sum(1)  # (B,)
-        if q is None:
-            q = torch.zeros_like(p[:, :k]).scatter_(2, drafts[..., None], 1.0)
-        at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
-        p_at = p.gather(1, at)[:, 0]
-        q_at = torch.cat([q, torch.zeros_like(q[:, :1])], 1).gather(1, at)[:, 0]  # no draft after the k-th
-        residual = (p_at - q_at).clamp_min(0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q: never rejected
-        nxt = race(residual, noise)
+    logits = chooser.processed(logits, state, seen)  # (B, k+1, V)
+    if chooser.do_sample:
+        accepted, nxt = rejection(chooser.distribution(logits), drafts, q, uniform, noise)
     else:
         best = logits.argmax(-1)  # (B, k+1)
         accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)
         nxt = best.gather(1, accepted[:, None])[:, 0]
     if state is not None:
-        state = spans.advance(state.gather(1, accepted[:, None])[:, 0], nxt)
+        state = state.gather(1, accepted[:, None])[:, 0]
     if seen is not None:
-        seen = seen[torch.arange(B, device=seen.device), accepted].scatter(1, nxt[:, None], True)
-    return accepted, nxt, state, seen
+        seen = seen[torch.arange(B, device=seen.device), accepted]
+    return accepted, nxt, *chooser.advance(state, seen, nxt)
+
+
+def rejection(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, uniform: torch.Tensor,
+              noise: torch.Tensor):
+    """Leviathan et al.'s rule on the target's distributions p (B, k+1, V): the drafts accepted per row (B,)
+    and the token drawn after them, from the residual max(0, p - q) at the first rejection (else p)."""
+    k = drafts.shape[1]
+    p_draft = p[:, :k].gather(2, drafts[..., None])[..., 0]  # (B, k)
+    q_draft = q.gather(2, drafts[..., None])[..., 0] if q is not None else torch.ones_like(p_draft)
+    accepted = (uniform * q_draft < p_draft).long().cumprod(1).sum(1)  # (B,)
+    if q is None:
+        q = torch.zeros_like(p[:, :k]).scatter_(2, drafts[..., None], 1.0)
+    at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
+    p_at = p.gather(1, at)[:, 0]
+    q_at = torch.cat([q, torch.zeros_like(q[:, :1])], 1).gather(1, at)[:, 0]  # no draft after the k-th
+    residual = (p_at - q_at).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q: never rejected
+    return accepted, race(residual, noise)
 
 
 def lookup(history: torch.Tensor, length: torch.Tensor, k: int, filler: int) -> torch.Tensor:
@@ -215,44 +206,29 @@ def compiled(fn, cuda: bool):
     return torch.compile(fn, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
 
 
-def decode(drafting: Drafting, model: nn.Module, cache: Cache, draft_cache: Cache | None, prompt: torch.Tensor,
+def decode(drafting: Drafting, model: LanguageModel, cache: Cache, draft_cache: Cache | None, prompt: torch.Tensor,
            attention_mask: torch.Tensor | None, model_inputs: dict, token: torch.Tensor, finished: torch.Tensor,
-           state: torch.Tensor | None, seen: torch.Tensor | None, *, max_new_tokens: int,
-           generator: torch.Generator | None, compile: bool, stop_ids: torch.Tensor | None, pad_token_id: int,
-           **choice) -> torch.Tensor:
+           state: torch.Tensor | None, seen: torch.Tensor | None, chooser: Chooser, *, max_new_tokens: int,
+           generator: torch.Generator | None, compile: bool) -> torch.Tensor:
     """Rounds of draft-and-verify after the prefill, from each row's first token `token` (B,) on; returns
-    the new tokens (B, T) padded with pad_token_id after each row's end. prompt (B, S), attention_mask,
-    model_inputs: the target's prefill inputs, left-aligned; draft_cache: the draft's, empty (None for lookup)."""
+    the new tokens (B, T) padded with the chooser's pad_token_id after each row's end. prompt (B, S),
+    attention_mask, model_inputs: the target's prefill inputs, left-aligned; draft_cache: the draft's, empty
+    (None for lookup)."""
     B, S = prompt.shape
-    k, draft, device = drafting.k, drafting.assistant, prompt.device
+    k, draft, device, pad = drafting.k, drafting.assistant, prompt.device, chooser.pad_token_id
     if draft is not None:
-        try:
-            draft(**draft_prompt(drafting, model, prompt, attention_mask, model_inputs), cache=draft_cache,
-                  logits_to_keep=1)
-        except InputError as e:  # the prompt suits the target: whatever the draft refuses is the draft's fault
-            raise InputError(f"the draft (assistant_model, a {type(draft).__name__}) cannot read the target's "
-                             f"prompt: {e}") from e
-    cuda = compile and device.type == "cuda"
-    run = (lambda fn: compiled(fn, cuda)) if compile else (lambda fn: fn)
+        prefill_draft(drafting, model, draft_cache, prompt, attention_mask, model_inputs)
+    call = caller(compile and device.type == "cuda", compile)
     caches = [c for c in (cache, draft_cache) if c is not None]
     for c in caches:  # the rounds keep the host state fixed; `fill` tracks slots on the host here
         c.reserve(c.max_len - c.length)
     fills = [int(c.fill) for c in caches]
-
-    def call(fn, *args, **kwargs):
-        if cuda:
-            torch.compiler.cudagraph_mark_step_begin()
-        out = run(fn)(*args, **kwargs)
-        return [t if not isinstance(t, torch.Tensor) else t.clone() for t in out] if cuda and out else out
-
-    history = torch.full((B, S + max_new_tokens + k + 2), pad_token_id, dtype=torch.long, device=device)
+    history = torch.full((B, S + max_new_tokens + k + 2), pad, dtype=torch.long, device=device)
     history[:, :S] = prompt if attention_mask is None else prompt.masked_fill(attention_mask == 0, -1)
     history[:, S] = token
     count = torch.ones(B, dtype=torch.long, device=device)  # new tokens so far per row
-    steps = torch.arange(k + 1, device=device)
-    scratch = history.shape[1] - 1  # where the tokens past a row's end are written
-    like_logits = torch.empty(B, vocab_size(model), device=device)  # the shape of the sampling noise
-    do_sample = choice["do_sample"]
+    like_logits = torch.empty(B, model.text_config.vocab_size, device=device)  # the shape of the sampling noise
+    draw = (lambda: exponential_noise(like_logits, generator)) if chooser.do_sample else (lambda: None)
     finished = finished | (count >= max_new_tokens)
     done = bool(finished.all())
     while not done:
@@ -260,48 +236,77 @@ def decode(drafting: Drafting, model: nn.Module, cache: Cache, draft_cache: Cach
             for c in caches:
                 c.compact()
             fills = [int(c.fill) for c in caches]
-        q = None
         if draft is None:
-            drafts = lookup(history, S + count, k, pad_token_id)
+            drafts, q = lookup(history, S + count, k, pad), None
         else:
-            drafts, qs, draft_state, draft_seen, last = [], [], state, seen, token
-            for _ in range(k):
-                noise = exponential_noise(like_logits, generator) if do_sample else None
-                last, q_j, draft_state, draft_seen = call(draft_one, draft, draft_cache, last, draft_state,
-                                                          draft_seen, noise, **choice)
-                drafts.append(last)
-                qs.append(q_j)
-            drafts = torch.stack(drafts, 1)
-            q = torch.stack(qs, 1) if do_sample else None
-        uniform = noise = None
-        if do_sample:
-            uniform = torch.rand(B, k, generator=generator, device=device)
-            noise = exponential_noise(like_logits, generator)
-        accepted, nxt, state, seen = call(verify, model, cache, token, drafts, q, state, seen, uniform, noise,
-                                          **choice)
+            drafts, q = propose(call, draft, draft_cache, token, state, seen, chooser, k, draw)
+        uniform = torch.rand(B, k, generator=generator, device=device) if chooser.do_sample else None
+        accepted, nxt, state, seen = call(verify, model, cache, token, drafts, q, state, seen, uniform, draw(),
+                                          chooser)
         tokens = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # (B, k+1)
-        running = ~finished
-        n = accepted + 1
-        if stop_ids is not None:  # a row ends at its first stop token
-            stops = torch.isin(tokens, stop_ids) & (steps < n[:, None])
-            n = torch.where(stops.any(1), stops.long().argmax(1) + 1, n)
-            finished = finished | (running & stops.any(1))
-        n = torch.where(running, torch.minimum(n, max_new_tokens - count), 0)
-        history.scatter_(1, torch.where(steps < n[:, None], S + count[:, None] + steps, scratch), tokens)
-        count = count + n
-        finished = finished | (count >= max_new_tokens)
-        kept = torch.where(finished, 0, accepted + 1)
-        longest, all_done = torch.stack([kept.max(), finished.all().long()]).tolist()
-        cache.rollback(k + 1, kept)
+        finished, count = kept(history, S, count, finished, tokens, accepted, chooser, max_new_tokens)
+        keep = torch.where(finished, 0, accepted + 1)
+        longest, all_done = torch.stack([keep.max(), finished.all().long()]).tolist()
+        cache.rollback(k + 1, keep)
         fills[0] += longest
         if draft is not None:
             written = k
             if longest == k + 1:  # a row kept its k-th draft, which the draft has not read yet
                 call(feed, draft, draft_cache, drafts[:, -1])
                 written += 1
-            draft_cache.rollback(written, kept)
+            draft_cache.rollback(written, keep)
             fills[1] += longest
         token, done = nxt, bool(all_done)
     new = history[:, S:S + max_new_tokens]
-    return new.masked_fill(torch.arange(max_new_tokens, device=device) >= count[:, None], pad_token_id)[
-        :, :int(count.max())]
+    return new.masked_fill(torch.arange(max_new_tokens, device=device) >= count[:, None], pad)[:, :int(count.max())]
+
+
+def prefill_draft(drafting: Drafting, model: LanguageModel, draft_cache: Cache, prompt: torch.Tensor,
+                  attention_mask: torch.Tensor | None, model_inputs: dict) -> None:
+    draft = drafting.assistant
+    inputs = draft_prompt(drafting, model, prompt, attention_mask, model_inputs)
+    try:
+        draft.prefill(inputs.pop("input_ids"), draft_cache, **inputs)
+    except InputError as e:  # the prompt suits the target: whatever the draft refuses is the draft's fault
+        raise InputError(f"the draft (assistant_model, a {type(draft).__name__}) cannot read the target's "
+                         f"prompt: {e}") from e
+
+
+def caller(cuda: bool, compile: bool):
+    """`call(fn, *args)`: fn run compiled when asked (its outputs copied out of a CUDA graph's buffers)."""
+    def call(fn, *args):
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = (compiled(fn, cuda) if compile else fn)(*args)
+        return [t if not isinstance(t, torch.Tensor) else t.clone() for t in out] if cuda and out else out
+    return call
+
+
+def propose(call, draft: LanguageModel, cache: Cache, token: torch.Tensor, state: torch.Tensor | None,
+            seen: torch.Tensor | None, chooser: Chooser, k: int, draw):
+    """The draft's k tokens after each row's last token (B, k), and the distributions it drew them from
+    (B, k, V; None when greedy)."""
+    drafts, qs = [], []
+    for _ in range(k):
+        token, q, state, seen = call(draft_one, draft, cache, token, state, seen, draw(), chooser)
+        drafts.append(token)
+        qs.append(q)
+    return torch.stack(drafts, 1), torch.stack(qs, 1) if chooser.do_sample else None
+
+
+def kept(history: torch.Tensor, S: int, count: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor,
+         accepted: torch.Tensor, chooser: Chooser, max_new_tokens: int):
+    """Writes each running row's kept tokens of a round (B, k+1) into history, up to its first stop token and
+    max_new_tokens; returns which rows have finished and each row's count of new tokens after it."""
+    steps = torch.arange(tokens.shape[1], device=tokens.device)
+    running = ~finished
+    n = accepted + 1
+    if chooser.stop_ids is not None:  # a row ends at its first stop token
+        stops = chooser.stops(tokens) & (steps < n[:, None])
+        n = torch.where(stops.any(1), stops.long().argmax(1) + 1, n)
+        finished = finished | (running & stops.any(1))
+    n = torch.where(running, torch.minimum(n, max_new_tokens - count), 0)
+    scratch = history.shape[1] - 1  # where the tokens past a row's end are written
+    history.scatter_(1, torch.where(steps < n[:, None], S + count[:, None] + steps, scratch), tokens)
+    count = count + n
+    return finished | (count >= max_new_tokens), count

@@ -18,6 +18,8 @@ from PIL import Image
 
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Request
+from polymodal.generation.choice import StopStrings
+from polymodal.generation.engine import images_written
 
 
 def png_base64(image: Image.Image) -> str:
@@ -28,30 +30,31 @@ def png_base64(image: Image.Image) -> str:
 
 class Answer:
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], model, push: Callable[[list], None]):
-        self.tokenizer, self.stop, self.push = tokenizer, stop, push
-        self.model, self.spans = model, getattr(model, "image_spans", None)
+        self.tokenizer, self.push = tokenizer, push
+        self.model, self.spans = model, model.image_spans if model is not None else None
         if self.spans is not None and self.spans.begin is None:
             self.spans = None  # a model that cannot draw writes text only
-        self.code_of = {int(t): c for c, t in enumerate(self.spans.codes.tolist())} if self.spans else {}
+        self.stop = StopStrings(stop)
         self.run: list[int] = []  # the current text run's tokens
-        self.sent = 0  # characters of the run's text already pushed
-        self.codes: list[int] | None = None  # inside an image: its codes so far
-        self.stopped = False
+        self.image: list[int] | None = None  # inside an image: its tokens so far, `begin` first
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop.stopped
 
     def on_token(self, token: int) -> bool:
         events: list = []
         if self.spans is not None and token == self.spans.begin:
             events += self._flush()
-            self.codes = []
-        elif self.codes is not None:
+            self.image = [token]
+        elif self.image is not None:
+            self.image.append(token)
             if token == self.spans.end:
-                if len(self.codes) == self.spans.length:
-                    [[image]] = self.model.images_from_codes([[torch.tensor(self.codes)]])
-                    events.append(("image", png_base64(image)))
-                self.codes = None
-            elif token in self.code_of:
-                self.codes.append(self.code_of[token])
-        elif token < self.tokenizer.vocab_size:  # a model's vocabulary may be padded past its tokenizer's
+                tokens = torch.tensor([self.image])
+                events += [("image", png_base64(image))
+                           for image in images_written(self.model, tokens[:, :0], None, tokens)[0]]
+                self.image = None
+        else:
             self.run.append(token)
             events += self._text()
         if events:
@@ -68,21 +71,13 @@ class Answer:
         self.push(events)
 
     def _text(self) -> list:
-        text = self.tokenizer.decode(self.run)
+        text = self.tokenizer.text(self.run)
         if text.endswith("\ufffd"):  # a character whose bytes are not all written yet
             return []
-        for s in self.stop:
-            at = text.find(s, max(0, self.sent - len(s) + 1))
-            if at >= 0:
-                self.stopped = True
-                out, self.sent = text[self.sent:at], at
-                return [("text", out)] if out else []
-        held = max((k for s in self.stop for k in range(len(s), 0, -1) if text.endswith(s[:k])), default=0)
-        out = text[self.sent:len(text) - held]
-        self.sent += len(out)
+        out = self.stop.feed(text)
         return [("text", out)] if out else []
 
     def _flush(self) -> list:
-        text = self.tokenizer.decode(self.run)[self.sent:]
-        self.run, self.sent = [], 0
+        text = self.stop.flush(self.tokenizer.text(self.run))
+        self.run = []
         return [("text", text)] if text else []

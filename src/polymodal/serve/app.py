@@ -25,9 +25,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import polymodal as pm
-from polymodal.data.collate import Collator
+from polymodal.families.collators import make_collator
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Batcher, QueueFull, Request
+from polymodal.generation.prompts import ContextError, prompts
 from polymodal.serve.answer import Answer
 from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, parse_body
 from polymodal.serve.request_log import RequestLog
@@ -44,29 +45,24 @@ class Server:
         self.name = name or directory.resolve().name  # the model id clients send
         self.model = pm.from_pretrained(directory)
         self.tokenizer = Tokenizer.from_file(directory)
-        self.collator = Collator(self.model.config, self.tokenizer)
+        self.collator = make_collator(self.model.config, self.tokenizer)
         self.context = self.collator.format.max_len
         self.limits = limits
         self.batcher = Batcher(self.model, slots=slots, max_len=self.context, max_waiting=max_queue)
         self.thread = threading.Thread(target=self.batcher.run, name="batcher", daemon=True)
 
-    def prompts(self, job: Job) -> list[dict]:
-        """Each document laid out as `polymodal generate` lays it out, its length checked against the context."""
+    def prompts(self, job: Job) -> list[tuple[dict, int]]:
+        """Each document laid out as `polymodal generate` lays it out (one unpadded row), and the new tokens it
+        may write, its length checked against the context."""
         out = []
-        for i, doc in enumerate(job.documents):
+        for doc in job.documents:
             try:
-                prompt = self.collator.format.encode(doc, prompt_only=True)  # as `polymodal generate`
+                inputs, wanted = prompts(self.collator, [doc], job.sampling.max_tokens, flag="max_tokens")
+            except ContextError as e:
+                raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from e
             except ValueError as e:
                 raise ApiError(400, str(e), "messages" if len(job.documents) == 1 else "prompt") from e
-            n = len(prompt)
-            wanted = job.sampling.max_tokens or max(self.context - n, 1)
-            if n + wanted > self.context:
-                media = " (media placeholders included)" if any(s.kind != "text" for s in doc.segments) else ""
-                raise ApiError(400, f"the prompt is {n} tokens{media} and max_tokens is {wanted}: {n + wanted} in "
-                                    f"all, past the model's context of {self.context} tokens", "max_tokens",
-                               "context_length_exceeded")
-            inputs = self.collator.pad([prompt])
-            del inputs["labels"], inputs["attention_mask"]  # one unpadded row
+            del inputs["attention_mask"]  # one unpadded row
             out.append((inputs, wanted))
         return out
 
@@ -168,81 +164,87 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
                                             "owned_by": "polymodal"}]}
 
-    async def run(http: HttpRequest, chat: bool):
-        body = parse_body(await http.body())
-        job = (chat_job if chat else completion_job)(body, server.name, server.limits)
-        prompts = await run_in_threadpool(server.prompts, job)
-        response = Response(server, job, prompts, asyncio.get_running_loop())
-        http.state.usage = response.usage  # for the request's log line (serve/request_log.py), read at its end
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-        if job.sampling.stream:
-            return StreamingResponse(_stream(response, job, kind, rid, created, chat), media_type="text/event-stream")
-        return await _whole(response, http, kind, rid, created, chat)
-
-    async def _stream(response: Response, job: Job, kind: str, rid: str, created: int, chat: bool):
-        chunk = lambda **f: _chunk(kind + (".chunk" if chat else ""), rid, created, server.name, **f)  # noqa: E731
-        try:
-            if chat:
-                for i in range(len(response.requests)):
-                    yield _sse(chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
-                                               "finish_reason": None}]))
-            async for i, (what, value) in response.events():
-                if what == "error":
-                    yield _sse(ApiError(500, value).body())
-                    continue
-                done = what == "done"
-                if chat:
-                    delta = {} if done else {"content": value if what == "text" else [_image_part(value)]}
-                    choice = {"index": i, "delta": delta, "finish_reason": value if done else None}
-                else:
-                    choice = {"index": i, "text": "" if done or what == "image" else value, "logprobs": None,
-                              "finish_reason": value if done else None}
-                yield _sse(chunk(choices=[choice]))
-            if job.sampling.include_usage:
-                yield _sse(chunk(choices=[], usage=response.usage()))
-            yield _sse("[DONE]")
-        finally:
-            response.cancel()  # a client that left: its requests leave the batch at the next step
-
-    async def _whole(response: Response, http: HttpRequest, kind: str, rid: str, created: int, chat: bool):
-        parts: list[list[dict]] = [[] for _ in response.requests]
-        reasons: list[str | None] = [None] * len(response.requests)
-        try:
-            async for i, (what, value) in response.events(gone=http.is_disconnected):
-                if what == "error":
-                    raise ApiError(500, value)
-                if what == "done":
-                    reasons[i] = value
-                elif what == "text" and parts[i] and parts[i][-1]["type"] == "text":
-                    parts[i][-1]["text"] += value
-                else:
-                    parts[i].append({"type": "text", "text": value} if what == "text" else _image_part(value))
-        finally:
-            response.cancel()
-        if None in reasons:  # the client went away; its requests were cancelled
-            return None
-        choices = []
-        for i, (content, reason) in enumerate(zip(parts, reasons)):
-            text = "".join(p["text"] for p in content if p["type"] == "text")
-            if chat:
-                drawn = any(p["type"] == "image_url" for p in content)
-                message = {"role": "assistant", "content": content if drawn else text}
-                choices.append({"index": i, "message": message, "finish_reason": reason})
-            else:
-                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
-        return _chunk(kind, rid, created, server.name, choices=choices, usage=response.usage())
-
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
-        return await run(http, chat=True)
+        return await run(server, http, chat=True)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
-        return await run(http, chat=False)
+        return await run(server, http, chat=False)
 
     return app
+
+
+async def run(server: Server, http: HttpRequest, chat: bool):
+    """One completion request: its choices submitted to the batcher, answered whole or streamed."""
+    body = parse_body(await http.body())
+    job = (chat_job if chat else completion_job)(body, server.name, server.limits)
+    prompts = await run_in_threadpool(server.prompts, job)
+    response = Response(server, job, prompts, asyncio.get_running_loop())
+    http.state.usage = response.usage  # for the request's log line (serve/request_log.py), read at its end
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    kind = "chat.completion" if chat else "text_completion"
+    if job.sampling.stream:
+        return StreamingResponse(_stream(server, response, job, kind, rid, created, chat),
+                                 media_type="text/event-stream")
+    return await _whole(server, response, http, kind, rid, created, chat)
+
+
+async def _stream(server: Server, response: Response, job: Job, kind: str, rid: str, created: int, chat: bool):
+    chunk = lambda **f: _chunk(kind + (".chunk" if chat else ""), rid, created, server.name, **f)  # noqa: E731
+    try:
+        if chat:
+            for i in range(len(response.requests)):
+                yield _sse(chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "finish_reason": None}]))
+        async for i, (what, value) in response.events():
+            if what == "error":
+                yield _sse(ApiError(500, value).body())
+                continue
+            done = what == "done"
+            if chat:
+                delta = {} if done else {"content": value if what == "text" else [_image_part(value)]}
+                choice = {"index": i, "delta": delta, "finish_reason": value if done else None}
+            else:
+                choice = {"index": i, "text": "" if done or what == "image" else value, "logprobs": None,
+                          "finish_reason": value if done else None}
+            yield _sse(chunk(choices=[choice]))
+        if job.sampling.include_usage:
+            yield _sse(chunk(choices=[], usage=response.usage()))
+        yield _sse("[DONE]")
+    finally:
+        response.cancel()  # a client that left: its requests leave the batch at the next step
+
+
+async def _whole(server: Server, response: Response, http: HttpRequest, kind: str, rid: str, created: int,
+                 chat: bool):
+    parts: list[list[dict]] = [[] for _ in response.requests]
+    reasons: list[str | None] = [None] * len(response.requests)
+    try:
+        async for i, (what, value) in response.events(gone=http.is_disconnected):
+            if what == "error":
+                raise ApiError(500, value)
+            if what == "done":
+                reasons[i] = value
+            elif what == "text" and parts[i] and parts[i][-1]["type"] == "text":
+                parts[i][-1]["text"] += value
+            else:
+                parts[i].append({"type": "text", "text": value} if what == "text" else _image_part(value))
+    finally:
+        response.cancel()
+    if None in reasons:  # the client went away; its requests were cancelled
+        return None
+    choices = []
+    for i, (content, reason) in enumerate(zip(parts, reasons)):
+        text = "".join(p["text"] for p in content if p["type"] == "text")
+        if chat:
+            drawn = any(p["type"] == "image_url" for p in content)
+            message = {"role": "assistant", "content": content if drawn else text}
+            choices.append({"index": i, "message": message, "finish_reason": reason})
+        else:
+            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+    return _chunk(kind, rid, created, server.name, choices=choices, usage=response.usage())
 
 
 def _image_part(png: str) -> dict:

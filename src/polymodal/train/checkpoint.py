@@ -37,7 +37,7 @@ import torch
 from polymodal.config import ConfigError
 from polymodal.convert.peft import ADAPTER_WEIGHTS
 from polymodal.errors import CheckpointError
-from polymodal.models import load_config
+from polymodal.families import load_config
 from polymodal.runs import BEST, PREFIX, latest_checkpoint, list_checkpoints, read_best, step_dir  # noqa: F401
 from polymodal.serialization import WEIGHTS, atomic_directory, atomic_write_bytes, read_safetensors, save_state_dict
 from polymodal.weights import SHARDED, SHARDED_MODEL

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 
 from polymodal.errors import ConfigError
 
@@ -114,6 +115,6 @@ def gradient_sync(model: nn.Module, enabled: bool):
         with model.no_sync():
             yield
         return
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    if isinstance(model, FSDPModule):  # FSDP2
         model.set_requires_gradient_sync(enabled)
     yield

@@ -36,18 +36,18 @@ import numpy as np
 import torch
 
 from polymodal.api import build, from_pretrained
-from polymodal.models import load_config
+from polymodal.families import load_config
 from polymodal.convert.peft import adapter_layout, add_lora, load_adapter, merge_lora, write_adapter
 from polymodal.config import Config, ConfigError, _check_choice, _check_positive
 from polymodal.data.collate import Collator, count_targets
-from polymodal.data.collators import fit_to_tokenizer, make_collator
+from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, DocumentError, with_media
 from polymodal.data.lazy import checked, document_texts
 from polymodal.data.readers import read_flagged
 from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import MissingFileError, PolymodalError, check_number
-from polymodal.models.contrastive import ContrastiveConfig
+from polymodal.families import spec_of
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
 from polymodal.nn.transformer import Block
@@ -396,7 +396,7 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
     if collator.max_len > collator.format.max_len:
         raise ConfigError(f"max_len must be at most the model's context of {collator.format.max_len} tokens, "
                           f"got {collator.max_len}")
-    if isinstance(config, ContrastiveConfig) and (cfg.pack or cfg.context_parallel > 1):
+    if spec_of(config).pairs and (cfg.pack or cfg.context_parallel > 1):
         raise ConfigError("a dual encoder trains on image-caption pairs, one per row: --pack and --context-parallel "
                           "do not apply")
     hooks = ([EvalLoss(data.eval, collator, cfg.batch_size, cfg.pack, proc.device)] if data.eval else []) + (
@@ -467,7 +467,7 @@ def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path |
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(config, backend=cfg.attention)
     if cfg.trainable is not None:  # before any work: an unknown part is an error naming the model's parts
-        if not hasattr(model, "trainable"):
+        if not spec_of(config).trains_parts:
             raise ConfigError(f"trainable names parts of a multimodal model; a {type(model).__name__} has none: "
                               "leave it out to train every weight")
         model.trainable(cfg.trainable)
@@ -554,7 +554,7 @@ def train_step(run: Run) -> None:
     # gradients is context_parallel times theirs, and W / n_targets undoes both
     n_targets, n_tokens = counts.tolist()
     # a dual encoder's loss over every process: each one's images against all the processes' captions
-    loss_options = {"all_ranks": True} if isinstance(run.config, ContrastiveConfig) and data_world > 1 else {}
+    loss_options = {"all_ranks": True} if spec_of(run.config).pairs and data_world > 1 else {}
     total = torch.zeros((), device=device)
     for m, batch in enumerate(micro):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,6 +1,6 @@
-"""The first stage of training a model that writes images (Gemini with image output, Chameleon): its VQ
-image tokenizer is fitted to the training documents' images before the decoder trains, then frozen, as
-Chameleon trains its tokenizer on its own first (Chameleon Team 2024, section 2.1). The decoder then learns
+"""The first stage of training a model that writes images as tokens: its VQ image tokenizer is fitted to the
+training documents' images before the decoder trains, then frozen, as the Chameleon paper trains its tokenizer
+on its own first (Chameleon Team 2024, section 2.1). The decoder then learns
 to write the frozen codes; the VQ weights are saved in the model's checkpoints like every other weight.
 """
 

@@ -16,7 +16,8 @@ from polymodal.config import ConfigError
 from polymodal.convert.rules import (Family, Rule, decoder_config_from_hf, decoder_config_to_hf, decoder_rules,
                                     tied_head)
 from polymodal.encoders.vq import VQConfig, VQModel
-from polymodal.models.chameleon import Chameleon, ChameleonConfig
+from polymodal.families.chameleon.config import ChameleonConfig
+from polymodal.families.chameleon.model import Chameleon
 
 BEGIN_IMAGE, END_IMAGE, IMAGE = "<racm3:break>", "<eoss>", "<image>"
 QK_NORM_EPS = 1e-5  # HF ChameleonLayerNorm's fixed eps

@@ -1,7 +1,7 @@
 """Flamingo (Alayrac et al. 2022): a frozen decoder LM, a Perceiver Resampler over vision features, and a
 tanh-gated cross-attention block before every k-th LM block; each text token attends only to the
 latest media that started at or before it. Matches HF `IdeficsForVisionText2Text` (a Flamingo
-reproduction) weight for weight through `convert/hf_idefics.py`.
+reproduction) weight for weight through `convert.py`.
 
 The LM is a plain polymodal `Decoder` kept whole under `decoder.` (its state-dict keys unchanged, so a
 decoder checkpoint loads into it as is); the cross-attention blocks run through the decoder's
@@ -19,15 +19,15 @@ from torch import nn
 
 from polymodal.encoders.vit import ViT
 from polymodal.errors import InputError, check_finite, check_ids
-from polymodal.fusion.configs import FlamingoConfig
-from polymodal.fusion.cross_attention import gated_cross_attention_block
+from polymodal.families.flamingo.config import FlamingoConfig
+from polymodal.families.flamingo.cross_attention import gated_cross_attention_block
 from polymodal.fusion.perceiver import build_resampler
-from polymodal.models import fusion
+from polymodal.fusion import early as fusion
 from polymodal.models.parts import set_trainable
 from polymodal.nn.cache import Cache
+from polymodal.nn.language_model import LanguageModel
 from polymodal.nn.masks import make_segments, media_attention_mask, media_ids
 from polymodal.nn.transformer import Decoder, ModelOutput
-from polymodal.nn.language_model import LanguageModel
 
 
 class FlamingoCache(Cache):

@@ -1,4 +1,4 @@
-"""Documents -> image-caption pairs for the CLIP / SigLIP dual encoders (`models/contrastive.py`).
+"""Documents -> image-caption pairs for the CLIP / SigLIP dual encoders (`model.py`).
 
 A pair document holds exactly one image and its caption: the text segments marked as targets, or
 all of its text when none is (so the built-in world's "caption" examples, an image, the prompt
@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from polymodal.data.formats import Encoded, _name
 from polymodal.data.documents import Document
+from polymodal.data.formats import Encoded, _name, caption
 from polymodal.data.processors import CLIP_MEAN, CLIP_STD, ImageProcessor
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import ConfigError, DocumentError
-
-
-def caption(doc: Document) -> str:
-    """The caption of a pair document: its target text, or all of its text when nothing is a target."""
-    texts = [s.text for s, t in zip(doc.segments, doc.target_mask) if s.kind == "text" and t]
-    return " ".join(texts or doc.texts)
+from polymodal.families.contrastive.config import ContrastiveConfig
 
 
 class PairFormat:
-    def __init__(self, config, tokenizer: Tokenizer):
+    def __init__(self, config: ContrastiveConfig, tokenizer: Tokenizer):
         self.tokenizer, self.config = tokenizer, config
         self.max_len = config.text.max_seq_len
         size, clip = config.vision.image_size, config.vision.variant == "clip"
@@ -61,11 +56,11 @@ class PairFormat:
 class PairCollator:
     """Pair documents -> a contrastive batch; the interface of `collate.Collator` that training uses."""
 
-    def __init__(self, config, tokenizer: Tokenizer, max_len: int | None = None):
-        self.format = PairFormat(config, tokenizer)
-        self.pad_id = tokenizer.pad_id
-        self.max_len = max_len or self.format.max_len
-        self.fixed = config.text.variant != "clip"  # SigLIP pools the last position: always the same length
+    def __init__(self, format: PairFormat, max_len: int | None = None):
+        self.format = format
+        self.pad_id = format.tokenizer.pad_id
+        self.max_len = max_len or format.max_len
+        self.fixed = format.config.text.variant != "clip"  # SigLIP pools the last position: always the same length
 
     def encode(self, doc: Document, prompt_only: bool = False, index: int | None = None) -> Encoded:
         try:

@@ -1,14 +1,10 @@
-"""The one early-fusion core: media embeddings (or media tokens) take the place of placeholder spans in
-the input of one decoder. PaliGemma, KOSMOS-1, Chameleon and Gemini (Fuyu) are built on it; Flamingo,
-which fuses by cross-attention instead, shares its prefill/decode split.
+"""Media spans in a token stream, for the early-fusion core (`fusion/early.py`) and the image writer
+(`fusion/writer.py`): where media go, checked against the media given, and the one scatter that puts them there.
 
-A family says where its spans are and encodes its media; this module, once for all of them:
-  - finds the spans, vectorised (`runs`, `wrapped_spans`): row-major order, the order media are given in
-  - checks them against the media before any compute (`check_total`, `check_spans`): the error names the
-    placeholders found and the media given
-  - scatters the media in (`scatter`), out of place so autograd sees it
-  - builds the segments (prefix blocks, documents, padding, positions) and runs the decoder (`prefill`)
-  - splits prefill from decode (`decoding`): media are encoded once; a decode step takes tokens only
+A span rule is one of three (`Span`): a bare run of placeholders (PaliGemma, Fuyu, Chameleon's images),
+`start placeholder* end` (Gemini's modalities), or `start`, a fixed number of tokens of any id, `end`
+(KOSMOS-1, whose placeholder is the pad token). `find` reads them, vectorised, in row-major order (the
+order media are given in); the checks name the placeholders found and the media given, before any compute.
 
 Shapes: B batch, S tokens, N spans, T spanned tokens in all, D decoder width.
 """
@@ -19,10 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polymodal.errors import InputError, check_ids, check_mask, check_tensors
-from polymodal.nn.cache import Cache
-from polymodal.nn.masks import make_segments
-from polymodal.nn.transformer import Decoder, ModelOutput
+from polymodal.errors import InputError
 
 
 @dataclass
@@ -49,6 +42,82 @@ class Spans:
         return self.rows.repeat_interleave(self.lengths), self.starts.repeat_interleave(self.lengths) + offset
 
 
+@dataclass(frozen=True)
+class Span:
+    """Where one modality's media sit in input_ids."""
+
+    blank: int  # the placeholder token a media embedding replaces, one per embedding
+    wrap: tuple[int, int] | None = None  # (start, end) around each media; None: a bare run of blanks
+    fixed: bool = False  # `start`, the media's tokens of any id, `end` (KOSMOS-1, whose blank is the pad token)
+    names: tuple[str, str] = ("start", "end")  # the wrap tokens as errors name them
+
+    @property
+    def wrapped(self) -> bool:
+        return self.wrap is not None
+
+
+def find(input_ids: torch.Tensor, rules: list[Span], names: list[str], *, fixed: tuple | None = None) -> Spans:
+    """The spans of every rule (kinds index `rules`), in row-major order. The rules of one table are all bare
+    (one rule), all wrapped around one blank, or one fixed rule, with `fixed` = the other arguments of
+    `fixed_spans` (the media's key, tokens per media, how many were given, the context limit)."""
+    if not rules:
+        return runs(torch.zeros_like(input_ids, dtype=torch.bool))
+    if rules[0].fixed:
+        return fixed_spans(input_ids, rules[0], names[0], *fixed)
+    if not rules[0].wrapped:
+        return runs(input_ids == rules[0].blank)
+    return wrapped_spans(input_ids, rules[0].blank, [r.wrap for r in rules], names)
+
+
+def last_other(held: torch.Tensor) -> torch.Tensor:
+    """(B, S): the position of the last token at or before each that is not held (-1: none)."""
+    pos = torch.arange(held.shape[1], device=held.device).expand_as(held)
+    return torch.where(held, -1, pos).cummax(1).values
+
+
+def opened_runs(input_ids: torch.Tensor, begin: int, blank: int) -> Spans:
+    """The runs of blanks that follow `begin` directly (blanks elsewhere are another rule's)."""
+    held = input_ids == blank
+    opener = last_other(held)
+    return runs(held & (opener >= 0) & (input_ids.gather(1, opener.clamp(min=0)) == begin))
+
+
+def fixed_spans(input_ids: torch.Tensor, rule: Span, name: str, key: str, length: int, given: int | None,
+                limit: int) -> Spans:
+    """Spans `start`, `length` tokens, `end`, checked before any compute against `given` media (None: none
+    given) and the context `limit`: an image past the context is named as such, not as a cut span."""
+    (start, end), (start_name, end_name) = rule.wrap, rule.names
+    S = input_ids.shape[1]
+    rows, starts = (input_ids == start).nonzero(as_tuple=True)  # row-major: order of appearance
+    N = len(rows)
+    if N != (given or 0):
+        raise InputError(f"input_ids hold {N} {name}s ({start_name} tokens, id {start}) but {key} holds "
+                         f"{given or 0} {name}s" + (" (none given)" if given is None else ""))
+    ends = starts + length + 1  # where each span's end token must be
+    if S > limit and (ends >= limit).any():
+        past = [f"{name} {k} (row {int(rows[k])}, tokens {int(starts[k])}..{int(ends[k])})"
+                for k in (ends >= limit).nonzero()[:, 0].tolist()]
+        raise InputError(f"{', '.join(past[:5])}{' and more' if len(past) > 5 else ''} "
+                         f"{'lies' if len(past) == 1 else 'lie'} past the context limit of max_seq_len={limit} "
+                         f"tokens (the input has {S}); shorten the document or drop those {name}s")
+    if (ends >= S).any():
+        k = int((ends >= S).nonzero()[0, 0])
+        raise InputError(f"{name} {k} (row {int(rows[k])}) starts at token {int(starts[k])} and needs tokens up to "
+                         f"{int(ends[k])} ({start_name}, {length} placeholders, {end_name}), but the input ends at "
+                         f"token {S - 1}: was it cut at the context limit?")
+    wrong = (input_ids[rows, ends] != end).nonzero()[:, 0]
+    if len(wrong):
+        k = int(wrong[0])
+        raise InputError(f"{name} {k} (row {int(rows[k])}, {start_name} at token {int(starts[k])}) needs {end_name} "
+                         f"(id {end}) at token {int(ends[k])} after its {length} placeholders, got id "
+                         f"{int(input_ids[rows[k], ends[k]])}")
+    n_ends = int((input_ids == end).sum())
+    if n_ends != N:
+        raise InputError(f"input_ids hold {n_ends} {end_name} tokens for {N} {name}s; every {name} is "
+                         f"{start_name}, {length} placeholders, {end_name}")
+    return Spans(rows, starts + 1, torch.full_like(rows, length), torch.zeros_like(rows))
+
+
 def runs(is_placeholder: torch.Tensor) -> Spans:
     """The maximal runs of True in (B, S): one span each."""
     off = torch.zeros_like(is_placeholder[:, :1])
@@ -70,7 +139,7 @@ def wrapped_spans(input_ids: torch.Tensor, placeholder: int, wrappers: list[tupl
     # for every position, the next token that is not a placeholder (S: none) and the last one before it (-1)
     nxt = torch.where(held, S, pos).flip(1).cummin(1).values.flip(1)
     nxt = torch.cat([nxt[:, 1:], torch.full_like(nxt[:, :1], S)], 1)
-    prev = torch.where(held, -1, pos).cummax(1).values
+    prev = last_other(held)
     prev = torch.cat([torch.full_like(prev[:, :1], -1), prev[:, :-1]], 1)
     kind = torch.full_like(input_ids, -1)  # the kind a token opens, -1 if none
     end = torch.full_like(input_ids, -1)  # the token that must close it
@@ -120,52 +189,3 @@ def check_spans(spans: Spans, sizes: list[int], kind: str, name: str, plural: st
 def scatter(x: torch.Tensor, spans: Spans, media: torch.Tensor) -> torch.Tensor:
     """x (B, S, ...) with its spanned tokens replaced by media (T, ...), span after span."""
     return x.index_put(spans.index(), media.to(x.dtype))
-
-
-def decoding(cache: Cache | None, **prefill_only: torch.Tensor | None) -> bool:
-    """True when the cache already holds tokens: a decode step, which takes none of the prefill-only inputs."""
-    check_tensors(**prefill_only)
-    if cache is None or cache.length == 0:
-        return False
-    given = [k for k, v in prefill_only.items() if v is not None]
-    if given:
-        raise InputError(f"{given} belong to the first (prefill) call, not to decode steps: media are encoded once")
-    return True
-
-
-def check_inputs(decoder: Decoder, input_ids: torch.Tensor, *, within_context: bool = True,
-                 **same_shape: torch.Tensor | None) -> None:
-    """input_ids (B, S) of known tokens, at most the context long (unless the family checks that itself),
-    and every per-token input given with its shape (an attention_mask of 0s and 1s)."""
-    check_ids(input_ids)
-    for name, t in same_shape.items():
-        if name == "attention_mask" and t is not None:
-            check_mask(t, input_ids.shape)
-        check_tensors(**{name: t})
-        if t is not None and t.shape != input_ids.shape:
-            raise InputError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-    if within_context:
-        check_length(decoder, input_ids)
-    decoder.check_token_ids(input_ids)
-
-
-def check_length(decoder: Decoder, input_ids: torch.Tensor) -> None:
-    if input_ids.shape[1] > decoder.config.max_seq_len:
-        raise InputError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={decoder.config.max_seq_len}")
-
-
-def prefill(decoder: Decoder, embeds: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-            document_ids: torch.Tensor | None = None, block_ids: torch.Tensor | None = None,
-            position_ids: torch.Tensor | None = None, first_position: int = 0, labels: torch.Tensor | None = None,
-            cache: Cache | None = None, logits_to_keep: int = 0) -> ModelOutput:
-    """The decoder over fused embeddings (B, S, D) (unscaled; the decoder applies its embedding scale):
-    segments from the padding, packed documents and bidirectional blocks (see `masks.make_segments`),
-    positions counted from first_position unless given."""
-    B, S, _ = embeds.shape
-    seg = make_segments(B, S, embeds.device, attention_mask=attention_mask, document_ids=document_ids,
-                        block_ids=block_ids, position_ids=position_ids)
-    if first_position:
-        seg.positions = seg.positions + first_position
-    plain = all(t is None for t in (attention_mask, document_ids, block_ids))
-    h = decoder.hidden_states(embeds, seg, cache=cache, plain_causal=plain)
-    return decoder.head(h, labels, logits_to_keep)

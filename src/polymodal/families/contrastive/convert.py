@@ -14,7 +14,8 @@ from polymodal.convert.rules import Family, Rule, linear_rules, norm_rules
 from polymodal.convert.hf_vision import (VISION_ACT, encoder_layer_rules, vision_config_from_hf, vision_config_to_hf,
                                          vision_rules)
 from polymodal.encoders.text import TextConfig
-from polymodal.models.contrastive import ContrastiveConfig, DualEncoder
+from polymodal.families.contrastive.config import ContrastiveConfig
+from polymodal.families.contrastive.model import DualEncoder
 
 LEGACY_EOS = 2  # HF CLIPTextTransformer: eos_token_id 2 means "pool at argmax(input_ids)"
 

@@ -1,4 +1,4 @@
-"""Documents -> Flamingo inputs (`models/flamingo.py`): text with one `<image>` token where each image
+"""Documents -> Flamingo inputs (`model.py`): text with one `<image>` token where each image
 starts, and the images apart, per row.
 
 A document is laid out as Flamingo's interleaved web pages are (Alayrac et al. 2022, §2.4): `<bos>`,
@@ -15,18 +15,19 @@ from __future__ import annotations
 import torch
 
 from polymodal.data.collate import Collator
-from polymodal.data.formats import DecoderFormat, Encoded, KosmosFormat
+from polymodal.data.formats import Encoded, ImagesInTextFormat, fit_text
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.families.flamingo.config import FlamingoConfig
 
 
-class InterleavedFormat(KosmosFormat):
-    """KOSMOS-1's interleaved layout with one `<image>` token per image, the images kept apart."""
+class InterleavedFormat(ImagesInTextFormat):
+    """The interleaved layout with one `<image>` token per image, the images kept apart."""
 
     family = "this Flamingo"
 
     @staticmethod
-    def fit(config, tokenizer: Tokenizer):
-        return config.replace(text=DecoderFormat.fit(config.text, tokenizer), media_token_id=tokenizer.token_id("<image>"))
+    def fit(config: FlamingoConfig, tokenizer: Tokenizer) -> FlamingoConfig:
+        return config.replace(text=fit_text(config.text, tokenizer), media_token_id=tokenizer.token_id("<image>"))
 
     def image_tokens(self) -> list[int]:
         return [self.config.media_token_id]
@@ -34,11 +35,6 @@ class InterleavedFormat(KosmosFormat):
 
 class InterleavedCollator(Collator):
     """`Collator`'s padding and packing of the tokens; the images batched per row, as Flamingo takes them."""
-
-    def __init__(self, config, tokenizer: Tokenizer, max_len: int | None = None):
-        self.format = InterleavedFormat(config, tokenizer)
-        self.pad_id = tokenizer.pad_id
-        self.max_len = max_len or self.format.max_len
 
     def _rows(self, rows: list[list[Encoded]], width: int, packed: bool) -> dict[str, torch.Tensor]:
         batch = super()._rows([[Encoded(e.tokens) for e in docs] for docs in rows], width, packed)

@@ -17,8 +17,9 @@ from polymodal.convert.rules import (Family, Rule, decoder_rules, linear_rules, 
 from polymodal.convert.hf_vision import vision_config_from_hf, vision_config_to_hf, vision_rules
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.vit import VisionConfig
+from polymodal.families.flamingo.config import FlamingoConfig
+from polymodal.families.flamingo.model import Flamingo
 from polymodal.fusion.perceiver import PerceiverConfig
-from polymodal.models.flamingo import Flamingo, FlamingoConfig
 
 ALPHA_TYPES = {"float": "scalar", "vector": "vector"}
 # IdeficsVisionConfig's defaults (a CLIP layout with exact GELU); its width is `embed_dim`, not `hidden_size`

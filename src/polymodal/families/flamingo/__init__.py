@@ -1,0 +1,1 @@
+"""Flamingo / HF Idefics: config, model, document format and collator, HF conversion, presets."""

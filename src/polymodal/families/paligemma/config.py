@@ -1,0 +1,31 @@
+"""PaliGemma's config: the model file (`model.py`) says what the fields mean."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from polymodal.config import Config, ConfigError, DecoderConfig
+from polymodal.encoders.vit import VisionConfig
+
+
+@dataclass
+class PaliGemmaConfig(Config):
+    """The projector maps vision.dim to text.dim (HF's projection_dim, which must equal the text width).
+
+    image_token_id: the placeholder id, inside text.vocab_size. A trainer with its own tokenizer
+    sets both: `cfg.replace(text=cfg.text.replace(vocab_size=...), image_token_id=tok.token_id("<image>"))`."""
+
+    vision: VisionConfig
+    text: DecoderConfig
+    image_token_id: int = 257152
+
+    def __post_init__(self) -> None:
+        if self.vision.variant != "siglip":
+            raise ConfigError(f"PaliGemma's vision tower is a SigLIP ViT, got variant {self.vision.variant!r}")
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ConfigError(f"image_token_id ({self.image_token_id}) must be a token id below text.vocab_size "
+                              f"({self.text.vocab_size})")
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.n_patches

@@ -36,7 +36,9 @@ from polymodal.encoders.vit import VisionConfig
 from polymodal.models.paligemma import PaliGemmaConfig
 from polymodal.nn.transformer import Block
 from polymodal.presets import gemma_2b, gemma_tiny
-from timing import measure  # benchmarks/timing.py, beside this script
+from polymodal.generation.engine import STOP_EVERY
+from same_work import same_tokens  # benchmarks/same_work.py, beside this script
+from timing import measure
 
 H100_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak, H100 SXM
 H100_HBM_BYTES_PER_S = 3.35e12  # HBM3, H100 SXM
@@ -166,8 +168,9 @@ def main() -> None:
     hf_compile = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
     hf_compile._compile_all_devices = True  # HF's switch for compiling on CPU too (its default: CUDA only)
     note("prefill: one forward over the prompt that fills a KV cache and returns the last logits, on both sides")
-    note("decode: greedy; both sides are given the same stop token, one that neither generates, so both run "
-         "every step and do their stop checks (HF every step, ours every 8 steps when compiled)")
+    note("decode: greedy, the tokens asserted equal on every side; both sides are given the same stop token, one "
+         f"that neither generates, so both run every step and do their stop checks (HF every step, ours every "
+         f"{STOP_EVERY} steps when compiled)")
     note("train: ours computes its loss in chunks and never holds the full logits, HF builds them; the rows "
          "'same loss' give both full logits and one F.cross_entropy")
     for b in batches:
@@ -186,11 +189,7 @@ def main() -> None:
                                                           eos_token_id=eos, compile=True)
             gens["HF compiled, static cache"] = lambda n: hf.generate(
                 max_new_tokens=n, cache_implementation="static", compile_config=hf_compile, **hf_kw)
-        same = {name: f(new_tokens).cpu() for name, f in gens.items()}
-        mismatched = [name for name, tokens in same.items() if not torch.equal(tokens[:, -new_tokens:],
-                                                                               same["ours eager"])]
-        if mismatched:
-            note(f"b={b}: greedy tokens differ from ours eager for {mismatched}")
+        same_tokens(f"decode b={b}", {name: f(new_tokens).cpu()[:, -new_tokens:] for name, f in gens.items()})
         prefill = {
             "ours": lambda: ours(ids, px, cache=ours.make_cache(b, prompt + new_tokens), logits_to_keep=1),
             "hf": lambda: hf(input_ids=ids, pixel_values=px, use_cache=True, logits_to_keep=1),
@@ -207,7 +206,9 @@ def main() -> None:
         if args.compile:
             pairs.append(("ours compiled", "HF compiled, static cache"))
         for a, ref in pairs:
-            row(f"decode b={b} +{new_tokens}: {a} vs {ref}", "tokens/s", decode[a], decode[ref], ceiling)
+            cadence = (f" (stop checked: ours every {STOP_EVERY} steps, HF every step)" if "compiled" in a
+                       else " (stop checked every step)")
+            row(f"decode b={b} +{new_tokens}: {a} vs {ref}{cadence}", "tokens/s", decode[a], decode[ref], ceiling)
 
     ours, hf = ours.float().train(), hf.float().train()
     ids, types, px = prompts(cfg, *train_shape, device)

@@ -162,7 +162,8 @@ def main() -> None:
         p.error(f"--requests ({args.requests}) must split into --rounds ({args.rounds}) equal rounds")
     mix = requests(args.requests)
     ours_mix = [{**r, "prompt": r["prompt"][len("<bos>"):-1]} for r in mix]  # ours adds <bos> and "\n" itself
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_VERBOSITY": "warning"}  # HF logs the mode of each request at this level
     with tempfile.TemporaryDirectory() as tmp:
         ours_dir, hf_dir, n_params = checkpoints(Path(tmp), args.size)
         ours = [sys.executable, "-m", "polymodal.cli", "serve", str(ours_dir), "--max-queue", str(args.requests)]

@@ -193,7 +193,8 @@ def report(results: list[dict], args) -> None:
           f"this machine's {os.cpu_count()} cores):")
     print("| processes | ring train step | ring forward | PyTorch context parallel forward, eager | the same, "
           "blocks compiled | ring fwd / PyTorch compiled fwd |\n|---|---|---|---|---|---|")
-    print(f"| 1, SDPA (no context parallel) | {base_s['sdpa train step']:.3f} | {base_s['sdpa forward']:.3f} | — | — | — |")
+    print(f"| 1, SDPA (no context parallel) | {base_s['sdpa train step']:.3f} | {base_s['sdpa forward']:.3f} "
+          "| — | — | — |")
     for r in results:
         s = r["seconds"]
         print(f"| {r['world']} | {s['ring train step']:.3f} | {s['ring forward']:.3f} | "

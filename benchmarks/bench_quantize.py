@@ -137,7 +137,8 @@ def main() -> None:
         logits = {**{k: m(ids).logits for k, m in ours.items()}, **{k: m(input_ids=ids).logits for k, m in hf.items()}}
         stop = unused_token(list(ours.values()), ids, new + 1)
         gens = generators(ours, hf, ids, stop, args.compile)
-        same_lengths(f"{new + 1} greedy tokens, stop token {stop}", warm_up(gens, ours | hf, new) | {"asked": [1, new + 1]})
+        same_lengths(f"{new + 1} greedy tokens, stop token {stop}",
+                     warm_up(gens, ours | hf, new) | {"asked": [1, new + 1]})
         t = measure({(name, n): (lambda g=g, n=n: g(n)) for name, g in gens.items() for n in (1, new + 1)}, "cpu",
                     args.repeats)
     drift = {k: float((v - logits[k.split()[0] + " fp32"]).abs().max()) for k, v in logits.items() if "fp32" not in k}
@@ -166,8 +167,8 @@ def report(phases: dict, memory: dict, drift: dict, compiled: bool) -> list[dict
     print("| compares | decode speed (per-token time ratio) | prefill speed | weight memory ratio |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['compares']} | {r['decode_speed']:.2f}x | {r['prefill_speed']:.2f}x | {r['memory']:.2f} |")
-    print(f"\n| model | prefill ms (prompt + first token) | decode ms/token | weight MB | max logit drift vs its "
-          f"float32 |\n|---|---|---|---|---|")
+    print("\n| model | prefill ms (prompt + first token) | decode ms/token | weight MB | max logit drift vs its "
+          "float32 |\n|---|---|---|---|---|")
     for name, ph in phases.items():
         base = name.removesuffix(" compiled")
         every = f"every {STOP_EVERY} steps" if name.startswith("ours") else "every step"

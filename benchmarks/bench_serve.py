@@ -84,7 +84,7 @@ def start(command: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, s
     raise RuntimeError(f"{' '.join(command)} did not come up")
 
 
-def timed_mix(url: str, model: str, mix: list[dict], concurrency: int) -> tuple[float, list[float], list[int], list[str]]:
+def timed_mix(url: str, model: str, mix: list[dict], concurrency: int) -> tuple[float, list, list, list]:
     """Wall seconds, and each request's latency, generated tokens and answer, of `mix`, `concurrency` at a time."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
@@ -195,8 +195,8 @@ def main() -> None:
 
 def report(results: dict, args, n_params: int) -> None:
     ours, alone, hf = results.values()
-    print(f"\n{args.requests} greedy completions, {args.concurrency} concurrent, max_tokens 16..64; CPU, {args.threads} "
-          f"thread(s) per server; a random {n_params / 1e6:.2f}M-parameter Llama-shaped decoder ({args.size}, the same "
+    print(f"\n{args.requests} greedy completions, {args.concurrency} concurrent, max_tokens 16..64; CPU, "
+          f"{args.threads} thread(s) per server; a random {n_params / 1e6:.2f}M-parameter Llama-shaped decoder ({args.size}, the same "
           "weights on both sides); every answer and its token count equal on all servers; HF's log: every request "
           "served with continuous batching\n")
     print("| server | tokens/s | requests/s | p50 latency | p90 latency |\n|---|---|---|---|---|")
@@ -204,7 +204,8 @@ def report(results: dict, args, n_params: int) -> None:
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['requests_per_s']:.2f} | {r['p50_s'] * 1e3:.0f} ms | "
               f"{r['p90_s'] * 1e3:.0f} ms |")
     for label, a, b in (("ours / HF", ours, hf), ("ours batched / one at a time", ours, alone)):
-        print(f"| {label} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {a['requests_per_s'] / b['requests_per_s']:.2f}x | "
+        print(f"| {label} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
+              f"{a['requests_per_s'] / b['requests_per_s']:.2f}x | "
               f"{b['p50_s'] / a['p50_s']:.2f}x faster | {b['p90_s'] / a['p90_s']:.2f}x faster |")
     Path(args.out).write_text(json.dumps({"args": vars(args), "parameters": n_params, "results": results}, indent=2))
     print(f"wrote {args.out}")

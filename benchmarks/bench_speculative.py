@@ -136,7 +136,8 @@ def efficiency(name: str, fn, counted: tuple, prompts: int, k: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-steps", type=int, default=3000, help="training step limit of each model (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=3000,
+                   help="training step limit of each model (default: %(default)s)")
     p.add_argument("--k", type=int, default=4, help="tokens drafted per round (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)

@@ -1,8 +1,8 @@
 """`polymodal serve` beside `transformers serve --continuous-batching`: the same weights, the same requests.
 
 A random Llama-shaped decoder with a BPE trained on the built-in world's texts (`--size tiny`: llama-tiny,
-2 layers, width 64, 0.1M parameters, which measures HTTP and scheduling overhead; `--size 100m`: 12 layers,
-width 768, ~85M parameters, where the model's compute dominates) is written twice, as a polymodal directory
+2 layers, width 64, 0.1M parameters, which measures HTTP and scheduling overhead; `--size 76m`: 12 layers,
+width 768, 76M parameters, where the model's compute dominates) is written twice, as a polymodal directory
 and through polymodal's HF converter as an HF directory. Each server is its own process with the same thread
 count, and this process sends them the same requests through the `openai` client, in rounds where the
 servers take turns (one runs at a time): `--requests` completions of world texts, `--concurrency` at a time,
@@ -19,7 +19,7 @@ completion out as `polymodal generate` does (<bos> text "\\n"); HF gets the same
 "\\n" (its tokenizer adds no <bos>).
 
     python benchmarks/bench_serve.py                    # CPU, tiny: the README's first table
-    python benchmarks/bench_serve.py --size 100m --requests 64
+    python benchmarks/bench_serve.py --size 76m
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.presets import get_preset
 from same_work import require, same_lengths, same_tokens  # benchmarks/same_work.py, beside this script
 
-SIZES = {"tiny": {}, "100m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=2048)}
+SIZES = {"tiny": {}, "76m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=2048)}
 
 
 def checkpoints(root: Path, size: str) -> tuple[Path, Path, int]:

@@ -3,13 +3,15 @@
 Measured interleaved in one process (the two libraries take turns, call by call) on the same inputs,
 like with like, each row naming both sides, both eager: prefill latency (one forward over the prompt
 that fills a KV cache and returns the last logits, on both sides), greedy generation (both sides given
-the same stop token, one neither generates, so both run every step and do their stop checks; HF with
-its dynamic cache and with its static cache), and training tokens/s (forward + backward + AdamW step),
+the same stop token, one neither generates, so both run every step and check it every step; the greedy
+tokens of every side asserted equal before any timing; HF with its dynamic cache and with its static
+cache), and training tokens/s (forward + backward + AdamW step),
 once with each library's own loss (ours chunked, never holding the full logits; HF's from full logits)
 and once with the same loss on both (full logits + F.cross_entropy). Prints a markdown table with
 ratios ours/HF and writes JSON.
 
-    python benchmarks/bench_decoder.py --device cpu --tiny          # CI-size
+    python benchmarks/bench_decoder.py --device cpu --tiny          # CI-size (4M parameters)
+    python benchmarks/bench_decoder.py --device cpu --medium        # 125M parameters
     python benchmarks/bench_decoder.py --device cuda --dtype bfloat16 # the real thing on a GPU
 """
 

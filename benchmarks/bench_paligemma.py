@@ -5,7 +5,8 @@ same random weights in both (copied through polymodal's HF converter) and the sa
 with like, each row naming both sides. Measured interleaved in one process: prefill latency (one forward
 over vision + 196 image + 16 prompt tokens that fills a KV cache, last logits only, on both sides); greedy
 decode tokens/s at batch 1 and 32 (128 new tokens, prefill subtracted), both sides given the same stop token
-(one neither generates, so both run every step and do their stop checks), ours eager against HF eager
+(one neither generates, so both run every step and do their stop checks: every step eager, every STOP_EVERY
+steps in ours compiled, as its rows say) and the greedy tokens of every side asserted equal, ours eager against HF eager
 (dynamic and static cache) and, with --compile (the default), ours compiled against HF's static cache
 compiled through its `CompileConfig` (on CPU too); training tokens/s and MFU (forward + backward + AdamW on
 batch 8 x 512; bf16 autocast and fused AdamW on CUDA), eager against eager and compiled against compiled,

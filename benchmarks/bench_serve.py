@@ -196,8 +196,8 @@ def main() -> None:
 def report(results: dict, args, n_params: int) -> None:
     ours, alone, hf = results.values()
     print(f"\n{args.requests} greedy completions, {args.concurrency} concurrent, max_tokens 16..64; CPU, "
-          f"{args.threads} thread(s) per server; a random {n_params / 1e6:.2f}M-parameter Llama-shaped decoder ({args.size}, the same "
-          "weights on both sides); every answer and its token count equal on all servers; HF's log: every request "
+          f"{args.threads} thread(s) per server; a random {n_params / 1e6:.2f}M-parameter Llama-shaped decoder "
+          f"({args.size}, the same weights on both sides); every answer and its token count equal on all servers; HF's log: every request "
           "served with continuous batching\n")
     print("| server | tokens/s | requests/s | p50 latency | p90 latency |\n|---|---|---|---|---|")
     for name, r in results.items():

@@ -35,14 +35,16 @@ class Collator:
         self.pad_id = format.tokenizer.pad_id
         self.max_len = max_len or format.max_len
 
-    def encode(self, doc: Document, prompt_only: bool = False, index: int | None = None) -> Encoded:
+    def encode(self, doc: Document, prompt_only: bool = False, index: int | None = None, limit: bool = True) -> Encoded:
+        """One document laid out by the format; limit: refuse one longer than max_len (a prompt is checked
+        against the context with its new tokens instead, by `generation.prompts`)."""
         try:
             enc = self.format.encode(doc, prompt_only)
         except ValueError as e:  # the formats' and processors' complaints about a document are document errors
             if isinstance(e, PolymodalError):
                 raise
             raise DocumentError(str(e)) from e
-        if len(enc) > self.max_len:
+        if limit and len(enc) > self.max_len:
             raise DocumentError(f"{_name(doc, index)} is {len(enc)} tokens long; the limit is max_len={self.max_len}")
         if not prompt_only and all(label == IGNORE for label in enc.tokens["labels"]):
             raise DocumentError(f"{_name(doc, index)} has no target tokens, so nothing to learn from")
@@ -53,8 +55,15 @@ class Collator:
         return self.pack(encoded, self.max_len) if pack else self.pad(encoded)
 
     def prompts(self, docs: list[Document]) -> dict[str, torch.Tensor]:
-        """Each document up to its first target, ready for `generate` (no labels)."""
-        batch = self.pad([self.encode(d, prompt_only=True, index=i) for i, d in enumerate(docs)])
+        """Each document up to its first target, ready for `generate` (no labels); `generation.prompts` adds
+        the check against the context and the new tokens asked for."""
+        return self.prompt_batch(self.prompt_encodings(docs))
+
+    def prompt_encodings(self, docs: list[Document]) -> list[Encoded]:
+        return [self.encode(d, prompt_only=True, index=i, limit=False) for i, d in enumerate(docs)]
+
+    def prompt_batch(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
+        batch = self.pad(encoded)
         del batch["labels"]
         return batch
 

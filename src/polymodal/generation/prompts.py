@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from polymodal.data.documents import Document
-from polymodal.errors import DocumentError, InputError, PolymodalError
+from polymodal.errors import InputError
 
 
 class ContextError(InputError):
@@ -30,16 +30,9 @@ def prompts(collator, docs: list[Document], max_new_tokens: int | None = None, *
     """The batch `generate` reads for `docs` (right-padded, no labels) and the new tokens each may write:
     max_new_tokens, or when None the rest of the context after the longest prompt (at least 1)."""
     context = collator.format.max_len
-    encoded = []
-    for doc in docs:
-        try:
-            encoded.append(collator.format.encode(doc, prompt_only=True))
-        except ValueError as e:  # the formats' and processors' complaints about a document are document errors
-            raise e if isinstance(e, PolymodalError) else DocumentError(str(e)) from e
+    encoded = collator.prompt_encodings(docs)
     longest = max(encoded, key=len)
     wanted = max_new_tokens if max_new_tokens is not None else max(context - len(longest), 1)
     for doc, e in zip(docs, encoded):
         check_context(len(e), wanted, context, flag=flag, media=any(s.kind != "text" for s in doc.segments))
-    batch = collator.pad(encoded)
-    del batch["labels"]
-    return batch, wanted
+    return collator.prompt_batch(encoded), wanted

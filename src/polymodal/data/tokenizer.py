@@ -81,7 +81,7 @@ class _SPModel:
         self.added: dict[str, int] = {}
         self.specials: dict[str, int] = {}
         self.plain: dict[str, int] = {}  # matched whole like specials, kept by decode
-        self._patterns: dict[bool, re.Pattern[str] | None] = {False: None, True: None}  # by split_special_tokens
+        self._patterns: dict[bool, re.Pattern[str] | None] | None = None  # by split_special_tokens; built on use
         for piece in added:  # in saved order, so appended ids come back unchanged
             self.add_plain(piece) if piece in plain else self.add_special(piece)
         for piece in plain:
@@ -107,15 +107,21 @@ class _SPModel:
         if i is None:
             i = self.added[piece] = len(self)
         kind[piece] = i
-        for split, pieces in ((False, {**self.specials, **self.plain}), (True, self.plain)):
-            # Longest first, so a token that contains another one wins.
-            alternatives = sorted(pieces, key=len, reverse=True)
-            self._patterns[split] = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if pieces else None
+        self._patterns = None  # rebuilt once at the next encode, not once per token of a batch added
         return i
+
+    def _pattern(self, split_special_tokens: bool) -> re.Pattern[str] | None:
+        if self._patterns is None:
+            self._patterns = {}
+            for split, pieces in ((False, {**self.specials, **self.plain}), (True, self.plain)):
+                alternatives = sorted(pieces, key=len, reverse=True)  # longest first: a token holding another wins
+                self._patterns[split] = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") \
+                    if pieces else None
+        return self._patterns[split_special_tokens]
 
     def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
         # split_special_tokens: only the plain tokens are matched (SentencePiece never reads control pieces)
-        return [self._encode(text, self._patterns[split_special_tokens]) for text in texts]
+        return [self._encode(text, self._pattern(split_special_tokens)) for text in texts]
 
     def _encode(self, text: str, pattern: re.Pattern[str] | None) -> list[int]:
         parts = pattern.split(text) if pattern else [text]

@@ -56,6 +56,11 @@ def iou(a, b):
     return float((a & b).sum()) / float((a | b).sum())
 
 
+def test_a_sliver_at_the_edge_still_crops():
+    mask = torch.ones(SIZE, dtype=torch.bool)
+    assert torch.equal(crop_mask(mask, (79.7, 47.6, 80, 48)), torch.ones(64, 64))
+
+
 @pytest.mark.parametrize("box", [(10, 6, 70, 40), (0, 0, 80, 48), (33, 20, 41, 29)])
 def test_mask_survives_crop_and_paste(box):
     mask = ellipse(*SIZE, box)

@@ -90,6 +90,7 @@ def crop_mask(mask: torch.Tensor, box: Sequence[float], size: int = 64) -> torch
         raise InputError(f"mask must be a (height, width) tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
     x1, y1, x2, y2 = _check_box(box, tuple(mask.shape))
     top, left, bottom, right = (int(torch.tensor(v, dtype=torch.float64).round()) for v in (y1, x1, y2, x2))
+    top, left = min(top, mask.shape[0] - 1), min(left, mask.shape[1] - 1)  # a sliver at the edge keeps a pixel
     crop = mask[top:max(bottom, top + 1), left:max(right, left + 1)].float()[None, None]
     return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0, 0].clamp(0, 1)
 

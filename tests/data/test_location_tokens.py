@@ -8,7 +8,7 @@ import pytest
 from polymodal.data.locations import (LOC_TOKENS, SEG_TOKENS, add_location_tokens, format_object,
                                       paligemma_location_ids)
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.fusion.configs import PaliGemmaConfig
+from polymodal.families.paligemma.config import PaliGemmaConfig
 
 GEMMA_NORMALISER = dict(normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False)
 CORPUS = [f"the {c} {s} is {p} the box" for c in ("red", "green", "blue") for s in ("circle", "square")

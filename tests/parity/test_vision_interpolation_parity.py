@@ -83,9 +83,11 @@ def test_sizes_that_are_no_multiple_of_the_patch_are_a_clear_error(pair):
         ours(torch.randn(1, 3, 30, 32), interpolate_pos_encoding=True)
 
 
-def test_paligemma_at_twice_its_size_matches_hf_interpolating(tmp_path):
-    """HF's PaliGemmaForConditionalGeneration with its vision tower interpolating against our PaliGemma built
-    at the larger size from the same weights, positions resized on loading."""
+@pytest.fixture(scope="module")
+def paligemma(tmp_path_factory):
+    """An HF PaliGemma trained at 16x16 (a 4x4 grid of positions) saved to a directory, with 64 image tokens
+    of input at 32x32: HF's model, its directory, (input_ids, token_type_ids, pixel_values) and HF's logits
+    with its vision tower interpolating."""
     torch.manual_seed(0)
     image_token = 99
     cfg = transformers.PaliGemmaConfig(
@@ -95,12 +97,9 @@ def test_paligemma_at_twice_its_size_matches_hf_interpolating(tmp_path):
                          eos_token_id=1))
     hf = transformers.PaliGemmaForConditionalGeneration(cfg)
     randomise(hf, "norm", "bias", "position_embedding")
-    hf.eval().save_pretrained(tmp_path)
-    small = pm.from_pretrained(tmp_path)
-    config = small.config.replace(vision=small.config.vision.replace(image_size=32))
-    big = pm.build(config).eval()
-    big.load_state_dict(resize_position_embeddings(small.state_dict(), config.vision, prefix="vision."))
-    n_image = config.tokens_per_image  # 64 at 32x32
+    directory = tmp_path_factory.mktemp("paligemma")
+    hf.eval().save_pretrained(directory)
+    n_image = 64  # at 32x32
     ids = torch.tensor([[image_token] * n_image + [2, 5, 17, 33, 8, 41]] * 2)
     types = torch.tensor([[0] * (n_image + 4) + [1, 1]] * 2)
     px = torch.randn(2, 3, 32, 32)
@@ -109,5 +108,33 @@ def test_paligemma_at_twice_its_size_matches_hf_interpolating(tmp_path):
         # its get_image_features does, and forward takes what it returns
         image = hf.model.get_image_features(px, interpolate_pos_encoding=True)
         ref = hf(input_ids=ids, token_type_ids=types, mm_encoder_outputs={"image": image}).logits
+    return directory, (ids, types, px), ref
+
+
+def test_paligemma_at_twice_its_size_matches_hf_interpolating(paligemma):
+    """HF's PaliGemmaForConditionalGeneration with its vision tower interpolating against our PaliGemma built
+    at the larger size from the same weights, positions resized on loading."""
+    directory, (ids, types, px), ref = paligemma
+    small = pm.from_pretrained(directory)
+    config = small.config.replace(vision=small.config.vision.replace(image_size=32))
+    big = pm.build(config).eval()
+    big.load_state_dict(resize_position_embeddings(small.state_dict(), config.vision, prefix="vision."))
+    assert config.tokens_per_image == 64
+    with torch.no_grad():
         got = big(ids, px, token_type_ids=types).logits
     assert (got - ref).abs().max() <= 1e-4
+
+
+def test_paligemma_resized_by_the_user_s_path_matches_hf_interpolating(paligemma):
+    """`pm.from_pretrained(dir).resize_images(size)`: what a user types to read 448 images with 224 weights."""
+    directory, (ids, types, px), ref = paligemma
+    model = pm.from_pretrained(directory)
+    with pytest.raises(ValueError, match=r"pixel_values must be \(num_images, 3, 16, 16\), got \(2, 3, 32, 32\)"):
+        model(ids, px, token_type_ids=types)
+    assert model.resize_images(32) is model
+    assert (model.config.vision.image_size, model.config.tokens_per_image) == (32, 64)
+    with torch.no_grad():
+        got = model(ids, px, token_type_ids=types).logits
+    assert (got - ref).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match=r"each image needs exactly 64 placeholder tokens"):
+        model(ids[:, 48:], px, token_type_ids=types[:, 48:])

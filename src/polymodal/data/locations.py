@@ -18,8 +18,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from polymodal.encoders.mask_vae import MaskVAE
 from polymodal.errors import InputError, check_number, check_text
@@ -182,3 +184,27 @@ def parse_locations(text: str, image_size: int | Sequence[int], vae: MaskVAE | N
         else:
             objects.append(obj)
     return Locations(objects, malformed)
+
+
+COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+
+
+def draw_locations(image: Image.Image, locations: Locations) -> Image.Image:
+    """A copy of the image (RGB) with each object's mask tinted at half strength, its box outlined one pixel
+    wide on the box's edges and its label written inside the top-left corner, in one colour per object."""
+    out = image.convert("RGB")
+    for i, obj in enumerate(locations.objects):
+        colour = COLOURS[i % len(COLOURS)]
+        if obj.mask is not None:
+            pixels = np.asarray(out).copy()
+            inside = obj.mask.numpy()
+            pixels[inside] = (pixels[inside] + np.array(colour)) // 2
+            out = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(out)
+        x1, y1, x2, y2 = obj.box
+        # the box's last pixel row and column are x2 - 1, y2 - 1 (x2, y2 are its end, as in a slice)
+        draw.rectangle((round(x1), round(y1), max(round(x2) - 1, round(x1)), max(round(y2) - 1, round(y1))),
+                       outline=colour)
+        if obj.label:
+            draw.text((round(x1) + 2, round(y1) + 1), obj.label, fill=colour)
+    return out

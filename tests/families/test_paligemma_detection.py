@@ -13,7 +13,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from polymodal.data.documents import read_jsonl, write_jsonl
-from polymodal.data.locations import add_location_tokens, format_object, parse_locations
+from polymodal.cli import main
+from polymodal.data.locations import (COLOURS, LocatedObject, Locations, add_location_tokens, draw_locations,
+                                      format_object, parse_locations)
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import DocumentError
 from polymodal.families.collators import make_collator
@@ -132,3 +134,26 @@ def test_generate_draws_the_answer_s_boxes(learned, data, tmp_path):
     again = subprocess.run(cli("generate", learned, "--prompt", "detect red box", "--image", data / "0.png",
                                "--draw", out), env=ENV, capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr.splitlines()[-1]
+
+
+def test_masks_are_tinted_inside_and_nothing_outside():
+    image = scene(BOXES[0])
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[5:15, 4:12] = True
+    drawn = np.asarray(draw_locations(image, Locations([LocatedObject("", (2.0, 3.0, 14.0, 17.0), mask)], 0)))
+    original = np.asarray(image).astype(int)
+    assert (drawn[6:14, 5:11] == (original[6:14, 5:11] + COLOURS[0]) // 2).all()
+    outside = ~mask.numpy()
+    outside[3:17, 2:14] = False  # the box's outline
+    assert (drawn[outside] == original[outside]).all()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask-vae", "vae.npz"], "--mask-vae decodes the masks --draw draws"),
+    (["--draw", "out.jpg"], "expected a path ending in .png, got out.jpg"),
+    (["--draw", "out.png", "--image", "0.png"], "expected one --image and no --audio, got 2 image"),
+])
+def test_draw_flags_are_checked_before_the_model_loads(data, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(data)
+    code = main(["generate", str(tmp_path / "no-model"), "--prompt", "detect red box", "--image", "0.png", *flags])
+    assert code == 1 and message in capsys.readouterr().err

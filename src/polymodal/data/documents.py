@@ -295,12 +295,14 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_pa
 def _boxes_segment(seg: dict, where: str) -> Segment:
     """{"boxes": [{"label": str, "box": [x1, y1, x2, y2]}, ...], "target": true}: objects in the image's pixels."""
     if unknown := sorted(set(seg) - {"boxes", "target"}):
-        raise _Invalid(f"{where}.{unknown[0]}", f"expected only boxes and target in a boxes segment, got {unknown[0]!r}")
+        raise _Invalid(f"{where}.{unknown[0]}", f"expected only boxes and target in a boxes segment, got "
+                                               f"{unknown[0]!r}")
     if seg.get("target", False) is not True:
         raise _Invalid(f"{where}.target", f"expected true: boxes are an answer to learn, got {seg.get('target')!r}")
     value, where = seg["boxes"], f"{where}.boxes"
     if not isinstance(value, list) or not value:
-        raise _Invalid(where, f"expected a non-empty list of objects, got {'an empty list' if value == [] else _type(value)}")
+        given = "an empty list" if value == [] else _type(value)
+        raise _Invalid(where, f"expected a non-empty list of objects, got {given}")
     boxes = []
     for i, obj in enumerate(value):
         at = f"{where}[{i}]"

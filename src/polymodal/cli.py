@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import io
 import json
 import re
 import shutil
@@ -101,6 +102,11 @@ def _generate_flags(sub) -> None:
     g.add_argument("--image-dir", default="images", help="where images the model draws go, as PNG files "
                                                           "(default: %(default)s)")
     g.add_argument("--quantize", choices=("int8", "int4"), help=QUANTIZE_HELP)
+    g.add_argument("--draw", default=None, metavar="OUT.png",
+                   help="read the answer's boxes (and masks) as PaliGemma-style location tokens, print each object "
+                        "and draw them over the one --image into this new PNG file")
+    g.add_argument("--mask-vae", default=None, metavar="VAE.npz",
+                   help="the mask VQ-VAE (big_vision's vae-oid.npz) that decodes an answer's segmentation tokens")
 
 
 def _eval_flags(sub) -> None:
@@ -257,6 +263,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from polymodal.nn.language_model import LanguageModel
 
     segments = _media_segments(args)
+    vae = _check_draw(args)
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     draft = _load(args.assistant, role="--assistant (the draft)")[1] if args.assistant is not None else None
     if not isinstance(model, LanguageModel):
@@ -289,7 +296,46 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(f"polymodal generate: an image was begun but not finished: --max-new-tokens {max_new} ran out "
                   f"inside it (an image is {spans.length + 2} tokens); give a larger --max-new-tokens",
                   file=sys.stderr)
-    print(tokenizer.text(new[0]).strip())
+    answer = tokenizer.text(new[0]).strip()
+    print(answer)
+    if args.draw is not None:
+        _draw(answer, segments[0].media, Path(args.draw), vae)
+
+
+def _check_draw(args: argparse.Namespace):
+    """--draw's output (new, a .png) and one --image, checked before any compute; the --mask-vae loaded."""
+    from polymodal.encoders.mask_vae import load_mask_vae
+
+    if args.draw is None:
+        if args.mask_vae is not None:
+            raise InputError("--mask-vae decodes the masks --draw draws: give --draw OUT.png too")
+        return None
+    out = Path(args.draw)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--draw writes a PNG file: expected a path ending in .png, got {out}")
+    if out.exists():
+        raise ExistingFileError(f"--draw {out} exists; give a new path (nothing is overwritten)")
+    if len(args.image) != 1 or args.audio:
+        raise InputError(f"--draw draws over one image: expected one --image and no --audio, got {len(args.image)} "
+                         f"image(s) and {len(args.audio)} audio file(s)")
+    return load_mask_vae(args.mask_vae) if args.mask_vae is not None else None
+
+
+def _draw(answer: str, image, out: Path, vae) -> None:
+    from polymodal.data.locations import draw_locations, parse_locations
+    from polymodal.serialization import atomic_write_bytes
+
+    found = parse_locations(answer, (image.height, image.width), vae)
+    for obj in found.objects:
+        mask = f", mask of {int(obj.mask.sum())} pixels" if obj.mask is not None else ""
+        print(f"object {obj.label!r}: box (x1, y1, x2, y2) = ({', '.join(f'{v:.1f}' for v in obj.box)}){mask}")
+    if found.malformed:
+        print(f"polymodal generate: {found.malformed} part(s) of the answer were no well-formed object",
+              file=sys.stderr)
+    buf = io.BytesIO()
+    draw_locations(image, found).save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"wrote {out} ({len(found.objects)} object(s))")
 
 
 def _media_segments(args: argparse.Namespace) -> list:

@@ -323,19 +323,25 @@ async def _whole(server: Server, response: Response, http: HttpRequest, kind: st
     return _chunk(kind, rid, created, server.name, choices=choices, usage=response.usage())
 
 
-async def read_body(http: HttpRequest, limit: int) -> bytes:
-    """The request body, refused (413) past `limit` bytes: at once when its Content-Length says so, else as soon
-    as what has come goes past it."""
+async def read_body(http: HttpRequest, limit: int, linger: int = 4) -> bytes:
+    """The request body, refused (413) past `limit` bytes without being kept or parsed. A body announced (by its
+    Content-Length) past `linger` times the limit is refused at once; a smaller one is read to its end and
+    dropped first (as nginx's lingering close), so a client still sending it reads the 413 instead of a broken
+    pipe."""
     length = http.headers.get("content-length", "")
     too_big = f"over the limit of {limit} bytes (polymodal serve --max-body-mb)"
-    if length.isdigit() and int(length) > limit:
+    if length.isdigit() and int(length) > linger * limit:
         raise ApiError(413, f"the request body is {int(length)} bytes, {too_big}", None, "body_too_large")
     chunks, size = [], 0
     async for chunk in http.stream():
         size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is {too_big}", None, "body_too_large")
-        chunks.append(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > linger * limit:
+            break
+    if size > limit:
+        given = f"{int(length)} bytes" if length.isdigit() else f"more than {min(size, linger * limit)} bytes"
+        raise ApiError(413, f"the request body is {given}, {too_big}", None, "body_too_large")
     return b"".join(chunks)
 
 

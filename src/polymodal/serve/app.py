@@ -104,7 +104,7 @@ class Server:
         forgiven (a cut may split what would have been one token), so only a prompt surely too long is refused
         here; the exact count is the prompt builder's."""
         texts = [s.text for s in doc.segments if s.kind == "text"]
-        if sum(map(len, texts)) <= self.context:  # no more tokens than characters past this point is cheap
+        if sum(map(len, texts)) <= self.context:  # short enough to tokenise whole: the prompt builder counts it
             return
         counted = cuts = 0
         for text in texts:
@@ -163,7 +163,7 @@ class Response:
 
     async def events(self, gone=None):
         """(choice index, event) until every choice is done, or until `gone()` (polled while no event comes)
-        says the client went away; an ("error", ...) event for each choice left when the worker has died."""
+        says the client went away; one ("error", ...) event, then the end, when the worker has died meanwhile."""
         pending = len(self.requests)
         while pending:
             try:

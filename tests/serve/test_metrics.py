@@ -1,5 +1,5 @@
 """`/metrics` on a live server, read by Prometheus' own text parser: requests by path and status, prompt and
-completion tokens (as the answers' usage says), request latency histograms and the queue gauges, each moved by
+completion tokens (as the answers' usage says), request latency and time-to-first-token histograms and the queue gauges, each moved by
 exactly the requests made between two scrapes; and one log line per request."""
 
 import urllib.request
@@ -42,6 +42,10 @@ def test_metrics_count_the_requests_made_between_two_scrapes(live):
                      if k[0] == "polymodal_request_duration_seconds_bucket" and dict(k[1])["path"] == chat_path)
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
     assert moved("polymodal_request_duration_seconds_sum", path=chat_path) > 0
+    answered = sum(a["choices"][0]["message"]["content"] != "" for a in answers)  # a first token was written
+    assert moved("polymodal_time_to_first_token_seconds_count") == answered
+    assert 0 < moved("polymodal_time_to_first_token_seconds_sum") <= moved("polymodal_request_duration_seconds_sum",
+                                                                           path=chat_path) or answered == 0
     assert after[("polymodal_queue_depth", ())] == 0 and after[("polymodal_running_requests", ())] == 0
     assert after[("polymodal_worker_alive", ())] == 1
     assert not any(dict(k[1]).get("path") in ("/metrics", "/health") for k in after)

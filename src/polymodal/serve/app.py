@@ -130,8 +130,8 @@ def _chunk(kind: str, rid: str, created: int, model: str, **fields) -> dict:
 class Response:
     """One HTTP request's choices running in the batcher, and their events."""
 
-    def __init__(self, server: Server, job: Job, prompts: list, loop: asyncio.AbstractEventLoop):
-        self.server = server
+    def __init__(self, server: Server, job: Job, prompts: list, loop: asyncio.AbstractEventLoop, arrived: float):
+        self.server, self.arrived, self.first = server, arrived, True
         self.queue: asyncio.Queue = asyncio.Queue()
         self.prompt_tokens = sum(inputs["input_ids"].shape[1] for inputs, _ in prompts)
         self.requests: list[Request] = []
@@ -179,6 +179,9 @@ class Response:
                 continue
             for event in events:
                 pending -= event[0] in ("done", "error")
+                if self.first and event[0] in ("text", "image"):
+                    self.first = False
+                    self.server.metrics.first_token(time.perf_counter() - self.arrived)
                 yield index, event
 
     def usage(self) -> dict:
@@ -254,11 +257,12 @@ def create_app(server: Server) -> FastAPI:
 
 async def run(server: Server, http: HttpRequest, chat: bool):
     """One completion request: its choices submitted to the batcher, answered whole or streamed."""
+    arrived = time.perf_counter()
     server.serving("chat")
     body = parse_body(await read_body(http, server.limits.max_body_bytes))
     job = (chat_job if chat else completion_job)(body, server.name, server.limits)
     prompts = await run_in_threadpool(server.prompts, job)
-    response = Response(server, job, prompts, asyncio.get_running_loop())
+    response = Response(server, job, prompts, asyncio.get_running_loop(), arrived)
     http.state.usage = response.usage  # for the request's log line (serve/request_log.py), read at its end
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())

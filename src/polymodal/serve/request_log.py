@@ -1,5 +1,6 @@
 """One log line per HTTP request the server answers (method, path, status, tokens, latency), and the same
-requests counted for `/metrics` in Prometheus' text exposition format (version 0.0.4).
+requests counted for `/metrics` in Prometheus' text exposition format (version 0.0.4), with the time to each
+completion's first token that the endpoint reports.
 
 A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which wraps every response in a stream of its
 own): it watches the status go out and writes the line when the last byte has gone, so a streamed answer is
@@ -22,28 +23,40 @@ PATHS = ("/", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embe
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # seconds
 
 
+HISTOGRAMS = {"request_duration_seconds": "Time from a request's arrival to its last byte.",
+              "time_to_first_token_seconds": "Time from a completion request's arrival to its first text or image."}
+
+
 class Metrics:
-    """Requests by path and status, tokens in and out, request latency histograms by path, and the gauges
-    `gauges()` reads at each scrape (queue depth, running requests, whether the worker lives)."""
+    """Requests by path and status, tokens in and out, latency histograms (each request's duration by path, the
+    time to a completion's first token), and the gauges `gauges()` reads at each scrape (queue depth, running
+    requests, whether the worker lives)."""
 
     def __init__(self, gauges: Callable[[], dict[str, float]]):
         self.gauges = gauges
         self.lock = threading.Lock()
         self.requests: Counter = Counter()  # (path, status) -> requests
         self.tokens: Counter = Counter()  # "prompt" / "completion" -> tokens
-        self.latency: dict[str, list[int]] = {}  # path -> requests per bucket (the last: past every bucket)
-        self.seconds: Counter = Counter()  # path -> summed latency
+        self.counts: dict[tuple[str, str], list[int]] = {}  # (histogram, labels) -> per bucket, the last past all
+        self.seconds: Counter = Counter()  # (histogram, labels) -> summed seconds
 
     def observe(self, path: str, status: int | str, seconds: float, usage: dict | None) -> None:
         path = path if path in PATHS else "other"
         with self.lock:
             self.requests[path, str(status)] += 1
-            counts = self.latency.setdefault(path, [0] * (len(BUCKETS) + 1))
-            counts[next((i for i, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))] += 1
-            self.seconds[path] += seconds
+            self._time("request_duration_seconds", f'path="{path}"', seconds)
             if usage:
                 self.tokens["prompt"] += usage["prompt_tokens"]
                 self.tokens["completion"] += usage["completion_tokens"]
+
+    def first_token(self, seconds: float) -> None:
+        with self.lock:
+            self._time("time_to_first_token_seconds", "", seconds)
+
+    def _time(self, name: str, labels: str, seconds: float) -> None:
+        counts = self.counts.setdefault((name, labels), [0] * (len(BUCKETS) + 1))
+        counts[next((i for i, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))] += 1
+        self.seconds[name, labels] += seconds
 
     def text(self) -> str:
         lines = ["# HELP polymodal_requests_total HTTP requests answered, by path and status.",
@@ -55,15 +68,16 @@ class Metrics:
                 lines += [f"# HELP polymodal_{kind}_tokens_total {kind.title()} tokens of answered requests.",
                           f"# TYPE polymodal_{kind}_tokens_total counter",
                           f"polymodal_{kind}_tokens_total {self.tokens[kind]}"]
-            lines += ["# HELP polymodal_request_duration_seconds Time from a request's arrival to its last byte.",
-                      "# TYPE polymodal_request_duration_seconds histogram"]
-            for path, counts in sorted(self.latency.items()):
-                total = 0
-                for bound, n in zip([*map(str, BUCKETS), "+Inf"], counts):
-                    total += n
-                    lines.append(f'polymodal_request_duration_seconds_bucket{{path="{path}",le="{bound}"}} {total}')
-                lines += [f'polymodal_request_duration_seconds_sum{{path="{path}"}} {self.seconds[path]}',
-                          f'polymodal_request_duration_seconds_count{{path="{path}"}} {total}']
+            for name, help in HISTOGRAMS.items():
+                lines += [f"# HELP polymodal_{name} {help}", f"# TYPE polymodal_{name} histogram"]
+                for (_, labels), counts in sorted(c for c in self.counts.items() if c[0][0] == name):
+                    total, sep = 0, "," if labels else ""
+                    for bound, n in zip([*map(str, BUCKETS), "+Inf"], counts):
+                        total += n
+                        lines.append(f'polymodal_{name}_bucket{{{labels}{sep}le="{bound}"}} {total}')
+                    braces = f"{{{labels}}}" if labels else ""
+                    lines += [f"polymodal_{name}_sum{braces} {self.seconds[name, labels]}",
+                              f"polymodal_{name}_count{braces} {total}"]
         for name, value in self.gauges().items():
             lines += [f"# TYPE polymodal_{name} gauge", f"polymodal_{name} {value}"]
         return "\n".join(lines) + "\n"

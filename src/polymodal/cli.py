@@ -30,6 +30,7 @@ from polymodal.errors import (CheckpointError, ExistingFileError, InputError, Mi
                               PolymodalError)
 from polymodal.evaluate.metrics import METRICS
 from polymodal.train.trainer import IMAGE_TASKS, TrainConfig
+from polymodal.serve.protocol import Limits
 
 METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1"}
 METRIC_NAMES = tuple(METRIC_WHAT)
@@ -162,6 +163,8 @@ def _other_commands(sub) -> None:
     s.add_argument("--slots", type=int, default=8, help="requests decoded together (default: %(default)s)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before the server answers "
                                                              "429 (default: %(default)s)")
+    s.add_argument("--max-body-mb", type=int, default=Limits.max_body_bytes >> 20,
+                   help="largest request body in MiB, answered 413 before it is read (default: %(default)s)")
 
     pl = sub.add_parser("plot", help="redraw a training run's loss.png from its metrics.jsonl")
     pl.add_argument("run", help="a run directory (holding metrics.jsonl)")
@@ -610,8 +613,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise InputError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_mb < 1:
+        raise InputError(f"--max-body-mb must be >= 1, got {args.max_body_mb}")
     serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
-          slots=args.slots, max_queue=args.max_queue)
+          slots=args.slots, max_queue=args.max_queue, limits=Limits(max_body_bytes=args.max_body_mb << 20))
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,

@@ -96,7 +96,8 @@ class CumulativeGroupNorm(nn.Module):
         x32 = x.float()
         sums, count, squares = state if state is not None else (0.0, 0.0, 0.0)
         sums = sums + x32.sum((2, 3), keepdim=True).cumsum(1)
-        count = count + torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * x[0, 0].numel()
+        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+        count = count + steps * x[0, 0].numel()
         mean = sums / count
         squares = squares + (x32 - mean).pow(2).sum((2, 3), keepdim=True).cumsum(1)
         y = (x32 - mean) * torch.rsqrt(squares / count + self.eps) * self.weight.float()
@@ -266,10 +267,10 @@ class ConformerStream:
         n = x.shape[1]
         valid = (torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None
                  else mask.bool()[:, ::cfg.time_stride][:, :n])
-        p = self.past[0].attn.shape[1]
-        attn_mask = cfg.window.mask(F.pad(valid, (p, 0), value=True))
-        for i, layer in enumerate(enc.layers):
-            x, self.past[i] = layer(x, valid, attn_mask, self.past[i])
+        if n:  # else the convs hold every frame back: nothing new for the blocks
+            attn_mask = cfg.window.mask(F.pad(valid, (self.past[0].attn.shape[1], 0), value=True))
+            for i, layer in enumerate(enc.layers):
+                x, self.past[i] = layer(x, valid, attn_mask, self.past[i])
         start = -self.frames % cfg.reduction
         self.frames += n
         x, valid = x[:, start::cfg.reduction], valid[:, start::cfg.reduction]

@@ -4,12 +4,12 @@ and greedy tokens as HF, and back to an HF dir that HF reads to the same logits.
 import pytest
 import torch
 
-import polymodal as pm
 from polymodal.convert.hf_cohere import COHERE
 from polymodal.convert.rules import export_state
 from polymodal.nn.transformer import Decoder
 
 from hf_direct import load_with_family  # tests/parity/hf_direct.py
+from causal_lm import assert_greedy_matches, assert_logits_match, batch  # tests/parity/causal_lm.py
 from randomise import randomise  # tests/parity/randomise.py
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
@@ -19,14 +19,6 @@ CONFIGS = {
     "mqa-bias-untied": dict(num_key_value_heads=1, attention_bias=True, tie_word_embeddings=False, logit_scale=0.5),
     "gqa": dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
 }
-
-
-def batch():
-    ids = torch.randint(3, 128, (3, 10))
-    am = torch.ones_like(ids)
-    am[1, :4] = 0
-    am[2, :7] = 0
-    return ids.masked_fill(am == 0, 0), am
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -46,23 +38,14 @@ def pair(request, tmp_path_factory):
 
 
 def test_logits_match_hf(pair):
-    hf, ours = pair
+    hf, ours = pair[:2]
     assert ours.config.parallel_blocks and all(layer.mlp_norm is None for layer in ours.layers)
-    ids, am = batch()
-    with torch.no_grad():
-        expected = hf(input_ids=ids, attention_mask=am).logits
-        got = ours(ids, attention_mask=am).logits
-    valid = am.bool()
-    assert (got[valid] - expected[valid]).abs().max() <= 1e-4
+    assert_logits_match(hf, ours)
 
 
 def test_greedy_generation_matches_hf(pair):
-    hf, ours = pair
-    ids, am = batch()
-    expected = hf.generate(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False,
-                           eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
-    got = pm.generate(ours, ids, am, max_new_tokens=12, eos_token_id=2, pad_token_id=0)
-    assert got[:, : expected.shape[1]].tolist() == expected.tolist()
+    hf, ours = pair[:2]
+    assert_greedy_matches(hf, ours)
 
 
 def test_export_reads_back_in_hf(pair, tmp_path):

@@ -51,7 +51,7 @@ def test_states_only_look_back(encoder):
 
 def test_stream_errors(encoder):
     stream = encoder.stream(batch=2)
-    with pytest.raises(InputError, match=r"stream chunks must be \(2, frames, 16\) log-mel frames, got \(1, 5, 16\)"):
+    with pytest.raises(InputError, match=r"features must be \(2, frames, 16\) log-mel frames, got \(1, 5, 16\)"):
         stream.push(torch.zeros(1, 5, 16))
     stream.push(torch.zeros(2, 5, 16), final=True)
     with pytest.raises(InputError, match="this audio stream has ended"):

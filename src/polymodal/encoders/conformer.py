@@ -109,7 +109,7 @@ class SubsampleConv(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, freq_in: int, eps: float):
         super().__init__()
-        self.kernel, self.stride = kernel, stride
+        self.kernel, self.stride, self.freq_in = kernel, stride, freq_in
         self.conv = nn.Conv2d(c_in, c_out, kernel, stride, bias=False)
         self.norm = CumulativeGroupNorm(c_out, eps)
         self.freq_out = (freq_in + 2 - kernel) // stride + 1
@@ -221,8 +221,7 @@ class ConformerEncoder(nn.Module):
         """input_features (B, T, M) log-mel (`encoders.usm_features`), input_features_mask (B, T) True for valid
         frames (default: all) -> states (B, N, D) and their mask, N = ceil(T / time_stride / reduction)."""
         self.check_features(input_features, input_features_mask)
-        stream = ConformerStream(self, input_features.shape[0])
-        return stream.push(input_features, input_features_mask, final=True)
+        return ConformerStream(self, input_features.shape[0])._step(input_features, input_features_mask, True)
 
     def stream(self, batch: int = 1) -> ConformerStream:
         """A stream of `batch` clips encoded chunk by chunk (`ConformerStream.push`)."""
@@ -237,28 +236,25 @@ class ConformerStream:
     def __init__(self, encoder: ConformerEncoder, batch: int):
         self.encoder, self.ended = encoder, False
         w = encoder.input_proj.weight
-        self.pending = [torch.zeros(batch, conv.conv.in_channels, 0, freq, dtype=w.dtype, device=w.device)
-                        for conv, freq in zip(encoder.subsample, self._freqs())]
+        self.pending = [torch.zeros(batch, conv.conv.in_channels, 0, conv.freq_in, dtype=w.dtype, device=w.device)
+                        for conv in encoder.subsample]
         self.norms: list[tuple | None] = [None] * len(self.pending)
         empty = torch.zeros(batch, 0, encoder.config.dim, dtype=w.dtype, device=w.device)
         self.past = [LayerPast(empty, empty) for _ in encoder.layers]
         self.frames = 0  # sub-sampled frames so far
 
-    def _freqs(self) -> list[int]:
-        freqs = [self.encoder.config.n_mels]
-        for conv in self.encoder.subsample[:-1]:
-            freqs.append(conv.freq_out)
-        return freqs
-
-    def push(self, features: torch.Tensor, mask: torch.Tensor | None = None, *, final: bool = False) -> ConformerOutput:
-        """The next (B, T, M) frames (a mask of valid frames only in a whole-clip call) -> the encoder frames
-        they complete; final=True ends the stream (the convs' look-ahead is zero-padded)."""
-        enc, cfg = self.encoder, self.encoder.config
+    def push(self, features: torch.Tensor, *, final: bool = False) -> ConformerOutput:
+        """The next (B, T, M) log-mel frames of every stream -> the encoder frames they complete (T may be 0);
+        final=True ends the stream (the convs' look-ahead is zero-padded)."""
         if self.ended:
             raise InputError("this audio stream has ended (final=True); start another with encoder.stream()")
-        if features.shape[0] != len(self.past[0].attn) or features.shape[-1] != cfg.n_mels:
-            raise InputError(f"stream chunks must be ({len(self.past[0].attn)}, frames, {cfg.n_mels}) log-mel frames, "
-                             f"got {tuple(features.shape)}")
+        check_media("features", features, (len(self.past[0].attn), "frames", self.encoder.config.n_mels),
+                    "log-mel frames")
+        return self._step(features, None, final)
+
+    def _step(self, features: torch.Tensor, mask: torch.Tensor | None, final: bool) -> ConformerOutput:
+        """`push`, and for a whole clip (the first and final step) with a mask of valid frames."""
+        enc, cfg = self.encoder, self.encoder.config
         self.ended = final
         x = features.unsqueeze(1)  # (B, 1, T, M)
         for i, conv in enumerate(enc.subsample):

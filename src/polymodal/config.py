@@ -162,7 +162,7 @@ class DecoderConfig(Config):
     head_dim: int | None = None  # None: dim // n_heads
     hidden_dim: int = 512  # MLP width
     mlp: str = "swiglu"  # "swiglu" | "geglu" (tanh-GELU gate) | "gelu" | "relu2" (squared ReLU, Persimmon)
-    norm: str = "rmsnorm"  # "rmsnorm" | "rmsnorm_gemma" ((1 + w) scale) | "layernorm" | "layernorm_nobias" (PaLM, Cohere)
+    norm: str = "rmsnorm"  # "rmsnorm" | "rmsnorm_gemma" ((1 + w) scale) | "layernorm" | "layernorm_nobias" (Cohere)
     norm_eps: float = 1e-6
     norm_placement: str = "pre"  # "pre" | "post" | "sub" (Magneto sub-LN) | "swin" (x + norm(f(x)), Chameleon)
     parallel_blocks: bool = False  # x + attn(norm(x)) + mlp(norm(x)), one norm (GPT-J, PaLM, Cohere); needs "pre"

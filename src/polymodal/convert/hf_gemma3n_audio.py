@@ -76,7 +76,8 @@ def conformer_rules(cfg: ConformerConfig, theirs: str = PREFIX) -> list[Rule]:
                       (f"{o}{ffw}.mlp.w_out", f"{t}{hf_ffw}.ffw_layer_2"),
                       (f"{o}{ffw}.post_norm", f"{t}{hf_ffw}.post_layer_norm")]
         a = f"{t}attention."
-        pairs += [(f"{o}attn_norm", f"{a}pre_attn_norm"), (f"{o}attn.rel_pos.pos_proj", f"{a}attn.relative_position_embedding.pos_proj"),
+        pairs += [(f"{o}attn_norm", f"{a}pre_attn_norm"),
+                  (f"{o}attn.rel_pos.pos_proj", f"{a}attn.relative_position_embedding.pos_proj"),
                   (f"{o}attn.wo", f"{a}post"), (f"{o}attn_post_norm", f"{a}post_norm"),
                   (f"{o}lconv.pre_norm", f"{t}lconv1d.pre_layer_norm"),
                   (f"{o}lconv.linear_start", f"{t}lconv1d.linear_start"),

@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
+
+import polymodal as pm
 from safetensors.torch import save_file
 
 from polymodal.convert.hf_gemma3n_audio import GEMMA3N_AUDIO, GEMMA3N_AUDIO_TOWER, conformer_config_to_hf
@@ -72,8 +74,10 @@ def test_features_match_hf():
 
 @pytest.mark.parametrize("layout", ["tower", "gemma3n"])
 def test_encoder_states_match_hf_on_a_padded_batch(hf, tower_dir, gemma3n_dir, layout):
-    family, path = (GEMMA3N_AUDIO_TOWER, tower_dir) if layout == "tower" else (GEMMA3N_AUDIO, gemma3n_dir)
-    ours, unused = load_with_family(family, path)
+    if layout == "tower":  # the user's path: model_type "gemma3n_audio" in the conformer family's spec
+        ours, unused = pm.from_pretrained(tower_dir), set()
+    else:  # a whole Gemma 3n read for its audio tower alone, through the converter by hand
+        ours, unused = load_with_family(GEMMA3N_AUDIO, gemma3n_dir)
     assert isinstance(ours, ConformerEncoder) and unused == set()
     features, mask = UsmFeatureExtractor(n_mels=MELS)(clips(), sampling_rate=16000)
     with torch.no_grad():
@@ -86,7 +90,7 @@ def test_encoder_states_match_hf_on_a_padded_batch(hf, tower_dir, gemma3n_dir, l
 
 
 def test_export_gives_back_hf_tensors_and_config(hf, tower_dir):
-    ours, _ = load_with_family(GEMMA3N_AUDIO_TOWER, tower_dir)
+    ours = pm.from_pretrained(tower_dir)
     exported = export_state(GEMMA3N_AUDIO_TOWER.rules(ours.config), ours.state_dict())
     expected = hf.state_dict()
     assert set(exported) == set(expected)

@@ -65,6 +65,7 @@ class ConformerConfig(Config):
         if not self.sub_channels or any(not isinstance(c, int) or c < 1 for c in self.sub_channels):
             raise ConfigError(f"sub_channels must be positive channel counts, one per sub-sampling conv, "
                               f"got {self.sub_channels!r}")
+        self.sub_channels = tuple(self.sub_channels)  # JSON gives a list
 
     @property
     def window(self) -> LocalWindow:
@@ -74,6 +75,13 @@ class ConformerConfig(Config):
     def time_stride(self) -> int:
         """Mel frames per sub-sampled frame."""
         return self.sub_stride ** len(self.sub_channels)
+
+    def output_frames(self, mel_frames: int) -> int:
+        """Encoder frames of a clip of this many log-mel frames: each stride and the reduction round up."""
+        n = mel_frames
+        for _ in self.sub_channels:
+            n = -(-n // self.sub_stride)
+        return -(-n // self.reduction)
 
 
 def keep_last(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ with a mask that is True for frames of the clip (the `ConformerEncoder`'s input)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -29,14 +30,16 @@ class UsmFeatureExtractor:
     mel_floor: float = 1e-5
     pad_to_multiple_of: int = 128  # samples
     max_samples: int = 480_000  # longer clips are cut (30 s)
-    _filters: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if min(self.n_mels, self.sampling_rate, self.frame_ms, self.hop_ms, self.mel_floor, self.pad_to_multiple_of,
                self.max_samples) <= 0 or not 0 <= self.f_min < self.f_max <= self.sampling_rate / 2:
             raise ConfigError(f"sizes must be positive and 0 <= f_min < f_max <= sampling_rate / 2, got {self}")
-        self._filters = mel_filterbank(self.n_mels, self.fft_length, self.sampling_rate, f_min=self.f_min,
-                                       f_max=self.f_max, htk=True)
+
+    @cached_property
+    def _filters(self) -> torch.Tensor:  # built at the first clip: counting frames (on the meta device too) needs none
+        return mel_filterbank(self.n_mels, self.fft_length, self.sampling_rate, f_min=self.f_min, f_max=self.f_max,
+                              htk=True)
 
     @property
     def frame_length(self) -> int:
@@ -49,6 +52,11 @@ class UsmFeatureExtractor:
     @property
     def fft_length(self) -> int:
         return 2 * 2 ** math.ceil(math.log2(self.frame_length))
+
+    def n_frames(self, samples: int) -> int:
+        """Frames of a clip of this many samples (padded to a multiple of pad_to_multiple_of)."""
+        padded = -(-min(samples, self.max_samples) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return max(0, (padded - self.frame_length - 1) // self.hop_length + 1)
 
     def __call__(self, waveforms: np.ndarray | list[np.ndarray], *,
                  sampling_rate: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,9 +6,9 @@ import torch
 import polymodal as pm
 
 
-def batch():
+def batch(generator: torch.Generator | None = None):
     """(3, 10) ids over a vocabulary of 128 (3 and up: no special token), two rows left-padded with 0."""
-    ids = torch.randint(3, 128, (3, 10))
+    ids = torch.randint(3, 128, (3, 10), generator=generator)
     am = torch.ones_like(ids)
     am[1, :4] = 0
     am[2, :7] = 0

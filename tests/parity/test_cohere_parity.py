@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import polymodal as pm
-from polymodal.convert.hf_cohere import COHERE
 from polymodal.convert.rules import export_state
+from polymodal.families.decoder.convert import COHERE
 from polymodal.nn.transformer import Decoder
 
 from causal_lm import assert_greedy_matches, assert_logits_match, batch  # tests/parity/causal_lm.py

@@ -1,5 +1,5 @@
-"""Cohere (Command R; HF `CohereForCausalLM`) <-> polymodal's `Decoder` with parallel blocks, and the
-Flamingo-PaLM preset built on the same blocks.
+"""Cohere (Command R; HF `CohereForCausalLM`) <-> polymodal's `Decoder` with parallel blocks: the config and key
+map that the decoder family's `COHERE` (`families/decoder/convert.py`) reads.
 
 Cohere is Llama's layout with one `input_layernorm` feeding attention and the MLP side by side (no
 `post_attention_layernorm`), bias-free LayerNorms, interleaved rotary pairs and logits scaled by
@@ -9,8 +9,7 @@ Cohere is Llama's layout with one `input_layernorm` feeding attention and the ML
 from __future__ import annotations
 
 from polymodal.config import ConfigError, DecoderConfig
-from polymodal.convert.rules import Family, decoder_config_from_hf, decoder_rules, rope_to_hf, tied_head
-from polymodal.nn.transformer import Decoder
+from polymodal.convert.rules import decoder_config_from_hf, decoder_rules, rope_to_hf
 
 
 def cohere_config_from_hf(hf: dict) -> DecoderConfig:
@@ -44,12 +43,3 @@ def cohere_rules(cfg: DecoderConfig) -> list:
     """Llama's key map without the MLP's norm, which a parallel block does not have."""
     return [r for r in decoder_rules(cfg) if not r.ours.endswith("mlp_norm.weight")]
 
-
-COHERE = Family(
-    config_from_hf=cohere_config_from_hf,
-    build=Decoder,
-    rules=cohere_rules,
-    config_to_hf=cohere_config_to_hf,
-    ignore=("rotary_emb.inv_freq",),
-    tied_head=tied_head("lm_head.weight", "model.embed_tokens.weight"),
-)

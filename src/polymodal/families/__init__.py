@@ -11,7 +11,6 @@ from pathlib import Path
 
 from polymodal.config import Config, ConfigError, DecoderConfig, read_json_config
 from polymodal.convert import hf_vision
-from polymodal.convert.hf_cohere import COHERE
 from polymodal.convert.hf_gemma3n_audio import GEMMA3N_AUDIO_TOWER
 from polymodal.convert.hf_whisper import WHISPER
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
@@ -28,7 +27,7 @@ from polymodal.families.contrastive.convert import CLIP, SIGLIP
 from polymodal.families.contrastive.format import PairCollator, PairFormat
 from polymodal.families.contrastive.model import DualEncoder
 from polymodal.families.contrastive.presets import PRESETS as CONTRASTIVE_PRESETS
-from polymodal.families.decoder.convert import GEMMA, LLAMA
+from polymodal.families.decoder.convert import COHERE, GEMMA, LLAMA
 from polymodal.families.decoder.format import DecoderFormat
 from polymodal.families.decoder.presets import PRESETS as DECODER_PRESETS
 from polymodal.families.flamingo.config import FlamingoConfig

@@ -21,6 +21,7 @@ FAMILIES = {
     "gemini-tiny": ("colour", 30, 8),
     "chameleon-tiny": ("colour", 30, 8),
     "flamingo-tiny": ("colour", 30, 8),
+    "flamingo-palm": ("colour", 30, 8),
 }  # the dual encoders: test_dual_encoder_retrieves_captions_above_chance
 
 

@@ -80,3 +80,14 @@ def test_gemini_tiny_usm_is_gemini_tiny_hearing_through_a_gemma_3n_audio_tower()
     assert params(usm.audio) == params(hf)
     hearing = lambda m: params(m.audio) + params(m.audio_proj)  # noqa: E731
     assert n - hearing(usm) == n_whisper - hearing(whisper) > 0
+
+
+def test_flamingo_palm_blocks_are_parallel_and_multi_query():
+    """flamingo-pytorch's FlamingoPaLM: one bias-free LayerNorm per block (no second, MLP norm) and one K/V head."""
+    n, model = count("flamingo-palm")
+    text = model.config.text
+    assert all(layer.mlp_norm is None for layer in model.decoder.layers)
+    assert model.decoder.layers[0].attn.wqkv.weight.shape == ((text.n_heads + 2) * text.head_size, text.dim)
+    with torch.device("meta"):
+        sequential = pm.build(model.config.replace(text=text.replace(parallel_blocks=False)))
+    assert sum(p.numel() for p in sequential.parameters()) - n == text.n_layers * text.dim

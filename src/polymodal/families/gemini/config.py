@@ -113,10 +113,15 @@ class GeminiConfig(Config):
         """The config of the encoder that hears (`audio_encoder`), None without audio input."""
         return self.usm if self.audio_encoder == "usm" else self.audio
 
+    def usm_features(self) -> UsmFeatureExtractor:
+        """USM's log-mel front end (16 kHz) for clips of up to `usm_seconds`."""
+        return UsmFeatureExtractor(n_mels=self.usm.n_mels, max_samples=self.usm_seconds * 16000)
+
     @property
     def usm_mel_frames(self) -> int:
         """Log-mel frames of a USM clip (its window)."""
-        return UsmFeatureExtractor(n_mels=self.usm.n_mels).n_frames(self.usm_seconds * 16000)
+        features = self.usm_features()
+        return features.n_frames(features.max_samples)
 
     @property
     def encoder_frames(self) -> int:

@@ -12,7 +12,6 @@ from polymodal.data.formats import SEPARATOR, Encoded, _labels, _name, _prompt, 
 from polymodal.data.media import check_waveform, resample
 from polymodal.data.processors import ImageProcessor, images_to_pixels
 from polymodal.encoders.mel import AudioFeatureExtractor
-from polymodal.encoders.usm_features import UsmFeatureExtractor
 from polymodal.errors import DocumentError
 
 
@@ -44,8 +43,8 @@ class GeminiFormat:
         self.audio = (AudioFeatureExtractor(a.n_mels, a.sampling_rate, a.hop_length, a.n_fft,
                                             a.chunk_samples // a.sampling_rate) if a is not None else None)
         if config.usm is not None:
-            self.audio = UsmFeatureExtractor(n_mels=config.usm.n_mels)
-        self.window = (config.usm_seconds * self.audio.sampling_rate if config.usm is not None
+            self.audio = config.usm_features()
+        self.window = (self.audio.max_samples if config.usm is not None
                        else self.audio.n_samples if self.audio is not None else 0)  # samples a clip may hold
 
     @staticmethod

@@ -16,7 +16,8 @@ def gemini_tiny() -> GeminiConfig:
     to 25 tokens), videos of up to 4 frames (64 tokens); a GQA, qk-norm decoder initialised at N(0, dim**-0.5)
     (as paligemma-world: it learns to read media sooner). It writes 32x32 images as 8x8 codes of a 128-entry
     VQ codebook (chameleon-tiny's VQ), held by the last 128 tokens, after their begin and end tokens (382, 383:
-    `place_codes`, as `GeminiFormat.fit` puts them after a tokenizer's vocabulary). Media token ids are the built-in tokenizer's."""
+    `place_codes`, as `GeminiFormat.fit` puts them after a tokenizer's vocabulary). Media token ids are the
+    built-in tokenizer's."""
     dim = 128
     text = DecoderConfig(vocab_size=512, dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=384,
                          qk_norm="rmsnorm", max_seq_len=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,

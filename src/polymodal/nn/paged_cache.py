@@ -222,7 +222,7 @@ class PagedCache:
         for b in range((prompt.length - 1) // self.block_size):
             end_of_block = (b + 1) * self.block_size
             ends = [end for end in self.pool.ends_of(prompt.base(end_of_block)) if end <= prompt.length]
-            key = next((prompt.key(end) for end in ends if prompt.key(end) in self.pool.cached), None)
+            key = next((k for k in (prompt.key(end_of_block, end) for end in ends) if k in self.pool.cached), None)
             if key is None:
                 break
             found.append(key)
@@ -244,7 +244,7 @@ class PagedCache:
         for b in range(prompt.length // self.block_size):
             end_of_block = (b + 1) * self.block_size
             end = ends[end_of_block - 1]
-            self.pool.register(self.tables[seq][b], prompt.key(end), prompt.base(end_of_block), end)
+            self.pool.register(self.tables[seq][b], prompt.key(end_of_block, end), prompt.base(end_of_block), end)
 
     # memory
 

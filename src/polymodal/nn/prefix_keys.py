@@ -3,8 +3,9 @@ bidirectional blocks).
 
 A token's K/V depend on every token it may see at some layer: a causal token's on the tokens before it,
 a token of a bidirectional group (PaliGemma's image + prompt prefix) on its whole group. So a block's
-key hashes every token up to `end`, the end of the group of the block's last token, and then the token
-at `end` (or the end of the prompt), whose inputs decide that the group ends there. Each token enters
+key hashes every token up to `end`, the end of the group of the block's last token, and then what decides
+that the group ends there: the inputs of the token at `end` but its id (its token_type_id, its media), or
+the end of the prompt. A causal token's group ends at the next token, whichever it is. Each token enters
 the hash with all of its per-token inputs (input_ids, token_type_ids, ...) and, inside a media span,
 its media's content hash (`media_cache.content_hash`) and its offset in it: the same text with another
 image never shares a block. `base(n)` is the hash of the first n tokens alone, under which the block
@@ -40,14 +41,18 @@ class PromptKeys:
         if not rows or len(set(lengths.values())) != 1:
             raise InputError(f"a prompt's per-token inputs must all be as long as its input_ids, got {lengths}")
         self.length = P = next(iter(lengths.values()))
-        contents = [repr([(name, rows[name][i]) for name in sorted(rows)]).encode() for i in range(P)]
+        # what a token is but its id: the part of it that can decide where its group ends
+        grouping = [repr([(name, rows[name][i]) for name in sorted(rows) if name != "input_ids"]).encode()
+                    for i in range(P)]
         for start, length, digest in media:
             if start < 0 or length < 1 or start + length > P:
                 raise InputError(f"a media span must lie within the prompt's {P} tokens, got start {start}, "
                                  f"length {length}")
             for offset in range(length):
-                contents[start + offset] += b"|media" + digest + offset.to_bytes(8, "little")
-        self.contents = contents
+                grouping[start + offset] += b"|media" + digest + offset.to_bytes(8, "little")
+        self.grouping = grouping
+        ids = rows.get("input_ids", [None] * P)
+        contents = [repr(ids[i]).encode() + grouping[i] for i in range(P)]
         self.media_end = max((start + length for start, length, _ in media), default=0)
         self.running = [_h(_START)]  # running[n]: the hash of the first n tokens
         for content in contents:
@@ -56,10 +61,10 @@ class PromptKeys:
     def base(self, n: int) -> bytes:
         return self.running[n]
 
-    def key(self, end: int) -> bytes:
-        """The key of a block whose tokens depend on the first `end` tokens."""
-        after = self.contents[end] if end < self.length else _END
-        return _h(self.running[end], after)
+    def key(self, block_end: int, end: int) -> bytes:
+        """The key of the block that ends before token `block_end` and whose tokens depend on the first `end`."""
+        after = self.grouping[end] if end < self.length else _END
+        return _h(self.running[end], after, block_end.to_bytes(8, "little"))
 
 
 def group_ends(groups: list[int]) -> list[int]:

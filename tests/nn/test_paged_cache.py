@@ -126,6 +126,11 @@ def test_a_batch_does_not_mix_prefill_and_decode():
         paged.batch([0, 7])
 
 
+def test_a_model_with_cross_attention_is_refused():
+    with pytest.raises(ValueError, match=r"Flamingo keeps more than self-attention K/V in its cache \(FlamingoCache\)"):
+        PagedCache.for_model(pm.build("flamingo-tiny"), 8, 4)
+
+
 def test_a_decode_step_beside_a_chunk_of_prompt():
     """`new_tokens`: one row decodes a token while another prefills the next 3 tokens of its prompt in the same
     call; both equal their full forwards."""

@@ -7,7 +7,7 @@ import torch
 import polymodal as pm
 from polymodal.config import DecoderConfig
 from polymodal.nn.media_cache import content_hash
-from polymodal.nn.paged_cache import PagedCache
+from polymodal.nn.paged_cache import PagedCache, kv_bytes
 from polymodal.nn.prefix_keys import PromptKeys, group_ends
 from polymodal.nn.transformer import Decoder
 
@@ -50,6 +50,7 @@ def test_requests_about_the_same_image_share_its_blocks_and_logits():
         alone = model(**b).logits[:, 24:]
     torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
     assert (cache.hit_tokens, cache.prompt_tokens) == (24, 29 + 28)
+    assert cache.bytes_held([0, 1]) == cache.bytes_held() == kv_bytes(5 * 8, 3, 1, 32, torch.float32)  # 4 + 4 - 3 shared
 
 
 def test_another_image_or_prompt_never_hits():

@@ -29,6 +29,7 @@ import torch
 
 from polymodal.errors import InputError
 from polymodal.nn.block_pool import NULL_BLOCK, BlockPool
+from polymodal.nn.cache import Cache
 from polymodal.nn.masks import Segments
 from polymodal.nn.prefix_keys import PromptKeys, group_ends
 
@@ -70,8 +71,9 @@ class PagedBatch:
         if len(started) > 1:
             raise InputError("a paged batch either prefills new sequences or continues sequences that hold tokens; "
                              f"lengths {[cache.lengths[s] for s in seq_ids]} mix both")
-        if new_tokens is not None and len(new_tokens) != len(seq_ids):
-            raise InputError(f"new_tokens gives {len(new_tokens)} counts for {len(seq_ids)} sequences")
+        if new_tokens is not None and (len(new_tokens) != len(seq_ids) or min(new_tokens) < 1):
+            raise InputError(f"new_tokens gives a count >= 1 per sequence; got {new_tokens} for {len(seq_ids)} "
+                             f"sequences")
         self.cache, self.seq_ids, self.new_tokens = cache, list(seq_ids), new_tokens
         self.batch = len(seq_ids)
         self.layers = [PagedLayer(self, i) for i in range(cache.n_layers)]
@@ -85,6 +87,8 @@ class PagedBatch:
     def next_segments(self, n: int = 1) -> Segments:
         """Segments of n new causal tokens after each row's last one; with `new_tokens`, row b's tokens past
         its count are padding (a decode step beside chunks of prompts)."""
+        if self.new_tokens is not None and max(self.new_tokens) > n:
+            raise InputError(f"new_tokens {self.new_tokens} counts more than the {n} tokens given")
         last = torch.tensor([self.cache.slot(s, self.cache.lengths[s] - 1) for s in self.seq_ids],
                             device=self.cache.device)
         step = torch.arange(1, n + 1, device=last.device)
@@ -94,6 +98,10 @@ class PagedBatch:
                         docs=stored.docs[last][:, None].expand(-1, n).clone(),
                         valid=step[None, :] <= counts[:, None])
 
+    def cross_kv(self, layer: int):
+        raise InputError("a paged cache holds self-attention K/V; a cross-attention model (Flamingo) keeps its "
+                         "media K/V in its own static cache (make_cache)")
+
     def write(self, seg: Segments) -> torch.Tensor:
         """Takes slots for each row's valid new tokens (blocks as needed) and records their segments;
         returns the pool slots (B, S) the layers write K/V to (padding: the null slot)."""
@@ -101,7 +109,7 @@ class PagedBatch:
         valid = seg.valid.cpu()
         counts = valid.sum(1).tolist()
         cache.reserve(self.seq_ids, counts)
-        input_pos = torch.zeros(valid.shape, dtype=torch.long)
+        input_pos = torch.full(valid.shape, NULL_BLOCK * cache.block_size, dtype=torch.long)
         shift = torch.zeros(self.batch, dtype=torch.long)
         for row, (seq, n) in enumerate(zip(self.seq_ids, counts)):
             start = cache.lengths[seq]
@@ -144,6 +152,10 @@ class PagedCache:
     @classmethod
     def for_model(cls, model, n_blocks: int, block_size: int = 16, *, dtype: torch.dtype | None = None) -> PagedCache:
         """A cache for a `LanguageModel`, in its parameters' dtype and device unless told."""
+        own = type(model.make_cache(1, 1))
+        if own is not Cache:
+            raise InputError(f"{type(model).__name__} keeps more than self-attention K/V in its cache "
+                             f"({own.__name__}); the paged cache holds only those")
         cfg, weight = model.text_config, next(model.parameters())
         return cls(n_blocks, block_size, cfg.n_layers, cfg.kv_heads, cfg.head_size, dtype or weight.dtype,
                    weight.device, cfg.max_seq_len)
@@ -165,6 +177,8 @@ class PagedCache:
 
     def free(self, seq: int) -> None:
         """A finished sequence gives its blocks back (cached ones stay, idle, for the next hit)."""
+        if seq not in self.tables:
+            raise InputError(f"sequence {seq} is not in the paged cache")
         for block in self.tables.pop(seq):
             self.pool.release(block)
         del self.lengths[seq]
@@ -199,18 +213,16 @@ class PagedCache:
     # slot segments
 
     def store(self, input_pos: torch.Tensor, seg: Segments, shift: torch.Tensor) -> None:
-        flat = input_pos.reshape(-1)
+        flat = input_pos.reshape(-1)  # padding writes the null slot, as not valid: no row reads it as a key
         for name in SEGMENT_FIELDS:
             value = getattr(seg, name) + shift[:, None] if name == "groups" else getattr(seg, name)
             getattr(self.segments, name).index_copy_(0, flat, value.reshape(-1))
-        self.segments.valid[NULL_BLOCK * self.block_size] = False  # padding wrote there
 
     def gather_segments(self, slot_index: torch.Tensor, shift: torch.Tensor) -> Segments:
         """The segments of each row's slots (B, L), groups moved back into the frame of the queries just
         written (a new row's padding counted), so one `attention_mask` compares them."""
         seg = Segments(*(getattr(self.segments, name)[slot_index] for name in SEGMENT_FIELDS))
         seg.groups = seg.groups - shift[:, None]
-        seg.valid = seg.valid & (slot_index != NULL_BLOCK * self.block_size)
         return seg
 
     # prefix cache
@@ -248,9 +260,12 @@ class PagedCache:
 
     # memory
 
-    def bytes_held(self) -> int:
-        """Bytes of the blocks some sequence holds (a shared block counted once)."""
-        return kv_bytes(self.pool.in_use * self.block_size, *self.shape)
+    def bytes_held(self, seq_ids: list[int] | None = None) -> int:
+        """Bytes of the blocks these sequences (all by default) hold, a shared block counted once."""
+        if seq_ids is None:
+            return kv_bytes(self.pool.in_use * self.block_size, *self.shape)
+        blocks = {block for seq in seq_ids for block in self.tables[seq]}
+        return kv_bytes(len(blocks) * self.block_size, *self.shape)
 
     def static_bytes(self, slots: int, max_len: int) -> int:
         """Bytes the static `nn.cache.Cache` of `slots` rows of max_len tokens holds for the same model."""

@@ -92,5 +92,16 @@ def test_text_prefix_hits_whole_blocks_and_idle_blocks_are_evicted_least_recent_
     assert text(3, first) == 8  # blocks 0 and 1 are still cached; block 2 went
 
 
+def test_a_prompt_whose_model_call_failed_is_never_shared():
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=64)).eval()
+    cache = PagedCache.for_model(model, 16, 4)
+    ids = torch.randint(0, 97, (1, 9))
+    keys = PromptKeys(dict(input_ids=ids))
+    for seq, failed, hit in ((0, True, 0), (1, False, 0), (2, False, 8)):
+        assert serve(model, cache, seq, dict(input_ids=ids), keys)[0] == hit
+        cache.free(seq, failed=failed)
+
+
 def test_group_ends():
     assert group_ends([1, 2, 2, 2, 3, 4, 4]) == [1, 4, 4, 4, 5, 7, 7]

@@ -16,7 +16,8 @@ the keys is made; the bookkeeping and the slot layout here are what it reads.
 
 Prefix caching: `add(seq, prompt)` starts a sequence on the cached blocks of the longest prefix of the
 prompt that `prefix_keys` finds (its keys cover token ids, every per-token input and each media item's
-content hash), reference counted, and registers the prompt's full blocks once they are written.
+content hash), reference counted, and files the prompt's full blocks for later requests once the calls
+that wrote them have returned (at the next `add`, or at `free` unless a call failed).
 A hit covers every media span and ends where a new group starts (see `prefix_keys`), so the rest of
 the prompt continues causally through the model's `decode`.
 
@@ -122,8 +123,6 @@ class PagedBatch:
         cache.store(input_pos, seg, shift)
         self.slot_index = cache.slot_table(self.seq_ids)
         self.slots = cache.gather_segments(self.slot_index, shift)
-        for seq in self.seq_ids:
-            cache.register_prompt(seq)
         return input_pos
 
 
@@ -167,6 +166,8 @@ class PagedCache:
         Returns the prompt tokens it starts with (0 without a hit): the caller runs the rest."""
         if seq in self.tables:
             raise InputError(f"sequence {seq} is already in the paged cache")
+        for other in list(self.prompts):
+            self._register_prompt(other)
         blocks = self._lookup(prompt) if prompt is not None else []
         self.tables[seq], self.lengths[seq] = blocks, len(blocks) * self.block_size
         if prompt is not None:
@@ -175,10 +176,13 @@ class PagedCache:
             self.hit_tokens += self.lengths[seq]
         return self.lengths[seq]
 
-    def free(self, seq: int) -> None:
-        """A finished sequence gives its blocks back (cached ones stay, idle, for the next hit)."""
+    def free(self, seq: int, *, failed: bool = False) -> None:
+        """A finished sequence gives its blocks back; its prompt's full blocks stay cached, idle, for the next
+        hit, unless a model call on it failed (`failed`: its K/V may be half written)."""
         if seq not in self.tables:
             raise InputError(f"sequence {seq} is not in the paged cache")
+        if not failed:
+            self._register_prompt(seq)
         for block in self.tables.pop(seq):
             self.pool.release(block)
         del self.lengths[seq]
@@ -242,8 +246,9 @@ class PagedCache:
                 usable = len(found)
         return [self.pool.take(key) for key in found[:usable]]
 
-    def register_prompt(self, seq: int) -> None:
-        """Once a sequence's prompt is written, files its full blocks in the prefix cache."""
+    def _register_prompt(self, seq: int) -> None:
+        """Once a sequence's prompt is written, files its full blocks in the prefix cache. Done at the next `add`
+        or at `free`, after the model calls that wrote them returned."""
         prompt = self.prompts.get(seq)
         if prompt is None or self.lengths[seq] < prompt.length:
             return

@@ -65,7 +65,7 @@ class PagedBatch:
 
     def __init__(self, cache: PagedCache, seq_ids: list[int], new_tokens: list[int] | None = None):
         unknown = [s for s in seq_ids if s not in cache.tables]
-        if unknown or len(set(seq_ids)) != len(seq_ids):
+        if unknown or not seq_ids or len(set(seq_ids)) != len(seq_ids):
             raise InputError(f"a paged batch takes distinct sequences the cache holds; unknown {unknown}, "
                              f"given {seq_ids}")
         started = {cache.lengths[s] > 0 for s in seq_ids}

@@ -89,20 +89,20 @@ def test_requests_joining_a_running_batch_get_their_tokens_alone(model):
 
 def test_a_prefix_hit_answers_as_a_miss_and_another_image_never_hits():
     g = torch.Generator().manual_seed(5)
-    image, prefix = torch.randn(3, 32, 32, generator=g), torch.randint(6, 90, (7,), generator=g)
+    image, prefix = torch.randn(3, 32, 32, generator=g), torch.randint(6, 90, (8,), generator=g)
     other = image.clone()
     other[0, 0, 0] += 1e-3
     suffixes = [torch.randint(6, 90, (n,), generator=g) for n in (5, 9, 6)]
     batcher = Batcher(PALIGEMMA, slots=2, max_len=64, block_size=4, prefill_chunk=3)
     cache, encoder = batcher.cache, batcher.encoder_caches["pixel_values"]
     answers = []
-    for picture, suffix, hit in ((image, suffixes[0], 0), (image, suffixes[1], 20), (other, suffixes[2], 0)):
+    for picture, suffix, hit in ((image, suffixes[0], 0), (image, suffixes[1], 24), (other, suffixes[2], 0)):
         inputs = image_prompt(picture, prefix, suffix)
         request = Request(inputs, max_new_tokens=6)
         before = cache.hit_tokens
         batcher.submit(request)
         drain(batcher)
-        assert cache.hit_tokens - before == hit  # 16 image + 7 prefix tokens: 5 whole blocks of 4 are shared
+        assert cache.hit_tokens - before == hit  # 16 image + 8 prefix tokens: 6 whole blocks of 4 shared
         assert request.tokens == alone(PALIGEMMA, inputs, request)
         answers.append(request)
     assert (encoder.hits, encoder.misses) == (0, 2)  # the hit ran no encoder; the other image was encoded
@@ -116,7 +116,7 @@ def test_a_prefix_hit_answers_as_a_miss_and_another_image_never_hits():
 
 
 def test_admission_waits_for_blocks_and_a_bad_request_fails_alone():
-    batcher = Batcher(DECODER, slots=3, max_len=32, block_size=4, n_blocks=9)  # 8 blocks: room for one request of 32
+    batcher = Batcher(DECODER, slots=3, max_len=64, block_size=4, n_blocks=9)  # 8 blocks: one request of 32 tokens
     inputs = prompts(DECODER, 3, seed=6)
     requests = [Request(x, max_new_tokens=20) for x in inputs]
     bad = Request({"input_ids": torch.tensor([[7, 8]]), "pixel_values": torch.zeros(1, 3, 32, 32)}, max_new_tokens=2)
@@ -128,7 +128,7 @@ def test_admission_waits_for_blocks_and_a_bad_request_fails_alone():
     for x, request in zip(inputs, requests):
         assert request.tokens == alone(DECODER, x, request)
     with pytest.raises(ValueError, match="may take 10 blocks of 4 tokens; the batcher's KV cache has 8"):
-        batcher.submit(Request(inputs[0], max_new_tokens=40 - inputs[0]["input_ids"].shape[1] - 1))
+        batcher.submit(Request({"input_ids": torch.tensor([[7, 8, 9, 10]])}, max_new_tokens=36))
 
 
 def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses():

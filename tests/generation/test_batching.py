@@ -69,8 +69,9 @@ def drain(batcher: Batcher) -> list[int]:
 @pytest.mark.parametrize("model", [DECODER, PALIGEMMA], ids=["decoder", "paligemma"])
 def test_requests_joining_a_running_batch_get_their_tokens_alone(model):
     batcher = Batcher(model, slots=4, max_len=48, block_size=4)
+    n = 10 if model is DECODER else 6
     requests = []
-    for i, inputs in enumerate(prompts(model, 10, seed=1)):
+    for i, inputs in enumerate(prompts(model, n, seed=1)):
         sampled = i % 3 == 2
         requests.append(Request(inputs, max_new_tokens=4 + 3 * i % 17, stop_token_ids=(EOS,),
                                 temperature=0.8 if sampled else 0.0, top_p=0.9 if i % 2 else 1.0,
@@ -82,7 +83,7 @@ def test_requests_joining_a_running_batch_get_their_tokens_alone(model):
         held_blocks_follow_live_tokens(batcher)
         batcher.submit(request)
     drain(batcher)
-    for inputs, request in zip(prompts(model, 10, seed=1), requests):
+    for inputs, request in zip(prompts(model, n, seed=1), requests):
         assert request.tokens == alone(model, inputs, request)
         assert request.finish_reason == ("stop" if request.tokens[-1] == EOS else "length")
 

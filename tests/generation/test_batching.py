@@ -163,3 +163,16 @@ def test_a_stopping_listener_and_a_prompt_past_the_cache():
     with pytest.raises(ValueError, match=r"the prompt is \d+ tokens and max_new_tokens is 40: \d+ in all, past the "
                                          r"batcher's 32 tokens"):
         batcher.submit(Request(inputs, max_new_tokens=40))
+
+
+def test_a_request_the_model_refuses_fails_alone_in_a_batched_prefill():
+    batcher = Batcher(DECODER, slots=3, max_len=32, block_size=4)
+    good = prompts(DECODER, 2, seed=7)
+    requests = [Request(good[0], max_new_tokens=5), Request({"input_ids": torch.tensor([[7, 200, 8]])}, max_new_tokens=5),
+                Request(good[1], max_new_tokens=5)]
+    for request in requests:
+        batcher.submit(request)
+    drain(batcher)
+    assert requests[1].finish_reason == "error" and "200" in str(requests[1].error)
+    for inputs, request in zip(good, requests[::2]):
+        assert request.finish_reason == "length" and request.tokens == alone(DECODER, inputs, request)

@@ -204,7 +204,8 @@ class Batcher:
             rest = request.inputs["input_ids"][0, hit:] if hit else request.inputs["input_ids"][0, :0]
             self.seqs[row] = _Sequence(seq, self.blocks_for(request), rest)
             committed += self.seqs[row].blocks
-            state, _ = self._chooser(request).start(request.inputs["input_ids"], None, self.model.text_config.vocab_size)
+            vocab = self.model.text_config.vocab_size
+            state, _ = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
             if state is not None:
                 self.state[row] = state[0]
             admitted.append(row)

@@ -168,8 +168,8 @@ def test_a_stopping_listener_and_a_prompt_past_the_cache():
 def test_a_request_the_model_refuses_fails_alone_in_a_batched_prefill():
     batcher = Batcher(DECODER, slots=3, max_len=32, block_size=4)
     good = prompts(DECODER, 2, seed=7)
-    requests = [Request(good[0], max_new_tokens=5), Request({"input_ids": torch.tensor([[7, 200, 8]])}, max_new_tokens=5),
-                Request(good[1], max_new_tokens=5)]
+    bad = {"input_ids": torch.tensor([[7, 200, 8]])}  # a token past the vocabulary of 97
+    requests = [Request(x, max_new_tokens=5) for x in (good[0], bad, good[1])]
     for request in requests:
         batcher.submit(request)
     drain(batcher)

@@ -30,6 +30,7 @@ import torch
 
 from polymodal.errors import InputError
 from polymodal.families import spec_of
+from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
 from polymodal.generation.prompt_keys import prompt_keys
 from polymodal.generation.prompts import check_context
@@ -104,7 +105,8 @@ class Batcher:
         self.model, self.slots, self.max_len, self.max_waiting = model, slots, max_len, max_waiting
         self.prefill_chunk = prefill_chunk
         self.cache = PagedCache.for_model(model, n_blocks or slots * -(-max_len // block_size) + 1, block_size)
-        self.encoder_caches = {m.key: EncoderCache(encoder_cache_bytes) for m in getattr(model, "modalities", ())}
+        modalities = model.modalities if isinstance(model, EarlyFusion) else ()
+        self.encoder_caches = {m.key: EncoderCache(encoder_cache_bytes) for m in modalities}  # by media key
         self.rows: list[Request | None] = [None] * slots
         self.seqs: list[_Sequence | None] = [None] * slots
         self.next_seq = 0

@@ -176,3 +176,16 @@ def test_a_request_the_model_refuses_fails_alone_in_a_batched_prefill():
     assert requests[1].finish_reason == "error" and "200" in str(requests[1].error)
     for inputs, request in zip(good, requests[::2]):
         assert request.finish_reason == "length" and request.tokens == alone(DECODER, inputs, request)
+
+
+def test_a_wave_of_arrivals_is_admitted_over_steps_and_finds_the_first_prefix_cached():
+    batcher = Batcher(DECODER, slots=4, max_len=32, block_size=4, prefill_tokens=10)
+    inputs = {"input_ids": torch.randint(6, 90, (1, 9), generator=torch.Generator().manual_seed(8))}
+    requests = [Request(inputs, max_new_tokens=4) for _ in range(3)]
+    for request in requests:
+        batcher.submit(request)
+    batcher.step()
+    assert batcher.running == 1 and len(batcher.waiting) == 2  # 9 prompt tokens of 10 taken
+    drain(batcher)
+    assert (batcher.cache.hit_tokens, batcher.cache.prompt_tokens) == (2 * 8, 3 * 9)  # two whole blocks each
+    assert all(request.tokens == alone(DECODER, inputs, request) for request in requests)

@@ -3,7 +3,9 @@ and batched prefill.
 
 A `Batcher` runs the model protocol on one `nn.paged_cache.PagedCache`: each running request is a sequence
 holding blocks as it grows and giving them back when it stops, is cancelled or fails (a failed one's blocks
-are never shared). At each step boundary waiting requests are admitted while a row is free and the pool has
+are never shared). At each step boundary waiting requests are admitted, up to `prefill_tokens` prompt tokens
+(so a wave of arrivals spreads over a few steps and its later requests find the earlier prefixes cached),
+while a row is free and the pool has
 the blocks their worst case (prompt + max_new_tokens) could take beside the running ones' worst cases, so a
 step never runs short; each new request looks its prompt up in the prefix cache (keys: token ids, per-token
 inputs, every media item's content hash, `prompt_keys`). The ones without a hit are prefilled together, in
@@ -92,18 +94,20 @@ class _Sequence:
 class Batcher:
     """`submit` from any thread; `step` (or `run` in a thread) from one. `slots`: requests running at once;
     `max_len`: a request's prompt + new tokens; `n_blocks` (default: room for `slots` requests of max_len)
-    blocks of `block_size` tokens in the pool."""
+    blocks of `block_size` tokens in the pool; `prefill_tokens`: prompt tokens admitted per step (at least one
+    request), so a wave of arrivals is prefilled over several steps beside the decode steps and the later ones
+    find the earlier ones' prefixes cached; `prefill_chunk`: prompt tokens a request runs per step after a hit."""
 
     def __init__(self, model: LanguageModel, *, slots: int, max_len: int, max_waiting: int = 256,
-                 block_size: int = 16, n_blocks: int | None = None, prefill_chunk: int = 256,
+                 block_size: int = 16, n_blocks: int | None = None, prefill_chunk: int = 256, prefill_tokens: int = 512,
                  encoder_cache_bytes: int = 64 << 20):
-        if slots < 1 or max_len < 2 or prefill_chunk < 1:
-            raise InputError(f"a batcher needs slots >= 1, max_len >= 2 and prefill_chunk >= 1, got {slots}, "
-                             f"{max_len} and {prefill_chunk}")
+        if slots < 1 or max_len < 2 or min(prefill_chunk, prefill_tokens) < 1:
+            raise InputError(f"a batcher needs slots >= 1, max_len >= 2, prefill_chunk and prefill_tokens >= 1; got "
+                             f"{slots}, {max_len}, {prefill_chunk} and {prefill_tokens}")
         if not isinstance(model, LanguageModel):
             raise InputError(f"a batcher needs a model that writes tokens; a {type(model).__name__} writes nothing")
         self.model, self.slots, self.max_len, self.max_waiting = model, slots, max_len, max_waiting
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.prefill_tokens = prefill_chunk, prefill_tokens
         self.cache = PagedCache.for_model(model, n_blocks or slots * -(-max_len // block_size) + 1, block_size)
         modalities = model.modalities if isinstance(model, EarlyFusion) else ()
         self.encoder_caches = {m.key: EncoderCache(encoder_cache_bytes) for m in modalities}  # by media key
@@ -180,7 +184,7 @@ class Batcher:
     def _admit(self) -> list[int]:
         """Waiting requests into free rows, first come first served, while the pool holds their worst case
         beside the running ones'; each started on its prompt's cached prefix. Returns their rows."""
-        admitted = []
+        admitted, budget = [], self.prefill_tokens
         committed = sum(s.blocks for s in self.seqs if s is not None)
         while None in self.rows:
             with self.work:
@@ -189,6 +193,8 @@ class Batcher:
                 request = self.waiting[0]
                 if not request.cancelled and committed + self.blocks_for(request) > self.cache.pool.n_blocks - 1:
                     break  # it waits for blocks
+                if not request.cancelled and admitted and request.prompt_len > budget:
+                    break  # it waits for the next step's prefill
                 self.waiting.popleft()
             if request.cancelled:
                 self._finish(request, "cancelled")
@@ -211,6 +217,7 @@ class Batcher:
             if state is not None:
                 self.state[row] = state[0]
             admitted.append(row)
+            budget -= request.prompt_len
         return admitted
 
     def _start(self, rows: list[int]) -> None:

@@ -189,3 +189,26 @@ def test_a_wave_of_arrivals_is_admitted_over_steps_and_finds_the_first_prefix_ca
     drain(batcher)
     assert (batcher.cache.hit_tokens, batcher.cache.prompt_tokens) == (2 * 8, 3 * 9)  # two whole blocks each
     assert all(request.tokens == alone(DECODER, inputs, request) for request in requests)
+
+
+def test_long_prompts_prefill_in_chunks_beside_decode_steps():
+    """prefill_chunk=4: a 23-token text prompt runs 4 tokens at prefill, then chunks of 4 beside a running
+    request's decode steps; a prefix-LM's prompt (with token types, or without: then all of it is one
+    bidirectional block) is prefilled whole. All equal `generate` alone."""
+    g = torch.Generator().manual_seed(9)
+    text = {"input_ids": torch.randint(6, 90, (1, 23), generator=g)}
+    typed = image_prompt(torch.randn(3, 32, 32, generator=g), torch.randint(6, 90, (3,), generator=g),
+                         torch.randint(6, 90, (9,), generator=g))
+    untyped = {"input_ids": typed["input_ids"], "pixel_values": typed["pixel_values"]}
+    for model, inputs, written in ((DECODER, text, 4 + 4), (PALIGEMMA, typed, 28 + 1), (PALIGEMMA, untyped, 28 + 1)):
+        batcher = Batcher(model, slots=2, max_len=48, block_size=4, prefill_chunk=4)
+        running = Request({"input_ids": torch.tensor([[7, 8, 9]])}, max_new_tokens=12)
+        batcher.submit(running)
+        batcher.step()
+        request = Request(inputs, max_new_tokens=5)
+        batcher.submit(request)
+        batcher.step()
+        assert batcher.cache.lengths[batcher.seqs[1].seq] == written  # prefill, then a chunk or its first token
+        drain(batcher)
+        assert request.tokens == alone(model, inputs, request)
+        assert running.tokens == alone(model, running.inputs, running)

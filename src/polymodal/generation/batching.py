@@ -10,10 +10,11 @@ the blocks their worst case (prompt + max_new_tokens) could take beside the runn
 step never runs short; each new request looks its prompt up in the prefix cache (keys: token ids, per-token
 inputs, every media item's content hash, `prompt_keys`). The ones without a hit are prefilled together, in
 one left-padded call per media layout (padding takes no slot); the media are encoded through the batcher's
-`EncoderCache`s (the same image twice is encoded once). Then one call continues every other sequence: a
-running request feeds its last token, a request that hit the prefix cache feeds the rest of its prompt, at
-most `prefill_chunk` tokens a step (chunked prefill beside the decode rows), and takes its first token
-from its prompt's last logit.
+`EncoderCache`s (the same image twice is encoded once). A long causal prompt is prefilled up to its media
+and `prefill_chunk` tokens at least; a prefix-LM's (a model with per-token inputs) whole. Then one call continues
+every other sequence: a running request feeds its last token, a request with prompt tokens still to run
+(after a hit or a first chunk) feeds the next `prefill_chunk` of them (chunked prefill beside the decode
+rows), and takes its first token from its prompt's last logit.
 
 Each request has its own sampling settings and stop tokens (one `Chooser` per setting), seed and listener,
 which may stop it (stop strings) and sees every token as it is chosen. Rows never share positions or
@@ -88,7 +89,7 @@ class _Sequence:
 
     seq: int  # its sequence id in the cache
     blocks: int  # the most blocks its prompt and max_new_tokens may take
-    pending: torch.Tensor  # (n,) prompt tokens the decode calls still run (after a prefix hit); empty: it writes
+    pending: torch.Tensor  # (n,) prompt tokens the decode calls still run (after a hit or a first chunk)
 
 
 class Batcher:
@@ -209,8 +210,8 @@ class Batcher:
             self.next_seq += 1
             hit = self.cache.add(seq, keys)
             self.rows[row] = request
-            rest = request.inputs["input_ids"][0, hit:] if hit else request.inputs["input_ids"][0, :0]
-            self.seqs[row] = _Sequence(seq, self.blocks_for(request), rest)
+            first = hit or self._first_chunk(request, keys)
+            self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
             committed += self.seqs[row].blocks
             vocab = self.model.text_config.vocab_size
             state, _ = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
@@ -219,6 +220,15 @@ class Batcher:
             admitted.append(row)
             budget -= request.prompt_len
         return admitted
+
+    def _first_chunk(self, request: Request, keys) -> int:
+        """The prompt tokens a new request's prefill runs: all of them, or, for a long causal prompt, its media
+        and `prefill_chunk` tokens at least; the rest runs in chunks beside the decode steps. A model with
+        per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with or without them given)
+        is prefilled whole."""
+        P = request.prompt_len
+        causal = keys is not None and not spec_of(self.model).per_token_inputs
+        return max(self.prefill_chunk, keys.media_end) if causal and P > self.prefill_chunk else P
 
     def _start(self, rows: list[int]) -> None:
         """Prefills the rows together and emits their first tokens; when the model refuses the batch, each row
@@ -236,7 +246,14 @@ class Batcher:
                 else:
                     self._start([row])
             return
-        self._emit(rows, self._choose(logits, rows))
+        done = [b for b, row in enumerate(rows) if not len(self.seqs[row].pending)]  # the others run on in chunks
+        chosen = [rows[b] for b in done]
+        if chosen:
+            self._emit(chosen, self._choose(logits[done], chosen))
+
+    def _run(self, row: int) -> int:
+        """Prompt tokens a new row's prefill runs."""
+        return self.rows[row].prompt_len - len(self.seqs[row].pending)
 
     def _layouts(self, rows: list[int]) -> dict[tuple, list[int]]:
         """Rows whose inputs batch together: the same inputs, media of the same shape but their count."""
@@ -252,27 +269,27 @@ class Batcher:
         """The rows' prompts in one left-padded prefill call (their media encoded through the encoder caches);
         returns each one's last logits (B, V)."""
         requests = [self.rows[row] for row in rows]
-        S = max(r.prompt_len for r in requests)
+        lengths = [self._run(row) for row in rows]
+        S = max(lengths)
         per_token = set(spec_of(self.model).per_token_inputs)
         pad = self.model.text_config.pad_token_id or 0
         ids = torch.full((len(rows), S), pad, dtype=torch.long, device=self.cache.device)
         mask = torch.zeros_like(ids)
         inputs: dict = {}
-        for b, request in enumerate(requests):
-            P = request.prompt_len
-            ids[b, S - P:], mask[b, S - P:] = request.inputs["input_ids"][0], 1
+        for b, (request, P) in enumerate(zip(requests, lengths)):
+            ids[b, S - P:], mask[b, S - P:] = request.inputs["input_ids"][0, :P], 1
             for k, v in request.inputs.items():
                 if k == "input_ids" or v is None:
                     continue
                 if k in per_token:
                     inputs.setdefault(k, torch.zeros(len(rows), S, *v.shape[2:], dtype=v.dtype, device=v.device))
-                    inputs[k][b, S - P:] = v[0]
+                    inputs[k][b, S - P:] = v[0, :P]
                 else:  # media: each row's items, in row order
                     inputs.setdefault(k, []).append(v)
         for k, v in inputs.items():
             if isinstance(v, list):
                 inputs[k] = torch.cat(v) if torch.is_tensor(v[0]) else [item for items in v for item in items]
-        uneven = len({r.prompt_len for r in requests}) > 1
+        uneven = len(set(lengths)) > 1
         batch = self.cache.batch([self.seqs[row].seq for row in rows])
         if self.encoder_caches:
             self.model.encoder_caches = self.encoder_caches

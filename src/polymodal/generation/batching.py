@@ -97,7 +97,8 @@ class Batcher:
     `max_len`: a request's prompt + new tokens; `n_blocks` (default: room for `slots` requests of max_len)
     blocks of `block_size` tokens in the pool; `prefill_tokens`: prompt tokens admitted per step (at least one
     request), so a wave of arrivals is prefilled over several steps beside the decode steps and the later ones
-    find the earlier ones' prefixes cached; `prefill_chunk`: prompt tokens a request runs per step after a hit."""
+    find the earlier ones' prefixes cached; `prefill_chunk`: prompt tokens a request runs per step after a hit
+    or its first chunk (a long causal prompt's first prefill runs at least as many)."""
 
     def __init__(self, model: LanguageModel, *, slots: int, max_len: int, max_waiting: int = 256,
                  block_size: int = 16, n_blocks: int | None = None, prefill_chunk: int = 256, prefill_tokens: int = 512,

@@ -2,17 +2,21 @@
 PyTorch's own context parallel. Launches `torchrun --nproc_per_node W` (gloo, 1 thread per process) for each W.
 
 A tiny decoder (llama-tiny: 2 layers, dim 64, 4 heads, GQA 2, vocab 512), batch 1, a plain causal mask, the
-same weights and tokens everywhere. Per W it reports:
+same weights and tokens everywhere; every path's logits are asserted equal to the ring's (1e-4) before any
+timing. Per W it reports:
 - memory, per process, of one training step (forward + backward) at --seq tokens and at --seq / 2: the
   activations autograd keeps for backward (exact: saved_tensors_hooks, parameters excluded, each storage
   once), and the peak rise of the process's resident memory during the step (sampled every 1 ms, glibc made
   to return freed tensors: transient tiles included);
-- per-step time at --time-seq tokens (median of --repeats): the training step and the forward of ring
-  attention over W processes; the forward of PyTorch's context parallel (FlexAttention over the same W
-  processes, forward only: PyTorch has no FlexAttention backward on CPU); and, once, one process with SDPA
-  (train step and forward), the reference everything is compared to.
-The longest trainable sequence is extrapolated from the peak-RSS rise per token between seq/2 and seq (linear:
-no tensor of ring attention grows faster than the sequence), for a --budget-gb memory per process.
+- per-step time at --time-seq tokens (median of --repeats, interleaved): the training step and the forward of
+  ring attention over W processes (eager); the forward of PyTorch's context parallel (FlexAttention over the
+  same W processes) eager, its reference path that materialises every score, and with every block compiled
+  (Inductor: FlexAttention's fused CPU forward and the rest of the block), the way it is meant to run
+  (forward only: PyTorch has no FlexAttention backward on CPU); and, once, one process with SDPA (train step
+  and forward), the reference everything is compared to.
+A memory bound, not a trained length: the sequence at which the peak rise would fill --budget-gb per process,
+extrapolated linearly from seq/2 and seq (no tensor of ring attention grows faster than the sequence, but
+nothing that long was run).
 
     python benchmarks/bench_context_parallel.py                    # S = 16k memory, 4k timing, W = 1, 2, 4
 """
@@ -35,11 +39,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from polymodal.nn.context_parallel import context_parallel
-from polymodal.nn.transformer import Decoder
+from polymodal.nn.transformer import Block, Decoder
 from polymodal.families.decoder.presets import llama_tiny
 from polymodal.train.distributed import init_process, shutdown
 
 sys.path.insert(0, str(Path(__file__).parent))
+from same_work import require  # noqa: E402
 from timing import measure  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -102,9 +107,18 @@ def worker(args) -> None:
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
     ring = context_parallel(Decoder(cfg), mesh)
-    flex = context_parallel(Decoder(cfg, backend="flex"), mesh)
-    flex.load_state_dict(ring.state_dict())
+    flex, compiled = (context_parallel(Decoder(cfg, backend="flex"), mesh) for _ in range(2))
+    for model in (flex, compiled):
+        model.load_state_dict(ring.state_dict())
+    for block in [m for m in compiled.modules() if isinstance(m, Block)]:  # Inductor: FlexAttention's fused CPU
+        block.compile()                                                     # forward, and the rest of the block
     ids = torch.randint(0, 512, (1, args.time_seq))
+    with torch.no_grad():  # the same logits (hence the same work) from every path, before any timing
+        logits = {name: m(ids).logits for name, m in (("ring", ring), ("PyTorch context parallel", flex),
+                                                      ("PyTorch context parallel compiled", compiled))}
+    for name, x in logits.items():
+        require(name, torch.allclose(x, logits["ring"], atol=1e-4, rtol=0),
+                f"logits differ from the ring's by {(x - logits['ring']).abs().max().item():.1e}")
     step_memory(ring, 256)  # first-call allocations out of the way
     result = {"world": world, "memory": {s: step_memory(ring, s) for s in (args.seq // 2, args.seq)}}
 
@@ -116,11 +130,15 @@ def worker(args) -> None:
             model(ids)
 
     fns = {"ring train step": lambda: train(ring), "ring forward": lambda: forward(ring),
-           "pytorch context parallel forward": lambda: forward(flex)}
+           "pytorch context parallel forward": lambda: forward(flex),
+           "pytorch context parallel compiled forward": lambda: forward(compiled)}
     result["seconds"] = measure(fns, "cpu", args.repeats)
     if world == 1:
         alone = Decoder(cfg)
         alone.load_state_dict(ring.state_dict())
+        with torch.no_grad():
+            diff = (alone(ids).logits - logits["ring"]).abs().max().item()
+        require("one process, SDPA", diff <= 1e-4, f"logits differ from the ring's by {diff:.1e}")
         result["one process memory"] = {s: step_memory(alone, s) for s in (args.seq // 2, args.seq)}
         result["one process seconds"] = measure({"sdpa train step": lambda: train(alone),
                                                  "sdpa forward": lambda: forward(alone)}, "cpu", args.repeats)
@@ -130,7 +148,7 @@ def worker(args) -> None:
         m["peak_rise_mb"] = peak
     if proc.main:
         Path(args.worker).write_text(json.dumps(result))
-    del ring, flex, mesh
+    del ring, flex, compiled, mesh
     dist.barrier()
     shutdown()
 
@@ -158,10 +176,10 @@ def longest(memory: dict, budget_mb: float, processes: int = 1) -> int:
 def report(results: list[dict], args) -> None:
     one = results[0]
     base_mem, base_s = one["one process memory"][str(args.seq)], one["one process seconds"]
-    print(f"\nmemory per process, one training step at {args.seq} tokens (busiest process), and the longest sequence "
-          "it extrapolates to:")
-    print("| processes | saved activations | peak RSS rise | vs one process (SDPA) | longest trainable, "
-          f"{args.budget_gb:g} GB per process | longest trainable, the processes sharing {args.budget_gb:g} GB |")
+    print(f"\nmemory per process, one training step at {args.seq} tokens (busiest process), and the memory bound "
+          f"it extrapolates to (linear from {args.seq // 2} and {args.seq} tokens; not run):")
+    print("| processes | saved activations | peak RSS rise | vs one process (SDPA) | memory bound, "
+          f"{args.budget_gb:g} GB per process | memory bound, the processes sharing {args.budget_gb:g} GB |")
     print("|---|---|---|---|---|---|")
     budget = args.budget_gb * 1024
     print(f"| 1, SDPA (no context parallel) | {base_mem['saved_mb']:.0f} MB | {base_mem['peak_rise_mb']:.0f} MB | 1.00 | "
@@ -171,15 +189,17 @@ def report(results: list[dict], args) -> None:
         print(f"| {r['world']}, ring | {m['saved_mb']:.0f} MB | {m['peak_rise_mb']:.0f} MB | "
               f"{m['peak_rise_mb'] / base_mem['peak_rise_mb']:.2f} | ~{longest(r['memory'], budget) / 1e6:.1f}M tokens | "
               f"~{longest(r['memory'], budget, r['world']) / 1e6:.1f}M tokens |")
-    print(f"\nseconds per step at {args.time_seq} tokens (median of {args.repeats}; W processes share this machine's "
-          f"{os.cpu_count()} cores):")
-    print("| processes | ring train step | ring forward | PyTorch context parallel forward | ring fwd / PyTorch fwd |")
-    print("|---|---|---|---|---|")
-    print(f"| 1, SDPA (no context parallel) | {base_s['sdpa train step']:.3f} | {base_s['sdpa forward']:.3f} | — | — |")
+    print(f"\nseconds per step at {args.time_seq} tokens (median of {args.repeats}, interleaved; W processes share "
+          f"this machine's {os.cpu_count()} cores):")
+    print("| processes | ring train step | ring forward | PyTorch context parallel forward, eager | the same, "
+          "blocks compiled | ring fwd / PyTorch compiled fwd |\n|---|---|---|---|---|---|")
+    print(f"| 1, SDPA (no context parallel) | {base_s['sdpa train step']:.3f} | {base_s['sdpa forward']:.3f} "
+          "| — | — | — |")
     for r in results:
         s = r["seconds"]
         print(f"| {r['world']} | {s['ring train step']:.3f} | {s['ring forward']:.3f} | "
-              f"{s['pytorch context parallel forward']:.3f} | {s['ring forward'] / s['pytorch context parallel forward']:.2f} |")
+              f"{s['pytorch context parallel forward']:.3f} | {s['pytorch context parallel compiled forward']:.3f} | "
+              f"{s['ring forward'] / s['pytorch context parallel compiled forward']:.2f} |")
 
 
 def main() -> None:
@@ -188,7 +208,7 @@ def main() -> None:
     p.add_argument("--time-seq", type=int, default=4096, help="tokens of the timing")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--budget-gb", type=float, default=24.0, help="memory per process for the longest sequence")
+    p.add_argument("--budget-gb", type=float, default=24.0, help="memory per process of the memory bound")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

@@ -3,13 +3,15 @@
 Measured interleaved in one process (the two libraries take turns, call by call) on the same inputs,
 like with like, each row naming both sides, both eager: prefill latency (one forward over the prompt
 that fills a KV cache and returns the last logits, on both sides), greedy generation (both sides given
-the same stop token, one neither generates, so both run every step and do their stop checks; HF with
-its dynamic cache and with its static cache), and training tokens/s (forward + backward + AdamW step),
+the same stop token, one neither generates, so both run every step and check it every step; the greedy
+tokens of every side asserted equal before any timing; HF with its dynamic cache and with its static
+cache), and training tokens/s (forward + backward + AdamW step),
 once with each library's own loss (ours chunked, never holding the full logits; HF's from full logits)
 and once with the same loss on both (full logits + F.cross_entropy). Prints a markdown table with
 ratios ours/HF and writes JSON.
 
-    python benchmarks/bench_decoder.py --device cpu --tiny          # CI-size
+    python benchmarks/bench_decoder.py --device cpu --tiny          # CI-size (4M parameters)
+    python benchmarks/bench_decoder.py --device cpu --medium        # 125M parameters
     python benchmarks/bench_decoder.py --device cuda --dtype bfloat16 # the real thing on a GPU
 """
 
@@ -23,7 +25,8 @@ import torch
 
 import polymodal as pm
 from polymodal.convert.hf import save_hf
-from timing import measure, save_results  # benchmarks/timing.py, beside this script
+from same_work import same_tokens  # benchmarks/same_work.py, beside this script
+from timing import measure, save_results
 
 
 def build_pair(cfg: pm.DecoderConfig, device: str, dtype: torch.dtype, tmp: Path):
@@ -51,12 +54,17 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--tiny", action="store_true", help="small model and budgets (CI-size)")
+    p.add_argument("--medium", action="store_true", help="a 0.1B Llama-shaped decoder (d=768, 12 layers)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/decoder.json")
     args = p.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     if args.tiny:
         cfg = pm.DecoderConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=1, hidden_dim=768,
+                               max_seq_len=1024)
+        prompt, new_tokens, batches, train_shape = 64, 32, (1, 8), (4, 128)
+    elif args.medium:
+        cfg = pm.DecoderConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=2048,
                                max_seq_len=1024)
         prompt, new_tokens, batches, train_shape = 64, 32, (1, 8), (4, 128)
     else:  # the decoder of issue 9's 1.1B PaliGemma-style config
@@ -75,6 +83,10 @@ def main() -> None:
         results["rows"].append(entry)
         print(f"| {name} | {ours_s * 1e3:.1f} ms | {hf_s * 1e3:.1f} ms | {hf_s / ours_s:.2f}x |", flush=True)
 
+    n_params = sum(t.numel() for t in ours.parameters())
+    results["parameters"] = n_params
+    print(f"decoder {n_params / 1e6:.1f}M parameters, {device}, {args.dtype}, {torch.get_num_threads()} thread(s); "
+          "greedy tokens asserted equal on all sides; both check the stop token every step")
     print("| metric (ours vs HF) | polymodal | HF | speedup |\n|---|---|---|---|")
     for b in batches:
         ids = torch.randint(0, cfg.vocab_size, (b, prompt), device=device)
@@ -88,8 +100,8 @@ def main() -> None:
             "hf dynamic": lambda: hf.generate(**kw),
             "hf static": lambda: hf.generate(cache_implementation="static", disable_compile=True, **kw),
         }
-        tokens = {name: calls[name]()[:, -new_tokens:] for name in ("ours", "hf dynamic", "hf static")}
-        assert torch.equal(tokens["ours"], tokens["hf dynamic"]) and torch.equal(tokens["ours"], tokens["hf static"])
+        same_tokens(f"generate b={b}", {name: calls[name]()[:, -new_tokens:] for name in ("ours", "hf dynamic",
+                                                                                      "hf static")})
         with torch.no_grad():
             t = measure(calls, device, args.repeats)
         row(f"prefill b={b} s={prompt}: ours eager vs HF eager (forward filling a KV cache)", t["prefill ours"],

@@ -5,7 +5,8 @@ same random weights in both (copied through polymodal's HF converter) and the sa
 with like, each row naming both sides. Measured interleaved in one process: prefill latency (one forward
 over vision + 196 image + 16 prompt tokens that fills a KV cache, last logits only, on both sides); greedy
 decode tokens/s at batch 1 and 32 (128 new tokens, prefill subtracted), both sides given the same stop token
-(one neither generates, so both run every step and do their stop checks), ours eager against HF eager
+(one neither generates, so both run every step and do their stop checks: every step eager, every STOP_EVERY
+steps in ours compiled, as its rows say) and the greedy tokens of every side asserted equal, ours eager against HF eager
 (dynamic and static cache) and, with --compile (the default), ours compiled against HF's static cache
 compiled through its `CompileConfig` (on CPU too); training tokens/s and MFU (forward + backward + AdamW on
 batch 8 x 512; bf16 autocast and fused AdamW on CUDA), eager against eager and compiled against compiled,
@@ -15,6 +16,7 @@ ours/HF (> 1: polymodal is faster) and the fraction of the H100 ceiling (HBM ban
 bf16 for training). On CPU the table holds ratios only.
 
     python benchmarks/bench_paligemma.py --device cpu --tiny           # CI-size, ratios only
+    python benchmarks/bench_paligemma.py --device cpu --medium --repeats 2  # 0.14B, ratios only
     python benchmarks/bench_paligemma.py --device cuda --dtype bfloat16 # the real thing on an H100
     python benchmarks/bench_paligemma.py --device cuda --dtype bfloat16 --attention flex
 """
@@ -36,19 +38,26 @@ from polymodal.encoders.vit import VisionConfig
 from polymodal.families.paligemma.config import PaliGemmaConfig
 from polymodal.nn.transformer import Block
 from polymodal.families.decoder.presets import gemma_2b, gemma_tiny
-from timing import measure  # benchmarks/timing.py, beside this script
+from polymodal.generation.engine import STOP_EVERY
+from same_work import same_tokens  # benchmarks/same_work.py, beside this script
+from timing import measure
 
 H100_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak, H100 SXM
 H100_HBM_BYTES_PER_S = 3.35e12  # HBM3, H100 SXM
 PROMPT_TOKENS = 16  # <bos> + 15 text tokens after the image tokens
 
 
-def paligemma_config(tiny: bool) -> PaliGemmaConfig:
-    if tiny:
+def paligemma_config(size: str) -> PaliGemmaConfig:
+    if size == "tiny":
         vision = VisionConfig(image_size=32, patch_size=8, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                               pooling_head=False)
         text = gemma_tiny().replace(dim=128, head_dim=32, hidden_dim=256, vocab_size=1024, max_seq_len=256,
                                     pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    elif size == "medium":  # a 6-layer d=384 SigLIP-style tower on 112px images (49 tokens) + a 12-layer d=768
+        vision = VisionConfig(image_size=112, patch_size=16, dim=384, n_layers=6, n_heads=6, hidden_dim=1536,
+                              pooling_head=False)  # Gemma-style decoder, MQA, 32k vocabulary: 0.14B in all
+        text = gemma_tiny().replace(dim=768, n_layers=12, n_heads=12, head_dim=64, hidden_dim=3072,
+                                    vocab_size=32000, max_seq_len=512, pad_token_id=0, bos_token_id=2, eos_token_id=1)
     else:  # SigLIP-B/16 (VisionConfig's defaults) + Gemma 2B's layers, 16 of them, MLP 8192 wide: 1.1B in all
         vision = VisionConfig(pooling_head=False)
         text = gemma_2b().replace(vocab_size=32000, n_layers=16, hidden_dim=8192, max_seq_len=1024)
@@ -122,26 +131,29 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for prefill/decode")
     p.add_argument("--tiny", action="store_true", help="small model and budgets (CI-size)")
+    p.add_argument("--medium", action="store_true", help="a 0.14B model, CPU-size budgets")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"],
                    help="our decoder's attention kernel (flex: FlexAttention block masks; trains on CUDA only)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure compiled decoding (pm.generate(compile=True)) and compiled training "
                         "(every block of ours, the whole HF model)")
-    p.add_argument("--out", help="JSON path (default: benchmarks/results/paligemma_<device>[_tiny].json)")
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/paligemma_<device>[_tiny|_medium].json)")
     args = p.parse_args()
     device, dtype, cuda = args.device, getattr(torch, args.dtype), args.device == "cuda"
     if args.attention == "flex" and not cuda:
         p.error("--attention flex trains on CUDA only (PyTorch has no FlexAttention backward on CPU)")
-    out = Path(args.out or f"benchmarks/results/paligemma_{device}{'_tiny' if args.tiny else ''}.json")
-    new_tokens, batches, train_shape = (64, (1, 8), (8, 128)) if args.tiny else (128, (1, 32), (8, 512))
+    size = "tiny" if args.tiny else "medium" if args.medium else "full"
+    out = Path(args.out or f"benchmarks/results/paligemma_{device}{'' if size == 'full' else '_' + size}.json")
+    new_tokens, batches, train_shape = {"tiny": (64, (1, 8), (8, 128)), "medium": (32, (1, 8), (4, 128)),
+                                        "full": (128, (1, 32), (8, 512))}[size]
     torch.manual_seed(0)
-    cfg = paligemma_config(args.tiny)
+    cfg = paligemma_config(size)
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf = build_pair(cfg, device, Path(tmp), args.attention)
     ours, hf = ours.to(dtype).eval(), hf.to(dtype).eval()
     prompt = cfg.tokens_per_image + PROMPT_TOKENS
-    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype, "tiny": args.tiny,
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype, "size": size,
                "attention": args.attention,
                "config": cfg.to_dict(), "notes": [], "rows": []}
 
@@ -166,8 +178,9 @@ def main() -> None:
     hf_compile = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
     hf_compile._compile_all_devices = True  # HF's switch for compiling on CPU too (its default: CUDA only)
     note("prefill: one forward over the prompt that fills a KV cache and returns the last logits, on both sides")
-    note("decode: greedy; both sides are given the same stop token, one that neither generates, so both run "
-         "every step and do their stop checks (HF every step, ours every 8 steps when compiled)")
+    note("decode: greedy, the tokens asserted equal on every side; both sides are given the same stop token, one "
+         f"that neither generates, so both run every step and do their stop checks (HF every step, ours every "
+         f"{STOP_EVERY} steps when compiled)")
     note("train: ours computes its loss in chunks and never holds the full logits, HF builds them; the rows "
          "'same loss' give both full logits and one F.cross_entropy")
     for b in batches:
@@ -186,11 +199,7 @@ def main() -> None:
                                                           eos_token_id=eos, compile=True)
             gens["HF compiled, static cache"] = lambda n: hf.generate(
                 max_new_tokens=n, cache_implementation="static", compile_config=hf_compile, **hf_kw)
-        same = {name: f(new_tokens).cpu() for name, f in gens.items()}
-        mismatched = [name for name, tokens in same.items() if not torch.equal(tokens[:, -new_tokens:],
-                                                                               same["ours eager"])]
-        if mismatched:
-            note(f"b={b}: greedy tokens differ from ours eager for {mismatched}")
+        same_tokens(f"decode b={b}", {name: f(new_tokens).cpu()[:, -new_tokens:] for name, f in gens.items()})
         prefill = {
             "ours": lambda: ours(ids, px, cache=ours.make_cache(b, prompt + new_tokens), logits_to_keep=1),
             "hf": lambda: hf(input_ids=ids, pixel_values=px, use_cache=True, logits_to_keep=1),
@@ -207,7 +216,9 @@ def main() -> None:
         if args.compile:
             pairs.append(("ours compiled", "HF compiled, static cache"))
         for a, ref in pairs:
-            row(f"decode b={b} +{new_tokens}: {a} vs {ref}", "tokens/s", decode[a], decode[ref], ceiling)
+            cadence = (f" (stop checked: ours every {STOP_EVERY} steps, HF every step)" if "compiled" in a
+                       else " (stop checked every step)")
+            row(f"decode b={b} +{new_tokens}: {a} vs {ref}{cadence}", "tokens/s", decode[a], decode[ref], ceiling)
 
     ours, hf = ours.float().train(), hf.float().train()
     ids, types, px = prompts(cfg, *train_shape, device)

@@ -10,7 +10,10 @@ several times the draft (1 layer, d=64) per forward, as in real speculative deco
 the answers (the loss is on the tokens after `=`) until its greedy answers are right on VALIDATION held-out
 questions (split 1) at least `converged` of the time (checked every CHECK_EVERY steps), up to a step limit;
 the benchmark prompts are the test split (2). Training questions come from their own seeded generator and
-are never a held-out one.
+are never a held-out one. A third model, the weak draft, is the draft's own run (same seed and schedule)
+stopped as soon as its greedy choice is right on 85% of the validation answers' tokens (checked every step:
+it learns the task within a few dozen steps), a draft whose proposals the target keeps about as often as a
+real draft's.
 """
 
 from __future__ import annotations
@@ -69,10 +72,20 @@ def answer_accuracy(model: torch.nn.Module, split: int, n: int) -> float:
     return sum(r == a for r, a in zip(new.tolist(), answers)) / n
 
 
+@torch.no_grad()
+def token_accuracy(model: torch.nn.Module, split: int, n: int) -> float:
+    """Share of the answer tokens (<eos> included) of the split's first n questions that the model's greedy
+    choice gets right after the right answer so far: the share of a perfect target's tokens it would draft."""
+    ids = torch.tensor([document(q) for q in questions(split, n)])
+    guess = model.eval()(ids).logits[:, DIGITS + 1:-1].argmax(-1)
+    return (guess == ids[:, DIGITS + 2:]).float().mean().item()
+
+
 def train(config: pm.DecoderConfig, max_steps: int, converged: float, seed: int, lr: float,
-          batch: int = 32) -> tuple[torch.nn.Module, dict]:
-    """Trains until the validation answer accuracy reaches `converged` (or max_steps); returns the model and
-    its training log (steps, seconds, the last loss, the validation accuracy at each check)."""
+          batch: int = 32, score=answer_accuracy, check_every: int = CHECK_EVERY) -> tuple[torch.nn.Module, dict]:
+    """Trains until `score` on the validation questions (by default the share of whole answers right)
+    reaches `converged` (or max_steps); returns the model and its training log (steps, seconds, the last
+    loss, the validation score at each check)."""
     torch.manual_seed(seed)
     model = pm.build(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -93,11 +106,11 @@ def train(config: pm.DecoderConfig, max_steps: int, converged: float, seed: int,
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % CHECK_EVERY == 0 or step == max_steps:
-            accuracy = answer_accuracy(model, 1, VALIDATION)
-            log["checks"].append({"step": step, "loss": loss.item(), "validation_answer_accuracy": accuracy})
+        if step % check_every == 0 or step == max_steps:
+            accuracy = score(model, 1, VALIDATION)
+            log["checks"].append({"step": step, "loss": loss.item(), f"validation_{score.__name__}": accuracy})
             print(f"  {config.n_layers} layer(s) d={config.dim}: step {step} loss {loss.item():.4f} "
-                  f"validation answers right {accuracy:.1%}", flush=True)
+                  f"validation {score.__name__} {accuracy:.1%}", flush=True)
             if accuracy >= converged:
                 break
     log.update(steps=step, seconds=time.perf_counter() - start, converged=accuracy >= converged)
@@ -110,16 +123,22 @@ DRAFT = pm.DecoderConfig(vocab_size=VOCAB, dim=64, n_layers=1, n_heads=4, n_kv_h
                          max_seq_len=80)
 
 
-def trained_pair(directory: Path, max_steps: int) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    """The target and draft, each trained once to convergence and kept in directory (polymodal checkpoints
-    with their training logs)."""
-    models, logs = [], {}
-    for name, config, seed, lr, converged in (("target", TARGET, 0, 1e-3, 1.0), ("draft", DRAFT, 1, 3e-3, 0.9)):
-        path = directory / f"{name}-{config.n_layers}x{config.dim}-{DIGITS}digits-{max_steps}"
+# name, config, seed, learning rate, the validation score that ends training, the score, steps between checks
+MODELS = (("target", TARGET, 0, 1e-3, 1.0, answer_accuracy, CHECK_EVERY),
+          ("draft", DRAFT, 1, 3e-3, 0.9, answer_accuracy, CHECK_EVERY),
+          ("weak draft", DRAFT, 1, 3e-3, 0.85, token_accuracy, 1))  # the draft's run, stopped at 85% of tokens
+
+
+def trained_models(directory: Path, max_steps: int) -> tuple[dict, dict]:
+    """The target, the draft and the weak draft (name -> model), each trained once and kept in directory
+    (polymodal checkpoints with their training logs), and their logs."""
+    models, logs = {}, {}
+    for name, config, seed, lr, converged, score, every in MODELS:
+        path = directory / f"{name.replace(' ', '-')}-{config.n_layers}x{config.dim}-{DIGITS}digits-{max_steps}"
         if not (path / "config.json").exists():
-            model, log = train(config, max_steps, converged, seed, lr)
+            model, log = train(config, max_steps, converged, seed, lr, score=score, check_every=every)
             pm.save_pretrained(model, path)
             (path / "training.json").write_text(json.dumps(log, indent=2) + "\n")
-        models.append(pm.from_pretrained(path))
+        models[name] = pm.from_pretrained(path)
         logs[name] = json.loads((path / "training.json").read_text())
-    return models[0], models[1], logs
+    return models, logs

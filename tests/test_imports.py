@@ -21,7 +21,9 @@ LAYERS = [  # lowest first, as DESIGN.md lays the package out: nn <- encoders/fu
     ("polymodal.fusion",),  # the Perceiver Resampler and the early-fusion core (spans, writer, table of modalities)
     # models.parts: freezing by named parts; data reads no family; convert.rules: the pieces of every HF key map
     ("polymodal.models", "polymodal.data", "polymodal.convert.rules"),
-    ("polymodal.convert.hf_vision", "polymodal.convert.hf_whisper"),  # the encoders' key maps (ViT, Whisper)
+    # the key maps the family specs read: the encoders' (ViT, Whisper, Gemma 3n's audio tower) and Cohere's decoder
+    ("polymodal.convert.hf_vision", "polymodal.convert.hf_whisper", "polymodal.convert.hf_gemma3n_audio",
+     "polymodal.convert.hf_cohere"),
     ("polymodal.families",),  # one folder per family, and the one dict of their specs that everything above reads
     ("polymodal.generation", "polymodal.convert", "polymodal.presets"),
     ("polymodal.api",),

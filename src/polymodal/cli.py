@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import io
 import json
 import re
 import shutil
@@ -29,6 +30,7 @@ from polymodal.errors import (CheckpointError, ExistingFileError, InputError, Mi
                               PolymodalError)
 from polymodal.evaluate.metrics import METRICS
 from polymodal.train.trainer import IMAGE_TASKS, TrainConfig
+from polymodal.serve.protocol import Limits
 
 METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1"}
 METRIC_NAMES = tuple(METRIC_WHAT)
@@ -101,6 +103,11 @@ def _generate_flags(sub) -> None:
     g.add_argument("--image-dir", default="images", help="where images the model draws go, as PNG files "
                                                           "(default: %(default)s)")
     g.add_argument("--quantize", choices=("int8", "int4"), help=QUANTIZE_HELP)
+    g.add_argument("--draw", default=None, metavar="OUT.png",
+                   help="read the answer's boxes (and masks) as PaliGemma-style location tokens, print each object "
+                        "and draw them over the one --image into this new PNG file")
+    g.add_argument("--mask-vae", default=None, metavar="VAE.npz",
+                   help="the mask VQ-VAE (big_vision's vae-oid.npz) that decodes an answer's segmentation tokens")
 
 
 def _eval_flags(sub) -> None:
@@ -156,6 +163,8 @@ def _other_commands(sub) -> None:
     s.add_argument("--slots", type=int, default=8, help="requests decoded together (default: %(default)s)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before the server answers "
                                                              "429 (default: %(default)s)")
+    s.add_argument("--max-body-mb", type=int, default=Limits.max_body_bytes >> 20,
+                   help="largest request body in MiB, answered 413 before it is read (default: %(default)s)")
 
     pl = sub.add_parser("plot", help="redraw a training run's loss.png from its metrics.jsonl")
     pl.add_argument("run", help="a run directory (holding metrics.jsonl)")
@@ -257,6 +266,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from polymodal.nn.language_model import LanguageModel
 
     segments = _media_segments(args)
+    vae = _check_draw(args)
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     draft = _load(args.assistant, role="--assistant (the draft)")[1] if args.assistant is not None else None
     if not isinstance(model, LanguageModel):
@@ -289,7 +299,46 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(f"polymodal generate: an image was begun but not finished: --max-new-tokens {max_new} ran out "
                   f"inside it (an image is {spans.length + 2} tokens); give a larger --max-new-tokens",
                   file=sys.stderr)
-    print(tokenizer.text(new[0]).strip())
+    answer = tokenizer.text(new[0]).strip()
+    print(answer)
+    if args.draw is not None:
+        _draw(answer, segments[0].media, Path(args.draw), vae)
+
+
+def _check_draw(args: argparse.Namespace):
+    """--draw's output (new, a .png) and one --image, checked before any compute; the --mask-vae loaded."""
+    from polymodal.encoders.mask_vae import load_mask_vae
+
+    if args.draw is None:
+        if args.mask_vae is not None:
+            raise InputError("--mask-vae decodes the masks --draw draws: give --draw OUT.png too")
+        return None
+    out = Path(args.draw)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--draw writes a PNG file: expected a path ending in .png, got {out}")
+    if out.exists():
+        raise ExistingFileError(f"--draw {out} exists; give a new path (nothing is overwritten)")
+    if len(args.image) != 1 or args.audio:
+        raise InputError(f"--draw draws over one image: expected one --image and no --audio, got {len(args.image)} "
+                         f"image(s) and {len(args.audio)} audio file(s)")
+    return load_mask_vae(args.mask_vae) if args.mask_vae is not None else None
+
+
+def _draw(answer: str, image, out: Path, vae) -> None:
+    from polymodal.data.locations import draw_locations, parse_locations
+    from polymodal.serialization import atomic_write_bytes
+
+    found = parse_locations(answer, (image.height, image.width), vae)
+    for obj in found.objects:
+        mask = f", mask of {int(obj.mask.sum())} pixels" if obj.mask is not None else ""
+        print(f"object {obj.label!r}: box (x1, y1, x2, y2) = ({', '.join(f'{v:.1f}' for v in obj.box)}){mask}")
+    if found.malformed:
+        print(f"polymodal generate: {found.malformed} part(s) of the answer were no well-formed object",
+              file=sys.stderr)
+    buf = io.BytesIO()
+    draw_locations(image, found).save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"wrote {out} ({len(found.objects)} object(s))")
 
 
 def _media_segments(args: argparse.Namespace) -> list:
@@ -564,8 +613,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise InputError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_mb < 1:
+        raise InputError(f"--max-body-mb must be >= 1, got {args.max_body_mb}")
     serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
-          slots=args.slots, max_queue=args.max_queue)
+          slots=args.slots, max_queue=args.max_queue, limits=Limits(max_body_bytes=args.max_body_mb << 20))
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,

@@ -162,11 +162,13 @@ class DecoderConfig(Config):
     head_dim: int | None = None  # None: dim // n_heads
     hidden_dim: int = 512  # MLP width
     mlp: str = "swiglu"  # "swiglu" | "geglu" (tanh-GELU gate) | "gelu" | "relu2" (squared ReLU, Persimmon)
-    norm: str = "rmsnorm"  # "rmsnorm" | "rmsnorm_gemma" ((1 + w) scale) | "layernorm"
+    norm: str = "rmsnorm"  # "rmsnorm" | "rmsnorm_gemma" ((1 + w) scale) | "layernorm" | "layernorm_nobias" (Cohere)
     norm_eps: float = 1e-6
     norm_placement: str = "pre"  # "pre" | "post" | "sub" (Magneto sub-LN) | "swin" (x + norm(f(x)), Chameleon)
+    parallel_blocks: bool = False  # x + attn(norm(x)) + mlp(norm(x)), one norm (GPT-J, PaLM, Cohere); needs "pre"
     positions: str = "rope"  # "rope" | "alibi" | "xpos" | "learned" | "none"
     rope_theta: float = 10000.0
+    rope_interleaved: bool = False  # rotate (x[2i], x[2i+1]) pairs (GPT-J, Cohere) rather than the two halves (Llama)
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...} as in HF configs
     partial_rotary_factor: float = 1.0  # rotate only the first fraction of each head (Persimmon/Fuyu: 0.5)
     xpos_scale_base: float = 512.0
@@ -177,6 +179,7 @@ class DecoderConfig(Config):
     attn_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
+    logit_scale: float = 1.0  # logits multiplied by this (Cohere)
     embed_scale: bool = False  # multiply token embeddings by sqrt(dim) (Gemma)
     embed_norm: bool = False  # a norm over the (scaled) embeddings (torchscale/fairseq layernorm_embedding)
     init: str = "normal"  # "normal" (N(0, init_std)) | "magneto" (torchscale's sub-LN init, Wang et al. 2022)
@@ -192,8 +195,10 @@ class DecoderConfig(Config):
                         "xpos_scale_base")
         _check_token_ids(self, self.vocab_size, "pad_token_id", "bos_token_id", "eos_token_id")
         _check_choice("mlp", self.mlp, ("swiglu", "geglu", "gelu", "relu2"))
-        _check_choice("norm", self.norm, ("rmsnorm", "rmsnorm_gemma", "layernorm"))
+        _check_choice("norm", self.norm, ("rmsnorm", "rmsnorm_gemma", "layernorm", "layernorm_nobias"))
         _check_choice("norm_placement", self.norm_placement, ("pre", "post", "sub", "swin"))
+        if self.parallel_blocks and self.norm_placement != "pre":
+            raise ConfigError(f"parallel_blocks needs norm_placement='pre', got {self.norm_placement!r}")
         _check_choice("positions", self.positions, ("rope", "alibi", "xpos", "learned", "none"))
         _check_choice("init", self.init, ("normal", "magneto"))
         _check_choice("qk_norm", self.qk_norm, (None, "rmsnorm", "layernorm"))

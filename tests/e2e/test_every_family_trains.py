@@ -19,8 +19,10 @@ from polymodal.train.checkpoint import list_checkpoints
 FAMILIES = {
     "kosmos-tiny": ("colour", 30, 8),
     "gemini-tiny": ("colour", 30, 8),
+    "gemini-tiny-usm": ("audio_pitch", 30, 8),
     "chameleon-tiny": ("colour", 30, 8),
     "flamingo-tiny": ("colour", 30, 8),
+    "flamingo-palm": ("colour", 30, 8),
 }  # the dual encoders: test_dual_encoder_retrieves_captions_above_chance
 
 

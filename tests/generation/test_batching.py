@@ -1,6 +1,8 @@
-"""Continuous batching: requests that join a running batch at different steps, into reused rows of a small
-cache (so spans are moved), each get the tokens `generate` gives them alone, greedy and seeded; a cancelled
-request frees its row at the next step; a full queue refuses."""
+"""Continuous batching on the paged KV cache: requests that join a running batch at different steps, prefilled
+together, each get the tokens `generate` gives them alone, greedy and seeded; a prefix-cache hit (the same image
+and prompt prefix) answers as a miss does and another image never hits; chunked prefill after a hit; blocks
+follow the live tokens and all come back; admission waits for blocks; a cancelled request leaves at the next
+step; a full queue refuses."""
 
 import pytest
 import torch
@@ -15,6 +17,14 @@ DECODER = pm.build(DecoderConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n
                                  max_seq_len=64)).eval()
 PALIGEMMA = pm.build(paligemma_tiny().replace(image_token_id=5)).eval()
 EOS = 3
+N_IMAGE = PALIGEMMA.config.tokens_per_image
+
+
+def image_prompt(image: torch.Tensor, prefix: torch.Tensor, suffix: torch.Tensor) -> dict:
+    """16 image placeholders and a prefix (bidirectional, token_type_ids 0), then a causal suffix (1)."""
+    ids = torch.cat([torch.full((N_IMAGE,), 5), prefix, suffix])[None]
+    types = torch.cat([torch.zeros(N_IMAGE + len(prefix), dtype=torch.long), torch.ones(len(suffix), dtype=torch.long)])
+    return {"input_ids": ids, "token_type_ids": types[None], "pixel_values": image[None]}
 
 
 def prompts(model, n: int, seed: int) -> list[dict]:
@@ -23,11 +33,9 @@ def prompts(model, n: int, seed: int) -> list[dict]:
     for i in range(n):
         ids = torch.randint(6, 90, (1, int(torch.randint(1, 12, (), generator=g))), generator=g)
         inputs = {"input_ids": ids}
-        if model is PALIGEMMA and i % 2 == 0:  # every other prompt with an image: 16 placeholders first
-            n_image = PALIGEMMA.config.tokens_per_image
-            inputs = {"input_ids": torch.cat([torch.full((1, n_image), 5), ids], 1),
-                      "pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
-            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        if model is PALIGEMMA and i % 2 == 0:  # every other prompt with an image
+            image = torch.randn(3, 32, 32, generator=g)
+            inputs = image_prompt(image, ids[0, :1], ids[0, 1:])
         out.append(inputs)
     return out
 
@@ -39,45 +47,89 @@ def alone(model, inputs: dict, request: Request) -> list[int]:
     return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
 
 
+def held_blocks_follow_live_tokens(batcher: Batcher) -> None:
+    """Each live sequence holds ceil(tokens / block size) blocks, and the pool holds nothing else."""
+    cache = batcher.cache
+    for seq, table in cache.tables.items():
+        assert len(table) == -(-cache.lengths[seq] // cache.block_size)
+    assert cache.pool.in_use == len({block for table in cache.tables.values() for block in table})
+
+
+def drain(batcher: Batcher) -> list[int]:
+    """Steps until idle, checking the blocks held each step; returns the running count of each step."""
+    running = []
+    while not batcher.idle():
+        batcher.step()
+        held_blocks_follow_live_tokens(batcher)
+        running.append(batcher.running)
+    assert batcher.cache.pool.in_use == 0 and not batcher.cache.tables  # every block came back
+    return running
+
+
 @pytest.mark.parametrize("model", [DECODER, PALIGEMMA], ids=["decoder", "paligemma"])
 def test_requests_joining_a_running_batch_get_their_tokens_alone(model):
-    batcher = Batcher(model, slots=3, max_len=32 if model is DECODER else 48)
+    batcher = Batcher(model, slots=4, max_len=48, block_size=4)
+    n = 10 if model is DECODER else 6
     requests = []
-    for i, inputs in enumerate(prompts(model, 9, seed=1)):
+    for i, inputs in enumerate(prompts(model, n, seed=1)):
         sampled = i % 3 == 2
         requests.append(Request(inputs, max_new_tokens=4 + 3 * i % 17, stop_token_ids=(EOS,),
                                 temperature=0.8 if sampled else 0.0, top_p=0.9 if i % 2 else 1.0,
                                 seed=i if sampled else None))
-    fills = []
-    for request in requests:  # one more request every other step
+    for request in requests[:3]:  # three prefilled together, the others join the running batch
         batcher.submit(request)
-        for _ in range(2):
-            batcher.step()
-            fills.append(batcher.cache.fill.item())
-    while not batcher.idle():
+    for request in requests[3:]:
         batcher.step()
-        fills.append(batcher.cache.fill.item())
-    assert any(b < a for a, b in zip(fills, fills[1:])), "the test should make the batcher move the rows' spans"
-    for inputs, request in zip(prompts(model, 9, seed=1), requests):
+        held_blocks_follow_live_tokens(batcher)
+        batcher.submit(request)
+    drain(batcher)
+    for inputs, request in zip(prompts(model, n, seed=1), requests):
         assert request.tokens == alone(model, inputs, request)
         assert request.finish_reason == ("stop" if request.tokens[-1] == EOS else "length")
 
 
-def test_requests_in_turn_through_one_slot_whose_spans_move_past_their_old_columns():
-    """One slot of 32 columns: each request starts where the last ended, so a move takes a short span from
-    the right end to the left, leaving its old columns behind; they must not be seen twice."""
-    batcher = Batcher(DECODER, slots=1, max_len=32)
-    inputs = prompts(DECODER, 6, seed=4)
-    requests = [Request(x, max_new_tokens=12 + 5 * (i % 2)) for i, x in enumerate(inputs)]
+def test_a_prefix_hit_answers_as_a_miss_and_another_image_never_hits():
+    g = torch.Generator().manual_seed(5)
+    image, prefix = torch.randn(3, 32, 32, generator=g), torch.randint(6, 90, (8,), generator=g)
+    other = image.clone()
+    other[0, 0, 0] += 1e-3
+    suffixes = [torch.randint(6, 90, (n,), generator=g) for n in (5, 9, 6)]
+    batcher = Batcher(PALIGEMMA, slots=2, max_len=64, block_size=4, prefill_chunk=3)
+    cache, encoder = batcher.cache, batcher.encoder_caches["pixel_values"]
+    answers = []
+    for picture, suffix, hit in ((image, suffixes[0], 0), (image, suffixes[1], 24), (other, suffixes[2], 0)):
+        inputs = image_prompt(picture, prefix, suffix)
+        request = Request(inputs, max_new_tokens=6)
+        before = cache.hit_tokens
+        batcher.submit(request)
+        drain(batcher)
+        assert cache.hit_tokens - before == hit  # 16 image + 8 prefix tokens: 6 whole blocks of 4 shared
+        assert request.tokens == alone(PALIGEMMA, inputs, request)
+        answers.append(request)
+    assert (encoder.hits, encoder.misses) == (0, 2)  # the hit ran no encoder; the other image was encoded
+    # the same image beside another prompt prefix: encoded once more from the encoder cache, no block shared
+    request = Request(image_prompt(image, prefix.flip(0), suffixes[0]), max_new_tokens=6)
+    before = cache.hit_tokens
+    batcher.submit(request)
+    drain(batcher)
+    assert cache.hit_tokens == before and encoder.hits == 1
+    assert request.tokens == alone(PALIGEMMA, image_prompt(image, prefix.flip(0), suffixes[0]), request)
+
+
+def test_admission_waits_for_blocks_and_a_bad_request_fails_alone():
+    batcher = Batcher(DECODER, slots=3, max_len=64, block_size=4, n_blocks=9)  # 8 blocks: one request of 32 tokens
+    inputs = prompts(DECODER, 3, seed=6)
+    requests = [Request(x, max_new_tokens=20) for x in inputs]
+    bad = Request({"input_ids": torch.tensor([[7, 8]]), "pixel_values": torch.zeros(1, 3, 32, 32)}, max_new_tokens=2)
+    batcher.submit(bad)
     for request in requests:
         batcher.submit(request)
-    fills = []
-    while not batcher.idle():
-        batcher.step()
-        fills.append(batcher.cache.fill.item())
-    assert any(b < a for a, b in zip(fills, fills[1:]))
+    assert max(drain(batcher)) == 1  # each waits for the blocks its worst case may take
+    assert bad.finish_reason == "error" and "pixel_values" in str(bad.error)
     for x, request in zip(inputs, requests):
         assert request.tokens == alone(DECODER, x, request)
+    with pytest.raises(ValueError, match="may take 10 blocks of 4 tokens; the batcher's KV cache has 8"):
+        batcher.submit(Request({"input_ids": torch.tensor([[7, 8, 9, 10]])}, max_new_tokens=36))
 
 
 def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses():
@@ -96,8 +148,7 @@ def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses():
     long.cancelled = True
     batcher.step()
     assert finished == [long] and long.finish_reason == "cancelled" and batcher.rows == [waiting]
-    while not batcher.idle():
-        batcher.step()
+    assert drain(batcher)
     assert waiting.tokens == alone(DECODER, second, waiting)
 
 
@@ -107,9 +158,57 @@ def test_a_stopping_listener_and_a_prompt_past_the_cache():
     seen = []
     request = Request(inputs, max_new_tokens=10, on_token=lambda t: (seen.append(t), len(seen) < 3)[1])
     batcher.submit(request)
-    while not batcher.idle():
-        batcher.step()
+    drain(batcher)
     assert request.tokens == seen == alone(DECODER, inputs, request)[:3] and request.finish_reason == "stop"
     with pytest.raises(ValueError, match=r"the prompt is \d+ tokens and max_new_tokens is 40: \d+ in all, past the "
                                          r"batcher's 32 tokens"):
         batcher.submit(Request(inputs, max_new_tokens=40))
+
+
+def test_a_request_the_model_refuses_fails_alone_in_a_batched_prefill():
+    batcher = Batcher(DECODER, slots=3, max_len=32, block_size=4)
+    good = prompts(DECODER, 2, seed=7)
+    bad = {"input_ids": torch.tensor([[7, 200, 8]])}  # a token past the vocabulary of 97
+    requests = [Request(x, max_new_tokens=5) for x in (good[0], bad, good[1])]
+    for request in requests:
+        batcher.submit(request)
+    drain(batcher)
+    assert requests[1].finish_reason == "error" and "200" in str(requests[1].error)
+    for inputs, request in zip(good, requests[::2]):
+        assert request.finish_reason == "length" and request.tokens == alone(DECODER, inputs, request)
+
+
+def test_a_wave_of_arrivals_is_admitted_over_steps_and_finds_the_first_prefix_cached():
+    batcher = Batcher(DECODER, slots=4, max_len=32, block_size=4, prefill_tokens=10)
+    inputs = {"input_ids": torch.randint(6, 90, (1, 9), generator=torch.Generator().manual_seed(8))}
+    requests = [Request(inputs, max_new_tokens=4) for _ in range(3)]
+    for request in requests:
+        batcher.submit(request)
+    batcher.step()
+    assert batcher.running == 1 and len(batcher.waiting) == 2  # 9 prompt tokens of 10 taken
+    drain(batcher)
+    assert (batcher.cache.hit_tokens, batcher.cache.prompt_tokens) == (2 * 8, 3 * 9)  # two whole blocks each
+    assert all(request.tokens == alone(DECODER, inputs, request) for request in requests)
+
+
+def test_long_prompts_prefill_in_chunks_beside_decode_steps():
+    """prefill_chunk=4: a 23-token text prompt runs 4 tokens at prefill, then chunks of 4 beside a running
+    request's decode steps; a prefix-LM's prompt (with token types, or without: then all of it is one
+    bidirectional block) is prefilled whole. All equal `generate` alone."""
+    g = torch.Generator().manual_seed(9)
+    text = {"input_ids": torch.randint(6, 90, (1, 23), generator=g)}
+    typed = image_prompt(torch.randn(3, 32, 32, generator=g), torch.randint(6, 90, (3,), generator=g),
+                         torch.randint(6, 90, (9,), generator=g))
+    untyped = {"input_ids": typed["input_ids"], "pixel_values": typed["pixel_values"]}
+    for model, inputs, written in ((DECODER, text, 4 + 4), (PALIGEMMA, typed, 28 + 1), (PALIGEMMA, untyped, 28 + 1)):
+        batcher = Batcher(model, slots=2, max_len=48, block_size=4, prefill_chunk=4)
+        running = Request({"input_ids": torch.tensor([[7, 8, 9]])}, max_new_tokens=12)
+        batcher.submit(running)
+        batcher.step()
+        request = Request(inputs, max_new_tokens=5)
+        batcher.submit(request)
+        batcher.step()
+        assert batcher.cache.lengths[batcher.seqs[1].seq] == written  # prefill, then a chunk or its first token
+        drain(batcher)
+        assert request.tokens == alone(model, inputs, request)
+        assert running.tokens == alone(model, running.inputs, running)

@@ -58,3 +58,36 @@ def test_kosmos_1_counts_about_1_6b_with_its_tied_head():
     assert n == 1_670_703_104 and 1.6e9 <= n < 1.7e9  # the paper's "about 1.6B"
     untied = n + cfg.text.vocab_size * cfg.text.dim
     assert untied > 1.8e9  # an untied output projection would not fit the paper's figure
+
+
+def test_gemini_tiny_usm_is_gemini_tiny_hearing_through_a_gemma_3n_audio_tower():
+    """USM's Conformer counts as HF's `Gemma3nAudioEncoder` at its config (Gemma 3n's own sizes, and the
+    tiny preset's); the rest of gemini-tiny-usm is gemini-tiny's."""
+    transformers = pytest.importorskip("transformers", reason="HF's Gemma 3n audio tower is the reference count")
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioEncoder
+    from polymodal.convert.hf_gemma3n_audio import conformer_config_to_hf
+    from polymodal.encoders.conformer import ConformerConfig, ConformerEncoder
+
+    def params(module):
+        return sum(p.numel() for p in module.parameters())
+
+    n, usm = count("gemini-tiny-usm")
+    n_whisper, whisper = count("gemini-tiny")
+    for cfg in (ConformerConfig(), usm.config.usm):
+        with torch.device("meta"):
+            hf = Gemma3nAudioEncoder(transformers.Gemma3nAudioConfig(**conformer_config_to_hf(cfg)))
+            assert params(ConformerEncoder(cfg)) == params(hf)
+    assert params(usm.audio) == params(hf)
+    hearing = lambda m: params(m.audio) + params(m.audio_proj)  # noqa: E731
+    assert n - hearing(usm) == n_whisper - hearing(whisper) > 0
+
+
+def test_flamingo_palm_blocks_are_parallel_and_multi_query():
+    """flamingo-pytorch's FlamingoPaLM: one bias-free LayerNorm per block (no second, MLP norm) and one K/V head."""
+    n, model = count("flamingo-palm")
+    text = model.config.text
+    assert all(layer.mlp_norm is None for layer in model.decoder.layers)
+    assert model.decoder.layers[0].attn.wqkv.weight.shape == ((text.n_heads + 2) * text.head_size, text.dim)
+    with torch.device("meta"):
+        sequential = pm.build(model.config.replace(text=text.replace(parallel_blocks=False)))
+    assert sum(p.numel() for p in sequential.parameters()) - n == text.n_layers * text.dim

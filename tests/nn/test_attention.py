@@ -97,3 +97,23 @@ def test_flex_backend_refuses_what_it_cannot_do():
         Attention(32, 4, kv_dim=16, backend="flex")
     with pytest.raises(ValueError, match="needs a masks.block_mask"):
         Attention(32, 4, backend="flex")(torch.randn(1, 3, 32), is_causal=True)
+
+
+@pytest.mark.parametrize("S,chunk,left", [(11, 4, 4), (8, 4, 0), (3, 5, 7)])
+def test_local_window_by_chunks_equals_a_dense_band(S, chunk, left):
+    """Chunked sliding-window attention (soft-capped, per-dim scaled) == the same scores over a dense (S, S)
+    band mask: the blocks and contexts only save work."""
+    from polymodal.nn.masks import LocalWindow
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2, per_dim_scale=True, softcap=2.0)
+    torch.nn.init.normal_(attn.per_dim_scale)
+    x, valid = torch.randn(2, S, 16), torch.ones(2, S, dtype=torch.bool)
+    valid[1, S - 2:] = False
+    window = LocalWindow(chunk, left)
+    got = attn(x, mask=window.mask(valid), window=window)
+    t = torch.arange(S)
+    band = (t[:, None] - t[None, :] >= 0) & (t[:, None] - t[None, :] <= left) & valid[:, None, :]
+    band = band | ~band.any(-1, keepdim=True)
+    want = attn(x, mask=band[:, None])
+    assert (got - want)[valid].abs().max() <= 1e-6

@@ -6,6 +6,7 @@ import torch
 import polymodal as pm
 from polymodal.convert.hf import save_hf
 
+from causal_lm import assert_greedy_matches, assert_logits_match, batch  # tests/parity/causal_lm.py
 from randomise import randomise  # tests/parity/randomise.py
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
@@ -43,14 +44,6 @@ def hf_model(kind: str, overrides: dict):
     return model.eval()
 
 
-def batch():
-    ids = torch.randint(3, 128, (3, 10))
-    am = torch.ones_like(ids)
-    am[1, :4] = 0
-    am[2, :7] = 0
-    return ids.masked_fill(am == 0, 0), am
-
-
 @pytest.fixture(params=list(CONFIGS))
 def pair(request, tmp_path):
     kind, overrides = CONFIGS[request.param]
@@ -61,22 +54,13 @@ def pair(request, tmp_path):
 
 
 def test_logits_match_hf(pair):
-    hf, ours, _ = pair
-    ids, am = batch()
-    with torch.no_grad():
-        expected = hf(input_ids=ids, attention_mask=am).logits
-        got = ours(ids, attention_mask=am).logits
-    valid = am.bool()
-    assert (got[valid] - expected[valid]).abs().max() <= 1e-4
+    hf, ours = pair[:2]
+    assert_logits_match(hf, ours)
 
 
 def test_greedy_generation_matches_hf(pair):
-    hf, ours, _ = pair
-    ids, am = batch()
-    expected = hf.generate(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False,
-                           eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
-    got = pm.generate(ours, ids, am, max_new_tokens=12, eos_token_id=2, pad_token_id=0)
-    assert got[:, : expected.shape[1]].tolist() == expected.tolist()
+    hf, ours = pair[:2]
+    assert_greedy_matches(hf, ours)
 
 
 def test_round_trip_to_hf_gives_identical_logits(pair, tmp_path):

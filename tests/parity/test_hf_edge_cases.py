@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import polymodal as pm
 from polymodal.config import ConfigError
 
+import causal_lm  # tests/parity/causal_lm.py
 from randomise import randomise  # tests/parity/randomise.py
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
@@ -42,11 +43,7 @@ def edit_config(directory, **changes):
 
 
 def batch():
-    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(1))
-    am = torch.ones_like(ids)
-    am[1, :4] = 0
-    am[2, :7] = 0
-    return ids.masked_fill(am == 0, 0), am
+    return causal_lm.batch(torch.Generator().manual_seed(1))
 
 
 def max_logit_diff(hf, ours) -> float:

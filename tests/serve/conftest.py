@@ -115,3 +115,21 @@ def live(checkpoint):
     server = Live(checkpoint, "--slots", 8)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", params=["clip-tiny", "siglip-tiny"])
+def dual_checkpoint(request, tmp_path_factory) -> Path:
+    """A CLIP or SigLIP dual encoder with random weights and the world's tokenizer (named after its preset)."""
+    directory = tmp_path_factory.mktemp("serve-dual") / request.param
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.train(WORLD.texts(), vocab_size=320)
+    pm.save_pretrained(pm.build(fit_to_tokenizer(get_preset(request.param), tokenizer)), directory)
+    tokenizer.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def dual(dual_checkpoint):
+    server = Live(dual_checkpoint)
+    yield server
+    server.stop()

@@ -65,8 +65,12 @@ BAD = {
         "data": base64.b64encode(b"RIFF....WAVE").decode(), "format": "wav"}}]}]), 400,
         "messages[0].content[0].input_audio", "is not a wav file of PCM or float samples"),
     "prompt past the context": (chat(messages=[{"role": "user", "content": "red circle " * 300}], max_tokens=10), 400,
-                                "max_tokens", re.compile(r"the prompt is \d+ tokens and max_tokens is 10: \d+ in all, "
-                                                         "past the model's context of 512 tokens")),
+                                "messages", re.compile(r"the prompt is over 512 tokens \(counted to there of its 3300 "
+                                                       r"characters\), past the model's context of 512 tokens")),
+    "prompt and max_tokens past the context": (chat(messages=[{"role": "user", "content": "red circle " * 20}],
+                                                    max_tokens=505), 400, "max_tokens",
+                                               re.compile(r"the prompt is \d+ tokens and max_tokens is 505: \d+ in all, "
+                                                          "past the model's context of 512 tokens")),
     "max_tokens past the context": (chat(max_tokens=600), 400, "max_tokens", "max_tokens is 600"),
 }
 

@@ -20,7 +20,11 @@ learn to draw: if any segment of a document is a target, loss goes only on targe
 all text is (plain interleaved pretraining). Two optional fields serve evaluation (`polymodal eval --data`):
 `task` names the document's task (figures are given per task), and `references` on a target text segment
 lists the answers its prediction is scored against (VQAv2's ten human answers, COCO's five captions; without
-it the segment's own text is the one reference; training learns the segment's text either way). Every problem in a file raises `DocumentError` naming the file, the 1-based line,
+it the segment's own text is the one reference; training learns the segment's text either way).
+A detection target is a segment of objects in the pixels of the document's one image,
+`{"boxes": [{"label": "red circle", "box": [x1, y1, x2, y2]}], "target": true}`: PaliGemma writes them as its
+`<locNNNN>` tokens (`data/locations.py`), any other family as the text `red circle [x1, y1, x2, y2]` (` ; `
+between objects). Every problem in a file raises `DocumentError` naming the file, the 1-based line,
 the segment and the field, with what was expected and what was given.
 """
 
@@ -72,6 +76,7 @@ class Segment:
     references: list[str] | None = None  # the answers a target text is scored against (default: its text)
     # where the media came from; the only media reference when read with load_media=False
     path: str | list[str] | None = field(default=None, compare=False)
+    boxes: list[tuple[str, tuple[float, float, float, float]]] | None = None  # (label, (x1, y1, x2, y2) pixels)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -83,6 +88,8 @@ class Segment:
             check_text(self.text)
         if self.target and self.kind not in TARGET_KINDS:
             raise InputError(f"only {' and '.join(TARGET_KINDS)} segments can be targets, got a target {self.kind} segment")
+        if self.boxes is not None and self.kind != "text":
+            raise InputError(f"only text segments hold boxes, got boxes on a {self.kind} segment")
         if self.references is not None and not (self.target and self.kind == "text"):
             raise InputError(f"only target text segments have references, got references on a {self.kind} segment "
                              f"{'marked' if self.target else 'not marked'} as a target")
@@ -243,6 +250,8 @@ def _media_path(root: Path, value: str, where: str, strict: bool) -> str:
 def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_paths: bool) -> Segment:
     if not isinstance(seg, dict):
         raise _Invalid(where, f"expected a JSON object, got {_type(seg)}")
+    if "boxes" in seg:
+        return _boxes_segment(seg, where)
     if unknown := sorted(set(seg) - {*KINDS, "target", "references"}):
         raise _Invalid(f"{where}.{unknown[0]}", f"expected one of {', '.join(KINDS)} (and optional target, "
                                                f"references), got unknown key {unknown[0]!r}")
@@ -281,6 +290,36 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_pa
         raise _Invalid(where, f"expected a file path string, got {_type(value)}")
     p = _media_path(root, value, where, strict_paths)
     return Segment(kind, media=_load(p, kind, where) if load_media else None, target=target, path=p)
+
+
+def _boxes_segment(seg: dict, where: str) -> Segment:
+    """{"boxes": [{"label": str, "box": [x1, y1, x2, y2]}, ...], "target": true}: objects in the image's pixels."""
+    if unknown := sorted(set(seg) - {"boxes", "target"}):
+        raise _Invalid(f"{where}.{unknown[0]}", f"expected only boxes and target in a boxes segment, got "
+                                               f"{unknown[0]!r}")
+    if seg.get("target", False) is not True:
+        raise _Invalid(f"{where}.target", f"expected true: boxes are an answer to learn, got {seg.get('target')!r}")
+    value, where = seg["boxes"], f"{where}.boxes"
+    if not isinstance(value, list) or not value:
+        given = "an empty list" if value == [] else _type(value)
+        raise _Invalid(where, f"expected a non-empty list of objects, got {given}")
+    boxes = []
+    for i, obj in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(obj, dict) or set(obj) != {"label", "box"}:
+            given = _type(obj) if not isinstance(obj, dict) else f"the keys {sorted(obj)}"
+            raise _Invalid(at, f"expected an object with the keys 'label' and 'box', got {given}")
+        label, box = obj["label"], obj["box"]
+        if not isinstance(label, str) or not label.strip() or any(c in label for c in "<>;"):
+            raise _Invalid(f"{at}.label", f"expected a non-empty string without '<', '>' or ';', got {label!r}")
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+                or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3])):
+            raise _Invalid(f"{at}.box", f"expected [x1, y1, x2, y2] in pixels with 0 <= x1 < x2 and 0 <= y1 < y2, "
+                                        f"got {box!r}")
+        boxes.append((label.strip(), tuple(float(v) for v in box)))
+    text = " ; ".join(f"{label} [{', '.join(f'{v:g}' for v in box)}]" for label, box in boxes)
+    return Segment("text", text=text, target=True, boxes=boxes)
 
 
 def _references(seg: dict, where: str, kind: str, target: bool) -> list[str] | None:
@@ -377,7 +416,9 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
                 if s.kind != "text" and s.media is None:
                     raise InputError(f"document {i} segment {j}: {s.kind} segment has no media loaded "
                                      "(read it with load_media=True to write it out)")
-                if s.kind == "text":
+                if s.boxes is not None:
+                    seg = {"boxes": [{"label": label, "box": list(box)} for label, box in s.boxes], "target": True}
+                elif s.kind == "text":
                     seg = {"text": s.text, **({"target": True} if s.target else {}),
                            **({"references": s.references} if s.references is not None else {})}
                 elif s.kind == "image":

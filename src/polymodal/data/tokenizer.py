@@ -3,6 +3,8 @@
 Every tokenizer carries the control tokens in `Tokenizer.SPECIAL_TOKENS`. A checkpoint's own
 token for the same role is reused (Gemma/PaliGemma `<bos>`, `<image>`; Llama's `<s>`, `</s>`),
 missing ones are appended after the vocabulary, and all of them are matched whole in text.
+`add_tokens` registers pieces that are matched whole too but kept by decode, as HF's `add_tokens` does
+(PaliGemma's `<locNNNN>` and `<segNNN>`: an answer's text keeps them).
 `Tokenizer.train` builds a byte-level BPE (GPT-2 style): every string maps to bytes and back,
 so decode(encode(text)) == text for any text, with no unknown token.
 `encode(text, split_special_tokens=True)` (HF's name) reads control-token text such as "<eos>" as
@@ -49,6 +51,11 @@ class _HFModel:
         self._literal = None
         return self.tok.token_to_id(piece)
 
+    def add_plain(self, piece: str) -> int:
+        self.tok.add_tokens([AddedToken(piece, special=False, normalized=False)])
+        self._literal = None
+        return self.tok.token_to_id(piece)
+
     def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
         tok = self.tok
         if split_special_tokens:
@@ -69,13 +76,16 @@ class _HFModel:
 class _SPModel:
     """A SentencePiece model; its proto cannot grow, so added tokens live here, after its pieces."""
 
-    def __init__(self, sp: Any, added: Sequence[str] = ()):
+    def __init__(self, sp: Any, added: Sequence[str] = (), plain: Sequence[str] = ()):
         self.sp = sp
         self.added: dict[str, int] = {}
         self.specials: dict[str, int] = {}
-        self._pattern: re.Pattern[str] | None = None
-        for piece in added:
-            self.add_special(piece)
+        self.plain: dict[str, int] = {}  # matched whole like specials, kept by decode
+        self._patterns: dict[bool, re.Pattern[str] | None] | None = None  # by split_special_tokens; built on use
+        for piece in added:  # in saved order, so appended ids come back unchanged
+            self.add_plain(piece) if piece in plain else self.add_special(piece)
+        for piece in plain:
+            self.add_plain(piece)
 
     def __len__(self) -> int:
         return self.sp.get_piece_size() + len(self.added)
@@ -87,39 +97,52 @@ class _SPModel:
         return i if self.sp.id_to_piece(i) == piece else None  # unknown pieces map to <unk>
 
     def add_special(self, piece: str) -> int:
+        return self._register(piece, self.specials)
+
+    def add_plain(self, piece: str) -> int:
+        return self._register(piece, self.plain)
+
+    def _register(self, piece: str, kind: dict[str, int]) -> int:
         i = self.lookup(piece)
         if i is None:
             i = self.added[piece] = len(self)
-        self.specials[piece] = i
-        # Longest first, so a special token that contains another one wins.
-        alternatives = sorted(self.specials, key=len, reverse=True)
-        self._pattern = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+        kind[piece] = i
+        self._patterns = None  # rebuilt once at the next encode, not once per token of a batch added
         return i
 
-    def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
-        if split_special_tokens:  # SentencePiece itself never reads control pieces from text
-            return [self.sp.encode(text) for text in texts]
-        return [self._encode(text) for text in texts]
+    def _pattern(self, split_special_tokens: bool) -> re.Pattern[str] | None:
+        if self._patterns is None:
+            self._patterns = {}
+            for split, pieces in ((False, {**self.specials, **self.plain}), (True, self.plain)):
+                alternatives = sorted(pieces, key=len, reverse=True)  # longest first: a token holding another wins
+                self._patterns[split] = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") \
+                    if pieces else None
+        return self._patterns[split_special_tokens]
 
-    def _encode(self, text: str) -> list[int]:
-        parts = self._pattern.split(text) if self._pattern else [text]
+    def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
+        # split_special_tokens: only the plain tokens are matched (SentencePiece never reads control pieces)
+        return [self._encode(text, self._pattern(split_special_tokens)) for text in texts]
+
+    def _encode(self, text: str, pattern: re.Pattern[str] | None) -> list[int]:
+        parts = pattern.split(text) if pattern else [text]
         ids: list[int] = []
         for i, part in enumerate(parts):
             if i % 2:  # re.split puts the matched separators at odd positions
-                ids.append(self.specials[part])
+                ids.append(self.specials.get(part, self.plain.get(part)))
             elif part:
                 ids.extend(self.sp.encode(part))
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         names = {i: piece for piece, i in self.specials.items()}
+        plain = {i: piece for piece, i in self.plain.items()}
         out, run = [], []
         for i in ids:
-            if i in names:
+            if i in names or i in plain:
                 out.append(self.sp.decode(run))
                 run = []
-                if not skip_special_tokens:
-                    out.append(names[i])
+                if i in plain or not skip_special_tokens:
+                    out.append(plain.get(i, names.get(i)))
             else:
                 run.append(i)
         out.append(self.sp.decode(run))
@@ -127,7 +150,8 @@ class _SPModel:
 
     def save(self, directory: Path) -> None:
         (directory / "tokenizer.model").write_bytes(self.sp.serialized_model_proto())
-        (directory / _SP_ADDED_FILE).write_text(json.dumps({"added_tokens": list(self.added)}, indent=2))
+        saved = {"added_tokens": list(self.added), "plain_tokens": list(self.plain)}
+        (directory / _SP_ADDED_FILE).write_text(json.dumps(saved, indent=2))
 
 
 class Tokenizer:
@@ -138,17 +162,21 @@ class Tokenizer:
         "<image>", "</image>", "<img>", "</img>", "<audio>", "</audio>", "<video>", "</video>",
     )
 
-    def __init__(self, model: "tokenizers.Tokenizer | Any", added_tokens: Sequence[str] = ()):
+    def __init__(self, model: "tokenizers.Tokenizer | Any", added_tokens: Sequence[str] = (),
+                 plain_tokens: Sequence[str] = ()):
         """Wrap a `tokenizers.Tokenizer` (copied, not changed) or a `SentencePieceProcessor`.
 
-        `added_tokens` are registered first, in order, so that saved ids load back unchanged.
+        `added_tokens` are registered first, in order, so that saved ids load back unchanged; those also in
+        `plain_tokens` (and the rest of `plain_tokens`) as `add_tokens` registers them.
         """
         if isinstance(model, tokenizers.Tokenizer):
             self._model: _HFModel | _SPModel = _HFModel(tokenizers.Tokenizer.from_str(model.to_str()))
             for piece in added_tokens:
-                self._model.add_special(piece)
+                self._model.add_plain(piece) if piece in plain_tokens else self._model.add_special(piece)
+            for piece in plain_tokens:
+                self._model.add_plain(piece)
         elif hasattr(model, "serialized_model_proto"):
-            self._model = _SPModel(model, added_tokens)
+            self._model = _SPModel(model, added_tokens, plain_tokens)
         else:
             raise InputTypeError(f"expected a tokenizers.Tokenizer or a SentencePieceProcessor, got {type(model).__name__}")
         self._special: dict[str, int] = {}
@@ -201,17 +229,28 @@ class Tokenizer:
         except ImportError as e:
             raise ImportError(f"{file} is a SentencePiece model: pip install sentencepiece") from e
         added_file = file.parent / _SP_ADDED_FILE
-        added = json.loads(added_file.read_text())["added_tokens"] if added_file.is_file() else []
+        saved = json.loads(added_file.read_text()) if added_file.is_file() else {}
         try:
             model = sentencepiece.SentencePieceProcessor(model_file=str(file))
         except (RuntimeError, OSError) as e:
             raise CheckpointError(f"{file} is not a readable SentencePiece model ({e})") from e
-        return cls(model, added)
+        return cls(model, saved.get("added_tokens", []), saved.get("plain_tokens", []))
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._model.save(directory)
+
+    def add_tokens(self, pieces: Sequence[str]) -> list[int]:
+        """Register pieces read whole in text and kept by `decode`, as HF's `add_tokens`: content, not control,
+        so `split_special_tokens` reads them too. A piece already in the vocabulary keeps its id, a new one
+        is appended. Returns their ids."""
+        if isinstance(pieces, str):
+            raise InputTypeError("add_tokens takes a list of strings, got one string")
+        for i, piece in enumerate(pieces):
+            if not check_text(piece, f"pieces[{i}]"):
+                raise InputError(f"pieces[{i}] is empty: a token needs at least one character")
+        return [self._model.add_plain(piece) for piece in pieces]
 
     @property
     def vocab_size(self) -> int:

@@ -25,21 +25,34 @@ def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m >= 15.0, log_part, 200.0 * m / 3.0)
 
 
-def mel_filterbank(n_mels: int, n_fft: int, sampling_rate: int) -> torch.Tensor:
-    """Slaney-normalized triangular mel filters over 0..sampling_rate/2, (n_fft // 2 + 1, n_mels) float32."""
-    nyquist = torch.tensor(sampling_rate / 2, dtype=torch.float64)
-    edges = _mel_to_hz(torch.linspace(0.0, float(_hz_to_mel(nyquist)), n_mels + 2, dtype=torch.float64))
-    bins = torch.linspace(0.0, float(nyquist), n_fft // 2 + 1, dtype=torch.float64)
+def _htk_hz_to_mel(f: torch.Tensor) -> torch.Tensor:
+    return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+
+def _htk_mel_to_hz(m: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+
+def mel_filterbank(n_mels: int, n_fft: int, sampling_rate: int, *, f_min: float = 0.0, f_max: float | None = None,
+                   htk: bool = False) -> torch.Tensor:
+    """Triangular mel filters over f_min..f_max (default: sampling_rate/2), (n_fft // 2 + 1, n_mels) float64:
+    Slaney's scale, area-normalized (Whisper), or with htk=True the HTK scale 2595 log10(1 + f/700),
+    unnormalized (USM, Gemma 3n)."""
+    nyquist = sampling_rate / 2
+    to_mel, to_hz = (_htk_hz_to_mel, _htk_mel_to_hz) if htk else (_hz_to_mel, _mel_to_hz)
+    limits = to_mel(torch.tensor([f_min, nyquist if f_max is None else f_max], dtype=torch.float64))
+    edges = to_hz(torch.linspace(float(limits[0]), float(limits[1]), n_mels + 2, dtype=torch.float64))
+    bins = torch.linspace(0.0, nyquist, n_fft // 2 + 1, dtype=torch.float64)
     offsets = edges[None, :] - bins[:, None]  # (F, M+2)
     widths = edges.diff()
     rising, falling = -offsets[:, :-2] / widths[:-1], offsets[:, 2:] / widths[1:]
     filters = torch.minimum(rising, falling).clamp(min=0.0)
-    # Area normalization keeps the energy per channel roughly constant across the scale.
-    filters = filters * (2.0 / (edges[2:] - edges[:-2]))
+    if not htk:  # area normalization keeps the energy per channel roughly constant across the scale
+        filters = filters * (2.0 / (edges[2:] - edges[:-2]))
     empty = (filters.amax(dim=0) == 0).nonzero().flatten().tolist()
     if empty:
         raise ConfigError(f"mel filters {empty} are empty: n_mels={n_mels} is too many for n_fft={n_fft}")
-    return filters.float()
+    return filters
 
 
 @dataclass
@@ -60,7 +73,7 @@ class AudioFeatureExtractor:
     def __post_init__(self) -> None:
         if min(self.n_mels, self.sampling_rate, self.hop_length, self.n_fft, self.chunk_length) <= 0:
             raise ConfigError(f"all sizes must be positive, got {self}")
-        self._filters = mel_filterbank(self.n_mels, self.n_fft, self.sampling_rate)
+        self._filters = mel_filterbank(self.n_mels, self.n_fft, self.sampling_rate).float()
 
     @property
     def n_samples(self) -> int:

@@ -4,6 +4,9 @@ CLIP: class token, bias-free patch embedding, LayerNorm before the encoder, quic
 post-LN of the class token. SigLIP: no class token, GELU-tanh, post-LN over all patches, pooled by
 a multihead attention-pooling (MAP) head. Matches HF `CLIPVisionModel` and `SiglipVisionModel`.
 The encoder stack (`encoder_blocks`, run with `mask=None` for images) is shared with the text towers.
+Other image sizes (PaliGemma's 448 and 896 from 224 weights) interpolate the position embeddings as HF's
+`interpolate_pos_encoding` does (bicubic, align_corners=False, in the weights' dtype): at run time
+(`forward(..., interpolate_pos_encoding=True)`) or once, on loading (`resize_position_embeddings`).
 
 Shapes: B images, N tokens (patches, plus the class token for CLIP), D width.
 """
@@ -13,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import Config, _check_choice, _check_positive
-from polymodal.errors import ConfigError, check_pixel_values
+from polymodal.errors import CheckpointError, ConfigError, InputError, check_media, check_pixel_values
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm
@@ -102,6 +106,34 @@ class AttentionPoolingHead(nn.Module):
         return (h + self.mlp(self.norm(h)))[:, 0]
 
 
+def interpolate_positions(weight: torch.Tensor, grid: tuple[int, int], class_token: bool = False) -> torch.Tensor:
+    """Position embeddings (n_class + s*s, D) of an s x s patch grid -> those of a (rows, cols) grid: the patch
+    part resized bicubically (align_corners=False) in its own dtype, CLIP's class position kept, as HF's
+    `interpolate_pos_encoding`; unchanged, as there, when the grid is square and of the same count."""
+    n_class = int(class_token)
+    patches, dim = weight[n_class:], weight.shape[-1]
+    side = int(patches.shape[0] ** 0.5)
+    if side * side != patches.shape[0]:
+        raise ConfigError(f"position embeddings of {patches.shape[0]} patches are no square grid to interpolate")
+    if grid[0] == grid[1] and grid[0] * grid[1] == patches.shape[0]:
+        return weight
+    square = patches.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, s, s)
+    resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat((weight[:n_class], resized.permute(0, 2, 3, 1).reshape(-1, dim)))
+
+
+def resize_position_embeddings(state_dict: dict[str, torch.Tensor], config: VisionConfig,
+                               prefix: str = "") -> dict[str, torch.Tensor]:
+    """A ViT state dict whose position embeddings were trained at another image size (PaliGemma's 224) ->
+    one that loads into a ViT of `config` (448, 896): `{prefix}pos_embed.weight` interpolated to its grid."""
+    key = f"{prefix}pos_embed.weight"
+    if key not in state_dict:
+        raise CheckpointError(f"no {key} in the state dict to resize (keys start {sorted(state_dict)[:3]})")
+    side = config.image_size // config.patch_size
+    resized = interpolate_positions(state_dict[key], (side, side), class_token=config.variant == "clip")
+    return {**state_dict, key: resized}
+
+
 @dataclass
 class VisionOutput:
     features: torch.Tensor  # (B, N, D): the selected layer's tokens
@@ -138,30 +170,44 @@ class ViT(nn.Module):
             lecun = (w[0].numel() ** -0.5) / 0.87962566103423978
             nn.init.trunc_normal_(w, std=lecun, a=-2 * lecun, b=2 * lecun)
 
-    def check_pixels(self, pixel_values: torch.Tensor) -> None:
-        check_pixel_values(pixel_values, self.config.channels, self.config.image_size)
+    def check_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
+        """The config's square size; any multiple of the patch size when the positions are interpolated."""
+        cfg = self.config
+        if not interpolate_pos_encoding:
+            return check_pixel_values(pixel_values, cfg.channels, cfg.image_size)
+        check_media("pixel_values", pixel_values, ("num_images", cfg.channels, "height", "width"))
+        height, width = pixel_values.shape[-2:]
+        if height % cfg.patch_size or width % cfg.patch_size or not height or not width:
+            raise InputError(f"pixel_values' height and width must be positive multiples of the patch size "
+                             f"({cfg.patch_size}) to interpolate positions, got {height}x{width}")
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D): patches (+ class token) + positions (+ CLIP's pre-LN)."""
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, D, rows, cols)
+        positions = self.pos_embed.weight
+        if interpolate_pos_encoding:
+            positions = interpolate_positions(positions, tuple(x.shape[-2:]), self.class_token is not None)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         if self.class_token is not None:
             x = torch.cat((self.class_token.to(x.dtype).expand(x.shape[0], 1, -1), x), dim=1)
-        x = x + self.pos_embed.weight
+        x = x + positions
         return self.pre_norm(x) if self.pre_norm is not None else x
 
-    def forward(self, pixel_values: torch.Tensor, *, layer: int | None = None, pooled: bool = False) -> VisionOutput:
+    def forward(self, pixel_values: torch.Tensor, *, layer: int | None = None, pooled: bool = False,
+                interpolate_pos_encoding: bool = False) -> VisionOutput:
         """features: layer=None gives HF's `last_hidden_state` (SigLIP post-normed; CLIP not, its post-LN
         is for the class token only); layer=k gives HF's `hidden_states[k]` (0 = embeddings, -1 = last
         block, -2 = the penultimate layer LLaVA-style VLMs read), computing no block past it.
-        pooled: also the pooled embedding (SigLIP's MAP head, CLIP's post-normed class token)."""
+        pooled: also the pooled embedding (SigLIP's MAP head, CLIP's post-normed class token).
+        interpolate_pos_encoding: read images of another size (HF's flag of that name)."""
         n = len(self.layers)
         if layer is not None and not -n - 1 <= layer <= n:
             raise ConfigError(f"layer must be in [{-n - 1}, {n}] for a ViT of {n} blocks (0 = embeddings), got {layer}")
         if pooled and self.config.variant == "siglip" and self.head is None:
             raise ConfigError("this SigLIP has no pooling head (pooling_head=False), so it has no pooled output")
-        self.check_pixels(pixel_values)
+        self.check_pixels(pixel_values, interpolate_pos_encoding)
         select = n if layer is None else layer % (n + 1)
-        x = self.embed(pixel_values)
+        x = self.embed(pixel_values, interpolate_pos_encoding)
         features = x
         for i, block in enumerate(self.layers[: n if pooled else select]):
             x = block(x)  # no mask: every patch sees every patch

@@ -204,6 +204,27 @@ class VQDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
+def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """z (B, D, h, w), codebook (K, D) -> the nearest code per position (B, h*w), row-major."""
+    flat = z.flatten(2).transpose(1, 2).reshape(-1, z.shape[1])  # (B*h*w, D)
+    # ||z - e||^2 expanded as HF and big_vision compute it, so ties and rounding pick the same codes
+    dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+    return dist.argmin(1).view(z.shape[0], -1)
+
+
+def lookup_codes(codes: torch.Tensor, codebook: torch.Tensor, grid: int) -> torch.Tensor:
+    """codes (B, h*w) -> codebook vectors (B, D, h, w) on a square grid."""
+    return F.embedding(codes, codebook).transpose(1, 2).unflatten(2, (grid, grid))
+
+
+def quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z (B, D, h, w) -> straight-through quantised z, codebook + beta * commitment loss, codes (B, h*w)."""
+    codes = nearest_codes(z, codebook)
+    zq = lookup_codes(codes, codebook, z.shape[-1])
+    loss = F.mse_loss(zq, z.detach()) + beta * F.mse_loss(z, zq.detach())
+    return z + (zq - z).detach(), loss, codes
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, num_embeddings: int, dim: int, beta: float):
         super().__init__()
@@ -213,22 +234,15 @@ class VectorQuantizer(nn.Module):
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, D, h, w) -> nearest code per position (B, h*w)."""
-        flat = z.flatten(2).transpose(1, 2).reshape(-1, z.shape[1])  # (B*h*w, D)
-        e = self.embedding.weight
-        # ||z - e||^2 expanded as HF computes it, so ties and rounding pick the same codes
-        dist = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()
-        return dist.argmin(1).view(z.shape[0], -1)
+        return nearest_codes(z, self.embedding.weight)
 
     def lookup(self, codes: torch.Tensor, grid: int) -> torch.Tensor:
         """codes (B, h*w) -> codebook vectors (B, D, h, w)."""
-        return self.embedding(codes).transpose(1, 2).unflatten(2, (grid, grid))
+        return lookup_codes(codes, self.embedding.weight, grid)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> straight-through quantised z, codebook + commitment loss, codes (B, h*w)."""
-        codes = self.codes(z)
-        zq = self.lookup(codes, z.shape[-1])
-        loss = F.mse_loss(zq, z.detach()) + self.beta * F.mse_loss(z, zq.detach())
-        return z + (zq - z).detach(), loss, codes
+        return quantize(z, self.embedding.weight, self.beta)
 
 
 @dataclass

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from polymodal.config import Config, ConfigError, DecoderConfig, read_json_config
 from polymodal.convert import hf_vision
+from polymodal.convert.hf_gemma3n_audio import GEMMA3N_AUDIO_TOWER
 from polymodal.convert.hf_whisper import WHISPER
 from polymodal.encoders.audio import AudioConfig, AudioEncoder
+from polymodal.encoders.conformer import ConformerConfig, ConformerEncoder
 from polymodal.encoders.vit import ViT, VisionConfig
 from polymodal.encoders.vq import VQConfig, VQModel
 from polymodal.families.chameleon.config import ChameleonConfig
@@ -25,7 +27,7 @@ from polymodal.families.contrastive.convert import CLIP, SIGLIP
 from polymodal.families.contrastive.format import PairCollator, PairFormat
 from polymodal.families.contrastive.model import DualEncoder
 from polymodal.families.contrastive.presets import PRESETS as CONTRASTIVE_PRESETS
-from polymodal.families.decoder.convert import GEMMA, LLAMA
+from polymodal.families.decoder.convert import COHERE, GEMMA, LLAMA
 from polymodal.families.decoder.format import DecoderFormat
 from polymodal.families.decoder.presets import PRESETS as DECODER_PRESETS
 from polymodal.families.flamingo.config import FlamingoConfig
@@ -52,7 +54,7 @@ from polymodal.nn.transformer import Decoder
 
 FAMILIES: dict[str, FamilySpec] = {
     "decoder": FamilySpec(DecoderConfig, Decoder, DecoderFormat, presets=DECODER_PRESETS,
-                          hf={"llama": LLAMA, "gemma": GEMMA}, peft=("llama", ())),
+                          hf={"llama": LLAMA, "gemma": GEMMA, "cohere": COHERE}, peft=("llama", ())),
     "paligemma": FamilySpec(PaliGemmaConfig, PaliGemma, PaliGemmaFormat, per_token_inputs=PaliGemma.per_token,
                             placeholders=lambda c: (c.image_token_id,), needs_image=True, presets=PALIGEMMA_PRESETS,
                             hf={"paligemma": PALIGEMMA},
@@ -74,6 +76,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "vit": FamilySpec(VisionConfig, ViT, hf={"siglip_vision_model": hf_vision.SIGLIP_VISION,
                                              "clip_vision_model": hf_vision.CLIP_VISION}),
     "audio": FamilySpec(AudioConfig, AudioEncoder, hf={"whisper": WHISPER}),
+    "conformer": FamilySpec(ConformerConfig, ConformerEncoder, hf={"gemma3n_audio": GEMMA3N_AUDIO_TOWER}),
     "vq": FamilySpec(VQConfig, VQModel),
 }
 

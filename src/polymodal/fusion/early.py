@@ -67,6 +67,7 @@ class EarlyFusion(LanguageModel):
     per_token: tuple[str, ...] = ()  # the family's own inputs laid out like input_ids (token_type_ids)
     ignore_media_labels = False  # labels on media spans are -100 (KOSMOS-1: loss on text only)
     cancel_embed_scale = True  # media enter as encoded: divided by the sqrt(dim) the decoder multiplies in
+    encoder_caches: dict | None = None  # set by a server: media key -> `nn.media_cache.EncoderCache` of its encoder
 
     @property
     def image_spans(self):
@@ -161,8 +162,13 @@ class EarlyFusion(LanguageModel):
     def embed(self, spans: Spans, sizes: dict[str, list[int]], media: dict[str, Any]) -> torch.Tensor:
         """(T, D): every media encoded once (a batch per modality), laid out in span order."""
         encoded = []
+        caches = self.encoder_caches or {}
         for m in self.modalities:
-            out = getattr(self, m.encoder)(media[m.key]) if m.key in media else []
+            out = []
+            if m.key in media:
+                encoder, given = getattr(self, m.encoder), media[m.key]
+                cache = caches.get(m.key) if torch.is_tensor(given) else None
+                out = cache.encode(given, encoder) if cache is not None else encoder(given)
             encoded.append(list(out.flatten(0, 1).split(sizes[m.key]) if torch.is_tensor(out) else out))
         if not self.modalities[0].span.wrapped:  # one run of blanks, however its media were cut
             feats = torch.cat(encoded[0])

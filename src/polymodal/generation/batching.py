@@ -1,18 +1,25 @@
-"""Continuous batching (Orca, Yu et al. 2022; vLLM's scheduler without paging) on the engine's static cache.
+"""Continuous batching (Orca, Yu et al. 2022) on a paged KV cache (vLLM, Kwon et al. 2023), with prefix caching
+and batched prefill.
 
-A `Batcher` holds one static KV cache of `slots` rows and runs the engine's model protocol on it:
-between two decode steps (a step boundary) waiting requests are prefilled, each alone, and spliced into
-free rows; then one decode step advances every row; a request leaves, and frees its row, as soon as it
-stops. Each request has its own sampling settings and stop tokens (one `Chooser` per setting), seed and
-listener, which may stop it (stop strings) and sees every token as it is chosen.
+A `Batcher` runs the model protocol on one `nn.paged_cache.PagedCache`: each running request is a sequence
+holding blocks as it grows and giving them back when it stops, is cancelled or fails (a failed one's blocks
+are never shared). At each step boundary waiting requests are admitted, up to `prefill_tokens` prompt tokens
+(so a wave of arrivals spreads over a few steps and its later requests find the earlier prefixes cached),
+while a row is free and the pool has
+the blocks their worst case (prompt + max_new_tokens) could take beside the running ones' worst cases, so a
+step never runs short; each new request looks its prompt up in the prefix cache (keys: token ids, per-token
+inputs, every media item's content hash, `prompt_keys`). The ones without a hit are prefilled together, in
+one left-padded call per media layout (padding takes no slot); the media are encoded through the batcher's
+`EncoderCache`s (the same image twice is encoded once). A long causal prompt is prefilled up to its media
+and `prefill_chunk` tokens at least; a prefix-LM's (a model with per-token inputs) whole. Then one call continues
+every other sequence: a running request feeds its last token, a request with prompt tokens still to run
+(after a hit or a first chunk) feeds the next `prefill_chunk` of them (chunked prefill beside the decode
+rows), and takes its first token from its prompt's last logit.
 
-All rows share the cache's write column (`Cache.fill`), so a request is spliced into the columns just
-before it, right-aligned like the engine's left padding; the mask comes from each slot's segments, never
-from its column, so a row's earlier columns are masked pads. When the columns run out, `_realign` moves
-every row's span to the left end (one copy of the cache); a long prompt may move them right instead.
-A request's prefill runs in a cache of the size `generate` would give it and its decode steps see the same
-keys, so its greedy tokens equal `generate` alone, and a seeded request draws its noise from its own
-generator as `generate(seed=...)` does: the same tokens whatever else runs beside it.
+Each request has its own sampling settings and stop tokens (one `Chooser` per setting), seed and listener,
+which may stop it (stop strings) and sees every token as it is chosen. Rows never share positions or
+columns, so each sees exactly the keys it has alone: its greedy tokens equal `generate` alone, and a
+seeded request draws its noise from its own generator as `generate(seed=...)` does.
 """
 
 from __future__ import annotations
@@ -25,10 +32,15 @@ from dataclasses import dataclass, field
 import torch
 
 from polymodal.errors import InputError
+from polymodal.families import spec_of
+from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
+from polymodal.generation.prompt_keys import prompt_keys
 from polymodal.generation.prompts import check_context
 from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.language_model import LanguageModel
+from polymodal.nn.media_cache import EncoderCache
+from polymodal.nn.paged_cache import PagedCache
 
 
 class QueueFull(RuntimeError):
@@ -71,19 +83,40 @@ class Request:
         return self.inputs["input_ids"].shape[1]
 
 
-class Batcher:
-    """`submit` from any thread; `step` (or `run` in a thread) from one."""
+@dataclass(eq=False)
+class _Sequence:
+    """A running request's place in the paged cache."""
 
-    def __init__(self, model: LanguageModel, *, slots: int, max_len: int, max_waiting: int = 256):
-        if slots < 1 or max_len < 2:
-            raise InputError(f"a batcher needs slots >= 1 and max_len >= 2, got {slots} and {max_len}")
+    seq: int  # its sequence id in the cache
+    blocks: int  # the most blocks its prompt and max_new_tokens may take
+    pending: torch.Tensor  # (n,) prompt tokens the decode calls still run (after a hit or a first chunk)
+
+
+class Batcher:
+    """`submit` from any thread; `step` (or `run` in a thread) from one. `slots`: requests running at once;
+    `max_len`: a request's prompt + new tokens; `n_blocks` (default: room for `slots` requests of max_len)
+    blocks of `block_size` tokens in the pool; `prefill_tokens`: prompt tokens admitted per step (at least one
+    request), so a wave of arrivals is prefilled over several steps beside the decode steps and the later ones
+    find the earlier ones' prefixes cached; `prefill_chunk`: prompt tokens a request runs per step after a hit
+    or its first chunk (a long causal prompt's first prefill runs at least as many)."""
+
+    def __init__(self, model: LanguageModel, *, slots: int, max_len: int, max_waiting: int = 256,
+                 block_size: int = 16, n_blocks: int | None = None, prefill_chunk: int = 256, prefill_tokens: int = 512,
+                 encoder_cache_bytes: int = 64 << 20):
+        if slots < 1 or max_len < 2 or min(prefill_chunk, prefill_tokens) < 1:
+            raise InputError(f"a batcher needs slots >= 1, max_len >= 2, prefill_chunk and prefill_tokens >= 1; got "
+                             f"{slots}, {max_len}, {prefill_chunk} and {prefill_tokens}")
         if not isinstance(model, LanguageModel):
             raise InputError(f"a batcher needs a model that writes tokens; a {type(model).__name__} writes nothing")
         self.model, self.slots, self.max_len, self.max_waiting = model, slots, max_len, max_waiting
-        self.cache = model.make_cache(slots, max_len)
+        self.prefill_chunk, self.prefill_tokens = prefill_chunk, prefill_tokens
+        self.cache = PagedCache.for_model(model, n_blocks or slots * -(-max_len // block_size) + 1, block_size)
+        modalities = model.modalities if isinstance(model, EarlyFusion) else ()
+        self.encoder_caches = {m.key: EncoderCache(encoder_cache_bytes) for m in modalities}  # by media key
         self.rows: list[Request | None] = [None] * slots
-        self.start = [0] * slots  # each row's first column
-        device = self.cache.fill.device
+        self.seqs: list[_Sequence | None] = [None] * slots
+        self.next_seq = 0
+        device = self.cache.device
         self.last = torch.zeros(slots, dtype=torch.long, device=device)  # each row's latest token, fed to the next step
         self.state = torch.zeros(slots, dtype=torch.long, device=device)  # each row's image-span mode
         self.choosers: dict[tuple, Chooser] = {}  # one per (temperature, top_p, stop tokens) asked for
@@ -92,8 +125,15 @@ class Batcher:
         self.work = threading.Condition()
         self.closed = False
 
+    def blocks_for(self, request: Request) -> int:
+        return -(-(request.prompt_len + request.max_new_tokens) // self.cache.block_size)
+
     def submit(self, request: Request) -> None:
         check_context(request.prompt_len, request.max_new_tokens, self.max_len, whose="the batcher's")
+        usable = self.cache.pool.n_blocks - 1
+        if self.blocks_for(request) > usable:
+            raise InputError(f"the request may take {self.blocks_for(request)} blocks of {self.cache.block_size} "
+                             f"tokens; the batcher's KV cache has {usable}")
         with self.work:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this server queues")
@@ -125,58 +165,165 @@ class Batcher:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One step boundary: drop cancelled requests, admit waiting ones into free rows, then one decode step."""
+        """One step boundary: drop cancelled requests, admit waiting ones (prefilled together, or started on
+        their cached prefix), then one call continues every other running request."""
         for row, request in enumerate(self.rows):
             if request is not None and request.cancelled:
                 self._leave(row, "cancelled")
+        new = [row for row in self._admit() if self.cache.lengths[self.seqs[row].seq] == 0]
+        for group in self._layouts(new).values():
+            self._start(group)
+        live = [row for row in range(self.slots) if self.rows[row] is not None and row not in new]
+        live += [row for row in new if self.rows[row] is not None]
+        if live:
+            try:
+                self._continue(live)
+            except Exception as e:  # noqa: BLE001 - every running request fails, the batcher goes on
+                for row in live:
+                    self.rows[row].error = e
+                    self._leave(row, "error", failed=True)
+
+    def _admit(self) -> list[int]:
+        """Waiting requests into free rows, first come first served, while the pool holds their worst case
+        beside the running ones'; each started on its prompt's cached prefix. Returns their rows."""
+        admitted, budget = [], self.prefill_tokens
+        committed = sum(s.blocks for s in self.seqs if s is not None)
         while None in self.rows:
             with self.work:
                 if not self.waiting:
                     break
-                request = self.waiting.popleft()
+                request = self.waiting[0]
+                if not request.cancelled and committed + self.blocks_for(request) > self.cache.pool.n_blocks - 1:
+                    break  # it waits for blocks
+                if not request.cancelled and admitted and request.prompt_len > budget:
+                    break  # it waits for the next step's prefill
+                self.waiting.popleft()
             if request.cancelled:
                 self._finish(request, "cancelled")
                 continue
             try:
-                self._admit(self.rows.index(None), request)
-            except Exception as e:  # noqa: BLE001 - a request the model refuses fails alone
+                keys = prompt_keys(self.model, request.inputs)
+            except Exception as e:  # noqa: BLE001 - a request whose media do not fit its prompt fails alone
                 request.error = e
                 self._finish(request, "error")
-        if self.running:
-            try:
-                self._decode()
-            except Exception as e:  # noqa: BLE001 - every running request fails, the batcher goes on
-                for row, request in enumerate(self.rows):
-                    if request is not None:
-                        request.error = e
-                        self._leave(row, "error")
+                continue
+            row, seq = self.rows.index(None), self.next_seq
+            self.next_seq += 1
+            hit = self.cache.add(seq, keys)
+            self.rows[row] = request
+            first = hit or self._first_chunk(request, keys)
+            self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
+            committed += self.seqs[row].blocks
+            vocab = self.model.text_config.vocab_size
+            state, _ = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
+            if state is not None:
+                self.state[row] = state[0]
+            admitted.append(row)
+            budget -= request.prompt_len
+        return admitted
 
-    def _admit(self, row: int, request: Request) -> None:
-        """Prefill the request alone, splice its cache into `row`, choose its first token."""
+    def _first_chunk(self, request: Request, keys) -> int:
+        """The prompt tokens a new request's prefill runs: all of them, or, for a long causal prompt, its media
+        and `prefill_chunk` tokens at least; the rest runs in chunks beside the decode steps. A model with
+        per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with or without them given)
+        is prefilled whole."""
         P = request.prompt_len
-        alone = self.model.make_cache(1, P + request.max_new_tokens)
-        inputs = dict(request.inputs)
-        logits = self.model.prefill(inputs.pop("input_ids"), alone, **inputs).logits[:, -1]
-        chooser = self._chooser(request)
-        state, _ = chooser.start(request.inputs["input_ids"], None, logits.shape[-1])
-        self._realign(need=P)
-        F = self.cache.fill.item()
-        for big, small in zip(self.cache.layers, alone.layers):
-            big.k[row, :, F - P:F] = small.k[0, :, :P]
-            big.v[row, :, F - P:F] = small.v[0, :, :P]
-        for name, t in vars(self.cache.slots).items():
-            t[row].zero_()
-            t[row, F - P:F] = getattr(alone.slots, name)[0, :P]
-        self.rows[row], self.start[row] = request, F - P
-        if state is not None:
-            self.state[row] = state[0]
-        self._emit(row, self._choose(logits, [row]))
+        causal = keys is not None and not spec_of(self.model).per_token_inputs
+        return max(self.prefill_chunk, keys.media_end) if causal and P > self.prefill_chunk else P
 
-    def _decode(self) -> None:
-        self._realign(need=0)
-        logits = self.model.decode(self.last[:, None], self.cache).logits[:, -1]
-        live = [row for row, request in enumerate(self.rows) if request is not None]
-        self._emit(live, self._choose(logits[live], live))
+    def _start(self, rows: list[int]) -> None:
+        """Prefills the rows together and emits their first tokens; when the model refuses the batch, each row
+        starts again alone on fresh blocks, so a request the model refuses fails alone."""
+        try:
+            logits = self._prefill(rows)
+        except Exception as e:  # noqa: BLE001 - the batcher goes on
+            for row in rows:
+                self.cache.free(self.seqs[row].seq, failed=True)
+                self.seqs[row].seq, self.next_seq = self.next_seq, self.next_seq + 1
+                self.cache.add(self.seqs[row].seq)
+                if len(rows) == 1:
+                    self.rows[row].error = e
+                    self._leave(row, "error", failed=True)
+                else:
+                    self._start([row])
+            return
+        done = [b for b, row in enumerate(rows) if not len(self.seqs[row].pending)]  # the others run on in chunks
+        chosen = [rows[b] for b in done]
+        if chosen:
+            self._emit(chosen, self._choose(logits[done], chosen))
+
+    def _run(self, row: int) -> int:
+        """Prompt tokens a new row's prefill runs."""
+        return self.rows[row].prompt_len - len(self.seqs[row].pending)
+
+    def _layouts(self, rows: list[int]) -> dict[tuple, list[int]]:
+        """Rows whose inputs batch together: the same inputs, media of the same shape but their count."""
+        groups: dict[tuple, list[int]] = {}
+        for row in rows:
+            inputs = self.rows[row].inputs
+            layout = tuple(sorted((k, tuple(v.shape[1:]) if torch.is_tensor(v) else type(v).__name__)
+                                  for k, v in inputs.items() if k != "input_ids" and v is not None))
+            groups.setdefault(layout, []).append(row)
+        return groups
+
+    def _prefill(self, rows: list[int]) -> torch.Tensor:
+        """The rows' prompts in one left-padded prefill call (their media encoded through the encoder caches);
+        returns each one's last logits (B, V)."""
+        requests = [self.rows[row] for row in rows]
+        lengths = [self._run(row) for row in rows]
+        S = max(lengths)
+        per_token = set(spec_of(self.model).per_token_inputs)
+        pad = self.model.text_config.pad_token_id or 0
+        ids = torch.full((len(rows), S), pad, dtype=torch.long, device=self.cache.device)
+        mask = torch.zeros_like(ids)
+        inputs: dict = {}
+        for b, (request, P) in enumerate(zip(requests, lengths)):
+            ids[b, S - P:], mask[b, S - P:] = request.inputs["input_ids"][0, :P], 1
+            for k, v in request.inputs.items():
+                if k == "input_ids" or v is None:
+                    continue
+                if k in per_token:
+                    inputs.setdefault(k, torch.zeros(len(rows), S, *v.shape[2:], dtype=v.dtype, device=v.device))
+                    inputs[k][b, S - P:] = v[0, :P]
+                else:  # media: each row's items, in row order
+                    inputs.setdefault(k, []).append(v)
+        for k, v in inputs.items():
+            if isinstance(v, list):
+                inputs[k] = torch.cat(v) if torch.is_tensor(v[0]) else [item for items in v for item in items]
+        uneven = len(set(lengths)) > 1
+        batch = self.cache.batch([self.seqs[row].seq for row in rows])
+        if self.encoder_caches:
+            self.model.encoder_caches = self.encoder_caches
+        try:
+            out = self.model.prefill(ids, batch, attention_mask=mask if uneven else None, **inputs)
+        finally:
+            self.model.__dict__.pop("encoder_caches", None)
+        return out.logits[:, -1]
+
+    def _continue(self, rows: list[int]) -> None:
+        """One decode call over `rows`: each feeds its last token, or the next chunk of its prompt; a row
+        that fed its last prompt token or a token of its own chooses its next one."""
+        feeds = []
+        for row in rows:
+            s = self.seqs[row]
+            feeds.append(s.pending[:self.prefill_chunk] if len(s.pending) else self.last[row:row + 1])
+        counts = [len(f) for f in feeds]
+        tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=self.cache.device)
+        for b, feed in enumerate(feeds):
+            tokens[b, :counts[b]] = feed
+        batch = self.cache.batch([self.seqs[row].seq for row in rows], new_tokens=counts)
+        logits = self.model.decode(tokens, batch, logits_to_keep=0).logits
+        ready = []
+        for b, row in enumerate(rows):
+            s = self.seqs[row]
+            s.pending = s.pending[counts[b]:] if len(s.pending) else s.pending
+            if not len(s.pending):
+                ready.append(b)
+        if ready:
+            index = torch.tensor(ready, device=logits.device)
+            last = logits[index, torch.tensor([counts[b] - 1 for b in ready], device=logits.device)]
+            chosen = [rows[b] for b in ready]
+            self._emit(chosen, self._choose(last, chosen))
 
     def _chooser(self, request: Request) -> Chooser:
         """The chooser of the request's settings, made once per setting (its image spans' table built once)."""
@@ -208,8 +355,7 @@ class Batcher:
             tokens[index] = chooser.pick(logits[index], state, None, noise)[0]
         return tokens
 
-    def _emit(self, rows: list[int] | int, tokens: torch.Tensor) -> None:
-        rows = [rows] if isinstance(rows, int) else rows
+    def _emit(self, rows: list[int], tokens: torch.Tensor) -> None:
         stopped = torch.zeros(len(rows), dtype=torch.bool, device=tokens.device)
         for chooser, index in self._groups(rows).items():
             group = [rows[i] for i in index]
@@ -226,10 +372,11 @@ class Batcher:
             elif len(request.tokens) >= request.max_new_tokens:
                 self._leave(row, "length")
 
-    def _leave(self, row: int, reason: str) -> None:
+    def _leave(self, row: int, reason: str, *, failed: bool = False) -> None:
+        """The request leaves its row; its blocks go back (a failed call's are never shared)."""
         request, self.rows[row] = self.rows[row], None
-        for t in vars(self.cache.slots).values():  # a free row's positions restart, so they never run past the context
-            t[row].zero_()
+        self.cache.free(self.seqs[row].seq, failed=failed)
+        self.seqs[row] = None
         self._finish(request, reason)
 
     def _finish(self, request: Request, reason: str) -> None:
@@ -237,28 +384,3 @@ class Batcher:
         self.finished[reason] += 1
         if request.on_finish is not None:
             request.on_finish(request)
-
-    def _span(self) -> int:
-        """Columns the longest running row takes."""
-        F = self.cache.fill.item()
-        return max((F - self.start[r] for r, req in enumerate(self.rows) if req is not None), default=0)
-
-    def _realign(self, need: int) -> None:
-        """Make sure the write column is at least `need` and one more column is free, moving every row's
-        span (the same columns for all rows) when it is not."""
-        F, span = self.cache.fill.item(), self._span()
-        if need <= F and F < self.max_len:
-            return
-        to = max(span, need)
-        for layer in self.cache.layers:
-            for t in (layer.k, layer.v):
-                t[:, :, to - span:to] = t[:, :, F - span:F].clone()
-        free = [row for row, request in enumerate(self.rows) if request is None]
-        for t in vars(self.cache.slots).values():  # every column but the moved ones becomes a pad
-            moved = t[:, F - span:F].clone()
-            t.zero_()
-            t[:, to - span:to] = moved
-            t[free] = 0
-        self.start = [s - F + to for s in self.start]
-        self.cache.fill.fill_(to)
-        self.cache.length = to

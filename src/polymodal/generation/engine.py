@@ -86,7 +86,8 @@ def reused_cache(model: nn.Module, batch: int, max_len: int) -> Cache:
 
 
 def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k,
-                   top_p, repetition_penalty, eos_token_id, pad_token_id, seed) -> None:
+                   top_p, repetition_penalty, eos_token_id, pad_token_id, seed, frequency_penalty=0.0,
+                   presence_penalty=0.0) -> None:
     """Every generate argument checked before any compute: one line naming what was expected and given."""
     if not isinstance(model, LanguageModel):
         raise InputError(f"generate needs a model that writes tokens; a {type(model).__name__} writes nothing")
@@ -103,6 +104,8 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
     else:  # unused by greedy decoding, but still a number (0 is how some APIs spell greedy)
         check_number("temperature", temperature, at_least=0)
     check_number("repetition_penalty", repetition_penalty, above=0)
+    check_number("frequency_penalty", frequency_penalty, at_least=-2, at_most=2)  # OpenAI's range
+    check_number("presence_penalty", presence_penalty, at_least=-2, at_most=2)
     if top_k is not None:
         check_number("top_k", top_k, integer=True, at_least=1)
     if top_p is not None:
@@ -150,7 +153,7 @@ def in_eval_mode(fn):
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             frequency_penalty: float = 0.0, presence_penalty: float = 0.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              seed: int | None = None, return_images: bool = False, compile: bool = False,
              assistant_model: nn.Module | None = None, num_assistant_tokens: int | None = None,
              prompt_lookup_num_tokens: int | None = None, **model_inputs) -> torch.Tensor | Generated:
@@ -160,16 +163,20 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     the decode step (see the module docstring); the first call pays the compile time, and the model's
     KV cache is kept for the next call. assistant_model (a draft model with the target's vocabulary; default
     num_assistant_tokens=5) or prompt_lookup_num_tokens: speculative decoding (`speculative`), the same
-    tokens as without it when greedy, the same distribution when sampling."""
+    tokens as without it when greedy, the same distribution when sampling. frequency_penalty and presence_penalty:
+    OpenAI's, in [-2, 2], on the tokens written so far (the prompt's are not counted), after the repetition
+    penalty (HF's, which counts the prompt's)."""
     check_settings(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                    temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
+                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
     if return_images and model.image_spans is None:
         raise InputError(f"return_images needs a model that writes images; {type(model).__name__} has no image_spans")
     drafting = speculative.plan(model, assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, model_inputs)
     input_ids, attention_mask = aligned(model, input_ids.long(), attention_mask, model_inputs)
     chooser = Chooser.make(model, device=input_ids.device, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                           repetition_penalty=repetition_penalty, do_sample=do_sample, temperature=temperature,
+                           repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                           presence_penalty=presence_penalty, do_sample=do_sample, temperature=temperature,
                            top_k=top_k, top_p=top_p)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     B, S = input_ids.shape

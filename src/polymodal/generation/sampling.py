@@ -1,5 +1,6 @@
 """The pieces of next-token choice (`choice.Chooser` puts them together): temperature, top-k, top-p
-(nucleus), the repetition penalty, and sampling as an exponential race.
+(nucleus), the repetition penalty, OpenAI's frequency and presence penalties, and sampling as an exponential
+race.
 
 The logit processors follow HF transformers' definitions so greedy and seeded sampling behave as
 users expect from `generate` there. Sampling is the race argmax(probs / q), q ~ Exp(1) (gpt-fast; the
@@ -17,6 +18,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     logits (B, V); seen (B, V) bool."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_count_penalties(logits: torch.Tensor, counts: torch.Tensor, frequency: float,
+                          presence: float) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties: logit_j - counts_j * frequency - (counts_j > 0) * presence,
+    counts_j the times token j was written so far. logits (..., V); counts (..., V) integer."""
+    return logits - counts * frequency - (counts > 0) * presence
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The one attention: self or cross; MHA, GQA, MQA; rotary/xPos/ALiBi; qk-norm; sub-LN; KV cache.
+"""The one attention: self or cross; MHA, GQA, MQA; rotary/xPos/ALiBi/relative; qk-norm; sub-LN; KV cache;
+sliding windows in chunks (USM/Conformer local attention), soft-capped scores.
 
 Projections live here; the kernel is `attend(q, k, v, mask)` with backends "sdpa"
 (`scaled_dot_product_attention`) and "eager" (the reference the tests compare against), or, with the
@@ -23,7 +24,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from polymodal.errors import InputError
 from polymodal.nn.cache import CrossKV, KVCache
-from polymodal.nn.positions import RotaryTables
+from polymodal.nn.masks import LocalWindow
+from polymodal.nn.positions import RelativePositionBias, RotaryTables
 from polymodal.nn.ring_attention import RingMask, ring_attention
 
 BACKENDS = ("sdpa", "eager", "flex")
@@ -31,17 +33,23 @@ BACKENDS = ("sdpa", "eager", "flex")
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
            is_causal: bool = False, scale: float | None = None, dropout: float = 0.0,
-           backend: str = "sdpa") -> torch.Tensor:
+           bias: torch.Tensor | None = None, softcap: float | None = None, backend: str = "sdpa") -> torch.Tensor:
     """q (B, nh, S, hs), k/v (B, nkv, L, hs), mask bool or additive float broadcastable to
-    (B, nh, S, L) -> (B, nh, S, hs)."""
+    (B, nh, S, L) -> (B, nh, S, hs). Any dims between the heads and S are batch dims too (the blocks of a
+    `masks.LocalWindow`). bias: float scores added before the soft cap (a relative position term);
+    softcap: c * tanh(scores / c) before the mask (Gemma 2, Gemma 3n's audio), computed eagerly."""
     n_rep = q.shape[1] // k.shape[1]
-    if backend == "sdpa":
+    if backend not in ("sdpa", "eager"):
+        raise InputError(f"attend's backend must be 'sdpa' or 'eager' (flex runs through FlexAttention), got {backend!r}")
+    if backend == "sdpa" and bias is None and softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                               scale=scale, enable_gqa=n_rep > 1)
-    if backend != "eager":
-        raise InputError(f"attend's backend must be 'sdpa' or 'eager' (flex runs through FlexAttention), got {backend!r}")
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     scores = (q @ k.transpose(-2, -1)).float() * (scale or 1.0 / math.sqrt(q.shape[-1]))
+    if bias is not None:
+        scores = scores + bias
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if is_causal:
         S, L = scores.shape[-2:]
         mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)
@@ -73,10 +81,14 @@ class Attention(nn.Module):
                  kv_dim: int | None = None, bias: bool = False, out_bias: bool | None = None,
                  qk_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
                  inner_norm: nn.Module | None = None, scale: float | None = None, dropout: float = 0.0,
+                 per_dim_scale: bool = False, softcap: float | None = None, rel_pos: RelativePositionBias | None = None,
                  backend: str = "sdpa"):
         """kv_dim: set for cross-attention (keys/values from another stream of that width).
         qk_norm / k_norm: norms over hs applied to q / k per head (Gemma 3, Chameleon, OLMo).
-        inner_norm: Magneto's sub-LN before the output projection."""
+        inner_norm: Magneto's sub-LN before the output projection.
+        per_dim_scale: queries scaled by hs**-0.5 * softplus(w) / softplus(0) per dimension, w learned from 0
+        (Lingvo's per-dim scale; USM, Gemma 3n's audio). softcap: tanh cap on the scores (`attend`).
+        rel_pos: a relative position term added to the scores of a `LocalWindow` (Transformer-XL style)."""
         super().__init__()
         if backend not in BACKENDS:
             raise InputError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
@@ -95,8 +107,11 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = qk_norm, k_norm
         self.inner_norm = inner_norm
         self.scale, self.dropout, self.backend = scale, dropout, backend
-        if backend == "flex" and (dropout or self.is_cross):
-            raise InputError("the flex backend is for self-attention without attention dropout")
+        self.per_dim_scale = nn.Parameter(torch.zeros(self.head_dim)) if per_dim_scale else None
+        self.softcap, self.rel_pos = softcap, rel_pos
+        if backend == "flex" and (dropout or self.is_cross or softcap is not None or rel_pos is not None):
+            raise InputError("the flex backend is for self-attention without attention dropout, soft cap or "
+                             "relative position term")
         self.flex = FlexAttention() if backend == "flex" else None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:  # (B, S, n*hs) -> (B, n, S, hs)
@@ -104,8 +119,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
                 is_causal: bool = False, rope: RotaryTables | None = None,
-                cache: KVCache | CrossKV | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, S, dim); kv (B, L, kv_dim) media for cross-attention (None: reuse the cached K/V)."""
+                cache: KVCache | CrossKV | None = None, input_pos: torch.Tensor | None = None,
+                window: LocalWindow | None = None) -> torch.Tensor:
+        """x (B, S, dim); kv (B, L, kv_dim) media for cross-attention (None: reuse the cached K/V).
+        window: attend within a sliding window, in chunks; the mask is then `window.mask(valid)`."""
         q_size = self.n_heads * self.head_dim
         if self.is_cross:
             q = self._heads(self.wq(x), self.n_heads)
@@ -130,18 +147,39 @@ class Attention(nn.Module):
                 q, k = rope.rotate(q, k)
             if cache is not None:
                 k, v = cache.update(input_pos, k, v)
-        if isinstance(mask, RingMask):
+        scale = self.scale
+        if self.per_dim_scale is not None:
+            q = q * (F.softplus(self.per_dim_scale) * (self.head_dim ** -0.5 / math.log(2.0))).to(q.dtype)
+            scale = 1.0
+        if window is not None:
+            y = self._local(q, k, v, mask, window, scale)
+        elif self.rel_pos is not None:
+            raise InputError("a relative position term needs a LocalWindow (its distances)")
+        elif isinstance(mask, RingMask):
             if self.dropout and self.training:
                 raise InputError("ring attention has no attention dropout: build the model with dropout 0")
-            y = ring_attention(q, k, v, mask, scale=self.scale)
+            y = ring_attention(q, k, v, mask, scale=scale)
         elif self.flex is not None:
             if not isinstance(mask, BlockMask):
                 raise InputError(f"the flex backend needs a masks.block_mask, got {type(mask).__name__}")
-            y = self.flex(q, k, v, mask, scale=self.scale)
+            y = self.flex(q, k, v, mask, scale=scale)
         else:
-            y = attend(q, k, v, mask, is_causal=is_causal, scale=self.scale,
+            y = attend(q, k, v, mask, is_causal=is_causal, scale=scale, softcap=self.softcap,
                        dropout=self.dropout if self.training else 0.0, backend=self.backend)
         y = y.transpose(1, 2).reshape(*x.shape[:-1], q_size)  # (B, S, nh*hs)
         if self.inner_norm is not None:
             y = self.inner_norm(y)
         return self.wo(y)
+
+    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               window: LocalWindow, scale: float | None) -> torch.Tensor:
+        """Sliding-window attention by blocks: (B, nh, S, hs) -> (B, nh, U, W, hs) queries against their
+        (B, nkv, U, C, hs) contexts, and back."""
+        S = q.shape[-2]
+        q_blocks = window.blocks(q)
+        bias = None
+        if self.rel_pos is not None:
+            bias = self.rel_pos(q_blocks, window.distances(q.device), window.left, window.right)
+        y = attend(q_blocks, window.contexts(k), window.contexts(v), mask, scale=scale, bias=bias,
+                   softcap=self.softcap, dropout=self.dropout if self.training else 0.0, backend=self.backend)
+        return window.unblock(y, S)

@@ -11,6 +11,9 @@ each write and, for a compiled decode loop, by the engine, once, through `reserv
 Speculative decoding writes a row's draft tokens and then keeps only the ones accepted, a different
 number per row, with one fill for the batch: `rollback` leaves holes (slots nobody sees) where a row
 kept fewer tokens than the longest, and `compact` squeezes them out when the cache runs short.
+
+`paged_cache.PagedBatch` follows the same protocol (`length`, `write`, `slots`, `layers[i].update`,
+`next_segments`) over a pool of blocks, for a server's many sequences of different lengths.
 """
 
 from __future__ import annotations

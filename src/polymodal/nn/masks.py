@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from polymodal.errors import InputError, check_mask, check_tensors
@@ -149,3 +150,54 @@ def media_attention_mask(ids: torch.Tensor, n_media: int, tokens_per_media: int)
     allowed = key_ids == ids[:, :, None]  # (B, S, L)
     sees_media = allowed.any(-1)
     return (allowed | ~sees_media[:, :, None]).unsqueeze(1), sees_media
+
+
+@dataclass(frozen=True)
+class LocalWindow:
+    """Sliding-window attention computed in chunks (USM's Conformer; Gemma 3n's audio tower): the query at time
+    t sees the keys t-left .. t+right. Queries go in blocks of `chunk`, each against its context of
+    chunk + left + right keys, so the cost grows as S * context, not S². With right = 0 it only looks back,
+    which is what lets a stream be encoded chunk by chunk.
+
+    Shapes: U blocks of W = chunk queries, C = context keys per block."""
+
+    chunk: int
+    left: int
+    right: int = 0
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.left < 0 or self.right < 0:
+            raise InputError(f"a LocalWindow needs chunk >= 1 and left, right >= 0, got {self}")
+
+    @property
+    def context(self) -> int:
+        return self.chunk + self.left + self.right
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., S, d) -> (..., U, W, d), zero-padded at the end."""
+        pad = -x.shape[-2] % self.chunk
+        return F.pad(x, (0, 0, 0, pad)).unflatten(-2, (-1, self.chunk))
+
+    def contexts(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., S, d) -> (..., U, C, d): block u's keys, times u*W - left .. (u+1)*W - 1 + right (zeros outside)."""
+        x = F.pad(x, (0, 0, self.left, self.right + self.chunk - 1))
+        return x.unfold(-2, self.context, self.chunk).transpose(-1, -2)
+
+    def unblock(self, y: torch.Tensor, length: int) -> torch.Tensor:
+        """(..., U, W, d) -> (..., length, d)."""
+        return y.flatten(-3, -2)[..., :length, :]
+
+    def distances(self, device: torch.device | None = None) -> torch.Tensor:
+        """(W, C) long: query time minus key time for query w and context slot c of any block."""
+        w, c = torch.arange(self.chunk, device=device), torch.arange(self.context, device=device)
+        return w[:, None] + self.left - c[None, :]
+
+    def mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """valid (B, S) bool, False for padding -> (B, 1, U, W, C) bool: the window, over keys that are not
+        padding. A query that may see nothing (deep in the padding) sees its whole context instead, so that no
+        softmax row is empty; its output is never read."""
+        keys = self.contexts(valid[..., None].float())[..., 0] > 0  # (B, U, C)
+        d = self.distances(valid.device)
+        allowed = (d >= -self.right) & (d <= self.left) & keys[:, :, None, :]
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        return allowed.unsqueeze(1)

@@ -48,6 +48,6 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
         return RMSNorm(dim, eps)
     if kind == "rmsnorm_gemma":
         return RMSNorm(dim, eps, unit_offset=True)
-    if kind == "layernorm":
-        return LayerNorm(dim, eps)
-    raise ConfigError(f"norm must be 'rmsnorm', 'rmsnorm_gemma' or 'layernorm', got {kind!r}")
+    if kind in ("layernorm", "layernorm_nobias"):
+        return LayerNorm(dim, eps, bias=kind == "layernorm")
+    raise ConfigError(f"norm must be 'rmsnorm', 'rmsnorm_gemma', 'layernorm' or 'layernorm_nobias', got {kind!r}")

@@ -1,5 +1,5 @@
 """Position schemes: rotary (RoPE, Su et al. 2021), xPos (Sun et al. 2022), ALiBi (Press et al. 2021),
-fixed sinusoids (Vaswani et al. 2017; Whisper's encoder).
+fixed sinusoids (Vaswani et al. 2017; Whisper's encoder), relative sinusoid scores (Transformer-XL; USM).
 
 Each takes per-token position ids, so left padding and packed documents (positions reset per
 document) need no special case. Rotary tables are built once per forward at the model level and
@@ -128,15 +128,40 @@ class Rotary(Float32Constants):
         )
 
 
-def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+def sinusoids(length: int | torch.Tensor, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
     """(length, channels) fixed sin | cos position table (Vaswani et al. 2017 in Whisper's layout:
-    all sines, then all cosines, timescales from 1 to max_timescale)."""
+    all sines, then all cosines, timescales from 1 to max_timescale), for positions 0 .. length - 1 or for
+    the given (N,) positions (relative ones may be negative)."""
     if channels % 2:
         raise ConfigError(f"sinusoidal positions need an even number of channels, got {channels}")
-    increment = math.log(max_timescale) / (channels // 2 - 1)
+    increment = math.log(max_timescale) / max(channels // 2 - 1, 1)
     inv_timescales = torch.exp(-increment * torch.arange(channels // 2))
-    angles = torch.arange(length)[:, None] * inv_timescales[None, :]
+    positions = torch.arange(length) if isinstance(length, int) else length.cpu()
+    angles = positions[:, None].float() * inv_timescales[None, :]
     return torch.cat((angles.sin(), angles.cos()), dim=1)
+
+
+class RelativePositionBias(torch.nn.Module):
+    """The position half of Transformer-XL's relative scores (Dai et al. 2019), as USM's Conformer (and Gemma
+    3n's audio tower) use it: sinusoids of the distance query - key, projected to every head (`pos_proj`),
+    dotted with the query. Distances outside -max_forward .. max_back get 0 (the window masks them)."""
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int):
+        super().__init__()
+        self.dim, self.n_heads, self.head_dim = dim, n_heads, head_dim
+        self.pos_proj = torch.nn.Linear(dim, n_heads * head_dim, bias=False)
+
+    def forward(self, q: torch.Tensor, distance: torch.Tensor, max_back: int, max_forward: int) -> torch.Tensor:
+        """q (B, nh, ..., S, hs), distance (S, L) long -> (B, nh, ..., S, L) scores."""
+        spans = torch.arange(max_back, -max_forward - 1, -1)  # F distances, farthest back first
+        r = self.pos_proj(sinusoids(spans, self.dim).to(device=q.device, dtype=q.dtype))
+        r = r.unflatten(-1, (self.n_heads, self.head_dim)).transpose(0, 1)  # (nh, F, hs)
+        r = r.reshape(1, self.n_heads, *[1] * (q.dim() - 4), *r.shape[1:])
+        scores = q @ r.transpose(-1, -2)  # (B, nh, ..., S, F)
+        outside = (distance > max_back) | (distance < -max_forward)
+        index = (max_back - distance).clamp(0, spans.numel() - 1)
+        scores = scores.gather(-1, index.expand(*scores.shape[:-1], index.shape[-1]))
+        return scores.masked_fill(outside, 0.0)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Transformer `Block` (pre-LN, post-LN, Magneto sub-LN) and the decoder-only language model.
+"""Transformer `Block` (pre-LN, post-LN, Magneto sub-LN, parallel) and the decoder-only language model.
 
 The `Decoder` is Llama/Gemma/Magneto from one config: it embeds tokens (or takes embeddings a
 multimodal model spliced media into), builds the mask once from `masks.py`, and runs the blocks
@@ -36,8 +36,9 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    def __init__(self, attn: Attention, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module, *,
+    def __init__(self, attn: Attention, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module | None, *,
                  post_norm: bool = False, res_post_norm: bool = False, dropout: float = 0.0):
+        """mlp_norm None: a parallel block (GPT-J, PaLM, Cohere), attention and MLP side by side on one norm."""
         super().__init__()
         self.attn, self.mlp = attn, mlp
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
@@ -55,9 +56,11 @@ class Block(nn.Module):
             x = x + self.dropout(self.attn_norm(self.attn(x, mask=mask, is_causal=is_causal, rope=rope,
                                                           cache=cache, input_pos=input_pos)))
             return x + self.dropout(self.mlp_norm(self.mlp(x)))
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope,
-                                       cache=cache, input_pos=input_pos))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        h = self.attn_norm(x)
+        y = x + self.dropout(self.attn(h, mask=mask, is_causal=is_causal, rope=rope, cache=cache, input_pos=input_pos))
+        if self.mlp_norm is None:
+            return y + self.dropout(self.mlp(h))
+        return y + self.dropout(self.mlp(self.mlp_norm(y)))
 
 
 def decoder_block(cfg: DecoderConfig, backend: str = "sdpa") -> Block:
@@ -77,7 +80,8 @@ def decoder_block(cfg: DecoderConfig, backend: str = "sdpa") -> Block:
     )
     mlp = make_mlp(cfg.mlp, cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias,  # the Block drops its output, once
                    inner_norm=LayerNorm(cfg.hidden_dim, cfg.norm_eps) if sub_ln else None)
-    return Block(attn, mlp, make_norm(cfg.norm, cfg.dim, cfg.norm_eps), make_norm(cfg.norm, cfg.dim, cfg.norm_eps),
+    return Block(attn, mlp, make_norm(cfg.norm, cfg.dim, cfg.norm_eps),
+                 None if cfg.parallel_blocks else make_norm(cfg.norm, cfg.dim, cfg.norm_eps),
                  post_norm=cfg.norm_placement == "post", res_post_norm=cfg.norm_placement == "swin",
                  dropout=cfg.dropout)
 
@@ -93,7 +97,8 @@ class Decoder(LanguageModel, nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
         self.embed_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.embed_norm else None
-        self.rotary = (Rotary(cfg.rotary_dim, cfg.rope_theta, scaling=cfg.rope_scaling,
+        self.rotary = (Rotary(cfg.rotary_dim, cfg.rope_theta, interleaved=cfg.rope_interleaved,
+                              scaling=cfg.rope_scaling,
                               xpos_scale_base=cfg.xpos_scale_base if cfg.positions == "xpos" else None)
                        if cfg.positions in ("rope", "xpos") else None)
         self.alibi = ALiBi(cfg.n_heads) if cfg.positions == "alibi" else None
@@ -232,6 +237,7 @@ class Decoder(LanguageModel, nn.Module):
         computed in chunks (`nn.loss`) without the (B, S, V) logits. A training-mode call with labels
         returns no logits (Liger-Kernel's skip_logits), so training never materialises them."""
         loss = logits = None
+        hidden, h = h, h * self.config.logit_scale if self.config.logit_scale != 1.0 else h  # = scaled logits
         if labels is not None:
             if labels.shape != h.shape[:2]:
                 raise InputError(f"labels must have shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
@@ -249,4 +255,4 @@ class Decoder(LanguageModel, nn.Module):
             loss = chunked_cross_entropy(h, self.output_weight, targets, chunk)
         if labels is None or not self.training:
             logits = F.linear(h[:, -logits_to_keep:] if logits_to_keep else h, self.output_weight)
-        return ModelOutput(logits=logits, loss=loss, hidden_states=h)
+        return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)

@@ -1,8 +1,10 @@
 """`polymodal serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over continuous batching.
 
-GET /v1/models, GET /health, POST /v1/chat/completions, POST /v1/completions (OpenAI's request and
-response shapes, `stream: true` as server-sent events ending in a usage chunk and `data: [DONE]`), and
-the chat page at `/`. One thread runs the `Batcher`; each request's choices are its requests there, and
+GET /v1/models, GET /health (503 once the worker has stopped), GET /metrics (Prometheus text, see
+`request_log`), POST /v1/chat/completions and POST /v1/completions (OpenAI's request and response shapes,
+`stream: true` as server-sent events ending in a usage chunk and `data: [DONE]`) for a generative model,
+POST /v1/embeddings for a CLIP / SigLIP dual encoder (`embeddings`), and the chat page at `/`. A body past
+`Limits.max_body_bytes` is refused (413) before it is parsed. One thread runs the `Batcher`; each request's choices are its requests there, and
 their events come back to the event loop through an asyncio queue. A client that goes away cancels its
 requests, which leave the batch at the next step. Drawn images are content parts
 {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} (see README, Serving).
@@ -21,7 +23,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import polymodal as pm
@@ -29,15 +31,18 @@ from polymodal.families.collators import make_collator
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.generation.prompts import ContextError, prompts
+from polymodal.families import spec_of
 from polymodal.serve.answer import Answer
-from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, parse_body
-from polymodal.serve.request_log import RequestLog
+from polymodal.serve.embeddings import Embedder
+from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, embedding_job, parse_body
+from polymodal.serve.request_log import Metrics, RequestLog
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 
 
 class Server:
-    """The model, its tokenizer and collator, the batcher and its thread."""
+    """The model, its tokenizer and collator; for a generative model the batcher and its thread, for a dual
+    encoder (CLIP / SigLIP) the embedder."""
 
     def __init__(self, directory: str | Path, *, name: str | None = None, slots: int = 8, max_queue: int = 64,
                  limits: Limits = Limits()):
@@ -46,16 +51,45 @@ class Server:
         self.model = pm.from_pretrained(directory)
         self.tokenizer = Tokenizer.from_file(directory)
         self.collator = make_collator(self.model.config, self.tokenizer)
-        self.context = self.collator.format.max_len
         self.limits = limits
-        self.batcher = Batcher(self.model, slots=slots, max_len=self.context, max_waiting=max_queue)
-        self.thread = threading.Thread(target=self.batcher.run, name="batcher", daemon=True)
+        self.embedder = Embedder(self.model, self.collator) if spec_of(self.model).pairs else None
+        self.batcher = self.thread = None
+        if self.embedder is None:
+            self.context = self.collator.format.max_len
+            self.batcher = Batcher(self.model, slots=slots, max_len=self.context, max_waiting=max_queue)
+            self.thread = threading.Thread(target=self.batcher.run, name="batcher", daemon=True)
+        else:
+            self.context = self.collator.max_len
+        self.metrics = Metrics(self.gauges)
+
+    @property
+    def alive(self) -> bool:
+        """False once the batcher's thread has ended (it ends only at shutdown, or when it failed)."""
+        return self.thread is None or self.thread.is_alive()
+
+    def gauges(self) -> dict[str, float]:
+        b = self.batcher
+        return {"queue_depth": len(b.waiting) if b else 0, "running_requests": b.running if b else 0,
+                "worker_alive": int(self.alive)}
+
+    def serving(self, endpoint: str) -> None:
+        """An error unless the served model answers `endpoint` ("chat" or "embeddings"), and its worker lives."""
+        if endpoint == "embeddings" and self.embedder is None:
+            raise ApiError(400, f"the model {self.name!r} writes text; /v1/embeddings needs a CLIP or SigLIP dual "
+                                "encoder (ask /v1/chat/completions or /v1/completions)", "model", "model_not_supported")
+        if endpoint == "chat" and self.embedder is not None:
+            raise ApiError(400, f"the model {self.name!r} is a dual encoder (CLIP / SigLIP): it writes no text; ask "
+                                "/v1/embeddings", "model", "model_not_supported")
+        if not self.alive:
+            raise ApiError(503, "the model worker has stopped; this server answers no more requests", None,
+                           "worker_dead")
 
     def prompts(self, job: Job) -> list[tuple[dict, int]]:
         """Each document laid out as `polymodal generate` lays it out (one unpadded row), and the new tokens it
         may write, its length checked against the context."""
         out = []
         for doc in job.documents:
+            self.fits(doc, "messages" if len(job.documents) == 1 else "prompt")
             try:
                 inputs, wanted = prompts(self.collator, [doc], job.sampling.max_tokens, flag="max_tokens")
             except ContextError as e:
@@ -66,6 +100,28 @@ class Server:
             out.append((inputs, wanted))
         return out
 
+    def fits(self, doc, param: str, piece: int = 4096) -> None:
+        """A 400 as soon as the document's text counts more tokens than the context, without tokenising past it:
+        the text is counted in pieces of about `piece` characters cut before a space, and one token per cut is
+        forgiven (a cut may split what would have been one token), so only a prompt surely too long is refused
+        here; the exact count is the prompt builder's."""
+        texts = [s.text for s in doc.segments if s.kind == "text"]
+        if sum(map(len, texts)) <= self.context:  # short enough to tokenise whole: the prompt builder counts it
+            return
+        counted = cuts = 0
+        for text in texts:
+            start = 0
+            while start < len(text):
+                end = len(text) if len(text) - start <= piece else text.rfind(" ", start + 1, start + piece)
+                end = start + piece if end <= start else end
+                counted += len(self.tokenizer.encode(text[start:end], split_special_tokens=True))
+                cuts += end < len(text)
+                start = end
+                if counted - cuts > self.context:
+                    raise ApiError(400, f"the prompt is over {self.context} tokens (counted to there of its "
+                                        f"{sum(map(len, texts))} characters), past the model's context of "
+                                        f"{self.context} tokens", param, "context_length_exceeded")
+
 
 def _chunk(kind: str, rid: str, created: int, model: str, **fields) -> dict:
     return {"id": rid, "object": kind, "created": created, "model": model, **fields}
@@ -74,7 +130,8 @@ def _chunk(kind: str, rid: str, created: int, model: str, **fields) -> dict:
 class Response:
     """One HTTP request's choices running in the batcher, and their events."""
 
-    def __init__(self, server: Server, job: Job, prompts: list, loop: asyncio.AbstractEventLoop):
+    def __init__(self, server: Server, job: Job, prompts: list, loop: asyncio.AbstractEventLoop, arrived: float):
+        self.server, self.arrived, self.first = server, arrived, True
         self.queue: asyncio.Queue = asyncio.Queue()
         self.prompt_tokens = sum(inputs["input_ids"].shape[1] for inputs, _ in prompts)
         self.requests: list[Request] = []
@@ -108,7 +165,7 @@ class Response:
 
     async def events(self, gone=None):
         """(choice index, event) until every choice is done, or until `gone()` (polled while no event comes)
-        says the client went away."""
+        says the client went away; one ("error", ...) event, then the end, when the worker has died meanwhile."""
         pending = len(self.requests)
         while pending:
             try:
@@ -116,9 +173,15 @@ class Response:
             except asyncio.TimeoutError:
                 if gone is not None and await gone():
                     return
+                if not self.server.alive:
+                    yield 0, ("error", "the model worker has stopped")
+                    return
                 continue
             for event in events:
                 pending -= event[0] in ("done", "error")
+                if self.first and event[0] in ("text", "image"):
+                    self.first = False
+                    self.server.metrics.first_token(time.perf_counter() - self.arrived)
                 yield index, event
 
     def usage(self) -> dict:
@@ -133,13 +196,15 @@ def _sse(data: dict | str) -> str:
 def create_app(server: Server) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.thread.start()
+        if server.thread is not None:
+            server.thread.start()
         yield
-        server.batcher.close()  # uvicorn has drained the open responses by now
-        await run_in_threadpool(server.thread.join)
+        if server.thread is not None:
+            server.batcher.close()  # uvicorn has drained the open responses by now
+            await run_in_threadpool(server.thread.join)
 
     app = FastAPI(title="polymodal", lifespan=lifespan)
-    app.add_middleware(RequestLog)
+    app.add_middleware(RequestLog, metrics=server.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -156,8 +221,14 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health():
         b = server.batcher
-        return {"status": "ok", "model": server.name, "slots": b.slots, "running": b.running,
-                "waiting": len(b.waiting), "finished": dict(b.finished)}
+        state = {"status": "ok" if server.alive else "worker stopped", "model": server.name,
+                 "slots": b.slots if b else 0, "running": b.running if b else 0, "waiting": len(b.waiting) if b else 0,
+                 "finished": dict(b.finished) if b else {}}
+        return JSONResponse(state, status_code=200 if server.alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -172,15 +243,26 @@ def create_app(server: Server) -> FastAPI:
     async def completions(http: HttpRequest):
         return await run(server, http, chat=False)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(http: HttpRequest):
+        server.serving("embeddings")
+        job = embedding_job(parse_body(await read_body(http, server.limits.max_body_bytes)), server.name,
+                            server.limits)
+        answer = await run_in_threadpool(server.embedder.answer, job)
+        http.state.usage = {**answer["usage"], "completion_tokens": 0}
+        return answer
+
     return app
 
 
 async def run(server: Server, http: HttpRequest, chat: bool):
     """One completion request: its choices submitted to the batcher, answered whole or streamed."""
-    body = parse_body(await http.body())
+    arrived = time.perf_counter()
+    server.serving("chat")
+    body = parse_body(await read_body(http, server.limits.max_body_bytes))
     job = (chat_job if chat else completion_job)(body, server.name, server.limits)
     prompts = await run_in_threadpool(server.prompts, job)
-    response = Response(server, job, prompts, asyncio.get_running_loop())
+    response = Response(server, job, prompts, asyncio.get_running_loop(), arrived)
     http.state.usage = response.usage  # for the request's log line (serve/request_log.py), read at its end
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -247,13 +329,36 @@ async def _whole(server: Server, response: Response, http: HttpRequest, kind: st
     return _chunk(kind, rid, created, server.name, choices=choices, usage=response.usage())
 
 
+async def read_body(http: HttpRequest, limit: int, linger: int = 4) -> bytes:
+    """The request body, refused (413) past `limit` bytes without being kept or parsed. A body announced (by its
+    Content-Length) past `linger` times the limit is refused at once; a smaller one is read to its end and
+    dropped first (as nginx's lingering close), so a client still sending it reads the 413 instead of a broken
+    pipe."""
+    length = http.headers.get("content-length", "")
+    too_big = f"over the limit of {limit} bytes (polymodal serve --max-body-mb)"
+    if length.isdigit() and int(length) > linger * limit:
+        raise ApiError(413, f"the request body is {int(length)} bytes, {too_big}", None, "body_too_large")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > linger * limit:
+            break
+    if size > limit:
+        given = f"{int(length)} bytes" if length.isdigit() else f"more than {min(size, linger * limit)} bytes"
+        raise ApiError(413, f"the request body is {given}, {too_big}", None, "body_too_large")
+    return b"".join(chunks)
+
+
 def _image_part(png: str) -> dict:
     return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}
 
 
 def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
-          max_queue: int = 64) -> None:
-    server = Server(directory, name=name, slots=slots, max_queue=max_queue)
-    print(f"serving {server.name} on http://{host}:{port} ({slots} slots, context {server.context} tokens)",
-          flush=True)
+          max_queue: int = 64, limits: Limits = Limits()) -> None:
+    server = Server(directory, name=name, slots=slots, max_queue=max_queue, limits=limits)
+    what = (f"embeddings, texts up to {server.context} tokens" if server.embedder is not None else
+            f"{slots} slots, context {server.context} tokens")
+    print(f"serving {server.name} on http://{host}:{port} ({what})", flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -44,6 +44,7 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
+    max_body_bytes: int = 24 << 20  # the whole request body, refused (413) before it is read in full or parsed
     max_image_bytes: int = 8 << 20  # decoded size of one image or audio clip
     max_image_pixels: int = 4096 * 4096
     max_media: int = 8  # images and audio clips in one request
@@ -161,21 +162,25 @@ def _image(part: dict, where: str, limits: Limits) -> Image.Image:
     if not isinstance(url, str):
         raise ApiError(400, f"{where}.image_url must be an object with a url string, got {json.dumps(spec)}",
                        f"{where}.image_url")
+    return data_image(url, f"{where}.image_url", limits)
+
+
+def data_image(url: str, where: str, limits: Limits) -> Image.Image:
+    """The image of a `data:image/<type>;base64,<data>` URL; `where` names it in errors."""
     head, comma, data = url.partition(",")
     if not url.startswith("data:"):
-        raise ApiError(400, f"{where}.image_url.url must be a data: URI (data:image/png;base64,...); the server never "
-                            f"fetches from the network, got {url[:60]!r}", f"{where}.image_url")
+        raise ApiError(400, f"{where}.url must be a data: URI (data:image/png;base64,...); the server never "
+                            f"fetches from the network, got {url[:60]!r}", where)
     if not comma or not head.endswith(";base64") or not head[5:].startswith("image/"):
-        raise ApiError(400, f"{where}.image_url.url must be data:image/<type>;base64,<data>, got {head[:60]!r}",
-                       f"{where}.image_url")
-    raw = _base64(data, f"{where}.image_url", limits)
+        raise ApiError(400, f"{where}.url must be data:image/<type>;base64,<data>, got {head[:60]!r}", where)
+    raw = _base64(data, where, limits)
     try:
         return open_image(raw, limits.max_image_pixels)
     except TooLarge as e:
-        raise ApiError(413, f"{where}.image_url is {e.width}x{e.height} pixels, over the limit of "
-                            f"{limits.max_image_pixels} pixels", f"{where}.image_url") from e
+        raise ApiError(413, f"{where} is {e.width}x{e.height} pixels, over the limit of "
+                            f"{limits.max_image_pixels} pixels", where) from e
     except (OSError, EOFError, ValueError, Image.DecompressionBombError) as e:
-        raise ApiError(400, f"{where}.image_url is not a decodable image ({e})", f"{where}.image_url") from e
+        raise ApiError(400, f"{where} is not a decodable image ({e})", where) from e
 
 
 def _audio(part: dict, where: str, limits: Limits):
@@ -251,3 +256,41 @@ def completion_job(body: dict, served: str, limits: Limits) -> Job:
         raise ApiError(400, f"prompt must be a string or a non-empty array of strings, got {_type_name(prompt)}",
                        "prompt")
     return Job(model, [Document([_text(p, f"prompt[{i}]")]) for i, p in enumerate(prompts)], settings)
+
+
+EMBEDDINGS = {"model", "input", "encoding_format", "dimensions", "user"}
+MAX_INPUTS = 2048  # inputs in one embeddings request, as OpenAI
+
+
+@dataclass
+class EmbeddingJob:
+    model: str
+    inputs: list  # each a text (str) or an image (PIL)
+    base64: bool  # encoding_format "base64": little-endian float32 bytes, as OpenAI
+
+
+def embedding_job(body: dict, served: str, limits: Limits) -> EmbeddingJob:
+    """An embeddings request: `input` a string or an array of strings, each a text or an image given as a
+    data:image/<type>;base64,<data> URL."""
+    unknown = sorted(set(body) - EMBEDDINGS)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; this endpoint reads {', '.join(sorted(EMBEDDINGS))}",
+                       unknown[0])
+    model = _model(body, served)
+    given = body.get("input")
+    items = [given] if isinstance(given, str) else given
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_INPUTS or not all(isinstance(x, str) for x in items):
+        raise ApiError(400, f"input must be a string or an array of 1 to {MAX_INPUTS} strings (texts, or images as "
+                            f"data:image/<type>;base64,<data> URLs), got {json.dumps(given)[:80]}", "input")
+    if body.get("dimensions") is not None:
+        raise ApiError(400, f"dimensions is not supported: the model's embeddings have one width, got "
+                            f"{json.dumps(body['dimensions'])}", "dimensions")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, f"encoding_format must be float or base64, got {json.dumps(encoding)}", "encoding_format")
+    images = sum(x.startswith("data:image/") for x in items)
+    if images > limits.max_media:
+        raise ApiError(400, f"the request has {images} images; the limit is {limits.max_media}", "input")
+    inputs = [data_image(x, f"input[{i}]", limits) if x.startswith("data:image/") else _text(x, f"input[{i}]").text
+              for i, x in enumerate(items)]
+    return EmbeddingJob(model, inputs, encoding == "base64")

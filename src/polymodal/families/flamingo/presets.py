@@ -1,4 +1,5 @@
-"""Named Flamingo configs: a tiny one for tests and the built-in world, and HF Idefics 9B's shapes."""
+"""Named Flamingo configs: a tiny one for tests and the built-in world, a tiny FlamingoPaLM, and HF Idefics 9B's
+shapes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,17 @@ def flamingo_tiny() -> FlamingoConfig:
     return FlamingoConfig(text=text, vision=vision, perceiver=perceiver, cross_attn_every=2, media_token_id=4)
 
 
+def flamingo_palm() -> FlamingoConfig:
+    """flamingo-tiny's media path over a PaLM-style LM, as flamingo-pytorch's `flamingo_palm.py` builds it:
+    parallel blocks (one bias-free LayerNorm feeding attention and a SwiGLU feed-forward four times as wide,
+    both added to the residual), multi-query attention (one K/V head), rotary positions, a tied output
+    embedding, and a gated cross-attention block every 3rd of 6 layers."""
+    tiny = flamingo_tiny()
+    text = tiny.text.replace(n_layers=6, n_kv_heads=1, hidden_dim=4 * tiny.text.dim, norm="layernorm_nobias",
+                             parallel_blocks=True, tie_embeddings=True)
+    return tiny.replace(text=text, cross_attn_every=3)
+
+
 def idefics_9b() -> FlamingoConfig:
     """HF Idefics 9B's shapes: LLaMA 7B + CLIP ViT-H/14 (exact GELU) + a 6-layer perceiver to 64 latents,
     cross-attention before every 4th layer. Its `<image>` id comes with its tokenizer: pass media_locations or
@@ -33,5 +45,6 @@ def idefics_9b() -> FlamingoConfig:
 
 PRESETS = {
     "flamingo-tiny": flamingo_tiny,
+    "flamingo-palm": flamingo_palm,
     "idefics-9b": idefics_9b,
 }

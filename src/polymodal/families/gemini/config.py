@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 
 from polymodal.config import Config, ConfigError, DecoderConfig, _check_positive
 from polymodal.encoders.audio import AudioConfig
+from polymodal.encoders.conformer import ConformerConfig
+from polymodal.encoders.usm_features import UsmFeatureExtractor
 from polymodal.encoders.vit import VisionConfig
 from polymodal.encoders.vq import VQConfig
 from polymodal.errors import check_number
 
 MODALITIES = ("image", "audio", "video")
+AUDIO_ENCODERS = ("whisper", "usm")  # Whisper-style (`audio`), or USM's Conformer as Gemma 3n has it (`usm`)
 
 
 @dataclass
@@ -59,7 +62,10 @@ class GeminiConfig(Config):
     patch_size: int = 8
     channels: int = 3
     patch_positions: bool = False  # a learned embedding per patch index, for linear patches (Fuyu has none)
-    audio: AudioConfig | None = None  # None: no audio input
+    audio_encoder: str = "whisper"  # one of AUDIO_ENCODERS: which of `audio` / `usm` hears (the other is None)
+    audio: AudioConfig | None = None  # the Whisper-style encoder; None: no audio input, or USM's
+    usm: ConformerConfig | None = None  # the USM Conformer; None: no audio input, or Whisper's
+    usm_seconds: int = 30  # USM clips are padded with silence to this window, which fixes their tokens
     audio_pool: int = 1  # average-pool the audio encoder's 50 Hz frames by this factor
     max_frames: int = 0  # learned temporal embeddings for video frames; 0: no video input
     modal_norm: bool = False  # a text.norm after each modality's projection into the decoder
@@ -79,9 +85,7 @@ class GeminiConfig(Config):
             raise ConfigError("patch_positions are for linear patches; the ViT (vision) has its own positions")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
-        if self.audio is not None and self.audio.n_positions % self.audio_pool:
-            raise ConfigError(f"audio.n_positions ({self.audio.n_positions}) must be divisible by audio_pool "
-                              f"({self.audio_pool})")
+        self._check_audio()
         bad = [i for i in self.tokens.ids() if not 0 <= i < self.text.vocab_size]
         if bad:
             raise ConfigError(f"media token ids {bad} are outside the vocabulary [0, {self.text.vocab_size})")
@@ -92,9 +96,45 @@ class GeminiConfig(Config):
     def tokens_per_image(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    def _check_audio(self) -> None:
+        if self.audio_encoder not in AUDIO_ENCODERS:
+            raise ConfigError(f"audio_encoder must be one of {list(AUDIO_ENCODERS)}, got {self.audio_encoder!r}")
+        other = "usm" if self.audio_encoder == "whisper" else "audio"
+        if getattr(self, other) is not None:
+            raise ConfigError(f"audio_encoder={self.audio_encoder!r} hears through "
+                              f"{'audio' if other == 'usm' else 'usm'}, but {other} is set too; set it to None")
+        _check_positive(self, "usm_seconds")
+        if self.encoder_frames % self.audio_pool:
+            raise ConfigError(f"the {self.audio_encoder} encoder's {self.encoder_frames} frames per clip must be "
+                              f"divisible by audio_pool ({self.audio_pool})")
+
+    @property
+    def audio_tower(self) -> AudioConfig | ConformerConfig | None:
+        """The config of the encoder that hears (`audio_encoder`), None without audio input."""
+        return self.usm if self.audio_encoder == "usm" else self.audio
+
+    def usm_features(self) -> UsmFeatureExtractor:
+        """USM's log-mel front end (16 kHz) for clips of up to `usm_seconds`."""
+        return UsmFeatureExtractor(n_mels=self.usm.n_mels, max_samples=self.usm_seconds * 16000)
+
+    @property
+    def usm_mel_frames(self) -> int:
+        """Log-mel frames of a USM clip (its window)."""
+        features = self.usm_features()
+        return features.n_frames(features.max_samples)
+
+    @property
+    def encoder_frames(self) -> int:
+        """Frames the audio encoder gives per clip (0 without audio), before audio_pool."""
+        if self.audio_tower is None:
+            return 0
+        if self.audio_encoder == "usm":
+            return self.usm.output_frames(self.usm_mel_frames)
+        return self.audio.n_positions
+
     @property
     def tokens_per_clip(self) -> int:
-        return self.audio.n_positions // self.audio_pool if self.audio is not None else 0
+        return self.encoder_frames // self.audio_pool
 
 
 def check_image_output(vq: VQConfig | None, first_code: int, draw: tuple[int, int] | None, token_ids: list[int],

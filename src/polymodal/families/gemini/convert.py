@@ -57,7 +57,7 @@ def fuyu_config_from_hf(hf: dict) -> GeminiConfig:
 
 def fuyu_config_to_hf(cfg: GeminiConfig) -> dict:
     t = cfg.text
-    fuyu_like = (cfg.vision is None and cfg.audio is None and not cfg.max_frames and not cfg.tokens.wrapped
+    fuyu_like = (cfg.vision is None and cfg.audio_tower is None and not cfg.max_frames and not cfg.tokens.wrapped
                  and not cfg.modal_norm and t.mlp in ("relu2", "gelu") and t.norm == "layernorm"
                  and t.norm_placement == "pre" and t.positions == "rope" and t.kv_heads == t.n_heads
                  and t.head_size * t.n_heads == t.dim and t.attn_bias and t.mlp_bias and not t.embed_scale

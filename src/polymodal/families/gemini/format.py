@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from polymodal.data.formats import SEPARATOR, Encoded, _labels, _name, _prompt, fit_text
@@ -29,8 +30,9 @@ class GeminiFormat:
     labels on target text and, for a model with image output (vq), on target images: `tokens.draw` spans
     whose placeholders the model fills with the image's VQ codes (`fusion/writer.py`). Images (and video
     frames) are resized to image_size and scaled to [-1, 1]; audio at any sample rate is resampled to
-    the encoder's and becomes Whisper log-mel; it must fit the encoder's window (a longer clip is an error, never
-    cut silently)."""
+    the encoder's and becomes the log-mel of the encoder the config chooses (Whisper's (n_mels, T), or USM's
+    (T, n_mels), each padded with silence to its window); it must fit the encoder's window (a longer clip is an
+    error, never cut silently)."""
 
     def __init__(self, config, tokenizer):
         self.config, self.tokenizer = config, tokenizer
@@ -40,6 +42,10 @@ class GeminiFormat:
         a = config.audio
         self.audio = (AudioFeatureExtractor(a.n_mels, a.sampling_rate, a.hop_length, a.n_fft,
                                             a.chunk_samples // a.sampling_rate) if a is not None else None)
+        if config.usm is not None:
+            self.audio = config.usm_features()
+        self.window = (self.audio.max_samples if config.usm is not None
+                       else self.audio.n_samples if self.audio is not None else 0)  # samples a clip may hold
 
     @staticmethod
     def fit(config, tokenizer):
@@ -105,7 +111,11 @@ class GeminiFormat:
         resampling, so a clip past the window is refused for that, whatever its rate, never cut silently."""
         check_waveform(clip.waveform, clip.sample_rate)
         rate, seconds = self.audio.sampling_rate, len(clip.waveform) / clip.sample_rate
-        if math.ceil(len(clip.waveform) * rate / clip.sample_rate) > self.audio.n_samples:
+        if math.ceil(len(clip.waveform) * rate / clip.sample_rate) > self.window:
             raise DocumentError(f"{name} has an audio clip of {seconds:g} s (at {clip.sample_rate} Hz); the audio "
-                                f"encoder hears at most {self.audio.chunk_length} s: cut it into clips")
-        return self.audio(resample(clip.waveform, clip.sample_rate, rate), sampling_rate=rate)
+                                f"encoder hears at most {self.window / rate:g} s: cut it into clips")
+        wave = resample(clip.waveform, clip.sample_rate, rate)
+        if self.config.usm is None:
+            return self.audio(wave, sampling_rate=rate)
+        wave = np.pad(wave, (0, self.window - len(wave)))
+        return self.audio(wave, sampling_rate=rate)[0][0]

@@ -6,7 +6,9 @@ Each media span in `input_ids` is a run of placeholder tokens, wrapped in its mo
 by the media embeddings before the first block (no cross-attention). Images enter either as
 patches through one linear layer, as in Fuyu (Bavishi et al. 2023; HF `FuyuForCausalLM`, which
 this model matches weight for weight through `convert.py`), or through the ViT. Audio
-(16 kHz log-mel) goes through the Whisper-style `AudioEncoder`; video is its frames, each embedded
+(16 kHz log-mel) goes through the encoder the config chooses (`audio_encoder`): the Whisper-style
+`AudioEncoder`, or USM's Conformer (the Gemini report's USM features; `encoders/conformer.py`, Gemma 3n's
+audio tower); video is its frames, each embedded
 as an image plus a learned temporal embedding. Media are encoded once, at prefill; decode steps
 take text only.
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.encoders.audio import AudioEncoder
+from polymodal.encoders.conformer import ConformerEncoder
 from polymodal.encoders.vit import ViT
 from polymodal.errors import InputError, check_media, check_pixel_values
 from polymodal.families.gemini.config import GeminiConfig
@@ -38,6 +41,9 @@ from polymodal.fusion.writer import ImageWriter
 from polymodal.models.parts import set_trainable
 from polymodal.nn.norms import make_norm
 from polymodal.nn.transformer import Decoder, ModelOutput
+
+
+AUDIO_ENCODERS = {"whisper": AudioEncoder, "usm": ConformerEncoder}  # by config.audio_encoder
 
 
 class Gemini(EarlyFusion, nn.Module):
@@ -51,8 +57,9 @@ class Gemini(EarlyFusion, nn.Module):
         patch_in = cfg.vision.dim if cfg.vision is not None else cfg.patch_size ** 2 * cfg.channels
         self.image_proj = nn.Linear(patch_in, dim)  # Fuyu's vision_embed_tokens when there is no ViT
         self.patch_pos = nn.Embedding(cfg.tokens_per_image, dim) if cfg.patch_positions else None
-        self.audio = AudioEncoder(cfg.audio) if cfg.audio is not None else None
-        self.audio_proj = nn.Linear(cfg.audio.dim, dim) if cfg.audio is not None else None
+        hears = cfg.audio_tower
+        self.audio = AUDIO_ENCODERS[cfg.audio_encoder](hears) if hears is not None else None
+        self.audio_proj = nn.Linear(hears.dim, dim) if hears is not None else None
         self.frame_embed = nn.Embedding(cfg.max_frames, dim) if cfg.max_frames else None
         self.image_norm, self.audio_norm = self._modal_norm(), self._modal_norm()
         for module in (self.image_proj, self.patch_pos, self.audio_proj, self.frame_embed):
@@ -74,7 +81,7 @@ class Gemini(EarlyFusion, nn.Module):
                          check=self.check_images)]
         if self.audio is not None and tok.audio is not None:
             rows.append(Modality("audio", "input_features", "embed_audio", span("audio"), self.config.tokens_per_clip,
-                                 plural="audio clips", check=self.audio.check_features))
+                                 plural="audio clips", check=self.check_audio))
         if self.frame_embed is not None and tok.video is not None:
             rows.append(Modality("video", "pixel_values_videos", "embed_videos", span("video"), self.video_tokens,
                                  check=self.check_videos))
@@ -129,9 +136,19 @@ class Gemini(EarlyFusion, nn.Module):
             x = x + self.patch_pos.weight
         return self.image_norm(x)
 
+    def check_audio(self, input_features: torch.Tensor) -> None:
+        if self.config.audio_encoder == "usm":  # clips padded to one window, so that each gives tokens_per_clip
+            cfg = self.config
+            check_media("input_features", input_features, ("num_clips", cfg.usm_mel_frames, cfg.usm.n_mels),
+                        f"USM log-mel frames of {cfg.usm_seconds} s")
+        else:
+            self.audio.check_features(input_features)
+
     def embed_audio(self, input_features: torch.Tensor) -> torch.Tensor:
-        """(N, n_mels, T) log-mel -> (N, T / 2 / audio_pool, D)."""
-        x = self.audio(input_features)  # (N, T/2, audio dim)
+        """(N, n_mels, T) Whisper log-mel, or (N, T, n_mels) USM log-mel -> (N, tokens_per_clip, D)."""
+        x = self.audio(input_features)  # (N, encoder_frames, audio dim)
+        if self.config.audio_encoder == "usm":
+            x = x.states  # the window's silence is heard as the clip's (no mask): every frame counts
         if self.config.audio_pool > 1:
             x = F.avg_pool1d(x.transpose(1, 2), self.config.audio_pool).transpose(1, 2)
         return self.audio_norm(self.audio_proj(x))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from polymodal.data.documents import Document
+from polymodal.data.documents import Document, Segment
+from polymodal.data.locations import LOC_TOKENS, SEG_TOKENS, add_location_tokens, format_locations, format_object
 from polymodal.data.formats import SEPARATOR, Encoded, _labels, _name, _prompt, fit_text
 from polymodal.data.processors import ImageProcessor
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.errors import DocumentError
+from polymodal.errors import DocumentError, InputError, UnknownNameError
 
 
 class PaliGemmaFormat:
@@ -20,6 +21,9 @@ class PaliGemmaFormat:
         self.max_len = config.text.max_seq_len
         size = config.vision.image_size  # SigLIP's preprocessing: resize, scale to [-1, 1]
         self.images = ImageProcessor(size=(size, size), resample="bicubic")
+        self.locations = _has_location_tokens(tokenizer)
+        if self.locations:
+            add_location_tokens(tokenizer)  # present already: registered to be read whole, nothing appended
 
     @staticmethod
     def fit(config, tokenizer: Tokenizer):
@@ -37,7 +41,7 @@ class PaliGemmaFormat:
             raise DocumentError(f"{_name(doc)} has an image target; PaliGemma writes text only")
         if kinds != sorted(kinds, key=lambda k: k != "image"):
             raise DocumentError(f"{_name(doc)} has an image after text; PaliGemma takes its images before any text")
-        texts = [(s.text, t) for s, t in segments if s.kind == "text"]
+        texts = [(self._text(doc, s), t) for s, t in segments if s.kind == "text"]
         if [t for _, t in texts] != sorted(t for _, t in texts):
             raise DocumentError(f"{_name(doc)} has prompt text after target text (a user turn after an answer); "
                                 "PaliGemma's prefix-LM layout holds one prompt, read both ways, then one answer: give "
@@ -53,8 +57,33 @@ class PaliGemmaFormat:
                   "token_type_ids": [0] * (n_image + len(prefix)) + [1] * len(suffix)}
         return Encoded(tokens, {"pixel_values": self.images(images)} if images else {})
 
+    def _text(self, doc: Document, segment: Segment) -> str:
+        if segment.boxes is None:
+            return segment.text
+        if not self.locations:
+            raise DocumentError(f"{_name(doc)} has boxes, but the tokenizer has no location tokens (<loc0000>..): "
+                                "fine-tune a converted HF PaliGemma, whose tokenizer has them, or train with a "
+                                "tokenizer given them by polymodal.data.locations.add_location_tokens")
+        if len(doc.images) != 1:
+            raise DocumentError(f"{_name(doc)} has boxes and {len(doc.images)} images; boxes are in the pixels of "
+                                "one image: give exactly one")
+        width, height = doc.images[0].size
+        try:
+            return format_locations([format_object(box, (height, width), label) for label, box in segment.boxes])
+        except InputError as e:
+            raise DocumentError(f"{_name(doc)}: {e}") from e
+
     def _join(self, texts: list[str]) -> list[int]:
         ids: list[int] = []
         for i, text in enumerate(texts):
             ids += (self.sep if i else []) + self.tokenizer.encode(text, split_special_tokens=True)
         return ids
+
+
+def _has_location_tokens(tokenizer: Tokenizer) -> bool:
+    try:
+        for token in LOC_TOKENS + SEG_TOKENS:
+            tokenizer.token_id(token)
+    except UnknownNameError:
+        return False
+    return True

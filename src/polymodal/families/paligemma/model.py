@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from polymodal.encoders.vit import ViT, init_weights
+from polymodal.encoders.vit import ViT, init_weights, resize_position_embeddings
 from polymodal.errors import InputError
 from polymodal.families.paligemma.config import PaliGemmaConfig
 from polymodal.fusion.early import EarlyFusion, Modality
@@ -41,8 +41,26 @@ class PaliGemma(EarlyFusion, nn.Module):
         init_weights(self.projector)
         self.decoder = Decoder(config.text, backend=backend)
         self.writer = None
-        self.modalities = (Modality("image", "pixel_values", "embed_images", Span(config.image_token_id),
-                                    config.tokens_per_image, check=self.vision.check_pixels),)
+        self.modalities = self._modalities()
+
+    def _modalities(self) -> tuple[Modality, ...]:
+        return (Modality("image", "pixel_values", "embed_images", Span(self.config.image_token_id),
+                         self.config.tokens_per_image, check=self.vision.check_pixels),)
+
+    def resize_images(self, image_size: int) -> PaliGemma:
+        """Read image_size x image_size images from now on (PaliGemma's 448 and 896 from 224 weights): SigLIP's
+        position embeddings interpolated once, as HF's `interpolate_pos_encoding` does, and the image token
+        count (image_size / patch)^2 with them. In place; returns the model, whose config says the new size."""
+        vision = self.config.vision.replace(image_size=image_size)
+        old = self.vision.pos_embed.weight
+        resized = resize_position_embeddings({"pos_embed.weight": old.detach()}, vision)["pos_embed.weight"]
+        self.vision.pos_embed = nn.Embedding(*resized.shape, device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            self.vision.pos_embed.weight.copy_(resized)
+        self.vision.pos_embed.weight.requires_grad_(old.requires_grad)
+        self.config, self.vision.config = self.config.replace(vision=vision), vision
+        self.modalities = self._modalities()
+        return self
 
     def trainable(self, parts: tuple[str, ...] | list[str]) -> None:
         """Train exactly these parts (any of "vision", "projector", "decoder"); freeze the rest."""

@@ -36,4 +36,17 @@ def paligemma_3b() -> PaliGemmaConfig:
     return PaliGemmaConfig(vision=vision, text=text, image_token_id=257152)
 
 
-PRESETS = {"paligemma-tiny": paligemma_tiny, "paligemma-world": paligemma_world, "paligemma-3b": paligemma_3b}
+def paligemma_3b_448() -> PaliGemmaConfig:
+    """PaliGemma 3B at 448x448: 1,024 image tokens (its text context holds them and a prompt)."""
+    cfg = paligemma_3b()
+    return cfg.replace(vision=cfg.vision.replace(image_size=448))
+
+
+def paligemma_3b_896() -> PaliGemmaConfig:
+    """PaliGemma 3B at 896x896: 4,096 image tokens."""
+    cfg = paligemma_3b()
+    return cfg.replace(vision=cfg.vision.replace(image_size=896))
+
+
+PRESETS = {"paligemma-tiny": paligemma_tiny, "paligemma-world": paligemma_world, "paligemma-3b": paligemma_3b,
+           "paligemma-3b-448": paligemma_3b_448, "paligemma-3b-896": paligemma_3b_896}

@@ -1,0 +1,44 @@
+"""A request's prefix-cache keys (`nn.prefix_keys.PromptKeys`) from its model inputs: its per-token inputs
+(input_ids and the family's `per_token_inputs`) and, for each media item, where its span lies and its content
+hash (`nn.media_cache.content_hash`), found by the early-fusion model's own span finder (vLLM's
+multimodal prefix caching keys blocks by the hash of each item they depend on).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polymodal.families import spec_of
+from polymodal.fusion.early import EarlyFusion
+from polymodal.nn.media_cache import content_hash
+from polymodal.nn.prefix_keys import PromptKeys
+
+
+def media_spans(model: EarlyFusion, input_ids: torch.Tensor, media: dict) -> list[tuple[int, int, bytes]]:
+    """(start, length, content hash) of each media item of one prompt (1, S): each modality's spanned tokens,
+    in order, cut into its items' token counts (adjacent items may share a run of blanks)."""
+    spans = model.spans(input_ids, media)
+    out = []
+    for kind, m in enumerate(model.modalities):
+        items = media.get(m.key)
+        if items is None:
+            continue
+        _, columns = spans.of(kind).index()
+        at = 0
+        for item, size in zip(items, m.sizes(items)):
+            out.append((int(columns[at]), size, content_hash(item)))
+            at += size
+    return out
+
+
+def prompt_keys(model, inputs: dict[str, torch.Tensor]) -> PromptKeys | None:
+    """The keys of one request's prompt (batch of 1), or None where an input is neither per-token nor a
+    modality's media (an image a writer splices in as codes): such a prompt is not cached."""
+    per_token = {k: inputs[k] for k in ("input_ids", *spec_of(model).per_token_inputs) if inputs.get(k) is not None}
+    media = {k: v for k, v in inputs.items() if k not in per_token and v is not None}
+    if not media:
+        return PromptKeys(per_token)
+    known = {m.key for m in model.modalities} if isinstance(model, EarlyFusion) else set()
+    if not set(media) <= known:
+        return None
+    return PromptKeys(per_token, media_spans(model, inputs["input_ids"], media))

@@ -1,0 +1,277 @@
+"""Paged KV cache (Kwon et al. 2023, vLLM's PagedAttention) with prefix caching.
+
+A `PagedCache` holds, per layer, one pool of fixed-size blocks of K/V slots, the `Segments` of every slot,
+and a block table per sequence: a sequence takes a block when its last one is full and gives them all
+back when it finishes, so memory follows the tokens in use rather than slots x context. `batch(ids)` is
+what a model is given as its `cache`: it follows the `nn.cache.Cache` protocol that `Decoder` reads
+(`length`, `write(seg)` -> input_pos, `slots`, `layers[i].update(input_pos, k, v)`, `next_segments(n)`),
+so prefill and decode run unchanged through the one `Attention`. Rows of a batch hold sequences of any
+lengths; padding is never stored (it writes to the null block, slot 0) and each row continues from its
+own last token.
+
+Reading here gathers each row's K/V through its block table into a (B, nkv, L, hs) tensor, L the longest
+row, and lets the usual kernel attend with the segments' mask. A GPU kernel (vLLM's paged attention,
+FlexAttention's paged block mask) reads the blocks in place through the table instead, so no copy of
+the keys is made; the bookkeeping and the slot layout here are what it reads.
+
+Prefix caching: `add(seq, prompt)` starts a sequence on the cached blocks of the longest prefix of the
+prompt that `prefix_keys` finds (its keys cover token ids, every per-token input and each media item's
+content hash), reference counted, and files the prompt's full blocks for later requests once the calls
+that wrote them have returned (at the next `add`, or at `free` unless a call failed).
+A hit covers every media span and ends where a new group starts (see `prefix_keys`), so the rest of
+the prompt continues causally through the model's `decode`.
+
+Shapes: B rows, S new tokens, L the longest row, nkv key-value heads, hs head size, N slots in the pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polymodal.errors import InputError
+from polymodal.nn.block_pool import NULL_BLOCK, BlockPool
+from polymodal.nn.cache import Cache
+from polymodal.nn.masks import Segments
+from polymodal.nn.prefix_keys import PromptKeys, group_ends
+
+SEGMENT_FIELDS = ("positions", "groups", "docs", "valid")
+
+
+def kv_bytes(tokens: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes a cache spends on `tokens` slots: K and V in every layer, and the slot's segments (three longs
+    and a bool), as both `nn.cache.Cache` and `PagedCache` lay them out."""
+    per_slot = 2 * n_layers * n_kv_heads * head_dim * dtype.itemsize + 3 * 8 + 1
+    return tokens * per_slot
+
+
+class PagedLayer:
+    """One layer's view of a batch: writes new K/V into the pool, reads each row's through its table."""
+
+    def __init__(self, batch: PagedBatch, layer: int):
+        self.batch, self.layer = batch, layer
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos (B, S) pool slots; k, v (B, nkv, S, hs) -> each row's K/V (B, nkv, L, hs)
+        cache, index = self.batch.cache, self.batch.slot_index
+        out = []
+        for pool, new in ((cache.k[self.layer], k), (cache.v[self.layer], v)):
+            pool.index_copy_(0, input_pos.reshape(-1), new.transpose(1, 2).flatten(0, 1).to(pool.dtype))
+            out.append(pool[index].transpose(1, 2))
+        return out
+
+
+class PagedBatch:
+    """Sequences of a `PagedCache`, one per row, as the `cache` of one model call."""
+
+    def __init__(self, cache: PagedCache, seq_ids: list[int], new_tokens: list[int] | None = None):
+        unknown = [s for s in seq_ids if s not in cache.tables]
+        if unknown or not seq_ids or len(set(seq_ids)) != len(seq_ids):
+            raise InputError(f"a paged batch takes distinct sequences the cache holds; unknown {unknown}, "
+                             f"given {seq_ids}")
+        started = {cache.lengths[s] > 0 for s in seq_ids}
+        if len(started) > 1:
+            raise InputError("a paged batch either prefills new sequences or continues sequences that hold tokens; "
+                             f"lengths {[cache.lengths[s] for s in seq_ids]} mix both")
+        if new_tokens is not None and (len(new_tokens) != len(seq_ids) or min(new_tokens) < 1):
+            raise InputError(f"new_tokens gives a count >= 1 per sequence; got {new_tokens} for {len(seq_ids)} "
+                             f"sequences")
+        self.cache, self.seq_ids, self.new_tokens = cache, list(seq_ids), new_tokens
+        self.batch = len(seq_ids)
+        self.layers = [PagedLayer(self, i) for i in range(cache.n_layers)]
+        self.slot_index: torch.Tensor | None = None  # (B, L) pool slots of each row, null-padded
+        self.slots: Segments | None = None  # their segments, in the frame of the last write's queries
+
+    @property
+    def length(self) -> int:
+        return max(self.cache.lengths[s] for s in self.seq_ids)
+
+    def next_segments(self, n: int = 1) -> Segments:
+        """Segments of n new causal tokens after each row's last one; with `new_tokens`, row b's tokens past
+        its count are padding (a decode step beside chunks of prompts)."""
+        if self.new_tokens is not None and max(self.new_tokens) > n:
+            raise InputError(f"new_tokens {self.new_tokens} counts more than the {n} tokens given")
+        last = torch.tensor([self.cache.slot(s, self.cache.lengths[s] - 1) for s in self.seq_ids],
+                            device=self.cache.device)
+        step = torch.arange(1, n + 1, device=last.device)
+        counts = torch.tensor(self.new_tokens or [n] * self.batch, device=last.device)
+        stored = self.cache.segments
+        return Segments(positions=stored.positions[last][:, None] + step, groups=stored.groups[last][:, None] + step,
+                        docs=stored.docs[last][:, None].expand(-1, n).clone(),
+                        valid=step[None, :] <= counts[:, None])
+
+    def cross_kv(self, layer: int):
+        raise InputError("a paged cache holds self-attention K/V; a cross-attention model (Flamingo) keeps its "
+                         "media K/V in its own static cache (make_cache)")
+
+    def write(self, seg: Segments) -> torch.Tensor:
+        """Takes slots for each row's valid new tokens (blocks as needed) and records their segments;
+        returns the pool slots (B, S) the layers write K/V to (padding: the null slot)."""
+        cache = self.cache
+        valid = seg.valid.cpu()
+        counts = valid.sum(1).tolist()
+        cache.reserve(self.seq_ids, counts)
+        input_pos = torch.full(valid.shape, NULL_BLOCK * cache.block_size, dtype=torch.long)
+        shift = torch.zeros(self.batch, dtype=torch.long)
+        for row, (seq, n) in enumerate(zip(self.seq_ids, counts)):
+            start = cache.lengths[seq]
+            input_pos[row, valid[row]] = torch.tensor([cache.slot(seq, i) for i in range(start, start + n)],
+                                                      dtype=torch.long)
+            if start == 0 and n:  # a new sequence's groups are kept from 1 on, whatever padding came before it
+                shift[row] = 1 - int(seg.groups[row, valid[row]][0])
+            cache.lengths[seq] = start + n
+        input_pos, shift = input_pos.to(cache.device), shift.to(cache.device)
+        cache.store(input_pos, seg, shift)
+        self.slot_index = cache.slot_table(self.seq_ids)
+        self.slots = cache.gather_segments(self.slot_index, shift)
+        return input_pos
+
+
+class PagedCache:
+    """Block pools for every layer of one model, and the sequences that hold their blocks."""
+
+    def __init__(self, n_blocks: int, block_size: int, n_layers: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, max_seq_len: int):
+        if block_size < 1:
+            raise InputError(f"a paged cache needs block_size >= 1, got {block_size}")
+        self.pool = BlockPool(n_blocks)
+        self.block_size, self.n_layers, self.max_seq_len = block_size, n_layers, max_seq_len
+        self.shape = (n_layers, n_kv_heads, head_dim, dtype)
+        self.device = torch.device(device)
+        N = n_blocks * block_size
+        self.k = [torch.zeros(N, n_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(N, n_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        long = dict(dtype=torch.long, device=device)
+        self.segments = Segments(torch.zeros(N, **long), torch.zeros(N, **long), torch.zeros(N, **long),
+                                 torch.zeros(N, dtype=torch.bool, device=device))
+        self.tables: dict[int, list[int]] = {}  # sequence -> its blocks, in order
+        self.lengths: dict[int, int] = {}  # sequence -> tokens written (or taken from the prefix cache)
+        self.prompts: dict[int, PromptKeys] = {}  # sequence -> its prompt's keys, until its blocks are registered
+        self.prompt_tokens = self.hit_tokens = 0  # prompt tokens looked up in the prefix cache, and found
+
+    @classmethod
+    def for_model(cls, model, n_blocks: int, block_size: int = 16, *, dtype: torch.dtype | None = None) -> PagedCache:
+        """A cache for a `LanguageModel`, in its parameters' dtype and device unless told."""
+        own = type(model.make_cache(1, 1))
+        if own is not Cache:
+            raise InputError(f"{type(model).__name__} keeps more than self-attention K/V in its cache "
+                             f"({own.__name__}); the paged cache holds only those")
+        cfg, weight = model.text_config, next(model.parameters())
+        return cls(n_blocks, block_size, cfg.n_layers, cfg.kv_heads, cfg.head_size, dtype or weight.dtype,
+                   weight.device, cfg.max_seq_len)
+
+    # sequences and their blocks
+
+    def add(self, seq: int, prompt: PromptKeys | None = None) -> int:
+        """Starts sequence `seq`; given its prompt's keys, on the cached blocks of the longest prefix found.
+        Returns the prompt tokens it starts with (0 without a hit): the caller runs the rest."""
+        if seq in self.tables:
+            raise InputError(f"sequence {seq} is already in the paged cache")
+        for other in list(self.prompts):
+            self._register_prompt(other)
+        blocks = self._lookup(prompt) if prompt is not None else []
+        self.tables[seq], self.lengths[seq] = blocks, len(blocks) * self.block_size
+        if prompt is not None:
+            self.prompts[seq] = prompt
+            self.prompt_tokens += prompt.length
+            self.hit_tokens += self.lengths[seq]
+        return self.lengths[seq]
+
+    def free(self, seq: int, *, failed: bool = False) -> None:
+        """A finished sequence gives its blocks back; its prompt's full blocks stay cached, idle, for the next
+        hit, unless a model call on it failed (`failed`: its K/V may be half written)."""
+        if seq not in self.tables:
+            raise InputError(f"sequence {seq} is not in the paged cache")
+        if not failed:
+            self._register_prompt(seq)
+        for block in self.tables.pop(seq):
+            self.pool.release(block)
+        del self.lengths[seq]
+        self.prompts.pop(seq, None)
+
+    def batch(self, seq_ids: list[int], new_tokens: list[int] | None = None) -> PagedBatch:
+        return PagedBatch(self, seq_ids, new_tokens)
+
+    def slot(self, seq: int, i: int) -> int:
+        return self.tables[seq][i // self.block_size] * self.block_size + i % self.block_size
+
+    def reserve(self, seq_ids: list[int], counts: list[int]) -> None:
+        """Allocates the blocks for counts[b] more tokens of each sequence, all or none."""
+        long = [(s, self.lengths[s] + n) for s, n in zip(seq_ids, counts) if self.lengths[s] + n > self.max_seq_len]
+        if long:
+            raise InputError(f"sequence {long[0][0]} would hold {long[0][1]} tokens, past max_seq_len={self.max_seq_len}")
+        need = [-(-(self.lengths[s] + n) // self.block_size) - len(self.tables[s]) for s, n in zip(seq_ids, counts)]
+        self.pool.check_room(sum(need))
+        for s, n in zip(seq_ids, need):
+            self.tables[s] += [self.pool.allocate() for _ in range(n)]
+
+    def slot_table(self, seq_ids: list[int]) -> torch.Tensor:
+        """(B, L) each sequence's slots in order, padded with the null slot."""
+        L = max(self.lengths[s] for s in seq_ids)
+        table = torch.full((len(seq_ids), L), NULL_BLOCK * self.block_size, dtype=torch.long)
+        for row, s in enumerate(seq_ids):
+            blocks = torch.tensor(self.tables[s], dtype=torch.long)
+            slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+            table[row, :self.lengths[s]] = slots[:self.lengths[s]]
+        return table.to(self.device)
+
+    # slot segments
+
+    def store(self, input_pos: torch.Tensor, seg: Segments, shift: torch.Tensor) -> None:
+        flat = input_pos.reshape(-1)  # padding writes the null slot, as not valid: no row reads it as a key
+        for name in SEGMENT_FIELDS:
+            value = getattr(seg, name) + shift[:, None] if name == "groups" else getattr(seg, name)
+            getattr(self.segments, name).index_copy_(0, flat, value.reshape(-1))
+
+    def gather_segments(self, slot_index: torch.Tensor, shift: torch.Tensor) -> Segments:
+        """The segments of each row's slots (B, L), groups moved back into the frame of the queries just
+        written (a new row's padding counted), so one `attention_mask` compares them."""
+        seg = Segments(*(getattr(self.segments, name)[slot_index] for name in SEGMENT_FIELDS))
+        seg.groups = seg.groups - shift[:, None]
+        return seg
+
+    # prefix cache
+
+    def _lookup(self, prompt: PromptKeys) -> list[int]:
+        """The cached blocks of the longest usable prefix: full blocks whose keys match, covering every media
+        span, ending where a new group starts and before the prompt's last token (whose logits are needed)."""
+        found, usable = [], 0
+        for b in range((prompt.length - 1) // self.block_size):
+            end_of_block = (b + 1) * self.block_size
+            ends = [end for end in self.pool.ends_of(prompt.base(end_of_block)) if end <= prompt.length]
+            key = next((k for k in (prompt.key(end_of_block, end) for end in ends) if k in self.pool.cached), None)
+            if key is None:
+                break
+            found.append(key)
+            if self.pool.key_of[self.pool.cached[key]][2] == end_of_block and end_of_block >= prompt.media_end:
+                usable = len(found)
+        return [self.pool.take(key) for key in found[:usable]]
+
+    def _register_prompt(self, seq: int) -> None:
+        """Once a sequence's prompt is written, files its full blocks in the prefix cache. Done at the next `add`
+        or at `free`, after the model calls that wrote them returned."""
+        prompt = self.prompts.get(seq)
+        if prompt is None or self.lengths[seq] < prompt.length:
+            return
+        del self.prompts[seq]
+        slots = [self.slot(seq, i) for i in range(prompt.length)]
+        groups = self.segments.groups[torch.tensor(slots, device=self.device)].tolist()
+        if any(b - a not in (0, 1) for a, b in zip(groups, groups[1:])):
+            return  # padding inside the prompt left gaps in its groups: its blocks would not match a plain prompt's
+        ends = group_ends(groups)
+        for b in range(prompt.length // self.block_size):
+            end_of_block = (b + 1) * self.block_size
+            end = ends[end_of_block - 1]
+            self.pool.register(self.tables[seq][b], prompt.key(end_of_block, end), prompt.base(end_of_block), end)
+
+    # memory
+
+    def bytes_held(self, seq_ids: list[int] | None = None) -> int:
+        """Bytes of the blocks these sequences (all by default) hold, a shared block counted once."""
+        if seq_ids is None:
+            return kv_bytes(self.pool.in_use * self.block_size, *self.shape)
+        blocks = {block for seq in seq_ids for block in self.tables[seq]}
+        return kv_bytes(len(blocks) * self.block_size, *self.shape)
+
+    def static_bytes(self, slots: int, max_len: int) -> int:
+        """Bytes the static `nn.cache.Cache` of `slots` rows of max_len tokens holds for the same model."""
+        return kv_bytes(slots * max_len, *self.shape)

@@ -37,7 +37,8 @@ METRIC_NAMES = tuple(METRIC_WHAT)
 SHOWN_DOCUMENTS = 5  # documents `export-data` prints (media, prompt, answer)
 QUANTIZE_HELP = ("weight-only quantized decoder linear layers; on a CPU they save memory and cost time (measured "
                  "by benchmarks/bench_quantize.py, a 64M decoder, 1 thread, shared machine): int8 0.40x float32's "
-                 "weight bytes, 1.4x its time; int4 0.35x the bytes, 5.5x the time per new token, ~60x per prompt")
+                 "weight bytes, 1.4x its time per new token; int4 0.35x the bytes, 4.5x the time per new token, ~45x per "
+                 "prompt")
 MAX_NEW_TOKENS = 32  # generate's default for text; a drawing model gets one image span more
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")

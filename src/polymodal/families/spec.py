@@ -24,6 +24,8 @@ class FamilySpec:
     placeholders: Callable[[object], tuple[int, ...]] = no_placeholders  # token ids whose embeddings media replace
     pairs: bool = False  # learns by contrast from image-text pairs (no labels, no packing) and writes nothing
     needs_image: bool = False  # every prompt carries an image (PaliGemma: HF's processor refuses one without)
+    # reads one prompt, then writes one answer (a prefix-LM's layout): no conversation, each question asked anew
+    single_turn: bool = False
     presets: dict[str, Callable[[], object]] = field(default_factory=dict)  # preset name -> its config
     hf: dict[str, object] = field(default_factory=dict)  # HF model_type -> the conversion rules it reads and writes
     # LoRA adapters named as HF peft names them: (the `hf` model_type whose key map names the modules, (prefix in

@@ -34,6 +34,7 @@ from polymodal.generation.prompts import ContextError, prompts
 from polymodal.families import spec_of
 from polymodal.serve.answer import Answer
 from polymodal.serve.embeddings import Embedder
+from polymodal.serve.examples import Examples
 from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, embedding_job, parse_body
 from polymodal.serve.request_log import Metrics, RequestLog
 
@@ -46,7 +47,7 @@ class Server:
 
     def __init__(self, directory: str | Path, *, name: str | None = None, slots: int = 8, max_queue: int = 64,
                  limits: Limits = Limits()):
-        directory = Path(directory)
+        self.directory = directory = Path(directory)  # as given: a run directory or a checkpoint
         self.name = name or directory.resolve().name  # the model id clients send
         self.model = pm.from_pretrained(directory)
         self.tokenizer = Tokenizer.from_file(directory)
@@ -217,6 +218,8 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/")
     async def page():
         return HTMLResponse(CHAT_PAGE.read_text())
+
+    app.add_api_route("/v1/examples", Examples(server).answer, methods=["GET"])  # the chat page's examples
 
     @app.get("/health")
     async def health():

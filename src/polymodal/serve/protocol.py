@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from polymodal.data.documents import Document, Segment, read_wav
 from polymodal.data.media import TooLarge, open_image
@@ -179,6 +179,9 @@ def data_image(url: str, where: str, limits: Limits) -> Image.Image:
     except TooLarge as e:
         raise ApiError(413, f"{where} is {e.width}x{e.height} pixels, over the limit of "
                             f"{limits.max_image_pixels} pixels", where) from e
+    except UnidentifiedImageError as e:  # its message names a Python object (<_io.BytesIO object at 0x...>)
+        raise ApiError(400, f"{where} is not a decodable image: not a format the server reads (PNG, JPEG, GIF, "
+                            f"BMP, WebP...); its data starts with {raw[:8]!r}", where) from e
     except (OSError, EOFError, ValueError, Image.DecompressionBombError) as e:
         raise ApiError(400, f"{where} is not a decodable image ({e})", where) from e
 

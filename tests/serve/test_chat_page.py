@@ -224,8 +224,9 @@ def mask_url(size: int, box) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_locations_in_an_answer_are_drawn_over_its_image(world, browser):
-    """The page's own chunk handler given the last chunk of an answer with locations (the server's contract)."""
+def test_drawn_images_are_large_and_locations_are_drawn_over_the_image(world, browser):
+    """The page's own chunk handler given an answer's chunks: a drawn image, then the last chunk with locations
+    (the server's contract: boxes in the pixels of the request's image, masks as PNGs of its size)."""
     open_page(browser, world, "world")
     image = WORLD.sample("position", 0, "eval").document.images[0]
     locations = [{"label": "blue square", "box": [17.0, 17.0, 30.0, 30.0], "mask": mask_url(32, (17, 17, 30, 30))},
@@ -235,10 +236,14 @@ def test_locations_in_an_answer_are_drawn_over_its_image(world, browser):
         turn.element.className = "turn"; document.getElementById("turns").appendChild(turn.element);
         turn.answer = turn.element.appendChild(document.createElement("div")); turn.answer.className = "msg assistant";
         handleChunk({choices: [{index: 0, delta: {content: "blue square"}, finish_reason: null}]}, turn);
+        handleChunk({choices: [{index: 0, delta: {content: [{type: "image_url", image_url: {url: arguments[2]}}]},
+                                finish_reason: null}]}, turn);
         handleChunk({choices: [{index: 0, delta: {locations: arguments[1]}, finish_reason: "stop"}]}, turn);""",
-                           png_url(image), locations)
+                           png_url(image), locations, png_url(WORLD.draw("green", "triangle")))
     overlay = WebDriverWait(browser, 10).until(lambda b: b.find_element(By.CSS_SELECTOR, ".overlay[data-drawn='2']"))
-    shown = rect(browser, browser.find_element(By.CSS_SELECTOR, ".assistant img.media"))
+    drawn, shown = browser.find_elements(By.CSS_SELECTOR, ".assistant img.media")  # a drawn image, then the located
+    assert rect(browser, drawn)["w"] >= 192 and drawn.value_of_css_property("image-rendering") == "pixelated"
+    shown = rect(browser, shown)
     scale = shown["w"] / 32
     assert scale >= 6
     boxes = overlay.find_elements(By.CSS_SELECTOR, ".box")

@@ -134,6 +134,12 @@ def test_examples_are_one_held_out_question_per_trained_task_or_a_fallback(world
     assert all(e["answer"] is None for e in info["examples"])  # the world's answers are not this model's
 
 
+def test_a_dual_encoder_offers_no_chat(dual):
+    status, info = call(dual.url + "/v1/examples")
+    assert status == 200 and (info["chat"], info["examples"]) == (False, [])
+    assert "/v1/embeddings" in info["source"]
+
+
 def test_an_example_click_asks_it_shows_the_image_large_and_a_single_turn_model_is_asked_afresh(world, browser):
     open_page(browser, world, "world")
     buttons = browser.find_elements(By.CSS_SELECTOR, "#examples .example")
@@ -261,3 +267,16 @@ def test_drawn_images_are_large_and_locations_are_drawn_over_the_image(world, br
                                    canvas)
     assert alpha[0] > 0 == alpha[1]  # tinted inside the mask only
     assert json.loads(browser.execute_script("return JSON.stringify(window.sent)")) == []  # drawn, nothing asked
+
+
+def test_a_sound_example_is_sent_as_audio_and_answered(chatty, browser):
+    open_page(browser, chatty, "chatty")
+    examples = call(chatty.url + "/v1/examples")[1]["examples"]
+    sound = next(e for e in examples if e["content"][0]["type"] == "input_audio")
+    browser.find_element(By.CSS_SELECTOR, f".example[data-task={sound['task']}]").click()
+    assert browser.find_element(By.ID, "preview").text.endswith(".wav")
+    set_field(browser, "max-tokens", 6)
+    shown = ask(browser)
+    assert browser.execute_script("return window.sent")[0]["messages"] == [{"role": "user", "content": sound["content"]}]
+    assert browser.find_element(By.CSS_SELECTOR, ".turn .user audio").get_attribute("src").startswith("data:audio/wav")
+    assert shown.text == answer(chatty, [{"role": "user", "content": sound["content"]}], temperature=0, max_tokens=6)

@@ -167,6 +167,13 @@ def test_an_example_click_asks_it_shows_the_image_large_and_a_single_turn_model_
                                             temperature=0, max_tokens=6).strip()
     assert "asked fresh" in browser.find_element(By.CSS_SELECTOR, ".turn:nth-child(2) .user").text
 
+    browser.find_element(By.CSS_SELECTOR, ".example[data-task=colour]").click()  # a second image: a new question
+    ask(browser)
+    sent = browser.execute_script("return window.sent")[-1]["messages"]
+    colour = call(world.url + "/v1/examples")[1]["examples"][TASKS.index("colour")]
+    assert sent == [{"role": "user", "content": colour["content"]}]
+    assert "this image alone" in browser.find_element(By.CSS_SELECTOR, ".turn:nth-child(3) .user").text
+
 
 def test_errors_show_in_plain_words_beside_the_message_that_caused_them(world, browser, tmp_path):
     open_page(browser, world, "world")

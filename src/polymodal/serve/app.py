@@ -3,7 +3,8 @@
 GET /v1/models, GET /health (503 once the worker has stopped), GET /metrics (Prometheus text, see
 `request_log`), POST /v1/chat/completions and POST /v1/completions (OpenAI's request and response shapes,
 `stream: true` as server-sent events ending in a usage chunk and `data: [DONE]`) for a generative model,
-POST /v1/embeddings for a CLIP / SigLIP dual encoder (`embeddings`), and the chat page at `/`. A body past
+POST /v1/embeddings for a CLIP / SigLIP dual encoder (`embeddings`), and the chat page at `/` with its examples
+at GET /v1/examples (`examples`). A body past
 `Limits.max_body_bytes` is refused (413) before it is parsed. One thread runs the `Batcher`; each request's choices are its requests there, and
 their events come back to the event loop through an asyncio queue. A client that goes away cancels its
 requests, which leave the batch at the next step. Drawn images are content parts

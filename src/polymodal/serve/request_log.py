@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 QUIET = ("/health", "/metrics")
-PATHS = ("/", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+PATHS = ("/", "/v1/models", "/v1/examples", "/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # seconds
 
 

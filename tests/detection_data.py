@@ -13,7 +13,7 @@ from polymodal.data.locations import LOC_TOKENS, PALIGEMMA_FIRST_LOC_ID, SEG_TOK
 from polymodal.data.tokenizer import Tokenizer
 
 SIDE, PALIGEMMA_IMAGE_ID, PALIGEMMA_VOCAB = 32, 257152, 257216  # PaliGemma's <image> id and vocabulary size
-PROMPT, LABEL = "detect red box", "red box"
+PROMPT, LABEL, RED, BLUE = "detect red box", "red box", (210, 30, 30), (30, 60, 210)
 
 
 def write_tokenizer(directory: Path, paligemma_ids: bool) -> int:
@@ -21,7 +21,7 @@ def write_tokenizer(directory: Path, paligemma_ids: bool) -> int:
     tokenizer (its pieces, unused ones up to 256,000, the 1,152 tokens, <image> at 257,152, unused ones up to
     257,216); else appended after its pieces (`add_location_tokens`, which a user's own tokenizer gets). Returns
     the vocabulary size."""
-    tok = Tokenizer.train([f"{PROMPT}\n{LABEL}"] * 20, vocab_size=280)
+    tok = Tokenizer.train(["detect red box\nred box", "detect blue box\nblue box"] * 20, vocab_size=280)
     if not paligemma_ids:
         add_location_tokens(tok)
         tok.save(directory)
@@ -60,9 +60,9 @@ def write_hf_paligemma(directory: Path, paligemma_ids: bool = False) -> None:
     transformers.PaliGemmaForConditionalGeneration(config).save_pretrained(directory)
 
 
-def scene(box) -> Image.Image:
+def scene(box, colour=RED) -> Image.Image:
     image = Image.new("RGB", (SIDE, SIDE), (250, 250, 250))
-    ImageDraw.Draw(image).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(210, 30, 30))
+    ImageDraw.Draw(image).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=colour)
     return image
 
 
@@ -73,12 +73,13 @@ def boxes(n: int, seed: int) -> list[tuple[int, int, int, int]]:
     return [(x, y, x + 12, y + 12) for x, y in corners]
 
 
-def write_jsonl(directory: Path, truth: list) -> Path:
+def write_jsonl(directory: Path, truth: list, colour=RED, label: str = LABEL) -> Path:
+    """detect.jsonl in `directory`, one document per box (`detect <label>` -> the box in pixels), its images beside it."""
     lines = []
     for i, box in enumerate(truth):
-        scene(box).save(directory / f"{i}.png")
-        lines.append({"segments": [{"image": f"{i}.png"}, {"text": PROMPT},
-                                   {"boxes": [{"label": LABEL, "box": list(box)}], "target": True}]})
+        scene(box, colour).save(directory / f"{i}.png")
+        lines.append({"segments": [{"image": f"{i}.png"}, {"text": f"detect {label}"},
+                                   {"boxes": [{"label": label, "box": list(box)}], "target": True}]})
     path = directory / "detect.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path

@@ -13,8 +13,7 @@ from polymodal.convert.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from polymodal.errors import InputError
 from polymodal.nn.lora import TrainableRows, trained_rows
 
-from test_paligemma_parity import hf_paligemma
-from test_peft_parity import hf_decoder, inputs, logits, randomise_adapters
+from test_peft_parity import checkpoint, inputs, logits, randomise_adapters  # noqa: F401 (checkpoint: a fixture)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
 peft = pytest.importorskip("peft", reason="peft is the LoRA adapter reference")
@@ -24,15 +23,6 @@ ROWS = [40, 7, 12]  # not sorted: peft keeps the order given, row i of the saved
 
 def hf_class(kind: str):
     return transformers.AutoModelForImageTextToText if kind == "paligemma" else transformers.AutoModelForCausalLM
-
-
-@pytest.fixture(scope="module", params=["llama", "gemma", "paligemma"])
-def checkpoint(request, tmp_path_factory):
-    torch.manual_seed(0)
-    hf = hf_paligemma() if request.param == "paligemma" else hf_decoder(request.param)
-    d = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(d)
-    return request.param, d
 
 
 def lm(model):

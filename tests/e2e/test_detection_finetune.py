@@ -5,6 +5,7 @@ location tokens' embedding rows train too) on the user's JSONL whose boxes are g
 `polymodal generate --draw` and `polymodal serve` give the boxes back on held-out images."""
 
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -31,7 +32,7 @@ def cli(*args):
 
 
 N_TRAIN, N_HELD = 64, 12
-MARGIN = 0.1  # mean IoU over the blind box's
+MARGIN = 0.2  # mean IoU over the blind box's
 QUIET = ["--batch-size", 16, "--warmup-steps", 10, "--eval-every", 10_000, "--checkpoint-every", 10_000,
          "--log-every", 10_000]
 BASE = ["--max-steps", 300, "--lr", 3e-3, *QUIET]
@@ -150,3 +151,28 @@ def test_the_server_returns_the_boxes_as_locations(tuned, served):
     blind_iou = np.mean([iou(blind, t) for t in truth])
     print(f"held-out mean IoU {tuned_iou:.3f}, the blind box's {blind_iou:.3f}; {formed}/{len(truth)} well-formed")
     assert tuned_iou > blind_iou + MARGIN, (tuned_iou, blind_iou)
+
+
+def test_location_tokens_at_paligemma_s_ids_train_beside_lora(tmp_path):
+    """A tokenizer laid out as HF's PaliGemma's (<loc0000> at 256000, <image> at 257152, 257,216 ids): the
+    boxes are written with its ids, and `--lora-tokens locations` trains exactly rows 256000..257151, saved in
+    peft's layout, and one step moves them (the head is tied: each row gets the softmax's gradient)."""
+    from safetensors import safe_open
+
+    from polymodal.train.trainer import TrainConfig, train
+
+    (tmp_path / "hf").mkdir()
+    write_hf_paligemma(tmp_path / "hf", paligemma_ids=True)
+    write_jsonl(tmp_path, boxes(4, seed=0))
+    train(TrainConfig(init_from=str(tmp_path / "hf"), data=str(tmp_path / "detect.jsonl"), out_dir=str(tmp_path),
+                      name="ids", lora_rank=2, lora_tokens="locations", max_steps=1, batch_size=4, lr=1e-2,
+                      warmup_steps=0, eval_every=10, checkpoint_every=1, log_every=10))
+    [checkpoint] = (tmp_path / "ids" / "checkpoints").glob("step-*")
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == list(range(256000, 257152))
+    with safe_open(checkpoint / "adapter_model.safetensors", framework="pt") as f:
+        [key] = [k for k in f.keys() if k.endswith("trainable_tokens_delta")]
+        rows = f.get_tensor(key)
+    with safe_open(tmp_path / "hf" / "model.safetensors", framework="pt") as f:
+        base = f.get_tensor(next(k for k in f.keys() if k.endswith("embed_tokens.weight")))[256000:257152]
+    assert rows.shape == (1152, 64) and bool((rows - base).abs().sum(1).gt(0).all())

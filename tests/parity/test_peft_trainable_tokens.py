@@ -11,7 +11,7 @@ from safetensors import safe_open
 import polymodal as pm
 from polymodal.convert.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from polymodal.errors import InputError
-from polymodal.nn.lora import TrainableRows, trained_rows
+from polymodal.nn.lora import TrainableRows, adapters, trained_rows
 
 from test_peft_parity import checkpoint, inputs, logits, randomise_adapters  # noqa: F401 (checkpoint: a fixture)
 
@@ -116,5 +116,6 @@ def test_bad_rows_are_refused_before_the_model_changes(checkpoint):
     vocab = lm(model).tok_embeddings.weight.shape[0]
     with pytest.raises(InputError, match=rf"distinct ids in \[0, {vocab}\), got \[{vocab}\]"):
         pm.add_lora(model, rank=2, trainable_tokens=[vocab])
+    assert not adapters(model) and not trained_rows(model)
     with pytest.raises(InputError, match="non-empty list of token ids"):
         pm.add_lora(pm.from_pretrained(d), rank=2, trainable_tokens=["<loc0000>"])

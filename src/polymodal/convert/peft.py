@@ -120,6 +120,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[s
     check_number("LoRA alpha", alpha, above=0)
     rows = None if trainable_tokens is None else (row_paths(model), _check_token_ids(trainable_tokens,
                                                                                       "trainable_tokens"))
+    for path in rows[0] if rows else []:  # before the model changes
+        lora.check_row_ids(rows[1], model.get_submodule(path).weight.shape[0])
     prefixes = _parts(model, parts)
     names = slot_names(model)
     slots = [slot for slot in lora.linear_slots(model) if f"{slot.path}.".startswith(tuple(prefixes))]

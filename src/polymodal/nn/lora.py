@@ -88,16 +88,19 @@ class LoRALinear(nn.Module):
         return linear
 
 
+def check_row_ids(indices: list[int], rows: int) -> None:
+    if not indices or len(set(indices)) != len(indices) or not all(0 <= int(i) < rows for i in indices):
+        raise InputError(f"trainable token rows must be distinct ids in [0, {rows}), got "
+                         f"{sorted(indices)[:4]}{'...' if len(indices) > 4 else ''} ({len(indices)} ids)")
+
+
 class TrainableRows(nn.Module):
     """An nn.Embedding or a bias-free nn.Linear (an output head) whose rows `token_indices` train while the
     rest of `weight` (the base's own tensor, under its old name) stays frozen."""
 
     def __init__(self, base: nn.Embedding | nn.Linear, indices: list[int]):
         super().__init__()
-        rows = base.weight.shape[0]
-        if not indices or len(set(indices)) != len(indices) or not all(0 <= int(i) < rows for i in indices):
-            raise InputError(f"trainable token rows must be distinct ids in [0, {rows}), got "
-                             f"{sorted(indices)[:4]}{'...' if len(indices) > 4 else ''} ({len(indices)} ids)")
+        check_row_ids(indices, base.weight.shape[0])
         self.weight, self.embedding = base.weight, isinstance(base, nn.Embedding)
         self.register_buffer("token_indices", torch.tensor(list(indices), device=base.weight.device),
                              persistent=False)

@@ -60,7 +60,7 @@ class Locator:
             text = re.sub(r"<seg\d{3}>", "", text)
         found = parse_locations(text, self.image_size, self.vae)
         return [{"label": o.label, "box": [float(v) for v in o.box], "mask": None if o.mask is None else
-                 "data:image/png;base64," + png_base64(Image.fromarray(o.mask.numpy().astype(np.uint8) * 255, "L"))}
+                 "data:image/png;base64," + png_base64(Image.fromarray(o.mask.numpy().astype(np.uint8) * 255))}
                 for o in found.objects] or None
 
 

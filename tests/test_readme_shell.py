@@ -9,7 +9,9 @@ path `runs/X/checkpoints/step-N` the README names becomes run X's checkpoint at 
 first command the directory holds what a reader brings: runs/paligemma-world from a short `polymodal train`
 (the README's own run directory), my.jsonl and text.jsonl document files, my_config.json with a run of it to
 resume, shape.png, and the section "The formats you already have"'s llava.json, llava_val.json, messages.jsonl,
-a `datasets` folder my_dataset/train and WebDataset shards laion-000000.tar ... laion-000099.tar. The main job's line, run again, gets the refusal its comment names (--resume or --name).
+a `datasets` folder my_dataset/train and WebDataset shards laion-000000.tar ... laion-000099.tar, and for the
+PaliGemma detection commands paligemma-hf (a tiny HF PaliGemma whose tokenizer holds the location tokens),
+detect.jsonl and its images 0.png ... (tests/detection_data.py). The main job's line, run again, gets the refusal its comment names (--resume or --name).
 Not run: the first screen's set-up line and `bash .ci/run` (tests/e2e/test_main_job_accuracy.py runs the main
 job), `polymodal serve` (a server: tests/serve/), and lines that are not `polymodal` commands (pip, torchrun,
 curl, python benchmarks/...).
@@ -28,6 +30,8 @@ from polymodal.cli import main
 from polymodal.data.synthetic import COLOURS, SHAPES, World
 from polymodal.presets import get_preset
 from polymodal.train.checkpoint import latest_checkpoint
+
+from detection_data import boxes, write_hf_paligemma, write_jsonl
 
 README = Path(__file__).parents[1] / "README.md"
 FIRST_SCREEN = ("pip install torch==", "bash .ci/run")  # the set-up commands, run by CI itself
@@ -110,6 +114,9 @@ def reader(tmp_path, monkeypatch, capsys, one_thread):
              for a in range(6) for b in range(6)]
     Path("text.jsonl").write_text("\n".join(texts) + "\n")
     formats_you_have(world)
+    Path("paligemma-hf").mkdir()
+    write_hf_paligemma(Path("paligemma-hf"))
+    write_jsonl(Path(), boxes(8, seed=0))
     capsys.readouterr()
     return tmp_path
 

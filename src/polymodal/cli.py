@@ -166,6 +166,9 @@ def _other_commands(sub) -> None:
                                                              "429 (default: %(default)s)")
     s.add_argument("--max-body-mb", type=int, default=Limits.max_body_bytes >> 20,
                    help="largest request body in MiB, answered 413 before it is read (default: %(default)s)")
+    s.add_argument("--mask-vae", default=None, metavar="VAE.npz",
+                   help="the mask VQ-VAE (big_vision's vae-oid.npz layout) that decodes answers' segmentation tokens "
+                        "into message.locations[i].mask")
 
     pl = sub.add_parser("plot", help="redraw a training run's loss.png from its metrics.jsonl")
     pl.add_argument("run", help="a run directory (holding metrics.jsonl)")
@@ -617,7 +620,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_body_mb < 1:
         raise InputError(f"--max-body-mb must be >= 1, got {args.max_body_mb}")
     serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
-          slots=args.slots, max_queue=args.max_queue, limits=Limits(max_body_bytes=args.max_body_mb << 20))
+          slots=args.slots, max_queue=args.max_queue, limits=Limits(max_body_bytes=args.max_body_mb << 20),
+          mask_vae=args.mask_vae)
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,

@@ -43,3 +43,31 @@ def test_a_resized_model_trains_saves_and_loads_at_its_new_size(tmp_path):
         assert torch.equal(loaded(ids, px, token_type_ids=types).logits, model(ids, px, token_type_ids=types).logits)
     with pytest.raises(ValueError, match="image_size \\(63\\) must be divisible by patch_size \\(8\\)"):
         model.resize_images(63)
+
+
+def test_a_collator_at_another_size_feeds_run_time_interpolation(tmp_path):
+    """`config.at_image_size(64)` lays a 32x32-trained model's prompts out at 64x64 (64 placeholders, 64x64
+    pixels); the model reads them with interpolate_pos_encoding=True exactly as a copy resized for good does."""
+    from PIL import Image
+
+    from polymodal.data.documents import Document, Segment
+    from polymodal.data.tokenizer import Tokenizer
+    from polymodal.families.collators import make_collator
+    from polymodal.families.paligemma.format import PaliGemmaFormat
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train(["where is the red box"] * 10, vocab_size=280)
+    model = pm.build(PaliGemmaFormat.fit(get_preset("paligemma-tiny"), tok)).eval()
+    image = Image.effect_noise((50, 40), 60).convert("RGB")
+    doc = Document([Segment("image", media=image), Segment("text", text="where is the red box")])
+    batch = make_collator(model.config.at_image_size(64), tok).prompts([doc, doc])
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 2 * 64
+    with torch.no_grad():
+        got = model(**batch, interpolate_pos_encoding=True).logits
+        resized = pm.build(model.config).eval()
+        resized.load_state_dict(model.state_dict())
+        want = resized.resize_images(64)(**batch).logits
+    assert torch.equal(got, want) and model.config.vision.image_size == 32
+    with pytest.raises(TypeError, match="interpolate_pos_encoding must be true or false, got 'yes'"):
+        model(**batch, interpolate_pos_encoding="yes")

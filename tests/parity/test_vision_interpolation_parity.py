@@ -138,3 +138,27 @@ def test_paligemma_resized_by_the_user_s_path_matches_hf_interpolating(paligemma
     assert (got - ref).abs().max() <= 1e-4
     with pytest.raises(ValueError, match=r"each image needs exactly 64 placeholder tokens"):
         model(ids[:, 48:], px, token_type_ids=types[:, 48:])
+
+
+def test_paligemma_at_its_own_size_interpolates_per_call_like_hf(paligemma):
+    """A PaliGemma built at 16x16 answers 32x32 images with interpolate_pos_encoding=True (forward and
+    `pm.generate`), as HF's does with its vision tower interpolating: logits within 1e-4, greedy tokens equal."""
+    directory, (ids, types, px), ref = paligemma
+    model = pm.from_pretrained(directory).eval()
+    with torch.no_grad():
+        got = model(ids, px, token_type_ids=types, interpolate_pos_encoding=True).logits
+    assert (got - ref).abs().max() <= 1e-4
+    assert model.config.vision.image_size == 16  # nothing resized for good
+    with pytest.raises(ValueError, match=r"pixel_values must be \(num_images, 3, 16, 16\), got \(2, 3, 32, 32\)"):
+        model(ids, px, token_type_ids=types)
+    with pytest.raises(ValueError, match=r"hold 128 image placeholder tokens but pixel_values gives 64 image embeddings"):
+        model(ids, px[:, :, :16], token_type_ids=types, interpolate_pos_encoding=True)  # 16x32: 32 tokens each
+    hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained(directory).eval()
+    prompt = ids[:, :-2]
+    with torch.no_grad():
+        image = hf.model.get_image_features(px, interpolate_pos_encoding=True)
+        theirs = hf.generate(input_ids=prompt, token_type_ids=torch.zeros_like(prompt), mm_encoder_outputs={"image": image},
+                             max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:]
+    ours = pm.generate(model, prompt, pixel_values=px, token_type_ids=torch.zeros_like(prompt), max_new_tokens=6,
+                       interpolate_pos_encoding=True)
+    assert torch.equal(ours, theirs)

@@ -6,6 +6,11 @@ checkpoint loads into transformers + peft with the same logits, and one trained 
 The names come from the same key maps as the checkpoint converter (`convert/hf.py`): a fused QKV or
 gate/up layer gets one adapter per HF projection it holds. Other families use their own module paths
 (`<path>.<slice>`), which only polymodal reads.
+
+Trainable token rows (`add_lora(..., trainable_tokens=ids)`, `nn.lora.TrainableRows`) are peft's trainable
+tokens: `trainable_token_indices` in the config (a list when only the embedding table has them, as for a tied
+head, which peft ties itself; else `{"embed_tokens": ids, "lm_head": ids}`) and each table's rows saved as
+`base_model.model.<HF module>.token_adapter.trainable_tokens_delta`, shape (len(ids), dim), the rows' values.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from polymodal.convert.hf import FAMILIES as HF_FAMILIES
 from polymodal.errors import CheckpointError, InputError, InputTypeError, MissingFileError, check_finite, check_number
 from polymodal.families import FAMILIES
 from polymodal.nn import lora
+from polymodal.nn.transformer import Decoder
 from polymodal.serialization import atomic_directory, save_state_dict
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+TOKENS_KEY = ".token_adapter.trainable_tokens_delta"
 
 # config class -> (the HF model_type whose key map names its modules, (prefix in the key map's checkpoint
 # names, prefix of the same module inside transformers 5's model, which is what peft names)): each spec's `peft`
@@ -59,6 +66,35 @@ def slot_names(model: nn.Module) -> dict[tuple[str, str], str]:
     return names
 
 
+def hf_module_name(model: nn.Module, path: str) -> str:
+    """The name peft gives the module at `path` (its HF name for a family with a key map, else the path)."""
+    config = getattr(model, "config", None)
+    if type(config) not in HF_NAMES:
+        return path
+    model_type, prefixes = HF_NAMES[type(config)]
+    rule = next((r for r in HF_FAMILIES[model_type].rules(config) if r.ours == f"{path}.weight"), None)
+    if rule is None or len(rule.theirs) != 1:
+        return path
+    return _rename(rule.theirs[0].removesuffix(".weight"), prefixes)
+
+
+def row_paths(model: nn.Module) -> list[str]:
+    """Where trainable token rows go: the language decoder's embedding table and, when untied, its output head."""
+    found = [(path, m) for path, m in model.named_modules() if isinstance(m, Decoder)]
+    if not found:
+        raise InputError(f"this {type(model).__name__} has no language decoder whose token rows could train")
+    path, decoder = found[0]
+    at = f"{path}." if path else ""
+    return [f"{at}tok_embeddings"] + ([f"{at}output"] if decoder.output is not None else [])
+
+
+def _check_token_ids(ids, where: str) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                                 for i in ids):
+        raise InputError(f"{where} must be a non-empty list of token ids, got {ids!r}"[:300])
+    return list(ids)
+
+
 def _parts(model: nn.Module, parts: tuple[str, ...] | list[str] | None) -> list[str]:
     """Module-path prefixes of the parts to adapt: by default the language decoder (the whole model
     when it is a decoder itself)."""
@@ -72,13 +108,20 @@ def _parts(model: nn.Module, parts: tuple[str, ...] | list[str] | None) -> list[
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[str] | None = None,
-             dropout: float = 0.0, parts: tuple[str, ...] | list[str] | None = None) -> nn.Module:
+             dropout: float = 0.0, parts: tuple[str, ...] | list[str] | None = None,
+             trainable_tokens: list[int] | None = None) -> nn.Module:
     """Freeze the model and give LoRA adapters to its linear layers named in `targets` (as HF/peft name
     them: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, fc1, ...; "q" means "q_proj"),
     inside `parts` (top-level modules, e.g. ["vision", "projector", "decoder"]; default: the decoder).
-    targets=None: every attention and MLP projection of those parts."""
+    targets=None: every attention and MLP projection of those parts. trainable_tokens: token ids whose rows
+    of the decoder's embedding table (and of its output head, tied or not) train too, as peft's
+    `trainable_token_indices` (new tokens such as PaliGemma's `<locNNNN>`)."""
     check_number("LoRA rank", rank, integer=True, at_least=1)
     check_number("LoRA alpha", alpha, above=0)
+    rows = None if trainable_tokens is None else (row_paths(model), _check_token_ids(trainable_tokens,
+                                                                                      "trainable_tokens"))
+    for path in rows[0] if rows else []:  # before the model changes
+        lora.check_row_ids(rows[1], model.get_submodule(path).weight.shape[0])
     prefixes = _parts(model, parts)
     names = slot_names(model)
     slots = [slot for slot in lora.linear_slots(model) if f"{slot.path}.".startswith(tuple(prefixes))]
@@ -100,6 +143,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: list[s
         chosen = {key for key, name in leaf.items() if name in wanted}
     plan = {slot.path: tuple(s for s in slot.slices if (slot.path, s.name) in chosen) for slot in slots}
     lora.add(model, {path: slices for path, slices in plan.items() if slices}, rank, alpha, dropout)
+    if rows is not None:
+        lora.train_rows(model, *rows)
     return model
 
 
@@ -134,9 +179,15 @@ def adapter_layout(model: nn.Module) -> dict:
             for which in "AB":
                 tensors[f"{PEFT_PREFIX}{names[(path, s.name)]}.lora_{which}.weight"] = f"{path}.lora_{which}.{s.name}"
     modules = sorted({key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for key in tensors})
+    indices = {}
+    for path, rows in lora.trained_rows(model).items():
+        name = hf_module_name(model, path)
+        tensors[f"{PEFT_PREFIX}{name}{TOKENS_KEY}"] = f"{path}.trainable_tokens"
+        indices[name.rsplit(".", 1)[-1]] = rows.token_indices.tolist()
     config = {"peft_type": "LORA", "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.lora_dropout.p,
               "target_modules": modules, "use_rslora": first.scale != first.alpha / first.rank,
-              "init_lora_weights": True, "inference_mode": True, "task_type": None, **UNSUPPORTED}
+              "init_lora_weights": True, "inference_mode": True, "task_type": None, **UNSUPPORTED,
+              "trainable_token_indices": (next(iter(indices.values())) if len(indices) == 1 else indices) or None}
     return {"config": config, "tensors": tensors}
 
 
@@ -172,6 +223,12 @@ def read_adapter_config(directory: str | Path) -> dict:
     check_number(f"{where}: lora_dropout", config.get("lora_dropout", 0.0), at_least=0.0, below=1.0)
     if not isinstance(config.get("use_rslora", False), bool):
         raise InputError(f"{where}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    tokens = config.get("trainable_token_indices")
+    if isinstance(tokens, dict):
+        for name, ids in tokens.items():
+            _check_token_ids(ids, f"{where}: trainable_token_indices[{name!r}]")
+    elif tokens is not None:
+        _check_token_ids(tokens, f"{where}: trainable_token_indices")
     return config
 
 
@@ -189,8 +246,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{directory / ADAPTER_WEIGHTS} is not a readable safetensors file ({e})") from e
+    rows = _row_plan(model, directory, config, tensors)
     for key, tensor in tensors.items():
         check_finite(f"{directory / ADAPTER_WEIGHTS}: {key}", tensor)
+        if key.endswith(TOKENS_KEY):
+            continue
         name, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if which not in ("A.weight", "B.weight"):
             raise InputError(f"{directory}: {key} is not a LoRA A/B weight")
@@ -232,4 +292,38 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         for slice_name, pair in got.items():
             for which, tensor in pair:
                 (existing[path].lora_A if which == "A" else existing[path].lora_B)[slice_name].data.copy_(tensor)
+    trained = lora.trained_rows(model)
+    for path, (indices, tensor) in rows.items():
+        if path not in trained:
+            lora.train_rows(model, [path], indices)
+        lora.trained_rows(model)[path].trainable_tokens.data.copy_(tensor)
     return model
+
+
+def _row_plan(model: nn.Module, directory: Path, config: dict,
+              tensors: dict[str, torch.Tensor]) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """The adapter's trainable token rows: our module path -> (token ids, rows), each checked against the model
+    (and against rows it trains already) before anything changes."""
+    saved = {key.removeprefix(PEFT_PREFIX).removesuffix(TOKENS_KEY): t for key, t in tensors.items()
+             if key.endswith(TOKENS_KEY)}
+    if not saved:
+        return {}
+    ours = {hf_module_name(model, path): path for path in row_paths(model)}
+    indices = config.get("trainable_token_indices")
+    out, trained = {}, lora.trained_rows(model)
+    for name, tensor in saved.items():
+        if name not in ours:
+            raise InputError(f"{directory} is an adapter for another model: it trains token rows of {name!r}, which "
+                             f"this {type(model).__name__} does not have (it has {sorted(ours)})")
+        ids = indices.get(name, indices.get(name.rsplit(".", 1)[-1])) if isinstance(indices, dict) else indices
+        if ids is None:
+            raise InputError(f"{directory} saves token rows of {name!r} but its trainable_token_indices name none")
+        path = ours[name]
+        dim = model.get_submodule(path).weight.shape[1]
+        if tuple(tensor.shape) != (len(ids), dim):
+            raise InputError(f"{directory}: token rows of {name!r} have shape {tuple(tensor.shape)}, this model "
+                             f"expects {(len(ids), dim)} ({len(ids)} trainable_token_indices)")
+        if path in trained and trained[path].token_indices.tolist() != list(ids):
+            raise InputError(f"{directory} trains other token rows of {name!r} than the model's")
+        out[path] = (list(ids), tensor)
+    return out

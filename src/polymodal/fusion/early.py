@@ -65,6 +65,7 @@ class EarlyFusion(LanguageModel):
     modalities: tuple[Modality, ...] = ()  # set by the instance (its entries may read its config)
     writes: str | None = None  # the input that gives the images the writer splices in as codes
     per_token: tuple[str, ...] = ()  # the family's own inputs laid out like input_ids (token_type_ids)
+    options: tuple[str, ...] = ()  # the family's own per-call switches of its table (interpolate_pos_encoding)
     ignore_media_labels = False  # labels on media spans are -100 (KOSMOS-1: loss on text only)
     cancel_embed_scale = True  # media enter as encoded: divided by the sqrt(dim) the decoder multiplies in
     encoder_caches: dict | None = None  # set by a server: media key -> `nn.media_cache.EncoderCache` of its encoder
@@ -90,6 +91,10 @@ class EarlyFusion(LanguageModel):
         """New tokens on what the cache holds: the plain decoder, no media."""
         return self.decoder(input_ids, cache=cache, logits_to_keep=logits_to_keep)
 
+    def modalities_for(self, **options) -> tuple[Modality, ...]:
+        """The table one call reads, given the family's `options` (by default, and with none given: `modalities`)."""
+        return self.modalities
+
     def segments(self, input_ids: torch.Tensor, labels: torch.Tensor | None, **own) -> dict[str, Any]:
         """The family's own mask and position inputs for `prefill` from its own inputs (`per_token`)."""
         return {}
@@ -101,6 +106,7 @@ class EarlyFusion(LanguageModel):
         """input_ids (B, S) with media spans; `inputs`: each modality's media by its key (in span order, row
         by row), the writer's images, the family's own per-token inputs. With a cache that holds tokens this
         is a decode step: tokens only, the media were encoded at prefill."""
+        table = self.modalities_for(**{k: inputs.pop(k) for k in self.options if k in inputs})
         if decoding(cache, **inputs):
             return self.decoder(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
                                 document_ids=document_ids, labels=labels, logits_to_keep=logits_to_keep)
@@ -110,13 +116,13 @@ class EarlyFusion(LanguageModel):
         layout = self.segments(input_ids, labels, **own)
         if self.writes is not None and (self.writer is not None or inputs.get(self.writes) is not None):
             input_ids, labels = self.write(input_ids, inputs.pop(self.writes, None), labels)
-        media = self.check_keys({k: v for k, v in inputs.items() if v is not None})
-        spans = self.spans(input_ids, media)
+        media = self.check_keys({k: v for k, v in inputs.items() if v is not None}, table)
+        spans = self.spans(input_ids, media, table)
         check_length(self.decoder, input_ids)
-        sizes = self.check_media(spans, media, input_ids.shape[0])
+        sizes = self.check_media(spans, media, input_ids.shape[0], table)
         embeds = self.decoder.tok_embeddings(input_ids)  # (B, S, D)
         if media:
-            embeds = span_rules.scatter(embeds, spans, self.embed(spans, sizes, media))
+            embeds = span_rules.scatter(embeds, spans, self.embed(spans, sizes, media, table))
             if labels is not None and self.ignore_media_labels:
                 labels = span_rules.scatter(labels, spans, torch.tensor(IGNORE))
         return prefill(self.decoder, embeds, attention_mask=attention_mask, document_ids=document_ids,
@@ -129,27 +135,29 @@ class EarlyFusion(LanguageModel):
             raise InputError(f"{self.writes} given, but this model writes no images (config.vq is None)")
         return self.writer.splice(input_ids, pixel_values, labels)
 
-    def check_keys(self, media: dict[str, Any]) -> dict[str, Any]:
-        known = [m.key for m in self.modalities]
+    def check_keys(self, media: dict[str, Any], table: tuple[Modality, ...]) -> dict[str, Any]:
+        known = [m.key for m in table]
         unknown = sorted(set(media) - set(known))
         if unknown:
             raise InputError(f"{unknown} given, but this {type(self).__name__} reads {known or 'no media'}")
         return media
 
-    def spans(self, input_ids: torch.Tensor, media: dict[str, Any]) -> Spans:
-        """Every modality's spans in row-major order, kinds indexing the table."""
-        rules, names = [m.span for m in self.modalities], [m.name for m in self.modalities]
+    def spans(self, input_ids: torch.Tensor, media: dict[str, Any], table: tuple[Modality, ...] | None = None) -> Spans:
+        """Every modality's spans in row-major order, kinds indexing the table (default: `modalities`)."""
+        table = self.modalities if table is None else table
+        rules, names = [m.span for m in table], [m.name for m in table]
         fixed = None
         if rules and rules[0].fixed:
-            m = self.modalities[0]
+            m = table[0]
             given = None if media.get(m.key) is None else len(media[m.key])
             fixed = (m.key, m.tokens, given, self.decoder.config.max_seq_len)
         return span_rules.find(input_ids, rules, names, fixed=fixed)
 
-    def check_media(self, spans: Spans, media: dict[str, Any], batch: int) -> dict[str, list[int]]:
+    def check_media(self, spans: Spans, media: dict[str, Any], batch: int,
+                    table: tuple[Modality, ...]) -> dict[str, list[int]]:
         """Each modality's media checked, then counted against its spans; returns each one's tokens per media."""
         sizes = {}
-        for k, m in enumerate(self.modalities):
+        for k, m in enumerate(table):
             if media.get(m.key) is not None and m.check is not None:
                 m.check(media[m.key])
             sizes[m.key] = m.sizes(media.get(m.key))
@@ -159,18 +167,19 @@ class EarlyFusion(LanguageModel):
                 check_runs(spans, sizes[m.key], m, media.get(m.key) is not None, batch)
         return sizes
 
-    def embed(self, spans: Spans, sizes: dict[str, list[int]], media: dict[str, Any]) -> torch.Tensor:
+    def embed(self, spans: Spans, sizes: dict[str, list[int]], media: dict[str, Any],
+              table: tuple[Modality, ...]) -> torch.Tensor:
         """(T, D): every media encoded once (a batch per modality), laid out in span order."""
         encoded = []
         caches = self.encoder_caches or {}
-        for m in self.modalities:
+        for m in table:
             out = []
             if m.key in media:
                 encoder, given = getattr(self, m.encoder), media[m.key]
                 cache = caches.get(m.key) if torch.is_tensor(given) else None
                 out = cache.encode(given, encoder) if cache is not None else encoder(given)
             encoded.append(list(out.flatten(0, 1).split(sizes[m.key]) if torch.is_tensor(out) else out))
-        if not self.modalities[0].span.wrapped:  # one run of blanks, however its media were cut
+        if not table[0].span.wrapped:  # one run of blanks, however its media were cut
             feats = torch.cat(encoded[0])
         else:
             queues = [iter(e) for e in encoded]

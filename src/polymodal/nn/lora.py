@@ -5,6 +5,10 @@ A fused projection (QKV, gate/up) takes one (A, B) pair per named slice of its o
 separate `q_proj` / `k_proj` / `v_proj` has an adapter of its own and adapters map one to one onto peft's.
 `LoRALinear` holds the base layer's own weight and bias under their old names: the base state-dict keys stay
 as they are, and the adapter adds `lora_A.<slice>` / `lora_B.<slice>` beside them.
+
+`TrainableRows` trains chosen rows of an embedding table (or of an untied output head) beside the adapters, as
+peft's trainable tokens (`TrainableTokensLayer`): the tokens a fine-tune adds (PaliGemma's `<locNNNN>`) or whose
+rows the checkpoint never trained. The rows hold their values, started from the base's, not a delta.
 """
 
 from __future__ import annotations
@@ -84,6 +88,60 @@ class LoRALinear(nn.Module):
         return linear
 
 
+def check_row_ids(indices: list[int], rows: int) -> None:
+    if not indices or len(set(indices)) != len(indices) or not all(0 <= int(i) < rows for i in indices):
+        raise InputError(f"trainable token rows must be distinct ids in [0, {rows}), got "
+                         f"{sorted(indices)[:4]}{'...' if len(indices) > 4 else ''} ({len(indices)} ids)")
+
+
+class TrainableRows(nn.Module):
+    """An nn.Embedding or a bias-free nn.Linear (an output head) whose rows `token_indices` train while the
+    rest of `weight` (the base's own tensor, under its old name) stays frozen."""
+
+    def __init__(self, base: nn.Embedding | nn.Linear, indices: list[int]):
+        super().__init__()
+        check_row_ids(indices, base.weight.shape[0])
+        self.weight, self.embedding = base.weight, isinstance(base, nn.Embedding)
+        self.register_buffer("token_indices", torch.tensor(list(indices), device=base.weight.device),
+                             persistent=False)
+        self.trainable_tokens = nn.Parameter(base.weight.detach()[self.token_indices].clone())
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight.index_copy(0, self.token_indices, self.trainable_tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.merged_weight()
+        return F.embedding(x, w) if self.embedding else F.linear(x, w)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The plain module again, its weight (the same tensor) holding the trained rows."""
+        self.weight[self.token_indices] = self.trainable_tokens.to(self.weight.dtype)
+        rows, dim = self.weight.shape
+        plain = nn.Embedding(rows, dim, device="meta") if self.embedding else nn.Linear(dim, rows, bias=False,
+                                                                                          device="meta")
+        plain.weight = self.weight
+        return plain
+
+
+def train_rows(model: nn.Module, paths: list[str], indices: list[int]) -> None:
+    """Train rows `indices` of the embeddings / output heads at `paths` (the rest of the model as it was)."""
+    for path in paths:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        base = getattr(parent, name)
+        if isinstance(base, TrainableRows):
+            raise InputError(f"{path} already trains rows; merge_lora(model) first to choose others")
+        if not isinstance(base, (nn.Embedding, nn.Linear)) or getattr(base, "bias", None) is not None:
+            raise InputTypeError(f"trainable rows are an embedding's or a bias-free head's; {path} is a "
+                                 f"{type(base).__name__}")
+        setattr(parent, name, TrainableRows(base, list(indices)))
+
+
+def trained_rows(model: nn.Module) -> dict[str, TrainableRows]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, TrainableRows)}
+
+
 def linear_slots(model: nn.Module) -> list[Slot]:
     """Every nn.Linear in the model, its rows named as HF names them: the fused QKV as q/k/v_proj, the
     output o_proj; a gated MLP's fused w_in as gate/up_proj, its w_out down_proj; a plain MLP fc1/fc2;
@@ -140,7 +198,7 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every adapter into its base weight and put the plain linear layer back (for export)."""
-    for path, lora in adapters(model).items():
+    """Fold every adapter (and trained rows) into its base weight and put the plain layer back (for export)."""
+    for path, lora in {**adapters(model), **trained_rows(model)}.items():
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, lora.merged())

@@ -26,6 +26,7 @@ from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm, make_norm
 from polymodal.nn.positions import ALiBi, Rotary, RotaryTables
 from polymodal.nn.language_model import LanguageModel
+from polymodal.nn.lora import TrainableRows
 
 
 @dataclass
@@ -140,7 +141,8 @@ class Decoder(LanguageModel, nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
+        head = self.tok_embeddings if self.output is None else self.output
+        return head.merged_weight() if isinstance(head, TrainableRows) else head.weight
 
     def make_cache(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> Cache:

@@ -5,18 +5,29 @@
 current text run each time, so a character split over several byte-level tokens appears whole, once.
 An image is `begin`, `length` codes, `end` (the model's `ImageSpans`); it is decoded to pixels as soon as
 its `end` arrives, so a streamed answer shows it in its place.
+
+An answer with places (PaliGemma's `<locNNNN>` boxes, `<segNNN>` masks) also gives ("locations", [...])
+just before its end, when a `Locator` was given and the whole answer parses to one object or more: each
+`{"label", "box": [x1, y1, x2, y2] in pixels of the request's last image, "mask": PNG data URL or None}` (the
+shared contract of README, Serving; the mask is mode L, 255 inside, when a mask VQ-VAE decodes it).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
+from polymodal.data.locations import LOC_TOKENS, parse_locations
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.encoders.mask_vae import MaskVAE
+from polymodal.errors import UnknownNameError
 from polymodal.generation.batching import Request
 from polymodal.generation.choice import StopStrings
 from polymodal.generation.engine import images_written
@@ -28,9 +39,36 @@ def png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def has_location_tokens(tokenizer: Tokenizer) -> bool:
+    try:
+        tokenizer.token_id(LOC_TOKENS[0])
+    except UnknownNameError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Locator:
+    """What an answer's places refer to: the (height, width) of the request's last image, and the mask VQ-VAE
+    that decodes segmentation tokens (None: their masks are left out, the boxes kept)."""
+
+    image_size: tuple[int, int]
+    vae: MaskVAE | None = None
+
+    def __call__(self, text: str) -> list[dict] | None:
+        if self.vae is None:
+            text = re.sub(r"<seg\d{3}>", "", text)
+        found = parse_locations(text, self.image_size, self.vae)
+        return [{"label": o.label, "box": [float(v) for v in o.box], "mask": None if o.mask is None else
+                 "data:image/png;base64," + png_base64(Image.fromarray(o.mask.numpy().astype(np.uint8) * 255))}
+                for o in found.objects] or None
+
+
 class Answer:
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], model, push: Callable[[list], None]):
-        self.tokenizer, self.push = tokenizer, push
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], model, push: Callable[[list], None],
+                 locate: Locator | None = None):
+        self.tokenizer, self.push, self.locate = tokenizer, push, locate
+        self.written: list[str] = []  # the text pushed so far, for the places of the whole answer
         self.model, self.spans = model, model.image_spans if model is not None else None
         if self.spans is not None and self.spans.begin is None:
             self.spans = None  # a model that cannot draw writes text only
@@ -67,6 +105,8 @@ class Answer:
         if reason == "error":
             events.append(("error", str(request.error)))
         else:
+            places = self.locate("".join(self.written)) if self.locate is not None else None
+            events += [("locations", places)] if places else []
             events.append(("done", "stop" if self.stopped else reason))
         self.push(events)
 
@@ -75,9 +115,12 @@ class Answer:
         if text.endswith("\ufffd"):  # a character whose bytes are not all written yet
             return []
         out = self.stop.feed(text)
+        if out:
+            self.written.append(out)
         return [("text", out)] if out else []
 
     def _flush(self) -> list:
         text = self.stop.flush(self.tokenizer.text(self.run))
         self.run = []
+        self.written.append(text)
         return [("text", text)] if text else []

@@ -8,7 +8,9 @@ at GET /v1/examples (`examples`). A body past
 `Limits.max_body_bytes` is refused (413) before it is parsed. One thread runs the `Batcher`; each request's choices are its requests there, and
 their events come back to the event loop through an asyncio queue. A client that goes away cancels its
 requests, which leave the batch at the next step. Drawn images are content parts
-{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} (see README, Serving).
+{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} (see README, Serving). A chat answer
+with places (location tokens) carries them parsed in `message.locations`, streamed in the last chunk's
+`delta.locations` (`answer.Locator`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.generation.prompts import ContextError, prompts
 from polymodal.families import spec_of
-from polymodal.serve.answer import Answer
+from polymodal.encoders.mask_vae import load_mask_vae
+from polymodal.serve.answer import Answer, Locator, has_location_tokens
 from polymodal.serve.embeddings import Embedder
 from polymodal.serve.examples import Examples
 from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, embedding_job, parse_body
@@ -47,11 +50,13 @@ class Server:
     encoder (CLIP / SigLIP) the embedder."""
 
     def __init__(self, directory: str | Path, *, name: str | None = None, slots: int = 8, max_queue: int = 64,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), mask_vae: str | Path | None = None):
         self.directory = directory = Path(directory)  # as given: a run directory or a checkpoint
+        self.mask_vae = load_mask_vae(mask_vae) if mask_vae is not None else None
         self.name = name or directory.resolve().name  # the model id clients send
         self.model = pm.from_pretrained(directory)
         self.tokenizer = Tokenizer.from_file(directory)
+        self.locations = has_location_tokens(self.tokenizer)
         self.collator = make_collator(self.model.config, self.tokenizer)
         self.limits = limits
         self.embedder = Embedder(self.model, self.collator) if spec_of(self.model).pairs else None
@@ -102,6 +107,14 @@ class Server:
             out.append((inputs, wanted))
         return out
 
+    def locator(self, doc) -> Locator | None:
+        """How an answer to `doc` gives its places: in pixels of its last image (None without one, or when the
+        tokenizer has no location tokens)."""
+        images = [s.media for s in doc.segments if s.kind == "image"]
+        if not self.locations or not images:
+            return None
+        return Locator((images[-1].height, images[-1].width), self.mask_vae)
+
     def fits(self, doc, param: str, piece: int = 4096) -> None:
         """A 400 as soon as the document's text counts more tokens than the context, without tokenising past it:
         the text is counted in pieces of about `piece` characters cut before a space, and one token per cut is
@@ -138,14 +151,15 @@ class Response:
         self.prompt_tokens = sum(inputs["input_ids"].shape[1] for inputs, _ in prompts)
         self.requests: list[Request] = []
         s = job.sampling
-        for inputs, wanted in prompts:
+        for doc, (inputs, wanted) in zip(job.documents, prompts):
+            locate = server.locator(doc)
             for j in range(s.n):
                 index = len(self.requests)
 
                 def push(events, index=index):
                     loop.call_soon_threadsafe(self.queue.put_nowait, (index, events))
 
-                answer = Answer(server.tokenizer, s.stop, server.model, push)
+                answer = Answer(server.tokenizer, s.stop, server.model, push, locate)
                 self.requests.append(Request(
                     inputs, max_new_tokens=wanted, temperature=s.temperature, top_p=s.top_p,
                     seed=None if s.seed is None else s.seed + j, stop_token_ids=(server.tokenizer.eos_id,),
@@ -284,13 +298,20 @@ async def _stream(server: Server, response: Response, job: Job, kind: str, rid: 
             for i in range(len(response.requests)):
                 yield _sse(chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]))
+        places: dict[int, list] = {}
         async for i, (what, value) in response.events():
             if what == "error":
                 yield _sse(ApiError(500, value).body())
                 continue
+            if what == "locations":  # sent with the choice's last chunk
+                places[i] = value
+                continue
             done = what == "done"
             if chat:
-                delta = {} if done else {"content": value if what == "text" else [_image_part(value)]}
+                if done:
+                    delta = {"locations": places.pop(i)} if i in places else {}
+                else:
+                    delta = {"content": value if what == "text" else [_image_part(value)]}
                 choice = {"index": i, "delta": delta, "finish_reason": value if done else None}
             else:
                 choice = {"index": i, "text": "" if done or what == "image" else value, "logprobs": None,
@@ -307,12 +328,15 @@ async def _whole(server: Server, response: Response, http: HttpRequest, kind: st
                  chat: bool):
     parts: list[list[dict]] = [[] for _ in response.requests]
     reasons: list[str | None] = [None] * len(response.requests)
+    places: dict[int, list] = {}
     try:
         async for i, (what, value) in response.events(gone=http.is_disconnected):
             if what == "error":
                 raise ApiError(500, value)
             if what == "done":
                 reasons[i] = value
+            elif what == "locations":
+                places[i] = value
             elif what == "text" and parts[i] and parts[i][-1]["type"] == "text":
                 parts[i][-1]["text"] += value
             else:
@@ -326,7 +350,8 @@ async def _whole(server: Server, response: Response, http: HttpRequest, kind: st
         text = "".join(p["text"] for p in content if p["type"] == "text")
         if chat:
             drawn = any(p["type"] == "image_url" for p in content)
-            message = {"role": "assistant", "content": content if drawn else text}
+            message = {"role": "assistant", "content": content if drawn else text,
+                       **({"locations": places[i]} if i in places else {})}
             choices.append({"index": i, "message": message, "finish_reason": reason})
         else:
             choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
@@ -360,8 +385,8 @@ def _image_part(png: str) -> dict:
 
 
 def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
-          max_queue: int = 64, limits: Limits = Limits()) -> None:
-    server = Server(directory, name=name, slots=slots, max_queue=max_queue, limits=limits)
+          max_queue: int = 64, limits: Limits = Limits(), mask_vae: str | Path | None = None) -> None:
+    server = Server(directory, name=name, slots=slots, max_queue=max_queue, limits=limits, mask_vae=mask_vae)
     what = (f"embeddings, texts up to {server.context} tokens" if server.embedder is not None else
             f"{slots} slots, context {server.context} tokens")
     print(f"serving {server.name} on http://{host}:{port} ({what})", flush=True)

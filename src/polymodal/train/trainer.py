@@ -43,10 +43,11 @@ from polymodal.data.collate import Collator, count_targets
 from polymodal.families.collators import fit_to_tokenizer, make_collator
 from polymodal.data.documents import Document, DocumentError, with_media
 from polymodal.data.lazy import checked, document_texts
+from polymodal.data.locations import LOC_TOKENS, SEG_TOKENS
 from polymodal.data.readers import read_flagged
 from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.errors import MissingFileError, PolymodalError, check_number
+from polymodal.errors import MissingFileError, PolymodalError, UnknownNameError, check_number
 from polymodal.families import spec_of
 from polymodal.nn.context_parallel import context_parallel
 from polymodal.nn.lora import adapters
@@ -105,6 +106,7 @@ class TrainConfig(Config):
     lora_alpha: float | None = None  # LoRA's scale is alpha / rank (default alpha: 2 x rank)
     lora_targets: str | None = None  # comma-separated layers, e.g. q,k,v,o (default: all attention + MLP)
     lora_dropout: float = 0.0  # dropout on LoRA's input
+    lora_tokens: str | None = None  # token rows that train beside LoRA: "locations" (<locNNNN>, <segNNN>) or ids 1,2
     strict_paths: bool = False  # refuse JSONL media paths that lead outside the JSONL's folder (absolute, .., links)
     vq_steps: int = 400  # a model that writes images first fits its VQ tokenizer to the training images (0: as built)
     trainable: tuple[str, ...] | None = None  # model parts to train, the rest frozen (Flamingo: perceiver cross_layers)
@@ -143,8 +145,8 @@ class TrainConfig(Config):
             if isinstance(self.trainable, str) or not self.trainable:
                 raise ConfigError(f"trainable must be a non-empty list of part names, got {self.trainable!r}")
             self.trainable = tuple(self.trainable)
-        if self.lora_rank is None and (self.lora_alpha, self.lora_targets) != (None, None):
-            raise ConfigError("lora_alpha and lora_targets need lora_rank")
+        if self.lora_rank is None and (self.lora_alpha, self.lora_targets, self.lora_tokens) != (None, None, None):
+            raise ConfigError("lora_alpha, lora_targets and lora_tokens need lora_rank")
 
     @property
     def run_dir(self) -> Path:
@@ -403,7 +405,7 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
         hooks if proc.world_size == 1 else [])  # generation on a model sharded over processes is not collective-safe
     best = Best(best_metric(cfg, hooks))
     check_documents(collator, data)
-    model, layout = build_model(cfg, config, data, base, last, proc)
+    model, layout = build_model(cfg, config, data, base, last, proc, lora_token_ids(cfg.lora_tokens, tokenizer))
     run = Run(cfg, proc, config, tokenizer, collator, data, model, make_optimizer(model, cfg), hooks, best, layout)
     if last is not None:
         resume(run, last, resumed[1])
@@ -458,7 +460,25 @@ def best_metric(cfg: TrainConfig, hooks: list[EvalHook]) -> str | None:
     return metric
 
 
-def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path | None, proc):
+def lora_token_ids(spec: str | None, tokenizer) -> list[int] | None:
+    """--lora-tokens as token ids: "locations" (every location and segmentation token of the tokenizer) or a
+    comma-separated list of ids."""
+    if spec is None:
+        return None
+    if spec.strip() == "locations":
+        try:
+            return [tokenizer.token_id(t) for t in LOC_TOKENS + SEG_TOKENS]
+        except UnknownNameError:
+            raise ConfigError("lora_tokens 'locations': the tokenizer has no location tokens (<loc0000>..); give "
+                              "a converted HF PaliGemma, or a tokenizer given them by add_location_tokens") from None
+    try:
+        return [int(t) for t in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"lora_tokens must be 'locations' or comma-separated token ids, got {spec!r}") from None
+
+
+def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path | None, proc,
+                lora_tokens: list[int] | None = None):
     """The model on its device, wrapped for FSDP/DDP (and LoRA, activation checkpointing, compile, context
     parallelism as asked), with the adapter layout of a LoRA run (else None)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # takes seconds: only when training
@@ -485,7 +505,8 @@ def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path |
     layout = None
     if cfg.lora_rank is not None:
         targets = [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, targets, cfg.lora_dropout)
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, targets, cfg.lora_dropout,
+                 trainable_tokens=lora_tokens)
         if last is not None:
             load_adapter(model, last)
         layout = adapter_layout(model)  # before wrappers rename modules

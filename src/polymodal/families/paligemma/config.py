@@ -29,3 +29,8 @@ class PaliGemmaConfig(Config):
     @property
     def tokens_per_image(self) -> int:
         return self.vision.n_patches
+
+    def at_image_size(self, image_size: int) -> PaliGemmaConfig:
+        """This config reading image_size x image_size images: give it to a collator (`make_collator`) to lay
+        prompts out at that size for a model called with `interpolate_pos_encoding=True`."""
+        return self.replace(vision=self.vision.replace(image_size=image_size))

@@ -47,6 +47,7 @@ from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.presets import get_preset
 from same_work import require, same_lengths, same_tokens  # benchmarks/same_work.py, beside this script
+from serving_stats import percentile  # benchmarks/serving_stats.py, beside this script
 
 SIZES = {"tiny": {}, "76m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=2048)}
 
@@ -97,12 +98,6 @@ def timed_mix(url: str, model: str, mix: list[dict], concurrency: int) -> tuple[
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, mix))
     return time.perf_counter() - start_s, *map(list, zip(*results))
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank q-th percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, -(-len(ordered) * q // 100) - 1)]
 
 
 def summary(wall: float, latencies: list[float], tokens: list[int], answers: list[str]) -> dict:

@@ -176,15 +176,17 @@ def run_part(servers: dict, loads: list, env: dict, tmp: Path) -> dict:
     return results
 
 
-def in_process(directory: Path, bodies: list[dict], concurrencies: list[int], block_size: int) -> dict:
+def in_process(directory: Path, bodies: list[dict], concurrencies: list[int]) -> dict:
     """Peak KV bytes per running request (from allocated bytes: paged, the blocks held at the busiest step;
     static, its whole cache, allocated up front, over its slots) and the paged prefix-cache hit rate beside the
-    predicted one, the mixed set laid out by the server's prompt builder, greedy."""
+    predicted one, the mixed set laid out by the server's prompt builder, greedy; blocks of the server's size."""
     server = Server(directory)
+    block_size = server.batcher.cache.block_size
     mix = [(inputs, wanted, 0.0, i) for i, body in enumerate(bodies)
            for inputs, wanted in server.prompts(chat_job({"model": server.name, **body}, server.name, Limits()))]
     static, _ = bench_batcher.static_batcher_class()
-    out = {"predicted_hit_rate": bench_batcher.predicted_hit_rate(server.model, mix, block_size), "rows": []}
+    out = {"predicted_hit_rate": bench_batcher.predicted_hit_rate(server.model, mix, block_size),
+           "block_size": block_size, "rows": []}
     for c in concurrencies:
         paged = Batcher(server.model, slots=c, max_len=server.context, block_size=block_size)
         ours = bench_batcher.serve(paged, Request, mix, c)
@@ -204,7 +206,6 @@ def main() -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[8.0, 32.0], help="Poisson request rates, per second")
     p.add_argument("--slo-ttft-ms", type=float, default=250.0)
     p.add_argument("--slo-tpot-ms", type=float, default=25.0)
-    p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--out", default="bench_serving.json")
     args = p.parse_args()
     torch.set_num_threads(1)  # the in-process part; the servers run with OMP_NUM_THREADS=1
@@ -231,7 +232,7 @@ def main() -> None:
                                "--dtype", "float32", *hf_cache(llama, max(args.concurrency))],
                               str(hf), text)}}
         results = {part: run_part(servers, loads, env, tmp) for part, servers in parts.items()}
-        memory = in_process(reader_dir, mixed, args.concurrency, args.block_size)
+        memory = in_process(reader_dir, mixed, args.concurrency)
     figures = {part: {f"{kind} {value:g}": {name: summarise(records, slo) | {"server_cpu_s": cpu}
                                             for name, (records, cpu) in by_server.items()}
                       for (kind, value), by_server in by_load.items()} for part, by_load in results.items()}
@@ -252,7 +253,7 @@ def report(figures: dict, memory: dict, args) -> None:
                 print(f"| {part} | {load} | {name} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
                       f"{r['output_tokens'] / r['server_cpu_s']:.0f} | {r['goodput_requests_per_s']:.2f} | {lat} |")
     print(f"\nIn-process, the mixed set: peak KV cache per running request (allocated bytes), prefix-cache hits "
-          f"(predicted by the workload: {memory['predicted_hit_rate']:.1%}); block size {args.block_size}\n")
+          f"(predicted by the workload: {memory['predicted_hit_rate']:.1%}); block size {memory['block_size']}\n")
     print("| concurrency | paged KiB / request | static KiB / request | static / paged | prefix hits |\n"
           "|---|---|---|---|---|")
     for row in memory["rows"]:

@@ -15,10 +15,13 @@ Each server is its own process, one OMP thread, started once with `--slots` = th
 points: fixed concurrency (a closed loop: `--concurrency` requests in flight) and fixed request rates (an open
 loop: Poisson arrivals, seeded, `--rates`). At each load point the servers of a part take turns (the order
 rotated), so a change in the shared machine's load falls on all of them. Figures (`serving_stats`): TTFT, TPOT,
-ITL, end-to-end latency (mean, median, p99), requests/s, output tokens/s, and goodput under the SLOs given.
+ITL, end-to-end latency (mean, median, p99), requests/s, output tokens/s, output tokens per CPU second of the
+server process (from /proc: what the machine's load does not inflate), and goodput under the SLOs given. HF's
+continuous-batching KV cache is given the blocks ours has (its default takes 60% of the machine's memory).
 
 Same work, asserted before any figure is printed: at every load point each request's answer text and token
-count (the server's usage) are equal on both servers of a part; HF's log shows every request served with
+count (the server's usage) are equal on both servers of a part, whose requests are all greedy with the same
+max_tokens; HF's log shows every request served with
 continuous batching and ours report the slots they were started with.
 
 In-process, on the mixed set laid out by the server's own prompt builder, at each concurrency: the peak KV
@@ -27,7 +30,7 @@ most per running request, at the pool's allocated bytes per block; static: its w
 over its slots), and the paged batcher's prefix-cache hit rate beside the rate the workload's construction
 predicts (`bench_batcher.serve`, `bench_batcher.predicted_hit_rate`).
 
-    python benchmarks/bench_serving.py          # the README's tables (CPU, about 6 minutes on the 2-core machine)
+    python benchmarks/bench_serving.py          # the README's tables (CPU, 3-4 minutes on the 2-core machine)
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ FIGURES = ("ttft", "tpot", "itl", "e2e")
 
 
 def reader_checkpoint(directory: Path) -> Path:
+    """bench_batcher's image-reading gemini-tiny and its tokenizer, saved where `polymodal serve` reads them."""
     model, tokenizer = bench_batcher.world_reader()
     pm.save_pretrained(model, directory)
     tokenizer.save(directory)
@@ -157,8 +161,9 @@ def sweep(servers: dict, urls: dict, pids: dict, loads: list[tuple[str, float]])
 def run_part(servers: dict, loads: list, env: dict, tmp: Path) -> dict:
     """Starts the servers (all up at once; an idle one takes no CPU), warms each up, sweeps the loads, checks
     the modes they ran in, and stops them."""
-    same_lengths("max_tokens asked", {name: [b["max_tokens"] for b in bodies] for name, (_, _, bodies) in servers.items()})
-    for name, (_, _, bodies) in servers.items():
+    asked = {name: [body["max_tokens"] for body in bodies] for name, (*_, bodies) in servers.items()}
+    same_lengths("max_tokens asked", asked)
+    for name, (*_, bodies) in servers.items():
         require(name, all(b["temperature"] == 0 for b in bodies), "a request of its set is not greedy")
     logs = {name: tmp / f"{name.split()[0]}-{i}.log" for i, name in enumerate(servers)}
     procs, urls = {}, {}

@@ -72,13 +72,6 @@ def reader_checkpoint(directory: Path) -> Path:
     return directory
 
 
-def hf_cache(directory: Path, slots: int) -> list[str]:
-    """HF's continuous-batching flags for the KV cache our server has with `slots` (the same blocks of the same
-    size), where HF's default takes 60% of the machine's free memory."""
-    cache = Server(directory, slots=slots).batcher.cache
-    return ["--cb-block-size", str(cache.block_size), "--cb-num-blocks", str(cache.pool.n_blocks)]
-
-
 def mixed_bodies(n: int, n_images: int) -> list[dict]:
     """n greedy chat requests: one in four a world question alone, the others a shared world image and one."""
     uris = []
@@ -233,9 +226,7 @@ def main() -> None:
                                                           mixed)},
             "text only": {"polymodal serve (paged)": ([*ours, str(llama), *slots, *queue], llama.name, ours_text),
                           "HF transformers serve --continuous-batching": (
-                              ["transformers", "serve", str(hf), "--continuous-batching", "--device", "cpu",
-                               "--dtype", "float32", *hf_cache(llama, max(args.concurrency))],
-                              str(hf), text)}}
+                              bench_serve.hf_command(hf, llama, max(args.concurrency)), str(hf), text)}}
         results = {part: run_part(servers, loads, env, tmp) for part, servers in parts.items()}
         memory = in_process(reader_dir, mixed, args.concurrency)
     figures = {part: {f"{kind} {value:g}": {name: summarise(records, slo) | {"server_cpu_s": cpu}

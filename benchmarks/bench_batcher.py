@@ -9,9 +9,10 @@ finishes, `concurrency` in flight, `slots` = concurrency) both batchers serve th
 
 Rows: generated tokens per CPU second, TTFT and TPOT (mean time per output token after the first) p50/p99,
 in CPU milliseconds of this process (one thread does all the work, torch on one thread: CPU time is not
-inflated by the other jobs of a loaded machine); peak KV cache bytes per concurrent request (paged: the
-blocks held at a step over the requests running then, the highest over the run; static: a slot of the
-whole context); the prefix-cache hit rate (prompt tokens found cached over prompt tokens looked up),
+inflated by the other jobs of a loaded machine); peak KV cache bytes per concurrent request, from the bytes
+the caches' tensors really allocated (paged: the blocks held at a step, at the pool's allocated bytes per
+block, over the requests running then, the highest over the run; static: its whole-context cache over its
+slots); the prefix-cache hit rate (prompt tokens found cached over prompt tokens looked up),
 beside the rate the workload predicts (each request's longest prefix shared with an earlier request, in
 whole blocks that cover its media and leave its last token, with no eviction and each prompt cached as soon
 as it is admitted). Every answer of the two batchers is compared.
@@ -25,7 +26,6 @@ import argparse
 import importlib.util
 import json
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,16 +60,47 @@ def static_batcher_class():
     return module.Batcher, module.Request
 
 
-def workload(n: int, n_images: int) -> tuple:
-    """The model, its context, and `n` requests' (inputs, max_tokens, temperature, seed)."""
-    world = World(seed=0)
+def world_reader() -> tuple:
+    """gemini-tiny that reads images and writes text (no drawing head), random weights (seed 0), and a BPE
+    trained on the built-in world's texts."""
     torch.manual_seed(0)
-    tokenizer = Tokenizer.train(world.texts(), vocab_size=320)
+    tokenizer = Tokenizer.train(World(seed=0).texts(), vocab_size=320)
     reader = get_preset("gemini-tiny")
     reader = reader.replace(vq=None, tokens=reader.tokens.replace(draw=None))
-    model = pm.build(fit_to_tokenizer(reader, tokenizer)).eval()
+    return pm.build(fit_to_tokenizer(reader, tokenizer)).eval(), tokenizer
+
+
+def world_images(n: int) -> list:
+    """The images of the world's first n shape questions."""
+    return [World(seed=0).sample("shape", i).document.images[0] for i in range(n)]
+
+
+def allocated_bytes(cache) -> int:
+    """Bytes of every tensor a cache object holds (through its attributes, lists and dicts), each storage
+    counted once: what it really allocated, whatever its layout."""
+    storages, objects, todo, total = set(), set(), [cache], 0
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in storages:
+                storages.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, (list, tuple)):
+            todo += obj
+        elif isinstance(obj, dict):
+            todo += obj.values()
+        elif hasattr(obj, "__dict__") and id(obj) not in objects:
+            objects.add(id(obj))
+            todo += vars(obj).values()
+    return total
+
+
+def workload(n: int, n_images: int) -> tuple:
+    """The model, its context, and `n` requests' (inputs, max_tokens, temperature, seed)."""
+    model, tokenizer = world_reader()
     collator = make_collator(model.config, tokenizer)
-    images = [world.sample("shape", i).document.images[0] for i in range(n_images)]
+    images = world_images(n_images)
     rng = random.Random(0)
     mix = []
     for i in range(n):
@@ -124,13 +155,15 @@ def serve(batcher, request_class, mix: list, concurrency: int) -> dict:
         times.append(t)
         answers.append(request)
 
+    paged = hasattr(batcher.cache, "pool")
+    block_bytes = allocated_bytes(batcher.cache) / batcher.cache.pool.n_blocks if paged else 0
     start = clock()
     while pending or not batcher.idle():
         while pending and in_flight[0] < concurrency:
             submit(*pending.pop(0))
         batcher.step()
-        if hasattr(batcher.cache, "bytes_held") and batcher.running:
-            held.append(batcher.cache.bytes_held() / batcher.running)
+        if paged and batcher.running:  # the blocks sequences hold (shared ones once), at their allocated size
+            held.append(batcher.cache.pool.in_use * block_bytes / batcher.running)
     cpu = clock() - start
     ttft = sorted(1000 * (t["first"] - t["sent"]) for t in times)
     tpot = sorted(1000 * (t["last"] - t["first"]) / (len(r.tokens) - 1) for t, r in zip(times, answers)
@@ -138,7 +171,7 @@ def serve(batcher, request_class, mix: list, concurrency: int) -> dict:
     tokens = sum(len(r.tokens) for r in answers)
     return {"tokens_per_cpu_s": tokens / cpu, "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
             "tpot_p50_ms": pct(tpot, 0.5), "tpot_p99_ms": pct(tpot, 0.99), "answers": [r.tokens for r in answers],
-            "peak_kv_bytes_per_request": max(held) if held else None}
+            "peak_kv_bytes_per_request": max(held) if paged else allocated_bytes(batcher.cache) / batcher.slots}
 
 
 def pct(sorted_values: list[float], q: float) -> float:
@@ -163,7 +196,6 @@ def main() -> None:
         ours = serve(paged, Request, mix, c)
         static = StaticBatcher(model, slots=c, max_len=context)
         theirs = serve(static, StaticRequest, mix, c)
-        theirs["peak_kv_bytes_per_request"] = paged.cache.static_bytes(c, context) / c
         ours["hit_rate"] = paged.cache.hit_tokens / paged.cache.prompt_tokens
         encoder = paged.encoder_caches["pixel_values"]
         ours["images_encoded"], ours["images_from_cache"] = encoder.misses, encoder.hits

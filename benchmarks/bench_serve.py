@@ -7,7 +7,8 @@ and through polymodal's HF converter as an HF directory. Each server is its own 
 count, and this process sends them the same requests through the `openai` client, in rounds where the
 servers take turns (one runs at a time): `--requests` completions of world texts, `--concurrency` at a time,
 max_tokens drawn from 16..64, all greedy (HF's continuous-batching manager takes its sampling settings from
-the first request it sees and applies them to all, so one setting is what both sides can honour).
+the first request it sees and applies them to all, so one setting is what both sides can honour). HF's KV cache
+is given the blocks ours has (`hf_command`).
 
 Same work, asserted before any figure is printed: every request's answer and token count are equal on all
 servers (greedy, same weights and prompt ids; both stop at EOS or max_tokens); HF's own log says that it
@@ -46,7 +47,9 @@ from polymodal.families.collators import fit_to_tokenizer
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.presets import get_preset
+from polymodal.serve.app import Server
 from same_work import require, same_lengths, same_tokens  # benchmarks/same_work.py, beside this script
+from serving_stats import percentile  # benchmarks/serving_stats.py, beside this script
 
 SIZES = {"tiny": {}, "76m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=2048)}
 
@@ -64,6 +67,14 @@ def checkpoints(root: Path, size: str) -> tuple[Path, Path, int]:
                                                           "bos_token": "<bos>", "eos_token": "<eos>",
                                                           "pad_token": "<pad>"}))
     return ours, hf, sum(p.numel() for p in model.parameters())
+
+
+def hf_command(hf_dir: Path, ours_dir: Path, slots: int) -> list[str]:
+    """`transformers serve --continuous-batching` on CPU in float32, its KV cache given the blocks our server has
+    with `slots` (as many, of the same size): HF's default takes 60% of the machine's free memory."""
+    cache = Server(ours_dir, slots=slots).batcher.cache
+    return ["transformers", "serve", str(hf_dir), "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+            "--cb-block-size", str(cache.block_size), "--cb-num-blocks", str(cache.pool.n_blocks)]
 
 
 def start(command: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str]:
@@ -97,12 +108,6 @@ def timed_mix(url: str, model: str, mix: list[dict], concurrency: int) -> tuple[
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, mix))
     return time.perf_counter() - start_s, *map(list, zip(*results))
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank q-th percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, -(-len(ordered) * q // 100) - 1)]
 
 
 def summary(wall: float, latencies: list[float], tokens: list[int], answers: list[str]) -> dict:
@@ -170,9 +175,8 @@ def main() -> None:
         servers = {
             "polymodal batched": (ours + ["--slots", str(args.concurrency)], ours_dir.name, ours_mix),
             "polymodal one at a time": (ours + ["--slots", "1"], ours_dir.name, ours_mix),
-            "HF transformers serve --continuous-batching": (
-                ["transformers", "serve", str(hf_dir), "--continuous-batching", "--device", "cpu", "--dtype",
-                 "float32"], str(hf_dir), mix),
+            "HF transformers serve --continuous-batching": (hf_command(hf_dir, ours_dir, args.concurrency),
+                                                            str(hf_dir), mix),
         }
         logs = {name: Path(tmp) / f"server{i}.log" for i, name in enumerate(servers)}
         procs, urls = {}, {}

@@ -1,9 +1,11 @@
 """The benchmarks measure like against like: each script's equal-work check passes when both sides did the
 same work and fails (UnequalWork, naming what differs) when they did not, on real tiny models of both
-libraries; and the PaliGemma benchmark's CPU mode runs as the README says."""
+libraries; the serving benchmark's statistics follow vLLM's definitions, its Poisson arrivals are seeded, and
+its KV memory is the bytes the caches allocated; and the PaliGemma benchmark's CPU mode runs as the README says."""
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +18,15 @@ import polymodal as pm
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import their helpers from beside them
 
+import bench_batcher  # noqa: E402
 import bench_decoder  # noqa: E402
 import bench_quantize  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_speculative  # noqa: E402
 import toy_pair  # noqa: E402
+from polymodal.nn.paged_cache import PagedCache, kv_bytes  # noqa: E402
 from same_work import UnequalWork, require, same_lengths, same_tokens  # noqa: E402
+from serving_stats import Record, Slo, arrival_times, summarise  # noqa: E402
 
 MICRO = pm.DecoderConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
 
@@ -98,6 +103,52 @@ def test_serve_percentile_is_the_nearest_rank():
     values = [float(v) for v in range(100, 0, -1)]
     assert bench_serve.percentile(values, 50) == 50 and bench_serve.percentile(values, 90) == 90
     assert bench_serve.percentile(values[:10], 90) == 99  # 9th of 10 ranks, not an interpolation
+
+
+def test_serving_figures_are_vllms_definitions():
+    """TTFT, TPOT, ITL, end-to-end and goodput of hand-timed requests, each worked out here from its definition."""
+    fast = Record(sent=0.0, done=0.5, tokens=5, chunks=[0.1, 0.2, 0.3, 0.5])  # ttft 100 ms, tpot 100 ms
+    slow = Record(sent=1.0, done=3.0, tokens=3, chunks=[1.4, 3.0])  # ttft 400 ms, tpot 800 ms
+    single = Record(sent=0.2, done=0.3, tokens=1, chunks=[0.3])  # one token: no TPOT, no ITL
+    assert fast.ttft == pytest.approx(0.1) and fast.tpot == pytest.approx(0.4 / 4) and single.tpot is None
+    assert fast.itl == pytest.approx([0.1, 0.1, 0.2]) and slow.itl == pytest.approx([1.6]) and single.itl == []
+    r = summarise([fast, slow, single], Slo(ttft_ms=100, tpot_ms=100))  # the SLO's bound itself is met
+    assert r["duration_s"] == pytest.approx(3.0) and r["output_tokens"] == 9
+    assert r["requests_per_s"] == pytest.approx(1.0) and r["output_tokens_per_s"] == pytest.approx(3.0)
+    assert r["goodput_requests_per_s"] == pytest.approx(2 / 3)  # fast, and single (its ttft 100 ms, no tpot)
+    assert r["ttft_mean_ms"] == pytest.approx(200) and r["ttft_median_ms"] == pytest.approx(100)
+    assert r["ttft_p99_ms"] == pytest.approx(400) and r["e2e_median_ms"] == pytest.approx(500)
+    assert r["tpot_median_ms"] == pytest.approx(100) and r["tpot_p99_ms"] == pytest.approx(800)  # (3.0-1.4)/2 s
+    assert r["itl_mean_ms"] == pytest.approx(1e3 * (0.1 + 0.1 + 0.2 + 1.6) / 4)
+    assert r["itl_median_ms"] == pytest.approx(100)
+    assert summarise([fast, slow], Slo(ttft_ms=99, tpot_ms=1000))["goodput_requests_per_s"] == 0
+
+
+def test_poisson_arrivals_are_seeded_and_exponential():
+    times = arrival_times(20_000, rate=50.0, seed=3)
+    assert times == arrival_times(20_000, rate=50.0, seed=3) and times != arrival_times(20_000, rate=50.0, seed=4)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0 and min(gaps) > 0
+    mean = sum(gaps) / len(gaps)
+    sd = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5
+    assert mean == pytest.approx(1 / 50, rel=0.03) and sd == pytest.approx(mean, rel=0.05)  # exponential: sd = mean
+    assert sum(g > mean for g in gaps) / len(gaps) == pytest.approx(math.exp(-1), abs=0.01)  # P(gap > mean) = 1/e
+    with pytest.raises(ValueError, match="rate > 0"):
+        arrival_times(4, rate=0.0, seed=0)
+
+
+def test_kv_memory_is_measured_from_allocated_tensors():
+    """The benchmark's cache bytes are the storages the cache really holds, each once (a view adds nothing):
+    the static cache's are its slots x context of K/V and segments, a paged pool's its blocks'."""
+    model = pm.build(MICRO)
+    shape = (MICRO.n_layers, MICRO.n_kv_heads, MICRO.dim // MICRO.n_heads, torch.float32)
+    static = model.make_cache(3, 40)
+    assert bench_batcher.allocated_bytes(static) == kv_bytes(3 * 40, *shape) + 8  # + the cache's fill counter
+    static.layers.append(static.layers[0])  # the same tensors twice: counted once
+    static.extra = static.layers[1].k[:, :, :5]
+    assert bench_batcher.allocated_bytes(static) == kv_bytes(3 * 40, *shape) + 8
+    paged = PagedCache.for_model(model, n_blocks=7, block_size=4)
+    assert bench_batcher.allocated_bytes(paged) == kv_bytes(7 * 4, *shape)
 
 
 def test_paligemma_benchmark_tiny_cpu(tmp_path):

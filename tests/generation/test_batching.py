@@ -41,8 +41,11 @@ def prompts(model, n: int, seed: int) -> list[dict]:
 
 
 def alone(model, inputs: dict, request: Request) -> list[int]:
-    sampled = dict(do_sample=True, temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+    sampled = dict(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                   seed=request.seed)
     tokens = pm.generate(model, **inputs, max_new_tokens=request.max_new_tokens, eos_token_id=EOS,
+                         repetition_penalty=request.repetition_penalty, frequency_penalty=request.frequency_penalty,
+                         presence_penalty=request.presence_penalty,
                          **(sampled if request.temperature > 0 else {}))[0].tolist()
     return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
 
@@ -86,6 +89,33 @@ def test_requests_joining_a_running_batch_get_their_tokens_alone(model):
     for inputs, request in zip(prompts(model, n, seed=1), requests):
         assert request.tokens == alone(model, inputs, request)
         assert request.finish_reason == ("stop" if request.tokens[-1] == EOS else "length")
+
+
+def test_penalties_top_k_and_logprobs_per_request_in_one_batch_answer_as_alone():
+    """Rows of different settings share decode calls; each keeps its own seen tokens. The log-probabilities of a
+    greedy row are those of the forward pass over its prompt and tokens, its token the most likely."""
+    settings = [dict(repetition_penalty=1.5), dict(frequency_penalty=1.2, presence_penalty=0.4),
+                dict(temperature=0.9, top_k=5, seed=3, repetition_penalty=1.3, presence_penalty=-0.5),
+                dict(top_logprobs=4), dict(temperature=1.0, seed=4, top_logprobs=2, frequency_penalty=2.0)]
+    batcher = Batcher(DECODER, slots=5, max_len=48, block_size=4)
+    inputs = prompts(DECODER, len(settings), seed=8)
+    requests = [Request(x, max_new_tokens=12, stop_token_ids=(EOS,), **kw) for x, kw in zip(inputs, settings)]
+    for request in requests:
+        batcher.submit(request)
+    drain(batcher)
+    for x, request in zip(inputs, requests):
+        assert request.tokens == alone(DECODER, x, request)
+        assert len(request.logprobs) == (len(request.tokens) if request.top_logprobs is not None else 0)
+    greedy = requests[3]
+    ids = torch.cat([inputs[3]["input_ids"][0], torch.tensor(greedy.tokens)])[None]
+    expected = DECODER(input_ids=ids).logits[0, -len(greedy.tokens) - 1:-1].log_softmax(-1)
+    for (chosen, top), token, row in zip(greedy.logprobs, greedy.tokens, expected):
+        assert [i for i, _ in top] == row.topk(4).indices.tolist() and top[0] == (token, chosen)
+        torch.testing.assert_close(torch.tensor([chosen, *(v for _, v in top)]),
+                                   torch.stack([row[token], *row.topk(4).values]), atol=1e-4, rtol=0)
+    assert all(len(top) == 2 for _, top in requests[4].logprobs)
+    with pytest.raises(ValueError, match="top_logprobs must be an integer >= 0 and <= 20, got 21"):
+        Request(inputs[0], max_new_tokens=2, top_logprobs=21)
 
 
 def test_a_prefix_hit_answers_as_a_miss_and_another_image_never_hits():

@@ -16,8 +16,11 @@ every other sequence: a running request feeds its last token, a request with pro
 (after a hit or a first chunk) feeds the next `prefill_chunk` of them (chunked prefill beside the decode
 rows), and takes its first token from its prompt's last logit.
 
-Each request has its own sampling settings and stop tokens (one `Chooser` per setting), seed and listener,
-which may stop it (stop strings) and sees every token as it is chosen. Rows never share positions or
+Each request has its own sampling settings (temperature, top-k, top-p, repetition / frequency / presence
+penalties) and stop tokens (one `Chooser` per setting; a row's seen tokens kept beside it), seed and listener,
+which may stop it (stop strings) and sees every token as it is chosen, with its log-probabilities when asked
+(`logprobs`: the softmax of the logits the token was chosen from, penalties applied, before temperature, top-k
+and top-p). Rows never share positions or
 columns, so each sees exactly the keys it has alone: its greedy tokens equal `generate` alone, and a
 seeded request draws its noise from its own generator as `generate(seed=...)` does.
 """
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymodal.errors import InputError
+from polymodal.errors import InputError, check_number
 from polymodal.families import spec_of
 from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
@@ -41,6 +44,9 @@ from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.language_model import LanguageModel
 from polymodal.nn.media_cache import EncoderCache
 from polymodal.nn.paged_cache import PagedCache
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 class QueueFull(RuntimeError):
@@ -53,11 +59,17 @@ class Request:
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
+    top_logprobs: int | None = None  # None: no log-probabilities; k: each token's and the k most likely ones'
     stop_token_ids: tuple[int, ...] = ()
     on_token: Callable[[int], bool] | None = None  # each new token, in the batcher's thread; False stops it
     on_finish: Callable[[Request], None] | None = None  # once, when it left (finish_reason / error set)
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per token, with top_logprobs
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: Exception | None = None
     cancelled: bool = False  # set from any thread; the request leaves at the next step boundary
@@ -73,6 +85,13 @@ class Request:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None:
+            check_number("top_k", self.top_k, integer=True, at_least=1)
+        check_number("repetition_penalty", self.repetition_penalty, above=0)
+        check_number("frequency_penalty", self.frequency_penalty, at_least=-2, at_most=2)
+        check_number("presence_penalty", self.presence_penalty, at_least=-2, at_most=2)
+        if self.top_logprobs is not None:
+            check_number("top_logprobs", self.top_logprobs, integer=True, at_least=0, at_most=MAX_TOP_LOGPROBS)
         self.generator = None
         if self.temperature > 0:
             self.generator = torch.Generator(device=ids.device)
@@ -119,7 +138,8 @@ class Batcher:
         device = self.cache.device
         self.last = torch.zeros(slots, dtype=torch.long, device=device)  # each row's latest token, fed to the next step
         self.state = torch.zeros(slots, dtype=torch.long, device=device)  # each row's image-span mode
-        self.choosers: dict[tuple, Chooser] = {}  # one per (temperature, top_p, stop tokens) asked for
+        self.seen: list[torch.Tensor | None] = [None] * slots  # each row's tokens so far (1, V), with a penalty
+        self.choosers: dict[tuple, Chooser] = {}  # one per sampling setting and stop tokens asked for
         self.waiting: deque[Request] = deque()
         self.finished: Counter[str] = Counter()  # requests that left, by finish reason
         self.work = threading.Condition()
@@ -215,7 +235,7 @@ class Batcher:
             self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
             committed += self.seqs[row].blocks
             vocab = self.model.text_config.vocab_size
-            state, _ = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
+            state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
             if state is not None:
                 self.state[row] = state[0]
             admitted.append(row)
@@ -327,11 +347,14 @@ class Batcher:
 
     def _chooser(self, request: Request) -> Chooser:
         """The chooser of the request's settings, made once per setting (its image spans' table built once)."""
-        key = (request.temperature, request.top_p, request.stop_token_ids)
+        r = request
+        key = (r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.frequency_penalty, r.presence_penalty,
+               r.stop_token_ids)
         if key not in self.choosers:
-            self.choosers[key] = Chooser.make(self.model, device=self.last.device, eos_token_id=list(key[2]),
-                                              do_sample=request.temperature > 0, temperature=request.temperature or 1.0,
-                                              top_p=request.top_p)
+            self.choosers[key] = Chooser.make(
+                self.model, device=self.last.device, eos_token_id=list(r.stop_token_ids), do_sample=r.temperature > 0,
+                temperature=r.temperature or 1.0, top_p=r.top_p, top_k=r.top_k, repetition_penalty=r.repetition_penalty,
+                frequency_penalty=r.frequency_penalty, presence_penalty=r.presence_penalty)
         return self.choosers[key]
 
     def _groups(self, rows: list[int]) -> dict[Chooser, list[int]]:
@@ -343,7 +366,8 @@ class Batcher:
 
     def _choose(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """The next token of each of `rows` from its logits (R, V): rows sharing settings choose together, a
-        sampled one with noise from its own generator."""
+        sampled one with noise from its own generator. A request asking for log-probabilities gets them from the
+        processed logits its token was chosen from (`logprobs`)."""
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         for chooser, index in self._groups(rows).items():
             group = [rows[i] for i in index]
@@ -352,15 +376,29 @@ class Batcher:
                 noise = torch.cat([exponential_noise(logits[i:i + 1], self.rows[r].generator)
                                    for i, r in zip(index, group)])
             state = self.state[group] if chooser.spans is not None else None
-            tokens[index] = chooser.pick(logits[index], state, None, noise)[0]
+            seen = self._seen(group)
+            processed = chooser.processed(logits[index], state, seen)
+            tokens[index] = chosen = chooser.draw(processed, noise)[0]
+            for b, row in enumerate(group):
+                if self.rows[row].top_logprobs is not None:
+                    self.rows[row].logprobs.append(logprobs(processed[b], int(chosen[b]), self.rows[row].top_logprobs))
         return tokens
+
+    def _seen(self, group: list[int]) -> torch.Tensor | None:
+        """The tokens the rows of one chooser have seen (R, V), None without a penalty."""
+        return torch.cat([self.seen[row] for row in group]) if self.seen[group[0]] is not None else None
 
     def _emit(self, rows: list[int], tokens: torch.Tensor) -> None:
         stopped = torch.zeros(len(rows), dtype=torch.bool, device=tokens.device)
         for chooser, index in self._groups(rows).items():
             group = [rows[i] for i in index]
-            if chooser.spans is not None:
-                self.state[group] = chooser.advance(self.state[group], None, tokens[index])[0]
+            state = self.state[group] if chooser.spans is not None else None
+            state, seen = chooser.advance(state, self._seen(group), tokens[index])
+            if state is not None:
+                self.state[group] = state
+            if seen is not None:
+                for row, row_seen in zip(group, seen.split(1)):
+                    self.seen[row] = row_seen
             stopped[index] = chooser.stops(tokens[index])
         self.last[rows] = tokens
         for row, token, stop in zip(rows, tokens.tolist(), stopped.tolist()):
@@ -376,7 +414,7 @@ class Batcher:
         """The request leaves its row; its blocks go back (a failed call's are never shared)."""
         request, self.rows[row] = self.rows[row], None
         self.cache.free(self.seqs[row].seq, failed=failed)
-        self.seqs[row] = None
+        self.seqs[row], self.seen[row] = None, None
         self._finish(request, reason)
 
     def _finish(self, request: Request, reason: str) -> None:
@@ -384,3 +422,12 @@ class Batcher:
         self.finished[reason] += 1
         if request.on_finish is not None:
             request.on_finish(request)
+
+
+def logprobs(processed: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` and the `top` most likely (id, log-probability) pairs under the softmax of
+    the processed logits (V,) it was chosen from: after the penalties and the image-span mask, before
+    temperature, top-k and top-p. Tokens the mask rules out (-inf) are never listed."""
+    lp = processed.float().log_softmax(-1)
+    values, ids = lp.topk(min(top, lp.shape[-1]))
+    return float(lp[token]), [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != float("-inf")]

@@ -34,6 +34,7 @@ from polymodal.generation.prompts import ContextError, prompts
 from polymodal.families import spec_of
 from polymodal.serve.answer import Answer
 from polymodal.serve.embeddings import Embedder
+from polymodal.serve.logprobs import chat_logprobs, completion_logprobs
 from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, embedding_job, parse_body
 from polymodal.serve.request_log import Metrics, RequestLog
 
@@ -89,13 +90,13 @@ class Server:
         may write, its length checked against the context."""
         out = []
         for doc in job.documents:
-            self.fits(doc, "messages" if len(job.documents) == 1 else "prompt")
+            self.fits(doc, job.field)
             try:
                 inputs, wanted = prompts(self.collator, [doc], job.sampling.max_tokens, flag="max_tokens")
             except ContextError as e:
                 raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from e
             except ValueError as e:
-                raise ApiError(400, str(e), "messages" if len(job.documents) == 1 else "prompt") from e
+                raise ApiError(400, str(e), job.field) from e
             del inputs["attention_mask"]  # one unpadded row
             out.append((inputs, wanted))
         return out
@@ -144,16 +145,27 @@ class Response:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (index, events))
 
                 answer = Answer(server.tokenizer, s.stop, server.model, push)
-                self.requests.append(Request(
-                    inputs, max_new_tokens=wanted, temperature=s.temperature, top_p=s.top_p,
-                    seed=None if s.seed is None else s.seed + j, stop_token_ids=(server.tokenizer.eos_id,),
-                    on_token=answer.on_token, on_finish=answer.on_finish))
+                request = Request(
+                    inputs, max_new_tokens=wanted, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                    repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
+                    presence_penalty=s.presence_penalty, seed=None if s.seed is None else s.seed + j,
+                    top_logprobs=s.logprobs, stop_token_ids=(server.tokenizer.eos_id,), on_finish=answer.on_finish)
+                request.on_token = answer.on_token if s.logprobs is None else self._with_logprobs(request, answer, push)
+                self.requests.append(request)
         try:
             for request in self.requests:
                 server.batcher.submit(request)
         except QueueFull as e:
             self.cancel()
             raise ApiError(429, f"the server is busy: {e}; retry later", None, "queue_full") from e
+
+    @staticmethod
+    def _with_logprobs(request: Request, answer: Answer, push):
+        """The answer's listener, each token's ("logprobs", entry) event sent before its text."""
+        def on_token(token: int) -> bool:
+            push([("logprobs", (token, *request.logprobs[-1]))])
+            return answer.on_token(token)
+        return on_token
 
     def cancel(self) -> None:
         for request in self.requests:
@@ -187,6 +199,26 @@ class Response:
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class Logprobs:
+    """Each choice's log-probability entries not yet sent, in the endpoint's shape when taken (None when the
+    request asked for none)."""
+
+    def __init__(self, server: Server, response: Response, chat: bool):
+        self.tokenizer, self.chat = server.tokenizer, chat
+        self.wanted = response.requests[0].top_logprobs is not None
+        self.entries: list[list] = [[] for _ in response.requests]
+        self.offsets = [0] * len(response.requests)  # completions: characters of the tokens already sent, per choice
+
+    def take(self, i: int) -> dict | None:
+        if not self.wanted:
+            return None
+        entries, self.entries[i] = self.entries[i], []
+        if self.chat:
+            return chat_logprobs(self.tokenizer, entries)
+        out, self.offsets[i] = completion_logprobs(self.tokenizer, entries, self.offsets[i])
+        return out
 
 
 def _sse(data: dict | str) -> str:
@@ -280,17 +312,22 @@ async def _stream(server: Server, response: Response, job: Job, kind: str, rid: 
             for i in range(len(response.requests)):
                 yield _sse(chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]))
+        logprobs = Logprobs(server, response, chat)
         async for i, (what, value) in response.events():
             if what == "error":
                 yield _sse(ApiError(500, value).body())
+                continue
+            if what == "logprobs":  # sent with the choice's next chunk
+                logprobs.entries[i].append(value)
                 continue
             done = what == "done"
             if chat:
                 delta = {} if done else {"content": value if what == "text" else [_image_part(value)]}
                 choice = {"index": i, "delta": delta, "finish_reason": value if done else None}
             else:
-                choice = {"index": i, "text": "" if done or what == "image" else value, "logprobs": None,
+                choice = {"index": i, "text": "" if done or what == "image" else value,
                           "finish_reason": value if done else None}
+            choice["logprobs"] = logprobs.take(i)
             yield _sse(chunk(choices=[choice]))
         if job.sampling.include_usage:
             yield _sse(chunk(choices=[], usage=response.usage()))
@@ -303,11 +340,14 @@ async def _whole(server: Server, response: Response, http: HttpRequest, kind: st
                  chat: bool):
     parts: list[list[dict]] = [[] for _ in response.requests]
     reasons: list[str | None] = [None] * len(response.requests)
+    logprobs = Logprobs(server, response, chat)
     try:
         async for i, (what, value) in response.events(gone=http.is_disconnected):
             if what == "error":
                 raise ApiError(500, value)
-            if what == "done":
+            if what == "logprobs":
+                logprobs.entries[i].append(value)
+            elif what == "done":
                 reasons[i] = value
             elif what == "text" and parts[i] and parts[i][-1]["type"] == "text":
                 parts[i][-1]["text"] += value
@@ -323,9 +363,9 @@ async def _whole(server: Server, response: Response, http: HttpRequest, kind: st
         if chat:
             drawn = any(p["type"] == "image_url" for p in content)
             message = {"role": "assistant", "content": content if drawn else text}
-            choices.append({"index": i, "message": message, "finish_reason": reason})
+            choices.append({"index": i, "message": message, "logprobs": logprobs.take(i), "finish_reason": reason})
         else:
-            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+            choices.append({"index": i, "text": text, "logprobs": logprobs.take(i), "finish_reason": reason})
     return _chunk(kind, rid, created, server.name, choices=choices, usage=response.usage())
 
 

@@ -67,7 +67,6 @@ class EarlyFusion(LanguageModel):
     per_token: tuple[str, ...] = ()  # the family's own inputs laid out like input_ids (token_type_ids)
     ignore_media_labels = False  # labels on media spans are -100 (KOSMOS-1: loss on text only)
     cancel_embed_scale = True  # media enter as encoded: divided by the sqrt(dim) the decoder multiplies in
-    encoder_caches: dict | None = None  # set by a server: media key -> `nn.media_cache.EncoderCache` of its encoder
 
     @property
     def image_spans(self):
@@ -82,9 +81,12 @@ class EarlyFusion(LanguageModel):
         return self.decoder.make_cache(batch, max_len, **kwargs)
 
     def prefill(self, input_ids: torch.Tensor, cache: Cache, *, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 1, **media) -> ModelOutput:
-        """The prompt and its media (encoded here, once) into an empty cache."""
-        return self.fuse(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=logits_to_keep, **media)
+                logits_to_keep: int = 1, encoder_caches: dict | None = None, **media) -> ModelOutput:
+        """The prompt and its media (encoded here, once) into an empty cache; encoder_caches: media key ->
+        `nn.media_cache.EncoderCache` that encodes that modality's media (a server's, so the same image sent
+        twice is encoded once)."""
+        return self.fuse(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=logits_to_keep,
+                         encoder_caches=encoder_caches, **media)
 
     def decode(self, input_ids: torch.Tensor, cache: Cache, *, logits_to_keep: int = 1) -> ModelOutput:
         """New tokens on what the cache holds: the plain decoder, no media."""
@@ -97,7 +99,7 @@ class EarlyFusion(LanguageModel):
     def fuse(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
              labels: torch.Tensor | None = None, cache: Cache | None = None, logits_to_keep: int = 0,
-             **inputs) -> ModelOutput:
+             encoder_caches: dict | None = None, **inputs) -> ModelOutput:
         """input_ids (B, S) with media spans; `inputs`: each modality's media by its key (in span order, row
         by row), the writer's images, the family's own per-token inputs. With a cache that holds tokens this
         is a decode step: tokens only, the media were encoded at prefill."""
@@ -116,7 +118,7 @@ class EarlyFusion(LanguageModel):
         sizes = self.check_media(spans, media, input_ids.shape[0])
         embeds = self.decoder.tok_embeddings(input_ids)  # (B, S, D)
         if media:
-            embeds = span_rules.scatter(embeds, spans, self.embed(spans, sizes, media))
+            embeds = span_rules.scatter(embeds, spans, self.embed(spans, sizes, media, encoder_caches))
             if labels is not None and self.ignore_media_labels:
                 labels = span_rules.scatter(labels, spans, torch.tensor(IGNORE))
         return prefill(self.decoder, embeds, attention_mask=attention_mask, document_ids=document_ids,
@@ -159,10 +161,12 @@ class EarlyFusion(LanguageModel):
                 check_runs(spans, sizes[m.key], m, media.get(m.key) is not None, batch)
         return sizes
 
-    def embed(self, spans: Spans, sizes: dict[str, list[int]], media: dict[str, Any]) -> torch.Tensor:
-        """(T, D): every media encoded once (a batch per modality), laid out in span order."""
+    def embed(self, spans: Spans, sizes: dict[str, list[int]], media: dict[str, Any],
+              encoder_caches: dict | None = None) -> torch.Tensor:
+        """(T, D): every media encoded once (a batch per modality, through its encoder cache if given), laid out
+        in span order."""
         encoded = []
-        caches = self.encoder_caches or {}
+        caches = encoder_caches or {}
         for m in self.modalities:
             out = []
             if m.key in media:

@@ -312,12 +312,8 @@ class Batcher:
                 inputs[k] = torch.cat(v) if torch.is_tensor(v[0]) else [item for items in v for item in items]
         uneven = len(set(lengths)) > 1
         batch = self.cache.batch([self.seqs[row].seq for row in rows])
-        if self.encoder_caches:
-            self.model.encoder_caches = self.encoder_caches
-        try:
-            out = self.model.prefill(ids, batch, attention_mask=mask if uneven else None, **inputs)
-        finally:
-            self.model.__dict__.pop("encoder_caches", None)
+        out = self.model.prefill(ids, batch, attention_mask=mask if uneven else None,
+                                 encoder_caches=self.encoder_caches, **inputs)
         return out.logits[:, -1]
 
     def _continue(self, rows: list[int]) -> None:

@@ -10,6 +10,7 @@ import torch
 import polymodal as pm
 from polymodal.config import DecoderConfig
 from polymodal.generation.batching import Batcher, QueueFull, Request
+from polymodal.families.flamingo.presets import flamingo_tiny
 from polymodal.families.paligemma.presets import paligemma_tiny
 
 torch.manual_seed(0)
@@ -116,6 +117,48 @@ def test_penalties_top_k_and_logprobs_per_request_in_one_batch_answer_as_alone()
     assert all(len(top) == 2 for _, top in requests[4].logprobs)
     with pytest.raises(ValueError, match="top_logprobs must be an integer >= 0 and <= 20, got 21"):
         Request(inputs[0], max_new_tokens=2, top_logprobs=21)
+
+
+def flamingo():
+    """A small Flamingo with its gates open and its media path's weights large enough that the images change
+    the answers (a fresh one is its LM alone, which would hide every media bug)."""
+    torch.manual_seed(0)
+    config = flamingo_tiny()
+    model = pm.build(config.replace(text=config.text.replace(vocab_size=97, dim=32, hidden_dim=64, max_seq_len=64)))
+    with torch.no_grad():
+        for block in model.cross_layers:
+            block.attn_gate.fill_(0.8)
+            block.mlp_gate.fill_(-0.6)
+        for weight in [*model.cross_layers.parameters(), *model.perceiver.parameters()]:
+            if weight.dim() == 2:
+                weight.normal_(std=0.1)
+    return model.eval()
+
+
+def test_flamingo_requests_with_any_number_of_images_decode_together_as_alone():
+    """Each row keeps its own media K/V beside its paged self-attention K/V; rows of 0, 1 and 2 images share
+    decode calls."""
+    model, g = flamingo(), torch.Generator().manual_seed(1)
+    inputs = []
+    for n in (1, 2, 0, 1, 2):
+        ids = torch.randint(6, 90, (1, 10), generator=g)
+        ids[0, [2, 6][:n]] = model.config.media_token_id
+        inputs.append({"input_ids": ids, **({"pixel_values": torch.randn(1, n, 3, 32, 32, generator=g),
+                                             "media_mask": torch.ones(1, n, dtype=torch.bool)} if n else {})})
+    requests = [Request(x, max_new_tokens=8, stop_token_ids=(EOS,)) for x in inputs]
+    batcher = Batcher(model, slots=3, max_len=32, block_size=4)
+    for request in requests[:2]:
+        batcher.submit(request)
+    batcher.step()
+    for request in requests[2:]:
+        batcher.submit(request)
+    drain(batcher)
+    assert not batcher.cache.cross and not batcher.cache.media  # every row's media state went with its blocks
+    for x, request in zip(inputs, requests):
+        assert request.tokens == alone(model, x, request)
+    flipped = [alone(model, {**x, "pixel_values": x["pixel_values"].flip(-1)}, r) != r.tokens
+               for x, r in zip(inputs, requests) if "pixel_values" in x]
+    assert sum(flipped) >= 2  # the images decide the answers
 
 
 def test_a_prefix_hit_answers_as_a_miss_and_another_image_never_hits():

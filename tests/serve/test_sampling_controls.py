@@ -3,11 +3,9 @@ client: a request with them answers what `pm.generate` answers alone with the sa
 chat and completions, streamed or not); the log-probabilities of a greedy answer are those of a forward pass over
 its prompt and tokens, its token the most likely; bad values are 400s naming their field."""
 
-import contextlib
-
 import pytest
 import torch
-from conftest import openai
+from conftest import one_thread, openai
 
 import polymodal as pm
 from polymodal.data.documents import Document, Segment
@@ -18,17 +16,6 @@ from polymodal.generation.prompts import prompts
 PROMPT = "two blue squares and"
 GREEDY = dict(temperature=0, repetition_penalty=1.4, frequency_penalty=0.8, presence_penalty=0.5)
 SEEDED = dict(temperature=0.9, top_k=8, seed=11, repetition_penalty=1.2, presence_penalty=-0.3)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The server runs with OMP_NUM_THREADS=1: compute alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,8 @@ def _other_commands(sub) -> None:
                                                              "429 (default: %(default)s)")
     s.add_argument("--max-body-mb", type=int, default=Limits.max_body_bytes >> 20,
                    help="largest request body in MiB, answered 413 before it is read (default: %(default)s)")
+    s.add_argument("--compile", action="store_true", help="compile the batcher's decode step (torch.compile, dynamic "
+                                                          "shapes; the first steps pay the compile time); default: eager")
 
     pl = sub.add_parser("plot", help="redraw a training run's loss.png from its metrics.jsonl")
     pl.add_argument("run", help="a run directory (holding metrics.jsonl)")
@@ -617,7 +619,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_body_mb < 1:
         raise InputError(f"--max-body-mb must be >= 1, got {args.max_body_mb}")
     serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
-          slots=args.slots, max_queue=args.max_queue, limits=Limits(max_body_bytes=args.max_body_mb << 20))
+          slots=args.slots, max_queue=args.max_queue, limits=Limits(max_body_bytes=args.max_body_mb << 20),
+          compile=args.compile)
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,

@@ -6,6 +6,8 @@ step; a full queue refuses."""
 
 import pytest
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
@@ -117,6 +119,31 @@ def test_penalties_top_k_and_logprobs_per_request_in_one_batch_answer_as_alone()
     assert all(len(top) == 2 for _, top in requests[4].logprobs)
     with pytest.raises(ValueError, match="top_logprobs must be an integer >= 0 and <= 20, got 21"):
         Request(inputs[0], max_new_tokens=2, top_logprobs=21)
+
+
+def test_a_compiled_decode_step_answers_as_alone_and_compiles_once_for_any_rows_and_lengths():
+    """Slow-ish (~12 s of CPU: inductor compiles two graphs, one row and the dynamic number of rows; a step
+    feeding chunks of prompts would add the same two for S > 1)."""
+    model = pm.build(DECODER.config.replace(n_layers=1)).eval()
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    batcher = Batcher(model, slots=3, max_len=48, block_size=4, compile=True)
+
+    def run(seed: int) -> None:
+        inputs = prompts(model, 5, seed=seed)
+        requests = [Request(x, max_new_tokens=6 + i, stop_token_ids=(EOS,), temperature=0.7 * (i % 2), seed=i)
+                    for i, x in enumerate(inputs)]
+        batcher.submit(requests[0])
+        batcher.step()  # one row alone, then rows joining and leaving, each of its own length
+        for request in requests[1:]:
+            batcher.submit(request)
+        drain(batcher)
+        for x, request in zip(inputs, requests):
+            assert request.tokens == alone(model, x, request)
+
+    run(seed=2)
+    run(seed=3)
+    assert counters["stats"]["unique_graphs"] - before == 2
 
 
 def flamingo():

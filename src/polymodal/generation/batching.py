@@ -117,11 +117,12 @@ class Batcher:
     blocks of `block_size` tokens in the pool; `prefill_tokens`: prompt tokens admitted per step (at least one
     request), so a wave of arrivals is prefilled over several steps beside the decode steps and the later ones
     find the earlier ones' prefixes cached; `prefill_chunk`: prompt tokens a request runs per step after a hit
-    or its first chunk (a long causal prompt's first prefill runs at least as many)."""
+    or its first chunk (a long causal prompt's first prefill runs at least as many); `compile`: the decode calls
+    through `torch.compile` (prefill stays eager)."""
 
     def __init__(self, model: LanguageModel, *, slots: int, max_len: int, max_waiting: int = 256,
                  block_size: int = 16, n_blocks: int | None = None, prefill_chunk: int = 256, prefill_tokens: int = 512,
-                 encoder_cache_bytes: int = 64 << 20):
+                 encoder_cache_bytes: int = 64 << 20, compile: bool = False):
         if slots < 1 or max_len < 2 or min(prefill_chunk, prefill_tokens) < 1:
             raise InputError(f"a batcher needs slots >= 1, max_len >= 2, prefill_chunk and prefill_tokens >= 1; got "
                              f"{slots}, {max_len}, {prefill_chunk} and {prefill_tokens}")
@@ -129,6 +130,9 @@ class Batcher:
             raise InputError(f"a batcher needs a model that writes tokens; a {type(model).__name__} writes nothing")
         self.model, self.slots, self.max_len, self.max_waiting = model, slots, max_len, max_waiting
         self.prefill_chunk, self.prefill_tokens = prefill_chunk, prefill_tokens
+        # a decode call reads a `PagedStep` (tensors only): compiled with dynamic shapes, any rows and lengths
+        # reuse one graph (a few: dims of 1 are specialised); eager runs the same code
+        self.decode = torch.compile(model.decode, dynamic=True) if compile else model.decode
         self.cache = PagedCache.for_model(model, n_blocks or slots * -(-max_len // block_size) + 1, block_size)
         modalities = model.modalities if isinstance(model, EarlyFusion) else ()
         self.encoder_caches = {m.key: EncoderCache(encoder_cache_bytes) for m in modalities}  # by media key
@@ -327,8 +331,8 @@ class Batcher:
         tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=self.cache.device)
         for b, feed in enumerate(feeds):
             tokens[b, :counts[b]] = feed
-        batch = self.cache.batch([self.seqs[row].seq for row in rows], new_tokens=counts)
-        logits = self.model.decode(tokens, batch, logits_to_keep=0).logits
+        step = self.cache.step([self.seqs[row].seq for row in rows], tokens.shape[1], new_tokens=counts)
+        logits = self.decode(tokens, step, logits_to_keep=0).logits
         ready = []
         for b, row in enumerate(rows):
             s = self.seqs[row]

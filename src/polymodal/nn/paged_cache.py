@@ -36,7 +36,7 @@ import torch
 
 from polymodal.errors import InputError
 from polymodal.nn.block_pool import NULL_BLOCK, BlockPool
-from polymodal.nn.cache import Cache
+from polymodal.nn.cache import Cache, CrossKV
 from polymodal.nn.masks import Segments
 from polymodal.nn.prefix_keys import PromptKeys, group_ends
 
@@ -52,9 +52,9 @@ def kv_bytes(tokens: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: 
 
 
 class PagedLayer:
-    """One layer's view of a batch: writes new K/V into the pool, reads each row's through its table."""
+    """One layer's view of a batch (or a step): writes new K/V into the pool, reads each row's through its table."""
 
-    def __init__(self, batch: PagedBatch, layer: int):
+    def __init__(self, batch: PagedBatch | PagedStep, layer: int):
         self.batch, self.layer = batch, layer
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -194,6 +194,35 @@ class PagedCrossKV:
         return self._stacked(1)
 
 
+class PagedStep:
+    """A decode call's view of a `PagedBatch` with its host work done ahead (blocks taken, slots and segments
+    written, each row's media state stacked), so the model reads tensors only and the call compiles once for any
+    rows and lengths (`torch.compile(dynamic=True)`); eager calls run the same code."""
+
+    def __init__(self, batch: PagedBatch, n: int):
+        if batch.length == 0:
+            raise InputError("a paged step continues sequences that hold tokens; prefill new ones through batch()")
+        self.cache, self.batch, self.length = batch.cache, batch.batch, batch.length
+        self.segments = batch.next_segments(n)
+        self.input_pos = batch.write(self.segments)
+        self.slot_index, self.slots = batch.slot_index, batch.slots
+        self.layers = [PagedLayer(self, i) for i in range(batch.cache.n_layers)]
+        self.media_ids, self.media_layout = batch.media_ids, batch.media_layout
+        held = {layer for seq in batch.seq_ids for layer in batch.cache.cross.get(seq, {})}
+        self.cross = {layer: CrossKV() for layer in held}
+        for layer, kv in self.cross.items():
+            kv.set(batch.cross_kv(layer).k, batch.cross_kv(layer).v)
+
+    def next_segments(self, n: int = 1) -> Segments:
+        return self.segments
+
+    def write(self, seg: Segments) -> torch.Tensor:
+        return self.input_pos
+
+    def cross_kv(self, layer: int) -> CrossKV:
+        return self.cross[layer]
+
+
 class PagedCache:
     """Block pools for every layer of one model, and the sequences that hold their blocks."""
 
@@ -263,6 +292,10 @@ class PagedCache:
 
     def batch(self, seq_ids: list[int], new_tokens: list[int] | None = None) -> PagedBatch:
         return PagedBatch(self, seq_ids, new_tokens)
+
+    def step(self, seq_ids: list[int], n: int, new_tokens: list[int] | None = None) -> PagedStep:
+        """The cache of one decode call of n tokens per row over sequences that hold tokens, its host work done."""
+        return PagedStep(self.batch(seq_ids, new_tokens), n)
 
     def slot(self, seq: int, i: int) -> int:
         return self.tables[seq][i // self.block_size] * self.block_size + i % self.block_size

@@ -46,7 +46,7 @@ class Server:
     encoder (CLIP / SigLIP) the embedder."""
 
     def __init__(self, directory: str | Path, *, name: str | None = None, slots: int = 8, max_queue: int = 64,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), compile: bool = False):
         directory = Path(directory)
         self.name = name or directory.resolve().name  # the model id clients send
         self.model = pm.from_pretrained(directory)
@@ -57,7 +57,8 @@ class Server:
         self.batcher = self.thread = None
         if self.embedder is None:
             self.context = self.collator.format.max_len
-            self.batcher = Batcher(self.model, slots=slots, max_len=self.context, max_waiting=max_queue)
+            self.batcher = Batcher(self.model, slots=slots, max_len=self.context, max_waiting=max_queue,
+                                   compile=compile)
             self.thread = threading.Thread(target=self.batcher.run, name="batcher", daemon=True)
         else:
             self.context = self.collator.max_len
@@ -396,8 +397,8 @@ def _image_part(png: str) -> dict:
 
 
 def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
-          max_queue: int = 64, limits: Limits = Limits()) -> None:
-    server = Server(directory, name=name, slots=slots, max_queue=max_queue, limits=limits)
+          max_queue: int = 64, limits: Limits = Limits(), compile: bool = False) -> None:
+    server = Server(directory, name=name, slots=slots, max_queue=max_queue, limits=limits, compile=compile)
     what = (f"embeddings, texts up to {server.context} tokens" if server.embedder is not None else
             f"{slots} slots, context {server.context} tokens")
     print(f"serving {server.name} on http://{host}:{port} ({what})", flush=True)

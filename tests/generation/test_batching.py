@@ -146,26 +146,17 @@ def test_a_compiled_decode_step_answers_as_alone_and_compiles_once_for_any_rows_
     assert counters["stats"]["unique_graphs"] - before == 2
 
 
-def flamingo():
-    """A small Flamingo with its gates open and its media path's weights large enough that the images change
-    the answers (a fresh one is its LM alone, which would hide every media bug)."""
+def flamingo(open_gates):
     torch.manual_seed(0)
     config = flamingo_tiny()
     model = pm.build(config.replace(text=config.text.replace(vocab_size=97, dim=32, hidden_dim=64, max_seq_len=64)))
-    with torch.no_grad():
-        for block in model.cross_layers:
-            block.attn_gate.fill_(0.8)
-            block.mlp_gate.fill_(-0.6)
-        for weight in [*model.cross_layers.parameters(), *model.perceiver.parameters()]:
-            if weight.dim() == 2:
-                weight.normal_(std=0.1)
-    return model.eval()
+    return open_gates(model).eval()
 
 
-def test_flamingo_requests_with_any_number_of_images_decode_together_as_alone():
+def test_flamingo_requests_with_any_number_of_images_decode_together_as_alone(open_gates):
     """Each row keeps its own media K/V beside its paged self-attention K/V; rows of 0, 1 and 2 images share
     decode calls."""
-    model, g = flamingo(), torch.Generator().manual_seed(1)
+    model, g = flamingo(open_gates), torch.Generator().manual_seed(1)
     inputs = []
     for n in (1, 2, 0, 1, 2):
         ids = torch.randint(6, 90, (1, 10), generator=g)

@@ -2,7 +2,6 @@
 written here with its tokenizer, and the real `openai` client pointed at it."""
 
 import base64
-import contextlib
 import io
 import json
 import os
@@ -28,17 +27,6 @@ from polymodal.presets import get_preset
 openai = pytest.importorskip("openai", reason="the serve tests talk to the server through the openai client")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the server and `polymodal generate` compute alike
 WORLD = World(seed=0)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """In-process compute as the server's (OMP_NUM_THREADS=1), for answers compared with it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import WORLD, Live, one_thread, png_url
+from conftest import WORLD, Live, png_url
 
 import polymodal as pm
 from polymodal.data.documents import Document, Segment
@@ -18,18 +18,11 @@ QUESTION = "what colour is the shape?"
 
 
 @pytest.fixture(scope="module")
-def flamingo(tmp_path_factory):
+def flamingo(tmp_path_factory, open_gates):
     directory = tmp_path_factory.mktemp("serve-flamingo") / "flamingo-tiny"
     torch.manual_seed(0)
     tokenizer = Tokenizer.train(WORLD.texts(), vocab_size=320)
-    model = pm.build(fit_to_tokenizer(get_preset("flamingo-tiny"), tokenizer))
-    with torch.no_grad():  # gates open and media weights large: a fresh Flamingo is its LM alone
-        for block in model.cross_layers:
-            block.attn_gate.fill_(0.8)
-            block.mlp_gate.fill_(-0.6)
-        for weight in [*model.cross_layers.parameters(), *model.perceiver.parameters()]:
-            if weight.dim() == 2:
-                weight.normal_(std=0.1)
+    model = open_gates(pm.build(fit_to_tokenizer(get_preset("flamingo-tiny"), tokenizer)))
     pm.save_pretrained(model, directory)
     tokenizer.save(directory)
     server = Live(directory, "--slots", 4)
@@ -42,12 +35,11 @@ def generate(directory, images) -> str:
     model, tokenizer = pm.from_pretrained(directory), Tokenizer.from_file(directory)
     doc = Document([*(Segment("image", media=image) for image in images), Segment("text", QUESTION)])
     batch, _ = prompts(make_collator(model.config, tokenizer), [doc], 8)
-    with one_thread():
-        tokens = pm.generate(model, **batch, max_new_tokens=8, eos_token_id=tokenizer.eos_id)[0].tolist()
+    tokens = pm.generate(model, **batch, max_new_tokens=8, eos_token_id=tokenizer.eos_id)[0].tolist()
     return tokenizer.text(tokens[:tokens.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in tokens else tokens)
 
 
-def test_chats_with_images_answer_as_pm_generate_alone(flamingo):
+def test_chats_with_images_answer_as_pm_generate_alone(flamingo, one_thread):
     directory, server = flamingo
     images = [WORLD.draw(colour, shape) for colour, shape in (("red", "circle"), ("blue", "square"), ("green", "triangle"))]
     asks = [[images[0]], [images[1], images[2]], [images[2]]]

@@ -1,11 +1,12 @@
 """top_k, the repetition / frequency / presence penalties and logprobs on a live server, through the real `openai`
 client: a request with them answers what `pm.generate` answers alone with the same settings (greedy and seeded,
 chat and completions, streamed or not); the log-probabilities of a greedy answer are those of a forward pass over
-its prompt and tokens, its token the most likely; bad values are 400s naming their field."""
+its prompt and tokens, its token the most likely; bad values are 400s naming their field. In-process answers run
+on one thread, as the server does (OMP_NUM_THREADS=1)."""
 
 import pytest
 import torch
-from conftest import one_thread, openai
+from conftest import openai
 
 import polymodal as pm
 from polymodal.data.documents import Document, Segment
@@ -27,9 +28,8 @@ def alone(checkpoint):
     def run(max_tokens: int, temperature: float, seed: int | None = None, **settings):
         batch, _ = prompts(collator, [Document([Segment("text", PROMPT)])], max_tokens)
         sampled = dict(do_sample=True, temperature=temperature, seed=seed) if temperature > 0 else {}
-        with one_thread():
-            tokens = pm.generate(model, **batch, max_new_tokens=max_tokens, eos_token_id=tokenizer.eos_id,
-                                 pad_token_id=tokenizer.pad_id, **settings, **sampled)[0].tolist()
+        tokens = pm.generate(model, **batch, max_new_tokens=max_tokens, eos_token_id=tokenizer.eos_id,
+                             pad_token_id=tokenizer.pad_id, **settings, **sampled)[0].tolist()
         tokens = tokens[:tokens.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in tokens else tokens
         return tokenizer.text(tokens), tokens, batch["input_ids"][0]
 
@@ -38,7 +38,7 @@ def alone(checkpoint):
 
 
 @pytest.mark.parametrize("settings", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_penalties_and_top_k_answer_as_pm_generate_alone(live, alone, settings):
+def test_penalties_and_top_k_answer_as_pm_generate_alone(live, alone, settings, one_thread):
     ask = dict(model="gemini-tiny", prompt=PROMPT, max_tokens=16, **settings)
     extra = {k: v for k, v in ask.items() if k == "top_k" or k == "repetition_penalty"}  # not in the openai client
     ask = {k: v for k, v in ask.items() if k not in extra}
@@ -50,7 +50,7 @@ def test_penalties_and_top_k_answer_as_pm_generate_alone(live, alone, settings):
     assert text != alone(16, **plain)[0]  # the settings change this answer: the test would see them ignored
 
 
-def test_logprobs_of_a_greedy_answer_are_a_forward_pass_and_its_tokens_the_most_likely(live, alone):
+def test_logprobs_of_a_greedy_answer_are_a_forward_pass_and_its_tokens_the_most_likely(live, alone, one_thread):
     ask = dict(model="gemini-tiny", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=5,
                frequency_penalty=0.0)
     whole = live.client.completions.create(**ask).choices[0]
@@ -61,7 +61,7 @@ def test_logprobs_of_a_greedy_answer_are_a_forward_pass_and_its_tokens_the_most_
     for logprob, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert len(top) <= 5 and logprob == max(top.values())
     ids = torch.cat([prompt, torch.tensor(tokens)])[None]
-    with torch.no_grad(), one_thread():
+    with torch.no_grad():
         expected = alone.model(input_ids=ids).logits[0, -len(tokens) - 1:-1].log_softmax(-1)
     forward = expected.gather(1, torch.tensor(tokens)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(lp.token_logprobs), forward, atol=1e-4, rtol=0)

@@ -20,9 +20,13 @@ Each request has its own sampling settings (temperature, top-k, top-p, repetitio
 penalties) and stop tokens (one `Chooser` per setting; a row's seen tokens kept beside it), seed and listener,
 which may stop it (stop strings) and sees every token as it is chosen, with its log-probabilities when asked
 (`logprobs`: the softmax of the logits the token was chosen from, penalties applied, before temperature, top-k
-and top-p). Rows never share positions or
-columns, so each sees exactly the keys it has alone: its greedy tokens equal `generate` alone, and a
-seeded request draws its noise from its own generator as `generate(seed=...)` does.
+and top-p). Rows never share positions or columns, so each sees exactly the keys it has alone: its greedy
+tokens equal `generate` alone, and a seeded request draws its noise from its own generator as
+`generate(seed=...)` does. A cross-attention model's rows keep their own media K/V in the paged cache too.
+
+A decode call reads a `PagedStep`, its host work (blocks, slots, segments) done before the call, so with
+`compile=True` the calls run through `torch.compile` with dynamic shapes and reuse a few graphs whatever the
+rows and their lengths.
 """
 
 from __future__ import annotations

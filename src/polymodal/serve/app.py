@@ -34,7 +34,7 @@ from polymodal.generation.prompts import ContextError, prompts
 from polymodal.families import spec_of
 from polymodal.serve.answer import Answer
 from polymodal.serve.embeddings import Embedder
-from polymodal.serve.logprobs import chat_logprobs, completion_logprobs
+from polymodal.serve.logprobs import Logprobs
 from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, embedding_job, parse_body
 from polymodal.serve.request_log import Metrics, RequestLog
 
@@ -202,26 +202,6 @@ class Response:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-class Logprobs:
-    """Each choice's log-probability entries not yet sent, in the endpoint's shape when taken (None when the
-    request asked for none)."""
-
-    def __init__(self, server: Server, response: Response, chat: bool):
-        self.tokenizer, self.chat = server.tokenizer, chat
-        self.wanted = response.requests[0].top_logprobs is not None
-        self.entries: list[list] = [[] for _ in response.requests]
-        self.offsets = [0] * len(response.requests)  # completions: characters of the tokens already sent, per choice
-
-    def take(self, i: int) -> dict | None:
-        if not self.wanted:
-            return None
-        entries, self.entries[i] = self.entries[i], []
-        if self.chat:
-            return chat_logprobs(self.tokenizer, entries)
-        out, self.offsets[i] = completion_logprobs(self.tokenizer, entries, self.offsets[i])
-        return out
-
-
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -313,7 +293,7 @@ async def _stream(server: Server, response: Response, job: Job, kind: str, rid: 
             for i in range(len(response.requests)):
                 yield _sse(chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]))
-        logprobs = Logprobs(server, response, chat)
+        logprobs = Logprobs(server.tokenizer, response.requests, chat)
         async for i, (what, value) in response.events():
             if what == "error":
                 yield _sse(ApiError(500, value).body())
@@ -341,7 +321,7 @@ async def _whole(server: Server, response: Response, http: HttpRequest, kind: st
                  chat: bool):
     parts: list[list[dict]] = [[] for _ in response.requests]
     reasons: list[str | None] = [None] * len(response.requests)
-    logprobs = Logprobs(server, response, chat)
+    logprobs = Logprobs(server.tokenizer, response.requests, chat)
     try:
         async for i, (what, value) in response.events(gone=http.is_disconnected):
             if what == "error":

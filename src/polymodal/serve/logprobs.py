@@ -9,6 +9,7 @@ text is its own decoding with control tokens kept, empty for an image code.
 from __future__ import annotations
 
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.generation.batching import Request
 
 Entry = tuple[int, float, list[tuple[int, float]]]  # the token, its log-probability, the most likely (id, logprob)
 
@@ -41,3 +42,23 @@ def completion_logprobs(tokenizer: Tokenizer, entries: list[Entry], offset: int 
             top[-1].setdefault(token_text(tokenizer, i), v)
     return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": top,
             "text_offset": offsets}, offset
+
+
+class Logprobs:
+    """Each choice's entries not yet sent, in the endpoint's shape when taken (None when the request asked for
+    none); `entries[i]` takes choice i's as they come."""
+
+    def __init__(self, tokenizer: Tokenizer, requests: list[Request], chat: bool):
+        self.tokenizer, self.chat = tokenizer, chat
+        self.wanted = requests[0].top_logprobs is not None
+        self.entries: list[list[Entry]] = [[] for _ in requests]
+        self.offsets = [0] * len(requests)  # completions: characters of the tokens already sent, per choice
+
+    def take(self, i: int) -> dict | None:
+        if not self.wanted:
+            return None
+        entries, self.entries[i] = self.entries[i], []
+        if self.chat:
+            return chat_logprobs(self.tokenizer, entries)
+        out, self.offsets[i] = completion_logprobs(self.tokenizer, entries, self.offsets[i])
+        return out

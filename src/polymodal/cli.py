@@ -166,8 +166,9 @@ def _other_commands(sub) -> None:
                                                              "429 (default: %(default)s)")
     s.add_argument("--max-body-mb", type=int, default=Limits.max_body_bytes >> 20,
                    help="largest request body in MiB, answered 413 before it is read (default: %(default)s)")
-    s.add_argument("--compile", action="store_true", help="compile the batcher's decode step (torch.compile, dynamic "
-                                                          "shapes; the first steps pay the compile time); default: eager")
+    s.add_argument("--compile", action="store_true",
+                   help="compile the batcher's decode step (torch.compile, dynamic shapes; the first steps pay the "
+                        "compile time); default: eager")
 
     pl = sub.add_parser("plot", help="redraw a training run's loss.png from its metrics.jsonl")
     pl.add_argument("run", help="a run directory (holding metrics.jsonl)")
@@ -280,21 +281,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     max_new = args.max_new_tokens
     if max_new is None:  # for a model that draws, room for one image more (begin, its codes, end)
         max_new = MAX_NEW_TOKENS + (spans.length + 2 if draws else 0)
-    try:
-        batch, _ = prompts(make_collator(model.config, tokenizer), [Document([*segments, Segment("text", args.prompt)])],
-                           max_new, flag="--max-new-tokens")
-    except ContextError as e:
-        raise ContextError(f"{e} ({directory})") from e
+    batch, _ = prompts(make_collator(model.config, tokenizer), [Document([*segments, Segment("text", args.prompt)])],
+                       max_new)
     if spec_of(model).needs_image and not args.image:
         raise InputError(f"{directory} is a {type(model).__name__}, which answers about an image: give --image FILE "
                          "(HF's processor refuses a prompt without one too)")
     if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():
         raise PathKindError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
-    new = generate(model, **batch, max_new_tokens=max_new, do_sample=args.do_sample,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws,
-                   assistant_model=draft, num_assistant_tokens=args.num_assistant_tokens,
-                   prompt_lookup_num_tokens=args.prompt_lookup)
+    try:
+        new = generate(model, **batch, max_new_tokens=max_new, do_sample=args.do_sample,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws,
+                       assistant_model=draft, num_assistant_tokens=args.num_assistant_tokens,
+                       prompt_lookup_num_tokens=args.prompt_lookup)
+    except ContextError as e:
+        raise e.named("--max-new-tokens", note=f" ({directory})") from e
     if draws:
         new, [images] = new
         _save_images(images, Path(args.image_dir))

@@ -41,7 +41,7 @@ def generate(directory, images) -> str:
 
 def test_chats_with_images_answer_as_pm_generate_alone(flamingo, one_thread):
     directory, server = flamingo
-    images = [WORLD.draw(colour, shape) for colour, shape in (("red", "circle"), ("blue", "square"), ("green", "triangle"))]
+    images = [WORLD.draw(*drawn) for drawn in (("red", "circle"), ("blue", "square"), ("green", "triangle"))]
     asks = [[images[0]], [images[1], images[2]], [images[2]]]
 
     def chat(given):

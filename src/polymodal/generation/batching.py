@@ -156,16 +156,22 @@ class Batcher:
     def blocks_for(self, request: Request) -> int:
         return -(-(request.prompt_len + request.max_new_tokens) // self.cache.block_size)
 
-    def submit(self, request: Request) -> None:
-        check_context(request.prompt_len, request.max_new_tokens, self.max_len, whose="the batcher's")
+    def submit(self, *requests: Request) -> None:
+        """Queues the requests, all or none: each checked against the batcher's context and its KV cache, and
+        all of them against the room left in the queue."""
         usable = self.cache.pool.n_blocks - 1
-        if self.blocks_for(request) > usable:
-            raise InputError(f"the request may take {self.blocks_for(request)} blocks of {self.cache.block_size} "
-                             f"tokens; the batcher's KV cache has {usable}")
+        for request in requests:
+            media = any(v is not None and k != "input_ids" for k, v in request.inputs.items())
+            check_context(request.prompt_len, request.max_new_tokens, self.max_len, media=media,
+                          whose="the batcher's")
+            if self.blocks_for(request) > usable:
+                raise InputError(f"the request may take {self.blocks_for(request)} blocks of {self.cache.block_size} "
+                                 f"tokens; the batcher's KV cache has {usable}")
         with self.work:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this server queues")
-            self.waiting.append(request)
+            if len(self.waiting) + len(requests) > self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this server queues is "
+                                f"{self.max_waiting}, and {len(requests)} more were asked")
+            self.waiting.extend(requests)
             self.work.notify()
 
     @property

@@ -88,14 +88,13 @@ class Server:
 
     def prompts(self, job: Job) -> list[tuple[dict, int]]:
         """Each document laid out as `polymodal generate` lays it out (one unpadded row), and the new tokens it
-        may write, its length checked against the context."""
+        may write; a text surely past the context is refused before it is tokenised whole (`fits`), the exact
+        count is the batcher's, when the requests are submitted."""
         out = []
         for doc in job.documents:
             self.fits(doc, job.field)
             try:
-                inputs, wanted = prompts(self.collator, [doc], job.sampling.max_tokens, flag="max_tokens")
-            except ContextError as e:
-                raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from e
+                inputs, wanted = prompts(self.collator, [doc], job.sampling.max_tokens)
             except ValueError as e:
                 raise ApiError(400, str(e), job.field) from e
             del inputs["attention_mask"]  # one unpadded row
@@ -106,7 +105,7 @@ class Server:
         """A 400 as soon as the document's text counts more tokens than the context, without tokenising past it:
         the text is counted in pieces of about `piece` characters cut before a space, and one token per cut is
         forgiven (a cut may split what would have been one token), so only a prompt surely too long is refused
-        here; the exact count is the prompt builder's."""
+        here; the exact count is the batcher's."""
         texts = [s.text for s in doc.segments if s.kind == "text"]
         if sum(map(len, texts)) <= self.context:  # short enough to tokenise whole: the prompt builder counts it
             return
@@ -154,10 +153,10 @@ class Response:
                 request.on_token = answer.on_token if s.logprobs is None else self._with_logprobs(request, answer, push)
                 self.requests.append(request)
         try:
-            for request in self.requests:
-                server.batcher.submit(request)
+            server.batcher.submit(*self.requests)
+        except ContextError as e:
+            raise ApiError(400, str(e.named("max_tokens")), "max_tokens", "context_length_exceeded") from e
         except QueueFull as e:
-            self.cancel()
             raise ApiError(429, f"the server is busy: {e}; retry later", None, "queue_full") from e
 
     @staticmethod

@@ -253,7 +253,8 @@ def test_a_stopping_listener_and_a_prompt_past_the_cache():
     assert request.tokens == seen == alone(DECODER, inputs, request)[:3] and request.finish_reason == "stop"
     with pytest.raises(ValueError, match=r"the prompt is \d+ tokens and max_new_tokens is 40: \d+ in all, past the "
                                          r"batcher's 32 tokens"):
-        batcher.submit(Request(inputs, max_new_tokens=40))
+        batcher.submit(Request(inputs, max_new_tokens=4), Request(inputs, max_new_tokens=40))
+    assert not batcher.waiting  # several requests are queued all or none
 
 
 def test_a_request_the_model_refuses_fails_alone_in_a_batched_prefill():

@@ -30,6 +30,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def open_gates():
+    """open(model): a Flamingo's gates opened and its media path's weights made large enough that images change
+    its answers, in place (a fresh Flamingo is its LM alone, which would hide every media bug)."""
+    def open_(model):
+        with torch.no_grad():
+            for block in model.cross_layers:
+                block.attn_gate.fill_(0.8)
+                block.mlp_gate.fill_(-0.6)
+            for weight in [*model.cross_layers.parameters(), *model.perceiver.parameters()]:
+                if weight.dim() == 2:
+                    weight.normal_(std=0.1)
+        return model
+    return open_
+
+
 @pytest.fixture
 def torchrun():
     """run(*args): `torchrun` with 2 processes (gloo, CPU; `nproc` for another number) on a free local port,

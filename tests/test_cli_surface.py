@@ -19,6 +19,7 @@ SURFACE = [
     "generate --quantize", "generate --seed", "generate --temperature",
     "generate --top-k", "generate --top-p", "generate <checkpoint>",
     "plot --out", "plot <run>",
+    "serve --compile",
     "serve --host", "serve --mask-vae", "serve --max-body-mb", "serve --max-queue", "serve --port", "serve --slots", "serve <checkpoint>",
     "train --activation-checkpointing", "train --attention", "train --batch-size", "train --beta1", "train --beta2",
     "train --checkpoint-every", "train --compile", "train --context-parallel", "train --data", "train --device", "train --eval-data", "train --eval-docs",

@@ -169,6 +169,9 @@ def _other_commands(sub) -> None:
     s.add_argument("--mask-vae", default=None, metavar="VAE.npz",
                    help="the mask VQ-VAE (big_vision's vae-oid.npz layout) that decodes answers' segmentation tokens "
                         "into message.locations[i].mask")
+    s.add_argument("--compile", action="store_true",
+                   help="compile the batcher's decode step (torch.compile, dynamic shapes; the first steps pay the "
+                        "compile time); default: eager")
 
     pl = sub.add_parser("plot", help="redraw a training run's loss.png from its metrics.jsonl")
     pl.add_argument("run", help="a run directory (holding metrics.jsonl)")
@@ -281,21 +284,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     max_new = args.max_new_tokens
     if max_new is None:  # for a model that draws, room for one image more (begin, its codes, end)
         max_new = MAX_NEW_TOKENS + (spans.length + 2 if draws else 0)
-    try:
-        batch, _ = prompts(make_collator(model.config, tokenizer), [Document([*segments, Segment("text", args.prompt)])],
-                           max_new, flag="--max-new-tokens")
-    except ContextError as e:
-        raise ContextError(f"{e} ({directory})") from e
+    batch, _ = prompts(make_collator(model.config, tokenizer), [Document([*segments, Segment("text", args.prompt)])],
+                       max_new)
     if spec_of(model).needs_image and not args.image:
         raise InputError(f"{directory} is a {type(model).__name__}, which answers about an image: give --image FILE "
                          "(HF's processor refuses a prompt without one too)")
     if draws and Path(args.image_dir).exists() and not Path(args.image_dir).is_dir():
         raise PathKindError(f"--image-dir expects a directory for the images drawn, got the file {args.image_dir}")
-    new = generate(model, **batch, max_new_tokens=max_new, do_sample=args.do_sample,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws,
-                   assistant_model=draft, num_assistant_tokens=args.num_assistant_tokens,
-                   prompt_lookup_num_tokens=args.prompt_lookup)
+    try:
+        new = generate(model, **batch, max_new_tokens=max_new, do_sample=args.do_sample,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, return_images=draws,
+                       assistant_model=draft, num_assistant_tokens=args.num_assistant_tokens,
+                       prompt_lookup_num_tokens=args.prompt_lookup)
+    except ContextError as e:
+        raise e.named("--max-new-tokens", note=f" ({directory})") from e
     if draws:
         new, [images] = new
         _save_images(images, Path(args.image_dir))
@@ -621,7 +624,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise InputError(f"--max-body-mb must be >= 1, got {args.max_body_mb}")
     serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
           slots=args.slots, max_queue=args.max_queue, limits=Limits(max_body_bytes=args.max_body_mb << 20),
-          mask_vae=args.mask_vae)
+          mask_vae=args.mask_vae, compile=args.compile)
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,

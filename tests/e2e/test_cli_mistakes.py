@@ -157,7 +157,8 @@ def test_generate_mistakes(checkpoint, tmp_path, capsys):
         (["--audio", str(tmp_path / "beep.wav")], "the document has audio segments; PaliGemma reads images and text"),
         (["--prompt", "what colour? " * 200, "--image", str(tmp_path / "red.png")],
          "and --max-new-tokens is 32: "),
-        (["--prompt", "what colour? " * 80, "--max-new-tokens", "300"], "--max-new-tokens is 300: "),
+        (["--prompt", "what colour? " * 80, "--max-new-tokens", "300", "--image", str(tmp_path / "red.png")],
+         "--max-new-tokens is 300: "),
     ]
     for flags, expected in cases:
         code = main(["generate", str(checkpoint), "--prompt", "what colour is the shape?", *flags])

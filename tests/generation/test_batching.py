@@ -6,10 +6,13 @@ step; a full queue refuses."""
 
 import pytest
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
 from polymodal.generation.batching import Batcher, QueueFull, Request
+from polymodal.families.flamingo.presets import flamingo_tiny
 from polymodal.families.paligemma.presets import paligemma_tiny
 
 torch.manual_seed(0)
@@ -41,8 +44,11 @@ def prompts(model, n: int, seed: int) -> list[dict]:
 
 
 def alone(model, inputs: dict, request: Request) -> list[int]:
-    sampled = dict(do_sample=True, temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+    sampled = dict(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                   seed=request.seed)
     tokens = pm.generate(model, **inputs, max_new_tokens=request.max_new_tokens, eos_token_id=EOS,
+                         repetition_penalty=request.repetition_penalty, frequency_penalty=request.frequency_penalty,
+                         presence_penalty=request.presence_penalty,
                          **(sampled if request.temperature > 0 else {}))[0].tolist()
     return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
 
@@ -86,6 +92,91 @@ def test_requests_joining_a_running_batch_get_their_tokens_alone(model):
     for inputs, request in zip(prompts(model, n, seed=1), requests):
         assert request.tokens == alone(model, inputs, request)
         assert request.finish_reason == ("stop" if request.tokens[-1] == EOS else "length")
+
+
+def test_penalties_top_k_and_logprobs_per_request_in_one_batch_answer_as_alone():
+    """Rows of different settings share decode calls; each keeps its own seen tokens. The log-probabilities of a
+    greedy row are those of the forward pass over its prompt and tokens, its token the most likely."""
+    settings = [dict(repetition_penalty=1.5), dict(frequency_penalty=1.2, presence_penalty=0.4),
+                dict(temperature=0.9, top_k=5, seed=3, repetition_penalty=1.3, presence_penalty=-0.5),
+                dict(top_logprobs=4), dict(temperature=1.0, seed=4, top_logprobs=2, frequency_penalty=2.0)]
+    batcher = Batcher(DECODER, slots=5, max_len=48, block_size=4)
+    inputs = prompts(DECODER, len(settings), seed=8)
+    requests = [Request(x, max_new_tokens=12, stop_token_ids=(EOS,), **kw) for x, kw in zip(inputs, settings)]
+    for request in requests:
+        batcher.submit(request)
+    drain(batcher)
+    for x, request in zip(inputs, requests):
+        assert request.tokens == alone(DECODER, x, request)
+        assert len(request.logprobs) == (len(request.tokens) if request.top_logprobs is not None else 0)
+    greedy = requests[3]
+    ids = torch.cat([inputs[3]["input_ids"][0], torch.tensor(greedy.tokens)])[None]
+    expected = DECODER(input_ids=ids).logits[0, -len(greedy.tokens) - 1:-1].log_softmax(-1)
+    for (chosen, top), token, row in zip(greedy.logprobs, greedy.tokens, expected):
+        assert [i for i, _ in top] == row.topk(4).indices.tolist() and top[0] == (token, chosen)
+        torch.testing.assert_close(torch.tensor([chosen, *(v for _, v in top)]),
+                                   torch.stack([row[token], *row.topk(4).values]), atol=1e-4, rtol=0)
+    assert all(len(top) == 2 for _, top in requests[4].logprobs)
+    with pytest.raises(ValueError, match="top_logprobs must be an integer >= 0 and <= 20, got 21"):
+        Request(inputs[0], max_new_tokens=2, top_logprobs=21)
+
+
+def test_a_compiled_decode_step_answers_as_alone_and_compiles_once_for_any_rows_and_lengths():
+    """Slow-ish (~12 s of CPU: inductor compiles two graphs, one row and the dynamic number of rows; a step
+    feeding chunks of prompts would add the same two for S > 1)."""
+    model = pm.build(DECODER.config.replace(n_layers=1)).eval()
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    batcher = Batcher(model, slots=3, max_len=48, block_size=4, compile=True)
+
+    def run(seed: int) -> None:
+        inputs = prompts(model, 5, seed=seed)
+        requests = [Request(x, max_new_tokens=6 + i, stop_token_ids=(EOS,), temperature=0.7 * (i % 2), seed=i)
+                    for i, x in enumerate(inputs)]
+        batcher.submit(requests[0])
+        batcher.step()  # one row alone, then rows joining and leaving, each of its own length
+        for request in requests[1:]:
+            batcher.submit(request)
+        drain(batcher)
+        for x, request in zip(inputs, requests):
+            assert request.tokens == alone(model, x, request)
+
+    run(seed=2)
+    run(seed=3)
+    assert counters["stats"]["unique_graphs"] - before == 2
+
+
+def flamingo(open_gates):
+    torch.manual_seed(0)
+    config = flamingo_tiny()
+    model = pm.build(config.replace(text=config.text.replace(vocab_size=97, dim=32, hidden_dim=64, max_seq_len=64)))
+    return open_gates(model).eval()
+
+
+def test_flamingo_requests_with_any_number_of_images_decode_together_as_alone(open_gates):
+    """Each row keeps its own media K/V beside its paged self-attention K/V; rows of 0, 1 and 2 images share
+    decode calls."""
+    model, g = flamingo(open_gates), torch.Generator().manual_seed(1)
+    inputs = []
+    for n in (1, 2, 0, 1, 2):
+        ids = torch.randint(6, 90, (1, 10), generator=g)
+        ids[0, [2, 6][:n]] = model.config.media_token_id
+        inputs.append({"input_ids": ids, **({"pixel_values": torch.randn(1, n, 3, 32, 32, generator=g),
+                                             "media_mask": torch.ones(1, n, dtype=torch.bool)} if n else {})})
+    requests = [Request(x, max_new_tokens=8, stop_token_ids=(EOS,)) for x in inputs]
+    batcher = Batcher(model, slots=3, max_len=32, block_size=4)
+    for request in requests[:2]:
+        batcher.submit(request)
+    batcher.step()
+    for request in requests[2:]:
+        batcher.submit(request)
+    drain(batcher)
+    assert not batcher.cache.cross and not batcher.cache.media  # every row's media state went with its blocks
+    for x, request in zip(inputs, requests):
+        assert request.tokens == alone(model, x, request)
+    flipped = [alone(model, {**x, "pixel_values": x["pixel_values"].flip(-1)}, r) != r.tokens
+               for x, r in zip(inputs, requests) if "pixel_values" in x]
+    assert sum(flipped) >= 2  # the images decide the answers
 
 
 def test_a_prefix_hit_answers_as_a_miss_and_another_image_never_hits():
@@ -162,7 +253,8 @@ def test_a_stopping_listener_and_a_prompt_past_the_cache():
     assert request.tokens == seen == alone(DECODER, inputs, request)[:3] and request.finish_reason == "stop"
     with pytest.raises(ValueError, match=r"the prompt is \d+ tokens and max_new_tokens is 40: \d+ in all, past the "
                                          r"batcher's 32 tokens"):
-        batcher.submit(Request(inputs, max_new_tokens=40))
+        batcher.submit(Request(inputs, max_new_tokens=4), Request(inputs, max_new_tokens=40))
+    assert not batcher.waiting  # several requests are queued all or none
 
 
 def test_a_request_the_model_refuses_fails_alone_in_a_batched_prefill():

@@ -8,6 +8,7 @@ import torch
 import polymodal as pm
 from polymodal.config import DecoderConfig
 from polymodal.nn.block_pool import CacheFull
+from polymodal.nn.cache import Cache
 from polymodal.nn.paged_cache import PagedCache, kv_bytes
 from polymodal.nn.transformer import Decoder
 
@@ -126,9 +127,20 @@ def test_a_batch_does_not_mix_prefill_and_decode():
         paged.batch([0, 7])
 
 
-def test_a_model_with_cross_attention_is_refused():
-    with pytest.raises(ValueError, match=r"Flamingo keeps more than self-attention K/V in its cache \(FlamingoCache\)"):
-        PagedCache.for_model(pm.build("flamingo-tiny"), 8, 4)
+def test_a_cache_with_state_beyond_self_and_cross_attention_is_refused(monkeypatch):
+    """Flamingo's cache (cross-attention media K/V, media ids and layout) pages; a cache keeping anything else
+    would lose it."""
+    assert PagedCache.for_model(pm.build("flamingo-tiny"), 8, 4).block_size == 4
+
+    class Counted(Cache):
+        steps = 0
+
+    model = tiny()
+    monkeypatch.setattr(model, "make_cache", lambda batch, max_len: Counted(batch, max_len, 1, 1, 1, torch.float32,
+                                                                            "cpu"))
+    with pytest.raises(ValueError, match=r"Decoder keeps \['steps'\] in its cache \(Counted\); the paged cache holds "
+                                         "self- and cross-attention K/V only"):
+        PagedCache.for_model(model, 8, 4)
 
 
 def test_a_decode_step_beside_a_chunk_of_prompt():

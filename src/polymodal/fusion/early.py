@@ -68,7 +68,6 @@ class EarlyFusion(LanguageModel):
     options: tuple[str, ...] = ()  # the family's own per-call switches of its table (interpolate_pos_encoding)
     ignore_media_labels = False  # labels on media spans are -100 (KOSMOS-1: loss on text only)
     cancel_embed_scale = True  # media enter as encoded: divided by the sqrt(dim) the decoder multiplies in
-    encoder_caches: dict | None = None  # set by a server: media key -> `nn.media_cache.EncoderCache` of its encoder
 
     @property
     def image_spans(self):
@@ -83,9 +82,12 @@ class EarlyFusion(LanguageModel):
         return self.decoder.make_cache(batch, max_len, **kwargs)
 
     def prefill(self, input_ids: torch.Tensor, cache: Cache, *, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 1, **media) -> ModelOutput:
-        """The prompt and its media (encoded here, once) into an empty cache."""
-        return self.fuse(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=logits_to_keep, **media)
+                logits_to_keep: int = 1, encoder_caches: dict | None = None, **media) -> ModelOutput:
+        """The prompt and its media (encoded here, once) into an empty cache; encoder_caches: media key ->
+        `nn.media_cache.EncoderCache` that encodes that modality's media (a server's, so the same image sent
+        twice is encoded once)."""
+        return self.fuse(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=logits_to_keep,
+                         encoder_caches=encoder_caches, **media)
 
     def decode(self, input_ids: torch.Tensor, cache: Cache, *, logits_to_keep: int = 1) -> ModelOutput:
         """New tokens on what the cache holds: the plain decoder, no media."""
@@ -102,7 +104,7 @@ class EarlyFusion(LanguageModel):
     def fuse(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
              labels: torch.Tensor | None = None, cache: Cache | None = None, logits_to_keep: int = 0,
-             **inputs) -> ModelOutput:
+             encoder_caches: dict | None = None, **inputs) -> ModelOutput:
         """input_ids (B, S) with media spans; `inputs`: each modality's media by its key (in span order, row
         by row), the writer's images, the family's own per-token inputs. With a cache that holds tokens this
         is a decode step: tokens only, the media were encoded at prefill."""
@@ -122,7 +124,7 @@ class EarlyFusion(LanguageModel):
         sizes = self.check_media(spans, media, input_ids.shape[0], table)
         embeds = self.decoder.tok_embeddings(input_ids)  # (B, S, D)
         if media:
-            embeds = span_rules.scatter(embeds, spans, self.embed(spans, sizes, media, table))
+            embeds = span_rules.scatter(embeds, spans, self.embed(spans, sizes, media, table, encoder_caches))
             if labels is not None and self.ignore_media_labels:
                 labels = span_rules.scatter(labels, spans, torch.tensor(IGNORE))
         return prefill(self.decoder, embeds, attention_mask=attention_mask, document_ids=document_ids,
@@ -168,10 +170,11 @@ class EarlyFusion(LanguageModel):
         return sizes
 
     def embed(self, spans: Spans, sizes: dict[str, list[int]], media: dict[str, Any],
-              table: tuple[Modality, ...]) -> torch.Tensor:
-        """(T, D): every media encoded once (a batch per modality), laid out in span order."""
+              table: tuple[Modality, ...], encoder_caches: dict | None = None) -> torch.Tensor:
+        """(T, D): every media encoded once (a batch per modality, through its encoder cache if given), laid out
+        in span order."""
         encoded = []
-        caches = self.encoder_caches or {}
+        caches = encoder_caches or {}
         for m in table:
             out = []
             if m.key in media:

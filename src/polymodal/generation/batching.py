@@ -16,10 +16,17 @@ every other sequence: a running request feeds its last token, a request with pro
 (after a hit or a first chunk) feeds the next `prefill_chunk` of them (chunked prefill beside the decode
 rows), and takes its first token from its prompt's last logit.
 
-Each request has its own sampling settings and stop tokens (one `Chooser` per setting), seed and listener,
-which may stop it (stop strings) and sees every token as it is chosen. Rows never share positions or
-columns, so each sees exactly the keys it has alone: its greedy tokens equal `generate` alone, and a
-seeded request draws its noise from its own generator as `generate(seed=...)` does.
+Each request has its own sampling settings (temperature, top-k, top-p, repetition / frequency / presence
+penalties) and stop tokens (one `Chooser` per setting; a row's seen tokens kept beside it), seed and listener,
+which may stop it (stop strings) and sees every token as it is chosen, with its log-probabilities when asked
+(`logprobs`: the softmax of the logits the token was chosen from, penalties applied, before temperature, top-k
+and top-p). Rows never share positions or columns, so each sees exactly the keys it has alone: its greedy
+tokens equal `generate` alone, and a seeded request draws its noise from its own generator as
+`generate(seed=...)` does. A cross-attention model's rows keep their own media K/V in the paged cache too.
+
+A decode call reads a `PagedStep`, its host work (blocks, slots, segments) done before the call, so with
+`compile=True` the calls run through `torch.compile` with dynamic shapes and reuse a few graphs whatever the
+rows and their lengths.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymodal.errors import InputError
+from polymodal.errors import InputError, check_number
 from polymodal.families import spec_of
 from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
@@ -41,6 +48,9 @@ from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.language_model import LanguageModel
 from polymodal.nn.media_cache import EncoderCache
 from polymodal.nn.paged_cache import PagedCache
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 class QueueFull(RuntimeError):
@@ -53,11 +63,17 @@ class Request:
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
+    top_logprobs: int | None = None  # None: no log-probabilities; k: each token's and the k most likely ones'
     stop_token_ids: tuple[int, ...] = ()
     on_token: Callable[[int], bool] | None = None  # each new token, in the batcher's thread; False stops it
     on_finish: Callable[[Request], None] | None = None  # once, when it left (finish_reason / error set)
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per token, with top_logprobs
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: Exception | None = None
     cancelled: bool = False  # set from any thread; the request leaves at the next step boundary
@@ -73,6 +89,13 @@ class Request:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None:
+            check_number("top_k", self.top_k, integer=True, at_least=1)
+        check_number("repetition_penalty", self.repetition_penalty, above=0)
+        check_number("frequency_penalty", self.frequency_penalty, at_least=-2, at_most=2)
+        check_number("presence_penalty", self.presence_penalty, at_least=-2, at_most=2)
+        if self.top_logprobs is not None:
+            check_number("top_logprobs", self.top_logprobs, integer=True, at_least=0, at_most=MAX_TOP_LOGPROBS)
         self.generator = None
         if self.temperature > 0:
             self.generator = torch.Generator(device=ids.device)
@@ -98,11 +121,12 @@ class Batcher:
     blocks of `block_size` tokens in the pool; `prefill_tokens`: prompt tokens admitted per step (at least one
     request), so a wave of arrivals is prefilled over several steps beside the decode steps and the later ones
     find the earlier ones' prefixes cached; `prefill_chunk`: prompt tokens a request runs per step after a hit
-    or its first chunk (a long causal prompt's first prefill runs at least as many)."""
+    or its first chunk (a long causal prompt's first prefill runs at least as many); `compile`: the decode calls
+    through `torch.compile` (prefill stays eager)."""
 
     def __init__(self, model: LanguageModel, *, slots: int, max_len: int, max_waiting: int = 256,
                  block_size: int = 16, n_blocks: int | None = None, prefill_chunk: int = 256, prefill_tokens: int = 512,
-                 encoder_cache_bytes: int = 64 << 20):
+                 encoder_cache_bytes: int = 64 << 20, compile: bool = False):
         if slots < 1 or max_len < 2 or min(prefill_chunk, prefill_tokens) < 1:
             raise InputError(f"a batcher needs slots >= 1, max_len >= 2, prefill_chunk and prefill_tokens >= 1; got "
                              f"{slots}, {max_len}, {prefill_chunk} and {prefill_tokens}")
@@ -110,6 +134,9 @@ class Batcher:
             raise InputError(f"a batcher needs a model that writes tokens; a {type(model).__name__} writes nothing")
         self.model, self.slots, self.max_len, self.max_waiting = model, slots, max_len, max_waiting
         self.prefill_chunk, self.prefill_tokens = prefill_chunk, prefill_tokens
+        # a decode call reads a `PagedStep` (tensors only): compiled with dynamic shapes, any rows and lengths
+        # reuse one graph (a few: dims of 1 are specialised); eager runs the same code
+        self.decode = torch.compile(model.decode, dynamic=True) if compile else model.decode
         self.cache = PagedCache.for_model(model, n_blocks or slots * -(-max_len // block_size) + 1, block_size)
         modalities = model.modalities if isinstance(model, EarlyFusion) else ()
         self.encoder_caches = {m.key: EncoderCache(encoder_cache_bytes) for m in modalities}  # by media key
@@ -119,7 +146,8 @@ class Batcher:
         device = self.cache.device
         self.last = torch.zeros(slots, dtype=torch.long, device=device)  # each row's latest token, fed to the next step
         self.state = torch.zeros(slots, dtype=torch.long, device=device)  # each row's image-span mode
-        self.choosers: dict[tuple, Chooser] = {}  # one per (temperature, top_p, stop tokens) asked for
+        self.seen: list[torch.Tensor | None] = [None] * slots  # each row's tokens so far (1, V), with a penalty
+        self.choosers: dict[tuple, Chooser] = {}  # one per sampling setting and stop tokens asked for
         self.waiting: deque[Request] = deque()
         self.finished: Counter[str] = Counter()  # requests that left, by finish reason
         self.work = threading.Condition()
@@ -128,16 +156,22 @@ class Batcher:
     def blocks_for(self, request: Request) -> int:
         return -(-(request.prompt_len + request.max_new_tokens) // self.cache.block_size)
 
-    def submit(self, request: Request) -> None:
-        check_context(request.prompt_len, request.max_new_tokens, self.max_len, whose="the batcher's")
+    def submit(self, *requests: Request) -> None:
+        """Queues the requests, all or none: each checked against the batcher's context and its KV cache, and
+        all of them against the room left in the queue."""
         usable = self.cache.pool.n_blocks - 1
-        if self.blocks_for(request) > usable:
-            raise InputError(f"the request may take {self.blocks_for(request)} blocks of {self.cache.block_size} "
-                             f"tokens; the batcher's KV cache has {usable}")
+        for request in requests:
+            media = any(v is not None and k != "input_ids" for k, v in request.inputs.items())
+            check_context(request.prompt_len, request.max_new_tokens, self.max_len, media=media,
+                          whose="the batcher's")
+            if self.blocks_for(request) > usable:
+                raise InputError(f"the request may take {self.blocks_for(request)} blocks of {self.cache.block_size} "
+                                 f"tokens; the batcher's KV cache has {usable}")
         with self.work:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this server queues")
-            self.waiting.append(request)
+            if len(self.waiting) + len(requests) > self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this server queues is "
+                                f"{self.max_waiting}, and {len(requests)} more were asked")
+            self.waiting.extend(requests)
             self.work.notify()
 
     @property
@@ -215,7 +249,7 @@ class Batcher:
             self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
             committed += self.seqs[row].blocks
             vocab = self.model.text_config.vocab_size
-            state, _ = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
+            state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
             if state is not None:
                 self.state[row] = state[0]
             admitted.append(row)
@@ -292,12 +326,8 @@ class Batcher:
                 inputs[k] = torch.cat(v) if torch.is_tensor(v[0]) else [item for items in v for item in items]
         uneven = len(set(lengths)) > 1
         batch = self.cache.batch([self.seqs[row].seq for row in rows])
-        if self.encoder_caches:
-            self.model.encoder_caches = self.encoder_caches
-        try:
-            out = self.model.prefill(ids, batch, attention_mask=mask if uneven else None, **inputs)
-        finally:
-            self.model.__dict__.pop("encoder_caches", None)
+        out = self.model.prefill(ids, batch, attention_mask=mask if uneven else None,
+                                 encoder_caches=self.encoder_caches, **inputs)
         return out.logits[:, -1]
 
     def _continue(self, rows: list[int]) -> None:
@@ -311,8 +341,8 @@ class Batcher:
         tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=self.cache.device)
         for b, feed in enumerate(feeds):
             tokens[b, :counts[b]] = feed
-        batch = self.cache.batch([self.seqs[row].seq for row in rows], new_tokens=counts)
-        logits = self.model.decode(tokens, batch, logits_to_keep=0).logits
+        step = self.cache.step([self.seqs[row].seq for row in rows], tokens.shape[1], new_tokens=counts)
+        logits = self.decode(tokens, step, logits_to_keep=0).logits
         ready = []
         for b, row in enumerate(rows):
             s = self.seqs[row]
@@ -327,11 +357,14 @@ class Batcher:
 
     def _chooser(self, request: Request) -> Chooser:
         """The chooser of the request's settings, made once per setting (its image spans' table built once)."""
-        key = (request.temperature, request.top_p, request.stop_token_ids)
+        r = request
+        key = (r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.frequency_penalty, r.presence_penalty,
+               r.stop_token_ids)
         if key not in self.choosers:
-            self.choosers[key] = Chooser.make(self.model, device=self.last.device, eos_token_id=list(key[2]),
-                                              do_sample=request.temperature > 0, temperature=request.temperature or 1.0,
-                                              top_p=request.top_p)
+            self.choosers[key] = Chooser.make(
+                self.model, device=self.last.device, eos_token_id=list(r.stop_token_ids), do_sample=r.temperature > 0,
+                temperature=r.temperature or 1.0, top_p=r.top_p, top_k=r.top_k, repetition_penalty=r.repetition_penalty,
+                frequency_penalty=r.frequency_penalty, presence_penalty=r.presence_penalty)
         return self.choosers[key]
 
     def _groups(self, rows: list[int]) -> dict[Chooser, list[int]]:
@@ -343,7 +376,8 @@ class Batcher:
 
     def _choose(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """The next token of each of `rows` from its logits (R, V): rows sharing settings choose together, a
-        sampled one with noise from its own generator."""
+        sampled one with noise from its own generator. A request asking for log-probabilities gets them from the
+        processed logits its token was chosen from (`logprobs`)."""
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         for chooser, index in self._groups(rows).items():
             group = [rows[i] for i in index]
@@ -352,15 +386,29 @@ class Batcher:
                 noise = torch.cat([exponential_noise(logits[i:i + 1], self.rows[r].generator)
                                    for i, r in zip(index, group)])
             state = self.state[group] if chooser.spans is not None else None
-            tokens[index] = chooser.pick(logits[index], state, None, noise)[0]
+            seen = self._seen(group)
+            processed = chooser.processed(logits[index], state, seen)
+            tokens[index] = chosen = chooser.draw(processed, noise)[0]
+            for b, row in enumerate(group):
+                if self.rows[row].top_logprobs is not None:
+                    self.rows[row].logprobs.append(logprobs(processed[b], int(chosen[b]), self.rows[row].top_logprobs))
         return tokens
+
+    def _seen(self, group: list[int]) -> torch.Tensor | None:
+        """The tokens the rows of one chooser have seen (R, V), None without a penalty."""
+        return torch.cat([self.seen[row] for row in group]) if self.seen[group[0]] is not None else None
 
     def _emit(self, rows: list[int], tokens: torch.Tensor) -> None:
         stopped = torch.zeros(len(rows), dtype=torch.bool, device=tokens.device)
         for chooser, index in self._groups(rows).items():
             group = [rows[i] for i in index]
-            if chooser.spans is not None:
-                self.state[group] = chooser.advance(self.state[group], None, tokens[index])[0]
+            state = self.state[group] if chooser.spans is not None else None
+            state, seen = chooser.advance(state, self._seen(group), tokens[index])
+            if state is not None:
+                self.state[group] = state
+            if seen is not None:
+                for row, row_seen in zip(group, seen.split(1)):
+                    self.seen[row] = row_seen
             stopped[index] = chooser.stops(tokens[index])
         self.last[rows] = tokens
         for row, token, stop in zip(rows, tokens.tolist(), stopped.tolist()):
@@ -376,7 +424,7 @@ class Batcher:
         """The request leaves its row; its blocks go back (a failed call's are never shared)."""
         request, self.rows[row] = self.rows[row], None
         self.cache.free(self.seqs[row].seq, failed=failed)
-        self.seqs[row] = None
+        self.seqs[row], self.seen[row] = None, None
         self._finish(request, reason)
 
     def _finish(self, request: Request, reason: str) -> None:
@@ -384,3 +432,12 @@ class Batcher:
         self.finished[reason] += 1
         if request.on_finish is not None:
             request.on_finish(request)
+
+
+def logprobs(processed: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` and the `top` most likely (id, log-probability) pairs under the softmax of
+    the processed logits (V,) it was chosen from: after the penalties and the image-span mask, before
+    temperature, top-k and top-p. Tokens the mask rules out (-inf) are never listed."""
+    lp = processed.float().log_softmax(-1)
+    values, ids = lp.topk(min(top, lp.shape[-1]))
+    return float(lp[token]), [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != float("-inf")]

@@ -90,10 +90,14 @@ class Chooser:
              noise: torch.Tensor | None):
         """The next token (B,) from raw logits (B, V), and the distribution it was drawn from (None when
         greedy); noise: Exp(1) draws (B, V) when sampling (drawn outside: dynamo does not trace generators)."""
-        logits = self.processed(logits, state, seen)
+        return self.draw(self.processed(logits, state, seen), noise)
+
+    def draw(self, processed: torch.Tensor, noise: torch.Tensor | None):
+        """`pick` on logits already `processed` (B, V): the continuous batcher reports log-probabilities from
+        them."""
         if not self.do_sample:
-            return logits.argmax(-1), None
-        q = self.distribution(logits)
+            return processed.argmax(-1), None
+        q = self.distribution(processed)
         return race(q, noise), q
 
     def advance(self, state: torch.Tensor | None, seen: torch.Tensor | None, token: torch.Tensor):

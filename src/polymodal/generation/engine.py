@@ -87,7 +87,7 @@ def reused_cache(model: nn.Module, batch: int, max_len: int) -> Cache:
 
 def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k,
                    top_p, repetition_penalty, eos_token_id, pad_token_id, seed, frequency_penalty=0.0,
-                   presence_penalty=0.0) -> None:
+                   presence_penalty=0.0, media: bool = False) -> None:
     """Every generate argument checked before any compute: one line naming what was expected and given."""
     if not isinstance(model, LanguageModel):
         raise InputError(f"generate needs a model that writes tokens; a {type(model).__name__} writes nothing")
@@ -113,7 +113,7 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
     if seed is not None:
         check_number("seed", seed, integer=True, at_least=0, below=2 ** 64)  # torch.Generator's range
     text = model.text_config
-    check_context(input_ids.shape[-1], max_new_tokens, text.max_seq_len)
+    check_context(input_ids.shape[-1], max_new_tokens, text.max_seq_len, media=media)
     V = text.vocab_size
     stop = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     for name, ids in (("eos_token_id", stop), ("pad_token_id", [pad_token_id])):
@@ -169,7 +169,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     check_settings(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                    temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                   media=any(v is not None and k not in spec_of(model).per_token_inputs
+                             for k, v in model_inputs.items()))
     if return_images and model.image_spans is None:
         raise InputError(f"return_images needs a model that writes images; {type(model).__name__} has no image_spans")
     drafting = speculative.plan(model, assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, model_inputs)

@@ -1,8 +1,9 @@
 """The one prompt builder: documents -> `generate`'s inputs, laid out by the model's own document format.
 
 `polymodal generate`, the server and evaluation all ask through `prompts`: each document up to its first
-target, encoded as training encodes it, checked against the context with the new tokens asked for (one
-message wherever it is raised, naming the option the caller's user set), then padded into a batch.
+target, encoded as training encodes it, then padded into a batch. The prompt and the new tokens asked for are
+checked against the context once, where they are used (`generate`, the batcher: `check_context`); a caller
+rewords the one `ContextError` with the name its user gave the new tokens.
 """
 
 from __future__ import annotations
@@ -14,25 +15,33 @@ from polymodal.errors import InputError
 
 
 class ContextError(InputError):
-    """A prompt and the new tokens asked for that do not fit the model's context."""
+    """A prompt and the new tokens asked for that do not fit the model's context. Raised once, by the guard of
+    `generate` or the batcher; a caller whose user named the new tokens otherwise rewords it (`named`)."""
 
-
-def check_context(prompt_len: int, max_new_tokens: int, limit: int, *, flag: str = "max_new_tokens",
-                  media: bool = False, whose: str = "the model's context of") -> None:
-    if prompt_len + max_new_tokens > limit:
+    def __init__(self, prompt_len: int, max_new_tokens: int, limit: int, *, flag: str = "max_new_tokens",
+                 media: bool = False, whose: str = "the model's context of", note: str = ""):
+        self.numbers = dict(prompt_len=prompt_len, max_new_tokens=max_new_tokens, limit=limit, media=media)
         shown = " (media placeholders included)" if media else ""
-        raise ContextError(f"the prompt is {prompt_len} tokens{shown} and {flag} is {max_new_tokens}: "
-                           f"{prompt_len + max_new_tokens} in all, past {whose} {limit} tokens")
+        super().__init__(f"the prompt is {prompt_len} tokens{shown} and {flag} is {max_new_tokens}: "
+                         f"{prompt_len + max_new_tokens} in all, past {whose} {limit} tokens{note}")
+
+    def named(self, flag: str, *, note: str = "") -> ContextError:
+        """The same error, the new tokens called `flag` (the option the caller's user set), past the model's
+        context, `note` after it."""
+        return ContextError(**self.numbers, flag=flag, note=note)
 
 
-def prompts(collator, docs: list[Document], max_new_tokens: int | None = None, *,
-            flag: str = "max_new_tokens") -> tuple[dict[str, torch.Tensor], int]:
+def check_context(prompt_len: int, max_new_tokens: int, limit: int, *, media: bool = False,
+                  whose: str = "the model's context of") -> None:
+    if prompt_len + max_new_tokens > limit:
+        raise ContextError(prompt_len, max_new_tokens, limit, media=media, whose=whose)
+
+
+def prompts(collator, docs: list[Document], max_new_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """The batch `generate` reads for `docs` (right-padded, no labels) and the new tokens each may write:
-    max_new_tokens, or when None the rest of the context after the longest prompt (at least 1)."""
+    max_new_tokens, or when None the rest of the context after the longest prompt (at least 1). Their length
+    against the context is checked once, by `generate` or the batcher."""
     context = collator.format.max_len
     encoded = collator.prompt_encodings(docs)
-    longest = max(encoded, key=len)
-    wanted = max_new_tokens if max_new_tokens is not None else max(context - len(longest), 1)
-    for doc, e in zip(docs, encoded):
-        check_context(len(e), wanted, context, flag=flag, media=any(s.kind != "text" for s in doc.segments))
+    wanted = max_new_tokens if max_new_tokens is not None else max(context - len(max(encoded, key=len)), 1)
     return collator.prompt_batch(encoded), wanted

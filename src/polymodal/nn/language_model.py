@@ -19,7 +19,9 @@ class LanguageModel:
         return self.decoder.config
 
     def prefill(self, input_ids: torch.Tensor, cache, *, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 1, **media):
+                logits_to_keep: int = 1, encoder_caches: dict | None = None, **media):
+        """encoder_caches (media key -> `nn.media_cache.EncoderCache`) serve a model whose media are encoded into
+        its token stream (`fusion.early.EarlyFusion`); a model that reads media otherwise encodes them itself."""
         return self(input_ids=input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=logits_to_keep,
                     **media)
 

@@ -14,6 +14,12 @@ row, and lets the usual kernel attend with the segments' mask. A GPU kernel (vLL
 FlexAttention's paged block mask) reads the blocks in place through the table instead, so no copy of
 the keys is made; the bookkeeping and the slot layout here are what it reads.
 
+A cross-attention model (Flamingo) also keeps, per sequence, the K/V of its media in every cross-attention
+layer, the media its next tokens attend to and the media layout (N media of L tokens), which its `make_cache`
+cache holds as `cross_kv(j)`, `media_ids` and `media_layout`: a prefill stores each row's, a decode call
+reads them stacked, each row's K/V padded to the most media of the batch (padding no token's media id
+reaches, so no token attends to it). They are never shared: such a prompt with media has no prefix keys.
+
 Prefix caching: `add(seq, prompt)` starts a sequence on the cached blocks of the longest prefix of the
 prompt that `prefix_keys` finds (its keys cover token ids, every per-token input and each media item's
 content hash), reference counted, and files the prompt's full blocks for later requests once the calls
@@ -30,11 +36,12 @@ import torch
 
 from polymodal.errors import InputError
 from polymodal.nn.block_pool import NULL_BLOCK, BlockPool
-from polymodal.nn.cache import Cache
+from polymodal.nn.cache import Cache, CrossKV
 from polymodal.nn.masks import Segments
 from polymodal.nn.prefix_keys import PromptKeys, group_ends
 
 SEGMENT_FIELDS = ("positions", "groups", "docs", "valid")
+CROSS_FIELDS = {"media_ids", "media_layout"}  # what a cross-attention model's cache adds, and a paged batch holds
 
 
 def kv_bytes(tokens: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -45,9 +52,9 @@ def kv_bytes(tokens: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: 
 
 
 class PagedLayer:
-    """One layer's view of a batch: writes new K/V into the pool, reads each row's through its table."""
+    """One layer's view of a batch (or a step): writes new K/V into the pool, reads each row's through its table."""
 
-    def __init__(self, batch: PagedBatch, layer: int):
+    def __init__(self, batch: PagedBatch | PagedStep, layer: int):
         self.batch, self.layer = batch, layer
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -99,9 +106,37 @@ class PagedBatch:
                         docs=stored.docs[last][:, None].expand(-1, n).clone(),
                         valid=step[None, :] <= counts[:, None])
 
-    def cross_kv(self, layer: int):
-        raise InputError("a paged cache holds self-attention K/V; a cross-attention model (Flamingo) keeps its "
-                         "media K/V in its own static cache (make_cache)")
+    def cross_kv(self, layer: int) -> PagedCrossKV:
+        return PagedCrossKV(self, layer)
+
+    @property
+    def media_ids(self) -> torch.Tensor | None:
+        """(B, 1) the media each row's next tokens attend to (0: none); None when no row has media."""
+        ids = [self.cache.media.get(s) for s in self.seq_ids]
+        if all(i is None for i in ids):
+            return None
+        return torch.stack([i[0] if i is not None else torch.zeros(1, dtype=torch.long, device=self.cache.device)
+                            for i in ids])
+
+    @media_ids.setter
+    def media_ids(self, ids: torch.Tensor | None) -> None:
+        for row, seq in enumerate(self.seq_ids):
+            if ids is None:
+                self.cache.media.pop(seq, None)
+            else:
+                self.cache.media[seq] = (ids[row], (0, 0))
+
+    @property
+    def media_layout(self) -> tuple[int, int]:
+        """(N, L): the most media of any row, of L tokens each ((0, 0) without media)."""
+        layouts = [self.cache.media[s][1] for s in self.seq_ids if s in self.cache.media]
+        return (max(n for n, _ in layouts), layouts[0][1]) if layouts else (0, 0)
+
+    @media_layout.setter
+    def media_layout(self, layout: tuple[int, int]) -> None:
+        for seq in self.seq_ids:
+            if seq in self.cache.media:
+                self.cache.media[seq] = (self.cache.media[seq][0], tuple(layout))
 
     def write(self, seg: Segments) -> torch.Tensor:
         """Takes slots for each row's valid new tokens (blocks as needed) and records their segments;
@@ -126,6 +161,68 @@ class PagedBatch:
         return input_pos
 
 
+class PagedCrossKV:
+    """One cross-attention layer's media K/V for a batch (`nn.cache.CrossKV`'s protocol): `set` at prefill keeps
+    each row's, `k` / `v` are the rows' stacked (B, nkv, N*L, hs), zero-padded past a row's media."""
+
+    def __init__(self, batch: PagedBatch, layer: int):
+        self.batch, self.layer = batch, layer
+
+    def set(self, k: torch.Tensor, v: torch.Tensor):
+        for row, seq in enumerate(self.batch.seq_ids):
+            self.batch.cache.cross.setdefault(seq, {})[self.layer] = (k[row], v[row])
+        return k, v
+
+    def _stacked(self, which: int) -> torch.Tensor | None:
+        held = [self.batch.cache.cross.get(s, {}).get(self.layer) for s in self.batch.seq_ids]
+        known = [h[which] for h in held if h is not None]
+        if not known:
+            return None
+        L = max(t.shape[1] for t in known)
+        out = known[0].new_zeros(len(held), known[0].shape[0], L, known[0].shape[2])
+        for row, h in enumerate(held):
+            if h is not None:
+                out[row, :, :h[which].shape[1]] = h[which]
+        return out
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return self._stacked(0)
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return self._stacked(1)
+
+
+class PagedStep:
+    """A decode call's view of a `PagedBatch` with its host work done ahead (blocks taken, slots and segments
+    written, each row's media state stacked), so the model reads tensors only and the call compiles once for any
+    rows and lengths (`torch.compile(dynamic=True)`); eager calls run the same code."""
+
+    def __init__(self, batch: PagedBatch, n: int):
+        if batch.length == 0:
+            raise InputError("a paged step continues sequences that hold tokens; prefill new ones through batch()")
+        self.cache, self.batch, self.length = batch.cache, batch.batch, batch.length
+        self.segments = batch.next_segments(n)
+        self.input_pos = batch.write(self.segments)
+        self.slot_index, self.slots = batch.slot_index, batch.slots
+        self.layers = [PagedLayer(self, i) for i in range(batch.cache.n_layers)]
+        self.media_ids, self.media_layout = batch.media_ids, batch.media_layout
+        held = {layer for seq in batch.seq_ids for layer in batch.cache.cross.get(seq, {})}
+        self.cross = {layer: CrossKV() for layer in held}
+        for layer, kv in self.cross.items():
+            kv.set(batch.cross_kv(layer).k, batch.cross_kv(layer).v)
+
+    def next_segments(self, n: int = 1) -> Segments:
+        return self.segments
+
+    def write(self, seg: Segments) -> torch.Tensor:
+        return self.input_pos
+
+    def cross_kv(self, layer: int) -> CrossKV:
+        return self.cross[layer]
+
+
 class PagedCache:
     """Block pools for every layer of one model, and the sequences that hold their blocks."""
 
@@ -146,15 +243,19 @@ class PagedCache:
         self.tables: dict[int, list[int]] = {}  # sequence -> its blocks, in order
         self.lengths: dict[int, int] = {}  # sequence -> tokens written (or taken from the prefix cache)
         self.prompts: dict[int, PromptKeys] = {}  # sequence -> its prompt's keys, until its blocks are registered
+        self.cross: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # sequence -> layer -> media K/V
+        self.media: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}  # sequence -> (its media id (1,), layout)
         self.prompt_tokens = self.hit_tokens = 0  # prompt tokens looked up in the prefix cache, and found
 
     @classmethod
     def for_model(cls, model, n_blocks: int, block_size: int = 16, *, dtype: torch.dtype | None = None) -> PagedCache:
         """A cache for a `LanguageModel`, in its parameters' dtype and device unless told."""
         own = type(model.make_cache(1, 1))
-        if own is not Cache:
-            raise InputError(f"{type(model).__name__} keeps more than self-attention K/V in its cache "
-                             f"({own.__name__}); the paged cache holds only those")
+        added = {k for c in own.__mro__[:own.__mro__.index(Cache)] for k in vars(c) if not k.startswith("__")} \
+            if issubclass(own, Cache) else {"its own state"}
+        if added - CROSS_FIELDS:
+            raise InputError(f"{type(model).__name__} keeps {sorted(added - CROSS_FIELDS)} in its cache "
+                             f"({own.__name__}); the paged cache holds self- and cross-attention K/V only")
         cfg, weight = model.text_config, next(model.parameters())
         return cls(n_blocks, block_size, cfg.n_layers, cfg.kv_heads, cfg.head_size, dtype or weight.dtype,
                    weight.device, cfg.max_seq_len)
@@ -186,10 +287,15 @@ class PagedCache:
         for block in self.tables.pop(seq):
             self.pool.release(block)
         del self.lengths[seq]
-        self.prompts.pop(seq, None)
+        for held in (self.prompts, self.cross, self.media):
+            held.pop(seq, None)
 
     def batch(self, seq_ids: list[int], new_tokens: list[int] | None = None) -> PagedBatch:
         return PagedBatch(self, seq_ids, new_tokens)
+
+    def step(self, seq_ids: list[int], n: int, new_tokens: list[int] | None = None) -> PagedStep:
+        """The cache of one decode call of n tokens per row over sequences that hold tokens, its host work done."""
+        return PagedStep(self.batch(seq_ids, new_tokens), n)
 
     def slot(self, seq: int, i: int) -> int:
         return self.tables[seq][i // self.block_size] * self.block_size + i % self.block_size

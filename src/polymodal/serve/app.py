@@ -39,6 +39,7 @@ from polymodal.encoders.mask_vae import load_mask_vae
 from polymodal.serve.answer import Answer, Locator, has_location_tokens
 from polymodal.serve.embeddings import Embedder
 from polymodal.serve.examples import Examples
+from polymodal.serve.logprobs import Logprobs
 from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, embedding_job, parse_body
 from polymodal.serve.request_log import Metrics, RequestLog
 
@@ -50,7 +51,7 @@ class Server:
     encoder (CLIP / SigLIP) the embedder."""
 
     def __init__(self, directory: str | Path, *, name: str | None = None, slots: int = 8, max_queue: int = 64,
-                 limits: Limits = Limits(), mask_vae: str | Path | None = None):
+                 limits: Limits = Limits(), mask_vae: str | Path | None = None, compile: bool = False):
         self.directory = directory = Path(directory)  # as given: a run directory or a checkpoint
         self.mask_vae = load_mask_vae(mask_vae) if mask_vae is not None else None
         self.name = name or directory.resolve().name  # the model id clients send
@@ -63,7 +64,8 @@ class Server:
         self.batcher = self.thread = None
         if self.embedder is None:
             self.context = self.collator.format.max_len
-            self.batcher = Batcher(self.model, slots=slots, max_len=self.context, max_waiting=max_queue)
+            self.batcher = Batcher(self.model, slots=slots, max_len=self.context, max_waiting=max_queue,
+                                   compile=compile)
             self.thread = threading.Thread(target=self.batcher.run, name="batcher", daemon=True)
         else:
             self.context = self.collator.max_len
@@ -93,16 +95,15 @@ class Server:
 
     def prompts(self, job: Job) -> list[tuple[dict, int]]:
         """Each document laid out as `polymodal generate` lays it out (one unpadded row), and the new tokens it
-        may write, its length checked against the context."""
+        may write; a text surely past the context is refused before it is tokenised whole (`fits`), the exact
+        count is the batcher's, when the requests are submitted."""
         out = []
         for doc in job.documents:
-            self.fits(doc, "messages" if len(job.documents) == 1 else "prompt")
+            self.fits(doc, job.field)
             try:
-                inputs, wanted = prompts(self.collator, [doc], job.sampling.max_tokens, flag="max_tokens")
-            except ContextError as e:
-                raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from e
+                inputs, wanted = prompts(self.collator, [doc], job.sampling.max_tokens)
             except ValueError as e:
-                raise ApiError(400, str(e), "messages" if len(job.documents) == 1 else "prompt") from e
+                raise ApiError(400, str(e), job.field) from e
             del inputs["attention_mask"]  # one unpadded row
             out.append((inputs, wanted))
         return out
@@ -119,7 +120,7 @@ class Server:
         """A 400 as soon as the document's text counts more tokens than the context, without tokenising past it:
         the text is counted in pieces of about `piece` characters cut before a space, and one token per cut is
         forgiven (a cut may split what would have been one token), so only a prompt surely too long is refused
-        here; the exact count is the prompt builder's."""
+        here; the exact count is the batcher's."""
         texts = [s.text for s in doc.segments if s.kind == "text"]
         if sum(map(len, texts)) <= self.context:  # short enough to tokenise whole: the prompt builder counts it
             return
@@ -160,16 +161,27 @@ class Response:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (index, events))
 
                 answer = Answer(server.tokenizer, s.stop, server.model, push, locate)
-                self.requests.append(Request(
-                    inputs, max_new_tokens=wanted, temperature=s.temperature, top_p=s.top_p,
-                    seed=None if s.seed is None else s.seed + j, stop_token_ids=(server.tokenizer.eos_id,),
-                    on_token=answer.on_token, on_finish=answer.on_finish))
+                request = Request(
+                    inputs, max_new_tokens=wanted, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                    repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
+                    presence_penalty=s.presence_penalty, seed=None if s.seed is None else s.seed + j,
+                    top_logprobs=s.logprobs, stop_token_ids=(server.tokenizer.eos_id,), on_finish=answer.on_finish)
+                request.on_token = answer.on_token if s.logprobs is None else self._with_logprobs(request, answer, push)
+                self.requests.append(request)
         try:
-            for request in self.requests:
-                server.batcher.submit(request)
+            server.batcher.submit(*self.requests)
+        except ContextError as e:
+            raise ApiError(400, str(e.named("max_tokens")), "max_tokens", "context_length_exceeded") from e
         except QueueFull as e:
-            self.cancel()
             raise ApiError(429, f"the server is busy: {e}; retry later", None, "queue_full") from e
+
+    @staticmethod
+    def _with_logprobs(request: Request, answer: Answer, push):
+        """The answer's listener, each token's ("logprobs", entry) event sent before its text."""
+        def on_token(token: int) -> bool:
+            push([("logprobs", (token, *request.logprobs[-1]))])
+            return answer.on_token(token)
+        return on_token
 
     def cancel(self) -> None:
         for request in self.requests:
@@ -299,12 +311,16 @@ async def _stream(server: Server, response: Response, job: Job, kind: str, rid: 
                 yield _sse(chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]))
         places: dict[int, list] = {}
+        logprobs = Logprobs(server.tokenizer, response.requests, chat)
         async for i, (what, value) in response.events():
             if what == "error":
                 yield _sse(ApiError(500, value).body())
                 continue
             if what == "locations":  # sent with the choice's last chunk
                 places[i] = value
+                continue
+            if what == "logprobs":  # sent with the choice's next chunk
+                logprobs.entries[i].append(value)
                 continue
             done = what == "done"
             if chat:
@@ -314,8 +330,9 @@ async def _stream(server: Server, response: Response, job: Job, kind: str, rid: 
                     delta = {"content": value if what == "text" else [_image_part(value)]}
                 choice = {"index": i, "delta": delta, "finish_reason": value if done else None}
             else:
-                choice = {"index": i, "text": "" if done or what == "image" else value, "logprobs": None,
+                choice = {"index": i, "text": "" if done or what == "image" else value,
                           "finish_reason": value if done else None}
+            choice["logprobs"] = logprobs.take(i)
             yield _sse(chunk(choices=[choice]))
         if job.sampling.include_usage:
             yield _sse(chunk(choices=[], usage=response.usage()))
@@ -329,11 +346,14 @@ async def _whole(server: Server, response: Response, http: HttpRequest, kind: st
     parts: list[list[dict]] = [[] for _ in response.requests]
     reasons: list[str | None] = [None] * len(response.requests)
     places: dict[int, list] = {}
+    logprobs = Logprobs(server.tokenizer, response.requests, chat)
     try:
         async for i, (what, value) in response.events(gone=http.is_disconnected):
             if what == "error":
                 raise ApiError(500, value)
-            if what == "done":
+            if what == "logprobs":
+                logprobs.entries[i].append(value)
+            elif what == "done":
                 reasons[i] = value
             elif what == "locations":
                 places[i] = value
@@ -352,9 +372,9 @@ async def _whole(server: Server, response: Response, http: HttpRequest, kind: st
             drawn = any(p["type"] == "image_url" for p in content)
             message = {"role": "assistant", "content": content if drawn else text,
                        **({"locations": places[i]} if i in places else {})}
-            choices.append({"index": i, "message": message, "finish_reason": reason})
+            choices.append({"index": i, "message": message, "logprobs": logprobs.take(i), "finish_reason": reason})
         else:
-            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+            choices.append({"index": i, "text": text, "logprobs": logprobs.take(i), "finish_reason": reason})
     return _chunk(kind, rid, created, server.name, choices=choices, usage=response.usage())
 
 
@@ -385,8 +405,10 @@ def _image_part(png: str) -> dict:
 
 
 def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
-          max_queue: int = 64, limits: Limits = Limits(), mask_vae: str | Path | None = None) -> None:
-    server = Server(directory, name=name, slots=slots, max_queue=max_queue, limits=limits, mask_vae=mask_vae)
+          max_queue: int = 64, limits: Limits = Limits(), mask_vae: str | Path | None = None,
+          compile: bool = False) -> None:
+    server = Server(directory, name=name, slots=slots, max_queue=max_queue, limits=limits, mask_vae=mask_vae,
+                    compile=compile)
     what = (f"embeddings, texts up to {server.context} tokens" if server.embedder is not None else
             f"{slots} slots, context {server.context} tokens")
     print(f"serving {server.name} on http://{host}:{port} ({what})", flush=True)

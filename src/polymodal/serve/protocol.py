@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from polymodal.data.documents import Document, Segment, read_wav
 from polymodal.data.media import TooLarge, open_image
 from polymodal.errors import InputError, check_text
+from polymodal.generation.batching import MAX_TOP_LOGPROBS
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # stop strings per request, as OpenAI
@@ -60,6 +61,11 @@ class Sampling:
     n: int
     stream: bool
     include_usage: bool
+    top_k: int | None = None  # None: every token
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely ones'
 
 
 @dataclass
@@ -67,11 +73,12 @@ class Job:
     model: str
     documents: list[Document]  # one per prompt (chat: one)
     sampling: Sampling
+    field: str = "messages"  # the request field that holds the documents, named in errors about them
 
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",
-          "user", "frequency_penalty", "presence_penalty", "logprobs"}
-CHAT = COMMON | {"messages", "max_completion_tokens"}
+          "user", "frequency_penalty", "presence_penalty", "logprobs", "top_k", "repetition_penalty"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETIONS = COMMON | {"prompt"}
 
 
@@ -101,16 +108,25 @@ def _number(body: dict, name: str, default, low: float, high: float, *, integer:
     return value
 
 
-def sampling(body: dict, allowed: set[str]) -> Sampling:
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """The most likely tokens to list beside each token's log-probability, None for no log-probabilities. Chat:
+    logprobs true/false and top_logprobs 0..20; completions: logprobs 0..20 (OpenAI lists up to 5)."""
+    if not chat:
+        return _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ApiError(400, f"logprobs must be a boolean, got {json.dumps(wanted)}", "logprobs")
+    top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def sampling(body: dict, allowed: set[str], *, chat: bool) -> Sampling:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}; this server reads {', '.join(sorted(allowed))}",
                        unknown[0])
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise ApiError(400, f"{name} is not supported: it must be 0 or absent, got {json.dumps(body[name])}", name)
-    if body.get("logprobs") not in (None, False):
-        raise ApiError(400, "logprobs is not supported: it must be false or absent", "logprobs")
     if "max_completion_tokens" in body and "max_tokens" in body:
         raise ApiError(400, "give max_completion_tokens or max_tokens, not both", "max_completion_tokens")
     limit = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -132,7 +148,12 @@ def sampling(body: dict, allowed: set[str]) -> Sampling:
                     top_p=float(_number(body, "top_p", 1.0, 0, 1)) or 1e-9,  # 0: the most likely token alone
                     seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
                     stop=tuple(stop), n=_number(body, "n", 1, 1, MAX_N, integer=True), stream=bool(stream),
-                    include_usage=bool(options.get("include_usage", True)))
+                    include_usage=bool(options.get("include_usage", True)),
+                    top_k=_number(body, "top_k", 0, 0, 1 << 20, integer=True) or None,  # 0: off, as vLLM
+                    repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0.01, 100)),
+                    frequency_penalty=float(_number(body, "frequency_penalty", 0.0, -2, 2)),
+                    presence_penalty=float(_number(body, "presence_penalty", 0.0, -2, 2)),
+                    logprobs=_logprobs(body, chat))
 
 
 def _model(body: dict, served: str) -> str:
@@ -230,7 +251,7 @@ def _segments(content: Any, where: str, limits: Limits) -> list[Segment]:
 
 
 def chat_job(body: dict, served: str, limits: Limits) -> Job:
-    settings = sampling(body, CHAT)
+    settings = sampling(body, CHAT, chat=True)
     model = _model(body, served)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -251,14 +272,14 @@ def chat_job(body: dict, served: str, limits: Limits) -> Job:
 
 
 def completion_job(body: dict, served: str, limits: Limits) -> Job:
-    settings = sampling(body, COMPLETIONS)
+    settings = sampling(body, COMPLETIONS, chat=False)
     model = _model(body, served)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ApiError(400, f"prompt must be a string or a non-empty array of strings, got {_type_name(prompt)}",
                        "prompt")
-    return Job(model, [Document([_text(p, f"prompt[{i}]")]) for i, p in enumerate(prompts)], settings)
+    return Job(model, [Document([_text(p, f"prompt[{i}]")]) for i, p in enumerate(prompts)], settings, "prompt")
 
 
 EMBEDDINGS = {"model", "input", "encoding_format", "dimensions", "user"}

@@ -165,7 +165,7 @@ def score_locations(replies: Callable[[list, int], list[str]], model: nn.Module,
 def location_table(scores: list[LocationScore]) -> str:
     """Per task: the model's figures, then the majority box's and the blanked images' (box accuracy at each IoU
     threshold, mean mask IoU, invalid answers of n)."""
-    head = f"{'task':<8} {'n':>5} {'baseline':<9} " + " ".join(f"{'box@' + str(t):>8}" for t in THRESHOLDS) + \
+    head = f"{'task':<8} {'n':>5} {'answers':<9} " + " ".join(f"{'box@' + str(t):>8}" for t in THRESHOLDS) + \
         f" {'mask IoU':>8} {'invalid':>7}"
     rows = [head]
     for s in scores:

@@ -62,3 +62,14 @@ def test_a_family_without_location_tokens_is_refused_before_training(tmp_path):
         train(TrainConfig(**{**SETTINGS, "model": "gemini-tiny", "tasks": ("detect",)}, max_steps=1,
                           out_dir=str(tmp_path), name="g"))
     assert not (tmp_path / "g").exists()
+
+
+def test_a_model_holding_a_mask_vae_is_refused_by_the_hf_export_not_dropped(tmp_path):
+    from polymodal.convert.hf_export import export_hf
+    from polymodal.presets import get_preset
+    from polymodal.train.locations import WORLD_MASK_VAE
+
+    model = pm.build(get_preset("paligemma-tiny").replace(mask_vae=WORLD_MASK_VAE))
+    with pytest.raises(ConfigError, match="holds a mask VQ-VAE .* it is not exported"):
+        export_hf(model, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -24,7 +24,9 @@ it the segment's own text is the one reference; training learns the segment's te
 A detection target is a segment of objects in the pixels of the document's one image,
 `{"boxes": [{"label": "red circle", "box": [x1, y1, x2, y2]}], "target": true}`: PaliGemma writes them as its
 `<locNNNN>` tokens (`data/locations.py`), any other family as the text `red circle [x1, y1, x2, y2]` (` ; `
-between objects). Every problem in a file raises `DocumentError` naming the file, the 1-based line,
+between objects). In memory such a segment may also hold each object's mask (`Segment.masks`, the built-in world's
+segment task), which PaliGemma's format writes as 16 segmentation tokens; masks are not read from or written to
+JSONL. Every problem in a file raises `DocumentError` naming the file, the 1-based line,
 the segment and the field, with what was expected and what was given.
 """
 

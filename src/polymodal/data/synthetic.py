@@ -17,6 +17,8 @@ The eval split is held out compositionally, so that it can only be answered by g
   target is ever drawn in training;
 - say_and_draw reads the held-out images above; its drawn answer is one of the 12 canonical
   pictures (a closed set of answers, like the words "red circle"), which training draws too;
+- detect and segment ask for the box (and mask) of 1-3 objects of such a scene, each in its held-out cell in eval;
+  the boxes and masks are the rendered shapes' own pixels (each shape drawn alone by the call that drew it);
 - eval videos move an object in the direction it never moves in training, by a distance
   (speed) training never uses; eval beeps and sweeps have pitches and durations from bands
   that training never plays.

@@ -14,7 +14,7 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.mask_vae import MaskVAE, MaskVAEConfig
 from polymodal.families import spec_of
 
-# the world's masks are 32 pixels wide: a VAE of ~60k parameters codes their crops in 16 codes (a 4x4 grid)
+# the world's masks are 32 pixels wide: a VAE of 82k parameters codes their crops in 16 codes (a 4x4 grid)
 WORLD_MASK_VAE = MaskVAEConfig(mask_size=32, hidden_dim=8, n_down=3, n_res_blocks=1, codebook_dim=32)
 
 

@@ -309,7 +309,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     answer = tokenizer.text(new[0]).strip()
     print(answer)
     if args.draw is not None:
-        _draw(answer, segments[0].media, Path(args.draw), vae)
+        from polymodal.evaluate.locations import mask_vae_of
+
+        _draw(answer, segments[0].media, Path(args.draw), vae or mask_vae_of(model))  # its own: a world segment run
 
 
 def _check_draw(args: argparse.Namespace):

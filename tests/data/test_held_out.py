@@ -13,7 +13,7 @@ import pytest
 from polymodal.data import synthetic
 from polymodal.data.synthetic import (
     CELLS, COLOURS, DIRECTIONS, HELD_OUT_BACKGROUND, HELD_OUT_CELL, HELD_OUT_DIRECTION, HELD_OUT_SIZE, OBJECTS, SHAPES,
-    SIZES, TASKS, TINTS, World, asked_directly, describe)
+    LOCATION_TASKS, SIZES, TASKS, TINTS, World, asked_directly, describe)
 from polymodal.evaluate_cot import VALIDATION_START
 
 WORLD = World(seed=0)
@@ -44,7 +44,8 @@ def hashes(task: str, split: str, n: int, start: int = 0, direct: bool = False) 
         example = WORLD.sample(task, i, split)
         parts = []
         for s in (asked_directly(example) if direct else example).document.segments:
-            parts.append(digest(s.text.encode() if s.kind == "text" else media_bytes(s)))
+            masks = b"".join(m.tobytes() for m in s.masks or [])  # a segment answer's objects' pixels
+            parts.append(digest(s.text.encode() + masks if s.kind == "text" else media_bytes(s)))
             if s.kind != "text":
                 (drawn if task == "say_and_draw" and s.target else media).add(parts[-1])
         docs.add(digest("|".join(parts).encode()))
@@ -140,10 +141,11 @@ def rendered(task: str, split: str, n: int) -> list[list[dict]]:
     lo, hi = round(0.3 * WORLD.image_size), WORLD.image_size // 2 - 2
     mid, half = (lo + hi + 1) // 2, WORLD.image_size // 2
 
-    def record(size, background, shapes):
+    def record(size, background, shapes, mode="RGB"):
         shapes = list(shapes)
-        calls.append((background, shapes))
-        return draw(size, background, shapes)
+        if mode == "RGB":  # an image the model sees (mode L: a segment answer's mask)
+            calls.append((background, shapes))
+        return draw(size, background, shapes, mode)
 
     def canonical_picture(self, colour, shape):
         canonical.append(len(calls))
@@ -200,3 +202,15 @@ def test_no_rendered_training_shape_shows_an_object_held_out(task):
         assert all(s["direction"] == HELD_OUT_DIRECTION[s["object"]] for s in held_out)
     else:
         assert all(s["cell"] == HELD_OUT_CELL[s["object"]] for s in held_out)
+
+
+@pytest.mark.parametrize("task", LOCATION_TASKS)
+def test_located_objects_stand_in_their_held_out_cell_in_eval_and_never_in_training(task):
+    """Read from the answers' boxes: an eval object's box lies in the cell its object never occupies in training."""
+    half = WORLD.image_size / 2
+    for split, n in (("train", 400), ("eval", 100)):
+        for i in range(n):
+            for label, (x1, y1, x2, y2) in WORLD.sample(task, i, split).document.segments[-1].boxes:
+                assert (x2 <= half or x1 >= half) and (y2 <= half or y1 >= half)  # inside one cell
+                cell = CELLS[2 * int(y1 >= half) + int(x1 >= half)]
+                assert (cell == HELD_OUT_CELL[label]) == (split == "eval"), (split, i, label, cell)

@@ -24,7 +24,9 @@ it the segment's own text is the one reference; training learns the segment's te
 A detection target is a segment of objects in the pixels of the document's one image,
 `{"boxes": [{"label": "red circle", "box": [x1, y1, x2, y2]}], "target": true}`: PaliGemma writes them as its
 `<locNNNN>` tokens (`data/locations.py`), any other family as the text `red circle [x1, y1, x2, y2]` (` ; `
-between objects). Every problem in a file raises `DocumentError` naming the file, the 1-based line,
+between objects). In memory such a segment may also hold each object's mask (`Segment.masks`, the built-in world's
+segment task), which PaliGemma's format writes as 16 segmentation tokens; masks are not read from or written to
+JSONL. Every problem in a file raises `DocumentError` naming the file, the 1-based line,
 the segment and the field, with what was expected and what was given.
 """
 
@@ -77,6 +79,7 @@ class Segment:
     # where the media came from; the only media reference when read with load_media=False
     path: str | list[str] | None = field(default=None, compare=False)
     boxes: list[tuple[str, tuple[float, float, float, float]]] | None = None  # (label, (x1, y1, x2, y2) pixels)
+    masks: list[Image.Image] | None = None  # per box, the object's pixels (mode L, 255 inside) in the image's size
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -90,6 +93,10 @@ class Segment:
             raise InputError(f"only {' and '.join(TARGET_KINDS)} segments can be targets, got a target {self.kind} segment")
         if self.boxes is not None and self.kind != "text":
             raise InputError(f"only text segments hold boxes, got boxes on a {self.kind} segment")
+        if self.masks is not None and (self.boxes is None or len(self.masks) != len(self.boxes)
+                                       or any(not isinstance(m, Image.Image) or m.mode != "L" for m in self.masks)):
+            raise InputError(f"masks must be one mode-L image per box, got {len(self.masks)} for "
+                             f"{len(self.boxes or [])} box(es)")
         if self.references is not None and not (self.target and self.kind == "text"):
             raise InputError(f"only target text segments have references, got references on a {self.kind} segment "
                              f"{'marked' if self.target else 'not marked'} as a target")
@@ -318,8 +325,15 @@ def _boxes_segment(seg: dict, where: str) -> Segment:
             raise _Invalid(f"{at}.box", f"expected [x1, y1, x2, y2] in pixels with 0 <= x1 < x2 and 0 <= y1 < y2, "
                                         f"got {box!r}")
         boxes.append((label.strip(), tuple(float(v) for v in box)))
+    return boxes_segment(boxes)
+
+
+def boxes_segment(boxes: list[tuple[str, tuple[float, float, float, float]]],
+                  masks: list[Image.Image] | None = None) -> Segment:
+    """A target segment of objects, its text `label [x1, y1, x2, y2]` joined by ` ; ` (what families without
+    location tokens write)."""
     text = " ; ".join(f"{label} [{', '.join(f'{v:g}' for v in box)}]" for label, box in boxes)
-    return Segment("text", text=text, target=True, boxes=boxes)
+    return Segment("text", text=text, target=True, boxes=boxes, masks=masks)
 
 
 def _references(seg: dict, where: str, kind: str, target: bool) -> list[str] | None:
@@ -416,6 +430,9 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
                 if s.kind != "text" and s.media is None:
                     raise InputError(f"document {i} segment {j}: {s.kind} segment has no media loaded "
                                      "(read it with load_media=True to write it out)")
+                if s.masks is not None:
+                    raise InputError(f"document {i} segment {j}: masks are not written to JSONL; write the "
+                                     "objects' boxes (a segment without masks)")
                 if s.boxes is not None:
                     seg = {"boxes": [{"label": label, "box": list(box)} for label, box in s.boxes], "target": True}
                 elif s.kind == "text":

@@ -17,6 +17,8 @@ The eval split is held out compositionally, so that it can only be answered by g
   target is ever drawn in training;
 - say_and_draw reads the held-out images above; its drawn answer is one of the 12 canonical
   pictures (a closed set of answers, like the words "red circle"), which training draws too;
+- detect and segment ask for the box (and mask) of 1-3 objects of such a scene, each in its held-out cell in eval;
+  the boxes and masks are the rendered shapes' own pixels (each shape drawn alone by the call that drew it);
 - eval videos move an object in the direction it never moves in training, by a distance
   (speed) training never uses; eval beeps and sweeps have pitches and durations from bands
   that training never plays.
@@ -42,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from polymodal.errors import InputError
-from polymodal.data.documents import Audio, Document, Segment, write_jsonl
+from polymodal.data.documents import Audio, Document, Segment, boxes_segment, write_jsonl
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 70, 235), "yellow": (225, 215, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -71,7 +73,14 @@ PROMPTS = {
     "compare": "are there more {} than {} shapes?",
     "compare_cot": "are there more {} than {} shapes?" + COT_SUFFIX,
 }
-TASKS = tuple(PROMPTS)
+# Tasks answered with places, as PaliGemma answers them: the box (detect) or the box and the mask (segment) of each
+# object the prompt names, in its order ("detect red circle ; blue square"). Their answers are no closed set: they
+# are scored by box IoU and mask IoU (evaluate/locations.py), and a mix of tasks (`World.examples`) draws them only
+# when named.
+LOCATION_PROMPTS = {"detect": "detect {}", "segment": "segment {}"}
+LOCATION_TASKS = tuple(LOCATION_PROMPTS)
+MIXED_TASKS = tuple(PROMPTS)  # what a mix of tasks draws from by default
+TASKS = (*PROMPTS, *LOCATION_TASKS)
 CHOICES = {
     "caption": tuple(f"a {o}" for o in OBJECTS),
     "colour": tuple(COLOURS),
@@ -89,6 +98,9 @@ CHOICES = {
     # the two colours' counts, then the answer they give; at most 4 shapes, 3 of a colour, never a tie
     "compare_cot": tuple(f"{COUNTS[a]} and {COUNTS[b]}, so {'yes' if a > b else 'no'}"
                          for a in range(4) for b in range(4) if a != b and a + b <= 4),
+    # the labels a location answer names beside its boxes
+    "detect": OBJECTS,
+    "segment": OBJECTS,
 }
 DRAWN = ("text_to_image", "say_and_draw")  # tasks whose answer is (or ends with) an image
 COT_TASKS = {"compare_cot": "compare"}  # a task asked with a chain of thought -> the same question asked directly
@@ -122,14 +134,14 @@ class Example:
 
 
 def _check_task(task: str) -> None:
-    if task not in PROMPTS:
+    if task not in TASKS:
         raise InputError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
 
 
-def _draw(size: int, background: tuple[int, ...], shapes: Iterable[tuple[str, tuple[int, ...], int, int, int]]
-          ) -> Image.Image:
-    """shapes: (shape, rgb, x, y, side), the shape filling the side x side box at (x, y)."""
-    im = Image.new("RGB", (size, size), background)
+def _draw(size: int, background: tuple[int, ...] | int, shapes: Iterable[tuple[str, tuple[int, ...] | int, int, int, int]],
+          mode: str = "RGB") -> Image.Image:
+    """shapes: (shape, fill, x, y, side), the shape filling the side x side box at (x, y)."""
+    im = Image.new(mode, (size, size), background)
     draw = ImageDraw.Draw(im)
     for shape, rgb, x, y, s in shapes:
         box = (x, y, x + s - 1, y + s - 1)
@@ -179,22 +191,29 @@ class World:
         return CHOICES[task]
 
     def chance(self, task: str) -> float:
+        """One over the number of answers (a location answer's chance of naming the right label)."""
         return 1 / len(self.choices(task))
 
-    def texts(self) -> list[str]:
-        """Every prompt and answer string the world uses, e.g. to train a tokenizer."""
+    def texts(self, tasks: Iterable[str] = ()) -> list[str]:
+        """Every prompt and answer string the world's mixed tasks use, and those of the location tasks named in
+        `tasks` (single-object prompts: the labels), e.g. to train a tokenizer."""
         pairs = list(itertools.permutations(COLOURS, 2))
         fills = {"position": [(o,) for o in OBJECTS], "text_to_image": list(itertools.product(OBJECTS, CELLS)),
                  "compare": pairs, "compare_cot": pairs}
         prompts = [p.format(*f) for task, p in PROMPTS.items() for f in fills.get(task, [()])]
-        return sorted({*prompts, *itertools.chain(*CHOICES.values())})
+        prompts += [LOCATION_PROMPTS[t].format(o) for t in LOCATION_TASKS if t in tasks for o in OBJECTS]
+        return sorted({*prompts, *itertools.chain(*(CHOICES[t] for t in PROMPTS))})
 
     def sample(self, task: str, index: int, split: str = "train") -> Example:
         _check_task(task)
         if index < 0:
             raise InputError(f"index must be >= 0, got {index}")
         rng = self._rng(split, _task_stream(task), index)
-        if task == "text_to_image":
+        if task in LOCATION_TASKS:
+            image, prompt, objects = self._locations(rng, split, task == "segment")
+            segments = [image, Segment("text", prompt), objects]
+            answer = objects.text
+        elif task == "text_to_image":
             image, obj, cell = self._target(rng, split)
             segments = [Segment("text", PROMPTS[task].format(obj, cell)), Segment("image", media=image, target=True)]
             answer = f"a {obj} in the {cell}"
@@ -210,9 +229,9 @@ class World:
 
     def examples(self, split: str = "train", tasks: str | Iterable[str] | None = None,
                  n: int | None = None) -> Iterator[Example]:
-        """A shuffled mix of tasks; the k-th example of a task is sample(task, k, split).
+        """A shuffled mix of tasks (default: MIXED_TASKS); the k-th example of a task is sample(task, k, split).
         Endless when n is None."""
-        tasks = TASKS if tasks is None else (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        tasks = MIXED_TASKS if tasks is None else (tasks,) if isinstance(tasks, str) else tuple(tasks)
         for task in tasks:
             _check_task(task)
         if not tasks:
@@ -278,6 +297,12 @@ class World:
         """n shapes of distinct objects in distinct grid cells. In eval every object stands in its
         held-out cell; in training never, nor in its held-out size, nor on its colour's held-out tint.
         Returns the image and (colour, shape, cell) per shape. grey: the shapes (by index) drawn grey."""
+        image, names, _ = self._scene_shapes(rng, split, n, grey)
+        return image, names
+
+    def _scene_shapes(self, rng: np.random.Generator, split: str, n: int, grey: Container[int] = ()
+                      ) -> tuple[Image.Image, list[tuple[str, str, str]], list[tuple]]:
+        """`_scene`, and each shape as drawn: (shape, rgb, x, y, side)."""
         tint = TINTS[rng.integers(len(TINTS))]
         drawn, names = [], []
         for k, cell in enumerate(CELLS[i] for i in rng.permutation(len(CELLS))[:n]):
@@ -288,7 +313,22 @@ class World:
             obj = allowed[rng.integers(len(allowed))]
             drawn.append(self._place(rng, split, obj, cell, k in grey))
             names.append((*obj.split(), cell))
-        return _draw(self.image_size, self._background(rng, tint), drawn), names
+        return _draw(self.image_size, self._background(rng, tint), drawn), names, drawn
+
+    def _locations(self, rng: np.random.Generator, split: str, masks: bool) -> tuple[Segment, str, Segment]:
+        """1-3 shapes, the first 1..n of them (random objects in random cells) asked for in order; half of
+        training's scenes draw the others grey, as position questions do. Each object's mask is its shape drawn
+        alone by the same call that drew it into the image (shapes never overlap), its box the mask's extent."""
+        n = int(rng.integers(1, 4))
+        k = int(rng.integers(1, n + 1))
+        grey = rng.random() < GREY_SHARE and split == "train"
+        image, names, drawn = self._scene_shapes(rng, split, n, grey=range(k, n) if grey else ())
+        labels = [f"{c} {s}" for c, s, _ in names[:k]]
+        shapes = [_draw(self.image_size, 0, [(shape, 255, x, y, side)], mode="L")
+                  for shape, _, x, y, side in drawn[:k]]
+        boxes = [(label, tuple(float(v) for v in mask.getbbox())) for label, mask in zip(labels, shapes)]
+        prompt = LOCATION_PROMPTS["segment" if masks else "detect"].format(" ; ".join(labels))
+        return Segment("image", media=image), prompt, boxes_segment(boxes, shapes if masks else None)
 
     def _target(self, rng: np.random.Generator, split: str) -> tuple[Image.Image, str, str]:
         """A text->image target: one object in a named cell; eval asks only for held-out (object, cell) pairs."""

@@ -11,6 +11,7 @@ so decode(encode(text)) == text for any text, with no unknown token.
 plain text: documents' text is encoded so, and can never inject a control token.
 """
 
+import itertools
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -51,10 +52,11 @@ class _HFModel:
         self._literal = None
         return self.tok.token_to_id(piece)
 
-    def add_plain(self, piece: str) -> int:
-        self.tok.add_tokens([AddedToken(piece, special=False, normalized=False)])
+    def add_plain(self, pieces: Sequence[str]) -> list[int]:
+        # one call for all: tokenizers rebuilds its matcher of added tokens on each call
+        self.tok.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in pieces])
         self._literal = None
-        return self.tok.token_to_id(piece)
+        return [self.tok.token_to_id(piece) for piece in pieces]
 
     def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
         tok = self.tok
@@ -73,6 +75,19 @@ class _HFModel:
         self.tok.save(str(directory / "tokenizer.json"))
 
 
+def _register_saved(model: "_HFModel | _SPModel", added: Sequence[str], plain: Sequence[str]) -> None:
+    """Added tokens in saved order, so appended ids come back unchanged: runs of plain ones at once, then the
+    rest of `plain`."""
+    plain_set = set(plain)
+    for is_plain, run in itertools.groupby(added, key=plain_set.__contains__):
+        if is_plain:
+            model.add_plain(list(run))
+        else:
+            for piece in run:
+                model.add_special(piece)
+    model.add_plain(list(plain))
+
+
 class _SPModel:
     """A SentencePiece model; its proto cannot grow, so added tokens live here, after its pieces."""
 
@@ -82,10 +97,7 @@ class _SPModel:
         self.specials: dict[str, int] = {}
         self.plain: dict[str, int] = {}  # matched whole like specials, kept by decode
         self._patterns: dict[bool, re.Pattern[str] | None] | None = None  # by split_special_tokens; built on use
-        for piece in added:  # in saved order, so appended ids come back unchanged
-            self.add_plain(piece) if piece in plain else self.add_special(piece)
-        for piece in plain:
-            self.add_plain(piece)
+        _register_saved(self, added, plain)
 
     def __len__(self) -> int:
         return self.sp.get_piece_size() + len(self.added)
@@ -99,8 +111,8 @@ class _SPModel:
     def add_special(self, piece: str) -> int:
         return self._register(piece, self.specials)
 
-    def add_plain(self, piece: str) -> int:
-        return self._register(piece, self.plain)
+    def add_plain(self, pieces: Sequence[str]) -> list[int]:
+        return [self._register(piece, self.plain) for piece in pieces]
 
     def _register(self, piece: str, kind: dict[str, int]) -> int:
         i = self.lookup(piece)
@@ -171,10 +183,7 @@ class Tokenizer:
         """
         if isinstance(model, tokenizers.Tokenizer):
             self._model: _HFModel | _SPModel = _HFModel(tokenizers.Tokenizer.from_str(model.to_str()))
-            for piece in added_tokens:
-                self._model.add_plain(piece) if piece in plain_tokens else self._model.add_special(piece)
-            for piece in plain_tokens:
-                self._model.add_plain(piece)
+            _register_saved(self._model, added_tokens, plain_tokens)
         elif hasattr(model, "serialized_model_proto"):
             self._model = _SPModel(model, added_tokens, plain_tokens)
         else:
@@ -250,7 +259,7 @@ class Tokenizer:
         for i, piece in enumerate(pieces):
             if not check_text(piece, f"pieces[{i}]"):
                 raise InputError(f"pieces[{i}] is empty: a token needs at least one character")
-        return [self._model.add_plain(piece) for piece in pieces]
+        return self._model.add_plain(list(pieces))
 
     @property
     def vocab_size(self) -> int:

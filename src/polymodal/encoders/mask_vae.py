@@ -19,6 +19,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import Config, _check_positive
-from polymodal.encoders.vq import lookup_codes, nearest_codes, quantize
+from polymodal.encoders.vq import fit_codes, lookup_codes, nearest_codes, quantize
 from polymodal.errors import CheckpointError, ConfigError, InputError, MissingFileError, check_ids, check_media
 
 # Arrays the official file may hold beside the weights: the EMA codebook's running statistics (AiT trains
@@ -144,6 +145,17 @@ class MaskVAE(nn.Module):
         logits = self.decoder(zq)[:, 0]
         target = 2.0 * (masks.to(logits.dtype) - 0.5)
         return MaskVAEOutput(logits, F.mse_loss(logits, target) + codebook_loss, codes)
+
+
+def train_mask_vae(model: MaskVAE, masks: torch.Tensor, *, steps: int, batch_size: int = 64, lr: float = 3e-3,
+                   seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Fit a mask VQ-VAE to masks (N, S, S) in [0, 1] as `encoders.vq.fit_codes` fits a VQ (codebook from the
+    masks' latents, AdamW, one-cycle); returns the loss per step."""
+    def latents(x: torch.Tensor) -> torch.Tensor:
+        return model._latents(x).flatten(2).transpose(1, 2).reshape(-1, model.config.codebook_dim)
+
+    return fit_codes(model, masks, latents, model.codebook, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                     on_step=on_step)
 
 
 def expected_arrays(config: MaskVAEConfig) -> dict[str, tuple[int, ...]]:

@@ -303,20 +303,33 @@ def train_vq(model: VQModel, pixels: torch.Tensor, *, steps: int, batch_size: in
     code starts far from every latent and dies unused; one-cycle schedule, as many small steps beat
     a few big ones here. A VQ frozen inside a model (Chameleon) is trained
     all the same and left frozen."""
+    def latents(x: torch.Tensor) -> torch.Tensor:
+        return model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.config.embed_dim)
+
+    return fit_codes(model, pixels, latents, model.quantize.embedding.weight, steps=steps, batch_size=batch_size,
+                     lr=lr, seed=seed, on_step=on_step)
+
+
+def fit_codes(model: nn.Module, data: torch.Tensor, latents: Callable[[torch.Tensor], torch.Tensor],
+              codebook: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
+              on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """The fitting loop of a VQ model (`model(batch).loss` on random batches of `data`): its codebook (K, D)
+    first set to latents (M, D) of up to 256 examples, then AdamW with a one-cycle schedule; parameters frozen
+    before stay frozen, and the model is left in eval mode. Returns the loss per step; `on_step(done, loss)`."""
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     generator = torch.Generator().manual_seed(seed)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.requires_grad_(True).train()
     with torch.no_grad():
-        z = model.quant_conv(model.encoder(pixels[:256])).permute(0, 2, 3, 1).reshape(-1, model.config.embed_dim)
-        pick = torch.randint(len(z), (model.config.num_embeddings,), generator=generator)
-        model.quantize.embedding.weight.copy_(z[pick])
+        z = latents(data[:256])
+        pick = torch.randint(len(z), (len(codebook),), generator=generator)
+        codebook.copy_(z[pick])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     losses = []
     for _ in range(steps):
-        batch = pixels[torch.randint(len(pixels), (batch_size,), generator=generator)]
+        batch = data[torch.randint(len(data), (batch_size,), generator=generator)]
         loss = model(batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

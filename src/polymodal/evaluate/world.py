@@ -10,7 +10,8 @@ The answer to text_to_image ("draw a red circle in the top left") is a drawing: 
 the model draws is scored by pixel analysis (`synthetic.describe`: object and cell), as
 tests/models/test_image_generation.py scores it; a prompt has no media to blank. The answer to
 say_and_draw is text then a drawing: right when the text is right and the drawing shows the object it
-names (`synthetic.recognise`: colour and shape).
+names (`synthetic.recognise`: colour and shape). Detection and segmentation answers are scored by box and mask
+IoU (`locations.py`), beside the majority box and blanked images.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from polymodal.errors import InputError
 from polymodal.data.collate import Collator
 from polymodal.families.collators import make_collator
 from polymodal.data.documents import Audio, Document, Segment
-from polymodal.data.synthetic import DRAWN, World, describe, recognise
+from polymodal.data.synthetic import DRAWN, LOCATION_TASKS, World, describe, recognise
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.engine import generate
+from polymodal.evaluate.locations import LocationScore, location_table, score_locations
 from polymodal.generation.prompts import prompts
 
 MAJORITY_SAMPLES = 4000  # training examples per task the majority baseline counts
@@ -123,7 +125,7 @@ def sees(doc: Document) -> bool:
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: int, world: World,
              batch_size: int = 64, baselines: bool = True, progress: Callable | None = None,
-             start: int = 0) -> list[TaskScore]:
+             start: int = 0) -> list[TaskScore | LocationScore]:
     """Scores on held-out examples start..start+n-1 of each task, with its baselines unless baselines=False.
     progress: called with (answers to write, task) per task, returns a `Progress` told of each batch."""
     drawing = [t for t in tasks if t in DRAWN]
@@ -139,16 +141,19 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
         blanked = baselines and sees(examples[0].document)
         bar = progress(n * (1 + blanked), task) if progress is not None else None
 
-        def replies(docs: list[Document]) -> list[str | None]:
+        def replies(docs: list[Document], max_new_tokens: int = longest + 1) -> list[str | None]:
             out = []
             for i in range(0, n, batch_size):
                 chunk = docs[i:i + batch_size]
                 out += (drawn(model, collator, tokenizer, chunk, task, longest) if draws
-                        else answer(model, collator, tokenizer, chunk, longest + 1))
+                        else answer(model, collator, tokenizer, chunk, max_new_tokens))
                 if bar is not None:
                     bar.update(len(chunk))
             return out
 
+        if task in LOCATION_TASKS:
+            scores.append(score_locations(replies, model, tokenizer, task, examples, world, blank if blanked else None))
+            continue
         truth = [e.answer for e in examples]
         hits = lambda guesses: sum(g == t for g, t in zip(guesses, truth))  # noqa: E731
         docs = [e.document for e in examples]
@@ -160,8 +165,13 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, tasks: tuple[str, ...], n: 
     return scores
 
 
-def table(scores: list[TaskScore]) -> str:
-    """accuracy beside the model with blank media, the majority answer and chance."""
+def table(scores: list[TaskScore | LocationScore]) -> str:
+    """accuracy beside the model with blank media, the majority answer and chance; then the location tasks'
+    figures (`locations.location_table`)."""
+    located = [s for s in scores if isinstance(s, LocationScore)]
+    scores = [s for s in scores if not isinstance(s, LocationScore)]
+    if located:
+        return "\n\n".join(([table(scores)] if scores else []) + [location_table(located)])
     w = max([10, *(len(s.task) for s in scores)])  # video_direction is longer than the usual column
     rows = [f"{'task':<{w}} {'n':>5} {'accuracy':>9} {'blanked':>8} {'majority':>9} {'chance':>7}"]
     cell = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731

@@ -57,6 +57,7 @@ FAMILIES: dict[str, FamilySpec] = {
                           hf={"llama": LLAMA, "gemma": GEMMA, "cohere": COHERE}, peft=("llama", ())),
     "paligemma": FamilySpec(PaliGemmaConfig, PaliGemma, PaliGemmaFormat, per_token_inputs=PaliGemma.per_token,
                             placeholders=lambda c: (c.image_token_id,), needs_image=True, single_turn=True,
+                            locations=True,
                             presets=PALIGEMMA_PRESETS,
                             hf={"paligemma": PALIGEMMA},
                             peft=("paligemma", (("language_model.model.", "model.language_model."),

@@ -23,6 +23,9 @@ class FamilySpec:
     per_token_inputs: tuple[str, ...] = ()  # model inputs laid out like input_ids (B, S, ...): padded and moved with it
     placeholders: Callable[[object], tuple[int, ...]] = no_placeholders  # token ids whose embeddings media replace
     pairs: bool = False  # learns by contrast from image-text pairs (no labels, no packing) and writes nothing
+    # answers with places (data/locations.py): the format writes boxes and masks as location and segmentation
+    # tokens, and the config's `mask_vae` (a MaskVAEConfig or None) is the mask VQ-VAE that codes them
+    locations: bool = False
     needs_image: bool = False  # every prompt carries an image (PaliGemma: HF's processor refuses one without)
     # reads one prompt, then writes one answer (a prefix-LM's layout): no conversation, each question asked anew
     single_turn: bool = False

@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from polymodal.data.synthetic import WORLD
+from polymodal.data.synthetic import LOCATION_TASKS, WORLD
 from polymodal.evaluate import majority
 from polymodal.serialization import atomic_write_bytes
 from polymodal.train.hooks import WorldAccuracy
@@ -51,7 +51,7 @@ def world_baselines(tasks: list[str]) -> dict[str, dict[str, float]]:
     eval scores (`WorldAccuracy`'s); tasks the world does not know are left out."""
     out, hook = {}, WorldAccuracy(())
     for task in tasks:
-        if task not in WORLD.tasks:
+        if task not in WORLD.tasks or task in LOCATION_TASKS:  # scored by IoU, beside their own baselines
             continue
         examples = [WORLD.sample(task, hook.start + i, "eval") for i in range(hook.n)]
         guesses = majority(WORLD, task, [e.document.texts[0] for e in examples])

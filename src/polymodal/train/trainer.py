@@ -59,7 +59,8 @@ from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
 from polymodal.train.hooks import EvalHook, EvalLoss, autocast, lower_is_better
 from polymodal.train.plot import plot_metrics
-from polymodal.train.vq_stage import fit_image_tokenizers
+from polymodal.train.locations import located, share_mask_vae
+from polymodal.train.vq_stage import fit_image_tokenizers, fit_mask_vaes
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
 
@@ -108,7 +109,7 @@ class TrainConfig(Config):
     lora_dropout: float = 0.0  # dropout on LoRA's input
     lora_tokens: str | None = None  # token rows that train beside LoRA: "locations" (<locNNNN>, <segNNN>) or ids 1,2
     strict_paths: bool = False  # refuse JSONL media paths that lead outside the JSONL's folder (absolute, .., links)
-    vq_steps: int = 400  # a model that writes images first fits its VQ tokenizer to the training images (0: as built)
+    vq_steps: int = 400  # a model that writes images (masks) first fits its VQ tokenizer (mask VQ-VAE) (0: as built)
     trainable: tuple[str, ...] | None = None  # model parts to train, the rest frozen (Flamingo: perceiver cross_layers)
 
     def __post_init__(self) -> None:
@@ -220,7 +221,7 @@ def load_data(cfg: TrainConfig) -> Data:
         def sample(i: int, split: str = "train") -> Document:  # round robin over the tasks
             return WORLD.sample(tasks[i % len(tasks)], i // len(tasks), split).document
 
-        texts = WORLD.texts() + [t for d in eval_docs for t in d.texts]
+        texts = WORLD.texts(tasks) + [t for d in eval_docs for t in d.texts]
         if not cfg.eval_data:
             eval_docs = [sample(i, "eval") for i in range(cfg.eval_docs)]
             checks = [("the built-in world's held-out split", eval_docs)]
@@ -415,6 +416,8 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
         random.seed(cfg.seed + proc.rank)
         np.random.seed(cfg.seed + proc.rank)
         torch.manual_seed(cfg.seed + proc.rank)  # each rank its own dropout stream
+    if spec_of(config).locations:
+        share_mask_vae(run.model, collator)  # the targets' masks are coded with the fitted (or resumed) VAE
     if proc.main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(cfg.run_dir)
@@ -432,11 +435,15 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
 def choose_tokenizer(cfg: TrainConfig, config: Config, data: Data, last: Path | None) -> tuple[Config, Tokenizer]:
     """A resumed run's tokenizer, a fine-tuned model's, the one given, or a BPE trained on the data's text (the
     model's vocabulary then fitted to it)."""
+    world = cfg.tasks if cfg.data == "world" else ()
     if last is not None:
-        return config, Tokenizer.from_file(last)
+        tokenizer = Tokenizer.from_file(last)
+        return located(world, config, tokenizer, fresh=False), tokenizer
     if cfg.init_from and not cfg.tokenizer:
-        return config, Tokenizer.from_file(cfg.init_from)  # the vocabulary the weights were trained with
+        tokenizer = Tokenizer.from_file(cfg.init_from)  # the vocabulary the weights were trained with
+        return located(world, config, tokenizer, fresh=False), tokenizer
     tokenizer = Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else Tokenizer.train(data.texts, cfg.vocab_size)
+    config = located(world, config, tokenizer, fresh=cfg.init_from is None)
     return fit_to_tokenizer(config, tokenizer), tokenizer
 
 
@@ -497,8 +504,9 @@ def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path |
     if base is not None:
         model.load_state_dict(base.state_dict())
     elif last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
-        fit_image_tokenizers(model, data.train, cfg.vq_steps, cfg.seed,
-                             say=lambda line: print(line, flush=True) if proc.main else None, show_progress=proc.main)
+        for fit in (fit_image_tokenizers, fit_mask_vaes):
+            fit(model, data.train, cfg.vq_steps, cfg.seed,
+                say=lambda line: print(line, flush=True) if proc.main else None, show_progress=proc.main)
     _, _, context_mesh = data_and_context_split(proc, cfg.context_parallel)
     if context_mesh is not None:  # its processes read the same documents: data parallel over data_world only
         model = context_parallel(model, context_mesh)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from polymodal.config import Config, ConfigError, DecoderConfig
+from polymodal.encoders.mask_vae import MaskVAEConfig
 from polymodal.encoders.vit import VisionConfig
 
 
@@ -13,11 +14,15 @@ class PaliGemmaConfig(Config):
     """The projector maps vision.dim to text.dim (HF's projection_dim, which must equal the text width).
 
     image_token_id: the placeholder id, inside text.vocab_size. A trainer with its own tokenizer
-    sets both: `cfg.replace(text=cfg.text.replace(vocab_size=...), image_token_id=tok.token_id("<image>"))`."""
+    sets both: `cfg.replace(text=cfg.text.replace(vocab_size=...), image_token_id=tok.token_id("<image>"))`.
+
+    mask_vae: the mask VQ-VAE whose codes the model writes as `<segNNN>` tokens, held (and saved) with the model;
+    None: none (HF's checkpoints keep it in a file of its own, `vae-oid.npz`)."""
 
     vision: VisionConfig
     text: DecoderConfig
     image_token_id: int = 257152
+    mask_vae: MaskVAEConfig | None = None
 
     def __post_init__(self) -> None:
         if self.vision.variant != "siglip":

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from polymodal.data.documents import Document, Segment
-from polymodal.data.locations import LOC_TOKENS, SEG_TOKENS, add_location_tokens, format_locations, format_object
+import numpy as np
+import torch
+
+from polymodal.data.locations import (
+    LOC_TOKENS, SEG_TOKENS, add_location_tokens, encode_mask, format_locations, format_object)
 from polymodal.data.formats import SEPARATOR, Encoded, _labels, _name, _prompt, fit_text
 from polymodal.data.processors import ImageProcessor
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.encoders.mask_vae import MaskVAE
 from polymodal.errors import DocumentError, InputError, UnknownNameError
 
 
@@ -24,6 +29,8 @@ class PaliGemmaFormat:
         self.locations = _has_location_tokens(tokenizer)
         if self.locations:
             add_location_tokens(tokenizer)  # present already: registered to be read whole, nothing appended
+        # codes the masks of a document's objects; a trainer loads the model's fitted weights into it
+        self.mask_vae = MaskVAE(config.mask_vae).eval() if config.mask_vae is not None else None
 
     @staticmethod
     def fit(config, tokenizer: Tokenizer):
@@ -67,11 +74,21 @@ class PaliGemmaFormat:
         if len(doc.images) != 1:
             raise DocumentError(f"{_name(doc)} has boxes and {len(doc.images)} images; boxes are in the pixels of "
                                 "one image: give exactly one")
+        if segment.masks is not None and self.mask_vae is None:
+            raise DocumentError(f"{_name(doc)} has masks, but the model has no mask VQ-VAE to code them as "
+                                "segmentation tokens (its config's mask_vae is None)")
         width, height = doc.images[0].size
+        masks = segment.masks or [None] * len(segment.boxes)
         try:
-            return format_locations([format_object(box, (height, width), label) for label, box in segment.boxes])
+            return format_locations([format_object(box, (height, width), label, self._codes(mask, box))
+                                     for (label, box), mask in zip(segment.boxes, masks)])
         except InputError as e:
             raise DocumentError(f"{_name(doc)}: {e}") from e
+
+    def _codes(self, mask, box) -> list[int] | None:
+        if mask is None:
+            return None
+        return encode_mask(torch.from_numpy(np.asarray(mask) > 127), box, self.mask_vae)
 
     def _join(self, texts: list[str]) -> list[int]:
         ids: list[int] = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polymodal.encoders.mask_vae import MaskVAE
 from polymodal.encoders.vit import ViT, init_weights, resize_position_embeddings
 from polymodal.errors import InputError, InputTypeError
 from polymodal.families.paligemma.config import PaliGemmaConfig
@@ -47,6 +48,8 @@ class PaliGemma(EarlyFusion, nn.Module):
         init_weights(self.projector)
         self.decoder = Decoder(config.text, backend=backend)
         self.writer = None
+        # codes segmentation tokens (data/locations.py); frozen once fitted, never in the forward pass
+        self.mask_vae = MaskVAE(config.mask_vae).requires_grad_(False) if config.mask_vae is not None else None
         self.modalities = self._modalities()
 
     def _modalities(self) -> tuple[Modality, ...]:

@@ -1,0 +1,47 @@
+"""Training on the built-in world's location tasks (`synthetic.LOCATION_TASKS`: detect, segment), for a family
+whose spec says it answers with places (`FamilySpec.locations`): its tokenizer gets PaliGemma's 1,024 location
+and 128 segmentation tokens, its config the world's small mask VQ-VAE (segment), which training fits first
+(`vq_stage.fit_mask_vaes`), and the format codes the targets' masks with the model's fitted, frozen copy.
+"""
+
+from __future__ import annotations
+
+from polymodal.config import Config, ConfigError
+from polymodal.data.collate import Collator
+from polymodal.data.locations import add_location_tokens
+from polymodal.data.synthetic import LOCATION_TASKS
+from polymodal.data.tokenizer import Tokenizer
+from polymodal.encoders.mask_vae import MaskVAE, MaskVAEConfig
+from polymodal.families import spec_of
+
+# the world's masks are 32 pixels wide: a VAE of 82k parameters codes their crops in 16 codes (a 4x4 grid)
+WORLD_MASK_VAE = MaskVAEConfig(mask_size=32, hidden_dim=8, n_down=3, n_res_blocks=1, codebook_dim=32)
+
+
+def located(tasks: tuple[str, ...], config: Config, tokenizer: Tokenizer, fresh: bool) -> Config:
+    """The model config for training on `tasks`, after giving the tokenizer the location tokens they need; a
+    `fresh` model (neither resumed nor fine-tuned) gets the world's mask VQ-VAE when a task writes masks."""
+    asked = [t for t in tasks if t in LOCATION_TASKS]
+    if not asked:
+        return config
+    if not spec_of(config).locations:
+        raise ConfigError(f"task {asked[0]} answers with location tokens; a {type(config).__name__} model writes none: "
+                          "train a family that answers with places (paligemma-tiny)")
+    add_location_tokens(tokenizer)
+    if "segment" in asked and config.mask_vae is None:
+        if not fresh:
+            raise ConfigError("task segment answers with masks coded by a mask VQ-VAE; the model trained from has "
+                              "none (its config's mask_vae is None)")
+        config = config.replace(mask_vae=WORLD_MASK_VAE)
+    return config
+
+
+def share_mask_vae(model, collator: Collator) -> None:
+    """Load the model's (fitted or resumed) mask VQ-VAE weights into the format's copy, which codes the targets'
+    masks on the CPU as documents are read."""
+    vaes = [m for m in model.modules() if isinstance(m, MaskVAE)]
+    if not vaes or collator.format.mask_vae is None:
+        return
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()  # a DTensor under FSDP
+             for k, v in vaes[0].state_dict().items()}
+    collator.format.mask_vae.load_state_dict(state)

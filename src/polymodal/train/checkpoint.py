@@ -10,8 +10,8 @@ It is written into a hidden temporary sibling and renamed into place (`atomic_di
 visible `step-*` directory is always complete; a crash leaves at most a hidden `.step-*.tmp-*`,
 which `prune` removes. `prune` never removes the run's best checkpoint (best.json, `polymodal.runs`).
 Checkpoints are ordered by their step number, not by name. A checkpoint damaged later (a full disk, a
-truncated copy) is a `CheckpointError` naming the file, and `load_latest` falls back to the newest intact
-one.
+truncated copy, a lost shard) is a `CheckpointError` naming the file, and `load_latest` falls back to the
+newest intact one, sharded or not.
 
 A run of several FSDP2 processes writes its checkpoints sharded instead (`save_sharded`, no gather onto
 one process): `sharded/` holds each process's shards of the model and optimizer tensors, written by
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -193,6 +194,23 @@ def is_sharded(directory: str | Path) -> bool:
     return (Path(directory) / SHARDED).is_dir()
 
 
+def _check_shards(folder: Path) -> None:
+    """Every file of a sharded checkpoint reads whole, and together they hold every tensor entire, so a
+    truncated, corrupt or missing shard is a CheckpointError naming it, as a plain checkpoint's file is."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no shard files: not a complete training checkpoint")
+    for path in files:
+        read_safetensors(path)
+    for key, entry in HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata.items():
+        held, whole = sum(math.prod(chunk.sizes) for chunk in entry.chunks), math.prod(entry.size)
+        if held != whole:
+            raise CheckpointError(f"{folder}: its {len(files)} shard files hold {held:,} of the {whole:,} values of "
+                                  f"{key}: a process's shard file is missing")
+
+
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], dict[str, Any]]:
     """(model state, optimizer state, trainer state) of a checkpoint, read without unpickling; its config.json
     is read too. The model state is None in a LoRA run's checkpoint (its adapter files hold what it trained).
@@ -210,6 +228,7 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor] | No
         raise CheckpointError(str(e)) from e
     trainer_state = read_trainer_state(directory)
     if sharded:
+        _check_shards(directory / SHARDED)
         return None, trainer_state.pop("optimizer"), trainer_state
     optimizer_state = _unflatten_optimizer(read_safetensors(directory / OPTIMIZER), trainer_state.pop("optimizer"))
     if adapter:

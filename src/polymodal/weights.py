@@ -37,7 +37,6 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 FROM_NAME = {name: dtype for dtype, name in DTYPES.items()}
 MADV_DONTNEED = 4  # linux/mman.h
-CHECK_CHUNK = 1 << 18  # elements cast and checked at a time by `copy_checked`: 1 MB of float32 stays in cache
 SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}  # HF's units
 
 
@@ -100,45 +99,16 @@ def weight_files(directory: Path) -> list[Path]:
 def check_weight(tensor: torch.Tensor, name: str, path: Path) -> None:
     """A CheckpointError unless `tensor` is a float tensor with every value finite. One pass over the data
     with no temporary: NaN and inf reach the minimum or the maximum."""
-    _check_float(tensor, name, path)
-    if not _finite(tensor):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"{path}: tensor {name} holds {bad:,} non-finite values (NaN or inf) among "
-                              f"{tensor.numel():,}: the file is corrupt or the weights diverged")
-
-
-def copy_checked(target: torch.Tensor, stored: torch.Tensor, name: str, path: Path) -> None:
-    """`target.copy_(stored)` (cast and moved on the way), with `check_weight`'s check made on what was
-    written, one chunk at a time while it is still in the CPU's cache: the stored tensor is read once, by the
-    copy, where checking it first reads it twice. A value finite in the file but not in the target's dtype
-    (past float16's range) is refused too."""
-    if target.device.type == "meta":  # shapes only: nothing written to check
-        check_weight(stored, name, path)
-        target.copy_(stored)
-        return
-    _check_float(stored, name, path)
-    flat_target, flat_stored = target.view(-1), stored.reshape(-1)
-    step = CHECK_CHUNK if target.device.type == "cpu" else max(flat_target.numel(), 1)
-    for start in range(0, flat_target.numel(), step):
-        piece = flat_target[start:start + step]
-        piece.copy_(flat_stored[start:start + step])
-        if not _finite(piece):
-            check_weight(stored, name, path)  # the file's own values, named as a read names them
-            raise CheckpointError(f"{path}: tensor {name} holds values beyond {target.dtype}'s range, which "
-                                  f"become inf: load it in {stored.dtype} or a wider dtype")
-
-
-def _check_float(tensor: torch.Tensor, name: str, path: Path) -> None:
     if not tensor.is_floating_point():
         raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype}, where float weights belong; the file "
                               "holds integers or booleans in a weight's place")
-
-
-def _finite(tensor: torch.Tensor) -> bool:
     if tensor.numel() == 0:
-        return True
+        return
     lo, hi = torch.aminmax(tensor if tensor.element_size() > 1 else tensor.float())
-    return math.isfinite(lo) and math.isfinite(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{path}: tensor {name} holds {bad:,} non-finite values (NaN or inf) among "
+                              f"{tensor.numel():,}: the file is corrupt or the weights diverged")
 
 
 class Weights:
@@ -178,21 +148,15 @@ class Weights:
                 return dtype
         return None
 
-    def read(self, name: str, *, check: bool = True) -> torch.Tensor:
-        """A view of the mapped file, checked by `check_weight` (unless `check=False`: for a caller that copies
-        it with `copy_into`, which checks the copy)."""
+    def read(self, name: str) -> torch.Tensor:
+        """A view of the mapped file, checked by `check_weight`."""
         path = self.where[name]
         try:
             tensor = self._open(path).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({e}): the file may be truncated or corrupt") from e
-        if check:
-            check_weight(tensor, name, path)
+        check_weight(tensor, name, path)
         return tensor
-
-    def copy_into(self, target: torch.Tensor, stored: torch.Tensor, name: str) -> None:
-        """`copy_checked` of tensor `name`, read (unchecked) as `stored`, into `target`."""
-        copy_checked(target, stored, name, self.where[name])
 
     @staticmethod
     def release(tensor: torch.Tensor) -> None:

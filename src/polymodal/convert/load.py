@@ -39,16 +39,8 @@ def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights | None) -> t
 def _tensors(model: nn.Module, weights: Weights, rules: list[Rule], names: dict[str, str], dtype: torch.dtype,
              device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     for rule in rules:
-        keys = {k: names[k] for k in rule.theirs}
-        parts = {k: weights.read(key, check=False) for k, key in keys.items()}
-        first = parts[rule.theirs[0]]
-        if rule.joins and not (len(parts) == 1 and first.dtype == dtype and device.type == "cpu"):
-            value = rule.load(parts, dtype, device, lambda rows, k: weights.copy_into(rows, parts[k], keys[k]))
-        else:  # kept as stored (a view of the file), or gathered by the rule's own code: checked as read
-            for k, key in keys.items():
-                check_weight(parts[k], key, weights.where[key])
-            value = first if rule.joins else rule.gather(parts).to(device=device, dtype=dtype)
-        yield rule.ours, value
+        parts = {k: weights.read(names[k]) for k in rule.theirs}
+        yield rule.ours, rule.load(parts, dtype, device)
         owner, _, name = rule.ours.rpartition(".")
         kept = getattr(model.get_submodule(owner), name).untyped_storage()  # after a quantizer replaced it, too
         for part in parts.values():

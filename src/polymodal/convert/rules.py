@@ -52,20 +52,16 @@ class Rule:
             return first
         return (sum(shapes[k][0] for k in self.theirs), *first[1:])
 
-    @property
-    def joins(self) -> bool:
-        """Whether `gather` is a concatenation (or the one tensor as it is), which `load` writes in place."""
-        return type(self).gather is Rule.gather and self.rows is None
-
-    def load(self, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-             copy: Callable[[torch.Tensor, str], None]) -> torch.Tensor:
-        """`gather(parts)` of a rule that `joins`, in `dtype` on `device`: `copy(rows, key)` writes each part
-        straight into its rows of the result, cast on the way (no joined copy in the stored dtype first)."""
+    def load(self, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """`gather(parts)` in `dtype` on `device`; a concatenation copies each part straight into its rows,
+        cast on the way (no joined copy in the stored dtype first)."""
+        if type(self).gather is not Rule.gather or self.rows is not None or len(parts) == 1:
+            return self.gather(parts).to(device=device, dtype=dtype)
         self.check(parts)
         value = torch.empty(self.shape({k: p.shape for k, p in parts.items()}), dtype=dtype, device=device)
         row = 0
         for key in self.theirs:
-            copy(value[row:row + len(parts[key])], key)
+            value[row:row + len(parts[key])].copy_(parts[key])
             row += len(parts[key])
         return value
 

@@ -7,6 +7,7 @@ import torch
 import polymodal as pm
 from polymodal.config import DecoderConfig
 from polymodal.convert.hf import save_hf
+from polymodal.errors import MissingFileError
 from polymodal.serialization import atomic_directory
 
 
@@ -42,8 +43,28 @@ def test_pickle_weights_are_refused(tmp_path):
                                                "num_hidden_layers": 1, "num_attention_heads": 2,
                                                "intermediate_size": 8}))
     torch.save({"x": torch.zeros(1)}, d / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="only pickle weights .*pytorch_model.bin.*only from safetensors"):
+    with pytest.raises(MissingFileError, match="has no weights: .*only pytorch_model.bin: pickles, which polymodal "
+                                               "never loads"):
         pm.from_pretrained(d)
+
+
+def test_two_loose_weight_files_are_refused_by_loader_and_cli_alike(tmp_path):
+    """Which file holds the model is the loader's decision (`weight_files`), and the CLI asks it: one message."""
+    from polymodal.cli import _with_weights
+
+    model = tiny()
+    pm.save_pretrained(model, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "a.safetensors")
+    (tmp_path / "m" / "b.safetensors").write_bytes((tmp_path / "m" / "a.safetensors").read_bytes())
+    with pytest.raises(MissingFileError) as loader:
+        pm.from_pretrained(tmp_path / "m")
+    with pytest.raises(MissingFileError) as cli:
+        _with_weights(tmp_path / "m")
+    assert str(loader.value) == str(cli.value)
+    assert "a.safetensors, b.safetensors: several loose *.safetensors files" in str(cli.value)
+    (tmp_path / "m" / "b.safetensors").unlink()  # one loose file is the model's, on both paths
+    assert _with_weights(tmp_path / "m") == tmp_path / "m"
+    torch.testing.assert_close(pm.from_pretrained(tmp_path / "m").state_dict(), model.state_dict())
 
 
 def test_checkpoint_that_does_not_fit_the_config(tmp_path):

@@ -195,19 +195,14 @@ def _checkpoint_dir(path: str) -> Path:
 
 
 def _with_weights(directory: Path) -> Path:
-    """`directory`, if it holds model weights as safetensors (a sharded training checkpoint's included), or a
-    LoRA adapter (whose base from_pretrained loads); an optimizer's file alone is none."""
+    """`directory`, if it holds model weights as the loader finds them (`weights.weight_files`), or is a
+    sharded training checkpoint or a LoRA adapter (whose base from_pretrained loads)."""
     from polymodal.convert.peft import ADAPTER_CONFIG
-    from polymodal.weights import INDEX, NOT_WEIGHTS, PICKLE_NAMES, SHARDED
+    from polymodal.weights import SHARDED, weight_files
 
-    if ((directory / INDEX).is_file() or (directory / ADAPTER_CONFIG).is_file() or (directory / SHARDED).is_dir()
-            or any(f.name not in NOT_WEIGHTS for f in directory.glob("*.safetensors"))):
-        return directory
-    pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
-    present = sorted(f.name for f in directory.glob("*.safetensors"))
-    raise MissingFileError(f"{directory} has no weights: no model.safetensors or {INDEX}"
-                           + (f" (only {', '.join(pickles)}: pickles, which polymodal never loads)" if pickles else "")
-                           + (f" ({', '.join(present)} holds no model weights)" if present else ""))
+    if not ((directory / ADAPTER_CONFIG).is_file() or (directory / SHARDED).is_dir()):
+        weight_files(directory)
+    return directory
 
 
 def _load(path: str, quantize: str | None = None, role: str = "checkpoint"):

@@ -75,22 +75,25 @@ def _shards(directory: Path) -> list[Path]:
 
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files holding a checkpoint's weights: model.safetensors, else the shards of its index,
-    else its one *.safetensors file. Pickles are refused, never read."""
+    else its one *.safetensors file. Otherwise a MissingFileError saying what the folder holds instead (pickles
+    are named and refused, never read)."""
     if (directory / WEIGHTS).exists():  # first, as HF does: a save over a sharded folder leaves its index
         return [directory / WEIGHTS]
     if (directory / INDEX).exists():
         return _shards(directory)
-    singles = [p for p in sorted(directory.glob("*.safetensors")) if p.name not in NOT_WEIGHTS]
+    present = sorted(p.name for p in directory.glob("*.safetensors"))
+    singles = [name for name in present if name not in NOT_WEIGHTS]
     if len(singles) == 1:
-        return singles
+        return [directory / singles[0]]
     pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
-    if pickles:
-        raise CheckpointError(f"{directory} holds only pickle weights ({', '.join(pickles)}); polymodal loads "
-                              "weights only from safetensors, since unpickling a file can run arbitrary code. Convert "
-                              "them with a tool you trust (e.g. transformers' save_pretrained(safe_serialization=True)).")
-    raise MissingFileError(f"no {WEIGHTS} or {INDEX} in {directory}"
-                           + (" (an optimizer's or adapter's file is not a model's weights)" if
-                              any((directory / n).exists() for n in NOT_WEIGHTS) else ""))
+    why = [f"only {', '.join(pickles)}: pickles, which polymodal never loads, since unpickling a file can run "
+           "arbitrary code; convert them with a tool you trust, e.g. transformers' "
+           "save_pretrained(safe_serialization=True)"] if pickles else []
+    if len(singles) > 1:
+        why.append(f"{', '.join(singles)}: several loose *.safetensors files and no index saying which hold the model")
+    elif present:
+        why.append(f"{', '.join(present)} holds no model weights")
+    raise MissingFileError(f"{directory} has no weights: no {WEIGHTS} or {INDEX}" + "".join(f" ({w})" for w in why))
 
 
 def check_weight(tensor: torch.Tensor, name: str, path: Path) -> None:

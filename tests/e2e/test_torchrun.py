@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import polymodal as pm
 from polymodal.train.checkpoint import latest_checkpoint
@@ -54,9 +55,13 @@ def test_a_sharded_checkpoint_of_two_processes_resumes_on_one_exactly(single, tm
              timeout=240, cwd=tmp_path)
     step2, step4 = tmp_path / "run" / "checkpoints" / "step-000002", tmp_path / "run" / "checkpoints" / "step-000004"
     assert (step2 / "sharded").is_dir() and not (step2 / "model.safetensors").exists()  # no gather onto rank 0
-    shutil.rmtree(step4)
-    launch([sys.executable, "-m", "polymodal.cli", "train", *FLAGS, "--batch-size", "4", "--grad-accum", "2",
-            "--out-dir", str(tmp_path), "--name", "run", "--resume"], tmp_path)
+    lost = sorted((step4 / "sharded").glob("*.safetensors"))
+    assert len(lost) == 2  # one file per process
+    lost[1].unlink()  # one process's shards of step 4 lost: the resume falls back to step 2
+    out = launch([sys.executable, "-m", "polymodal.cli", "train", *FLAGS, "--batch-size", "4", "--grad-accum", "2",
+                  "--out-dir", str(tmp_path), "--name", "run", "--resume"], tmp_path)
+    assert "cannot resume from step-000004" in out.stdout and "a process's shard file is missing" in out.stdout
+    assert "step-000002 at step 2" in out.stdout  # resumed from it
     train, evals = losses(tmp_path / "run")
     assert max(abs(a - b) for a, b in zip(train + evals, single[0] + single[1])) <= 1e-5, (train, single)
     # one command makes the sharded checkpoint a plain directory: the one-process run's weights at step 2
@@ -88,3 +93,24 @@ def test_siglip_over_two_processes_trains_on_the_global_batch(tmp_path, torchrun
     torchrun("-m", "polymodal.cli", "train", *flags, "--batch-size", "4", "--name", "two", timeout=240, cwd=tmp_path)
     one, two = losses(tmp_path / "single")[0], losses(tmp_path / "two")[0]
     assert len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)
+
+
+def test_a_lora_run_over_two_processes_writes_the_adapter_as_one_process_does(single, tmp_path, torchrun):
+    """FSDP processes fine-tuning LoRA adapters gather and write the adapter alone, in peft's layout: the same
+    files and, accumulating the same global batch, the same losses and adapter as one process."""
+    flags = ["--init-from", single[2] / "checkpoints" / "step-000002", "--lora-rank", 4, *FLAGS[4:], "--max-steps", 2, "--batch-size", 4, "--out-dir", tmp_path]
+    launch([sys.executable, "-m", "polymodal.cli", "train", *map(str, flags), "--grad-accum", "2", "--name", "one"],
+           tmp_path)
+    torchrun("-m", "polymodal.cli", "train", *flags, "--name", "two", timeout=240, cwd=tmp_path)
+    one, two = (latest_checkpoint(tmp_path / name / "checkpoints") for name in ("one", "two"))
+    assert one.name == two.name == "step-000002"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert (two / "adapter_model.safetensors").is_file() and not (two / "model.safetensors").exists()
+    assert not (two / "sharded").exists()
+    (train_two, evals_two), (train_one, evals_one) = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(train_two) == 2 and len(evals_two) == 1
+    assert max(abs(a - b) for a, b in zip(train_two + evals_two, train_one + evals_one)) <= 1e-5
+    adapter_one, adapter_two = (load_file(str(d / "adapter_model.safetensors")) for d in (one, two))
+    assert adapter_one.keys() == adapter_two.keys() and len(adapter_one) > 0
+    assert all(torch.allclose(adapter_one[k], adapter_two[k], atol=1e-5, rtol=0) for k in adapter_one)
+    assert json.loads((one / "adapter_config.json").read_text()) == json.loads((two / "adapter_config.json").read_text())

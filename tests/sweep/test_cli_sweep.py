@@ -65,6 +65,9 @@ def place(tmp_path_factory):
     (root / "noweights" / "model.safetensors").rename(root / "noweights" / "optimizer.safetensors")
     shutil.copytree(root / "pali", root / "pickle")
     (root / "pickle" / "model.safetensors").rename(root / "pickle" / "pytorch_model.bin")
+    shutil.copytree(root / "pali", root / "twoloose")
+    shutil.copy(root / "twoloose" / "model.safetensors", root / "twoloose" / "a.safetensors")
+    (root / "twoloose" / "model.safetensors").rename(root / "twoloose" / "b.safetensors")
     shutil.copytree(root / "pali", root / "othertok")
     Tokenizer.train(WORLD.texts(), vocab_size=600).save(root / "othertok")
     shutil.copytree(root / "pali", root / "run" / "checkpoints" / "step-000001")
@@ -144,6 +147,9 @@ PROBES = {  # name: (argv, error class or None for a result, what the message sa
     "only optimizer.safetensors": (["generate", "{}/noweights", "--prompt", "hi"], MissingFileError,
                                    "has no weights: no model.safetensors"),
     "only a pickle": (["generate", "{}/pickle", "--prompt", "hi"], MissingFileError, "pickles, which polymodal never"),
+    "two loose safetensors": (["generate", "{}/twoloose", "--prompt", "hi"], MissingFileError,
+                              "{}/twoloose has no weights: no model.safetensors or model.safetensors.index.json "
+                              "(a.safetensors, b.safetensors: several loose"),
     "tokenizer of another model": (["generate", "{}/othertok", "--prompt", "hi"], ConfigError,
                                    "tokens, the model's embeddings 400 rows"),
     "draft of another family": ([*GEN, "--image", "{}/media/red.png", "--assistant", "{}/gemini"], InputError,

@@ -95,3 +95,42 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="has no model.safetensors: not a complete training checkpoint"):
         ckpt.load_checkpoint(tmp_path)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _overwrite_header(path):
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, says", [(_truncate, "is not a readable safetensors file"),
+                                          (_overwrite_header, "is not a readable safetensors file"),
+                                          (lambda path: path.unlink(), "holds no shard files")])
+def test_load_latest_falls_back_past_a_damaged_sharded_checkpoint(tmp_path, one_process_group, damage, says):
+    model, optimizer = trained_llama()
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        ckpt.save_sharded(ckpt.step_dir(root, step), model.config, model, optimizer, {"step": step}, None, main=True)
+    shard = next((ckpt.step_dir(root, 4) / "sharded").glob("*.safetensors"))
+    damage(shard)
+    said = []
+    found, (model_state, optimizer_meta, trainer_state) = ckpt.load_latest(root, said.append)
+    assert found == ckpt.step_dir(root, 2) and trainer_state == {"step": 2} and model_state is None
+    assert len(said) == 1 and "cannot resume from step-000004" in said[0] and says in said[0]
+    assert str(shard if shard.exists() else shard.parent) in said[0]
+    fresh = pm.build("llama-tiny")  # the intact one resumes exactly
+    ckpt.load_sharded(found, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3), optimizer_meta)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

@@ -9,6 +9,9 @@ memory is the model's bytes plus one tensor.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,6 +27,8 @@ from polymodal.nn.quantize import quantize as quantize_model
 from polymodal.serialization import check_fits
 from polymodal.weights import SHARDED, SHARDED_MODEL, Weights, check_weight
 
+WORKERS = 2  # threads reading, checking and casting tensors ahead of the one being put in place
+
 
 def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights | None) -> torch.dtype:
     """None: float32; "auto": the checkpoint's own float dtype (HF's dtype="auto"); else a float dtype."""
@@ -38,14 +43,27 @@ def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights | None) -> t
 
 def _tensors(model: nn.Module, weights: Weights, rules: list[Rule], names: dict[str, str], dtype: torch.dtype,
              device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    for rule in rules:
+    """Each rule's tensor, in order: read, checked and cast by `WORKERS` threads, `WORKERS` rules ahead (torch's
+    kernels release the GIL, so the page faults of the mapped file and of the new tensors are taken on several
+    cores, as HF's loader does); a source only a copy of which is kept is then dropped."""
+    def work(rule: Rule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         parts = {k: weights.read(names[k]) for k in rule.theirs}
-        yield rule.ours, rule.load(parts, dtype, device)
-        owner, _, name = rule.ours.rpartition(".")
-        kept = getattr(model.get_submodule(owner), name).untyped_storage()  # after a quantizer replaced it, too
-        for part in parts.values():
-            if part.untyped_storage().data_ptr() != kept.data_ptr():
-                weights.release(part)
+        return parts, rule.load(parts, dtype, device)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        todo = iter(rules)
+        pending = deque((rule, pool.submit(work, rule)) for rule in islice(todo, WORKERS))
+        while pending:
+            rule, done = pending.popleft()
+            parts, value = done.result()
+            for upcoming in islice(todo, 1):
+                pending.append((upcoming, pool.submit(work, upcoming)))
+            yield rule.ours, value
+            owner, _, name = rule.ours.rpartition(".")
+            kept = getattr(model.get_submodule(owner), name).untyped_storage()  # after a quantizer replaced it, too
+            for part in parts.values():
+                if part.untyped_storage().data_ptr() != kept.data_ptr():
+                    weights.release(part)
 
 
 def load_model(build: Callable[[object], nn.Module], cfg, weights: Weights, rules: list[Rule],

@@ -10,8 +10,8 @@ It is written into a hidden temporary sibling and renamed into place (`atomic_di
 visible `step-*` directory is always complete; a crash leaves at most a hidden `.step-*.tmp-*`,
 which `prune` removes. `prune` never removes the run's best checkpoint (best.json, `polymodal.runs`).
 Checkpoints are ordered by their step number, not by name. A checkpoint damaged later (a full disk, a
-truncated copy) is a `CheckpointError` naming the file, and `load_latest` falls back to the newest intact
-one.
+truncated copy, a lost shard) is a `CheckpointError` naming the file, and `load_latest` falls back to the
+newest intact one, sharded or not.
 
 A run of several FSDP2 processes writes its checkpoints sharded instead (`save_sharded`, no gather onto
 one process): `sharded/` holds each process's shards of the model and optimizer tensors, written by
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -34,10 +35,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from polymodal.api import build
 from polymodal.config import ConfigError
 from polymodal.convert.peft import ADAPTER_WEIGHTS
 from polymodal.errors import CheckpointError
 from polymodal.families import load_config
+from polymodal.nn.meta import empty
 from polymodal.runs import BEST, PREFIX, latest_checkpoint, list_checkpoints, read_best, step_dir  # noqa: F401
 from polymodal.serialization import WEIGHTS, atomic_directory, atomic_write_bytes, read_safetensors, save_state_dict
 from polymodal.weights import SHARDED, SHARDED_MODEL
@@ -193,6 +196,35 @@ def is_sharded(directory: str | Path) -> bool:
     return (Path(directory) / SHARDED).is_dir()
 
 
+def _check_shards(folder: Path, config) -> None:
+    """Every file of a sharded checkpoint reads whole, and together they hold every tensor of the model that
+    `config` builds entire (and its optimizer state), so a truncated, corrupt or lost shard is a CheckpointError
+    naming it, as a plain checkpoint's file is."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no shard files: not a complete training checkpoint")
+    for path in files:
+        read_safetensors(path)
+    found = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    shapes = {k: v.shape for k, v in empty(lambda: build(config)).state_dict().items()}
+    missing = sorted(k for k in shapes if f"{SHARDED_MODEL}{k}" not in found)
+    if missing:
+        raise CheckpointError(f"{folder}: its {len(files)} shard files lack {len(missing)} of the model's tensors "
+                              f"({missing[:3]}): a process's shard file is missing")
+    for key, entry in found.items():
+        name = key.removeprefix(SHARDED_MODEL)
+        if key.startswith("optimizer/"):  # optimizer/<parameter>/<state>: the parameter's shape
+            name = key.removeprefix("optimizer/").rsplit("/", 1)[0]
+        whole = shapes.get(name, entry.size)
+        whole = whole if len(whole) == len(entry.size) else entry.size  # an optimizer's step count: a scalar
+        held = sum(math.prod(chunk.sizes) for chunk in entry.chunks)
+        if held != math.prod(whole):
+            raise CheckpointError(f"{folder}: its {len(files)} shard files hold {held:,} of the {math.prod(whole):,} "
+                                  f"values of {key}: a process's shard file is missing")
+
+
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], dict[str, Any]]:
     """(model state, optimizer state, trainer state) of a checkpoint, read without unpickling; its config.json
     is read too. The model state is None in a LoRA run's checkpoint (its adapter files hold what it trained).
@@ -205,11 +237,12 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor] | No
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} has no {name}: not a complete training checkpoint")
     try:
-        load_config(directory / "config.json")
+        config = load_config(directory / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
     trainer_state = read_trainer_state(directory)
     if sharded:
+        _check_shards(directory / SHARDED, config)
         return None, trainer_state.pop("optimizer"), trainer_state
     optimizer_state = _unflatten_optimizer(read_safetensors(directory / OPTIMIZER), trainer_state.pop("optimizer"))
     if adapter:

@@ -549,11 +549,11 @@ def resume(run: Run, last: Path, state: tuple) -> None:
     ckpt.set_rng_state(trainer_state["rng"][run.proc.rank % len(trainer_state["rng"])])  # each rank its own
 
 
-def full_state():
-    """Whole tensors on rank 0's CPU: what a checkpoint holds."""
+def full_state(trained_only: bool = False):
+    """Whole tensors on rank 0's CPU: what a checkpoint holds (`trained_only`: of the parameters that train)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions  # takes seconds: only when training
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
 
 
 def interrupted_save(run: Run, interrupted: list[bool]) -> bool:
@@ -636,7 +636,8 @@ def saved(run: Run) -> bool:
 
 def save(run: Run) -> None:
     """A checkpoint of this step. Several FSDP processes each write their own shards (nothing is gathered;
-    train/checkpoint.py); otherwise every rank takes part in gathering the whole state and the main rank writes."""
+    train/checkpoint.py); otherwise every rank takes part in gathering the whole state (a LoRA run's: the adapter
+    alone, written in peft's layout however many processes trained it) and the main rank writes."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     cfg, proc = run.cfg, run.proc
@@ -648,7 +649,8 @@ def save(run: Run) -> None:
     if proc.world_size > 1 and cfg.parallel == "fsdp" and cfg.lora_rank is None:
         ckpt.save_sharded(directory, run.config, run.model, run.optimizer, state, run.tokenizer, proc.main)
     else:
-        model_state = get_model_state_dict(run.model, options=full_state())
+        # a LoRA run keeps only what trains: the frozen base is never gathered
+        model_state = get_model_state_dict(run.model, options=full_state(trained_only=cfg.lora_rank is not None))
         optimizer_state = get_optimizer_state_dict(run.model, run.optimizer, options=full_state())
         if proc.main and cfg.lora_rank is None:
             ckpt.save_checkpoint(directory, run.config, model_state, optimizer_state, state, run.tokenizer)

@@ -11,7 +11,7 @@ step never runs short; each new request looks its prompt up in the prefix cache 
 inputs, every media item's content hash, `prompt_keys`). The ones without a hit are prefilled together, in
 one left-padded call per media layout (padding takes no slot); the media are encoded through the batcher's
 `EncoderCache`s (the same image twice is encoded once). A long causal prompt is prefilled up to its media
-and `prefill_chunk` tokens at least; a prefix-LM's (a model with per-token inputs) whole. Then one call continues
+spans' ends (their end tokens included: a chunk never splits a span) and `prefill_chunk` tokens at least; a prefix-LM's (a model with per-token inputs) whole. Then one call continues
 every other sequence: a running request feeds its last token, a request with prompt tokens still to run
 (after a hit or a first chunk) feeds the next `prefill_chunk` of them (chunked prefill beside the decode
 rows), and takes its first token from its prompt's last logit.
@@ -258,7 +258,7 @@ class Batcher:
 
     def _first_chunk(self, request: Request, keys) -> int:
         """The prompt tokens a new request's prefill runs: all of them, or, for a long causal prompt, its media
-        and `prefill_chunk` tokens at least; the rest runs in chunks beside the decode steps. A model with
+        spans whole (`PromptKeys.media_end`) and `prefill_chunk` tokens at least; the rest runs in chunks beside the decode steps. A model with
         per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with or without them given)
         is prefilled whole."""
         P = request.prompt_len

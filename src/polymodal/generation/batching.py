@@ -259,9 +259,9 @@ class Batcher:
 
     def _first_chunk(self, request: Request, keys) -> int:
         """The prompt tokens a new request's prefill runs: all of them, or, for a long causal prompt, its media
-        spans whole (`PromptKeys.media_end`) and `prefill_chunk` tokens at least; the rest runs in chunks beside the decode steps. A model with
-        per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with or without them given)
-        is prefilled whole."""
+        spans whole, end tokens included (`PromptKeys.media_end`), and `prefill_chunk` tokens at least; the rest
+        runs in chunks beside the decode steps. A model with per-token inputs (a prefix-LM: its prompt may be one
+        bidirectional block, with or without them given) is prefilled whole."""
         P = request.prompt_len
         causal = keys is not None and not spec_of(self.model).per_token_inputs
         return max(self.prefill_chunk, keys.media_end) if causal and P > self.prefill_chunk else P

@@ -2,7 +2,8 @@
 together, each get the tokens `generate` gives them alone, greedy and seeded; a prefix-cache hit (the same image
 and prompt prefix) answers as a miss does and another image never hits; chunked prefill after a hit; blocks
 follow the live tokens and all come back; admission waits for blocks; a cancelled request leaves at the next
-step; a full queue refuses."""
+step; a full queue refuses; a chunk boundary anywhere around a media span (its start token, inside it, one
+short of its end token, right after it) never splits it, for every family that reads images."""
 
 import pytest
 import torch
@@ -11,6 +12,12 @@ from torch._dynamo.utils import counters
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
+from polymodal.data.documents import Document, Segment
+from polymodal.data.synthetic import World
+from polymodal.data.tokenizer import Tokenizer
+from polymodal.families.collators import fit_to_tokenizer, make_collator
+from polymodal.generation.prompts import prompts as lay_out
+from polymodal.presets import get_preset
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.families.flamingo.presets import flamingo_tiny
 from polymodal.families.paligemma.presets import paligemma_tiny
@@ -304,3 +311,42 @@ def test_long_prompts_prefill_in_chunks_beside_decode_steps():
         drain(batcher)
         assert request.tokens == alone(model, inputs, request)
         assert running.tokens == alone(model, running.inputs, running)
+
+
+def laid_out(model, tokenizer, segments: list[Segment]) -> list[int]:
+    inputs, _ = lay_out(make_collator(model.config, tokenizer), [Document(segments)], 3)
+    inputs.pop("attention_mask")
+    return inputs
+
+
+def image_tokens(ids: list[int], without: list[int]) -> tuple[int, int]:
+    """[a, b): the tokens the image put into a prompt (its span, start and end tokens included), read as what
+    the prompt without it lacks: the longest common prefix and suffix of the two."""
+    a = next(i for i, (x, y) in enumerate(zip(ids, without + [None])) if x != y)
+    suffix = next(n for n in range(len(without) - a + 1) if n == len(without) - a or ids[-1 - n] != without[-1 - n])
+    return a, len(ids) - suffix
+
+
+@pytest.mark.parametrize("preset", ["paligemma-tiny", "kosmos-tiny", "gemini-tiny", "chameleon-tiny", "flamingo-tiny"])
+def test_a_prompt_chunked_at_any_token_around_its_image_answers_as_alone(preset, open_gates):
+    """Text, an image, text, laid out by the family's own format (PaliGemma: its image first), prefilled with a
+    first chunk that ends just before the image's tokens, after its start token, inside it, one short of its end
+    token, exactly after it and one later: each answers as `generate` alone."""
+    world = World(seed=0)
+    tokenizer = Tokenizer.train(world.texts(), vocab_size=320)
+    torch.manual_seed(0)
+    model = pm.build(fit_to_tokenizer(get_preset(preset), tokenizer)).eval()
+    model = open_gates(model) if preset.startswith("flamingo") else model
+    before = [] if preset.startswith("paligemma") else [Segment("text", "a" * 4)]
+    inputs = laid_out(model, tokenizer, [*before, Segment("image", media=world.draw("red", "circle")),
+                                         Segment("text", "is it?")])
+    ids = inputs["input_ids"][0].tolist()
+    a, b = image_tokens(ids, laid_out(model, tokenizer, [*before, Segment("text", "is it?")])["input_ids"][0].tolist())
+    assert b - a >= 1 and b < len(ids) - 2  # the image's tokens lie inside the prompt, text after them
+    expected = alone(model, inputs, Request(inputs, max_new_tokens=3))
+    for chunk in sorted({max(a, 1), a + 1, (a + b) // 2, b - 1, b, b + 1}):
+        batcher = Batcher(model, slots=1, max_len=len(ids) + 3, block_size=4, prefill_chunk=chunk)
+        request = Request(inputs, max_new_tokens=3)
+        batcher.submit(request)
+        drain(batcher)
+        assert request.error is None and request.tokens == expected, f"prefill_chunk={chunk}, image at {a}..{b - 1}"

@@ -1,11 +1,13 @@
 """Prefix caching in the paged KV cache: requests that share a prefix (the same image) share its blocks and get
 the logits they get alone; another image, or the same image with another prompt in its bidirectional prefix,
-never hits; idle cached blocks are evicted least recently used first."""
+never hits; idle cached blocks are evicted least recently used first; a prompt's media end is checked."""
 
+import pytest
 import torch
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
+from polymodal.errors import InputError
 from polymodal.nn.media_cache import content_hash
 from polymodal.nn.paged_cache import PagedCache, kv_bytes
 from polymodal.nn.prefix_keys import PromptKeys, group_ends
@@ -105,3 +107,15 @@ def test_a_prompt_whose_model_call_failed_is_never_shared():
 
 def test_group_ends():
     assert group_ends([1, 2, 2, 2, 3, 4, 4]) == [1, 4, 4, 4, 5, 7, 7]
+
+
+def test_media_end_lies_between_the_last_media_token_and_the_prompt_end():
+    """A wrapped span's end token counts in `media_end` (a cut there keeps the span whole); a media_end inside
+    the span or past the prompt is refused, naming both."""
+    ids = torch.arange(10)[None]
+    media = [(3, 4, b"digest")]  # tokens 3..6, its end token at 7
+    assert PromptKeys(dict(input_ids=ids), media).media_end == 7
+    assert PromptKeys(dict(input_ids=ids), media, media_end=8).media_end == 8
+    for wrong in (6, 11):
+        with pytest.raises(InputError, match=f"media_end {wrong} after media tokens up to 7"):
+            PromptKeys(dict(input_ids=ids), media, media_end=wrong)

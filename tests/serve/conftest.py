@@ -18,10 +18,11 @@ import pytest
 import torch
 
 import polymodal as pm
-from polymodal.families.collators import fit_to_tokenizer
-from polymodal.data.documents import wav_bytes
+from polymodal.families.collators import fit_to_tokenizer, make_collator
+from polymodal.data.documents import Document, Segment, wav_bytes
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.generation.prompts import prompts
 from polymodal.presets import get_preset
 
 openai = pytest.importorskip("openai", reason="the serve tests talk to the server through the openai client")
@@ -43,6 +44,15 @@ def call(url: str, body: bytes | None = None) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def generate_alone(directory: Path, segments: list[Segment], max_new_tokens: int = 8) -> str:
+    """What `pm.generate` answers alone (greedy), the prompt laid out as the server and `polymodal generate` lay
+    it out."""
+    model, tokenizer = pm.from_pretrained(directory), Tokenizer.from_file(directory)
+    batch, _ = prompts(make_collator(model.config, tokenizer), [Document(segments)], max_new_tokens)
+    tokens = pm.generate(model, **batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id)[0].tolist()
+    return tokenizer.text(tokens[:tokens.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in tokens else tokens)
 
 
 def png_url(image) -> str:

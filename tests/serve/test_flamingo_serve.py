@@ -5,13 +5,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import WORLD, Live, png_url
+from conftest import WORLD, Live, generate_alone, png_url
 
 import polymodal as pm
-from polymodal.data.documents import Document, Segment
+from polymodal.data.documents import Segment
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.families.collators import fit_to_tokenizer, make_collator
-from polymodal.generation.prompts import prompts
+from polymodal.families.collators import fit_to_tokenizer
 from polymodal.presets import get_preset
 
 QUESTION = "what colour is the shape?"
@@ -31,12 +30,7 @@ def flamingo(tmp_path_factory, open_gates):
 
 
 def generate(directory, images) -> str:
-    """What `pm.generate` answers alone, the prompt laid out as the server and `polymodal generate` lay it out."""
-    model, tokenizer = pm.from_pretrained(directory), Tokenizer.from_file(directory)
-    doc = Document([*(Segment("image", media=image) for image in images), Segment("text", QUESTION)])
-    batch, _ = prompts(make_collator(model.config, tokenizer), [doc], 8)
-    tokens = pm.generate(model, **batch, max_new_tokens=8, eos_token_id=tokenizer.eos_id)[0].tolist()
-    return tokenizer.text(tokens[:tokens.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in tokens else tokens)
+    return generate_alone(directory, [*(Segment("image", media=image) for image in images), Segment("text", QUESTION)])
 
 
 def test_chats_with_images_answer_as_pm_generate_alone(flamingo, one_thread):

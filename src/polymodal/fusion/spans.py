@@ -56,6 +56,13 @@ class Span:
         return self.wrap is not None
 
 
+def closed_ends(spans: Spans, rules: list[Span]) -> torch.Tensor:
+    """(N,) the position after each span's last token, its end token included where its rule wraps it: input_ids
+    cut there (or before its start token) keep the span whole."""
+    wrapped = torch.tensor([r.wrapped for r in rules], dtype=torch.long, device=spans.kinds.device)
+    return spans.starts + spans.lengths + wrapped[spans.kinds]
+
+
 def find(input_ids: torch.Tensor, rules: list[Span], names: list[str], *, fixed: tuple | None = None) -> Spans:
     """The spans of every rule (kinds index `rules`), in row-major order. The rules of one table are all bare
     (one rule), all wrapped around one blank, or one fixed rule, with `fixed` = the other arguments of

@@ -11,10 +11,11 @@ step never runs short; each new request looks its prompt up in the prefix cache 
 inputs, every media item's content hash, `prompt_keys`). The ones without a hit are prefilled together, in
 one left-padded call per media layout (padding takes no slot); the media are encoded through the batcher's
 `EncoderCache`s (the same image twice is encoded once). A long causal prompt is prefilled up to its media
-and `prefill_chunk` tokens at least; a prefix-LM's (a model with per-token inputs) whole. Then one call continues
-every other sequence: a running request feeds its last token, a request with prompt tokens still to run
-(after a hit or a first chunk) feeds the next `prefill_chunk` of them (chunked prefill beside the decode
-rows), and takes its first token from its prompt's last logit.
+spans' ends (their end tokens included: a chunk never splits a span) and `prefill_chunk` tokens at least; a
+prefix-LM's (a model with per-token inputs) whole. Then one call continues every other sequence: a running
+request feeds its last token, a request with prompt tokens still to run (after a hit or a first chunk) feeds
+the next `prefill_chunk` of them (chunked prefill beside the decode rows), and takes its first token from its
+prompt's last logit.
 
 Each request has its own sampling settings (temperature, top-k, top-p, repetition / frequency / presence
 penalties) and stop tokens (one `Chooser` per setting; a row's seen tokens kept beside it), seed and listener,
@@ -258,9 +259,9 @@ class Batcher:
 
     def _first_chunk(self, request: Request, keys) -> int:
         """The prompt tokens a new request's prefill runs: all of them, or, for a long causal prompt, its media
-        and `prefill_chunk` tokens at least; the rest runs in chunks beside the decode steps. A model with
-        per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with or without them given)
-        is prefilled whole."""
+        spans whole, end tokens included (`PromptKeys.media_end`), and `prefill_chunk` tokens at least; the rest
+        runs in chunks beside the decode steps. A model with per-token inputs (a prefix-LM: its prompt may be one
+        bidirectional block, with or without them given) is prefilled whole."""
         P = request.prompt_len
         causal = keys is not None and not spec_of(self.model).per_token_inputs
         return max(self.prefill_chunk, keys.media_end) if causal and P > self.prefill_chunk else P

@@ -9,15 +9,18 @@ from __future__ import annotations
 import torch
 
 from polymodal.families import spec_of
+from polymodal.fusion import spans as span_rules
 from polymodal.fusion.early import EarlyFusion
 from polymodal.nn.media_cache import content_hash
 from polymodal.nn.prefix_keys import PromptKeys
 
 
-def media_spans(model: EarlyFusion, input_ids: torch.Tensor, media: dict) -> list[tuple[int, int, bytes]]:
+def media_spans(model: EarlyFusion, input_ids: torch.Tensor, media: dict) -> tuple[list[tuple[int, int, bytes]], int]:
     """(start, length, content hash) of each media item of one prompt (1, S): each modality's spanned tokens,
-    in order, cut into its items' token counts (adjacent items may share a run of blanks)."""
+    in order, cut into its items' token counts (adjacent items may share a run of blanks); and the position
+    after the last span's last token, its end token included (where the prompt may be cut)."""
     spans = model.spans(input_ids, media)
+    end = int(span_rules.closed_ends(spans, [m.span for m in model.modalities]).max()) if len(spans) else 0
     out = []
     for kind, m in enumerate(model.modalities):
         items = media.get(m.key)
@@ -28,7 +31,7 @@ def media_spans(model: EarlyFusion, input_ids: torch.Tensor, media: dict) -> lis
         for item, size in zip(items, m.sizes(items)):
             out.append((int(columns[at]), size, content_hash(item)))
             at += size
-    return out
+    return out, end
 
 
 def prompt_keys(model, inputs: dict[str, torch.Tensor]) -> PromptKeys | None:
@@ -41,4 +44,5 @@ def prompt_keys(model, inputs: dict[str, torch.Tensor]) -> PromptKeys | None:
     known = {m.key for m in model.modalities} if isinstance(model, EarlyFusion) else set()
     if not set(media) <= known:
         return None
-    return PromptKeys(per_token, media_spans(model, inputs["input_ids"], media))
+    spans, end = media_spans(model, inputs["input_ids"], media)
+    return PromptKeys(per_token, spans, media_end=end)

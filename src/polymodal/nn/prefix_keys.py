@@ -33,9 +33,12 @@ def _h(*parts: bytes) -> bytes:
 
 
 class PromptKeys:
-    def __init__(self, per_token: dict[str, torch.Tensor], media: Sequence[tuple[int, int, bytes]] = ()):
+    def __init__(self, per_token: dict[str, torch.Tensor], media: Sequence[tuple[int, int, bytes]] = (),
+                 media_end: int | None = None):
         """per_token: each per-token input of one prompt, (P, ...) or (1, P, ...); media: (start, length,
-        content hash) of each media span in it."""
+        content hash) of each media span in it; media_end: the position after the last span's last token, its
+        end token included (default: after its last media token, a span with no end token): a prompt cut
+        there or later keeps every span whole."""
         rows = {name: (t[0] if t.dim() > 1 and t.shape[0] == 1 else t).tolist() for name, t in per_token.items()}
         lengths = {name: len(r) for name, r in rows.items()}
         if not rows or len(set(lengths.values())) != 1:
@@ -53,7 +56,11 @@ class PromptKeys:
         self.grouping = grouping
         ids = rows.get("input_ids", [None] * P)
         contents = [repr(ids[i]).encode() + grouping[i] for i in range(P)]
-        self.media_end = max((start + length for start, length, _ in media), default=0)
+        last = max((start + length for start, length, _ in media), default=0)
+        if media_end is not None and not last <= media_end <= P:
+            raise InputError(f"a prompt's media must end between its last media token and its {P} tokens, got "
+                             f"media_end {media_end} after media tokens up to {last}")
+        self.media_end = last if media_end is None else media_end
         self.running = [_h(_START)]  # running[n]: the hash of the first n tokens
         for content in contents:
             self.running.append(_h(self.running[-1], content))

@@ -108,7 +108,8 @@ def _generate_flags(sub) -> None:
                    help="read the answer's boxes (and masks) as PaliGemma-style location tokens, print each object "
                         "and draw them over the one --image into this new PNG file")
     g.add_argument("--mask-vae", default=None, metavar="VAE.npz",
-                   help="the mask VQ-VAE (big_vision's vae-oid.npz) that decodes an answer's segmentation tokens")
+                   help="the mask VQ-VAE (big_vision's vae-oid.npz) that decodes an answer's segmentation tokens "
+                        "(default: the model's own, if it holds one)")
 
 
 def _eval_flags(sub) -> None:
@@ -168,7 +169,7 @@ def _other_commands(sub) -> None:
                    help="largest request body in MiB, answered 413 before it is read (default: %(default)s)")
     s.add_argument("--mask-vae", default=None, metavar="VAE.npz",
                    help="the mask VQ-VAE (big_vision's vae-oid.npz layout) that decodes answers' segmentation tokens "
-                        "into message.locations[i].mask")
+                        "into message.locations[i].mask (default: the model's own, if it holds one)")
     s.add_argument("--compile", action="store_true",
                    help="compile the batcher's decode step (torch.compile, dynamic shapes; the first steps pay the "
                         "compile time); default: eager")

@@ -57,6 +57,7 @@ def world(tmp_path_factory):
                     "--tasks", *TASKS, "--max-steps", "2", "--batch-size", "4", "--eval-every", "1000",
                     "--checkpoint-every", "2"], env=ENV, check=True, capture_output=True)
     server = Live(out / "world")
+    server.run = out / "world"
     yield server
     server.stop()
 
@@ -132,6 +133,24 @@ def test_examples_are_one_held_out_question_per_trained_task_or_a_fallback(world
     kinds = [[p["type"] for p in e["content"]] for e in info["examples"]]
     assert ["image_url", "text"] in kinds and ["input_audio", "text"] in kinds
     assert all(e["answer"] is None for e in info["examples"])  # the world's answers are not this model's
+
+
+def test_a_run_whose_training_record_is_damaged_still_offers_examples(world, tmp_path):
+    run = tmp_path / "damaged"
+    shutil.copytree(world.run, run)
+    records = list(run.rglob("trainer.json"))
+    assert records
+    for record in records:
+        record.write_text("{not json")
+    server = Live(run)
+    try:
+        status, info = call(server.url + "/v1/examples")
+    finally:
+        server.stop()
+    assert status == 200
+    assert (info["single_turn"], info["needs_image"]) == (True, True)  # from the family spec, not the record
+    assert info["examples"] and all(e["answer"] is None for e in info["examples"])  # the fallback's
+    assert info["left_out"][0]["task"] is None and "cannot be read" in info["left_out"][0]["why"]
 
 
 def test_a_dual_encoder_offers_no_chat(dual):

@@ -2,20 +2,24 @@
 decoder trains, saved in the checkpoint, skipped on resume (the checkpoint's VAE restored), and the one that codes
 the targets' segmentation tokens; a family that writes no location tokens is refused before any work."""
 
+import base64
+import io
 import re
 
 import numpy as np
+from PIL import Image
 
 import pytest
 import torch
 
 import polymodal as pm
 from polymodal.config import ConfigError
-from polymodal.data.locations import SEG_TOKENS, encode_mask
+from polymodal.data.locations import SEG_TOKENS, encode_mask, format_object, parse_locations
 from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.mask_vae import MaskVAE
 from polymodal.families.collators import make_collator
+from polymodal.serve.app import Server
 from polymodal.train.locations import share_mask_vae
 from polymodal.train.trainer import TrainConfig, train
 
@@ -55,6 +59,15 @@ def test_the_mask_vae_is_fitted_once_saved_and_restored_on_resume(tmp_path, caps
     expected = [c for (_, box), mask in zip(objects.boxes, objects.masks)
                 for c in encode_mask(torch.from_numpy(np.asarray(mask) > 127), box, vae_of(second))]
     assert written == expected and len(written) == 16 * len(objects.boxes)
+
+    # a server of the run decodes an answer's segmentation tokens with the run's own VAE (no --mask-vae given)
+    server = Server(run / "checkpoints" / "step-000003")
+    assert all(torch.equal(server.mask_vae.state_dict()[k], v) for k, v in vae_of(second).state_dict().items())
+    size = doc.images[0].size[::-1]  # (height, width)
+    places = server.locator(doc)(format_object(objects.boxes[0][1], size, "shape", expected[:16]))
+    truth = parse_locations(format_object(objects.boxes[0][1], size, "shape", expected[:16]), size, vae_of(second))
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(places[0]["mask"].split(",")[1])))) == 255
+    assert np.array_equal(decoded, truth.objects[0].mask.numpy())
 
 
 def test_a_family_without_location_tokens_is_refused_before_training(tmp_path):

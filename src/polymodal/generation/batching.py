@@ -215,8 +215,9 @@ class Batcher:
                 self._continue(live)
             except Exception as e:  # noqa: BLE001 - every running request fails, the batcher goes on
                 for row in live:
-                    self.rows[row].error = e
-                    self._leave(row, "error", failed=True)
+                    if self.rows[row] is not None:  # a row that had finished before the error left already
+                        self.rows[row].error = e
+                        self._leave(row, "error", failed=True)
 
     def _admit(self) -> list[int]:
         """Waiting requests into free rows, first come first served, while the pool holds their worst case

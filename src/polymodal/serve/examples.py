@@ -16,6 +16,7 @@ from pathlib import Path
 
 from polymodal.data.documents import Document, Segment, wav_bytes
 from polymodal.data.synthetic import WORLD
+from polymodal.errors import PolymodalError
 from polymodal.families import spec_of
 from polymodal.runs import resolve
 from polymodal.serve.answer import png_base64
@@ -88,7 +89,11 @@ class Examples:
             out["source"] = "a dual encoder writes no text: ask /v1/embeddings"
             return out
         out["reads"] = [kind for kind in CARRIED if reads(server.collator.format, kind)]
-        tasks = world_tasks(resolve(server.directory)[0])
+        try:
+            tasks = world_tasks(resolve(server.directory)[0])
+        except (PolymodalError, OSError, ValueError) as e:  # a damaged trainer.json: offered as any other model
+            out["left_out"].append({"task": None, "why": f"the run's training record cannot be read ({e})"})
+            tasks = None
         trained = tasks is not None
         if trained:
             out["source"] = "one held-out question per task the run trained on (the built-in world's eval split)"
@@ -96,7 +101,11 @@ class Examples:
             out["source"] = "the built-in world's held-out media, for a model not trained on it"
             tasks = [task for kind in out["reads"] for task in FALLBACK[kind]]
         for task in tasks:
-            example = world_example(task)
+            try:
+                example = world_example(task)
+            except (PolymodalError, ValueError) as e:  # a task this world does not know
+                out["left_out"].append({"task": task, "why": str(e)})
+                continue
             if example is None:
                 out["left_out"].append({"task": task, "why": "its media (video) cannot travel in a chat message"})
             else:

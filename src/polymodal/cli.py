@@ -305,7 +305,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     answer = tokenizer.text(new[0]).strip()
     print(answer)
     if args.draw is not None:
-        from polymodal.evaluate.locations import mask_vae_of
+        from polymodal.encoders.mask_vae import mask_vae_of
 
         _draw(answer, segments[0].media, Path(args.draw), vae or mask_vae_of(model))  # its own: a world segment run
 

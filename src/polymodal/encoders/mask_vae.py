@@ -147,6 +147,11 @@ class MaskVAE(nn.Module):
         return MaskVAEOutput(logits, F.mse_loss(logits, target) + codebook_loss, codes)
 
 
+def mask_vae_of(model: nn.Module) -> MaskVAE | None:
+    """The mask VQ-VAE a model holds (a world segment run's), or None."""
+    return next((m for m in model.modules() if isinstance(m, MaskVAE)), None)
+
+
 def train_mask_vae(model: MaskVAE, masks: torch.Tensor, *, steps: int, batch_size: int = 64, lr: float = 3e-3,
                    seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Fit a mask VQ-VAE to masks (N, S, S) in [0, 1] as `encoders.vq.fit_codes` fits a VQ (codebook from the

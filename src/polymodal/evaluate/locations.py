@@ -23,7 +23,7 @@ from polymodal.data.documents import Segment
 from polymodal.data.locations import LocatedObject, Locations, crop_mask, parse_locations, paste_mask
 from polymodal.data.synthetic import OBJECTS, World
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.encoders.mask_vae import MaskVAE
+from polymodal.encoders.mask_vae import MaskVAE, mask_vae_of
 from polymodal.errors import InputError
 
 THRESHOLDS = (0.5, 0.75)
@@ -137,10 +137,6 @@ def answer_tokens(tokenizer: Tokenizer, masks: bool) -> int:
     """New tokens that fit the longest world answer: 3 objects of 4 location (+ 16 segmentation) tokens, a label."""
     label = max(len(tokenizer.encode(" " + o)) for o in OBJECTS)
     return MOST_OBJECTS * (4 + 16 * masks + label + len(tokenizer.encode(" ; "))) + 1
-
-
-def mask_vae_of(model: nn.Module) -> MaskVAE | None:
-    return next((m for m in model.modules() if isinstance(m, MaskVAE)), None)
 
 
 def score_locations(replies: Callable[[list, int], list[str]], model: nn.Module, tokenizer: Tokenizer, task: str,

@@ -35,7 +35,7 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.generation.prompts import ContextError, prompts
 from polymodal.families import spec_of
-from polymodal.encoders.mask_vae import MaskVAE, load_mask_vae
+from polymodal.encoders.mask_vae import load_mask_vae, mask_vae_of
 from polymodal.serve.answer import Answer, Locator, has_location_tokens
 from polymodal.serve.embeddings import Embedder
 from polymodal.serve.examples import Examples
@@ -55,8 +55,7 @@ class Server:
         self.directory = directory = Path(directory)  # as given: a run directory or a checkpoint
         self.name = name or directory.resolve().name  # the model id clients send
         self.model = pm.from_pretrained(directory)
-        own = next((m for m in self.model.modules() if isinstance(m, MaskVAE)), None)  # a world segment run's
-        self.mask_vae = load_mask_vae(mask_vae) if mask_vae is not None else own
+        self.mask_vae = load_mask_vae(mask_vae) if mask_vae is not None else mask_vae_of(self.model)
         self.tokenizer = Tokenizer.from_file(directory)
         self.locations = has_location_tokens(self.tokenizer)
         self.collator = make_collator(self.model.config, self.tokenizer)

@@ -11,7 +11,7 @@ from polymodal.data.collate import Collator
 from polymodal.data.locations import add_location_tokens
 from polymodal.data.synthetic import LOCATION_TASKS
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.encoders.mask_vae import MaskVAE, MaskVAEConfig
+from polymodal.encoders.mask_vae import MaskVAEConfig, mask_vae_of
 from polymodal.families import spec_of
 
 # the world's masks are 32 pixels wide: a VAE of 82k parameters codes their crops in 16 codes (a 4x4 grid)
@@ -39,9 +39,9 @@ def located(tasks: tuple[str, ...], config: Config, tokenizer: Tokenizer, fresh:
 def share_mask_vae(model, collator: Collator) -> None:
     """Load the model's (fitted or resumed) mask VQ-VAE weights into the format's copy, which codes the targets'
     masks on the CPU as documents are read."""
-    vaes = [m for m in model.modules() if isinstance(m, MaskVAE)]
-    if not vaes or collator.format.mask_vae is None:
+    vae = mask_vae_of(model)
+    if vae is None or collator.format.mask_vae is None:
         return
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()  # a DTensor under FSDP
-             for k, v in vaes[0].state_dict().items()}
+             for k, v in vae.state_dict().items()}
     collator.format.mask_vae.load_state_dict(state)

@@ -333,13 +333,17 @@ def _draw(answer: str, image, out: Path, vae) -> None:
     from polymodal.data.locations import draw_locations, parse_locations
     from polymodal.serialization import atomic_write_bytes
 
-    found = parse_locations(answer, (image.height, image.width), vae)
+    found = parse_locations(answer, (image.height, image.width), vae, boxes_only=vae is None)
     for obj in found.objects:
         mask = f", mask of {int(obj.mask.sum())} pixels" if obj.mask is not None else ""
         print(f"object {obj.label!r}: box (x1, y1, x2, y2) = ({', '.join(f'{v:.1f}' for v in obj.box)}){mask}")
     if found.malformed:
         print(f"polymodal generate: {found.malformed} part(s) of the answer were no well-formed object",
               file=sys.stderr)
+    skipped = sum(obj.mask is None and bool(obj.codes) for obj in found.objects)
+    if skipped:
+        print(f"polymodal generate: the masks of {skipped} object(s) were skipped, their boxes drawn: the model holds "
+              "no mask VQ-VAE to decode their segmentation tokens (give --mask-vae VAE.npz)", file=sys.stderr)
     buf = io.BytesIO()
     draw_locations(image, found).save(buf, format="PNG")
     atomic_write_bytes(out, buf.getvalue())

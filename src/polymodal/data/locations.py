@@ -114,7 +114,8 @@ def paste_mask(logits: torch.Tensor, box: Sequence[float], image_size: int | Seq
 class LocatedObject:
     label: str
     box: tuple[float, float, float, float]  # (x1, y1, x2, y2) in pixels
-    mask: torch.Tensor | None = None  # (H, W) bool; None when the answer gave no segmentation tokens
+    mask: torch.Tensor | None = None  # (H, W) bool; None when the answer gave no segmentation tokens (or boxes_only)
+    codes: tuple[int, ...] = ()  # the answer's 16 segmentation codes of the object, () when it gave none
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def encode_mask(mask: torch.Tensor, box: Sequence[float], vae: MaskVAE) -> list[
         return vae.encode(crop_mask(mask, box, vae.config.mask_size)[None])[0].tolist()
 
 
-def _parse_object(part: str, size: tuple[int, int], vae: MaskVAE | None) -> LocatedObject | None:
+def _parse_object(part: str, size: tuple[int, int], vae: MaskVAE | None, boxes_only: bool) -> LocatedObject | None:
     match = _OBJECT.fullmatch(part.strip())
     if match is None:
         return None
@@ -159,26 +160,28 @@ def _parse_object(part: str, size: tuple[int, int], vae: MaskVAE | None) -> Loca
         return None  # big_vision's invalid answers: a bin past 1023, an empty box, a partial mask
     box = bins_to_box(bins, size)
     mask = None
-    if codes:
+    if codes and not boxes_only:
         if vae is None:
             raise InputError("this answer holds segmentation tokens: pass vae= (load_mask_vae('vae-oid.npz')) to "
-                             "decode its masks")
+                             "decode its masks, or boxes_only=True to leave them out")
         with torch.no_grad():
             mask = paste_mask(vae.decode(torch.tensor([codes]))[0], box, size)
-    return LocatedObject(match[3].strip(), box, mask)
+    return LocatedObject(match[3].strip(), box, mask, tuple(codes))
 
 
-def parse_locations(text: str, image_size: int | Sequence[int], vae: MaskVAE | None = None) -> Locations:
+def parse_locations(text: str, image_size: int | Sequence[int], vae: MaskVAE | None = None, *,
+                    boxes_only: bool = False) -> Locations:
     """The objects of a detection or segmentation answer: label, box in pixels, mask if it has one.
 
     `image_size`: (height, width) of the image the boxes refer to. `vae`: the mask VQ-VAE, needed only if
-    the answer holds segmentation tokens. A part between separators that is not one well-formed object
-    counts in `malformed`."""
+    the answer holds segmentation tokens and `boxes_only` is False; with `boxes_only` no mask is decoded (each
+    object's `codes` keep its segmentation tokens). A part between separators that is not one well-formed object
+    (a partial mask included) counts in `malformed`."""
     check_text(text)
     size = _image_size(image_size)
     objects, malformed = [], 0
     for part in text.split(";") if text.strip() else []:
-        obj = _parse_object(part, size, vae)
+        obj = _parse_object(part, size, vae, boxes_only)
         if obj is None:
             malformed += 1
         else:

@@ -32,6 +32,24 @@ _ALIASES = {
 }
 _SP_FILES = ("tokenizer.model", "spiece.model")
 _SP_ADDED_FILE = "polymodal_tokenizer.json"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece (SentencePiece, Gemma and Llama 2 files)
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, char -> byte: printable Latin-1 bytes stand for themselves, the other 68
+    bytes for the chars from U+0100 on, in byte order (what `tokenizers`' ByteLevel decoder undoes)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_chars()
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """A SentencePiece-style piece's bytes: <0xNN> is the byte NN, U+2581 ("▁") a space."""
+    byte = _BYTE_PIECE.fullmatch(piece)
+    return bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode()
 
 
 class _HFModel:
@@ -40,6 +58,9 @@ class _HFModel:
     def __init__(self, tok: tokenizers.Tokenizer):
         self.tok = tok
         self._literal: tokenizers.Tokenizer | None = None  # a copy that reads special tokens as text
+        self._added: set[int] | None = None  # the added tokens' ids, read on use
+        state = json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else {}
+        self._byte_level = '"ByteLevel"' in json.dumps(state)  # its pieces spell bytes in GPT-2's alphabet
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -49,14 +70,22 @@ class _HFModel:
 
     def add_special(self, piece: str) -> int:
         self.tok.add_special_tokens([AddedToken(piece, special=True, normalized=False)])
-        self._literal = None
+        self._literal = self._added = None
         return self.tok.token_to_id(piece)
 
     def add_plain(self, pieces: Sequence[str]) -> list[int]:
         # one call for all: tokenizers rebuilds its matcher of added tokens on each call
         self.tok.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in pieces])
-        self._literal = None
+        self._literal = self._added = None
         return [self.tok.token_to_id(piece) for piece in pieces]
+
+    def token_bytes(self, i: int) -> bytes:
+        if self._added is None:
+            self._added = set(self.tok.get_added_tokens_decoder())
+        piece = self.tok.id_to_token(i)
+        if i in self._added:  # matched whole in text: its own characters
+            return piece.encode()
+        return bytes(_BYTE_LEVEL[c] for c in piece) if self._byte_level else _piece_bytes(piece)
 
     def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
         tok = self.tok
@@ -144,6 +173,11 @@ class _SPModel:
             elif part:
                 ids.extend(self.sp.encode(part))
         return ids
+
+    def token_bytes(self, i: int) -> bytes:
+        if i >= self.sp.get_piece_size():  # added here, matched whole in text
+            return next(piece for piece, j in self.added.items() if j == i).encode()
+        return _piece_bytes(self.sp.id_to_piece(i))
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         names = {i: piece for piece, i in self.specials.items()}
@@ -311,6 +345,14 @@ class Tokenizer:
         if bad:
             raise InputError(f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return self._model.decode(ids, skip_special_tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, as OpenAI's logprobs give them: a byte-level piece's bytes, a
+        byte-fallback piece <0xNN> the byte NN, U+2581 ("▁") a space, an added or control token its text; so the
+        bytes of an answer's tokens join into its UTF-8, a character split over several tokens included."""
+        if not 0 <= int(token) < self.vocab_size:
+            raise InputError(f"id {token} is outside the vocabulary [0, {self.vocab_size})")
+        return self._model.token_bytes(int(token))
 
     def text(self, ids: Iterable[int]) -> str:
         """The text of generated ids: ids past the tokenizer's vocabulary (image codes, a model vocabulary

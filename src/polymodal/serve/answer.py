@@ -1,8 +1,10 @@
 """One choice of a response, token by token: text deltas (stop strings held back), drawn images, the end.
 
 `Answer.on_token` runs in the batcher's thread and hands `push` a list of events, in order:
-("text", str), ("image", base64 PNG), then ("done", finish_reason). Text is decoded from the start of the
-current text run each time, so a character split over several byte-level tokens appears whole, once.
+("text", str), ("image", base64 PNG), then ("done", finish_reason), or ("error", message) when the request
+failed or its end could not be read (its places: a mask its VQ-VAE cannot decode), so its client always gets an
+end. Text is decoded from the start of the current text run each time, so a character split over several
+byte-level tokens appears whole, once.
 An image is `begin`, `length` codes, `end` (the model's `ImageSpans`); it is decoded to pixels as soon as
 its `end` arrives, so a streamed answer shows it in its place.
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,9 +57,7 @@ class Locator:
     vae: MaskVAE | None = None
 
     def __call__(self, text: str) -> list[dict] | None:
-        if self.vae is None:
-            text = re.sub(r"<seg\d{3}>", "", text)
-        found = parse_locations(text, self.image_size, self.vae)
+        found = parse_locations(text, self.image_size, self.vae, boxes_only=self.vae is None)
         return [{"label": o.label, "box": [float(v) for v in o.box], "mask": None if o.mask is None else
                  "data:image/png;base64," + png_base64(Image.fromarray(o.mask.numpy().astype(np.uint8) * 255))}
                 for o in found.objects] or None
@@ -100,15 +99,19 @@ class Answer:
         return not self.stopped
 
     def on_finish(self, request: Request) -> None:
-        events = [] if self.stopped else self._flush()
-        reason = request.finish_reason
-        if reason == "error":
-            events.append(("error", str(request.error)))
-        else:
-            places = self.locate("".join(self.written)) if self.locate is not None else None
-            events += [("locations", places)] if places else []
-            events.append(("done", "stop" if self.stopped else reason))
+        try:
+            events = self._ending(request)
+        except Exception as e:  # noqa: BLE001 - its client waits for an end: it gets this error as one
+            events = [("error", f"the answer was written but could not be finished: {e}")]
         self.push(events)
+
+    def _ending(self, request: Request) -> list:
+        events = [] if self.stopped else self._flush()
+        if request.finish_reason == "error":
+            return events + [("error", str(request.error))]
+        places = self.locate("".join(self.written)) if self.locate is not None else None
+        return events + ([("locations", places)] if places else []) + [
+            ("done", "stop" if self.stopped else request.finish_reason)]
 
     def _text(self) -> list:
         text = self.tokenizer.text(self.run)

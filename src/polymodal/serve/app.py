@@ -171,6 +171,10 @@ class Response:
         try:
             server.batcher.submit(*self.requests)
         except ContextError as e:
+            if s.max_tokens is None:  # the rest of the context was asked for: the prompt alone fills it
+                raise ApiError(400, str(e.named("the least answer (max_tokens was not given)",
+                                                note=f": shorten {job.field}")),
+                               job.field, "context_length_exceeded") from e
             raise ApiError(400, str(e.named("max_tokens")), "max_tokens", "context_length_exceeded") from e
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry later", None, "queue_full") from e

@@ -11,8 +11,11 @@ URLs, base64 wav `input_audio`), so a page sends an example as it came.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
 
 from polymodal.data.documents import Document, Segment, wav_bytes
 from polymodal.data.synthetic import WORLD
@@ -70,15 +73,23 @@ def reads(fmt, kind: str) -> bool:
 
 
 class Examples:
-    """The served model's examples and conversation rules, built once (the route answers the same dict)."""
+    """The served model's examples and conversation rules, built once, on the first request, in a worker thread:
+    rendering media and reading the run's records never hold up the event loop (other requests are answered
+    meanwhile); requests that come while it builds wait for the same build. The route answers the same dict."""
 
     def __init__(self, server):
-        self.server, self.cached = server, None
+        self.server, self.building = server, None
 
     async def answer(self) -> dict:
-        if self.cached is None:
-            self.cached = self.build()
-        return self.cached
+        if self.building is None:
+            self.building = asyncio.ensure_future(run_in_threadpool(self.build))
+        building = self.building
+        try:
+            return await asyncio.shield(building)  # a client that leaves does not cancel the build
+        except Exception:
+            if self.building is building:  # failed: the next request builds again
+                self.building = None
+            raise
 
     def build(self) -> dict:
         server = self.server

@@ -3,7 +3,8 @@
 completions API's `tokens` / `token_logprobs` / `top_logprobs` / `text_offset` lists.
 
 Every token written has an entry, the stop token included (as `usage.completion_tokens` counts it); a token's
-text is its own decoding with control tokens kept, empty for an image code.
+text is its own decoding with control tokens kept, empty for an image code; its `bytes` are the bytes it stands for
+(`Tokenizer.token_bytes`), so a character split over several tokens, whose text is U+FFFD, joins back from them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
 
 def chat_logprobs(tokenizer: Tokenizer, entries: list[Entry]) -> dict:
     def one(token: int, logprob: float) -> dict:
-        text = token_text(tokenizer, token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        raw = tokenizer.token_bytes(token) if token < tokenizer.vocab_size else b""
+        return {"token": token_text(tokenizer, token), "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**one(token, lp), "top_logprobs": [one(i, v) for i, v in top]} for token, lp, top in entries],
             "refusal": None}

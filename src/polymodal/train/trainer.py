@@ -148,6 +148,8 @@ class TrainConfig(Config):
             self.trainable = tuple(self.trainable)
         if self.lora_rank is None and (self.lora_alpha, self.lora_targets, self.lora_tokens) != (None, None, None):
             raise ConfigError("lora_alpha, lora_targets and lora_tokens need lora_rank")
+        if self.lora_tokens is not None:
+            listed_token_ids(self.lora_tokens)
 
     @property
     def run_dir(self) -> Path:
@@ -388,6 +390,7 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
                             "or give another --name")
     if cfg.resume and last is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {root}")
+    lora_tokens = lora_token_ids(cfg)  # before any weights are read
     base = load_base(cfg.init_from) if cfg.init_from else None
     resumed = ckpt.load_latest(root, say=print if proc.main else lambda message: None) if cfg.resume else None
     last = resumed[0] if resumed is not None else None
@@ -406,7 +409,7 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
         hooks if proc.world_size == 1 else [])  # generation on a model sharded over processes is not collective-safe
     best = Best(best_metric(cfg, hooks))
     check_documents(collator, data)
-    model, layout = build_model(cfg, config, data, base, last, proc, lora_token_ids(cfg.lora_tokens, tokenizer))
+    model, layout = build_model(cfg, config, data, base, last, proc, lora_tokens)
     run = Run(cfg, proc, config, tokenizer, collator, data, model, make_optimizer(model, cfg), hooks, best, layout)
     if last is not None:
         resume(run, last, resumed[1])
@@ -467,21 +470,45 @@ def best_metric(cfg: TrainConfig, hooks: list[EvalHook]) -> str | None:
     return metric
 
 
-def lora_token_ids(spec: str | None, tokenizer) -> list[int] | None:
-    """--lora-tokens as token ids: "locations" (every location and segmentation token of the tokenizer) or a
-    comma-separated list of ids."""
-    if spec is None:
+LORA_TOKENS = "lora_tokens (--lora-tokens)"
+
+
+def listed_token_ids(spec: str) -> list[int] | None:
+    """--lora-tokens' ids when it lists them (None for "locations"); a ConfigError naming the flag for anything
+    but "locations" or comma-separated integers >= 0."""
+    if isinstance(spec, str) and spec.strip() == "locations":
         return None
-    if spec.strip() == "locations":
+    try:
+        ids = [int(t) for t in spec.split(",")]
+    except (AttributeError, ValueError):
+        ids = None
+    if ids is None or min(ids) < 0:
+        raise ConfigError(f"{LORA_TOKENS} must be 'locations' or comma-separated token ids (integers >= 0), got "
+                          f"{spec!r}")
+    return ids
+
+
+def lora_token_ids(cfg: TrainConfig) -> list[int] | None:
+    """--lora-tokens as ids of the run's tokenizer (--tokenizer, else --init-from's: a LoRA run keeps the
+    vocabulary it adapts), read before any weights: "locations" (every location and segmentation token) or the
+    ids listed, each below the tokenizer's size."""
+    if cfg.lora_tokens is None:
+        return None
+    source = cfg.tokenizer or cfg.init_from
+    tokenizer = Tokenizer.from_file(source)
+    ids = listed_token_ids(cfg.lora_tokens)
+    if ids is None:
         try:
             return [tokenizer.token_id(t) for t in LOC_TOKENS + SEG_TOKENS]
         except UnknownNameError:
-            raise ConfigError("lora_tokens 'locations': the tokenizer has no location tokens (<loc0000>..); give "
-                              "a converted HF PaliGemma, or a tokenizer given them by add_location_tokens") from None
-    try:
-        return [int(t) for t in spec.split(",")]
-    except ValueError:
-        raise ConfigError(f"lora_tokens must be 'locations' or comma-separated token ids, got {spec!r}") from None
+            raise ConfigError(f"{LORA_TOKENS} 'locations': the tokenizer of {source} has no location tokens "
+                              "(<loc0000>..); give a converted HF PaliGemma, or a tokenizer given them by "
+                              "add_location_tokens") from None
+    outside = [i for i in ids if i >= tokenizer.vocab_size]
+    if outside:
+        raise ConfigError(f"{LORA_TOKENS} must be ids of the tokenizer of {source}, in [0, {tokenizer.vocab_size}), "
+                          f"got {', '.join(map(str, outside[:5]))}{' ...' if len(outside) > 5 else ''}")
+    return ids
 
 
 def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path | None, proc,

@@ -82,6 +82,10 @@ BAD = {
                                                re.compile(r"the prompt is \d+ tokens and max_tokens is 505: \d+ in all, "
                                                           "past the model's context of 512 tokens")),
     "max_tokens past the context": (chat(max_tokens=600), 400, "max_tokens", "max_tokens is 600"),
+    "prompt alone past the context, max_tokens not given": (  # 512 characters of one token each: not refused unread
+        json.dumps({"model": "gemini-tiny", "messages": [{"role": "user", "content": "~" * 512}]}).encode(), 400,
+        "messages", re.compile(r"the prompt is \d+ tokens and the least answer \(max_tokens was not given\) is 1: "
+                               r"\d+ in all, past the model's context of 512 tokens: shorten messages$")),
 }
 
 

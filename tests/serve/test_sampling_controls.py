@@ -73,7 +73,7 @@ def test_logprobs_of_a_greedy_answer_are_a_forward_pass_and_its_tokens_the_most_
     assert [o for c in streamed if c.choices for o in c.choices[0].logprobs.text_offset] == lp.text_offset
 
 
-def test_chat_logprobs_streamed_or_not(live):
+def test_chat_logprobs_streamed_or_not(live, checkpoint):
     ask = dict(model="gemini-tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=8, temperature=0,
                logprobs=True, top_logprobs=3)
     whole = live.client.chat.completions.create(**ask)
@@ -82,7 +82,9 @@ def test_chat_logprobs_streamed_or_not(live):
     for entry in content:
         assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
         assert entry.logprob == entry.top_logprobs[0].logprob == max(t.logprob for t in entry.top_logprobs)
-        assert bytes(entry.bytes).decode() == entry.token
+    control = set(Tokenizer.from_file(checkpoint).special_ids)  # <eos> is in the entries, not in the text
+    written = b"".join(bytes(e.bytes) for e in content if e.token not in control)  # a random model's: maybe not UTF-8
+    assert written.decode(errors="replace") == whole.choices[0].message.content  # whole: test_located_answers
     streamed = list(live.client.chat.completions.create(**ask, stream=True))
     entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
@@ -104,3 +106,53 @@ def test_a_completion_prompt_past_the_context_names_prompt(live):
     with pytest.raises(openai.BadRequestError) as e:
         live.client.completions.create(model="gemini-tiny", prompt="red circle " * 300, max_tokens=4)
     assert e.value.param == "prompt" and e.value.code == "context_length_exceeded"
+
+
+def test_a_completion_prompt_alone_past_the_context_names_prompt(live):
+    """max_tokens not given: the rest of the context is asked for, and a prompt that fills it is the prompt's fault."""
+    with pytest.raises(openai.BadRequestError) as e:
+        live.client.completions.create(model="gemini-tiny", prompt="~" * 512)  # one token per character
+    assert e.value.param == "prompt" and "shorten prompt" in e.value.message
+
+
+def test_logprobs_are_those_after_the_penalties(live, alone, one_thread):
+    """A presence penalty of -2 makes the answer repeat itself: each token's log-probability is the log-softmax of
+    the forward pass's logits with OpenAI's presence penalty applied (+2 for each token written before it), and a
+    repeated token's differs from the raw one's by far more than the tolerance."""
+    ask = dict(model="gemini-tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3, presence_penalty=-2.0)
+    whole = live.client.completions.create(**ask).choices[0]
+    text, tokens, prompt = alone(12, temperature=0, presence_penalty=-2.0)
+    assert whole.text == text
+    with torch.no_grad():
+        logits = alone.model(input_ids=torch.cat([prompt, torch.tensor(tokens)])[None]).logits[0, -len(tokens) - 1:-1]
+    written = torch.zeros(len(tokens), logits.shape[-1])
+    for i in range(1, len(tokens)):
+        written[i] = written[i - 1]
+        written[i, tokens[i - 1]] = 1
+    penalised = (logits + 2.0 * written).log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    raw = logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(whole.logprobs.token_logprobs), penalised, atol=1e-4, rtol=0)
+    repeated = [i for i in range(len(tokens)) if tokens[i] in tokens[:i]]
+    assert repeated and all(penalised[i] - raw[i] > 0.5 for i in repeated), (tokens, penalised - raw)
+
+
+@pytest.mark.parametrize("completes", [False, True], ids=["held-then-sent", "a-stop-string-reached"])
+def test_streamed_logprobs_of_text_held_back_arrive_once_in_order(live, completes):
+    """Text that could begin a stop string is held back (no chunk carries it) until it cannot, or the stop string is
+    reached: the log-probabilities of its tokens wait with it, and the streamed entries are the whole answer's,
+    each once, in order."""
+    base = dict(model="gemini-tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=0,
+                logprobs=True, top_logprobs=2)
+    text = live.client.chat.completions.create(**base).choices[0].message.content
+    assert len(text) >= 8, text
+    stop = text[3:7] if completes else text[3:7] + "\x01"  # reached; or followed as far as the text goes, then not
+    ask = dict(base, stop=[stop])
+    whole = live.client.chat.completions.create(**ask)
+    expected = [(e.token, e.logprob, e.bytes) for e in whole.choices[0].logprobs.content]
+    assert whole.choices[0].message.content == (text[:3] if completes else text)
+    assert len(expected) == whole.usage.completion_tokens
+    chunks = [c.choices[0] for c in live.client.chat.completions.create(**ask, stream=True) if c.choices]
+    entries = [[(e.token, e.logprob, e.bytes) for e in c.logprobs.content] if c.logprobs else [] for c in chunks]
+    assert sum(entries, []) == expected
+    assert "".join(c.delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert max(map(len, entries)) > 1  # some chunk carried the entries of tokens held back before it

@@ -119,6 +119,19 @@ def test_segmentation_tokens_without_a_vae_are_a_clear_error(vae):
         parse_locations(text, SIZE)
 
 
+def test_boxes_only_keeps_the_boxes_and_codes_and_decodes_no_mask(vae):
+    codes = list(range(20, 36))
+    text = format_object((10, 6, 70, 40), SIZE, "red circle", codes) + " ; " + format_object((0, 0, 8, 8), SIZE, "dot")
+    partial = "".join(LOC_TOKENS[i] for i in (100, 200, 300, 400)) + "".join(SEG_TOKENS[:8]) + " half a mask"
+    for given in (None, vae):  # with or without a VAE: no mask is decoded
+        got = parse_locations(text + " ; " + partial, SIZE, given, boxes_only=True)
+        assert [(o.label, o.mask, o.codes) for o in got.objects] == [("red circle", None, tuple(codes)),
+                                                                     ("dot", None, ())]
+        assert [o.box for o in got.objects] == [o.box for o in parse_locations(text, SIZE, vae).objects]
+        assert got.malformed == 1  # a partial mask is no object, as big_vision counts it
+    assert parse_locations(text, SIZE, vae).objects[0].codes == tuple(codes)
+
+
 def test_malformed_parts_are_counted_never_dropped(vae):
     good = format_object((10, 6, 70, 40), SIZE, "good")
     loc = "".join(LOC_TOKENS[i] for i in (100, 200, 300, 400))

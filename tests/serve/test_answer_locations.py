@@ -56,6 +56,19 @@ def test_without_a_mask_vae_the_boxes_stay_and_masks_are_null():
     assert [p["box"] for p in places] == [list(o.box) for o in parse_locations(ANSWER, SIZE, MaskVAE()).objects]
 
 
+def test_without_a_mask_vae_a_partial_mask_is_no_object():
+    """The boxes of whole objects are kept, but an object with eight of its sixteen segmentation tokens is a
+    malformed answer (big_vision's invalid), not a box whose broken mask is hidden."""
+    whole = format_object((4, 6, 40, 30), SIZE, "red circle", CODES)
+    partial = format_object((0, 0, 64, 48), SIZE, "blue square", CODES).replace("".join(
+        f"<seg{c:03d}>" for c in CODES[8:]), "")
+    events, _, _ = feed(Answer(TOKENIZER, (), None, None, Locator(SIZE)), TOKENIZER.encode(partial), "stop")
+    assert [k for k, _ in events].count("locations") == 0
+    events, _, _ = feed(Answer(TOKENIZER, (), None, None, Locator(SIZE)),
+                        TOKENIZER.encode(format_locations([whole, partial])), "stop")
+    assert [p["label"] for p in events[-2][1]] == ["red circle"]
+
+
 @pytest.mark.parametrize("text", ["a red circle", "<loc0010><loc0020> half a box", ""])
 def test_an_answer_without_places_has_no_locations_event(text):
     events, _, _ = feed(Answer(TOKENIZER, (), None, None, Locator(SIZE)), TOKENIZER.encode(text), "stop")

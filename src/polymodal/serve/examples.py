@@ -23,7 +23,7 @@ from polymodal.errors import PolymodalError
 from polymodal.families import spec_of
 from polymodal.runs import resolve
 from polymodal.serve.answer import png_base64
-from polymodal.train.checkpoint import TRAINER, read_trainer_state
+from polymodal.train.checkpoint import read_trainer_state
 from polymodal.train.trainer import IMAGE_TASKS
 
 CARRIED = ("image", "audio")  # the media kinds a chat message carries (protocol.py): no video part exists
@@ -34,9 +34,10 @@ TEXT_PROMPT = "Tell me about red circles and blue squares."
 def world_tasks(directory: Path) -> tuple[str, ...] | None:
     """The world tasks the checkpoint in `directory` trained on, or None when it did not train on the world (or
     says nothing of its training: a converted or hand-saved model)."""
-    if not (directory / TRAINER).is_file():
+    try:
+        config = read_trainer_state(directory).get("train_config", {})
+    except FileNotFoundError:
         return None
-    config = read_trainer_state(directory).get("train_config", {})
     if config.get("data", "world") != "world":
         return None
     return tuple(config.get("tasks", IMAGE_TASKS))

@@ -20,9 +20,10 @@ NAN, INF = float("nan"), float("inf")
 
 
 def body(**fields) -> bytes:
-    """A chat request with `fields` changed; json.dumps writes NaN and Infinity as Python's parser reads them."""
-    return json.dumps({"model": "gemini-tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2,
-                       **fields}).encode()
+    """A chat request with `fields` changed (None: left out); json.dumps writes NaN and Infinity as Python's parser
+    reads them."""
+    request = {"model": "gemini-tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, **fields}
+    return json.dumps({k: v for k, v in request.items() if v is not None}).encode()
 
 
 def parts(*content) -> bytes:
@@ -51,17 +52,24 @@ def tone(rate: int, seconds: float) -> np.ndarray:
     return (0.4 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
 
 
-RANGES = {  # field: (low, high, integer)
-    "temperature": (0, 2, False), "top_p": (0, 1, False), "max_tokens": (1, 1 << 20, True),
-    "max_completion_tokens": (1, 1 << 20, True), "n": (1, 16, True), "seed": (-(1 << 63), (1 << 63) - 1, True),
+RANGES = {  # field: (low, high, kind), kind "integer", "number" or "boolean" (whose bounds are unused)
+    "temperature": (0, 2, "number"), "top_p": (0, 1, "number"), "max_tokens": (1, 1 << 20, "integer"),
+    "max_completion_tokens": (1, 1 << 20, "integer"), "n": (1, 16, "integer"),
+    "seed": (-(1 << 63), (1 << 63) - 1, "integer"), "top_k": (0, 1 << 20, "integer"),
+    "repetition_penalty": (0.01, 100, "number"), "frequency_penalty": (-2, 2, "number"),
+    "presence_penalty": (-2, 2, "number"), "logprobs": (None, None, "boolean"), "top_logprobs": (0, 20, "integer"),
 }
+BESIDE = {"top_logprobs": {"logprobs": True},  # what a field needs beside it to be read
+          "max_completion_tokens": {"max_tokens": None}}  # (a request gives max_tokens or it, not both)
 VALUES = [NAN, INF, -INF, 1e309, -1, 0, 1, 1.5, 2, 17, 1 << 70, "1", True, [], {}]
 
 
 def expected_status(field: str, value) -> int:
-    low, high, integer = RANGES[field]
+    low, high, kind = RANGES[field]
+    if kind == "boolean":
+        return 200 if isinstance(value, bool) else 400
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = number and (not integer or isinstance(value, int)) and low <= value <= high
+    ok = number and (kind == "number" or isinstance(value, int)) and low <= value <= high
     if ok and field in ("max_tokens", "max_completion_tokens") and value > 500:
         return 400  # past the model's context of 512 tokens
     return 200 if ok else 400
@@ -71,11 +79,8 @@ def number_probes():
     for field in RANGES:
         for value in VALUES:
             status = expected_status(field, value)
-            yield pytest.param(body(**({"max_tokens": None} if field == "max_completion_tokens" else {}),
-                                    **{field: value}) if field != "max_completion_tokens" else
-                               json.dumps({"model": "gemini-tiny", "messages": [{"role": "user", "content": "hi"}],
-                                           field: value}).encode(),
-                               status, field if status == 400 else None,
+            yield pytest.param(body(**{**BESIDE.get(field, {}), field: value}), status,
+                               field if status == 400 else None,
                                id=f"{'ApiError' if status == 400 else 'result'}-{status}-{field}={value!r}")
 
 

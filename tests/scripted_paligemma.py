@@ -17,7 +17,7 @@ import polymodal as pm
 from polymodal.data.locations import add_location_tokens
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.encoders.mask_vae import MaskVAEConfig
+from polymodal.encoders.mask_vae import MaskVAEConfig, mask_vae_of
 from polymodal.families.collators import fit_to_tokenizer
 from polymodal.presets import get_preset
 
@@ -26,7 +26,8 @@ SIDE = 32  # paligemma-tiny reads 32x32 images
 
 def write_scripted_paligemma(directory: Path, answer: str, mask_vae: MaskVAEConfig | None = None) -> list[int]:
     """Save in `directory` a paligemma-tiny (with its tokenizer, which holds the location tokens, and a mask VQ-VAE
-    of `mask_vae` if given) that answers `answer` then <eos> to any prompt; returns the answer's token ids."""
+    of `mask_vae` if given, whose every code decodes to a mask filling its box) that answers `answer` then <eos> to
+    any prompt; returns the answer's token ids."""
     tokenizer = Tokenizer.train(World(seed=0).texts(), vocab_size=320)
     add_location_tokens(tokenizer)
     ids = tokenizer.encode(answer) + [tokenizer.eos_id]
@@ -49,6 +50,10 @@ def write_scripted_paligemma(directory: Path, answer: str, mask_vae: MaskVAEConf
         for before, after in zip(ids, ids[1:]):
             head[after] = 50.0 * torch.nn.functional.normalize(embeddings[before], dim=0)
         decoder.output.weight.copy_(head)
+        vae = mask_vae_of(model)
+        if vae is not None:  # its last layer: logits of 1 everywhere
+            vae.decoder[-1].weight.zero_()
+            vae.decoder[-1].bias.fill_(1.0)
     pm.save_pretrained(model, directory)
     tokenizer.save(directory)
     return ids[:-1]

@@ -17,11 +17,14 @@ import pytest
 import torch
 from conftest import ENV, WORLD, Live, call, image_message, png_url
 from PIL import Image
+from scripted_paligemma import SIDE, write_scripted_paligemma
 
 import polymodal as pm
+from polymodal.data.locations import format_object
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.families.collators import fit_to_tokenizer
 from polymodal.presets import get_preset
+from polymodal.train.locations import WORLD_MASK_VAE
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the page is driven by selenium")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -293,6 +296,52 @@ def test_drawn_images_are_large_and_locations_are_drawn_over_the_image(world, br
                                    canvas)
     assert alpha[0] > 0 == alpha[1]  # tinted inside the mask only
     assert json.loads(browser.execute_script("return JSON.stringify(window.sent)")) == []  # drawn, nothing asked
+
+
+@pytest.fixture(scope="module")
+def locating(tmp_path_factory):
+    """A PaliGemma whose greedy answer is one object, a box and a mask (tests/scripted_paligemma.py), decoded by the
+    mask VQ-VAE it holds (to the whole box): a server whose answers carry `locations`."""
+    directory = tmp_path_factory.mktemp("chat-locating") / "locating"
+    write_scripted_paligemma(directory, format_object((4, 6, 21, 27), SIDE, "red circle", list(range(60, 76))),
+                             WORLD_MASK_VAE)
+    server = Live(directory)
+    yield server
+    server.stop()
+
+
+def test_the_places_of_a_real_answer_are_drawn_over_its_image(locating, browser, tmp_path):
+    """Through the page's own request and stream: the box of the server's answer outlines its pixels of the image
+    shown, labelled, and its mask tints the image inside the mask only."""
+    image = WORLD.draw("red", "circle")
+    image.save(tmp_path / "scene.png")
+    reply = locating.client.chat.completions.create(model="locating", messages=image_message(image, "segment it"),
+                                                   temperature=0, max_tokens=40).choices[0].message
+    [place] = reply.model_extra["locations"]
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(place["mask"].split(",")[1])))) == 255
+    x0, y0, x1, y1 = place["box"]
+    assert mask[int(y0):int(y1), int(x0):int(x1)].all() and mask.sum() == (int(y1) - int(y0)) * (int(x1) - int(x0))
+
+    open_page(browser, locating, "locating")
+    set_field(browser, "max-tokens", 40)
+    done = ask(browser, "segment it", image=tmp_path / "scene.png")
+    assert done.text.splitlines()[0] == reply.content  # (the box's label follows it, over the image)
+    overlay = WebDriverWait(browser, 10).until(lambda b: b.find_element(By.CSS_SELECTOR, ".overlay[data-drawn='1']"))
+    shown = rect(browser, browser.find_element(By.CSS_SELECTOR, ".turn:last-child .assistant img.media"))
+    scale = shown["w"] / SIDE
+    assert scale >= 6
+    [box] = overlay.find_elements(By.CSS_SELECTOR, ".box")
+    assert box.text == "red circle"
+    got = rect(browser, box)
+    for edge, expected in (("x", shown["x"] + x0 * scale), ("y", shown["y"] + y0 * scale),
+                           ("w", (x1 - x0) * scale), ("h", (y1 - y0) * scale)):
+        assert got[edge] == pytest.approx(expected, abs=1.5), edge
+    canvas = WebDriverWait(browser, 10).until(lambda b: b.find_element(By.CSS_SELECTOR, "canvas.mask[data-drawn]"))
+    alpha = np.array(browser.execute_script(
+        "const c = arguments[0]; return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);",
+        canvas)).reshape(SIDE, SIDE, 4)[..., 3]
+    assert (alpha[mask] > 0).all() and (alpha[~mask] == 0).all()
+    assert json.loads(browser.execute_script("return JSON.stringify(window.sent)"))[0]["stream"] is True
 
 
 def test_a_sound_example_is_sent_as_audio_and_answered(chatty, browser):

@@ -59,8 +59,8 @@ class _HFModel:
         self.tok = tok
         self._literal: tokenizers.Tokenizer | None = None  # a copy that reads special tokens as text
         self._added: set[int] | None = None  # the added tokens' ids, read on use
-        state = json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else {}
-        self._byte_level = '"ByteLevel"' in json.dumps(state)  # its pieces spell bytes in GPT-2's alphabet
+        # its pieces spell bytes in GPT-2's alphabet (a decoder, or one of a sequence, of that type: its JSON says)
+        self._byte_level = tok.decoder is not None and b'"ByteLevel"' in tok.decoder.__getstate__()
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)

@@ -19,6 +19,7 @@ at the image's size. Every problem is an InputError saying what was expected and
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,9 @@ def mask_image(inside: np.ndarray) -> Image.Image:
 
 
 def _open(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        given = "directory" if os.path.isdir(path) else "missing file"
+        raise InputError(f"expected an existing mask image file, got {given} {path!r}")
     try:
         return media.open_mask(path, MAX_MASK_PIXELS)
     except media.TooLarge as e:

@@ -19,9 +19,11 @@ from polymodal.data.collate import Collator
 from polymodal.data.locations import add_location_tokens
 from polymodal.data.synthetic import LOCATION_TASKS
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.encoders.mask_vae import MASK_VAE_FILE, MaskVAE, MaskVAEConfig, load_mask_vae, mask_vae_of
+from polymodal.encoders.mask_vae import (MASK_VAE_FILE, MaskVAE, MaskVAEConfig, load_mask_vae, mask_vae_npz,
+                                         mask_vae_of)
 from polymodal.families import spec_of
 from polymodal.nn.meta import empty, fill
+from polymodal.runs import resolve
 
 # the world's masks are 32 pixels wide: a VAE of 82k parameters codes their crops in 16 codes (a 4x4 grid)
 WORLD_MASK_VAE = MaskVAEConfig(mask_size=32, hidden_dim=8, n_down=3, n_res_blocks=1, codebook_dim=32)
@@ -83,7 +85,14 @@ def found_mask_vae(model: nn.Module, directory: str | Path, given: str | Path | 
     own `vae-oid.npz` (an HF export's); as it is otherwise."""
     if given is not None:
         return with_mask_vae(model, load_mask_vae(given))
-    own = Path(directory) / MASK_VAE_FILE
+    own = resolve(directory)[0] / MASK_VAE_FILE  # a run directory's checkpoint, as from_pretrained loads it
     if own.is_file() and spec_of(model.config).locations and mask_vae_of(model) is None:
         return with_mask_vae(model, load_mask_vae(own))
     return model
+
+
+def write_mask_vae(collator: Collator, directory: Path) -> None:
+    """The mask VQ-VAE coding the run's masks (the format's copy of the model's: no gathering under FSDP), if it
+    has one, as `vae-oid.npz` in `directory`: beside a LoRA adapter, whose base directory may lack it."""
+    if collator.format.mask_vae is not None:
+        (directory / MASK_VAE_FILE).write_bytes(mask_vae_npz(collator.format.mask_vae))

@@ -60,7 +60,7 @@ from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
 from polymodal.train.hooks import EvalHook, EvalLoss, autocast, lower_is_better
 from polymodal.train.plot import plot_metrics
-from polymodal.train.locations import found_mask_vae, given_mask_vae, located, share_mask_vae
+from polymodal.train.locations import found_mask_vae, given_mask_vae, located, share_mask_vae, write_mask_vae
 from polymodal.train.vq_stage import fit_image_tokenizers, fit_mask_vaes
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
@@ -664,8 +664,13 @@ def save(run: Run) -> None:
             ckpt.save_checkpoint(directory, run.config, model_state, optimizer_state, state, run.tokenizer)
         elif proc.main:  # only the adapter trained: it is what the checkpoint keeps
             base_dir = Path(cfg.init_from).resolve()
+
+            def adapter_files(d: Path) -> None:
+                write_adapter(run.layout, d, model_state, base_dir)
+                if spec_of(run.config).locations:  # the base directory may lack the VAE (--mask-vae)
+                    write_mask_vae(run.collator, d)
             ckpt.save_checkpoint(directory, run.config, None, optimizer_state, state, run.tokenizer,
-                                 write_adapter=lambda d: write_adapter(run.layout, d, model_state, base_dir))
+                                 write_adapter=adapter_files)
     if proc.main:
         ckpt.prune(run.root, cfg.keep_checkpoints)
     barrier()

@@ -552,7 +552,7 @@ def convert_to_polymodal(source: Path, target: Path, max_shard_size: str) -> Non
     from polymodal.convert.hf import load_hf
     from polymodal.convert.hf_export import check_processor
     from polymodal.data.tokenizer import Tokenizer
-    from polymodal.train.locations import found_mask_vae
+    from polymodal.convert.mask_vae_file import found_mask_vae
     from polymodal.weights import SHARDED
 
     if (source / SHARDED).is_dir():

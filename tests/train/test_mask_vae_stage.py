@@ -79,7 +79,8 @@ def test_a_family_without_location_tokens_is_refused_before_training(tmp_path):
 
 def test_a_given_mask_vae_joins_a_model_without_copies_and_is_refused_where_it_cannot_serve():
     from polymodal.presets import get_preset
-    from polymodal.train.locations import WORLD_MASK_VAE, with_mask_vae
+    from polymodal.convert.mask_vae_file import with_mask_vae
+    from polymodal.train.locations import WORLD_MASK_VAE
 
     model, vae = pm.build("paligemma-tiny"), MaskVAE(WORLD_MASK_VAE)
     joined = with_mask_vae(model, vae)

@@ -9,7 +9,7 @@ HF's `PaliGemmaProcessor` lays a prompt out as `<image>` * image_seq_length, `<b
 `add_bos_token` off: the ids `PaliGemmaFormat` gives, so HF's greedy answer is ours.
 A model holding a mask VQ-VAE (a PaliGemma that answers with masks) gets it as `vae-oid.npz`, big_vision's file
 and layout (HF's PaliGemma has no place for it), which polymodal finds there when it loads the directory to train
-(`train.locations.found_mask_vae`).
+(`convert.mask_vae_file.found_mask_vae`).
 """
 
 from __future__ import annotations

@@ -3,27 +3,21 @@ whose spec says it answers with places (`FamilySpec.locations`): its tokenizer g
 and 128 segmentation tokens, its config the world's small mask VQ-VAE (segment), which training fits first
 (`vq_stage.fit_mask_vaes`), and the format codes the targets' masks with the model's fitted, frozen copy.
 
-On the user's own masks the VAE is the model's own (a world segment run's, or the `vae-oid.npz` beside a
-converted HF directory, big_vision's layout) or a `vae-oid.npz` the user gives (`with_mask_vae`).
+On the user's own masks the VAE is the model's own or a file the user gives (`convert/mask_vae_file.py`); a LoRA
+run keeps it beside its adapter (`write_mask_vae`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
-from polymodal.api import build
 from polymodal.config import Config, ConfigError
 from polymodal.data.collate import Collator
 from polymodal.data.locations import add_location_tokens
 from polymodal.data.synthetic import LOCATION_TASKS
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.encoders.mask_vae import (MASK_VAE_FILE, MaskVAE, MaskVAEConfig, load_mask_vae, mask_vae_npz,
-                                         mask_vae_of)
+from polymodal.encoders.mask_vae import MASK_VAE_FILE, MaskVAEConfig, mask_vae_npz, mask_vae_of
 from polymodal.families import spec_of
-from polymodal.nn.meta import empty, fill
-from polymodal.runs import resolve
 
 # the world's masks are 32 pixels wide: a VAE of 82k parameters codes their crops in 16 codes (a 4x4 grid)
 WORLD_MASK_VAE = MaskVAEConfig(mask_size=32, hidden_dim=8, n_down=3, n_res_blocks=1, codebook_dim=32)
@@ -56,39 +50,6 @@ def share_mask_vae(model, collator: Collator) -> None:
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()  # a DTensor under FSDP
              for k, v in vae.state_dict().items()}
     collator.format.mask_vae.load_state_dict(state)
-
-
-def given_mask_vae(config: Config, vae: MaskVAE) -> Config:
-    """The config of a model (of a family that answers with places, holding no mask VQ-VAE) given `vae`."""
-    if not spec_of(config).locations:
-        raise ConfigError(f"a mask VQ-VAE codes masks as segmentation tokens; a {type(config).__name__} model writes "
-                          "none: give a family that answers with places (PaliGemma)")
-    if config.mask_vae is not None:
-        raise ConfigError("the model holds a mask VQ-VAE of its own, whose codes it learned to write; leave out the "
-                          "mask VQ-VAE file")
-    return config.replace(mask_vae=vae.config)
-
-
-def with_mask_vae(model: nn.Module, vae: MaskVAE) -> nn.Module:
-    """`model` with `vae` in it (`given_mask_vae`), frozen: the model's own tensors, not copies, in a model built on
-    the meta device."""
-    config = given_mask_vae(model.config, vae)
-    holder = empty(lambda: build(config))
-    prefix = next(name for name, m in holder.named_modules() if isinstance(m, MaskVAE))
-    tensors = [*model.state_dict().items(), *((f"{prefix}.{k}", v.detach()) for k, v in vae.state_dict().items())]
-    device = next(model.parameters()).device
-    return fill(holder, tensors, device).train(model.training)
-
-
-def found_mask_vae(model: nn.Module, directory: str | Path, given: str | Path | None = None) -> nn.Module:
-    """`model` (loaded from `directory`) with the mask VQ-VAE file `given`, or, when it holds none, the directory's
-    own `vae-oid.npz` (an HF export's); as it is otherwise."""
-    if given is not None:
-        return with_mask_vae(model, load_mask_vae(given))
-    own = resolve(directory)[0] / MASK_VAE_FILE  # a run directory's checkpoint, as from_pretrained loads it
-    if own.is_file() and spec_of(model.config).locations and mask_vae_of(model) is None:
-        return with_mask_vae(model, load_mask_vae(own))
-    return model
 
 
 def write_mask_vae(collator: Collator, directory: Path) -> None:

@@ -60,7 +60,8 @@ from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
 from polymodal.train.hooks import EvalHook, EvalLoss, autocast, lower_is_better
 from polymodal.train.plot import plot_metrics
-from polymodal.train.locations import found_mask_vae, given_mask_vae, located, share_mask_vae, write_mask_vae
+from polymodal.convert.mask_vae_file import found_mask_vae, given_mask_vae
+from polymodal.train.locations import located, share_mask_vae, write_mask_vae
 from polymodal.train.vq_stage import fit_image_tokenizers, fit_mask_vaes
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")

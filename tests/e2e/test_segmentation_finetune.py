@@ -165,3 +165,21 @@ def test_the_hf_export_writes_vae_oid_npz_and_training_from_it_finds_the_vae(roo
                     out_dir=str(tmp_path), name="own")
     got, _ = targets(TrainConfig(**settings), root / "data.jsonl")
     assert got == expected(truth, vae)
+
+
+def test_a_fresh_model_given_a_mask_vae_keeps_it_rather_than_fitting_one(root, tmp_path, capsys):
+    from detection_data import write_tokenizer
+    from polymodal.train.trainer import train
+
+    root, truth = root
+    (tmp_path / "tok").mkdir()
+    write_tokenizer(tmp_path / "tok", paligemma_ids=False)
+    config = TrainConfig(model="paligemma-tiny", tokenizer=str(tmp_path / "tok"), data=str(root / "data.jsonl"),
+                         mask_vae=str(root / "vae.npz"), max_steps=1, batch_size=2, vq_steps=5, out_dir=str(tmp_path),
+                         name="fresh")
+    run_dir = train(config)
+    assert "mask VQ-VAE fitted" not in capsys.readouterr().out
+    kept = mask_vae_of(pm.from_pretrained(run_dir)).state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in load_mask_vae(root / "vae.npz").state_dict().items())
+    got, _ = targets(config.replace(name="fresh-targets"), root / "data.jsonl")
+    assert got == expected(truth, load_mask_vae(root / "vae.npz"))

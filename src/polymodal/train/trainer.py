@@ -112,7 +112,7 @@ class TrainConfig(Config):
     lora_tokens: str | None = None  # token rows that train beside LoRA: "locations" (<locNNNN>, <segNNN>) or ids 1,2
     strict_paths: bool = False  # refuse JSONL media paths that lead outside the JSONL's folder (absolute, .., links)
     vq_steps: int = 400  # a model that writes images (masks) first fits its VQ tokenizer (mask VQ-VAE) (0: as built)
-    mask_vae: str | None = None  # a mask VQ-VAE file (vae-oid.npz, big_vision's layout) coding the data's masks, for a model holding none
+    mask_vae: str | None = None  # a mask VQ-VAE file (vae-oid.npz) coding the data's masks, for a model holding none
     trainable: tuple[str, ...] | None = None  # model parts to train, the rest frozen (Flamingo: perceiver cross_layers)
 
     def __post_init__(self) -> None:

@@ -183,3 +183,12 @@ def test_a_fresh_model_given_a_mask_vae_keeps_it_rather_than_fitting_one(root, t
     assert all(torch.equal(kept[k], v) for k, v in load_mask_vae(root / "vae.npz").state_dict().items())
     got, _ = targets(config.replace(name="fresh-targets"), root / "data.jsonl")
     assert got == expected(truth, load_mask_vae(root / "vae.npz"))
+
+
+def test_a_family_without_location_tokens_refuses_masks_before_training(root, tmp_path):
+    root, _ = root
+    done = cli("train", "--model", "gemini-tiny", "--data", root / "data.jsonl", "--out-dir", tmp_path, "--name", "g",
+               "--max-steps", 1)
+    assert done.returncode != 0
+    assert "data.jsonl, line 1: its objects have masks, which a GeminiConfig model has no place for" in done.stderr
+    assert not (tmp_path / "g" / "checkpoints").exists()

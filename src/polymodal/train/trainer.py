@@ -244,14 +244,19 @@ def load_data(cfg: TrainConfig) -> Data:
     return Data(shuffled, eval_docs, texts, [(cfg.data, checked(docs)), *checks])
 
 
-def check_documents(collator: Collator, data: Data) -> None:
+def check_documents(collator: Collator, data: Data, config: Config) -> None:
     """Every document the run will read must fit the model: its kinds of media and layout, its length
-    (max_len) and something to learn from. Checked before any training, so that a bad document deep in
-    a file stops the run now, not hours in (and not one process of several, leaving the others waiting)."""
+    (max_len), something to learn from, and masks only for a model that writes them. Checked before any training,
+    so that a bad document deep in a file stops the run now, not hours in (and not one process of several, leaving
+    the others waiting)."""
     for source, docs in data.checks:
         for i, doc in enumerate(docs):  # media one document at a time: a large data set never sits in memory
             doc = with_media(doc, source)
             try:
+                if not spec_of(config).locations and any(s.masks is not None for s in doc.segments):
+                    raise DocumentError(f"its objects have masks, which a {type(config).__name__} model has no place "
+                                        "for (it writes boxes as text; a family that answers with places writes "
+                                        "masks as segmentation tokens): leave the masks out")
                 collator.encode(doc, index=None if doc.line is not None else i)
             except ValueError as e:
                 where = f"{source}, line {doc.line}" if doc.line is not None else source
@@ -411,7 +416,7 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
     hooks = ([EvalLoss(data.eval, collator, cfg.batch_size, cfg.pack, proc.device)] if data.eval else []) + (
         hooks if proc.world_size == 1 else [])  # generation on a model sharded over processes is not collective-safe
     best = Best(best_metric(cfg, hooks))
-    check_documents(collator, data)
+    check_documents(collator, data, config)
     model, layout = build_model(cfg, config, data, base, last, proc, lora_token_ids(cfg.lora_tokens, tokenizer), vae)
     run = Run(cfg, proc, config, tokenizer, collator, data, model, make_optimizer(model, cfg), hooks, best, layout)
     if last is not None:

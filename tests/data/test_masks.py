@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from polymodal.data.documents import DocumentError, read_jsonl, with_media, write_jsonl
-from polymodal.data.masks import decode_rle, rle_counts, rle_source
+from polymodal.data.masks import decode_rle, fill_polygon, polygons_source, rle_counts, rle_source
 from polymodal.errors import InputError
 
 from detection_data import compressed_counts, mask_in_each_form, mask_runs
@@ -67,11 +67,42 @@ def test_rle_agrees_with_pycocotools():
 
 
 def test_polygons_are_filled_together_at_the_image_size():
-    from polymodal.data.masks import polygons_source
+    # a rectangle's corners in COCO's pixel coordinates are its box: rows 1-2 and columns 1-3 (pixel centres inside)
+    two = polygons_source([[1, 1, 4, 1, 4, 3, 1, 3], [5, 3, 6, 3, 6, 5, 5, 5]])
+    assert np.array_equal(two.pixels(W, H), rectangle(1, 1, 3, 4) | rectangle(3, 5, 5, 6))
+    triangle = polygons_source([[0, 0, 8, 0, 0, 6]]).pixels(W, H)  # the half below the diagonal stays out
+    assert triangle[0, 0] and triangle[2, 2] and not triangle[5, 7] and not triangle[3, 5]
+    hourglass = polygons_source([[0, 0, 8, 6, 8, 0, 0, 6]]).pixels(W, H)  # crossing edges: even-odd
+    assert hourglass[3, 0] and hourglass[3, 7] and not hourglass[0, 4] and not hourglass[5, 4]
 
-    # PIL fills a polygon through its vertices' pixels: a rectangle's corners are its first and last pixels
-    two = polygons_source([[1, 1, 3, 1, 3, 2, 1, 2], [5, 3, 6, 3, 6, 5, 5, 5]])
-    assert np.array_equal(two.pixels(W, H), rectangle(1, 1, 3, 4) | rectangle(3, 5, 6, 7))
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_polygons_agree_with_pycocotools():
+    try:
+        from pycocotools import mask as coco
+    except ImportError:
+        pytest.skip("pycocotools is not installed")
+    h, w = 40, 50
+    for polygon in ([10, 10, 20, 10, 20, 30, 10, 30], [3, 0, 50, 0, 50, 40, 3, 40]):  # rectangles: exactly
+        assert np.array_equal(polygons_source([polygon]).pixels(w, h),
+                              coco.decode(coco.frPyObjects([polygon], h, w))[:, :, 0] > 0)
+    rng = np.random.default_rng(0)
+    for _ in range(100):  # simple polygons (star-shaped): they differ only where pycocotools' 1/5-pixel grid does
+        n = int(rng.integers(3, 12))
+        angles, radii = np.sort(rng.random(n)) * 2 * np.pi, rng.uniform(3, 18, n)
+        polygon = np.stack([25 + radii * np.cos(angles), 20 + radii * np.sin(angles)], 1).round(2).reshape(-1)
+        ours = fill_polygon(polygon.tolist(), w, h)
+        theirs = coco.decode(coco.frPyObjects([polygon.tolist()], h, w))[:, :, 0] > 0
+        rows, cols = np.nonzero(ours != theirs)
+        assert (distance_to_edges(cols + 0.5, rows + 0.5, polygon) < 0.2).all()
+
+
+def distance_to_edges(x: np.ndarray, y: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Each point's distance to the nearest edge of the polygon [x0, y0, x1, y1, ...]."""
+    xs, ys = polygon[0::2], polygon[1::2]
+    dx, dy = np.roll(xs, -1) - xs, np.roll(ys, -1) - ys
+    t = np.clip(((x[:, None] - xs) * dx + (y[:, None] - ys) * dy) / (dx * dx + dy * dy), 0, 1)
+    return np.hypot(xs + t * dx - x[:, None], ys + t * dy - y[:, None]).min(1)
 
 
 def write_doc(tmp_path, masks, image_size=(W, H), boxes=None) -> str:
@@ -88,7 +119,7 @@ def write_doc(tmp_path, masks, image_size=(W, H), boxes=None) -> str:
 def test_every_form_reads_into_the_same_mode_l_mask(tmp_path):
     mask = rectangle(1, 1, 3, 4)
     forms = mask_in_each_form(mask, tmp_path, "thing")
-    polygon = [[1, 1, 3, 1, 3, 2, 1, 2]]
+    polygon = [[1, 1, 4, 1, 4, 3, 1, 3]]
     Image.fromarray(mask.astype(np.uint8) * 255).convert("1").save(tmp_path / "1.png")
     palette = Image.frombytes("P", (W, H), (mask.astype(np.uint8) * 3).tobytes())  # class 3 of a VOC-style mask
     palette.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] * 64)

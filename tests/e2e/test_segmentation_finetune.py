@@ -101,7 +101,7 @@ def targets(config: TrainConfig, data) -> list[list[int]]:
     for doc in read_jsonl(data, load_media=False):
         labels = built.collator.encode(with_media(doc, data)).tokens["labels"]
         out.append([seg[i] for i in labels if i in seg])
-    return out, built.model
+    return out
 
 
 def expected(truth, vae) -> list[list[int]]:
@@ -120,7 +120,7 @@ def test_lora_training_on_masks_in_every_form_writes_the_given_vaes_codes(root, 
     assert len({tuple(c) for c in want}) == len(want)  # the masks' codes differ: a mix-up would show
     settings = dict(init_from=str(root / "hf"), data=str(data), mask_vae=str(root / "vae.npz"), lora_rank=4,
                     lora_tokens="locations", max_steps=3, batch_size=2, out_dir=str(tmp_path), name="targets")
-    got, model = targets(TrainConfig(**settings), data)
+    got = targets(TrainConfig(**settings), data)
     assert got == want and all(len(c) == 16 for c in want[:len(FORMS)])
     # the checkpoint keeps the VAE beside the adapter (the base directory has none), where loading finds it
     checkpoint = tmp_path / "seg" / "checkpoints" / "step-000003"
@@ -162,7 +162,7 @@ def test_the_hf_export_writes_vae_oid_npz_and_training_from_it_finds_the_vae(roo
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     settings = dict(init_from=str(tmp_path / "hf-vae"), data=str(root / "data.jsonl"), max_steps=1, batch_size=2,
                     out_dir=str(tmp_path), name="own")
-    got, _ = targets(TrainConfig(**settings), root / "data.jsonl")
+    got = targets(TrainConfig(**settings), root / "data.jsonl")
     assert got == expected(truth, vae)
 
 
@@ -180,7 +180,7 @@ def test_a_fresh_model_given_a_mask_vae_keeps_it_rather_than_fitting_one(root, t
     assert "mask VQ-VAE fitted" not in capsys.readouterr().out
     kept = mask_vae_of(pm.from_pretrained(run_dir)).state_dict()
     assert all(torch.equal(kept[k], v) for k, v in load_mask_vae(root / "vae.npz").state_dict().items())
-    got, _ = targets(config.replace(name="fresh-targets"), root / "data.jsonl")
+    got = targets(config.replace(name="fresh-targets"), root / "data.jsonl")
     assert got == expected(truth, load_mask_vae(root / "vae.npz"))
 
 

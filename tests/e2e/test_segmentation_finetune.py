@@ -147,7 +147,7 @@ def test_the_hf_export_writes_vae_oid_npz_and_training_from_it_finds_the_vae(roo
     from polymodal.data.tokenizer import Tokenizer
     from polymodal.train.trainer import load_base
 
-    model = load_base(str(root / "hf"), mask_vae=str(root / "vae.npz"))
+    model = load_base(str(root / "hf"), mask_vae=load_mask_vae(root / "vae.npz"))
     vae = mask_vae_of(model)
     export_hf(model, Tokenizer.from_file(root / "hf"), tmp_path / "hf-vae")
     assert (tmp_path / "hf-vae" / "vae-oid.npz").is_file()
@@ -191,3 +191,12 @@ def test_a_family_without_location_tokens_refuses_masks_before_training(root, tm
     assert done.returncode != 0
     assert "data.jsonl, line 1: its objects have masks, which a GeminiConfig model has no place for" in done.stderr
     assert not (tmp_path / "g" / "checkpoints").exists()
+
+
+def test_a_bad_mask_vae_file_is_refused_by_name(root, tmp_path):
+    root, _ = root
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    for given, says in ((tmp_path / "gone.npz", "gone.npz does not exist"), (tmp_path / "junk.npz", "not a readable")):
+        done = cli("train", "--init-from", root / "hf", "--data", root / "data.jsonl", "--mask-vae",
+                   given, "--out-dir", tmp_path, "--name", "bad", *LORA)
+        assert done.returncode != 0 and says in done.stderr, done.stderr[-2000:]

@@ -39,11 +39,11 @@ def with_mask_vae(model: nn.Module, vae: MaskVAE) -> nn.Module:
     return fill(holder, tensors, device).train(model.training)
 
 
-def found_mask_vae(model: nn.Module, directory: str | Path, given: str | Path | None = None) -> nn.Module:
-    """`model` (loaded from `directory`) with the mask VQ-VAE file `given`, or, when it holds none, the directory's
-    own `vae-oid.npz` (an HF export's); as it is otherwise."""
+def found_mask_vae(model: nn.Module, directory: str | Path, given: MaskVAE | None = None) -> nn.Module:
+    """`model` (loaded from `directory`) with the mask VQ-VAE `given` (`load_mask_vae` of the user's file), or, when
+    it holds none, the directory's own `vae-oid.npz` (an HF export's); as it is otherwise."""
     if given is not None:
-        return with_mask_vae(model, load_mask_vae(given))
+        return with_mask_vae(model, given)
     own = resolve(directory)[0] / MASK_VAE_FILE  # a run directory's checkpoint, as from_pretrained loads it
     if own.is_file() and spec_of(model.config).locations and mask_vae_of(model) is None:
         return with_mask_vae(model, load_mask_vae(own))

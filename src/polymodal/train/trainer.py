@@ -313,9 +313,10 @@ def _step(line: str) -> float:
         return math.inf
 
 
-def load_base(directory: str, dtype: torch.dtype | str | None = None, mask_vae: str | None = None) -> torch.nn.Module:
+def load_base(directory: str, dtype: torch.dtype | str | None = None, mask_vae: MaskVAE | None = None
+              ) -> torch.nn.Module:
     """The model a fine-tuning run starts from (its LoRA adapter merged, if it has one), float32 unless `dtype`,
-    holding the mask VQ-VAE file `mask_vae`, or else the directory's own `vae-oid.npz` (`found_mask_vae`)."""
+    holding `mask_vae`, or else the directory's own `vae-oid.npz` (`found_mask_vae`)."""
     model = from_pretrained(directory, dtype=dtype)
     return found_mask_vae(merge_lora(model) if adapters(model) else model, directory, mask_vae)
 
@@ -397,12 +398,13 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
                             "or give another --name")
     if cfg.resume and last is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {root}")
-    base = load_base(cfg.init_from, mask_vae=cfg.mask_vae) if cfg.init_from else None
+    vae = load_mask_vae(cfg.mask_vae) if cfg.mask_vae else None  # a bad file is refused before any model loads
+    base = load_base(cfg.init_from, mask_vae=vae) if cfg.init_from else None
     resumed = ckpt.load_latest(root, say=print if proc.main else lambda message: None) if cfg.resume else None
     last = resumed[0] if resumed is not None else None
     config = (load_config(last / "config.json") if last is not None else base.config if base is not None
               else model_config(cfg.model))
-    vae = load_mask_vae(cfg.mask_vae) if cfg.mask_vae and base is None and last is None else None  # a fresh model's
+    vae = vae if base is None and last is None else None  # a fresh model's, loaded into it (not fitted)
     config = given_mask_vae(config, vae) if vae is not None else config
     data = load_data(cfg)
     config, tokenizer = choose_tokenizer(cfg, config, data, last)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import polymodal as pm
+from polymodal.cli import main
 from polymodal.data.documents import read_jsonl, with_media
 from polymodal.data.masks import fill_polygon
 from polymodal.data.locations import SEG_TOKENS, crop_mask, encode_mask
@@ -35,15 +36,17 @@ QUIET = ["--batch-size", 2, "--warmup-steps", 1, "--eval-every", 10_000, "--chec
 LORA = ["--lora-rank", 4, "--lora-tokens", "locations", "--max-steps", 3, "--lr", 1e-3, *QUIET]
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "polymodal.cli", *map(str, args)], env=ENV, capture_output=True,
-                          text=True)
-
-
 def run(*args) -> str:
-    done = cli(*args)
+    done = subprocess.run([sys.executable, "-m", "polymodal.cli", *map(str, args)], env=ENV, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def refused(capsys, *args) -> str:
+    """What `polymodal ARGS` (run in this process: refusals come before any work) says on failing."""
+    assert main(list(map(str, args))) == 1
+    return capsys.readouterr().err
 
 
 def triangle_mask(points) -> np.ndarray:
@@ -129,12 +132,11 @@ def test_lora_training_on_masks_in_every_form_writes_the_given_vaes_codes(root, 
     assert all(torch.equal(kept.state_dict()[k], v) for k, v in vae.state_dict().items())
 
 
-def test_without_a_mask_vae_the_masks_are_refused_before_training(root, tmp_path):
+def test_without_a_mask_vae_the_masks_are_refused_before_training(root, tmp_path, capsys):
     root, _ = root
-    done = cli("train", "--init-from", root / "hf", "--data", root / "data.jsonl", "--out-dir", tmp_path, "--name",
-               "none", *LORA)
-    assert done.returncode != 0
-    assert "data.jsonl, line 1: " in done.stderr and "no mask VQ-VAE" in done.stderr and "--mask-vae" in done.stderr
+    said = refused(capsys, "train", "--init-from", root / "hf", "--data", root / "data.jsonl", "--out-dir", tmp_path,
+                   "--name", "none", *LORA)
+    assert "data.jsonl, line 1: " in said and "no mask VQ-VAE" in said and "--mask-vae" in said
     assert not (tmp_path / "none" / "checkpoints").exists()
 
 
@@ -184,19 +186,18 @@ def test_a_fresh_model_given_a_mask_vae_keeps_it_rather_than_fitting_one(root, t
     assert got == expected(truth, load_mask_vae(root / "vae.npz"))
 
 
-def test_a_family_without_location_tokens_refuses_masks_before_training(root, tmp_path):
+def test_a_family_without_location_tokens_refuses_masks_before_training(root, tmp_path, capsys):
     root, _ = root
-    done = cli("train", "--model", "gemini-tiny", "--data", root / "data.jsonl", "--out-dir", tmp_path, "--name", "g",
-               "--max-steps", 1)
-    assert done.returncode != 0
-    assert "data.jsonl, line 1: its objects have masks, which a GeminiConfig model has no place for" in done.stderr
+    said = refused(capsys, "train", "--model", "gemini-tiny", "--data", root / "data.jsonl", "--out-dir", tmp_path,
+                   "--name", "g", "--max-steps", 1)
+    assert "data.jsonl, line 1: its objects have masks, which a GeminiConfig model has no place for" in said
     assert not (tmp_path / "g" / "checkpoints").exists()
 
 
-def test_a_bad_mask_vae_file_is_refused_by_name(root, tmp_path):
+def test_a_bad_mask_vae_file_is_refused_by_name(root, tmp_path, capsys):
     root, _ = root
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     for given, says in ((tmp_path / "gone.npz", "gone.npz does not exist"), (tmp_path / "junk.npz", "not a readable")):
-        done = cli("train", "--init-from", root / "hf", "--data", root / "data.jsonl", "--mask-vae",
-                   given, "--out-dir", tmp_path, "--name", "bad", *LORA)
-        assert done.returncode != 0 and says in done.stderr, done.stderr[-2000:]
+        said = refused(capsys, "train", "--init-from", root / "hf", "--data", root / "data.jsonl", "--mask-vae",
+                       given, "--out-dir", tmp_path, "--name", "bad", *LORA)
+        assert says in said, said

@@ -150,6 +150,7 @@ def _bad_rle(h=H, w=W):
 
 BAD = [  # (the mask given, where the error points, what it says)
     (_bad_rle(H + 1, W), r"boxes\[0\]\.mask", r"image's size \(height, width\) = \(6, 8\), got \(7, 8\)"),
+    (_bad_rle(10 ** 5, 10 ** 5), r"boxes\[0\]\.mask", r"got \(100000, 100000\)"),  # refused undecoded (10 GB)
     ({"size": [H, W], "counts": [H * W]}, r"boxes\[0\]\.mask", "at least one pixel inside, got an empty one"),
     ({"size": [H, W], "counts": [3, 4]}, r"boxes\[0\]\.mask", "covering size 6x8 = 48 pixels, got 7"),
     ({"size": [H, W], "counts": "3\x7f"}, r"boxes\[0\]\.mask", "compressed RLE string"),

@@ -45,11 +45,13 @@ class MaskSource:
         """The mask at the image's size: (height, width) bool. InputError if its size is another or it is empty."""
         if self.kind == "polygons":
             inside = np.logical_or.reduce([fill_polygon(p, width, height) for p in self.value])
-        else:
-            inside = decode_rle(*self.value) if self.kind == "rle" else _open(self.value)
-            if inside.shape != (height, width):
+        else:  # an RLE's size is checked before it is decoded (a size a file's header does not back)
+            inside = _open(self.value) if self.kind == "file" else None
+            size = inside.shape if inside is not None else self.value[0]
+            if size != (height, width):
                 raise InputError(f"expected a mask of the image's size (height, width) = {(height, width)}, got "
-                                 f"{inside.shape}{f' in {self.value!r}' if self.kind == 'file' else ''}")
+                                 f"{size}{f' in {self.value!r}' if self.kind == 'file' else ''}")
+            inside = decode_rle(*self.value) if inside is None else inside
         if not inside.any():
             raise InputError(f"expected a mask with at least one pixel inside, got an empty one"
                              f"{f' ({self.value!r})' if self.kind == 'file' else ''}")
@@ -72,7 +74,7 @@ def fill_polygon(polygon: list[float], width: int, height: int) -> np.ndarray:
 
 def mask_image(inside: np.ndarray) -> Image.Image:
     """(H, W) bool -> the mask a Segment holds: mode L, 255 inside, 0 outside."""
-    return Image.fromarray(np.where(inside, 255, 0).astype(np.uint8), mode="L")
+    return Image.fromarray(np.where(inside, 255, 0).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def _open(path: str) -> np.ndarray:
@@ -125,7 +127,7 @@ def rle_source(value: dict) -> MaskSource:
     h, w = size
     if sum(counts) != h * w:
         raise InputError(f"expected run lengths covering size {h}x{w} = {h * w} pixels, got {sum(counts)}")
-    return MaskSource("rle", ((h, w), counts))
+    return MaskSource("rle", ((h, w), counts))  # decoded at the image's size only (`pixels`)
 
 
 def rle_counts(text: str) -> list[int]:

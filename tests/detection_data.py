@@ -90,3 +90,39 @@ def iou(a, b) -> float:
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = w * h
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def mask_runs(mask) -> list[int]:
+    """COCO's run lengths of a (h, w) bool mask: column-major, outside first (a leading 0 if it starts inside)."""
+    import numpy as np
+
+    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
+    edges = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0, *runs] if flat[0] else runs
+
+
+def compressed_counts(runs: list[int]) -> str:
+    """COCO's compressed RLE string of run lengths, written as pycocotools' rleToString writes it."""
+    out = []
+    for i, run in enumerate(runs):
+        x = run - runs[i - 2] if i > 2 else run
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr(48 + (c | 0x20 if more else c)))
+    return "".join(out)
+
+
+def mask_in_each_form(mask, directory: Path, name: str) -> dict[str, object]:
+    """One (h, w) bool mask as a JSONL object's "mask" in each form polymodal reads: a PNG file (written in
+    `directory`), COCO RLE with list counts and with the compressed string (polygons: `rectangle_polygon`)."""
+    import numpy as np
+
+    Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, "L").save(directory / f"{name}.png")
+    h, w = np.asarray(mask).shape
+    runs = mask_runs(mask)
+    return {"file": f"{name}.png", "rle": {"size": [h, w], "counts": runs},
+            "compressed": {"size": [h, w], "counts": compressed_counts(runs)}}

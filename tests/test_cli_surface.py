@@ -25,7 +25,7 @@ SURFACE = [
     "train --checkpoint-every", "train --compile", "train --context-parallel", "train --data", "train --device", "train --eval-data", "train --eval-docs",
     "train --early-stop", "train --eval-every", "train --grad-accum", "train --grad-clip", "train --init-from", "train --keep-best", "train --keep-checkpoints",
     "train --log-every", "train --lora-alpha", "train --lora-dropout", "train --lora-rank", "train --lora-targets", "train --lora-tokens",
-    "train --lr", "train --max-len", "train --max-steps", "train --min-lr", "train --model",
+    "train --lr", "train --mask-vae", "train --max-len", "train --max-steps", "train --min-lr", "train --model",
     "train --name", "train --no-activation-checkpointing", "train --no-compile", "train --no-pack", "train --no-resume",
     "train --out-dir", "train --pack", "train --parallel", "train --resume", "train --seed", "train --tasks",
     "train --tokenizer", "train --vocab-size", "train --warmup-steps", "train --weight-decay",

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from polymodal.data.synthetic import CELLS, LOCATION_TASKS, World, recognise
-from polymodal.errors import InputError
-from polymodal.data.documents import write_jsonl
+from polymodal.data.documents import read_jsonl, write_jsonl
 
 WORLD = World(seed=0)
 N = 60
@@ -64,8 +63,12 @@ def test_a_mix_of_tasks_draws_location_tasks_only_when_named():
     assert "detect red circle" in WORLD.texts(["detect"]) and "detect red circle" not in WORLD.texts()
 
 
-def test_masks_are_refused_by_the_jsonl_writer_not_dropped(tmp_path):
-    doc = WORLD.sample("segment", 0).document
-    with pytest.raises(InputError, match="masks are not written to JSONL"):
-        write_jsonl([doc], tmp_path / "out.jsonl")
-    write_jsonl([WORLD.sample("detect", 0).document], tmp_path / "detect.jsonl")
+def test_segment_and_detect_documents_round_trip_through_jsonl_masks_included(tmp_path):
+    docs = [WORLD.sample(task, i).document for task in LOCATION_TASKS for i in range(3)]
+    write_jsonl(docs, tmp_path / "out.jsonl")
+    back = read_jsonl(tmp_path / "out.jsonl")
+    pixels = lambda images: [np.asarray(im).tolist() for im in images or []]  # noqa: E731 (PIL's == compares classes)
+    assert [[(s.text, s.boxes, pixels(s.masks)) for s in d.segments] for d in back] == \
+        [[(s.text, s.boxes, pixels(s.masks)) for s in d.segments] for d in docs]
+    assert [pixels(d.images) for d in back] == [pixels(d.images) for d in docs]
+    assert sum(s.masks is not None for d in back for s in d.segments) == 3  # the segment documents'

@@ -161,3 +161,20 @@ def test_training_reaches_every_part_and_fits_a_batch():
         losses.append(out.loss.item())
     assert out.logits.shape == (6, 16, 16) and out.codes.shape == (6, 16)
     assert losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("config", [MaskVAEConfig(), MaskVAEConfig(mask_size=32, hidden_dim=8, n_down=3,
+                                                                   n_res_blocks=1, codebook_dim=32)])
+def test_a_written_file_loads_back_equal_with_its_architecture_read_from_its_arrays(tmp_path, config):
+    from polymodal.encoders.mask_vae import mask_vae_npz
+
+    torch.manual_seed(0)
+    vae = MaskVAE(config)
+    (tmp_path / "vae-oid.npz").write_bytes(mask_vae_npz(vae))
+    back = load_mask_vae(tmp_path / "vae-oid.npz")
+    assert back.config == config
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in vae.state_dict().items())
+    with np.load(tmp_path / "vae-oid.npz") as npz:  # big_vision's names (the official file's, at its size)
+        assert {str(npz[k].dtype) for k in npz.files} == {"float32"}
+        if config == MaskVAEConfig():
+            assert set(npz.files) == set(official_layout()) - {"_vq_vae._ema_cluster_size", "_vq_vae._ema_w"}

@@ -77,12 +77,19 @@ def test_a_family_without_location_tokens_is_refused_before_training(tmp_path):
     assert not (tmp_path / "g").exists()
 
 
-def test_a_model_holding_a_mask_vae_is_refused_by_the_hf_export_not_dropped(tmp_path):
-    from polymodal.convert.hf_export import export_hf
+def test_a_given_mask_vae_joins_a_model_without_copies_and_is_refused_where_it_cannot_serve():
     from polymodal.presets import get_preset
+    from polymodal.convert.mask_vae_file import with_mask_vae
     from polymodal.train.locations import WORLD_MASK_VAE
 
-    model = pm.build(get_preset("paligemma-tiny").replace(mask_vae=WORLD_MASK_VAE))
-    with pytest.raises(ConfigError, match="holds a mask VQ-VAE .* it is not exported"):
-        export_hf(model, None, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    model, vae = pm.build("paligemma-tiny"), MaskVAE(WORLD_MASK_VAE)
+    joined = with_mask_vae(model, vae)
+    assert joined.config == model.config.replace(mask_vae=WORLD_MASK_VAE)
+    state = joined.state_dict()
+    assert all(state[k].data_ptr() == v.data_ptr() for k, v in model.state_dict().items())  # the same tensors
+    assert all(torch.equal(state[f"mask_vae.{k}"], v) for k, v in vae.state_dict().items())
+    assert not any(p.requires_grad for p in vae_of(joined).parameters())
+    with pytest.raises(ConfigError, match="holds a mask VQ-VAE of its own"):
+        with_mask_vae(joined, vae)
+    with pytest.raises(ConfigError, match="a GeminiConfig model writes none"):
+        with_mask_vae(pm.build(get_preset("gemini-tiny")), vae)

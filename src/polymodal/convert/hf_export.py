@@ -7,6 +7,9 @@ with PaliGemma's `image_seq_length`), `processor_config.json`, `generation_confi
 can express (the text-only decoders'), and a model card.
 HF's `PaliGemmaProcessor` lays a prompt out as `<image>` * image_seq_length, `<bos>`, prompt, "\\n" with
 `add_bos_token` off: the ids `PaliGemmaFormat` gives, so HF's greedy answer is ours.
+A model holding a mask VQ-VAE (a PaliGemma that answers with masks) gets it as `vae-oid.npz`, big_vision's file
+and layout (HF's PaliGemma has no place for it), which polymodal finds there when it loads the directory to train
+(`convert.mask_vae_file.found_mask_vae`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from polymodal.convert.hf import FAMILIES, save_hf
 from polymodal.data.processors import ImageProcessor
 from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.encoders.mask_vae import MASK_VAE_FILE, mask_vae_npz, mask_vae_of
 from polymodal.errors import CheckpointError, InputError
 from polymodal.families import spec_of
 from polymodal.families.collators import make_collator
@@ -73,6 +77,9 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer | None, target: str | Path,
     if tokenizer is not None:
         files.update(tokenizer_files(model, tokenizer, model_type))
     files["README.md"] = (card or model_card(model_type, None, {})).encode()
+    vae = mask_vae_of(model)
+    if vae is not None:  # in the same swap as the weights: the directory never lacks it
+        files[MASK_VAE_FILE] = mask_vae_npz(vae)
     save_hf(model, target, model_type, files, max_shard_size)
     return model_type
 

@@ -24,10 +24,13 @@ it the segment's own text is the one reference; training learns the segment's te
 A detection target is a segment of objects in the pixels of the document's one image,
 `{"boxes": [{"label": "red circle", "box": [x1, y1, x2, y2]}], "target": true}`: PaliGemma writes them as its
 `<locNNNN>` tokens (`data/locations.py`), any other family as the text `red circle [x1, y1, x2, y2]` (` ; `
-between objects). In memory such a segment may also hold each object's mask (`Segment.masks`, the built-in world's
-segment task), which PaliGemma's format writes as 16 segmentation tokens; masks are not read from or written to
-JSONL. Every problem in a file raises `DocumentError` naming the file, the 1-based line,
-the segment and the field, with what was expected and what was given.
+between objects). A segmentation target gives every object a `"mask"` too (`Segment.masks`: mode L, 255 inside,
+the image's size; PaliGemma's format writes each as 16 segmentation tokens), in any of the forms of
+`data/masks.py`: a mask image file's path (nonzero inside; relative like other media), COCO polygons
+`[[x0, y0, x1, y1, ...], ...]` or COCO RLE `{"size": [h, w], "counts": [...] or "compressed string"}`. Masks are
+drawn when the media are loaded (a mask the image's size, with a pixel inside); `write_jsonl` writes them as
+mode-L PNG files (255 inside) beside the images. Every problem in a file raises `DocumentError` naming the file,
+the 1-based line, the segment and the field, with what was expected and what was given.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import json
 import os
 import tempfile
 import wave
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 from polymodal.data import media
+from polymodal.data.masks import MaskSource, mask_image, polygons_source, rle_source
 from polymodal.errors import DocumentError, InputError, PathKindError, check_text
 
 KINDS = ("text", "image", "audio", "video")
@@ -80,6 +84,8 @@ class Segment:
     path: str | list[str] | None = field(default=None, compare=False)
     boxes: list[tuple[str, tuple[float, float, float, float]]] | None = None  # (label, (x1, y1, x2, y2) pixels)
     masks: list[Image.Image] | None = None  # per box, the object's pixels (mode L, 255 inside) in the image's size
+    # where the masks come from (data/masks.py); the only mask reference when read with load_media=False
+    mask_sources: list[MaskSource] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -190,21 +196,44 @@ def read_jsonl(path: str | Path, load_media: bool = True, strict_paths: bool = F
 
 
 def with_media(doc: Document, source: str | Path) -> Document:
-    """The document with the media of its segments loaded from their paths (read with load_media=False);
-    DocumentError naming `source`, the line and the segment if a file is missing or unreadable."""
-    if all(s.media is not None or s.path is None for s in doc.segments):
+    """The document with the media of its segments loaded from their paths (read with load_media=False), and
+    its objects' masks drawn; DocumentError naming `source`, the line and the segment (or the object's mask) if a
+    file is missing or unreadable or a mask does not fit the image."""
+    if all((s.media is not None or s.path is None) and (s.masks is not None or s.mask_sources is None)
+           for s in doc.segments):
         return doc
     segments = []
-    for i, s in enumerate(doc.segments):
-        where = f"segments[{i}].{s.kind}"
-        try:
+    try:
+        for i, s in enumerate(doc.segments):
+            where = f"segments[{i}].{s.kind}"
             if s.media is None and s.path is not None:
                 media = ([_load(p, "image", f"{where}[{j}]") for j, p in enumerate(s.path)] if s.kind == "video"
                          else _load(s.path, s.kind, where))
                 s = dataclasses.replace(s, media=media)
-        except _Invalid as e:
-            raise DocumentError(f"{source}, {doc.origin or f'line {doc.line}'}, {e.where}: {e.msg}") from e.__cause__
-        segments.append(s)
+            segments.append(s)
+        return _with_masks(dataclasses.replace(doc, segments=segments))
+    except _Invalid as e:
+        raise DocumentError(f"{source}, {doc.origin or f'line {doc.line}'}, {e.where}: {e.msg}") from e.__cause__
+
+
+def _with_masks(doc: Document) -> Document:
+    """The document with its objects' masks drawn from their sources at the size of its one image."""
+    pending = [i for i, s in enumerate(doc.segments) if s.mask_sources is not None and s.masks is None]
+    if not pending:
+        return doc
+    if len(doc.images) != 1:
+        raise _Invalid(f"segments[{pending[0]}].boxes", f"expected one image whose pixels the masks cover, got "
+                                                        f"{len(doc.images)} images")
+    width, height = doc.images[0].size
+    segments = list(doc.segments)
+    for i in pending:
+        masks = []
+        for j, source in enumerate(segments[i].mask_sources):
+            try:
+                masks.append(mask_image(source.pixels(width, height)))
+            except InputError as e:
+                raise _Invalid(f"segments[{i}].boxes[{j}].mask", str(e)) from e
+        segments[i] = dataclasses.replace(segments[i], masks=masks)
     return dataclasses.replace(doc, segments=segments)
 
 
@@ -240,8 +269,9 @@ def _parse_line(raw: bytes, root: Path, load_media: bool, strict_paths: bool) ->
     if not isinstance(segments, list) or not segments:
         given = "an empty list" if segments == [] else _type(segments)
         raise _Invalid("segments", f"expected a non-empty list of segments, got {given}")
-    return Document([_parse_segment(s, f"segments[{i}]", root, load_media, strict_paths)
-                     for i, s in enumerate(segments)], obj.get("id"), obj.get("task"))
+    doc = Document([_parse_segment(s, f"segments[{i}]", root, load_media, strict_paths)
+                    for i, s in enumerate(segments)], obj.get("id"), obj.get("task"))
+    return _with_masks(doc) if load_media else doc
 
 
 def _media_path(root: Path, value: str, where: str, strict: bool) -> str:
@@ -258,7 +288,7 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_pa
     if not isinstance(seg, dict):
         raise _Invalid(where, f"expected a JSON object, got {_type(seg)}")
     if "boxes" in seg:
-        return _boxes_segment(seg, where)
+        return _boxes_segment(seg, where, root, strict_paths)
     if unknown := sorted(set(seg) - {*KINDS, "target", "references"}):
         raise _Invalid(f"{where}.{unknown[0]}", f"expected one of {', '.join(KINDS)} (and optional target, "
                                                f"references), got unknown key {unknown[0]!r}")
@@ -299,8 +329,9 @@ def _parse_segment(seg: Any, where: str, root: Path, load_media: bool, strict_pa
     return Segment(kind, media=_load(p, kind, where) if load_media else None, target=target, path=p)
 
 
-def _boxes_segment(seg: dict, where: str) -> Segment:
-    """{"boxes": [{"label": str, "box": [x1, y1, x2, y2]}, ...], "target": true}: objects in the image's pixels."""
+def _boxes_segment(seg: dict, where: str, root: Path, strict_paths: bool) -> Segment:
+    """{"boxes": [{"label": str, "box": [x1, y1, x2, y2], "mask": optional}, ...], "target": true}: objects in the
+    image's pixels, every one with a mask or none."""
     if unknown := sorted(set(seg) - {"boxes", "target"}):
         raise _Invalid(f"{where}.{unknown[0]}", f"expected only boxes and target in a boxes segment, got "
                                                f"{unknown[0]!r}")
@@ -310,12 +341,18 @@ def _boxes_segment(seg: dict, where: str) -> Segment:
     if not isinstance(value, list) or not value:
         given = "an empty list" if value == [] else _type(value)
         raise _Invalid(where, f"expected a non-empty list of objects, got {given}")
-    boxes = []
+    boxes, sources = [], []
     for i, obj in enumerate(value):
         at = f"{where}[{i}]"
-        if not isinstance(obj, dict) or set(obj) != {"label", "box"}:
+        if not isinstance(obj, dict) or set(obj) - {"mask"} != {"label", "box"}:
             given = _type(obj) if not isinstance(obj, dict) else f"the keys {sorted(obj)}"
-            raise _Invalid(at, f"expected an object with the keys 'label' and 'box', got {given}")
+            raise _Invalid(at, f"expected an object with the keys 'label' and 'box' (and 'mask'), got {given}")
+        if ("mask" in obj) != ("mask" in value[0]):
+            raise _Invalid(f"{at}.mask", f"expected a mask on every object of the segment or on none, got one on "
+                                         f"object {0 if 'mask' in value[0] else i} and none on object "
+                                         f"{i if 'mask' in value[0] else 0}")
+        if "mask" in obj:
+            sources.append(_mask_source(obj["mask"], f"{at}.mask", root, strict_paths))
         label, box = obj["label"], obj["box"]
         if not isinstance(label, str) or not label.strip() or any(c in label for c in "<>;"):
             raise _Invalid(f"{at}.label", f"expected a non-empty string without '<', '>' or ';', got {label!r}")
@@ -325,15 +362,30 @@ def _boxes_segment(seg: dict, where: str) -> Segment:
             raise _Invalid(f"{at}.box", f"expected [x1, y1, x2, y2] in pixels with 0 <= x1 < x2 and 0 <= y1 < y2, "
                                         f"got {box!r}")
         boxes.append((label.strip(), tuple(float(v) for v in box)))
-    return boxes_segment(boxes)
+    return boxes_segment(boxes, mask_sources=sources or None)
+
+
+def _mask_source(value: Any, where: str, root: Path, strict_paths: bool) -> MaskSource:
+    """An object's "mask": a mask image file's path, COCO polygons or COCO RLE (`data/masks.py`)."""
+    if isinstance(value, str):
+        return MaskSource("file", _media_path(root, value, where, strict_paths))
+    try:
+        if isinstance(value, list):
+            return polygons_source(value)
+        if isinstance(value, dict):
+            return rle_source(value)
+    except InputError as e:
+        raise _Invalid(where, str(e)) from e
+    raise _Invalid(where, f"expected a mask image path, COCO polygons [[x0, y0, ...], ...] or COCO RLE "
+                          f"{{\"size\": [h, w], \"counts\": ...}}, got {_type(value)}")
 
 
 def boxes_segment(boxes: list[tuple[str, tuple[float, float, float, float]]],
-                  masks: list[Image.Image] | None = None) -> Segment:
+                  masks: list[Image.Image] | None = None, mask_sources: list[MaskSource] | None = None) -> Segment:
     """A target segment of objects, its text `label [x1, y1, x2, y2]` joined by ` ; ` (what families without
     location tokens write)."""
     text = " ; ".join(f"{label} [{', '.join(f'{v:g}' for v in box)}]" for label, box in boxes)
-    return Segment("text", text=text, target=True, boxes=boxes, masks=masks)
+    return Segment("text", text=text, target=True, boxes=boxes, masks=masks, mask_sources=mask_sources)
 
 
 def _references(seg: dict, where: str, kind: str, target: bool) -> list[str] | None:
@@ -401,15 +453,24 @@ def _atomic_open(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def _png_bytes(image: Image.Image, mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
+    image.convert(mode).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _objects(segment: Segment, put: Callable[[int, bytes], str]) -> list[dict]:
+    """A boxes segment's objects as JSON, each mask written by `put(k, png bytes)` (which gives its path)."""
+    masks = segment.masks or [None] * len(segment.boxes)
+    return [{"label": label, "box": list(box),
+             **({"mask": put(k, _png_bytes(mask_image(np.asarray(m) > 127), "L"))} if m is not None else {})}
+            for k, ((label, box), m) in enumerate(zip(segment.boxes, masks))]
 
 
 def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
     """Write documents to `path`, media into `<stem>_media/` beside it (images and video
-    frames as PNG, audio as 16-bit wav), referenced by relative paths. Media files go first and
+    frames as PNG, objects' masks as mode-L PNG of 255 inside and 0 outside, audio as 16-bit wav), referenced by
+    relative paths. Media files go first and
     the JSONL is renamed into place last, so a reader never sees a line whose media is missing."""
     path = Path(path)
     if path.is_dir():
@@ -430,11 +491,11 @@ def write_jsonl(documents: Iterable[Document], path: str | Path) -> None:
                 if s.kind != "text" and s.media is None:
                     raise InputError(f"document {i} segment {j}: {s.kind} segment has no media loaded "
                                      "(read it with load_media=True to write it out)")
-                if s.masks is not None:
-                    raise InputError(f"document {i} segment {j}: masks are not written to JSONL; write the "
-                                     "objects' boxes (a segment without masks)")
+                if s.masks is None and s.mask_sources is not None:
+                    raise InputError(f"document {i} segment {j}: its objects' masks are not loaded (read it with "
+                                     "load_media=True to write it out)")
                 if s.boxes is not None:
-                    seg = {"boxes": [{"label": label, "box": list(box)} for label, box in s.boxes], "target": True}
+                    seg = {"boxes": _objects(s, lambda k, data: put(f"{i:06d}-{j}-mask{k}.png", data)), "target": True}
                 elif s.kind == "text":
                     seg = {"text": s.text, **({"target": True} if s.target else {}),
                            **({"references": s.references} if s.references is not None else {})}

@@ -1,5 +1,6 @@
 """Media decoding every entry point shares (training data, `polymodal generate`, the server): images of any
-mode PIL opens -> RGB, wav files of any common layout -> mono float32, and band-limited resampling.
+mode PIL opens -> RGB, mask image files -> bool (`open_mask`), wav files of any common layout -> mono
+float32, and band-limited resampling.
 
 Images: the EXIF orientation is applied (as HF's `load_image` does); 16-bit greyscale (`I;16*`) is scaled
 from its full range 0..65535, 32-bit integer (`I`) from 0..65535 when its values fit there (what PIL gives
@@ -83,6 +84,19 @@ def open_image(source: str | Path | bytes, max_pixels: int) -> Image.Image:
             raise TooLarge(im.width, im.height, max_pixels)
         im.load()  # decodes the whole file, so corruption shows up here
         return to_rgb(im)
+
+
+def open_mask(source: str | Path, max_pixels: int) -> np.ndarray:
+    """A mask image file -> (height, width) bool, True where a pixel is nonzero: its value (modes 1, L, I, F),
+    its palette index (P: VOC's class-index masks) or any colour channel (RGB, RGBA: black is outside).
+    TooLarge as `open_image`; PIL's own errors for unreadable bytes."""
+    with Image.open(source) as im:
+        if im.width * im.height > max_pixels:
+            raise TooLarge(im.width, im.height, max_pixels)
+        im.load()
+        pixels = np.asarray(im if im.mode in ("1", "L", "P", "I", "F") or im.mode in _SIXTEEN_BIT
+                            else im.convert("RGB"))
+    return pixels.any(axis=2) if pixels.ndim == 3 else pixels != 0
 
 
 # ---------------------------------------------------------------------------------------------

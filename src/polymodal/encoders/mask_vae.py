@@ -16,6 +16,8 @@ Shapes: B masks, S = mask_size (64), g = S / 2**n_down (4), N = g * g codes (16)
 
 from __future__ import annotations
 
+import io
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from polymodal.errors import CheckpointError, ConfigError, InputError, MissingFi
 # Arrays the official file may hold beside the weights: the EMA codebook's running statistics (AiT trains
 # the codebook by EMA), which coding never reads.
 EMA_ARRAYS = ("_vq_vae._ema_cluster_size", "_vq_vae._ema_w")
+MASK_VAE_FILE = "vae-oid.npz"  # big_vision's name, which an HF export writes beside the weights (convert/hf_export.py)
 
 
 @dataclass
@@ -180,13 +183,40 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path} is not a readable .npz of plain arrays ({e})") from e
 
 
+def config_of_arrays(arrays: dict[str, np.ndarray]) -> MaskVAEConfig:
+    """The architecture an .npz of big_vision's layout holds, read from its arrays' names and shapes: the first
+    conv's width, the stride-2 convs and residual blocks of the encoder, the codebook's width; 16 codes from 128
+    entries, as PaliGemma writes them (so the mask is 4 * 2**n_down wide). What the arrays do not say is the
+    official file's, so that a damaged file is refused by `load_mask_vae` naming the array."""
+    default = MaskVAEConfig()
+    convs = [a for name, a in arrays.items() if re.fullmatch(r"encoder\.\d+\.weight", name) and a.ndim == 4
+             and a.shape[-2:] == (4, 4)]
+    blocks = {name.split(".")[1] for name in arrays if re.fullmatch(r"encoder\.\d+\.net\.0\.weight", name)}
+    first, codebook = arrays.get("encoder.0.weight"), arrays.get("_vq_vae._embedding")
+    n_down = len(convs) or default.n_down
+    return MaskVAEConfig(mask_size=4 * 2 ** n_down, n_down=n_down, n_res_blocks=len(blocks) or default.n_res_blocks,
+                         hidden_dim=first.shape[0] if first is not None and first.ndim == 4 else default.hidden_dim,
+                         codebook_dim=codebook.shape[1] if codebook is not None and codebook.ndim == 2
+                         else default.codebook_dim)
+
+
+def mask_vae_npz(vae: MaskVAE) -> bytes:
+    """The VAE's weights as an .npz of big_vision's layout (float32 arrays named as `vae-oid.npz` names them),
+    which `load_mask_vae` reads back."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: t.detach().float().cpu().numpy() for name, t in vae.state_dict().items()})
+    return buffer.getvalue()
+
+
 def load_mask_vae(path: str | Path, config: MaskVAEConfig | None = None) -> MaskVAE:
-    """The mask VQ-VAE in an .npz of big_vision's layout (the official `vae-oid.npz` by default).
+    """The mask VQ-VAE in an .npz of big_vision's layout (the official `vae-oid.npz`, or one `mask_vae_npz`
+    wrote), of `config`, by default the architecture its arrays describe (`config_of_arrays`).
 
     Every array the config needs must be there with its shape, and nothing else but the EMA statistics;
     otherwise a CheckpointError names what is missing, misshapen or unknown."""
-    path, config = Path(path), config or MaskVAEConfig()
+    path = Path(path)
     arrays = _read_npz(path)
+    config = config or config_of_arrays(arrays)
     expected = expected_arrays(config)
     missing = sorted(set(expected) - set(arrays))
     if missing:

@@ -2,16 +2,21 @@
 whose spec says it answers with places (`FamilySpec.locations`): its tokenizer gets PaliGemma's 1,024 location
 and 128 segmentation tokens, its config the world's small mask VQ-VAE (segment), which training fits first
 (`vq_stage.fit_mask_vaes`), and the format codes the targets' masks with the model's fitted, frozen copy.
+
+On the user's own masks the VAE is the model's own or a file the user gives (`convert/mask_vae_file.py`); a LoRA
+run keeps it beside its adapter (`write_mask_vae`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from polymodal.config import Config, ConfigError
 from polymodal.data.collate import Collator
 from polymodal.data.locations import add_location_tokens
 from polymodal.data.synthetic import LOCATION_TASKS
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.encoders.mask_vae import MaskVAEConfig, mask_vae_of
+from polymodal.encoders.mask_vae import MASK_VAE_FILE, MaskVAEConfig, mask_vae_npz, mask_vae_of
 from polymodal.families import spec_of
 
 # the world's masks are 32 pixels wide: a VAE of 82k parameters codes their crops in 16 codes (a 4x4 grid)
@@ -45,3 +50,10 @@ def share_mask_vae(model, collator: Collator) -> None:
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()  # a DTensor under FSDP
              for k, v in vae.state_dict().items()}
     collator.format.mask_vae.load_state_dict(state)
+
+
+def write_mask_vae(collator: Collator, directory: Path) -> None:
+    """The mask VQ-VAE coding the run's masks (the format's copy of the model's: no gathering under FSDP), if it
+    has one, as `vae-oid.npz` in `directory`: beside a LoRA adapter, whose base directory may lack it."""
+    if collator.format.mask_vae is not None:
+        (directory / MASK_VAE_FILE).write_bytes(mask_vae_npz(collator.format.mask_vae))

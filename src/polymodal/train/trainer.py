@@ -47,6 +47,7 @@ from polymodal.data.locations import LOC_TOKENS, SEG_TOKENS
 from polymodal.data.readers import read_flagged
 from polymodal.data.synthetic import WORLD
 from polymodal.data.tokenizer import Tokenizer
+from polymodal.encoders.mask_vae import MaskVAE, load_mask_vae, mask_vae_of
 from polymodal.errors import MissingFileError, PolymodalError, UnknownNameError, check_number
 from polymodal.families import spec_of
 from polymodal.nn.context_parallel import context_parallel
@@ -59,7 +60,8 @@ from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
 from polymodal.train.hooks import EvalHook, EvalLoss, autocast, lower_is_better
 from polymodal.train.plot import plot_metrics
-from polymodal.train.locations import located, share_mask_vae
+from polymodal.convert.mask_vae_file import found_mask_vae, given_mask_vae
+from polymodal.train.locations import located, share_mask_vae, write_mask_vae
 from polymodal.train.vq_stage import fit_image_tokenizers, fit_mask_vaes
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
@@ -110,6 +112,7 @@ class TrainConfig(Config):
     lora_tokens: str | None = None  # token rows that train beside LoRA: "locations" (<locNNNN>, <segNNN>) or ids 1,2
     strict_paths: bool = False  # refuse JSONL media paths that lead outside the JSONL's folder (absolute, .., links)
     vq_steps: int = 400  # a model that writes images (masks) first fits its VQ tokenizer (mask VQ-VAE) (0: as built)
+    mask_vae: str | None = None  # a mask VQ-VAE file (vae-oid.npz) coding the data's masks, for a model holding none
     trainable: tuple[str, ...] | None = None  # model parts to train, the rest frozen (Flamingo: perceiver cross_layers)
 
     def __post_init__(self) -> None:
@@ -243,14 +246,19 @@ def load_data(cfg: TrainConfig) -> Data:
     return Data(shuffled, eval_docs, texts, [(cfg.data, checked(docs)), *checks])
 
 
-def check_documents(collator: Collator, data: Data) -> None:
+def check_documents(collator: Collator, data: Data, config: Config) -> None:
     """Every document the run will read must fit the model: its kinds of media and layout, its length
-    (max_len) and something to learn from. Checked before any training, so that a bad document deep in
-    a file stops the run now, not hours in (and not one process of several, leaving the others waiting)."""
+    (max_len), something to learn from, and masks only for a model that writes them. Checked before any training,
+    so that a bad document deep in a file stops the run now, not hours in (and not one process of several, leaving
+    the others waiting)."""
     for source, docs in data.checks:
         for i, doc in enumerate(docs):  # media one document at a time: a large data set never sits in memory
             doc = with_media(doc, source)
             try:
+                if not spec_of(config).locations and any(s.masks is not None for s in doc.segments):
+                    raise DocumentError(f"its objects have masks, which a {type(config).__name__} model has no place "
+                                        "for (it writes boxes as text; a family that answers with places writes "
+                                        "masks as segmentation tokens): leave the masks out")
                 collator.encode(doc, index=None if doc.line is not None else i)
             except ValueError as e:
                 where = f"{source}, line {doc.line}" if doc.line is not None else source
@@ -307,10 +315,12 @@ def _step(line: str) -> float:
         return math.inf
 
 
-def load_base(directory: str, dtype: torch.dtype | str | None = None) -> torch.nn.Module:
-    """The model a fine-tuning run starts from (its LoRA adapter merged, if it has one), float32 unless `dtype`."""
+def load_base(directory: str, dtype: torch.dtype | str | None = None, mask_vae: MaskVAE | None = None
+              ) -> torch.nn.Module:
+    """The model a fine-tuning run starts from (its LoRA adapter merged, if it has one), float32 unless `dtype`,
+    holding `mask_vae`, or else the directory's own `vae-oid.npz` (`found_mask_vae`)."""
     model = from_pretrained(directory, dtype=dtype)
-    return merge_lora(model) if adapters(model) else model
+    return found_mask_vae(merge_lora(model) if adapters(model) else model, directory, mask_vae)
 
 
 @dataclass
@@ -391,11 +401,14 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
     if cfg.resume and last is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {root}")
     lora_tokens = lora_token_ids(cfg)  # before any weights are read
-    base = load_base(cfg.init_from) if cfg.init_from else None
+    vae = load_mask_vae(cfg.mask_vae) if cfg.mask_vae else None  # a bad file is refused before any model loads
+    base = load_base(cfg.init_from, mask_vae=vae) if cfg.init_from else None
     resumed = ckpt.load_latest(root, say=print if proc.main else lambda message: None) if cfg.resume else None
     last = resumed[0] if resumed is not None else None
     config = (load_config(last / "config.json") if last is not None else base.config if base is not None
               else model_config(cfg.model))
+    vae = vae if base is None and last is None else None  # a fresh model's, loaded into it (not fitted)
+    config = given_mask_vae(config, vae) if vae is not None else config
     data = load_data(cfg)
     config, tokenizer = choose_tokenizer(cfg, config, data, last)
     collator = make_collator(config, tokenizer, cfg.max_len)
@@ -408,8 +421,8 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
     hooks = ([EvalLoss(data.eval, collator, cfg.batch_size, cfg.pack, proc.device)] if data.eval else []) + (
         hooks if proc.world_size == 1 else [])  # generation on a model sharded over processes is not collective-safe
     best = Best(best_metric(cfg, hooks))
-    check_documents(collator, data)
-    model, layout = build_model(cfg, config, data, base, last, proc, lora_tokens)
+    check_documents(collator, data, config)
+    model, layout = build_model(cfg, config, data, base, last, proc, lora_tokens, vae)
     run = Run(cfg, proc, config, tokenizer, collator, data, model, make_optimizer(model, cfg), hooks, best, layout)
     if last is not None:
         resume(run, last, resumed[1])
@@ -512,9 +525,10 @@ def lora_token_ids(cfg: TrainConfig) -> list[int] | None:
 
 
 def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path | None, proc,
-                lora_tokens: list[int] | None = None):
+                lora_tokens: list[int] | None = None, mask_vae: MaskVAE | None = None):
     """The model on its device, wrapped for FSDP/DDP (and LoRA, activation checkpointing, compile, context
-    parallelism as asked), with the adapter layout of a LoRA run (else None)."""
+    parallelism as asked), with the adapter layout of a LoRA run (else None). `mask_vae`: a fresh model's, given
+    (not fitted)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # takes seconds: only when training
         CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
 
@@ -530,8 +544,10 @@ def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path |
                               f"{type(model).__name__} (a part its config leaves out has no weights)")
     if base is not None:
         model.load_state_dict(base.state_dict())
-    elif last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
-        for fit in (fit_image_tokenizers, fit_mask_vaes):
+    if mask_vae is not None:
+        mask_vae_of(model).load_state_dict(mask_vae.state_dict())
+    if base is None and last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
+        for fit in (fit_image_tokenizers,) + ((fit_mask_vaes,) if mask_vae is None else ()):  # a given VAE stays
             fit(model, data.train, cfg.vq_steps, cfg.seed,
                 say=lambda line: print(line, flush=True) if proc.main else None, show_progress=proc.main)
     _, _, context_mesh = data_and_context_split(proc, cfg.context_parallel)
@@ -683,8 +699,13 @@ def save(run: Run) -> None:
             ckpt.save_checkpoint(directory, run.config, model_state, optimizer_state, state, run.tokenizer)
         elif proc.main:  # only the adapter trained: it is what the checkpoint keeps
             base_dir = Path(cfg.init_from).resolve()
+
+            def adapter_files(d: Path) -> None:
+                write_adapter(run.layout, d, model_state, base_dir)
+                if spec_of(run.config).locations:  # the base directory may lack the VAE (--mask-vae)
+                    write_mask_vae(run.collator, d)
             ckpt.save_checkpoint(directory, run.config, None, optimizer_state, state, run.tokenizer,
-                                 write_adapter=lambda d: write_adapter(run.layout, d, model_state, base_dir))
+                                 write_adapter=adapter_files)
     if proc.main:
         ckpt.prune(run.root, cfg.keep_checkpoints)
     barrier()

@@ -35,9 +35,8 @@ def paligemma_config_from_hf(hf: dict) -> PaliGemmaConfig:
 
 
 def paligemma_config_to_hf(cfg: PaliGemmaConfig) -> dict:
-    if cfg.mask_vae is not None:  # refused, not dropped: its segmentation answers would decode to nothing
-        raise ConfigError("this PaliGemma holds a mask VQ-VAE (a world segment run), which HF's PaliGemma has no "
-                          "place for (big_vision keeps it in a file of its own, vae-oid.npz); it is not exported")
+    """HF's PaliGemma config; a mask VQ-VAE (`cfg.mask_vae`) has no place there: `hf_export.export_hf` writes it
+    beside the weights as big_vision's `vae-oid.npz`."""
     text = decoder_config_to_hf(cfg.text, gemma=True)
     vision = {**vision_config_to_hf(cfg.vision), "projection_dim": cfg.text.dim}
     return {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",

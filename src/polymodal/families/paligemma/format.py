@@ -76,7 +76,8 @@ class PaliGemmaFormat:
                                 "one image: give exactly one")
         if segment.masks is not None and self.mask_vae is None:
             raise DocumentError(f"{_name(doc)} has masks, but the model has no mask VQ-VAE to code them as "
-                                "segmentation tokens (its config's mask_vae is None)")
+                                "segmentation tokens (its config's mask_vae is None): give one, as big_vision's "
+                                "vae-oid.npz (polymodal train --mask-vae)")
         width, height = doc.images[0].size
         masks = segment.masks or [None] * len(segment.boxes)
         try:

@@ -1,0 +1,50 @@
+"""A PaliGemma's mask VQ-VAE (Beyer et al. 2024) in a file of its own beside the weights: big_vision's
+`vae-oid.npz`, which HF's PaliGemma has no place for. `hf_export.export_hf` writes a model's VAE there;
+`found_mask_vae` joins that file (or one the user gives) to a model loaded from the directory that holds none,
+as `polymodal train --init-from` / `--mask-vae` and `polymodal convert --to polymodal` do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from polymodal.config import Config, ConfigError
+from polymodal.encoders.mask_vae import MASK_VAE_FILE, MaskVAE, load_mask_vae, mask_vae_of
+from polymodal.families import spec_of
+from polymodal.nn.meta import empty, fill
+from polymodal.runs import resolve
+
+
+def given_mask_vae(config: Config, vae: MaskVAE) -> Config:
+    """The config of a model (of a family that answers with places, holding no mask VQ-VAE) given `vae`."""
+    if not spec_of(config).locations:
+        raise ConfigError(f"a mask VQ-VAE codes masks as segmentation tokens; a {type(config).__name__} model writes "
+                          "none: give a family that answers with places (PaliGemma)")
+    if config.mask_vae is not None:
+        raise ConfigError("the model holds a mask VQ-VAE of its own, whose codes it learned to write; leave out the "
+                          "mask VQ-VAE file")
+    return config.replace(mask_vae=vae.config)
+
+
+def with_mask_vae(model: nn.Module, vae: MaskVAE) -> nn.Module:
+    """`model` with `vae` in it (`given_mask_vae`), frozen: the model's own tensors, not copies, in a model built on
+    the meta device."""
+    config = given_mask_vae(model.config, vae)
+    holder = empty(lambda: spec_of(config).model(config))
+    prefix = next(name for name, m in holder.named_modules() if isinstance(m, MaskVAE))
+    tensors = [*model.state_dict().items(), *((f"{prefix}.{k}", v.detach()) for k, v in vae.state_dict().items())]
+    device = next(model.parameters()).device
+    return fill(holder, tensors, device).train(model.training)
+
+
+def found_mask_vae(model: nn.Module, directory: str | Path, given: MaskVAE | None = None) -> nn.Module:
+    """`model` (loaded from `directory`) with the mask VQ-VAE `given` (`load_mask_vae` of the user's file), or, when
+    it holds none, the directory's own `vae-oid.npz` (an HF export's); as it is otherwise."""
+    if given is not None:
+        return with_mask_vae(model, given)
+    own = resolve(directory)[0] / MASK_VAE_FILE  # a run directory's checkpoint, as from_pretrained loads it
+    if own.is_file() and spec_of(model.config).locations and mask_vae_of(model) is None:
+        return with_mask_vae(model, load_mask_vae(own))
+    return model

@@ -36,16 +36,11 @@ def chat(max_tokens: int, **fields) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def segmenting(tmp_path_factory):
+def undecodable(tmp_path_factory):
     """A model that answers a box and a mask whose codes reach 18, holding a mask VQ-VAE of 16 codes."""
     directory = tmp_path_factory.mktemp("undecodable") / "scripted"
     write_scripted_paligemma(directory, SEGMENTED, SMALL_VAE)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def undecodable(segmenting):
-    server = Live(segmenting)
+    server = Live(directory)
     yield server
     server.stop()
 
@@ -68,10 +63,11 @@ def test_a_mask_its_vae_cannot_decode_keeps_the_text_and_the_box(undecodable):
     assert undecodable.health()["finished"] == {"stop": 2}
 
 
-def test_an_end_that_cannot_be_made_sends_the_held_back_text_then_one_error_counted_as_one(segmenting):
+def test_an_end_that_cannot_be_made_sends_the_held_back_text_then_one_error_counted_as_one(tmp_path):
     """Its places read with a mask VQ-VAE of 64 codes a mask, whose decode refuses PaliGemma's 16: an unexpected
     failure at the end. "circle", the answer's last word, could begin the stop string: held back until the end."""
-    model, tokenizer = pm.from_pretrained(segmenting), Tokenizer.from_file(segmenting)
+    write_scripted_paligemma(tmp_path, SEGMENTED)
+    model, tokenizer = pm.from_pretrained(tmp_path), Tokenizer.from_file(tmp_path)
     inputs, wanted = prompts(make_collator(model.config, tokenizer),
                              [Document([Segment("image", media=IMAGE), Segment("text", "segment red circle")])], 40)
     del inputs["attention_mask"]

@@ -22,12 +22,32 @@ from polymodal.families.collators import fit_to_tokenizer
 from polymodal.presets import get_preset
 
 SIDE = 32  # paligemma-tiny reads 32x32 images
+INSIDE = 64  # the scripted mask VQ-VAE's codes below this paint their cell of the mask's grid inside
+
+
+def paint_cells(vae: torch.nn.Module) -> None:
+    """Set a mask VQ-VAE's weights so that each code paints its cell of the code grid: inside for a code below
+    INSIDE, outside for the others (blurred at the cells' edges by the upsampling). One channel carries it: the
+    codebook's first dimension (1 inside, 0 outside) through the first 1x1 conv, identity residual blocks,
+    transposed convolutions that spread each value over the pixels it upsamples to, and a last 1x1 conv that
+    thresholds at 0.5."""
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.zero_()
+        vae.codebook.zero_()
+        vae.codebook[:INSIDE, 0] = 1.0
+        vae.decoder[0].weight[0, 0] = 1.0
+        for layer in vae.decoder:
+            if isinstance(layer, torch.nn.ConvTranspose2d):
+                layer.weight[0, 0] = 0.25  # each output pixel sums 2x2 taps inside
+        vae.decoder[-1].weight[0, 0] = 1.0
+        vae.decoder[-1].bias.fill_(-0.5)
 
 
 def write_scripted_paligemma(directory: Path, answer: str, mask_vae: MaskVAEConfig | None = None) -> list[int]:
     """Save in `directory` a paligemma-tiny (with its tokenizer, which holds the location tokens, and a mask VQ-VAE
-    of `mask_vae` if given, whose every code decodes to a mask filling its box) that answers `answer` then <eos> to
-    any prompt; returns the answer's token ids."""
+    of `mask_vae` if given, `paint_cells`) that answers `answer` then <eos> to any prompt; returns the answer's token
+    ids."""
     tokenizer = Tokenizer.train(World(seed=0).texts(), vocab_size=320)
     add_location_tokens(tokenizer)
     ids = tokenizer.encode(answer) + [tokenizer.eos_id]
@@ -51,9 +71,8 @@ def write_scripted_paligemma(directory: Path, answer: str, mask_vae: MaskVAEConf
             head[after] = 50.0 * torch.nn.functional.normalize(embeddings[before], dim=0)
         decoder.output.weight.copy_(head)
         vae = mask_vae_of(model)
-        if vae is not None:  # its last layer: logits of 1 everywhere
-            vae.decoder[-1].weight.zero_()
-            vae.decoder[-1].bias.fill_(1.0)
+        if vae is not None:
+            paint_cells(vae)
     pm.save_pretrained(model, directory)
     tokenizer.save(directory)
     return ids[:-1]

@@ -132,6 +132,20 @@ def test_boxes_only_keeps_the_boxes_and_codes_and_decodes_no_mask(vae):
     assert parse_locations(text, SIZE, vae).objects[0].codes == tuple(codes)
 
 
+def test_a_mask_past_the_vae_s_codebook_keeps_its_box_and_counts_as_malformed():
+    """Codes a mask VQ-VAE of 16 codes cannot decode (a model's mistake, as a code past 127 is): the object keeps
+    its box, its mask is None, and the answer counts one malformed part; a mask it can decode is decoded."""
+    small = MaskVAE(MaskVAEConfig(hidden_dim=4, codebook_dim=8, codebook_size=16)).eval()
+    box = (10, 6, 70, 40)
+    past, within = format_object(box, SIZE, "past", range(3, 19)), format_object(box, SIZE, "within", range(16))
+    got = parse_locations(past + " ; " + within, SIZE, small)
+    assert [(o.label, o.box, o.codes) for o in got.objects] == [("past", bins_to_box(box_to_bins(box, SIZE), SIZE),
+                                                                 tuple(range(3, 19))), ("within", got.objects[0].box,
+                                                                                        tuple(range(16)))]
+    assert got.objects[0].mask is None and got.objects[1].mask is not None and got.malformed == 1
+    assert parse_locations(past, SIZE, small, boxes_only=True).malformed == 0  # no mask asked for: none is missing
+
+
 def test_malformed_parts_are_counted_never_dropped(vae):
     good = format_object((10, 6, 70, 40), SIZE, "good")
     loc = "".join(LOC_TOKENS[i] for i in (100, 200, 300, 400))

@@ -2,11 +2,12 @@
 the three kinds of tokenizer files polymodal reads: a byte-level BPE (GPT-2's alphabet), a SentencePiece model with
 byte fallback, and a tokenizer.json in Gemma's layout (U+2581 for a space, <0xNN> pieces for bytes). The bytes of a
 text's tokens join into its UTF-8, characters split over several tokens included; an added or control token's bytes
-are its text."""
+are its text. Other layouts: WordPiece's continuation prefix is dropped, an unknown token gives its decoded text,
+and no id of the vocabulary makes it raise (a piece outside GPT-2's alphabet, a hole in the vocabulary)."""
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from polymodal.data.locations import add_location_tokens
 from polymodal.data.synthetic import World
@@ -60,3 +61,37 @@ def test_a_tokenizer_json_in_gemma_s_layout(tmp_path):
     assert tok.decode(ids) == TEXT and joined(tok, ids) == TEXT.encode()
     assert tok.token_bytes(pieces.index("\u2581red")) == b" red"
     assert tok.token_bytes(pieces.index("<0xC3>")) == b"\xc3"
+
+
+def test_wordpiece_drops_its_continuation_prefix(tmp_path):
+    hf = HFTokenizer(models.WordPiece({"[UNK]": 0, "red": 1, "##dish": 2, "the": 3}, unk_token="[UNK]"))
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_file(tmp_path)
+    ids = tok.encode("the reddish")
+    assert tok.text(ids) == "the reddish" and [tok.token_bytes(i) for i in ids] == [b"the", b"red", b"dish"]
+
+
+def test_a_sentencepiece_model_without_byte_fallback_gives_its_unknown_token_s_text(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("\n".join(World(seed=0).texts()[:400]))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=200, model_type="bpe", minloglevel=2)
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.model")
+    ids = tok.encode("red 😀")
+    assert tok.decode(ids).endswith("\u2047 ")  # the character it cannot spell reads " ⁇ "
+    assert joined(tok, ids) == b" " + tok.decode(ids).encode()  # SentencePiece's dummy prefix: a space
+
+
+def test_no_id_of_the_vocabulary_raises(tmp_path):
+    """A byte-level decoder over pieces outside GPT-2's alphabet ("▁x", a raw newline), and a vocabulary with holes
+    (ids 1..4 name no piece): each gives the text the decoder gives it."""
+    for name, vocab in (("odd", {"a": 0, "\u0120": 1, "\u2581x": 2, "\n": 3}), ("holes", {"a": 0, "b": 5})):
+        hf = HFTokenizer(models.BPE(vocab, []))
+        hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        (tmp_path / name).mkdir()
+        hf.save(str(tmp_path / name / "tokenizer.json"))
+        tok = Tokenizer.from_file(tmp_path / name)
+        for i in range(tok.vocab_size):
+            assert tok.token_bytes(i) == tok.decode([i], skip_special_tokens=False).encode(), (name, i)
+    assert Tokenizer.from_file(tmp_path / "odd").token_bytes(2) == "\u2581x".encode()

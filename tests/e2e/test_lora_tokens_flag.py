@@ -1,7 +1,7 @@
-"""`polymodal train --lora-tokens` with a value it cannot use (not ids, a negative id, an id past the tokenizer,
-"locations" for a tokenizer without location tokens) is refused in one line that names the flag, what it expects and
-what it got, before any weights are read: the model directory's weights file here is garbage, so an error about it
-would mean the model was being loaded first. The real CLI; no run directory is left behind."""
+"""`polymodal train --lora-tokens` with a value it cannot use (not ids, a negative id, a repeated id, an id past the
+tokenizer, "locations" for a tokenizer without location tokens) is refused in one line that names the flag, what it
+expects and what it got, before any weights are read: the model directory's weights file here is garbage, so an
+error about it would mean the model was being loaded first. The real CLI; no run directory is left behind."""
 
 import os
 import subprocess
@@ -33,6 +33,7 @@ def base(tmp_path_factory):
 @pytest.mark.parametrize("value, expected", [
     ("1,x", "must be 'locations' or comma-separated token ids (integers >= 0), got '1,x'"),
     ("4,-3", "must be 'locations' or comma-separated token ids (integers >= 0), got '4,-3'"),
+    ("7,7", "must list each token id once, got '7,7' (repeated: 7)"),
     ("7,320,99999", "must be ids of the tokenizer of {base}, in [0, 320), got 320, 99999"),
     ("locations", "'locations': the tokenizer of {base} has no location tokens (<loc0000>..)"),
 ])

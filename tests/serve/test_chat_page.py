@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ENV, WORLD, Live, call, image_message, png_url
 from PIL import Image
-from scripted_paligemma import SIDE, write_scripted_paligemma
+from scripted_paligemma import INSIDE, SIDE, write_scripted_paligemma
 
 import polymodal as pm
 from polymodal.data.locations import format_object
@@ -301,10 +301,11 @@ def test_drawn_images_are_large_and_locations_are_drawn_over_the_image(world, br
 @pytest.fixture(scope="module")
 def locating(tmp_path_factory):
     """A PaliGemma whose greedy answer is one object, a box and a mask (tests/scripted_paligemma.py), decoded by the
-    mask VQ-VAE it holds (to the whole box): a server whose answers carry `locations`."""
+    mask VQ-VAE it holds to the left half of the box (the codes of the grid's left two columns paint inside): a
+    server whose answers carry `locations`, a mask a strict part of its box."""
     directory = tmp_path_factory.mktemp("chat-locating") / "locating"
-    write_scripted_paligemma(directory, format_object((4, 6, 21, 27), SIDE, "red circle", list(range(60, 76))),
-                             WORLD_MASK_VAE)
+    codes = [i if i % 4 < 2 else INSIDE + i for i in range(16)]  # row-major over the 4x4 grid
+    write_scripted_paligemma(directory, format_object((4, 6, 21, 27), SIDE, "red circle", codes), WORLD_MASK_VAE)
     server = Live(directory)
     yield server
     server.stop()
@@ -320,7 +321,11 @@ def test_the_places_of_a_real_answer_are_drawn_over_its_image(locating, browser,
     [place] = reply.model_extra["locations"]
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(place["mask"].split(",")[1])))) == 255
     x0, y0, x1, y1 = place["box"]
-    assert mask[int(y0):int(y1), int(x0):int(x1)].all() and mask.sum() == (int(y1) - int(y0)) * (int(x1) - int(x0))
+    in_box = np.zeros_like(mask)
+    in_box[int(y0):int(y1), int(x0):int(x1)] = True
+    half = in_box.copy()
+    half[:, (int(x0) + int(x1)) // 2 + 1:] = False
+    assert mask.any() and not mask[~half].any() and (in_box & ~mask).any()  # in the box's left half, not all of it
 
     open_page(browser, locating, "locating")
     set_field(browser, "max-tokens", 40)
@@ -340,7 +345,7 @@ def test_the_places_of_a_real_answer_are_drawn_over_its_image(locating, browser,
     alpha = np.array(browser.execute_script(
         "const c = arguments[0]; return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);",
         canvas)).reshape(SIDE, SIDE, 4)[..., 3]
-    assert (alpha[mask] > 0).all() and (alpha[~mask] == 0).all()
+    assert (alpha[mask] > 0).all() and (alpha[in_box & ~mask] == 0).all() and (alpha[~in_box] == 0).all()
     assert json.loads(browser.execute_script("return JSON.stringify(window.sent)"))[0]["stream"] is True
 
 

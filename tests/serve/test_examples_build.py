@@ -4,6 +4,7 @@ checkpoint's trainer.json is made a named pipe once the server is up, so the bui
 writes to it; opening the pipe for writing without blocking succeeds only once the build has opened it to read, so
 the test knows the build is under way before it asks /health."""
 
+import asyncio
 import errno
 import json
 import os
@@ -13,6 +14,8 @@ import time
 import urllib.request
 
 from conftest import Live, call
+
+from polymodal.serve.examples import Examples
 
 
 def open_when_read(pipe) -> int:
@@ -50,3 +53,31 @@ def test_health_is_answered_while_the_examples_are_built(checkpoint, tmp_path):
     status, examples = asked[0]
     assert status == 200 and examples["examples"], examples
     assert "cannot be read" in examples["left_out"][0]["why"]  # what the pipe gave is no training record
+
+
+class FailingFirst(Examples):
+    """Examples whose first build fails (a slow one, so its only waiter can leave first), and later ones work."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.builds = 0
+
+    def build(self) -> dict:
+        self.builds += 1
+        time.sleep(0.2)
+        if self.builds == 1:
+            raise RuntimeError("the first build failed")
+        return {"build": self.builds}
+
+
+def test_a_failed_build_whose_waiters_left_is_built_again():
+    async def scenario():
+        examples = FailingFirst()
+        waiter = asyncio.ensure_future(examples.answer())
+        await asyncio.sleep(0.05)
+        first = examples.building
+        waiter.cancel()  # its client left while the build ran
+        await asyncio.wait([first])  # it fails with no one waiting
+        return await examples.answer(), examples.builds
+
+    assert asyncio.run(scenario()) == ({"build": 2}, 2)  # the next request is answered by a new build, not the failure

@@ -62,6 +62,11 @@ RANGES = {  # field: (low, high, kind), kind "integer", "number" or "boolean" (w
 BESIDE = {"top_logprobs": {"logprobs": True},  # what a field needs beside it to be read
           "max_completion_tokens": {"max_tokens": None}}  # (a request gives max_tokens or it, not both)
 VALUES = [NAN, INF, -INF, 1e309, -1, 0, 1, 1.5, 2, 17, 1 << 70, "1", True, [], {}]
+EDGES = {  # beside VALUES, each field's bounds and just past them (top_k: 0 is off, -1 is refused, not vLLM's off)
+    "repetition_penalty": [0.01, 0.005, 100, 100.5], "top_logprobs": [20, 21],
+    "frequency_penalty": [2.0, 2.5, -2.0, -2.5], "presence_penalty": [2.0, 2.5, -2.0, -2.5],
+    "top_k": [1 << 20, (1 << 20) + 1], "temperature": [2.0, 2.5], "top_p": [1.0, 1.01],
+}
 
 
 def expected_status(field: str, value) -> int:
@@ -77,7 +82,8 @@ def expected_status(field: str, value) -> int:
 
 def number_probes():
     for field in RANGES:
-        for value in VALUES:
+        seen = set(map(repr, VALUES))  # 2.0 is another JSON number than 2
+        for value in VALUES + [v for v in EDGES.get(field, []) if repr(v) not in seen]:
             status = expected_status(field, value)
             yield pytest.param(body(**{**BESIDE.get(field, {}), field: value}), status,
                                field if status == 400 else None,

@@ -121,7 +121,8 @@ class LocatedObject:
 @dataclass(frozen=True)
 class Locations:
     objects: list[LocatedObject]
-    malformed: int  # parts of the answer that were not one well-formed object (counted, never dropped silently)
+    malformed: int  # parts of the answer that were not one well-formed object, masks its VAE cannot decode (counted,
+    # never dropped silently)
 
 
 def format_object(box: Sequence[float], image_size: int | Sequence[int], label: str = "",
@@ -164,8 +165,9 @@ def _parse_object(part: str, size: tuple[int, int], vae: MaskVAE | None, boxes_o
         if vae is None:
             raise InputError("this answer holds segmentation tokens: pass vae= (load_mask_vae('vae-oid.npz')) to "
                              "decode its masks, or boxes_only=True to leave them out")
-        with torch.no_grad():
-            mask = paste_mask(vae.decode(torch.tensor([codes]))[0], box, size)
+        if max(codes) < vae.config.codebook_size:  # codes past this VAE's codebook: no mask (parse_locations counts it)
+            with torch.no_grad():
+                mask = paste_mask(vae.decode(torch.tensor([codes]))[0], box, size)
     return LocatedObject(match[3].strip(), box, mask, tuple(codes))
 
 
@@ -176,16 +178,16 @@ def parse_locations(text: str, image_size: int | Sequence[int], vae: MaskVAE | N
     `image_size`: (height, width) of the image the boxes refer to. `vae`: the mask VQ-VAE, needed only if
     the answer holds segmentation tokens and `boxes_only` is False; with `boxes_only` no mask is decoded (each
     object's `codes` keep its segmentation tokens). A part between separators that is not one well-formed object
-    (a partial mask included) counts in `malformed`."""
+    (a partial mask included) counts in `malformed`, as does a mask whose codes lie past `vae`'s codebook: its
+    object keeps its box, its mask None."""
     check_text(text)
     size = _image_size(image_size)
     objects, malformed = [], 0
     for part in text.split(";") if text.strip() else []:
         obj = _parse_object(part, size, vae, boxes_only)
-        if obj is None:
-            malformed += 1
-        else:
+        if obj is not None:
             objects.append(obj)
+        malformed += obj is None or (obj.codes != () and obj.mask is None and not boxes_only)
     return Locations(objects, malformed)
 
 

@@ -46,10 +46,19 @@ def _byte_level_chars() -> dict[str, int]:
 _BYTE_LEVEL = _byte_level_chars()
 
 
-def _piece_bytes(piece: str) -> bytes:
-    """A SentencePiece-style piece's bytes: <0xNN> is the byte NN, U+2581 ("▁") a space."""
-    byte = _BYTE_PIECE.fullmatch(piece)
+def _piece_bytes(piece: str, byte_fallback: bool) -> bytes:
+    """A SentencePiece-style piece's bytes: <0xNN> the byte NN where the tokenizer has byte fallback, U+2581 ("▁")
+    a space."""
+    byte = _BYTE_PIECE.fullmatch(piece) if byte_fallback else None
     return bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode()
+
+
+def _decoder_steps(tok: tokenizers.Tokenizer) -> list[dict]:
+    """The file's decoders as their JSON: the one, or those of a Sequence, in order."""
+    if tok.decoder is None:
+        return []
+    decoder = json.loads(tok.decoder.__getstate__())
+    return decoder.get("decoders", [decoder])
 
 
 class _HFModel:
@@ -59,8 +68,12 @@ class _HFModel:
         self.tok = tok
         self._literal: tokenizers.Tokenizer | None = None  # a copy that reads special tokens as text
         self._added: set[int] | None = None  # the added tokens' ids, read on use
-        # its pieces spell bytes in GPT-2's alphabet (a decoder, or one of a sequence, of that type: its JSON says)
-        self._byte_level = tok.decoder is not None and b'"ByteLevel"' in tok.decoder.__getstate__()
+        # what its decoder makes of a piece, for token_bytes: pieces that spell bytes in GPT-2's alphabet, <0xNN>
+        # pieces read as bytes, WordPiece's continuation prefix ("##") dropped
+        steps = _decoder_steps(tok)
+        self._byte_level = any(step["type"] == "ByteLevel" for step in steps)
+        self._byte_fallback = any(step["type"] == "ByteFallback" for step in steps)
+        self._continuation = next((step["prefix"] for step in steps if step["type"] == "WordPiece"), None)
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -85,7 +98,14 @@ class _HFModel:
         piece = self.tok.id_to_token(i)
         if i in self._added:  # matched whole in text: its own characters
             return piece.encode()
-        return bytes(_BYTE_LEVEL[c] for c in piece) if self._byte_level else _piece_bytes(piece)
+        if piece is None or (self._byte_level and not set(piece) <= _BYTE_LEVEL.keys()):
+            # a hole in the vocabulary, or a piece outside GPT-2's alphabet: the text its decoder gives it
+            return self.tok.decode([i], skip_special_tokens=False).encode()
+        if self._byte_level:
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        if self._continuation and piece.startswith(self._continuation):
+            piece = piece[len(self._continuation):]
+        return _piece_bytes(piece, self._byte_fallback)
 
     def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
         tok = self.tok
@@ -177,7 +197,9 @@ class _SPModel:
     def token_bytes(self, i: int) -> bytes:
         if i >= self.sp.get_piece_size():  # added here, matched whole in text
             return next(piece for piece, j in self.added.items() if j == i).encode()
-        return _piece_bytes(self.sp.id_to_piece(i))
+        if self.sp.is_unknown(i):  # its text, " ⁇ ", not its piece
+            return self.sp.decode([i]).encode()
+        return _piece_bytes(self.sp.id_to_piece(i), self.sp.is_byte(i))
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         names = {i: piece for piece, i in self.specials.items()}
@@ -348,8 +370,12 @@ class Tokenizer:
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for, as OpenAI's logprobs give them: a byte-level piece's bytes, a
-        byte-fallback piece <0xNN> the byte NN, U+2581 ("▁") a space, an added or control token its text; so the
-        bytes of an answer's tokens join into its UTF-8, a character split over several tokens included."""
+        byte-fallback piece <0xNN> the byte NN, U+2581 ("▁") a space, WordPiece's "##dish" "dish", an unknown
+        token or a piece outside GPT-2's alphabet the text its decoder gives it, an added or control token its text.
+        For a byte-level BPE and a byte-fallback layout (SentencePiece, Gemma's, Llama 2's) the bytes of an answer's
+        tokens join into its UTF-8, a character split over several tokens included (but the leading space a
+        decoder may strip); for other layouts (WordPiece's spaces between words, a file without a decoder) not
+        always. Never raises for an id in the vocabulary."""
         if not 0 <= int(token) < self.vocab_size:
             raise InputError(f"id {token} is outside the vocabulary [0, {self.vocab_size})")
         return self._model.token_bytes(int(token))

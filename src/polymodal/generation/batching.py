@@ -72,7 +72,8 @@ class Request:
     top_logprobs: int | None = None  # None: no log-probabilities; k: each token's and the k most likely ones'
     stop_token_ids: tuple[int, ...] = ()
     on_token: Callable[[int], bool] | None = None  # each new token, in the batcher's thread; False stops it
-    on_finish: Callable[[Request], None] | None = None  # once, when it left (finish_reason / error set)
+    on_finish: Callable[[Request], None] | None = None  # once, when it left (finish_reason / error set; it may make
+    # it an "error", counted so)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per token, with top_logprobs
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
@@ -431,9 +432,9 @@ class Batcher:
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
-        self.finished[reason] += 1
         if request.on_finish is not None:
-            request.on_finish(request)
+            request.on_finish(request)  # it may make it an "error": an end its listener could not write
+        self.finished[request.finish_reason] += 1
 
 
 def logprobs(processed: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:

@@ -2,7 +2,7 @@
 
 `Answer.on_token` runs in the batcher's thread and hands `push` a list of events, in order:
 ("text", str), ("image", base64 PNG), then ("done", finish_reason), or ("error", message) when the request
-failed or its end could not be read (its places: a mask its VQ-VAE cannot decode), so its client always gets an
+failed or its end could not be made (an unexpected failure reading its places), so its client always gets an
 end. Text is decoded from the start of the current text run each time, so a character split over several
 byte-level tokens appears whole, once.
 An image is `begin`, `length` codes, `end` (the model's `ImageSpans`); it is decoded to pixels as soon as
@@ -11,7 +11,8 @@ its `end` arrives, so a streamed answer shows it in its place.
 An answer with places (PaliGemma's `<locNNNN>` boxes, `<segNNN>` masks) also gives ("locations", [...])
 just before its end, when a `Locator` was given and the whole answer parses to one object or more: each
 `{"label", "box": [x1, y1, x2, y2] in pixels of the request's last image, "mask": PNG data URL or None}` (the
-shared contract of README, Serving; the mask is mode L, 255 inside, when a mask VQ-VAE decodes it).
+shared contract of README, Serving; the mask is mode L, 255 inside, when a mask VQ-VAE decodes it; None when
+its codes lie past the VAE's codebook).
 """
 
 from __future__ import annotations
@@ -99,18 +100,23 @@ class Answer:
         return not self.stopped
 
     def on_finish(self, request: Request) -> None:
+        """The answer's end; if it cannot be made (an unexpected failure of its places), the text held back is still
+        sent, then an error, and the request counts as an error (the batcher counts it after this call)."""
+        events: list = []
         try:
-            events = self._ending(request)
+            if not self.stopped:
+                events += self._flush()
+            events += self._ending(request)
         except Exception as e:  # noqa: BLE001 - its client waits for an end: it gets this error as one
-            events = [("error", f"the answer was written but could not be finished: {e}")]
+            request.finish_reason, request.error = "error", e
+            events.append(("error", f"the answer was written but could not be finished: {e}"))
         self.push(events)
 
     def _ending(self, request: Request) -> list:
-        events = [] if self.stopped else self._flush()
         if request.finish_reason == "error":
-            return events + [("error", str(request.error))]
+            return [("error", str(request.error))]
         places = self.locate("".join(self.written)) if self.locate is not None else None
-        return events + ([("locations", places)] if places else []) + [
+        return ([("locations", places)] if places else []) + [
             ("done", "stop" if self.stopped else request.finish_reason)]
 
     def _text(self) -> list:

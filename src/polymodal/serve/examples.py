@@ -84,13 +84,14 @@ class Examples:
     async def answer(self) -> dict:
         if self.building is None:
             self.building = asyncio.ensure_future(run_in_threadpool(self.build))
-        building = self.building
-        try:
-            return await asyncio.shield(building)  # a client that leaves does not cancel the build
-        except Exception:
-            if self.building is building:  # failed: the next request builds again
-                self.building = None
-            raise
+            self.building.add_done_callback(self._forget_failed)
+        return await asyncio.shield(self.building)  # a client that leaves does not cancel the build
+
+    def _forget_failed(self, building: asyncio.Future) -> None:
+        """A failed build is forgotten as it ends, whether or not anyone still waits for it: the next request builds
+        again."""
+        if (building.cancelled() or building.exception() is not None) and self.building is building:
+            self.building = None
 
     def build(self) -> dict:
         server = self.server

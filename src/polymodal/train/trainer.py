@@ -488,7 +488,7 @@ LORA_TOKENS = "lora_tokens (--lora-tokens)"
 
 def listed_token_ids(spec: str) -> list[int] | None:
     """--lora-tokens' ids when it lists them (None for "locations"); a ConfigError naming the flag for anything
-    but "locations" or comma-separated integers >= 0."""
+    but "locations" or distinct comma-separated integers >= 0."""
     if isinstance(spec, str) and spec.strip() == "locations":
         return None
     try:
@@ -498,6 +498,10 @@ def listed_token_ids(spec: str) -> list[int] | None:
     if ids is None or min(ids) < 0:
         raise ConfigError(f"{LORA_TOKENS} must be 'locations' or comma-separated token ids (integers >= 0), got "
                           f"{spec!r}")
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ConfigError(f"{LORA_TOKENS} must list each token id once, got {spec!r} (repeated: "
+                          f"{', '.join(map(str, repeated))})")
     return ids
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from polymodal.config import Config, check_fits_memory, read_json_config
 from polymodal.convert.hf import load_hf
 from polymodal.convert.load import load_polymodal, load_sharded_model
+from polymodal.convert.mask_vae_file import found_mask_vae
 from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from polymodal.errors import InputError, InputTypeError, MissingFileError
 from polymodal.families import MODEL_CLASSES, load_config
@@ -62,8 +63,13 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
     loads its base model (`base_model_name_or_path`) with the adapter on top. quantize="int8" | "int4": weight-only quantized
     decoder linear layers (`nn.quantize`), each quantized as it is loaded (an adapter is merged first).
 
-    A `polymodal train` run directory loads its best checkpoint (its last when it kept no best one)."""
+    A `polymodal train` run directory loads its best checkpoint (its last when it kept no best one).
+    A `vae-oid.npz` beside the weights (an HF export's or a LoRA run's mask VQ-VAE) is joined to the model."""
     directory = Path(directory)
+    return found_mask_vae(_load(directory, dtype=dtype, device=device, quantize=quantize), directory)
+
+
+def _load(directory: Path, *, dtype, device, quantize) -> nn.Module:
     if not directory.is_dir():
         raise MissingFileError(f"{directory} is not a directory")
     if (directory / "checkpoints").is_dir() and not (directory / "config.json").is_file():

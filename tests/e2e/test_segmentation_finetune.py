@@ -142,8 +142,8 @@ def test_without_a_mask_vae_the_masks_are_refused_before_training(root, tmp_path
 
 def test_the_hf_export_writes_vae_oid_npz_and_training_from_it_finds_the_vae(root, tmp_path):
     """A model holding a mask VQ-VAE (the HF PaliGemma given one) exported to HF writes it as vae-oid.npz beside
-    the weights; `convert --to polymodal` and `--init-from` on that directory find it (equal tensors), and
-    training on the masks codes them with it."""
+    the weights; `pm.from_pretrained` (quantized too), `convert --to polymodal` and `--init-from` on that
+    directory find it (equal tensors), and training on the masks codes them with it."""
     root, truth = root
     from polymodal.convert.hf_export import export_hf
     from polymodal.data.tokenizer import Tokenizer
@@ -154,7 +154,8 @@ def test_the_hf_export_writes_vae_oid_npz_and_training_from_it_finds_the_vae(roo
     export_hf(model, Tokenizer.from_file(root / "hf"), tmp_path / "hf-vae")
     assert (tmp_path / "hf-vae" / "vae-oid.npz").is_file()
     assert not list(tmp_path.glob(".*"))  # written inside the one atomic directory swap
-    for loaded in (load_base(str(tmp_path / "hf-vae")), None):
+    assert mask_vae_of(pm.from_pretrained(tmp_path / "hf-vae", quantize="int8")) is not None
+    for loaded in (load_base(str(tmp_path / "hf-vae")), pm.from_pretrained(tmp_path / "hf-vae"), None):
         if loaded is None:
             run("convert", "--to", "polymodal", tmp_path / "hf-vae", tmp_path / "back")
             loaded = pm.from_pretrained(tmp_path / "back")

@@ -13,7 +13,7 @@ from torch import nn
 from polymodal.config import Config, ConfigError
 from polymodal.encoders.mask_vae import MASK_VAE_FILE, MaskVAE, load_mask_vae, mask_vae_of
 from polymodal.families import spec_of
-from polymodal.nn.meta import empty, fill
+from polymodal.nn.meta import empty
 from polymodal.runs import resolve
 
 
@@ -29,14 +29,16 @@ def given_mask_vae(config: Config, vae: MaskVAE) -> Config:
 
 
 def with_mask_vae(model: nn.Module, vae: MaskVAE) -> nn.Module:
-    """`model` with `vae` in it (`given_mask_vae`), frozen: the model's own tensors, not copies, in a model built on
-    the meta device."""
+    """`model` with `vae` (frozen, on the model's device) put where its family holds one and its config saying so
+    (`given_mask_vae`): in place, nothing else rebuilt or copied, so a quantized model takes one too."""
     config = given_mask_vae(model.config, vae)
     holder = empty(lambda: spec_of(config).model(config))
-    prefix = next(name for name, m in holder.named_modules() if isinstance(m, MaskVAE))
-    tensors = [*model.state_dict().items(), *((f"{prefix}.{k}", v.detach()) for k, v in vae.state_dict().items())]
+    path = next(name for name, m in holder.named_modules() if isinstance(m, MaskVAE))
+    parent, _, attribute = path.rpartition(".")
     device = next(model.parameters()).device
-    return fill(holder, tensors, device).train(model.training)
+    setattr(model.get_submodule(parent), attribute, vae.to(device).requires_grad_(False).train(model.training))
+    model.config = config
+    return model
 
 
 def found_mask_vae(model: nn.Module, directory: str | Path, given: MaskVAE | None = None) -> nn.Module:

@@ -432,8 +432,9 @@ class Batcher:
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
         self.finished[reason] += 1
-        if request.on_finish is not None:
-            request.on_finish(request)
+        on_finish, request.on_token, request.on_finish = request.on_finish, None, None
+        if on_finish is not None:  # the listeners are let go: one that refers to its request makes no cycle
+            on_finish(request)
 
 
 def logprobs(processed: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:

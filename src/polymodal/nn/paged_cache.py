@@ -140,23 +140,25 @@ class PagedBatch:
 
     def write(self, seg: Segments) -> torch.Tensor:
         """Takes slots for each row's valid new tokens (blocks as needed) and records their segments;
-        returns the pool slots (B, S) the layers write K/V to (padding: the null slot)."""
+        returns the pool slots (B, S) the layers write K/V to (padding: the null slot). The rows' slot table is
+        built once, as tensors, whatever the rows' lengths."""
         cache = self.cache
         valid = seg.valid.cpu()
-        counts = valid.sum(1).tolist()
-        cache.reserve(self.seq_ids, counts)
-        input_pos = torch.full(valid.shape, NULL_BLOCK * cache.block_size, dtype=torch.long)
-        shift = torch.zeros(self.batch, dtype=torch.long)
-        for row, (seq, n) in enumerate(zip(self.seq_ids, counts)):
-            start = cache.lengths[seq]
-            input_pos[row, valid[row]] = torch.tensor([cache.slot(seq, i) for i in range(start, start + n)],
-                                                      dtype=torch.long)
-            if start == 0 and n:  # a new sequence's groups are kept from 1 on, whatever padding came before it
-                shift[row] = 1 - int(seg.groups[row, valid[row]][0])
-            cache.lengths[seq] = start + n
+        counts = valid.sum(1)
+        starts = torch.tensor([cache.lengths[s] for s in self.seq_ids])
+        cache.reserve(self.seq_ids, counts.tolist())
+        for seq, end in zip(self.seq_ids, (starts + counts).tolist()):
+            cache.lengths[seq] = end
+        table = cache.slot_table(self.seq_ids, device="cpu")
+        # the k-th valid token of a row goes to the row's slot start + k
+        order = (valid.long().cumsum(1) - 1 + starts[:, None]).clamp(0, table.shape[1] - 1)
+        input_pos = torch.where(valid, table.gather(1, order), NULL_BLOCK * cache.block_size)
+        # a new sequence's groups are kept from 1 on, whatever padding came before it
+        first = seg.groups.cpu().gather(1, valid.long().argmax(1, keepdim=True))[:, 0]
+        shift = torch.where((starts == 0) & (counts > 0), 1 - first, 0)
         input_pos, shift = input_pos.to(cache.device), shift.to(cache.device)
         cache.store(input_pos, seg, shift)
-        self.slot_index = cache.slot_table(self.seq_ids)
+        self.slot_index = table.to(cache.device)
         self.slots = cache.gather_segments(self.slot_index, shift)
         return input_pos
 
@@ -310,15 +312,15 @@ class PagedCache:
         for s, n in zip(seq_ids, need):
             self.tables[s] += [self.pool.allocate() for _ in range(n)]
 
-    def slot_table(self, seq_ids: list[int]) -> torch.Tensor:
-        """(B, L) each sequence's slots in order, padded with the null slot."""
-        L = max(self.lengths[s] for s in seq_ids)
-        table = torch.full((len(seq_ids), L), NULL_BLOCK * self.block_size, dtype=torch.long)
-        for row, s in enumerate(seq_ids):
-            blocks = torch.tensor(self.tables[s], dtype=torch.long)
-            slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
-            table[row, :self.lengths[s]] = slots[:self.lengths[s]]
-        return table.to(self.device)
+    def slot_table(self, seq_ids: list[int], device: torch.device | str | None = None) -> torch.Tensor:
+        """(B, L) each sequence's slots in order, padded with the null slot (on the cache's device unless told)."""
+        lengths = torch.tensor([self.lengths[s] for s in seq_ids])
+        L = int(lengths.max())
+        n = -(-L // self.block_size)
+        blocks = torch.tensor([(self.tables[s][:n] + [NULL_BLOCK] * n)[:n] for s in seq_ids], dtype=torch.long)
+        slots = (blocks[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)[:, :L]
+        table = torch.where(torch.arange(L) < lengths[:, None], slots, NULL_BLOCK * self.block_size)
+        return table.to(self.device if device is None else device)
 
     # slot segments
 

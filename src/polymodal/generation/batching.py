@@ -333,24 +333,30 @@ class Batcher:
         return out.logits[:, -1]
 
     def _continue(self, rows: list[int]) -> None:
-        """One decode call over `rows`: each feeds its last token, or the next chunk of its prompt; a row
-        that fed its last prompt token or a token of its own chooses its next one."""
-        feeds = []
-        for row in rows:
-            s = self.seqs[row]
-            feeds.append(s.pending[:self.prefill_chunk] if len(s.pending) else self.last[row:row + 1])
-        counts = [len(f) for f in feeds]
+        """The decode calls over `rows`: each feeds its last token, or the next chunk of its prompt; a row that
+        fed its last prompt token or a token of its own chooses its next one. The rows feeding chunks run in a
+        call of their own when padding the others to their length would more than double the call's tokens
+        (every padding token costs a real one's compute)."""
+        counts = [min(len(self.seqs[row].pending), self.prefill_chunk) or 1 for row in rows]
+        if max(counts) > 1 and len(rows) * max(counts) > 2 * sum(counts) and 1 in counts:
+            for many in (False, True):
+                group = [(row, n) for row, n in zip(rows, counts) if (n > 1) == many]
+                self._call([row for row, _ in group], [n for _, n in group])
+        else:
+            self._call(rows, counts)
+
+    def _call(self, rows: list[int], counts: list[int]) -> None:
+        """One decode call: row b feeds counts[b] tokens (its last token, or that many of its prompt's)."""
         tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=self.cache.device)
-        for b, feed in enumerate(feeds):
-            tokens[b, :counts[b]] = feed
-        step = self.cache.step([self.seqs[row].seq for row in rows], tokens.shape[1], new_tokens=counts)
-        logits = self.decode(tokens, step, logits_to_keep=0).logits
-        ready = []
+        tokens[:, 0] = self.last[rows]
         for b, row in enumerate(rows):
             s = self.seqs[row]
-            s.pending = s.pending[counts[b]:] if len(s.pending) else s.pending
-            if not len(s.pending):
-                ready.append(b)
+            if len(s.pending):
+                tokens[b, :counts[b]] = s.pending[:counts[b]]
+                s.pending = s.pending[counts[b]:]
+        step = self.cache.step([self.seqs[row].seq for row in rows], tokens.shape[1], new_tokens=counts)
+        logits = self.decode(tokens, step, logits_to_keep=0).logits
+        ready = [b for b, row in enumerate(rows) if not len(self.seqs[row].pending)]
         if ready:
             index = torch.tensor(ready, device=logits.device)
             last = logits[index, torch.tensor([counts[b] - 1 for b in ready], device=logits.device)]

@@ -141,9 +141,12 @@ class PagedBatch:
 
     def write(self, seg: Segments) -> torch.Tensor:
         """Takes slots for each row's valid new tokens (blocks as needed) and records their segments;
-        returns the pool slots (B, S) the layers write K/V to (padding: the null slot). The rows' slot table is
-        built once, as tensors, whatever the rows' lengths."""
+        returns the pool slots (B, S) the layers write K/V to (padding: the null slot). The rows' slot table and
+        its segments are built once per call, as tensors, whatever the rows' lengths; a decode step of one token
+        per row over the rows of the last call extends that call's table by a column (`PagedCache.last`)."""
         cache = self.cache
+        if seg.valid.shape[1] == 1 and cache.last is not None and cache.last.follows(self.seq_ids):
+            return self._extend(seg)
         valid = seg.valid.cpu()
         counts = valid.sum(1)
         starts = torch.tensor([cache.lengths[s] for s in self.seq_ids])
@@ -161,7 +164,37 @@ class PagedBatch:
         cache.store(input_pos, seg, shift)
         self.slot_index = table.to(cache.device)
         self.slots = cache.gather_segments(self.slot_index, shift)
+        cache.last = None if bool(shift.any()) else LastCall(self)  # a shifted frame is this call's alone
         return input_pos
+
+    def _extend(self, seg: Segments) -> torch.Tensor:
+        """One new token per row, after the last call's: its slot appended to that call's table as a column (a
+        shorter row's null slots stay between, which its mask never reads)."""
+        cache, last = self.cache, self.cache.last
+        cache.reserve(self.seq_ids, [1] * self.batch)
+        slots = [cache.slot(seq, cache.lengths[seq]) for seq in self.seq_ids]
+        for seq in self.seq_ids:
+            cache.lengths[seq] += 1
+        input_pos = torch.tensor(slots, dtype=torch.long, device=cache.device)[:, None]
+        cache.store(input_pos, seg, torch.zeros(self.batch, dtype=torch.long, device=cache.device))
+        self.slot_index = torch.cat([last.slot_index, input_pos], 1)
+        self.slots = Segments(*(torch.cat([getattr(last.slots, name), getattr(seg, name)], 1)
+                                for name in SEGMENT_FIELDS))
+        cache.last = LastCall(self)
+        return input_pos
+
+
+class LastCall:
+    """The rows, lengths and slot table (with its segments) of a paged cache's last call, which a decode step
+    over the same rows, none written since, extends."""
+
+    def __init__(self, batch: PagedBatch):
+        self.cache, self.seq_ids = batch.cache, list(batch.seq_ids)
+        self.lengths = [batch.cache.lengths[s] for s in batch.seq_ids]
+        self.slot_index, self.slots = batch.slot_index, batch.slots
+
+    def follows(self, seq_ids: list[int]) -> bool:
+        return seq_ids == self.seq_ids and [self.cache.lengths[s] for s in seq_ids] == self.lengths
 
 
 class PagedCrossKV:
@@ -249,6 +282,7 @@ class PagedCache:
         self.cross: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # sequence -> layer -> media K/V
         self.media: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}  # sequence -> (its media id (1,), layout)
         self.prompt_tokens = self.hit_tokens = 0  # prompt tokens looked up in the prefix cache, and found
+        self.last: LastCall | None = None  # the last call's rows and slot table, for the next decode step
 
     @classmethod
     def for_model(cls, model, n_blocks: int, block_size: int = 16, *, dtype: torch.dtype | None = None) -> PagedCache:
@@ -287,6 +321,8 @@ class PagedCache:
             raise InputError(f"sequence {seq} is not in the paged cache")
         if not failed:
             self._register_prompt(seq)
+        if self.last is not None and seq in self.last.seq_ids:
+            self.last = None
         for block in self.tables.pop(seq):
             self.pool.release(block)
         del self.lengths[seq]

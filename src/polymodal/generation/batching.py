@@ -44,7 +44,7 @@ from polymodal.families import spec_of
 from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
 from polymodal.generation.prompt_keys import prompt_keys
-from polymodal.generation.prompts import check_context
+from polymodal.generation.prompts import check_context, has_media
 from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.language_model import LanguageModel
 from polymodal.nn.media_cache import EncoderCache
@@ -162,9 +162,8 @@ class Batcher:
         all of them against the room left in the queue."""
         usable = self.cache.pool.n_blocks - 1
         for request in requests:
-            media = any(v is not None and k != "input_ids" for k, v in request.inputs.items())
-            check_context(request.prompt_len, request.max_new_tokens, self.max_len, media=media,
-                          whose="the batcher's")
+            check_context(request.prompt_len, request.max_new_tokens, self.max_len,
+                          media=has_media(self.model, request.inputs), whose="the batcher's")
             if self.blocks_for(request) > usable:
                 raise InputError(f"the request may take {self.blocks_for(request)} blocks of {self.cache.block_size} "
                                  f"tokens; the batcher's KV cache has {usable}")
@@ -293,11 +292,13 @@ class Batcher:
         return self.rows[row].prompt_len - len(self.seqs[row].pending)
 
     def _layouts(self, rows: list[int]) -> dict[tuple, list[int]]:
-        """Rows whose inputs batch together: the same inputs, media of the same shape but their count."""
+        """Rows whose inputs batch together: the same inputs, media of the same shape but their count, options
+        (PaliGemma's `interpolate_pos_encoding`) of the same value."""
         groups: dict[tuple, list[int]] = {}
         for row in rows:
             inputs = self.rows[row].inputs
-            layout = tuple(sorted((k, tuple(v.shape[1:]) if torch.is_tensor(v) else type(v).__name__)
+            layout = tuple(sorted((k, tuple(v.shape[1:]) if torch.is_tensor(v) else
+                                   type(v).__name__ if isinstance(v, (list, tuple)) else v)
                                   for k, v in inputs.items() if k != "input_ids" and v is not None))
             groups.setdefault(layout, []).append(row)
         return groups
@@ -321,6 +322,8 @@ class Batcher:
                 if k in per_token:
                     inputs.setdefault(k, torch.zeros(len(rows), S, *v.shape[2:], dtype=v.dtype, device=v.device))
                     inputs[k][b, S - P:] = v[0, :P]
+                elif not torch.is_tensor(v) and not isinstance(v, (list, tuple)):
+                    inputs[k] = v  # an option, the same for every row of a layout
                 else:  # media: each row's items, in row order
                     inputs.setdefault(k, []).append(v)
         for k, v in inputs.items():

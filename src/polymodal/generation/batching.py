@@ -15,7 +15,8 @@ spans' ends (their end tokens included: a chunk never splits a span) and `prefil
 prefix-LM's (a model with per-token inputs) whole. Then one call continues every other sequence: a running
 request feeds its last token, a request with prompt tokens still to run (after a hit or a first chunk) feeds
 the next `prefill_chunk` of them (chunked prefill beside the decode rows), and takes its first token from its
-prompt's last logit.
+prompt's last logit. Rows are padded to the longest feed, so when that would more than double the call's tokens
+the rows feeding chunks run in a second call of their own.
 
 Each request has its own sampling settings (temperature, top-k, top-p, repetition / frequency / presence
 penalties) and stop tokens (one `Chooser` per setting; a row's seen tokens kept beside it), seed and listener,

@@ -10,7 +10,8 @@ lengths; padding is never stored (it writes to the null block, slot 0) and each 
 own last token.
 
 Reading here gathers each row's K/V through its block table into a (B, nkv, L, hs) tensor, L the longest
-row, and lets the usual kernel attend with the segments' mask. A GPU kernel (vLLM's paged attention,
+row, and lets the usual kernel attend with the segments' mask. The table of slots is built as tensors once per
+call; a decode step over the rows of the last call only appends its new slots to that call's table. A GPU kernel (vLLM's paged attention,
 FlexAttention's paged block mask) reads the blocks in place through the table instead, so no copy of
 the keys is made; the bookkeeping and the slot layout here are what it reads.
 

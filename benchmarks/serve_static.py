@@ -8,6 +8,7 @@ streaming, only the batcher differs (it takes the same `Request`s).
 from __future__ import annotations
 
 import argparse
+import gc
 import threading
 
 import uvicorn
@@ -28,6 +29,7 @@ def main() -> None:
     server.batcher = static(server.model, slots=args.slots, max_len=server.context, max_waiting=args.max_queue)
     server.thread = threading.Thread(target=server.batcher.run, name="batcher", daemon=True)
     print(f"serving {server.name} on the static batcher, {args.slots} slots", flush=True)
+    gc.freeze()  # as `polymodal serve` does
     uvicorn.run(create_app(server), host="127.0.0.1", port=args.port, log_level="warning")
 
 

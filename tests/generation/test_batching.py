@@ -5,6 +5,9 @@ follow the live tokens and all come back; admission waits for blocks; a cancelle
 step; a full queue refuses; a chunk boundary anywhere around a media span (its start token, inside it, one
 short of its end token, right after it) never splits it, for every family that reads images."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch._dynamo
@@ -16,7 +19,7 @@ from polymodal.data.documents import Document, Segment
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.families.collators import fit_to_tokenizer, make_collator
-from polymodal.generation.prompts import prompts as lay_out
+from polymodal.generation.prompts import ContextError, prompts as lay_out
 from polymodal.presets import get_preset
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.families.flamingo.presets import flamingo_tiny
@@ -311,6 +314,78 @@ def test_long_prompts_prefill_in_chunks_beside_decode_steps():
         drain(batcher)
         assert request.tokens == alone(model, inputs, request)
         assert running.tokens == alone(model, running.inputs, running)
+
+
+def test_a_prompt_chunk_runs_apart_from_decode_rows_it_would_pad_and_beside_those_it_would_not():
+    """prefill_chunk=8: a prompt's chunk of 8 beside three decode rows would make a call of 4 x 8 tokens for 11 real
+    ones, so the chunk runs in a call of its own; beside one decode row (2 x 8 for 9) they share one. Every answer
+    equals `generate` alone and the blocks follow the tokens."""
+    g = torch.Generator().manual_seed(11)
+    long = {"input_ids": torch.randint(6, 90, (1, 30), generator=g)}
+    for n_running, shapes in ((3, {(1, 8), (3, 1)}), (1, {(2, 8)})):
+        batcher = Batcher(DECODER, slots=4, max_len=60, block_size=4, prefill_chunk=8)
+        calls = []
+        decode = batcher.decode
+        batcher.decode = lambda tokens, step, **kw: (calls.append(tuple(tokens.shape)), decode(tokens, step, **kw))[1]
+        running = [Request(x, max_new_tokens=20) for x in prompts(DECODER, n_running, seed=12)]
+        batcher.submit(*running)
+        batcher.step()
+        request = Request(long, max_new_tokens=4)
+        batcher.submit(request)
+        calls.clear()
+        batcher.step()  # the long prompt's first 8 tokens prefilled, then the first chunk beside the decode rows
+        assert set(calls) == shapes
+        drain(batcher)
+        for r in [*running, request]:
+            assert r.tokens == alone(DECODER, r.inputs, r)
+
+
+def test_an_option_is_not_media_and_reaches_the_prefill():
+    """A context error says "media placeholders included" for a prompt with media only, not for one beside an
+    option (PaliGemma's interpolate_pos_encoding) or a per-token input. The option reaches the model: a 48 px
+    image (36 placeholders) with it answers as `generate` alone beside a 32 px one without it."""
+    batcher = Batcher(PALIGEMMA, slots=2, max_len=48, block_size=4)
+    ids = torch.full((1, 40), 6)
+    for extra, media in (({}, False), ({"interpolate_pos_encoding": True}, False),
+                         ({"token_type_ids": torch.ones_like(ids)}, False),
+                         ({"pixel_values": torch.zeros(1, 3, 32, 32)}, True)):
+        with pytest.raises(ContextError) as e:
+            batcher.submit(Request({"input_ids": ids, **extra}, max_new_tokens=20))
+        assert e.value.numbers["media"] == media and ("media placeholders" in str(e.value)) == media
+    g = torch.Generator().manual_seed(13)
+    suffix = torch.randint(6, 90, (4,), generator=g)
+    big = {"input_ids": torch.cat([torch.full((36,), 5), suffix])[None], "pixel_values": torch.randn(1, 3, 48, 48, generator=g),
+           "interpolate_pos_encoding": True}
+    small = image_prompt(torch.randn(3, 32, 32, generator=g), suffix[:1], suffix[1:])
+    requests = [Request(x, max_new_tokens=5) for x in (big, small)]
+    batcher = Batcher(PALIGEMMA, slots=2, max_len=64, block_size=4)
+    batcher.submit(*requests)
+    drain(batcher)
+    for inputs, request in zip((big, small), requests):
+        assert request.error is None and request.tokens == alone(PALIGEMMA, inputs, request)
+
+
+def test_a_finished_request_lets_its_listeners_go():
+    """A listener that refers back to its request (as the server's do) makes no reference cycle once the request
+    has finished: it is freed without the garbage collector, whose full passes would pause the batcher."""
+    class Listener:
+        def __call__(self, token):
+            return True
+
+    [inputs] = prompts(DECODER, 1, seed=14)
+    listener = Listener()
+    request = listener.request = Request(inputs, max_new_tokens=3, on_token=listener, on_finish=lambda r: None)
+    batcher = Batcher(DECODER, slots=1, max_len=32)
+    gone = weakref.ref(listener)
+    gc.disable()
+    try:
+        batcher.submit(request)
+        drain(batcher)
+        assert request.on_token is None and request.on_finish is None and len(request.tokens) == 3
+        del listener, request
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def laid_out(model, tokenizer, segments: list[Segment]) -> list[int]:

@@ -176,3 +176,34 @@ def test_memory_accounting_matches_the_tensors_held():
     blocks = 1 + 2 + 2 + 3
     assert paged.bytes_held() == pool // 64 * blocks == kv_bytes(blocks * 8, 2, 2, 16, torch.float32)
     assert paged.bytes_held() * (4 * 32) == paged.static_bytes(4, 32) * (blocks * 8)  # 64 slots held, not 128
+
+
+def test_decode_steps_over_the_same_rows_extend_the_last_table_until_a_row_leaves():
+    """A one-token step over the rows of the last call appends its slots to that call's table (a shorter row keeps
+    null slots between, never read); another row set, or a freed row, builds the table anew. Every step's logits
+    equal each row's full forward, and the blocks held follow the tokens."""
+    model = tiny(n_kv_heads=2)
+    seqs = [torch.randint(0, 97, (1, n)) for n in (3, 11, 6)]
+    steps = torch.randint(0, 97, (3, 6))
+    paged = PagedCache.for_model(model, 16, 4)
+    widths, got = [], {0: [], 1: [], 2: []}
+    with torch.no_grad():
+        for seq, ids in enumerate(seqs):
+            paged.add(seq)
+            model(ids, cache=paged.batch([seq]))
+        for t in range(6):
+            if t == 4:
+                paged.free(1)
+                assert paged.last is None
+            rows = [0, 1, 2] if t < 4 else [0, 2]
+            step = paged.step(rows, 1)
+            logits = model.decode(steps[rows, t:t + 1], step).logits[:, -1]
+            for b, row in enumerate(rows):
+                got[row].append(logits[b])
+            widths.append(step.slot_index.shape[1])
+        for row, ids in enumerate(seqs):
+            full = model(torch.cat([ids, steps[row:row + 1]], dim=1)).logits[0, ids.shape[1]:]
+            torch.testing.assert_close(torch.stack(got[row]), full[:len(got[row])], atol=1e-5, rtol=1e-5)
+    assert widths == [12, 13, 14, 15, 11, 12]  # rebuilt, extended thrice; rebuilt without row 1, extended
+    assert paged.lengths == {0: 9, 2: 12}
+    assert [len(paged.tables[s]) for s in (0, 2)] == [3, 3] and paged.pool.in_use == 6

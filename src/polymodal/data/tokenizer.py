@@ -362,8 +362,8 @@ class Tokenizer:
         return [head + ids + tail for ids in self._model.encode_batch(list(texts), split_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        ids, vocab = [int(i) for i in ids], self.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise InputError(f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return self._model.decode(ids, skip_special_tokens)
@@ -383,4 +383,5 @@ class Tokenizer:
     def text(self, ids: Iterable[int]) -> str:
         """The text of generated ids: ids past the tokenizer's vocabulary (image codes, a model vocabulary
         padded past the tokenizer's) have none and are left out, as are control tokens."""
-        return self.decode([i for i in map(int, ids) if i < self.vocab_size])
+        vocab = self.vocab_size
+        return self.decode([i for i in map(int, ids) if i < vocab])

@@ -15,7 +15,8 @@ spans' ends (their end tokens included: a chunk never splits a span) and `prefil
 prefix-LM's (a model with per-token inputs) whole. Then one call continues every other sequence: a running
 request feeds its last token, a request with prompt tokens still to run (after a hit or a first chunk) feeds
 the next `prefill_chunk` of them (chunked prefill beside the decode rows), and takes its first token from its
-prompt's last logit.
+prompt's last logit. Rows are padded to the longest feed, so when that would more than double the call's tokens
+the rows feeding chunks run in a second call of their own.
 
 Each request has its own sampling settings (temperature, top-k, top-p, repetition / frequency / presence
 penalties) and stop tokens (one `Chooser` per setting; a row's seen tokens kept beside it), seed and listener,
@@ -44,7 +45,7 @@ from polymodal.families import spec_of
 from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
 from polymodal.generation.prompt_keys import prompt_keys
-from polymodal.generation.prompts import check_context
+from polymodal.generation.prompts import check_context, has_media
 from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.language_model import LanguageModel
 from polymodal.nn.media_cache import EncoderCache
@@ -163,9 +164,8 @@ class Batcher:
         all of them against the room left in the queue."""
         usable = self.cache.pool.n_blocks - 1
         for request in requests:
-            media = any(v is not None and k != "input_ids" for k, v in request.inputs.items())
-            check_context(request.prompt_len, request.max_new_tokens, self.max_len, media=media,
-                          whose="the batcher's")
+            check_context(request.prompt_len, request.max_new_tokens, self.max_len,
+                          media=has_media(self.model, request.inputs), whose="the batcher's")
             if self.blocks_for(request) > usable:
                 raise InputError(f"the request may take {self.blocks_for(request)} blocks of {self.cache.block_size} "
                                  f"tokens; the batcher's KV cache has {usable}")
@@ -294,11 +294,13 @@ class Batcher:
         return self.rows[row].prompt_len - len(self.seqs[row].pending)
 
     def _layouts(self, rows: list[int]) -> dict[tuple, list[int]]:
-        """Rows whose inputs batch together: the same inputs, media of the same shape but their count."""
+        """Rows whose inputs batch together: the same inputs, media of the same shape but their count, options
+        (PaliGemma's `interpolate_pos_encoding`) of the same value."""
         groups: dict[tuple, list[int]] = {}
         for row in rows:
             inputs = self.rows[row].inputs
-            layout = tuple(sorted((k, tuple(v.shape[1:]) if torch.is_tensor(v) else type(v).__name__)
+            layout = tuple(sorted((k, tuple(v.shape[1:]) if torch.is_tensor(v) else
+                                   type(v).__name__ if isinstance(v, (list, tuple)) else v)
                                   for k, v in inputs.items() if k != "input_ids" and v is not None))
             groups.setdefault(layout, []).append(row)
         return groups
@@ -322,6 +324,8 @@ class Batcher:
                 if k in per_token:
                     inputs.setdefault(k, torch.zeros(len(rows), S, *v.shape[2:], dtype=v.dtype, device=v.device))
                     inputs[k][b, S - P:] = v[0, :P]
+                elif not torch.is_tensor(v) and not isinstance(v, (list, tuple)):
+                    inputs[k] = v  # an option, the same for every row of a layout
                 else:  # media: each row's items, in row order
                     inputs.setdefault(k, []).append(v)
         for k, v in inputs.items():
@@ -334,24 +338,30 @@ class Batcher:
         return out.logits[:, -1]
 
     def _continue(self, rows: list[int]) -> None:
-        """One decode call over `rows`: each feeds its last token, or the next chunk of its prompt; a row
-        that fed its last prompt token or a token of its own chooses its next one."""
-        feeds = []
-        for row in rows:
-            s = self.seqs[row]
-            feeds.append(s.pending[:self.prefill_chunk] if len(s.pending) else self.last[row:row + 1])
-        counts = [len(f) for f in feeds]
+        """The decode calls over `rows`: each feeds its last token, or the next chunk of its prompt; a row that
+        fed its last prompt token or a token of its own chooses its next one. The rows feeding chunks run in a
+        call of their own when padding the others to their length would more than double the call's tokens
+        (every padding token costs a real one's compute)."""
+        counts = [min(len(self.seqs[row].pending), self.prefill_chunk) or 1 for row in rows]
+        if max(counts) > 1 and len(rows) * max(counts) > 2 * sum(counts) and 1 in counts:
+            for many in (False, True):
+                group = [(row, n) for row, n in zip(rows, counts) if (n > 1) == many]
+                self._call([row for row, _ in group], [n for _, n in group])
+        else:
+            self._call(rows, counts)
+
+    def _call(self, rows: list[int], counts: list[int]) -> None:
+        """One decode call: row b feeds counts[b] tokens (its last token, or that many of its prompt's)."""
         tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=self.cache.device)
-        for b, feed in enumerate(feeds):
-            tokens[b, :counts[b]] = feed
-        step = self.cache.step([self.seqs[row].seq for row in rows], tokens.shape[1], new_tokens=counts)
-        logits = self.decode(tokens, step, logits_to_keep=0).logits
-        ready = []
+        tokens[:, 0] = self.last[rows]
         for b, row in enumerate(rows):
             s = self.seqs[row]
-            s.pending = s.pending[counts[b]:] if len(s.pending) else s.pending
-            if not len(s.pending):
-                ready.append(b)
+            if len(s.pending):
+                tokens[b, :counts[b]] = s.pending[:counts[b]]
+                s.pending = s.pending[counts[b]:]
+        step = self.cache.step([self.seqs[row].seq for row in rows], tokens.shape[1], new_tokens=counts)
+        logits = self.decode(tokens, step, logits_to_keep=0).logits
+        ready = [b for b, row in enumerate(rows) if not len(self.seqs[row].pending)]
         if ready:
             index = torch.tensor(ready, device=logits.device)
             last = logits[index, torch.tensor([counts[b] - 1 for b in ready], device=logits.device)]
@@ -432,8 +442,9 @@ class Batcher:
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
-        if request.on_finish is not None:
-            request.on_finish(request)  # it may make it an "error": an end its listener could not write
+        on_finish, request.on_token, request.on_finish = request.on_finish, None, None
+        if on_finish is not None:  # the listeners are let go: one that refers to its request makes no cycle
+            on_finish(request)  # it may make it an "error": an end its listener could not write
         self.finished[request.finish_reason] += 1
 
 

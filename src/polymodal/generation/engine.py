@@ -32,7 +32,7 @@ from polymodal.errors import InputError, check_number
 from polymodal.generation import speculative
 from polymodal.families import spec_of
 from polymodal.generation.choice import Chooser
-from polymodal.generation.prompts import check_context
+from polymodal.generation.prompts import check_context, has_media
 from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.cache import Cache
 from polymodal.nn.language_model import LanguageModel
@@ -170,8 +170,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
                    temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                   media=any(v is not None and k not in spec_of(model).per_token_inputs
-                             for k, v in model_inputs.items()))
+                   media=has_media(model, model_inputs))
     if return_images and model.image_spans is None:
         raise InputError(f"return_images needs a model that writes images; {type(model).__name__} has no image_spans")
     drafting = speculative.plan(model, assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, model_inputs)

@@ -12,6 +12,7 @@ import torch
 
 from polymodal.data.documents import Document
 from polymodal.errors import InputError
+from polymodal.families import spec_of
 
 
 class ContextError(InputError):
@@ -29,6 +30,15 @@ class ContextError(InputError):
         """The same error, the new tokens called `flag` (the option the caller's user set), past the model's
         context, `note` after it."""
         return ContextError(**self.numbers, flag=flag, note=note)
+
+
+def has_media(model, inputs: dict) -> bool:
+    """Whether a model's inputs give media: a tensor (or a list of them) beside input_ids and the family's per-token
+    inputs. An option (PaliGemma's `interpolate_pos_encoding`) is not one."""
+    per_token = spec_of(model).per_token_inputs
+    return any(k != "input_ids" and k not in per_token and
+               (torch.is_tensor(v) or isinstance(v, (list, tuple)) and any(map(torch.is_tensor, v)))
+               for k, v in inputs.items())
 
 
 def check_context(prompt_len: int, max_new_tokens: int, limit: int, *, media: bool = False,

@@ -10,7 +10,8 @@ lengths; padding is never stored (it writes to the null block, slot 0) and each 
 own last token.
 
 Reading here gathers each row's K/V through its block table into a (B, nkv, L, hs) tensor, L the longest
-row, and lets the usual kernel attend with the segments' mask. A GPU kernel (vLLM's paged attention,
+row, and lets the usual kernel attend with the segments' mask. The table of slots is built as tensors once per
+call; a decode step over the rows of the last call only appends its new slots to that call's table. A GPU kernel (vLLM's paged attention,
 FlexAttention's paged block mask) reads the blocks in place through the table instead, so no copy of
 the keys is made; the bookkeeping and the slot layout here are what it reads.
 
@@ -63,7 +64,8 @@ class PagedLayer:
         out = []
         for pool, new in ((cache.k[self.layer], k), (cache.v[self.layer], v)):
             pool.index_copy_(0, input_pos.reshape(-1), new.transpose(1, 2).flatten(0, 1).to(pool.dtype))
-            out.append(pool[index].transpose(1, 2))
+            # index_select, not pool[index]: advanced indexing takes 4x longer on CPU for these shapes
+            out.append(pool.index_select(0, index.reshape(-1)).unflatten(0, index.shape).transpose(1, 2))
         return out
 
 
@@ -140,25 +142,60 @@ class PagedBatch:
 
     def write(self, seg: Segments) -> torch.Tensor:
         """Takes slots for each row's valid new tokens (blocks as needed) and records their segments;
-        returns the pool slots (B, S) the layers write K/V to (padding: the null slot)."""
+        returns the pool slots (B, S) the layers write K/V to (padding: the null slot). The rows' slot table and
+        its segments are built once per call, as tensors, whatever the rows' lengths; a decode step of one token
+        per row over the rows of the last call extends that call's table by a column (`PagedCache.last`)."""
         cache = self.cache
+        if seg.valid.shape[1] == 1 and cache.last is not None and cache.last.follows(self.seq_ids):
+            return self._extend(seg)
         valid = seg.valid.cpu()
-        counts = valid.sum(1).tolist()
-        cache.reserve(self.seq_ids, counts)
-        input_pos = torch.full(valid.shape, NULL_BLOCK * cache.block_size, dtype=torch.long)
-        shift = torch.zeros(self.batch, dtype=torch.long)
-        for row, (seq, n) in enumerate(zip(self.seq_ids, counts)):
-            start = cache.lengths[seq]
-            input_pos[row, valid[row]] = torch.tensor([cache.slot(seq, i) for i in range(start, start + n)],
-                                                      dtype=torch.long)
-            if start == 0 and n:  # a new sequence's groups are kept from 1 on, whatever padding came before it
-                shift[row] = 1 - int(seg.groups[row, valid[row]][0])
-            cache.lengths[seq] = start + n
+        counts = valid.sum(1)
+        starts = torch.tensor([cache.lengths[s] for s in self.seq_ids])
+        cache.reserve(self.seq_ids, counts.tolist())
+        for seq, end in zip(self.seq_ids, (starts + counts).tolist()):
+            cache.lengths[seq] = end
+        table = cache.slot_table(self.seq_ids, device="cpu")
+        # the k-th valid token of a row goes to the row's slot start + k
+        order = (valid.long().cumsum(1) - 1 + starts[:, None]).clamp(0, table.shape[1] - 1)
+        input_pos = torch.where(valid, table.gather(1, order), NULL_BLOCK * cache.block_size)
+        # a new sequence's groups are kept from 1 on, whatever padding came before it
+        first = seg.groups.cpu().gather(1, valid.long().argmax(1, keepdim=True))[:, 0]
+        shift = torch.where((starts == 0) & (counts > 0), 1 - first, 0)
         input_pos, shift = input_pos.to(cache.device), shift.to(cache.device)
         cache.store(input_pos, seg, shift)
-        self.slot_index = cache.slot_table(self.seq_ids)
+        self.slot_index = table.to(cache.device)
         self.slots = cache.gather_segments(self.slot_index, shift)
+        cache.last = None if bool(shift.any()) else LastCall(self)  # a shifted frame is this call's alone
         return input_pos
+
+    def _extend(self, seg: Segments) -> torch.Tensor:
+        """One new token per row, after the last call's: its slot appended to that call's table as a column (a
+        shorter row's null slots stay between, which its mask never reads)."""
+        cache, last = self.cache, self.cache.last
+        cache.reserve(self.seq_ids, [1] * self.batch)
+        slots = [cache.slot(seq, cache.lengths[seq]) for seq in self.seq_ids]
+        for seq in self.seq_ids:
+            cache.lengths[seq] += 1
+        input_pos = torch.tensor(slots, dtype=torch.long, device=cache.device)[:, None]
+        cache.store(input_pos, seg, torch.zeros(self.batch, dtype=torch.long, device=cache.device))
+        self.slot_index = torch.cat([last.slot_index, input_pos], 1)
+        self.slots = Segments(*(torch.cat([getattr(last.slots, name), getattr(seg, name)], 1)
+                                for name in SEGMENT_FIELDS))
+        cache.last = LastCall(self)
+        return input_pos
+
+
+class LastCall:
+    """The rows, lengths and slot table (with its segments) of a paged cache's last call, which a decode step
+    over the same rows, none written since, extends."""
+
+    def __init__(self, batch: PagedBatch):
+        self.cache, self.seq_ids = batch.cache, list(batch.seq_ids)
+        self.lengths = [batch.cache.lengths[s] for s in batch.seq_ids]
+        self.slot_index, self.slots = batch.slot_index, batch.slots
+
+    def follows(self, seq_ids: list[int]) -> bool:
+        return seq_ids == self.seq_ids and [self.cache.lengths[s] for s in seq_ids] == self.lengths
 
 
 class PagedCrossKV:
@@ -246,6 +283,7 @@ class PagedCache:
         self.cross: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # sequence -> layer -> media K/V
         self.media: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}  # sequence -> (its media id (1,), layout)
         self.prompt_tokens = self.hit_tokens = 0  # prompt tokens looked up in the prefix cache, and found
+        self.last: LastCall | None = None  # the last call's rows and slot table, for the next decode step
 
     @classmethod
     def for_model(cls, model, n_blocks: int, block_size: int = 16, *, dtype: torch.dtype | None = None) -> PagedCache:
@@ -284,6 +322,8 @@ class PagedCache:
             raise InputError(f"sequence {seq} is not in the paged cache")
         if not failed:
             self._register_prompt(seq)
+        if self.last is not None and seq in self.last.seq_ids:
+            self.last = None
         for block in self.tables.pop(seq):
             self.pool.release(block)
         del self.lengths[seq]
@@ -310,15 +350,15 @@ class PagedCache:
         for s, n in zip(seq_ids, need):
             self.tables[s] += [self.pool.allocate() for _ in range(n)]
 
-    def slot_table(self, seq_ids: list[int]) -> torch.Tensor:
-        """(B, L) each sequence's slots in order, padded with the null slot."""
-        L = max(self.lengths[s] for s in seq_ids)
-        table = torch.full((len(seq_ids), L), NULL_BLOCK * self.block_size, dtype=torch.long)
-        for row, s in enumerate(seq_ids):
-            blocks = torch.tensor(self.tables[s], dtype=torch.long)
-            slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
-            table[row, :self.lengths[s]] = slots[:self.lengths[s]]
-        return table.to(self.device)
+    def slot_table(self, seq_ids: list[int], device: torch.device | str | None = None) -> torch.Tensor:
+        """(B, L) each sequence's slots in order, padded with the null slot (on the cache's device unless told)."""
+        lengths = torch.tensor([self.lengths[s] for s in seq_ids])
+        L = int(lengths.max())
+        n = -(-L // self.block_size)
+        blocks = torch.tensor([(self.tables[s][:n] + [NULL_BLOCK] * n)[:n] for s in seq_ids], dtype=torch.long)
+        slots = (blocks[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)[:, :L]
+        table = torch.where(torch.arange(L) < lengths[:, None], slots, NULL_BLOCK * self.block_size)
+        return table.to(self.device if device is None else device)
 
     # slot segments
 
@@ -331,7 +371,7 @@ class PagedCache:
     def gather_segments(self, slot_index: torch.Tensor, shift: torch.Tensor) -> Segments:
         """The segments of each row's slots (B, L), groups moved back into the frame of the queries just
         written (a new row's padding counted), so one `attention_mask` compares them."""
-        seg = Segments(*(getattr(self.segments, name)[slot_index] for name in SEGMENT_FIELDS))
+        seg = Segments(*(getattr(self.segments, name).take(slot_index) for name in SEGMENT_FIELDS))
         seg.groups = seg.groups - shift[:, None]
         return seg
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import threading
 import time
@@ -42,6 +43,7 @@ from polymodal.serve.examples import Examples
 from polymodal.serve.logprobs import Logprobs
 from polymodal.serve.protocol import ApiError, Job, Limits, chat_job, completion_job, embedding_job, parse_body
 from polymodal.serve.request_log import Metrics, RequestLog
+from polymodal.serve.relay import Relay
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 
@@ -70,6 +72,7 @@ class Server:
         else:
             self.context = self.collator.max_len
         self.metrics = Metrics(self.gauges)
+        self.relays: dict[asyncio.AbstractEventLoop, Relay] = {}  # by the event loop the responses wait in
 
     @property
     def alive(self) -> bool:
@@ -151,6 +154,7 @@ class Response:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.prompt_tokens = sum(inputs["input_ids"].shape[1] for inputs, _ in prompts)
         self.requests: list[Request] = []
+        relay = server.relays.setdefault(loop, Relay(loop))  # one wake-up of the loop for a step's events
         s = job.sampling
         for doc, (inputs, wanted) in zip(job.documents, prompts):
             locate = server.locator(doc)
@@ -158,7 +162,7 @@ class Response:
                 index = len(self.requests)
 
                 def push(events, index=index):
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (index, events))
+                    relay.put(self.queue, (index, events))
 
                 answer = Answer(server.tokenizer, s.stop, server.model, push, locate)
                 request = Request(
@@ -416,4 +420,5 @@ def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.
     what = (f"embeddings, texts up to {server.context} tokens" if server.embedder is not None else
             f"{slots} slots, context {server.context} tokens")
     print(f"serving {server.name} on http://{host}:{port} ({what})", flush=True)
+    gc.freeze()  # the model and libraries are never garbage: a full collection would walk them all, pausing answers
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

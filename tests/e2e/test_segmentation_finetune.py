@@ -50,7 +50,7 @@ def refused(capsys, *args) -> str:
 
 
 def triangle_mask(points) -> np.ndarray:
-    """The triangle's pixels (COCO polygons' rule, tested against pycocotools in tests/data/test_masks.py)."""
+    """The triangle's pixels (COCO polygons' rule, tested against pycocotools in tests/data/test_mask_documents.py)."""
     return fill_polygon(list(points), SIDE, SIDE)
 
 

@@ -46,7 +46,10 @@ def found_mask_vae(model: nn.Module, directory: str | Path, given: MaskVAE | Non
     it holds none, the directory's own `vae-oid.npz` (an HF export's); as it is otherwise."""
     if given is not None:
         return with_mask_vae(model, given)
-    own = resolve(directory)[0] / MASK_VAE_FILE  # a run directory's checkpoint, as from_pretrained loads it
+    directory = Path(directory)
+    if (directory / "checkpoints").is_dir() and not (directory / "config.json").is_file():
+        directory = resolve(directory)[0]  # a run directory's checkpoint, as from_pretrained loads it
+    own = directory / MASK_VAE_FILE
     if own.is_file() and spec_of(model.config).locations and mask_vae_of(model) is None:
         return with_mask_vae(model, load_mask_vae(own))
     return model

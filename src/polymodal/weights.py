@@ -1,9 +1,10 @@
 """Safetensors weight files, read one tensor at a time and written one tensor at a time.
 
 `Weights` opens a checkpoint's files (model.safetensors, or the shards HF's model.safetensors.index.json
-lists) memory-mapped with `safetensors.safe_open`: a tensor read is a view of the mapped file, so nothing
-is read before it is asked for, and each one is checked as it is read (a float tensor, every value
-finite). Once a copy is all the model keeps (a fused or cast tensor), `release` drops the file's pages of
+lists), their headers checked by `safetensors.safe_open`, and maps each copy-on-write: a tensor read is a view
+of the mapped file, so nothing is read before it is asked for (a write to it never reaches the file), and each
+one is checked as it is read (a float tensor, every value finite). Tensors stored back to back (a layer's
+gate_proj and up_proj) are read as one view, so a fused weight need not be copied. Once a copy is all the model keeps (a fused or cast tensor), `release` drops the file's pages of
 the source from this process, so the file does not count twice. `write_file` writes the safetensors
 format (8-byte header length, JSON header, raw bytes) straight from each tensor's memory, and
 `write_weights` splits above `max_shard_size` into HF's layout (`model-00001-of-00002.safetensors` + index).
@@ -169,10 +170,13 @@ class Weights:
     def read(self, name: str) -> torch.Tensor:
         """A view of the mapped file, checked by `check_weight`."""
         path = self.where[name]
-        try:
-            tensor = self._open(path).get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: cannot read tensor {name} ({e}): the file may be truncated or corrupt") from e
+        tensor = self._slice([name])
+        if tensor is None:  # a scalar, an empty or misaligned tensor, a type torch lacks here: safetensors' read
+            try:
+                tensor = self._open(path).get_tensor(name)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: cannot read tensor {name} ({e}): the file may be truncated or "
+                                      "corrupt") from e
         check_weight(tensor, name, path)
         return tensor
 
@@ -180,23 +184,32 @@ class Weights:
         """`names` joined along dim 0 as one view of the mapped file, each part checked, when they are stored
         as `dtype` back to back in this order in one file (as safetensors writes a layer's gate_proj and
         up_proj); else None. One name: a view of it, when it is stored as `dtype`."""
-        if len({self.where[n] for n in names}) != 1:
+        whole = self._slice(names)
+        if whole is None or whole.dtype != dtype:
             return None
         path = self.where[names[0]]
-        mapped, start, header = self._mapped(path)
-        entries = [header[n] for n in names]
-        shapes = [entry["shape"] for entry in entries]
-        begin, end = entries[0]["data_offsets"][0], entries[-1]["data_offsets"][1]
-        if (any(entry["dtype"] != DTYPES.get(dtype) for entry in entries) or end == begin
-                or any(not shape or shape[1:] != shapes[0][1:] for shape in shapes)
-                or any(a["data_offsets"][1] != b["data_offsets"][0] for a, b in zip(entries, entries[1:]))
-                or (start + begin) % dtype.itemsize):
-            return None
-        whole = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
-        whole = whole.view(sum(shape[0] for shape in shapes), *shapes[0][1:])
-        for name, part in zip(names, whole.split([shape[0] for shape in shapes])):
+        header = self._mapped(path)[2]
+        for name, part in zip(names, whole.split([header[n]["shape"][0] for n in names])):
             check_weight(part, name, path)
         return whole
+
+    def _slice(self, names: list[str]) -> torch.Tensor | None:
+        """`names` joined along dim 0 as one view of their file's mapping (unchecked), when they lie back to back
+        in this order in one file with one dtype and the same trailing shape; else None."""
+        path = self.where[names[0]]
+        if any(self.where[n] != path for n in names):
+            return None
+        mapped, start, header = self._mapped(path)
+        entries = [header[n] for n in names]
+        shapes, dtype = [entry["shape"] for entry in entries], FROM_NAME.get(entries[0]["dtype"])
+        begin, end = entries[0]["data_offsets"][0], entries[-1]["data_offsets"][1]
+        if (dtype is None or end == begin or (start + begin) % dtype.itemsize
+                or any(entry["dtype"] != entries[0]["dtype"] for entry in entries)
+                or any(not shape or shape[1:] != shapes[0][1:] for shape in shapes)
+                or any(a["data_offsets"][1] != b["data_offsets"][0] for a, b in zip(entries, entries[1:]))):
+            return None
+        whole = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        return whole.view(sum(shape[0] for shape in shapes), *shapes[0][1:])
 
     @staticmethod
     def release(tensor: torch.Tensor) -> None:

@@ -5,6 +5,8 @@ for, quantization on the way in, and a clear error for every kind of damaged wei
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -176,6 +178,21 @@ def test_a_non_finite_value_in_a_fused_part_names_that_part(tmp_path):
     write_file(path, state)
     with pytest.raises(CheckpointError, match=f"{path}: tensor model.layers.1.mlp.up_proj.weight holds 1 non-finite"):
         pm.from_pretrained(tmp_path / "hf", dtype="auto")
+
+
+def test_a_load_and_a_plain_generate_import_neither_torch_dynamo_nor_sympy(tmp_path):
+    """About a second of each: a meta model's random init and computed buffers run through torch._refs, which
+    imports them, and so did marking a cache for torch.compile."""
+    pm.save_pretrained(pm.build("paligemma-tiny"), tmp_path / "m")
+    code = ("import sys, torch, polymodal as pm\n"
+            f"model = pm.from_pretrained({str(tmp_path / 'm')!r}, dtype=torch.bfloat16)\n"
+            "ids = torch.randint(3, 100, (1, 8))\n"
+            "assert pm.generate(model, ids, torch.ones_like(ids), max_new_tokens=2).shape == (1, 2)\n"
+            "print([m for m in ('torch._dynamo', 'sympy') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_overwritten_header_bytes_are_a_clear_error(tmp_path):

@@ -54,8 +54,9 @@ class _NoInit(TorchFunctionMode):
         if func in RANDOM_FACTORIES and kwargs.get("device") is None:
             return torch.empty(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
         target = args[0] if args else kwargs.get("tensor")  # torch.nn.init hands on its tensor by keyword
+        name = getattr(func, "__name__", "")
         if isinstance(target, torch.Tensor) and target.is_meta and (
-                getattr(func, "__module__", None) == "torch.nn.init" or getattr(func, "__name__", "") in RANDOM_FILLS):
+                (getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_")) or name in RANDOM_FILLS):
             return target
         return func(*args, **kwargs)
 

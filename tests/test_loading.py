@@ -5,9 +5,12 @@ for, quantization on the way in, and a clear error for every kind of damaged wei
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
@@ -93,18 +96,103 @@ def _damaged(tmp_path, name: str, value: torch.Tensor):
 @pytest.mark.parametrize("bad, message", [
     (float("nan"), r"tensor layers.1.mlp.w_out.weight holds 1 non-finite values \(NaN or inf\) among 2,048"),
     (float("inf"), r"tensor layers.1.mlp.w_out.weight holds 1 non-finite values"),
+    ((float("inf"), float("-inf")), r"tensor layers.1.mlp.w_out.weight holds 2 non-finite values"),
     ("int8", r"tensor layers.1.mlp.w_out.weight is torch.int8, where float weights belong"),
     ("bool", r"tensor layers.1.mlp.w_out.weight is torch.bool, where float weights belong"),
 ])
 def test_non_finite_or_integer_weights_are_refused_naming_tensor_and_file(tmp_path, bad, message):
     weight = torch.randn(32, 64)
-    if isinstance(bad, float):
+    if isinstance(bad, tuple):
+        weight[3, 5], weight[4, 5] = bad
+    elif isinstance(bad, float):
         weight[3, 5] = bad
     else:
         weight = weight.to(getattr(torch, bad))
     directory = _damaged(tmp_path, "layers.1.mlp.w_out.weight", weight)
     with pytest.raises(CheckpointError, match=f"{directory / WEIGHTS}: {message}"):
         pm.from_pretrained(directory)
+
+
+def test_finite_weights_whose_sum_overflows_load(tmp_path):
+    weight = torch.full((32, 64), 3e38)  # each finite, their float32 sum not
+    directory = _damaged(tmp_path, "layers.1.mlp.w_out.weight", weight)
+    assert torch.equal(pm.from_pretrained(directory).layers[1].mlp.w_out.weight, weight)
+
+
+def _mapped_files() -> list[tuple[int, int, str]]:
+    """(start, end, path) of every file this process has mapped (Linux)."""
+    spans = []
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end, fields[5].strip()))
+    return spans
+
+
+def _in_file(tensor: torch.Tensor, path) -> bool:
+    return any(start <= tensor.data_ptr() < end and name == str(path) for start, end, name in _mapped_files())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
+def test_fused_parts_back_to_back_in_the_file_load_as_a_view_of_it(tmp_path):
+    """safetensors sorts a file's tensors by name, so a layer's gate_proj and up_proj lie back to back: the
+    fused w_in is then the file's own bytes, as an unfused tensor is; q/k/v (o_proj between) are copied."""
+    model = tiny().to(torch.bfloat16)
+    save_hf(model, tmp_path / "hf", "llama")
+    loaded = pm.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    path = (tmp_path / "hf" / WEIGHTS).resolve()
+    for ours, theirs in zip(loaded.layers, model.layers):
+        assert torch.equal(ours.mlp.w_in.weight, theirs.mlp.w_in.weight) and _in_file(ours.mlp.w_in.weight, path)
+        assert torch.equal(ours.attn.wqkv.weight, theirs.attn.wqkv.weight) and not _in_file(ours.attn.wqkv.weight, path)
+        assert _in_file(ours.mlp.w_out.weight, path)
+    assert not _in_file(pm.from_pretrained(tmp_path / "hf").layers[0].mlp.w_in.weight, path)  # cast: a copy
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_a_loaded_model_keeps_its_weights_when_its_files_are_saved_over_or_it_is_trained(tmp_path):
+    """The weights are views of the mapped files: a save over the folder swaps in new files (the mapped ones
+    live on), and a write to a weight stays in this process (the mapping is copy-on-write)."""
+    model = tiny().to(torch.bfloat16)
+    save_hf(model, tmp_path / "hf", "llama")
+    loaded = pm.from_pretrained(tmp_path / "hf", dtype="auto")
+    expected = model(IDS).logits
+    other = tiny().to(torch.bfloat16)
+    save_hf(other, tmp_path / "hf", "llama")
+    pm.save_pretrained(loaded, tmp_path / "ours")
+    assert torch.equal(loaded(IDS).logits, expected)
+    assert torch.equal(pm.from_pretrained(tmp_path / "hf", dtype="auto")(IDS).logits, other(IDS).logits)
+    assert torch.equal(pm.from_pretrained(tmp_path / "ours", dtype="auto")(IDS).logits, expected)
+    with torch.no_grad():
+        for p in loaded.parameters():
+            p.add_(1)
+    again = pm.from_pretrained(tmp_path / "ours", dtype="auto")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_non_finite_value_in_a_fused_part_names_that_part(tmp_path):
+    save_hf(tiny(), tmp_path / "hf", "llama")
+    path = tmp_path / "hf" / WEIGHTS
+    state = {k: v.clone() for k, v in load_file(path).items()}  # not views of the file written over next
+    state["model.layers.1.mlp.up_proj.weight"][7, 3] = float("nan")
+    write_file(path, state)
+    with pytest.raises(CheckpointError, match=f"{path}: tensor model.layers.1.mlp.up_proj.weight holds 1 non-finite"):
+        pm.from_pretrained(tmp_path / "hf", dtype="auto")
+
+
+def test_a_load_and_a_plain_generate_import_neither_torch_dynamo_nor_sympy(tmp_path):
+    """About a second of each: a meta model's random init and computed buffers run through torch._refs, which
+    imports them, and so did marking a cache for torch.compile."""
+    pm.save_pretrained(pm.build("paligemma-tiny"), tmp_path / "m")
+    code = ("import sys, torch, polymodal as pm\n"
+            f"model = pm.from_pretrained({str(tmp_path / 'm')!r}, dtype=torch.bfloat16)\n"
+            "ids = torch.randint(3, 100, (1, 8))\n"
+            "assert pm.generate(model, ids, torch.ones_like(ids), max_new_tokens=2).shape == (1, 2)\n"
+            "print([m for m in ('torch._dynamo', 'sympy') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_overwritten_header_bytes_are_a_clear_error(tmp_path):

@@ -1,9 +1,10 @@
 """Safetensors weight files, read one tensor at a time and written one tensor at a time.
 
 `Weights` opens a checkpoint's files (model.safetensors, or the shards HF's model.safetensors.index.json
-lists) memory-mapped with `safetensors.safe_open`: a tensor read is a view of the mapped file, so nothing
-is read before it is asked for, and each one is checked as it is read (a float tensor, every value
-finite). Once a copy is all the model keeps (a fused or cast tensor), `release` drops the file's pages of
+lists), their headers checked by `safetensors.safe_open`, and maps each copy-on-write: a tensor read is a view
+of the mapped file, so nothing is read before it is asked for (a write to it never reaches the file), and each
+one is checked as it is read (a float tensor, every value finite). Tensors stored back to back (a layer's
+gate_proj and up_proj) are read as one view, so a fused weight need not be copied. Once a copy is all the model keeps (a fused or cast tensor), `release` drops the file's pages of
 the source from this process, so the file does not count twice. `write_file` writes the safetensors
 format (8-byte header length, JSON header, raw bytes) straight from each tensor's memory, and
 `write_weights` splits above `max_shard_size` into HF's layout (`model-00001-of-00002.safetensors` + index).
@@ -98,17 +99,28 @@ def weight_files(directory: Path) -> list[Path]:
 
 def check_weight(tensor: torch.Tensor, name: str, path: Path) -> None:
     """A CheckpointError unless `tensor` is a float tensor with every value finite. One pass over the data
-    with no temporary: NaN and inf reach the minimum or the maximum."""
+    with no temporary: a sum (accumulated in float32), which any NaN or inf makes non-finite; only a sum that
+    overflows (or a bad tensor) is then looked at value by value."""
     if not tensor.is_floating_point():
         raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype}, where float weights belong; the file "
                               "holds integers or booleans in a weight's place")
-    if tensor.numel() == 0:
+    if tensor.numel() == 0 or math.isfinite(torch.sum(tensor if tensor.element_size() > 1 else tensor.float())):
         return
-    lo, hi = torch.aminmax(tensor if tensor.element_size() > 1 else tensor.float())
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        bad = int((~torch.isfinite(tensor)).sum())
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
         raise CheckpointError(f"{path}: tensor {name} holds {bad:,} non-finite values (NaN or inf) among "
                               f"{tensor.numel():,}: the file is corrupt or the weights diverged")
+
+
+def open_checked(path: Path):
+    """`safe_open` of one file, which checks its header against the file's size without reading the data;
+    a CheckpointError naming the file when it is unreadable (truncated, or its header overwritten)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        size = path.stat().st_size if path.is_file() else 0
+        raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes; {e}): its header "
+                              "may be overwritten, or the file truncated") from e
 
 
 class Weights:
@@ -118,19 +130,26 @@ class Weights:
         self.directory = Path(directory)
         self.where: dict[str, Path] = {}
         self._files: dict[Path, object] = {}
+        self._maps: dict[Path, tuple[mmap.mmap, int, dict]] = {}
         for path in weight_files(self.directory):
             for name in self._open(path).keys():
                 self.where[name] = path
 
     def _open(self, path: Path):
         if path not in self._files:
-            try:
-                self._files[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as e:
-                size = path.stat().st_size if path.is_file() else 0
-                raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes; {e}): its header "
-                                      "may be overwritten, or the file truncated") from e
+            self._files[path] = open_checked(path)
         return self._files[path]
+
+    def _mapped(self, path: Path) -> tuple[mmap.mmap, int, dict]:
+        """The file mapped copy-on-write (a write to a tensor of it never reaches the file), where its data
+        begins, and its header (checked by `safe_open` first)."""
+        if path not in self._maps:
+            self._open(path)
+            with open(path, "rb") as f:
+                length = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(length))
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 8 + length, header
+        return self._maps[path]
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -151,12 +170,46 @@ class Weights:
     def read(self, name: str) -> torch.Tensor:
         """A view of the mapped file, checked by `check_weight`."""
         path = self.where[name]
-        try:
-            tensor = self._open(path).get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: cannot read tensor {name} ({e}): the file may be truncated or corrupt") from e
+        tensor = self._slice([name])
+        if tensor is None:  # a scalar, an empty or misaligned tensor, a type torch lacks here: safetensors' read
+            try:
+                tensor = self._open(path).get_tensor(name)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: cannot read tensor {name} ({e}): the file may be truncated or "
+                                      "corrupt") from e
         check_weight(tensor, name, path)
         return tensor
+
+    def joined(self, names: list[str], dtype: torch.dtype) -> torch.Tensor | None:
+        """`names` joined along dim 0 as one view of the mapped file, each part checked, when they are stored
+        as `dtype` back to back in this order in one file (as safetensors writes a layer's gate_proj and
+        up_proj); else None. One name: a view of it, when it is stored as `dtype`."""
+        whole = self._slice(names)
+        if whole is None or whole.dtype != dtype:
+            return None
+        path = self.where[names[0]]
+        header = self._mapped(path)[2]
+        for name, part in zip(names, whole.split([header[n]["shape"][0] for n in names])):
+            check_weight(part, name, path)
+        return whole
+
+    def _slice(self, names: list[str]) -> torch.Tensor | None:
+        """`names` joined along dim 0 as one view of their file's mapping (unchecked), when they lie back to back
+        in this order in one file with one dtype and the same trailing shape; else None."""
+        path = self.where[names[0]]
+        if any(self.where[n] != path for n in names):
+            return None
+        mapped, start, header = self._mapped(path)
+        entries = [header[n] for n in names]
+        shapes, dtype = [entry["shape"] for entry in entries], FROM_NAME.get(entries[0]["dtype"])
+        begin, end = entries[0]["data_offsets"][0], entries[-1]["data_offsets"][1]
+        if (dtype is None or end == begin or (start + begin) % dtype.itemsize
+                or any(entry["dtype"] != entries[0]["dtype"] for entry in entries)
+                or any(not shape or shape[1:] != shapes[0][1:] for shape in shapes)
+                or any(a["data_offsets"][1] != b["data_offsets"][0] for a, b in zip(entries, entries[1:]))):
+            return None
+        whole = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        return whole.view(sum(shape[0] for shape in shapes), *shapes[0][1:])
 
     @staticmethod
     def release(tensor: torch.Tensor) -> None:

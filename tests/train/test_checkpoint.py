@@ -110,6 +110,10 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _cut_the_last_bytes(path):  # the header intact, the last tensor's data short
+    path.write_bytes(path.read_bytes()[:-4])
+
+
 def _overwrite_header(path):
     data = bytearray(path.read_bytes())
     data[8:40] = b"\xff" * 32
@@ -117,6 +121,7 @@ def _overwrite_header(path):
 
 
 @pytest.mark.parametrize("damage, says", [(_truncate, "is not a readable safetensors file"),
+                                          (_cut_the_last_bytes, "is not a readable safetensors file"),
                                           (_overwrite_header, "is not a readable safetensors file"),
                                           (lambda path: path.unlink(), "holds no shard files")])
 def test_load_latest_falls_back_past_a_damaged_sharded_checkpoint(tmp_path, one_process_group, damage, says):

@@ -2,9 +2,10 @@
 memory-mapped files, fused (QKV, gate/up) and cast to the asked dtype straight on the asked device, one at
 a time (HF's `from_pretrained` with `low_cpu_mem_usage`, torchtitan's meta init).
 
-A tensor the model keeps exactly as stored (same dtype, CPU) stays a view of the mapped file, as HF's;
-any other is a copy, after which the file's pages of its source are dropped (`Weights.release`), so peak
-memory is the model's bytes plus one tensor.
+A tensor the model keeps exactly as stored (same dtype, CPU) stays a view of the mapped file, as HF's, and
+so does a fused one whose parts lie back to back in the file (a layer's gate_proj and up_proj, as safetensors
+sorts them); any other is a copy, after which the file's pages of its source are dropped (`Weights.release`),
+so peak memory is the model's bytes plus one tensor.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def _tensors(model: nn.Module, weights: Weights, rules: list[Rule], names: dict[
     kernels release the GIL, so the page faults of the mapped file and of the new tensors are taken on several
     cores, as HF's loader does); a source only a copy of which is kept is then dropped."""
     def work(rule: Rule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if device.type == "cpu" and rule.joins():
+            view = weights.joined([names[k] for k in rule.theirs], dtype)
+            if view is not None:
+                return {rule.ours: view}, view
         parts = {k: weights.read(names[k]) for k in rule.theirs}
         return parts, rule.load(parts, dtype, device)
 

@@ -52,10 +52,14 @@ class Rule:
             return first
         return (sum(shapes[k][0] for k in self.theirs), *first[1:])
 
+    def joins(self) -> bool:
+        """ours is theirs laid end to end along dim 0 (one of them: ours is it), nothing else done to them."""
+        return type(self).gather is Rule.gather and self.rows is None
+
     def load(self, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """`gather(parts)` in `dtype` on `device`; a concatenation copies each part straight into its rows,
         cast on the way (no joined copy in the stored dtype first)."""
-        if type(self).gather is not Rule.gather or self.rows is not None or len(parts) == 1:
+        if not self.joins() or len(parts) == 1:
             return self.gather(parts).to(device=device, dtype=dtype)
         self.check(parts)
         value = torch.empty(self.shape({k: p.shape for k, p in parts.items()}), dtype=dtype, device=device)

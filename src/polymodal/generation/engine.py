@@ -81,6 +81,7 @@ def reused_cache(model: nn.Module, batch: int, max_len: int) -> Cache:
         last[1].reset()
         return last[1]
     cache = model.make_cache(batch, max_len)
+    cache.mark_static()
     _last_cache[model] = key, cache
     return cache
 

@@ -24,19 +24,12 @@ from polymodal.errors import InputError
 from polymodal.nn.masks import Segments
 
 
-def mark_static(*tensors: torch.Tensor) -> None:
-    """Compiled decode steps write these in place; CUDA graphs allow that only at fixed addresses."""
-    for t in tensors:
-        torch._dynamo.mark_static_address(t)
-
-
 class KVCache:
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        mark_static(self.k, self.v)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # input_pos (S,); k, v (B, nkv, S, hs) -> the whole cache (B, nkv, L, hs)
@@ -75,7 +68,12 @@ class Cache:
         self.fill = torch.zeros((), **long)  # slots written so far, on the device
         self.length = 0  # slots taken so far (written or reserved), on the host
         self.reserved = False
-        mark_static(self.fill, *vars(self.slots).values())
+
+    def mark_static(self) -> None:
+        """For compiled decode steps, which write these in place: CUDA graphs allow that only at fixed addresses.
+        Only then, since it imports torch._dynamo (about a second)."""
+        for t in (self.fill, *vars(self.slots).values(), *(t for c in self.layers for t in (c.k, c.v))):
+            torch._dynamo.mark_static_address(t)
 
     def cross_kv(self, layer: int) -> CrossKV:
         return self.cross.setdefault(layer, CrossKV())

@@ -43,7 +43,7 @@ from polymodal.families import load_config
 from polymodal.nn.meta import empty
 from polymodal.runs import BEST, PREFIX, latest_checkpoint, list_checkpoints, read_best, step_dir  # noqa: F401
 from polymodal.serialization import WEIGHTS, atomic_directory, atomic_write_bytes, read_safetensors, save_state_dict
-from polymodal.weights import SHARDED, SHARDED_MODEL
+from polymodal.weights import SHARDED, SHARDED_MODEL, open_checked
 
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
@@ -197,16 +197,16 @@ def is_sharded(directory: str | Path) -> bool:
 
 
 def _check_shards(folder: Path, config) -> None:
-    """Every file of a sharded checkpoint reads whole, and together they hold every tensor of the model that
-    `config` builds entire (and its optimizer state), so a truncated, corrupt or lost shard is a CheckpointError
-    naming it, as a plain checkpoint's file is."""
+    """Every file of a sharded checkpoint has a readable header that its size matches, and together they hold
+    every tensor of the model that `config` builds entire (and its optimizer state), so a truncated, corrupt or
+    lost shard is a CheckpointError naming it, as a plain checkpoint's file is. Headers only: no tensor is read."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder} holds no shard files: not a complete training checkpoint")
     for path in files:
-        read_safetensors(path)
+        open_checked(path)
     found = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
     shapes = {k: v.shape for k, v in empty(lambda: build(config)).state_dict().items()}
     missing = sorted(k for k in shapes if f"{SHARDED_MODEL}{k}" not in found)

@@ -113,10 +113,20 @@ def test_non_finite_or_integer_weights_are_refused_naming_tensor_and_file(tmp_pa
         pm.from_pretrained(directory)
 
 
-def test_finite_weights_whose_sum_overflows_load(tmp_path):
-    weight = torch.full((32, 64), 3e38)  # each finite, their float32 sum not
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_a_nan_is_refused_in_every_stored_float_dtype(tmp_path, dtype):
+    weight = torch.randn(32, 64)
+    weight[3, 5] = float("nan")
+    directory = _damaged(tmp_path, "layers.1.mlp.w_out.weight", weight.to(dtype))
+    with pytest.raises(CheckpointError, match=r"tensor layers.1.mlp.w_out.weight holds 1 non-finite values"):
+        pm.from_pretrained(directory, dtype="auto")
+
+
+@pytest.mark.parametrize("big, dtype", [(3e38, torch.float32), (6e4, torch.float16)])
+def test_finite_weights_whose_sum_overflows_load(tmp_path, big, dtype):
+    weight = torch.full((32, 64), big, dtype=dtype)  # each finite, their sum in that dtype not
     directory = _damaged(tmp_path, "layers.1.mlp.w_out.weight", weight)
-    assert torch.equal(pm.from_pretrained(directory).layers[1].mlp.w_out.weight, weight)
+    assert torch.equal(pm.from_pretrained(directory, dtype="auto").layers[1].mlp.w_out.weight, weight)
 
 
 def _mapped_files() -> list[tuple[int, int, str]]:

@@ -24,6 +24,21 @@ def test_save_load_round_trip_identical_logits(tmp_path):
     assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_a_save_over_a_folder_of_the_other_layout_leaves_no_stale_weights(tmp_path):
+    """One file over shards and shards over one file: the folder loads the newest save, and holds only its files
+    (and the user's own, kept)."""
+    first, second = tiny(), tiny()
+    pm.save_pretrained(first, tmp_path / "m")
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    for model, shard_size in ((second, 4000), (first, "50GB")):
+        pm.save_pretrained(model, tmp_path / "m", max_shard_size=shard_size)
+        loaded = pm.from_pretrained(tmp_path / "m").state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+        weights = sorted(n for n in os.listdir(tmp_path / "m") if "safetensors" in n)
+        assert (weights == ["model.safetensors"]) == (shard_size == "50GB"), weights
+        assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+
+
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
     model = tiny()
     pm.save_pretrained(model, tmp_path / "m")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from polymodal.errors import CheckpointError, ExistingFileError
-from polymodal.weights import WEIGHTS, read_safetensors, weight_files, write_file  # noqa: F401 (WEIGHTS: re-exported)
+from polymodal.weights import WEIGHTS, is_weight_file, read_safetensors, weight_files, write_file  # noqa: F401 (WEIGHTS: re-exported)
 
 RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -86,10 +86,13 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _keep_others(old: Path, new: Path) -> None:
-    """Everything in `old` that `new` lacks, hard-linked (or copied) into `new`."""
+    """Everything in `old` that `new` lacks, hard-linked (or copied) into `new`; but when `new` holds weights,
+    none of the old weight files: a sharded save over one model.safetensors (or the reverse) leaves no stale
+    weights that `weight_files` would find first."""
+    new_weights = any(is_weight_file(entry.name) for entry in new.iterdir())
     for entry in old.iterdir():
         dest = new / entry.name
-        if dest.exists() or dest.is_symlink():
+        if dest.exists() or dest.is_symlink() or (new_weights and is_weight_file(entry.name)):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, dest, symlinks=True, copy_function=_link_or_copy)

@@ -17,8 +17,10 @@ import ctypes
 import json
 import math
 import mmap
+import re
 import struct
 import sys
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -99,14 +101,16 @@ def weight_files(directory: Path) -> list[Path]:
 
 def check_weight(tensor: torch.Tensor, name: str, path: Path) -> None:
     """A CheckpointError unless `tensor` is a float tensor with every value finite. One pass over the data
-    with no temporary: a sum (accumulated in float32), which any NaN or inf makes non-finite; only a sum that
-    overflows (or a bad tensor) is then looked at value by value."""
+    with no temporary: a sum in the tensor's own dtype, which any NaN or inf makes non-finite; only a sum that
+    is not finite (a bad tensor, or finite values past the dtype's range: float16's 65504) is then looked at value
+    by value. float8 has no sum or isfinite here: it is widened first."""
     if not tensor.is_floating_point():
         raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype}, where float weights belong; the file "
                               "holds integers or booleans in a weight's place")
-    if tensor.numel() == 0 or math.isfinite(torch.sum(tensor if tensor.element_size() > 1 else tensor.float())):
+    values = tensor if tensor.element_size() > 1 else tensor.float()
+    if tensor.numel() == 0 or math.isfinite(torch.sum(values)):
         return
-    bad = int((~torch.isfinite(tensor)).sum())
+    bad = int((~torch.isfinite(values)).sum())
     if bad:
         raise CheckpointError(f"{path}: tensor {name} holds {bad:,} non-finite values (NaN or inf) among "
                               f"{tensor.numel():,}: the file is corrupt or the weights diverged")
@@ -131,25 +135,28 @@ class Weights:
         self.where: dict[str, Path] = {}
         self._files: dict[Path, object] = {}
         self._maps: dict[Path, tuple[mmap.mmap, int, dict]] = {}
+        self._lock = threading.RLock()  # the loader's threads ask for tensors of the same files at once
         for path in weight_files(self.directory):
             for name in self._open(path).keys():
                 self.where[name] = path
 
     def _open(self, path: Path):
-        if path not in self._files:
-            self._files[path] = open_checked(path)
-        return self._files[path]
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = open_checked(path)
+            return self._files[path]
 
     def _mapped(self, path: Path) -> tuple[mmap.mmap, int, dict]:
         """The file mapped copy-on-write (a write to a tensor of it never reaches the file), where its data
         begins, and its header (checked by `safe_open` first)."""
-        if path not in self._maps:
-            self._open(path)
-            with open(path, "rb") as f:
-                length = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(length))
-                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 8 + length, header
-        return self._maps[path]
+        with self._lock:
+            if path not in self._maps:
+                self._open(path)
+                with open(path, "rb") as f:
+                    length = struct.unpack("<Q", f.read(8))[0]
+                    header = json.loads(f.read(length))
+                    self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 8 + length, header
+            return self._maps[path]
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -295,6 +302,11 @@ def plan_shards(sizes: Mapping[str, int], max_shard_size: int | str) -> list[lis
 
 def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether a file of that name holds (or indexes) a checkpoint's weights as `write_weights` writes them."""
+    return name in (WEIGHTS, INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
 
 
 def write_index(directory: Path, shards: list[list[str]], total_size: int) -> None:

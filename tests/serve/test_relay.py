@@ -41,3 +41,12 @@ def test_events_from_another_thread_arrive_in_order_with_one_wake_up_per_burst()
         assert relay.deliveries == 2
     finally:
         loop.close()
+
+
+def test_a_relay_into_a_closed_loop_drops_its_events_instead_of_holding_every_later_one():
+    loop = asyncio.new_event_loop()
+    relay, queue = Relay(loop), asyncio.Queue()
+    loop.close()
+    relay.put(queue, 1)
+    relay.put(queue, 2)
+    assert not relay.pending and queue.empty()

@@ -85,6 +85,13 @@ class Server:
         return {"queue_depth": len(b.waiting) if b else 0, "running_requests": b.running if b else 0,
                 "worker_alive": int(self.alive)}
 
+    def relay(self, loop: asyncio.AbstractEventLoop) -> Relay:
+        """The relay into `loop` (one per loop the responses wait in: uvicorn's, or each test client's); those of
+        closed loops let go."""
+        if loop not in self.relays:
+            self.relays = {**{other: r for other, r in self.relays.items() if not other.is_closed()}, loop: Relay(loop)}
+        return self.relays[loop]
+
     def serving(self, endpoint: str) -> None:
         """An error unless the served model answers `endpoint` ("chat" or "embeddings"), and its worker lives."""
         if endpoint == "embeddings" and self.embedder is None:
@@ -155,7 +162,7 @@ class Response:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.prompt_tokens = sum(inputs["input_ids"].shape[1] for inputs, _ in prompts)
         self.requests: list[Request] = []
-        relay = server.relays.setdefault(loop, Relay(loop))  # one wake-up of the loop for a step's events
+        relay = server.relay(loop)  # one wake-up of the loop for a step's events
         s = job.sampling
         for doc, (inputs, wanted) in zip(job.documents, prompts):
             locate = server.locator(doc)
@@ -425,5 +432,6 @@ def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.
     what = (f"embeddings, texts up to {server.context} tokens" if server.embedder is not None else
             f"{slots} slots, context {server.context} tokens")
     print(f"serving {server.name} on http://{host}:{port} ({what})", flush=True)
+    gc.collect()
     gc.freeze()  # the model and libraries are never garbage: a full collection would walk them all, pausing answers
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -23,7 +23,11 @@ class Relay:
             self.pending.append((queue, item))
             if len(self.pending) > 1:
                 return  # the delivery asked for the first one takes this one too
-        self.loop.call_soon_threadsafe(self._deliver)
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody is left to deliver to, and the next put must not wait
+            with self.lock:
+                self.pending.clear()
 
     def _deliver(self) -> None:
         with self.lock:

@@ -62,3 +62,16 @@ def test_stop_strings_end_the_text_and_a_partial_match_is_held_back():
     assert "".join(v for k, v in events[:streamed] if k == "text") == "red " and all(kept)
     assert "".join(v for k, v in events if k == "text") == "red circ"  # the answer ended: nothing is held
     assert events[-1] == ("done", "length")
+
+
+def test_a_whole_answer_is_decoded_once_at_its_end_with_its_first_token_told():
+    """Read only at its end (not streamed, no stop strings), a text answer sends one empty event at its first token
+    (the time-to-first-token metric) and its text once, at the end: the same text as token by token."""
+    tokens = TOKENIZER.encode("a red circle above a blue square")
+    by_token, _, _ = feed(Answer(TOKENIZER, (), None, print), tokens)
+    whole, kept, streamed = feed(Answer(TOKENIZER, (), None, print, whole=True), tokens)
+    assert all(kept) and streamed == 1 and whole[0] == ("text", "")
+    assert whole[1:] == [("text", TOKENIZER.text(tokens)), ("done", "length")]
+    assert "".join(v for what, v in by_token if what == "text") == TOKENIZER.text(tokens)
+    stopped, _, _ = feed(Answer(TOKENIZER, ("blue",), None, print, whole=True), tokens)  # a stop string: watched
+    assert "".join(v for what, v in stopped if what == "text") == TOKENIZER.text(tokens).split("blue")[0]

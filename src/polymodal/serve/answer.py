@@ -65,13 +65,18 @@ class Locator:
 
 
 class Answer:
+    """`whole`: the client reads the answer only at its end (not streamed, no logprobs); with no stop string to
+    watch for and no image to draw, its text is then decoded once, at the end, and only the first token is told
+    before it (an empty text event, for the time-to-first-token metric)."""
+
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], model, push: Callable[[list], None],
-                 locate: Locator | None = None):
+                 locate: Locator | None = None, whole: bool = False):
         self.tokenizer, self.push, self.locate = tokenizer, push, locate
         self.written: list[str] = []  # the text pushed so far, for the places of the whole answer
         self.model, self.spans = model, model.image_spans if model is not None else None
         if self.spans is not None and self.spans.begin is None:
             self.spans = None  # a model that cannot draw writes text only
+        self.whole = whole and not stop and self.spans is None
         self.stop = StopStrings(stop)
         self.run: list[int] = []  # the current text run's tokens
         self.image: list[int] | None = None  # inside an image: its tokens so far, `begin` first
@@ -81,6 +86,11 @@ class Answer:
         return self.stop.stopped
 
     def on_token(self, token: int) -> bool:
+        if self.whole:
+            if not self.run:
+                self.push([("text", "")])
+            self.run.append(token)
+            return True
         events: list = []
         if self.spans is not None and token == self.spans.begin:
             events += self._flush()

@@ -172,7 +172,8 @@ class Response:
                 def push(events, index=index):
                     relay.put(self.queue, (index, events))
 
-                answer = Answer(server.tokenizer, s.stop, server.model, push, locate)
+                answer = Answer(server.tokenizer, s.stop, server.model, push, locate,
+                                whole=not s.stream and s.logprobs is None)
                 request = Request(
                     inputs, max_new_tokens=wanted, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                     repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,

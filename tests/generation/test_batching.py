@@ -267,6 +267,25 @@ def test_a_stopping_listener_and_a_prompt_past_the_cache():
     assert not batcher.waiting  # several requests are queued all or none
 
 
+def test_a_listener_that_fails_fails_its_request_alone():
+    """A request whose token listener raises (the server's, drawing an image) ends as an error with its blocks
+    back; the rows decoding beside it go on as alone."""
+    batcher = Batcher(DECODER, slots=3, max_len=32, block_size=4)
+    inputs = prompts(DECODER, 3, seed=5)
+
+    def breaks(token: int) -> bool:
+        raise RuntimeError("the drawing failed")
+
+    requests = [Request(x, max_new_tokens=6, on_token=breaks if i == 1 else None) for i, x in enumerate(inputs)]
+    for request in requests:
+        batcher.submit(request)
+    drain(batcher)
+    assert requests[1].finish_reason == "error" and str(requests[1].error) == "the drawing failed"
+    assert len(requests[1].tokens) == 1
+    for x, request in zip(inputs[::2], requests[::2]):
+        assert request.finish_reason == "length" and request.tokens == alone(DECODER, x, request)
+
+
 def test_a_request_the_model_refuses_fails_alone_in_a_batched_prefill():
     batcher = Batcher(DECODER, slots=3, max_len=32, block_size=4)
     good = prompts(DECODER, 2, seed=7)

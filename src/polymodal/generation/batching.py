@@ -427,7 +427,12 @@ class Batcher:
         for row, token, stop in zip(rows, tokens.tolist(), stopped.tolist()):
             request = self.rows[row]
             request.tokens.append(token)
-            keep = request.on_token(token) if request.on_token is not None else True
+            try:
+                keep = request.on_token(token) if request.on_token is not None else True
+            except Exception as e:  # noqa: BLE001 - its listener failed (e.g. drawing its image): it fails alone
+                request.error = e
+                self._leave(row, "error")
+                continue
             if stop or not keep:
                 self._leave(row, "stop")
             elif len(request.tokens) >= request.max_new_tokens:

@@ -66,14 +66,14 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
     A `polymodal train` run directory loads its best checkpoint (its last when it kept no best one).
     A `vae-oid.npz` beside the weights (an HF export's or a LoRA run's mask VQ-VAE) is joined to the model."""
     directory = Path(directory)
-    return found_mask_vae(_load(directory, dtype=dtype, device=device, quantize=quantize), directory)
-
-
-def _load(directory: Path, *, dtype, device, quantize) -> nn.Module:
     if not directory.is_dir():
         raise MissingFileError(f"{directory} is not a directory")
     if (directory / "checkpoints").is_dir() and not (directory / "config.json").is_file():
         directory = resolve(directory)[0]
+    return found_mask_vae(_load(directory, dtype=dtype, device=device, quantize=quantize), directory)
+
+
+def _load(directory: Path, *, dtype, device, quantize) -> nn.Module:
     if quantize is not None and quantize not in ("int8", "int4"):
         raise InputError(f"quantize must be 'int8' or 'int4' (or None), got {quantize!r}")
     if (directory / ADAPTER_CONFIG).is_file() and not (directory / WEIGHTS).is_file():

@@ -1,7 +1,7 @@
 """A PaliGemma's mask VQ-VAE (Beyer et al. 2024) in a file of its own beside the weights: big_vision's
 `vae-oid.npz`, which HF's PaliGemma has no place for. `hf_export.export_hf` writes a model's VAE there;
-`found_mask_vae` joins that file (or one the user gives) to a model loaded from the directory that holds none,
-as `polymodal train --init-from` / `--mask-vae` and `polymodal convert --to polymodal` do.
+`found_mask_vae` joins that file to a model loaded from its directory (`pm.from_pretrained`, `polymodal convert
+--to polymodal`), and `with_mask_vae` one the user gives (`polymodal train --mask-vae`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from polymodal.config import Config, ConfigError
 from polymodal.encoders.mask_vae import MASK_VAE_FILE, MaskVAE, load_mask_vae, mask_vae_of
 from polymodal.families import spec_of
 from polymodal.nn.meta import empty
-from polymodal.runs import resolve
 
 
 def given_mask_vae(config: Config, vae: MaskVAE) -> Config:
@@ -41,15 +40,10 @@ def with_mask_vae(model: nn.Module, vae: MaskVAE) -> nn.Module:
     return model
 
 
-def found_mask_vae(model: nn.Module, directory: str | Path, given: MaskVAE | None = None) -> nn.Module:
-    """`model` (loaded from `directory`) with the mask VQ-VAE `given` (`load_mask_vae` of the user's file), or, when
-    it holds none, the directory's own `vae-oid.npz` (an HF export's); as it is otherwise."""
-    if given is not None:
-        return with_mask_vae(model, given)
-    directory = Path(directory)
-    if (directory / "checkpoints").is_dir() and not (directory / "config.json").is_file():
-        directory = resolve(directory)[0]  # a run directory's checkpoint, as from_pretrained loads it
-    own = directory / MASK_VAE_FILE
+def found_mask_vae(model: nn.Module, directory: str | Path) -> nn.Module:
+    """`model`, loaded from the checkpoint `directory`, with that directory's own `vae-oid.npz` (an HF export's, a
+    LoRA run's) when it holds no mask VQ-VAE; as it is otherwise."""
+    own = Path(directory) / MASK_VAE_FILE
     if own.is_file() and spec_of(model.config).locations and mask_vae_of(model) is None:
         return with_mask_vae(model, load_mask_vae(own))
     return model

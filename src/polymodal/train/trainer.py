@@ -60,7 +60,7 @@ from polymodal.train.distributed import (
     all_reduce_sum, barrier, data_and_context_split, gather_objects, gradient_sync, init_process, parallelize, shutdown)
 from polymodal.train.hooks import EvalHook, EvalLoss, autocast, lower_is_better
 from polymodal.train.plot import plot_metrics
-from polymodal.convert.mask_vae_file import found_mask_vae, given_mask_vae
+from polymodal.convert.mask_vae_file import given_mask_vae, with_mask_vae
 from polymodal.train.locations import located, share_mask_vae, write_mask_vae
 from polymodal.train.vq_stage import fit_image_tokenizers, fit_mask_vaes
 
@@ -318,9 +318,10 @@ def _step(line: str) -> float:
 def load_base(directory: str, dtype: torch.dtype | str | None = None, mask_vae: MaskVAE | None = None
               ) -> torch.nn.Module:
     """The model a fine-tuning run starts from (its LoRA adapter merged, if it has one), float32 unless `dtype`,
-    holding `mask_vae`, or else the directory's own `vae-oid.npz` (`found_mask_vae`)."""
+    holding `mask_vae` if given (else the directory's own `vae-oid.npz`, which `from_pretrained` joins)."""
     model = from_pretrained(directory, dtype=dtype)
-    return found_mask_vae(merge_lora(model) if adapters(model) else model, directory, mask_vae)
+    model = merge_lora(model) if adapters(model) else model
+    return with_mask_vae(model, mask_vae) if mask_vae is not None else model
 
 
 @dataclass

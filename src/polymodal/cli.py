@@ -32,7 +32,8 @@ from polymodal.evaluate.metrics import METRICS
 from polymodal.train.trainer import IMAGE_TASKS, TrainConfig
 from polymodal.serve.protocol import Limits
 
-METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1"}
+METRIC_WHAT = {**{name: m.what for name, m in METRICS.items()}, "recall": "image->text R@1",
+               "boxes": "box accuracy at IoU 0.5 / 0.75, mean mask IoU"}
 METRIC_NAMES = tuple(METRIC_WHAT)
 SHOWN_DOCUMENTS = 5  # documents `export-data` prints (media, prompt, answer)
 QUANTIZE_HELP = ("weight-only quantized decoder linear layers; on a CPU they save memory and cost time (measured "
@@ -121,7 +122,8 @@ def _eval_flags(sub) -> None:
     e.add_argument("--data", default=None, help="a JSONL file of documents: answers to their target segments are "
                                                 "scored against their references (default: the built-in world)")
     e.add_argument("--metric", default=None, help=f"with --data: one of {', '.join(METRIC_NAMES)} (default: exact; "
-                                                  "recall for a dual encoder)")
+                                                  "boxes when the targets hold objects: box accuracy at IoU 0.5 and "
+                                                  "0.75, mean mask IoU, invalid answers; recall for a dual encoder)")
     e.add_argument("--out", default=None, help="with --data: the folder for predictions.jsonl and results.json "
                                                "(default: CHECKPOINT/eval/<data file name>)")
     e.add_argument("--overwrite", action="store_true", help="with --data: replace an earlier evaluation in --out")
@@ -450,7 +452,9 @@ def eval_data(args: argparse.Namespace) -> None:
     from polymodal.progress import Progress
     from polymodal.evaluate.report import check_out, table, write
     from polymodal.data.readers import DataNotFoundError
+    from polymodal.evaluate.locations import THRESHOLDS
     from polymodal.evaluate.user_data import evaluate_file, read_documents
+    from polymodal.evaluate.user_locations import located, locates, masks_note, table as located_table
     from polymodal.families import spec_of
 
     if args.metric is not None and args.metric not in METRIC_NAMES:
@@ -471,12 +475,18 @@ def eval_data(args: argparse.Namespace) -> None:
             print(f"polymodal eval: no majority baseline: the run's training file {train} is gone", file=sys.stderr)
     directory, model, tokenizer = _load(args.checkpoint, args.quantize)
     pairs = spec_of(model).pairs
-    metric = args.metric or ("recall" if pairs else "exact")
+    metric = args.metric or ("recall" if pairs else "boxes" if located(docs) else "exact")
     if pairs != (metric == "recall"):
         raise InputError(f"--metric {metric} does not fit a {type(model).__name__}: "
                          + ("a dual encoder writes no answers; it is scored by recall" if pairs else
                             f"recall scores dual encoders; this model writes answers: one of "
                             f"{', '.join(n for n in METRIC_NAMES if n != 'recall')}"))
+    if metric == "boxes" and not locates(model, tokenizer):
+        raise InputError(f"--metric boxes{' (the default: the targets hold objects)' if args.metric is None else ''} "
+                         f"scores answers written as location tokens (<loc0000>..), and this {type(model).__name__} "
+                         f"{'with its tokenizer ' if spec_of(model).locations else ''}writes boxes as text: score "
+                         "that text (label [x1, y1, x2, y2]) with --metric exact")
+    masks = masks_note(docs, model) if metric == "boxes" else None
     sampling = {"do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "seed": args.seed}
     records, rows = evaluate_file(model, tokenizer, docs, args.data, metric, args.batch_size, args.max_new_tokens,
@@ -484,10 +494,14 @@ def eval_data(args: argparse.Namespace) -> None:
     what = METRIC_WHAT[metric]
     how = "image -> caption retrieval" if pairs else ("sampled" if args.do_sample else "greedy") + " answers"
     print(f"{directory}{_quantized(args)}: {how} on {args.data}, {what}")
-    print(table(rows, what))
+    if masks is not None and masks.startswith("not scored"):
+        print(f"masks {masks}")
+    print(located_table(rows) if metric == "boxes" else table(rows, what))
     write(out, records, {"checkpoint": str(directory), "data": str(args.data), "metric": metric,
                          "quantize": args.quantize, "decoding": None if pairs else sampling,
-                         "max_new_tokens": args.max_new_tokens, "training_data": train, "scores": rows})
+                         "max_new_tokens": args.max_new_tokens, "training_data": train,
+                         **({"masks": masks, "iou_thresholds": list(THRESHOLDS)} if masks is not None else {}),
+                         "scores": rows})
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'results.json'}")
 
 

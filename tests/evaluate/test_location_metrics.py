@@ -7,7 +7,7 @@ import torch
 
 from polymodal.data.locations import LocatedObject, Locations, format_locations, format_object, parse_locations
 from polymodal.data.synthetic import World
-from polymodal.evaluate.locations import Majority, box_iou, figures, is_invalid, mask_iou
+from polymodal.evaluate.locations import Majority, box_iou, figures, is_invalid, mask_iou, match, summary
 
 SIZE = (100, 100)
 
@@ -43,12 +43,41 @@ def test_objects_are_matched_by_label_and_counted_at_each_threshold():
     answers = [Locations([obj("blue square", (50, 50, 70, 70)),  # IoU 1, listed first: matched by label
                           obj("red circle", (0, 0, 10, 8))], 0),  # IoU 0.8
                Locations([obj("green circle", (20, 20, 40, 40))], 0)]  # the wrong label: a miss
-    f = figures(answers, truths, masks=False)
+    f = figures(answers, truths)
     assert f.objects == 3
     assert f.box_accuracy == pytest.approx((2 / 3, 2 / 3))
     answers[0] = Locations([obj("blue square", (50, 50, 70, 70)), obj("red circle", (0, 0, 10, 7))], 0)  # IoU 0.7
-    assert figures(answers, truths, masks=False).box_accuracy == pytest.approx((2 / 3, 1 / 3))
+    assert figures(answers, truths).box_accuracy == pytest.approx((2 / 3, 1 / 3))
     assert f.mask_iou is None and f.invalid == 0
+
+
+def test_each_object_asked_for_gets_the_iou_of_the_answer_s_object_matched_to_it():
+    """Hand-made answers whose IoUs are known: a box identical to its reference scores 1, a disjoint one 0, one
+    overlapping half of its reference (and as much outside) 1/3; a label the answer does not give scores 0."""
+    truths = [[obj("cat", (0, 0, 10, 10)), obj("dog", (20, 20, 30, 30)), obj("cat", (40, 0, 50, 10))],
+              [obj("cow", (0, 0, 10, 10))]]
+    answers = [Locations([obj("cat", (0, 0, 10, 10)), obj("dog", (60, 60, 70, 70)), obj("cat", (45, 0, 55, 10))], 0),
+               Locations([obj("hen", (0, 0, 10, 10))], 0)]
+    first, second = (match(a, t) for a, t in zip(answers, truths))
+    assert first.box_iou == pytest.approx((1.0, 0.0, 50 / 150)) and second.box_iou == (0.0,)
+    assert first.mask_iou is None and not first.invalid and not second.invalid
+    f = summary([first, second])
+    assert f.objects == 4 and f.box_accuracy == pytest.approx((1 / 4, 1 / 4)) and f.mask_iou is None
+    assert f == figures(answers, truths)
+    # matched in the answer's order, not by overlap: the two cats listed the other way round both miss
+    swapped = Locations([answers[0].objects[2], answers[0].objects[1], answers[0].objects[0]], 0)
+    assert match(swapped, truths[0]).box_iou == (0.0, 0.0, 0.0)
+
+
+def test_masks_are_scored_where_the_references_have_them():
+    full = torch.ones(4, 4, dtype=torch.bool)
+    quarter = torch.zeros(4, 4, dtype=torch.bool)
+    quarter[:2, :2] = True
+    with_masks = match(Locations([obj("a", (0, 0, 4, 4), quarter)], 0), [obj("a", (0, 0, 4, 4), full)])
+    without = match(Locations([obj("a", (0, 0, 4, 4))], 0), [obj("a", (0, 0, 4, 4))])
+    assert with_masks.mask_iou == (0.25,) and without.mask_iou is None and not without.invalid
+    f = summary([with_masks, without])
+    assert f.mask_iou == 0.25 and f.box_accuracy == (1.0, 1.0)  # the mean over the objects that have masks
 
 
 def test_mean_mask_iou_counts_a_missing_mask_as_zero():
@@ -56,7 +85,7 @@ def test_mean_mask_iou_counts_a_missing_mask_as_zero():
     half = full.clone()
     half[2:] = False
     truths = [[obj("a", (0, 0, 4, 4), full), obj("b", (0, 0, 4, 4), full)]]
-    f = figures([Locations([obj("a", (0, 0, 4, 4), half), obj("b", (0, 0, 4, 4))], 0)], truths, masks=True)
+    f = figures([Locations([obj("a", (0, 0, 4, 4), half), obj("b", (0, 0, 4, 4))], 0)], truths)
     assert f.mask_iou == pytest.approx((0.5 + 0.0) / 2)
     assert f.invalid == 1  # a segment answer with an object without its mask
 

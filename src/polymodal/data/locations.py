@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from polymodal.encoders.mask_vae import MaskVAE
-from polymodal.errors import InputError, check_number, check_text
+from polymodal.errors import InputError, UnknownNameError, check_number, check_text
 
 N_LOC, N_SEG = 1024, 128
 LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(N_LOC))
@@ -39,6 +39,15 @@ _NUMBER = re.compile(r"\d+")
 def paligemma_location_ids() -> dict[str, int]:
     """Each `<locNNNN>` and `<segNNN>` token -> its id in HF PaliGemma's tokenizer (256000 .. 257151)."""
     return {token: PALIGEMMA_FIRST_LOC_ID + i for i, token in enumerate(LOC_TOKENS + SEG_TOKENS)}
+
+
+def has_location_tokens(tokenizer) -> bool:
+    """Does a polymodal `Tokenizer` hold the location tokens (`<loc0000>`..)?"""
+    try:
+        tokenizer.token_id(LOC_TOKENS[0])
+    except UnknownNameError:
+        return False
+    return True
 
 
 def add_location_tokens(tokenizer) -> dict[str, int]:

@@ -58,21 +58,42 @@ def is_invalid(answer: Locations, masks: bool) -> bool:
     return bool(answer.malformed) or not answer.objects or (masks and any(o.mask is None for o in answer.objects))
 
 
-def figures(answers: list[Locations], truths: list[list[LocatedObject]], masks: bool) -> Figures:
-    """Box accuracy, mean mask IoU and invalid answers of `answers` against the objects asked for (`truths`)."""
+@dataclass(frozen=True)
+class Match:
+    """One answer against the objects it was asked for."""
+    box_iou: tuple[float, ...]  # per object asked for: the IoU of the answer's object matched to it (0: none)
+    mask_iou: tuple[float, ...] | None  # the same for masks; None when the objects asked for have none
+    invalid: bool
+
+
+def match(answer: Locations, truth: list[LocatedObject]) -> Match:
+    """Each object asked for matched to the first object of the answer with its label not matched before; masks
+    are scored when the objects asked for have them (then an answer object without one is invalid)."""
+    masks = any(want.mask is not None for want in truth)
     boxes, ious = [], []
-    for answer, truth in zip(answers, truths):
-        unused = list(answer.objects)
-        for want in truth:
-            got = next((o for o in unused if o.label == want.label), None)
-            if got is not None:
-                unused.remove(got)
-            boxes.append(box_iou(got.box, want.box) if got is not None else 0.0)
-            if masks:
-                ious.append(mask_iou(got.mask, want.mask) if got is not None and got.mask is not None else 0.0)
+    unused = list(answer.objects)
+    for want in truth:
+        got = next((o for o in unused if o.label == want.label), None)
+        if got is not None:
+            unused.remove(got)
+        boxes.append(box_iou(got.box, want.box) if got is not None else 0.0)
+        if masks:
+            ious.append(mask_iou(got.mask, want.mask) if got is not None and got.mask is not None else 0.0)
+    return Match(tuple(boxes), tuple(ious) if masks else None, is_invalid(answer, masks))
+
+
+def summary(matches: Sequence[Match]) -> Figures:
+    """Box accuracy over every object asked for, mean mask IoU over those with masks, and invalid answers."""
+    boxes = [b for m in matches for b in m.box_iou]
+    ious = [i for m in matches if m.mask_iou is not None for i in m.mask_iou]
     n = len(boxes)
     return Figures(n, tuple(sum(b >= t for b in boxes) / n for t in THRESHOLDS),
-                   sum(ious) / n if masks else None, sum(is_invalid(a, masks) for a in answers))
+                   sum(ious) / len(ious) if ious else None, sum(m.invalid for m in matches))
+
+
+def figures(answers: list[Locations], truths: list[list[LocatedObject]]) -> Figures:
+    """Box accuracy, mean mask IoU and invalid answers of `answers` against the objects asked for (`truths`)."""
+    return summary([match(answer, truth) for answer, truth in zip(answers, truths)])
 
 
 def truth(segment: Segment, image_size: tuple[int, int]) -> list[LocatedObject]:
@@ -82,15 +103,17 @@ def truth(segment: Segment, image_size: tuple[int, int]) -> list[LocatedObject]:
             for (label, box), m in zip(segment.boxes, masks)]
 
 
+def read_answer(text: str, image_size: tuple[int, int], vae: MaskVAE | None, boxes_only: bool = False) -> Locations:
+    """The answer parsed; one with segmentation tokens the model has no VAE to decode is all malformed (unless
+    boxes_only: their masks left out)."""
+    try:
+        return parse_locations(text, image_size, vae, boxes_only=boxes_only)
+    except InputError:
+        return Locations([], 1)
+
+
 def read_answers(texts: list[str], image_size: tuple[int, int], vae: MaskVAE | None) -> list[Locations]:
-    """Each answer parsed; one with segmentation tokens the model has no VAE to decode is all malformed."""
-    out = []
-    for text in texts:
-        try:
-            out.append(parse_locations(text, image_size, vae))
-        except InputError:
-            out.append(Locations([], 1))
-    return out
+    return [read_answer(text, image_size, vae) for text in texts]
 
 
 class Majority:
@@ -149,12 +172,12 @@ def score_locations(replies: Callable[[list, int], list[str]], model: nn.Module,
     truths = [truth(e.document.segments[-1], size) for e in examples]
     docs = [e.document for e in examples]
     longest = answer_tokens(tokenizer, masks)
-    score = LocationScore(task, len(examples), figures(read_answers(replies(docs, longest), size, vae), truths, masks))
+    score = LocationScore(task, len(examples), figures(read_answers(replies(docs, longest), size, vae), truths))
     if blank is not None:
         majority = Majority(world, task)
-        score.majority = figures([majority.answer([o.label for o in t], size) for t in truths], truths, masks)
+        score.majority = figures([majority.answer([o.label for o in t], size) for t in truths], truths)
         blanked = replies([blank(d) for d in docs], longest)
-        score.blanked = figures(read_answers(blanked, size, vae), truths, masks)
+        score.blanked = figures(read_answers(blanked, size, vae), truths)
     return score
 
 

@@ -5,6 +5,7 @@ Every target text segment of a document is one question: the model is given the 
 scored against the segment's references (its `references` list, else its own text) with one of `metrics.METRICS`.
 A dual encoder (CLIP, SigLIP) writes nothing: each document's image is matched against the captions of every
 document of the file (its references count as its captions), scored by recall@k both ways.
+Targets that are objects (boxes, masks) are scored as places instead (`--metric boxes`, `user_locations.py`).
 Beside the model, with the same metric:
 - blanked: the same model with every image, video frame and audio clip of the prompt blank (`world.blank`);
 - majority: the most frequent answer of the run's training file to the same question text (else to the
@@ -29,7 +30,9 @@ from polymodal.data.readers import read_flagged
 from polymodal.data.formats import caption
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import DocumentError
+from polymodal.encoders.mask_vae import mask_vae_of
 from polymodal.evaluate.metrics import METRICS
+from polymodal.evaluate.user_locations import answer_tokens, check_objects, check_targets, score_objects
 from polymodal.evaluate.world import answer, blank
 from polymodal.families import spec_of
 
@@ -82,15 +85,18 @@ def items(docs: list[Document], source: str | Path, pairs: bool = False, require
     return out
 
 
-def check(collator, questions: list[Item], source: str | Path, pairs: bool) -> None:
+def check(collator, questions: list[Item], source: str | Path, pairs: bool, objects: bool = False) -> None:
     """Every prompt fits the model (its kinds of media, their layout, its length), checked before any answer is
-    written, one document's media at a time."""
+    written, one document's media at a time; objects: every target's objects fit its image
+    (`user_locations.check_objects`)."""
     for q in questions:
         doc = with_media(q.prompt, source)
         try:
             collator.encode(doc, prompt_only=not pairs)
         except ValueError as e:
             raise DocumentError(f"{source}, line {doc.line}: {e}") from e
+        if objects:
+            check_objects(doc, source)
 
 
 def predict(model: nn.Module, collator, tokenizer: Tokenizer, questions: list[Item], source: str | Path,
@@ -183,22 +189,30 @@ def evaluate_file(model: nn.Module, tokenizer: Tokenizer, docs: list[Document], 
     the majority baseline. progress: called with (answers to write, what), returns a `Progress`."""
     pairs = spec_of(model).pairs
     questions = items(docs, data, pairs)
+    objects = metric == "boxes"
+    if objects:
+        check_targets(questions, data)
     if metric == "vqa" and (alone := next((q for q in questions if len(q.references) < 2), None)):
         raise DocumentError(f"{data}, {alone.id}: --metric vqa scores an answer by the other annotators who gave it "
                             "(VQAv2 has 10 per question), so a question with one reference scores 0 whatever the "
                             "answer; give each target its \"references\", or use --metric exact")
     train = items(train_docs, "the run's training file", pairs, required=False) if train_docs else None
     collator = make_collator(model.config, tokenizer)
-    check(collator, questions, data, pairs)
+    check(collator, questions, data, pairs, objects)
     if pairs:
         return retrieval(model, collator, questions, data, batch_size, train, progress)
-    longest = max(len(tokenizer.encode(r)) for q in questions for r in q.references)
+    longest = (answer_tokens(tokenizer, questions) if objects else
+               max(len(tokenizer.encode(r)) for q in questions for r in q.references))
     media = any(s.kind != "text" for q in questions for s in q.prompt.segments)
     bar = progress(len(questions) * (1 + media), "answers") if progress is not None else None
     run = lambda blanked: predict(model, collator, tokenizer, questions, data, batch_size,  # noqa: E731
                                   max_new_tokens or longest + SLACK, sampling or {}, blanked, bar)
     predictions = run(False)
-    rows, per = scored(metric, questions, {"score": predictions, "blanked": run(True) if media else None,
+    blanked = run(True) if media else None
+    if objects:
+        extras, rows = score_objects(questions, data, mask_vae_of(model), predictions, blanked, groups(questions))
+        return [{**record(q, p, e['score']), **e} for q, p, e in zip(questions, predictions, extras)], rows
+    rows, per = scored(metric, questions, {"score": predictions, "blanked": blanked,
                                            "majority": majority(train, questions) if train else None})
     return [record(q, p, s) for q, p, s in zip(questions, predictions, per)], rows
 

@@ -26,10 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polymodal.data.locations import LOC_TOKENS, parse_locations
+from polymodal.data.locations import has_location_tokens, parse_locations
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.mask_vae import MaskVAE
-from polymodal.errors import UnknownNameError
 from polymodal.generation.batching import Request
 from polymodal.generation.choice import StopStrings
 from polymodal.generation.engine import images_written
@@ -39,14 +38,6 @@ def png_base64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-def has_location_tokens(tokenizer: Tokenizer) -> bool:
-    try:
-        tokenizer.token_id(LOC_TOKENS[0])
-    except UnknownNameError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)

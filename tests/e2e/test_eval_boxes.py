@@ -155,6 +155,32 @@ def test_without_a_mask_vae_the_boxes_are_scored_and_the_masks_said_not_to_be(ro
     check_rows(results["scores"], records, want, masks=False)
 
 
+def test_a_run_trained_on_a_file_has_the_majority_box_of_its_training_objects(root, tmp_path, capsys, one_thread):
+    """The run's training file (here the same documents) gives each label its mean box as a share of the image's
+    sides; each document's guess is that box at its image's size, for the labels it asks for."""
+    root, truth = root
+    assert main(["train", "--init-from", str(root / "segmenter"), "--data", str(root / "data.jsonl"), "--max-steps",
+                 "1", "--lr", "1e-9", "--min-lr", "0", "--batch-size", "2", "--warmup-steps", "1", "--eval-every",
+                 "1000", "--log-every", "1000", "--out-dir", str(tmp_path), "--name", "tuned"]) == 0
+    records, results, said = evaluate(tmp_path / "tuned", root / "data.jsonl", tmp_path / "out", capsys)
+    shares = {}
+    for objects in truth:
+        for label, mask in objects:
+            (height, width), (x1, y1, x2, y2) = mask.shape, box_of(mask)
+            shares.setdefault(label, []).append((x1 / width, y1 / height, x2 / width, y2 / height))
+    guessed = []
+    for objects in truth:
+        height, width = objects[0][1].shape
+        guessed.append([iou(np.mean(shares[label], axis=0) * [width, height, width, height], box_of(mask))
+                        for label, mask in objects])
+    for row in results["scores"]:
+        boxes = [b for i, r in enumerate(records) if row["task"] in ("all", r["task"]) for b in guessed[i]]
+        assert row["majority"]["box_accuracy"] == pytest.approx([np.mean([b >= t for b in boxes]) for t in (0.5, 0.75)])
+        assert 0 < row["majority"]["mask_iou"] < 1 and row["majority"]["invalid"] == 0
+    assert len({tuple(r["majority"]["box_accuracy"]) for r in results["scores"]}) > 1  # the tasks' guesses differ
+    assert "majority" in said
+
+
 def refused(run, data, out, capsys) -> str:
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(data), "--out", str(out)]) == 1

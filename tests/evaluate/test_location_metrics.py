@@ -104,11 +104,15 @@ def test_invalid_answers_are_unparseable_or_have_the_wrong_number_of_tokens():
 
 def test_the_majority_box_is_each_label_s_mean_training_box():
     world = World(seed=0)
-    majority = Majority(world, "detect", n_train=50)
+    majority = Majority.of_world(world, "detect", n_train=50)
     boxes = [box for i in range(50) for label, box in world.sample("detect", i).document.segments[-1].boxes
              if label == "red circle"]
     assert boxes
-    assert majority.boxes["red circle"] == pytest.approx(tuple(np.mean(boxes, axis=0)))
+    side = world.image_size
+    assert majority.answer(["red circle"], (side, side)).objects[0].box == pytest.approx(tuple(np.mean(boxes, axis=0)))
+    # in an image of other sides, the same shares of them
+    [wide] = majority.answer(["red circle"], (side, 2 * side)).objects
+    assert wide.box == pytest.approx(tuple(np.mean(boxes, axis=0) * [2, 1, 2, 1]))
     answer = majority.answer(["red circle", "blue square"], (32, 32))
     assert [o.label for o in answer.objects] == ["red circle", "blue square"] and answer.malformed == 0
     assert all(o.mask is None for o in answer.objects)  # detect scenes have no masks to average
@@ -116,7 +120,7 @@ def test_the_majority_box_is_each_label_s_mean_training_box():
 
 def test_the_majority_mask_is_the_label_s_mean_shape_in_its_box():
     world = World(seed=0)
-    majority = Majority(world, "segment", n_train=80)
+    majority = Majority.of_world(world, "segment", n_train=80)
     [square, circle] = majority.answer(["red square", "red circle"], (32, 32)).objects
     x1, y1, x2, y2 = (round(v) for v in square.box)
     assert square.mask.sum() > 0.8 * (x2 - x1) * (y2 - y1)  # a square fills its box

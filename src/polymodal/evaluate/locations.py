@@ -12,7 +12,7 @@ label's mean training mask in that box) and the model itself with blanked (black
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,25 +117,35 @@ def read_answers(texts: list[str], image_size: tuple[int, int], vae: MaskVAE | N
 
 
 class Majority:
-    """Each label's mean box over the first training scenes of a task, and its mean mask crop in that box."""
+    """Each label's mean box (a share of its image's sides) over training scenes, and its mean mask crop in that box;
+    a label never seen in training gets the mean box of every label."""
 
-    def __init__(self, world: World, task: str, n_train: int = MAJORITY_SCENES):
-        boxes: dict[str, list] = {o: [] for o in OBJECTS}
-        crops: dict[str, list] = {o: [] for o in OBJECTS}
-        for i in range(n_train):
-            segment = world.sample(task, i, "train").document.segments[-1]
-            for obj in truth(segment, (world.image_size, world.image_size)):
-                boxes[obj.label].append(obj.box)
+    def __init__(self, scenes: Iterable[tuple[tuple[int, int], list[LocatedObject]]]):
+        """scenes: each training scene's image (height, width) and objects."""
+        boxes: dict[str, list] = {}
+        crops: dict[str, list] = {}
+        for (h, w), objects in scenes:
+            for obj in objects:
+                x1, y1, x2, y2 = obj.box
+                boxes.setdefault(obj.label, []).append((x1 / w, y1 / h, x2 / w, y2 / h))
                 if obj.mask is not None:
-                    crops[obj.label].append(crop_mask(obj.mask, obj.box, MEAN_MASK_SIZE))
-        every = [b for bs in boxes.values() for b in bs]
-        self.boxes = {o: tuple(np.mean(bs or every, axis=0).tolist()) for o, bs in boxes.items()}
-        self.crops = {o: torch.stack(cs).mean(0) for o, cs in crops.items() if cs}
+                    crops.setdefault(obj.label, []).append(crop_mask(obj.mask, obj.box, MEAN_MASK_SIZE))
+        self.every = tuple(np.mean([b for bs in boxes.values() for b in bs], axis=0).tolist())
+        self.boxes = {label: tuple(np.mean(bs, axis=0).tolist()) for label, bs in boxes.items()}
+        self.crops = {label: torch.stack(cs).mean(0) for label, cs in crops.items()}
+
+    @classmethod
+    def of_world(cls, world: World, task: str, n_train: int = MAJORITY_SCENES) -> Majority:
+        """The majority of the first n_train training scenes of a world task."""
+        size = (world.image_size, world.image_size)
+        return cls((size, truth(world.sample(task, i, "train").document.segments[-1], size)) for i in range(n_train))
 
     def answer(self, labels: list[str], image_size: tuple[int, int]) -> Locations:
+        h, w = image_size
         objects = []
         for label in labels:
-            box = self.boxes[label]
+            x1, y1, x2, y2 = self.boxes.get(label, self.every)
+            box = (x1 * w, y1 * h, x2 * w, y2 * h)
             crop = self.crops.get(label)
             mask = paste_mask(crop - 0.5, box, image_size) if crop is not None else None
             objects.append(LocatedObject(label, box, mask))
@@ -174,7 +184,7 @@ def score_locations(replies: Callable[[list, int], list[str]], model: nn.Module,
     longest = answer_tokens(tokenizer, masks)
     score = LocationScore(task, len(examples), figures(read_answers(replies(docs, longest), size, vae), truths))
     if blank is not None:
-        majority = Majority(world, task)
+        majority = Majority.of_world(world, task)
         score.majority = figures([majority.answer([o.label for o in t], size) for t in truths], truths)
         blanked = replies([blank(d) for d in docs], longest)
         score.blanked = figures(read_answers(blanked, size, vae), truths)

@@ -32,7 +32,8 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.errors import DocumentError
 from polymodal.encoders.mask_vae import mask_vae_of
 from polymodal.evaluate.metrics import METRICS
-from polymodal.evaluate.user_locations import answer_tokens, check_objects, check_targets, score_objects
+from polymodal.evaluate.user_locations import (answer_tokens, check_objects, check_targets, majority as majority_box,
+                                               score_objects)
 from polymodal.evaluate.world import answer, blank
 from polymodal.families import spec_of
 
@@ -210,7 +211,9 @@ def evaluate_file(model: nn.Module, tokenizer: Tokenizer, docs: list[Document], 
     predictions = run(False)
     blanked = run(True) if media else None
     if objects:
-        extras, rows = score_objects(questions, data, mask_vae_of(model), predictions, blanked, groups(questions))
+        common = majority_box(train, "the run's training file") if train else None
+        extras, rows = score_objects(questions, data, mask_vae_of(model), predictions, blanked, common,
+                                     groups(questions))
         return [{**record(q, p, e['score']), **e} for q, p, e in zip(questions, predictions, extras)], rows
     rows, per = scored(metric, questions, {"score": predictions, "blanked": blanked,
                                            "majority": majority(train, questions) if train else None})

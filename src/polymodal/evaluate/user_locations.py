@@ -10,7 +10,8 @@ Decided for a user's file, each checked before any answer is written:
 - a reference box lies inside its document's one image, as training requires, and a mask has the image's size
   (`with_media`): else an error naming the file, the line and the field.
 A model without a mask VQ-VAE has its boxes scored and its masks not (its answers read `boxes_only`), which
-`masks_note` says.
+`masks_note` says. Beside the model, as for the world: the model with blanked images, and the majority box of the
+run's training file (each label's mean box as a share of its image's sides, with its mean mask).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from polymodal.data.locations import LOC_TOKENS, SEG_TOKENS, SEPARATOR, box_to_b
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.encoders.mask_vae import MaskVAE, mask_vae_of
 from polymodal.errors import DocumentError, InputError
-from polymodal.evaluate.locations import THRESHOLDS, Figures, LocationScore, location_table, match, read_answer, \
-    summary, truth
+from polymodal.evaluate.locations import MAJORITY_SCENES, THRESHOLDS, Figures, LocationScore, Majority, \
+    location_table, match, read_answer, summary, truth
 from polymodal.families import spec_of
 
 
@@ -90,16 +91,31 @@ def answer_tokens(tokenizer: Tokenizer, questions: list) -> int:
     return max(length(q.prompt.segments[-1]) for q in questions)
 
 
+def majority(train: list, source: str, n: int = MAJORITY_SCENES) -> Majority | None:
+    """The majority box (`locations.Majority`) of the first n training questions whose targets hold objects (None:
+    none does)."""
+    scenes = []
+    for q in train:
+        if len(scenes) == n:
+            break
+        if q.prompt.segments[-1].boxes is not None:
+            doc = with_media(q.prompt, source)
+            width, height = doc.images[0].size
+            scenes.append(((height, width), truth(doc.segments[-1], (height, width))))
+    return Majority(scenes) if scenes else None
+
+
 def _objects(objects) -> list[dict]:
     return [{"label": o.label, "box": list(o.box)} for o in objects]
 
 
 def score_objects(questions: list, source: str | Path, vae: MaskVAE | None, predictions: list[str],
-                  blanked: list[str] | None, groups: dict[str, list[int]]) -> tuple[list[dict], list[dict]]:
+                  blanked: list[str] | None, common: Majority | None, groups: dict[str, list[int]]
+                  ) -> tuple[list[dict], list[dict]]:
     """(per question: its reference objects, the answer's objects, each reference's box and mask IoU, whether the
     answer is invalid, and its score, the share of its objects found at IoU >= 0.5; per group: a row of figures, the
-    model's and the blanked images'). vae: the model's mask VQ-VAE (None: masks not scored)."""
-    extras, model, baseline = [], [], []
+    model's, the blanked images' and the majority box's). vae: the model's mask VQ-VAE (None: masks not scored)."""
+    extras, model, baseline, guesses = [], [], [], []
     for i, (q, text) in enumerate(zip(questions, predictions)):
         doc = with_media(q.prompt, source)  # one document's media at a time
         width, height = doc.images[0].size
@@ -110,21 +126,22 @@ def score_objects(questions: list, source: str | Path, vae: MaskVAE | None, pred
         model.append(match(answer, want))
         if blanked is not None:
             baseline.append(match(read_answer(blanked[i], (height, width), vae, boxes_only=vae is None), want))
+        if common is not None:
+            guesses.append(match(common.answer([o.label for o in want], (height, width)), want))
         m = model[-1]
         extras.append({"references": _objects(want), "objects": _objects(answer.objects), "box_iou": list(m.box_iou),
                        "mask_iou": None if m.mask_iou is None else list(m.mask_iou), "invalid": m.invalid,
                        "score": sum(b >= THRESHOLDS[0] for b in m.box_iou) / len(m.box_iou)})
     rows = []
     for task, idx in groups.items():
-        figures = summary([model[i] for i in idx])
-        against = summary([baseline[i] for i in idx]) if blanked is not None else None
-        rows.append({"task": task, "n": len(idx), "score": figures.box_accuracy[0],
-                     "model": dataclasses.asdict(figures),
-                     "blanked": None if against is None else dataclasses.asdict(against), "majority": None})
+        figures = {name: dataclasses.asdict(summary([m[i] for i in idx])) if m else None
+                   for name, m in (("model", model), ("blanked", baseline), ("majority", guesses))}
+        rows.append({"task": task, "n": len(idx), "score": figures["model"]["box_accuracy"][0], **figures})
     return extras, rows
 
 
 def table(rows: list[dict]) -> str:
     """The rows of `score_objects` as the world's location table."""
-    return location_table([LocationScore(r["task"], r["n"], Figures(**r["model"]), None,
-                                         None if r["blanked"] is None else Figures(**r["blanked"])) for r in rows])
+    figures = lambda r, name: None if r[name] is None else Figures(**r[name])  # noqa: E731
+    return location_table([LocationScore(r["task"], r["n"], figures(r, "model"), figures(r, "majority"),
+                                         figures(r, "blanked")) for r in rows])

@@ -427,7 +427,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tasks = _trained_tasks(directory)
     for task in tasks:
         WORLD.choices(task)  # an unknown task fails here, before any work
-    directory, model, tokenizer = _load(args.checkpoint, args.quantize)
+    directory, model, tokenizer = _load(str(directory), args.quantize)  # resolved above, said once
     plain = tuple(t for t in tasks if t not in COT_TASKS)
     if plain:
         score = scorer(model)
@@ -473,7 +473,7 @@ def eval_data(args: argparse.Namespace) -> None:
             train_docs = read_documents(train, "the run's training file")
         except DataNotFoundError:
             print(f"polymodal eval: no majority baseline: the run's training file {train} is gone", file=sys.stderr)
-    directory, model, tokenizer = _load(args.checkpoint, args.quantize)
+    directory, model, tokenizer = _load(str(directory), args.quantize)  # resolved above, said once
     pairs = spec_of(model).pairs
     metric = args.metric or ("recall" if pairs else "boxes" if located(docs) else "exact")
     if pairs != (metric == "recall"):

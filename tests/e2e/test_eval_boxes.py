@@ -5,6 +5,7 @@ the world's eval scores them. The model is a real checkpoint whose greedy answer
 and the figures are checked against the same figures computed here from predictions.jsonl's answers and the masks
 this file drew."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -179,6 +180,24 @@ def test_a_run_trained_on_a_file_has_the_majority_box_of_its_training_objects(ro
         assert 0 < row["majority"]["mask_iou"] < 1 and row["majority"]["invalid"] == 0
     assert len({tuple(r["majority"]["box_accuracy"]) for r in results["scores"]}) > 1  # the tasks' guesses differ
     assert "majority" in said
+
+
+def test_on_the_world_s_own_scenes_the_figures_are_the_world_eval_s(tmp_path, capsys):
+    """The world's held-out detect and segment scenes, written by `polymodal export-data`, scored by `eval --data`
+    give the figures `polymodal eval` gives on the same scenes: one matcher, one reading of the answers. The scripted answer is the first segment scene's object, so some objects are found."""
+    from polymodal.data.synthetic import WORLD
+    from polymodal.evaluate import evaluate as world_eval
+
+    label, box = WORLD.sample("segment", 0, "eval").document.segments[-1].boxes[0]
+    write_scripted_paligemma(tmp_path / "m", format_object(box, SIDE, label, CODES), WORLD_MASK_VAE)
+    model, tokenizer = pm.from_pretrained(tmp_path / "m"), Tokenizer.from_file(tmp_path / "m")
+    world = {s.task: s for s in world_eval(model, tokenizer, ("detect", "segment"), 12, WORLD, baselines=False)}
+    for task in ("detect", "segment"):
+        assert main(["export-data", str(tmp_path / f"{task}.jsonl"), "--n", "12", "--split", "eval", "--tasks", task]) == 0
+        _, results, _ = evaluate(tmp_path / "m", tmp_path / f"{task}.jsonl", tmp_path / task, capsys)
+        [row] = [r for r in results["scores"] if r["task"] == task]
+        assert row["model"] == json.loads(json.dumps(dataclasses.asdict(world[task].model)))  # as results.json has it
+    assert world["segment"].model.box_accuracy[0] > 0 and world["segment"].model.mask_iou > 0
 
 
 def refused(run, data, out, capsys) -> str:

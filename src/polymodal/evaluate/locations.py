@@ -1,13 +1,15 @@
 """Detection and segmentation on the built-in world's held-out scenes, with the figures big_vision reports for
 PaliGemma's transfers (Beyer et al. 2024; `big_vision/evaluators/proj/paligemma/transfers/`): box accuracy at
-IoU 0.5 and 0.75, mean mask IoU (segment), and the count of invalid answers.
+IoU 0.5 and 0.75, mean mask IoU (segment), and the count of invalid answers. The matching and the figures
+(`match`, `summary`, `Majority`) also score a user's documents (`user_locations.py`).
 
 Each object a prompt asks for ("detect red circle ; blue square") is matched to the first object of the answer
 with its label not matched before; an object the answer misses scores IoU 0. An answer is invalid when a part of
 it is not one well-formed object (`data.locations.parse_locations`: a wrong number of location or segmentation
-tokens, an empty box), when it names no object, or when an object of a segment answer has no mask. Beside the
-model, two baselines that do not look: the majority box (each label's mean box over training scenes, its mask the
-label's mean training mask in that box) and the model itself with blanked (black) images.
+tokens, an empty box), when it names no object, or when an object of an answer asked for masks has no mask. Masks
+are scored where the objects asked for have them. Beside the model, two baselines that do not look: the majority
+box (each label's mean box over training scenes as a share of the image's sides, its mask the label's mean training
+mask in that box) and the model itself with blanked (black) images.
 """
 
 from __future__ import annotations

@@ -83,10 +83,11 @@ def check_objects(doc: Document, source: str | Path) -> None:
 
 def answer_tokens(tokenizer: Tokenizer, questions: list) -> int:
     """Tokens of the longest target as the answer writes it: per object four location tokens, sixteen segmentation
-    tokens when it has a mask, and its label; ` ; ` between objects."""
+    tokens (counted on boxes without masks too: an answer may segment what it was asked to detect, and cut short it
+    would not parse) and its label; ` ; ` between objects."""
     def length(target: Segment) -> int:
-        mask = "".join(SEG_TOKENS[:16]) if target.masks is not None or target.mask_sources is not None else ""
-        text = SEPARATOR.join(f"{''.join(LOC_TOKENS[:4])}{mask} {label}" for label, _ in target.boxes)
+        text = SEPARATOR.join(f"{''.join(LOC_TOKENS[:4])}{''.join(SEG_TOKENS[:16])} {label}"
+                              for label, _ in target.boxes)
         return len(tokenizer.encode(text, split_special_tokens=True))
     return max(length(q.prompt.segments[-1]) for q in questions)
 

@@ -7,6 +7,7 @@ this file drew."""
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from polymodal.data.locations import format_object
 from polymodal.data.masks import fill_polygon
 from polymodal.data.synthetic import World
 from polymodal.data.tokenizer import Tokenizer
-from polymodal.encoders.mask_vae import mask_vae_of
+from polymodal.encoders.mask_vae import mask_vae_npz, mask_vae_of
 from polymodal.families.collators import fit_to_tokenizer
 from polymodal.presets import get_preset
 from polymodal.train.locations import WORLD_MASK_VAE
@@ -154,6 +155,18 @@ def test_without_a_mask_vae_the_boxes_are_scored_and_the_masks_said_not_to_be(ro
     assert [b for r in records for b in r["box_iou"]] == pytest.approx([b for w in want for b in w[0]])
     assert all(r["mask_iou"] is None and not r["invalid"] for r in records)
     check_rows(results["scores"], records, want, masks=False)
+
+
+def test_a_vae_oid_npz_beside_the_weights_decodes_the_masks(root, tmp_path, capsys):
+    """The model without a VAE, given the segmenter's as vae-oid.npz beside its weights (where an HF export or a
+    LoRA run keeps it), scores the masks as the segmenter does."""
+    root, _ = root
+    shutil.copytree(root / "no-vae", tmp_path / "joined")
+    (tmp_path / "joined" / "vae-oid.npz").write_bytes(mask_vae_npz(mask_vae_of(pm.from_pretrained(root / "segmenter"))))
+    _, joined, said = evaluate(tmp_path / "joined", root / "data.jsonl", tmp_path / "out", capsys)
+    _, own, _ = evaluate(root / "segmenter", root / "data.jsonl", tmp_path / "own", capsys)
+    assert joined["masks"] == "scored" and "not scored" not in said
+    assert joined["scores"] == own["scores"] and own["scores"][0]["model"]["mask_iou"] > 0
 
 
 def test_a_run_trained_on_a_file_has_the_majority_box_of_its_training_objects(root, tmp_path, capsys, one_thread):

@@ -214,7 +214,7 @@ def evaluate_file(model: nn.Module, tokenizer: Tokenizer, docs: list[Document], 
         common = majority_box(train, "the run's training file") if train else None
         extras, rows = score_objects(questions, data, mask_vae_of(model), predictions, blanked, common,
                                      groups(questions))
-        return [{**record(q, p, e['score']), **e} for q, p, e in zip(questions, predictions, extras)], rows
+        return [{**record(q, p, e["score"]), **e} for q, p, e in zip(questions, predictions, extras)], rows
     rows, per = scored(metric, questions, {"score": predictions, "blanked": blanked,
                                            "majority": majority(train, questions) if train else None})
     return [record(q, p, s) for q, p, s in zip(questions, predictions, per)], rows

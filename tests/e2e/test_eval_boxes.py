@@ -92,8 +92,8 @@ def expected(records, truth, vae) -> list[tuple[list[float], list[float] | None,
     out = []
     for r, objects in zip(records, truth):
         height, width = objects[0][1].shape
-        found = list(pm.parse_locations(r["prediction"], (height, width), vae, boxes_only=vae is None).objects)
-        boxes, masks = [], []
+        parsed = pm.parse_locations(r["prediction"], (height, width), vae, boxes_only=vae is None)
+        found, boxes, masks = list(parsed.objects), [], []
         for label, mask in objects:
             got = next((o for o in found if o.label == label), None)
             if got is not None:
@@ -103,7 +103,6 @@ def expected(records, truth, vae) -> list[tuple[list[float], list[float] | None,
                 masks.append((got.mask.numpy() & mask).sum() / (got.mask.numpy() | mask).sum())
             elif vae is not None:
                 masks.append(0.0)
-        parsed = pm.parse_locations(r["prediction"], (height, width), vae, boxes_only=vae is None)
         invalid = parsed.malformed > 0 or not parsed.objects or (vae is not None and
                                                                   any(o.mask is None for o in parsed.objects))
         out.append((boxes, masks if vae is not None else None, invalid))

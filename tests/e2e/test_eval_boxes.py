@@ -26,6 +26,8 @@ from polymodal.families.collators import fit_to_tokenizer
 from polymodal.presets import get_preset
 from polymodal.train.locations import WORLD_MASK_VAE
 
+# a tiny model answers fastest, and steadily under load, on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 BOX = (4, 6, 20, 30)  # the answer's box in the pixels of a SIDE x SIDE image; bins scale it to other sizes
 CODES = [i if i % 4 < 2 else 64 + i for i in range(16)]  # the left half of the box's code grid inside
 ANSWER = format_object(BOX, SIDE, "red shape", CODES)
@@ -168,7 +170,7 @@ def test_a_vae_oid_npz_beside_the_weights_decodes_the_masks(root, tmp_path, caps
     assert joined["scores"] == own["scores"] and own["scores"][0]["model"]["mask_iou"] > 0
 
 
-def test_a_run_trained_on_a_file_has_the_majority_box_of_its_training_objects(root, tmp_path, capsys, one_thread):
+def test_a_run_trained_on_a_file_has_the_majority_box_of_its_training_objects(root, tmp_path, capsys):
     """The run's training file (here the same documents) gives each label its mean box as a share of the image's
     sides; each document's guess is that box at its image's size, for the labels it asks for."""
     root, truth = root

@@ -135,8 +135,8 @@ def score_objects(questions: list, source: str | Path, vae: MaskVAE | None, pred
                        "score": sum(b >= THRESHOLDS[0] for b in m.box_iou) / len(m.box_iou)})
     rows = []
     for task, idx in groups.items():
-        figures = {name: dataclasses.asdict(summary([m[i] for i in idx])) if m else None
-                   for name, m in (("model", model), ("blanked", baseline), ("majority", guesses))}
+        figures = {name: dataclasses.asdict(summary([matches[i] for i in idx])) if matches else None
+                   for name, matches in (("model", model), ("blanked", baseline), ("majority", guesses))}
         rows.append({"task": task, "n": len(idx), "score": figures["model"]["box_accuracy"][0], **figures})
     return extras, rows
 

@@ -222,42 +222,70 @@ class Batcher:
 
     def _admit(self) -> list[int]:
         """Waiting requests into free rows, first come first served, while the pool holds their worst case
-        beside the running ones'; each started on its prompt's cached prefix. Returns their rows."""
+        beside the running ones'; each started on its prompt's cached prefix. A request that waits for a prefix
+        being written (`_held`) keeps its place, its row and its blocks counted as taken, and the ones behind it
+        may go first. Returns their rows."""
         admitted, budget = [], self.prefill_tokens
         committed = sum(s.blocks for s in self.seqs if s is not None)
-        while None in self.rows:
+        rows = self.rows.count(None)
+        with self.work:
+            queue = list(self.waiting)  # `submit` appends from other threads
+        for request in queue:
+            if not rows:
+                break
+            if not request.cancelled and committed + self.blocks_for(request) > self.cache.pool.n_blocks - 1:
+                break  # it waits for blocks
+            if not request.cancelled and admitted and request.prompt_len > budget:
+                break  # it waits for the next step's prefill
+            keys = self._keys(request)
+            if keys is not False and self._held(keys):
+                committed, rows = committed + self.blocks_for(request), rows - 1
+                continue
             with self.work:
-                if not self.waiting:
-                    break
-                request = self.waiting[0]
-                if not request.cancelled and committed + self.blocks_for(request) > self.cache.pool.n_blocks - 1:
-                    break  # it waits for blocks
-                if not request.cancelled and admitted and request.prompt_len > budget:
-                    break  # it waits for the next step's prefill
-                self.waiting.popleft()
-            if request.cancelled:
-                self._finish(request, "cancelled")
+                self.waiting.remove(request)
+            if request.cancelled or keys is False:
+                self._finish(request, "cancelled" if request.cancelled else "error")
                 continue
-            try:
-                keys = prompt_keys(self.model, request.inputs)
-            except Exception as e:  # noqa: BLE001 - a request whose media do not fit its prompt fails alone
-                request.error = e
-                self._finish(request, "error")
-                continue
-            row, seq = self.rows.index(None), self.next_seq
-            self.next_seq += 1
-            hit = self.cache.add(seq, keys)
-            self.rows[row] = request
-            first = hit or self._first_chunk(request, keys)
-            self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
-            committed += self.seqs[row].blocks
-            vocab = self.model.text_config.vocab_size
-            state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
-            if state is not None:
-                self.state[row] = state[0]
-            admitted.append(row)
-            budget -= request.prompt_len
+            admitted.append(self._start_request(request, keys))
+            committed, rows, budget = committed + self.seqs[admitted[-1]].blocks, rows - 1, budget - request.prompt_len
         return admitted
+
+    def _keys(self, request: Request):
+        """The request's prefix keys (None: not cached); False, its error set, when its media do not fit its
+        prompt (it fails alone); a cancelled one's are not looked at."""
+        if request.cancelled:
+            return None
+        try:
+            return prompt_keys(self.model, request.inputs)
+        except Exception as e:  # noqa: BLE001 - a request whose media do not fit its prompt fails alone
+            request.error = e
+            return False
+
+    def _held(self, keys) -> bool:
+        """Whether a waiting request waits for a prefix being written (SGLang's cache-aware scheduling): a request
+        admitted beside it or still prefilling in chunks, its prompt not yet filed in the prefix cache, will file
+        more of this prompt than the cache holds, within the steps this request's own prefill of those tokens
+        would take (one step at least). It is admitted on the hit once the prefix is filed, or prefills itself
+        once the writer failed or was cancelled (a failed prompt is never filed)."""
+        if keys is None:
+            return False
+        steps = {s.seq: max(1, -(-len(s.pending) // self.prefill_chunk)) for s in self.seqs if s is not None}
+        return any(seq in steps and steps[seq] <= -(-gain // self.prefill_chunk)
+                   for seq, gain in self.cache.awaited(keys).items())
+
+    def _start_request(self, request: Request, keys) -> int:
+        """A free row for the request, started on its prompt's cached prefix; returns the row."""
+        row, seq = self.rows.index(None), self.next_seq
+        self.next_seq += 1
+        hit = self.cache.add(seq, keys)
+        self.rows[row] = request
+        first = hit or self._first_chunk(request, keys)
+        self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
+        vocab = self.model.text_config.vocab_size
+        state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
+        if state is not None:
+            self.state[row] = state[0]
+        return row
 
     def _first_chunk(self, request: Request, keys) -> int:
         """The prompt tokens a new request's prefill runs: all of them, or, for a long causal prompt, its media

@@ -152,6 +152,7 @@ class Batcher:
         self.seen: list[torch.Tensor | None] = [None] * slots  # each row's tokens so far (1, V), with a penalty
         self.choosers: dict[tuple, Chooser] = {}  # one per sampling setting and stop tokens asked for
         self.waiting: deque[Request] = deque()
+        self.held: list[tuple[Request, object]] = []  # waiting requests `_admit` held this step, with their keys
         self.finished: Counter[str] = Counter()  # requests that left, by finish reason
         self.work = threading.Condition()
         self.closed = False
@@ -209,6 +210,7 @@ class Batcher:
         new = [row for row in self._admit() if self.cache.lengths[self.seqs[row].seq] == 0]
         for group in self._layouts(new).values():
             self._start(group)
+        self._admit_held()  # on the prefixes just written: their rows join this step's decode call
         live = [row for row in range(self.slots) if self.rows[row] is not None and row not in new]
         live += [row for row in new if self.rows[row] is not None]
         if live:
@@ -225,7 +227,7 @@ class Batcher:
         beside the running ones'; each started on its prompt's cached prefix. A request that waits for a prefix
         being written (`_held`) keeps its place, its row and its blocks counted as taken, and the ones behind it
         may go first. Returns their rows."""
-        admitted, budget = [], self.prefill_tokens
+        admitted, budget, self.held = [], self.prefill_tokens, []
         committed = sum(s.blocks for s in self.seqs if s is not None)
         rows = self.rows.count(None)
         with self.work:
@@ -240,6 +242,7 @@ class Batcher:
             keys = self._keys(request)
             if keys is not False and self._held(keys):
                 committed, rows = committed + self.blocks_for(request), rows - 1
+                self.held.append((request, keys))
                 continue
             with self.work:
                 self.waiting.remove(request)
@@ -272,6 +275,17 @@ class Batcher:
         steps = {s.seq: max(1, -(-len(s.pending) // self.prefill_chunk)) for s in self.seqs if s is not None}
         return any(seq in steps and steps[seq] <= -(-gain // self.prefill_chunk)
                    for seq, gain in self.cache.awaited(keys).items())
+
+    def _admit_held(self) -> None:
+        """After the step's prefill: the requests `_admit` held that now find their prefix filed start on the hit,
+        and the rest of their prompt runs in the step's decode call (no step lost). One still waiting for a prompt
+        prefilled in chunks, or whose writer failed (it finds nothing), is looked at again at the next step."""
+        for request, keys in self.held:
+            if not request.cancelled and not self._held(keys) and self.cache.cached(keys):
+                with self.work:
+                    self.waiting.remove(request)
+                self._start_request(request, keys)
+        self.held = []
 
     def _start_request(self, request: Request, keys) -> int:
         """A free row for the request, started on its prompt's cached prefix; returns the row."""

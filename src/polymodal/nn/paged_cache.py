@@ -396,16 +396,20 @@ class PagedCache:
                 usable = len(found)
         return found[:usable]
 
+    def cached(self, prompt: PromptKeys) -> int:
+        """The prompt tokens `add` would start it on now (written prompts filed first)."""
+        self._file_written()
+        return len(self._found(prompt)) * self.block_size
+
     def awaited(self, prompt: PromptKeys) -> dict[int, int]:
         """The sequences whose prompts are being written (added, not yet filed) that, once filed, give `prompt` a
         longer usable prefix than the cache holds now, each with the prompt tokens it would add (SGLang's
         cache-aware scheduling looks a waiting request up against the requests being prefilled beside it). A
         writer files each block under `PromptKeys.filed_key` where a hit may end: an equal key at a block end
         the lookup may stop at is the same prefix."""
-        self._file_written()
+        now, size = self.cached(prompt), self.block_size
         if not self.prompts:
             return {}
-        now, size = len(self._found(prompt)) * self.block_size, self.block_size
         last = (prompt.length - 1) // size * size  # a hit leaves the prompt's last token
         wanted = {end: key for end in range(last, now, -size)
                   if end >= prompt.media_end and (key := prompt.filed_key(end)) is not None}

@@ -3,7 +3,7 @@ it (or still prefilling in chunks) is writing waits until that prefix is filed a
 about the same image submitted at once all hit but the first, in the same step, and answer as `generate` alone;
 another image, another bidirectional prefix or another text is not held; a short share with a long chunked
 prompt is not worth the wait; a held request keeps its place and prefills itself when its writer is cancelled
-or fails."""
+or fails; the group ends a prompt is keyed with before its prefill are those the prefill writes."""
 
 import pytest
 import torch
@@ -12,6 +12,9 @@ import polymodal as pm
 from polymodal.config import DecoderConfig
 from polymodal.families.paligemma.presets import paligemma_tiny
 from polymodal.generation.batching import Batcher, Request
+from polymodal.generation.prompt_keys import prompt_keys
+from polymodal.nn.paged_cache import PagedCache
+from polymodal.nn.prefix_keys import PromptKeys, group_ends
 
 torch.manual_seed(0)
 DECODER = pm.build(DecoderConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
@@ -131,3 +134,21 @@ def test_a_held_request_keeps_its_row():
     drain(batcher)
     for x, request in zip((writer, shares, later), requests):
         assert request.tokens == alone(DECODER, x, request)
+
+
+@pytest.mark.parametrize("model", [DECODER, PALIGEMMA], ids=["decoder", "paligemma"])
+def test_the_group_ends_a_prompt_is_keyed_with_are_those_its_prefill_writes(model):
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(6, 90, (9,), generator=g)
+    inputs = text(ids) if model is DECODER else image_prompt(torch.randn(3, 32, 32, generator=g), ids[:4], ids[4:])
+    keys = prompt_keys(model, inputs)
+    cache = PagedCache.for_model(model, 16, 4)
+    cache.add(0, keys)
+    with torch.no_grad():
+        model.prefill(cache=cache.batch([0]), **inputs)
+    written = cache.segments.groups[[cache.slot(0, i) for i in range(keys.length)]].tolist()
+    assert keys.ends == group_ends(written)
+    if model is PALIGEMMA:  # the image and prefix end together; each suffix token is its own group
+        assert keys.ends[:N_IMAGE + 4] == [N_IMAGE + 4] * (N_IMAGE + 4)
+    with pytest.raises(ValueError, match="one end per token: 9 tokens, 8 ends"):
+        PromptKeys({"input_ids": ids}, ends=list(range(1, 9)))

@@ -8,7 +8,10 @@ are never shared). At each step boundary waiting requests are admitted, up to `p
 while a row is free and the pool has
 the blocks their worst case (prompt + max_new_tokens) could take beside the running ones' worst cases, so a
 step never runs short; each new request looks its prompt up in the prefix cache (keys: token ids, per-token
-inputs, every media item's content hash, `prompt_keys`). The ones without a hit are prefilled together, in
+inputs, every media item's content hash, `prompt_keys`); one whose prefix a request admitted beside it (or still
+prefilling in chunks) is writing waits for it, keeping its place (SGLang's cache-aware scheduling), and starts
+on the hit once it is filed, in the same step when that step's prefill wrote it. The ones without a hit are
+prefilled together, in
 one left-padded call per media layout (padding takes no slot); the media are encoded through the batcher's
 `EncoderCache`s (the same image twice is encoded once). A long causal prompt is prefilled up to its media
 spans' ends (their end tokens included: a chunk never splits a span) and `prefill_chunk` tokens at least; a
@@ -50,6 +53,7 @@ from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.language_model import LanguageModel
 from polymodal.nn.media_cache import EncoderCache
 from polymodal.nn.paged_cache import PagedCache
+from polymodal.nn.prefix_keys import PromptKeys
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI
@@ -152,7 +156,7 @@ class Batcher:
         self.seen: list[torch.Tensor | None] = [None] * slots  # each row's tokens so far (1, V), with a penalty
         self.choosers: dict[tuple, Chooser] = {}  # one per sampling setting and stop tokens asked for
         self.waiting: deque[Request] = deque()
-        self.held: list[tuple[Request, object]] = []  # waiting requests `_admit` held this step, with their keys
+        self.held: list[tuple[Request, PromptKeys]] = []  # waiting requests `_admit` held this step, with their keys
         self.finished: Counter[str] = Counter()  # requests that left, by finish reason
         self.work = threading.Condition()
         self.closed = False
@@ -239,42 +243,42 @@ class Batcher:
                 break  # it waits for blocks
             if not request.cancelled and admitted and request.prompt_len > budget:
                 break  # it waits for the next step's prefill
-            keys = self._keys(request)
-            if keys is not False and self._held(keys):
+            try:
+                keys = None if request.cancelled else prompt_keys(self.model, request.inputs)
+            except Exception as e:  # noqa: BLE001 - a request whose media do not fit its prompt fails alone
+                request.error = e
+                self._dequeue(request, "error")
+                continue
+            if request.cancelled:
+                self._dequeue(request, "cancelled")
+            elif self._held(keys):
                 committed, rows = committed + self.blocks_for(request), rows - 1
                 self.held.append((request, keys))
-                continue
-            with self.work:
-                self.waiting.remove(request)
-            if request.cancelled or keys is False:
-                self._finish(request, "cancelled" if request.cancelled else "error")
-                continue
-            admitted.append(self._start_request(request, keys))
-            committed, rows, budget = committed + self.seqs[admitted[-1]].blocks, rows - 1, budget - request.prompt_len
+            else:
+                self._dequeue(request)
+                admitted.append(self._start_request(request, keys))
+                committed, rows = committed + self.seqs[admitted[-1]].blocks, rows - 1
+                budget -= request.prompt_len
         return admitted
 
-    def _keys(self, request: Request):
-        """The request's prefix keys (None: not cached); False, its error set, when its media do not fit its
-        prompt (it fails alone); a cancelled one's are not looked at."""
-        if request.cancelled:
-            return None
-        try:
-            return prompt_keys(self.model, request.inputs)
-        except Exception as e:  # noqa: BLE001 - a request whose media do not fit its prompt fails alone
-            request.error = e
-            return False
+    def _dequeue(self, request: Request, reason: str | None = None) -> None:
+        """The request leaves the queue (`submit` appends from other threads), finished if a reason is given."""
+        with self.work:
+            self.waiting.remove(request)
+        if reason is not None:
+            self._finish(request, reason)
 
-    def _held(self, keys) -> bool:
+    def _held(self, keys: PromptKeys | None) -> bool:
         """Whether a waiting request waits for a prefix being written (SGLang's cache-aware scheduling): a request
         admitted beside it or still prefilling in chunks, its prompt not yet filed in the prefix cache, will file
         more of this prompt than the cache holds, within the steps this request's own prefill of those tokens
         would take (one step at least). It is admitted on the hit once the prefix is filed, or prefills itself
         once the writer failed or was cancelled (a failed prompt is never filed)."""
-        if keys is None:
+        gains = self.cache.awaited(keys) if keys is not None else {}
+        if not gains:
             return False
         steps = {s.seq: max(1, -(-len(s.pending) // self.prefill_chunk)) for s in self.seqs if s is not None}
-        return any(seq in steps and steps[seq] <= -(-gain // self.prefill_chunk)
-                   for seq, gain in self.cache.awaited(keys).items())
+        return any(seq in steps and steps[seq] <= -(-gain // self.prefill_chunk) for seq, gain in gains.items())
 
     def _admit_held(self) -> None:
         """After the step's prefill: the requests `_admit` held that now find their prefix filed start on the hit,
@@ -282,12 +286,11 @@ class Batcher:
         prefilled in chunks, or whose writer failed (it finds nothing), is looked at again at the next step."""
         for request, keys in self.held:
             if not request.cancelled and not self._held(keys) and self.cache.cached(keys):
-                with self.work:
-                    self.waiting.remove(request)
+                self._dequeue(request)
                 self._start_request(request, keys)
         self.held = []
 
-    def _start_request(self, request: Request, keys) -> int:
+    def _start_request(self, request: Request, keys: PromptKeys | None) -> int:
         """A free row for the request, started on its prompt's cached prefix; returns the row."""
         row, seq = self.rows.index(None), self.next_seq
         self.next_seq += 1

@@ -407,9 +407,10 @@ class PagedCache:
         cache-aware scheduling looks a waiting request up against the requests being prefilled beside it). A
         writer files each block under `PromptKeys.filed_key` where a hit may end: an equal key at a block end
         the lookup may stop at is the same prefix."""
-        now, size = self.cached(prompt), self.block_size
+        self._file_written()
         if not self.prompts:
             return {}
+        now, size = len(self._found(prompt)) * self.block_size, self.block_size
         last = (prompt.length - 1) // size * size  # a hit leaves the prompt's last token
         wanted = {end: key for end in range(last, now, -size)
                   if end >= prompt.media_end and (key := prompt.filed_key(end)) is not None}

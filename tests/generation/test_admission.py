@@ -9,25 +9,11 @@ import pytest
 import torch
 
 import polymodal as pm
-from polymodal.config import DecoderConfig
-from polymodal.families.paligemma.presets import paligemma_tiny
 from polymodal.generation.batching import Batcher, Request
 from polymodal.generation.prompt_keys import prompt_keys
 from polymodal.nn.paged_cache import PagedCache
 from polymodal.nn.prefix_keys import PromptKeys, group_ends
-
-torch.manual_seed(0)
-DECODER = pm.build(DecoderConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-                                 max_seq_len=96)).eval()
-PALIGEMMA = pm.build(paligemma_tiny().replace(image_token_id=5)).eval()
-N_IMAGE = PALIGEMMA.config.tokens_per_image
-
-
-def image_prompt(image: torch.Tensor, prefix: torch.Tensor, suffix: torch.Tensor) -> dict:
-    """Image placeholders and a prefix (one bidirectional block, token_type_ids 0), then a causal suffix (1)."""
-    ids = torch.cat([torch.full((N_IMAGE,), 5), prefix, suffix])[None]
-    types = torch.cat([torch.zeros(N_IMAGE + len(prefix), dtype=torch.long), torch.ones(len(suffix), dtype=torch.long)])
-    return {"input_ids": ids, "token_type_ids": types[None], "pixel_values": image[None]}
+from test_batching import DECODER, N_IMAGE, PALIGEMMA, image_prompt
 
 
 def alone(model, inputs: dict, request: Request) -> list[int]:

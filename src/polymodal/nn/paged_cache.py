@@ -414,6 +414,8 @@ class PagedCache:
         last = (prompt.length - 1) // size * size  # a hit leaves the prompt's last token
         wanted = {end: key for end in range(last, now, -size)
                   if end >= prompt.media_end and (key := prompt.filed_key(end)) is not None}
+        if not wanted:
+            return {}
         gains = {}
         for seq, theirs in self.prompts.items():
             end = next((end for end, key in wanted.items() if end <= theirs.length

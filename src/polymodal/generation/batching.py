@@ -8,7 +8,10 @@ are never shared). At each step boundary waiting requests are admitted, up to `p
 while a row is free and the pool has
 the blocks their worst case (prompt + max_new_tokens) could take beside the running ones' worst cases, so a
 step never runs short; each new request looks its prompt up in the prefix cache (keys: token ids, per-token
-inputs, every media item's content hash, `prompt_keys`). The ones without a hit are prefilled together, in
+inputs, every media item's content hash, `prompt_keys`); one whose prefix a request admitted beside it (or still
+prefilling in chunks) is writing waits for it, keeping its place (SGLang's cache-aware scheduling), and starts
+on the hit once it is filed, in the same step when that step's prefill wrote it. The ones without a hit are
+prefilled together, in
 one left-padded call per media layout (padding takes no slot); the media are encoded through the batcher's
 `EncoderCache`s (the same image twice is encoded once). A long causal prompt is prefilled up to its media
 spans' ends (their end tokens included: a chunk never splits a span) and `prefill_chunk` tokens at least; a
@@ -50,6 +53,7 @@ from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.language_model import LanguageModel
 from polymodal.nn.media_cache import EncoderCache
 from polymodal.nn.paged_cache import PagedCache
+from polymodal.nn.prefix_keys import PromptKeys
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI
@@ -152,6 +156,7 @@ class Batcher:
         self.seen: list[torch.Tensor | None] = [None] * slots  # each row's tokens so far (1, V), with a penalty
         self.choosers: dict[tuple, Chooser] = {}  # one per sampling setting and stop tokens asked for
         self.waiting: deque[Request] = deque()
+        self.held: list[tuple[Request, PromptKeys]] = []  # waiting requests `_admit` held this step, with their keys
         self.finished: Counter[str] = Counter()  # requests that left, by finish reason
         self.work = threading.Condition()
         self.closed = False
@@ -209,6 +214,7 @@ class Batcher:
         new = [row for row in self._admit() if self.cache.lengths[self.seqs[row].seq] == 0]
         for group in self._layouts(new).values():
             self._start(group)
+        self._admit_held()  # on the prefixes just written: their rows join this step's decode call
         live = [row for row in range(self.slots) if self.rows[row] is not None and row not in new]
         live += [row for row in new if self.rows[row] is not None]
         if live:
@@ -222,42 +228,81 @@ class Batcher:
 
     def _admit(self) -> list[int]:
         """Waiting requests into free rows, first come first served, while the pool holds their worst case
-        beside the running ones'; each started on its prompt's cached prefix. Returns their rows."""
-        admitted, budget = [], self.prefill_tokens
+        beside the running ones'; each started on its prompt's cached prefix. A request that waits for a prefix
+        being written (`_held`) keeps its place, its row and its blocks counted as taken, and the ones behind it
+        may go first. Returns their rows."""
+        admitted, budget, self.held = [], self.prefill_tokens, []
         committed = sum(s.blocks for s in self.seqs if s is not None)
-        while None in self.rows:
-            with self.work:
-                if not self.waiting:
-                    break
-                request = self.waiting[0]
-                if not request.cancelled and committed + self.blocks_for(request) > self.cache.pool.n_blocks - 1:
-                    break  # it waits for blocks
-                if not request.cancelled and admitted and request.prompt_len > budget:
-                    break  # it waits for the next step's prefill
-                self.waiting.popleft()
-            if request.cancelled:
-                self._finish(request, "cancelled")
-                continue
+        rows = self.rows.count(None)
+        with self.work:
+            queue = list(self.waiting)  # `submit` appends from other threads
+        for request in queue:
+            if not rows:
+                break
+            if not request.cancelled and committed + self.blocks_for(request) > self.cache.pool.n_blocks - 1:
+                break  # it waits for blocks
+            if not request.cancelled and admitted and request.prompt_len > budget:
+                break  # it waits for the next step's prefill
             try:
-                keys = prompt_keys(self.model, request.inputs)
+                keys = None if request.cancelled else prompt_keys(self.model, request.inputs)
             except Exception as e:  # noqa: BLE001 - a request whose media do not fit its prompt fails alone
                 request.error = e
-                self._finish(request, "error")
+                self._dequeue(request, "error")
                 continue
-            row, seq = self.rows.index(None), self.next_seq
-            self.next_seq += 1
-            hit = self.cache.add(seq, keys)
-            self.rows[row] = request
-            first = hit or self._first_chunk(request, keys)
-            self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
-            committed += self.seqs[row].blocks
-            vocab = self.model.text_config.vocab_size
-            state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
-            if state is not None:
-                self.state[row] = state[0]
-            admitted.append(row)
-            budget -= request.prompt_len
+            if request.cancelled:
+                self._dequeue(request, "cancelled")
+            elif self._held(keys):
+                committed, rows = committed + self.blocks_for(request), rows - 1
+                self.held.append((request, keys))
+            else:
+                self._dequeue(request)
+                admitted.append(self._start_request(request, keys))
+                committed, rows = committed + self.seqs[admitted[-1]].blocks, rows - 1
+                budget -= request.prompt_len
         return admitted
+
+    def _dequeue(self, request: Request, reason: str | None = None) -> None:
+        """The request leaves the queue (`submit` appends from other threads), finished if a reason is given."""
+        with self.work:
+            self.waiting.remove(request)
+        if reason is not None:
+            self._finish(request, reason)
+
+    def _held(self, keys: PromptKeys | None) -> bool:
+        """Whether a waiting request waits for a prefix being written (SGLang's cache-aware scheduling): a request
+        admitted beside it or still prefilling in chunks, its prompt not yet filed in the prefix cache, will file
+        more of this prompt than the cache holds, within the steps this request's own prefill of those tokens
+        would take (one step at least). It is admitted on the hit once the prefix is filed, or prefills itself
+        once the writer failed or was cancelled (a failed prompt is never filed)."""
+        gains = self.cache.awaited(keys) if keys is not None else {}
+        if not gains:
+            return False
+        steps = {s.seq: max(1, -(-len(s.pending) // self.prefill_chunk)) for s in self.seqs if s is not None}
+        return any(seq in steps and steps[seq] <= -(-gain // self.prefill_chunk) for seq, gain in gains.items())
+
+    def _admit_held(self) -> None:
+        """After the step's prefill: the requests `_admit` held that now find their prefix filed start on the hit,
+        and the rest of their prompt runs in the step's decode call (no step lost). One still waiting for a prompt
+        prefilled in chunks, or whose writer failed (it finds nothing), is looked at again at the next step."""
+        for request, keys in self.held:
+            if not request.cancelled and not self._held(keys) and self.cache.cached(keys):
+                self._dequeue(request)
+                self._start_request(request, keys)
+        self.held = []
+
+    def _start_request(self, request: Request, keys: PromptKeys | None) -> int:
+        """A free row for the request, started on its prompt's cached prefix; returns the row."""
+        row, seq = self.rows.index(None), self.next_seq
+        self.next_seq += 1
+        hit = self.cache.add(seq, keys)
+        self.rows[row] = request
+        first = hit or self._first_chunk(request, keys)
+        self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
+        vocab = self.model.text_config.vocab_size
+        state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
+        if state is not None:
+            self.state[row] = state[0]
+        return row
 
     def _first_chunk(self, request: Request, keys) -> int:
         """The prompt tokens a new request's prefill runs: all of them, or, for a long causal prompt, its media

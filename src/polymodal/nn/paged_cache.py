@@ -24,7 +24,8 @@ reaches, so no token attends to it). They are never shared: such a prompt with m
 Prefix caching: `add(seq, prompt)` starts a sequence on the cached blocks of the longest prefix of the
 prompt that `prefix_keys` finds (its keys cover token ids, every per-token input and each media item's
 content hash), reference counted, and files the prompt's full blocks for later requests once the calls
-that wrote them have returned (at the next `add`, or at `free` unless a call failed).
+that wrote them have returned (at the next `add` or `awaited`, or at `free` unless a call failed). `awaited(prompt)`
+tells which prompts being written would give a waiting prompt a longer prefix, for a cache-aware admission.
 A hit covers every media span and ends where a new group starts (see `prefix_keys`), so the rest of
 the prompt continues causally through the model's `decode`.
 
@@ -305,8 +306,7 @@ class PagedCache:
         Returns the prompt tokens it starts with (0 without a hit): the caller runs the rest."""
         if seq in self.tables:
             raise InputError(f"sequence {seq} is already in the paged cache")
-        for other in list(self.prompts):
-            self._register_prompt(other)
+        self._file_written()
         blocks = self._lookup(prompt) if prompt is not None else []
         self.tables[seq], self.lengths[seq] = blocks, len(blocks) * self.block_size
         if prompt is not None:
@@ -378,7 +378,11 @@ class PagedCache:
     # prefix cache
 
     def _lookup(self, prompt: PromptKeys) -> list[int]:
-        """The cached blocks of the longest usable prefix: full blocks whose keys match, covering every media
+        """The cached blocks of the longest usable prefix, now held by the caller too."""
+        return [self.pool.take(key) for key in self._found(prompt)]
+
+    def _found(self, prompt: PromptKeys) -> list[bytes]:
+        """The keys of the longest usable cached prefix: full blocks whose keys match, covering every media
         span, ending where a new group starts and before the prompt's last token (whose logits are needed)."""
         found, usable = [], 0
         for b in range((prompt.length - 1) // self.block_size):
@@ -390,7 +394,41 @@ class PagedCache:
             found.append(key)
             if self.pool.key_of[self.pool.cached[key]][2] == end_of_block and end_of_block >= prompt.media_end:
                 usable = len(found)
-        return [self.pool.take(key) for key in found[:usable]]
+        return found[:usable]
+
+    def cached(self, prompt: PromptKeys) -> int:
+        """The prompt tokens `add` would start it on now (written prompts filed first)."""
+        self._file_written()
+        return len(self._found(prompt)) * self.block_size
+
+    def awaited(self, prompt: PromptKeys) -> dict[int, int]:
+        """The sequences whose prompts are being written (added, not yet filed) that, once filed, give `prompt` a
+        longer usable prefix than the cache holds now, each with the prompt tokens it would add (SGLang's
+        cache-aware scheduling looks a waiting request up against the requests being prefilled beside it). A
+        writer files each block under `PromptKeys.filed_key` where a hit may end: an equal key at a block end
+        the lookup may stop at is the same prefix."""
+        self._file_written()
+        if not self.prompts:
+            return {}
+        now, size = len(self._found(prompt)) * self.block_size, self.block_size
+        last = (prompt.length - 1) // size * size  # a hit leaves the prompt's last token
+        wanted = {end: key for end in range(last, now, -size)
+                  if end >= prompt.media_end and (key := prompt.filed_key(end)) is not None}
+        if not wanted:
+            return {}
+        gains = {}
+        for seq, theirs in self.prompts.items():
+            end = next((end for end, key in wanted.items() if end <= theirs.length
+                        and theirs.running[end] == prompt.running[end] and theirs.filed_key(end) == key), None)
+            if end is not None:
+                gains[seq] = end - now
+        return gains
+
+    def _file_written(self) -> None:
+        """Files every prompt written whole in the prefix cache (`_register_prompt`): at a step boundary, after
+        the calls that wrote them returned."""
+        for seq in list(self.prompts):
+            self._register_prompt(seq)
 
     def _register_prompt(self, seq: int) -> None:
         """Once a sequence's prompt is written, files its full blocks in the prefix cache. Done at the next `add`

@@ -9,7 +9,9 @@ the end of the prompt. A causal token's group ends at the next token, whichever 
 the hash with all of its per-token inputs (input_ids, token_type_ids, ...) and, inside a media span,
 its media's content hash (`media_cache.content_hash`) and its offset in it: the same text with another
 image never shares a block. `base(n)` is the hash of the first n tokens alone, under which the block
-pool files the ends its cached blocks reach.
+pool files the ends its cached blocks reach. `ends`, where each token's group ends as the model will lay it
+out (causal by default), says which blocks a prompt being written will file under a key a later prompt can
+hit (`filed_key`), before its segments are written.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def _h(*parts: bytes) -> bytes:
 
 class PromptKeys:
     def __init__(self, per_token: dict[str, torch.Tensor], media: Sequence[tuple[int, int, bytes]] = (),
-                 media_end: int | None = None):
+                 media_end: int | None = None, ends: Sequence[int] | None = None):
         """per_token: each per-token input of one prompt, (P, ...) or (1, P, ...); media: (start, length,
         content hash) of each media span in it; media_end: the position after the last span's last token, its
         end token included (default: after its last media token, a span with no end token): a prompt cut
-        there or later keeps every span whole."""
+        there or later keeps every span whole; ends: for each token, the index after its group's last token
+        (`group_ends`; default: causal, each token its own group)."""
         rows = {name: (t[0] if t.dim() > 1 and t.shape[0] == 1 else t).tolist() for name, t in per_token.items()}
         lengths = {name: len(r) for name, r in rows.items()}
         if not rows or len(set(lengths.values())) != 1:
@@ -61,6 +64,9 @@ class PromptKeys:
             raise InputError(f"a prompt's media must end between its last media token and its {P} tokens, got "
                              f"media_end {media_end} after media tokens up to {last}")
         self.media_end = last if media_end is None else media_end
+        self.ends = list(range(1, P + 1)) if ends is None else list(ends)
+        if len(self.ends) != P:
+            raise InputError(f"a prompt's group ends must give one end per token: {P} tokens, {len(self.ends)} ends")
         self.running = [_h(_START)]  # running[n]: the hash of the first n tokens
         for content in contents:
             self.running.append(_h(self.running[-1], content))
@@ -72,6 +78,12 @@ class PromptKeys:
         """The key of the block that ends before token `block_end` and whose tokens depend on the first `end`."""
         after = self.grouping[end] if end < self.length else _END
         return _h(self.running[end], after, block_end.to_bytes(8, "little"))
+
+    def filed_key(self, block_end: int) -> bytes | None:
+        """The key the block ending before `block_end` is filed under when a hit may end there (its last token's
+        group ends with it), else None. It hashes every token before block_end and what decides the group ends
+        there: two prompts with equal filed keys at block_end share that whole prefix."""
+        return self.key(block_end, block_end) if self.ends[block_end - 1] == block_end else None
 
 
 def group_ends(groups: list[int]) -> list[int]:

@@ -451,11 +451,11 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
 
 
 def choose_tokenizer(cfg: TrainConfig, config: Config, data: Data, last: Path | None,
-                     asked: tuple[str, ...] = ()) -> tuple[Config, Tokenizer]:
+                     asked: tuple[str, ...]) -> tuple[Config, Tokenizer]:
     """A resumed run's tokenizer, a fine-tuned model's, the one given, or a BPE trained on the data's text (the
     model's vocabulary then fitted to it). The location tasks `asked` by the world, or by a user's documents of a
     fresh model (one fine-tuned keeps its vocabulary), give it their tokens (`train/locations.located`)."""
-    world = cfg.tasks if cfg.data == "world" else ()
+    world = asked if cfg.data == "world" else ()
     if last is not None:
         tokenizer = Tokenizer.from_file(last)
         return located(world, config, tokenizer, fresh=False), tokenizer

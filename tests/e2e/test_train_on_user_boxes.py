@@ -43,8 +43,7 @@ def files(tmp_path_factory):
     return root
 
 
-def test_a_fresh_model_trains_on_a_users_boxes_and_masks_and_is_scored(files, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_a_fresh_model_trains_on_a_users_boxes_and_masks_and_is_scored(files, tmp_path, capsys, one_thread):
     data = files / "boxes.jsonl"
     docs = read_jsonl(data, load_media=False)
     n_masks = sum(len(s.mask_sources) for d in docs for s in d.segments if s.mask_sources)

@@ -128,7 +128,8 @@ def _eval_flags(sub) -> None:
                                                "(default: CHECKPOINT/eval/<data file name>)")
     e.add_argument("--overwrite", action="store_true", help="with --data: replace an earlier evaluation in --out")
     e.add_argument("--max-new-tokens", type=int, default=None, help="with --data: the longest answer (default: the "
-                                                                    "longest reference + 4 tokens)")
+                                   "longest reference + 4 tokens; for boxes, the longest target with 4 location and "
+                                   "16 segmentation tokens and the label per object, + 4)")
     e.add_argument("--do-sample", action="store_true", help="with --data: sample answers instead of greedy decoding")
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--top-k", type=int, default=None)
@@ -608,7 +609,10 @@ def cmd_export_data(args: argparse.Namespace) -> None:
         given, asked, answer = [], [], []
         for segment in json.loads(line)["segments"]:
             kind, value = next((k, v) for k, v in segment.items() if k not in ("target", "id"))
-            if kind != "text":
+            if kind == "boxes":  # the objects as the README writes them: label [x1, y1, x2, y2] (mask file)
+                value = " ; ".join(f"{o['label']} [{', '.join(f'{v:g}' for v in o['box'])}]"
+                                   + (f" (mask {o['mask']})" if "mask" in o else "") for o in value)
+            elif kind != "text":
                 value = value if isinstance(value, str) else f"{value[0]} ... ({len(value)} frames)"
             (answer if segment.get("target") else asked if kind == "text" else given).append(value)
         print(f"  {' '.join(given) or '(no media)'}: {' '.join(asked)!r} -> {' '.join(answer)!r}")

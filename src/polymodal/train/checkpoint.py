@@ -114,16 +114,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def save_checkpoint(directory: str | Path, model_config, model_state: dict[str, torch.Tensor] | None,
                     optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None,
-                    write_adapter: Callable[[Path], None] | None = None) -> None:
-    """Write one complete checkpoint directory atomically (replacing an older one of that name).
-    A LoRA run writes its adapter (write_adapter(directory)) instead of the frozen model_state."""
+                    write_extra: Callable[[Path], None] | None = None) -> None:
+    """Write one complete checkpoint directory atomically (replacing an older one of that name), with the files
+    `write_extra(directory)` puts beside the weights (a mask VQ-VAE's). A LoRA run writes its adapter there
+    instead of the frozen model_state."""
     tensors, meta = _flatten_optimizer(optimizer_state)
     with atomic_directory(directory) as tmp:
         model_config.to_json(tmp / "config.json")
         if model_state is not None:
             save_state_dict(model_state, tmp / WEIGHTS, metadata={"format": "pt", "producer": "polymodal"})
-        if write_adapter is not None:
-            write_adapter(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
         save_state_dict(tensors, tmp / OPTIMIZER)
         (tmp / TRAINER).write_text(json.dumps({**trainer_state, "optimizer": meta}) + "\n")
         if tokenizer is not None:
@@ -155,9 +156,9 @@ def _sharded_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def save_sharded(directory: str | Path, model_config, model, optimizer, trainer_state: dict[str, Any], tokenizer,
-                 main: bool) -> None:
+                 main: bool, write_extra: Callable[[Path], None] | None = None) -> None:
     """Every process writes its own shards (collective: all processes call it) into one temporary folder that
-    the main process then renames into place, as `save_checkpoint` does."""
+    the main process then renames into place, with `write_extra`'s files, as `save_checkpoint` does."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -173,6 +174,8 @@ def save_sharded(directory: str | Path, model_config, model, optimizer, trainer_
             (tmp / TRAINER).write_text(json.dumps({**trainer_state, "optimizer": meta}) + "\n")
             if tokenizer is not None:
                 tokenizer.save(tmp)
+            if write_extra is not None:
+                write_extra(tmp)
         dist.barrier()  # every shard is written before the folder is swapped into place
 
 

@@ -61,8 +61,8 @@ from polymodal.train.distributed import (
 from polymodal.train.hooks import EvalHook, EvalLoss, autocast, lower_is_better
 from polymodal.train.plot import plot_metrics
 from polymodal.convert.mask_vae_file import given_mask_vae, with_mask_vae
-from polymodal.train.locations import located, share_mask_vae, write_mask_vae
-from polymodal.train.vq_stage import fit_image_tokenizers, fit_mask_vaes
+from polymodal.train.locations import asked_of, located, no_place_for, share_mask_vae, write_mask_vae
+from polymodal.train.vq_stage import VQ_DOCS, fit_image_tokenizers, fit_mask_vaes
 
 IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
 
@@ -212,6 +212,7 @@ class Data:
     eval: list[Document]
     texts: Iterable[str]  # what a tokenizer is trained on (streamed: a large set never sits in memory)
     checks: list[tuple[str, Sequence[Document]]]  # (where from, documents): what to validate before training
+    size: int = VQ_DOCS  # training documents before they repeat (a file's; the world's never do)
 
 
 def load_data(cfg: TrainConfig) -> Data:
@@ -243,7 +244,7 @@ def load_data(cfg: TrainConfig) -> Data:
         return with_media(docs[orders[epoch][i % len(docs)]], cfg.data)
 
     texts = itertools.chain(document_texts(docs), document_texts(eval_docs))
-    return Data(shuffled, eval_docs, texts, [(cfg.data, checked(docs)), *checks])
+    return Data(shuffled, eval_docs, texts, [(cfg.data, checked(docs)), *checks], len(docs))
 
 
 def check_documents(collator: Collator, data: Data, config: Config) -> None:
@@ -256,9 +257,7 @@ def check_documents(collator: Collator, data: Data, config: Config) -> None:
             doc = with_media(doc, source)
             try:
                 if not spec_of(config).locations and any(s.masks is not None for s in doc.segments):
-                    raise DocumentError(f"its objects have masks, which a {type(config).__name__} model has no place "
-                                        "for (it writes boxes as text; a family that answers with places writes "
-                                        "masks as segmentation tokens): leave the masks out")
+                    raise DocumentError(no_place_for(config, masks=True))
                 collator.encode(doc, index=None if doc.line is not None else i)
             except ValueError as e:
                 where = f"{source}, line {doc.line}" if doc.line is not None else source
@@ -411,7 +410,9 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
     vae = vae if base is None and last is None else None  # a fresh model's, loaded into it (not fitted)
     config = given_mask_vae(config, vae) if vae is not None else config
     data = load_data(cfg)
-    config, tokenizer = choose_tokenizer(cfg, config, data, last)
+    # what the documents' objects ask of the model, refused now if it has no place for them
+    asked = cfg.tasks if cfg.data == "world" else asked_of(config, data.checks)
+    config, tokenizer = choose_tokenizer(cfg, config, data, last, asked)
     collator = make_collator(config, tokenizer, cfg.max_len)
     if collator.max_len > collator.format.max_len:
         raise ConfigError(f"max_len must be at most the model's context of {collator.format.max_len} tokens, "
@@ -449,10 +450,12 @@ def setup(cfg: TrainConfig, proc, hooks: list[EvalHook]) -> Run:
     return run
 
 
-def choose_tokenizer(cfg: TrainConfig, config: Config, data: Data, last: Path | None) -> tuple[Config, Tokenizer]:
+def choose_tokenizer(cfg: TrainConfig, config: Config, data: Data, last: Path | None,
+                     asked: tuple[str, ...]) -> tuple[Config, Tokenizer]:
     """A resumed run's tokenizer, a fine-tuned model's, the one given, or a BPE trained on the data's text (the
-    model's vocabulary then fitted to it)."""
-    world = cfg.tasks if cfg.data == "world" else ()
+    model's vocabulary then fitted to it). The location tasks `asked` by the world, or by a user's documents of a
+    fresh model (one fine-tuned keeps its vocabulary), give it their tokens (`train/locations.located`)."""
+    world = asked if cfg.data == "world" else ()
     if last is not None:
         tokenizer = Tokenizer.from_file(last)
         return located(world, config, tokenizer, fresh=False), tokenizer
@@ -460,7 +463,7 @@ def choose_tokenizer(cfg: TrainConfig, config: Config, data: Data, last: Path | 
         tokenizer = Tokenizer.from_file(cfg.init_from)  # the vocabulary the weights were trained with
         return located(world, config, tokenizer, fresh=False), tokenizer
     tokenizer = Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else Tokenizer.train(data.texts, cfg.vocab_size)
-    config = located(world, config, tokenizer, fresh=cfg.init_from is None)
+    config = located(world if cfg.init_from else asked, config, tokenizer, fresh=cfg.init_from is None)
     return fit_to_tokenizer(config, tokenizer), tokenizer
 
 
@@ -554,7 +557,8 @@ def build_model(cfg: TrainConfig, config: Config, data: Data, base, last: Path |
     if base is None and last is None and cfg.vq_steps:  # a resumed run's checkpoint holds its fitted VQ
         for fit in (fit_image_tokenizers,) + ((fit_mask_vaes,) if mask_vae is None else ()):  # a given VAE stays
             fit(model, data.train, cfg.vq_steps, cfg.seed,
-                say=lambda line: print(line, flush=True) if proc.main else None, show_progress=proc.main)
+                say=lambda line: print(line, flush=True) if proc.main else None, show_progress=proc.main,
+                n_docs=data.size)
     _, _, context_mesh = data_and_context_split(proc, cfg.context_parallel)
     if context_mesh is not None:  # its processes read the same documents: data parallel over data_world only
         model = context_parallel(model, context_mesh)
@@ -694,23 +698,24 @@ def save(run: Run) -> None:
              "data_source": {k: v if v in (None, "world") else str(Path(v).resolve())  # for `polymodal eval`
                              for k, v in (("data", cfg.data), ("eval_data", cfg.eval_data))}}
     directory = ckpt.step_dir(run.root, run.step)
+    vae = partial(write_mask_vae, run.collator) if spec_of(run.config).locations else None  # none where it has none
     if proc.world_size > 1 and cfg.parallel == "fsdp" and cfg.lora_rank is None:
-        ckpt.save_sharded(directory, run.config, run.model, run.optimizer, state, run.tokenizer, proc.main)
+        ckpt.save_sharded(directory, run.config, run.model, run.optimizer, state, run.tokenizer, proc.main, vae)
     else:
         # a LoRA run keeps only what trains: the frozen base is never gathered
         model_state = get_model_state_dict(run.model, options=full_state(trained_only=cfg.lora_rank is not None))
         optimizer_state = get_optimizer_state_dict(run.model, run.optimizer, options=full_state())
         if proc.main and cfg.lora_rank is None:
-            ckpt.save_checkpoint(directory, run.config, model_state, optimizer_state, state, run.tokenizer)
+            ckpt.save_checkpoint(directory, run.config, model_state, optimizer_state, state, run.tokenizer, vae)
         elif proc.main:  # only the adapter trained: it is what the checkpoint keeps
             base_dir = Path(cfg.init_from).resolve()
 
             def adapter_files(d: Path) -> None:
                 write_adapter(run.layout, d, model_state, base_dir)
-                if spec_of(run.config).locations:  # the base directory may lack the VAE (--mask-vae)
-                    write_mask_vae(run.collator, d)
+                if vae is not None:  # the base directory may lack the VAE (--mask-vae)
+                    vae(d)
             ckpt.save_checkpoint(directory, run.config, None, optimizer_state, state, run.tokenizer,
-                                 write_adapter=adapter_files)
+                                 write_extra=adapter_files)
     if proc.main:
         ckpt.prune(run.root, cfg.keep_checkpoints)
     barrier()

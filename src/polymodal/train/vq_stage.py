@@ -28,17 +28,17 @@ MASKS = 2000  # training object masks the mask VQ-VAE is fitted to
 
 
 def fit_image_tokenizers(model: nn.Module, documents: Callable[[int], Document], steps: int, seed: int,
-                         say: Callable[[str], None], show_progress: bool = True) -> None:
-    """Fit every VQ tokenizer of `model` to the images of the first training documents (`documents(i)`),
-    input and target images alike, for `steps` AdamW steps, with a progress bar (`polymodal/progress.py`) when
+                         say: Callable[[str], None], show_progress: bool = True, n_docs: int = VQ_DOCS) -> None:
+    """Fit every VQ tokenizer of `model` to the images of the first training documents (`documents(i)`, up to
+    `n_docs`: a file's epoch, not its repeats), input and target images alike, for `steps` AdamW steps, with a progress bar (`polymodal/progress.py`) when
     `show_progress`. A model without one is left as it is."""
     tokenizers = [m for m in model.modules() if isinstance(m, VQModel)]
     if not tokenizers:
         return
-    images = _first(documents, VQ_IMAGES, lambda doc: [s.media for s in doc.segments
+    images = _first(documents, VQ_IMAGES, n_docs, lambda doc: [s.media for s in doc.segments
                                                        if s.kind == "image" and s.media is not None])
     if not images:
-        say(f"no images in the first {VQ_DOCS} training documents: the VQ image tokenizer stays as built")
+        say(f"no images in the first {min(n_docs, VQ_DOCS)} training documents: the VQ image tokenizer stays as built")
         return
     for vq in tokenizers:
         _fit("VQ image tokenizer", train_vq, vq, images_to_pixels(images, vq.config.resolution), steps, seed, say,
@@ -46,17 +46,18 @@ def fit_image_tokenizers(model: nn.Module, documents: Callable[[int], Document],
 
 
 def fit_mask_vaes(model: nn.Module, documents: Callable[[int], Document], steps: int, seed: int,
-                  say: Callable[[str], None], show_progress: bool = True) -> None:
-    """Fit every mask VQ-VAE of `model` to the object masks of the first training documents, each cropped to its
+                  say: Callable[[str], None], show_progress: bool = True, n_docs: int = VQ_DOCS) -> None:
+    """Fit every mask VQ-VAE of `model` to the object masks of the first training documents (up to `n_docs`),
+    each cropped to its
     box and resized as big_vision codes it (`data.locations.crop_mask`), then leave it frozen. A model without
     one is left as it is."""
     vaes = [m for m in model.modules() if isinstance(m, MaskVAE)]
     if not vaes:
         return
-    masks = _first(documents, MASKS, lambda doc: [(m, box) for s in doc.segments if s.masks is not None
+    masks = _first(documents, MASKS, n_docs, lambda doc: [(m, box) for s in doc.segments if s.masks is not None
                                                   for m, (_, box) in zip(s.masks, s.boxes)])
     if not masks:
-        say(f"no masks in the first {VQ_DOCS} training documents: the mask VQ-VAE stays as built")
+        say(f"no masks in the first {min(n_docs, VQ_DOCS)} training documents: the mask VQ-VAE stays as built")
         return
     for vae in vaes:
         crops = torch.stack([crop_mask(torch.from_numpy(np.asarray(m) > 127), box, vae.config.mask_size)
@@ -65,10 +66,10 @@ def fit_mask_vaes(model: nn.Module, documents: Callable[[int], Document], steps:
         vae.requires_grad_(False)
 
 
-def _first(documents: Callable[[int], Document], n: int, items: Callable[[Document], list]) -> list:
-    """Up to n items (`items(doc)`) of the first VQ_DOCS documents."""
+def _first(documents: Callable[[int], Document], n: int, n_docs: int, items: Callable[[Document], list]) -> list:
+    """Up to n items (`items(doc)`) of the first n_docs (at most VQ_DOCS) documents."""
     out: list = []
-    for i in range(VQ_DOCS):
+    for i in range(min(n_docs, VQ_DOCS)):
         out += items(documents(i))
         if len(out) >= n:
             break

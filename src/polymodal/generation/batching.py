@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymodal.errors import InputError, check_number
+from polymodal.errors import InputError, PolymodalError, check_number
 from polymodal.families import spec_of
 from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
@@ -206,7 +206,7 @@ class Batcher:
         for row, request in enumerate(self.rows):
             if request is not None and request.cancelled:
                 self._leave(row, "cancelled")
-        new = [row for row in self._admit() if self.cache.lengths[self.seqs[row].seq] == 0]
+        new = [row for row in self._admit() if self.cache.lengths[self.seqs[row].seq] == 0 and self._run(row)]
         for group in self._layouts(new).values():
             self._start(group)
         live = [row for row in range(self.slots) if self.rows[row] is not None and row not in new]
@@ -260,13 +260,29 @@ class Batcher:
         return admitted
 
     def _first_chunk(self, request: Request, keys) -> int:
-        """The prompt tokens a new request's prefill runs: all of them, or, for a long causal prompt, its media
-        spans whole, end tokens included (`PromptKeys.media_end`), and `prefill_chunk` tokens at least; the rest
-        runs in chunks beside the decode steps. A model with per-token inputs (a prefix-LM: its prompt may be one
-        bidirectional block, with or without them given) is prefilled whole."""
+        """The prompt tokens a new request's prefill runs: none for a text prompt the packed steps run (`_packs`);
+        all of them, or, for a long causal prompt, its media spans whole, end tokens included
+        (`PromptKeys.media_end`), and `prefill_chunk` tokens at least; the rest runs in chunks beside the decode
+        steps. A model with per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with or
+        without them given) is prefilled whole."""
+        if self._packs(request):
+            return 0
         P = request.prompt_len
         causal = keys is not None and not spec_of(self.model).per_token_inputs
         return max(self.prefill_chunk, keys.media_end) if causal and P > self.prefill_chunk else P
+
+    def _packs(self, request: Request) -> bool:
+        """Whether a new request's prompt runs in the packed steps, in chunks beside the running rows: a model that
+        packs, a causal text prompt (no media, no per-token inputs) that its prefill would take (one it refuses goes
+        through `_prefill`, which fails it alone)."""
+        if not (self.model.packs and not spec_of(self.model).per_token_inputs
+                and all(v is None for k, v in request.inputs.items() if k != "input_ids")):
+            return False
+        try:
+            self.model.check_prompt(request.inputs["input_ids"])
+        except PolymodalError:
+            return False
+        return True
 
     def _start(self, rows: list[int]) -> None:
         """Prefills the rows together and emits their first tokens; when the model refuses the batch, each row
@@ -338,35 +354,42 @@ class Batcher:
         return out.logits[:, -1]
 
     def _continue(self, rows: list[int]) -> None:
-        """The decode calls over `rows`: each feeds its last token, or the next chunk of its prompt; a row that
-        fed its last prompt token or a token of its own chooses its next one. The rows feeding chunks run in a
-        call of their own when padding the others to their length would more than double the call's tokens
-        (every padding token costs a real one's compute)."""
-        counts = [min(len(self.seqs[row].pending), self.prefill_chunk) or 1 for row in rows]
-        if max(counts) > 1 and len(rows) * max(counts) > 2 * sum(counts) and 1 in counts:
-            for many in (False, True):
-                group = [(row, n) for row, n in zip(rows, counts) if (n > 1) == many]
-                self._call([row for row, _ in group], [n for _, n in group])
-        else:
-            self._call(rows, counts)
-
-    def _call(self, rows: list[int], counts: list[int]) -> None:
-        """One decode call: row b feeds counts[b] tokens (its last token, or that many of its prompt's)."""
-        tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=self.cache.device)
-        tokens[:, 0] = self.last[rows]
-        for b, row in enumerate(rows):
+        """The call over `rows` that continues them: each feeds its last token, or the next chunk of its prompt (up
+        to `prefill_chunk` tokens, and `prefill_tokens` over the step's chunks: a row past them waits a step); a
+        row that fed its last prompt token or a token of its own chooses its next one. For a model that packs,
+        every row's tokens run in one row, one-token rows first (`PagedCache.packed`); otherwise the rows are
+        padded to the longest."""
+        fed, budget = [], self.prefill_tokens
+        for row in rows:
+            pending = len(self.seqs[row].pending)
+            n = min(pending, self.prefill_chunk, budget) if pending else 1
+            budget -= n if pending else 0
+            if n:
+                fed.append((n > 1, row, n))
+        fed.sort(key=lambda f: f[0])  # stable: rows keep their order within the one-token rows and the others
+        rows, counts = [row for _, row, _ in fed], [n for _, _, n in fed]
+        device = self.cache.device
+        feeds = []
+        for row, n in zip(rows, counts):
             s = self.seqs[row]
-            if len(s.pending):
-                tokens[b, :counts[b]] = s.pending[:counts[b]]
-                s.pending = s.pending[counts[b]:]
-        step = self.cache.step([self.seqs[row].seq for row in rows], tokens.shape[1], new_tokens=counts)
-        logits = self.decode(tokens, step, logits_to_keep=0).logits
+            feeds.append(s.pending[:n].to(device) if len(s.pending) else self.last[row:row + 1])
+            s.pending = s.pending[n:]
+        seqs = [self.seqs[row].seq for row in rows]
         ready = [b for b, row in enumerate(rows) if not len(self.seqs[row].pending)]
+        n, ready_t = torch.tensor(counts, device=device), torch.tensor(ready, dtype=torch.long, device=device)
+        if self.model.packs:
+            step = self.cache.packed(seqs, counts)  # the ready rows' logits at their last tokens only
+            logits = self.decode(torch.cat(feeds)[None], step, logits_to_keep=(n.cumsum(0) - 1)[ready_t]).logits[0]
+        else:
+            tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=device)
+            for b, feed in enumerate(feeds):
+                tokens[b, :len(feed)] = feed
+            step = self.cache.step(seqs, tokens.shape[1], new_tokens=counts)
+            logits = self.decode(tokens, step, logits_to_keep=0).logits
+            logits = logits[ready_t, n[ready_t] - 1]
         if ready:
-            index = torch.tensor(ready, device=logits.device)
-            last = logits[index, torch.tensor([counts[b] - 1 for b in ready], device=logits.device)]
             chosen = [rows[b] for b in ready]
-            self._emit(chosen, self._choose(last, chosen))
+            self._emit(chosen, self._choose(logits, chosen))
 
     def _chooser(self, request: Request) -> Chooser:
         """The chooser of the request's settings, made once per setting (its image spans' table built once)."""

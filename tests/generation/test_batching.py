@@ -337,30 +337,6 @@ def test_long_prompts_prefill_in_chunks_beside_decode_steps():
         assert running.tokens == alone(model, running.inputs, running)
 
 
-def test_a_prompt_chunk_runs_apart_from_decode_rows_it_would_pad_and_beside_those_it_would_not():
-    """prefill_chunk=8: a prompt's chunk of 8 beside three decode rows would make a call of 4 x 8 tokens for 11 real
-    ones, so the chunk runs in a call of its own; beside one decode row (2 x 8 for 9) they share one. Every answer
-    equals `generate` alone and the blocks follow the tokens."""
-    g = torch.Generator().manual_seed(11)
-    long = {"input_ids": torch.randint(6, 90, (1, 30), generator=g)}
-    for n_running, shapes in ((3, {(1, 8), (3, 1)}), (1, {(2, 8)})):
-        batcher = Batcher(DECODER, slots=4, max_len=60, block_size=4, prefill_chunk=8)
-        calls = []
-        decode = batcher.decode
-        batcher.decode = lambda tokens, step, **kw: (calls.append(tuple(tokens.shape)), decode(tokens, step, **kw))[1]
-        running = [Request(x, max_new_tokens=20) for x in prompts(DECODER, n_running, seed=12)]
-        batcher.submit(*running)
-        batcher.step()
-        request = Request(long, max_new_tokens=4)
-        batcher.submit(request)
-        calls.clear()
-        batcher.step()  # the long prompt's first 8 tokens prefilled, then the first chunk beside the decode rows
-        assert set(calls) == shapes
-        drain(batcher)
-        for r in [*running, request]:
-            assert r.tokens == alone(DECODER, r.inputs, r)
-
-
 def test_an_option_is_not_media_and_reaches_the_prefill():
     """A context error says "media placeholders included" for a prompt with media only, not for one beside an
     option (PaliGemma's interpolate_pos_encoding) or a per-token input. The option reaches the model: a 48 px

@@ -8,15 +8,19 @@ are never shared). At each step boundary waiting requests are admitted, up to `p
 while a row is free and the pool has
 the blocks their worst case (prompt + max_new_tokens) could take beside the running ones' worst cases, so a
 step never runs short; each new request looks its prompt up in the prefix cache (keys: token ids, per-token
-inputs, every media item's content hash, `prompt_keys`). The ones without a hit are prefilled together, in
-one left-padded call per media layout (padding takes no slot); the media are encoded through the batcher's
-`EncoderCache`s (the same image twice is encoded once). A long causal prompt is prefilled up to its media
-spans' ends (their end tokens included: a chunk never splits a span) and `prefill_chunk` tokens at least; a
-prefix-LM's (a model with per-token inputs) whole. Then one call continues every other sequence: a running
-request feeds its last token, a request with prompt tokens still to run (after a hit or a first chunk) feeds
-the next `prefill_chunk` of them (chunked prefill beside the decode rows), and takes its first token from its
-prompt's last logit. Rows are padded to the longest feed, so when that would more than double the call's tokens
-the rows feeding chunks run in a second call of their own.
+inputs, every media item's content hash, `prompt_keys`). A text prompt (no media, no per-token inputs) to a
+model whose decoder packs starts with nothing run; the others without a hit are prefilled together, in one
+left-padded call per media layout (padding takes no slot), their media encoded through the batcher's
+`EncoderCache`s (the same image twice is encoded once): a long causal prompt up to its media spans' ends (their
+end tokens included: a chunk never splits a span) and `prefill_chunk` tokens at least, a prefix-LM's (a model
+with per-token inputs) whole. Then one call continues every sequence: a running request feeds its last token, a
+request with prompt tokens still to run (a new text prompt, or the rest after a hit or a first chunk) feeds the
+next `prefill_chunk` of them, `prefill_tokens` at most over the step's chunks (chunked prefill beside the decode
+rows), and takes its first token from its prompt's last logit. For a model that packs (`LanguageModel.packs`)
+that call is packed (`nn.paged_cache.PackedStep`): every row's tokens in one row of the real tokens, no
+padding, attention per row, the head only at the rows that choose a token; so a step with text arrivals makes
+one call, as HF's continuous batching flattens its requests (`cumulative_seqlens_q`). A model whose attention
+reads rows (ALiBi's bias, the flex backend, Flamingo's cross-attention) gets the rows padded to the longest feed.
 
 Each request has its own sampling settings (temperature, top-k, top-p, repetition / frequency / presence
 penalties) and stop tokens (one `Chooser` per setting; a row's seen tokens kept beside it), seed and listener,
@@ -26,8 +30,8 @@ and top-p). Rows never share positions or columns, so each sees exactly the keys
 tokens equal `generate` alone, and a seeded request draws its noise from its own generator as
 `generate(seed=...)` does. A cross-attention model's rows keep their own media K/V in the paged cache too.
 
-A decode call reads a `PagedStep`, its host work (blocks, slots, segments) done before the call, so with
-`compile=True` the calls run through `torch.compile` with dynamic shapes and reuse a few graphs whatever the
+A call reads a `PackedStep` or `PagedStep`, its host work (blocks, slots, segments) done before the call, so
+with `compile=True` the calls run through `torch.compile` with dynamic shapes and reuse a few graphs whatever the
 rows and their lengths.
 """
 
@@ -115,7 +119,7 @@ class _Sequence:
 
     seq: int  # its sequence id in the cache
     blocks: int  # the most blocks its prompt and max_new_tokens may take
-    pending: torch.Tensor  # (n,) prompt tokens the decode calls still run (after a hit or a first chunk)
+    pending: torch.Tensor  # (n,) prompt tokens the step calls still run (a text prompt, or after a hit or a chunk)
 
 
 class Batcher:
@@ -123,9 +127,10 @@ class Batcher:
     `max_len`: a request's prompt + new tokens; `n_blocks` (default: room for `slots` requests of max_len)
     blocks of `block_size` tokens in the pool; `prefill_tokens`: prompt tokens admitted per step (at least one
     request), so a wave of arrivals is prefilled over several steps beside the decode steps and the later ones
-    find the earlier ones' prefixes cached; `prefill_chunk`: prompt tokens a request runs per step after a hit
-    or its first chunk (a long causal prompt's first prefill runs at least as many); `compile`: the decode calls
-    through `torch.compile` (prefill stays eager)."""
+    find the earlier ones' prefixes cached, and the most prompt tokens a step's call runs in chunks;
+    `prefill_chunk`: prompt tokens a request runs per step in the step's call (a long causal prompt's first
+    prefill of media runs at least as many); `compile`: the step calls
+    through `torch.compile` (a prefill of media stays eager)."""
 
     def __init__(self, model: LanguageModel, *, slots: int, max_len: int, max_waiting: int = 256,
                  block_size: int = 16, n_blocks: int | None = None, prefill_chunk: int = 256, prefill_tokens: int = 512,
@@ -137,8 +142,8 @@ class Batcher:
             raise InputError(f"a batcher needs a model that writes tokens; a {type(model).__name__} writes nothing")
         self.model, self.slots, self.max_len, self.max_waiting = model, slots, max_len, max_waiting
         self.prefill_chunk, self.prefill_tokens = prefill_chunk, prefill_tokens
-        # a decode call reads a `PagedStep` (tensors only): compiled with dynamic shapes, any rows and lengths
-        # reuse one graph (a few: dims of 1 are specialised); eager runs the same code
+        # a step call reads a `PackedStep` / `PagedStep` (tensors only): compiled with dynamic shapes, any rows and
+        # lengths reuse a few graphs (dims of 1 are specialised); eager runs the same code
         self.decode = torch.compile(model.decode, dynamic=True) if compile else model.decode
         self.cache = PagedCache.for_model(model, n_blocks or slots * -(-max_len // block_size) + 1, block_size)
         modalities = model.modalities if isinstance(model, EarlyFusion) else ()
@@ -201,8 +206,8 @@ class Batcher:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One step boundary: drop cancelled requests, admit waiting ones (prefilled together, or started on
-        their cached prefix), then one call continues every other running request."""
+        """One step boundary: drop cancelled requests, admit waiting ones (started on their cached prefix; those
+        with media prefilled together), then one call continues every running request."""
         for row, request in enumerate(self.rows):
             if request is not None and request.cancelled:
                 self._leave(row, "cancelled")

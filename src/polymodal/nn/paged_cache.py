@@ -264,7 +264,7 @@ class PagedStep:
         return self.input_pos
 
     def cross_kv(self, layer: int) -> CrossKV:
-        return self.cross[layer]
+        return self.cross.setdefault(layer, CrossKV())  # empty when no row has media, as `Cache.cross_kv`'s
 
 
 class PackedStep:

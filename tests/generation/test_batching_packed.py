@@ -101,5 +101,14 @@ def test_a_mix_of_arrivals_chunks_prefix_hits_and_images_answers_as_alone(which,
     drain(batcher)
     for x, request in zip(inputs, requests):
         assert request.error is None and request.tokens == alone(model, x, request)
+    if which == "gemini":  # a text prompt its prefill refuses (an image span backwards, no image) fails alone
+        ids = images[0]["input_ids"].flip(1)
+        bad, good = Request({"input_ids": ids}, max_new_tokens=3), Request(texts[1], max_new_tokens=3)
+        batcher.submit(bad, good)
+        drain(batcher)
+        with pytest.raises(ValueError) as refused:
+            pm.generate(model, input_ids=ids, max_new_tokens=3)
+        assert bad.finish_reason == "error" and str(bad.error) == str(refused.value)
+        assert good.tokens == alone(model, texts[1], good)
     if which != "paligemma":  # (a prefix-LM's text without token types is one bidirectional block: no prefix)
         assert batcher.cache.hit_tokens >= (long - 1) // 4 * 4 - 4  # the long prompt's copy found its blocks

@@ -265,29 +265,22 @@ class Batcher:
         return admitted
 
     def _first_chunk(self, request: Request, keys) -> int:
-        """The prompt tokens a new request's prefill runs: none for a text prompt the packed steps run (`_packs`);
-        all of them, or, for a long causal prompt, its media spans whole, end tokens included
-        (`PromptKeys.media_end`), and `prefill_chunk` tokens at least; the rest runs in chunks beside the decode
-        steps. A model with per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with or
-        without them given) is prefilled whole."""
-        if self._packs(request):
-            return 0
+        """The prompt tokens a new request's prefill runs: none for a text prompt (no media, no per-token inputs:
+        causal) to a model that packs, which the packed steps run in chunks (all of it if the model refuses it:
+        its prefill fails it alone); all of them, or, for a long causal prompt, its media spans whole, end tokens
+        included (`PromptKeys.media_end`), and `prefill_chunk` tokens at least; the rest runs in chunks beside the
+        decode steps. A model with per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with
+        or without them given) is prefilled whole."""
         P = request.prompt_len
-        causal = keys is not None and not spec_of(self.model).per_token_inputs
+        per_token = spec_of(self.model).per_token_inputs
+        if self.model.packs and not per_token and all(v is None for k, v in request.inputs.items() if k != "input_ids"):
+            try:
+                self.model.check_prompt(request.inputs["input_ids"])
+            except PolymodalError:
+                return P
+            return 0
+        causal = keys is not None and not per_token
         return max(self.prefill_chunk, keys.media_end) if causal and P > self.prefill_chunk else P
-
-    def _packs(self, request: Request) -> bool:
-        """Whether a new request's prompt runs in the packed steps, in chunks beside the running rows: a model that
-        packs, a causal text prompt (no media, no per-token inputs) that its prefill would take (one it refuses goes
-        through `_prefill`, which fails it alone)."""
-        if not (self.model.packs and not spec_of(self.model).per_token_inputs
-                and all(v is None for k, v in request.inputs.items() if k != "input_ids")):
-            return False
-        try:
-            self.model.check_prompt(request.inputs["input_ids"])
-        except PolymodalError:
-            return False
-        return True
 
     def _start(self, rows: list[int]) -> None:
         """Prefills the rows together and emits their first tokens; when the model refuses the batch, each row

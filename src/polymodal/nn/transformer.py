@@ -166,6 +166,7 @@ class Decoder(LanguageModel, nn.Module):
                              f"at positions {bad.nonzero().tolist()[:8]}")
 
     def check_prompt(self, input_ids: torch.Tensor) -> None:
+        """What `forward` checks of a text prompt before any compute (`LanguageModel.packs`)."""
         check_ids(input_ids)
         self.check_token_ids(input_ids)
 

@@ -28,10 +28,11 @@ def gather_rows(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PackedGroup:
-    """Rows attended together: query s of row b is packed token q_index[b, s] (a pad repeats a real one),
-    `keep` the real ones of the flattened (B*S) outputs, in packed order (None: every output is real)."""
+    """Rows attended together: query s of row b is packed token q_index[b, s] (a pad repeats a real one; None:
+    row b's one query is packed token b, as for decode rows packed first), `keep` the real ones of the flattened
+    (B*S) outputs, in packed order (None: every output is real)."""
 
-    q_index: torch.Tensor  # (B, S) long
+    q_index: torch.Tensor | None  # (B, S) long
     slot_index: torch.Tensor  # (B, L) long, null-padded
     mask: torch.Tensor  # (B, 1, S, L) bool
     keep: torch.Tensor | None  # (n,) long
@@ -51,7 +52,10 @@ class PackedMask:
         kernel(q, k, v, mask) per group."""
         out = []
         for g in self.groups:
-            q_g = q[0].index_select(1, g.q_index.reshape(-1)).unflatten(1, g.q_index.shape).transpose(0, 1)
+            if g.q_index is None:  # a view: (nh, B, hs) -> (B, nh, 1, hs)
+                q_g = q[0, :, :g.slot_index.shape[0]].transpose(0, 1)[:, :, None]
+            else:
+                q_g = q[0].index_select(1, g.q_index.reshape(-1)).unflatten(1, g.q_index.shape).transpose(0, 1)
             y = kernel(q_g, gather_rows(k, g.slot_index), gather_rows(v, g.slot_index), g.mask)  # (B, nh, S, hs)
             y = y.transpose(1, 2).flatten(0, 1)  # (B*S, nh, hs)
             out.append(y if g.keep is None else y.index_select(0, g.keep))

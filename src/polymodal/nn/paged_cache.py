@@ -292,8 +292,8 @@ class PackedStep:
             if S == 1:
                 held = cache.last
             # query s of row b is packed token starts[b] + s; a pad repeats its row's last token
-            q_index = torch.tensor([[starts[b] + min(s, counts[b] - 1) for s in range(S)] for b in rows],
-                                   device=cache.device)
+            q_index = None if rows == list(range(len(rows))) and S == 1 else torch.tensor(
+                [[starts[b] + min(s, counts[b] - 1) for s in range(S)] for b in rows], device=cache.device)
             keep = None if min(n) == S else torch.tensor([i * S + s for i, k in enumerate(n) for s in range(k)],
                                                          device=cache.device)
             groups.append(PackedGroup(q_index, batch.slot_index, attention_mask(seg, batch.slots), keep))
@@ -310,57 +310,6 @@ class PackedStep:
         fields = [torch.cat(field) if len(kept) > 1 else field[0] for field in zip(*kept)]
         fields = [t[None] if order is None else t.index_select(0, order)[None] for t in fields]
         self.input_pos, self.segments = fields[0], Segments(*fields[1:])
-        self.slots = PackedMask(groups, order)
-        self.layers = [PagedLayer(self, i) for i in range(cache.n_layers)]
-        self.length = max(cache.lengths[s] for s in seq_ids)  # > 0: the model continues every row from its segments
-
-    def next_segments(self, n: int = 1) -> Segments:
-        return self.segments
-
-    def write(self, seg: Segments) -> torch.Tensor:
-        return self.input_pos
-
-    def cross_kv(self, layer: int) -> CrossKV:
-        return self.cross.setdefault(layer, CrossKV())  # empty when no row has media, as `Cache.cross_kv`'s
-
-
-class PackedStep:
-    """The cache of a packed call (`nn.packed`): sequences feeding counts[b] tokens each (a decode row 1, a prompt
-    chunk more, a new sequence its prompt's first), concatenated in that order into one row of T tokens. Its host
-    work is done ahead, as a `PagedStep`'s: the rows of one token and the others are two `PagedBatch`es, each
-    writing its rows' slots and segments as a decode call does (a new row's as its prefill would), and the
-    `PackedMask` (`slots`) attends per group. The layers write K/V at `input_pos` (1, T) and hand the mask the
-    pools. The rows of one token keep extending the last call's table step after step (`LastCall`)."""
-
-    def __init__(self, cache: PagedCache, seq_ids: list[int], counts: list[int]):
-        self.cache, self.batch, self.slot_index = cache, 1, None
-        starts = torch.tensor([0, *counts]).cumsum(0)[:-1].tolist()
-        groups, kept, packed_of = [], [], []
-        held = None
-        for rows in ([b for b, n in enumerate(counts) if n == 1], [b for b, n in enumerate(counts) if n > 1]):
-            if not rows:
-                continue
-            n = torch.tensor([counts[b] for b in rows])
-            batch = PagedBatch(cache, [seq_ids[b] for b in rows], n.tolist())
-            seg = batch.next_segments(int(n.max()))
-            input_pos = batch.write(seg)
-            if counts[rows[0]] == 1:
-                held = cache.last
-            q_index = torch.tensor([starts[b] for b in rows])[:, None] + torch.minimum(
-                torch.arange(int(n.max())), n[:, None] - 1)  # a pad repeats its row's last token
-            valid = seg.valid
-            groups.append(PackedGroup(q_index.to(cache.device), batch.slot_index, attention_mask(seg, batch.slots),
-                                      None if bool(valid.all()) else valid.reshape(-1).nonzero()[:, 0]))
-            kept.append((input_pos[valid], *(getattr(seg, name)[valid] for name in SEGMENT_FIELDS)))
-            packed_of.append(q_index.to(cache.device)[valid])
-        if held is not None:  # the one-token rows' table, which the next step's decode rows extend
-            cache.last = held
-        packed_of = torch.cat(packed_of)
-        identity = bool((packed_of == torch.arange(len(packed_of), device=packed_of.device)).all())
-        order = None if identity else torch.empty_like(packed_of).index_copy_(
-            0, packed_of, torch.arange(len(packed_of), device=packed_of.device))
-        fields = [torch.cat(field) if order is None else torch.cat(field)[order] for field in zip(*kept)]
-        self.input_pos, self.segments = fields[0][None], Segments(*(t[None] for t in fields[1:]))
         self.slots = PackedMask(groups, order)
         self.layers = [PagedLayer(self, i) for i in range(cache.n_layers)]
         self.length = max(cache.lengths[s] for s in seq_ids)  # > 0: the model continues every row from its segments

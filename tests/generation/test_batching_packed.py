@@ -32,7 +32,8 @@ def test_a_step_with_text_arrivals_and_chunks_makes_one_call_within_the_token_bu
     batcher = Batcher(model, slots=5, max_len=64, block_size=4, prefill_chunk=8, prefill_tokens=12)
     g = torch.Generator().manual_seed(21)
     running = [Request({"input_ids": torch.tensor([ids])}, max_new_tokens=24) for ids in ([7, 8, 9], [10, 11])]
-    arrivals = [Request({"input_ids": torch.randint(6, 90, (1, n), generator=g)}, max_new_tokens=5) for n in (30, 5, 11)]
+    arrivals = [Request({"input_ids": torch.randint(6, 90, (1, n), generator=g)}, max_new_tokens=5)
+                for n in (30, 5, 11)]
     batcher.submit(*running)
     per_step = []
     for step in range(14):

@@ -112,7 +112,8 @@ class PagedBatch:
         positions, groups, docs = stored.positions[last], stored.groups[last], stored.docs[last]
         if 0 in lengths:
             new = torch.tensor([length == 0 for length in lengths], device=cache.device)
-            positions, groups, docs = (torch.where(new, fill, t) for fill, t in ((-1, positions), (0, groups), (0, docs)))
+            positions, groups, docs = (torch.where(new, fill, t)
+                                       for fill, t in ((-1, positions), (0, groups), (0, docs)))
         return Segments(positions=positions[:, None] + step, groups=groups[:, None] + step,
                         docs=docs[:, None].expand(-1, n).clone(), valid=step[None, :] <= counts[:, None])
 

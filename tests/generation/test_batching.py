@@ -131,9 +131,10 @@ def test_penalties_top_k_and_logprobs_per_request_in_one_batch_answer_as_alone()
         Request(inputs[0], max_new_tokens=2, top_logprobs=21)
 
 
-def test_a_compiled_decode_step_answers_as_alone_and_compiles_once_for_any_rows_and_lengths():
-    """Slow-ish (~12 s of CPU: inductor compiles two graphs, one row and the dynamic number of rows; a step
-    feeding chunks of prompts would add the same two for S > 1)."""
+def test_a_compiled_packed_step_answers_as_alone_and_compiles_once_for_any_rows_and_lengths():
+    """Slow-ish (~13 s of CPU: inductor compiles the packed call's few layouts, its groups of one-token rows and
+    of prompt chunks alone or together, a group of one row or of a dynamic number), all in the first run; the
+    second run, other prompts and lengths, compiles nothing more."""
     model = pm.build(DECODER.config.replace(n_layers=1)).eval()
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
@@ -152,8 +153,9 @@ def test_a_compiled_decode_step_answers_as_alone_and_compiles_once_for_any_rows_
             assert request.tokens == alone(model, x, request)
 
     run(seed=2)
+    first = counters["stats"]["unique_graphs"] - before
     run(seed=3)
-    assert counters["stats"]["unique_graphs"] - before == 2
+    assert 0 < first <= 6 and counters["stats"]["unique_graphs"] - before == first
 
 
 def flamingo(open_gates):
@@ -245,7 +247,7 @@ def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses():
     with pytest.raises(QueueFull, match="1 requests are waiting"):
         batcher.submit(Request(second, max_new_tokens=5))
     batcher.step()
-    assert batcher.rows == [long] and len(long.tokens) == 3  # the first step prefilled and decoded
+    assert batcher.rows == [long] and len(long.tokens) == 2  # one token per step
     long.cancelled = True
     batcher.step()
     assert finished == [long] and long.finish_reason == "cancelled" and batcher.rows == [waiting]
@@ -313,15 +315,15 @@ def test_a_wave_of_arrivals_is_admitted_over_steps_and_finds_the_first_prefix_ca
 
 
 def test_long_prompts_prefill_in_chunks_beside_decode_steps():
-    """prefill_chunk=4: a 23-token text prompt runs 4 tokens at prefill, then chunks of 4 beside a running
-    request's decode steps; a prefix-LM's prompt (with token types, or without: then all of it is one
-    bidirectional block) is prefilled whole. All equal `generate` alone."""
+    """prefill_chunk=4: a 23-token text prompt runs in chunks of 4 beside a running request's decode steps, in
+    the packed steps; a prefix-LM's prompt (with token types, or without: then all of it is one bidirectional
+    block) is prefilled whole, then fed its first token. All equal `generate` alone."""
     g = torch.Generator().manual_seed(9)
     text = {"input_ids": torch.randint(6, 90, (1, 23), generator=g)}
     typed = image_prompt(torch.randn(3, 32, 32, generator=g), torch.randint(6, 90, (3,), generator=g),
                          torch.randint(6, 90, (9,), generator=g))
     untyped = {"input_ids": typed["input_ids"], "pixel_values": typed["pixel_values"]}
-    for model, inputs, written in ((DECODER, text, 4 + 4), (PALIGEMMA, typed, 28 + 1), (PALIGEMMA, untyped, 28 + 1)):
+    for model, inputs, written in ((DECODER, text, 4), (PALIGEMMA, typed, 28 + 1), (PALIGEMMA, untyped, 28 + 1)):
         batcher = Batcher(model, slots=2, max_len=48, block_size=4, prefill_chunk=4)
         running = Request({"input_ids": torch.tensor([[7, 8, 9]])}, max_new_tokens=12)
         batcher.submit(running)
@@ -333,30 +335,6 @@ def test_long_prompts_prefill_in_chunks_beside_decode_steps():
         drain(batcher)
         assert request.tokens == alone(model, inputs, request)
         assert running.tokens == alone(model, running.inputs, running)
-
-
-def test_a_prompt_chunk_runs_apart_from_decode_rows_it_would_pad_and_beside_those_it_would_not():
-    """prefill_chunk=8: a prompt's chunk of 8 beside three decode rows would make a call of 4 x 8 tokens for 11 real
-    ones, so the chunk runs in a call of its own; beside one decode row (2 x 8 for 9) they share one. Every answer
-    equals `generate` alone and the blocks follow the tokens."""
-    g = torch.Generator().manual_seed(11)
-    long = {"input_ids": torch.randint(6, 90, (1, 30), generator=g)}
-    for n_running, shapes in ((3, {(1, 8), (3, 1)}), (1, {(2, 8)})):
-        batcher = Batcher(DECODER, slots=4, max_len=60, block_size=4, prefill_chunk=8)
-        calls = []
-        decode = batcher.decode
-        batcher.decode = lambda tokens, step, **kw: (calls.append(tuple(tokens.shape)), decode(tokens, step, **kw))[1]
-        running = [Request(x, max_new_tokens=20) for x in prompts(DECODER, n_running, seed=12)]
-        batcher.submit(*running)
-        batcher.step()
-        request = Request(long, max_new_tokens=4)
-        batcher.submit(request)
-        calls.clear()
-        batcher.step()  # the long prompt's first 8 tokens prefilled, then the first chunk beside the decode rows
-        assert set(calls) == shapes
-        drain(batcher)
-        for r in [*running, request]:
-            assert r.tokens == alone(DECODER, r.inputs, r)
 
 
 def test_an_option_is_not_media_and_reaches_the_prefill():

@@ -89,9 +89,21 @@ class EarlyFusion(LanguageModel):
         return self.fuse(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=logits_to_keep,
                          encoder_caches=encoder_caches, **media)
 
-    def decode(self, input_ids: torch.Tensor, cache: Cache, *, logits_to_keep: int = 1) -> ModelOutput:
+    def decode(self, input_ids: torch.Tensor, cache: Cache, *, logits_to_keep: int | torch.Tensor = 1) -> ModelOutput:
         """New tokens on what the cache holds: the plain decoder, no media."""
         return self.decoder(input_ids, cache=cache, logits_to_keep=logits_to_keep)
+
+    @property
+    def packs(self) -> bool:
+        return self.decoder.packs
+
+    def check_prompt(self, input_ids: torch.Tensor) -> None:
+        """`fuse`'s checks of a prompt without media: known ids, no placeholder, spans closed."""
+        check_inputs(self.decoder, input_ids)
+        if self.writer is not None:
+            self.write(input_ids, None, None)
+        table = self.modalities_for()
+        self.check_media(self.spans(input_ids, {}, table), {}, 1, table)
 
     def modalities_for(self, **options) -> tuple[Modality, ...]:
         """The table one call reads, given the family's `options` (by default, and with none given: `modalities`)."""

@@ -9,17 +9,20 @@ while a row is free and the pool has
 the blocks their worst case (prompt + max_new_tokens) could take beside the running ones' worst cases, so a
 step never runs short; each new request looks its prompt up in the prefix cache (keys: token ids, per-token
 inputs, every media item's content hash, `prompt_keys`); one whose prefix a request admitted beside it (or still
-prefilling in chunks) is writing waits for it, keeping its place (SGLang's cache-aware scheduling), and starts
-on the hit once it is filed, in the same step when that step's prefill wrote it. The ones without a hit are
-prefilled together, in
-one left-padded call per media layout (padding takes no slot); the media are encoded through the batcher's
-`EncoderCache`s (the same image twice is encoded once). A long causal prompt is prefilled up to its media
-spans' ends (their end tokens included: a chunk never splits a span) and `prefill_chunk` tokens at least; a
-prefix-LM's (a model with per-token inputs) whole. Then one call continues every other sequence: a running
-request feeds its last token, a request with prompt tokens still to run (after a hit or a first chunk) feeds
-the next `prefill_chunk` of them (chunked prefill beside the decode rows), and takes its first token from its
-prompt's last logit. Rows are padded to the longest feed, so when that would more than double the call's tokens
-the rows feeding chunks run in a second call of their own.
+being written) will file waits for it, keeping its place (SGLang's cache-aware scheduling), and starts on the hit
+once it is filed (in the same step when that step's prefill wrote it). A text prompt (no media, no per-token inputs) to a
+model whose decoder packs starts with nothing run; the others without a hit are prefilled together, in one
+left-padded call per media layout (padding takes no slot), their media encoded through the batcher's
+`EncoderCache`s (the same image twice is encoded once): a long causal prompt up to its media spans' ends (their
+end tokens included: a chunk never splits a span) and `prefill_chunk` tokens at least, a prefix-LM's (a model
+with per-token inputs) whole. Then one call continues every sequence: a running request feeds its last token, a
+request with prompt tokens still to run (a new text prompt, or the rest after a hit or a first chunk) feeds the
+next `prefill_chunk` of them, `prefill_tokens` at most over the step's chunks (chunked prefill beside the decode
+rows), and takes its first token from its prompt's last logit. For a model that packs (`LanguageModel.packs`)
+that call is packed (`nn.paged_cache.PackedStep`): every row's tokens in one row of the real tokens, no
+padding, attention per row, the head only at the rows that choose a token; so a step with text arrivals makes
+one call, as HF's continuous batching flattens its requests (`cumulative_seqlens_q`). A model whose attention
+reads rows (ALiBi's bias, the flex backend, Flamingo's cross-attention) gets the rows padded to the longest feed.
 
 Each request has its own sampling settings (temperature, top-k, top-p, repetition / frequency / presence
 penalties) and stop tokens (one `Chooser` per setting; a row's seen tokens kept beside it), seed and listener,
@@ -29,8 +32,8 @@ and top-p). Rows never share positions or columns, so each sees exactly the keys
 tokens equal `generate` alone, and a seeded request draws its noise from its own generator as
 `generate(seed=...)` does. A cross-attention model's rows keep their own media K/V in the paged cache too.
 
-A decode call reads a `PagedStep`, its host work (blocks, slots, segments) done before the call, so with
-`compile=True` the calls run through `torch.compile` with dynamic shapes and reuse a few graphs whatever the
+A call reads a `PackedStep` or `PagedStep`, its host work (blocks, slots, segments) done before the call, so
+with `compile=True` the calls run through `torch.compile` with dynamic shapes and reuse a few graphs whatever the
 rows and their lengths.
 """
 
@@ -43,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymodal.errors import InputError, check_number
+from polymodal.errors import InputError, PolymodalError, check_number
 from polymodal.families import spec_of
 from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
@@ -119,7 +122,7 @@ class _Sequence:
 
     seq: int  # its sequence id in the cache
     blocks: int  # the most blocks its prompt and max_new_tokens may take
-    pending: torch.Tensor  # (n,) prompt tokens the decode calls still run (after a hit or a first chunk)
+    pending: torch.Tensor  # (n,) prompt tokens the step calls still run (a text prompt, or after a hit or a chunk)
 
 
 class Batcher:
@@ -127,9 +130,10 @@ class Batcher:
     `max_len`: a request's prompt + new tokens; `n_blocks` (default: room for `slots` requests of max_len)
     blocks of `block_size` tokens in the pool; `prefill_tokens`: prompt tokens admitted per step (at least one
     request), so a wave of arrivals is prefilled over several steps beside the decode steps and the later ones
-    find the earlier ones' prefixes cached; `prefill_chunk`: prompt tokens a request runs per step after a hit
-    or its first chunk (a long causal prompt's first prefill runs at least as many); `compile`: the decode calls
-    through `torch.compile` (prefill stays eager)."""
+    find the earlier ones' prefixes cached, and the most prompt tokens a step's call runs in chunks;
+    `prefill_chunk`: prompt tokens a request runs per step in the step's call (a long causal prompt's first
+    prefill of media runs at least as many); `compile`: the step calls
+    through `torch.compile` (a prefill of media stays eager)."""
 
     def __init__(self, model: LanguageModel, *, slots: int, max_len: int, max_waiting: int = 256,
                  block_size: int = 16, n_blocks: int | None = None, prefill_chunk: int = 256, prefill_tokens: int = 512,
@@ -141,8 +145,8 @@ class Batcher:
             raise InputError(f"a batcher needs a model that writes tokens; a {type(model).__name__} writes nothing")
         self.model, self.slots, self.max_len, self.max_waiting = model, slots, max_len, max_waiting
         self.prefill_chunk, self.prefill_tokens = prefill_chunk, prefill_tokens
-        # a decode call reads a `PagedStep` (tensors only): compiled with dynamic shapes, any rows and lengths
-        # reuse one graph (a few: dims of 1 are specialised); eager runs the same code
+        # a step call reads a `PackedStep` / `PagedStep` (tensors only): compiled with dynamic shapes, any rows and
+        # lengths reuse a few graphs (dims of 1 are specialised); eager runs the same code
         self.decode = torch.compile(model.decode, dynamic=True) if compile else model.decode
         self.cache = PagedCache.for_model(model, n_blocks or slots * -(-max_len // block_size) + 1, block_size)
         modalities = model.modalities if isinstance(model, EarlyFusion) else ()
@@ -206,12 +210,12 @@ class Batcher:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One step boundary: drop cancelled requests, admit waiting ones (prefilled together, or started on
-        their cached prefix), then one call continues every other running request."""
+        """One step boundary: drop cancelled requests, admit waiting ones (started on their cached prefix; those
+        with media prefilled together), then one call continues every running request."""
         for row, request in enumerate(self.rows):
             if request is not None and request.cancelled:
                 self._leave(row, "cancelled")
-        new = [row for row in self._admit() if self.cache.lengths[self.seqs[row].seq] == 0]
+        new = [row for row in self._admit() if self.cache.lengths[self.seqs[row].seq] == 0 and self._run(row)]
         for group in self._layouts(new).values():
             self._start(group)
         self._admit_held()  # on the prefixes just written: their rows join this step's decode call
@@ -305,12 +309,21 @@ class Batcher:
         return row
 
     def _first_chunk(self, request: Request, keys) -> int:
-        """The prompt tokens a new request's prefill runs: all of them, or, for a long causal prompt, its media
-        spans whole, end tokens included (`PromptKeys.media_end`), and `prefill_chunk` tokens at least; the rest
-        runs in chunks beside the decode steps. A model with per-token inputs (a prefix-LM: its prompt may be one
-        bidirectional block, with or without them given) is prefilled whole."""
+        """The prompt tokens a new request's prefill runs: none for a text prompt (no media, no per-token inputs:
+        causal) to a model that packs, which the packed steps run in chunks (all of it if the model refuses it:
+        its prefill fails it alone); all of them, or, for a long causal prompt, its media spans whole, end tokens
+        included (`PromptKeys.media_end`), and `prefill_chunk` tokens at least; the rest runs in chunks beside the
+        decode steps. A model with per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with
+        or without them given) is prefilled whole."""
         P = request.prompt_len
-        causal = keys is not None and not spec_of(self.model).per_token_inputs
+        per_token = spec_of(self.model).per_token_inputs
+        if self.model.packs and not per_token and all(v is None for k, v in request.inputs.items() if k != "input_ids"):
+            try:
+                self.model.check_prompt(request.inputs["input_ids"])
+            except PolymodalError:
+                return P
+            return 0
+        causal = keys is not None and not per_token
         return max(self.prefill_chunk, keys.media_end) if causal and P > self.prefill_chunk else P
 
     def _start(self, rows: list[int]) -> None:
@@ -383,35 +396,42 @@ class Batcher:
         return out.logits[:, -1]
 
     def _continue(self, rows: list[int]) -> None:
-        """The decode calls over `rows`: each feeds its last token, or the next chunk of its prompt; a row that
-        fed its last prompt token or a token of its own chooses its next one. The rows feeding chunks run in a
-        call of their own when padding the others to their length would more than double the call's tokens
-        (every padding token costs a real one's compute)."""
-        counts = [min(len(self.seqs[row].pending), self.prefill_chunk) or 1 for row in rows]
-        if max(counts) > 1 and len(rows) * max(counts) > 2 * sum(counts) and 1 in counts:
-            for many in (False, True):
-                group = [(row, n) for row, n in zip(rows, counts) if (n > 1) == many]
-                self._call([row for row, _ in group], [n for _, n in group])
-        else:
-            self._call(rows, counts)
-
-    def _call(self, rows: list[int], counts: list[int]) -> None:
-        """One decode call: row b feeds counts[b] tokens (its last token, or that many of its prompt's)."""
-        tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=self.cache.device)
-        tokens[:, 0] = self.last[rows]
-        for b, row in enumerate(rows):
+        """The call over `rows` that continues them: each feeds its last token, or the next chunk of its prompt (up
+        to `prefill_chunk` tokens, and `prefill_tokens` over the step's chunks: a row past them waits a step); a
+        row that fed its last prompt token or a token of its own chooses its next one. For a model that packs,
+        every row's tokens run in one row, one-token rows first (`PagedCache.packed`); otherwise the rows are
+        padded to the longest."""
+        fed, budget = [], self.prefill_tokens
+        for row in rows:
+            pending = len(self.seqs[row].pending)
+            n = min(pending, self.prefill_chunk, budget) if pending else 1
+            budget -= n if pending else 0
+            if n:
+                fed.append((n > 1, row, n))
+        fed.sort(key=lambda f: f[0])  # stable: rows keep their order within the one-token rows and the others
+        rows, counts = [row for _, row, _ in fed], [n for _, _, n in fed]
+        device = self.cache.device
+        feeds = []
+        for row, n in zip(rows, counts):
             s = self.seqs[row]
-            if len(s.pending):
-                tokens[b, :counts[b]] = s.pending[:counts[b]]
-                s.pending = s.pending[counts[b]:]
-        step = self.cache.step([self.seqs[row].seq for row in rows], tokens.shape[1], new_tokens=counts)
-        logits = self.decode(tokens, step, logits_to_keep=0).logits
+            feeds.append(s.pending[:n].to(device) if len(s.pending) else self.last[row:row + 1])
+            s.pending = s.pending[n:]
+        seqs = [self.seqs[row].seq for row in rows]
         ready = [b for b, row in enumerate(rows) if not len(self.seqs[row].pending)]
+        n, ready_t = torch.tensor(counts, device=device), torch.tensor(ready, dtype=torch.long, device=device)
+        if self.model.packs:
+            step = self.cache.packed(seqs, counts)  # the ready rows' logits at their last tokens only
+            logits = self.decode(torch.cat(feeds)[None], step, logits_to_keep=(n.cumsum(0) - 1)[ready_t]).logits[0]
+        else:
+            tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=device)
+            for b, feed in enumerate(feeds):
+                tokens[b, :len(feed)] = feed
+            step = self.cache.step(seqs, tokens.shape[1], new_tokens=counts)
+            logits = self.decode(tokens, step, logits_to_keep=0).logits
+            logits = logits[ready_t, n[ready_t] - 1]
         if ready:
-            index = torch.tensor(ready, device=logits.device)
-            last = logits[index, torch.tensor([counts[b] - 1 for b in ready], device=logits.device)]
             chosen = [rows[b] for b in ready]
-            self._emit(chosen, self._choose(last, chosen))
+            self._emit(chosen, self._choose(logits, chosen))
 
     def _chooser(self, request: Request) -> Chooser:
         """The chooser of the request's settings, made once per setting (its image spans' table built once)."""

@@ -4,7 +4,8 @@ sliding windows in chunks (USM/Conformer local attention), soft-capped scores.
 Projections live here; the kernel is `attend(q, k, v, mask)` with backends "sdpa"
 (`scaled_dot_product_attention`) and "eager" (the reference the tests compare against), or, with the
 "flex" backend, `FlexAttention` over a `masks.block_mask` (the seam PyTorch's context parallel hooks).
-Given a `ring_attention.RingMask` (a context-parallel decoder), it attends around the ring of processes.
+Given a `ring_attention.RingMask` (a context-parallel decoder), it attends around the ring of processes; given a
+`packed.PackedMask` (a packed call of many sequences in one row), per sequence through the same kernel.
 Attention never infers causality: the model builds the mask from `masks.py` and passes it down;
 `is_causal=True` is only a fast path the model takes when it has proven the mask is plain causal.
 
@@ -25,6 +26,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from polymodal.errors import InputError
 from polymodal.nn.cache import CrossKV, KVCache
 from polymodal.nn.masks import LocalWindow
+from polymodal.nn.packed import PackedMask
 from polymodal.nn.positions import RelativePositionBias, RotaryTables
 from polymodal.nn.ring_attention import RingMask, ring_attention
 
@@ -159,6 +161,8 @@ class Attention(nn.Module):
             if self.dropout and self.training:
                 raise InputError("ring attention has no attention dropout: build the model with dropout 0")
             y = ring_attention(q, k, v, mask, scale=scale)
+        elif isinstance(mask, PackedMask):
+            y = mask.attend(q, k, v, functools.partial(attend, scale=scale, softcap=self.softcap, backend=self.backend))
         elif self.flex is not None:
             if not isinstance(mask, BlockMask):
                 raise InputError(f"the flex backend needs a masks.block_mask, got {type(mask).__name__}")

@@ -12,6 +12,10 @@ class LanguageModel:
     """Mixed into every model that writes tokens (listed before `nn.Module` among its bases)."""
 
     image_spans = None  # an `ImageSpans` state machine for a model that writes images as tokens
+    # whether `decode` takes a packed call (`nn.paged_cache.PackedStep`), which may start a new sequence of text:
+    # such a model has `check_prompt(input_ids)`, which raises what `prefill` would of it, before any compute (a
+    # packed call checks nothing)
+    packs = False
 
     @property
     def text_config(self):
@@ -25,5 +29,5 @@ class LanguageModel:
         return self(input_ids=input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=logits_to_keep,
                     **media)
 
-    def decode(self, input_ids: torch.Tensor, cache, *, logits_to_keep: int = 1):
+    def decode(self, input_ids: torch.Tensor, cache, *, logits_to_keep: int | torch.Tensor = 1):
         return self(input_ids=input_ids, cache=cache, logits_to_keep=logits_to_keep)

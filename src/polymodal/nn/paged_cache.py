@@ -39,7 +39,8 @@ import torch
 from polymodal.errors import InputError
 from polymodal.nn.block_pool import NULL_BLOCK, BlockPool
 from polymodal.nn.cache import Cache, CrossKV
-from polymodal.nn.masks import Segments
+from polymodal.nn.masks import Segments, attention_mask
+from polymodal.nn.packed import PackedGroup, PackedMask, gather_rows
 from polymodal.nn.prefix_keys import PromptKeys, group_ends
 
 SEGMENT_FIELDS = ("positions", "groups", "docs", "valid")
@@ -61,12 +62,12 @@ class PagedLayer:
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # input_pos (B, S) pool slots; k, v (B, nkv, S, hs) -> each row's K/V (B, nkv, L, hs)
+        # (a packed step: the pools (N, nkv, hs), which its mask reads per group)
         cache, index = self.batch.cache, self.batch.slot_index
         out = []
         for pool, new in ((cache.k[self.layer], k), (cache.v[self.layer], v)):
             pool.index_copy_(0, input_pos.reshape(-1), new.transpose(1, 2).flatten(0, 1).to(pool.dtype))
-            # index_select, not pool[index]: advanced indexing takes 4x longer on CPU for these shapes
-            out.append(pool.index_select(0, index.reshape(-1)).unflatten(0, index.shape).transpose(1, 2))
+            out.append(pool if index is None else gather_rows(pool, index))
         return out
 
 
@@ -79,7 +80,7 @@ class PagedBatch:
             raise InputError(f"a paged batch takes distinct sequences the cache holds; unknown {unknown}, "
                              f"given {seq_ids}")
         started = {cache.lengths[s] > 0 for s in seq_ids}
-        if len(started) > 1:
+        if len(started) > 1 and new_tokens is None:  # a step (new_tokens given) starts new ones causally
             raise InputError("a paged batch either prefills new sequences or continues sequences that hold tokens; "
                              f"lengths {[cache.lengths[s] for s in seq_ids]} mix both")
         if new_tokens is not None and (len(new_tokens) != len(seq_ids) or min(new_tokens) < 1):
@@ -96,18 +97,26 @@ class PagedBatch:
         return max(self.cache.lengths[s] for s in self.seq_ids)
 
     def next_segments(self, n: int = 1) -> Segments:
-        """Segments of n new causal tokens after each row's last one; with `new_tokens`, row b's tokens past
-        its count are padding (a decode step beside chunks of prompts)."""
+        """Segments of n new causal tokens after each row's last one (a new row's from position 0 and group 1, as
+        a prefill of its tokens writes them); with `new_tokens`, row b's tokens past its count are padding (a
+        decode step beside chunks of prompts)."""
         if self.new_tokens is not None and max(self.new_tokens) > n:
             raise InputError(f"new_tokens {self.new_tokens} counts more than the {n} tokens given")
-        last = torch.tensor([self.cache.slot(s, self.cache.lengths[s] - 1) for s in self.seq_ids],
-                            device=self.cache.device)
+        cache = self.cache
+        lengths = [cache.lengths[s] for s in self.seq_ids]
+        # a new row reads the null slot's segments, then takes position -1, group 0 and document 0 instead
+        last = torch.tensor([cache.slot(s, n - 1) if n else NULL_BLOCK * cache.block_size
+                             for s, n in zip(self.seq_ids, lengths)], device=cache.device)
         step = torch.arange(1, n + 1, device=last.device)
         counts = torch.tensor(self.new_tokens or [n] * self.batch, device=last.device)
-        stored = self.cache.segments
-        return Segments(positions=stored.positions[last][:, None] + step, groups=stored.groups[last][:, None] + step,
-                        docs=stored.docs[last][:, None].expand(-1, n).clone(),
-                        valid=step[None, :] <= counts[:, None])
+        stored = cache.segments
+        positions, groups, docs = stored.positions[last], stored.groups[last], stored.docs[last]
+        if 0 in lengths:
+            new = torch.tensor([length == 0 for length in lengths], device=cache.device)
+            positions, groups, docs = (torch.where(new, fill, t)
+                                       for fill, t in ((-1, positions), (0, groups), (0, docs)))
+        return Segments(positions=positions[:, None] + step, groups=groups[:, None] + step,
+                        docs=docs[:, None].expand(-1, n).clone(), valid=step[None, :] <= counts[:, None])
 
     def cross_kv(self, layer: int) -> PagedCrossKV:
         return PagedCrossKV(self, layer)
@@ -258,7 +267,60 @@ class PagedStep:
         return self.input_pos
 
     def cross_kv(self, layer: int) -> CrossKV:
-        return self.cross[layer]
+        return self.cross.setdefault(layer, CrossKV())  # empty when no row has media, as `Cache.cross_kv`'s
+
+
+class PackedStep:
+    """The cache of a packed call (`nn.packed`): sequences feeding counts[b] tokens each (a decode row 1, a prompt
+    chunk more, a new sequence its prompt's first), concatenated in that order into one row of T tokens. Its host
+    work is done ahead, as a `PagedStep`'s: the rows of one token and the others are two `PagedBatch`es, each
+    writing its rows' slots and segments as a decode call does (a new row's as its prefill would), and the
+    `PackedMask` (`slots`) attends per group. The layers write K/V at `input_pos` (1, T) and hand the mask the
+    pools. The rows of one token keep extending the last call's table step after step (`LastCall`)."""
+
+    def __init__(self, cache: PagedCache, seq_ids: list[int], counts: list[int]):
+        self.cache, self.batch, self.slot_index = cache, 1, None
+        starts = [sum(counts[:b]) for b in range(len(counts))]
+        groups, kept, packed_of = [], [], []  # packed_of: the packed token of each kept output, in group order
+        held = None
+        for rows in ([b for b, n in enumerate(counts) if n == 1], [b for b, n in enumerate(counts) if n > 1]):
+            if not rows:
+                continue
+            n = [counts[b] for b in rows]
+            S = max(n)
+            batch = PagedBatch(cache, [seq_ids[b] for b in rows], n)
+            seg = batch.next_segments(S)
+            input_pos = batch.write(seg)
+            if S == 1:
+                held = cache.last
+            # query s of row b is packed token starts[b] + s; a pad repeats its row's last token
+            q_index = None if rows == list(range(len(rows))) and S == 1 else torch.tensor(
+                [[starts[b] + min(s, counts[b] - 1) for s in range(S)] for b in rows], device=cache.device)
+            keep = None if min(n) == S else torch.tensor([i * S + s for i, k in enumerate(n) for s in range(k)],
+                                                         device=cache.device)
+            groups.append(PackedGroup(q_index, batch.slot_index, attention_mask(seg, batch.slots), keep))
+            kept.append([t.reshape(-1) if keep is None else t.reshape(-1).index_select(0, keep)
+                         for t in (input_pos, *(getattr(seg, name) for name in SEGMENT_FIELDS))])
+            packed_of += [starts[b] + s for b in rows for s in range(counts[b])]
+        if held is not None:  # the one-token rows' table, which the next step's decode rows extend
+            cache.last = held
+        order = None
+        if packed_of != list(range(len(packed_of))):
+            order = torch.empty(len(packed_of), dtype=torch.long)
+            order[packed_of] = torch.arange(len(packed_of))
+            order = order.to(cache.device)
+        fields = [torch.cat(field) if len(kept) > 1 else field[0] for field in zip(*kept)]
+        fields = [t[None] if order is None else t.index_select(0, order)[None] for t in fields]
+        self.input_pos, self.segments = fields[0], Segments(*fields[1:])
+        self.slots = PackedMask(groups, order)
+        self.layers = [PagedLayer(self, i) for i in range(cache.n_layers)]
+        self.length = max(cache.lengths[s] for s in seq_ids)  # > 0: the model continues every row from its segments
+
+    def next_segments(self, n: int = 1) -> Segments:
+        return self.segments
+
+    def write(self, seg: Segments) -> torch.Tensor:
+        return self.input_pos
 
 
 class PagedCache:
@@ -336,6 +398,10 @@ class PagedCache:
     def step(self, seq_ids: list[int], n: int, new_tokens: list[int] | None = None) -> PagedStep:
         """The cache of one decode call of n tokens per row over sequences that hold tokens, its host work done."""
         return PagedStep(self.batch(seq_ids, new_tokens), n)
+
+    def packed(self, seq_ids: list[int], counts: list[int]) -> PackedStep:
+        """The cache of one packed call: counts[b] new tokens of each sequence (new ones among them), concatenated."""
+        return PackedStep(self, seq_ids, counts)
 
     def slot(self, seq: int, i: int) -> int:
         return self.tables[seq][i // self.block_size] * self.block_size + i % self.block_size

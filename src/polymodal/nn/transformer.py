@@ -24,6 +24,7 @@ from polymodal.nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy
 from polymodal.nn.masks import Segments, attention_mask, block_mask, make_segments
 from polymodal.nn.mlp import make_mlp
 from polymodal.nn.norms import LayerNorm, make_norm
+from polymodal.nn.packed import PackedMask
 from polymodal.nn.positions import ALiBi, Rotary, RotaryTables
 from polymodal.nn.language_model import LanguageModel
 from polymodal.nn.lora import TrainableRows
@@ -140,6 +141,12 @@ class Decoder(LanguageModel, nn.Module):
         return self.config
 
     @property
+    def packs(self) -> bool:
+        """Whether a packed call (`nn.packed`) runs it: attention per row needs no row-wise bias (ALiBi) or
+        block mask (flex)."""
+        return self.alibi is None and self.backend != "flex" and self.sequence_split is None
+
+    @property
     def output_weight(self) -> torch.Tensor:
         head = self.tok_embeddings if self.output is None else self.output
         return head.merged_weight() if isinstance(head, TrainableRows) else head.weight
@@ -158,16 +165,23 @@ class Decoder(LanguageModel, nn.Module):
             raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got {input_ids[bad].tolist()[:8]} "
                              f"at positions {bad.nonzero().tolist()[:8]}")
 
+    def check_prompt(self, input_ids: torch.Tensor) -> None:
+        """What `forward` checks of a text prompt before any compute (`LanguageModel.packs`)."""
+        check_ids(input_ids)
+        self.check_token_ids(input_ids)
+
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, block_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: Cache | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int | torch.Tensor = 0) -> ModelOutput:
         """input_ids (B, S) or inputs_embeds (B, S, dim) (unscaled; media already spliced in).
         attention_mask / document_ids / block_ids / position_ids: see `masks.make_segments`.
         labels (B, S): next-token targets aligned with input_ids (shifted here), -100 = ignore.
         cache: a `make_cache` cache; when it already holds tokens, the input continues every row.
-        logits_to_keep: >0 computes logits for the last n positions only."""
+        logits_to_keep: >0 computes logits for the last n positions only; a 1-D tensor, at those positions.
+        A packed call (`cache` a `paged_cache.PackedStep`): input_ids (1, T), every row's new tokens one after the
+        other, T past max_seq_len if the rows' are not."""
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("give exactly one of input_ids and inputs_embeds")
         decoding = cache is not None and cache.length > 0
@@ -177,7 +191,7 @@ class Decoder(LanguageModel, nn.Module):
                 self.check_token_ids(input_ids)
             inputs_embeds = self.tok_embeddings(input_ids)
         B, S, _ = inputs_embeds.shape
-        if S > self.config.max_seq_len:
+        if S > self.config.max_seq_len and not (decoding and isinstance(cache.slots, PackedMask)):
             raise InputError(f"sequence of {S} tokens exceeds max_seq_len={self.config.max_seq_len}")
         if decoding:
             if any(t is not None for t in (attention_mask, document_ids, block_ids, position_ids)):
@@ -219,6 +233,11 @@ class Decoder(LanguageModel, nn.Module):
         is_causal = plain_causal and cache is None and self.alibi is None and self.backend != "flex" and split is None
         if split is not None:
             x, seg, mask = split.shard(x, seg, self.alibi)
+        elif isinstance(k_seg, PackedMask):
+            if not self.packs:
+                raise InputError("a packed call attends per row through sdpa or eager, with rotary, learned or no "
+                                 "positions; this decoder has ALiBi or the flex backend")
+            mask = k_seg
         elif self.backend == "flex":
             mask = block_mask(seg, k_seg)
         else:
@@ -234,8 +253,10 @@ class Decoder(LanguageModel, nn.Module):
         x = self.norm(x) if self.norm is not None else x
         return x if split is None else split.gather(x, seq_len)
 
-    def head(self, h: torch.Tensor, labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
-        """Logits (of the last logits_to_keep positions when > 0) and, given labels, the next-token loss,
+    def head(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+             logits_to_keep: int | torch.Tensor = 0) -> ModelOutput:
+        """Logits (of the last logits_to_keep positions when > 0, or at the positions a 1-D tensor gives; HF's
+        convention) and, given labels, the next-token loss,
         computed in chunks (`nn.loss`) without the (B, S, V) logits. A training-mode call with labels
         returns no logits (Liger-Kernel's skip_logits), so training never materialises them."""
         loss = logits = None
@@ -256,5 +277,9 @@ class Decoder(LanguageModel, nn.Module):
                 chunk = min(max(1, CHUNK_ELEMENTS // self.output_weight.shape[0]), rows)
             loss = chunked_cross_entropy(h, self.output_weight, targets, chunk)
         if labels is None or not self.training:
-            logits = F.linear(h[:, -logits_to_keep:] if logits_to_keep else h, self.output_weight)
+            if torch.is_tensor(logits_to_keep):
+                h = h.index_select(1, logits_to_keep)
+            elif logits_to_keep:
+                h = h[:, -logits_to_keep:]
+            logits = F.linear(h, self.output_weight)
         return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)

@@ -64,10 +64,10 @@ def test_requests_about_one_image_submitted_at_once_all_hit_but_the_first_in_the
 
 
 def test_a_request_waits_for_a_prefix_prefilled_in_chunks_while_others_go_first():
-    # the writer's 20 tokens prefill in chunks of 8 over two steps; `shares` has its first 12 (3 blocks of 4), as
+    # the writer's 16 tokens run in packed chunks of 8 over two steps; `shares` has its first 12 (3 blocks of 4), as
     # many tokens as its own prefill would run in two steps: it waits for them. `short` shares 4 tokens (one
     # block), one chunk's worth: not worth two steps. `other` shares nothing.
-    start = tokens(20, 2)
+    start = tokens(16, 2)
     writer, shares = text(start), text(start[:12], tokens(7, 3))
     short, other = text(start[:4], tokens(10, 4)), text(tokens(9, 5))
     batcher = Batcher(DECODER, slots=6, max_len=64, block_size=4, prefill_chunk=8)
@@ -86,30 +86,44 @@ def test_a_request_waits_for_a_prefix_prefilled_in_chunks_while_others_go_first(
         assert request.tokens == alone(DECODER, x, request)
 
 
-@pytest.mark.parametrize("how", ["cancelled", "failed"])
-def test_a_held_request_prefills_itself_when_its_writer_is_cancelled_or_fails(how):
-    start = tokens(20, 6)
-    if how == "failed":
-        start[-1] = 200  # past the vocabulary: the writer's last chunk fails
-    writer = text(start)
+def test_a_held_request_prefills_itself_when_its_writer_is_cancelled():
+    start = tokens(16, 6)
+    writer = text(start)  # 2 packed chunks of 8: as many steps as the held request's own 12 cached tokens would take
     shares = text(start[:16], tokens(3, 7))
-    batcher = Batcher(DECODER, slots=4, max_len=64, block_size=4, prefill_chunk=4)
+    batcher = Batcher(DECODER, slots=4, max_len=64, block_size=4, prefill_chunk=8)
     first, held = Request(writer, max_new_tokens=5), Request(shares, max_new_tokens=5)
     batcher.submit(first, held)
     batcher.step()
     assert list(batcher.waiting) == [held]
-    if how == "cancelled":
-        first.cancelled = True
-    drain(batcher)  # a failed writer's chunk fails in a later step; it never fails the request it held
-    assert first.finish_reason == ("cancelled" if how == "cancelled" else "error")
+    first.cancelled = True
+    drain(batcher)
+    assert first.finish_reason == "cancelled"
     assert held.finish_reason == "length" and held.tokens == alone(DECODER, shares, held)
     assert batcher.cache.hit_tokens == 0  # nothing was filed: it ran its whole prompt
+
+
+def test_a_prompt_the_model_refuses_takes_no_hit_and_fails_alone():
+    # a text prompt whose cached prefix is found but whose rest the model refuses (a token past the vocabulary):
+    # the packed steps check nothing, so it is checked before it joins them, and fails alone as its prefill refuses it
+    start = tokens(16, 6)
+    batcher = Batcher(DECODER, slots=4, max_len=64, block_size=4, prefill_chunk=8)
+    first = Request(text(start), max_new_tokens=3)
+    batcher.submit(first)
+    drain(batcher)
+    bad_ids = text(start[:12], torch.tensor([200, 3]))
+    bad = Request(bad_ids, max_new_tokens=3)
+    batcher.submit(bad)
+    drain(batcher)
+    assert bad.finish_reason == "error" and isinstance(bad.error, ValueError)
+    assert "[0, 97)" in str(bad.error) and "[200]" in str(bad.error)  # the vocabulary and the token, before compute
+    assert batcher.cache.hit_tokens == 0 and batcher.cache.pool.in_use == 0
 
 
 def test_a_held_request_keeps_its_row():
     start = tokens(20, 8)
     writer, shares, later = text(start), text(start[:16], tokens(3, 9)), text(tokens(6, 10))
-    batcher = Batcher(DECODER, slots=2, max_len=64, block_size=4, prefill_chunk=4)
+    # the writer's 20 tokens run in 2 packed chunks, as many steps as the held request's own 16 cached tokens
+    batcher = Batcher(DECODER, slots=2, max_len=64, block_size=4, prefill_chunk=10)
     requests = [Request(x, max_new_tokens=30) for x in (writer, shares, later)]
     batcher.submit(*requests)
     batcher.step()

@@ -298,9 +298,11 @@ class Batcher:
         """A free row for the request, started on its prompt's cached prefix; returns the row."""
         row, seq = self.rows.index(None), self.next_seq
         self.next_seq += 1
-        hit = self.cache.add(seq, keys)
+        packed = self._packed_text(request)
+        refused = packed and self._refused(request)
+        hit = self.cache.add(seq, None if refused else keys)
         self.rows[row] = request
-        first = hit or self._first_chunk(request, keys)
+        first = hit or (request.prompt_len if refused else 0 if packed else self._first_chunk(request, keys))
         self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
         vocab = self.model.text_config.vocab_size
         state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
@@ -308,22 +310,29 @@ class Batcher:
             self.state[row] = state[0]
         return row
 
+    def _packed_text(self, request: Request) -> bool:
+        """A text prompt (no media, no per-token inputs: causal) to a model that packs: the packed steps run all of
+        it, in chunks."""
+        return (self.model.packs and not spec_of(self.model).per_token_inputs
+                and all(v is None for k, v in request.inputs.items() if k != "input_ids"))
+
+    def _refused(self, request: Request) -> bool:
+        """Whether the model refuses a packed text prompt (`check_prompt`; a packed call checks nothing): it is then
+        prefilled whole, without a cached prefix, so that its prefill fails it alone with `generate`'s error."""
+        try:
+            self.model.check_prompt(request.inputs["input_ids"])
+        except PolymodalError:
+            return True
+        return False
+
     def _first_chunk(self, request: Request, keys) -> int:
-        """The prompt tokens a new request's prefill runs: none for a text prompt (no media, no per-token inputs:
-        causal) to a model that packs, which the packed steps run in chunks (all of it if the model refuses it:
-        its prefill fails it alone); all of them, or, for a long causal prompt, its media spans whole, end tokens
-        included (`PromptKeys.media_end`), and `prefill_chunk` tokens at least; the rest runs in chunks beside the
-        decode steps. A model with per-token inputs (a prefix-LM: its prompt may be one bidirectional block, with
-        or without them given) is prefilled whole."""
+        """The prompt tokens the prefill of a new request with media or per-token inputs runs: all of them, or, for
+        a long causal prompt, its media spans whole, end tokens included (`PromptKeys.media_end`), and
+        `prefill_chunk` tokens at least; the rest runs in chunks beside the decode steps. A model with per-token
+        inputs (a prefix-LM: its prompt may be one bidirectional block, with or without them given) is prefilled
+        whole."""
         P = request.prompt_len
-        per_token = spec_of(self.model).per_token_inputs
-        if self.model.packs and not per_token and all(v is None for k, v in request.inputs.items() if k != "input_ids"):
-            try:
-                self.model.check_prompt(request.inputs["input_ids"])
-            except PolymodalError:
-                return P
-            return 0
-        causal = keys is not None and not per_token
+        causal = keys is not None and not spec_of(self.model).per_token_inputs
         return max(self.prefill_chunk, keys.media_end) if causal and P > self.prefill_chunk else P
 
     def _start(self, rows: list[int]) -> None:

@@ -14,7 +14,8 @@ Two request sets, each sent alike to every server of its part through the `opena
 Each server is its own process, one OMP thread, started once with `--slots` = the highest concurrency. Load
 points: fixed concurrency (a closed loop: `--concurrency` requests in flight) and fixed request rates (an open
 loop: Poisson arrivals, seeded, `--rates`). At each load point the servers of a part take turns (the order
-rotated), so a change in the shared machine's load falls on all of them. Figures (`serving_stats`): TTFT, TPOT,
+rotated), `--rounds` times, so a change in the shared machine's load falls on all of them; a server's figures
+are over all its runs. Figures (`serving_stats`): TTFT, TPOT,
 ITL, end-to-end latency (mean, median, p99), requests/s, output tokens/s, output tokens per CPU second of the
 server process (from /proc: what the machine's load does not inflate), and goodput under the SLOs given. HF's
 continuous-batching KV cache is given the blocks ours has (its default takes 60% of the machine's memory).
@@ -30,7 +31,7 @@ most per running request, at the pool's allocated bytes per block; static: its w
 over its slots), and the paged batcher's prefix-cache hit rate beside the rate the workload's construction
 predicts (`bench_batcher.serve`, `bench_batcher.predicted_hit_rate`).
 
-    python benchmarks/bench_serving.py          # the README's tables (CPU, 3-4 minutes on the 2-core machine)
+    python benchmarks/bench_serving.py --requests 128 --rounds 2   # the README's tables (CPU, 6 minutes, 2 cores)
 """
 
 from __future__ import annotations
@@ -131,18 +132,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def sweep(servers: dict, urls: dict, pids: dict, loads: list[tuple[str, float]]) -> dict:
-    """{load: {server: (records, the server's CPU seconds)}}, the servers taking turns at each load point (the
-    order rotated); the answers of every server equal, request by request, at each load point."""
+def sweep(servers: dict, urls: dict, pids: dict, loads: list[tuple[str, float]], rounds: int) -> dict:
+    """{load: {server: (its runs' records, the server's CPU seconds)}}, the servers taking turns at each load point,
+    `rounds` times (the order rotated at each load point and each round, so a pause of the shared machine falls on
+    any of them); the answers of every server equal, request by request, in every run."""
     results = {}
     for k, load in enumerate(loads):
-        results[load] = {}
-        for name in list(servers)[k % len(servers):] + list(servers)[:k % len(servers)]:
-            cpu = cpu_seconds(pids[name])
-            records = drive(urls[name], servers[name][1], servers[name][2], load)
-            results[load][name] = records, cpu_seconds(pids[name]) - cpu
+        results[load] = {name: ([], 0.0) for name in servers}
+        for r in range(rounds):
+            turn = (k + r) % len(servers)
+            for name in list(servers)[turn:] + list(servers)[:turn]:
+                cpu = cpu_seconds(pids[name])
+                records = drive(urls[name], servers[name][1], servers[name][2], load)
+                runs, used = results[load][name]
+                results[load][name] = runs + [records], used + cpu_seconds(pids[name]) - cpu
         what = f"{load[0]} {load[1]:g}"
-        records = {name: rs for name, (rs, _) in results[load].items()}
+        records = {name: [r for run in runs for r in run] for name, (runs, _) in results[load].items()}
         same_lengths(f"output tokens per request, {what}", {n: [r.tokens for r in rs] for n, rs in records.items()})
         # HF's streamer never sends a trailing incomplete UTF-8 character (random weights write stray bytes)
         texts = {n: [[r.text.rstrip("\ufffd")] for r in rs] for n, rs in records.items()}
@@ -151,7 +156,7 @@ def sweep(servers: dict, urls: dict, pids: dict, loads: list[tuple[str, float]])
     return results
 
 
-def run_part(servers: dict, loads: list, env: dict, tmp: Path) -> dict:
+def run_part(servers: dict, loads: list, env: dict, tmp: Path, rounds: int) -> dict:
     """Starts the servers (all up at once; an idle one takes no CPU), warms each up, sweeps the loads, checks
     the modes they ran in, and stops them."""
     asked = {name: [body["max_tokens"] for body in bodies] for name, (*_, bodies) in servers.items()}
@@ -165,8 +170,8 @@ def run_part(servers: dict, loads: list, env: dict, tmp: Path) -> dict:
             procs[name], urls[name] = bench_serve.start(command, env, logs[name])
         for name, (_, model, bodies) in servers.items():
             drive(urls[name], model, [{**b, "max_tokens": 2} for b in bodies[:4]], ("concurrency", 4))
-        results = sweep(servers, urls, {name: proc.pid for name, proc in procs.items()}, loads)
-        bench_serve.check_modes(servers, urls, logs, 4 + len(loads) * len(next(iter(servers.values()))[2]))
+        results = sweep(servers, urls, {name: proc.pid for name, proc in procs.items()}, loads, rounds)
+        bench_serve.check_modes(servers, urls, logs, 4 + rounds * len(loads) * len(next(iter(servers.values()))[2]))
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -198,7 +203,9 @@ def in_process(directory: Path, bodies: list[dict], concurrencies: list[int]) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=64, help="requests per load point and set")
+    p.add_argument("--requests", type=int, default=64, help="requests per load point, set and round")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each load point per server, the servers taking "
+                   "turns (figures over all of them)")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--rates", type=float, nargs="+", default=[8.0, 32.0], help="Poisson request rates, per second")
@@ -227,16 +234,16 @@ def main() -> None:
             "text only": {"polymodal serve (paged)": ([*ours, str(llama), *slots, *queue], llama.name, ours_text),
                           "HF transformers serve --continuous-batching": (
                               bench_serve.hf_command(hf, llama, max(args.concurrency)), str(hf), text)}}
-        results = {part: run_part(servers, loads, env, tmp) for part, servers in parts.items()}
+        results = {part: run_part(servers, loads, env, tmp, args.rounds) for part, servers in parts.items()}
         memory = in_process(reader_dir, mixed, args.concurrency)
-    figures = {part: {f"{kind} {value:g}": {name: summarise(records, slo) | {"server_cpu_s": cpu}
-                                            for name, (records, cpu) in by_server.items()}
+    figures = {part: {f"{kind} {value:g}": {name: summarise(runs, slo) | {"server_cpu_s": cpu}
+                                            for name, (runs, cpu) in by_server.items()}
                       for (kind, value), by_server in by_load.items()} for part, by_load in results.items()}
     report(figures, memory, args)
 
 
 def report(figures: dict, memory: dict, args) -> None:
-    print(f"\n{args.requests} requests per load point, greedy, streamed; CPU, one OMP thread per server; "
+    print(f"\n{args.requests} requests per load point and round, {args.rounds} round(s), greedy, streamed; CPU, one OMP thread per server; "
           f"SLO: TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms; latencies in ms, "
           "mean / median / p99; every answer and its token count equal on both servers of a part\n")
     print("| set | load | server | requests/s | output tokens/s | tokens / server CPU s | goodput (req/s) | "

@@ -61,10 +61,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, -(-len(ordered) * q // 100) - 1)]
 
 
-def summarise(records: list[Record], slo: Slo) -> dict:
-    """vLLM's figures of one run: latencies in ms (mean, median, p99), throughputs over the run's wall time
-    (first request sent -> last answer done), goodput under `slo`."""
-    duration = max(r.done for r in records) - min(r.sent for r in records)
+def summarise(runs: list[list[Record]], slo: Slo) -> dict:
+    """vLLM's figures of one or more runs of a load point: latencies in ms (mean, median, p99) over every request,
+    throughputs over the runs' wall time (each run's first request sent -> its last answer done, summed), goodput
+    under `slo`."""
+    records = [r for run in runs for r in run]
+    duration = sum(max(r.done for r in run) - min(r.sent for r in run) for run in runs)
     out = {"requests": len(records), "duration_s": duration, "output_tokens": sum(r.tokens for r in records),
            "requests_per_s": len(records) / duration,
            "output_tokens_per_s": sum(r.tokens for r in records) / duration,

@@ -112,7 +112,7 @@ def test_serving_figures_are_vllms_definitions():
     single = Record(sent=0.2, done=0.3, tokens=1, chunks=[0.3])  # one token: no TPOT, no ITL
     assert fast.ttft == pytest.approx(0.1) and fast.tpot == pytest.approx(0.4 / 4) and single.tpot is None
     assert fast.itl == pytest.approx([0.1, 0.1, 0.2]) and slow.itl == pytest.approx([1.6]) and single.itl == []
-    r = summarise([fast, slow, single], Slo(ttft_ms=100, tpot_ms=100))  # the SLO's bound itself is met
+    r = summarise([[fast, slow, single]], Slo(ttft_ms=100, tpot_ms=100))  # the SLO's bound itself is met
     assert r["duration_s"] == pytest.approx(3.0) and r["output_tokens"] == 9
     assert r["requests_per_s"] == pytest.approx(1.0) and r["output_tokens_per_s"] == pytest.approx(3.0)
     assert r["goodput_requests_per_s"] == pytest.approx(2 / 3)  # fast, and single (its ttft 100 ms, no tpot)
@@ -121,7 +121,13 @@ def test_serving_figures_are_vllms_definitions():
     assert r["tpot_median_ms"] == pytest.approx(100) and r["tpot_p99_ms"] == pytest.approx(800)  # (3.0-1.4)/2 s
     assert r["itl_mean_ms"] == pytest.approx(1e3 * (0.1 + 0.1 + 0.2 + 1.6) / 4)
     assert r["itl_median_ms"] == pytest.approx(100)
-    assert summarise([fast, slow], Slo(ttft_ms=99, tpot_ms=1000))["goodput_requests_per_s"] == 0
+    assert summarise([[fast, slow]], Slo(ttft_ms=99, tpot_ms=1000))["goodput_requests_per_s"] == 0
+    # two runs of a load point (the servers took turns between them): throughputs over the runs' own wall times,
+    # not the gap between them; latencies over every request
+    later = Record(sent=10.0, done=11.0, tokens=3, chunks=[10.4, 11.0])
+    two = summarise([[fast, slow, single], [later]], Slo(ttft_ms=100, tpot_ms=100))
+    assert two["duration_s"] == pytest.approx(4.0) and two["output_tokens_per_s"] == pytest.approx(12 / 4.0)
+    assert two["requests"] == 4 and two["ttft_p99_ms"] == pytest.approx(400)
 
 
 def test_poisson_arrivals_are_seeded_and_exponential():

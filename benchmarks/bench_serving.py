@@ -213,6 +213,8 @@ def main() -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=25.0)
     p.add_argument("--out", default="bench_serving.json")
     args = p.parse_args()
+    if args.requests < 1 or args.rounds < 1:
+        p.error(f"--requests and --rounds must be at least 1, got {args.requests} and {args.rounds}")
     torch.set_num_threads(1)  # the in-process part; the servers run with OMP_NUM_THREADS=1
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     loads = [("concurrency", c) for c in args.concurrency] + [("rate", r) for r in args.rates]

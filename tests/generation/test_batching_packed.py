@@ -113,3 +113,41 @@ def test_a_mix_of_arrivals_chunks_prefix_hits_and_images_answers_as_alone(which,
         assert good.tokens == alone(model, texts[1], good)
     if which != "paligemma":  # (a prefix-LM's text without token types is one bidirectional block: no prefix)
         assert batcher.cache.hit_tokens >= (long - 1) // 4 * 4 - 4  # the long prompt's copy found its blocks
+
+
+def test_a_refused_text_prompt_is_never_held_for_a_prefix_an_image_prompt_writes():
+    """A gemini image prompt is prefilled in the step it is admitted, before the packed call; a text prompt sharing
+    its first 12 tokens, then a token past the vocabulary, must not wait for that prefix and start on it (its rest
+    would run unchecked in the packed call): it is refused and fails alone, and the image prompt answers as alone."""
+    world = World(seed=0)
+    tokenizer = Tokenizer.train(world.texts(), vocab_size=320)
+    torch.manual_seed(0)
+    model = pm.build(fit_to_tokenizer(get_preset("gemini-tiny"), tokenizer)).eval()
+    text = "a green square left of a red circle above a blue square right of a red circle"
+    writer = laid_out(model, tokenizer, [Segment("text", text), Segment("image", media=world.draw("red", "circle")),
+                                         Segment("text", "is it?")])
+    model.check_prompt(writer["input_ids"][:, :12])  # its first 12 tokens are text (no image span opened)
+    vocab = model.text_config.vocab_size
+    bad_ids = torch.cat([writer["input_ids"][:, :12], torch.tensor([[vocab + 5]])], 1)
+    batcher = Batcher(model, slots=4, max_len=256, block_size=4)
+    first, bad = Request(writer, max_new_tokens=4), Request({"input_ids": bad_ids}, max_new_tokens=4)
+    batcher.submit(first, bad)
+    drain(batcher)
+    assert bad.finish_reason == "error" and bad.tokens == [] and str(vocab) in str(bad.error)
+    assert first.error is None and first.tokens == alone(model, writer, first)
+
+
+def test_a_text_prompt_past_the_models_context_fails_alone():
+    """A batcher may be given a longer max_len than the model's context: a packed prompt past max_seq_len is refused
+    before it joins a packed call (which checks nothing), and the request running beside it answers as alone."""
+    g = torch.Generator().manual_seed(31)
+    batcher = Batcher(DECODER, slots=2, max_len=96, block_size=4, prefill_chunk=16)
+    running = Request({"input_ids": torch.randint(6, 90, (1, 5), generator=g)}, max_new_tokens=12)
+    long = Request({"input_ids": torch.randint(6, 90, (1, DECODER.config.max_seq_len + 1), generator=g)},
+                   max_new_tokens=2)
+    batcher.submit(running)
+    batcher.step()
+    batcher.submit(long)
+    drain(batcher)
+    assert long.finish_reason == "error" and "max_seq_len=64" in str(long.error)
+    assert running.error is None and running.tokens == alone(DECODER, running.inputs, running)

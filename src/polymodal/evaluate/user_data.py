@@ -208,10 +208,11 @@ def evaluate_file(model: nn.Module, tokenizer: Tokenizer, docs: list[Document], 
     bar = progress(len(questions) * (1 + media), "answers") if progress is not None else None
     run = lambda blanked: predict(model, collator, tokenizer, questions, data, batch_size,  # noqa: E731
                                   max_new_tokens or longest + SLACK, sampling or {}, blanked, bar)
+    # the training file's media are read before any answer is written: a moved image fails here, not after them
+    common = majority_box(train, "the run's training file") if objects and train else None
     predictions = run(False)
     blanked = run(True) if media else None
     if objects:
-        common = majority_box(train, "the run's training file") if train else None
         extras, rows = score_objects(questions, data, mask_vae_of(model), predictions, blanked, common,
                                      groups(questions))
         return [{**record(q, p, e["score"]), **e} for q, p, e in zip(questions, predictions, extras)], rows

@@ -22,7 +22,8 @@ rows), and takes its first token from its prompt's last logit. For a model that 
 that call is packed (`nn.paged_cache.PackedStep`): every row's tokens in one row of the real tokens, no
 padding, attention per row, the head only at the rows that choose a token; so a step with text arrivals makes
 one call, as HF's continuous batching flattens its requests (`cumulative_seqlens_q`). A model whose attention
-reads rows (ALiBi's bias, the flex backend, Flamingo's cross-attention) gets the rows padded to the longest feed.
+reads rows (ALiBi's bias, the flex backend, Flamingo's cross-attention) gets the rows padded to the longest feed
+(the rows feeding chunks in a call of their own when padding the others to them would more than double the call).
 
 Each request has its own sampling settings (temperature, top-k, top-p, repetition / frequency / presence
 penalties) and stop tokens (one `Chooser` per setting; a row's seen tokens kept beside it), seed and listener,
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymodal.errors import InputError, PolymodalError, check_number
+from polymodal.errors import InputError, check_number
 from polymodal.families import spec_of
 from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
@@ -255,12 +256,14 @@ class Batcher:
                 continue
             if request.cancelled:
                 self._dequeue(request, "cancelled")
-            elif self._held(keys):
+                continue
+            refused = self._packed_text(request) and self._refused(request)  # never held: it takes no prefix
+            if not refused and self._held(keys):
                 committed, rows = committed + self.blocks_for(request), rows - 1
                 self.held.append((request, keys))
             else:
                 self._dequeue(request)
-                admitted.append(self._start_request(request, keys))
+                admitted.append(self._start_request(request, keys, refused))
                 committed, rows = committed + self.seqs[admitted[-1]].blocks, rows - 1
                 budget -= request.prompt_len
         return admitted
@@ -291,18 +294,18 @@ class Batcher:
         for request, keys in self.held:
             if not request.cancelled and not self._held(keys) and self.cache.cached(keys):
                 self._dequeue(request)
-                self._start_request(request, keys)
+                self._start_request(request, keys, refused=False)
         self.held = []
 
-    def _start_request(self, request: Request, keys: PromptKeys | None) -> int:
-        """A free row for the request, started on its prompt's cached prefix; returns the row."""
+    def _start_request(self, request: Request, keys: PromptKeys | None, refused: bool) -> int:
+        """A free row for the request, started on its prompt's cached prefix (none for a packed text prompt the model
+        refuses, `_refused`: its prefill runs it whole); returns the row."""
         row, seq = self.rows.index(None), self.next_seq
         self.next_seq += 1
-        packed = self._packed_text(request)
-        refused = packed and self._refused(request)
         hit = self.cache.add(seq, None if refused else keys)
         self.rows[row] = request
-        first = hit or (request.prompt_len if refused else 0 if packed else self._first_chunk(request, keys))
+        first = hit or (request.prompt_len if refused else 0 if self._packed_text(request)
+                        else self._first_chunk(request, keys))
         self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
         vocab = self.model.text_config.vocab_size
         state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
@@ -321,7 +324,7 @@ class Batcher:
         prefilled whole, without a cached prefix, so that its prefill fails it alone with `generate`'s error."""
         try:
             self.model.check_prompt(request.inputs["input_ids"])
-        except PolymodalError:
+        except Exception:  # noqa: BLE001 - whatever it raises, its prefill raises for it alone
             return True
         return False
 
@@ -409,7 +412,7 @@ class Batcher:
         to `prefill_chunk` tokens, and `prefill_tokens` over the step's chunks: a row past them waits a step); a
         row that fed its last prompt token or a token of its own chooses its next one. For a model that packs,
         every row's tokens run in one row, one-token rows first (`PagedCache.packed`); otherwise the rows are
-        padded to the longest."""
+        padded (`_padded`)."""
         fed, budget = [], self.prefill_tokens
         for row in rows:
             pending = len(self.seqs[row].pending)
@@ -432,15 +435,27 @@ class Batcher:
             step = self.cache.packed(seqs, counts)  # the ready rows' logits at their last tokens only
             logits = self.decode(torch.cat(feeds)[None], step, logits_to_keep=(n.cumsum(0) - 1)[ready_t]).logits[0]
         else:
-            tokens = torch.zeros(len(rows), max(counts), dtype=torch.long, device=device)
-            for b, feed in enumerate(feeds):
-                tokens[b, :len(feed)] = feed
-            step = self.cache.step(seqs, tokens.shape[1], new_tokens=counts)
-            logits = self.decode(tokens, step, logits_to_keep=0).logits
-            logits = logits[ready_t, n[ready_t] - 1]
+            logits = self._padded(seqs, counts, feeds)[ready_t]
         if ready:
             chosen = [rows[b] for b in ready]
             self._emit(chosen, self._choose(logits, chosen))
+
+    def _padded(self, seqs: list[int], counts: list[int], feeds: list[torch.Tensor]) -> torch.Tensor:
+        """Each row's logits at its last fed token (B, V) for a model that does not pack: the rows padded to the
+        longest feed, in two calls (the one-token rows, first, and the others) when padding them together would
+        more than double the call's tokens (every padding token costs a real one's compute)."""
+        ones = counts.count(1)
+        split = 0 < ones < len(counts) and len(counts) * max(counts) > 2 * sum(counts)
+        out = []
+        for part in ((range(ones), range(ones, len(counts))) if split else (range(len(counts)),)):
+            c = [counts[b] for b in part]
+            tokens = torch.zeros(len(c), max(c), dtype=torch.long, device=self.cache.device)
+            for i, b in enumerate(part):
+                tokens[i, :c[i]] = feeds[b]
+            step = self.cache.step([seqs[b] for b in part], max(c), new_tokens=c)
+            logits = self.decode(tokens, step, logits_to_keep=0).logits
+            out.append(logits[torch.arange(len(c)), torch.tensor(c) - 1])
+        return torch.cat(out) if split else out[0]
 
     def _chooser(self, request: Request) -> Chooser:
         """The chooser of the request's settings, made once per setting (its image spans' table built once)."""

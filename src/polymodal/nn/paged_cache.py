@@ -497,8 +497,8 @@ class PagedCache:
             self._register_prompt(seq)
 
     def _register_prompt(self, seq: int) -> None:
-        """Once a sequence's prompt is written, files its full blocks in the prefix cache. Done at the next `add`
-        or at `free`, after the model calls that wrote them returned."""
+        """Once a sequence's prompt is written, files its full blocks in the prefix cache. Done at the next `add`,
+        `cached` or `awaited` (`_file_written`) or at `free`, after the model calls that wrote them returned."""
         prompt = self.prompts.get(seq)
         if prompt is None or self.lengths[seq] < prompt.length:
             return

@@ -169,6 +169,8 @@ class Decoder(LanguageModel, nn.Module):
         """What `forward` checks of a text prompt before any compute (`LanguageModel.packs`)."""
         check_ids(input_ids)
         self.check_token_ids(input_ids)
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise InputError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={self.config.max_seq_len}")
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -135,9 +135,10 @@ def test_a_full_queue_answers_429_a_client_that_leaves_frees_its_slot_and_sigter
 
         running.close()  # leaves mid-stream: its slot goes to the queued request at the next step
         wait_for(lambda: queued)
-        assert queued[0][0] == 200 and queued[0][1]["choices"][0]["finish_reason"] in ("stop", "length")
+        reason = queued[0][1]["choices"][0]["finish_reason"]  # sampled (temperature 1): it may write EOS first
+        assert queued[0][0] == 200 and reason in ("stop", "length")
         health = server.health()
-        assert health["running"] == 0 and health["finished"] == {"cancelled": 1, "length": 1}
+        assert health["running"] == 0 and health["finished"] == {"cancelled": 1, reason: 1}
 
         draining = stream_request(server.url, 100)  # SIGTERM: this answer still ends whole, then the server exits
         wait_for(lambda: server.health()["running"] == 1)

@@ -139,7 +139,7 @@ def test_a_refused_text_prompt_is_never_held_for_a_prefix_an_image_prompt_writes
 
 def test_a_text_prompt_past_the_models_context_fails_alone():
     """A batcher may be given a longer max_len than the model's context: a packed prompt past max_seq_len is refused
-    before it joins a packed call (which checks nothing), and the request running beside it answers as alone."""
+    when submitted, as `generate` refuses it, and the request running beside it answers as alone."""
     g = torch.Generator().manual_seed(31)
     batcher = Batcher(DECODER, slots=2, max_len=96, block_size=4, prefill_chunk=16)
     running = Request({"input_ids": torch.randint(6, 90, (1, 5), generator=g)}, max_new_tokens=12)
@@ -147,7 +147,7 @@ def test_a_text_prompt_past_the_models_context_fails_alone():
                    max_new_tokens=2)
     batcher.submit(running)
     batcher.step()
-    batcher.submit(long)
+    with pytest.raises(ValueError, match="past the model's context of 64 tokens"):
+        batcher.submit(long)
     drain(batcher)
-    assert long.finish_reason == "error" and "max_seq_len=64" in str(long.error)
     assert running.error is None and running.tokens == alone(DECODER, running.inputs, running)

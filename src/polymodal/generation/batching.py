@@ -170,12 +170,14 @@ class Batcher:
         return -(-(request.prompt_len + request.max_new_tokens) // self.cache.block_size)
 
     def submit(self, *requests: Request) -> None:
-        """Queues the requests, all or none: each checked against the batcher's context and its KV cache, and
-        all of them against the room left in the queue."""
+        """Queues the requests, all or none: each checked against the batcher's context, the model's (as `generate`
+        checks it: a max_len past it would let a row pass max_seq_len in a step call, failing every row) and its KV
+        cache, and all of them against the room left in the queue."""
         usable = self.cache.pool.n_blocks - 1
         for request in requests:
-            check_context(request.prompt_len, request.max_new_tokens, self.max_len,
-                          media=has_media(self.model, request.inputs), whose="the batcher's")
+            media = has_media(self.model, request.inputs)
+            check_context(request.prompt_len, request.max_new_tokens, self.max_len, media=media, whose="the batcher's")
+            check_context(request.prompt_len, request.max_new_tokens, self.model.text_config.max_seq_len, media=media)
             if self.blocks_for(request) > usable:
                 raise InputError(f"the request may take {self.blocks_for(request)} blocks of {self.cache.block_size} "
                                  f"tokens; the batcher's KV cache has {usable}")
@@ -257,7 +259,7 @@ class Batcher:
             if request.cancelled:
                 self._dequeue(request, "cancelled")
                 continue
-            refused = self._packed_text(request) and self._refused(request)  # never held: it takes no prefix
+            refused = self._refused(request)  # never held: it takes no prefix
             if not refused and self._held(keys):
                 committed, rows = committed + self.blocks_for(request), rows - 1
                 self.held.append((request, keys))
@@ -298,8 +300,8 @@ class Batcher:
         self.held = []
 
     def _start_request(self, request: Request, keys: PromptKeys | None, refused: bool) -> int:
-        """A free row for the request, started on its prompt's cached prefix (none for a packed text prompt the model
-        refuses, `_refused`: its prefill runs it whole); returns the row."""
+        """A free row for the request, started on its prompt's cached prefix (none for a prompt the model refuses,
+        `_refused`: its prefill runs it whole); returns the row."""
         row, seq = self.rows.index(None), self.next_seq
         self.next_seq += 1
         hit = self.cache.add(seq, None if refused else keys)
@@ -320,10 +322,15 @@ class Batcher:
                 and all(v is None for k, v in request.inputs.items() if k != "input_ids"))
 
     def _refused(self, request: Request) -> bool:
-        """Whether the model refuses a packed text prompt (`check_prompt`; a packed call checks nothing): it is then
-        prefilled whole, without a cached prefix, so that its prefill fails it alone with `generate`'s error."""
+        """Whether the model refuses a prompt the step calls would run (they check nothing): a packed text prompt
+        (`check_prompt`), or any other with a token past the vocabulary (its rest after a hit or its first chunk
+        runs there too). It is then prefilled whole, without a cached prefix, so that its prefill fails it alone
+        with the model's error."""
+        ids = request.inputs["input_ids"]
+        if not self._packed_text(request):
+            return bool(((ids < 0) | (ids >= self.model.text_config.vocab_size)).any())
         try:
-            self.model.check_prompt(request.inputs["input_ids"])
+            self.model.check_prompt(ids)
         except Exception:  # noqa: BLE001 - whatever it raises, its prefill raises for it alone
             return True
         return False

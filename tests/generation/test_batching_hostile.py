@@ -1,0 +1,85 @@
+"""Hostile requests to the batcher: each bad one fails alone, with the error `generate` gives it, before the step call
+that continues every running request (an error there fails them all), and the requests beside it answer as
+`generate` alone; every block comes back. A prompt may run in that call in part on any model (its rest after a
+prefix hit, its chunks past the first), not only a packed text prompt."""
+
+import pytest
+import torch
+
+import polymodal as pm
+from polymodal.config import DecoderConfig
+from polymodal.generation.batching import Batcher, Request
+from polymodal.generation.prompts import ContextError
+from test_batching import DECODER, PALIGEMMA, alone, drain, flamingo, image_prompt
+from test_batching_packed import early_fusion
+
+torch.manual_seed(0)
+ALIBI = pm.build(DecoderConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                               max_seq_len=64, positions="alibi")).eval()
+
+
+def refused_rest(which: str, open_gates) -> tuple:
+    """(model, a good prompt, a prompt whose tokens past its first 12 include one past the vocabulary, whether the
+    bad one shares the good one's first blocks)."""
+    g = torch.Generator().manual_seed(5)
+    words = lambda n: torch.randint(6, 90, (n,), generator=g)  # noqa: E731
+    if which == "paligemma-hit":
+        image, prefix = torch.randn(3, 32, 32, generator=g), words(8)
+        over = torch.tensor([PALIGEMMA.text_config.vocab_size + 3])
+        return (PALIGEMMA, image_prompt(image, prefix, words(6)), image_prompt(image, prefix, torch.cat([words(2), over])),
+                True)
+    if which == "gemini-chunked":  # its first chunk ends after its image; the rest runs in the step calls
+        model, images, texts = early_fusion("gemini-tiny")
+        over = torch.tensor([[model.text_config.vocab_size + 2]])
+        bad = {**images[0], "input_ids": torch.cat([images[0]["input_ids"], texts[2]["input_ids"][:, 1:11], over], 1)}
+        return model, texts[1], bad, False
+    model = {"alibi-hit": ALIBI, "alibi-chunked": ALIBI, "flamingo-hit": flamingo(open_gates)}[which]
+    start = words(16)
+    if which == "alibi-chunked":
+        return model, {"input_ids": start[None, :5]}, {"input_ids": torch.cat([start, torch.tensor([200, 4])])[None]}, False
+    return model, {"input_ids": start[None]}, {"input_ids": torch.cat([start[:12], torch.tensor([200, 4])])[None]}, True
+
+
+@pytest.mark.parametrize("which", ["alibi-hit", "alibi-chunked", "flamingo-hit", "paligemma-hit", "gemini-chunked"])
+def test_a_prompt_refused_past_its_first_tokens_fails_alone(which, open_gates):
+    """ALiBi and Flamingo do not pack (their steps are padded calls), PaliGemma and Gemini's image prompts are
+    prefilled: none of them is a packed text prompt, yet each may run its rest in the step call."""
+    model, good, bad, hits = refused_rest(which, open_gates)
+    batcher = Batcher(model, slots=3, max_len=96, block_size=4, prefill_chunk=8)
+    running = Request(good, max_new_tokens=12)
+    batcher.submit(running)
+    batcher.step()
+    batcher.step()  # the good prompt is written: filed at the next admission, where the bad one finds it
+    refused = Request(bad, max_new_tokens=3)
+    batcher.submit(refused)
+    drain(batcher)
+    over = int(bad["input_ids"].max())
+    assert refused.finish_reason == "error" and isinstance(refused.error, ValueError)
+    assert f"[0, {model.text_config.vocab_size})" in str(refused.error) and f"[{over}]" in str(refused.error)
+    assert running.error is None and running.tokens == alone(model, good, running)
+    assert batcher.cache.hit_tokens == 0  # the refused one took no prefix (and the hit cases would have found one)
+    if hits:
+        ok = Request({**bad, "input_ids": torch.where(bad["input_ids"] >= model.text_config.vocab_size, 9,
+                                                      bad["input_ids"])}, max_new_tokens=3)
+        batcher.submit(ok)  # the good prompt's blocks stayed cached
+        drain(batcher)
+        assert batcher.cache.hit_tokens >= 12 and ok.tokens == alone(model, ok.inputs, ok)
+
+
+def test_a_request_whose_answer_would_run_past_the_models_context_is_refused_as_generate_refuses_it():
+    """A batcher's max_len may be longer than the model's context: a prompt that fits it whose answer would not is
+    refused when submitted (it used to run until its sequence passed max_seq_len, failing that step's every row)."""
+    g = torch.Generator().manual_seed(6)
+    batcher = Batcher(DECODER, slots=2, max_len=96, block_size=4)
+    ids = torch.randint(6, 90, (1, 60), generator=g)
+    with pytest.raises(ContextError) as alone_error:
+        pm.generate(DECODER, input_ids=ids, max_new_tokens=10)
+    running = Request({"input_ids": torch.randint(6, 90, (1, 5), generator=g)}, max_new_tokens=12)
+    with pytest.raises(ContextError) as refused:
+        batcher.submit(running, Request({"input_ids": ids}, max_new_tokens=10))
+    assert str(refused.value) == str(alone_error.value)
+    fits = Request({"input_ids": ids}, max_new_tokens=4)  # 64 tokens: the model's whole context
+    batcher.submit(running, fits)
+    drain(batcher)
+    for request in (running, fits):
+        assert request.error is None and request.tokens == alone(DECODER, request.inputs, request)

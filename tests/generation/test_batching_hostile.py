@@ -83,3 +83,13 @@ def test_a_request_whose_answer_would_run_past_the_models_context_is_refused_as_
     drain(batcher)
     for request in (running, fits):
         assert request.error is None and request.tokens == alone(DECODER, request.inputs, request)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_a_prompt_of_ids_that_are_not_integers_is_refused_as_generate_refuses_it(dtype):
+    """Its prefill copied them into the batch's integer ids: 7.9 ran as token 7 where `generate` refuses it."""
+    ids = torch.tensor([[7.9, 8.2, 9.0]]).to(dtype)
+    with pytest.raises(ValueError, match=str(dtype)):
+        pm.generate(DECODER, input_ids=ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match=str(dtype)):
+        Request({"input_ids": ids}, max_new_tokens=2)

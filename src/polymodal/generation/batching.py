@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymodal.errors import InputError, check_number
+from polymodal.errors import InputError, check_ids, check_number
 from polymodal.families import spec_of
 from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
@@ -91,6 +91,8 @@ class Request:
 
     def __post_init__(self) -> None:
         ids = self.inputs.get("input_ids")
+        if ids is not None:
+            check_ids(ids)  # as `generate`: its prefill would copy floats into the batch's ids
         if ids is None or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise InputError(f"a request's input_ids must be (1, seq) with seq > 0, got "
                              f"{None if ids is None else tuple(ids.shape)}")

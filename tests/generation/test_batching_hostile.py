@@ -93,3 +93,14 @@ def test_a_prompt_of_ids_that_are_not_integers_is_refused_as_generate_refuses_it
         pm.generate(DECODER, input_ids=ids, max_new_tokens=2)
     with pytest.raises(ValueError, match=str(dtype)):
         Request({"input_ids": ids}, max_new_tokens=2)
+
+
+def test_more_requests_at_once_than_the_queue_holds_is_a_bad_request_not_a_full_queue():
+    """A full queue (`QueueFull`) is worth a retry; more requests at once than it ever holds are not."""
+    batcher = Batcher(DECODER, slots=1, max_len=16, max_waiting=3)
+    requests = [Request({"input_ids": torch.tensor([[7, 8]])}, max_new_tokens=2) for _ in range(4)]
+    with pytest.raises(ValueError, match="4 requests were submitted at once; the most this batcher queues is 3"):
+        batcher.submit(*requests)
+    batcher.submit(*requests[:3])
+    drain(batcher)
+    assert all(r.finish_reason in ("stop", "length") for r in requests[:3])

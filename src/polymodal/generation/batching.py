@@ -175,6 +175,9 @@ class Batcher:
         """Queues the requests, all or none: each checked against the batcher's context, the model's (as `generate`
         checks it: a max_len past it would let a row pass max_seq_len in a step call, failing every row) and its KV
         cache, and all of them against the room left in the queue."""
+        if len(requests) > self.max_waiting:  # not a full queue: it never fits, however long one waits
+            raise InputError(f"{len(requests)} requests were submitted at once; the most this batcher queues is "
+                             f"{self.max_waiting}")
         usable = self.cache.pool.n_blocks - 1
         for request in requests:
             media = has_media(self.model, request.inputs)

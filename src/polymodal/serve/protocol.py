@@ -250,9 +250,19 @@ def _segments(content: Any, where: str, limits: Limits) -> list[Segment]:
     return out
 
 
-def chat_job(body: dict, served: str, limits: Limits) -> Job:
+def _answers(settings: Sampling, prompts: int, max_answers: int | None, field: str) -> None:
+    """A 400 before any prompt is read when the request asks for more answers (its prompts times n) than the server
+    queues: a full queue's 429 would be retried, and never fit."""
+    if max_answers is not None and prompts * settings.n > max_answers:
+        raise ApiError(400, f"the request asks for {prompts * settings.n} answers ({prompts} prompts times "
+                            f"n={settings.n}); the most this server queues is {max_answers} (polymodal serve "
+                            "--max-queue)", "n" if settings.n > 1 else field)
+
+
+def chat_job(body: dict, served: str, limits: Limits, max_answers: int | None = None) -> Job:
     settings = sampling(body, CHAT, chat=True)
     model = _model(body, served)
+    _answers(settings, 1, max_answers, "messages")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, f"messages must be a non-empty array, got {_type_name(messages)}", "messages")
@@ -271,7 +281,9 @@ def chat_job(body: dict, served: str, limits: Limits) -> Job:
     return Job(model, [Document(segments)], settings)
 
 
-def completion_job(body: dict, served: str, limits: Limits) -> Job:
+def completion_job(body: dict, served: str, limits: Limits, max_answers: int | None = None) -> Job:
+    """max_answers: the most answers (prompts times n) the server queues, checked before the prompts are read (a
+    million one-letter prompts took seconds)."""
     settings = sampling(body, COMPLETIONS, chat=False)
     model = _model(body, served)
     prompt = body.get("prompt")
@@ -279,6 +291,7 @@ def completion_job(body: dict, served: str, limits: Limits) -> Job:
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ApiError(400, f"prompt must be a string or a non-empty array of strings, got {_type_name(prompt)}",
                        "prompt")
+    _answers(settings, len(prompts), max_answers, "prompt")
     return Job(model, [Document([_text(p, f"prompt[{i}]")]) for i, p in enumerate(prompts)], settings, "prompt")
 
 

@@ -307,7 +307,8 @@ async def run(server: Server, http: HttpRequest, chat: bool):
     arrived = time.perf_counter()
     server.serving("chat")
     body = parse_body(await read_body(http, server.limits.max_body_bytes))
-    job = (chat_job if chat else completion_job)(body, server.name, server.limits, server.batcher.max_waiting)
+    job = (chat_job(body, server.name, server.limits, server.batcher.max_waiting, server.context) if chat else
+           completion_job(body, server.name, server.limits, server.batcher.max_waiting))
     # a short text-only prompt is laid out in tens of microseconds, less than a hop to a worker thread and back,
     # which costs a thread wake-up each way (most after the server sat idle); media are decoded off the loop
     inline = all(s.kind == "text" for doc in job.documents for s in doc.segments) and \

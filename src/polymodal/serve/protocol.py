@@ -259,13 +259,35 @@ def _answers(settings: Sampling, prompts: int, max_answers: int | None, field: s
                             "--max-queue)", "n" if settings.n > 1 else field)
 
 
-def chat_job(body: dict, served: str, limits: Limits, max_answers: int | None = None) -> Job:
+def _count_parts(messages: list, limits: Limits, context: int | None) -> None:
+    """A 400 before any part is read (20000 one-pixel images took seconds to decode, 700000 empty messages to lay
+    out) when the messages hold more images and audio clips than the limit, or as many parts as the context: every
+    part lays out as a token at least (a text is followed by its separator), beside <bos>."""
+    parts = media = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        content = content if isinstance(content, list) else [content]
+        parts += len(content)
+        media += sum(isinstance(p, dict) and p.get("type") in ("image_url", "input_audio") for p in content)
+    if media > limits.max_media:
+        raise ApiError(400, f"the request has {media} images and audio clips; the limit is {limits.max_media}",
+                       "messages")
+    if context is not None and parts >= context:
+        raise ApiError(400, f"the messages have {parts} parts (texts, images, audio clips), each a token at least: "
+                            f"past the model's context of {context} tokens", "messages", "context_length_exceeded")
+
+
+def chat_job(body: dict, served: str, limits: Limits, max_answers: int | None = None,
+             context: int | None = None) -> Job:
+    """max_answers: the most answers the server queues; context: the model's, in tokens (both checked before the
+    messages are read)."""
     settings = sampling(body, CHAT, chat=True)
     model = _model(body, served)
     _answers(settings, 1, max_answers, "messages")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, f"messages must be a non-empty array, got {_type_name(messages)}", "messages")
+    _count_parts(messages, limits, context)
     segments = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -274,10 +296,6 @@ def chat_job(body: dict, served: str, limits: Limits, max_answers: int | None = 
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}",
                            f"{where}.role")
         segments += _segments(message.get("content"), where, limits)
-    media = sum(s.kind != "text" for s in segments)
-    if media > limits.max_media:
-        raise ApiError(400, f"the request has {media} images and audio clips; the limit is {limits.max_media}",
-                       "messages")
     return Job(model, [Document(segments)], settings)
 
 

@@ -104,3 +104,24 @@ def test_more_requests_at_once_than_the_queue_holds_is_a_bad_request_not_a_full_
     batcher.submit(*requests[:3])
     drain(batcher)
     assert all(r.finish_reason in ("stop", "length") for r in requests[:3])
+
+
+@pytest.mark.parametrize("ending", ["length", "cancelled", "cancelled waiting"])
+def test_a_finish_listener_that_fails_fails_its_request_alone(ending):
+    """As a token listener that fails: the requests beside it answer as alone, and `step` goes on (a failure out of a
+    step boundary ended `run`, the server's worker)."""
+    def breaks(request):
+        raise RuntimeError("the listener broke")
+
+    batcher = Batcher(DECODER, slots=2, max_len=64, block_size=4)
+    others = [Request({"input_ids": torch.tensor([[7, 8, 9 + i]])}, max_new_tokens=10)
+              for i in range(2 if ending == "cancelled waiting" else 1)]  # two: it waits for a row
+    broken = Request({"input_ids": torch.tensor([[11, 12]])}, max_new_tokens=2, on_finish=breaks)
+    batcher.submit(*others, broken)
+    batcher.step()
+    broken.cancelled = ending != "length"
+    drain(batcher)
+    assert broken.finish_reason == "error" and str(broken.error) == "the listener broke"
+    assert batcher.finished["error"] == 1
+    for request in others:
+        assert request.error is None and request.tokens == alone(DECODER, request.inputs, request)

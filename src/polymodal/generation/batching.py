@@ -550,7 +550,11 @@ class Batcher:
         request.finish_reason = reason
         on_finish, request.on_token, request.on_finish = request.on_finish, None, None
         if on_finish is not None:  # the listeners are let go: one that refers to its request makes no cycle
-            on_finish(request)  # it may make it an "error": an end its listener could not write
+            try:
+                on_finish(request)  # it may make it an "error": an end its listener could not write
+            except Exception as e:  # noqa: BLE001 - its listener failed: it ends an error, alone (raised here, it
+                # failed the step's every row, or ended `run`)
+                request.finish_reason, request.error = "error", e if request.error is None else request.error
         self.finished[request.finish_reason] += 1
 
 

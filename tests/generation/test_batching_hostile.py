@@ -125,3 +125,17 @@ def test_a_finish_listener_that_fails_fails_its_request_alone(ending):
     assert batcher.finished["error"] == 1
     for request in others:
         assert request.error is None and request.tokens == alone(DECODER, request.inputs, request)
+
+
+def test_a_prompt_given_with_its_attention_mask_answers_as_generate_and_a_padded_one_is_refused():
+    """`generate`'s inputs (`generation.prompts.prompts` gives an attention_mask) reached the prefill with a second
+    attention_mask: a TypeError naming Python's keyword arguments, where `generate` answers."""
+    ids = torch.tensor([[7, 8, 9, 10]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batcher = Batcher(DECODER, slots=2, max_len=64, block_size=4)
+    request = Request(inputs, max_new_tokens=5)
+    batcher.submit(request)
+    drain(batcher)
+    assert request.error is None and request.tokens == pm.generate(DECODER, **inputs, max_new_tokens=5)[0].tolist()
+    with pytest.raises(ValueError, match="no padding: its attention_mask must be ones of shape"):
+        Request({"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1]])}, max_new_tokens=5)

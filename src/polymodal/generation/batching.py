@@ -96,6 +96,12 @@ class Request:
         if ids is None or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise InputError(f"a request's input_ids must be (1, seq) with seq > 0, got "
                              f"{None if ids is None else tuple(ids.shape)}")
+        mask = self.inputs.get("attention_mask")
+        if mask is not None:  # as `generation.prompts` gives it: an unpadded prompt's says nothing, and is let go
+            if not torch.is_tensor(mask) or mask.shape != ids.shape or not bool((mask == 1).all()):
+                raise InputError(f"a request's prompt has no padding: its attention_mask must be ones of shape "
+                                 f"{tuple(ids.shape)}, got {mask.tolist() if torch.is_tensor(mask) else mask}"[:300])
+            self.inputs = {k: v for k, v in self.inputs.items() if k != "attention_mask"}
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -139,3 +139,54 @@ def test_a_prompt_given_with_its_attention_mask_answers_as_generate_and_a_padded
     assert request.error is None and request.tokens == pm.generate(DECODER, **inputs, max_new_tokens=5)[0].tolist()
     with pytest.raises(ValueError, match="no padding: its attention_mask must be ones of shape"):
         Request({"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1]])}, max_new_tokens=5)
+
+
+def test_a_long_prompt_in_chunks_is_not_starved_by_later_arrivals_in_lower_rows():
+    """The step's prompt-token budget went to the rows in row order: short prompts arriving one after another into
+    row 0 (freed each step) took it every step, and a 20-token prompt admitted before them into row 2 waited for
+    their end (34 steps here). Given in order of admission, it runs its 5 chunks first."""
+    g = torch.Generator().manual_seed(0)
+    words = lambda n: torch.randint(6, 90, (1, n), generator=g)  # noqa: E731
+    batcher = Batcher(DECODER, slots=3, max_len=64, block_size=4, prefill_chunk=4, prefill_tokens=4)
+    early = [Request({"input_ids": words(2)}, max_new_tokens=n) for n in (2, 60)]
+    batcher.submit(*early)
+    batcher.step()
+    long = Request({"input_ids": words(20)}, max_new_tokens=2)
+    batcher.submit(long)
+    arrivals = []
+    for _ in range(6):
+        if not batcher.waiting and None in batcher.rows:
+            arrivals.append(Request({"input_ids": words(12)}, max_new_tokens=1))
+            batcher.submit(arrivals[-1])
+        batcher.step()
+    assert arrivals and long.tokens  # its 5 chunks ran in the 5 steps after it was admitted, before theirs
+    drain(batcher)
+    for request in [*early, long, *arrivals]:
+        assert request.tokens == alone(DECODER, request.inputs, request)
+
+
+def test_a_text_prompt_whose_rest_holds_an_image_placeholder_fails_alone_as_generate_refuses_it():
+    """PaliGemma's text prompts are not packed (their token types are per-token inputs), so `check_prompt` was not
+    run: after a hit on the prefix and the first suffix tokens, the rest, an image placeholder with no image among
+    it, ran in the step call and answered where `generate` refuses it."""
+    g = torch.Generator().manual_seed(7)
+    prefix, suffix = torch.randint(6, 90, (8,), generator=g), torch.randint(6, 90, (14,), generator=g)
+
+    def text(suffix: torch.Tensor) -> dict:
+        types = torch.cat([torch.zeros(len(prefix), dtype=torch.long), torch.ones(len(suffix), dtype=torch.long)])
+        return {"input_ids": torch.cat([prefix, suffix])[None], "token_type_ids": types[None]}
+
+    image_token = PALIGEMMA.config.image_token_id
+    good, bad = text(suffix), text(torch.cat([suffix[:10], torch.tensor([image_token, 7])]))
+    with pytest.raises(ValueError) as alone_error:
+        pm.generate(PALIGEMMA, **bad, max_new_tokens=3)
+    batcher = Batcher(PALIGEMMA, slots=2, max_len=64, block_size=4)
+    running = Request(good, max_new_tokens=12)
+    batcher.submit(running)
+    batcher.step()
+    batcher.step()  # filed at the next admission: the bad one's first 16 tokens would hit
+    refused = Request(bad, max_new_tokens=3)
+    batcher.submit(refused)
+    drain(batcher)
+    assert refused.finish_reason == "error" and str(refused.error) == str(alone_error.value)
+    assert running.error is None and running.tokens == alone(PALIGEMMA, good, running)

@@ -333,12 +333,12 @@ class Batcher:
                 and all(v is None for k, v in request.inputs.items() if k != "input_ids"))
 
     def _refused(self, request: Request) -> bool:
-        """Whether the model refuses a prompt the step calls would run (they check nothing): a packed text prompt
-        (`check_prompt`), or any other with a token past the vocabulary (its rest after a hit or its first chunk
-        runs there too). It is then prefilled whole, without a cached prefix, so that its prefill fails it alone
-        with the model's error."""
+        """Whether the model refuses a prompt the step calls may run (they check nothing: a packed text prompt, any
+        other's rest after a hit or its first chunk): one without media as `check_prompt` does, one with media for
+        a token past the vocabulary (its spans were checked with its media, `prompt_keys`). It is then prefilled
+        whole, without a cached prefix, so that its prefill fails it alone with the model's error."""
         ids = request.inputs["input_ids"]
-        if not self._packed_text(request):
+        if has_media(self.model, request.inputs):
             return bool(((ids < 0) | (ids >= self.model.text_config.vocab_size)).any())
         try:
             self.model.check_prompt(ids)
@@ -432,7 +432,8 @@ class Batcher:
         every row's tokens run in one row, one-token rows first (`PagedCache.packed`); otherwise the rows are
         padded (`_padded`)."""
         fed, budget = [], self.prefill_tokens
-        for row in rows:
+        for row in sorted(rows, key=lambda row: self.seqs[row].seq):  # the budget in order of admission: later
+            # arrivals in lower rows took it every step, starving an earlier long prompt
             pending = len(self.seqs[row].pending)
             n = min(pending, self.prefill_chunk, budget) if pending else 1
             budget -= n if pending else 0

@@ -7,15 +7,26 @@ from __future__ import annotations
 
 import torch
 
+from polymodal.errors import InputError, check_ids
+
 
 class LanguageModel:
     """Mixed into every model that writes tokens (listed before `nn.Module` among its bases)."""
 
     image_spans = None  # an `ImageSpans` state machine for a model that writes images as tokens
-    # whether `decode` takes a packed call (`nn.paged_cache.PackedStep`), which may start a new sequence of text:
-    # such a model has `check_prompt(input_ids)`, which raises what `prefill` would of it, before any compute (a
-    # packed call checks nothing)
+    # whether `decode` takes a packed call (`nn.paged_cache.PackedStep`), which may start a new sequence of text
+    # (`check_prompt` checks it first: a packed call checks nothing)
     packs = False
+
+    def check_prompt(self, input_ids: torch.Tensor) -> None:
+        """Raises what `prefill` would of a prompt without media, before any compute (a batcher's step call, which
+        may run a prompt or its rest after a cached prefix, checks nothing): here its token ids; a model whose text
+        may hold more (media spans, a context) checks that too."""
+        check_ids(input_ids)
+        V = self.text_config.vocab_size
+        bad = (input_ids < 0) | (input_ids >= V)
+        if bool(bad.any()):
+            raise InputError(f"token ids must be in [0, {V}); got {input_ids[bad].tolist()[:8]}")
 
     @property
     def text_config(self):

@@ -190,3 +190,23 @@ def test_a_text_prompt_whose_rest_holds_an_image_placeholder_fails_alone_as_gene
     drain(batcher)
     assert refused.finish_reason == "error" and str(refused.error) == str(alone_error.value)
     assert running.error is None and running.tokens == alone(PALIGEMMA, good, running)
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_the_next_step_while_every_row_is_busy():
+    """It stayed queued until a row freed: its client was told nothing, and the queue it filled answered the next
+    client 429."""
+    batcher = Batcher(DECODER, slots=1, max_len=64, max_waiting=1)
+    running = Request({"input_ids": torch.tensor([[7, 8, 9]])}, max_new_tokens=30)
+    gone = Request({"input_ids": torch.tensor([[10, 11]])}, max_new_tokens=3)
+    batcher.submit(running)
+    batcher.step()
+    batcher.submit(gone)
+    batcher.step()
+    gone.cancelled = True
+    batcher.step()
+    assert gone.finish_reason == "cancelled" and not batcher.waiting and batcher.running == 1
+    later = Request({"input_ids": torch.tensor([[12, 13]])}, max_new_tokens=3)
+    batcher.submit(later)  # the queue has room
+    drain(batcher)
+    for request in (running, later):
+        assert request.tokens == alone(DECODER, request.inputs, request)

@@ -229,6 +229,10 @@ class Batcher:
         for row, request in enumerate(self.rows):
             if request is not None and request.cancelled:
                 self._leave(row, "cancelled")
+        with self.work:
+            gone = [request for request in self.waiting if request.cancelled]
+        for request in gone:  # now, not once a row frees (its queue place answered others 429 meanwhile)
+            self._dequeue(request, "cancelled")
         new = [row for row in self._admit() if self.cache.lengths[self.seqs[row].seq] == 0 and self._run(row)]
         for group in self._layouts(new).values():
             self._start(group)

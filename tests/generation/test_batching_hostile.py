@@ -26,8 +26,8 @@ def refused_rest(which: str, open_gates) -> tuple:
     if which == "paligemma-hit":
         image, prefix = torch.randn(3, 32, 32, generator=g), words(8)
         over = torch.tensor([PALIGEMMA.text_config.vocab_size + 3])
-        return (PALIGEMMA, image_prompt(image, prefix, words(6)), image_prompt(image, prefix, torch.cat([words(2), over])),
-                True)
+        bad = image_prompt(image, prefix, torch.cat([words(2), over]))
+        return PALIGEMMA, image_prompt(image, prefix, words(6)), bad, True
     if which == "gemini-chunked":  # its first chunk ends after its image; the rest runs in the step calls
         model, images, texts = early_fusion("gemini-tiny")
         over = torch.tensor([[model.text_config.vocab_size + 2]])
@@ -36,7 +36,8 @@ def refused_rest(which: str, open_gates) -> tuple:
     model = {"alibi-hit": ALIBI, "alibi-chunked": ALIBI, "flamingo-hit": flamingo(open_gates)}[which]
     start = words(16)
     if which == "alibi-chunked":
-        return model, {"input_ids": start[None, :5]}, {"input_ids": torch.cat([start, torch.tensor([200, 4])])[None]}, False
+        bad = {"input_ids": torch.cat([start, torch.tensor([200, 4])])[None]}
+        return model, {"input_ids": start[None, :5]}, bad, False
     return model, {"input_ids": start[None]}, {"input_ids": torch.cat([start[:12], torch.tensor([200, 4])])[None]}, True
 
 
@@ -210,3 +211,27 @@ def test_a_cancelled_waiting_request_leaves_the_queue_at_the_next_step_while_eve
     drain(batcher)
     for request in (running, later):
         assert request.tokens == alone(DECODER, request.inputs, request)
+
+
+@pytest.mark.parametrize("stop", [["3"], [200], [-1], [3, 4]])
+def test_stop_token_ids_are_checked_as_generate_checks_them_and_a_list_is_taken(stop):
+    """A list (unhashable: the chooser's key) or a string raised out of `step` (ending `run`, the server's worker) after
+    the request had taken its row; ids past the vocabulary, which `generate` refuses, were taken."""
+    ids = torch.tensor([[11, 12]])
+    batcher = Batcher(DECODER, slots=2, max_len=64)
+    running = Request({"input_ids": torch.tensor([[7, 8, 9]])}, max_new_tokens=5)
+    batcher.submit(running)
+    if stop == [3, 4]:
+        request = Request({"input_ids": ids}, max_new_tokens=6, stop_token_ids=stop)
+        batcher.submit(request)
+        drain(batcher)
+        tokens = pm.generate(DECODER, input_ids=ids, max_new_tokens=6, eos_token_id=stop)[0].tolist()
+        assert request.tokens == tokens[:next((i + 1 for i, t in enumerate(tokens) if t in stop), len(tokens))]
+    else:
+        with pytest.raises(ValueError) as alone_error:
+            pm.generate(DECODER, input_ids=ids, max_new_tokens=3, eos_token_id=stop)
+        with pytest.raises(ValueError) as refused:
+            batcher.submit(Request({"input_ids": ids}, max_new_tokens=3, stop_token_ids=stop))
+        assert str(refused.value) == str(alone_error.value).replace("eos_token_id", "stop_token_ids")
+        drain(batcher)
+    assert running.tokens == alone(DECODER, running.inputs, running)

@@ -104,6 +104,7 @@ class Request:
             self.inputs = {k: v for k, v in self.inputs.items() if k != "attention_mask"}
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.stop_token_ids = tuple(self.stop_token_ids)  # a list is no key of the batcher's choosers
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -179,16 +180,18 @@ class Batcher:
 
     def submit(self, *requests: Request) -> None:
         """Queues the requests, all or none: each checked against the batcher's context, the model's (as `generate`
-        checks it: a max_len past it would let a row pass max_seq_len in a step call, failing every row) and its KV
-        cache, and all of them against the room left in the queue."""
+        checks it: a max_len past it would let a row pass max_seq_len in a step call, failing every row), its KV
+        cache and its vocabulary (stop tokens), and all of them against the room left in the queue."""
         if len(requests) > self.max_waiting:  # not a full queue: it never fits, however long one waits
             raise InputError(f"{len(requests)} requests were submitted at once; the most this batcher queues is "
                              f"{self.max_waiting}")
-        usable = self.cache.pool.n_blocks - 1
+        usable, text = self.cache.pool.n_blocks - 1, self.model.text_config
         for request in requests:
             media = has_media(self.model, request.inputs)
             check_context(request.prompt_len, request.max_new_tokens, self.max_len, media=media, whose="the batcher's")
-            check_context(request.prompt_len, request.max_new_tokens, self.model.text_config.max_seq_len, media=media)
+            check_context(request.prompt_len, request.max_new_tokens, text.max_seq_len, media=media)
+            for token in request.stop_token_ids:  # as `generate` checks its eos_token_id
+                check_number("stop_token_ids", token, integer=True, at_least=0, below=text.vocab_size)
             if self.blocks_for(request) > usable:
                 raise InputError(f"the request may take {self.blocks_for(request)} blocks of {self.cache.block_size} "
                                  f"tokens; the batcher's KV cache has {usable}")

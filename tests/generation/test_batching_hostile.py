@@ -86,6 +86,16 @@ def test_a_request_whose_answer_would_run_past_the_models_context_is_refused_as_
         assert request.error is None and request.tokens == alone(DECODER, request.inputs, request)
 
 
+@pytest.mark.parametrize("max_new_tokens", [2.5, True, 0])
+def test_max_new_tokens_is_checked_as_generate_checks_it(max_new_tokens):
+    ids = torch.tensor([[7, 8]])
+    with pytest.raises(ValueError) as alone_error:
+        pm.generate(DECODER, input_ids=ids, max_new_tokens=max_new_tokens)
+    with pytest.raises(ValueError) as refused:
+        Request({"input_ids": ids}, max_new_tokens=max_new_tokens)
+    assert str(refused.value) == str(alone_error.value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
 def test_a_prompt_of_ids_that_are_not_integers_is_refused_as_generate_refuses_it(dtype):
     """Its prefill copied them into the batch's integer ids: 7.9 ran as token 7 where `generate` refuses it."""

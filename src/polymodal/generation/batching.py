@@ -102,8 +102,7 @@ class Request:
                 raise InputError(f"a request's prompt has no padding: its attention_mask must be ones of shape "
                                  f"{tuple(ids.shape)}, got {mask.tolist() if torch.is_tensor(mask) else mask}"[:300])
             self.inputs = {k: v for k, v in self.inputs.items() if k != "attention_mask"}
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_number("max_new_tokens", self.max_new_tokens, integer=True, at_least=1)  # as `generate`
         self.stop_token_ids = tuple(self.stop_token_ids)  # a list is no key of the batcher's choosers
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")

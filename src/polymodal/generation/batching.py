@@ -52,7 +52,7 @@ from polymodal.families import spec_of
 from polymodal.fusion.early import EarlyFusion
 from polymodal.generation.choice import Chooser
 from polymodal.generation.prompt_keys import prompt_keys
-from polymodal.generation.prompts import check_context, has_media
+from polymodal.generation.prompts import check_context, check_vocabulary, has_media
 from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.language_model import LanguageModel
 from polymodal.nn.media_cache import EncoderCache
@@ -268,21 +268,20 @@ class Batcher:
             if not request.cancelled and admitted and request.prompt_len > budget:
                 break  # it waits for the next step's prefill
             try:
-                keys = None if request.cancelled else prompt_keys(self.model, request.inputs)
-            except Exception as e:  # noqa: BLE001 - a request whose media do not fit its prompt fails alone
+                keys = None if request.cancelled else self._checked_keys(request)
+            except Exception as e:  # noqa: BLE001 - a request whose prompt the model refuses fails alone
                 request.error = e
                 self._dequeue(request, "error")
                 continue
             if request.cancelled:
                 self._dequeue(request, "cancelled")
                 continue
-            refused = self._refused(request)  # never held: it takes no prefix
-            if not refused and self._held(keys):
+            if self._held(keys):
                 committed, rows = committed + self.blocks_for(request), rows - 1
                 self.held.append((request, keys))
             else:
                 self._dequeue(request)
-                admitted.append(self._start_request(request, keys, refused))
+                admitted.append(self._start_request(request, keys))
                 committed, rows = committed + self.seqs[admitted[-1]].blocks, rows - 1
                 budget -= request.prompt_len
         return admitted
@@ -313,18 +312,16 @@ class Batcher:
         for request, keys in self.held:
             if not request.cancelled and not self._held(keys) and self.cache.cached(keys):
                 self._dequeue(request)
-                self._start_request(request, keys, refused=False)
+                self._start_request(request, keys)
         self.held = []
 
-    def _start_request(self, request: Request, keys: PromptKeys | None, refused: bool) -> int:
-        """A free row for the request, started on its prompt's cached prefix (none for a prompt the model refuses,
-        `_refused`: its prefill runs it whole); returns the row."""
+    def _start_request(self, request: Request, keys: PromptKeys | None) -> int:
+        """A free row for the request, started on its prompt's cached prefix; returns the row."""
         row, seq = self.rows.index(None), self.next_seq
         self.next_seq += 1
-        hit = self.cache.add(seq, None if refused else keys)
+        hit = self.cache.add(seq, keys)
         self.rows[row] = request
-        first = hit or (request.prompt_len if refused else 0 if self._packed_text(request)
-                        else self._first_chunk(request, keys))
+        first = hit or (0 if self._packed_text(request) else self._first_chunk(request, keys))
         self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
         vocab = self.model.text_config.vocab_size
         state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
@@ -338,19 +335,17 @@ class Batcher:
         return (self.model.packs and not spec_of(self.model).per_token_inputs
                 and all(v is None for k, v in request.inputs.items() if k != "input_ids"))
 
-    def _refused(self, request: Request) -> bool:
-        """Whether the model refuses a prompt the step calls may run (they check nothing: a packed text prompt, any
-        other's rest after a hit or its first chunk): one without media as `check_prompt` does, one with media for
-        a token past the vocabulary (its spans were checked with its media, `prompt_keys`). It is then prefilled
-        whole, without a cached prefix, so that its prefill fails it alone with the model's error."""
+    def _checked_keys(self, request: Request) -> PromptKeys | None:
+        """The prompt's prefix-cache keys (`prompt_keys`, which checks its media spans against its media), once the
+        model takes its tokens: it raises, before any compute, what `generate` refuses (a token past the
+        vocabulary) and, for a prompt without media, what its prefill would (`check_prompt`). The step calls
+        check nothing, and may run any prompt: a packed text prompt, any other's rest after a hit or a first
+        chunk (unchecked, a refused one failed every running row)."""
         ids = request.inputs["input_ids"]
-        if has_media(self.model, request.inputs):
-            return bool(((ids < 0) | (ids >= self.model.text_config.vocab_size)).any())
-        try:
+        check_vocabulary(ids, self.model.text_config.vocab_size)
+        if not has_media(self.model, request.inputs):
             self.model.check_prompt(ids)
-        except Exception:  # noqa: BLE001 - whatever it raises, its prefill raises for it alone
-            return True
-        return False
+        return prompt_keys(self.model, request.inputs)
 
     def _first_chunk(self, request: Request, keys) -> int:
         """The prompt tokens the prefill of a new request with media or per-token inputs runs: all of them, or, for

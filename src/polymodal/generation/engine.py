@@ -32,7 +32,7 @@ from polymodal.errors import InputError, check_number
 from polymodal.generation import speculative
 from polymodal.families import spec_of
 from polymodal.generation.choice import Chooser
-from polymodal.generation.prompts import check_context, has_media
+from polymodal.generation.prompts import check_context, check_vocabulary, has_media
 from polymodal.generation.sampling import exponential_noise
 from polymodal.nn.cache import Cache
 from polymodal.nn.language_model import LanguageModel
@@ -121,9 +121,7 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
         for i in ids:
             if i is not None:
                 check_number(name, i, integer=True, at_least=0, below=V)
-    if input_ids.numel() and not bool(((input_ids >= 0) & (input_ids < V)).all()):
-        bad = input_ids[(input_ids < 0) | (input_ids >= V)].unique()[:5].tolist()
-        raise InputError(f"input_ids must be token ids in [0, {V}) (the vocabulary); got {bad}")
+    check_vocabulary(input_ids, V)
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "

@@ -32,6 +32,15 @@ class ContextError(InputError):
         return ContextError(**self.numbers, flag=flag, note=note)
 
 
+def check_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """A clear error unless every token id of the prompt lies in the vocabulary (checked by `generate` and the
+    batcher before any compute)."""
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if input_ids.numel() and bool(bad.any()):
+        raise InputError(f"input_ids must be token ids in [0, {vocab_size}) (the vocabulary); got "
+                         f"{input_ids[bad].unique()[:5].tolist()}")
+
+
 def has_media(model, inputs: dict) -> bool:
     """Whether a model's inputs give media: a tensor (or a list of them) beside input_ids and the family's per-token
     inputs. An option (PaliGemma's `interpolate_pos_encoding`) is not one."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from polymodal.errors import InputError, check_ids
-
 
 class LanguageModel:
     """Mixed into every model that writes tokens (listed before `nn.Module` among its bases)."""
@@ -19,14 +17,9 @@ class LanguageModel:
     packs = False
 
     def check_prompt(self, input_ids: torch.Tensor) -> None:
-        """Raises what `prefill` would of a prompt without media, before any compute (a batcher's step call, which
-        may run a prompt or its rest after a cached prefix, checks nothing): here its token ids; a model whose text
-        may hold more (media spans, a context) checks that too."""
-        check_ids(input_ids)
-        V = self.text_config.vocab_size
-        bad = (input_ids < 0) | (input_ids >= V)
-        if bool(bad.any()):
-            raise InputError(f"token ids must be in [0, {V}); got {input_ids[bad].tolist()[:8]}")
+        """Raises what `prefill` would of a prompt without media beyond its token ids (which `generate` and the
+        batcher check), before any compute: a batcher's step call, which may run such a prompt or its rest after a
+        cached prefix, checks nothing. Nothing here; a model whose text may hold media spans checks them."""
 
     @property
     def text_config(self):

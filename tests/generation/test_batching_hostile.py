@@ -1,7 +1,10 @@
-"""Hostile requests to the batcher: each bad one fails alone, with the error `generate` gives it, before the step call
-that continues every running request (an error there fails them all), and the requests beside it answer as
-`generate` alone; every block comes back. A prompt may run in that call in part on any model (its rest after a
-prefix hit, its chunks past the first), not only a packed text prompt."""
+"""Hostile requests to the batcher: each bad one is refused when made or submitted, or fails alone at admission, with
+the error `generate` gives it, before the step call that continues every running request (an error there fails them
+all) and before anything can raise out of `step` (ending `run`, the server's worker); the requests beside it answer
+as `generate` alone, and every block comes back. A prompt may run in that call in part on any model (its rest after
+a prefix hit, its chunks past the first), not only a packed text prompt. Also: a failing finish listener fails its
+request alone, a cancelled waiting request leaves at once, a long chunked prompt is not starved by later arrivals,
+more requests at once than the queue holds are bad input rather than a full queue."""
 
 import pytest
 import torch

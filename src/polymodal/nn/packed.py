@@ -23,7 +23,7 @@ import torch
 def gather_rows(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """pool (N, nkv, hs), index (B, L) pool slots -> (B, nkv, L, hs)."""
     # index_select, not pool[index]: advanced indexing takes 4x longer on CPU for these shapes
-    return pool.index_select(0, index.reshape(-1)).unflatten(0, index.shape).transpose(1, 2)
+    return pool.index_select(0, index.reshape(-1)).view(*index.shape, *pool.shape[1:]).transpose(1, 2)
 
 
 @dataclass

@@ -55,8 +55,11 @@ class PackedMask:
             if g.q_index is None:  # a view: (nh, B, hs) -> (B, nh, 1, hs)
                 q_g = q[0, :, :g.slot_index.shape[0]].transpose(0, 1)[:, :, None]
             else:
-                q_g = q[0].index_select(1, g.q_index.reshape(-1)).unflatten(1, g.q_index.shape).transpose(0, 1)
+                q_g = q[0].index_select(1, g.q_index.reshape(-1)).view(q.shape[1], *g.q_index.shape, q.shape[3])
+                q_g = q_g.transpose(0, 1)
             y = kernel(q_g, gather_rows(k, g.slot_index), gather_rows(v, g.slot_index), g.mask)  # (B, nh, S, hs)
+            if g.q_index is None and len(self.groups) == 1:  # a decode call: row b's output is packed token b
+                return y.permute(2, 1, 0, 3)
             y = y.transpose(1, 2).flatten(0, 1)  # (B*S, nh, hs)
             out.append(y if g.keep is None else y.index_select(0, g.keep))
         y = torch.cat(out) if len(out) > 1 else out[0]

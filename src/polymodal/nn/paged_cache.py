@@ -325,7 +325,7 @@ class PackedStep:
             keep = None if min(n) == S else torch.tensor([i * S + s for i, k in enumerate(n) for s in range(k)],
                                                          device=cache.device)
             groups.append(PackedGroup(q_index, batch.slot_index, mask, keep))
-            kept.append([t.reshape(-1) if keep is None else t.reshape(-1).index_select(0, keep)
+            kept.append([t if keep is None else t.reshape(-1).index_select(0, keep)
                          for t in (input_pos, *(getattr(seg, name) for name in SEGMENT_FIELDS))])
             packed_of += [starts[b] + s for b in rows for s in range(counts[b])]
         if held is not None:  # the one-token rows' table, which the next step's decode rows extend
@@ -335,8 +335,11 @@ class PackedStep:
             order = torch.empty(len(packed_of), dtype=torch.long)
             order[packed_of] = torch.arange(len(packed_of))
             order = order.to(cache.device)
-        fields = [torch.cat(field) if len(kept) > 1 else field[0] for field in zip(*kept)]
-        fields = [t[None] if order is None else t.index_select(0, order)[None] for t in fields]
+        if len(kept) == 1:  # one group, its rows in packed order
+            fields = [t.reshape(1, -1) for t in kept[0]]
+        else:
+            fields = [torch.cat([t.reshape(-1) for t in field]) for field in zip(*kept)]
+            fields = [t[None] if order is None else t.index_select(0, order)[None] for t in fields]
         self.input_pos, self.segments = fields[0], Segments(*fields[1:])
         self.slots = PackedMask(groups, order)
         self.layers = [PagedLayer(self, i) for i in range(cache.n_layers)]

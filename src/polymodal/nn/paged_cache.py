@@ -168,6 +168,8 @@ class PagedBatch:
         cache = self.cache
         if seg.valid.shape[1] == 1 and cache.last is not None and cache.last.follows(self.seq_ids):
             return self._extend(seg)
+        if seg.valid.shape[1] == 1 and all(cache.lengths[s] for s in self.seq_ids):
+            return self._write_one(seg)
         valid = seg.valid.cpu()
         counts = valid.sum(1)
         starts = torch.tensor([cache.lengths[s] for s in self.seq_ids])
@@ -191,16 +193,31 @@ class PagedBatch:
         cache.last = None if bool(shift.any()) else LastCall(self, tail)
         return input_pos
 
-    def _extend(self, seg: Segments) -> torch.Tensor:
-        """One new token per row, after the last call's: its slot appended to that call's table as a column (a
-        shorter row's null slots stay between, which its mask never reads)."""
-        cache, last = self.cache, self.cache.last
+    def _take_one(self, seg: Segments) -> torch.Tensor:
+        """A slot for one new token after each row's last (every row holds tokens), its segments stored: (B, 1)."""
+        cache = self.cache
         cache.reserve(self.seq_ids, [1] * self.batch)
         slots = [cache.slot(seq, cache.lengths[seq]) for seq in self.seq_ids]
         for seq in self.seq_ids:
             cache.lengths[seq] += 1
         input_pos = torch.tensor(slots, dtype=torch.long, device=cache.device)[:, None]
         cache.store(input_pos, seg)
+        return input_pos
+
+    def _write_one(self, seg: Segments) -> torch.Tensor:
+        """One new token after each row's last, rows of another call than the last: the table built anew, as `write`
+        builds it, without the bookkeeping of padding, new rows and counts."""
+        input_pos = self._take_one(seg)
+        self.slot_index = self.cache.slot_table(self.seq_ids)
+        self.slots = self.cache.gather_segments(self.slot_index)
+        self.cache.last = LastCall(self, seg)
+        return input_pos
+
+    def _extend(self, seg: Segments) -> torch.Tensor:
+        """One new token per row, after the last call's: its slot appended to that call's table as a column (a
+        shorter row's null slots stay between, which its mask never reads)."""
+        cache, last = self.cache, self.cache.last
+        input_pos = self._take_one(seg)
         self.slot_index = torch.cat([last.slot_index, input_pos], 1)
         self.slots = Segments(*(torch.cat([getattr(last.slots, name), getattr(seg, name)], 1)
                                 for name in SEGMENT_FIELDS))
@@ -463,11 +480,12 @@ class PagedCache:
             value = getattr(seg, name) + shift[:, None] if name == "groups" and shift is not None else getattr(seg, name)
             getattr(self.segments, name).index_copy_(0, flat, value.reshape(-1))
 
-    def gather_segments(self, slot_index: torch.Tensor, shift: torch.Tensor) -> Segments:
+    def gather_segments(self, slot_index: torch.Tensor, shift: torch.Tensor | None = None) -> Segments:
         """The segments of each row's slots (B, L), groups moved back into the frame of the queries just
         written (a new row's padding counted), so one `attention_mask` compares them."""
         seg = Segments(*(getattr(self.segments, name).take(slot_index) for name in SEGMENT_FIELDS))
-        seg.groups = seg.groups - shift[:, None]
+        if shift is not None:
+            seg.groups = seg.groups - shift[:, None]
         return seg
 
     # prefix cache

@@ -35,16 +35,18 @@ tokens equal `generate` alone, and a seeded request draws its noise from its own
 
 A call reads a `PackedStep` or `PagedStep`, its host work (blocks, slots, segments) done before the call, so
 with `compile=True` the calls run through `torch.compile` with dynamic shapes and reuse a few graphs whatever the
-rows and their lengths.
+rows and their lengths. The host work per step is kept small, as the model's own is at small sizes: a waiting
+request's prompt keys are made once however long it waits, a decode step feeds the rows' last tokens in one gather,
+every greedy row without a logit processor chooses in one argmax, and stop tokens are checked on the host list.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter, deque
-from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 

@@ -11,7 +11,9 @@ own last token.
 
 Reading here gathers each row's K/V through its block table into a (B, nkv, L, hs) tensor, L the longest
 row, and lets the usual kernel attend with the segments' mask. The table of slots is built as tensors once per
-call; a decode step over the rows of the last call only appends its new slots to that call's table. A GPU kernel (vLLM's paged attention,
+call; a decode step over the rows of the last call only appends its new slots to that call's table, takes its
+tokens' segments from that call's last ones and, packed, appends a column to that call's mask (`LastCall`): the
+host work of a decode step stays a few tensor ops whatever the rows' lengths. A GPU kernel (vLLM's paged attention,
 FlexAttention's paged block mask) reads the blocks in place through the table instead, so no copy of
 the keys is made; the bookkeeping and the slot layout here are what it reads.
 

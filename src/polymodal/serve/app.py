@@ -46,7 +46,8 @@ from polymodal.serve.request_log import Metrics, RequestLog
 from polymodal.serve.relay import Relay
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
-INLINE_PROMPT_CHARS = 512  # a text-only prompt this long is laid out on the event loop (a few tenths of a millisecond)
+INLINE_PROMPT_CHARS = 512  # prompts of text this long and images this small are laid out on the event loop
+INLINE_IMAGE_PIXELS = 256 * 256
 
 
 class Server:
@@ -308,11 +309,7 @@ async def run(server: Server, http: HttpRequest, chat: bool):
     server.serving("chat")
     body = parse_body(await read_body(http, server.limits.max_body_bytes))
     job = (chat_job if chat else completion_job)(body, server.name, server.limits)
-    # a short text-only prompt is laid out in tens of microseconds, less than a hop to a worker thread and back,
-    # which costs a thread wake-up each way (most after the server sat idle); media are decoded off the loop
-    inline = all(s.kind == "text" for doc in job.documents for s in doc.segments) and \
-        sum(len(s.text) for doc in job.documents for s in doc.segments) <= INLINE_PROMPT_CHARS
-    prompts = server.prompts(job) if inline else await run_in_threadpool(server.prompts, job)
+    prompts = server.prompts(job) if _inline(job) else await run_in_threadpool(server.prompts, job)
     response = Response(server, job, prompts, asyncio.get_running_loop(), arrived)
     http.state.usage = response.usage  # for the request's log line (serve/request_log.py), read at its end
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -322,6 +319,17 @@ async def run(server: Server, http: HttpRequest, chat: bool):
         return StreamingResponse(_stream(server, response, job, kind, rid, created, chat),
                                  media_type="text/event-stream")
     return await _whole(server, response, http, kind, rid, created, chat)
+
+
+def _inline(job: Job) -> bool:
+    """Whether the job's prompts are laid out on the event loop: short text and small images (tokenised, resized
+    and laid out in tenths of a millisecond) cost less than the hop to a worker thread and back, a thread wake-up
+    each way, whose wait for the GIL beside the batcher thread came to tens of milliseconds under load. Long
+    texts, large images, audio and video are laid out off the loop."""
+    segments = [s for doc in job.documents for s in doc.segments]
+    return (all(s.kind in ("text", "image") for s in segments)
+            and sum(len(s.text) for s in segments if s.kind == "text") <= INLINE_PROMPT_CHARS
+            and all(s.media.width * s.media.height <= INLINE_IMAGE_PIXELS for s in segments if s.kind == "image"))
 
 
 async def _stream(server: Server, response: Response, job: Job, kind: str, rid: str, created: int, chat: bool):

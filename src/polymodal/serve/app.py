@@ -24,6 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -35,6 +36,7 @@ from polymodal.families.collators import make_collator
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.generation.prompts import ContextError, prompts
+from polymodal.nn.paged_cache import kv_bytes
 from polymodal.families import spec_of
 from polymodal.encoders.mask_vae import load_mask_vae, mask_vae_of
 from polymodal.serve.answer import Answer, Locator, has_location_tokens
@@ -55,10 +57,12 @@ class Server:
     encoder (CLIP / SigLIP) the embedder."""
 
     def __init__(self, directory: str | Path, *, name: str | None = None, slots: int = 8, max_queue: int = 64,
-                 limits: Limits = Limits(), mask_vae: str | Path | None = None, compile: bool = False):
+                 limits: Limits = Limits(), mask_vae: str | Path | None = None, compile: bool = False,
+                 dtype: torch.dtype | str | None = None):
         self.directory = directory = Path(directory)  # as given: a run directory or a checkpoint
         self.name = name or directory.resolve().name  # the model id clients send
-        self.model = pm.from_pretrained(directory)
+        self.model = pm.from_pretrained(directory, dtype=dtype)  # float32 unless asked
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.mask_vae = load_mask_vae(mask_vae) if mask_vae is not None else mask_vae_of(self.model)
         self.tokenizer = Tokenizer.from_file(directory)
         self.locations = has_location_tokens(self.tokenizer)
@@ -269,7 +273,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health():
         b = server.batcher
-        state = {"status": "ok" if server.alive else "worker stopped", "model": server.name,
+        state = {"status": "ok" if server.alive else "worker stopped", "model": server.name, "dtype": server.dtype,
                  "slots": b.slots if b else 0, "running": b.running if b else 0, "waiting": len(b.waiting) if b else 0,
                  "finished": dict(b.finished) if b else {}}
         return JSONResponse(state, status_code=200 if server.alive else 503)
@@ -435,11 +439,16 @@ def _image_part(png: str) -> dict:
 
 def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
           max_queue: int = 64, limits: Limits = Limits(), mask_vae: str | Path | None = None,
-          compile: bool = False) -> None:
+          compile: bool = False, dtype: torch.dtype | str | None = None) -> None:
     server = Server(directory, name=name, slots=slots, max_queue=max_queue, limits=limits, mask_vae=mask_vae,
-                    compile=compile)
-    what = (f"embeddings, texts up to {server.context} tokens" if server.embedder is not None else
-            f"{slots} slots, context {server.context} tokens")
+                    compile=compile, dtype=dtype)
+    weights = f"{server.dtype} weights"
+    if server.embedder is not None:
+        what = f"embeddings, texts up to {server.context} tokens, {weights}"
+    else:
+        cache = server.batcher.cache  # its pool, allocated whole at the start
+        pool = kv_bytes(cache.pool.n_blocks * cache.block_size, *cache.shape)
+        what = f"{slots} slots, context {server.context} tokens, {weights}, KV cache {pool / 2**20:,.1f} MiB"
     print(f"serving {server.name} on http://{host}:{port} ({what})", flush=True)
     gc.collect()
     gc.freeze()  # the model and libraries are never garbage: a full collection would walk them all, pausing answers

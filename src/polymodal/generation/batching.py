@@ -35,7 +35,9 @@ tokens equal `generate` alone, and a seeded request draws its noise from its own
 
 A call reads a `PackedStep` or `PagedStep`, its host work (blocks, slots, segments) done before the call, so
 with `compile=True` the calls run through `torch.compile` with dynamic shapes and reuse a few graphs whatever the
-rows and their lengths.
+rows and their lengths. The host work per step is kept small, as the model's own is at small sizes: a waiting
+request's prompt keys are made once however long it waits, a decode step feeds the rows' last tokens in one gather,
+every greedy row without a logit processor chooses in one argmax, and stop tokens are checked on the host list.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -168,8 +171,10 @@ class Batcher:
         self.state = torch.zeros(slots, dtype=torch.long, device=device)  # each row's image-span mode
         self.seen: list[torch.Tensor | None] = [None] * slots  # each row's tokens so far (1, V), with a penalty
         self.choosers: dict[tuple, Chooser] = {}  # one per sampling setting and stop tokens asked for
+        self.chooser_of: list[Chooser | None] = [None] * slots  # each row's
         self.waiting: deque[Request] = deque()
         self.held: list[tuple[Request, PromptKeys]] = []  # waiting requests `_admit` held this step, with their keys
+        self.admission: dict[Request, PromptKeys | None] = {}  # waiting requests' `_keys`
         self.finished: Counter[str] = Counter()  # requests that left, by finish reason
         self.work = threading.Condition()
         self.closed = False
@@ -257,7 +262,7 @@ class Batcher:
         may go first. Returns their rows."""
         admitted, budget, self.held = [], self.prefill_tokens, []
         committed = sum(s.blocks for s in self.seqs if s is not None)
-        rows = self.rows.count(None)
+        rows, steps = self.rows.count(None), None  # steps: `_steps_left`, made when a request may be held
         with self.work:
             queue = list(self.waiting)  # `submit` appends from other threads
         for request in queue:
@@ -267,16 +272,17 @@ class Batcher:
                 break  # it waits for blocks
             if not request.cancelled and admitted and request.prompt_len > budget:
                 break  # it waits for the next step's prefill
+            if request.cancelled:
+                self._dequeue(request, "cancelled")
+                continue
             try:
-                keys = None if request.cancelled else self._checked_keys(request)
+                keys = self._keys(request)
             except Exception as e:  # noqa: BLE001 - a request whose prompt the model refuses fails alone
                 request.error = e
                 self._dequeue(request, "error")
                 continue
-            if request.cancelled:
-                self._dequeue(request, "cancelled")
-                continue
-            if self._held(keys):
+            gains = self.cache.awaited(keys)[1] if keys is not None else {}
+            if gains and self._held(gains, steps := steps or self._steps_left()):
                 committed, rows = committed + self.blocks_for(request), rows - 1
                 self.held.append((request, keys))
             else:
@@ -284,35 +290,50 @@ class Batcher:
                 admitted.append(self._start_request(request, keys))
                 committed, rows = committed + self.seqs[admitted[-1]].blocks, rows - 1
                 budget -= request.prompt_len
+                steps = None  # its prompt is being written now: a request behind it may wait for it
         return admitted
+
+    def _keys(self, request: Request) -> PromptKeys | None:
+        """A waiting request's prompt keys (`_checked_keys`, which raises what the model refuses of its prompt): a
+        constant of the request, made once however many steps it waits."""
+        if request not in self.admission:
+            self.admission[request] = self._checked_keys(request)
+        return self.admission[request]
 
     def _dequeue(self, request: Request, reason: str | None = None) -> None:
         """The request leaves the queue (`submit` appends from other threads), finished if a reason is given."""
         with self.work:
             self.waiting.remove(request)
+        self.admission.pop(request, None)
         if reason is not None:
             self._finish(request, reason)
 
-    def _held(self, keys: PromptKeys | None) -> bool:
+    def _steps_left(self) -> dict[int, int]:
+        """The steps each running sequence's prompt still takes (one at least, its last token's), by sequence."""
+        return {s.seq: max(1, -(-len(s.pending) // self.prefill_chunk)) for s in self.seqs if s is not None}
+
+    def _held(self, gains: dict[int, int], steps: dict[int, int]) -> bool:
         """Whether a waiting request waits for a prefix being written (SGLang's cache-aware scheduling): a request
         admitted beside it or still prefilling in chunks, its prompt not yet filed in the prefix cache, will file
-        more of this prompt than the cache holds, within the steps this request's own prefill of those tokens
-        would take (one step at least). It is admitted on the hit once the prefix is filed, or prefills itself
-        once the writer failed or was cancelled (a failed prompt is never filed)."""
-        gains = self.cache.awaited(keys) if keys is not None else {}
-        if not gains:
-            return False
-        steps = {s.seq: max(1, -(-len(s.pending) // self.prefill_chunk)) for s in self.seqs if s is not None}
+        more of this prompt than the cache holds (`gains`, `PagedCache.awaited`), within the steps this request's
+        own prefill of those tokens would take (one step at least; `steps`, `_steps_left`). It is admitted on the
+        hit once the prefix is filed, or prefills itself once the writer failed or was cancelled (a failed prompt is
+        never filed). Decided again at every step: the cache moves on."""
         return any(seq in steps and steps[seq] <= -(-gain // self.prefill_chunk) for seq, gain in gains.items())
 
     def _admit_held(self) -> None:
         """After the step's prefill: the requests `_admit` held that now find their prefix filed start on the hit,
         and the rest of their prompt runs in the step's decode call (no step lost). One still waiting for a prompt
         prefilled in chunks, or whose writer failed (it finds nothing), is looked at again at the next step."""
+        steps = None
         for request, keys in self.held:
-            if not request.cancelled and not self._held(keys) and self.cache.cached(keys):
+            if request.cancelled:
+                continue
+            cached, gains = self.cache.awaited(keys)
+            if cached and not (gains and self._held(gains, steps := steps or self._steps_left())):
                 self._dequeue(request)
                 self._start_request(request, keys)
+                steps = None
         self.held = []
 
     def _start_request(self, request: Request, keys: PromptKeys | None) -> int:
@@ -324,7 +345,8 @@ class Batcher:
         first = hit or (0 if self._packed_text(request) else self._first_chunk(request, keys))
         self.seqs[row] = _Sequence(seq, self.blocks_for(request), request.inputs["input_ids"][0, first:])
         vocab = self.model.text_config.vocab_size
-        state, self.seen[row] = self._chooser(request).start(request.inputs["input_ids"], None, vocab)
+        self.chooser_of[row] = self._chooser(request)
+        state, self.seen[row] = self.chooser_of[row].start(request.inputs["input_ids"], None, vocab)
         if state is not None:
             self.state[row] = state[0]
         return row
@@ -443,38 +465,49 @@ class Batcher:
         fed.sort(key=lambda f: f[0])  # stable: rows keep their order within the one-token rows and the others
         rows, counts = [row for _, row, _ in fed], [n for _, _, n in fed]
         device = self.cache.device
-        feeds = []
-        for row, n in zip(rows, counts):
-            s = self.seqs[row]
-            feeds.append(s.pending[:n].to(device) if len(s.pending) else self.last[row:row + 1])
-            s.pending = s.pending[n:]
+        if any(len(self.seqs[row].pending) for row in rows):
+            feeds = []
+            for row, n in zip(rows, counts):
+                s = self.seqs[row]
+                feeds.append(s.pending[:n].to(device) if len(s.pending) else self.last[row:row + 1])
+                s.pending = s.pending[n:]
+            tokens = torch.cat(feeds)  # (T,) every row's, one after the other
+        else:  # a decode step: every row feeds its last token
+            tokens = self.last[rows]
         seqs = [self.seqs[row].seq for row in rows]
         ready = [b for b, row in enumerate(rows) if not len(self.seqs[row].pending)]
-        n, ready_t = torch.tensor(counts, device=device), torch.tensor(ready, dtype=torch.long, device=device)
         if self.model.packs:
             step = self.cache.packed(seqs, counts)  # the ready rows' logits at their last tokens only
-            logits = self.decode(torch.cat(feeds)[None], step, logits_to_keep=(n.cumsum(0) - 1)[ready_t]).logits[0]
+            ends = list(accumulate(counts))
+            keep = torch.tensor([ends[b] - 1 for b in ready], dtype=torch.long, device=device)
+            logits = self.decode(tokens[None], step, logits_to_keep=keep).logits[0]
         else:
-            logits = self._padded(seqs, counts, feeds)[ready_t]
+            logits = self._padded(seqs, counts, tokens)
+            if len(ready) < len(rows):
+                logits = logits[torch.tensor(ready, dtype=torch.long, device=device)]
         if ready:
             chosen = [rows[b] for b in ready]
             self._emit(chosen, self._choose(logits, chosen))
 
-    def _padded(self, seqs: list[int], counts: list[int], feeds: list[torch.Tensor]) -> torch.Tensor:
-        """Each row's logits at its last fed token (B, V) for a model that does not pack: the rows padded to the
-        longest feed, in two calls (the one-token rows, first, and the others) when padding them together would
-        more than double the call's tokens (every padding token costs a real one's compute)."""
+    def _padded(self, seqs: list[int], counts: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's logits at its last fed token (B, V) for a model that does not pack, from every row's tokens one
+        after the other (T,): the rows padded to the longest feed, in two calls (the one-token rows, first, and the
+        others) when padding them together would more than double the call's tokens (every padding token costs a
+        real one's compute)."""
         ones = counts.count(1)
         split = 0 < ones < len(counts) and len(counts) * max(counts) > 2 * sum(counts)
-        out = []
+        out, start = [], 0
         for part in ((range(ones), range(ones, len(counts))) if split else (range(len(counts)),)):
             c = [counts[b] for b in part]
-            tokens = torch.zeros(len(c), max(c), dtype=torch.long, device=self.cache.device)
-            for i, b in enumerate(part):
-                tokens[i, :c[i]] = feeds[b]
-            step = self.cache.step([seqs[b] for b in part], max(c), new_tokens=c)
-            logits = self.decode(tokens, step, logits_to_keep=0).logits
-            out.append(logits[torch.arange(len(c)), torch.tensor(c) - 1])
+            fed, start, S = tokens[start:start + sum(c)], start + sum(c), max(c)
+            if S == 1:
+                padded = fed[:, None]
+            else:  # right-padded: row i's tokens in its first c[i] columns
+                padded = fed.new_zeros(len(c), S)
+                padded[torch.arange(S, device=fed.device) < torch.tensor(c, device=fed.device)[:, None]] = fed
+            step = self.cache.step([seqs[b] for b in part], S, new_tokens=c)
+            logits = self.decode(padded, step, logits_to_keep=0).logits
+            out.append(logits[:, 0] if S == 1 else logits[torch.arange(len(c)), torch.tensor(c) - 1])
         return torch.cat(out) if split else out[0]
 
     def _chooser(self, request: Request) -> Chooser:
@@ -489,28 +522,39 @@ class Batcher:
                 frequency_penalty=r.frequency_penalty, presence_penalty=r.presence_penalty)
         return self.choosers[key]
 
-    def _groups(self, rows: list[int]) -> dict[Chooser, list[int]]:
-        """Indices into `rows` by the chooser of their request."""
+    def _groups(self, rows: list[int], *, choosing: bool = False) -> dict[Chooser, list[int]]:
+        """Indices into `rows` by the chooser of their request; `choosing`: every plain chooser's rows (greedy, no
+        logit processor: `Chooser.plain`) under the first one's, as they choose alike, by one argmax."""
         groups: dict[Chooser, list[int]] = {}
+        plain = None
         for i, row in enumerate(rows):
-            groups.setdefault(self._chooser(self.rows[row]), []).append(i)
+            chooser = self.chooser_of[row]
+            if choosing and chooser.plain:
+                chooser = plain = plain or chooser
+            groups.setdefault(chooser, []).append(i)
         return groups
 
     def _choose(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """The next token of each of `rows` from its logits (R, V): rows sharing settings choose together, a
-        sampled one with noise from its own generator. A request asking for log-probabilities gets them from the
-        processed logits its token was chosen from (`logprobs`)."""
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        for chooser, index in self._groups(rows).items():
-            group = [rows[i] for i in index]
+        """The next token of each of `rows` from its logits (R, V): rows sharing settings choose together (every
+        greedy row without a logit processor in one argmax), a sampled one with noise from its own generator. A
+        request asking for log-probabilities gets them from the processed logits its token was chosen from
+        (`logprobs`)."""
+        groups = self._groups(rows, choosing=True)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device) if len(groups) > 1 else None
+        for chooser, index in groups.items():
+            whole = len(groups) == 1  # every row, in order
+            group = rows if whole else [rows[i] for i in index]
             noise = None
             if chooser.do_sample:
                 noise = torch.cat([exponential_noise(logits[i:i + 1], self.rows[r].generator)
                                    for i, r in zip(index, group)])
             state = self.state[group] if chooser.spans is not None else None
-            seen = self._seen(group)
-            processed = chooser.processed(logits[index], state, seen)
-            tokens[index] = chosen = chooser.draw(processed, noise)[0]
+            processed = chooser.processed(logits if whole else logits[index], state, self._seen(group))
+            chosen = chooser.draw(processed, noise)[0]
+            if whole:
+                tokens = chosen
+            else:
+                tokens[index] = chosen
             for b, row in enumerate(group):
                 if self.rows[row].top_logprobs is not None:
                     self.rows[row].logprobs.append(logprobs(processed[b], int(chosen[b]), self.rows[row].top_logprobs))
@@ -521,9 +565,12 @@ class Batcher:
         return torch.cat([self.seen[row] for row in group]) if self.seen[group[0]] is not None else None
 
     def _emit(self, rows: list[int], tokens: torch.Tensor) -> None:
-        stopped = torch.zeros(len(rows), dtype=torch.bool, device=tokens.device)
+        """Each row's new token: its image-span mode and seen tokens advanced, its listener told; its request ends at
+        one of its stop tokens, when its listener says so, or at max_new_tokens."""
         for chooser, index in self._groups(rows).items():
             group = [rows[i] for i in index]
+            if chooser.spans is None and self.seen[group[0]] is None:
+                continue  # no state to advance
             state = self.state[group] if chooser.spans is not None else None
             state, seen = chooser.advance(state, self._seen(group), tokens[index])
             if state is not None:
@@ -531,9 +578,8 @@ class Batcher:
             if seen is not None:
                 for row, row_seen in zip(group, seen.split(1)):
                     self.seen[row] = row_seen
-            stopped[index] = chooser.stops(tokens[index])
         self.last[rows] = tokens
-        for row, token, stop in zip(rows, tokens.tolist(), stopped.tolist()):
+        for row, token in zip(rows, tokens.tolist()):
             request = self.rows[row]
             request.tokens.append(token)
             try:
@@ -542,7 +588,7 @@ class Batcher:
                 request.error = e
                 self._leave(row, "error")
                 continue
-            if stop or not keep:
+            if token in request.stop_token_ids or not keep:  # as its chooser's `stops`
                 self._leave(row, "stop")
             elif len(request.tokens) >= request.max_new_tokens:
                 self._leave(row, "length")
@@ -551,7 +597,7 @@ class Batcher:
         """The request leaves its row; its blocks go back (a failed call's are never shared)."""
         request, self.rows[row] = self.rows[row], None
         self.cache.free(self.seqs[row].seq, failed=failed)
-        self.seqs[row], self.seen[row] = None, None
+        self.seqs[row], self.seen[row], self.chooser_of[row] = None, None, None
         self._finish(request, reason)
 
     def _finish(self, request: Request, reason: str) -> None:

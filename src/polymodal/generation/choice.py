@@ -66,6 +66,11 @@ class Chooser:
         return state, seen
 
     @property
+    def plain(self) -> bool:
+        """Greedy with no logit processor: its token is the argmax of the logits, whatever its other settings."""
+        return not self.do_sample and self.penalty == 1.0 and not self.counts and self.spans is None
+
+    @property
     def counts(self) -> bool:
         """Whether `seen` counts the tokens written (frequency or presence penalties)."""
         return self.frequency != 0.0 or self.presence != 0.0

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 
 
-def gather_rows(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """pool (N, nkv, hs), index (B, L) pool slots -> (B, nkv, L, hs)."""
+def gather_rows(pool: torch.Tensor, index: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
+    """pool (N, nkv, hs), index (B, L) pool slots (flat: the same, flattened, when made ahead) -> (B, nkv, L, hs)."""
     # index_select, not pool[index]: advanced indexing takes 4x longer on CPU for these shapes
-    return pool.index_select(0, index.reshape(-1)).unflatten(0, index.shape).transpose(1, 2)
+    flat = index.reshape(-1) if flat is None else flat
+    return pool.index_select(0, flat).view(*index.shape, *pool.shape[1:]).transpose(1, 2)
 
 
 @dataclass
@@ -36,6 +37,12 @@ class PackedGroup:
     slot_index: torch.Tensor  # (B, L) long, null-padded
     mask: torch.Tensor  # (B, 1, S, L) bool
     keep: torch.Tensor | None  # (n,) long
+
+    def __post_init__(self) -> None:
+        self.flat = self.slot_index.reshape(-1)  # made once for every layer's gathers
+
+    def gather(self, pool: torch.Tensor) -> torch.Tensor:
+        return gather_rows(pool, self.slot_index, self.flat)
 
 
 @dataclass
@@ -50,13 +57,17 @@ class PackedMask:
                kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
         """q (1, nh, T, hs), k/v the pools (N, nkv, hs) the call wrote to -> (1, nh, T, hs), through
         kernel(q, k, v, mask) per group."""
+        if len(self.groups) == 1 and self.groups[0].q_index is None:  # a decode call: packed token b is row b's
+            g = self.groups[0]  # (1, nh, B, hs) <-> (B, nh, 1, hs), views both ways
+            return kernel(q.permute(2, 1, 0, 3), g.gather(k), g.gather(v), g.mask).permute(2, 1, 0, 3)
         out = []
         for g in self.groups:
             if g.q_index is None:  # a view: (nh, B, hs) -> (B, nh, 1, hs)
                 q_g = q[0, :, :g.slot_index.shape[0]].transpose(0, 1)[:, :, None]
             else:
-                q_g = q[0].index_select(1, g.q_index.reshape(-1)).unflatten(1, g.q_index.shape).transpose(0, 1)
-            y = kernel(q_g, gather_rows(k, g.slot_index), gather_rows(v, g.slot_index), g.mask)  # (B, nh, S, hs)
+                q_g = q[0].index_select(1, g.q_index.reshape(-1)).view(q.shape[1], *g.q_index.shape, q.shape[3])
+                q_g = q_g.transpose(0, 1)
+            y = kernel(q_g, g.gather(k), g.gather(v), g.mask)  # (B, nh, S, hs)
             y = y.transpose(1, 2).flatten(0, 1)  # (B*S, nh, hs)
             out.append(y if g.keep is None else y.index_select(0, g.keep))
         y = torch.cat(out) if len(out) > 1 else out[0]

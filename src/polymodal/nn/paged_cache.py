@@ -11,7 +11,9 @@ own last token.
 
 Reading here gathers each row's K/V through its block table into a (B, nkv, L, hs) tensor, L the longest
 row, and lets the usual kernel attend with the segments' mask. The table of slots is built as tensors once per
-call; a decode step over the rows of the last call only appends its new slots to that call's table. A GPU kernel (vLLM's paged attention,
+call; a decode step over the rows of the last call only appends its new slots to that call's table, takes its
+tokens' segments from that call's last ones and, packed, appends a column to that call's mask (`LastCall`): the
+host work of a decode step stays a few tensor ops whatever the rows' lengths. A GPU kernel (vLLM's paged attention,
 FlexAttention's paged block mask) reads the blocks in place through the table instead, so no copy of
 the keys is made; the bookkeeping and the slot layout here are what it reads.
 
@@ -25,7 +27,8 @@ Prefix caching: `add(seq, prompt)` starts a sequence on the cached blocks of the
 prompt that `prefix_keys` finds (its keys cover token ids, every per-token input and each media item's
 content hash), reference counted, and files the prompt's full blocks for later requests once the calls
 that wrote them have returned (at the next `add` or `awaited`, or at `free` unless a call failed). `awaited(prompt)`
-tells which prompts being written would give a waiting prompt a longer prefix, for a cache-aware admission.
+tells how much of a waiting prompt is cached now and which prompts being written would give it a longer prefix,
+for a cache-aware admission.
 A hit covers every media span and ends where a new group starts (see `prefix_keys`), so the rest of
 the prompt continues causally through the model's `decode`.
 
@@ -33,6 +36,8 @@ Shapes: B rows, S new tokens, L the longest row, nkv key-value heads, hs head si
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -63,10 +68,11 @@ class PagedLayer:
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # input_pos (B, S) pool slots; k, v (B, nkv, S, hs) -> each row's K/V (B, nkv, L, hs)
         # (a packed step: the pools (N, nkv, hs), which its mask reads per group)
-        cache, index = self.batch.cache, self.batch.slot_index
+        cache, index, at = self.batch.cache, self.batch.slot_index, input_pos.reshape(-1)
         out = []
         for pool, new in ((cache.k[self.layer], k), (cache.v[self.layer], v)):
-            pool.index_copy_(0, input_pos.reshape(-1), new.transpose(1, 2).flatten(0, 1).to(pool.dtype))
+            new = new.transpose(1, 2).flatten(0, 1)
+            pool.index_copy_(0, at, new if new.dtype == pool.dtype else new.to(pool.dtype))
             out.append(pool if index is None else gather_rows(pool, index))
         return out
 
@@ -88,9 +94,12 @@ class PagedBatch:
                              f"sequences")
         self.cache, self.seq_ids, self.new_tokens = cache, list(seq_ids), new_tokens
         self.batch = len(seq_ids)
-        self.layers = [PagedLayer(self, i) for i in range(cache.n_layers)]
         self.slot_index: torch.Tensor | None = None  # (B, L) pool slots of each row, null-padded
         self.slots: Segments | None = None  # their segments, in the frame of the last write's queries
+
+    @functools.cached_property
+    def layers(self) -> list[PagedLayer]:
+        return [PagedLayer(self, i) for i in range(self.cache.n_layers)]
 
     @property
     def length(self) -> int:
@@ -103,6 +112,9 @@ class PagedBatch:
         if self.new_tokens is not None and max(self.new_tokens) > n:
             raise InputError(f"new_tokens {self.new_tokens} counts more than the {n} tokens given")
         cache = self.cache
+        tail = cache.last.tail if n == 1 and cache.last is not None and cache.last.follows(self.seq_ids) else None
+        if tail is not None:  # one token after each row's last, all valid: no slot read
+            return Segments(tail.positions + 1, tail.groups + 1, tail.docs, tail.valid)
         lengths = [cache.lengths[s] for s in self.seq_ids]
         # a new row reads the null slot's segments, then takes position -1, group 0 and document 0 instead
         last = torch.tensor([cache.slot(s, n - 1) if n else NULL_BLOCK * cache.block_size
@@ -158,6 +170,8 @@ class PagedBatch:
         cache = self.cache
         if seg.valid.shape[1] == 1 and cache.last is not None and cache.last.follows(self.seq_ids):
             return self._extend(seg)
+        if seg.valid.shape[1] == 1 and all(cache.lengths[s] for s in self.seq_ids):
+            return self._write_one(seg)
         valid = seg.valid.cpu()
         counts = valid.sum(1)
         starts = torch.tensor([cache.lengths[s] for s in self.seq_ids])
@@ -175,34 +189,55 @@ class PagedBatch:
         cache.store(input_pos, seg, shift)
         self.slot_index = table.to(cache.device)
         self.slots = cache.gather_segments(self.slot_index, shift)
-        cache.last = None if bool(shift.any()) else LastCall(self)  # a shifted frame is this call's alone
+        # a shifted frame is this call's alone; a last column valid in every row holds each row's last token
+        tail = Segments(*(getattr(seg, name)[:, -1:].clone() for name in SEGMENT_FIELDS)) \
+            if bool(valid[:, -1].all()) else None
+        cache.last = None if bool(shift.any()) else LastCall(self, tail)
+        return input_pos
+
+    def _take_one(self, seg: Segments) -> torch.Tensor:
+        """A slot for one new token after each row's last (every row holds tokens), its segments stored: (B, 1)."""
+        cache = self.cache
+        cache.reserve(self.seq_ids, [1] * self.batch)
+        slots = [cache.slot(seq, cache.lengths[seq]) for seq in self.seq_ids]
+        for seq in self.seq_ids:
+            cache.lengths[seq] += 1
+        input_pos = torch.tensor(slots, dtype=torch.long, device=cache.device)[:, None]
+        cache.store(input_pos, seg)
+        return input_pos
+
+    def _write_one(self, seg: Segments) -> torch.Tensor:
+        """One new token after each row's last, rows of another call than the last: the table built anew, as `write`
+        builds it, without the bookkeeping of padding, new rows and counts."""
+        input_pos = self._take_one(seg)
+        self.slot_index = self.cache.slot_table(self.seq_ids)
+        self.slots = self.cache.gather_segments(self.slot_index)
+        self.cache.last = LastCall(self, seg)
         return input_pos
 
     def _extend(self, seg: Segments) -> torch.Tensor:
         """One new token per row, after the last call's: its slot appended to that call's table as a column (a
         shorter row's null slots stay between, which its mask never reads)."""
         cache, last = self.cache, self.cache.last
-        cache.reserve(self.seq_ids, [1] * self.batch)
-        slots = [cache.slot(seq, cache.lengths[seq]) for seq in self.seq_ids]
-        for seq in self.seq_ids:
-            cache.lengths[seq] += 1
-        input_pos = torch.tensor(slots, dtype=torch.long, device=cache.device)[:, None]
-        cache.store(input_pos, seg, torch.zeros(self.batch, dtype=torch.long, device=cache.device))
+        input_pos = self._take_one(seg)
         self.slot_index = torch.cat([last.slot_index, input_pos], 1)
         self.slots = Segments(*(torch.cat([getattr(last.slots, name), getattr(seg, name)], 1)
                                 for name in SEGMENT_FIELDS))
-        cache.last = LastCall(self)
+        cache.last = LastCall(self, seg)
         return input_pos
 
 
 class LastCall:
     """The rows, lengths and slot table (with its segments) of a paged cache's last call, which a decode step
-    over the same rows, none written since, extends."""
+    over the same rows, none written since, extends; `tail`, the segments of each row's last token (B, 1), when
+    known, which the step's follow; `mask`, the attention mask of a packed call's one-token rows (B, 1, 1, L) (their
+    queries' each the row's last token), which the step's extends."""
 
-    def __init__(self, batch: PagedBatch):
+    def __init__(self, batch: PagedBatch, tail: Segments | None = None):
         self.cache, self.seq_ids = batch.cache, list(batch.seq_ids)
         self.lengths = [batch.cache.lengths[s] for s in batch.seq_ids]
-        self.slot_index, self.slots = batch.slot_index, batch.slots
+        self.slot_index, self.slots, self.tail = batch.slot_index, batch.slots, tail
+        self.mask: torch.Tensor | None = None
 
     def follows(self, seq_ids: list[int]) -> bool:
         return seq_ids == self.seq_ids and [self.cache.lengths[s] for s in seq_ids] == self.lengths
@@ -289,17 +324,27 @@ class PackedStep:
             n = [counts[b] for b in rows]
             S = max(n)
             batch = PagedBatch(cache, [seq_ids[b] for b in rows], n)
+            last = cache.last if S == 1 and cache.last is not None and cache.last.follows(batch.seq_ids) else None
             seg = batch.next_segments(S)
             input_pos = batch.write(seg)
+            if last is not None and last.mask is not None:
+                # each row's query after the last call's (its row's latest token, of the row's highest group): it
+                # sees what that one saw and its own new key, appended as the table's last column (made as
+                # `attention_mask` makes it, a view: a compiled step guards on that)
+                mask = torch.cat([last.mask[:, 0], last.mask.new_ones(len(rows), 1, 1)], -1).unsqueeze(1)
+            else:
+                mask = attention_mask(seg, batch.slots)
             if S == 1:
                 held = cache.last
+                if held is not None:
+                    held.mask = mask
             # query s of row b is packed token starts[b] + s; a pad repeats its row's last token
             q_index = None if rows == list(range(len(rows))) and S == 1 else torch.tensor(
                 [[starts[b] + min(s, counts[b] - 1) for s in range(S)] for b in rows], device=cache.device)
             keep = None if min(n) == S else torch.tensor([i * S + s for i, k in enumerate(n) for s in range(k)],
                                                          device=cache.device)
-            groups.append(PackedGroup(q_index, batch.slot_index, attention_mask(seg, batch.slots), keep))
-            kept.append([t.reshape(-1) if keep is None else t.reshape(-1).index_select(0, keep)
+            groups.append(PackedGroup(q_index, batch.slot_index, mask, keep))
+            kept.append([t if keep is None else t.reshape(-1).index_select(0, keep)
                          for t in (input_pos, *(getattr(seg, name) for name in SEGMENT_FIELDS))])
             packed_of += [starts[b] + s for b in rows for s in range(counts[b])]
         if held is not None:  # the one-token rows' table, which the next step's decode rows extend
@@ -309,8 +354,11 @@ class PackedStep:
             order = torch.empty(len(packed_of), dtype=torch.long)
             order[packed_of] = torch.arange(len(packed_of))
             order = order.to(cache.device)
-        fields = [torch.cat(field) if len(kept) > 1 else field[0] for field in zip(*kept)]
-        fields = [t[None] if order is None else t.index_select(0, order)[None] for t in fields]
+        if len(kept) == 1:  # one group, its rows in packed order
+            fields = [t.reshape(1, -1) for t in kept[0]]
+        else:
+            fields = [torch.cat([t.reshape(-1) for t in field]) for field in zip(*kept)]
+            fields = [t[None] if order is None else t.index_select(0, order)[None] for t in fields]
         self.input_pos, self.segments = fields[0], Segments(*fields[1:])
         self.slots = PackedMask(groups, order)
         self.layers = [PagedLayer(self, i) for i in range(cache.n_layers)]
@@ -428,17 +476,18 @@ class PagedCache:
 
     # slot segments
 
-    def store(self, input_pos: torch.Tensor, seg: Segments, shift: torch.Tensor) -> None:
+    def store(self, input_pos: torch.Tensor, seg: Segments, shift: torch.Tensor | None = None) -> None:
         flat = input_pos.reshape(-1)  # padding writes the null slot, as not valid: no row reads it as a key
         for name in SEGMENT_FIELDS:
-            value = getattr(seg, name) + shift[:, None] if name == "groups" else getattr(seg, name)
+            value = getattr(seg, name) + shift[:, None] if name == "groups" and shift is not None else getattr(seg, name)
             getattr(self.segments, name).index_copy_(0, flat, value.reshape(-1))
 
-    def gather_segments(self, slot_index: torch.Tensor, shift: torch.Tensor) -> Segments:
+    def gather_segments(self, slot_index: torch.Tensor, shift: torch.Tensor | None = None) -> Segments:
         """The segments of each row's slots (B, L), groups moved back into the frame of the queries just
         written (a new row's padding counted), so one `attention_mask` compares them."""
         seg = Segments(*(getattr(self.segments, name).take(slot_index) for name in SEGMENT_FIELDS))
-        seg.groups = seg.groups - shift[:, None]
+        if shift is not None:
+            seg.groups = seg.groups - shift[:, None]
         return seg
 
     # prefix cache
@@ -462,33 +511,28 @@ class PagedCache:
                 usable = len(found)
         return found[:usable]
 
-    def cached(self, prompt: PromptKeys) -> int:
-        """The prompt tokens `add` would start it on now (written prompts filed first)."""
+    def awaited(self, prompt: PromptKeys) -> tuple[int, dict[int, int]]:
+        """The prompt tokens `add` would start it on now (written prompts filed first), and the sequences whose
+        prompts are being written (added, not yet filed) that, once filed, give `prompt` a longer usable prefix than
+        that, each with the prompt tokens it would add (SGLang's cache-aware scheduling looks a waiting request up
+        against the requests being prefilled beside it). A writer files each block under `PromptKeys.filed_key`
+        where a hit may end: an equal key at a block end the lookup may stop at is the same prefix."""
         self._file_written()
-        return len(self._found(prompt)) * self.block_size
-
-    def awaited(self, prompt: PromptKeys) -> dict[int, int]:
-        """The sequences whose prompts are being written (added, not yet filed) that, once filed, give `prompt` a
-        longer usable prefix than the cache holds now, each with the prompt tokens it would add (SGLang's
-        cache-aware scheduling looks a waiting request up against the requests being prefilled beside it). A
-        writer files each block under `PromptKeys.filed_key` where a hit may end: an equal key at a block end
-        the lookup may stop at is the same prefix."""
-        self._file_written()
-        if not self.prompts:
-            return {}
         now, size = len(self._found(prompt)) * self.block_size, self.block_size
+        if not self.prompts:
+            return now, {}
         last = (prompt.length - 1) // size * size  # a hit leaves the prompt's last token
         wanted = {end: key for end in range(last, now, -size)
                   if end >= prompt.media_end and (key := prompt.filed_key(end)) is not None}
         if not wanted:
-            return {}
+            return now, {}
         gains = {}
         for seq, theirs in self.prompts.items():
             end = next((end for end, key in wanted.items() if end <= theirs.length
                         and theirs.running[end] == prompt.running[end] and theirs.filed_key(end) == key), None)
             if end is not None:
                 gains[seq] = end - now
-        return gains
+        return now, gains
 
     def _file_written(self) -> None:
         """Files every prompt written whole in the prefix cache (`_register_prompt`): at a step boundary, after
@@ -498,7 +542,7 @@ class PagedCache:
 
     def _register_prompt(self, seq: int) -> None:
         """Once a sequence's prompt is written, files its full blocks in the prefix cache. Done at the next `add`,
-        `cached` or `awaited` (`_file_written`) or at `free`, after the model calls that wrote them returned."""
+        or `awaited` (`_file_written`) or at `free`, after the model calls that wrote them returned."""
         prompt = self.prompts.get(seq)
         if prompt is None or self.lengths[seq] < prompt.length:
             return

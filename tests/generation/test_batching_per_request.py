@@ -47,9 +47,9 @@ def test_a_held_request_keeps_its_keys_and_the_batcher_drops_them_when_it_leaves
     batcher.submit(first, held)
     batcher.step()
     assert list(batcher.waiting) == [held]
-    keys = batcher.admission[held][0]
+    keys = batcher.admission[held]
     batcher.step()
-    assert list(batcher.waiting) == [held] and batcher.admission[held][0] is keys  # made once
+    assert list(batcher.waiting) == [held] and batcher.admission[held] is keys  # made once
     batcher.step()
     assert not batcher.waiting and not batcher.admission and batcher.cache.hit_tokens == 12
     drain(batcher)

@@ -1,7 +1,8 @@
 """vLLM-style serving figures (as `vllm bench serve` reports them) for `polymodal serve` over HTTP, against the
 static-slot batcher it replaced and against `transformers serve --continuous-batching`.
 
-Two request sets, each sent alike to every server of its part through the `openai` client, streamed, all greedy:
+Two request sets, each sent alike to every server of its part, streamed, all greedy, by one asyncio client on raw
+HTTP that timestamps each event as its bytes arrive (`stream_client`, as vLLM's aiohttp client):
 - **mixed** (text + image): `--requests` chat completions to gemini-tiny that reads images (random weights, a BPE
   trained on the world's texts: `bench_batcher.world_reader`); one in four a world question alone, the others one
   of `--images` world images followed by one of the world's four image questions (so requests share images, and
@@ -45,10 +46,8 @@ import random
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
 import torch
 
 import polymodal as pm
@@ -59,7 +58,8 @@ from polymodal.generation.batching import Batcher, Request
 from polymodal.serve.app import Server
 from polymodal.serve.protocol import Limits, chat_job
 from same_work import require, same_lengths, same_tokens
-from serving_stats import Record, Slo, arrival_times, summarise
+from serving_stats import Slo, summarise
+from stream_client import drive
 
 QUESTIONS = tuple(PROMPTS[task] for task in ("caption", "colour", "shape", "count"))  # the world's image questions
 FIGURES = ("ttft", "tpot", "itl", "e2e")
@@ -89,41 +89,6 @@ def mixed_bodies(n: int, n_images: int) -> list[dict]:
         bodies.append({"messages": [{"role": "user", "content": content}], "max_tokens": rng.randint(8, 24),
                        "temperature": 0})
     return bodies
-
-
-def stream(client: openai.OpenAI, model: str, body: dict) -> Record:
-    """One request, streamed: when each chunk with text came, the text, and the usage's output tokens."""
-    chat = "messages" in body
-    create = client.chat.completions.create if chat else client.completions.create
-    sent, chunks, text, tokens = time.perf_counter(), [], [], 0
-    for chunk in create(model=model, stream=True, stream_options={"include_usage": True}, **body):
-        now = time.perf_counter()
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-        for choice in chunk.choices:
-            piece = choice.delta.content if chat else choice.text
-            if piece:
-                chunks.append(now)
-                text.append(piece)
-    return Record(sent=sent, done=time.perf_counter(), tokens=tokens, chunks=chunks, text="".join(text))
-
-
-def drive(url: str, model: str, bodies: list[dict], load: tuple[str, float], seed: int = 0) -> list[Record]:
-    """The bodies' records in order: ("concurrency", c) keeps c in flight; ("rate", r) sends each at its
-    Poisson arrival time (seeded), whatever is in flight."""
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-    kind, value = load
-    if kind == "concurrency":
-        with ThreadPoolExecutor(int(value)) as pool:
-            return list(pool.map(lambda body: stream(client, model, body), bodies))
-    start = time.perf_counter()
-
-    def at(arrival: float, body: dict) -> Record:
-        time.sleep(max(0.0, start + arrival - time.perf_counter()))
-        return stream(client, model, body)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(at, arrival_times(len(bodies), value, seed), bodies))
 
 
 def cpu_seconds(pid: int) -> float:

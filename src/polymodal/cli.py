@@ -40,6 +40,9 @@ QUANTIZE_HELP = ("weight-only quantized decoder linear layers; on a CPU they sav
                  "by benchmarks/bench_quantize.py, a 64M decoder, 1 thread, shared machine): int8 0.40x float32's "
                  "weight bytes, 1.4x its time per new token; int4 0.35x the bytes, 4.5x the time per new token, ~45x per "
                  "prompt")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPE_HELP = ("the weights' dtype: float32 (the default), bfloat16 or float16 (half the memory; a model loaded in float32 "
+              "gives the answers the parity tests check), or auto: the checkpoint's own (as HF's from_pretrained)")
 MAX_NEW_TOKENS = 32  # generate's default for text; a drawing model gets one image span more
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "polymodal_tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
@@ -106,6 +109,7 @@ def _generate_flags(sub) -> None:
     g.add_argument("--image-dir", default="images", help="where images the model draws go, as PNG files "
                                                           "(default: %(default)s)")
     g.add_argument("--quantize", choices=("int8", "int4"), help=QUANTIZE_HELP)
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     g.add_argument("--draw", default=None, metavar="OUT.png",
                    help="read the answer's boxes (and masks) as PaliGemma-style location tokens, print each object "
                         "and draw them over the one --image into this new PNG file")
@@ -142,6 +146,7 @@ def _eval_flags(sub) -> None:
     e.add_argument("--tasks", nargs="+", default=None, help="world tasks to score (default: those the run trained on)")
     e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--quantize", choices=("int8", "int4"), help=QUANTIZE_HELP)
+    e.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     e.add_argument("--cot-k", type=int, default=8, help="chains of thought sampled per question of a task asked with "
                                                        "one (compare_cot), for majority and routing (default: %(default)s)")
     e.add_argument("--cot-validation", type=int, default=100, help="validation questions the routing threshold is "
@@ -178,6 +183,7 @@ def _other_commands(sub) -> None:
     s.add_argument("--compile", action="store_true",
                    help="compile the batcher's decode step (torch.compile, dynamic shapes; the first steps pay the "
                         "compile time); default: eager")
+    s.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
 
     pl = sub.add_parser("plot", help="redraw a training run's loss.png from its metrics.jsonl")
     pl.add_argument("run", help="a run directory (holding metrics.jsonl)")
@@ -211,15 +217,23 @@ def _with_weights(directory: Path) -> Path:
     return directory
 
 
-def _load(path: str, quantize: str | None = None, role: str = "checkpoint"):
+def _load(path: str, quantize: str | None = None, role: str = "checkpoint", dtype: str = "float32"):
     import polymodal as pm
     from polymodal.families.collators import check_tokenizer
     from polymodal.data.tokenizer import Tokenizer
 
     directory = _checkpoint_dir(path)
-    model, tokenizer = pm.from_pretrained(directory, quantize=quantize), Tokenizer.from_file(directory)
+    model = pm.from_pretrained(directory, quantize=quantize, dtype=torch_dtype(dtype))
+    tokenizer = Tokenizer.from_file(directory)
     check_tokenizer(model.config, tokenizer, f"{role} {directory}")
     return directory, model, tokenizer
+
+
+def torch_dtype(name: str):
+    """A --dtype choice as `from_pretrained` takes it."""
+    import torch
+
+    return name if name == "auto" else getattr(torch, name)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -275,8 +289,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     segments = _media_segments(args)
     vae = _check_draw(args)
-    directory, model, tokenizer = _load(args.checkpoint, args.quantize)
-    draft = _load(args.assistant, role="--assistant (the draft)")[1] if args.assistant is not None else None
+    directory, model, tokenizer = _load(args.checkpoint, args.quantize, dtype=args.dtype)
+    draft = _load(args.assistant, role="--assistant (the draft)", dtype=args.dtype)[1] if args.assistant is not None else None
     if not isinstance(model, LanguageModel):
         raise InputError(f"{directory} holds a {type(model).__name__}, which embeds images and texts but writes "
                          "nothing; score it with `polymodal eval`")
@@ -430,7 +444,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tasks = _trained_tasks(directory)
     for task in tasks:
         WORLD.choices(task)  # an unknown task fails here, before any work
-    directory, model, tokenizer = _load(str(directory), args.quantize)  # resolved above, said once
+    directory, model, tokenizer = _load(str(directory), args.quantize, dtype=args.dtype)  # resolved above, said once
     plain = tuple(t for t in tasks if t not in COT_TASKS)
     if plain:
         score = scorer(model)
@@ -443,7 +457,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _quantized(args: argparse.Namespace) -> str:
-    return f" (loaded {args.quantize} weight-only quantized)" if args.quantize else ""
+    loaded = ([f"{args.quantize} weight-only quantized"] if args.quantize else []) + \
+        ([f"in {args.dtype}"] if args.dtype != "float32" else [])
+    return f" (loaded {', '.join(loaded)})" if loaded else ""
 
 
 WITH_DATA = {"metric": None, "out": None, "overwrite": False, "max_new_tokens": None, "do_sample": False,
@@ -476,7 +492,7 @@ def eval_data(args: argparse.Namespace) -> None:
             train_docs = read_documents(train, "the run's training file")
         except DataNotFoundError:
             print(f"polymodal eval: no majority baseline: the run's training file {train} is gone", file=sys.stderr)
-    directory, model, tokenizer = _load(str(directory), args.quantize)  # resolved above, said once
+    directory, model, tokenizer = _load(str(directory), args.quantize, dtype=args.dtype)  # resolved above, said once
     pairs = spec_of(model).pairs
     metric = args.metric or ("recall" if pairs else "boxes" if located(docs) else "exact")
     if pairs != (metric == "recall"):
@@ -501,7 +517,7 @@ def eval_data(args: argparse.Namespace) -> None:
         print(f"masks {masks}")
     print(located_table(rows) if metric == "boxes" else table(rows, what))
     write(out, records, {"checkpoint": str(directory), "data": str(args.data), "metric": metric,
-                         "quantize": args.quantize, "decoding": None if pairs else sampling,
+                         "quantize": args.quantize, "dtype": args.dtype, "decoding": None if pairs else sampling,
                          "max_new_tokens": args.max_new_tokens, "training_data": train,
                          **({"masks": masks, "iou_thresholds": list(THRESHOLDS)} if masks is not None else {}),
                          "scores": rows})
@@ -647,7 +663,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise InputError(f"--max-body-mb must be >= 1, got {args.max_body_mb}")
     serve(_checkpoint_dir(args.checkpoint), name=Path(args.checkpoint).resolve().name, host=args.host, port=args.port,
           slots=args.slots, max_queue=args.max_queue, limits=Limits(max_body_bytes=args.max_body_mb << 20),
-          mask_vae=args.mask_vae, compile=args.compile)
+          mask_vae=args.mask_vae, compile=args.compile, dtype=torch_dtype(args.dtype))
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "convert": cmd_convert,

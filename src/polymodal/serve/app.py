@@ -24,6 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -35,6 +36,7 @@ from polymodal.families.collators import make_collator
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.generation.prompts import ContextError, prompts
+from polymodal.nn.paged_cache import kv_bytes
 from polymodal.families import spec_of
 from polymodal.encoders.mask_vae import load_mask_vae, mask_vae_of
 from polymodal.serve.answer import Answer, Locator, has_location_tokens
@@ -46,7 +48,8 @@ from polymodal.serve.request_log import Metrics, RequestLog
 from polymodal.serve.relay import Relay
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
-INLINE_PROMPT_CHARS = 512  # a text-only prompt this long is laid out on the event loop (a few tenths of a millisecond)
+INLINE_PROMPT_CHARS = 512  # prompts of text this long and images this small are laid out on the event loop
+INLINE_IMAGE_PIXELS = 256 * 256
 
 
 class Server:
@@ -54,10 +57,12 @@ class Server:
     encoder (CLIP / SigLIP) the embedder."""
 
     def __init__(self, directory: str | Path, *, name: str | None = None, slots: int = 8, max_queue: int = 64,
-                 limits: Limits = Limits(), mask_vae: str | Path | None = None, compile: bool = False):
+                 limits: Limits = Limits(), mask_vae: str | Path | None = None, compile: bool = False,
+                 dtype: torch.dtype | str | None = None):
         self.directory = directory = Path(directory)  # as given: a run directory or a checkpoint
         self.name = name or directory.resolve().name  # the model id clients send
-        self.model = pm.from_pretrained(directory)
+        self.model = pm.from_pretrained(directory, dtype=dtype)  # float32 unless asked
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.mask_vae = load_mask_vae(mask_vae) if mask_vae is not None else mask_vae_of(self.model)
         self.tokenizer = Tokenizer.from_file(directory)
         self.locations = has_location_tokens(self.tokenizer)
@@ -268,7 +273,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health():
         b = server.batcher
-        state = {"status": "ok" if server.alive else "worker stopped", "model": server.name,
+        state = {"status": "ok" if server.alive else "worker stopped", "model": server.name, "dtype": server.dtype,
                  "slots": b.slots if b else 0, "running": b.running if b else 0, "waiting": len(b.waiting) if b else 0,
                  "finished": dict(b.finished) if b else {}}
         return JSONResponse(state, status_code=200 if server.alive else 503)
@@ -308,11 +313,7 @@ async def run(server: Server, http: HttpRequest, chat: bool):
     server.serving("chat")
     body = parse_body(await read_body(http, server.limits.max_body_bytes))
     job = (chat_job if chat else completion_job)(body, server.name, server.limits)
-    # a short text-only prompt is laid out in tens of microseconds, less than a hop to a worker thread and back,
-    # which costs a thread wake-up each way (most after the server sat idle); media are decoded off the loop
-    inline = all(s.kind == "text" for doc in job.documents for s in doc.segments) and \
-        sum(len(s.text) for doc in job.documents for s in doc.segments) <= INLINE_PROMPT_CHARS
-    prompts = server.prompts(job) if inline else await run_in_threadpool(server.prompts, job)
+    prompts = server.prompts(job) if _inline(job) else await run_in_threadpool(server.prompts, job)
     response = Response(server, job, prompts, asyncio.get_running_loop(), arrived)
     http.state.usage = response.usage  # for the request's log line (serve/request_log.py), read at its end
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -322,6 +323,17 @@ async def run(server: Server, http: HttpRequest, chat: bool):
         return StreamingResponse(_stream(server, response, job, kind, rid, created, chat),
                                  media_type="text/event-stream")
     return await _whole(server, response, http, kind, rid, created, chat)
+
+
+def _inline(job: Job) -> bool:
+    """Whether the job's prompts are laid out on the event loop: short text and small images (tokenised, resized
+    and laid out in tenths of a millisecond) cost less than the hop to a worker thread and back, a thread wake-up
+    each way, whose wait for the GIL beside the batcher thread came to tens of milliseconds under load. Long
+    texts, large images, audio and video are laid out off the loop."""
+    segments = [s for doc in job.documents for s in doc.segments]
+    return (all(s.kind in ("text", "image") for s in segments)
+            and sum(len(s.text) for s in segments if s.kind == "text") <= INLINE_PROMPT_CHARS
+            and all(s.media.width * s.media.height <= INLINE_IMAGE_PIXELS for s in segments if s.kind == "image"))
 
 
 async def _stream(server: Server, response: Response, job: Job, kind: str, rid: str, created: int, chat: bool):
@@ -427,11 +439,16 @@ def _image_part(png: str) -> dict:
 
 def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
           max_queue: int = 64, limits: Limits = Limits(), mask_vae: str | Path | None = None,
-          compile: bool = False) -> None:
+          compile: bool = False, dtype: torch.dtype | str | None = None) -> None:
     server = Server(directory, name=name, slots=slots, max_queue=max_queue, limits=limits, mask_vae=mask_vae,
-                    compile=compile)
-    what = (f"embeddings, texts up to {server.context} tokens" if server.embedder is not None else
-            f"{slots} slots, context {server.context} tokens")
+                    compile=compile, dtype=dtype)
+    weights = f"{server.dtype} weights"
+    if server.embedder is not None:
+        what = f"embeddings, texts up to {server.context} tokens, {weights}"
+    else:
+        cache = server.batcher.cache  # its pool, allocated whole at the start
+        pool = kv_bytes(cache.pool.n_blocks * cache.block_size, *cache.shape)
+        what = f"{slots} slots, context {server.context} tokens, {weights}, KV cache {pool / 2**20:,.1f} MiB"
     print(f"serving {server.name} on http://{host}:{port} ({what})", flush=True)
     gc.collect()
     gc.freeze()  # the model and libraries are never garbage: a full collection would walk them all, pausing answers

@@ -13,10 +13,10 @@ import sys
 from PIL import Image
 
 import polymodal as pm
-from polymodal.data.collate import Collator
 from polymodal.data.synthetic import World, recognise
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.evaluate import written
+from polymodal.families.collators import make_collator
 
 SIDE, PAD, N = 96, 8, 8
 
@@ -24,7 +24,7 @@ SIDE, PAD, N = 96, 8, 8
 def main(run: str, png: str) -> None:
     world = World(seed=0)
     model, tok = pm.from_pretrained(run), Tokenizer.from_file(run)
-    collate = Collator(model.config, tok)
+    collate = make_collator(model.config, tok)
 
     def answers(task: str, n: int):
         examples = [world.sample(task, i, "eval") for i in range(n)]

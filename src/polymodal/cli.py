@@ -61,8 +61,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         hint = hints[f.name]
         optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
         base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+        text = helps.get(f.name, "")  # a help that says its default in words keeps it alone
         kwargs: dict = {"default": argparse.SUPPRESS,  # only flags given override the defaults
-                        "help": f"{helps.get(f.name, '')} (default: {f.default!r})".lstrip()}
+                        "help": text if "default" in text else f"{text} (default: {f.default!r})".lstrip()}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is tuple:
@@ -123,8 +124,9 @@ def _eval_flags(sub) -> None:
     e.add_argument("checkpoint", nargs="?", default=str(TrainConfig().run_dir),
                    help="a run directory (its best checkpoint, else its last) or a checkpoint directory "
                         "(default: %(default)s)")
-    e.add_argument("--data", default=None, help="a JSONL file of documents: answers to their target segments are "
-                                                "scored against their references (default: the built-in world)")
+    e.add_argument("--data", default=None, help="your documents, in any format train --data reads: answers to their "
+                                                "target segments are scored against their references (default: the "
+                                                "built-in world)")
     e.add_argument("--metric", default=None, help=f"with --data: one of {', '.join(METRIC_NAMES)} (default: exact; "
                                                   "boxes when the targets hold objects: box accuracy at IoU 0.5 and "
                                                   "0.75, mean mask IoU, invalid answers; recall for a dual encoder)")

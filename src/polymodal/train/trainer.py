@@ -70,9 +70,9 @@ IMAGE_TASKS = ("caption", "colour", "shape", "count", "position")
 @dataclass
 class TrainConfig(Config):
     model: str = "paligemma-world"  # a preset name or a model config.json
-    data: str = "world"  # "world" (the built-in world) or a JSONL file of documents
+    data: str = "world"  # "world" or your documents (JSONL, LLaVA/messages JSON, a datasets folder, parquet, tar shards)
     tasks: tuple[str, ...] = IMAGE_TASKS  # world tasks to train on
-    eval_data: str | None = None  # JSONL for the eval loss (default: none, or the world's held-out split)
+    eval_data: str | None = None  # documents for the eval loss, as --data (default: none, or the world's held-out split)
     tokenizer: str | None = None  # tokenizer file/dir; None trains a BPE on the data's text
     vocab_size: int = 512  # the most tokens that BPE may have
     out_dir: str = "runs"  # where run directories go

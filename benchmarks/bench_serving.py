@@ -32,7 +32,7 @@ most per running request, at the pool's allocated bytes per block; static: its w
 over its slots), and the paged batcher's prefix-cache hit rate beside the rate the workload's construction
 predicts (`bench_batcher.serve`, `bench_batcher.predicted_hit_rate`).
 
-    python benchmarks/bench_serving.py --requests 128 --rounds 2   # the README's tables (CPU, 6 minutes, 2 cores)
+    python benchmarks/bench_serving.py --requests 128 --rounds 4   # the README's tables (CPU, 11 minutes, 2 cores)
 """
 
 from __future__ import annotations

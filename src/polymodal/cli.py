@@ -449,14 +449,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if plain:
         score = scorer(model)
         how = "image -> answer retrieval" if score is score_retrieval else "greedy answers"
-        print(f"{directory}{_quantized(args)}: {how} on the built-in world's held-out split", flush=True)
+        print(f"{directory}{_loaded_as(args)}: {how} on the built-in world's held-out split", flush=True)
         print(table(score(model, tokenizer, plain, args.n, WORLD, args.batch_size, progress=Progress)))
     cot = [t for t in tasks if t in COT_TASKS]
     if cot:
         eval_routing(args, directory, model, tokenizer, cot)
 
 
-def _quantized(args: argparse.Namespace) -> str:
+def _loaded_as(args: argparse.Namespace) -> str:
     loaded = ([f"{args.quantize} weight-only quantized"] if args.quantize else []) + \
         ([f"in {args.dtype}"] if args.dtype != "float32" else [])
     return f" (loaded {', '.join(loaded)})" if loaded else ""
@@ -512,7 +512,7 @@ def eval_data(args: argparse.Namespace) -> None:
                                   sampling, train_docs, Progress)
     what = METRIC_WHAT[metric]
     how = "image -> caption retrieval" if pairs else ("sampled" if args.do_sample else "greedy") + " answers"
-    print(f"{directory}{_quantized(args)}: {how} on {args.data}, {what}")
+    print(f"{directory}{_loaded_as(args)}: {how} on {args.data}, {what}")
     if masks is not None and masks.startswith("not scored"):
         print(f"masks {masks}")
     print(located_table(rows) if metric == "boxes" else table(rows, what))
@@ -537,7 +537,7 @@ def eval_routing(args: argparse.Namespace, directory: Path, model, tokenizer, ta
     """`polymodal eval`'s table for tasks asked with a chain of thought: greedy, CoT and routed side by side."""
     from polymodal.evaluate_cot import evaluate_routing, routing_table
 
-    print(f"{directory}{_quantized(args)}: direct and chain-of-thought answers on the built-in world's held-out split")
+    print(f"{directory}{_loaded_as(args)}: direct and chain-of-thought answers on the built-in world's held-out split")
     print(routing_table([evaluate_routing(model, tokenizer, t, args.n, WORLD, k=args.cot_k,
                                           validation=args.cot_validation, batch_size=args.batch_size)
                          for t in tasks]))

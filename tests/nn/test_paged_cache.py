@@ -169,6 +169,7 @@ def test_memory_accounting_matches_the_tensors_held():
     paged = PagedCache.for_model(model, 64, 8)
     assert paged.static_bytes(4, 32) == held
     pool = sum(t.nbytes for t in paged.k + paged.v) + sum(t.nbytes for t in vars(paged.segments).values())
+    assert paged.pool_bytes == pool  # what `polymodal serve` says its KV cache holds
     with torch.no_grad():
         for seq, n in enumerate((3, 12, 9, 20)):
             paged.add(seq)

@@ -566,6 +566,11 @@ class PagedCache:
         blocks = {block for seq in seq_ids for block in self.tables[seq]}
         return kv_bytes(len(blocks) * self.block_size, *self.shape)
 
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the whole pool (its K/V and its slots' segments), allocated at the start."""
+        return kv_bytes(self.pool.n_blocks * self.block_size, *self.shape)
+
     def static_bytes(self, slots: int, max_len: int) -> int:
         """Bytes the static `nn.cache.Cache` of `slots` rows of max_len tokens holds for the same model."""
         return kv_bytes(slots * max_len, *self.shape)

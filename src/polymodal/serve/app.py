@@ -36,7 +36,6 @@ from polymodal.families.collators import make_collator
 from polymodal.data.tokenizer import Tokenizer
 from polymodal.generation.batching import Batcher, QueueFull, Request
 from polymodal.generation.prompts import ContextError, prompts
-from polymodal.nn.paged_cache import kv_bytes
 from polymodal.families import spec_of
 from polymodal.encoders.mask_vae import load_mask_vae, mask_vae_of
 from polymodal.serve.answer import Answer, Locator, has_location_tokens
@@ -447,8 +446,7 @@ def serve(directory: str | Path, *, name: str | None = None, host: str = "127.0.
     if server.embedder is not None:
         what = f"embeddings, texts up to {server.context} tokens, {weights}"
     else:
-        cache = server.batcher.cache  # its pool, allocated whole at the start
-        pool = kv_bytes(cache.pool.n_blocks * cache.block_size, *cache.shape)
+        pool = server.batcher.cache.pool_bytes
         what = f"{slots} slots, context {server.context} tokens, {weights}, KV cache {pool / 2**20:,.1f} MiB"
     print(f"serving {server.name} on http://{host}:{port} ({what})", flush=True)
     gc.collect()

@@ -51,7 +51,7 @@ from polymodal.data.tokenizer import Tokenizer
 from polymodal.presets import get_preset
 from polymodal.serve.app import Server
 from same_work import require, same_lengths, same_tokens  # benchmarks/same_work.py, beside this script
-from serving_stats import percentile  # benchmarks/serving_stats.py, beside this script
+from serving_stats import collector_paused, percentile  # benchmarks/serving_stats.py, beside this script
 
 SIZES = {"tiny": {}, "76m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=2048),
          "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192)}  # Llama 3.2 1B's decoder
@@ -99,7 +99,8 @@ def start(command: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, s
 
 
 def timed_mix(url: str, model: str, mix: list[dict], concurrency: int) -> tuple[float, list, list, list]:
-    """Wall seconds, and each request's latency, generated tokens and answer, of `mix`, `concurrency` at a time."""
+    """Wall seconds, and each request's latency, generated tokens and answer, of `mix`, `concurrency` at a time (no
+    garbage collected in this process meanwhile: `collector_paused`)."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
     def one(request: dict) -> tuple[float, int, str]:
@@ -107,10 +108,11 @@ def timed_mix(url: str, model: str, mix: list[dict], concurrency: int) -> tuple[
         out = client.completions.create(model=model, **request)
         return time.perf_counter() - t, out.usage.completion_tokens, out.choices[0].text
 
-    start_s = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
+    with collector_paused(), ThreadPoolExecutor(concurrency) as pool:
+        start_s = time.perf_counter()
         results = list(pool.map(one, mix))
-    return time.perf_counter() - start_s, *map(list, zip(*results))
+        wall = time.perf_counter() - start_s
+    return wall, *map(list, zip(*results))
 
 
 def summary(wall: float, latencies: list[float], tokens: list[int], answers: list[str]) -> dict:

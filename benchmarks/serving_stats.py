@@ -11,8 +11,10 @@ nearest-rank (the value at rank ceil(q/100 * n)), so each is a latency some requ
 
 from __future__ import annotations
 
+import gc
 import random
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -90,3 +92,18 @@ def arrival_times(n: int, rate: float, seed: int) -> list[float]:
         times.append(t)
         t += rng.expovariate(rate)
     return times
+
+
+@contextmanager
+def collector_paused():
+    """The client's cyclic garbage collector off while a run is timed (collected just before, back on after): a
+    full collection of a process holding torch and the reference's modules takes about 200 ms on the benchmark's
+    machine, and it would stop the timestamps of every stream in flight, on whichever server it fell."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

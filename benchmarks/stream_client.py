@@ -15,7 +15,7 @@ import json
 import time
 from urllib.parse import urlsplit
 
-from serving_stats import Record, arrival_times
+from serving_stats import Record, arrival_times, collector_paused
 
 
 async def stream(url: str, model: str, body: dict) -> Record:
@@ -65,7 +65,8 @@ async def _chunk(reader: asyncio.StreamReader) -> bytes:
 
 def drive(url: str, model: str, bodies: list[dict], load: tuple[str, float], seed: int = 0) -> list[Record]:
     """The bodies' records in order: ("concurrency", c) keeps c in flight, each sent as soon as one before it is
-    done; ("rate", r) sends each at its Poisson arrival time (seeded), whatever is in flight."""
+    done; ("rate", r) sends each at its Poisson arrival time (seeded), whatever is in flight. No garbage is
+    collected in this process while they run (`collector_paused`)."""
     kind, value = load
 
     async def closed_loop() -> list[Record]:
@@ -87,4 +88,5 @@ def drive(url: str, model: str, bodies: list[dict], load: tuple[str, float], see
 
         return await asyncio.gather(*(at(t, body) for t, body in zip(arrival_times(len(bodies), value, seed), bodies)))
 
-    return asyncio.run(closed_loop() if kind == "concurrency" else open_loop())
+    with collector_paused():
+        return asyncio.run(closed_loop() if kind == "concurrency" else open_loop())

@@ -2,7 +2,9 @@
 real `openai` client does: the same streamed text and usage for chats with and without an image and for
 completions, its timestamps in order, a refused request raised with the server's answer."""
 
+import gc
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,19 @@ def test_a_refused_request_raises_with_the_servers_answer(live):
     with pytest.raises(RuntimeError, match="answered 400.*max_tokens"):
         stream_client.drive(live.url, "gemini-tiny", [{"prompt": "a red circle", "max_tokens": -3}],
                             ("concurrency", 1))
+
+
+def test_the_client_collects_no_garbage_while_requests_run(live):
+    """A collection in the benchmark's process (which holds torch and the reference's modules: about 200 ms for a
+    full one) would stop the timestamps of every stream in flight, whichever server it fell on: the collector is
+    off from the first request sent to the last answer read, and back on after."""
+    started = []
+    record_start = lambda phase, info: phase == "start" and started.append(time.perf_counter())  # noqa: E731
+    gc.callbacks.append(record_start)
+    try:
+        records = stream_client.drive(live.url, "gemini-tiny", BODIES * 4, ("concurrency", 3))
+    finally:
+        gc.callbacks.remove(record_start)
+    first, last = min(r.sent for r in records), max(r.done for r in records)
+    assert started and not [t for t in started if first <= t <= last]
+    assert gc.isenabled()

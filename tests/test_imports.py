@@ -154,3 +154,15 @@ def test_model_files_read_in_one_sitting():
     files = [*(SRC / "polymodal" / "models").glob("*.py"), *(SRC / "polymodal" / "families").glob("*/model.py")]
     long = {str(p.relative_to(SRC)): n for p in files if (n := len(p.read_text().splitlines())) > 300}
     assert not long, f"model files over 300 lines: {long}"
+
+
+def test_the_readmes_layout_names_every_module():
+    """A module added outside a family folder is named in the README's Layout (family folders are listed by
+    their folder, their files the same in each: config model format convert presets; hf_<name>.py as one)."""
+    readme = (SRC.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("Imports point one way")]
+    named = {word for line in layout.splitlines() for word in line.replace("(", " ").split()}
+    missing = sorted(str(path.relative_to(SRC / "polymodal")) for path in (SRC / "polymodal").rglob("*.py")
+                     if path.name != "__init__.py" and len(path.relative_to(SRC / "polymodal").parts) <= 2
+                     and not path.name.startswith("hf_") and path.name not in named)
+    assert not missing, f"modules the README's Layout does not name: {missing}"

@@ -2,14 +2,16 @@
 mode PIL opens -> RGB, mask image files -> bool (`open_mask`), wav files of any common layout -> mono
 float32, and band-limited resampling.
 
-Images: the EXIF orientation is applied (as HF's `load_image` does); 16-bit greyscale (`I;16*`) is scaled
-from its full range 0..65535, 32-bit integer (`I`) from 0..65535 when its values fit there (what PIL gives
-for 16-bit PNGs) and from its own min..max otherwise, float (`F`) from 0..1 when its values fit there and
-from its own min..max otherwise; transparency (`RGBA`, `LA`, `PA`, `P` with a transparent colour) is
-composited on white, as HF's `convert_to_rgb` does; CMYK, palette and the rest go through PIL's conversion.
+Images: the EXIF orientation is applied (as HF's `load_image` does; an unreadable EXIF block is ignored, as
+viewers ignore it); 16-bit greyscale (`I;16*`) is scaled from its full range 0..65535, 32-bit integer (`I`) from
+0..65535 when its values fit there (what PIL gives for 16-bit PNGs) and from its own min..max otherwise, float
+(`F`) from 0..1 when its values fit there and from its own min..max otherwise; transparency (`RGBA`, `LA`, `PA`,
+`P` with a transparent colour) is composited on white, as HF's `convert_to_rgb` does; CMYK, palette and the rest
+go through PIL's conversion.
 
 Audio: RIFF/WAVE with integer PCM of 8 (unsigned), 16, 24 or 32 bits, or IEEE float of 32 or 64 bits, plain
-or WAVE_FORMAT_EXTENSIBLE, any number of channels (averaged to mono, as HF's ffmpeg reader downmixes).
+or WAVE_FORMAT_EXTENSIBLE, any number of channels (averaged to mono, as HF's ffmpeg reader downmixes); float
+samples past full scale (|x| > 1) are clipped to it, as a player clips them.
 `resample` is windowed-sinc (Hann) polyphase resampling between any two integer rates, the method of
 torchaudio's `functional.resample` (Smith, "Digital Audio Resampling"), written here in numpy.
 """
@@ -40,7 +42,7 @@ _NAMED_FORMATS = {2: "ADPCM", 6: "A-law", 7: "mu-law", 0x11: "IMA ADPCM", 0x55: 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> 8-bit RGB as a user sees it: orientation applied, wide greyscale scaled by its
     range, transparency on white. InputError for float pixels that are NaN or infinite."""
-    image = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+    image = ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
     if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
         image = _wide_grey_to_l(image)
     if image.mode in _TRANSPARENT or "transparency" in image.info:
@@ -52,6 +54,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ValueError as e:
         raise InputError(f"expected an image PIL can turn into RGB, got mode {image.mode!r} ({e})") from e
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag, 1 (as stored) when the file's EXIF block is unreadable: viewers then show the
+    pixels as stored (Pillow raised SyntaxError or struct.error for a PNG's broken eXIf chunk)."""
+    try:
+        return image.getexif().get(0x0112, 1)
+    except (SyntaxError, struct.error, ValueError, OSError):
+        return 1
 
 
 def _wide_grey_to_l(image: Image.Image) -> Image.Image:
@@ -128,10 +139,11 @@ def read_wav(f: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
     raw = chunks[b"data"]
     width = bits // 8
     usable = len(raw) - len(raw) % (width * channels)
-    samples = _decode(raw[:usable], tag, width).reshape(-1, channels).mean(axis=1)
+    samples = _decode(raw[:usable], tag, width).reshape(-1, channels)
     if not np.isfinite(samples).all():
         raise InputError(f"{int((~np.isfinite(samples)).sum())} samples are NaN or infinite")
-    return samples.astype(np.float32), rate
+    # float samples past full scale play clipped; 1e30 of them overflowed the log-mel's power to NaN
+    return np.clip(samples, -1.0, 1.0).mean(axis=1).astype(np.float32), rate
 
 
 def _decode(raw: bytes, tag: int, width: int) -> np.ndarray:
@@ -143,7 +155,7 @@ def _decode(raw: bytes, tag: int, width: int) -> np.ndarray:
         b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
         return ((b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24) >> 8) / float(1 << 23)
     x = np.frombuffer(raw, dtype="<i2" if width == 2 else "<i4").astype(np.float64)
-    return np.clip(x / (32767 if width == 2 else (1 << 31) - 1), -1.0, 1.0)
+    return x / (32767 if width == 2 else (1 << 31) - 1)  # -32768 / 32767 is clipped with the rest
 
 
 def check_waveform(waveform: np.ndarray, sample_rate: object) -> None:

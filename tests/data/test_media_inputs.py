@@ -1,0 +1,94 @@
+"""Media files as users' tools write them, read by the entry points that take files (`polymodal generate`'s
+`load_media`, the server's request parser): an image whose EXIF block is broken (Pillow raised SyntaxError or
+struct.error reading it: a 500 on the server) shows its pixels as stored, as viewers show it; a float wav whose
+samples pass full scale plays clipped (1e30 of them made NaN log-mel features)."""
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from polymodal.data.documents import Audio, Document, Segment, load_media
+from polymodal.data.tokenizer import Tokenizer
+from polymodal.families.collators import fit_to_tokenizer, make_collator
+from polymodal.presets import get_preset
+from polymodal.serve.protocol import Limits, chat_job
+
+PIXELS = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)  # (H, W, 3), not symmetric
+
+
+def png_with_exif(body: bytes) -> bytes:
+    """A PNG of PIXELS with an eXIf chunk holding `body`, put before its image data."""
+    buffer = io.BytesIO()
+    Image.fromarray(PIXELS).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    at = png.index(b"IDAT") - 4
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    return png[:at] + chunk + png[at:]
+
+
+def webp_with_exif(body: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(PIXELS).save(buffer, format="WEBP", lossless=True, exif=body)
+    return buffer.getvalue()
+
+
+BROKEN_EXIF = {
+    "png-not-a-tiff-header": png_with_exif(b"garbage!garbage!"),  # SyntaxError
+    "png-header-cut-short": png_with_exif(b"MM\x00*"),  # struct.error
+    "webp-not-a-tiff-header": webp_with_exif(b"garbage!garbage!"),  # SyntaxError
+}
+
+
+def through(entry: str, data: bytes, tmp_path, suffix: str):
+    """The file read by `polymodal generate`'s loader or by the server's request parser."""
+    if entry == "cli":
+        path = tmp_path / f"media.{suffix}"
+        path.write_bytes(data)
+        return load_media(path, "audio" if suffix == "wav" else "image")
+    encoded = base64.b64encode(data).decode()
+    part = ({"type": "input_audio", "input_audio": {"data": encoded, "format": "wav"}} if suffix == "wav" else
+            {"type": "image_url", "image_url": {"url": f"data:image/{suffix};base64,{encoded}"}})
+    body = {"model": "m", "messages": [{"role": "user", "content": [part, {"type": "text", "text": "hi"}]}]}
+    return chat_job(body, "m", Limits()).documents[0].segments[0].media
+
+
+@pytest.mark.parametrize("entry", ["cli", "server"])
+@pytest.mark.parametrize("case", BROKEN_EXIF)
+def test_an_image_with_a_broken_exif_block_reads_as_stored(tmp_path, case, entry):
+    with pytest.raises(Exception):  # the file is what the test says: Pillow cannot read its EXIF block
+        Image.open(io.BytesIO(BROKEN_EXIF[case])).getexif()
+    image = through(entry, BROKEN_EXIF[case], tmp_path, case.split("-")[0])
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), PIXELS)
+
+
+def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """A mono 32-bit IEEE float RIFF/WAVE file, written here byte by byte."""
+    raw = samples.astype("<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(raw)) + raw
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+LOUD = np.tile(np.array([0.5, -0.25, 5.0, -5.0, 1e30, -1e30], np.float32), 500)  # 3000 samples, 0.19 s at 16 kHz
+
+
+@pytest.fixture(scope="module")
+def gemini_collator():
+    tokenizer = Tokenizer.train(["a beep", "hello"], 300)
+    return make_collator(fit_to_tokenizer(get_preset("gemini-tiny"), tokenizer), tokenizer)
+
+
+@pytest.mark.parametrize("entry", ["cli", "server"])
+def test_float_samples_past_full_scale_are_clipped_as_a_player_clips_them(tmp_path, gemini_collator, entry):
+    clip = through(entry, float_wav(LOUD), tmp_path, "wav")
+    clipped = np.clip(LOUD, -1, 1)
+    assert clip.sample_rate == 16000 and np.array_equal(clip.waveform, clipped)
+    features = gemini_collator([Document([Segment("audio", media=clip), Segment("text", "a beep")])])
+    heard = gemini_collator([Document([Segment("audio", media=Audio(clipped, 16000)), Segment("text", "a beep")])])
+    assert features["input_features"].isfinite().all()
+    assert features["input_features"].equal(heard["input_features"])

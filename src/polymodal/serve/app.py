@@ -68,6 +68,7 @@ class Server:
         self.collator = make_collator(self.model.config, self.tokenizer)
         self.limits = limits
         self.embedder = Embedder(self.model, self.collator) if spec_of(self.model).pairs else None
+        self.needs_image = spec_of(self.model).needs_image
         self.batcher = self.thread = None
         if self.embedder is None:
             self.context = self.collator.format.max_len
@@ -114,6 +115,9 @@ class Server:
         count is the batcher's, when the requests are submitted."""
         out = []
         for doc in job.documents:
+            if self.needs_image and not any(s.kind == "image" for s in doc.segments):  # as `polymodal generate`
+                raise ApiError(400, f"the model {self.name!r} answers about an image: each prompt needs an image_url "
+                                    "part (HF's processor refuses a prompt without one too)", job.field)
             self.fits(doc, job.field)
             try:
                 inputs, wanted = prompts(self.collator, [doc], job.sampling.max_tokens)

@@ -90,7 +90,9 @@ def _type_name(x: Any) -> str:
 def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: [[[[...]]]] nested deep
+    # ValueError: JSONDecodeError, UnicodeDecodeError, or an integer of over 4300 digits (Python's limit);
+    # RecursionError: [[[[...]]]] nested deep
+    except (ValueError, RecursionError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({type(e).__name__}: {e})") from e
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_type_name(body)}")

@@ -5,11 +5,10 @@ samples pass full scale plays clipped (1e30 of them made NaN log-mel features)."
 
 import base64
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from hostile_media import float_wav, png_with_exif
 from PIL import Image
 
 from polymodal.data.documents import Audio, Document, Segment, load_media
@@ -21,16 +20,6 @@ from polymodal.serve.protocol import Limits, chat_job
 PIXELS = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)  # (H, W, 3), not symmetric
 
 
-def png_with_exif(body: bytes) -> bytes:
-    """A PNG of PIXELS with an eXIf chunk holding `body`, put before its image data."""
-    buffer = io.BytesIO()
-    Image.fromarray(PIXELS).save(buffer, format="PNG")
-    png = buffer.getvalue()
-    at = png.index(b"IDAT") - 4
-    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
-    return png[:at] + chunk + png[at:]
-
-
 def webp_with_exif(body: bytes) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(PIXELS).save(buffer, format="WEBP", lossless=True, exif=body)
@@ -38,8 +27,8 @@ def webp_with_exif(body: bytes) -> bytes:
 
 
 BROKEN_EXIF = {
-    "png-not-a-tiff-header": png_with_exif(b"garbage!garbage!"),  # SyntaxError
-    "png-header-cut-short": png_with_exif(b"MM\x00*"),  # struct.error
+    "png-not-a-tiff-header": png_with_exif(Image.fromarray(PIXELS), b"garbage!garbage!"),  # SyntaxError
+    "png-header-cut-short": png_with_exif(Image.fromarray(PIXELS), b"MM\x00*"),  # struct.error
     "webp-not-a-tiff-header": webp_with_exif(b"garbage!garbage!"),  # SyntaxError
 }
 
@@ -64,14 +53,6 @@ def test_an_image_with_a_broken_exif_block_reads_as_stored(tmp_path, case, entry
         Image.open(io.BytesIO(BROKEN_EXIF[case])).getexif()
     image = through(entry, BROKEN_EXIF[case], tmp_path, case.split("-")[0])
     assert image.mode == "RGB" and np.array_equal(np.asarray(image), PIXELS)
-
-
-def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
-    """A mono 32-bit IEEE float RIFF/WAVE file, written here byte by byte."""
-    raw = samples.astype("<f4").tobytes()
-    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
-    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(raw)) + raw
-    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
 
 
 LOUD = np.tile(np.array([0.5, -0.25, 5.0, -5.0, 1e30, -1e30], np.float32), 500)  # 3000 samples, 0.19 s at 16 kHz

@@ -6,16 +6,15 @@ import base64
 import io
 import json
 import math
-import struct
 import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import WORLD, Live, call, image_message, openai
+from hostile_media import float_wav, png_with_exif
+from PIL import Image
 
 import polymodal as pm
 from polymodal.data.tokenizer import Tokenizer
@@ -36,22 +35,11 @@ def image_part(data: bytes) -> dict:
 
 def test_a_png_with_a_broken_exif_chunk_answers_as_the_png_without_it(live):
     """Pillow raised SyntaxError reading the EXIF block (an eXIf chunk that is no TIFF header): a 500."""
-    buffer = io.BytesIO()
-    WORLD.draw("red", "circle").save(buffer, format="PNG")
-    png = buffer.getvalue()
-    at = png.index(b"IDAT") - 4
-    body = b"garbage!garbage!"
-    broken = png[:at] + struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body)) \
-        + png[at:]
+    image, buffer = WORLD.draw("red", "circle"), io.BytesIO()
+    image.save(buffer, format="PNG")
+    broken = png_with_exif(image, b"garbage!garbage!")
     text = {"type": "text", "text": QUESTION}
-    assert ask(live, [image_part(broken), text]) == ask(live, [image_part(png), text])
-
-
-def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
-    raw = samples.astype("<f4").tobytes()
-    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)  # IEEE float, mono, 32 bits
-    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(raw)) + raw
-    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+    assert ask(live, [image_part(broken), text]) == ask(live, [image_part(buffer.getvalue()), text])
 
 
 def test_a_float_wav_past_full_scale_answers_as_its_clipped_sound(live):

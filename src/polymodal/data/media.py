@@ -18,9 +18,11 @@ torchaudio's `functional.resample` (Smith, "Digital Audio Resampling"), written 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,6 +36,7 @@ _TRANSPARENT = ("RGBA", "RGBa", "LA", "La", "PA")
 _WAVE_FORMATS = {1: "PCM", 3: "IEEE float"}
 MAX_PHASES = 4096  # every pair of common rates (8 kHz .. 192 kHz, 11.025 kHz multiples) reduces below this
 _NAMED_FORMATS = {2: "ADPCM", 6: "A-law", 7: "mu-law", 0x11: "IMA ADPCM", 0x55: "MP3"}
+_DAMAGED = (SyntaxError, RuntimeError, TypeError, IndexError, struct.error)  # from Pillow's plugins, for damaged files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,25 +92,40 @@ class TooLarge(InputError):
 
 def open_image(source: str | Path | bytes, max_pixels: int) -> Image.Image:
     """An image file (a path or its bytes) decoded to RGB by `to_rgb`. TooLarge if it has more than
-    `max_pixels` pixels (read from the header, before decoding); PIL's own errors for unreadable bytes."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-        if im.width * im.height > max_pixels:
-            raise TooLarge(im.width, im.height, max_pixels)
-        im.load()  # decodes the whole file, so corruption shows up here
+    `max_pixels` pixels (read from the header, before decoding); InputError or PIL's own errors (OSError and the
+    like) for unreadable bytes."""
+    with _decoded(source, max_pixels) as im:
         return to_rgb(im)
 
 
 def open_mask(source: str | Path, max_pixels: int) -> np.ndarray:
     """A mask image file -> (height, width) bool, True where a pixel is nonzero: its value (modes 1, L, I, F),
     its palette index (P: VOC's class-index masks) or any colour channel (RGB, RGBA: black is outside).
-    TooLarge as `open_image`; PIL's own errors for unreadable bytes."""
-    with Image.open(source) as im:
-        if im.width * im.height > max_pixels:
-            raise TooLarge(im.width, im.height, max_pixels)
-        im.load()
+    Errors as `open_image`."""
+    with _decoded(source, max_pixels) as im:
         pixels = np.asarray(im if im.mode in ("1", "L", "P", "I", "F") or im.mode in _SIXTEEN_BIT
                             else im.convert("RGB"))
     return pixels.any(axis=2) if pixels.ndim == 3 else pixels != 0
+
+
+@contextlib.contextmanager
+def _decoded(source: str | Path | bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The image file opened and decoded whole, so corruption shows up here. Pillow's plugins report some damaged
+    files with errors no caller expects of a file (a PNG's broken chunk after its pixels: SyntaxError; an AVIF's
+    missing item: RuntimeError; a TIFF's fractional tag: TypeError): those become InputError."""
+    try:
+        im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        try:
+            if im.width * im.height > max_pixels:
+                raise TooLarge(im.width, im.height, max_pixels)
+            im.load()
+        except BaseException:
+            im.close()
+            raise
+    except _DAMAGED as e:
+        raise InputError(f"{type(e).__name__}: {e}") from e
+    with im:
+        yield im
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ from polymodal.presets import get_preset
 QUESTION = "what colour is the shape?"
 
 
-def ask(live, content: list[dict], **settings) -> str:
-    return live.client.chat.completions.create(model="gemini-tiny", max_tokens=8, temperature=0, **settings,
-                                               messages=[{"role": "user", "content": content}]).choices[0].message.content
+def ask(live, content: list[dict]) -> str:
+    answer = live.client.chat.completions.create(model="gemini-tiny", max_tokens=8, temperature=0,
+                                                 messages=[{"role": "user", "content": content}])
+    return answer.choices[0].message.content
 
 
 def image_part(data: bytes) -> dict:

@@ -25,3 +25,17 @@ def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
     fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
     chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(raw)) + raw
     return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def float_rgb_tiff(pixels: np.ndarray) -> bytes:
+    """A TIFF of 32-bit float RGB samples (H, W, 3), as numpy tools write it (uncompressed, one strip): a layout
+    PIL does not decode."""
+    h, w, _ = pixels.shape
+    data = pixels.astype("<f4").tobytes()
+    n = 10  # IFD entries; after the IFD: BitsPerSample and SampleFormat (3 shorts each), then the samples
+    extra = 8 + 2 + 12 * n + 4
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, extra), (259, 3, 1, 1), (262, 3, 1, 2),
+               (273, 4, 1, extra + 12), (277, 3, 1, 3), (278, 4, 1, h), (279, 4, 1, len(data)), (339, 3, 3, extra + 6)]
+    ifd = struct.pack("<H", n) + b"".join(struct.pack("<HHII", tag, kind, count, value)
+                                          for tag, kind, count, value in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4 + struct.pack("<6H", 32, 32, 32, 3, 3, 3) + data

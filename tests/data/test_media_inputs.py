@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from hostile_media import float_wav, png_with_exif
+from hostile_media import float_rgb_tiff, float_wav, png_with_exif
 from PIL import Image
 
 from polymodal.data.documents import Audio, Document, Segment, load_media
@@ -79,6 +79,14 @@ def test_a_damaged_image_is_an_image_or_the_entry_point_s_error(tmp_path, fmt, e
             assert getattr(e, "status", 400) in (400, 413) and "\n" not in str(e)  # 413: a header past the limit
         else:
             assert image.mode == "RGB"
+
+
+def test_an_image_file_pil_cannot_read_is_named_by_its_kind():
+    """A float RGB TIFF (numpy tools write them; PIL reads float greyscale only) was "not a format the server reads
+    (PNG, JPEG, GIF, BMP, WebP...)", beside data starting with the TIFF signature."""
+    with pytest.raises(ApiError) as e:
+        through("server", float_rgb_tiff(PIXELS / 255), None, "tiff")
+    assert e.value.status == 400 and "a TIFF file PIL cannot read" in e.value.message
 
 
 LOUD = np.tile(np.array([0.5, -0.25, 5.0, -5.0, 1e30, -1e30], np.float32), 500)  # 3000 samples, 0.19 s at 16 kHz

@@ -27,15 +27,20 @@ def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
     return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
 
 
-def float_rgb_tiff(pixels: np.ndarray) -> bytes:
-    """A TIFF of 32-bit float RGB samples (H, W, 3), as numpy tools write it (uncompressed, one strip): a layout
-    PIL does not decode."""
-    h, w, _ = pixels.shape
-    data = pixels.astype("<f4").tobytes()
-    n = 10  # IFD entries; after the IFD: BitsPerSample and SampleFormat (3 shorts each), then the samples
+def tiff(pixels: np.ndarray, photometric: int) -> bytes:
+    """An uncompressed one-strip little-endian TIFF of `pixels` (H, W) or (H, W, C), its samples of their dtype
+    (unsigned, signed or float), as numpy tools write it; photometric 0: WhiteIsZero, 1: BlackIsZero, 2: RGB."""
+    h, w = pixels.shape[:2]
+    c = 1 if pixels.ndim == 2 else pixels.shape[2]
+    data = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    bits, sample_format = pixels.dtype.itemsize * 8, {"u": 1, "i": 2, "f": 3}[pixels.dtype.kind]
+    n = 10  # IFD entries; after the IFD: BitsPerSample and SampleFormat (c shorts each, padded to 4), the samples
     extra = 8 + 2 + 12 * n + 4
-    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, extra), (259, 3, 1, 1), (262, 3, 1, 2),
-               (273, 4, 1, extra + 12), (277, 3, 1, 3), (278, 4, 1, h), (279, 4, 1, len(data)), (339, 3, 3, extra + 6)]
+    per_sample = 2 * c + 2 * c % 4
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, c, extra if c > 1 else bits), (259, 3, 1, 1),
+               (262, 3, 1, photometric), (273, 4, 1, extra + 2 * per_sample), (277, 3, 1, c), (278, 4, 1, h),
+               (279, 4, 1, len(data)), (339, 3, c, extra + per_sample if c > 1 else sample_format)]
     ifd = struct.pack("<H", n) + b"".join(struct.pack("<HHII", tag, kind, count, value)
                                           for tag, kind, count, value in entries)
-    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4 + struct.pack("<6H", 32, 32, 32, 3, 3, 3) + data
+    shorts = b"".join(struct.pack(f"<{c}H", *[v] * c).ljust(per_sample, b"\x00") for v in (bits, sample_format))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4 + shorts + data

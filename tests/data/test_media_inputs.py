@@ -1,7 +1,8 @@
 """Media files as users' tools write them, read by the entry points that take files (`polymodal generate`'s
 `load_media`, the server's request parser): an image whose EXIF block is broken (Pillow raised SyntaxError or
-struct.error reading it: a 500 on the server) shows its pixels as stored, as viewers show it; a damaged image file
-is the entry point's one-line error (Pillow raised SyntaxError, RuntimeError or TypeError for some); a float wav
+struct.error reading it: a 500 on the server) shows its pixels as stored, as viewers show it; a 16-bit or float
+TIFF whose 0 is white is not inverted; a damaged image file is the entry point's one-line error (Pillow raised
+SyntaxError, RuntimeError or TypeError for some); a file PIL cannot identify is named by its kind; a float wav
 whose samples pass full scale plays clipped (1e30 of them made NaN log-mel features)."""
 
 import base64
@@ -9,7 +10,7 @@ import io
 
 import numpy as np
 import pytest
-from hostile_media import float_rgb_tiff, float_wav, png_with_exif
+from hostile_media import float_wav, png_with_exif, tiff
 from PIL import Image
 
 from polymodal.data.documents import Audio, Document, Segment, load_media
@@ -85,8 +86,21 @@ def test_an_image_file_pil_cannot_read_is_named_by_its_kind():
     """A float RGB TIFF (numpy tools write them; PIL reads float greyscale only) was "not a format the server reads
     (PNG, JPEG, GIF, BMP, WebP...)", beside data starting with the TIFF signature."""
     with pytest.raises(ApiError) as e:
-        through("server", float_rgb_tiff(PIXELS / 255), None, "tiff")
+        through("server", tiff((PIXELS / 255).astype(np.float32), photometric=2), None, "tiff")
     assert e.value.status == 400 and "a TIFF file PIL cannot read" in e.value.message
+
+
+@pytest.mark.parametrize("entry", ["cli", "server"])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_a_white_is_zero_tiff_is_not_inverted(tmp_path, dtype, entry):
+    """A TIFF whose photometric is WhiteIsZero (0 is white): PIL inverts its 8-bit samples, not its 16-bit or float
+    ones, which came out as the photographic negative."""
+    grey = PIXELS[..., 0]
+    samples = (255 - grey).astype(np.uint16) * 257 if dtype is np.uint16 else ((255 - grey) / 255).astype(np.float32)
+    image = through(entry, tiff(samples, photometric=0), tmp_path, "tiff")
+    assert np.array_equal(np.asarray(image), np.repeat(grey[..., None], 3, -1))
+    eight_bit = through(entry, tiff((255 - grey).astype(np.uint8), photometric=0), tmp_path, "tiff")
+    assert np.array_equal(np.asarray(eight_bit), np.asarray(image))  # as PIL reads the 8-bit file
 
 
 LOUD = np.tile(np.array([0.5, -0.25, 5.0, -5.0, 1e30, -1e30], np.float32), 500)  # 3000 samples, 0.19 s at 16 kHz

@@ -5,9 +5,10 @@ float32, and band-limited resampling.
 Images: the EXIF orientation is applied (as HF's `load_image` does; an unreadable EXIF block is ignored, as
 viewers ignore it); 16-bit greyscale (`I;16*`) is scaled from its full range 0..65535, 32-bit integer (`I`) from
 0..65535 when its values fit there (what PIL gives for 16-bit PNGs) and from its own min..max otherwise, float
-(`F`) from 0..1 when its values fit there and from its own min..max otherwise; transparency (`RGBA`, `LA`, `PA`,
-`P` with a transparent colour) is composited on white, as HF's `convert_to_rgb` does; CMYK, palette and the rest
-go through PIL's conversion.
+(`F`) from 0..1 when its values fit there and from its own min..max otherwise, a TIFF's WhiteIsZero honoured at
+every depth (PIL honours it at 1 and 8 bits only); transparency (`RGBA`, `LA`, `PA`, `P` with a transparent
+colour) is composited on white, as HF's `convert_to_rgb` does; CMYK, palette and the rest go through PIL's
+conversion.
 
 Audio: RIFF/WAVE with integer PCM of 8 (unsigned), 16, 24 or 32 bits, or IEEE float of 32 or 64 bits, plain
 or WAVE_FORMAT_EXTENSIBLE, any number of channels (averaged to mono, as HF's ffmpeg reader downmixes); float
@@ -45,9 +46,10 @@ _DAMAGED = (SyntaxError, RuntimeError, TypeError, IndexError, struct.error)  # f
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> 8-bit RGB as a user sees it: orientation applied, wide greyscale scaled by its
     range, transparency on white. InputError for float pixels that are NaN or infinite."""
+    white_is_zero = getattr(image, "tag_v2", {}).get(262) == 0  # a TIFF's photometric (PIL inverts 8 bits only)
     image = ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
     if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
-        image = _wide_grey_to_l(image)
+        image = _wide_grey_to_l(image, white_is_zero)
     if image.mode in _TRANSPARENT or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
@@ -68,7 +70,7 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _wide_grey_to_l(image: Image.Image) -> Image.Image:
+def _wide_grey_to_l(image: Image.Image, white_is_zero: bool = False) -> Image.Image:
     pixels = np.asarray(image, dtype=np.float64)
     if image.mode == "F" and not np.isfinite(pixels).all():
         raise InputError(f"expected finite pixels, got a float (mode F) image with "
@@ -79,6 +81,7 @@ def _wide_grey_to_l(image: Image.Image) -> Image.Image:
     elif image.mode == "F" and low >= 0 and high <= 1:
         low, high = 0.0, 1.0
     scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    scaled = 1 - scaled if white_is_zero else scaled
     return Image.fromarray(np.round(scaled * 255).astype(np.uint8), mode="L")
 
 

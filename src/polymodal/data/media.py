@@ -2,23 +2,28 @@
 mode PIL opens -> RGB, mask image files -> bool (`open_mask`), wav files of any common layout -> mono
 float32, and band-limited resampling.
 
-Images: the EXIF orientation is applied (as HF's `load_image` does); 16-bit greyscale (`I;16*`) is scaled
-from its full range 0..65535, 32-bit integer (`I`) from 0..65535 when its values fit there (what PIL gives
-for 16-bit PNGs) and from its own min..max otherwise, float (`F`) from 0..1 when its values fit there and
-from its own min..max otherwise; transparency (`RGBA`, `LA`, `PA`, `P` with a transparent colour) is
-composited on white, as HF's `convert_to_rgb` does; CMYK, palette and the rest go through PIL's conversion.
+Images: the EXIF orientation is applied (as HF's `load_image` does; an unreadable EXIF block is ignored, as
+viewers ignore it); 16-bit greyscale (`I;16*`) is scaled from its full range 0..65535, 32-bit integer (`I`) from
+0..65535 when its values fit there (what PIL gives for 16-bit PNGs) and from its own min..max otherwise, float
+(`F`) from 0..1 when its values fit there and from its own min..max otherwise, a TIFF's WhiteIsZero honoured at
+every depth (PIL honours it at 1 and 8 bits only); transparency (`RGBA`, `LA`, `PA`, `P` with a transparent
+colour) is composited on white, as HF's `convert_to_rgb` does; CMYK, palette and the rest go through PIL's
+conversion.
 
 Audio: RIFF/WAVE with integer PCM of 8 (unsigned), 16, 24 or 32 bits, or IEEE float of 32 or 64 bits, plain
-or WAVE_FORMAT_EXTENSIBLE, any number of channels (averaged to mono, as HF's ffmpeg reader downmixes).
+or WAVE_FORMAT_EXTENSIBLE, any number of channels (averaged to mono, as HF's ffmpeg reader downmixes); float
+samples past full scale (|x| > 1) are clipped to it, as a player clips them.
 `resample` is windowed-sinc (Hann) polyphase resampling between any two integer rates, the method of
 torchaudio's `functional.resample` (Smith, "Digital Audio Resampling"), written here in numpy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +37,7 @@ _TRANSPARENT = ("RGBA", "RGBa", "LA", "La", "PA")
 _WAVE_FORMATS = {1: "PCM", 3: "IEEE float"}
 MAX_PHASES = 4096  # every pair of common rates (8 kHz .. 192 kHz, 11.025 kHz multiples) reduces below this
 _NAMED_FORMATS = {2: "ADPCM", 6: "A-law", 7: "mu-law", 0x11: "IMA ADPCM", 0x55: "MP3"}
+_DAMAGED = (SyntaxError, RuntimeError, TypeError, IndexError, struct.error)  # from Pillow's plugins, for damaged files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,9 +46,10 @@ _NAMED_FORMATS = {2: "ADPCM", 6: "A-law", 7: "mu-law", 0x11: "IMA ADPCM", 0x55: 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> 8-bit RGB as a user sees it: orientation applied, wide greyscale scaled by its
     range, transparency on white. InputError for float pixels that are NaN or infinite."""
-    image = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+    white_is_zero = getattr(image, "tag_v2", {}).get(262) == 0  # a TIFF's photometric (PIL inverts 8 bits only)
+    image = ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
     if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
-        image = _wide_grey_to_l(image)
+        image = _wide_grey_to_l(image, white_is_zero)
     if image.mode in _TRANSPARENT or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
@@ -54,7 +61,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise InputError(f"expected an image PIL can turn into RGB, got mode {image.mode!r} ({e})") from e
 
 
-def _wide_grey_to_l(image: Image.Image) -> Image.Image:
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag, 1 (as stored) when the file's EXIF block is unreadable: viewers then show the
+    pixels as stored (Pillow raised SyntaxError or struct.error for a PNG's broken eXIf chunk)."""
+    try:
+        return image.getexif().get(0x0112, 1)
+    except (SyntaxError, struct.error, ValueError, OSError):
+        return 1
+
+
+def _wide_grey_to_l(image: Image.Image, white_is_zero: bool = False) -> Image.Image:
     pixels = np.asarray(image, dtype=np.float64)
     if image.mode == "F" and not np.isfinite(pixels).all():
         raise InputError(f"expected finite pixels, got a float (mode F) image with "
@@ -65,6 +81,7 @@ def _wide_grey_to_l(image: Image.Image) -> Image.Image:
     elif image.mode == "F" and low >= 0 and high <= 1:
         low, high = 0.0, 1.0
     scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    scaled = 1 - scaled if white_is_zero else scaled
     return Image.fromarray(np.round(scaled * 255).astype(np.uint8), mode="L")
 
 
@@ -78,25 +95,40 @@ class TooLarge(InputError):
 
 def open_image(source: str | Path | bytes, max_pixels: int) -> Image.Image:
     """An image file (a path or its bytes) decoded to RGB by `to_rgb`. TooLarge if it has more than
-    `max_pixels` pixels (read from the header, before decoding); PIL's own errors for unreadable bytes."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-        if im.width * im.height > max_pixels:
-            raise TooLarge(im.width, im.height, max_pixels)
-        im.load()  # decodes the whole file, so corruption shows up here
+    `max_pixels` pixels (read from the header, before decoding); InputError or PIL's own errors (OSError and the
+    like) for unreadable bytes."""
+    with _decoded(source, max_pixels) as im:
         return to_rgb(im)
 
 
 def open_mask(source: str | Path, max_pixels: int) -> np.ndarray:
     """A mask image file -> (height, width) bool, True where a pixel is nonzero: its value (modes 1, L, I, F),
     its palette index (P: VOC's class-index masks) or any colour channel (RGB, RGBA: black is outside).
-    TooLarge as `open_image`; PIL's own errors for unreadable bytes."""
-    with Image.open(source) as im:
-        if im.width * im.height > max_pixels:
-            raise TooLarge(im.width, im.height, max_pixels)
-        im.load()
+    Errors as `open_image`."""
+    with _decoded(source, max_pixels) as im:
         pixels = np.asarray(im if im.mode in ("1", "L", "P", "I", "F") or im.mode in _SIXTEEN_BIT
                             else im.convert("RGB"))
     return pixels.any(axis=2) if pixels.ndim == 3 else pixels != 0
+
+
+@contextlib.contextmanager
+def _decoded(source: str | Path | bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The image file opened and decoded whole, so corruption shows up here. Pillow's plugins report some damaged
+    files with errors no caller expects of a file (a PNG's broken chunk after its pixels: SyntaxError; an AVIF's
+    missing item: RuntimeError; a TIFF's fractional tag: TypeError): those become InputError."""
+    try:
+        im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        try:
+            if im.width * im.height > max_pixels:
+                raise TooLarge(im.width, im.height, max_pixels)
+            im.load()
+        except BaseException:
+            im.close()
+            raise
+    except _DAMAGED as e:
+        raise InputError(f"{type(e).__name__}: {e}") from e
+    with im:
+        yield im
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,10 +160,11 @@ def read_wav(f: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
     raw = chunks[b"data"]
     width = bits // 8
     usable = len(raw) - len(raw) % (width * channels)
-    samples = _decode(raw[:usable], tag, width).reshape(-1, channels).mean(axis=1)
+    samples = _decode(raw[:usable], tag, width).reshape(-1, channels)
     if not np.isfinite(samples).all():
         raise InputError(f"{int((~np.isfinite(samples)).sum())} samples are NaN or infinite")
-    return samples.astype(np.float32), rate
+    # float samples past full scale play clipped; 1e30 of them overflowed the log-mel's power to NaN
+    return np.clip(samples, -1.0, 1.0).mean(axis=1).astype(np.float32), rate
 
 
 def _decode(raw: bytes, tag: int, width: int) -> np.ndarray:
@@ -143,7 +176,7 @@ def _decode(raw: bytes, tag: int, width: int) -> np.ndarray:
         b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
         return ((b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24) >> 8) / float(1 << 23)
     x = np.frombuffer(raw, dtype="<i2" if width == 2 else "<i4").astype(np.float64)
-    return np.clip(x / (32767 if width == 2 else (1 << 31) - 1), -1.0, 1.0)
+    return x / (32767 if width == 2 else (1 << 31) - 1)  # -32768 / 32767 is clipped with the rest
 
 
 def check_waveform(waveform: np.ndarray, sample_rate: object) -> None:

@@ -55,7 +55,10 @@ def exponential_noise(logits: torch.Tensor, generator: torch.Generator | None = 
 def probabilities(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """The distribution (..., V) sampling draws from: temperature, then top-k, then top-p, as HF orders them."""
-    logits = logits.float() / temperature
+    # Shifted so the largest is 0 (softmax is unchanged), and the temperature kept a normal float32: 3.0 / 1e-40
+    # overflowed to inf (inf - inf is NaN), and 5e-324 rounds to a float32 0 (0 / 0 is NaN); either way all NaN.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:

@@ -24,6 +24,8 @@ from polymodal.errors import InputError, check_text
 from polymodal.generation.batching import MAX_TOP_LOGPROBS
 
 ROLES = ("system", "developer", "user", "assistant")
+_SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+               b"BM": "BMP"}  # the first bytes of image files, to name the kind of one PIL cannot read
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_N = 16
 
@@ -90,7 +92,9 @@ def _type_name(x: Any) -> str:
 def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: [[[[...]]]] nested deep
+    # ValueError: JSONDecodeError, UnicodeDecodeError, or an integer of over 4300 digits (Python's limit);
+    # RecursionError: [[[[...]]]] nested deep
+    except (ValueError, RecursionError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({type(e).__name__}: {e})") from e
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_type_name(body)}")
@@ -201,8 +205,10 @@ def data_image(url: str, where: str, limits: Limits) -> Image.Image:
         raise ApiError(413, f"{where} is {e.width}x{e.height} pixels, over the limit of "
                             f"{limits.max_image_pixels} pixels", where) from e
     except UnidentifiedImageError as e:  # its message names a Python object (<_io.BytesIO object at 0x...>)
-        raise ApiError(400, f"{where} is not a decodable image: not a format the server reads (PNG, JPEG, GIF, "
-                            f"BMP, WebP...); its data starts with {raw[:8]!r}", where) from e
+        kind = next((name for magic, name in _SIGNATURES.items() if raw.startswith(magic)), None)
+        what = (f"a {kind} file PIL cannot read (damaged, or a layout PIL does not decode, such as a float RGB TIFF)"
+                if kind else "not a format the server reads (PNG, JPEG, GIF, BMP, WebP...)")
+        raise ApiError(400, f"{where} is not a decodable image: {what}; its data starts with {raw[:8]!r}", where) from e
     except (OSError, EOFError, ValueError, Image.DecompressionBombError) as e:
         raise ApiError(400, f"{where} is not a decodable image ({e})", where) from e
 

@@ -17,6 +17,7 @@ from polymodal.convert.load import load_model
 from polymodal.convert.rules import Family, export_state
 from polymodal.errors import CheckpointError, InputError, MissingFileError
 from polymodal.families import merged
+from polymodal.nn.quantize import check_not_quantized
 from polymodal.serialization import atomic_directory
 from polymodal.weights import Weights, shard_size, write_weights
 
@@ -88,6 +89,7 @@ def save_hf(model: nn.Module, directory: str | Path, model_type: str, files: dic
     family = FAMILIES[model_type]
     cfg = model.config
     shard_size(max_shard_size)
+    check_not_quantized(model)
     try:  # a model of another family has other config fields and weights than this key map reads
         hf_config, hf_state = family.config_to_hf(cfg), export_state(family.rules(cfg), model.state_dict())
     except (AttributeError, KeyError) as e:

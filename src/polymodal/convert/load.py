@@ -10,6 +10,7 @@ so peak memory is the model's bytes plus one tensor.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -53,7 +54,9 @@ def _tensors(model: nn.Module, weights: Weights, rules: list[Rule], names: dict[
             if view is not None:
                 return {rule.ours: view}, view
         parts = {k: weights.read(names[k]) for k in rule.theirs}
-        return parts, rule.load(parts, dtype, device)
+        value = rule.load(parts, dtype, device)
+        _check_cast(value, {names[k]: part for k, part in parts.items()}, weights)
+        return parts, value
 
     with ThreadPoolExecutor(WORKERS) as pool:
         todo = iter(rules)
@@ -69,6 +72,23 @@ def _tensors(model: nn.Module, weights: Weights, rules: list[Rule], names: dict[
             for part in parts.values():
                 if part.untyped_storage().data_ptr() != kept.data_ptr():
                     weights.release(part)
+
+
+def _check_cast(value: torch.Tensor, parts: dict[str, torch.Tensor], weights: Weights) -> None:
+    """An InputError when casting to a narrower float type (float32 or bfloat16 to float16) turned stored values
+    past its range into inf, naming the first such stored tensor; a sum in the new dtype is the cheap first check
+    (finite values whose sum overflows are then looked at one by one), as `check_weight`."""
+    largest = torch.finfo(value.dtype).max
+    if value.is_meta or all(torch.finfo(p.dtype).max <= largest for p in parts.values()) \
+            or value.numel() == 0 or math.isfinite(value.sum()):
+        return  # a meta tensor holds no values; a widening cast (bfloat16 to float32) cannot overflow
+    for name, part in parts.items():
+        past = part.abs() > largest
+        if bool(past.any()):
+            n, biggest = int(past.sum()), part.abs().max().item()
+            raise InputError(f"{weights.where[name]}: tensor {name} holds {n:,} value{'s' if n > 1 else ''} past "
+                             f"{value.dtype}'s range ({largest:g}), up to {biggest:g}: cast to {value.dtype} they "
+                             "become inf; load it in a wider dtype (torch.bfloat16 or torch.float32)")
 
 
 def load_model(build: Callable[[object], nn.Module], cfg, weights: Weights, rules: list[Rule],

@@ -121,6 +121,16 @@ def quantize_as_loaded(model: nn.Module, mode: str, group_size: int = 32) -> Cal
     return filled
 
 
+def check_not_quantized(model: nn.Module) -> None:
+    """An InputError before a model with quantized layers is written as a checkpoint: their integer weights
+    and scales would be written where float weights belong, a file no loader (polymodal's or HF's) reads back."""
+    for path, m in model.named_modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            mode = "int8" if isinstance(m, Int8Linear) else "int4"
+            raise InputError(f"cannot save a quantized model as a checkpoint: {path} is {mode}-quantized: save the "
+                             f"float model and load it with quantize='{mode}'")
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (each storage once: tied weights count once)."""
     seen, total = set(), 0

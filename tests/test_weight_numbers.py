@@ -1,0 +1,77 @@
+"""Numbers that enter through weight files: a value the asked dtype cannot hold, a sharded index that does not
+match its shards, a quantized model saved as if it were a float one. Each is a one-line error naming the
+tensor and the file, before the model computes anything."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import polymodal as pm
+from polymodal.config import DecoderConfig
+from polymodal.convert.hf import save_hf
+from polymodal.errors import CheckpointError, InputError
+from polymodal.weights import INDEX
+
+
+def tiny():
+    return pm.build(DecoderConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                                  max_seq_len=32, tie_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("stored, big", [(torch.float32, 1e5), (torch.bfloat16, 1e6)])
+def test_a_weight_past_float16s_range_is_refused_when_loaded_as_float16(tmp_path, stored, big):
+    model = tiny().to(stored)
+    with torch.no_grad():
+        model.layers[1].mlp.w_out.weight[3, 5] = big
+    stored_value = model.layers[1].mlp.w_out.weight[3, 5].item()  # bfloat16 rounds 1e6
+    pm.save_pretrained(model, tmp_path / "m")
+    save_hf(model, tmp_path / "hf", "llama")
+    for directory, name in ((tmp_path / "m", "layers.1.mlp.w_out.weight"),
+                            (tmp_path / "hf", "model.layers.1.mlp.down_proj.weight")):
+        with pytest.raises(InputError, match=rf"tensor {name} holds 1 values? past torch.float16's range \(65504\), "
+                                             rf"up to {stored_value:g}: cast to torch.float16 they become inf"):
+            pm.from_pretrained(directory, dtype=torch.float16)
+        wide = pm.from_pretrained(directory, dtype=torch.float32)  # a dtype that holds them loads them as stored
+        assert wide.layers[1].mlp.w_out.weight[3, 5] == model.layers[1].mlp.w_out.weight[3, 5].float()
+
+
+def _sharded(tmp_path):
+    """A tiny model saved in three shards, its index and the shard of its first listed tensor."""
+    model = tiny()
+    pm.save_pretrained(model, tmp_path / "m", max_shard_size=40_000)
+    index = json.loads((tmp_path / "m" / INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 3
+    return model, index, shards
+
+
+def test_a_tensor_the_index_lists_but_its_shard_lacks_names_index_and_shard(tmp_path):
+    _, index, shards = _sharded(tmp_path)
+    name = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    tensors = load_file(tmp_path / "m" / shards[0])
+    del tensors[name]
+    save_file(tensors, tmp_path / "m" / shards[0])
+    with pytest.raises(CheckpointError, match=rf"{INDEX} lists tensor {name} in {shards[0]}, which does not hold it"):
+        pm.from_pretrained(tmp_path / "m")
+
+
+def test_a_tensor_stored_in_two_shards_is_refused_naming_both(tmp_path):
+    _, index, shards = _sharded(tmp_path)
+    name = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    other = load_file(tmp_path / "m" / shards[1])
+    other[name] = torch.full_like(load_file(tmp_path / "m" / shards[0])[name], 7.0)  # a second, different copy
+    save_file(other, tmp_path / "m" / shards[1])
+    with pytest.raises(CheckpointError, match=rf"tensor {name} is stored twice, in {shards[0]} and in {shards[1]}"):
+        pm.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_is_not_saved_as_a_checkpoint_nor_exported(tmp_path, mode):
+    model = pm.quantize(tiny(), mode)
+    for save in (lambda d: pm.save_pretrained(model, d), lambda d: save_hf(model, d, "llama")):
+        with pytest.raises(InputError, match=rf"layers.0.attn.wqkv is {mode}-quantized: save the float model and "
+                                             rf"load it with quantize='{mode}'"):
+            save(tmp_path / "q")
+        assert not (tmp_path / "q").exists()

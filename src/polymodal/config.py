@@ -41,9 +41,10 @@ def _check_types(obj: Any) -> None:
             continue  # a nested config, a tuple, a dict: their own checks; or a bool, str or None where allowed
         number = isinstance(value, numbers.Real) if float in allowed else isinstance(value, numbers.Integral)
         fits = not isinstance(value, (bool, str)) and value is not None and (float in allowed or int in allowed) and number
-        if not fits:
-            kind = ("an integer" if float not in allowed else "a finite number") + (" or None" if type(None) in allowed
-                                                                                 else "")
+        if not fits:  # named by the field's own types: a bool field given 1 is not "an integer" short
+            kinds = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+                     type(None): "None"}
+            kind = " or ".join(kinds[a] for a in allowed if not (a is int and float in allowed))
             raise ConfigError(f"{type(obj).__name__}.{f.name} must be {kind}, got {value!r} ({type(value).__name__})")
 
 
@@ -249,7 +250,8 @@ class DecoderConfig(Config):
 
 def estimate_parameters(config: Config) -> int:
     """A lower bound on a model's parameter count from its config's widths alone, allocating nothing: each
-    (sub)config with `dim` and `n_layers` counts its attention and MLP matrices and its embeddings."""
+    (sub)config with `dim` and `n_layers` counts its attention and MLP matrices and its embeddings (learned
+    position embeddings too)."""
     total = sum(estimate_parameters(getattr(config, f.name)) for f in dataclasses.fields(config)
                 if isinstance(getattr(config, f.name), Config))
     dim, layers = getattr(config, "dim", None), getattr(config, "n_layers", None)
@@ -260,6 +262,8 @@ def estimate_parameters(config: Config) -> int:
         kv_heads = getattr(config, "n_kv_heads", None) or heads
         attention = dim * head_dim * (2 * heads + 2 * kv_heads)  # q, k, v and the output projection
         total += layers * (attention + 2 * dim * hidden) + (getattr(config, "vocab_size", None) or 0) * dim
+        if getattr(config, "positions", None) == "learned":  # a table of max_seq_len rows
+            total += config.max_seq_len * dim
     return total
 
 

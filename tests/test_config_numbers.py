@@ -1,0 +1,37 @@
+"""Numbers that enter through a config: a bool or string field given a number, as an HF config.json may hold
+(`"tie_word_embeddings": 0`), is an error that names the type the field wants; a learned position table too
+large for the machine is refused before allocating, as every other absurd size."""
+
+import json
+
+import pytest
+
+import polymodal as pm
+from polymodal.config import DecoderConfig
+from polymodal.errors import ConfigError
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("tie_embeddings", 1, r"DecoderConfig.tie_embeddings must be true or false, got 1 \(int\)"),
+    ("tie_embeddings", "false", r"DecoderConfig.tie_embeddings must be true or false, got 'false' \(str\)"),
+    ("mlp", 2, r"DecoderConfig.mlp must be a string, got 2 \(int\)"),
+    ("qk_norm", 1.0, r"DecoderConfig.qk_norm must be a string or None, got 1.0 \(float\)"),
+])
+def test_a_field_given_another_type_names_the_type_it_wants(field, value, expected):
+    with pytest.raises(ConfigError, match=expected):
+        DecoderConfig(**{field: value})
+
+
+def test_an_hf_config_with_a_number_for_a_bool_names_the_file_and_the_bool(tmp_path):
+    hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "tie_word_embeddings": 0}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'config.json'}: DecoderConfig.tie_embeddings must be true "
+                                          r"or false, got 0 \(int\)"):
+        pm.from_pretrained(tmp_path)
+
+
+def test_a_learned_position_table_too_large_for_memory_is_refused_before_allocating():
+    with pytest.raises(ConfigError, match=r"would have at least \S+ parameters .* more than this machine's"):
+        pm.build(DecoderConfig(vocab_size=64, dim=1024, n_layers=1, n_heads=4, hidden_dim=64, positions="learned",
+                               max_seq_len=10**10))

@@ -30,11 +30,46 @@ def test_a_weight_past_float16s_range_is_refused_when_loaded_as_float16(tmp_path
     save_hf(model, tmp_path / "hf", "llama")
     for directory, name in ((tmp_path / "m", "layers.1.mlp.w_out.weight"),
                             (tmp_path / "hf", "model.layers.1.mlp.down_proj.weight")):
-        with pytest.raises(InputError, match=rf"tensor {name} holds 1 values? past torch.float16's range \(65504\), "
-                                             rf"up to {stored_value:g}: cast to torch.float16 they become inf"):
+        with pytest.raises(InputError, match=rf"tensor {name} holds 1 value past torch.float16's range \(65504\), "
+                                             rf"up to {stored_value:g}: cast to torch.float16 they become inf; load it "
+                                             r"as torch.bfloat16 or torch.float32 or torch.float64"):
             pm.from_pretrained(directory, dtype=torch.float16)
         wide = pm.from_pretrained(directory, dtype=torch.float32)  # a dtype that holds them loads them as stored
         assert wide.layers[1].mlp.w_out.weight[3, 5] == model.layers[1].mlp.w_out.weight[3, 5].float()
+
+
+def test_a_float64_weight_past_float32s_range_names_the_one_dtype_that_holds_it(tmp_path):
+    model = tiny().double()
+    with torch.no_grad():
+        model.layers[0].attn.wo.weight[0, 0] = 1e300
+    pm.save_pretrained(model, tmp_path / "m")
+    with pytest.raises(InputError, match=r"tensor layers.0.attn.wo.weight holds 1 value past torch.float32's range "
+                                         r"\(3.40282e\+38\), up to 1e\+300: cast to torch.float32 they become inf; "
+                                         r"load it as torch.float64$"):
+        pm.from_pretrained(tmp_path / "m")
+    assert pm.from_pretrained(tmp_path / "m", dtype="auto").layers[0].attn.wo.weight[0, 0] == 1e300
+
+
+def test_a_float8_checkpoint_computes_in_bfloat16_and_float8_is_refused_as_a_compute_dtype(tmp_path):
+    stored = tiny().to(torch.float8_e4m3fn)
+    pm.save_pretrained(stored, tmp_path / "m")
+    auto = pm.from_pretrained(tmp_path / "m", dtype="auto")
+    assert {p.dtype for p in auto.parameters()} == {torch.bfloat16}
+    assert torch.equal(auto.layers[0].attn.wqkv.weight, stored.layers[0].attn.wqkv.weight.to(torch.bfloat16))
+    assert torch.isfinite(auto(torch.randint(0, 64, (1, 5))).logits).all()
+    with pytest.raises(InputError, match=r"dtype torch.float8_e4m3fn stores weights but does not compute here: load "
+                                         r"with dtype=torch.bfloat16"):
+        pm.from_pretrained(tmp_path / "m", dtype=torch.float8_e4m3fn)
+
+
+def test_dtype_auto_follows_the_dtype_an_hf_config_names_as_transformers_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    save_hf(tiny(), tmp_path / "hf", "llama")  # float32 weights
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
+    ours = pm.from_pretrained(tmp_path / "hf", dtype="auto")
+    assert {p.dtype for p in ours.parameters()} == {p.dtype for p in theirs.parameters()} == {torch.bfloat16}
 
 
 def _sharded(tmp_path):

@@ -57,8 +57,9 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
     and each tensor read from the memory-mapped files, cast and put on `device` one at a time (no float32
     copy of the model on the way), each checked as it is read (float, every value finite).
 
-    The model is float32 unless `dtype` is given: dtype="auto" keeps the checkpoint's dtype (as HF's
-    from_pretrained), dtype=torch.bfloat16 casts to it; RoPE frequencies stay float32 either way.
+    The model is float32 unless `dtype` is given: dtype="auto" keeps the checkpoint's dtype (the one its HF
+    config.json names, as HF's from_pretrained; bfloat16 for float8 weights), dtype=torch.bfloat16 casts to it
+    (a stored value past its range is an error, not inf); RoPE frequencies stay float32 either way.
 
     A training checkpoint that FSDP processes wrote sharded (`train.checkpoint.save_sharded`) is put together
     here in one process. A LoRA adapter directory (adapter_config.json, as `save_adapter` or peft write it)

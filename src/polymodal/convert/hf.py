@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from polymodal.config import ConfigError, read_json_config
-from polymodal.convert.load import load_model
+from polymodal.convert.load import load_model, resolve_dtype
 from polymodal.convert.rules import Family, export_state
 from polymodal.errors import CheckpointError, InputError, MissingFileError
 from polymodal.families import merged
@@ -58,6 +58,7 @@ def load_hf(directory: str | Path, *, dtype: torch.dtype | str | None = None,
     if family.from_directory is not None:
         cfg = family.from_directory(cfg, directory)
     weights = Weights(directory)
+    dtype = resolve_dtype(dtype, weights, hf.get("dtype") or hf.get("torch_dtype"))  # "auto": the config's first
     names = {family.canonical(k): k for k in weights.keys()}
     names = {k: v for k, v in names.items() if not k.startswith(family.skip)}
     tied = family.tied_head(cfg) if family.tied_head is not None else None

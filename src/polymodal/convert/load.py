@@ -32,12 +32,20 @@ from polymodal.weights import SHARDED, SHARDED_MODEL, Weights, check_weight
 WORKERS = 2  # threads reading, checking and casting tensors ahead of the one being put in place
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights | None) -> torch.dtype:
-    """None: float32; "auto": the checkpoint's own float dtype (HF's dtype="auto"); else a float dtype."""
+def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights | None, declared: object = None) -> torch.dtype:
+    """None: float32; "auto": as HF's dtype="auto", the float dtype `declared` (an HF config.json's "dtype"),
+    else the checkpoint's own, where float8 (which stores weights but does not compute here) is bfloat16, exact
+    for every float8 value; else a float dtype of 16 bits or more."""
     if dtype is None:
         return torch.float32
     if dtype == "auto" and weights is not None:
-        return weights.float_dtype() or torch.float32
+        named = getattr(torch, declared, None) if isinstance(declared, str) else None
+        found = named if isinstance(named, torch.dtype) and named.is_floating_point else weights.float_dtype()
+        found = found or torch.float32
+        return torch.bfloat16 if found.itemsize == 1 else found
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize == 1:
+        raise InputError(f"dtype {dtype} stores weights but does not compute here: load with dtype=torch.bfloat16 "
+                         "(exact for float8 weights)")
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     raise InputError(f"dtype must be a floating torch.dtype, 'auto' or None, got {dtype!r}")
@@ -86,9 +94,10 @@ def _check_cast(value: torch.Tensor, parts: dict[str, torch.Tensor], weights: We
         past = part.abs() > largest
         if bool(past.any()):
             n, biggest = int(past.sum()), part.abs().max().item()
+            wider = [str(d) for d in (torch.bfloat16, torch.float32, torch.float64) if torch.finfo(d).max >= biggest]
             raise InputError(f"{weights.where[name]}: tensor {name} holds {n:,} value{'s' if n > 1 else ''} past "
                              f"{value.dtype}'s range ({largest:g}), up to {biggest:g}: cast to {value.dtype} they "
-                             "become inf; load it in a wider dtype (torch.bfloat16 or torch.float32)")
+                             f"become inf; load it as {' or '.join(wider)}")
 
 
 def load_model(build: Callable[[object], nn.Module], cfg, weights: Weights, rules: list[Rule],

@@ -1,10 +1,13 @@
 """Numbers that enter through a config: a bool or string field given a number, as an HF config.json may hold
-(`"tie_word_embeddings": 0`), is an error that names the type the field wants; a learned position table too
-large for the machine is refused before allocating, as every other absurd size."""
+(`"tie_word_embeddings": 0`), is an error that names the type the field wants; numpy numbers (a sweep over
+np.arange) are kept as plain ones, so the config saves; a learned position table too large for the machine is
+refused before allocating, as every other absurd size."""
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 import polymodal as pm
 from polymodal.config import DecoderConfig
@@ -35,3 +38,13 @@ def test_a_learned_position_table_too_large_for_memory_is_refused_before_allocat
     with pytest.raises(ConfigError, match=r"would have at least \S+ parameters .* more than this machine's"):
         pm.build(DecoderConfig(vocab_size=64, dim=1024, n_layers=1, n_heads=4, hidden_dim=64, positions="learned",
                                max_seq_len=10**10))
+
+
+def test_numpy_numbers_in_a_config_save_and_load_back(tmp_path):
+    config = DecoderConfig(vocab_size=64, dim=np.int64(32), n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=32,
+                           norm_eps=np.float32(1e-5))
+    assert (type(config.dim), type(config.norm_eps)) == (int, float)
+    model = pm.build(config).eval()
+    pm.save_pretrained(model, tmp_path / "m")
+    ids = torch.randint(0, 64, (1, 6))
+    assert torch.equal(pm.from_pretrained(tmp_path / "m")(ids).logits, model(ids).logits)

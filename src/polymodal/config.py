@@ -46,6 +46,8 @@ def _check_types(obj: Any) -> None:
                      type(None): "None"}
             kind = " or ".join(kinds[a] for a in allowed if not (a is int and float in allowed))
             raise ConfigError(f"{type(obj).__name__}.{f.name} must be {kind}, got {value!r} ({type(value).__name__})")
+        if type(value) not in (int, float):  # a numpy scalar, which config.json could not hold: made plain
+            object.__setattr__(obj, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
 
 
 def _check_positive(obj: Any, *names: str) -> None:

@@ -1,9 +1,11 @@
 """Numbers that enter through a LoRA adapter file: an A without its B, and a scale (rsLoRA's alpha / sqrt(r)
 against alpha / r) that differs from the adapters a model already has. Each was loaded without a word and gave
-other logits than the adapter's; now each is a one-line error before the model changes."""
+other logits than the adapter's; now each is a one-line error before the model changes. A rank or alpha given as
+a numpy number is kept as a plain one, so the adapter saves."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,3 +65,14 @@ def test_an_rslora_adapter_into_plain_adapters_of_the_same_rank_is_refused(tmp_p
                             tmp_path / "r1" / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(plain(IDS).logits, saved(IDS).logits, atol=0, rtol=0)
+
+
+def test_a_numpy_rank_and_alpha_save_and_load_back(tmp_path):
+    model = saved_adapter(tmp_path / "plain")  # rank 4, alpha 8 as Python numbers
+    numpy_made = pm.add_lora(pm.from_pretrained(tmp_path / "plain" / "base"), rank=np.int64(4), alpha=np.float32(8))
+    numpy_made.load_state_dict(model.state_dict())
+    pm.save_adapter(numpy_made, tmp_path / "numpy", base_model=tmp_path / "plain" / "base")
+    config = json.loads((tmp_path / "numpy" / ADAPTER_CONFIG).read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+    with torch.no_grad():
+        torch.testing.assert_close(pm.from_pretrained(tmp_path / "numpy")(IDS).logits, model(IDS).logits, atol=0, rtol=0)

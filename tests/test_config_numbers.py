@@ -1,6 +1,7 @@
 """Numbers that enter through a config: a bool or string field given a number, as an HF config.json may hold
 (`"tie_word_embeddings": 0`), is an error that names the type the field wants; numpy numbers (a sweep over
-np.arange) are kept as plain ones, so the config saves; a learned position table too large for the machine is
+np.arange) are kept as plain ones, so the config saves; a logit_scale of 0 (every logit 0, so greedy decoding writes
+token 0 at every step) is refused; a learned position table too large for the machine is
 refused before allocating, as every other absurd size."""
 
 import json
@@ -23,6 +24,12 @@ from polymodal.errors import ConfigError
 def test_a_field_given_another_type_names_the_type_it_wants(field, value, expected):
     with pytest.raises(ConfigError, match=expected):
         DecoderConfig(**{field: value})
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.0625])
+def test_a_logit_scale_that_is_not_positive_is_refused(scale):
+    with pytest.raises(ConfigError, match=rf"DecoderConfig.logit_scale must be a finite number > 0, got {scale}"):
+        DecoderConfig(logit_scale=scale)
 
 
 def test_an_hf_config_with_a_number_for_a_bool_names_the_file_and_the_bool(tmp_path):

@@ -195,7 +195,7 @@ class DecoderConfig(Config):
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                         "hidden_dim", "max_seq_len", "norm_eps", "qk_norm_eps", "init_std", "rope_theta",
-                        "xpos_scale_base")
+                        "xpos_scale_base", "logit_scale")  # logit_scale 0: every logit 0, token 0 written
         _check_token_ids(self, self.vocab_size, "pad_token_id", "bos_token_id", "eos_token_id")
         _check_choice("mlp", self.mlp, ("swiglu", "geglu", "gelu", "relu2"))
         _check_choice("norm", self.norm, ("rmsnorm", "rmsnorm_gemma", "layernorm", "layernorm_nobias"))

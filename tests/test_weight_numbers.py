@@ -1,9 +1,11 @@
 """Numbers that enter through weight files: a value the asked dtype cannot hold, a sharded index that does not
-match its shards, a quantized model saved as if it were a float one. Each is a one-line error naming the
+match its shards, a quantized model saved as if it were a float one, a mask VQ-VAE file holding NaN. Each is a one-line error naming the
 tensor and the file, before the model computes anything."""
 
+import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import polymodal as pm
 from polymodal.config import DecoderConfig
 from polymodal.convert.hf import save_hf
+from polymodal.encoders.mask_vae import MaskVAE, MaskVAEConfig, load_mask_vae, mask_vae_npz
 from polymodal.errors import CheckpointError, InputError
 from polymodal.weights import INDEX
 
@@ -110,3 +113,14 @@ def test_a_quantized_model_is_not_saved_as_a_checkpoint_nor_exported(tmp_path, m
                                              rf"load it with quantize='{mode}'"):
             save(tmp_path / "q")
         assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("bad, dtype", [(float("nan"), np.float32), (1e300, np.float64)])
+def test_a_mask_vae_file_holding_a_nan_or_a_value_past_float32_is_refused(tmp_path, bad, dtype):
+    with np.load(io.BytesIO(mask_vae_npz(MaskVAE(MaskVAEConfig(hidden_dim=2, codebook_dim=4))))) as npz:
+        arrays = {name: npz[name].astype(dtype) for name in npz.files}
+    arrays["decoder.6.weight"].flat[3] = bad
+    np.savez(tmp_path / "vae-oid.npz", **arrays)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'vae-oid.npz'}: tensor decoder.6.weight holds 1 "
+                                              r"non-finite values \(NaN or inf\)"):
+        load_mask_vae(tmp_path / "vae-oid.npz")

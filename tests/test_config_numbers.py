@@ -1,8 +1,8 @@
 """Numbers that enter through a config: a bool or string field given a number, as an HF config.json may hold
 (`"tie_word_embeddings": 0`), is an error that names the type the field wants; numpy numbers (a sweep over
 np.arange) are kept as plain ones, so the config saves; a logit_scale of 0 (every logit 0, so greedy decoding writes
-token 0 at every step) is refused; a learned position table too large for the machine is
-refused before allocating, as every other absurd size."""
+token 0 at every step) is refused; a position table too large for the machine (a decoder's learned one, a
+ViT's, an audio encoder's) is refused before allocating, as every other absurd size."""
 
 import json
 
@@ -41,10 +41,20 @@ def test_an_hf_config_with_a_number_for_a_bool_names_the_file_and_the_bool(tmp_p
         pm.from_pretrained(tmp_path)
 
 
-def test_a_learned_position_table_too_large_for_memory_is_refused_before_allocating():
+def _huge_positions(which: str):
+    if which == "decoder":  # a learned table of max_seq_len rows
+        return DecoderConfig(vocab_size=64, dim=1024, n_layers=1, n_heads=4, hidden_dim=64, positions="learned",
+                             max_seq_len=10**10)
+    config = pm.PRESETS["paligemma-tiny" if which == "vision" else "gemini-tiny"]()
+    if which == "vision":  # one row per patch
+        return config.replace(vision=config.vision.replace(image_size=config.vision.patch_size * 10**5))
+    return config.replace(audio=config.audio.replace(n_positions=10**11))  # one row per audio frame
+
+
+@pytest.mark.parametrize("which", ["decoder", "vision", "audio"])
+def test_a_position_table_too_large_for_memory_is_refused_before_allocating(which):
     with pytest.raises(ConfigError, match=r"would have at least \S+ parameters .* more than this machine's"):
-        pm.build(DecoderConfig(vocab_size=64, dim=1024, n_layers=1, n_heads=4, hidden_dim=64, positions="learned",
-                               max_seq_len=10**10))
+        pm.build(_huge_positions(which))
 
 
 def test_numpy_numbers_in_a_config_save_and_load_back(tmp_path):

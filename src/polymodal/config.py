@@ -252,8 +252,8 @@ class DecoderConfig(Config):
 
 def estimate_parameters(config: Config) -> int:
     """A lower bound on a model's parameter count from its config's widths alone, allocating nothing: each
-    (sub)config with `dim` and `n_layers` counts its attention and MLP matrices and its embeddings (learned
-    position embeddings too)."""
+    (sub)config with `dim` and `n_layers` counts its attention and MLP matrices, its embeddings and its position
+    tables."""
     total = sum(estimate_parameters(getattr(config, f.name)) for f in dataclasses.fields(config)
                 if isinstance(getattr(config, f.name), Config))
     dim, layers = getattr(config, "dim", None), getattr(config, "n_layers", None)
@@ -264,8 +264,9 @@ def estimate_parameters(config: Config) -> int:
         kv_heads = getattr(config, "n_kv_heads", None) or heads
         attention = dim * head_dim * (2 * heads + 2 * kv_heads)  # q, k, v and the output projection
         total += layers * (attention + 2 * dim * hidden) + (getattr(config, "vocab_size", None) or 0) * dim
-        if getattr(config, "positions", None) == "learned":  # a table of max_seq_len rows
-            total += config.max_seq_len * dim
+        learned = config.max_seq_len if getattr(config, "positions", None) == "learned" else 0
+        # position tables: a decoder's learned ones, a ViT's one per patch, an audio encoder's one per frame
+        total += (learned + (getattr(config, "n_patches", 0) or 0) + (getattr(config, "n_positions", 0) or 0)) * dim
     return total
 
 

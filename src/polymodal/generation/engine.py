@@ -131,14 +131,15 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
 
 
 def check_logits(model: nn.Module, logits: torch.Tensor) -> None:
-    """An InputError when the logits after the prompt (B, V) hold NaN: greedy decoding would write token 0 at
-    every step (the argmax of NaN) and return it as an answer. One host sync per generate call."""
-    nan = torch.isnan(logits).any(-1)
-    if bool(nan.any()):
+    """An InputError when the logits after the prompt (B, V) hold NaN or +inf (-inf only rules a token out): greedy
+    decoding would write token 0 at every step (the argmax of NaN) and return it as an answer, sampling would draw
+    from NaN probabilities. One host sync per generate call."""
+    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1)
+    if bool(bad.any()):
         dtype = next(model.parameters()).dtype
         hint = "; load it in bfloat16 or float32" if dtype == torch.float16 else ""
-        raise InputError(f"the model's logits after the prompt hold NaN (rows {nan.nonzero().flatten().tolist()}): "
-                         f"its {dtype} activations overflowed or its weights hold NaN{hint}")
+        raise InputError(f"the model's logits after the prompt hold NaN or inf (rows {bad.nonzero().flatten().tolist()}"
+                         f"): its {dtype} activations overflowed or its weights hold NaN{hint}")
 
 
 def in_eval_mode(fn):

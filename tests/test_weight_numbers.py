@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import polymodal as pm
+from polymodal.cli import main
 from polymodal.config import DecoderConfig
 from polymodal.convert.hf import save_hf
 from polymodal.encoders.mask_vae import MaskVAE, MaskVAEConfig, load_mask_vae, mask_vae_npz
@@ -65,14 +66,18 @@ def test_a_float8_checkpoint_computes_in_bfloat16_and_float8_is_refused_as_a_com
         pm.from_pretrained(tmp_path / "m", dtype=torch.float8_e4m3fn)
 
 
-def test_dtype_auto_follows_the_dtype_an_hf_config_names_as_transformers_does(tmp_path):
+def test_dtype_auto_follows_the_dtype_an_hf_config_names_as_transformers_does_and_convert_keeps_the_files(tmp_path):
     transformers = pytest.importorskip("transformers")
-    save_hf(tiny(), tmp_path / "hf", "llama")  # float32 weights
+    model = tiny()
+    save_hf(model, tmp_path / "hf", "llama")  # float32 weights
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
     ours = pm.from_pretrained(tmp_path / "hf", dtype="auto")
     assert {p.dtype for p in ours.parameters()} == {p.dtype for p in theirs.parameters()} == {torch.bfloat16}
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours"), "--to", "polymodal"]) == 0
+    converted = load_file(tmp_path / "ours" / "model.safetensors")  # convert keeps the files' values, unrounded
+    assert torch.equal(converted["layers.0.mlp.w_out.weight"], model.layers[0].mlp.w_out.weight)
 
 
 def _sharded(tmp_path):

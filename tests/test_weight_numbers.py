@@ -80,6 +80,17 @@ def test_dtype_auto_follows_the_dtype_an_hf_config_names_as_transformers_does_an
     assert torch.equal(converted["layers.0.mlp.w_out.weight"], model.layers[0].mlp.w_out.weight)
 
 
+def test_a_complex_tensor_in_a_weights_place_is_named_complex(tmp_path):
+    model = tiny()
+    pm.save_pretrained(model, tmp_path / "m")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["layers.0.attn.wo.weight"] = state["layers.0.attn.wo.weight"].to(torch.complex64)
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"tensor layers.0.attn.wo.weight is torch.complex64, where float weights "
+                                              r"belong; the file holds complex numbers in a weight's place"):
+        pm.from_pretrained(tmp_path / "m")
+
+
 def _sharded(tmp_path):
     """A tiny model saved in three shards, its index and the shard of its first listed tensor."""
     model = tiny()

@@ -111,8 +111,9 @@ def check_weight(tensor: torch.Tensor, name: str, path: Path) -> None:
     is not finite (a bad tensor, or finite values past the dtype's range: float16's 65504) is then looked at value
     by value. float8 has no sum or isfinite here: it is widened first."""
     if not tensor.is_floating_point():
+        kind = "complex numbers" if tensor.is_complex() else "integers or booleans"
         raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype}, where float weights belong; the file "
-                              "holds integers or booleans in a weight's place")
+                              f"holds {kind} in a weight's place")
     values = tensor if tensor.element_size() > 1 else tensor.float()
     if tensor.numel() == 0 or math.isfinite(torch.sum(values)):
         return

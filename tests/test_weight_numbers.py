@@ -1,6 +1,7 @@
-"""Numbers that enter through weight files: a value the asked dtype cannot hold, a sharded index that does not
-match its shards, a quantized model saved as if it were a float one, a mask VQ-VAE file holding NaN. Each is a one-line error naming the
-tensor and the file, before the model computes anything."""
+"""Numbers that enter through weight files: a value the asked dtype cannot hold, a float8 or complex checkpoint, a
+sharded index that does not match its shards, a quantized model saved as if it were a float one or quantized
+again, a mask VQ-VAE file holding NaN. Each is a one-line error naming what is wrong, before the model computes
+anything; and dtype="auto" reads an HF config's dtype as transformers does."""
 
 import io
 import json
@@ -140,3 +141,11 @@ def test_a_mask_vae_file_holding_a_nan_or_a_value_past_float32_is_refused(tmp_pa
     with pytest.raises(CheckpointError, match=rf"{tmp_path / 'vae-oid.npz'}: tensor decoder.6.weight holds 1 "
                                               r"non-finite values \(NaN or inf\)"):
         load_mask_vae(tmp_path / "vae-oid.npz")
+
+
+@pytest.mark.parametrize("first, then", [("int8", "int4"), ("int4", "int8"), ("int8", "int8")])
+def test_quantizing_a_quantized_decoder_again_is_refused(first, then):
+    model = pm.quantize(tiny(), first)
+    with pytest.raises(InputError, match=rf"the decoder is {first}-quantized already \(layers.0.attn.wqkv\): quantize "
+                                         r"the float model"):
+        pm.quantize(model, then)  # it returned the model as it was: int8 when int4 was asked

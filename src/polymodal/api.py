@@ -15,6 +15,7 @@ from polymodal.convert.mask_vae_file import found_mask_vae
 from polymodal.convert.peft import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from polymodal.errors import InputError, InputTypeError, MissingFileError
 from polymodal.families import MODEL_CLASSES, load_config
+from polymodal.nn.quantize import check_not_quantized
 from polymodal.nn.quantize import quantize as quantize_model
 from polymodal.presets import get_preset
 from polymodal.runs import resolve
@@ -42,7 +43,8 @@ def build(config: Config | str, *, backend: str = "sdpa") -> nn.Module:
 def save_pretrained(model: nn.Module, directory: str | Path, *, max_shard_size: int | str = "50GB") -> None:
     """config.json + model.safetensors, written atomically and tensor by tensor from the model's memory; above
     `max_shard_size` (bytes, or HF's strings such as "5GB") HF's shards + model.safetensors.index.json."""
-    shard_size(max_shard_size)  # a bad size is refused before the directory is touched
+    shard_size(max_shard_size)  # a bad size or a quantized model is refused before the directory is touched
+    check_not_quantized(model)
     with atomic_directory(directory) as tmp:
         model.config.to_json(tmp / "config.json")
         write_weights(tmp, model.state_dict(), {"format": "pt", "producer": "polymodal"}, max_shard_size)
@@ -55,8 +57,9 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
     and each tensor read from the memory-mapped files, cast and put on `device` one at a time (no float32
     copy of the model on the way), each checked as it is read (float, every value finite).
 
-    The model is float32 unless `dtype` is given: dtype="auto" keeps the checkpoint's dtype (as HF's
-    from_pretrained), dtype=torch.bfloat16 casts to it; RoPE frequencies stay float32 either way.
+    The model is float32 unless `dtype` is given: dtype="auto" keeps the checkpoint's dtype (the one its HF
+    config.json names, as HF's from_pretrained; bfloat16 for float8 weights), dtype=torch.bfloat16 casts to it
+    (a stored value past its range is an error, not inf); RoPE frequencies stay float32 either way.
 
     A training checkpoint that FSDP processes wrote sharded (`train.checkpoint.save_sharded`) is put together
     here in one process. A LoRA adapter directory (adapter_config.json, as `save_adapter` or peft write it)

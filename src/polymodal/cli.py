@@ -588,9 +588,10 @@ def convert_to_polymodal(source: Path, target: Path, max_shard_size: str) -> Non
     import polymodal as pm
     from polymodal.convert.hf import load_hf
     from polymodal.convert.hf_export import check_processor
+    from polymodal.convert.load import resolve_dtype
     from polymodal.data.tokenizer import Tokenizer
     from polymodal.convert.mask_vae_file import found_mask_vae
-    from polymodal.weights import SHARDED
+    from polymodal.weights import SHARDED, Weights
 
     if (source / SHARDED).is_dir():
         model = pm.from_pretrained(source)
@@ -598,7 +599,8 @@ def convert_to_polymodal(source: Path, target: Path, max_shard_size: str) -> Non
         raise InputError(f"{source} is already a polymodal checkpoint directory; --to polymodal reads an HF one "
                          "(or a sharded training checkpoint)")
     else:
-        model = found_mask_vae(load_hf(source, dtype="auto"), source)  # an export's vae-oid.npz into the model
+        stored = resolve_dtype("auto", Weights(source))  # the files' own, whatever config.json says: no rounding
+        model = found_mask_vae(load_hf(source, dtype=stored), source)  # an export's vae-oid.npz into the model
         if any((source / name).is_file() for name in TOKENIZER_FILES[:2]):
             check_processor(source, model, Tokenizer.from_file(source))
     pm.save_pretrained(model, target, max_shard_size=max_shard_size)

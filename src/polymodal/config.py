@@ -41,10 +41,13 @@ def _check_types(obj: Any) -> None:
             continue  # a nested config, a tuple, a dict: their own checks; or a bool, str or None where allowed
         number = isinstance(value, numbers.Real) if float in allowed else isinstance(value, numbers.Integral)
         fits = not isinstance(value, (bool, str)) and value is not None and (float in allowed or int in allowed) and number
-        if not fits:
-            kind = ("an integer" if float not in allowed else "a finite number") + (" or None" if type(None) in allowed
-                                                                                 else "")
+        if not fits:  # named by the field's own types: a bool field given 1 is not "an integer" short
+            kinds = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+                     type(None): "None"}
+            kind = " or ".join(kinds[a] for a in allowed if not (a is int and float in allowed))
             raise ConfigError(f"{type(obj).__name__}.{f.name} must be {kind}, got {value!r} ({type(value).__name__})")
+        if type(value) not in (int, float):  # a numpy scalar, which config.json could not hold: made plain
+            object.__setattr__(obj, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
 
 
 def _check_positive(obj: Any, *names: str) -> None:
@@ -192,7 +195,7 @@ class DecoderConfig(Config):
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                         "hidden_dim", "max_seq_len", "norm_eps", "qk_norm_eps", "init_std", "rope_theta",
-                        "xpos_scale_base")
+                        "xpos_scale_base", "logit_scale")  # logit_scale 0: every logit 0, token 0 written
         _check_token_ids(self, self.vocab_size, "pad_token_id", "bos_token_id", "eos_token_id")
         _check_choice("mlp", self.mlp, ("swiglu", "geglu", "gelu", "relu2"))
         _check_choice("norm", self.norm, ("rmsnorm", "rmsnorm_gemma", "layernorm", "layernorm_nobias"))
@@ -249,7 +252,8 @@ class DecoderConfig(Config):
 
 def estimate_parameters(config: Config) -> int:
     """A lower bound on a model's parameter count from its config's widths alone, allocating nothing: each
-    (sub)config with `dim` and `n_layers` counts its attention and MLP matrices and its embeddings."""
+    (sub)config with `dim` and `n_layers` counts its attention and MLP matrices, its embeddings and its position
+    tables."""
     total = sum(estimate_parameters(getattr(config, f.name)) for f in dataclasses.fields(config)
                 if isinstance(getattr(config, f.name), Config))
     dim, layers = getattr(config, "dim", None), getattr(config, "n_layers", None)
@@ -260,6 +264,9 @@ def estimate_parameters(config: Config) -> int:
         kv_heads = getattr(config, "n_kv_heads", None) or heads
         attention = dim * head_dim * (2 * heads + 2 * kv_heads)  # q, k, v and the output projection
         total += layers * (attention + 2 * dim * hidden) + (getattr(config, "vocab_size", None) or 0) * dim
+        learned = config.max_seq_len if getattr(config, "positions", None) == "learned" else 0
+        # position tables: a decoder's learned ones, a ViT's one per patch, an audio encoder's one per frame
+        total += (learned + (getattr(config, "n_patches", 0) or 0) + (getattr(config, "n_positions", 0) or 0)) * dim
     return total
 
 

@@ -58,9 +58,9 @@ class UnknownNameError(PolymodalError, KeyError):
 def check_number(name: str, value: Any, *, integer: bool = False, above: float | None = None,
                  at_least: float | None = None, below: float | None = None, at_most: float | None = None,
                  error: type = InputError) -> Any:
-    """`value` if it is a finite number (an integer if asked; never a bool) within the bounds given, else
-    `error` naming the value. NaN fails every comparison, so `not value > 0` catches it where `value <= 0`
-    would let it through."""
+    """`value` as a Python int or float (a numpy scalar, which JSON cannot write, made plain) if it is a finite
+    number (an integer if asked; never a bool) within the bounds given, else `error` naming the value. NaN fails
+    every comparison, so `not value > 0` catches it where `value <= 0` would let it through."""
     kind = "an integer" if integer else "a finite number"
     bounds = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
               f"< {below}" if below is not None else "", f"<= {at_most}" if at_most is not None else ""]
@@ -72,7 +72,7 @@ def check_number(name: str, value: Any, *, integer: bool = False, above: float |
     if not ok:
         given = f"{value!r} ({type(value).__name__})" if not isinstance(value, numbers.Real) else repr(value)
         raise error(f"{name} must be {kind}{' ' + wanted if wanted else ''}, got {given}")
-    return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def check_text(text: str, name: str = "text", error: type = InputError) -> str:

@@ -53,8 +53,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "truncated or corrupt") from e
 
 
-def _shards(directory: Path) -> list[Path]:
-    """The shard files a model.safetensors.index.json lists, each checked to lie inside `directory`."""
+def _weight_map(directory: Path) -> dict[str, str]:
+    """The 'weight_map' (tensor name -> shard file name) of the directory's model.safetensors.index.json."""
     path = directory / INDEX
     try:
         index = json.loads(path.read_text())
@@ -63,6 +63,12 @@ def _shards(directory: Path) -> list[Path]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path} must hold a non-empty 'weight_map' of tensor name -> shard file name")
+    return weight_map
+
+
+def _shards(directory: Path) -> list[Path]:
+    """The shard files a model.safetensors.index.json lists, each checked to lie inside `directory`."""
+    path, weight_map = directory / INDEX, _weight_map(directory)
     root = directory.resolve()
     shards = []
     for name in sorted(set(weight_map.values())):
@@ -105,8 +111,9 @@ def check_weight(tensor: torch.Tensor, name: str, path: Path) -> None:
     is not finite (a bad tensor, or finite values past the dtype's range: float16's 65504) is then looked at value
     by value. float8 has no sum or isfinite here: it is widened first."""
     if not tensor.is_floating_point():
+        kind = "complex numbers" if tensor.is_complex() else "integers or booleans"
         raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype}, where float weights belong; the file "
-                              "holds integers or booleans in a weight's place")
+                              f"holds {kind} in a weight's place")
     values = tensor if tensor.element_size() > 1 else tensor.float()
     if tensor.numel() == 0 or math.isfinite(torch.sum(values)):
         return
@@ -138,7 +145,22 @@ class Weights:
         self._lock = threading.RLock()  # the loader's threads ask for tensors of the same files at once
         for path in weight_files(self.directory):
             for name in self._open(path).keys():
+                if name in self.where:  # which copy HF would read depends on the index: refuse, as the files disagree
+                    raise CheckpointError(f"{self.directory}: tensor {name} is stored twice, in "
+                                          f"{self.where[name].name} and in {path.name}")
                 self.where[name] = path
+        if not (self.directory / WEIGHTS).exists() and (self.directory / INDEX).exists():
+            self._check_index()
+
+    def _check_index(self) -> None:
+        """Each tensor the index lists lies in the shard it names (else the shard is damaged, or from another
+        save, and the model would miss the tensor or read another one)."""
+        for name, shard in _weight_map(self.directory).items():
+            where = self.where.get(name)
+            if where is None or where.resolve() != (self.directory / shard).resolve():
+                found = f" (it is in {where.name})" if where is not None else ""
+                raise CheckpointError(f"{self.directory / INDEX} lists tensor {name} in {shard}, which does not hold "
+                                      f"it{found}: the shard is damaged or from another save")
 
     def _open(self, path: Path):
         with self._lock:

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from polymodal.config import ConfigError, read_json_config
-from polymodal.convert.load import load_model
+from polymodal.convert.load import load_model, resolve_dtype
 from polymodal.convert.rules import Family, export_state
 from polymodal.errors import CheckpointError, InputError, MissingFileError
 from polymodal.families import merged
+from polymodal.nn.quantize import check_not_quantized
 from polymodal.serialization import atomic_directory
 from polymodal.weights import Weights, shard_size, write_weights
 
@@ -57,6 +58,7 @@ def load_hf(directory: str | Path, *, dtype: torch.dtype | str | None = None,
     if family.from_directory is not None:
         cfg = family.from_directory(cfg, directory)
     weights = Weights(directory)
+    dtype = resolve_dtype(dtype, weights, hf.get("dtype") or hf.get("torch_dtype"))  # "auto": the config's first
     names = {family.canonical(k): k for k in weights.keys()}
     names = {k: v for k, v in names.items() if not k.startswith(family.skip)}
     tied = family.tied_head(cfg) if family.tied_head is not None else None
@@ -88,6 +90,7 @@ def save_hf(model: nn.Module, directory: str | Path, model_type: str, files: dic
     family = FAMILIES[model_type]
     cfg = model.config
     shard_size(max_shard_size)
+    check_not_quantized(model)
     try:  # a model of another family has other config fields and weights than this key map reads
         hf_config, hf_state = family.config_to_hf(cfg), export_state(family.rules(cfg), model.state_dict())
     except (AttributeError, KeyError) as e:

@@ -10,6 +10,7 @@ so peak memory is the model's bytes plus one tensor.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -31,12 +32,20 @@ from polymodal.weights import SHARDED, SHARDED_MODEL, Weights, check_weight
 WORKERS = 2  # threads reading, checking and casting tensors ahead of the one being put in place
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights | None) -> torch.dtype:
-    """None: float32; "auto": the checkpoint's own float dtype (HF's dtype="auto"); else a float dtype."""
+def resolve_dtype(dtype: torch.dtype | str | None, weights: Weights | None, declared: object = None) -> torch.dtype:
+    """None: float32; "auto": as HF's dtype="auto", the float dtype `declared` (an HF config.json's "dtype"),
+    else the checkpoint's own, where float8 (which stores weights but does not compute here) is bfloat16, exact
+    for every float8 value; else a float dtype of 16 bits or more."""
     if dtype is None:
         return torch.float32
     if dtype == "auto" and weights is not None:
-        return weights.float_dtype() or torch.float32
+        named = getattr(torch, declared, None) if isinstance(declared, str) else None
+        found = named if isinstance(named, torch.dtype) and named.is_floating_point else weights.float_dtype()
+        found = found or torch.float32
+        return torch.bfloat16 if found.itemsize == 1 else found
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize == 1:
+        raise InputError(f"dtype {dtype} stores weights but does not compute here: load with dtype=torch.bfloat16 "
+                         "(exact for float8 weights)")
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     raise InputError(f"dtype must be a floating torch.dtype, 'auto' or None, got {dtype!r}")
@@ -53,7 +62,9 @@ def _tensors(model: nn.Module, weights: Weights, rules: list[Rule], names: dict[
             if view is not None:
                 return {rule.ours: view}, view
         parts = {k: weights.read(names[k]) for k in rule.theirs}
-        return parts, rule.load(parts, dtype, device)
+        value = rule.load(parts, dtype, device)
+        _check_cast(value, {names[k]: part for k, part in parts.items()}, weights)
+        return parts, value
 
     with ThreadPoolExecutor(WORKERS) as pool:
         todo = iter(rules)
@@ -69,6 +80,24 @@ def _tensors(model: nn.Module, weights: Weights, rules: list[Rule], names: dict[
             for part in parts.values():
                 if part.untyped_storage().data_ptr() != kept.data_ptr():
                     weights.release(part)
+
+
+def _check_cast(value: torch.Tensor, parts: dict[str, torch.Tensor], weights: Weights) -> None:
+    """An InputError when casting to a narrower float type (float32 or bfloat16 to float16) turned stored values
+    past its range into inf, naming the first such stored tensor; a sum in the new dtype is the cheap first check
+    (finite values whose sum overflows are then looked at one by one), as `check_weight`."""
+    largest = torch.finfo(value.dtype).max
+    if value.is_meta or all(torch.finfo(p.dtype).max <= largest for p in parts.values()) \
+            or value.numel() == 0 or math.isfinite(value.sum()):
+        return  # a meta tensor holds no values; a widening cast (bfloat16 to float32) cannot overflow
+    for name, part in parts.items():
+        past = part.abs() > largest
+        if bool(past.any()):
+            n, biggest = int(past.sum()), part.abs().max().item()
+            wider = [str(d) for d in (torch.bfloat16, torch.float32, torch.float64) if torch.finfo(d).max >= biggest]
+            raise InputError(f"{weights.where[name]}: tensor {name} holds {n:,} value{'s' if n > 1 else ''} past "
+                             f"{value.dtype}'s range ({largest:g}), up to {biggest:g}: cast to {value.dtype} they "
+                             f"become inf; load it as {' or '.join(wider)}")
 
 
 def load_model(build: Callable[[object], nn.Module], cfg, weights: Weights, rules: list[Rule],

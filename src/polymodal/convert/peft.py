@@ -16,6 +16,7 @@ head, which peft ties itself; else `{"embed_tokens": ids, "lm_head": ids}`) and 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -263,6 +264,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
                              f"{sorted(by_name)[:3]})")
         path, slice_name = by_name[name]
         plan.setdefault(path, {})[slice_name] = plan.get(path, {}).get(slice_name, ()) + ((which[0], tensor),)
+    for path, got in plan.items():  # an A without its B (or a B without its A) would load as no update at all
+        for slice_name, pair in got.items():
+            if sorted(which for which, _ in pair) != ["A", "B"]:
+                have = " and ".join(f"lora_{which}" for which, _ in pair)
+                raise InputError(f"{directory / ADAPTER_WEIGHTS} holds {have} of {path} ({slice_name}), expected "
+                                 "one lora_A and one lora_B: the adapter file is incomplete")
     slots = {slot.path: slot for slot in lora.linear_slots(model)}
     existing = lora.adapters(model)
     if existing:
@@ -271,10 +278,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         if expected != given:
             raise InputError(f"{directory} adapts other layers than the model's adapters: missing "
                              f"{sorted(expected - given)[:4]}, extra {sorted(given - expected)[:4]}")
-        rank, alpha = next(iter(existing.values())).rank, next(iter(existing.values())).alpha
-        if (rank, alpha) != (config["r"], config["lora_alpha"]):
-            raise InputError(f"{directory} has r={config['r']}, lora_alpha={config['lora_alpha']}; the model's "
-                             f"adapters r={rank}, alpha={alpha}")
+        first, rslora = next(iter(existing.values())), config.get("use_rslora", False)
+        scale = config["lora_alpha"] / (math.sqrt(config["r"]) if rslora else config["r"])  # as LoRALinear's
+        if (first.rank, first.alpha, first.scale) != (config["r"], config["lora_alpha"], scale):
+            raise InputError(f"{directory} has r={config['r']}, lora_alpha={config['lora_alpha']}, use_rslora="
+                             f"{rslora} (scale {scale:g}); the model's adapters r={first.rank}, alpha={first.alpha}, "
+                             f"scale {first.scale:g}")
     for path, got in plan.items():  # every shape checked before the model changes
         linear = model.get_submodule(path)
         for slice_name, pair in got.items():

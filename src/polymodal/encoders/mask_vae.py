@@ -31,6 +31,7 @@ from torch import nn
 from polymodal.config import Config, _check_positive
 from polymodal.encoders.vq import fit_codes, lookup_codes, nearest_codes, quantize
 from polymodal.errors import CheckpointError, ConfigError, InputError, MissingFileError, check_ids, check_media
+from polymodal.weights import check_weight
 
 # Arrays the official file may hold beside the weights: the EMA codebook's running statistics (AiT trains
 # the codebook by EMA), which coding never reads.
@@ -212,8 +213,8 @@ def load_mask_vae(path: str | Path, config: MaskVAEConfig | None = None) -> Mask
     """The mask VQ-VAE in an .npz of big_vision's layout (the official `vae-oid.npz`, or one `mask_vae_npz`
     wrote), of `config`, by default the architecture its arrays describe (`config_of_arrays`).
 
-    Every array the config needs must be there with its shape, and nothing else but the EMA statistics;
-    otherwise a CheckpointError names what is missing, misshapen or unknown."""
+    Every array the config needs must be there with its shape and finite values, and nothing else but the EMA
+    statistics; otherwise a CheckpointError names what is missing, misshapen, non-finite or unknown."""
     path = Path(path)
     arrays = _read_npz(path)
     config = config or config_of_arrays(arrays)
@@ -230,6 +231,9 @@ def load_mask_vae(path: str | Path, config: MaskVAEConfig | None = None) -> Mask
         if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
             raise CheckpointError(f"{path}: array {name} must be a float array of shape {shape}, got "
                                   f"{array.dtype} {array.shape}")
+    state = {name: torch.from_numpy(arrays[name]).float() for name in expected}
+    for name, tensor in state.items():  # a NaN would decode every mask as NaN, a float64 1e300 as inf
+        check_weight(tensor, name, path)
     model = MaskVAE(config)
-    model.load_state_dict({name: torch.from_numpy(arrays[name]).float() for name in expected})
+    model.load_state_dict(state)
     return model.eval()

@@ -130,6 +130,18 @@ def check_settings(model: nn.Module, input_ids, attention_mask, *, max_new_token
             raise InputError("every prompt needs at least one token; a row of attention_mask is all zeros")
 
 
+def check_logits(model: nn.Module, logits: torch.Tensor) -> None:
+    """An InputError when the logits after the prompt (B, V) hold NaN or +inf (-inf only rules a token out): greedy
+    decoding would write token 0 at every step (the argmax of NaN) and return it as an answer, sampling would draw
+    from NaN probabilities. One host sync per generate call."""
+    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1)
+    if bool(bad.any()):
+        dtype = next(model.parameters()).dtype
+        hint = "; load it in bfloat16 or float32" if dtype == torch.float16 else ""
+        raise InputError(f"the model's logits after the prompt hold NaN or inf (rows {bad.nonzero().flatten().tolist()}"
+                         f"): its {dtype} activations overflowed or its weights hold NaN{hint}")
+
+
 def in_eval_mode(fn):
     """Runs `fn(model, ..., assistant_model=...)` with both models in eval mode (dropout off: decoding is
     deterministic whatever mode a model was left in), each module's mode restored after."""
@@ -184,6 +196,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     max_len = S + max_new_tokens + (drafting.headroom if drafting is not None else 0)
     cache = new_cache(model, B, max_len)
     logits = model.prefill(input_ids, cache, attention_mask=attention_mask, **model_inputs).logits[:, -1]
+    check_logits(model, logits)
     noise = (lambda: exponential_noise(logits, generator)) if do_sample else (lambda: None)
     state, seen = chooser.start(input_ids, attention_mask, logits.shape[-1])
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -174,9 +174,9 @@ def linear_slots(model: nn.Module) -> list[Slot]:
 def add(model: nn.Module, plan: dict[str, tuple[Slice, ...]], rank: int, alpha: float, dropout: float = 0.0,
         rslora: bool = False) -> None:
     """Wrap the linear layers at `plan`'s paths (with those slices) in LoRALinear; freeze everything else."""
-    check_number("LoRA rank", rank, integer=True, at_least=1)
-    check_number("LoRA alpha", alpha, above=0)  # NaN or inf here would make every logit NaN
-    check_number("LoRA dropout", dropout, at_least=0.0, below=1.0)
+    rank = check_number("LoRA rank", rank, integer=True, at_least=1)  # plain numbers: adapter_config.json holds them
+    alpha = check_number("LoRA alpha", alpha, above=0)  # NaN or inf here would make every logit NaN
+    dropout = check_number("LoRA dropout", dropout, at_least=0.0, below=1.0)
     if not isinstance(rslora, bool):
         raise InputTypeError(f"use_rslora must be true or false, got {rslora!r}")
     if not plan:

@@ -94,6 +94,8 @@ def decoder_linears(model: nn.Module) -> list[str]:
         raise InputError(f"quantize reads a language decoder's blocks; a {type(model).__name__} has none")
     if adapters(decoder.layers):
         raise InputError("the decoder has LoRA adapters: merge them into the weights (merge_lora) before quantizing")
+    if (found := quantized_layer(decoder.layers)) is not None:  # its float weights are gone: nothing to quantize
+        raise InputError(f"the decoder is {found[1]}-quantized already (layers.{found[0]}): quantize the float model")
     prefix = "layers" if decoder is model else "decoder.layers"
     return [f"{prefix}.{path}" for path, m in decoder.layers.named_modules() if isinstance(m, nn.Linear)]
 
@@ -119,6 +121,23 @@ def quantize_as_loaded(model: nn.Module, mode: str, group_size: int = 32) -> Cal
             quantize_linears(model, [pending.pop(id(owner))], mode, group_size)
 
     return filled
+
+
+def quantized_layer(model: nn.Module) -> tuple[str, str] | None:
+    """(path, mode) of the model's first quantized layer, or None."""
+    for path, m in model.named_modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            return path, "int8" if isinstance(m, Int8Linear) else "int4"
+    return None
+
+
+def check_not_quantized(model: nn.Module) -> None:
+    """An InputError before a model with quantized layers is written as a checkpoint: their integer weights
+    and scales would be written where float weights belong, a file no loader (polymodal's or HF's) reads back."""
+    if (found := quantized_layer(model)) is not None:
+        path, mode = found
+        raise InputError(f"cannot save a quantized model as a checkpoint: {path} is {mode}-quantized: save the "
+                         f"float model and load it with quantize='{mode}'")
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -43,7 +43,7 @@ from polymodal.families import load_config
 from polymodal.nn.meta import empty
 from polymodal.runs import BEST, PREFIX, latest_checkpoint, list_checkpoints, read_best, step_dir  # noqa: F401
 from polymodal.serialization import WEIGHTS, atomic_directory, atomic_write_bytes, read_safetensors, save_state_dict
-from polymodal.weights import SHARDED, SHARDED_MODEL, open_checked
+from polymodal.weights import SHARDED, SHARDED_MODEL, check_weight, open_checked
 
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
@@ -247,11 +247,21 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor] | No
     if sharded:
         _check_shards(directory / SHARDED, config)
         return None, trainer_state.pop("optimizer"), trainer_state
-    optimizer_state = _unflatten_optimizer(read_safetensors(directory / OPTIMIZER), trainer_state.pop("optimizer"))
+    optimizer_state = _unflatten_optimizer(_finite(directory / OPTIMIZER), trainer_state.pop("optimizer"))
     if adapter:
-        read_safetensors(directory / ADAPTER_WEIGHTS)  # read whole now, so a damaged one falls back like weights
+        _finite(directory / ADAPTER_WEIGHTS)  # read whole now, so a damaged one falls back like weights
         return None, optimizer_state, trainer_state
-    return read_safetensors(directory / WEIGHTS), optimizer_state, trainer_state
+    return _finite(directory / WEIGHTS), optimizer_state, trainer_state
+
+
+def _finite(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors, each float one checked finite (`check_weight`): a NaN in a damaged file would
+    make the resumed run's first loss NaN rather than fall back to the checkpoint before it."""
+    tensors = read_safetensors(path)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            check_weight(tensor, name, path)
+    return tensors
 
 
 def load_latest(root: str | Path, say: Callable[[str], None]) -> tuple[Path, tuple] | None:

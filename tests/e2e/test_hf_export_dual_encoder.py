@@ -26,6 +26,7 @@ def test_hf_processor_and_model_embed_captions_and_images_as_polymodal(tmp_path,
     pm.save_pretrained(ours, tmp_path / "siglip")
     tokenizer.save(tmp_path / "siglip")
     assert main(["convert", "--to", "hf", str(tmp_path / "siglip"), str(tmp_path / "hf")]) == 0
+    assert "its embeddings (texts padded to max_length) are polymodal's" in (tmp_path / "hf/README.md").read_text()
     processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
     hf = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
 

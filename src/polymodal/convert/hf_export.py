@@ -192,8 +192,10 @@ def model_card(model_type: str, run: Path | None, trained: dict, step: int | Non
              f"A `{model_type}` checkpoint exported by polymodal (`polymodal convert --to hf`)."]
     kinds = PROCESSORS.get(model_type)
     if kinds:
-        lines += ["", f"Load it with `AutoProcessor` ({kinds[1]}) and the model's Auto class; its greedy answers "
-                  "are polymodal's."]
+        what = ("embeddings (texts padded to max_length)" if model_type == "siglip" else "embeddings"
+                if model_type in CAPTION_TEMPLATES else "greedy answers")
+        lines += ["", f"Load it with `AutoProcessor` ({kinds[1]}) and the model's Auto class; its {what} are "
+                  "polymodal's."]
     else:
         lines += ["", "No HF processor reproduces polymodal's media layout for this family: build inputs with "
                   "polymodal's collator (`polymodal.families.collators.make_collator`)."]

@@ -1,7 +1,8 @@
 """Every ```json block of README.md is a record `--data` reads as written (tests/test_readme.py runs the python
 blocks, tests/test_readme_shell.py the bash ones): saved as the file kind the README shows it in (a JSON list
 as a .json file, else one JSONL line), beside the images it names, it reads, and its targets are what the
-README says they are (`"target": true` segments, LLaVA's `gpt` turns, the `assistant` messages)."""
+README says they are (`"target": true` segments, LLaVA's `gpt` turns, the `assistant` messages); and the error the
+README quotes for a bad mask is the reader's, word for word."""
 
 import json
 import re
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from polymodal.data.readers import read_documents
+from polymodal.errors import DocumentError
 
 README = Path(__file__).parents[1] / "README.md"
 BLOCKS = re.findall(r"^```json\n(.*?)^```", README.read_text(), re.S | re.M)
@@ -49,3 +51,20 @@ def test_each_json_example_reads_as_written(block, tmp_path):
         assert [s.text if s.boxes is None else s.boxes for s in targets] == answers(record), (record, doc)
         assert all(len(s.masks) == len(s.boxes) for s in targets if s.masks is not None)  # a mask per object
         assert any(s.kind == "image" and s.media is not None for s in doc.segments)  # its image read
+
+
+def test_the_mask_error_the_readme_quotes_is_the_one_the_reader_gives(tmp_path, monkeypatch):
+    """"Objects: boxes and masks" quotes the error for an RLE mask whose counts overrun its 32x32 image, on line 3
+    of data.jsonl: reading such a file gives that line, word for word."""
+    quoted = re.search(r"^`(data\.jsonl, line 3, segments\[2\]\.boxes\[0\]\.mask: [^`]+)`\.?$", README.read_text(),
+                       re.M)[1]
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (32, 32)).save("0.png")
+    box = {"label": "cat", "box": [1, 1, 5, 5]}
+    line = lambda mask: json.dumps({"segments": [{"image": "0.png"}, {"text": "segment cat"}, {  # noqa: E731
+        "boxes": [{**box, **mask}], "target": True}]})
+    counts = {"mask": {"size": [32, 32], "counts": [1025]}}
+    Path("data.jsonl").write_text("\n".join([line({}), line({}), line(counts)]) + "\n")
+    with pytest.raises(DocumentError) as e:
+        read_documents("data.jsonl")
+    assert str(e.value) == quoted

@@ -1,14 +1,16 @@
 """The README's serving example as written: `polymodal serve runs/paligemma-world`, then its `curl` line run by
 bash (the port changed to the test server's) on the image `polymodal export-data` wrote, answers what
-`pm.generate` answers for that image and question (a PaliGemma whose weights are set to answer "bottom right",
-tests/scripted_paligemma.py: no training) (tests/test_readme_shell.py runs the README's other
-commands, not this one)."""
+`pm.generate` answers for that image and question. The model is a PaliGemma whose weights are set to answer
+"bottom right" (tests/scripted_paligemma.py: no training). tests/test_readme_shell.py runs the README's other
+commands."""
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import ENV, Live, generate_alone
 from scripted_paligemma import write_scripted_paligemma
 
@@ -26,6 +28,8 @@ def readme_curl() -> str:
     return block[block.index("curl "):].strip()
 
 
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("base64") is None,
+                    reason="the README's line runs curl and base64, which this machine lacks")
 def test_the_readme_curl_line_answers_as_polymodal_generate(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run = Path("runs/paligemma-world")  # the README's run directory, as a model directory: the model id is its name

@@ -1,7 +1,8 @@
 """A tiny PaliGemma whose greedy answer to any prompt is a text chosen by the test, its weights set by hand: a real
 checkpoint that answers with location (and segmentation) tokens, for the tests of what the server, the chat page and
 `polymodal generate --draw` do with such answers (tests/serve/test_located_answers.py, tests/serve/test_chat_page.py,
-tests/e2e/test_draw_without_mask_vae.py), without training one.
+tests/e2e/test_draw_without_mask_vae.py), without training one. `script` does the same to any untied decoder (a
+gemini-tiny that answers text then a drawing: tests/serve/test_drawing_serve.py).
 
 How: every block's attention and MLP outputs are zero, so the last hidden state at a position is its own token's
 embedding (normalised); the untied output head then maps each token of the answer to the next one (its row is the
@@ -44,19 +45,9 @@ def paint_cells(vae: torch.nn.Module) -> None:
         vae.decoder[-1].bias.fill_(-0.5)
 
 
-def write_scripted_paligemma(directory: Path, answer: str, mask_vae: MaskVAEConfig | None = None) -> list[int]:
-    """Save in `directory` a paligemma-tiny (with its tokenizer, which holds the location tokens, and a mask VQ-VAE
-    of `mask_vae` if given, `paint_cells`) that answers `answer` then <eos> to any prompt; returns the answer's token
-    ids."""
-    tokenizer = Tokenizer.train(World(seed=0).texts(), vocab_size=320)
-    add_location_tokens(tokenizer)
-    ids = tokenizer.encode(answer) + [tokenizer.eos_id]
-    assert len(set(ids)) == len(ids), f"each token of the answer must be another: {ids}"
-    config = fit_to_tokenizer(get_preset("paligemma-tiny"), tokenizer)
-    config = config.replace(text=config.text.replace(tie_embeddings=False), mask_vae=mask_vae)
-    torch.manual_seed(0)
-    model = pm.build(config)
-    decoder = model.decoder
+def script(decoder: torch.nn.Module, ids: list[int]) -> None:
+    """Set an untied decoder's weights so that its greedy answer to any prompt is `ids` (each id another): see
+    the module's docstring."""
     with torch.no_grad():
         for layer in decoder.layers:
             layer.attn.wo.weight.zero_()
@@ -70,8 +61,24 @@ def write_scripted_paligemma(directory: Path, answer: str, mask_vae: MaskVAEConf
         for before, after in zip(ids, ids[1:]):
             head[after] = 50.0 * torch.nn.functional.normalize(embeddings[before], dim=0)
         decoder.output.weight.copy_(head)
-        vae = mask_vae_of(model)
-        if vae is not None:
+
+
+def write_scripted_paligemma(directory: Path, answer: str, mask_vae: MaskVAEConfig | None = None) -> list[int]:
+    """Save in `directory` a paligemma-tiny (with its tokenizer, which holds the location tokens, and a mask VQ-VAE
+    of `mask_vae` if given, `paint_cells`) that answers `answer` then <eos> to any prompt; returns the answer's token
+    ids."""
+    tokenizer = Tokenizer.train(World(seed=0).texts(), vocab_size=320)
+    add_location_tokens(tokenizer)
+    ids = tokenizer.encode(answer) + [tokenizer.eos_id]
+    assert len(set(ids)) == len(ids), f"each token of the answer must be another: {ids}"
+    config = fit_to_tokenizer(get_preset("paligemma-tiny"), tokenizer)
+    config = config.replace(text=config.text.replace(tie_embeddings=False), mask_vae=mask_vae)
+    torch.manual_seed(0)
+    model = pm.build(config)
+    script(model.decoder, ids)
+    vae = mask_vae_of(model)
+    if vae is not None:
+        with torch.no_grad():
             paint_cells(vae)
     pm.save_pretrained(model, directory)
     tokenizer.save(directory)

@@ -65,7 +65,7 @@ def test_image_processor_matches_hf(name, tmp_path):
     for image in images:
         expected = ref(image, return_tensors="pt")
         expected = getattr(expected, "pixel_values", expected)  # Idefics returns the tensor itself
-        torch.testing.assert_close(ours(image), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(image), expected, atol=0, rtol=0)  # bit-exact, as the README says
     batch = ours([im for im in images if im.mode == "RGB"][:4])
     assert batch.dtype == torch.float32 and batch.shape[:2] == (4, 3)
 
@@ -120,9 +120,9 @@ def test_audio_matches_whisper(n_mels, chunk_length, n_fft, hop_length):
         expected = torch.from_numpy(ref(wave, sampling_rate=16000, return_tensors="np").input_features[0])
         got = ours(wave, sampling_rate=16000)
         assert got.shape == (n_mels, ours.n_frames)
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
     expected = torch.from_numpy(ref(waves, sampling_rate=16000, return_tensors="np").input_features)
-    torch.testing.assert_close(ours(waves, sampling_rate=16000), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours(waves, sampling_rate=16000), expected, atol=0, rtol=0)
 
 
 def test_audio_errors():

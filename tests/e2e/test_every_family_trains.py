@@ -85,6 +85,17 @@ def test_flamingo_trains_on_a_jsonl_file_and_eval_answers_world_questions(tmp_pa
     assert "greedy answers" in title and rows["colour"][-1] == "25.0%"  # scored beside chance
 
 
+@pytest.mark.parametrize("preset", ["kosmos-tiny", "chameleon-tiny"])
+def test_early_fusion_trains_on_a_jsonl_file(preset, tmp_path):
+    """The README's CLI row: every family's preset learns from a JSONL file too (gemini-tiny and paligemma-tiny
+    from LLaVA and messages files: tests/e2e/test_train_on_data_formats.py)."""
+    data = tmp_path / "docs.jsonl"
+    assert main(["export-data", str(data), "--n", "24", "--tasks", "colour", "count"]) == 0
+    train(tmp_path, "--model", preset, "--data", str(data), "--max-steps", "30", "--batch-size", "8",
+          "--vq-steps", "2", "--name", "run")
+    assert falls(losses(tmp_path / "run")), losses(tmp_path / "run")
+
+
 def test_dual_encoder_trains_on_a_jsonl_file_of_pairs(tmp_path, capsys):
     world = World(seed=0)
     pairs = [Document([Segment("image", media=world.draw(c, s)), Segment("text", f"a {c} {s}")])

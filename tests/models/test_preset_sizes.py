@@ -8,6 +8,9 @@ fairseq's `base_gpt3_architecture`, which sets `share_decoder_input_output_embed
 add 64007 x 2048 = 131M, 1.80B, past the paper's figure.
 """
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -91,3 +94,14 @@ def test_flamingo_palm_blocks_are_parallel_and_multi_query():
     with torch.device("meta"):
         sequential = pm.build(model.config.replace(text=text.replace(parallel_blocks=False)))
     assert sum(p.numel() for p in sequential.parameters()) - n == text.n_layers * text.dim
+
+
+def test_the_readme_presets_table_gives_each_count_to_the_digit():
+    """The README's "Presets" table writes every count in full: each is what the preset counts."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme[readme.index("| preset | parameters | published |"):]
+    table = table[:table.index("\n\n")]
+    rows = re.findall(r"^\| `([\w.-]+)`(?:, `([\w.-]+)`)?[^|]*\| ([\d,]+)(?: / ([\d,]+))? \|", table, re.M)
+    stated = {name: int(value.replace(",", "")) for row in rows for name, value in (row[0::2], row[1::2]) if name}
+    assert {"gemma-2b", "kosmos-1", "gemini-nano-2", "siglip-so400m-14-224"} <= set(stated)
+    assert {name: count(name)[0] for name in stated} == stated

@@ -99,3 +99,31 @@ def test_position_constants_stay_float32_when_the_model_is_cast():
     pos = torch.arange(4096)[None]
     cast = Rotary(64, 10000.0).to(torch.bfloat16)
     assert torch.equal(cast(pos, torch.bfloat16).cos_q, Rotary(64, 10000.0)(pos, torch.bfloat16).cos_q)
+
+
+def test_learned_positions_add_the_row_of_each_tokens_position():
+    """Learned (GPT-2's): the input of the first block is the token's embedding plus row p of a table, p counted
+    from each row's first real token (left padding shifts it) -- the same model with no positions, given
+    those sums, gives the same logits."""
+    import polymodal as pm
+    from polymodal.config import DecoderConfig
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=32, dim=16, n_layers=2, n_heads=4, hidden_dim=32, max_seq_len=16)
+    learned = pm.build(DecoderConfig(positions="learned", **shape)).eval()
+    plain = pm.build(DecoderConfig(positions="none", **shape)).eval()
+    torch.nn.init.normal_(learned.pos_embeddings.weight, std=1.0)  # rows far apart: a shifted row shows
+    plain.load_state_dict({k: v for k, v in learned.state_dict().items() if not k.startswith("pos_embeddings")})
+    ids = torch.randint(0, 32, (2, 7))
+    attention_mask = torch.ones(2, 7, dtype=torch.long)
+    attention_mask[1, :3] = 0  # row 1 left-padded: its first real token is at position 0
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = learned(ids, attention_mask=attention_mask).logits
+        summed = learned.tok_embeddings(ids) + learned.pos_embeddings.weight[positions]
+        want = plain(inputs_embeds=summed, attention_mask=attention_mask).logits
+        shifted = plain(inputs_embeds=learned.tok_embeddings(ids) + learned.pos_embeddings.weight[:7],
+                        attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    assert (got - want)[real].abs().max() <= 1e-5
+    assert (got - shifted)[1, 3:].abs().max() > 1e-2  # row 1 counted from its padding would differ

@@ -37,7 +37,11 @@ PROCESSORS = {
     "siglip": ("SiglipImageProcessor", "SiglipProcessor"),
     "clip": ("CLIPImageProcessor", "CLIPProcessor"),
 }
-TEXT_CONFIG = {"paligemma": "text", "chameleon": "text", "idefics": "text"}  # where a family keeps its decoder
+TEXT_CONFIG = {"paligemma": "text", "chameleon": "text", "idefics": "text", "siglip": "text",
+               "clip": "text"}  # where a family keeps its decoder (a dual encoder its text tower)
+# a dual encoder's caption layout (families/contrastive/format.PairFormat.text), right-padded: HF's processor
+# then gives its ids (SigLIP's with padding="max_length", to the text tower's max_seq_len, as HF's SigLIP docs say)
+CAPTION_TEMPLATES = {"siglip": ("$A", "eos_token"), "clip": ("bos_token", "$A", "eos_token")}
 _RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL's numbers, as HF stores them
 # polymodal's text-only layout (families/decoder/format.DecoderFormat): <bos>, then each segment's text and "\n". Roles are
 # not marked, as polymodal's documents mark none; a message's text is read as HF reads it (special-token text
@@ -117,6 +121,9 @@ def tokenizer_files(model: nn.Module, tokenizer: Tokenizer, model_type: str) -> 
     kinds = PROCESSORS.get(model_type)
     if model_type == "paligemma":  # HF's PaliGemmaProcessor takes the image token from the tokenizer
         config["extra_special_tokens"] = {"image_token": tokenizer.decode([ids["<image>"]], skip_special_tokens=False)}
+    if model_type in CAPTION_TEMPLATES and "tokenizer.json" in files:
+        files["tokenizer.json"] = _with_template(files["tokenizer.json"], CAPTION_TEMPLATES[model_type], config)
+        config["padding_side"] = "right"
     files["tokenizer_config.json"] = _json(config)
     if model_type in ("llama", "gemma"):
         files["chat_template.jinja"] = DECODER_CHAT_TEMPLATE.encode()
@@ -127,6 +134,18 @@ def tokenizer_files(model: nn.Module, tokenizer: Tokenizer, model_type: str) -> 
                                                    "processor_class": kinds[1], **extra})
         files["processor_config.json"] = _json({"processor_class": kinds[1], **extra})
     return files
+
+
+def _with_template(tokenizer_json: bytes, parts: tuple[str, ...], config: dict) -> bytes:
+    """tokenizer.json whose post-processor lays a text out as `parts` ("$A" the text, the others tokenizer_config
+    names of special tokens), as HF's tokenizer applies it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    hf = HFTokenizer.from_str(tokenizer_json.decode())
+    special = [(config[p], hf.token_to_id(config[p])) for p in parts if p != "$A"]
+    hf.post_processor = TemplateProcessing(single=" ".join(config.get(p, p) for p in parts), special_tokens=special)
+    return hf.to_str().encode()
 
 
 def image_processor(model: nn.Module, tokenizer: Tokenizer) -> ImageProcessor | None:
@@ -173,8 +192,10 @@ def model_card(model_type: str, run: Path | None, trained: dict, step: int | Non
              f"A `{model_type}` checkpoint exported by polymodal (`polymodal convert --to hf`)."]
     kinds = PROCESSORS.get(model_type)
     if kinds:
-        lines += ["", f"Load it with `AutoProcessor` ({kinds[1]}) and the model's Auto class; its greedy answers "
-                  "are polymodal's."]
+        what = ("embeddings (texts padded to max_length)" if model_type == "siglip" else "embeddings"
+                if model_type in CAPTION_TEMPLATES else "greedy answers")
+        lines += ["", f"Load it with `AutoProcessor` ({kinds[1]}) and the model's Auto class; its {what} are "
+                  "polymodal's."]
     else:
         lines += ["", "No HF processor reproduces polymodal's media layout for this family: build inputs with "
                   "polymodal's collator (`polymodal.families.collators.make_collator`)."]
